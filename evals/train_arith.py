@@ -1,0 +1,364 @@
+"""Train (and evaluate) the bundled default model: a tiny Llama on the ``arith`` benchmark.
+
+Train::
+
+    OMP_NUM_THREADS=1 python -m ttscale.evals.train_arith --out evals/model
+
+Evaluate a saved model on the held-out ``arith`` test split (``n`` samples per problem at
+temperature 1, top-p 1; pass@1, unbiased pass@k and majority@k over the ``n`` samples)::
+
+    OMP_NUM_THREADS=1 python -m ttscale.evals.train_arith --eval evals/model --n 64
+
+The tokenizer is character level over printable ASCII plus newline (``tokenizers`` WordLevel with
+a one-character split and a ``Fuse`` decoder), with ``<bos>`` prepended by the post-processor and
+``<eos>`` ending every worked solution. The loss covers the solution and ``<eos>`` only, not the
+question. Everything is deterministic given ``--seed`` on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import string
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ttscale.evals.arith import (
+    DEFAULT_TEST_SEED,
+    DEFAULT_TEST_SIZE,
+    DEFAULT_TRAIN_SEED,
+    check,
+    extract_arith_answer,
+    generate_items,
+    generate_problems,
+)
+
+__all__ = ["build_tokenizer", "evaluate", "main", "pass_at_k", "train"]
+
+logger = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+#: Printable ASCII and newline: every character the arith language uses, and then some.
+ALPHABET = "\n" + "".join(c for c in string.printable if c.isprintable())
+
+
+def build_tokenizer() -> Any:
+    """A character-level ``PreTrainedTokenizerFast`` (ids: 4 specials, then :data:`ALPHABET`)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *ALPHABET])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k, ``1 - C(n-c, k) / C(n, k)``, as the stable product (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_correct(answers: Sequence[str | None], reference: str) -> float:
+    """Plurality vote over parsed answers; ties credited as the expected value of a random pick."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    tied = [a for a, c in counts.items() if c == top]
+    return sum(check(a, reference) for a in tied) / len(tied)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+
+
+def _encode(tokenizer: Any, prompt: str, solution: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``<bos> prompt solution <eos>`` and labels (``-100`` on the prompt)."""
+    p = tokenizer(prompt)["input_ids"]
+    s = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + s, [-100] * len(p) + s
+
+
+def train(
+    out: str | Path,
+    *,
+    seed: int = DEFAULT_TRAIN_SEED,
+    steps: int = 3000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    warmup: int = 100,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int = 512,
+    train_size: int = 50_000,
+    weights: Sequence[float] | None = None,
+    save_every: int = 0,
+    log_every: int = 50,
+) -> dict[str, Any]:
+    """Train a Llama from scratch on ``train_size`` arith train problems; save to ``out``.
+
+    AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then cosine decay to 10% of
+    ``lr``; batches drawn uniformly with replacement by a seeded torch generator. Returns a
+    summary (parameters, wall time, final loss). With ``save_every > 0`` intermediate models go
+    to ``out/checkpoints/step-<k>``.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    items = generate_items(train_size, split="train", seed=seed, weights=weights)
+    encoded = [_encode(tokenizer, it.prompt, it.solution) for it in items]
+    max_len = max(len(ids) for ids, _ in encoded)
+
+    head_dim = hidden // heads
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters, %d training problems, max length %d", n_params, len(items), max_len)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    ema: float | None = None
+    history: list[dict[str, float]] = []
+    for step in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
+        batch = [encoded[i] for i in idx]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for r, (ids, lab) in enumerate(batch):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(ids)] = 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = float(loss)
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - t0
+            history.append({"step": step + 1, "loss_ema": ema, "elapsed_s": elapsed})
+            logger.info("step %d/%d loss %.4f (ema %.4f) lr %.2e %.0fs", step + 1, steps, value, ema, lr_at(step), elapsed)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save(model, tokenizer, out / "checkpoints" / f"step-{step + 1}")
+    wall = time.perf_counter() - t0
+    _save(model, tokenizer, out)
+    gen_cfg = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=128,
+    )
+    gen_cfg.save_pretrained(out)
+    summary = {
+        "parameters": n_params,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_size": train_size,
+        "wall_time_s": round(wall, 1),
+        "final_loss_ema": ema,
+        "history": history,
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _save(model: Any, tokenizer: Any, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def evaluate(
+    model_path: str | Path,
+    *,
+    n: int = 64,
+    ks: Sequence[int] = (1, 8, 64),
+    seed: int = 0,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Sample ``n`` completions per arith test problem with HF transformers; report metrics.
+
+    Returns ``pass@k`` (unbiased, mean over problems) for each ``k <= n``, ``maj@n`` (plurality
+    vote over all ``n`` parsed answers) and the same broken down by difficulty level.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
+    problems = generate_problems(DEFAULT_TEST_SIZE, split="test", seed=DEFAULT_TEST_SEED)
+    if limit is not None:
+        problems = problems[:limit]
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, prob in enumerate(problems):
+        torch.manual_seed(seed + i)
+        enc = tokenizer(prob.prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                num_return_sequences=n,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers = [extract_arith_answer(t) for t in texts]
+        c = sum(check(a, prob.reference) for a in answers)
+        rows.append(
+            {
+                "id": prob.id,
+                "difficulty": prob.meta["difficulty"],
+                "correct": c,
+                "maj": majority_correct(answers, str(prob.reference)),
+                "example": texts[0],
+            }
+        )
+        if (i + 1) % 20 == 0:
+            logger.info("evaluated %d/%d problems (%.0fs)", i + 1, len(problems), time.perf_counter() - t0)
+
+    def summarise(rs: list[dict[str, Any]]) -> dict[str, float]:
+        res = {f"pass@{k}": sum(pass_at_k(n, r["correct"], k) for r in rs) / len(rs) for k in ks if k <= n}
+        res[f"maj@{n}"] = sum(r["maj"] for r in rs) / len(rs)
+        res["problems"] = len(rs)
+        return res
+
+    levels = sorted({r["difficulty"] for r in rows})
+    report = {
+        "model": str(model_path),
+        "n": n,
+        "temperature": temperature,
+        "seed": seed,
+        "overall": summarise(rows),
+        "by_difficulty": {str(d): summarise([r for r in rows if r["difficulty"] == d]) for d in levels},
+        "eval_time_s": round(time.perf_counter() - t0, 1),
+        "per_problem": rows,
+    }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ttscale.evals.train_arith", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="evals/model", help="output directory of the trained model")
+    ap.add_argument("--eval", metavar="MODEL", help="evaluate MODEL on the arith test split instead of training")
+    ap.add_argument("--seed", type=int, default=DEFAULT_TRAIN_SEED)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--train-size", type=int, default=50_000)
+    ap.add_argument("--weights", default=None, help="difficulty mix, e.g. 1,1,1,1,1 (levels 1..5)")
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int, default=64, help="samples per problem in --eval")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first LIMIT problems")
+    ap.add_argument("--report", default=None, help="write the --eval report (JSON) here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    _set_threads(args.threads)
+    if args.eval:
+        report = evaluate(args.eval, n=args.n, seed=args.seed, limit=args.limit)
+        text = json.dumps({k: v for k, v in report.items() if k != "per_problem"}, indent=1)
+        logger.info("%s", text)
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+        return
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    summary = train(
+        args.out,
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        train_size=args.train_size,
+        weights=weights,
+        save_every=args.save_every,
+        log_every=args.log_every,
+    )
+    logger.info("trained: %s", json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+if __name__ == "__main__":
+    main()

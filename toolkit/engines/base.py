@@ -1,0 +1,106 @@
+"""The engine protocol: batch-first generation with per-sample seeds and prefix continuation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ttscale.errors import ConfigError, EngineError
+from ttscale.seeding import sample_seed
+from ttscale.types import Completion, SamplingParams
+
+__all__ = ["Engine", "GenerationError", "GenerationRequest", "ResultCallback"]
+
+#: ``on_result(position, completions)``: called by ``Engine.generate`` as soon as all samples of
+#: ``requests[position]`` are done, before ``generate`` returns (or raises), so a caller can
+#: store finished samples even if a later request fails.
+ResultCallback = Callable[[int, list[Completion]], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Ask for samples ``indices`` of one problem.
+
+    Exactly one of ``prompt`` (raw text, sent as is) and ``messages`` (chat messages; the engine
+    applies the model's chat template) is given. ``prefix`` is text already generated for this
+    sample (SMC steps, chunked generation): generation continues after ``prompt + prefix`` and the
+    returned completion holds only the new text, tokens and log-probabilities. ``seeds`` overrides
+    the derived per-sample seeds (``sample_seed(params.seed, problem_id, index)``).
+    """
+
+    problem_id: str
+    prompt: str | None = None
+    messages: Sequence[Mapping[str, str]] | None = None
+    prefix: str = ""
+    indices: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ConfigError("a GenerationRequest needs exactly one of prompt= and messages=")
+        object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+        if not self.indices:
+            raise ConfigError("a GenerationRequest needs at least one sample index")
+        if len(set(self.indices)) != len(self.indices):
+            raise ConfigError(f"duplicate sample indices in request for {self.problem_id!r}")
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+            if len(self.seeds) != len(self.indices):
+                raise ConfigError(
+                    f"seeds has {len(self.seeds)} entries but indices has {len(self.indices)}"
+                )
+
+    def seed_for(self, position: int, params: SamplingParams) -> int:
+        """The seed of the ``position``-th requested sample."""
+        if self.seeds is not None:
+            return self.seeds[position]
+        return sample_seed(params.seed, self.problem_id, self.indices[position])
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine provides. ``ttscale.testing.check_engine`` checks the contract.
+
+    ``generate`` returns one list per request, in request order, each with one
+    :class:`Completion` per requested index, in the order of ``request.indices``.
+    Log-probabilities are natural logs of generated tokens only. ``params.n`` is ignored: the
+    request's ``indices`` say which samples to draw. Completed samples are never lost to a later
+    failure: ``on_result(position, completions)`` (optional keyword) is called once per request,
+    as soon as that request's samples are all done, and a failure raises
+    :class:`GenerationError` whose ``results`` holds every request that did complete.
+    """
+
+    name: str
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_result: ResultCallback | None = None,
+    ) -> list[list[Completion]]: ...
+
+    def info(self) -> dict[str, Any]:
+        """Provenance for the run manifest: engine, version, model, logprob_mode, ..."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class GenerationError(EngineError):
+    """``generate`` failed part-way; ``results[i]`` is request ``i``'s completions or ``None``.
+
+    Requests with results were also handed to ``on_result`` before this was raised; the
+    underlying exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, results: Sequence[list[Completion] | None]) -> None:
+        super().__init__(message)
+        self.results: list[list[Completion] | None] = list(results)
+
+    @property
+    def completed(self) -> dict[int, list[Completion]]:
+        """Request position -> completions, for the requests that finished."""
+        return {i: r for i, r in enumerate(self.results) if r is not None}

@@ -1,0 +1,322 @@
+"""A deterministic, dependency-free engine for tests (the engine analogue of httpx's MockTransport).
+
+Two modes:
+
+* **scripted** (``responses=`` a callable or a table): the text of each sample is whatever the
+  script says; tokens are characters (``token_id = ord(char)``) and log-probabilities are
+  deterministic functions of ``(seed, position, char)``, self-consistent (top alternatives sum to
+  at most 1, the sampled token is among them, cumulative = sum).
+* **toy language model** (no ``responses``): a character-level model whose next-character
+  distribution is a fixed pseudo-random function of the last ``order`` characters of the context.
+  Sampling is real (temperature, top-k, top-p, min-p in vLLM's order, per-sample seeds, EOS), so
+  seeds, greedy decoding, prefix continuation and raw/processed log-probabilities behave exactly
+  like a real engine's, at microseconds per token.
+
+``fail_after=K`` raises :class:`~ttscale.engines.base.GenerationError` once ``K`` samples have
+been produced over the engine's lifetime (after handing finished requests to ``on_result``), to
+test that samplers keep completed work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ttscale.engines._text import find_stop, render_plain_chat
+from ttscale.engines.base import GenerationError, GenerationRequest, ResultCallback
+from ttscale.errors import ConfigError
+from ttscale.types import Completion, FinishReason, SamplingParams
+
+__all__ = ["EOS_TOKEN_ID", "Responder", "ScriptedEngine", "process_logprobs"]
+
+#: ``(request, index, seed, params) -> text``: the continuation of ``prompt + request.prefix``.
+Responder = Callable[[GenerationRequest, int, int, SamplingParams], str]
+
+#: Token id of end-of-sequence in both modes (characters are ``ord(c)``, never 0 in text).
+EOS_TOKEN_ID = 0
+
+_DEFAULT_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,0123456789"
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+def process_logprobs(
+    logprobs: np.ndarray, params: SamplingParams, *, suppress: Sequence[int] = ()
+) -> np.ndarray:
+    """Sampling distribution in log space, shape ``(V,)`` float64, ``-inf`` where removed.
+
+    vLLM's order: ``suppress`` (e.g. EOS before ``min_tokens``) -> temperature -> min-p ->
+    top-k -> top-p, renormalising after each filter. ``temperature == 0`` gives a one-hot on the
+    argmax (ties to the lowest id).
+    """
+    lp = np.array(logprobs, dtype=np.float64)
+    if len(suppress):
+        lp[list(suppress)] = -np.inf
+    if params.temperature == 0.0:
+        out = np.full_like(lp, -np.inf)
+        out[int(np.argmax(lp))] = 0.0
+        return out
+    lp = lp / params.temperature
+    lp -= _logsumexp(lp)
+    if params.min_p > 0.0:
+        lp[lp < lp.max() + math.log(params.min_p)] = -np.inf
+        lp -= _logsumexp(lp)
+    if 0 < params.top_k < lp.size:
+        kth = np.sort(lp)[-params.top_k]
+        lp[lp < kth] = -np.inf
+        lp -= _logsumexp(lp)
+    if params.top_p < 1.0:
+        order = np.argsort(-lp, kind="stable")
+        probs = np.exp(lp[order])
+        # keep the smallest head whose mass reaches top_p (always at least one token)
+        before = np.cumsum(probs) - probs
+        drop = order[before >= params.top_p]
+        lp[drop] = -np.inf
+        lp -= _logsumexp(lp)
+    return lp
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(np.max(x))
+    if not math.isfinite(m):
+        return m
+    return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _hash_uniforms(*key: object, size: int) -> np.ndarray:
+    digest = hashlib.blake2b("\x1f".join(map(str, key)).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little")).random(size)
+
+
+class ScriptedEngine:
+    """Deterministic engine: scripted texts, or a character-level toy language model.
+
+    ``responses``: a :data:`Responder` callable, or a table ``problem_id -> text`` /
+    ``problem_id -> [text per index]`` (index taken modulo the list length). Table entries are
+    whole responses: with a ``prefix`` that the entry starts with, the continuation is the rest.
+    Stop strings, ``max_tokens`` (one token per character) and ``min_tokens`` are applied to the
+    scripted text as an engine would. Without ``responses`` the toy model generates.
+
+    ``calls`` records every ``(request, params)`` seen, for assertions in tests.
+    """
+
+    name = "scripted"
+
+    def __init__(
+        self,
+        responses: Responder | Mapping[str, str | Sequence[str]] | None = None,
+        *,
+        alphabet: str = _DEFAULT_ALPHABET,
+        order: int = 3,
+        eos_logprob: float = math.log(1 / 24),
+        logprob_mode: str = "raw_logprobs",
+        chat_template: Callable[[Sequence[Mapping[str, str]]], str] | None = None,
+        fail_after: int | None = None,
+    ) -> None:
+        if logprob_mode not in _LOGPROB_MODES:
+            raise ConfigError(f"logprob_mode must be one of {_LOGPROB_MODES}, got {logprob_mode!r}")
+        if not alphabet or len(set(alphabet)) != len(alphabet) or "\x00" in alphabet:
+            raise ConfigError("alphabet must be a non-empty string of distinct characters, no NUL")
+        if order < 1:
+            raise ConfigError(f"order must be >= 1, got {order}")
+        if not eos_logprob < 0:
+            raise ConfigError(f"eos_logprob must be < 0, got {eos_logprob}")
+        if fail_after is not None and fail_after < 0:
+            raise ConfigError(f"fail_after must be >= 0, got {fail_after}")
+        if responses is not None and not callable(responses) and not isinstance(responses, Mapping):
+            raise ConfigError("responses must be a callable or a mapping problem_id -> text(s)")
+        self.responses = responses
+        self.alphabet = alphabet
+        self.order = order
+        self.eos_logprob = float(eos_logprob)
+        self.logprob_mode = logprob_mode
+        self.chat_template = chat_template or render_plain_chat
+        self.fail_after = fail_after
+        self.samples_generated = 0
+        self.calls: list[tuple[GenerationRequest, SamplingParams]] = []
+        # vocabulary of the toy model: EOS then the alphabet; ids are ord(char)
+        self._vocab_ids = np.array([EOS_TOKEN_ID, *(ord(c) for c in alphabet)], dtype=np.int64)
+        self._next_logprobs = lru_cache(maxsize=65536)(self._next_logprobs_uncached)
+
+    # -- public API ------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_result: ResultCallback | None = None,
+    ) -> list[list[Completion]]:
+        results: list[list[Completion] | None] = [None] * len(requests)
+        for pos, req in enumerate(requests):
+            self.calls.append((req, params))
+            comps: list[Completion] = []
+            for j, index in enumerate(req.indices):
+                if self.fail_after is not None and self.samples_generated >= self.fail_after:
+                    raise GenerationError(
+                        f"scripted failure after {self.samples_generated} samples "
+                        f"(fail_after={self.fail_after})",
+                        results,
+                    )
+                comps.append(self._sample(req, index, req.seed_for(j, params), params))
+                self.samples_generated += 1
+            results[pos] = comps
+            if on_result is not None:
+                on_result(pos, comps)
+        return [r for r in results if r is not None]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "version": "1",
+            "model": "scripted" if self.responses is not None else f"toy-order{self.order}",
+            "logprob_mode": self.logprob_mode,
+        }
+
+    def close(self) -> None:
+        pass
+
+    def context(self, request: GenerationRequest) -> str:
+        """The text the model conditions on: prompt (or rendered messages) plus prefix."""
+        head = request.prompt if request.prompt is not None else self.chat_template(request.messages)
+        return head + request.prefix
+
+    # -- one sample --------------------------------------------------------------------------
+    def _sample(
+        self, req: GenerationRequest, index: int, seed: int, params: SamplingParams
+    ) -> Completion:
+        context = self.context(req)
+        if self.responses is None:
+            token_ids, lps, tops = self._toy_generate(context, seed, params)
+            text = "".join(chr(t) for t in token_ids if t != EOS_TOKEN_ID)
+            natural_end = bool(token_ids) and token_ids[-1] == EOS_TOKEN_ID
+        else:
+            text = self._scripted_text(req, index, seed, params)
+            token_ids = [ord(c) for c in text]
+            natural_end = True
+            lps, tops = [], []
+        finish, stop_reason = FinishReason.STOP.value, None
+        # stop strings end generation at the token that completes them (as vLLM does)
+        n_text = 0
+        cut: int | None = None
+        for t, tok in enumerate(token_ids):
+            if tok != EOS_TOKEN_ID:
+                n_text += 1
+            if params.stop and t + 1 >= params.min_tokens:
+                hit = find_stop(text[:n_text], params.stop, start=n_text - 1)
+                if hit is not None:
+                    keep = hit[0] + (len(hit[1]) if params.include_stop_str_in_output else 0)
+                    text, stop_reason, cut = text[:keep], hit[1], t + 1
+                    break
+            if t + 1 == params.max_tokens:
+                cut = t + 1
+                if not (tok == EOS_TOKEN_ID or (natural_end and t + 1 == len(token_ids))):
+                    finish = FinishReason.LENGTH.value
+                text = text[:n_text]
+                break
+        if cut is not None:
+            token_ids = token_ids[:cut]
+        if self.responses is not None:
+            lps, tops = self._scripted_logprobs(token_ids, seed, params)
+        else:
+            lps, tops = lps[: len(token_ids)], tops[: len(token_ids)]
+        want_lp = params.logprobs is not None
+        return Completion(
+            problem_id=req.problem_id,
+            index=index,
+            text=text,
+            token_ids=tuple(token_ids),
+            token_logprobs=tuple(lps) if want_lp else None,
+            top_logprobs=tuple(tops) if want_lp and params.logprobs else None,
+            cumulative_logprob=math.fsum(lps) if want_lp else None,
+            num_tokens=len(token_ids),
+            finish_reason=finish,
+            seed=seed,
+            prompt_tokens=len(context),
+            stop_reason=stop_reason,
+        )
+
+    def _scripted_text(
+        self, req: GenerationRequest, index: int, seed: int, params: SamplingParams
+    ) -> str:
+        if callable(self.responses):
+            text = self.responses(req, index, seed, params)
+        else:
+            assert self.responses is not None
+            if req.problem_id not in self.responses:
+                raise ConfigError(f"ScriptedEngine has no scripted response for {req.problem_id!r}")
+            entry = self.responses[req.problem_id]
+            text = entry if isinstance(entry, str) else entry[index % len(entry)]
+            if req.prefix and text.startswith(req.prefix):
+                text = text[len(req.prefix) :]
+        if not isinstance(text, str):
+            raise ConfigError(f"a scripted response must be a string, got {type(text).__name__}")
+        return text.replace("\x00", "")
+
+    def _scripted_logprobs(
+        self, token_ids: Sequence[int], seed: int, params: SamplingParams
+    ) -> tuple[list[float], list[dict[int, float]]]:
+        k = params.logprobs or 0
+        lps: list[float] = []
+        tops: list[dict[int, float]] = []
+        for t, tok in enumerate(token_ids):
+            u = _hash_uniforms("scripted", seed, t, tok, size=1 + k)
+            p = 0.05 + 0.95 * float(u[0])  # probability of the scripted token
+            lps.append(math.log(p))
+            top = {tok: math.log(p)}
+            rest = 1.0 - p
+            # alternatives take shares of the remaining mass (never more than it)
+            alt = ord("a") if tok != ord("a") else ord("b")
+            for r in range(k):
+                share = rest * (0.25 + 0.5 * float(u[1 + r]))
+                while alt in top:
+                    alt += 1
+                if share > 0.0:
+                    top[alt] = math.log(share)
+                rest -= share
+            tops.append(top)
+        return lps, tops
+
+    # -- the toy language model --------------------------------------------------------------
+    def _next_logprobs_uncached(self, tail: str) -> np.ndarray:
+        """Raw next-token log-probabilities over ``[EOS, *alphabet]`` given the last chars."""
+        z = 2.0 * _hash_uniforms("toy", self.order, tail, size=len(self.alphabet))
+        z = z - _logsumexp(z)
+        eos = self.eos_logprob
+        chars = z + math.log1p(-math.exp(eos))
+        return np.concatenate([[eos], chars])
+
+    def _toy_generate(
+        self, context: str, seed: int, params: SamplingParams
+    ) -> tuple[list[int], list[float], list[dict[int, float]]]:
+        rng = np.random.default_rng(seed)
+        k = params.logprobs or 0
+        text = context
+        token_ids: list[int] = []
+        lps: list[float] = []
+        tops: list[dict[int, float]] = []
+        for t in range(params.max_tokens):
+            raw = self._next_logprobs(text[-self.order :])
+            suppress = (0,) if t < params.min_tokens else ()
+            proc = process_logprobs(raw, params, suppress=suppress)
+            u = rng.random()  # one uniform per step, drawn even when greedy: streams stay aligned
+            cdf = np.cumsum(np.exp(proc))
+            choice = int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), cdf.size - 1))
+            while not math.isfinite(proc[choice]):  # never pick a removed token at a cdf plateau
+                choice -= 1
+            reported = raw if self.logprob_mode == "raw_logprobs" else proc
+            tok = int(self._vocab_ids[choice])
+            token_ids.append(tok)
+            lps.append(float(reported[choice]))
+            if k:
+                best = np.argsort(-reported, kind="stable")[:k]
+                top = {int(self._vocab_ids[b]): float(reported[b]) for b in best}
+                top[tok] = float(reported[choice])
+                tops.append(top)
+            if tok == EOS_TOKEN_ID:
+                break
+            text += chr(tok)
+        return token_ids, lps, tops

@@ -1,0 +1,51 @@
+"""Seeds: one seed type everywhere, and per-(problem, sample) seeds derived from a run seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ttscale.errors import ConfigError
+
+__all__ = ["SeedLike", "as_generator", "problem_seed", "sample_seed"]
+
+SeedLike = None | int | np.random.Generator
+
+_MAX_SEED = 2**31 - 1  # engines (vLLM, torch) accept 32-bit non-negative seeds
+
+
+def as_generator(seed: SeedLike) -> np.random.Generator:
+    """``None | int | Generator`` -> ``Generator`` (a Generator is returned as is, not copied)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        return np.random.default_rng()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed must be None, an int or a numpy Generator, got {seed!r}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    return np.random.default_rng(int(seed))
+
+
+def problem_seed(run_seed: int, problem_id: str) -> int:
+    """A per-problem base seed: a keyed hash of ``(run_seed, problem_id)`` in ``[0, 2**31 - 1)``.
+
+    Stable across processes and Python versions (not ``hash()``).
+    """
+    h = hashlib.blake2b(f"{int(run_seed)}\x1f{problem_id}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") % _MAX_SEED
+
+
+def sample_seed(run_seed: int, problem_id: str, index: int) -> int:
+    """The seed of sample ``index`` of ``problem_id`` in a run seeded with ``run_seed``.
+
+    ``(problem_seed(run_seed, problem_id) + index) mod (2**31 - 1)``. Because it depends only on
+    its arguments, sample 5 of a problem is the same sample whether the run asked for n=8 or
+    n=256, on one worker or on many. Consecutive indices get consecutive seeds, so an engine whose
+    ``n``-fan-out gives child ``j`` the seed ``seed + j`` can draw indices ``i..i+n-1`` in one
+    request seeded with ``sample_seed(run_seed, problem_id, i)``.
+    """
+    if index < 0:
+        raise ConfigError(f"sample index must be >= 0, got {index}")
+    return (problem_seed(run_seed, problem_id) + int(index)) % _MAX_SEED

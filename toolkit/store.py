@@ -1,0 +1,666 @@
+"""SampleStore: a run directory of Parquet shards plus a JSON manifest.
+
+Layout of a run directory::
+
+    RUN/
+      manifest.json              provenance: model, engine + version, sampling parameters, seeds,
+                                 logprob mode, benchmark, ttscale version, git sha, created time,
+                                 token/time accounting
+      problems.parquet           id, prompt, reference (JSON), meta (JSON)
+      samples/part-*.parquet     one row per (problem_id, index)
+      verdicts/<verifier>/part-*.parquet   one row per (problem_id, index) checked by that verifier
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+reader never sees half a shard and a killed writer leaves at most a stray ``.tmp`` file (ignored
+and cleaned up). Samples are keyed by ``(problem_id, index)``: appending a key that is already
+stored with the same content is a no-op, with different content a :class:`StoreError`. That makes
+resuming a killed run, extending it, and merging shards written by several workers safe.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ttscale.errors import ConfigError, StoreError
+from ttscale.types import Problem, Sample, Verdict, VerdictStatus
+
+__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "ttscale-run"
+FORMAT_VERSION = 1
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("index", pa.int64()),
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("token_logprobs", pa.list_(pa.float64())),
+        ("top_logprobs", pa.list_(pa.map_(pa.int32(), pa.float64()))),
+        ("logprob", pa.float64()),
+        ("mean_logprob", pa.float64()),
+        ("num_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("seed", pa.int64()),
+        ("answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("scores", pa.map_(pa.string(), pa.float64())),
+        ("meta", pa.string()),
+        ("content_hash", pa.string()),
+    ]
+)
+
+VERDICT_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("index", pa.int64()),
+        ("status", pa.string()),
+        ("answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("score", pa.float64()),
+        ("detail", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+PROBLEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+# Settings that must match when a run directory is reopened to resume or extend it. ``n`` is
+# deliberately absent: a run made with n=64 may be extended to n=256.
+_COMPATIBLE_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "min_tokens",
+    "stop",
+    "seed",
+    "logprobs",
+)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _dumps(o: Any) -> str:
+    return json.dumps(o, sort_keys=True, default=_json_default, ensure_ascii=False)
+
+
+def _content_hash(row: Mapping[str, Any]) -> str:
+    """Hash of a sample's generated content (what makes two copies "the same sample")."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(_dumps([row["text"], row["token_ids"], row["seed"], row["finish_reason"]]).encode())
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _shard_name() -> str:
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+    return f"part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
+
+
+def _sample_row(s: Sample) -> dict[str, Any]:
+    row = {
+        "problem_id": s.problem_id,
+        "index": s.index,
+        "text": s.text,
+        "token_ids": list(s.token_ids) if s.token_ids is not None else None,
+        "token_logprobs": list(s.token_logprobs) if s.token_logprobs is not None else None,
+        "top_logprobs": (
+            [list(d.items()) for d in s.top_logprobs] if s.top_logprobs is not None else None
+        ),
+        "logprob": s.logprob,
+        "mean_logprob": s.mean_logprob,
+        "num_tokens": s.num_tokens,
+        "finish_reason": s.finish_reason,
+        "seed": s.seed,
+        "answer": s.answer,
+        "correct": s.correct,
+        "scores": list(s.scores.items()) if s.scores else None,
+        "meta": _dumps(dict(s.meta)) if s.meta else None,
+    }
+    row["content_hash"] = _content_hash(row)
+    return row
+
+
+def _row_to_sample(row: Mapping[str, Any]) -> Sample:
+    top = row.get("top_logprobs")
+    scores = row.get("scores")
+    meta = row.get("meta")
+    return Sample(
+        problem_id=row["problem_id"],
+        index=int(row["index"]),
+        text=row.get("text") or "",
+        token_ids=tuple(row["token_ids"]) if row.get("token_ids") is not None else None,
+        token_logprobs=(
+            tuple(row["token_logprobs"]) if row.get("token_logprobs") is not None else None
+        ),
+        top_logprobs=tuple(dict(p) for p in top) if top is not None else None,
+        logprob=row.get("logprob"),
+        mean_logprob=row.get("mean_logprob"),
+        num_tokens=row.get("num_tokens"),
+        finish_reason=row.get("finish_reason"),
+        seed=row.get("seed"),
+        answer=row.get("answer"),
+        correct=row.get("correct"),
+        scores=dict(scores) if scores else {},
+        meta=json.loads(meta) if meta else {},
+    )
+
+
+def _sort_dedupe(table: pa.Table, *, what: str, hash_col: str | None) -> pa.Table:
+    """Sort by (problem_id, index) and collapse duplicate keys.
+
+    Duplicates with equal ``hash_col`` collapse to one row; with different hashes they are a
+    conflict (:class:`StoreError`). Without ``hash_col`` the last written row wins.
+    """
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(
+        table, sort_keys=[("problem_id", "ascending"), ("index", "ascending")]
+    )
+    table = table.take(order)
+    pid = table.column("problem_id").to_numpy(zero_copy_only=False)
+    idx = table.column("index").to_numpy()
+    same = np.zeros(table.num_rows, dtype=bool)
+    same[1:] = (pid[1:] == pid[:-1]) & (idx[1:] == idx[:-1])
+    if not same.any():
+        return table
+    if hash_col is not None:
+        h = table.column(hash_col).to_numpy(zero_copy_only=False)
+        clash = same.copy()
+        clash[1:] &= h[1:] != h[:-1]
+        if clash.any():
+            j = int(np.flatnonzero(clash)[0])
+            raise StoreError(
+                f"conflicting {what} for key ({pid[j]!r}, {idx[j]}): two shards hold different "
+                "content under one key; remove the stray shard or re-run into a new directory"
+            )
+        keep = ~same
+    else:
+        # keep the last of each run of equal keys (the sort is stable: later shards come later)
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[:-1] = ~same[1:]
+    return table.filter(pa.array(keep))
+
+
+class SampleStore:
+    """A run directory of samples, verdicts and provenance.
+
+    Create with :meth:`create` (new run), :meth:`open` (existing run) or :meth:`open_or_create`
+    (resume/extend, checking that the sampling settings match).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not (self.path / "manifest.json").is_file():
+            raise StoreError(
+                f"{self.path} is not a ttscale run directory (no manifest.json); "
+                "create one with `ttscale sample`/`ttscale import` or SampleStore.create()"
+            )
+        self._keys: dict[tuple[str, int], str] | None = None
+        self._manifest = self._read_manifest()
+
+    # construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        manifest: Mapping[str, Any] | None = None,
+        *,
+        exist_ok: bool = False,
+    ) -> SampleStore:
+        """Create a new run directory with a manifest holding ``manifest`` plus provenance."""
+        p = Path(path)
+        if (p / "manifest.json").exists():
+            if exist_ok:
+                return cls(p)
+            raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
+        if p.exists() and not p.is_dir():
+            raise StoreError(f"{p} exists and is not a directory")
+        if p.is_dir() and any(p.iterdir()):
+            raise StoreError(f"{p} is a non-empty directory that is not a ttscale run; use a new path")
+        from ttscale import __version__
+
+        p.mkdir(parents=True, exist_ok=True)
+        (p / "samples").mkdir(exist_ok=True)
+        (p / "verdicts").mkdir(exist_ok=True)
+        m: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": _now(),
+            "ttscale_version": __version__,
+            "git_sha": _git_sha(),
+        }
+        m.update(dict(manifest or {}))
+        _atomic_write_bytes(p / "manifest.json", (_dumps(m) + "\n").encode())
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SampleStore:
+        return cls(path)
+
+    @classmethod
+    def open_or_create(
+        cls, path: str | os.PathLike[str], manifest: Mapping[str, Any]
+    ) -> SampleStore:
+        """Open ``path`` if it is a run made with compatible settings, else create it.
+
+        Compatible means the same model, benchmark and sampling parameters (all but ``n``).
+        """
+        p = Path(path)
+        if not (p / "manifest.json").exists():
+            return cls.create(p, manifest)
+        store = cls(p)
+        store.check_compatible(manifest)
+        return store
+
+    def check_compatible(self, manifest: Mapping[str, Any]) -> None:
+        """Raise :class:`StoreError` if ``manifest`` describes a different sampling setup."""
+        old = self._manifest
+        for key in ("model", "benchmark"):
+            if key in manifest and key in old and old[key] != manifest[key]:
+                raise StoreError(
+                    f"run directory {self.path} was made with {key} {old[key]!r}, not "
+                    f"{manifest[key]!r}; use a new --out"
+                )
+        a, b = old.get("sampling") or {}, manifest.get("sampling") or {}
+        for key in _COMPATIBLE_SAMPLING:
+            if key in a and key in b and _norm(a[key]) != _norm(b[key]):
+                raise StoreError(
+                    f"run directory {self.path} was made with different sampling parameters "
+                    f"({key} {a[key]!r} != {b[key]!r}); resume with the same parameters or use a "
+                    "new --out"
+                )
+
+    # manifest --------------------------------------------------------------------------------
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            m = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"cannot read {self.path / 'manifest.json'}: {e}") from e
+        if m.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.path / 'manifest.json'} is not a ttscale run manifest")
+        return m
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A copy of the manifest."""
+        return json.loads(_dumps(self._manifest))
+
+    def update_manifest(self, **fields: Any) -> None:
+        """Merge ``fields`` into the manifest (top-level keys; dicts are merged one level deep)."""
+        m = self._read_manifest()
+        for k, v in fields.items():
+            if isinstance(v, Mapping) and isinstance(m.get(k), dict):
+                m[k] = {**m[k], **v}
+            else:
+                m[k] = v
+        _atomic_write_bytes(self.path / "manifest.json", (_dumps(m) + "\n").encode())
+        self._manifest = m
+
+    # problems --------------------------------------------------------------------------------
+
+    def write_problems(self, problems: Iterable[Problem]) -> None:
+        """Record the problems of this run (merged with those already recorded, by id)."""
+        new = {p.id: p for p in problems}
+        if not new:
+            return
+        old = {p.id: p for p in self.problems()}
+        for pid, p in new.items():
+            if pid in old and (old[pid].prompt != p.prompt):
+                raise StoreError(
+                    f"problem {pid!r} is already recorded in {self.path} with a different prompt"
+                )
+        merged = {**old, **new}
+        ids = sorted(merged)
+        table = pa.table(
+            {
+                "id": ids,
+                "prompt": [merged[i].prompt for i in ids],
+                "reference": [_dumps(merged[i].reference) for i in ids],
+                "meta": [_dumps(dict(merged[i].meta)) for i in ids],
+            },
+            schema=PROBLEM_SCHEMA,
+        )
+        _atomic_write_table(self.path / "problems.parquet", table)
+
+    def problems(self) -> list[Problem]:
+        """The recorded problems, sorted by id (empty if none were recorded)."""
+        f = self.path / "problems.parquet"
+        if not f.exists():
+            return []
+        t = pq.read_table(f).to_pylist()
+        return [
+            Problem(
+                id=r["id"],
+                prompt=r["prompt"],
+                reference=json.loads(r["reference"]) if r["reference"] else None,
+                meta=json.loads(r["meta"]) if r["meta"] else {},
+            )
+            for r in t
+        ]
+
+    # samples ---------------------------------------------------------------------------------
+
+    def _shards(self, sub: str) -> list[Path]:
+        d = self.path / sub
+        if not d.is_dir():
+            return []
+        for stray in d.glob(".*.tmp"):
+            # a writer killed mid-write; the rename never happened, so nothing refers to it
+            try:
+                stray.unlink()
+            except OSError:
+                pass
+        return sorted(d.glob("part-*.parquet"))
+
+    def _load_keys(self) -> dict[tuple[str, int], str]:
+        if self._keys is None:
+            keys: dict[tuple[str, int], str] = {}
+            for f in self._shards("samples"):
+                t = pq.read_table(f, columns=["problem_id", "index", "content_hash"])
+                for pid, i, h in zip(
+                    t.column("problem_id").to_pylist(),
+                    t.column("index").to_pylist(),
+                    t.column("content_hash").to_pylist(),
+                    strict=True,
+                ):
+                    old = keys.setdefault((pid, i), h)
+                    if old != h:
+                        raise StoreError(
+                            f"conflicting samples for key ({pid!r}, {i}) in {self.path}; "
+                            f"remove the stray shard {f.name}"
+                        )
+            self._keys = keys
+        return self._keys
+
+    def append(self, samples: Iterable[Sample]) -> int:
+        """Write ``samples`` as one new shard; returns how many were new.
+
+        A key already stored (or repeated in ``samples``) with the same content is skipped; with
+        different content it raises :class:`StoreError` and nothing is written.
+        """
+        keys = self._load_keys()
+        rows: list[dict[str, Any]] = []
+        batch: dict[tuple[str, int], str] = {}
+        for s in samples:
+            if not isinstance(s, Sample):
+                raise ConfigError(f"append() takes Sample objects, got {type(s).__name__}")
+            row = _sample_row(s)
+            k, h = s.key, row["content_hash"]
+            prev = keys.get(k, batch.get(k))
+            if prev is not None:
+                if prev != h:
+                    raise StoreError(
+                        f"sample {k} is already stored in {self.path} with different content; "
+                        "a run directory must not mix samples from different settings"
+                    )
+                continue
+            batch[k] = h
+            rows.append(row)
+        if not rows:
+            return 0
+        table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+        _atomic_write_table(self.path / "samples" / _shard_name(), table)
+        keys.update(batch)
+        return len(rows)
+
+    def keys(self) -> set[tuple[str, int]]:
+        """All stored ``(problem_id, index)`` keys."""
+        return set(self._load_keys())
+
+    def counts(self) -> dict[str, int]:
+        """Number of stored samples per problem id."""
+        out: dict[str, int] = {}
+        for pid, _ in self._load_keys():
+            out[pid] = out.get(pid, 0) + 1
+        return out
+
+    def indices(self, problem_id: str) -> set[int]:
+        return {i for p, i in self._load_keys() if p == problem_id}
+
+    def __len__(self) -> int:
+        return len(self._load_keys())
+
+    def table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """All samples as one Arrow table, sorted by (problem_id, index), duplicates collapsed.
+
+        Only ``columns`` (plus the key columns) are read from disk.
+        """
+        cols = None
+        if columns is not None:
+            unknown = set(columns) - set(SAMPLE_SCHEMA.names)
+            if unknown:
+                raise ConfigError(
+                    f"unknown sample columns {sorted(unknown)}; known: {SAMPLE_SCHEMA.names}"
+                )
+            cols = list(dict.fromkeys(["problem_id", "index", "content_hash", *columns]))
+        shards = self._shards("samples")
+        if not shards:
+            schema = SAMPLE_SCHEMA if cols is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in cols])
+            return schema.empty_table()
+        parts = [pq.read_table(f, columns=cols, schema=SAMPLE_SCHEMA) for f in shards]
+        t = pa.concat_tables(parts)
+        t = _sort_dedupe(t, what="samples", hash_col="content_hash")
+        if columns is not None:
+            t = t.select(list(dict.fromkeys(["problem_id", "index", *columns])))
+        return t
+
+    def samples(self, problem_id: str | None = None) -> Iterator[Sample]:
+        """Iterate stored samples as :class:`Sample` objects (convenient, not fast)."""
+        t = self.table()
+        if problem_id is not None:
+            t = t.filter(pc.equal(t.column("problem_id"), problem_id))
+        for batch in t.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                yield _row_to_sample(row)
+
+    def merge_from(self, other: SampleStore | str | os.PathLike[str]) -> int:
+        """Copy another run's samples (e.g. another worker's) into this one; returns new rows."""
+        o = other if isinstance(other, SampleStore) else SampleStore(other)
+        self.check_compatible(o.manifest)
+        self.write_problems(o.problems())
+        n = self.append(o.samples())
+        for verifier in o.verifiers():
+            self.add_verdicts(o.verdicts(verifier), verifier=verifier)
+        return n
+
+    # verdicts --------------------------------------------------------------------------------
+
+    def verifiers(self) -> list[str]:
+        d = self.path / "verdicts"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def add_verdicts(self, verdicts: Iterable[Verdict], *, verifier: str) -> int:
+        """Store verdicts of ``verifier`` as one new shard; returns how many were written.
+
+        Re-verifying a key overwrites the earlier verdict on read (the latest shard wins).
+        """
+        if not verifier or "/" in verifier or verifier.startswith("."):
+            raise ConfigError(f"invalid verifier name {verifier!r}")
+        rows = []
+        for v in verdicts:
+            rows.append(
+                {
+                    "problem_id": v.problem_id,
+                    "index": v.index,
+                    "status": v.status.value,
+                    "answer": v.answer,
+                    "correct": v.correct,
+                    "score": v.score,
+                    "detail": v.detail or None,
+                    "meta": _dumps(dict(v.meta)) if v.meta else None,
+                }
+            )
+        if not rows:
+            return 0
+        d = self.path / "verdicts" / verifier
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write_table(d / _shard_name(), pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA))
+        return len(rows)
+
+    def verdict_table(self, verifier: str) -> pa.Table:
+        shards = self._shards(f"verdicts/{verifier}")
+        if not shards:
+            return VERDICT_SCHEMA.empty_table()
+        t = pa.concat_tables([pq.read_table(f, schema=VERDICT_SCHEMA) for f in shards])
+        return _sort_dedupe(t, what="verdicts", hash_col=None)
+
+    def verdicts(self, verifier: str) -> Iterator[Verdict]:
+        for r in self.verdict_table(verifier).to_pylist():
+            yield Verdict(
+                problem_id=r["problem_id"],
+                index=int(r["index"]),
+                status=VerdictStatus(r["status"]),
+                verifier=verifier,
+                answer=r["answer"],
+                correct=r["correct"],
+                score=r["score"],
+                detail=r["detail"] or "",
+                meta=json.loads(r["meta"]) if r["meta"] else {},
+            )
+
+    def verified_keys(self, verifier: str) -> set[tuple[str, int]]:
+        t = self.verdict_table(verifier)
+        return set(
+            zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(), strict=True)
+        )
+
+    # analysis view ---------------------------------------------------------------------------
+
+    def pool(self, verifier: str | None = None, *, score_names: Sequence[str] | None = None):
+        """The columnar analysis view (:class:`ttscale.pool.Pool`) of this run.
+
+        ``verifier`` chooses whose answers/correctness to use: ``None`` = the manifest's
+        ``default_verifier`` if set, else the most recently written verifier, else the answers and
+        correctness stored with the samples. Scores of every verifier are attached as
+        ``scores["<verifier>"]``.
+        """
+        from ttscale.pool import Pool
+
+        cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text", "scores"]
+        t = self.table(cols)
+        names = self.verifiers()
+        if verifier is None:
+            verifier = self._manifest.get("default_verifier")
+            if verifier is None and names:
+                verifier = max(
+                    names,
+                    key=lambda n: max(
+                        (f.stat().st_mtime for f in self._shards(f"verdicts/{n}")), default=0.0
+                    ),
+                )
+        elif verifier not in names:
+            raise ConfigError(
+                f"run {self.path} has no verdicts from verifier {verifier!r}; "
+                f"known: {names or 'none'} (run `ttscale verify` first)"
+            )
+        extra_scores: dict[str, np.ndarray] = {}
+        answer = t.column("answer")
+        correct = t.column("correct")
+        for name in names:
+            vt = self.verdict_table(name)
+            if vt.num_rows == 0:
+                continue
+            joined = t.select(["problem_id", "index"]).join(
+                vt, keys=["problem_id", "index"], join_type="left outer"
+            )
+            joined = joined.take(
+                pc.sort_indices(
+                    joined, sort_keys=[("problem_id", "ascending"), ("index", "ascending")]
+                )
+            )
+            extra_scores[name] = (
+                joined.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+            )
+            if name == verifier:
+                # a sample this verifier has not checked keeps the answer stored with it
+                has = pc.is_valid(joined.column("status"))
+                answer = pc.if_else(has, joined.column("answer"), answer)
+                correct = pc.if_else(has, joined.column("correct"), correct)
+        return Pool.from_arrow(
+            t,
+            answer=answer,
+            correct=correct,
+            extra_scores=extra_scores,
+            score_names=score_names,
+            verifier=verifier,
+        )
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
