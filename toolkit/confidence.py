@@ -59,7 +59,9 @@ def token_confidence(
     if isinstance(top_logprobs, np.ndarray):
         arr = np.asarray(top_logprobs, dtype=np.float64)
         if arr.ndim != 2:
-            raise ConfigError(f"top_logprobs array must be 2-d (positions, k), got shape {arr.shape}")
+            raise ConfigError(
+                f"top_logprobs array must be 2-d (positions, k), got shape {arr.shape}"
+            )
         # A position with k = 0 values has nothing to average: skipped, like an empty dict.
         conf = -arr.mean(axis=1) if arr.shape[1] else np.zeros(0, dtype=np.float64)
     else:
