@@ -1,0 +1,240 @@
+"""Coverage power law (ALGORITHMS.md 1.2) and imperfect-verifier models (section 7)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ttscale.errors import ConfigError
+from ttscale.scaling import (
+    PowerLawFit,
+    accuracy_ceiling,
+    bootstrap_power_law,
+    coverage_curve,
+    empirical_reward_at_k,
+    fit_power_law,
+    optimal_k,
+    single_type_utility,
+    two_type_utility,
+    verifier_rates,
+)
+
+KS = 2.0 ** np.arange(11)
+GIVEN = [0.30, 0.42, 0.53, 0.62, 0.70, 0.76, 0.81, 0.85, 0.88, 0.905, 0.925]
+
+
+@pytest.mark.parametrize("method", ["loglog", "nls"])
+def test_power_law_recovers_synthetic_parameters(method: str) -> None:
+    cov = np.exp(-1.5 * KS**-0.35)
+    np.testing.assert_allclose(
+        cov[:4], [0.22313, 0.30824, 0.397183, 0.48459], atol=5e-6
+    )  # the listed curve
+    fit = fit_power_law(KS, cov, method)  # type: ignore[arg-type]
+    assert fit.a == pytest.approx(-1.5, rel=1e-6)
+    assert fit.b == pytest.approx(-0.35, rel=1e-6)
+    assert fit.method == method
+    assert fit.n_points == 11
+
+
+def test_power_law_given_curve_vectors() -> None:
+    ols = fit_power_law(KS, GIVEN, "loglog")
+    assert ols.a == pytest.approx(-1.1105590, abs=1e-7)
+    assert ols.b == pytest.approx(-0.3911933, abs=1e-7)
+    nls = fit_power_law(KS, GIVEN, "nls")
+    assert nls.a == pytest.approx(-1.1831219, abs=1e-6)
+    assert nls.b == pytest.approx(-0.4253843, abs=1e-6)
+
+
+def test_predict_and_samples_needed_are_inverse() -> None:
+    fit = fit_power_law(KS, GIVEN)
+    for target in (0.2, 0.5, 0.95, 0.999):
+        k = fit.samples_needed(target)
+        assert float(fit.predict(k)) == pytest.approx(target, rel=1e-12)
+    assert float(fit.predict(1.0)) == pytest.approx(math.exp(fit.a))
+    with pytest.raises(ConfigError):
+        fit.samples_needed(1.0)
+    empty = np.zeros(0)
+    for b in (0.0, -1e-12):  # (almost) flat curves never get from 0.5 to 0.9
+        flat = PowerLawFit(math.log(0.5), b, "loglog", empty, empty)
+        with pytest.raises(ConfigError):
+            flat.samples_needed(0.9)
+    rising_wrongly = PowerLawFit(0.3, -0.5, "loglog", empty, empty)  # a > 0: c > 1
+    with pytest.raises(ConfigError):
+        rising_wrongly.samples_needed(0.9)
+
+
+def test_points_at_zero_or_one_are_dropped() -> None:
+    cov = list(np.exp(-1.5 * KS**-0.35))
+    fit = fit_power_law(np.r_[KS, 2048, 4096], [*cov, 1.0, 1.0])
+    assert fit.n_points == 11
+    assert fit.b == pytest.approx(-0.35, rel=1e-6)
+    with pytest.raises(ConfigError):
+        fit_power_law([1, 2, 4], [0.0, 1.0, 0.5])
+    with pytest.raises(ConfigError):
+        fit_power_law([2, 2], [0.3, 0.4])  # one distinct k
+    with pytest.raises(ConfigError):
+        fit_power_law([1, 2], [0.3, 0.4], "cubic")  # type: ignore[arg-type]
+
+
+def test_coverage_curve_unbiased() -> None:
+    assert coverage_curve([10, 10, 10], [0, 3, 10], [5])[0] == pytest.approx(0.6388888889)
+    np.testing.assert_allclose(
+        coverage_curve([200], [13], [10, 100]), [0.4975511147, 0.9999194972], atol=1e-9
+    )
+    assert coverage_curve([10000], [1], [1000])[0] == pytest.approx(0.1, abs=1e-9)
+    with pytest.raises(ConfigError):
+        coverage_curve([10, 5], [1, 1], [6])
+
+
+def test_bootstrap_power_law_brackets_truth() -> None:
+    # Problems with per-problem success rates drawn so the population coverage is smooth.
+    rng = np.random.default_rng(0)
+    rates = rng.beta(0.3, 1.2, size=400)
+    n = np.full(400, 256)
+    c = rng.binomial(n, rates)
+    ks = 2 ** np.arange(9)
+    res = bootstrap_power_law(n, c, ks, n_boot=300, seed=1)
+    assert res.a_low <= res.fit.a <= res.a_high
+    assert res.b_low <= res.fit.b <= res.b_high
+    assert res.a_samples.size + res.n_failed == 300
+    lo, hi = res.predict_interval([4, 1024])
+    assert (lo <= hi).all()
+    again = bootstrap_power_law(n, c, ks, n_boot=300, seed=1)
+    assert again.a_low == res.a_low  # seeded
+
+
+def test_bootstrap_power_law_nls_runs() -> None:
+    rng = np.random.default_rng(4)
+    n = np.full(80, 64)
+    c = rng.binomial(n, rng.beta(0.4, 1.0, size=80))
+    res = bootstrap_power_law(n, c, [1, 2, 4, 8, 16, 32], method="nls", n_boot=50, seed=0)
+    assert res.fit.method == "nls"
+    assert res.b_low <= res.b_high
+
+
+# --- imperfect verifiers -------------------------------------------------------------------
+
+TABLE = {
+    -0.7: (
+        [0.48206, 0.552581, 0.554134, 0.549084, 0.545162],
+        3,
+        [0.48206, 0.523874, 0.524567, 0.522426, 0.520777],
+        3,
+    ),
+    -1.0: (
+        [0.449, 0.488433, 0.463704, 0.44068, 0.424946],
+        2,
+        [0.449, 0.472381, 0.461352, 0.451593, 0.444976],
+        2,
+    ),
+    -2.0: (
+        [0.3388, 0.274607, 0.162271, 0.079335, 0.024225],
+        1,
+        [0.3388, 0.300737, 0.250637, 0.215482, 0.192304],
+        1,
+    ),
+}
+
+
+@pytest.mark.parametrize("v_fp", sorted(TABLE))
+def test_two_type_table(v_fp: float) -> None:
+    nb, k_nb, ex, k_ex = TABLE[v_fp]
+    u_nb = two_type_utility(15, v_fp=v_fp, mode="notebook")
+    u_ex = two_type_utility(15, v_fp=v_fp, mode="exact")
+    np.testing.assert_allclose(u_nb[:5], nb, atol=1e-6)
+    np.testing.assert_allclose(u_ex[:5], ex, atol=1e-6)
+    assert optimal_k(u_nb) == k_nb
+    assert optimal_k(u_ex) == k_ex
+
+
+def test_exact_mode_is_mixture_of_single_types() -> None:
+    ks = np.arange(1, 16)
+    mix = 0.58 * single_type_utility(ks, 0.87, 1.0, 0.75, -1.3) + 0.42 * single_type_utility(
+        ks, 0.13, 1.0, 0.75, -1.3
+    )
+    np.testing.assert_allclose(two_type_utility(15, v_fp=-1.3), mix, rtol=1e-12)
+
+
+def test_single_type_utility_and_ceiling() -> None:
+    np.testing.assert_allclose(
+        accuracy_ceiling([0.87, 0.13], 1.0, 0.75), [0.963989, 0.374101], atol=1e-6
+    )
+    # β = 0.0975, per-attempt gain 0.87 − 0.0325 = 0.8375
+    u = single_type_utility([0, 1, 2, np.inf], 0.87, 1.0, 0.75, -1.0)
+    np.testing.assert_allclose(u, [0.0, 0.8375, 0.8375 * 1.0975, 0.8375 / 0.9025], rtol=1e-12)
+    # a verifier that never accepts is worth nothing at any budget
+    assert single_type_utility(5, 0.5, 0.0, 1.0, -1.0) == 0.0
+    assert math.isnan(float(accuracy_ceiling(0.5, 0.0, 1.0)))
+
+
+def test_empirical_reward_vectors() -> None:
+    ks = [1, 2, 5, 10]
+    r0 = empirical_reward_at_k(10, 2, 1, ks, 0.0)
+    np.testing.assert_allclose(r0, [0.2, 0.355556, 0.611111, 0.666667], atol=1e-6)
+    r1 = empirical_reward_at_k(10, 2, 1, ks, 1.0)
+    np.testing.assert_allclose(r1, [0.1, 0.177778, 0.305556, 0.333333], atol=1e-6)
+    r4 = empirical_reward_at_k(10, 2, 1, ks, 4.0)
+    np.testing.assert_allclose(r4, [-0.2, -0.355556, -0.611111, -0.666667], atol=1e-6)
+    assert optimal_k(r0, ks) == 10
+    assert optimal_k(r4, ks) == 0
+    # k > n is capped at n; tasks are averaged with equal weight; m = 0 contributes 0
+    np.testing.assert_allclose(empirical_reward_at_k(10, 2, 1, [50], 0.0), [2 / 3])
+    both = empirical_reward_at_k([10, 4], [2, 0], [1, 0], [1, 2], 0.0)
+    np.testing.assert_allclose(both, [0.1, 0.355556 / 2], atol=1e-6)
+
+
+def test_empirical_reward_matches_simulation() -> None:
+    # The reference estimates it with random permutations: first accepted sample within k.
+    rng = np.random.default_rng(0)
+    n, tp, fp, cr = 12, 2, 3, 2.0
+    labels = np.array([1] * tp + [2] * fp + [0] * (n - tp - fp))
+    ks = np.array([1, 3, 6])
+    sims = np.zeros(len(ks))
+    trials = 20000
+    for _ in range(trials):
+        perm = rng.permutation(labels)
+        acc = np.flatnonzero(perm > 0)
+        first, lab = acc[0] + 1, perm[acc[0]]
+        sims += np.where(ks >= first, 1.0 if lab == 1 else -cr, 0.0)
+    np.testing.assert_allclose(sims / trials, empirical_reward_at_k(n, tp, fp, ks, cr), atol=0.02)
+
+
+def test_optimal_k_first_max_and_abstain() -> None:
+    assert optimal_k([0.1, 0.3, 0.3, 0.2]) == 2
+    assert optimal_k([-0.1, -0.05]) == 0
+    assert optimal_k([0.1, 0.4], ks=[4, 16]) == 16
+    with pytest.raises(ConfigError):
+        optimal_k([])
+
+
+def test_verifier_rates() -> None:
+    weak = [1, 1, 1, 0, 0, 1, 0]
+    strong = [1, 0, 1, 1, 0, 1, 0]
+    r = verifier_rates(weak, strong)
+    assert (r.tp, r.fp, r.fn, r.tn) == (3, 1, 1, 2)
+    assert r.completeness == pytest.approx(0.75)
+    assert r.soundness == pytest.approx(2 / 3)
+    assert r.false_positive_rate == pytest.approx(1 / 3)
+    assert r.false_negative_rate == pytest.approx(0.25)
+    assert r.precision == pytest.approx(0.75)
+    assert math.isnan(verifier_rates([1], [1]).soundness)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: two_type_utility(0),
+        lambda: two_type_utility(5, priors=(0.5, 0.6)),
+        lambda: two_type_utility(5, r=(0.5,)),
+        lambda: two_type_utility(5, mode="approx"),  # type: ignore[arg-type]
+        lambda: single_type_utility(3, 1.2, 1.0, 0.5, -1.0),
+        lambda: empirical_reward_at_k(5, 4, 3, [1]),
+        lambda: empirical_reward_at_k(5, 1, 1, [1], cost_ratio=-1),
+        lambda: verifier_rates([1, 0], [1]),
+    ],
+)
+def test_bad_arguments_raise(call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError):
+        call()
