@@ -3,19 +3,53 @@
 from __future__ import annotations
 
 import importlib
-import sys
+from typing import Any
 
 import typer
+import typer.core
 
 from ttscale.errors import TtscaleError
 
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: <message>`` as one line on stderr; return the Exit (code 1) to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=1)
+
+
+class _Group(typer.core.TyperGroup):
+    # Library errors carry one-line messages meant for users: show them without a traceback.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TtscaleError as e:
+            raise fail(" ".join(str(e).split())) from None
+
+
 app = typer.Typer(
     name="ttscale",
+    cls=_Group,
     help="Test-time scaling of language models: sample, verify, vote, and measure scaling.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    # plain (not boxed) error output, so a user error is exactly one line on stderr
+    rich_markup_mode=None,
 )
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    """Test-time scaling of language models: sample, verify, vote, and measure scaling."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
 
 # Each module defines ``register(app)``; one module per command group keeps the wiring apart.
 _COMMAND_MODULES = (
@@ -30,34 +64,9 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error and return the exit to raise (code 1)."""
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=1)
-
-
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 1."""
-    try:
-        app(standalone_mode=False)
-    except TtscaleError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        sys.exit(1)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code if e.exit_code else 2)
-        raise
+    """Console-script entry point."""
+    app()
 
 
 if __name__ == "__main__":

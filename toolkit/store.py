@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -162,8 +163,8 @@ def _now() -> str:
 
 
 def _shard_name() -> str:
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-    return f"part-{stamp}-{uuid.uuid4().hex[:12]}.parquet"
+    # nanosecond stamp first: names sort in write order, which "latest verdict wins" relies on
+    return f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def _sample_row(s: Sample) -> dict[str, Any]:
