@@ -7,7 +7,6 @@ from typing import Any
 
 import typer
 import typer.core
-
 from ttscale.errors import TtscaleError
 
 

@@ -35,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from ttscale.errors import ConfigError, StoreError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
