@@ -26,7 +26,6 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-
 from ttscale.engines._text import find_stop, render_plain_chat
 from ttscale.engines.base import GenerationError, GenerationRequest, ResultCallback
 from ttscale.errors import ConfigError
@@ -85,6 +84,26 @@ def _logsumexp(x: np.ndarray) -> float:
     if not math.isfinite(m):
         return m
     return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _finish(token_ids: list[int], params: SamplingParams) -> tuple[list[int], str, str, str | None]:
+    """Apply stop strings, EOS and ``max_tokens`` to a token stream, as vLLM does.
+
+    Generation ends at the token completing a stop string (text trimmed before it, or after it
+    with ``include_stop_str_in_output``; stop strings count only from ``min_tokens`` tokens on),
+    at EOS (kept in ``token_ids``, not in the text), or after ``max_tokens`` tokens (``length``).
+    """
+    text = ""
+    for t, tok in enumerate(token_ids[: params.max_tokens]):
+        if tok == EOS_TOKEN_ID:
+            return token_ids[: t + 1], text, FinishReason.STOP.value, None
+        text += chr(tok)
+        if params.stop and t + 1 >= params.min_tokens:
+            hit = find_stop(text, params.stop, start=len(text) - 1)
+            if hit is not None:
+                keep = hit[0] + (len(hit[1]) if params.include_stop_str_in_output else 0)
+                return token_ids[: t + 1], text[:keep], FinishReason.STOP.value, hit[1]
+    return token_ids[: params.max_tokens], text, FinishReason.LENGTH.value, None
 
 
 def _hash_uniforms(*key: object, size: int) -> np.ndarray:
@@ -181,7 +200,9 @@ class ScriptedEngine:
 
     def context(self, request: GenerationRequest) -> str:
         """The text the model conditions on: prompt (or rendered messages) plus prefix."""
-        head = request.prompt if request.prompt is not None else self.chat_template(request.messages)
+        head = (
+            request.prompt if request.prompt is not None else self.chat_template(request.messages)
+        )
         return head + request.prefix
 
     # -- one sample --------------------------------------------------------------------------
@@ -191,34 +212,11 @@ class ScriptedEngine:
         context = self.context(req)
         if self.responses is None:
             token_ids, lps, tops = self._toy_generate(context, seed, params)
-            text = "".join(chr(t) for t in token_ids if t != EOS_TOKEN_ID)
-            natural_end = bool(token_ids) and token_ids[-1] == EOS_TOKEN_ID
         else:
-            text = self._scripted_text(req, index, seed, params)
-            token_ids = [ord(c) for c in text]
-            natural_end = True
-            lps, tops = [], []
-        finish, stop_reason = FinishReason.STOP.value, None
-        # stop strings end generation at the token that completes them (as vLLM does)
-        n_text = 0
-        cut: int | None = None
-        for t, tok in enumerate(token_ids):
-            if tok != EOS_TOKEN_ID:
-                n_text += 1
-            if params.stop and t + 1 >= params.min_tokens:
-                hit = find_stop(text[:n_text], params.stop, start=n_text - 1)
-                if hit is not None:
-                    keep = hit[0] + (len(hit[1]) if params.include_stop_str_in_output else 0)
-                    text, stop_reason, cut = text[:keep], hit[1], t + 1
-                    break
-            if t + 1 == params.max_tokens:
-                cut = t + 1
-                if not (tok == EOS_TOKEN_ID or (natural_end and t + 1 == len(token_ids))):
-                    finish = FinishReason.LENGTH.value
-                text = text[:n_text]
-                break
-        if cut is not None:
-            token_ids = token_ids[:cut]
+            # a scripted response ends with EOS, as a real model's would
+            token_ids = [ord(c) for c in self._scripted_text(req, index, seed, params)]
+            token_ids.append(EOS_TOKEN_ID)
+        token_ids, text, finish, stop_reason = _finish(token_ids, params)
         if self.responses is not None:
             lps, tops = self._scripted_logprobs(token_ids, seed, params)
         else:

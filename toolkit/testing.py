@@ -1,0 +1,328 @@
+"""Contract suites for user-provided components (like scikit-learn's ``check_estimator``).
+
+``check_engine(engine)`` runs every check of the :class:`~ttscale.engines.Engine` contract
+against a live engine and raises :class:`EngineContractError` (an ``AssertionError``) naming the
+first check that fails. It needs an engine that samples (``temperature=1`` gives distinct
+samples) and a model that does not emit EOS immediately.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ttscale.engines.base import Engine, GenerationRequest
+from ttscale.errors import ConfigError
+from ttscale.seeding import sample_seed
+from ttscale.types import Completion, SamplingParams
+
+__all__ = ["ENGINE_CHECKS", "EngineContractError", "check_engine"]
+
+
+class EngineContractError(AssertionError):
+    """An engine broke its contract; the message names the check."""
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    engine: Engine
+    prompt: str
+    messages: Sequence[Mapping[str, str]] | None
+    params: SamplingParams
+    tol: float
+    strict_prefix: bool
+
+
+def _fail(check: str, msg: str) -> EngineContractError:
+    return EngineContractError(f"check_engine[{check}]: {msg}")
+
+
+def _req(ctx: _Ctx, pid: str, indices: Sequence[int], **kw: Any) -> GenerationRequest:
+    return GenerationRequest(problem_id=pid, prompt=ctx.prompt, indices=tuple(indices), **kw)
+
+
+def _run(
+    ctx: _Ctx, check: str, requests: Sequence[GenerationRequest], params: SamplingParams
+) -> list[list[Completion]]:
+    seen: dict[int, list[Completion]] = {}
+
+    def on_result(pos: int, comps: list[Completion]) -> None:
+        if pos in seen:
+            raise _fail(check, f"on_result called twice for request {pos}")
+        seen[pos] = list(comps)
+
+    out = ctx.engine.generate(list(requests), params, on_result=on_result)
+    if not isinstance(out, list) or len(out) != len(requests):
+        raise _fail(check, f"expected a list of {len(requests)} results, got {type(out).__name__}")
+    if sorted(seen) != list(range(len(requests))):
+        raise _fail(check, f"on_result saw requests {sorted(seen)}, expected all {len(requests)}")
+    for pos, (req, comps) in enumerate(zip(requests, out, strict=True)):
+        if len(comps) != len(req.indices):
+            raise _fail(
+                check, f"request {pos}: {len(comps)} completions for {len(req.indices)} indices"
+            )
+        if [_key(c) for c in seen[pos]] != [_key(c) for c in comps]:
+            raise _fail(check, f"request {pos}: on_result and the return value disagree")
+        for j, c in enumerate(comps):
+            _check_completion(ctx, check, req, j, c, params)
+    return out
+
+
+def _key(c: Completion) -> tuple[Any, ...]:
+    return (c.problem_id, c.index, c.text, c.token_ids)
+
+
+def _check_completion(
+    ctx: _Ctx, check: str, req: GenerationRequest, j: int, c: Completion, params: SamplingParams
+) -> None:
+    where = f"{req.problem_id}#{req.indices[j]}"
+    if not isinstance(c, Completion):
+        raise _fail(check, f"{where}: not a Completion but {type(c).__name__}")
+    if c.problem_id != req.problem_id or c.index != req.indices[j]:
+        raise _fail(check, f"{where}: got ({c.problem_id!r}, {c.index}) out of order")
+    if c.seed is not None and c.seed != req.seed_for(j, params):
+        raise _fail(check, f"{where}: seed {c.seed} != requested {req.seed_for(j, params)}")
+    if c.finish_reason not in ("stop", "length"):
+        raise _fail(check, f"{where}: finish_reason {c.finish_reason!r} not 'stop'/'length'")
+    if not 0 <= c.num_tokens <= params.max_tokens:
+        raise _fail(check, f"{where}: num_tokens {c.num_tokens} outside [0, {params.max_tokens}]")
+    if c.token_ids is not None and len(c.token_ids) != c.num_tokens:
+        raise _fail(check, f"{where}: {len(c.token_ids)} token ids but num_tokens={c.num_tokens}")
+    if params.logprobs is None:
+        return
+    if c.token_logprobs is None or c.cumulative_logprob is None:
+        raise _fail(check, f"{where}: logprobs were asked for but not returned")
+    if len(c.token_logprobs) != c.num_tokens:
+        raise _fail(check, f"{where}: {len(c.token_logprobs)} logprobs for {c.num_tokens} tokens")
+    for t, lp in enumerate(c.token_logprobs):
+        if not (lp <= 1e-6) or math.isnan(lp) or lp == -math.inf:
+            raise _fail(check, f"{where}: token {t} has log-probability {lp} (want finite <= 0)")
+    total = math.fsum(c.token_logprobs)
+    if abs(total - c.cumulative_logprob) > ctx.tol * max(1.0, abs(total)):
+        raise _fail(
+            check, f"{where}: sum of token logprobs {total} != cumulative {c.cumulative_logprob}"
+        )
+    if params.logprobs > 0:
+        if c.top_logprobs is None or len(c.top_logprobs) != c.num_tokens:
+            raise _fail(check, f"{where}: top_logprobs missing or of the wrong length")
+        for t, top in enumerate(c.top_logprobs):
+            if len(top) < params.logprobs:
+                raise _fail(check, f"{where}: position {t} has {len(top)} alternatives")
+            if any(v > 1e-6 for v in top.values()):
+                raise _fail(check, f"{where}: position {t} has a positive log-probability")
+            if sum(math.exp(v) for v in top.values()) > 1.0 + 1e-4:
+                raise _fail(check, f"{where}: position {t}: top probabilities sum above 1")
+            if c.token_ids is not None:
+                tok = c.token_ids[t]
+                if tok not in top or abs(top[tok] - c.token_logprobs[t]) > 1e-4:
+                    raise _fail(
+                        check,
+                        f"{where}: position {t}: sampled token {tok} missing from "
+                        "top_logprobs or with a different value",
+                    )
+
+
+def _same(a: Completion, b: Completion) -> bool:
+    if a.text != b.text:
+        return False
+    return a.token_ids is None or b.token_ids is None or a.token_ids == b.token_ids
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+def _check_info(ctx: _Ctx) -> None:
+    info = ctx.engine.info()
+    if not isinstance(info, dict) or "engine" not in info or "logprob_mode" not in info:
+        raise _fail("info", "info() must return a dict with at least 'engine' and 'logprob_mode'")
+    if not isinstance(getattr(ctx.engine, "name", None), str):
+        raise _fail("info", "the engine needs a string attribute 'name'")
+
+
+def _check_shapes(ctx: _Ctx) -> None:
+    reqs = [_req(ctx, "p0", [0, 1, 2]), _req(ctx, "p1", [5, 2]), _req(ctx, "p2", [7])]
+    _run(ctx, "shapes", reqs, ctx.params)
+    _run(ctx, "shapes", [], ctx.params)
+
+
+def _check_reproducible(ctx: _Ctx) -> None:
+    reqs = [_req(ctx, "p0", [0, 1, 2, 3]), _req(ctx, "p1", [0, 1])]
+    a = _run(ctx, "reproducible", reqs, ctx.params)
+    b = _run(ctx, "reproducible", reqs, ctx.params)
+    for ra, rb in zip(a, b, strict=True):
+        for ca, cb in zip(ra, rb, strict=True):
+            if not _same(ca, cb):
+                raise _fail(
+                    "reproducible", f"{ca.problem_id}#{ca.index}: same seed, different text"
+                )
+            if ca.token_logprobs and cb.token_logprobs:
+                diff = max(
+                    abs(x - y) for x, y in zip(ca.token_logprobs, cb.token_logprobs, strict=True)
+                )
+                if diff > 1e-4:
+                    raise _fail(
+                        "reproducible", f"{ca.problem_id}#{ca.index}: logprobs moved by {diff}"
+                    )
+    # a sample depends on (problem, index) only: not on the batch, its position, or other indices
+    alone = _run(ctx, "reproducible", [_req(ctx, "p1", [1]), _req(ctx, "p0", [2])], ctx.params)
+    if not _same(alone[0][0], a[1][1]) or not _same(alone[1][0], a[0][2]):
+        raise _fail("reproducible", "a sample changed when requested alone or in another order")
+
+
+def _check_distinct(ctx: _Ctx) -> None:
+    (comps,) = _run(ctx, "distinct", [_req(ctx, "p0", [0, 1, 2, 3])], ctx.params)
+    if len({(c.text, c.token_ids) for c in comps}) < 2:
+        raise _fail("distinct", "4 samples at temperature 1 are all identical: are seeds ignored?")
+
+
+def _check_explicit_seeds(ctx: _Ctx) -> None:
+    s3 = sample_seed(ctx.params.seed, "p0", 3)
+    derived = _run(ctx, "explicit_seeds", [_req(ctx, "p0", [3])], ctx.params)[0][0]
+    (comps,) = _run(ctx, "explicit_seeds", [_req(ctx, "q", [0, 1], seeds=(s3, s3))], ctx.params)
+    if comps[0].seed is not None and comps[0].seed != s3:
+        raise _fail("explicit_seeds", "an explicit seed was not used")
+    if not (_same(comps[0], comps[1]) and _same(comps[0], derived)):
+        raise _fail("explicit_seeds", "samples with the same seed (and prompt) differ")
+
+
+def _long_sample(ctx: _Ctx, check: str, min_chars: int) -> Completion:
+    for i in range(8):
+        c = _run(ctx, check, [_req(ctx, "p0", [i])], ctx.params)[0][0]
+        if len(c.text) >= min_chars:
+            return c
+    raise _fail(check, f"no sample of {min_chars}+ characters in 8 tries; raise max_tokens")
+
+
+def _check_stop(ctx: _Ctx) -> None:
+    full = _long_sample(ctx, "stop", 5)
+    stop = full.text[2:4]
+    pos = full.text.find(stop)
+    req = _req(ctx, "p0", [full.index])
+    for include in (False, True):
+        params = ctx.params.replace(stop=(stop,), include_stop_str_in_output=include)
+        c = _run(ctx, "stop", [req], params)[0][0]
+        want = full.text[: pos + (len(stop) if include else 0)]
+        if c.text != want:
+            raise _fail("stop", f"stop={stop!r} include={include}: text {c.text!r}, want {want!r}")
+        if c.finish_reason != "stop":
+            raise _fail("stop", f"stop string hit but finish_reason={c.finish_reason!r}")
+        if c.stop_reason is not None and c.stop_reason != stop:
+            raise _fail("stop", f"stop_reason {c.stop_reason!r} != {stop!r}")
+        if c.num_tokens > full.num_tokens:
+            raise _fail("stop", "stopping early produced more tokens than not stopping")
+
+
+def _check_max_tokens(ctx: _Ctx) -> None:
+    full = _long_sample(ctx, "max_tokens", 5)
+    m = 3
+    short = _run(
+        ctx, "max_tokens", [_req(ctx, "p0", [full.index])], ctx.params.replace(max_tokens=m)
+    )
+    c = short[0][0]
+    if c.num_tokens > m:
+        raise _fail("max_tokens", f"{c.num_tokens} tokens with max_tokens={m}")
+    if full.num_tokens > m and (c.num_tokens != m or c.finish_reason != "length"):
+        raise _fail(
+            "max_tokens",
+            f"cut at max_tokens={m} gave {c.num_tokens} tokens, finish_reason={c.finish_reason!r}",
+        )
+    if c.token_ids is not None and full.token_ids is not None and c.token_ids != full.token_ids[:m]:
+        raise _fail("max_tokens", "a shorter max_tokens changed the tokens sampled")
+    if not full.text.startswith(c.text.rstrip("\ufffd")):
+        raise _fail("max_tokens", f"{c.text!r} is not a prefix of {full.text!r}")
+
+
+def _check_prefix(ctx: _Ctx) -> None:
+    greedy = ctx.params.replace(temperature=0.0)
+    (g,) = _run(ctx, "prefix", [_req(ctx, "p0", [0, 1])], greedy)
+    if not _same(g[0], g[1]):
+        raise _fail("prefix", "greedy samples of different indices differ")
+    full = g[0]
+    if len(full.text) < 2:
+        raise _fail("prefix", f"greedy text {full.text!r} too short to test continuation")
+    prefix = full.text[: len(full.text) // 2]
+    c = _run(ctx, "prefix", [_req(ctx, "p0", [0], prefix=prefix)], greedy)[0][0]
+    if c.prompt_tokens is not None and full.prompt_tokens is not None:
+        if c.prompt_tokens <= full.prompt_tokens:
+            raise _fail("prefix", "the prefix did not lengthen the prompt")
+    if ctx.strict_prefix:
+        joined = prefix + c.text
+        m = min(len(joined), len(full.text))
+        ended = full.finish_reason == "stop"
+        if joined[:m] != full.text[:m] or (ended and joined != full.text):
+            raise _fail(
+                "prefix",
+                f"greedy continuation of {prefix!r} gave {c.text!r}; full greedy text {full.text!r}",
+            )
+    elif c.num_tokens == 0:
+        raise _fail("prefix", "continuation from a prefix generated nothing")
+
+
+def _check_top_logprobs(ctx: _Ctx) -> None:
+    _run(ctx, "top_logprobs", [_req(ctx, "p0", [0, 1])], ctx.params.replace(logprobs=3))
+
+
+def _check_chat(ctx: _Ctx) -> None:
+    msgs = ctx.messages or [{"role": "user", "content": ctx.prompt}]
+    req = GenerationRequest(problem_id="chat", messages=msgs, indices=(0, 1))
+    a = _run(ctx, "chat", [req], ctx.params)
+    b = _run(ctx, "chat", [req], ctx.params)
+    if not all(_same(x, y) for x, y in zip(a[0], b[0], strict=True)):
+        raise _fail("chat", "chat samples with the same seed differ")
+
+
+ENGINE_CHECKS: dict[str, Callable[[_Ctx], None]] = {
+    "info": _check_info,
+    "shapes": _check_shapes,
+    "reproducible": _check_reproducible,
+    "distinct": _check_distinct,
+    "explicit_seeds": _check_explicit_seeds,
+    "stop": _check_stop,
+    "max_tokens": _check_max_tokens,
+    "prefix": _check_prefix,
+    "top_logprobs": _check_top_logprobs,
+    "chat": _check_chat,
+}
+
+
+def check_engine(
+    engine: Engine,
+    *,
+    prompt: str = "Once upon a time",
+    messages: Sequence[Mapping[str, str]] | None = None,
+    max_tokens: int = 24,
+    seed: int = 1234,
+    tol: float = 1e-6,
+    strict_prefix: bool = True,
+    skip: Collection[str] = (),
+    only: Collection[str] | None = None,
+) -> list[str]:
+    """Run the engine contract suite; return the names of the checks run.
+
+    Checks (``ENGINE_CHECKS``): ``info``; ``shapes`` (one list per request, one completion per
+    index in order, ``on_result`` once per request, consistent token counts, finite logprobs
+    whose sum equals ``cumulative_logprob`` within ``tol`` relative); ``reproducible`` (same
+    seed, same sample, whatever the batch); ``distinct`` (indices differ at temperature 1);
+    ``explicit_seeds``; ``stop`` (text trimmed at the first stop string, ``finish_reason``
+    ``stop``); ``max_tokens`` (a shorter budget is a prefix, ``finish_reason`` ``length``);
+    ``prefix`` (greedy continuation from half of a greedy text reproduces the rest; with
+    ``strict_prefix=False`` only that it generates: subword tokenizers may re-tokenize a prefix
+    differently); ``top_logprobs``; ``chat``. ``skip``/``only`` select checks by name.
+    """
+    unknown = set(skip) | set(only or ())
+    unknown -= set(ENGINE_CHECKS)
+    if unknown:
+        raise ConfigError(
+            f"unknown engine checks {sorted(unknown)}; known: {sorted(ENGINE_CHECKS)}"
+        )
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed, logprobs=0)
+    ctx = _Ctx(engine, prompt, messages, params, tol, strict_prefix)
+    ran = []
+    for name, fn in ENGINE_CHECKS.items():
+        if name in skip or (only is not None and name not in only):
+            continue
+        fn(ctx)
+        ran.append(name)
+    return ran
