@@ -1,0 +1,330 @@
+"""Verifier ensembles: z-scored member scores combined per candidate, run cheap-first (ALGORITHMS 8).
+
+Each member ``m`` scores the candidates ``j`` of a problem, giving ``R[m, j]`` (a member verdict
+without a score, e.g. an ERROR, is NaN). Scores are z-normalised per member,
+``Z[m, j] = (R[m, j] - mu_m) / sigma_m`` (population std; ``mu_m, sigma_m`` from
+``reference_scores`` when given, else from that member's scores on this problem's candidates;
+``sigma_m = 0`` only centres), then aggregated per candidate with ``mean``, ``median``, ``min``,
+``mean - lam * std`` or ``mean - lam * var`` (``ttscale.ensemble``). A candidate's NaN members are
+left out of its aggregate; all NaN gives a NaN score and an ERROR verdict.
+
+Cost-aware cascade. Members run in order of their ``cost`` attribute (default 1.0; cheapest first,
+stable). Consecutive members of equal cost form a *level*. With ``margin`` set, after every level
+but the last the candidates are grouped into answer clusters (same ``answer``; a candidate with no
+answer is a cluster of its own) and, using the aggregate over the members run so far,
+
+    best(c) = max_{j in c} A_partial(j),   top = max_c best(c),
+    c stays in contention  <=>  best(c) >= top - margin.
+
+Later (more expensive) levels score only candidates of clusters in contention. A candidate dropped
+this way gets score ``-inf`` (it lost to the cheap members by more than ``margin``), status SCORED,
+``meta["pruned_after"]`` (the level) and ``meta["partial_score"]``. ``margin=None`` (default) runs
+every member on every candidate. ``margin`` is in aggregate units (z-units when normalising). When
+normalising without ``reference_scores``, a later member's z-scores are computed over the
+candidates it scored, so supply reference scores to keep scales fixed across problems.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from ttscale.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
+from ttscale.errors import ConfigError, VerifierError
+from ttscale.types import Problem, Sample, Verdict, VerdictStatus
+
+__all__ = ["EnsembleVerifier"]
+
+logger = logging.getLogger(__name__)
+
+_NORMALIZE = ("zscore", None)
+_ORDERS = ("cost", "given")
+
+
+def _cost(member: Any) -> float:
+    c = getattr(member, "cost", 1.0)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
+        raise ConfigError(f"verifier {getattr(member, 'name', member)!r} has an invalid cost {c!r}")
+    return float(c)
+
+
+class EnsembleVerifier:
+    """Combine several verifiers' scores into one (a :class:`~ttscale.verifiers.base.Verifier`).
+
+    ``reference_scores``: per member (a mapping by member name, or a sequence aligned with
+    ``members`` as given), the scores it gave on a calibration set; their mean and population std
+    z-normalise that member. Verdicts carry the ensemble score, the candidate's answer, and in
+    ``meta`` the members' raw scores (``members``) and z-scores (``z``) by name.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Any],
+        *,
+        aggregate: str = "mean",
+        lam: float = 1.0,
+        normalize: str | None = "zscore",
+        reference_scores: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None = None,
+        order: str = "cost",
+        margin: float | None = None,
+        name: str = "ensemble",
+    ) -> None:
+        members = list(members)
+        if not members:
+            raise ConfigError("an ensemble needs at least one member verifier")
+        for m in members:
+            if not callable(getattr(m, "verify", None)) or not isinstance(
+                getattr(m, "name", None), str
+            ):
+                raise ConfigError(
+                    f"ensemble member {m!r} is not a verifier (needs name and verify())"
+                )
+        names = [m.name for m in members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(
+                f"ensemble member names must be unique, repeated: {dupes}; pass name="
+            )
+        if aggregate not in ENSEMBLE_METHODS:
+            raise ConfigError(f"aggregate must be one of {ENSEMBLE_METHODS}, got {aggregate!r}")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
+        if normalize not in _NORMALIZE:
+            raise ConfigError(f"normalize must be 'zscore' or None, got {normalize!r}")
+        if order not in _ORDERS:
+            raise ConfigError(f"order must be one of {_ORDERS}, got {order!r}")
+        if margin is not None and not (
+            isinstance(margin, (int, float)) and not isinstance(margin, bool) and margin >= 0
+        ):
+            raise ConfigError(f"margin must be a number >= 0 or None, got {margin!r}")
+        if reference_scores is not None and normalize is None:
+            raise ConfigError(
+                "reference_scores are used for z-normalisation; set normalize='zscore'"
+            )
+        costs = [_cost(m) for m in members]
+        run = (
+            sorted(range(len(members)), key=lambda i: costs[i])
+            if order == "cost"
+            else list(range(len(members)))
+        )
+        #: Members in the order they run.
+        self.members = [members[i] for i in run]
+        self.costs = [costs[i] for i in run]
+        self.aggregate = aggregate
+        self.lam = float(lam)
+        self.normalize = normalize
+        self.order = order
+        self.margin = None if margin is None else float(margin)
+        self.name = name
+        #: Declared cost of the whole ensemble (for nesting ensembles): the members' total.
+        self.cost = float(sum(costs))
+        self._reference = self._reference_matrix(reference_scores, members, run)
+        # Level boundaries: runs of equal cost in the running order.
+        self._levels: list[list[int]] = []
+        for k, c in enumerate(self.costs):
+            if self._levels and self.costs[self._levels[-1][0]] == c:
+                self._levels[-1].append(k)
+            else:
+                self._levels.append([k])
+        #: How many candidates each member (by name) was asked to score, over the verifier's life.
+        self.scored_counts: dict[str, int] = {m.name: 0 for m in self.members}
+        self.pruned_count = 0
+
+    @staticmethod
+    def _reference_matrix(
+        reference: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None,
+        members: Sequence[Any],
+        run: Sequence[int],
+    ) -> np.ndarray | None:
+        if reference is None:
+            return None
+        if isinstance(reference, Mapping):
+            missing = [m.name for m in members if m.name not in reference]
+            if missing:
+                raise ConfigError(f"reference_scores has no scores for members {missing}")
+            rows = [list(reference[members[i].name]) for i in run]
+        else:
+            given = list(reference)
+            if len(given) != len(members):
+                raise ConfigError(
+                    f"reference_scores has {len(given)} rows for {len(members)} members; one per member"
+                )
+            rows = [list(given[i]) for i in run]
+        width = max(len(r) for r in rows)
+        out = np.full((len(rows), width), np.nan, dtype=np.float64)
+        for k, r in enumerate(rows):
+            if not r:
+                raise ConfigError(f"reference_scores for member {members[run[k]].name!r} is empty")
+            out[k, : len(r)] = np.asarray(r, dtype=np.float64)
+        return out
+
+    # ------------------------------------------------------------------ maths
+
+    def _normalised(self, raw: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """``raw`` (len(rows) x candidates) on a common scale (z-scores or as is)."""
+        if self.normalize is None:
+            return raw
+        ref = None if self._reference is None else self._reference[list(rows)]
+        with warnings.catch_warnings():
+            # A member that scored nothing here is an all-NaN row: "mean of empty slice".
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return znormalize(raw, ref)
+
+    def _combine(self, z: np.ndarray) -> np.ndarray:
+        """Aggregate each column over its non-NaN rows; an all-NaN column gives NaN."""
+        out = np.full(z.shape[1], np.nan, dtype=np.float64)
+        if z.shape[1] == 0:
+            return out
+        complete = ~np.isnan(z).any(axis=0)
+        if complete.any():
+            out[complete] = aggregate_ensemble(z[:, complete], self.aggregate, lam=self.lam)  # type: ignore[arg-type]
+        for j in np.flatnonzero(~complete):
+            col = z[~np.isnan(z[:, j]), j]
+            if col.size:
+                out[j] = aggregate_ensemble(col[:, None], self.aggregate, lam=self.lam)[0]  # type: ignore[arg-type]
+        return out
+
+    # ------------------------------------------------------------------ verification
+
+    def verify(self, problem: Problem, samples: Sequence[Sample]) -> list[Verdict]:
+        """One verdict per sample, in order (status SCORED, or ERROR when no member scored it)."""
+        n, M = len(samples), len(self.members)
+        if n == 0:
+            return []
+        raw = np.full((M, n), np.nan, dtype=np.float64)
+        answers: list[str | None] = [s.answer for s in samples]
+        active = np.ones(n, dtype=bool)
+        pruned_after: dict[int, tuple[int, float]] = {}
+        done: list[int] = []
+        for level_no, level in enumerate(self._levels):
+            idx = np.flatnonzero(active)
+            subset = [samples[i] for i in idx]
+            for k in level:
+                member = self.members[k]
+                verdicts = member.verify(problem, subset)
+                if len(verdicts) != len(subset):
+                    raise VerifierError(
+                        f"ensemble member {member.name!r} returned {len(verdicts)} verdicts "
+                        f"for {len(subset)} samples"
+                    )
+                self.scored_counts[member.name] += len(subset)
+                for i, v in zip(idx, verdicts, strict=True):
+                    raw[k, i] = np.nan if v.score is None else float(v.score)
+                    if answers[i] is None and v.answer is not None:
+                        answers[i] = v.answer
+                done.append(k)
+            if self.margin is not None and level_no < len(self._levels) - 1:
+                partial = np.full(n, np.nan)
+                partial[idx] = self._combine(self._normalised(raw[np.ix_(done, idx)], done))
+                for i in self._out_of_contention(idx, partial, answers):
+                    active[i] = False
+                    pruned_after[i] = (level_no, float(partial[i]))
+        final = np.full(n, np.nan)
+        idx = np.flatnonzero(active)
+        z = np.full((M, n), np.nan)
+        rows = list(range(M))
+        if idx.size:
+            z[:, idx] = self._normalised(raw[:, idx], rows)
+            final[idx] = self._combine(z[:, idx])
+        self.pruned_count += len(pruned_after)
+        return [
+            self._verdict(
+                problem, s, j, answers[j], raw[:, j], z[:, j], final[j], pruned_after.get(j)
+            )
+            for j, s in enumerate(samples)
+        ]
+
+    def _out_of_contention(
+        self, idx: np.ndarray, partial: np.ndarray, answers: Sequence[str | None]
+    ) -> list[int]:
+        """Candidates in ``idx`` whose cluster's best partial score is below ``top - margin``."""
+        clusters: dict[Any, list[int]] = {}
+        for i in idx:
+            key = ("answer", answers[i]) if answers[i] is not None else ("alone", int(i))
+            clusters.setdefault(key, []).append(int(i))
+        best = {}
+        for key, members in clusters.items():
+            vals = partial[members]
+            best[key] = float(np.nanmax(vals)) if not np.isnan(vals).all() else -math.inf
+        top = max(best.values())
+        if not math.isfinite(top):
+            return []  # nothing scored yet: keep everyone
+        assert self.margin is not None
+        return [i for key, ms in clusters.items() if best[key] < top - self.margin for i in ms]
+
+    def _verdict(
+        self,
+        problem: Problem,
+        sample: Sample,
+        j: int,
+        answer: str | None,
+        raw: np.ndarray,
+        z: np.ndarray,
+        score: float,
+        pruned: tuple[int, float] | None,
+    ) -> Verdict:
+        names = [m.name for m in self.members]
+        meta: dict[str, Any] = {
+            "members": {
+                nm: (None if np.isnan(x) else float(x)) for nm, x in zip(names, raw, strict=True)
+            },
+            "z": {nm: (None if np.isnan(x) else float(x)) for nm, x in zip(names, z, strict=True)},
+        }
+        base = dict(problem_id=problem.id, index=sample.index, verifier=self.name, answer=answer)
+        if pruned is not None:
+            level, partial = pruned
+            meta.update(pruned_after=level, partial_score=partial)
+            return Verdict(
+                status=VerdictStatus.SCORED,
+                score=-math.inf,
+                detail=(
+                    f"out of contention after level {level} (cluster best {partial:.4g} "
+                    f"< top - margin); expensive members skipped"
+                ),
+                meta=meta,
+                **base,
+            )
+        if np.isnan(score):
+            return Verdict(
+                status=VerdictStatus.ERROR,
+                score=math.nan,
+                detail="no ensemble member produced a score for this candidate",
+                meta=meta,
+                **base,
+            )
+        return Verdict(status=VerdictStatus.SCORED, score=float(score), meta=meta, **base)
+
+    def info(self) -> dict[str, Any]:
+        """Provenance: members (in running order) with their info, the rule, and call counts."""
+        members = []
+        for m, c in zip(self.members, self.costs, strict=True):
+            try:
+                mi = dict(m.info()) if callable(getattr(m, "info", None)) else {}
+            except Exception as e:  # provenance must not break a run
+                mi = {"error": str(e)}
+            members.append({"name": m.name, "cost": c, "info": mi})
+        return {
+            "verifier": "ensemble",
+            "name": self.name,
+            "members": members,
+            "aggregate": self.aggregate,
+            "lam": self.lam,
+            "normalize": self.normalize,
+            "reference_scores": self._reference is not None,
+            "order": self.order,
+            "margin": self.margin,
+            "levels": [[self.members[k].name for k in lv] for lv in self._levels],
+            "scored_counts": dict(self.scored_counts),
+            "pruned_count": self.pruned_count,
+            "cost": self.cost,
+        }
+
+    def close(self) -> None:
+        for m in self.members:
+            close = getattr(m, "close", None)
+            if callable(close):
+                close()
