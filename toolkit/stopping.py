@@ -1,0 +1,318 @@
+"""Early-stopping rules for repeated sampling with voting (ALGORITHMS.md 5).
+
+* ESC (Li et al. 2024): draw samples in windows of ``w``; stop at the first window whose answers
+  are all identical and return that answer; otherwise majority-vote at the budget ``L``. Plus the
+  expected-cost model of the reference ``control_scheme.py``.
+* Adaptive-Consistency (Aggarwal et al. 2023): after each new sample, a stopping criterion on the
+  answer counts so far (``beta``, ``dirichlet``, ``entropy``, ``majority``, ``random``).
+
+Pure functions over answer lists; answers are any hashable values. Plurality ties go to the answer
+seen first (``Counter.most_common`` order), as in both references.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ttscale.errors import ConfigError
+from ttscale.seeding import SeedLike, as_generator
+
+__all__ = [
+    "CRITERION_DEFAULTS",
+    "ESCResult",
+    "StopDecision",
+    "answer_counts",
+    "beta_stop_probability",
+    "dirichlet_top_probability",
+    "esc_affected_probability",
+    "esc_expected_cost",
+    "esc_run",
+    "esc_window_probability",
+    "normalized_answer_entropy",
+    "should_stop",
+    "window_unanimous",
+]
+
+Criterion = Literal["beta", "dirichlet", "entropy", "majority", "random"]
+
+#: Default thresholds of the Adaptive-Consistency criteria (reference constructor defaults).
+CRITERION_DEFAULTS: dict[str, float] = {
+    "beta": 0.95,
+    "dirichlet": 0.95,
+    "entropy": 0.75,
+    "majority": 0.8,
+    "random": 0.1,
+}
+
+
+def _check_int(name: str, value: int, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# ESC
+
+
+def window_unanimous(window: Sequence[Hashable]) -> bool:
+    """True iff the window is non-empty and all its answers are identical (answer entropy 0)."""
+    return len(window) > 0 and all(a == window[0] for a in window[1:])
+
+
+@dataclass(frozen=True)
+class ESCResult:
+    """Outcome of ESC on one answer stream: the answer, samples consumed, and whether a window
+    was unanimous before the budget ran out."""
+
+    answer: Hashable | None
+    cost: int
+    stopped_early: bool
+
+
+def esc_run(answers: Sequence[Hashable], window: int = 5, max_samples: int = 40) -> ESCResult:
+    """Run ESC over a stream of answers (in sampling order).
+
+    Windows ``b = 0..⌊L/w⌋−1`` of ``w`` answers are consumed, ``L = min(max_samples, len(answers))``;
+    at the first unanimous window return its answer with cost ``(b+1)·w``. Otherwise return the
+    plurality answer over all consumed answers (first-seen wins ties) with cost ``⌊L/w⌋·w``.
+    Every answer value counts, ``None`` included (the reference maps "no answer" to a sentinel
+    value that also counts); filter beforehand for other behaviour.
+    """
+    w = _check_int("window", window, 1)
+    lim = min(_check_int("max_samples", max_samples, 1), len(answers))
+    n_windows = lim // w
+    if n_windows == 0:
+        raise ConfigError(f"ESC needs at least one full window of {w} answers, got {len(answers)}")
+    for b in range(n_windows):
+        chunk = answers[b * w : (b + 1) * w]
+        if window_unanimous(chunk):
+            return ESCResult(chunk[0], (b + 1) * w, True)
+    consumed = answers[: n_windows * w]
+    return ESCResult(Counter(consumed).most_common(1)[0][0], n_windows * w, False)
+
+
+def _distribution(p: ArrayLike) -> np.ndarray:
+    arr = np.asarray(p, dtype=np.float64).ravel()
+    if arr.size == 0 or np.any(~np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ConfigError("p must be a non-empty answer distribution with entries in [0, 1]")
+    return arr
+
+
+def esc_window_probability(p: ArrayLike, window: int = 5) -> float:
+    """``q = Σ_a p_a^w``: probability that a window of ``w`` iid answers is unanimous."""
+    arr = _distribution(p)
+    return float(np.sum(arr ** _check_int("window", window, 1)))
+
+
+def esc_expected_cost(p: ArrayLike, window: int = 5, max_samples: int = 40) -> float:
+    """Expected samples drawn by ESC for answer distribution ``p``.
+
+    ``E[N] = w·(Σ_{i=0}^{M−2} (i+1)·q·(1−q)^i + M·(1−q)^{M−1})``, ``M = ⌊L/w⌋``, ``q`` from
+    :func:`esc_window_probability` (reference ``control_scheme.cal_n``).
+    """
+    w = _check_int("window", window, 1)
+    m = _check_int("max_samples", max_samples, 1) // w
+    if m == 0:
+        raise ConfigError(f"max_samples must be at least one window ({w}), got {max_samples}")
+    q = esc_window_probability(p, w)
+    i = np.arange(m - 1, dtype=np.float64)
+    return float(w * (np.sum((i + 1.0) * q * (1.0 - q) ** i) + m * (1.0 - q) ** (m - 1)))
+
+
+def esc_affected_probability(
+    p: ArrayLike, window: int = 5, *, method: Literal["normal", "exact"] = "normal"
+) -> float:
+    """Probability that a unanimous window shows an answer other than ``p[0]`` (ESC's risk estimate).
+
+    ``Σ_{a ≥ 1} P(Bin(w, p_a) ≥ w)``: ``method="exact"`` gives ``Σ p_a^w``; ``"normal"`` is the
+    reference's normal approximation ``Σ (1 − Φ((w − w·p_a)/sqrt(w·p_a·(1 − p_a))))`` (entries with
+    ``p_a ∈ {0, 1}`` use the exact value). ``p[0]`` should be the answer the full budget would pick.
+    Average over questions for the reference's "proportion of performance affected".
+    """
+    arr = _distribution(p)[1:]
+    w = _check_int("window", window, 1)
+    if method == "exact":
+        return float(np.sum(arr**w))
+    if method != "normal":
+        raise ConfigError(f"method must be 'normal' or 'exact', got {method!r}")
+    nd = NormalDist()
+    total = 0.0
+    for pa in arr:
+        if pa <= 0.0 or pa >= 1.0:
+            total += float(pa**w)
+        else:
+            total += 1.0 - nd.cdf((w - w * pa) / math.sqrt(w * pa * (1.0 - pa)))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive-Consistency
+
+
+def _valid(answers: Iterable[Hashable | None]) -> list[Hashable]:
+    return [a for a in answers if a is not None and not (isinstance(a, str) and not a.strip())]
+
+
+def answer_counts(answers: Iterable[Hashable | None]) -> list[tuple[Hashable, int]]:
+    """``(answer, count)`` pairs, most common first, ties in first-seen order.
+
+    ``None`` and blank strings are dropped (unparsed answers do not vote).
+    """
+    return Counter(_valid(answers)).most_common()
+
+
+def beta_stop_probability(v1: int, v2: int) -> float:
+    """``P(p1 > p2 | v1, v2) = 1 − I_{0.5}(v1 + 1, v2 + 1)`` under ``p1 ~ Beta(v1+1, v2+1)``.
+
+    ``v1``/``v2``: counts of the two most common answers (``v2 = 0`` if only one). Uses the
+    regularised incomplete beta, stable for large counts.
+    """
+    from scipy.special import betainc
+
+    if v1 < 0 or v2 < 0:
+        raise ConfigError(f"counts must be >= 0, got {v1}, {v2}")
+    # 1 − I_x(a, b) = I_{1−x}(b, a): avoids cancellation when the probability is close to 1
+    return float(betainc(v2 + 1.0, v1 + 1.0, 0.5))
+
+
+def dirichlet_top_probability(
+    counts: ArrayLike,
+    *,
+    method: Literal["quad", "mc"] = "quad",
+    n_draws: int = 200_000,
+    seed: SeedLike = None,
+) -> float:
+    """``P(p_0 > p_j ∀ j ≥ 1)`` under ``p ~ Dir(counts + 1)``; ``counts[0]`` is the leading answer.
+
+    ``method="quad"`` (deterministic): with ``p = G/ΣG``, ``G_i ~ Gamma(counts_i + 1)``
+    independent, the probability is ``∫_0^∞ f_0(x) Π_{j≥1} F_j(x) dx`` (Gamma pdf ``f``, cdf ``F``),
+    one 1-d integral for any number of categories (absolute error ~1e-8). ``method="mc"``: share of
+    ``n_draws`` seeded Dirichlet draws whose first coordinate is the largest (standard error
+    ``≤ 0.5/sqrt(n_draws)``).
+    """
+    v = np.asarray(counts, dtype=np.float64).ravel()
+    if v.size < 2 or np.any(v < 0) or np.any(~np.isfinite(v)):
+        raise ConfigError("dirichlet_top_probability needs >= 2 non-negative counts")
+    alpha = v + 1.0
+    if method == "quad":
+        from scipy.integrate import quad
+        from scipy.stats import gamma
+
+        def integrand(x: float) -> float:
+            return float(gamma.pdf(x, alpha[0]) * np.prod(gamma.cdf(x, alpha[1:])))
+
+        # The mass of Gamma(alpha_0) lies well inside [0, hi]; splitting at the mode helps quad.
+        hi = float(gamma.ppf(1.0 - 1e-14, alpha[0]))
+        mode = max(alpha[0] - 1.0, 0.0)
+        val = quad(integrand, 0.0, mode, limit=200)[0] if mode > 0 else 0.0
+        val += quad(integrand, mode, hi, limit=200)[0]
+        return float(min(max(val, 0.0), 1.0))
+    if method == "mc":
+        draws = _check_int("n_draws", n_draws, 1)
+        rng = as_generator(seed)
+        hits = 0
+        chunk = 100_000
+        done = 0
+        while done < draws:
+            m = min(chunk, draws - done)
+            x = rng.dirichlet(alpha, size=m)
+            hits += int(np.sum(np.argmax(x, axis=1) == 0))
+            done += m
+        return hits / draws
+    raise ConfigError(f"method must be 'quad' or 'mc', got {method!r}")
+
+
+def normalized_answer_entropy(counts: Sequence[int]) -> float:
+    """``H_2(counts) / log2(#entries)``, with a single count padded by a ``1`` (reference quirk).
+
+    So ``[3]`` becomes ``[3, 1]`` → 0.811278 and ``[4]`` → ``[4, 1]`` → 0.721928.
+    """
+    c = np.asarray(list(counts), dtype=np.float64)
+    if c.size == 0 or np.any(c <= 0):
+        raise ConfigError("normalized_answer_entropy needs >= 1 positive count")
+    if c.size < 2:
+        c = np.append(c, 1.0)
+    p = c / c.sum()
+    return float(-np.sum(p * np.log2(p)) / math.log2(c.size))
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """Result of a stopping criterion on the answers so far.
+
+    ``score``: the criterion's statistic (``beta``/``dirichlet``: probability the leader is the
+    true mode; ``entropy``: normalised entropy, stop when small; ``majority``: leader's share;
+    ``random``: the uniform drawn), NaN when undefined (no valid answer, or one answer for
+    entropy/majority). ``answer``: current plurality answer (first-seen on ties). ``n``: valid
+    answers counted.
+    """
+
+    stop: bool
+    score: float
+    answer: Hashable | None
+    n: int
+    criterion: str
+
+
+def should_stop(
+    answers: Iterable[Hashable | None],
+    criterion: Criterion = "beta",
+    threshold: float | None = None,
+    *,
+    top_k: int = 5,
+    method: Literal["quad", "mc"] = "quad",
+    n_draws: int = 200_000,
+    seed: SeedLike = None,
+) -> StopDecision:
+    """Adaptive-Consistency stopping rule over all answers so far.
+
+    * ``beta`` (0.95): stop iff ``P(p1 > p2) ≥ t`` for the top two counts.
+    * ``dirichlet`` (0.95): keep the ``top_k`` most common answers; stop iff
+      ``P(leader is the mode) ≥ t`` under ``Dir(counts + 1)``; falls back to ``beta`` with fewer
+      than 3 distinct answers.
+    * ``entropy`` (0.75): stop iff normalised entropy ``≤ t`` and more than one answer.
+    * ``majority`` (0.8): stop iff leader's share ``≥ t`` and more than one answer.
+    * ``random`` (0.1): stop with probability ``t`` (baseline; uses ``seed``).
+
+    ``None`` and blank answers are ignored; with no valid answer the rule never stops.
+    """
+    if criterion not in CRITERION_DEFAULTS:
+        raise ConfigError(
+            f"criterion must be one of {', '.join(CRITERION_DEFAULTS)}, got {criterion!r}"
+        )
+    t = CRITERION_DEFAULTS[criterion] if threshold is None else float(threshold)
+    pairs = answer_counts(answers)
+    n = sum(c for _, c in pairs)
+    if not pairs:
+        return StopDecision(False, math.nan, None, 0, criterion)
+    leader = pairs[0][0]
+    if criterion == "dirichlet" and len(pairs) < 3:
+        criterion = "beta"
+    if criterion == "beta":
+        v2 = pairs[1][1] if len(pairs) > 1 else 0
+        prob = beta_stop_probability(pairs[0][1], v2)
+        return StopDecision(prob >= t, prob, leader, n, "beta")
+    if criterion == "dirichlet":
+        k = _check_int("top_k", top_k, 2)
+        top = [c for _, c in pairs[:k]]
+        prob = dirichlet_top_probability(top, method=method, n_draws=n_draws, seed=seed)
+        return StopDecision(prob >= t, prob, leader, n, "dirichlet")
+    if criterion == "random":
+        u = float(as_generator(seed).random())
+        return StopDecision(u < t, u, leader, n, "random")
+    if n < 2:
+        return StopDecision(False, math.nan, leader, n, criterion)
+    if criterion == "entropy":
+        h = normalized_answer_entropy([c for _, c in pairs])
+        return StopDecision(h <= t, h, leader, n, "entropy")
+    share = pairs[0][1] / n
+    return StopDecision(share >= t, share, leader, n, "majority")
