@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ttscale.errors import ConfigError, DegenerateWeightsError
 from ttscale.logspace import ess, log_mean_exp, log_normalize, logsumexp
@@ -155,3 +157,36 @@ def test_resampling_bad_input() -> None:
         resample("gumbel", 0, W)
     with pytest.raises(ConfigError):
         systematic(0, W, -1)
+
+
+# --- properties ----------------------------------------------------------------------------
+
+
+_finite_or_dead = st.one_of(st.floats(-50, 50), st.just(-np.inf), st.just(np.nan))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_finite_or_dead, min_size=1, max_size=12))
+def test_property_normalisation_and_ess_bounds(logw: list[float]) -> None:
+    nw = log_normalize(logw)
+    assert nw.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.all(nw.weights >= 0)
+    e = ess(logw)
+    if nw.degenerate:
+        assert e == 0.0
+    else:
+        assert 1.0 - 1e-9 <= e <= len(logw) + 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.one_of(st.just(0.0), st.floats(1e-12, 1.0)), min_size=1, max_size=10).filter(
+        lambda w: sum(w) > 0
+    ),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["multinomial", "stratified", "systematic", "residual"]),
+)
+def test_property_zero_weight_never_resampled(w: list[float], seed: int, scheme: str) -> None:
+    a = resample(scheme, seed, w, 3 * len(w))
+    assert a.shape == (3 * len(w),)
+    assert np.all(np.asarray(w)[a] > 0)

@@ -35,7 +35,7 @@ __all__ = [
     "systematic_from_uniform",
 ]
 
-Resampler = Callable[[SeedLike, ArrayLike, int], NDArray[np.int64]]
+Resampler = Callable[[SeedLike, ArrayLike, int | None], NDArray[np.int64]]
 
 
 def _weights(weights: ArrayLike) -> NDArray[np.float64]:
