@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from ttscale.errors import ConfigError
 from ttscale.scaling import (
     PowerLawFit,

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from ttscale.yesno import raw_yes_probability, yes_probability
 
 

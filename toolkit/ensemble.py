@@ -11,7 +11,6 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
 from ttscale.errors import ConfigError
 
 __all__ = [

@@ -21,7 +21,6 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
-
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 
