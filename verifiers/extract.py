@@ -138,29 +138,40 @@ def gsm8k_flexible(text: str) -> str | None:
 
 # A number as written in prose: optional sign and $, thousands groups or plain digits,
 # optional decimals. Used by answer_is and last_number.
-_PROSE_NUMBER = r"-?\$?\s?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\$?\.[0-9]+"
-_ANSWER_IS_RE = re.compile(
-    r"answer\s+is\s*:?\s*(?:\\\(|\$)?\s*(?:\\boxed\{)?\s*(" + _PROSE_NUMBER + ")",
-    re.IGNORECASE,
+_PROSE_NUMBER = r"(?:-?\$?\s?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|-?\$?\.[0-9]+)"
+_ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?\s*", re.IGNORECASE)
+_LEAD_NUMBER_RE = re.compile(
+    r"(?:\\\(|\$(?=\s?-?[0-9.]))?\s*(?:\\boxed\{)?\s*("
+    + _PROSE_NUMBER
+    + r"(?:\s*/\s*[0-9]+)?)(?![0-9^_{\\]|/[0-9])"
 )
+_LEAD_MATH_RE = re.compile(r"\$([^$\n]{1,300})\$|\\\((.{1,300}?)\\\)")
 
 
 def answer_is(text: str) -> str | None:
-    """Number after the last ``The answer is`` (gsm8k-cot), e.g. ``"72"`` from ``"The answer is 72"``.
+    """The answer after the last ``The answer is`` (gsm8k-cot style).
 
-    lm-eval's ``The answer is (\\-?[0-9\\.\\,]+).`` makes the final ``.`` a wildcard, so the
-    same text gives ``"7"`` there. We take the last occurrence (the final answer of a
-    self-correcting chain) and never include a sentence-ending period.
+    A number (``"72"``, ``"1,234.5"``, ``"$18"``, ``"1/2"``) is taken without a sentence-ending
+    period: lm-eval's ``The answer is (\\-?[0-9\\.\\,]+).`` makes that final ``.`` a wildcard, so
+    "The answer is 72" at the end of a text gives ``"7"`` there and ``"72"`` here. Otherwise a
+    math span right after the phrase (``$\\frac{1}{2}$``, ``\\(x+1\\)``) is taken. We use the
+    last occurrence (the final answer of a self-correcting chain); case is ignored.
     """
-    ms = list(_ANSWER_IS_RE.finditer(_unify_minus(text or "")))
-    if not ms:
-        return None
-    return ms[-1].group(1).replace(" ", "")
+    t = _unify_minus(text or "")
+    for m in reversed(list(_ANSWER_IS_RE.finditer(t))):
+        rest = t[m.end() : m.end() + 400]
+        n = _LEAD_NUMBER_RE.match(rest)
+        if n is not None:
+            return n.group(1).replace(" ", "")
+        mm = _LEAD_MATH_RE.match(rest)
+        if mm is not None:
+            ans = (mm.group(1) or mm.group(2) or "").strip().rstrip(".").strip()
+            if ans:
+                return ans
+    return None
 
 
-_LAST_NUMBER_RE = re.compile(
-    r"(?<![0-9A-Za-z_.])(" + _PROSE_NUMBER + r")(?![0-9])"
-)
+_LAST_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z_.])(" + _PROSE_NUMBER + r")(?![0-9])")
 _FRACTION_RE = re.compile(r"(?<![0-9A-Za-z_.])(-?[0-9]+\s*/\s*[0-9]+)(?![0-9/])")
 
 
@@ -176,8 +187,10 @@ def last_number(text: str) -> str | None:
         for m in rx.finditer(t):
             # the later-ending match wins; at equal end, the longer (fraction) one
             key = (m.end(1), m.group(1))
-            if best is None or key[0] > best[0] or (
-                key[0] == best[0] and len(key[1]) > len(best[1])
+            if (
+                best is None
+                or key[0] > best[0]
+                or (key[0] == best[0] and len(key[1]) > len(best[1]))
             ):
                 best = key
     return None if best is None else best[1].replace(" ", "")

@@ -1,0 +1,194 @@
+"""The verifier protocol and the factory that builds verifiers from CLI specs.
+
+A verifier checks or scores the candidates of one problem::
+
+    verdicts = verifier.verify(problem, samples)   # one Verdict per sample, same order
+
+A candidate that fails, times out, cannot be parsed or cannot be scored is a verdict status
+(:class:`~ttscale.types.VerdictStatus`), never an exception; exceptions are for a verifier that
+cannot run at all (:class:`~ttscale.errors.VerifierError`) or bad settings
+(:class:`~ttscale.errors.ConfigError`). ``info()`` describes the verifier for the run manifest.
+A verifier holding processes or models may define ``close()``; :func:`close_verifier` calls it
+when present. Verifiers that can batch across problems also define ``verify_many``;
+:func:`verify_many` falls back to one ``verify`` call per problem.
+
+Specs (``ttscale verify --verifier SPEC``)::
+
+    math              MathVerifier (answer extraction + math-verify equivalence)
+    math:EXTRACTOR    MathVerifier(extractor=EXTRACTOR): auto, boxed, gsm8k, minerva, last_number, arith
+    arith             MathVerifier(extractor="arith") for the bundled arithmetic benchmark
+    code              CodeVerifier (sandboxed execution of the problem's tests)
+    rm:PATH           RewardModelVerifier(PATH)
+    judge:MODEL       JudgeVerifier on an engine serving MODEL
+    ensemble:A,B,...  EnsembleVerifier over the verifiers built from specs A, B, ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ttscale.errors import ConfigError, VerifierError
+from ttscale.types import Problem, Sample, Verdict
+
+__all__ = [
+    "VERIFIER_SPECS",
+    "Verifier",
+    "close_verifier",
+    "make_verifier",
+    "split_spec",
+    "verify_many",
+]
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """What every verifier provides (``close()`` is optional)."""
+
+    name: str
+
+    def verify(self, problem: Problem, samples: Sequence[Sample]) -> list[Verdict]:
+        """One verdict per sample, in the order given. Never raises for a bad candidate."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """JSON-serialisable description (class, settings, versions) for the run manifest."""
+        ...
+
+
+def close_verifier(verifier: Any) -> None:
+    """Call ``verifier.close()`` if it has one."""
+    close = getattr(verifier, "close", None)
+    if callable(close):
+        close()
+
+
+def verify_many(
+    verifier: Any, items: Sequence[tuple[Problem, Sequence[Sample]]]
+) -> list[list[Verdict]]:
+    """Verify several problems at once: the verifier's own ``verify_many`` if it has one
+    (it may batch and deduplicate across problems), else ``verify`` per problem."""
+    fn = getattr(verifier, "verify_many", None)
+    if callable(fn):
+        return list(fn(items))
+    return [list(verifier.verify(p, s)) for p, s in items]
+
+
+# ---------------------------------------------------------------------------------------
+# factory
+
+# spec head -> "module:Class" (imported lazily: torch, transformers, vllm stay unimported)
+VERIFIER_SPECS: Mapping[str, str] = {
+    "math": "ttscale.verifiers.math:MathVerifier",
+    "arith": "ttscale.verifiers.math:MathVerifier",
+    "code": "ttscale.verifiers.code:CodeVerifier",
+    "rm": "ttscale.verifiers.reward:RewardModelVerifier",
+    "judge": "ttscale.verifiers.judge:JudgeVerifier",
+    "ensemble": "ttscale.verifiers.ensemble:EnsembleVerifier",
+}
+
+_SPEC_HELP = "math, math:EXTRACTOR, arith, code, rm:PATH, judge:MODEL, ensemble:A,B,..."
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"rm:/models/x"`` -> ``("rm", "/models/x")``; ``"math"`` -> ``("math", "")``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"verifier spec must be a non-empty string ({_SPEC_HELP}), got {spec!r}")
+    head, sep, arg = spec.strip().partition(":")
+    return head.strip().lower(), arg.strip() if sep else ""
+
+
+def _load(head: str) -> Callable[..., Any]:
+    path = VERIFIER_SPECS[head]
+    mod_name, _, cls_name = path.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            raise VerifierError(
+                f"verifier {head!r} is not available in this ttscale build ({mod_name} missing)"
+            ) from e
+        raise VerifierError(
+            f"verifier {head!r} needs the package {e.name!r}; install it (pip install {e.name})"
+        ) from e
+    return getattr(mod, cls_name)
+
+
+def _accepted(cls: Callable[..., Any], kw: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword options ``cls`` accepts (all of them if it takes ``**kwargs``).
+
+    The CLI passes shared options (``workers``, ``timeout``) to whichever verifier it builds;
+    a verifier without such a setting simply does not get it.
+    """
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return dict(kw)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kw)
+    return {k: v for k, v in kw.items() if k in params}
+
+
+def _split_members(arg: str) -> list[str]:
+    """Split ``"math,rm:/a,b"`` at commas that start a new spec (``head`` or ``head:...``)."""
+    parts: list[str] = []
+    for piece in arg.split(","):
+        head = piece.strip().partition(":")[0].strip().lower()
+        if parts and head not in VERIFIER_SPECS:
+            parts[-1] += "," + piece  # a comma inside a path or model name
+        else:
+            parts.append(piece.strip())
+    return [p for p in parts if p]
+
+
+def make_verifier(spec: str, **kw: Any) -> Any:
+    """Build a verifier from a spec string (see the module docstring).
+
+    ``kw`` are options for the verifier's constructor; options it does not take are ignored
+    (so one set of CLI options serves every verifier). For ``judge:MODEL``, ``engine=`` (an
+    engine object) is used as is, else an engine is made with
+    ``make_engine(engine_kind, MODEL, **engine_options)``.
+    """
+    head, arg = split_spec(spec)
+    if head not in VERIFIER_SPECS:
+        raise ConfigError(f"unknown verifier {spec!r}; choose one of: {_SPEC_HELP}")
+    cls = _load(head)
+    if head in ("math", "arith"):
+        opts = dict(kw)
+        if head == "arith":
+            if arg:
+                raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
+            opts["extractor"] = "arith"
+        elif arg:
+            opts["extractor"] = arg
+        return cls(**_accepted(cls, opts))
+    if head == "code":
+        if arg:
+            raise ConfigError(f"verifier 'code' takes no argument, got {spec!r}")
+        return cls(**_accepted(cls, kw))
+    if head == "rm":
+        if not arg:
+            raise ConfigError("verifier 'rm' needs a model path: rm:PATH")
+        return cls(arg, **_accepted(cls, kw))
+    if head == "judge":
+        if not arg:
+            raise ConfigError("verifier 'judge' needs a model: judge:MODEL")
+        opts = dict(kw)
+        engine = opts.pop("engine", None)
+        kind = opts.pop("engine_kind", "auto")
+        engine_options = dict(opts.pop("engine_options", None) or {})
+        if engine is None:
+            from ttscale.engines import make_engine
+
+            engine = make_engine(kind, arg, **engine_options)
+        return cls(engine, **_accepted(cls, opts))
+    # ensemble
+    members_specs = _split_members(arg)
+    if not members_specs:
+        raise ConfigError("verifier 'ensemble' needs members: ensemble:math,rm:PATH,...")
+    if any(split_spec(m)[0] == "ensemble" for m in members_specs):
+        raise ConfigError("ensembles cannot be nested; list the members in one ensemble:...")
+    members = [make_verifier(m, **kw) for m in members_specs]
+    return cls(members, **_accepted(cls, kw))
