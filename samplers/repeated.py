@@ -390,7 +390,7 @@ class RepeatedSampler:
             todo,
         )
 
-        base = dict(store.manifest.get("accounting") or {})
+        base = _reconciled(store, dict(store.manifest.get("accounting") or {}), len(have))
         state = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0}
         t0 = time.perf_counter()
         bar = _Progress(
@@ -508,6 +508,28 @@ class RepeatedSampler:
         acct["sessions"] = int(base.get("sessions", 0)) + 1
         self.store.update_manifest(accounting=acct)
         return acct
+
+
+def _reconciled(store: SampleStore, acct: dict[str, Any], stored: int) -> dict[str, Any]:
+    """Account samples that reached the store after the last accounting update.
+
+    A shard is made durable before the manifest's accounting is updated, so a process killed
+    between the two leaves stored samples unaccounted. Every accounted sample is stored, hence the
+    unaccounted generated tokens are exactly the stored tokens minus the accounted ones (prompt
+    tokens and wall time of those samples are not recoverable and stay uncounted).
+    """
+    if stored <= int(acct.get("samples", 0)):
+        return acct
+    t = store.table(["num_tokens"])
+    tokens = int(sum(x for x in t.column("num_tokens").to_pylist() if x is not None))
+    log.info(
+        "accounting %d samples stored after the last accounting update of %s",
+        stored - int(acct.get("samples", 0)),
+        store.path,
+    )
+    acct["samples"] = stored
+    acct["generated_tokens"] = max(int(acct.get("generated_tokens", 0)), tokens)
+    return acct
 
 
 def _check_completions(req: GenerationRequest, comps: Sequence[Completion]) -> None:

@@ -117,6 +117,11 @@ def test_resume_generates_only_missing_keys(tmp_path: Path) -> None:
         (6, 7),
     ]
     assert rows(store) == rows(full)
+    # samples stored without accounting (a process killed between shard and manifest) are
+    # accounted on the next session, token for token
+    acct, full_acct = store.manifest["accounting"], full.manifest["accounting"]
+    assert acct["samples"] == 48
+    assert acct["generated_tokens"] == full_acct["generated_tokens"]
 
     # a second resume on a complete run calls the engine not at all
     eng2 = Counting(ScriptedEngine())
