@@ -347,3 +347,30 @@ def test_verify_many_falls_back_to_verify():
 
     out = verify_many(One(), [(Problem("a", "q"), [Sample("a", 0)]), (Problem("b", "q"), [])])
     assert out == [["a:0"], []]
+
+
+# ---------------------------------------------------------------------------------------
+# the timeout pool itself (stdlib targets, so no math-verify start-up)
+
+
+def test_timeout_pool_outcomes():
+    from ttscale.verifiers._procpool import TimeoutPool
+
+    with TimeoutPool("time:sleep", workers=2, timeout=0.5) as pool:
+        t0 = time.monotonic()
+        out = pool.map([(0.01,), (30,), (0.01,), (0.02,)])
+        assert [o.status for o in out] == ["ok", "timeout", "ok", "ok"]
+        assert time.monotonic() - t0 < 10 and pool.restarts == 1
+    with TimeoutPool("os:_exit", workers=1, timeout=5) as pool:
+        (o,) = pool.map([(3,)])
+        assert o.status == "crash" and "exit code 3" in o.detail
+    with TimeoutPool("builtins:bytearray", workers=1, timeout=20, memory_limit_mb=300) as pool:
+        big, small = pool.map([(2 * 10**9,), (10,)])
+        assert big.status == "memory" and small.status == "ok" and small.value == bytearray(10)
+    with TimeoutPool("builtins:int", workers=1, timeout=5) as pool:
+        bad, good = pool.map([("x",), ("7",)])
+        assert bad.status == "error" and "ValueError" in bad.detail and good.value == 7
+    with pytest.raises(VerifierError, match="failed to start"):
+        TimeoutPool("time:sleep", initializer="ttscale.no_such_module:f").map([(0,)])
+    with pytest.raises(ConfigError, match="workers"):
+        TimeoutPool("time:sleep", workers=0)
