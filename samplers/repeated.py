@@ -323,9 +323,13 @@ class RepeatedSampler:
         store.check_compatible({**self.extra_manifest, "sampling": params.to_dict()})
 
     def _detect_chat(self) -> bool:
+        """Whether the engine's model has a chat template (then send ``messages``)."""
         flag = self.engine_info.get("chat_template")
         if flag is None:
-            flag = getattr(self.engine, "has_chat_template", False)
+            flag = getattr(self.engine, "has_chat_template", None)
+        if flag is None:
+            # transformers-backed engines expose their tokenizer
+            flag = getattr(getattr(self.engine, "tokenizer", None), "chat_template", None)
         return bool(flag)
 
     def run(self, problems: Sequence[Problem], n: int | None = None) -> SamplingSummary:
@@ -448,6 +452,15 @@ class RepeatedSampler:
                     # engines hand finished requests to on_result; this catches any that did not
                     for pos, comps in e.completed.items():
                         callback(pos, comps)
+                    # samples finished inside requests that did not complete are valid too
+                    for pos, comps in getattr(e, "partial", {}).items():
+                        req = group[pos]
+                        good = [
+                            c
+                            for c in comps
+                            if c.problem_id == req.problem_id and c.index in req.indices
+                        ]
+                        writer.add(good)
                     raise
                 if len(results) != len(group):
                     raise GenerationError(

@@ -167,10 +167,11 @@ def test_failure_mid_run_keeps_completed_samples(tmp_path: Path, background: boo
     )
     with pytest.raises(GenerationError):
         sampler.run(probs)
-    # nothing was due for a flush, yet everything that completed was written before the raise
-    assert store.counts() == {f"p{i:02d}": 8 for i in range(4)}
+    # nothing was due for a flush, yet everything that completed was written before the raise,
+    # including the 4 finished samples of the request that failed (the engine's ``partial``)
+    assert store.counts() == {**{f"p{i:02d}": 8 for i in range(4)}, "p04": 4}
     acct = store.manifest["accounting"]
-    assert acct["samples"] == 32
+    assert acct["samples"] == 36
     assert acct["generated_tokens"] == sum(s.num_tokens for s in store.samples())
 
     # resuming completes the run, equal to an uninterrupted one, and the accounting adds up
@@ -182,6 +183,20 @@ def test_failure_mid_run_keeps_completed_samples(tmp_path: Path, background: boo
     assert acct2["samples"] == 80 and acct2["sessions"] == 2
     assert acct2["generated_tokens"] == full.manifest["accounting"]["generated_tokens"]
     assert acct2["wall_seconds"] >= acct["wall_seconds"]
+
+
+def test_partial_samples_of_a_failed_request_are_kept(tmp_path: Path) -> None:
+    class Partial(Counting):
+        def generate(self, requests, params, *, on_result=None):  # type: ignore[no-untyped-def]
+            first = self.inner.generate(requests[:1], params, on_result=on_result)
+            half = self.inner.generate(requests[1:2], params)[0][:3]
+            raise GenerationError("boom", [first[0], None], {1: half})
+
+    store = new_store(tmp_path)
+    with pytest.raises(GenerationError, match="boom"):
+        RepeatedSampler(Partial(ScriptedEngine()), PARAMS, store, progress=False).run(problems(2))
+    assert store.counts() == {"p00": 8, "p01": 3}
+    assert store.indices("p01") == {0, 1, 2}
 
 
 def test_engine_without_callbacks_is_still_stored(tmp_path: Path) -> None:
