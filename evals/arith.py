@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.types import Problem
@@ -306,6 +305,8 @@ def check(answer: str | int | None, reference: str | int) -> bool:
     if answer is None:
         return False
     try:
-        return int(str(answer).replace(",", "").strip()) == int(str(reference).replace(",", "").strip())
+        return int(str(answer).replace(",", "").strip()) == int(
+            str(reference).replace(",", "").strip()
+        )
     except ValueError:
         return False

@@ -55,7 +55,7 @@ def build_tokenizer() -> Any:
 
     vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *ALPHABET])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
@@ -118,13 +118,15 @@ def train(
     weights: Sequence[float] | None = None,
     save_every: int = 0,
     log_every: int = 50,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train a Llama from scratch on ``train_size`` arith train problems; save to ``out``.
 
     AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then cosine decay to 10% of
-    ``lr``; batches drawn uniformly with replacement by a seeded torch generator. Returns a
-    summary (parameters, wall time, final loss). With ``save_every > 0`` intermediate models go
-    to ``out/checkpoints/step-<k>``.
+    ``lr`` over ``steps`` steps; ``stop_after`` ends training early on that schedule (the
+    bundled model is deliberately under-trained this way). Batches: length-grouped draws with
+    replacement from a seeded torch generator. Returns a summary (parameters, wall time, final
+    loss). With ``save_every > 0`` intermediate models go to ``out/checkpoints/step-<k>``.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -156,7 +158,9 @@ def train(
     )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model: %d parameters, %d training problems, max length %d", n_params, len(items), max_len)
+    logger.info(
+        "model: %d parameters, %d training problems, max length %d", n_params, len(items), max_len
+    )
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -177,9 +181,17 @@ def train(
     t0 = time.perf_counter()
     ema: float | None = None
     history: list[dict[str, float]] = []
-    for step in range(steps):
-        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        batch = [encoded[i] for i in idx]
+    lengths = torch.tensor([len(ids) for ids, _ in encoded])
+    queue: list[list[int]] = []
+    last = steps if stop_after is None else min(steps, stop_after)
+    for step in range(last):
+        if not queue:
+            # Length-grouped batches cut padding: draw 16 batches' worth of problems, sort them by
+            # length, cut into batches and visit those in random order.
+            pool = torch.randint(len(encoded), (16 * batch_size,), generator=gen)
+            pool = pool[torch.argsort(lengths[pool], stable=True)].view(16, batch_size)
+            queue = [pool[j].tolist() for j in torch.randperm(16, generator=gen).tolist()]
+        batch = [encoded[i] for i in queue.pop()]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
@@ -195,13 +207,21 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        value = float(loss)
+        value = float(loss.detach())
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        if (step + 1) % log_every == 0 or step + 1 == last:
             elapsed = time.perf_counter() - t0
             history.append({"step": step + 1, "loss_ema": ema, "elapsed_s": elapsed})
-            logger.info("step %d/%d loss %.4f (ema %.4f) lr %.2e %.0fs", step + 1, steps, value, ema, lr_at(step), elapsed)
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            logger.info(
+                "step %d/%d loss %.4f (ema %.4f) lr %.2e %.0fs",
+                step + 1,
+                steps,
+                value,
+                ema,
+                lr_at(step),
+                elapsed,
+            )
+        if save_every and (step + 1) % save_every == 0 and step + 1 < last:
             _save(model, tokenizer, out / "checkpoints" / f"step-{step + 1}")
     wall = time.perf_counter() - t0
     _save(model, tokenizer, out)
@@ -215,6 +235,7 @@ def train(
     summary = {
         "parameters": n_params,
         "steps": steps,
+        "stopped_after": last,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
@@ -231,6 +252,13 @@ def _save(model: Any, tokenizer: Any, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    # Name the portable class (transformers 5 writes its own backend name, older versions and
+    # vLLM's tokenizer loaders know PreTrainedTokenizerFast).
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def evaluate(
@@ -274,7 +302,9 @@ def evaluate(
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         answers = [extract_arith_answer(t) for t in texts]
         c = sum(check(a, prob.reference) for a in answers)
         rows.append(
@@ -287,10 +317,16 @@ def evaluate(
             }
         )
         if (i + 1) % 20 == 0:
-            logger.info("evaluated %d/%d problems (%.0fs)", i + 1, len(problems), time.perf_counter() - t0)
+            logger.info(
+                "evaluated %d/%d problems (%.0fs)", i + 1, len(problems), time.perf_counter() - t0
+            )
 
     def summarise(rs: list[dict[str, Any]]) -> dict[str, float]:
-        res = {f"pass@{k}": sum(pass_at_k(n, r["correct"], k) for r in rs) / len(rs) for k in ks if k <= n}
+        res = {
+            f"pass@{k}": sum(pass_at_k(n, r["correct"], k) for r in rs) / len(rs)
+            for k in ks
+            if k <= n
+        }
         res[f"maj@{n}"] = sum(r["maj"] for r in rs) / len(rs)
         res["problems"] = len(rs)
         return res
@@ -302,7 +338,9 @@ def evaluate(
         "temperature": temperature,
         "seed": seed,
         "overall": summarise(rows),
-        "by_difficulty": {str(d): summarise([r for r in rows if r["difficulty"] == d]) for d in levels},
+        "by_difficulty": {
+            str(d): summarise([r for r in rows if r["difficulty"] == d]) for d in levels
+        },
         "eval_time_s": round(time.perf_counter() - t0, 1),
         "per_problem": rows,
     }
@@ -310,9 +348,13 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ttscale.evals.train_arith", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m ttscale.evals.train_arith", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--out", default="evals/model", help="output directory of the trained model")
-    ap.add_argument("--eval", metavar="MODEL", help="evaluate MODEL on the arith test split instead of training")
+    ap.add_argument(
+        "--eval", metavar="MODEL", help="evaluate MODEL on the arith test split instead of training"
+    )
     ap.add_argument("--seed", type=int, default=DEFAULT_TRAIN_SEED)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -326,9 +368,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--weights", default=None, help="difficulty mix, e.g. 1,1,1,1,1 (levels 1..5)")
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many steps of the schedule"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=64, help="samples per problem in --eval")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first LIMIT problems")
+    ap.add_argument(
+        "--limit", type=int, default=None, help="evaluate only the first LIMIT problems"
+    )
     ap.add_argument("--report", default=None, help="write the --eval report (JSON) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -356,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         weights=weights,
         save_every=args.save_every,
         log_every=args.log_every,
+        stop_after=args.stop_after,
     )
     logger.info("trained: %s", json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
