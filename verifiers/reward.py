@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,7 @@ class RewardModelVerifier:
         name: str | None = None,
         cost: float = 1.0,
         trust_remote_code: bool = False,
+        vllm_options: Mapping[str, Any] | None = None,
     ) -> None:
         _choice("kind", kind, _KINDS)
         _choice("backend", backend, _BACKENDS)
@@ -220,6 +221,7 @@ class RewardModelVerifier:
         self.eps = float(eps)
         self.cost = float(cost)
         self.trust_remote_code = trust_remote_code
+        self.vllm_options = dict(vllm_options or {})
         self.name = (
             name or f"{kind}:{os.path.basename(self.model_path.rstrip('/')) or self.model_path}"
         )
@@ -364,14 +366,21 @@ class RewardModelVerifier:
 
             raise EngineUnavailable("backend='vllm' needs vllm installed (pip install vllm)") from e
         self._pad_id = self._pad_token_id()
-        self._llm = LLM(
-            model=self.model_path,
-            runner="pooling",
-            dtype=self.dtype,
-            max_model_len=self.max_length,
-            enforce_eager=True,
-            trust_remote_code=self.trust_remote_code,
-        )
+        options: dict[str, Any] = {
+            "runner": "pooling",
+            "dtype": self.dtype,
+            "max_model_len": self.max_length,
+            "enforce_eager": True,
+            "trust_remote_code": self.trust_remote_code,
+            "seed": 0,
+        }
+        options.update(self.vllm_options)  # e.g. gpu_memory_utilization, tensor_parallel_size
+        try:
+            self._llm = LLM(model=self.model_path, **options)
+        except (RuntimeError, ValueError) as e:
+            raise VerifierError(
+                f"vLLM could not start reward model {self.model_path!r}: {e}"
+            ) from e
 
     # ------------------------------------------------------------------ encoding
 
@@ -600,9 +609,14 @@ class RewardModelVerifier:
         }
 
     def close(self) -> None:
-        """Release the model."""
+        """Release the model (and shut vLLM's engine process down)."""
         self._model = None
-        self._llm = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as e:  # best effort: the process also ends with the interpreter
+                logger.debug("vLLM shutdown failed: %s", e)
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
