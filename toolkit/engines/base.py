@@ -92,15 +92,36 @@ class Engine(Protocol):
 class GenerationError(EngineError):
     """``generate`` failed part-way; ``results[i]`` is request ``i``'s completions or ``None``.
 
-    Requests with results were also handed to ``on_result`` before this was raised; the
-    underlying exception is chained as ``__cause__``.
+    Requests with results were also handed to ``on_result`` before this was raised. ``partial``
+    maps the position of a request that did *not* complete to the samples of it that did (in
+    request order; valid samples a caller may store). The underlying exception is chained as
+    ``__cause__``.
     """
 
-    def __init__(self, message: str, results: Sequence[list[Completion] | None]) -> None:
+    def __init__(
+        self,
+        message: str,
+        results: Sequence[list[Completion] | None],
+        partial: Mapping[int, list[Completion]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.results: list[list[Completion] | None] = list(results)
+        self.partial: dict[int, list[Completion]] = {
+            int(k): list(v) for k, v in (partial or {}).items() if v and self.results[k] is None
+        }
 
     @property
     def completed(self) -> dict[int, list[Completion]]:
         """Request position -> completions, for the requests that finished."""
         return {i: r for i, r in enumerate(self.results) if r is not None}
+
+
+def partial_from_slots(
+    slots: Sequence[Sequence[Completion | None]], results: Sequence[list[Completion] | None]
+) -> dict[int, list[Completion]]:
+    """For engines: the finished samples of unfinished requests (``GenerationError.partial``)."""
+    return {
+        pos: [c for c in row if c is not None]
+        for pos, row in enumerate(slots)
+        if results[pos] is None and any(c is not None for c in row)
+    }

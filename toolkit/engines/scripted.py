@@ -98,7 +98,7 @@ def _finish(token_ids: list[int], params: SamplingParams) -> tuple[list[int], st
         if tok == EOS_TOKEN_ID:
             return token_ids[: t + 1], text, FinishReason.STOP.value, None
         text += chr(tok)
-        if params.stop and t + 1 >= params.min_tokens:
+        if params.stop and t + 1 > params.min_tokens:
             hit = find_stop(text, params.stop, start=len(text) - 1)
             if hit is not None:
                 keep = hit[0] + (len(hit[1]) if params.include_stop_str_in_output else 0)
@@ -179,6 +179,7 @@ class ScriptedEngine:
                         f"scripted failure after {self.samples_generated} samples "
                         f"(fail_after={self.fail_after})",
                         results,
+                        {pos: comps},
                     )
                 comps.append(self._sample(req, index, req.seed_for(j, params), params))
                 self.samples_generated += 1

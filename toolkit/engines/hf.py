@@ -1,0 +1,433 @@
+"""Transformers engine: our own batched sampling loop with one random stream per sample.
+
+``model.generate`` draws all rows of a batch from one global random stream, so a sample would
+depend on its batch mates. Here each sample owns a ``torch.Generator`` seeded with its
+per-(problem, index) seed and draws one uniform per step; the token is found by inverting the
+CDF of the processed distribution. The forward pass is batched with a KV cache (prompt prefilled
+once per distinct prompt, then the cache rows are repeated for its samples), and log-probabilities
+come from the same logits that were sampled from, in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttscale.engines._text import find_stop
+from ttscale.engines.base import (
+    GenerationError,
+    GenerationRequest,
+    ResultCallback,
+    partial_from_slots,
+)
+from ttscale.errors import ConfigError, EngineError, EngineUnavailable
+from ttscale.types import Completion, FinishReason, SamplingParams
+
+__all__ = ["HFEngine", "process_logprobs_torch"]
+
+log = logging.getLogger(__name__)
+
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise EngineUnavailable(
+            "the hf engine needs torch and transformers: pip install 'ttscale[hf]'"
+        ) from e
+    return torch
+
+
+def process_logprobs_torch(
+    logprobs: Any, params: SamplingParams, suppress: Sequence[int] = ()
+) -> Any:
+    """Batched sampling distribution in log space: ``(B, V)`` float64 -> ``(B, V)``, ``-inf`` removed.
+
+    Same maths and order as :func:`ttscale.engines.scripted.process_logprobs` (vLLM's order):
+    suppress -> temperature -> min-p -> top-k -> top-p, renormalising after each filter;
+    ``temperature == 0`` is a one-hot on the argmax.
+    """
+    torch = _import_torch()
+    lp = logprobs.clone()
+    if len(suppress):
+        lp[:, list(suppress)] = -math.inf
+    if params.temperature == 0.0:
+        out = torch.full_like(lp, -math.inf)
+        out.scatter_(1, lp.argmax(dim=1, keepdim=True), 0.0)
+        return out
+    lp = lp / params.temperature
+    lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+    if params.min_p > 0.0:
+        cut = lp.max(dim=1, keepdim=True).values + math.log(params.min_p)
+        lp = lp.masked_fill(lp < cut, -math.inf)
+        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+    if 0 < params.top_k < lp.shape[1]:
+        kth = torch.topk(lp, params.top_k, dim=1).values[:, -1:]
+        lp = lp.masked_fill(lp < kth, -math.inf)
+        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+    if params.top_p < 1.0:
+        srt, order = torch.sort(lp, dim=1, descending=True, stable=True)
+        probs = srt.exp()
+        before = probs.cumsum(dim=1) - probs
+        srt = srt.masked_fill(before >= params.top_p, -math.inf)
+        lp = torch.full_like(lp, -math.inf).scatter(1, order, srt)
+        lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
+    return lp
+
+
+@dataclass
+class _Row:
+    """One sample being generated."""
+
+    request: int
+    slot: int
+    index: int
+    seed: int
+    prompt_len: int
+    generator: Any
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[dict[int, float]] = field(default_factory=list)
+    checked: int = 0  # characters of decoded text already searched for stop strings
+    done: bool = False
+    text: str | None = None
+    finish: str = FinishReason.LENGTH.value
+    stop_reason: str | None = None
+
+
+class HFEngine:
+    """transformers causal LM with per-sample seeds, exact log-probabilities and a KV cache.
+
+    ``model``: a local model folder (or a Hugging Face id in the local cache); ``gguf_file``: a
+    GGUF file name inside that folder (or a path), dequantised by transformers on load.
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"``; ``dtype``: ``"auto"`` (float32 on CPU,
+    bfloat16/float16 on CUDA), ``"float32"``, ``"float16"``, ``"bfloat16"``. ``batch_size``:
+    samples decoded together. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
+    vLLM's default) or ``"processed_logprobs"`` (after temperature, min-p, top-k, top-p).
+    ``chat_template`` overrides the tokenizer's template for ``messages`` requests.
+    Samples are reproducible per seed; batch composition can move float32 logits by ~1e-6, which
+    in rare near-ties can change a sampled token.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        gguf_file: str | None = None,
+        tokenizer: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 16,
+        logprob_mode: str = "raw_logprobs",
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if logprob_mode not in _LOGPROB_MODES:
+            raise ConfigError(f"logprob_mode must be one of {_LOGPROB_MODES}, got {logprob_mode!r}")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        torch = _import_torch()
+        try:
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:  # pragma: no cover
+            raise EngineUnavailable(
+                "the hf engine needs transformers: pip install 'ttscale[hf]'"
+            ) from e
+
+        model_dir = str(model)
+        if gguf_file is not None and Path(gguf_file).is_absolute():
+            model_dir, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
+        if (
+            gguf_file is not None
+            and Path(model_dir).is_dir()
+            and not (Path(model_dir) / gguf_file).exists()
+        ):
+            raise ConfigError(f"GGUF file {gguf_file} not found in {model_dir}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA GPU; use device='cpu'")
+        if dtype == "auto":
+            if str(device).startswith("cuda"):
+                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            else:
+                dtype = "float32"
+        self.model_name = str(model) if gguf_file is None else f"{model_dir}/{gguf_file}"
+        self.device = str(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.logprob_mode = logprob_mode
+        self._transformers_version = transformers.__version__
+        self._torch_version = torch.__version__
+        t0 = time.perf_counter()
+        extra: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if gguf_file is not None:
+            extra["gguf_file"] = gguf_file
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or model_dir), **extra)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), **extra
+            )
+        except (OSError, ValueError) as e:
+            raise EngineError(f"could not load model {self.model_name}: {e}".splitlines()[0]) from e
+        self.model.to(self.device).eval()
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
+        eos: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.tokenizer):
+            val = getattr(src, "eos_token_id", None)
+            if isinstance(val, int):
+                eos.add(val)
+            elif isinstance(val, (list, tuple)):
+                eos.update(int(v) for v in val)
+        self.eos_token_ids = tuple(sorted(eos))
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        log.info(
+            "HFEngine loaded %s on %s (%s) in %.1fs",
+            self.model_name,
+            self.device,
+            dtype,
+            time.perf_counter() - t0,
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids the model conditions on: ``prompt + prefix`` (tokenised with special tokens,
+        as vLLM does for text prompts), or the chat-templated ``messages`` plus ``prefix``
+        (tokenised without adding special tokens: the template writes them)."""
+        if request.prompt is not None:
+            return list(self.tokenizer(request.prompt + request.prefix)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"model {self.model_name} has no chat template; pass chat_template= or use prompt="
+            )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in request.messages or ()], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text + request.prefix, add_special_tokens=False)["input_ids"])
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_result: ResultCallback | None = None,
+    ) -> list[list[Completion]]:
+        torch = _import_torch()
+        results: list[list[Completion] | None] = [None] * len(requests)
+        slots: list[list[Completion | None]] = [[None] * len(r.indices) for r in requests]
+        remaining = [len(r.indices) for r in requests]
+        prompts = [self.prompt_token_ids(r) for r in requests]
+        rows = [
+            (pos, j, idx, req.seed_for(j, params))
+            for pos, req in enumerate(requests)
+            for j, idx in enumerate(req.indices)
+        ]
+        # samples of one prompt side by side, similar lengths together: less padding, one prefill
+        rows.sort(key=lambda r: (len(prompts[r[0]]), tuple(prompts[r[0]]), r[0], r[1]))
+
+        def finished(row: _Row) -> None:
+            slots[row.request][row.slot] = self._completion(requests[row.request], row, params)
+            remaining[row.request] -= 1
+            if remaining[row.request] == 0:
+                comps = [c for c in slots[row.request] if c is not None]
+                results[row.request] = comps
+                if on_result is not None:
+                    on_result(row.request, comps)
+
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(rows), self.batch_size):
+                    batch = [
+                        _Row(
+                            pos,
+                            j,
+                            idx,
+                            seed,
+                            len(prompts[pos]),
+                            torch.Generator().manual_seed(seed),
+                        )
+                        for pos, j, idx, seed in rows[start : start + self.batch_size]
+                    ]
+                    self._decode_batch(batch, prompts, params, finished)
+        except GenerationError:
+            raise
+        except Exception as e:
+            done = sum(r is not None for r in results)
+            raise GenerationError(
+                f"hf generation failed after {done}/{len(requests)} requests: {e}",
+                results,
+                partial_from_slots(slots, results),
+            ) from e
+        return [r for r in results if r is not None]
+
+    def _decode_batch(
+        self,
+        batch: list[_Row],
+        prompts: list[list[int]],
+        params: SamplingParams,
+        finished: Callable[[_Row], None],
+    ) -> None:
+        torch = _import_torch()
+        from transformers import DynamicCache
+
+        dev = self.device
+        # prefill each distinct prompt once, then repeat its cache rows for its samples
+        distinct: dict[int, int] = {}
+        for row in batch:
+            distinct.setdefault(row.request, len(distinct))
+        uniq = list(distinct)
+        width = max(len(prompts[p]) for p in uniq)
+        ids = torch.full((len(uniq), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, p in enumerate(uniq):
+            n = len(prompts[p])
+            if n == 0:
+                raise ConfigError("empty prompt: the tokenizer produced no tokens")
+            ids[i, width - n :] = torch.tensor(prompts[p])
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        expand = torch.tensor([distinct[r.request] for r in batch], device=dev)
+        cache.batch_select_indices(expand)
+        logits = out.logits[:, -1, :].index_select(0, expand)
+        mask = mask.index_select(0, expand)
+        next_pos = mask.sum(dim=1)
+        active = list(batch)
+        eos = set(self.eos_token_ids)
+        k = params.logprobs or 0
+        for t in range(params.max_tokens):
+            raw = torch.log_softmax(logits.to(torch.float64), dim=1)
+            suppress = self.eos_token_ids if t < params.min_tokens else ()
+            proc = process_logprobs_torch(raw, params, suppress)
+            u = torch.cat(
+                [torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active]
+            )
+            cdf = proc.exp().cumsum(dim=1)
+            target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
+            tokens = (
+                torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+            )
+            reported = raw if self.logprob_mode == "raw_logprobs" else proc
+            chosen_lp = reported.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            if k:
+                top_v, top_i = torch.topk(reported, k, dim=1)
+                top_v, top_i = top_v.tolist(), top_i.tolist()
+            tok_list = tokens.tolist()
+            keep: list[int] = []
+            for b, row in enumerate(active):
+                tok = int(tok_list[b])
+                row.token_ids.append(tok)
+                row.logprobs.append(float(chosen_lp[b]))
+                if k:
+                    top = dict(zip(top_i[b], top_v[b], strict=True))
+                    top[tok] = float(chosen_lp[b])
+                    row.tops.append(top)
+                if tok in eos and t >= params.min_tokens:
+                    row.finish = FinishReason.STOP.value
+                    row.done = True
+                elif params.stop and t + 1 > params.min_tokens:
+                    self._check_stop(row, params)
+                if not row.done and t + 1 == params.max_tokens:
+                    row.finish, row.done = FinishReason.LENGTH.value, True
+                if row.done:
+                    finished(row)
+                else:
+                    keep.append(b)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
+                active = [active[b] for b in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], 1)
+            out = self.model(
+                input_ids=tokens.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+    def _check_stop(self, row: _Row, params: SamplingParams) -> None:
+        if params.min_tokens and len(row.token_ids) == params.min_tokens + 1:
+            # first check: a stop string must end after the text of the first min_tokens tokens
+            head = row.token_ids[: params.min_tokens]
+            row.checked = len(self.tokenizer.decode(head, skip_special_tokens=True))
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        hit = find_stop(text, params.stop, start=row.checked)
+        row.checked = len(text)
+        if hit is None:
+            return
+        pos, stop = hit
+        row.text = text[: pos + (len(stop) if params.include_stop_str_in_output else 0)]
+        row.finish, row.stop_reason, row.done = FinishReason.STOP.value, stop, True
+
+    def _completion(self, req: GenerationRequest, row: _Row, params: SamplingParams) -> Completion:
+        text = row.text
+        if text is None:
+            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        want = params.logprobs is not None
+        return Completion(
+            problem_id=req.problem_id,
+            index=row.index,
+            text=text,
+            token_ids=tuple(row.token_ids),
+            token_logprobs=tuple(row.logprobs) if want else None,
+            top_logprobs=tuple(row.tops) if want and params.logprobs else None,
+            cumulative_logprob=math.fsum(row.logprobs) if want else None,
+            num_tokens=len(row.token_ids),
+            finish_reason=row.finish,
+            seed=row.seed,
+            prompt_tokens=row.prompt_len,
+            stop_reason=row.stop_reason,
+        )
+
+    # -- provenance ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "version": self._transformers_version,
+            "torch": self._torch_version,
+            "model": self.model_name,
+            "device": self.device,
+            "dtype": self.dtype,
+            "logprob_mode": self.logprob_mode,
+        }
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"HFEngine({self.model_name!r}, device={self.device!r}, dtype={self.dtype!r})"
