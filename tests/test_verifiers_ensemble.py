@@ -172,8 +172,6 @@ def test_cascade_keeps_whole_clusters_and_zero_margin_keeps_ties() -> None:
 def test_configuration_errors() -> None:
     with pytest.raises(ConfigError, match="at least one"):
         EnsembleVerifier([])
-    with pytest.raises(ConfigError, match="unique"):
-        EnsembleVerifier([Fixed("a", [1]), Fixed("a", [2])])
     with pytest.raises(ConfigError, match="aggregate"):
         EnsembleVerifier([Fixed("a", [1])], aggregate="max")
     with pytest.raises(ConfigError, match="margin"):
@@ -193,3 +191,12 @@ def test_info_lists_members_and_cost() -> None:
     info = ens.info()
     assert [m["name"] for m in info["members"]] == ["a", "b"] and info["aggregate"] == "min"
     assert ens.cost == 5.0 and info["members"][0]["info"] == {"fixed": True}
+
+
+def test_repeated_member_names_are_made_unique() -> None:
+    ens = EnsembleVerifier(
+        [Fixed("a", [1.0]), Fixed("a", [3.0]), Fixed("a#2", [5.0])], normalize=None
+    )
+    assert ens.member_names == ["a", "a#2", "a#2#2"]
+    (v,) = ens.verify(PROBLEM, samples("x"))
+    assert v.meta["members"] == {"a": 1.0, "a#2": 3.0, "a#2#2": 5.0} and v.score == 3.0

@@ -52,6 +52,20 @@ def _cost(member: Any) -> float:
     return float(c)
 
 
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """Names as given, a repeat getting the first free ``name#2``, ``name#3``, ..."""
+    used: set[str] = set()
+    out = []
+    for nm in names:
+        cand, k = nm, 1
+        while cand in used:
+            k += 1
+            cand = f"{nm}#{k}"
+        used.add(cand)
+        out.append(cand)
+    return out
+
+
 class EnsembleVerifier:
     """Combine several verifiers' scores into one (a :class:`~ttscale.verifiers.base.Verifier`).
 
@@ -83,12 +97,7 @@ class EnsembleVerifier:
                 raise ConfigError(
                     f"ensemble member {m!r} is not a verifier (needs name and verify())"
                 )
-        names = [m.name for m in members]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(
-                f"ensemble member names must be unique, repeated: {dupes}; pass name="
-            )
+        names = _unique_names([m.name for m in members])
         if aggregate not in ENSEMBLE_METHODS:
             raise ConfigError(f"aggregate must be one of {ENSEMBLE_METHODS}, got {aggregate!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -111,8 +120,10 @@ class EnsembleVerifier:
             if order == "cost"
             else list(range(len(members)))
         )
-        #: Members in the order they run.
+        #: Members in the order they run, and their names in the ensemble (unique: a repeated
+        #: name gets ``#2``, ``#3``, ... in the order given).
         self.members = [members[i] for i in run]
+        self.member_names = [names[i] for i in run]
         self.costs = [costs[i] for i in run]
         self.aggregate = aggregate
         self.lam = float(lam)
@@ -122,7 +133,7 @@ class EnsembleVerifier:
         self.name = name
         #: Declared cost of the whole ensemble (for nesting ensembles): the members' total.
         self.cost = float(sum(costs))
-        self._reference = self._reference_matrix(reference_scores, members, run)
+        self._reference = self._reference_matrix(reference_scores, names, run)
         # Level boundaries: runs of equal cost in the running order.
         self._levels: list[list[int]] = []
         for k, c in enumerate(self.costs):
@@ -131,34 +142,34 @@ class EnsembleVerifier:
             else:
                 self._levels.append([k])
         #: How many candidates each member (by name) was asked to score, over the verifier's life.
-        self.scored_counts: dict[str, int] = {m.name: 0 for m in self.members}
+        self.scored_counts: dict[str, int] = {nm: 0 for nm in self.member_names}
         self.pruned_count = 0
 
     @staticmethod
     def _reference_matrix(
         reference: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None,
-        members: Sequence[Any],
+        names: Sequence[str],
         run: Sequence[int],
     ) -> np.ndarray | None:
         if reference is None:
             return None
         if isinstance(reference, Mapping):
-            missing = [m.name for m in members if m.name not in reference]
+            missing = [nm for nm in names if nm not in reference]
             if missing:
                 raise ConfigError(f"reference_scores has no scores for members {missing}")
-            rows = [list(reference[members[i].name]) for i in run]
+            rows = [list(reference[names[i]]) for i in run]
         else:
             given = list(reference)
-            if len(given) != len(members):
+            if len(given) != len(names):
                 raise ConfigError(
-                    f"reference_scores has {len(given)} rows for {len(members)} members; one per member"
+                    f"reference_scores has {len(given)} rows for {len(names)} members; one per member"
                 )
             rows = [list(given[i]) for i in run]
         width = max(len(r) for r in rows)
         out = np.full((len(rows), width), np.nan, dtype=np.float64)
         for k, r in enumerate(rows):
             if not r:
-                raise ConfigError(f"reference_scores for member {members[run[k]].name!r} is empty")
+                raise ConfigError(f"reference_scores for member {names[run[k]]!r} is empty")
             out[k, : len(r)] = np.asarray(r, dtype=np.float64)
         return out
 
@@ -211,7 +222,7 @@ class EnsembleVerifier:
                         f"ensemble member {member.name!r} returned {len(verdicts)} verdicts "
                         f"for {len(subset)} samples"
                     )
-                self.scored_counts[member.name] += len(subset)
+                self.scored_counts[self.member_names[k]] += len(subset)
                 for i, v in zip(idx, verdicts, strict=True):
                     raw[k, i] = np.nan if v.score is None else float(v.score)
                     if answers[i] is None and v.answer is not None:
@@ -267,7 +278,7 @@ class EnsembleVerifier:
         score: float,
         pruned: tuple[int, float] | None,
     ) -> Verdict:
-        names = [m.name for m in self.members]
+        names = self.member_names
         meta: dict[str, Any] = {
             "members": {
                 nm: (None if np.isnan(x) else float(x)) for nm, x in zip(names, raw, strict=True)
@@ -301,12 +312,12 @@ class EnsembleVerifier:
     def info(self) -> dict[str, Any]:
         """Provenance: members (in running order) with their info, the rule, and call counts."""
         members = []
-        for m, c in zip(self.members, self.costs, strict=True):
+        for m, nm, c in zip(self.members, self.member_names, self.costs, strict=True):
             try:
                 mi = dict(m.info()) if callable(getattr(m, "info", None)) else {}
             except Exception as e:  # provenance must not break a run
                 mi = {"error": str(e)}
-            members.append({"name": m.name, "cost": c, "info": mi})
+            members.append({"name": nm, "cost": c, "info": mi})
         return {
             "verifier": "ensemble",
             "name": self.name,
@@ -317,7 +328,7 @@ class EnsembleVerifier:
             "reference_scores": self._reference is not None,
             "order": self.order,
             "margin": self.margin,
-            "levels": [[self.members[k].name for k in lv] for lv in self._levels],
+            "levels": [[self.member_names[k] for k in lv] for lv in self._levels],
             "scored_counts": dict(self.scored_counts),
             "pruned_count": self.pruned_count,
             "cost": self.cost,

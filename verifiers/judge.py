@@ -85,7 +85,7 @@ class JudgeVerifier:
         no_token_id: int | None = None,
         chat: bool = False,
         seed: int = 0,
-        name: str = "judge",
+        name: str | None = None,
         cost: float = 10.0,
     ) -> None:
         fields = _template_fields(template)
@@ -112,7 +112,7 @@ class JudgeVerifier:
         self.threshold = None if threshold is None else float(threshold)
         self.score = score
         self.chat = chat
-        self.name = name
+        self.name = name or _default_name(engine)
         self.cost = float(cost)
         self.params = SamplingParams(
             n=1, temperature=0.0, max_tokens=1, logprobs=top_logprobs, seed=seed
@@ -280,6 +280,16 @@ class JudgeVerifier:
 
     def close(self) -> None:
         """The engine belongs to the caller; nothing to release here."""
+
+
+def _default_name(engine: Engine) -> str:
+    """``judge:<model folder name>`` when the engine reports its model, else ``judge``."""
+    try:
+        model = str(engine.info().get("model") or "")
+    except Exception:  # a name is not worth failing for
+        model = ""
+    model = model.rstrip("/").rsplit("/", 1)[-1]
+    return f"judge:{model}" if model else "judge"
 
 
 def _encoder(tokenizer: Any, engine: Engine) -> Callable[[str], list[int]]:
