@@ -19,9 +19,21 @@ def _store_name(name: str) -> str:
     return s or "verifier"
 
 
+def default_verifier_spec(benchmark: str | None) -> str:
+    """The verifier a run's benchmark asks for (the registry's), ``math`` when unknown."""
+    if benchmark:
+        try:
+            from ttscale.evals.registry import get_benchmark
+
+            return get_benchmark(benchmark).verifier
+        except Exception:  # an unregistered or custom benchmark: fall back to math
+            pass
+    return "math"
+
+
 def run_verify(
     run: Path,
-    spec: str,
+    spec: str | None,
     *,
     workers: int = 1,
     timeout: float = 5.0,
@@ -57,6 +69,8 @@ def run_verify(
             f"run {run} records no problems (problems.parquet), so there are no references to "
             "check against; re-import the samples with their problems"
         )
+    if spec is None:
+        spec = default_verifier_spec(store.manifest.get("benchmark"))
     head, arg = split_spec(spec)
     kw: dict[str, Any] = {"workers": workers, "timeout": timeout}
     if head == "math" and not arg:
@@ -161,12 +175,13 @@ def register(app: typer.Typer) -> None:
     def verify_cmd(
         run: Annotated[Path, typer.Argument(help="Run directory.")],
         verifier: Annotated[
-            str,
+            Optional[str],
             typer.Option(
                 "--verifier",
-                help="math, math:EXTRACTOR, arith, code, rm:PATH, judge:MODEL, ensemble:A,B,...",
+                help="math, math:EXTRACTOR, arith, code, rm:PATH, judge:MODEL, ensemble:A,B,... "
+                "(default: the one the run's benchmark names, else math).",
             ),
-        ] = "math",
+        ] = None,
         workers: Annotated[int, typer.Option(min=1, max=512, help="Checker worker processes.")] = 1,
         timeout: Annotated[
             float, typer.Option(min=0.01, help="Seconds per check (math equivalence, programs).")

@@ -87,10 +87,22 @@ def test_verify_named_extractor_and_human_output(tmp_path):
     v = {(x.problem_id, x.index): x for x in store.verdicts("boxed")}
     # the boxed extractor ignores "The answer is 42." and "#### 42"
     assert v[("p2", 0)].status.value == "invalid" and v[("p2", 2)].status.value == "invalid"
-    # the gsm8k benchmark picks the gsm8k extractor for plain "math"
+    # the gsm8k benchmark names the math verifier, with the auto extractor
     r = runner.invoke(app, ["verify", str(store.path), "--json"])
     assert r.exit_code == 0, r.output
-    assert SampleStore.open(store.path).manifest["verifiers"]["math"]["extractor"] == "gsm8k"
+    info = SampleStore.open(store.path).manifest["verifiers"]["math"]
+    assert info["extractor"] == "auto" and info["spec"] == "math"
+
+
+def test_verify_default_verifier_from_benchmark(tmp_path):
+    store = SampleStore.create(tmp_path / "run", {"model": "m", "benchmark": "arith"})
+    store.write_problems([Problem("a", "1+2=?", reference="3")])
+    store.append([Sample("a", 0, "1+2=3\n#### 3"), Sample("a", 1, "The answer is 3")])
+    r = runner.invoke(app, ["verify", str(store.path), "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    # the arith verifier reads only a final "#### x" line
+    assert s["verifier"] == "arith" and s["by_status"] == {"pass": 1, "invalid": 1}
 
 
 def test_verify_user_errors(tmp_path):

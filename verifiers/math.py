@@ -130,13 +130,12 @@ def gold_answer(reference: Any) -> str | None:
 
 
 def default_extractor(benchmark: str | None) -> str:
-    """The extractor that suits a benchmark name (``gsm8k`` -> ``gsm8k``, ``arith`` -> ``arith``)."""
-    b = (benchmark or "").lower()
-    if b.startswith("arith"):
-        return "arith"
-    if "gsm8k" in b:
-        return "gsm8k"
-    return "auto"
+    """The extractor that suits a benchmark name: ``arith`` for the bundled task, else ``auto``.
+
+    ttscale's GSM8K/MATH/AIME prompts ask for ``\\boxed{}``, and ``auto`` also reads
+    ``#### x``, Minerva and "The answer is" outputs of few-shot prompts.
+    """
+    return "arith" if (benchmark or "").lower().startswith("arith") else "auto"
 
 
 class MathVerifier:
