@@ -205,3 +205,51 @@ def test_with_scripted_engine_char_tokens() -> None:
         # The scripted table always holds the sampled "Y"; "N" is present or not: P(yes) in (0, 1].
         assert x.status is VerdictStatus.SCORED and 0.0 < x.score <= 1.0
     assert j.missing_counts["both"] == 0 and j.missing_counts["yes"] == 0
+
+
+# ----------------------------------------------------------------------------- a real model
+
+
+def test_hf_engine_end_to_end(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    torch = pytest.importorskip("torch")
+    from ttscale.engines.hf import HFEngine
+
+    engine = HFEngine(tiny_model_dir, batch_size=4)
+    vocab = len(engine.tokenizer)
+    # Char-level tokenizer: "Y"/"N" are single tokens. A top-k covering the vocabulary always
+    # holds both, so P(yes) must equal the two-logit softmax of a plain forward pass.
+    j = JudgeVerifier(engine, yes_token="Y", no_token="N", top_logprobs=vocab)
+    assert j.name == "judge:tiny-llama"
+    assert j.yes_token_id == engine.tokenizer.convert_tokens_to_ids("Y")
+    cands = samples(3)
+    verdicts = j.verify(PROBLEM, cands)
+    for s, v in zip(cands, verdicts, strict=True):
+        ids = engine.tokenizer(j.prompt_for(PROBLEM, s))["input_ids"]
+        with torch.inference_mode():
+            z = engine.model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        want = torch.sigmoid(z[j.yes_token_id] - z[j.no_token_id]).item()
+        lp = torch.log_softmax(z, -1)
+        assert v.status is VerdictStatus.SCORED
+        assert v.score == pytest.approx(want, abs=1e-6)
+        assert v.meta["p_yes_raw"] == pytest.approx(lp[j.yes_token_id].exp().item(), abs=1e-6)
+    assert j.missing_counts == {"yes": 0, "no": 0, "both": 0, "no_logprobs": 0}
+    # With top-1 at most one of the two tokens can be present: every case is counted.
+    j1 = JudgeVerifier(engine, yes_token="Y", no_token="N", top_logprobs=1)
+    out = j1.verify(PROBLEM, cands)
+    c = j1.missing_counts
+    assert c["yes"] + c["no"] + c["both"] == len(cands)
+    assert sum(v.status is VerdictStatus.ERROR for v in out) == c["both"]
+    engine.close()
+
+
+def test_factory_builds_a_judge_on_an_engine(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("torch")
+    from ttscale.verifiers.base import make_verifier
+
+    j = make_verifier(
+        f"judge:{tiny_model_dir}", engine_kind="hf", yes_token="Y", no_token="N", threshold=0.5
+    )
+    assert isinstance(j, JudgeVerifier) and j.engine.name == "hf" and j.threshold == 0.5
+    (v,) = j.verify(PROBLEM, samples(1))
+    assert v.status in (VerdictStatus.PASS, VerdictStatus.FAIL, VerdictStatus.ERROR)
+    j.engine.close()

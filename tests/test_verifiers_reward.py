@@ -393,3 +393,21 @@ def test_vllm_backend_matches_hf(tmp_path: Path, kind: str) -> None:
     if kind == "prm":
         for a, b in zip(got, hf, strict=True):
             np.testing.assert_allclose(a.meta["step_scores"], b.meta["step_scores"], atol=1e-5)
+
+
+def test_factory_specs(models: dict[str, Path]) -> None:
+    from ttscale.verifiers.base import make_verifier
+    from ttscale.verifiers.ensemble import EnsembleVerifier
+
+    rm = make_verifier(f"rm:{models['orm1']}", batch_size=2)
+    assert isinstance(rm, RewardModelVerifier) and rm.batch_size == 2
+    prm = make_verifier(f"rm:{models['prm_tok']}", kind="prm", step_tag=STEP_TAG)
+    assert prm.kind == "prm"
+    ens = make_verifier(f"ensemble:rm:{models['orm1']},rm:{models['orm2']}", aggregate="min")
+    assert isinstance(ens, EnsembleVerifier) and ens.aggregate == "min"
+    assert ens.member_names == ["orm:orm1", "orm:orm2"]
+    verdicts = ens.verify(problem(), samples())
+    a = [v.score for v in RewardModelVerifier(models["orm1"]).verify(problem(), samples())]
+    b = [v.score for v in RewardModelVerifier(models["orm2"]).verify(problem(), samples())]
+    z = [(np.array(x) - np.mean(x)) / np.std(x) for x in (a, b)]
+    np.testing.assert_allclose([v.score for v in verdicts], np.minimum(*z), atol=1e-6)
