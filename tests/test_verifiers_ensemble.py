@@ -200,3 +200,33 @@ def test_repeated_member_names_are_made_unique() -> None:
     assert ens.member_names == ["a", "a#2", "a#2#2"]
     (v,) = ens.verify(PROBLEM, samples("x"))
     assert v.meta["members"] == {"a": 1.0, "a#2": 3.0, "a#2#2": 5.0} and v.score == 3.0
+
+
+def test_verify_many_batches_each_level_across_problems() -> None:
+    class Batched(Fixed):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.batches: list[int] = []
+
+        def verify_many(self, items):  # type: ignore[no-untyped-def]
+            self.batches.append(len(items))
+            return [self.verify(p, s) for p, s in items]
+
+    cheap = Batched("c", [3.0, 1.0, 0.0, 2.9], cost=1)
+    exp = Batched("e", [1.0, 2.0, 3.0, 4.0], cost=5)
+    ens = EnsembleVerifier([cheap, exp], normalize=None, margin=0.5)
+    p2 = Problem(id="p2", prompt="?")
+    items = [(PROBLEM, samples(["A", "B", "C", "D"])), (p2, samples(["A", "A", "B", "C"])[:2])]
+    out = ens.verify_many(items)
+    assert cheap.batches == [2] and exp.batches == [2]  # one call per level for both problems
+    assert [len(v) for v in out] == [4, 2]
+    # problem 1: clusters A 3.0, D 2.9 stay; B, C pruned. problem 2: one cluster, all stay.
+    assert [v.score for v in out[0]] == [2.0, -math.inf, -math.inf, 3.45]
+    assert [v.score for v in out[1]] == [2.0, 1.5]
+    assert out[1][0].problem_id == "p2"
+    single = EnsembleVerifier(
+        [Fixed("c", cheap.scores, cost=1), Fixed("e", exp.scores, cost=5)],
+        normalize=None,
+        margin=0.5,
+    )
+    assert [v.score for v in single.verify(*items[0])] == [v.score for v in out[0]]

@@ -154,6 +154,24 @@ def test_sampled_token_counts_even_if_absent_from_table() -> None:
     assert j.verify(PROBLEM, samples(1))[0].score == pytest.approx(0.7941296282, abs=1e-10)
 
 
+def test_verify_many_is_one_engine_call() -> None:
+    class Counting(TableEngine):
+        calls = 0
+
+        def generate(self, requests, params):  # type: ignore[no-untyped-def]
+            Counting.calls += 1
+            return super().generate(requests, params)
+
+    tables = {0: {YES: -0.25, NO: -1.60}, 1: {YES: -1.6, NO: -0.25}}
+    j = JudgeVerifier(Counting(tables), yes_token_id=YES, no_token_id=NO)
+    p2 = Problem(id="r", prompt="Other?")
+    out = j.verify_many([(PROBLEM, samples(2)), (p2, []), (p2, samples(1))])
+    assert Counting.calls == 1 and [len(v) for v in out] == [2, 0, 1]
+    assert out[2][0].problem_id == "r" and out[2][0].score == pytest.approx(0.7941296282)
+    assert j.engine.seen[2][0].prompt.startswith(DEFAULT_JUDGE_TEMPLATE.split("{")[0])
+    assert "Other?" in j.engine.seen[2][0].prompt
+
+
 def test_threshold_gives_pass_fail() -> None:
     tables = {0: {YES: -0.25, NO: -1.60}, 1: {YES: -1.6, NO: -0.25}, 2: {YES: -0.7, NO: -0.7}}
     v = judge(tables, threshold=0.5).verify(PROBLEM, samples(3))

@@ -258,6 +258,21 @@ def test_orm_truncates_prompt_from_the_left(models: dict[str, Path]) -> None:
     assert v.info()["truncated_count"] == 1
 
 
+def test_verify_many_matches_verify(models: dict[str, Path]) -> None:
+    v = RewardModelVerifier(models["orm1"], batch_size=3)
+    p2 = Problem(id="p2", prompt="What is 7 * 6?")
+    s2 = [Sample(problem_id="p2", index=i, text=r) for i, r in enumerate(RESPONSES[:3])]
+    many = v.verify_many([(problem(), samples()), (p2, []), (p2, s2)])
+    assert [len(x) for x in many] == [len(RESPONSES), 0, 3]
+    np.testing.assert_allclose(
+        [x.score for x in many[2]], [x.score for x in v.verify(p2, s2)], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        [x.score for x in many[0]], [x.score for x in v.verify(problem(), samples())], atol=1e-6
+    )
+    assert many[2][0].problem_id == "p2"
+
+
 def test_score_texts_matches_verify(models: dict[str, Path]) -> None:
     v = RewardModelVerifier(models["orm1"])
     got = v.score_texts([PROMPT] * 3, RESPONSES[:3])

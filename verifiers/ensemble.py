@@ -66,6 +66,17 @@ def _unique_names(names: Sequence[str]) -> list[str]:
     return out
 
 
+class _Problem:
+    """Per-problem working state of one ensemble call."""
+
+    def __init__(self, n: int, members: int, answers: list[str | None]) -> None:
+        self.n = n
+        self.raw = np.full((members, n), np.nan, dtype=np.float64)  # member x candidate scores
+        self.answers = answers
+        self.active = np.ones(n, dtype=bool)  # still in contention
+        self.pruned_after: dict[int, tuple[int, float]] = {}  # index -> (level, partial score)
+
+
 class EnsembleVerifier:
     """Combine several verifiers' scores into one (a :class:`~ttscale.verifiers.base.Verifier`).
 
@@ -203,48 +214,65 @@ class EnsembleVerifier:
 
     def verify(self, problem: Problem, samples: Sequence[Sample]) -> list[Verdict]:
         """One verdict per sample, in order (status SCORED, or ERROR when no member scored it)."""
-        n, M = len(samples), len(self.members)
-        if n == 0:
-            return []
-        raw = np.full((M, n), np.nan, dtype=np.float64)
-        answers: list[str | None] = [s.answer for s in samples]
-        active = np.ones(n, dtype=bool)
-        pruned_after: dict[int, tuple[int, float]] = {}
+        return self.verify_many([(problem, samples)])[0]
+
+    def verify_many(self, items: Sequence[tuple[Problem, Sequence[Sample]]]) -> list[list[Verdict]]:
+        """:meth:`verify` for several problems: each member is called once per level, with the
+        candidates still in contention of every problem (its ``verify_many`` when it has one)."""
+        from ttscale.verifiers.base import verify_many
+
+        M = len(self.members)
+        states = [_Problem(len(samples), M, [s.answer for s in samples]) for _, samples in items]
         done: list[int] = []
         for level_no, level in enumerate(self._levels):
-            idx = np.flatnonzero(active)
-            subset = [samples[i] for i in idx]
+            idxs = [np.flatnonzero(st.active) for st in states]
+            batch = [
+                (problem, [samples[i] for i in idx])
+                for (problem, samples), idx in zip(items, idxs, strict=True)
+            ]
             for k in level:
                 member = self.members[k]
-                verdicts = member.verify(problem, subset)
-                if len(verdicts) != len(subset):
-                    raise VerifierError(
-                        f"ensemble member {member.name!r} returned {len(verdicts)} verdicts "
-                        f"for {len(subset)} samples"
-                    )
-                self.scored_counts[self.member_names[k]] += len(subset)
-                for i, v in zip(idx, verdicts, strict=True):
-                    raw[k, i] = np.nan if v.score is None else float(v.score)
-                    if answers[i] is None and v.answer is not None:
-                        answers[i] = v.answer
+                results = verify_many(member, batch)
+                for (_, subset), verdicts, idx, st in zip(
+                    batch, results, idxs, states, strict=True
+                ):
+                    if len(verdicts) != len(subset):
+                        raise VerifierError(
+                            f"ensemble member {member.name!r} returned {len(verdicts)} verdicts "
+                            f"for {len(subset)} samples"
+                        )
+                    self.scored_counts[self.member_names[k]] += len(subset)
+                    for i, v in zip(idx, verdicts, strict=True):
+                        st.raw[k, i] = np.nan if v.score is None else float(v.score)
+                        if st.answers[i] is None and v.answer is not None:
+                            st.answers[i] = v.answer
                 done.append(k)
             if self.margin is not None and level_no < len(self._levels) - 1:
-                partial = np.full(n, np.nan)
-                partial[idx] = self._combine(self._normalised(raw[np.ix_(done, idx)], done))
-                for i in self._out_of_contention(idx, partial, answers):
-                    active[i] = False
-                    pruned_after[i] = (level_no, float(partial[i]))
-        final = np.full(n, np.nan)
-        idx = np.flatnonzero(active)
-        z = np.full((M, n), np.nan)
-        rows = list(range(M))
+                for st, idx in zip(states, idxs, strict=True):
+                    if not idx.size:
+                        continue
+                    partial = np.full(st.n, np.nan)
+                    partial[idx] = self._combine(self._normalised(st.raw[np.ix_(done, idx)], done))
+                    for i in self._out_of_contention(idx, partial, st.answers):
+                        st.active[i] = False
+                        st.pruned_after[i] = (level_no, float(partial[i]))
+        return [
+            self._finish(problem, samples, st)
+            for (problem, samples), st in zip(items, states, strict=True)
+        ]
+
+    def _finish(self, problem: Problem, samples: Sequence[Sample], st: _Problem) -> list[Verdict]:
+        M = len(self.members)
+        final = np.full(st.n, np.nan)
+        idx = np.flatnonzero(st.active)
+        z = np.full((M, st.n), np.nan)
         if idx.size:
-            z[:, idx] = self._normalised(raw[:, idx], rows)
+            z[:, idx] = self._normalised(st.raw[:, idx], list(range(M)))
             final[idx] = self._combine(z[:, idx])
-        self.pruned_count += len(pruned_after)
+        self.pruned_count += len(st.pruned_after)
         return [
             self._verdict(
-                problem, s, j, answers[j], raw[:, j], z[:, j], final[j], pruned_after.get(j)
+                problem, s, st.answers[j], st.raw[:, j], z[:, j], final[j], st.pruned_after.get(j)
             )
             for j, s in enumerate(samples)
         ]
@@ -271,7 +299,6 @@ class EnsembleVerifier:
         self,
         problem: Problem,
         sample: Sample,
-        j: int,
         answer: str | None,
         raw: np.ndarray,
         z: np.ndarray,

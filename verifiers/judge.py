@@ -176,18 +176,24 @@ class JudgeVerifier:
 
     def verify(self, problem: Problem, samples: Sequence[Sample]) -> list[Verdict]:
         """One verdict per sample, in order (one single-token generation per sample, batched)."""
-        if not samples:
-            return []
-        requests = [self._request(problem, s) for s in samples]
+        return self.verify_many([(problem, samples)])[0]
+
+    def verify_many(self, items: Sequence[tuple[Problem, Sequence[Sample]]]) -> list[list[Verdict]]:
+        """:meth:`verify` for several problems in one engine call."""
+        flat = [(p, s) for p, samples in items for s in samples]
+        if not flat:
+            return [[] for _ in items]
+        requests = [self._request(p, s) for p, s in flat]
         outputs = self.engine.generate(requests, self.params)
         if len(outputs) != len(requests):
             raise VerifierError(
                 f"judge engine returned {len(outputs)} results for {len(requests)} requests"
             )
-        verdicts = []
-        for sample, comps in zip(samples, outputs, strict=True):
-            verdicts.append(self._verdict(problem, sample, comps[0] if comps else None))
-        return verdicts
+        verdicts = iter(
+            self._verdict(p, s, comps[0] if comps else None)
+            for (p, s), comps in zip(flat, outputs, strict=True)
+        )
+        return [[next(verdicts) for _ in samples] for _, samples in items]
 
     def _top_table(self, completion: Completion | None) -> Mapping[int, float] | None:
         if completion is None or not completion.top_logprobs:

@@ -521,24 +521,26 @@ class RewardModelVerifier:
 
     def verify(self, problem: Problem, samples: Sequence[Sample]) -> list[Verdict]:
         """One verdict per sample, in order: status SCORED with the mapped reward as ``score``."""
-        if not samples:
-            return []
+        return self.verify_many([(problem, samples)])[0]
+
+    def verify_many(self, items: Sequence[tuple[Problem, Sequence[Sample]]]) -> list[list[Verdict]]:
+        """:meth:`verify` for several problems, their candidates batched together."""
+        flat = [(p, s) for p, samples in items for s in samples]
         if self.kind == "orm":
-            enc = [self._encode_orm(problem.prompt, s.text) for s in samples]
+            enc = [self._encode_orm(p.prompt, s.text) for p, s in flat]
         else:
             enc = [
-                self._encode_prm(problem.prompt, split_steps(s.text, self.step_separator))
-                for s in samples
+                self._encode_prm(p.prompt, split_steps(s.text, self.step_separator))
+                for p, s in flat
             ]
         try:
             scores = self._log_odds(enc)
         except (RuntimeError, ValueError) as e:
-            raise VerifierError(
-                f"reward model {self.name} failed on problem {problem.id!r}: {e}"
-            ) from e
-        return [
-            self._verdict(problem, s, e, r) for s, e, r in zip(samples, enc, scores, strict=True)
-        ]
+            raise VerifierError(f"reward model {self.name} failed: {e}") from e
+        verdicts = iter(
+            self._verdict(p, s, e, r) for (p, s), e, r in zip(flat, enc, scores, strict=True)
+        )
+        return [[next(verdicts) for _ in samples] for _, samples in items]
 
     def _verdict(self, problem: Problem, sample: Sample, enc: _Encoded, r: np.ndarray) -> Verdict:
         meta: dict[str, Any] = {}
