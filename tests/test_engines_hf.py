@@ -128,16 +128,23 @@ def test_first_token_distribution_matches_model(hf: HFEngine) -> None:
 
 
 def test_min_tokens_delays_stop_strings(hf: HFEngine) -> None:
-    # (min_tokens masks EOS, which changes the draws: the reference uses min_tokens too)
-    base = SamplingParams(max_tokens=30, seed=5, min_tokens=4)
-    req = GenerationRequest("p", prompt="abc", indices=(0,))
-    full = hf.generate([req], base)[0][0]
-    stop = full.text[0]
-    # one token per character: a stop string counts only once it ends after min_tokens tokens
+    # min_tokens masks EOS, which changes the draws: the reference sample uses it too. Find a
+    # sample with a character both inside the first 4 tokens and after them (one token per char).
+    for seed in range(5, 60):
+        base = SamplingParams(max_tokens=30, seed=seed, min_tokens=4)
+        req = GenerationRequest("p", prompt="abc")
+        full = hf.generate([req], base)[0][0]
+        early = [ch for ch in full.text[:4] if ch in full.text[4:]]
+        if early and all(t > 3 for t in full.token_ids):  # no special tokens: chars == tokens
+            break
+    else:
+        pytest.fail("no suitable sample")
+    stop = early[0]
     hit = find_stop(full.text, [stop], start=4)
     got = hf.generate([req], base.replace(stop=(stop,)))[0][0]
-    assert got.text == (full.text[: hit[0]] if hit else full.text)
-    assert got.num_tokens >= 4
+    assert hit is not None and hit[0] >= 4 - len(stop) + 1
+    assert got.text == full.text[: hit[0]]
+    assert got.stop_reason == stop and got.num_tokens == hit[0] + 1
 
 
 def test_chat_prompt_uses_template(hf: HFEngine) -> None:

@@ -1,0 +1,348 @@
+"""OpenAIEngine: fault injection against a local stdlib server, and a real vLLM OpenAI server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from ttscale.engines import GenerationError, GenerationRequest, make_engine
+from ttscale.engines.openai import OpenAIEngine, parse_retry_after
+from ttscale.errors import ConfigError, EngineError
+from ttscale.seeding import sample_seed
+from ttscale.testing import check_engine
+from ttscale.types import SamplingParams
+
+pytestmark = pytest.mark.network
+
+
+class FakeServer:
+    """An OpenAI-style completions server whose misbehaviour is scripted per HTTP request.
+
+    Actions: ``ok``; ``status:CODE`` (error response); ``429:SECONDS`` (with Retry-After);
+    ``hang:SECONDS`` (sleep, then answer); ``drop`` (close the socket without answering).
+    ``script`` is consumed in arrival order; ``by_prompt[prompt]`` takes precedence.
+    """
+
+    def __init__(self, script=(), by_prompt=None, delay: float = 0.0, shared=None) -> None:  # type: ignore[no-untyped-def]
+        self.script = list(script)
+        self.by_prompt = {k: list(v) for k, v in (by_prompt or {}).items()}
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.attempts: list[tuple[float, str, dict]] = []
+        self.shared = shared if shared is not None else {"inflight": 0, "max_inflight": 0}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                action = server._next(body)
+                with server.lock:
+                    server.shared["inflight"] += 1
+                    server.shared["max_inflight"] = max(
+                        server.shared["max_inflight"], server.shared["inflight"]
+                    )
+                try:
+                    server._handle(self, action, body)
+                finally:
+                    with server.lock:
+                        server.shared["inflight"] -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def _next(self, body: dict) -> str:
+        with self.lock:
+            queue = self.by_prompt.get(body.get("prompt"))
+            action = (queue.pop(0) if queue else "ok") if queue is not None else None
+            if action is None:
+                action = self.script.pop(0) if self.script else "ok"
+            self.attempts.append((time.monotonic(), action, body))
+            return action
+
+    def _handle(self, h: BaseHTTPRequestHandler, action: str, body: dict) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        kind, _, arg = action.partition(":")
+        if kind == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if kind == "hang":
+            time.sleep(float(arg))
+        if kind in ("status", "429"):
+            code = 429 if kind == "429" else int(arg)
+            h.send_response(code)
+            if kind == "429":
+                h.send_header("Retry-After", arg)
+            payload = json.dumps({"error": {"message": f"scripted {code}"}}).encode()
+            h.send_header("Content-Length", str(len(payload)))
+            h.end_headers()
+            h.wfile.write(payload)
+            return
+        payload = json.dumps(_ok_response(body)).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _ok_response(body: dict) -> dict:
+    """Text ``s<seed+k>`` per choice; one token per character, token ids ``ord(char)``."""
+    choices = []
+    for k in range(body.get("n", 1)):
+        text = f"s{body['seed'] + k}"
+        lp = {
+            "tokens": [f"token_id:{ord(ch)}" for ch in text],
+            "token_logprobs": [-0.25] * len(text),
+            "top_logprobs": [{f"token_id:{ord(ch)}": -0.25} for ch in text],
+            "text_offset": list(range(len(text))),
+        }
+        choices.append(
+            {"index": k, "text": text, "logprobs": lp, "finish_reason": "stop", "stop_reason": None}
+        )
+    return {"choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+
+@pytest.fixture
+def servers() -> Iterator[list[FakeServer]]:
+    made: list[FakeServer] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def _engine(urls, **kw) -> OpenAIEngine:  # type: ignore[no-untyped-def]
+    kw.setdefault("backoff", (0.01, 2.0, 0.05))
+    kw.setdefault("timeout", 5.0)
+    kw.setdefault("jitter_seed", 0)
+    return OpenAIEngine("m", urls, **kw)
+
+
+P = SamplingParams(seed=9, max_tokens=8)
+
+
+def _want_text(pid: str, index: int) -> str:
+    return f"s{sample_seed(9, pid, index)}"
+
+
+def test_ok_roundtrip_and_token_ids(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer())
+    eng = _engine(servers[0].url)
+    (comps,) = eng.generate([GenerationRequest("p", prompt="A", indices=(0, 3))], P)
+    assert [c.text for c in comps] == [_want_text("p", 0), _want_text("p", 3)]
+    c = comps[0]
+    assert c.token_ids == tuple(ord(ch) for ch in c.text)
+    assert c.cumulative_logprob == pytest.approx(-0.25 * len(c.text))
+    assert c.prompt_tokens == 3 and c.seed == sample_seed(9, "p", 0)
+    body = servers[0].attempts[0][2]
+    assert body["return_tokens_as_token_ids"] is True and body["n"] == 1
+    assert body["prompt"] == "A" and body["logprobs"] == 0
+
+
+def test_429_honours_retry_after(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["429:0.3", "ok"]))
+    eng = _engine(servers[0].url)
+    (comps,) = eng.generate([GenerationRequest("p", prompt="A")], P)
+    assert comps[0].text == _want_text("p", 0)
+    (t0, *_), (t1, *_) = servers[0].attempts
+    assert 0.3 <= t1 - t0 < 1.5  # the header's 0.3 s beats the 0.01 s backoff
+    assert eng.stats["retries"] == 1
+
+
+def test_backoff_grows_within_bounds(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["status:500", "status:502", "status:503", "ok"]))
+    eng = _engine(servers[0].url, backoff=(0.1, 2.0, 0.3))
+    eng.generate([GenerationRequest("p", prompt="A")], P)
+    times = [t for t, *_ in servers[0].attempts]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # attempt a waits min(cap, first * factor**a), jittered into [d/2, d]
+    for gap, d in zip(gaps, (0.1, 0.2, 0.3), strict=True):
+        assert d / 2 <= gap <= d + 0.25
+
+
+def test_timeout_and_dropped_connection_are_retried(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["hang:3", "drop", "ok"]))
+    eng = _engine(servers[0].url, timeout=0.4)
+    t0 = time.monotonic()
+    (comps,) = eng.generate([GenerationRequest("p", prompt="A")], P)
+    assert comps[0].text == _want_text("p", 0)
+    assert [a for _, a, _ in servers[0].attempts] == ["hang:3", "drop", "ok"]
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_client_errors_are_not_retried(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["status:400"]))
+    eng = _engine(servers[0].url)
+    with pytest.raises(GenerationError, match="HTTP 400") as ei:
+        eng.generate([GenerationRequest("p", prompt="A")], P)
+    assert isinstance(ei.value.__cause__, EngineError)
+    assert len(servers[0].attempts) == 1
+
+
+def test_completed_requests_survive_a_final_failure(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(by_prompt={"B": ["status:500"] * 10}))
+    eng = _engine(servers[0].url, max_concurrency=1, max_retries=2)
+    delivered: dict = {}
+    reqs = [
+        GenerationRequest("a", prompt="A", indices=(0, 1)),
+        GenerationRequest("b", prompt="B", indices=(0,)),
+        GenerationRequest("c", prompt="C", indices=(0, 1, 2, 3)),
+    ]
+    with pytest.raises(GenerationError, match="gave up after 3 attempts") as ei:
+        eng.generate(reqs, P, on_result=lambda pos, comps: delivered.__setitem__(pos, comps))
+    assert 0 in delivered and [c.text for c in delivered[0]] == [_want_text("a", i) for i in (0, 1)]
+    assert ei.value.results[1] is None
+    assert set(ei.value.completed) == set(delivered)
+    # no new work after the failure: request c was at most partly started
+    assert sum(1 for _, _, b in servers[0].attempts if b["prompt"] == "C") <= 1
+
+
+def test_partial_samples_of_a_failed_request(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["ok", "ok", "status:500", "status:500"]))
+    eng = _engine(servers[0].url, max_concurrency=1, max_retries=1)
+    with pytest.raises(GenerationError) as ei:
+        eng.generate([GenerationRequest("p", prompt="A", indices=(0, 1, 2))], P)
+    assert ei.value.completed == {}
+    assert [c.index for c in ei.value.partial[0]] == [0, 1]
+
+
+def test_load_is_spread_and_concurrency_bounded(servers) -> None:  # type: ignore[no-untyped-def]
+    shared = {"inflight": 0, "max_inflight": 0}
+    servers.extend(FakeServer(delay=0.15, shared=shared) for _ in range(2))
+    eng = _engine([s.url for s in servers], max_concurrency=4)
+    reqs = [GenerationRequest(f"p{i}", prompt="A", indices=(0, 1)) for i in range(6)]
+    out = eng.generate(reqs, P)
+    assert [[c.text for c in r] for r in out] == [
+        [_want_text(f"p{i}", j) for j in (0, 1)] for i in range(6)
+    ]
+    counts = [len(s.attempts) for s in servers]
+    assert sum(counts) == 12 and min(counts) >= 4
+    assert 2 <= shared["max_inflight"] <= 4
+
+
+def test_retry_moves_to_another_server(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(script=["status:503"] * 50))
+    servers.append(FakeServer())
+    eng = _engine([s.url for s in servers], max_retries=1, max_concurrency=2)
+    reqs = [GenerationRequest(f"p{i}", prompt="A") for i in range(6)]
+    out = eng.generate(reqs, P)
+    assert all(r[0].text == _want_text(f"p{i}", 0) for i, r in enumerate(out))
+
+
+def test_n_fanout_sends_runs_of_consecutive_seeds(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer())
+    eng = _engine(servers[0].url, n_fanout=True)
+    (comps,) = eng.generate([GenerationRequest("p", prompt="A", indices=(0, 1, 2, 7))], P)
+    assert [c.text for c in comps] == [_want_text("p", i) for i in (0, 1, 2, 7)]
+    sent = sorted((b["seed"], b["n"]) for _, _, b in servers[0].attempts)
+    assert sent == [(sample_seed(9, "p", 0), 3), (sample_seed(9, "p", 7), 1)]
+
+
+def test_request_bodies() -> None:
+    eng = OpenAIEngine("m", "http://127.0.0.1:1/v1")
+    params = SamplingParams(top_k=5, min_p=0.1, min_tokens=2, stop=("\n",), logprobs=3, seed=1)
+    path, body = eng._body(GenerationRequest("p", prompt="Q", prefix="A: "), params, 2, 77)
+    assert path == "/completions" and body["prompt"] == "Q" + "A: "
+    assert (body["top_k"], body["min_p"], body["min_tokens"], body["stop"]) == (5, 0.1, 2, ["\n"])
+    assert (body["n"], body["seed"], body["logprobs"]) == (2, 77, 3)
+    msgs = [{"role": "user", "content": "hi"}]
+    path, body = eng._body(GenerationRequest("p", messages=msgs, prefix="So"), params, 1, 3)
+    assert path == "/chat/completions"
+    assert body["messages"][-1] == {"role": "assistant", "content": "So"}
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["logprobs"] is True and body["top_logprobs"] == 3
+    hosted = OpenAIEngine(
+        "m", "http://127.0.0.1:1/v1", token_ids=False, vllm_extras=False, chat=True
+    )
+    path, body = hosted._body(GenerationRequest("p", prompt="Q"), params, 1, 3)
+    assert path == "/chat/completions" and body["messages"] == [{"role": "user", "content": "Q"}]
+    assert not {"top_k", "min_p", "min_tokens", "return_tokens_as_token_ids"} & set(body)
+
+
+def test_hosted_style_chat_response_without_token_ids() -> None:
+    from ttscale.engines.openai import _parse_choice
+
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Paris."},
+        "logprobs": {
+            "content": [
+                {
+                    "token": "Paris",
+                    "logprob": -0.1,
+                    "top_logprobs": [{"token": "Paris", "logprob": -0.1}],
+                },
+                {"token": ".", "logprob": -0.2, "top_logprobs": []},
+            ]
+        },
+        "finish_reason": "stop",
+    }
+    req = GenerationRequest("p", prompt="Q")
+    c = _parse_choice(choice, req, 0, 5, SamplingParams(logprobs=1), 7, 2)
+    assert c.text == "Paris." and c.token_ids is None and c.num_tokens == 2
+    assert c.token_logprobs == (-0.1, -0.2) and c.cumulative_logprob == pytest.approx(-0.3)
+    assert c.top_logprobs is None  # alternatives keyed by id need token ids
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(
+        10.0
+    )
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ConfigError, match="base_urls"):
+        OpenAIEngine("m", "localhost:8000")
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        OpenAIEngine("m", "http://x/v1", max_concurrency=0)
+    with pytest.raises(ConfigError, match="backoff"):
+        OpenAIEngine("m", "http://x/v1", backoff=(1.0, 0.5, 2.0))
+    assert isinstance(make_engine("openai", "m", base_urls=["http://x/v1"]), OpenAIEngine)
+
+
+# -- a real vLLM OpenAI server -------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_real_server_contract(vllm_server: str) -> None:
+    eng = OpenAIEngine("tiny", vllm_server, max_concurrency=4)
+    assert len(check_engine(eng)) == 10
+    fan = OpenAIEngine("tiny", [vllm_server], n_fanout=True)
+    check_engine(fan, only=("shapes", "reproducible", "distinct", "explicit_seeds"))
+
+
+@pytest.mark.vllm
+def test_real_server_matches_offline_vllm(vllm_server: str, vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """The server and the in-process engine draw the same samples from the same seeds."""
+    params = SamplingParams(max_tokens=20, seed=4, logprobs=2, stop=("q",))
+    reqs = [
+        GenerationRequest("a", prompt="Hello there", indices=(0, 1, 2)),
+        GenerationRequest("b", messages=[{"role": "user", "content": "Hi"}], indices=(5,)),
+    ]
+    served = OpenAIEngine("tiny", vllm_server, n_fanout=True).generate(reqs, params)
+    offline = vllm_engine.generate(reqs, params)
+    for rs, ro in zip(served, offline, strict=True):
+        for s, o in zip(rs, ro, strict=True):
+            assert (s.text, s.token_ids, s.finish_reason) == (o.text, o.token_ids, o.finish_reason)
+            assert s.prompt_tokens == o.prompt_tokens
+            assert s.cumulative_logprob == pytest.approx(o.cumulative_logprob, abs=1e-4)
+            assert s.top_logprobs[0].keys() == o.top_logprobs[0].keys()

