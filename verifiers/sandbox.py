@@ -1,0 +1,966 @@
+"""Run untrusted Python programs in fresh, isolated processes and report typed outcomes.
+
+Every program runs in a new interpreter (``python -s -S -B -P``) with a scrubbed environment
+(``PATH``, ``LANG``, ``PYTHONHASHSEED=0``, ``HOME`` = a private temp directory; nothing else
+from the caller's environment), rlimits on CPU seconds, address space, processes, file size and
+open files, and a wall-clock timeout that kills the whole process tree. Two isolation levels:
+
+``"bubblewrap"`` (preferred; chosen automatically when ``bwrap`` works here)
+    Linux namespaces via bubblewrap: no network (``--unshare-net``; only a downed loopback),
+    its own PID, IPC, UTS and cgroup namespaces, a new session, ``--die-with-parent``. The file
+    system is read-only ``/usr`` (+ ``/bin``, ``/lib*``), the interpreter's install prefix
+    read-only, a minimal ``/dev`` and a size-limited private tmpfs at ``/tmp`` as the working
+    directory; there is no ``/proc``, no ``/etc``, no home directory and no project checkout.
+    Killing the sandbox's first process kills every process in it, so double-forked daemons
+    cannot outlive a check. When ttscale runs as root, the sandbox keeps only CAP_SETUID,
+    CAP_SETGID and CAP_KILL and the program itself runs under a random unprivileged uid with
+    no capabilities (so ``RLIMIT_NPROC`` applies and it cannot signal the checker); otherwise
+    bubblewrap's user namespace maps the caller's uid.
+``"process"`` (fallback, logged once as a warning)
+    A plain subprocess in a temp directory with the same rlimits and environment, plus a
+    Python audit hook that refuses process creation, signals to other processes, sockets,
+    ``ctypes``, ``/proc``, writes outside the temp directory and reads under ``$HOME`` and the
+    current directory. Audit hooks are not a security boundary: native code, a pre-imported
+    module or an interpreter bug can bypass them, and a double-forked daemon that clears its
+    environment can survive (the fallback kills the process group and every process carrying
+    the run's marker variable). Use it for trusted-ish model output only.
+
+Neither level defends against kernel or bubblewrap vulnerabilities, side channels, or CPU and
+memory pressure on the host beyond the rlimits (no cgroup limits: a program may use one core
+fully for ``timeout`` seconds and ``memory_mb`` of address space per process, times ``nproc``).
+
+**Test integrity (threat model).** The program is adversarial: it may try to make a wrong
+solution look correct. Inside the sandbox a trusted *checker* process forks the *program*
+process before it has read the tests or a per-run random nonce; the program executes the
+candidate code and then answers the checker's requests (call this function, read that
+attribute). The test code runs in the checker, so the program's memory never holds the tests,
+the expected values or the nonce. Return values cross back only as pickles restricted to plain
+builtin data; other objects stay behind as opaque handles that compare by identity. The
+checker reports through a pipe the program does not hold, tagged with the nonce, and the host
+accepts exactly one well-formed ``S``/``R`` frame pair. Consequences: ``sys.exit(0)``,
+``os._exit(0)``, printing a success marker, patching builtins or the test helpers,
+monkeypatching modules, returning an object whose ``__eq__`` is always true, killing the
+checker, and writing to any file descriptor all end as non-pass; exit codes never mean pass.
+What remains possible is what any black-box test allows: hard-coding answers for inputs the
+program can guess (e.g. the docstring examples) and behaving differently on repeated calls.
+Tests that pass callables or test-defined objects to the program, or that inspect in-place
+mutation of their arguments, are not supported (values are copied; such a case reports
+``error``).
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import enum
+import hmac
+import logging
+import marshal
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ttscale.errors import ConfigError, SandboxError
+
+__all__ = [
+    "CaseResult",
+    "ExecOutcome",
+    "ExecResult",
+    "Isolation",
+    "Limits",
+    "Program",
+    "Sandbox",
+    "detect_isolation",
+    "normalize_output",
+    "run_many",
+]
+
+log = logging.getLogger(__name__)
+
+_RUNNER = Path(__file__).with_name("_sandbox_runner.py")
+_START_GRACE_S = 0.25  # checker overhead allowed on top of the program's timeout
+_DRAIN_S = 1.0  # how long to wait for the output pipes once the checker has finished
+
+
+class Isolation(str, enum.Enum):
+    """How strongly programs are isolated (recorded in the run manifest)."""
+
+    BUBBLEWRAP = "bubblewrap"
+    PROCESS = "process"
+
+
+class ExecOutcome(str, enum.Enum):
+    """Typed outcome of running one program against its tests."""
+
+    PASS = "pass"
+    FAIL = "fail"  # a failing assertion, an exception, a wrong output, an early exit
+    TIMEOUT = "timeout"  # wall clock or CPU limit
+    CRASH = "crash"  # killed by a signal
+    MEMORY = "memory"  # MemoryError / address-space limit
+    SYNTAX_ERROR = "syntax_error"
+    ERROR = "error"  # the harness or the test code failed, not the candidate
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one program run.
+
+    ``timeout_s`` is wall-clock time from the moment the checker starts the program (interpreter
+    start-up is not counted; ``startup_timeout_s`` bounds it separately). ``memory_mb`` is the
+    address-space limit of the program process (RLIMIT_AS), ``nproc`` its process limit,
+    ``fsize_mb`` the largest file it may write, ``tmpfs_mb`` the size of its private ``/tmp``
+    (bubblewrap), ``output_bytes`` how much of stdout/stderr is kept (the rest is drained and
+    dropped).
+    """
+
+    timeout_s: float = 3.0
+    memory_mb: int = 1024
+    nproc: int = 64
+    fsize_mb: int = 16
+    nofile: int = 256
+    tmpfs_mb: int = 64
+    output_bytes: int = 1 << 20
+    startup_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "startup_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        for name, lo in (
+            ("memory_mb", 32),
+            ("nproc", 1),
+            ("fsize_mb", 1),
+            ("nofile", 16),
+            ("tmpfs_mb", 1),
+            ("output_bytes", 1),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Program:
+    """One untrusted program and the trusted tests to run against it.
+
+    ``mode="function"``: ``source`` is executed (as module ``solution``) in the program process;
+    then ``prelude`` and ``setup`` run in the checker, and each entry of ``cases`` is one test
+    case (a statement such as ``assert f(1) == 2`` or ``check(f)``) run in the checker. Names
+    the tests use that ``source`` defines are bound to proxies of the program's objects; names
+    the ``prelude`` defines win, except ``entry_points``, which always come from the program.
+    ``mode="stdio"``: ``source`` runs as ``__main__`` with ``stdin`` on standard input; the run
+    passes when it exits with status 0 and, if ``expected_stdout`` is given, its output matches
+    after :func:`normalize_output`.
+    """
+
+    source: str
+    mode: str = "function"
+    cases: tuple[str, ...] = ()
+    setup: str = ""
+    prelude: str = ""
+    entry_points: tuple[str, ...] = ()
+    stdin: str = ""
+    expected_stdout: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise ConfigError(f"Program.source must be a string, got {type(self.source).__name__}")
+        if self.mode not in ("function", "stdio"):
+            raise ConfigError(f"Program.mode must be 'function' or 'stdio', got {self.mode!r}")
+        if isinstance(self.cases, str):
+            object.__setattr__(self, "cases", (self.cases,))
+        object.__setattr__(self, "cases", tuple(self.cases))
+        if isinstance(self.entry_points, str):
+            object.__setattr__(self, "entry_points", (self.entry_points,))
+        object.__setattr__(self, "entry_points", tuple(self.entry_points))
+        if self.mode == "function" and not self.cases:
+            raise ConfigError("a function-mode Program needs at least one test case")
+        for c in self.cases:
+            if not isinstance(c, str) or not c.strip():
+                raise ConfigError(f"test cases must be non-empty strings, got {c!r}")
+
+    @classmethod
+    def humaneval(cls, prompt: str, completion: str, test: str, entry_point: str) -> Program:
+        """HumanEval: program ``prompt + completion``; the test defines ``check``, the case is
+        ``check(entry_point)`` (the reference harness concatenates the same pieces)."""
+        return cls(
+            source=prompt + completion,
+            cases=(f"check({entry_point})",),
+            setup=test,
+            prelude=prompt,
+            entry_points=(entry_point,),
+        )
+
+    @classmethod
+    def asserts(cls, source: str, tests: Sequence[str], setup: str = "") -> Program:
+        """MBPP style: each assert statement in ``tests`` is one case."""
+        return cls(source=source, cases=tuple(tests), setup=setup)
+
+    @classmethod
+    def stdio(cls, source: str, stdin: str = "", expected_stdout: str | None = None) -> Program:
+        """CodeContests style: run with ``stdin``; compare stdout when ``expected_stdout`` is given."""
+        return cls(source=source, mode="stdio", stdin=stdin, expected_stdout=expected_stdout)
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One test case of a function-mode program."""
+
+    ok: bool
+    outcome: ExecOutcome
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What running one :class:`Program` produced."""
+
+    outcome: ExecOutcome
+    detail: str = ""
+    cases: tuple[CaseResult, ...] = ()
+    stdout: str = ""
+    stderr: str = ""
+    output_truncated: bool = False
+    exit_code: int | None = None
+    signal: int | None = None
+    seconds: float = 0.0
+    isolation: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome is ExecOutcome.PASS
+
+    @property
+    def cases_passed(self) -> int:
+        return sum(1 for c in self.cases if c.ok)
+
+
+def normalize_output(text: str) -> str:
+    """CodeContests-style comparison key: ``\\r\\n`` -> ``\\n``, trailing whitespace removed
+    from every line, leading and trailing blank lines dropped."""
+    lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# the sandbox
+
+
+# The bootstrap reads the runner's marshalled code object from the job pipe and runs it, so
+# no sandbox run compiles the runner (marshal data is interpreter-specific: the sandbox runs
+# the very interpreter that produced it).
+_BOOT = (
+    "import marshal,os,sys\n"
+    "f=int(sys.argv[1])\n"
+    "def r(n):\n"
+    " b=b''\n"
+    " while len(b)<n:\n"
+    "  c=os.read(f,n-len(b))\n"
+    "  if not c:raise SystemExit(3)\n"
+    "  b+=c\n"
+    " return b\n"
+    "exec(marshal.loads(r(int.from_bytes(r(8),'big'))),{'__name__':'__main__'})\n"
+)
+
+
+@cache
+def _runner_code() -> bytes:
+    src = _RUNNER.read_text(encoding="utf-8")
+    code = compile(src, "<ttscale-sandbox-runner>", "exec", dont_inherit=True)
+    blob = marshal.dumps(code)
+    return len(blob).to_bytes(8, "big") + blob
+
+
+@cache
+def _bwrap_supports_size(bwrap: str) -> bool:
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--size" in (out.stdout + out.stderr)
+
+
+def _interpreter() -> tuple[str, str]:
+    """The real interpreter binary (a venv's python is a symlink) and its install prefix."""
+    python = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    return python, prefix
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = Path(path).parts[1:-1]
+    out = []
+    cur = "/"
+    for p in parts:
+        cur = os.path.join(cur, p)
+        out.append(cur)
+    return out
+
+
+class Sandbox:
+    """Runs :class:`Program`s, each in a fresh sandboxed process.
+
+    ``isolation``: ``"auto"`` (bubblewrap when it passes a self-test here, else ``"process"``
+    with a warning), ``"bubblewrap"`` (raise :class:`~ttscale.errors.SandboxError` if it cannot
+    work) or ``"process"``. ``workers`` is the default parallelism of :meth:`run_many`.
+    ``batch_size``: with bubblewrap as root, up to this many programs share one sandbox
+    (namespaces, tmpfs, checker and zygote), each still in its own fresh process under its own
+    uid with its leftovers killed and its files deleted before the next starts; otherwise every
+    program gets its own sandbox.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        isolation: str = "auto",
+        workers: int | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.limits = limits if limits is not None else Limits()
+        if not isinstance(self.limits, Limits):
+            raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 64:
+            raise ConfigError(f"batch_size must be an integer in [1, 64], got {batch_size!r}")
+        self.workers = workers or _default_workers()
+        self.batch_size = batch_size
+        self._python, self._prefix = _interpreter()
+        self._root = os.geteuid() == 0
+        if isolation == "auto":
+            self.isolation = detect_isolation()
+        else:
+            try:
+                self.isolation = Isolation(isolation)
+            except ValueError:
+                raise ConfigError(
+                    f"isolation must be 'auto', 'bubblewrap' or 'process', got {isolation!r}"
+                ) from None
+            if self.isolation is Isolation.BUBBLEWRAP:
+                ok, why = _bwrap_self_test()
+                if not ok:
+                    raise SandboxError(
+                        f"bubblewrap sandbox does not work here ({why}); install bubblewrap "
+                        "(apt-get install bubblewrap) or use isolation='process'"
+                    )
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Programs per sandbox: ``batch_size`` with bubblewrap as root (per-program uids), else 1."""
+        if self.isolation is Isolation.BUBBLEWRAP and self._root:
+            return self.batch_size
+        return 1
+
+    def info(self) -> dict[str, Any]:
+        lim = self.limits
+        return {
+            "isolation": self.isolation.value,
+            "python": self._python,
+            "batch_size": self.effective_batch_size,
+            "limits": {
+                "timeout_s": lim.timeout_s,
+                "memory_mb": lim.memory_mb,
+                "nproc": lim.nproc,
+                "fsize_mb": lim.fsize_mb,
+                "nofile": lim.nofile,
+                "tmpfs_mb": lim.tmpfs_mb,
+                "output_bytes": lim.output_bytes,
+            },
+        }
+
+    # -- public ----------------------------------------------------------------------
+    def run(self, program: Program) -> ExecResult:
+        """Run one program; never raises for anything the program does."""
+        if not isinstance(program, Program):
+            raise ConfigError(f"expected a Program, got {type(program).__name__}")
+        return self._execute_batch([program])[0]
+
+    def run_many(self, programs: Iterable[Program], workers: int | None = None) -> list[ExecResult]:
+        """Run programs in parallel (threads each driving one sandbox at a time); results in order."""
+        progs = list(programs)
+        for p in progs:
+            if not isinstance(p, Program):
+                raise ConfigError(f"expected Programs, got {type(p).__name__}")
+        n = workers if workers is not None else self.workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        if not progs:
+            return []
+        n = min(n, len(progs))
+        size = max(1, min(self.effective_batch_size, math.ceil(len(progs) / n)))
+        chunks = [progs[i : i + size] for i in range(0, len(progs), size)]
+        if n == 1 or len(chunks) == 1:
+            parts = [self._execute_batch(c) for c in chunks]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=n) as ex:
+                parts = list(ex.map(self._execute_batch, chunks))
+        return [r for part in parts for r in part]
+
+    # -- internals -------------------------------------------------------------------
+    def _argv(self, job_fd: int, res_fd: int) -> list[str]:
+        py = [self._python, "-s", "-S", "-B", "-P", "-c", _BOOT, str(job_fd), str(res_fd)]
+        if self.isolation is Isolation.PROCESS:
+            return py
+        bwrap = shutil.which("bwrap") or "bwrap"
+        a = [
+            bwrap,
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--die-with-parent",
+            "--new-session",
+        ]
+        if self._root:
+            # No user namespace: the checker keeps just what it needs to start programs under
+            # other uids and to stop them; the programs end with no capabilities.
+            a += ["--cap-drop", "ALL"]
+            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_KILL"):
+                a += ["--cap-add", cap]
+        else:
+            a += ["--unshare-user"]
+        a += ["--ro-bind", "/usr", "/usr"]
+        for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(d):
+                a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                a += ["--ro-bind", d, d]
+        for p in dict.fromkeys((self._prefix, os.path.dirname(os.path.dirname(self._python)))):
+            if p == "/usr" or p.startswith("/usr/"):
+                continue
+            for anc in _ancestors(p):
+                if anc not in ("/usr", "/bin", "/lib", "/lib64", "/sbin"):
+                    a += ["--perms", "0755", "--dir", anc]
+            a += ["--ro-bind", p, p]
+        a += ["--dev", "/dev", "--perms", "1777"]
+        if _bwrap_supports_size(bwrap):
+            a += ["--size", str(self.limits.tmpfs_mb << 20)]
+        a += ["--tmpfs", "/tmp", "--chdir", "/tmp"]
+        return a + py
+
+    def _execute_batch(self, programs: list[Program]) -> list[ExecResult]:
+        """Run ``programs`` in as few sandboxes as it takes (a program that kills its sandbox
+        or outlives the host's backstop deadline ends it; the rest go to a fresh one)."""
+        out: list[ExecResult] = []
+        while len(out) < len(programs):
+            got = self._run_sandbox(programs[len(out) :])
+            out.extend(got)
+        return out
+
+    def _run_sandbox(self, programs: list[Program]) -> list[ExecResult]:
+        """One sandbox for ``programs``; returns the results of a non-empty prefix of them."""
+        lim = self.limits
+        bw = self.isolation is Isolation.BUBBLEWRAP
+        run_id = secrets.token_hex(8)
+        tmpdir = None if bw else tempfile.mkdtemp(prefix="ttscale-sbx-")
+        base = "/tmp" if bw else tmpdir
+        entries = []
+        for k, p in enumerate(programs):
+            entries.append(
+                {
+                    "mode": p.mode,
+                    "source": p.source,
+                    "prelude": p.prelude,
+                    "stdin": p.stdin.encode("utf-8") if p.mode == "stdio" else b"",
+                    "uid": (1 << 20) + secrets.randbelow(1 << 30) if (bw and self._root) else None,
+                    "workdir": os.path.join(base, f"w{k}"),  # type: ignore[arg-type]
+                }
+            )
+        part1 = {
+            "timeout_s": float(lim.timeout_s),
+            "output_bytes": lim.output_bytes,
+            "guard": not bw,
+            "deny_read": [] if bw else [os.path.expanduser("~"), os.getcwd()],
+            "limits": {
+                "cpu_s": math.ceil(lim.timeout_s) + 1,
+                "memory_bytes": lim.memory_mb << 20,
+                "nproc": lim.nproc,
+                "fsize_bytes": lim.fsize_mb << 20,
+                "nofile": lim.nofile,
+            },
+            "programs": entries,
+        }
+        part2 = [
+            {"setup": p.setup, "cases": list(p.cases), "entry_points": list(p.entry_points)}
+            for p in programs
+        ]
+        nonce = secrets.token_bytes(32)
+        p1 = marshal.dumps(part1)
+        p2 = marshal.dumps(part2)
+        job = b"".join(
+            (_runner_code(), len(p1).to_bytes(8, "big"), p1, nonce, len(p2).to_bytes(8, "big"), p2)
+        )
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "HOME": base,  # type: ignore[dict-item]
+            "TMPDIR": base,  # type: ignore[dict-item]
+        }
+        if not bw:
+            env["TTSCALE_SANDBOX_RUN"] = run_id
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                self._argv(job_r, res_w),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(job_r, res_w),
+                env=env,
+                cwd=tmpdir or "/",
+                start_new_session=True,
+            )
+        except OSError as e:
+            for fd in (job_r, job_w, res_r, res_w):
+                os.close(fd)
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise SandboxError(f"cannot start the sandbox: {e}") from e
+        os.close(job_r)
+        os.close(res_w)
+        drv = _Driver(proc, job_w, job, res_r, nonce, len(programs), lim)
+        try:
+            drv.run()
+        finally:
+            _reap(proc, None if bw else run_id, kill_first=drv.stopped_early)
+            if tmpdir:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        results = [
+            self._interpret(programs[k], payload, seconds)
+            for k, (payload, seconds) in enumerate(drv.results)
+        ]
+        if len(results) < len(programs):
+            results.append(self._failure(drv))
+        return results
+
+    def _failure(self, drv: _Driver) -> ExecResult:
+        """Result for the program that was running when the sandbox stopped without its result."""
+        stderr = drv.err.decode("utf-8", "replace")
+        common: dict[str, Any] = {"stderr": stderr, "isolation": self.isolation.value}
+        if drv.tampered:
+            return ExecResult(
+                ExecOutcome.FAIL, f"result channel tampered with ({drv.tampered})", **common
+            )
+        if drv.timed_out:
+            if drv.started is None:
+                return ExecResult(ExecOutcome.ERROR, "the sandbox did not start in time", **common)
+            return ExecResult(
+                ExecOutcome.TIMEOUT,
+                f"time limit exceeded ({self.limits.timeout_s:g} s)",
+                seconds=time.monotonic() - drv.started,
+                **common,
+            )
+        rc = drv.proc.returncode
+        if drv.started is None:
+            return ExecResult(
+                ExecOutcome.ERROR, f"the sandbox failed to start (status {rc}): {_tail(stderr)}", **common
+            )
+        return ExecResult(
+            ExecOutcome.CRASH,
+            f"the sandbox died without a result (status {rc}): {_tail(stderr)}",
+            exit_code=rc,
+            **common,
+        )
+
+    def _interpret(self, program: Program, result: Any, seconds: float) -> ExecResult:
+        if not isinstance(result, dict) or not isinstance(result.get("outcome"), str):
+            return ExecResult(ExecOutcome.ERROR, "malformed result from the checker")
+        stdout = _text(result.get("stdout"))
+        stderr = _text(result.get("stderr"))
+        common: dict[str, Any] = {
+            "stdout": stdout,
+            "stderr": stderr,
+            "output_truncated": bool(result.get("truncated")),
+            "seconds": seconds,
+            "isolation": self.isolation.value,
+        }
+        outcome = result["outcome"]
+        detail = str(result.get("detail") or "")
+        meta: dict[str, Any] = {}
+        phases = result.get("phases")
+        if isinstance(phases, tuple) and len(phases) == 4:
+            meta["phases_s"] = dict(zip(("start", "run", "kill", "drain"), phases, strict=True))
+        if isinstance(result.get("signature"), str):
+            meta["signature"] = "sig:" + result["signature"]
+        common["meta"] = meta
+        if program.mode == "stdio" and outcome == "completed":
+            return self._stdio_verdict(program, result, common)
+        if outcome == "fail" and "before the tests finished" in detail and "MemoryError" in stderr:
+            outcome = "memory"
+        cases = tuple(
+            CaseResult(bool(c.get("ok")), _outcome(c.get("outcome")), str(c.get("detail") or ""))
+            for c in result.get("cases") or []
+            if isinstance(c, dict)
+        )
+        return ExecResult(
+            _outcome(outcome),
+            detail,
+            cases=cases,
+            signal=result.get("signal"),
+            exit_code=result.get("exit_code"),
+            **common,
+        )
+
+    def _stdio_verdict(
+        self, program: Program, result: dict[str, Any], common: dict[str, Any]
+    ) -> ExecResult:
+        code = result.get("exit_code")
+        exc = result.get("exception")
+        extra = {"exit_code": code, "signal": result.get("signal"), **common}
+        if isinstance(exc, list) and len(exc) == 3:
+            text = f"{exc[1]}: {exc[2]}" if exc[2] else str(exc[1])
+            outcome = ExecOutcome.MEMORY if exc[0] == "MemoryError" else ExecOutcome.FAIL
+            return ExecResult(outcome, text, **extra)
+        if code != 0:
+            if "MemoryError" in common["stderr"]:
+                return ExecResult(ExecOutcome.MEMORY, f"exit status {code}: MemoryError", **extra)
+            return ExecResult(
+                ExecOutcome.FAIL, f"exit status {code}: {_tail(common['stderr'])}", **extra
+            )
+        if program.expected_stdout is None:
+            return ExecResult(ExecOutcome.PASS, "", **extra)
+        if common["output_truncated"]:
+            return ExecResult(
+                ExecOutcome.FAIL, f"output exceeds {self.limits.output_bytes} bytes", **extra
+            )
+        got = normalize_output(common["stdout"])
+        want = normalize_output(program.expected_stdout)
+        if got == want:
+            return ExecResult(ExecOutcome.PASS, "", **extra)
+        return ExecResult(ExecOutcome.FAIL, f"wrong answer: {_first_diff(got, want)}", **extra)
+
+
+# ---------------------------------------------------------------------------------------
+# process plumbing
+
+
+class _Driver:
+    """Feeds one sandbox its job and follows its ``S``/``R`` frames under deadlines.
+
+    Deadlines: ``startup_timeout_s`` until a program starts; then the program's timeout plus a
+    backstop margin (the checker enforces the real limit itself; the backstop only catches a
+    checker that hangs). Output of the sandbox itself (bubblewrap's messages) is kept, bounded.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        job_w: int,
+        job: bytes,
+        res_r: int,
+        nonce: bytes,
+        n: int,
+        lim: Limits,
+    ) -> None:
+        self.proc = proc
+        self.job_w = job_w
+        self.job = memoryview(job)
+        self.res_r = res_r
+        self.want = nonce.hex().encode()
+        self.n = n
+        self.lim = lim
+        self.results: list[tuple[Any, float]] = []
+        self.err = bytearray()
+        self.out = bytearray()
+        self.started: float | None = None  # when the current program started
+        self.timed_out = False
+        self.tampered = ""
+        self.stopped_early = True
+
+    def run(self) -> None:
+        lim = self.lim
+        proc = self.proc
+        assert proc.stdout is not None and proc.stderr is not None  # Popen(stdout=PIPE, ...)
+        out_fd = proc.stdout.fileno()
+        err_fd = proc.stderr.fileno()
+        sel = selectors.DefaultSelector()
+        buf = bytearray()
+        expect_start = True
+        backstop = lim.timeout_s + 2.0 + 0.5 * lim.timeout_s
+        deadline = time.monotonic() + lim.startup_timeout_s
+        job_open = True
+        try:
+            for fd in (self.res_r, out_fd, err_fd):
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ)
+            os.set_blocking(self.job_w, False)
+            sel.register(self.job_w, selectors.EVENT_WRITE)
+            res_open = True
+            while res_open and len(self.results) < self.n:
+                now = time.monotonic()
+                if now >= deadline:
+                    self.timed_out = True
+                    return
+                for key, _ in sel.select(deadline - now):
+                    fd = key.fd
+                    if fd == self.job_w:
+                        try:
+                            k = os.write(fd, self.job[: 1 << 16])
+                            self.job = self.job[k:]
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            self.job = self.job[:0]
+                        if not self.job:
+                            sel.unregister(fd)
+                            os.close(fd)
+                            job_open = False
+                        continue
+                    try:
+                        chunk = os.read(fd, 1 << 16)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        sel.unregister(fd)
+                        if fd == self.res_r:
+                            res_open = False
+                        continue
+                    if fd != self.res_r:
+                        target = self.out if fd == out_fd else self.err
+                        if len(target) < (1 << 16):
+                            target += chunk[: (1 << 16) - len(target)]
+                        continue
+                    buf += chunk
+                    while b"\n" in buf:
+                        line, _, rest = bytes(buf).partition(b"\n")
+                        buf = bytearray(rest)
+                        frame = self._frame(line, expect_start)
+                        if frame is None:
+                            return
+                        if expect_start:
+                            self.started = time.monotonic()
+                            deadline = self.started + backstop
+                        else:
+                            self.results.append((frame, time.monotonic() - (self.started or 0.0)))
+                            self.started = None
+                            deadline = time.monotonic() + lim.startup_timeout_s
+                        expect_start = not expect_start
+                    if len(buf) > (64 << 20):
+                        self.tampered = "oversized frame"
+                        return
+            self.stopped_early = len(self.results) < self.n
+        finally:
+            if job_open:
+                try:
+                    os.close(self.job_w)
+                except OSError:
+                    pass
+            sel.close()
+            os.close(self.res_r)
+
+    def _frame(self, line: bytes, expect_start: bool) -> Any:
+        """Validate one frame (``S <nonce> i`` or ``R <nonce> (i, {...})``); None = tampered."""
+        kind, _, rest = line.partition(b" ")
+        tag, _, payload = rest.partition(b" ")
+        k = len(self.results)
+        if kind != (b"S" if expect_start else b"R") or not hmac.compare_digest(tag, self.want):
+            self.tampered = "unexpected frame"
+            return None
+        try:
+            value = ast.literal_eval(payload.decode("utf-8"))
+        except (ValueError, SyntaxError, MemoryError, RecursionError, UnicodeDecodeError):
+            self.tampered = "undecodable frame"
+            return None
+        if expect_start:
+            if value != k:
+                self.tampered = "frames out of order"
+                return None
+            return value
+        if not (isinstance(value, tuple) and len(value) == 2 and value[0] == k):
+            self.tampered = "frames out of order"
+            return None
+        return value[1]
+
+
+def _reap(proc: subprocess.Popen[bytes], marker: str | None, *, kill_first: bool) -> None:
+    """Kill whatever is left of the run and reap it.
+
+    The process group is killed *before* reaping its leader, so its id cannot have been
+    recycled. With bubblewrap the sandbox's pid namespace dies with its first process; in the
+    process fallback, processes that left the group are found by the run's marker variable.
+    ``kill_first``: the run timed out, kill at once instead of waiting for a clean exit.
+    """
+    pid = proc.pid
+    deadline = time.monotonic() + (0.0 if kill_first else 5.0)
+    while time.monotonic() < deadline:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break  # already reaped
+        if info is not None:
+            break
+        time.sleep(0.001)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process stuck in the kernel
+        log.error("sandbox process %d did not exit after SIGKILL", pid)
+    if marker is not None:
+        _sweep(marker)
+    for f in (proc.stdout, proc.stderr, proc.stdin):
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def _sweep(marker: str) -> None:
+    """Kill processes whose initial environment carries ``TTSCALE_SANDBOX_RUN=marker``."""
+    needle = f"TTSCALE_SANDBOX_RUN={marker}".encode()
+    me = os.getpid()
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return
+    for p in pids:
+        if p == me:
+            continue
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value) if value is not None else ""
+
+
+def _outcome(value: Any) -> ExecOutcome:
+    try:
+        return ExecOutcome(value)
+    except ValueError:
+        return ExecOutcome.ERROR
+
+
+def _tail(text: str, n: int = 300) -> str:
+    text = text.strip()
+    return text[-n:] if text else "(no output)"
+
+
+def _first_diff(got: str, want: str) -> str:
+    g = got.split("\n")
+    w = want.split("\n")
+    for i in range(max(len(g), len(w))):
+        a = g[i] if i < len(g) else "<missing>"
+        b = w[i] if i < len(w) else "<missing>"
+        if a != b:
+            return f"line {i + 1}: got {a[:80]!r}, expected {b[:80]!r}"
+    return "outputs differ"
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------
+# isolation detection
+
+_DETECT_LOCK = threading.Lock()
+_WARNED = False
+
+
+@cache
+def _bwrap_self_test() -> tuple[bool, str]:
+    """Run one tiny program under bubblewrap: (works, why not)."""
+    if shutil.which("bwrap") is None:
+        return False, "bwrap not found on PATH"
+    sb = Sandbox.__new__(Sandbox)
+    sb.limits = Limits(timeout_s=10.0)
+    sb.workers = 1
+    sb.batch_size = 1
+    sb._python, sb._prefix = _interpreter()
+    sb.isolation = Isolation.BUBBLEWRAP
+    sb._root = os.geteuid() == 0
+    probe = Program(source="def f():\n    return 41\n", cases=("assert f() + 1 == 42",))
+    try:
+        r = sb.run(probe)
+    except SandboxError as e:
+        return False, str(e)
+    if r.outcome is ExecOutcome.PASS:
+        return True, ""
+    return False, f"self-test {r.outcome.value}: {r.detail} {_tail(r.stderr, 200)}"
+
+
+def detect_isolation() -> Isolation:
+    """The strongest isolation that works here (``TTSCALE_SANDBOX=process`` forces the fallback).
+
+    Falls back to ``"process"`` with one loud warning per interpreter when bubblewrap is missing
+    or fails its self-test (e.g. unprivileged user namespaces are disabled).
+    """
+    global _WARNED
+    forced = os.environ.get("TTSCALE_SANDBOX", "").strip().lower()
+    if forced == Isolation.PROCESS.value:
+        return Isolation.PROCESS
+    with _DETECT_LOCK:
+        ok, why = _bwrap_self_test()
+        if ok:
+            return Isolation.BUBBLEWRAP
+        if forced == Isolation.BUBBLEWRAP.value:
+            raise SandboxError(f"TTSCALE_SANDBOX=bubblewrap but bubblewrap does not work: {why}")
+        if not _WARNED:
+            _WARNED = True
+            log.warning(
+                "code sandbox: bubblewrap is unavailable (%s); FALLING BACK to isolation="
+                "'process': programs run with rlimits, a temp dir, a scrubbed environment and "
+                "audit hooks only, and may reach the network and read your files. Install "
+                "bubblewrap (apt-get install bubblewrap) for namespace isolation.",
+                why,
+            )
+        return Isolation.PROCESS
+
+
+def run_many(
+    programs: Iterable[Program],
+    workers: int | None = None,
+    *,
+    limits: Limits | None = None,
+    isolation: str = "auto",
+) -> list[ExecResult]:
+    """Run programs in parallel in a :class:`Sandbox` built with ``limits`` and ``isolation``."""
+    return Sandbox(limits, isolation=isolation, workers=workers).run_many(programs)
