@@ -14,7 +14,41 @@ from ttscale.types import Completion, Problem, Sample, SamplingParams, Verdict, 
 
 __version__ = "0.1.0"
 
+# Names re-exported lazily (module imported on first attribute access) so `import ttscale` stays
+# fast: name -> submodule of ttscale. Add entries here rather than eager imports of heavy modules.
+_LAZY: dict[str, str] = {
+    "AggregateResult": "aggregate",
+    "best_of_n": "aggregate",
+    "deepconf_vote": "aggregate",
+    "majority_vote": "aggregate",
+    "max_probability": "aggregate",
+    "perplexity_consistency": "aggregate",
+    "prm_aggregate": "aggregate",
+    "rpc": "aggregate",
+    "weighted_vote": "aggregate",
+    "coverage_curve": "metrics",
+    "pass_at_k": "metrics",
+    "selection_at_k": "metrics",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ttscale' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"ttscale.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "AggregateResult",
     "Completion",
     "ConfigError",
     "DataError",
@@ -29,5 +63,16 @@ __all__ = [
     "Verdict",
     "VerdictStatus",
     "VerifierError",
+    "best_of_n",
+    "coverage_curve",
+    "deepconf_vote",
+    "majority_vote",
+    "max_probability",
+    "pass_at_k",
+    "perplexity_consistency",
+    "prm_aggregate",
+    "rpc",
+    "selection_at_k",
+    "weighted_vote",
     "__version__",
 ]
