@@ -345,6 +345,8 @@ def test_prm_empty_response_is_invalid_not_an_exception(models: dict[str, Path])
     out = v.verify(problem(), [Sample(problem_id="p1", index=0, text="\n\n  "), *samples()[:1]])
     assert out[0].status is VerdictStatus.INVALID and out[0].score is None
     assert out[1].status is VerdictStatus.SCORED
+    empty = [Sample(problem_id="p1", index=i, text="") for i in range(3)]
+    assert all(x.status is VerdictStatus.INVALID for x in v.verify(problem(), empty))
 
 
 def test_prm_truncation_drops_early_steps(models: dict[str, Path]) -> None:

@@ -252,7 +252,9 @@ class EnsembleVerifier:
                     if not idx.size:
                         continue
                     partial = np.full(st.n, np.nan)
-                    partial[idx] = self._combine(self._normalised(st.raw[np.ix_(done, idx)], done))
+                    partial[idx] = self._combine(
+                        self._normalised(st.raw[np.ix_(np.asarray(done, dtype=np.intp), idx)], done)
+                    )
                     for i in self._out_of_contention(idx, partial, st.answers):
                         st.active[i] = False
                         st.pruned_after[i] = (level_no, float(partial[i]))

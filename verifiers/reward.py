@@ -66,7 +66,7 @@ def split_steps(text: str, separator: str = "\n\n") -> list[str]:
 
 
 def aggregate_step_scores(
-    step_scores: Sequence[float], how: str = "last", *, eps: float = 1e-6
+    step_scores: Sequence[float] | np.ndarray, how: str = "last", *, eps: float = 1e-6
 ) -> float:
     """Aggregate PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``) into one score.
 
@@ -255,7 +255,9 @@ class RewardModelVerifier:
             raise ConfigError(
                 f"input_format='chat' but the tokenizer of {self.model_path!r} has no chat template"
             )
-        self.num_labels = int(getattr(config, "num_labels", 1) or 1)
+        # A causal-LM PRM reads two columns of its LM head (bad_token, good_token).
+        causal = self.kind == "prm" and self.prm_head == "causal_lm"
+        self.num_labels = 2 if causal else int(getattr(config, "num_labels", 1) or 1)
         self.positive_label = self._resolve_label(config, positive_label)
         self.max_length = max_length or self._default_max_length(config)
         self._tag_id: int | None = None
@@ -273,7 +275,7 @@ class RewardModelVerifier:
 
     def _resolve_label(self, config: Any, positive_label: int | str) -> int:
         if self.kind == "prm" and self.prm_head == "causal_lm":
-            return 0
+            return 1  # the LM's logits are read as the columns [bad_token, good_token]
         n = self.num_labels
         if isinstance(positive_label, str):
             label2id = {
@@ -316,6 +318,7 @@ class RewardModelVerifier:
         import torch
         import transformers
 
+        cls: Any
         if self.kind == "orm":
             cls = transformers.AutoModelForSequenceClassification
         elif self.prm_head == "token_classification":
@@ -485,15 +488,16 @@ class RewardModelVerifier:
     def _log_odds(self, encoded: Sequence[_Encoded]) -> list[np.ndarray]:
         """Log-odds of the positive class at every read position, per input (float64)."""
         out: list[np.ndarray] = []
-        positive = (
-            1 if (self.kind == "prm" and self.prm_head == "causal_lm") else self.positive_label
-        )
+        positive = self.positive_label
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
             todo = [e for e in chunk if e.read_at]
-            logits = iter(
-                self._forward_vllm(todo) if self.backend == "vllm" else self._forward_hf(todo)
-            )
+            rows: list[np.ndarray] = []
+            if todo:
+                rows = (
+                    self._forward_vllm(todo) if self.backend == "vllm" else self._forward_hf(todo)
+                )
+            logits = iter(rows)
             for e in chunk:
                 if not e.read_at:
                     out.append(np.zeros(0, dtype=np.float64))
