@@ -170,6 +170,8 @@ def _weighted_vote(answers: list[str], scores: list[float]) -> dict[str, float]:
 def test_prm_aggregation_vector_9_1(
     how: str, scores: list[float], votes: dict[str, float], winner: str
 ) -> None:
+    from ttscale.aggregate import best_of_n, majority_vote, weighted_vote
+
     got = [aggregate_step_scores(s, how) for s in STEPS_91]
     np.testing.assert_allclose(got, scores, atol=1e-12)
     v = _weighted_vote(ANSWERS_91, got)
@@ -177,8 +179,10 @@ def test_prm_aggregation_vector_9_1(
     for k in votes:
         assert v[k] == pytest.approx(votes[k], abs=1e-12)
     assert max(v, key=v.__getitem__) == winner
+    assert weighted_vote(ANSWERS_91, got).answer == winner
+    assert majority_vote(ANSWERS_91).answer == "5"
     if how == "last":
-        assert ANSWERS_91[int(np.argmax(got))] == "6"  # best-of-N pick
+        assert best_of_n(ANSWERS_91, got).answer == "6"
 
 
 def test_prod_is_log_space_and_clipped() -> None:

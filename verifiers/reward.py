@@ -68,23 +68,17 @@ def split_steps(text: str, separator: str = "\n\n") -> list[str]:
 def aggregate_step_scores(
     step_scores: Sequence[float] | np.ndarray, how: str = "last", *, eps: float = 1e-6
 ) -> float:
-    """Aggregate PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``) into one score.
+    """Aggregate one solution's PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``).
 
     ``last``: ``s_T``; ``min``: ``min_t s_t``; ``prod``: ``exp(sum_t log max(s_t, eps))`` (log space,
-    with every step clipped away from 0 so long solutions do not underflow). No steps -> NaN.
+    every step clipped away from 0 so long solutions do not underflow). No steps -> NaN. The
+    maths is :func:`ttscale.aggregate.prm_aggregate`'s (one solution).
     """
+    from ttscale.aggregate import prm_aggregate
+
     if how not in PRM_AGGREGATIONS:
         raise ConfigError(f"prm_aggregation must be one of {PRM_AGGREGATIONS}, got {how!r}")
-    s = np.asarray(step_scores, dtype=np.float64).reshape(-1)
-    if s.size == 0:
-        return math.nan
-    if np.isnan(s).any():
-        return math.nan
-    if how == "last":
-        return float(s[-1])
-    if how == "min":
-        return float(s.min())
-    return float(math.exp(math.fsum(np.log(np.clip(s, eps, 1.0)).tolist())))
+    return float(prm_aggregate([np.asarray(step_scores, dtype=np.float64)], how, eps=eps)[0])  # type: ignore[arg-type]
 
 
 def log_odds_from_logits(logits: np.ndarray, positive_label: int = -1) -> np.ndarray:
