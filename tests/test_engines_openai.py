@@ -21,6 +21,13 @@ from ttscale.types import SamplingParams
 pytestmark = pytest.mark.network
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        pass  # clients that time out or drop are part of the script
+
+
 class FakeServer:
     """An OpenAI-style completions server whose misbehaviour is scripted per HTTP request.
 
@@ -56,7 +63,7 @@ class FakeServer:
                     with server.lock:
                         server.shared["inflight"] -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()

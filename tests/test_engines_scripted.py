@@ -7,7 +7,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from ttscale.engines import GenerationError, GenerationRequest, make_engine
+import ttscale.engines as engines_mod
+from ttscale.engines import Engine, GenerationError, GenerationRequest, make_engine
+from ttscale.engines.base import seed_runs
 from ttscale.engines.scripted import EOS_TOKEN_ID, ScriptedEngine, process_logprobs
 from ttscale.errors import ConfigError
 from ttscale.seeding import sample_seed
@@ -264,3 +266,38 @@ def test_scripted_constructor_validation() -> None:
         ScriptedEngine(responses=42)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="fail_after"):
         ScriptedEngine(fail_after=-1)
+
+
+def test_seed_runs() -> None:
+    assert seed_runs([5, 6, 7, 2, 3, 9]) == [(0, 3), (3, 2), (5, 1)]
+    assert seed_runs([]) == []
+    assert seed_runs([4]) == [(0, 1)]
+    assert seed_runs([1, 1]) == [(0, 1), (1, 1)]
+
+
+def test_engines_satisfy_protocol() -> None:
+    assert isinstance(ScriptedEngine(), Engine)
+
+
+def test_make_engine_routing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """auto picks vLLM when importable (transformers otherwise, and always for .gguf files)."""
+    import ttscale.engines.hf as hf_mod
+    import ttscale.engines.vllm as vllm_mod
+
+    made = []
+    monkeypatch.setattr(vllm_mod, "VLLMEngine", lambda m, **kw: made.append(("vllm", m, kw)))
+    monkeypatch.setattr(hf_mod, "HFEngine", lambda m, **kw: made.append(("hf", m, kw)))
+    model = tmp_path / "m"
+    model.mkdir()
+    gguf = tmp_path / "w.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(engines_mod, "vllm_available", lambda: True)
+    make_engine("auto", model, dtype="float32")
+    make_engine("auto", gguf)
+    monkeypatch.setattr(engines_mod, "vllm_available", lambda: False)
+    make_engine("auto", str(model))
+    assert made == [
+        ("vllm", str(model), {"dtype": "float32"}),
+        ("hf", str(tmp_path), {"gguf_file": "w.gguf"}),
+        ("hf", str(model), {}),
+    ]

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 from ttscale.engines import GenerationRequest
 from ttscale.engines._text import find_stop
-from ttscale.engines.vllm import seed_runs
 from ttscale.seeding import sample_seed
 from ttscale.testing import check_engine
 from ttscale.types import SamplingParams
 
 pytestmark = pytest.mark.vllm
-
-
-def test_seed_runs() -> None:
-    assert seed_runs([5, 6, 7, 2, 3, 9]) == [(0, 3), (3, 2), (5, 1)]
-    assert seed_runs([]) == []
-    assert seed_runs([4]) == [(0, 1)]
-    assert seed_runs([1, 1]) == [(0, 1), (1, 1)]
 
 
 def test_contract(vllm_engine) -> None:  # type: ignore[no-untyped-def]

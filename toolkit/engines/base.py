@@ -10,7 +10,7 @@ from ttscale.errors import ConfigError, EngineError
 from ttscale.seeding import sample_seed
 from ttscale.types import Completion, SamplingParams
 
-__all__ = ["Engine", "GenerationError", "GenerationRequest", "ResultCallback"]
+__all__ = ["Engine", "GenerationError", "GenerationRequest", "ResultCallback", "seed_runs"]
 
 #: ``on_result(position, completions)``: called by ``Engine.generate`` as soon as all samples of
 #: ``requests[position]`` are done, before ``generate`` returns (or raises), so a caller can
@@ -125,3 +125,18 @@ def partial_from_slots(
         for pos, row in enumerate(slots)
         if results[pos] is None and any(c is not None for c in row)
     }
+
+
+def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """Split positions into maximal runs of consecutive seeds: ``[(start, length), ...]``.
+
+    An engine whose ``n``-fan-out seeds child ``j`` with ``seed + j`` (vLLM) draws each run in one
+    request. ``seed_runs([5, 6, 7, 2, 3, 9]) == [(0, 3), (3, 2), (5, 1)]``.
+    """
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            runs.append((start, i - start))
+            start = i
+    return runs

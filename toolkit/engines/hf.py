@@ -179,13 +179,14 @@ class HFEngine:
         if gguf_file is not None:
             extra["gguf_file"] = gguf_file
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or model_dir), **extra)
-            self.model = AutoModelForCausalLM.from_pretrained(
+            tok: Any = AutoTokenizer.from_pretrained(str(tokenizer or model_dir), **extra)
+            lm: Any = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=getattr(torch, dtype), **extra
             )
         except (OSError, ValueError) as e:
             raise EngineError(f"could not load model {self.model_name}: {e}".splitlines()[0]) from e
-        self.model.to(self.device).eval()
+        self.tokenizer: Any = tok
+        self.model: Any = lm.to(self.device).eval()
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         eos: set[int] = set()
@@ -385,7 +386,7 @@ class HFEngine:
             # first check: a stop string must end after the text of the first min_tokens tokens
             head = row.token_ids[: params.min_tokens]
             row.checked = len(self.tokenizer.decode(head, skip_special_tokens=True))
-        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
         hit = find_stop(text, params.stop, start=row.checked)
         row.checked = len(text)
         if hit is None:
@@ -397,7 +398,7 @@ class HFEngine:
     def _completion(self, req: GenerationRequest, row: _Row, params: SamplingParams) -> Completion:
         text = row.text
         if text is None:
-            text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
         want = params.logprobs is not None
         return Completion(
             problem_id=req.problem_id,
@@ -427,7 +428,7 @@ class HFEngine:
         }
 
     def close(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        self.model = None
 
     def __repr__(self) -> str:
         return f"HFEngine({self.model_name!r}, device={self.device!r}, dtype={self.dtype!r})"

@@ -32,8 +32,8 @@ from ttscale.engines.base import (
     GenerationRequest,
     ResultCallback,
     partial_from_slots,
+    seed_runs,
 )
-from ttscale.engines.vllm import seed_runs
 from ttscale.errors import ConfigError, EngineError
 from ttscale.types import Completion, SamplingParams
 
@@ -424,17 +424,21 @@ def _parse_choice(
     token_ids = (
         tuple(i for i in ids if i is not None) if ids and all(i is not None for i in ids) else None
     )
-    token_lps = None
-    tops = None
+    token_lps: tuple[float, ...] | None = None
+    tops: tuple[dict[int, float], ...] | None = None
     if params.logprobs is not None and has_lp:
         token_lps = tuple(-math.inf if v is None else float(v) for v in lps)
         if params.logprobs and token_ids is not None:
-            tops = []
+            found: list[dict[int, float]] = []
             for t, d in enumerate(tops_raw):
-                top = {_token_id(k): float(v) for k, v in d.items() if _token_id(k) is not None}
+                top: dict[int, float] = {}
+                for k, v in d.items():
+                    tid = _token_id(k)
+                    if tid is not None:
+                        top[tid] = float(v)
                 top.setdefault(token_ids[t], token_lps[t])
-                tops.append(top)
-            tops = tuple(tops) if len(tops) == len(token_ids) else None
+                found.append(top)
+            tops = tuple(found) if len(found) == len(token_ids) else None
     num = len(tokens) if tokens else (completion_tokens or 0)
     stop_reason = choice.get("stop_reason")
     return Completion(

@@ -23,29 +23,16 @@ from ttscale.engines.base import (
     GenerationRequest,
     ResultCallback,
     partial_from_slots,
+    seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
 from ttscale.types import Completion, SamplingParams
 
-__all__ = ["VLLMEngine", "seed_runs"]
+__all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
-
-
-def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
-    """Split positions into maximal runs of consecutive seeds: ``[(start, length), ...]``.
-
-    ``seed_runs([5, 6, 7, 2, 3, 9]) == [(0, 3), (3, 2), (5, 1)]``.
-    """
-    runs: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(seeds) + 1):
-        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
-            runs.append((start, i - start))
-            start = i
-    return runs
 
 
 class VLLMEngine:
@@ -113,14 +100,15 @@ class VLLMEngine:
         self.model_name = str(model)
         self.logprob_mode = logprobs_mode
         self.n_fanout = n_fanout
-        self._vllm = vllm
+        self._vllm: Any = vllm
         t0 = time.perf_counter()
         try:
-            self.llm = vllm.LLM(**kwargs)
+            self.llm: Any = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises many types; keep the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EngineError(f"vLLM could not start on {self.model_name}: {first}") from e
-        self.tokenizer = self.llm.get_tokenizer()
+        tok: Any = self.llm.get_tokenizer()
+        self.tokenizer: Any = tok
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         self._options = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
