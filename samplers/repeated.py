@@ -286,7 +286,7 @@ class RepeatedSampler:
         *,
         batch_size: int = 512,
         max_per_request: int | None = None,
-        flush_every: int = 256,
+        flush_every: int = 512,
         flush_seconds: float = 5.0,
         progress: bool | None = None,
         chat: bool | None = None,
@@ -348,27 +348,35 @@ class RepeatedSampler:
             raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
         store = self.store
         store.write_problems(problems)
-        old_n = int((store.manifest.get("sampling") or {}).get("n") or 0)
+        have = store.keys()
+        m = store.manifest
+        base = _reconciled(store, dict(m.get("accounting") or {}), len(have))
+        state = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0}
+        old_n = int((m.get("sampling") or {}).get("n") or 0)
+        engines_used = list(m.get("engines_used") or [])
+        name = self.engine_info.get("engine")
+        if name and name not in engines_used:
+            if engines_used:
+                log.warning(
+                    "run %s was sampled with engine %s and now continues with %s; samples of "
+                    "different engines are not identical for the same seeds",
+                    store.path,
+                    engines_used,
+                    name,
+                )
+            engines_used.append(name)
+        # one manifest write per session start (the session is counted even if it is killed)
         store.update_manifest(
             **self.extra_manifest,
             engine=self.engine_info,
+            engines_used=engines_used,
             logprob_mode=self.engine_info.get("logprob_mode"),
             sampling=self.params.replace(n=max(n, old_n)).to_dict(),
             seed=self.params.seed,
             num_problems=len(store.problems()),
             chat=self.chat,
+            accounting=_accounting(base, state, 0.0),
         )
-        prev_engine = store.manifest.get("engines_used") or []
-        if self.engine_info.get("engine") and self.engine_info.get("engine") not in prev_engine:
-            if prev_engine:
-                log.warning(
-                    "run %s was sampled with engine %s and now continues with %s; samples of "
-                    "different engines are not identical for the same seeds",
-                    store.path,
-                    prev_engine,
-                    self.engine_info.get("engine"),
-                )
-            store.update_manifest(engines_used=[*prev_engine, self.engine_info.get("engine")])
 
         have = store.keys()
         requests = plan_requests(
@@ -394,8 +402,6 @@ class RepeatedSampler:
             todo,
         )
 
-        base = _reconciled(store, dict(store.manifest.get("accounting") or {}), len(have))
-        state = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0}
         t0 = time.perf_counter()
         bar = _Progress(
             (sys.stderr.isatty() if self.progress is None else self.progress) and todo > 0,
@@ -406,13 +412,20 @@ class RepeatedSampler:
         bar.advance(skipped, 0, 0.0)
         acct_lock = threading.Lock()
 
+        last_acct = [time.perf_counter()]
+
         def on_flush(batch: list[Completion]) -> None:
-            # runs on the writer thread once a shard is durable: account only stored samples
+            # runs on the writer thread once a shard is durable: account only stored samples.
+            # The manifest is rewritten at most every flush_seconds (a kill in between is
+            # reconciled from the store by the next session, see _reconciled).
             with acct_lock:
                 state["samples"] += len(batch)
                 state["generated_tokens"] += sum(c.num_tokens for c in batch)
                 state["prompt_tokens"] += sum(c.prompt_tokens or 0 for c in batch)
-                self._write_accounting(base, state, time.perf_counter() - t0)
+                now = time.perf_counter()
+                if now - last_acct[0] >= self.flush_seconds:
+                    last_acct[0] = now
+                    self._write_accounting(base, state, now - t0)
 
         writer = _Writer(
             store,
@@ -474,6 +487,7 @@ class RepeatedSampler:
             # keep every completed sample; a write error must not hide the original exception
             try:
                 writer.close()
+                self._write_accounting(base, state, time.perf_counter() - t0)
             except Exception:
                 log.exception("could not store completed samples after a failure")
             raise
@@ -509,18 +523,23 @@ class RepeatedSampler:
     def _write_accounting(
         self, base: Mapping[str, Any], state: Mapping[str, int], wall: float
     ) -> dict[str, Any]:
-        """Cumulative accounting (previous calls + this one) into the manifest."""
-        acct: dict[str, Any] = {k: base.get(k, 0) for k in _ACCOUNTING_KEYS}
-        acct["samples"] = int(acct["samples"]) + state["samples"]
-        acct["generated_tokens"] = int(acct["generated_tokens"]) + state["generated_tokens"]
-        acct["prompt_tokens"] = int(acct["prompt_tokens"]) + state["prompt_tokens"]
-        acct["wall_seconds"] = round(float(acct["wall_seconds"]) + wall, 3)
-        secs = acct["wall_seconds"]
-        acct["samples_per_s"] = round(acct["samples"] / secs, 3) if secs > 0 else 0.0
-        acct["tokens_per_s"] = round(acct["generated_tokens"] / secs, 3) if secs > 0 else 0.0
-        acct["sessions"] = int(base.get("sessions", 0)) + 1
+        acct = _accounting(base, state, wall)
         self.store.update_manifest(accounting=acct)
         return acct
+
+
+def _accounting(base: Mapping[str, Any], state: Mapping[str, int], wall: float) -> dict[str, Any]:
+    """Cumulative accounting: the previous sessions' (``base``) plus this one's."""
+    acct: dict[str, Any] = {k: base.get(k, 0) for k in _ACCOUNTING_KEYS}
+    acct["samples"] = int(acct["samples"]) + state["samples"]
+    acct["generated_tokens"] = int(acct["generated_tokens"]) + state["generated_tokens"]
+    acct["prompt_tokens"] = int(acct["prompt_tokens"]) + state["prompt_tokens"]
+    acct["wall_seconds"] = round(float(acct["wall_seconds"]) + wall, 3)
+    secs = acct["wall_seconds"]
+    acct["samples_per_s"] = round(acct["samples"] / secs, 3) if secs > 0 else 0.0
+    acct["tokens_per_s"] = round(acct["generated_tokens"] / secs, 3) if secs > 0 else 0.0
+    acct["sessions"] = int(base.get("sessions", 0)) + 1
+    return acct
 
 
 def _reconciled(store: SampleStore, acct: dict[str, Any], stored: int) -> dict[str, Any]:
