@@ -68,6 +68,8 @@ def _start_server() -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
     if any("vllm_server" in getattr(item, "fixturenames", ()) for item in session.items):
         _start_server()
 

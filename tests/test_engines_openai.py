@@ -353,3 +353,15 @@ def test_real_server_matches_offline_vllm(vllm_server: str, vllm_engine) -> None
             assert s.prompt_tokens == o.prompt_tokens
             assert s.cumulative_logprob == pytest.approx(o.cumulative_logprob, abs=1e-4)
             assert s.top_logprobs[0].keys() == o.top_logprobs[0].keys()
+
+
+@pytest.mark.vllm
+def test_real_server_info_reports_vllm_version(vllm_server: str) -> None:
+    info = OpenAIEngine("tiny", vllm_server).info()
+    assert info["engine"] == "openai" and info["version"].startswith("0.")
+
+
+def test_info_without_version_endpoint(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer())
+    info = _engine(servers[0].url).info()
+    assert info["version"] == "unknown" and info["logprob_mode"] == "raw_logprobs"

@@ -301,3 +301,23 @@ def test_make_engine_routing(tmp_path, monkeypatch) -> None:  # type: ignore[no-
         ("hf", str(tmp_path), {"gguf_file": "w.gguf"}),
         ("hf", str(model), {}),
     ]
+
+
+def test_scripted_table_validation() -> None:
+    with pytest.raises(ConfigError, match="non-empty list"):
+        ScriptedEngine({"p": []})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        ScriptedEngine({"p": [1, 2]})  # type: ignore[list-item]
+
+
+def test_engine_modules_import_no_heavy_backends() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ttscale.engines, ttscale.engines.hf, ttscale.engines.vllm, "
+        "ttscale.engines.openai, ttscale.engines.scripted, ttscale.testing\n"
+        "heavy = [m for m in ('torch', 'transformers', 'vllm', 'httpx') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

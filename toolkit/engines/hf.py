@@ -307,14 +307,17 @@ class HFEngine:
         ids, mask = ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        prefill = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        try:  # only the last position's logits are needed: skip the (L, V) prompt logits
+            out = self.model(**prefill, logits_to_keep=1)
+        except TypeError:  # models whose forward has no logits_to_keep
+            out = self.model(**prefill)
         cache = out.past_key_values
         expand = torch.tensor([distinct[r.request] for r in batch], device=dev)
         cache.batch_select_indices(expand)
@@ -323,7 +326,7 @@ class HFEngine:
         next_pos = mask.sum(dim=1)
         active = list(batch)
         eos = set(self.eos_token_ids)
-        k = params.logprobs or 0
+        k = min(params.logprobs or 0, logits.shape[-1])
         for t in range(params.max_tokens):
             raw = torch.log_softmax(logits.to(torch.float64), dim=1)
             suppress = self.eos_token_ids if t < params.min_tokens else ()

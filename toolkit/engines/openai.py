@@ -5,10 +5,10 @@ on servers that give child ``j`` of an ``n``-request the seed ``seed + j`` (vLLM
 request per run of consecutive seeds. Requests are spread over several base URLs (least busy
 first, round robin between equals; a retry prefers another server), with at most
 ``max_concurrency`` in flight. 429, 5xx, timeouts and dropped connections are retried with
-exponential backoff and jitter (a ``Retry-After`` header is honoured); other HTTP errors fail at
-once. A request that fails for good stops new work: requests already in flight finish and are
-delivered (``on_result``), then :class:`~ttscale.engines.base.GenerationError` carries every
-completed request.
+exponential backoff and jitter (a ``Retry-After`` header is honoured, up to 300 s); other HTTP
+errors fail at once. A request that fails for good stops new work: requests already in flight
+finish and are delivered (``on_result``), then :class:`~ttscale.engines.base.GenerationError`
+carries every completed request and the finished samples of unfinished ones.
 
 Token ids come from vLLM's ``return_tokens_as_token_ids`` (``"token_id:123"`` strings); servers
 that do not support it return token strings, and ``token_ids`` is then ``None``.
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _RETRY_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 _TOKEN_ID_PREFIX = "token_id:"
+_MAX_RETRY_AFTER = 300.0  # seconds: honour Retry-After, but never park a worker for hours
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -164,6 +165,7 @@ class OpenAIEngine:
         self._turn = 0
         self._jitter = random.Random(jitter_seed)
         self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self._server_version: str | None = None
 
     # -- request bodies --------------------------------------------------------------------------
     def _body(
@@ -232,7 +234,9 @@ class OpenAIEngine:
         d = min(cap, first * factor**attempt)
         with self._lock:
             d = d / 2 + self._jitter.random() * d / 2
-        return max(d, retry_after) if retry_after is not None else d
+        if retry_after is None:
+            return d
+        return max(d, min(retry_after, _MAX_RETRY_AFTER))
 
     def _post(self, path: str, body: dict) -> dict:
         httpx = self._httpx
@@ -362,10 +366,23 @@ class OpenAIEngine:
             ) from error
         return [r for r in results if r is not None]
 
+    def server_version(self) -> str:
+        """The first server's version from vLLM's ``GET /version`` (``"unknown"`` elsewhere)."""
+        if self._server_version is None:
+            root = self.base_urls[0].removesuffix("/v1")
+            try:
+                resp = self._client.get(f"{root}/version", timeout=min(self.timeout, 5.0))
+                version = resp.json().get("version") if resp.status_code == 200 else None
+            except (self._httpx.HTTPError, ValueError, AttributeError):
+                version = None
+            self._server_version = str(version) if version else "unknown"
+        return self._server_version
+
     def info(self) -> dict[str, Any]:
         return {
             "engine": self.name,
-            "version": self._httpx.__version__,
+            "version": self.server_version(),
+            "httpx": self._httpx.__version__,
             "model": self.model,
             "base_urls": list(self.base_urls),
             "logprob_mode": self.logprob_mode,

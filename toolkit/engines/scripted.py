@@ -148,6 +148,15 @@ class ScriptedEngine:
             raise ConfigError(f"fail_after must be >= 0, got {fail_after}")
         if responses is not None and not callable(responses) and not isinstance(responses, Mapping):
             raise ConfigError("responses must be a callable or a mapping problem_id -> text(s)")
+        if isinstance(responses, Mapping):
+            for pid, entry in responses.items():
+                ok = isinstance(entry, str) or (
+                    isinstance(entry, Sequence) and entry and all(isinstance(x, str) for x in entry)
+                )
+                if not ok:
+                    raise ConfigError(
+                        f"scripted response for {pid!r} must be a string or a non-empty list of strings"
+                    )
         self.responses = responses
         self.alphabet = alphabet
         self.order = order

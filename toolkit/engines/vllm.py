@@ -32,7 +32,8 @@ __all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
-_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+# vLLM's *_logits modes return logits, not log-probabilities: not valid Completion logprobs
+_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 class VLLMEngine:
