@@ -68,8 +68,9 @@ class Engine(Protocol):
     Log-probabilities are natural logs of generated tokens only. ``params.n`` is ignored: the
     request's ``indices`` say which samples to draw. Completed samples are never lost to a later
     failure: ``on_result(position, completions)`` (optional keyword) is called once per request,
-    as soon as that request's samples are all done, and a failure raises
-    :class:`GenerationError` whose ``results`` holds every request that did complete.
+    as soon as that request's samples are all done (the bundled engines call it on the caller's
+    thread), and a failure raises :class:`GenerationError` whose ``results`` holds every request
+    that did complete and ``partial`` the finished samples of those that did not.
     """
 
     name: str
