@@ -292,7 +292,7 @@ def _summary(res: AggregateResult) -> tuple:
     return scores, tied, shares
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(answer_st, weight_st), max_size=12), st.randoms(use_true_random=False))
 def test_permutation_invariance(items: list, rnd) -> None:  # type: ignore[no-untyped-def]
     perm = list(items)
@@ -307,7 +307,7 @@ def test_permutation_invariance(items: list, rnd) -> None:  # type: ignore[no-un
         assert _summary(f(items)) == _summary(f(perm))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(answer_st, max_size=12), st.sampled_from([0.3, 1.0, 7.0]))
 def test_equal_weights_equal_majority(answers: list, w: float) -> None:
     for tie in ("expected", "first"):
@@ -320,7 +320,7 @@ def test_equal_weights_equal_majority(answers: list, w: float) -> None:
             np.testing.assert_allclose(other.confidence, maj.confidence)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), weight_st), min_size=1, max_size=10),
     st.lists(st.tuples(st.integers(0, 10), weight_st), max_size=5),

@@ -528,7 +528,8 @@ def rpc_labels(
     _require_finite("mean_logprobs", lp, answered)
     pruned = np.zeros(lab.size, dtype=bool)
     if answered.sum() >= 2:
-        pruned[answered] = weibull_prune(np.exp(lp[answered]))
+        with np.errstate(over="ignore"):  # exp overflow in a far tail = log-density -inf: benign
+            pruned[answered] = weibull_prune(np.exp(lp[answered]))
     res = perplexity_consistency_labels(
         lab, lp, text_ids=text_ids, pruned=pruned, n_clusters=L, tie=tie, seed=seed
     )

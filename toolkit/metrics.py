@@ -60,7 +60,7 @@ _DIRECT_TERMS = 64  # pass@k: products with at most this many factors are summed
 _TAIL_LOG = math.log(1e17)  # closed-form majority: binomial tails beyond exp(-this) are dropped
 _CHUNK = 1 << 21  # elements per temporary array in chunked loops
 _VOTE_RTOL = 1e-12  # same tie tolerance for weighted sums as ttscale.aggregate
-_CLOSED_BUDGET = 1e5  # "auto": closed-form majority only when its plan touches fewer elements
+_CLOSED_BUDGET = 3e5  # "auto": closed-form majority only when its plan touches fewer elements
 
 
 # ============================================================================================
@@ -363,10 +363,17 @@ def selection_at_k(
     Credit is 1 if the chosen cluster is correct (a cluster's correctness is that of its
     largest-index member, the RPC representative), with ties by ``tie``: ``"expected"``
     ``#correct_tied/#tied`` (for best-of-N: over tied samples), ``"first"`` the first tied cluster
-    (first tied sample for best-of-N), ``"random"`` a seeded uniform pick. Without a closed form
-    (``strategy="auto"``) all ``C(n, k)`` subsets are enumerated when there are at most
-    ``max_subsets``, else ``n_draws`` random subsets are drawn per problem and ``k`` (seeded; the
-    result reports it).
+    (first tied sample for best-of-N), ``"random"`` a seeded uniform pick.
+
+    ``strategy``: ``"closed-form"`` (exact; an error where there is none), ``"enumerate"`` (all
+    ``C(n, k)`` subsets), ``"mc"`` (``n_draws`` random subsets per problem and ``k``), or ``"auto"``
+    (default): best-of-N closed form; the majority closed form where its plan is cheap (small
+    pools nearly always; at ``n = 10,000`` mostly very small ``k`` and large ``k`` with a clear
+    winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``method`` in the
+    result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
+    majority draws subset counts cluster by cluster (exact sequential hypergeometric draws,
+    vectorised over problems); weighted votes and ``tie="first"`` use random permutations whose
+    length-``k`` prefixes serve every ``k``; other rules evaluate ``n_draws`` random subsets.
 
     The majority closed form writes the subset counts as independent ``Binomial(m_a, k/n)`` counts
     conditioned on their sum being ``k`` (which gives the multivariate hypergeometric law exactly),
@@ -430,21 +437,22 @@ def selection_at_k(
                 "ttscale.aggregate.map_scores first"
             )
 
-    # cluster correctness = correctness of the largest-index member (RPC representative)
-    ccorr = np.zeros(int(cl_off[-1]))
+    # cluster correctness = correctness of the largest-index member (RPC representative); a
+    # cluster whose samples disagree ("mixed") has no count-only closed form
+    G = int(cl_off[-1])
     gl = lab[answered] + cl_off[prob[answered]]
-    last = np.full(ccorr.size, -1, dtype=np.int64)
-    np.maximum.at(last, gl, np.flatnonzero(answered))
-    ccorr = corr[last] if last.size else ccorr
-    # a problem whose clusters mix correct and wrong samples has no count-only closed form
-    cmin = np.ones(ccorr.size)
-    cmax = np.zeros(ccorr.size)
-    np.minimum.at(cmin, gl, corr[answered])
-    np.maximum.at(cmax, gl, corr[answered])
+    size = np.bincount(gl, minlength=G)
+    n_right = np.bincount(gl, weights=corr[answered], minlength=G)
+    mixed_cl = (n_right > 0) & (n_right < size)
+    ccorr = (n_right > 0).astype(np.float64)
+    if mixed_cl.any():
+        ids = np.flatnonzero(answered)
+        sel = mixed_cl[gl]
+        last = np.full(G, -1, dtype=np.int64)
+        np.maximum.at(last, gl[sel], ids[sel])
+        ccorr[mixed_cl] = corr[last[mixed_cl]]
     mixed = np.zeros(P, dtype=bool)
-    if ccorr.size:
-        cl_prob = np.repeat(np.arange(P), n_clusters)
-        mixed[cl_prob[cmin != cmax]] = True
+    mixed[np.repeat(np.arange(P), n_clusters)[mixed_cl]] = True
 
     closed_ok = (method == "majority" and tie == "expected") or (
         method == "bon" and tie in ("expected", "first")
@@ -483,13 +491,14 @@ def selection_at_k(
         cc = ccorr[cl_off[p] : cl_off[p + 1]]
         L = int(n_clusters[p])
         mc_js: list[int] = []
+        if use_closed and method == "majority" and not mixed[p]:
+            cnt = np.bincount(lab_p[lab_p >= 0], minlength=L).astype(np.int64)
+            u = n - int(cnt.sum())
         for j, kv in enumerate(k.tolist()):
             if kv > n or how[p, j] == 1:
                 continue
             if use_closed and method == "majority" and not mixed[p]:
                 assert lf is not None
-                cnt = np.bincount(lab_p[lab_p >= 0], minlength=L).astype(np.int64)
-                u = int(np.count_nonzero(lab_p < 0))
                 val = _majority_closed_form(cnt, cc.astype(bool), u, kv, lf, budget)
                 if val is not None:
                     per[p, j] = val
@@ -588,11 +597,17 @@ def _local_labels(
     if ans.any():
         width = int(raw[ans].max()) + 1
         key = prob[ans] * width + raw[ans]
-        uniq, inv = np.unique(key, return_inverse=True)
-        uprob = uniq // width
-        n_clusters = np.bincount(uprob, minlength=P).astype(np.int64)
-        start = np.concatenate(([0], np.cumsum(n_clusters)))
-        lab[ans] = inv.ravel() - start[prob[ans]]
+        if P * width <= 4 * raw.size:  # small codes: a dense table instead of a sort
+            seen = np.bincount(key, minlength=P * width) > 0
+            rank = np.cumsum(seen) - 1
+            n_clusters = seen.reshape(P, width).sum(axis=1).astype(np.int64)
+            start = np.concatenate(([0], np.cumsum(n_clusters)))
+            lab[ans] = rank[key] - start[prob[ans]]
+        else:
+            uniq, inv = np.unique(key, return_inverse=True)
+            n_clusters = np.bincount(uniq // width, minlength=P).astype(np.int64)
+            start = np.concatenate(([0], np.cumsum(n_clusters)))
+            lab[ans] = inv.ravel() - start[prob[ans]]
     cl_off = np.concatenate(([0], np.cumsum(n_clusters))).astype(np.int64)
     return lab, n_clusters, cl_off
 
@@ -708,6 +723,13 @@ def _majority_closed_form(
     log_den = float(_logpmf(n, k, logp, log1mp, lf))
     nfour = int(min(math.ceil(float(_halfwidth(n * p * (1.0 - p)))) + 2, n + 1))
     ctx = (n, k, logp, log1mp, lf, log_den, lo, hi, m, p, nfour)
+    if budget is not None and L > 2:
+        # quick rejection before planning: x values that two rivals can reach cost ~16·N each
+        for l_ in np.flatnonzero(corr).tolist():
+            h2 = float(np.partition(np.delete(hi, l_), -2)[-2])
+            width2 = min(float(hi[l_]), h2) - max(1.0, float(lo[l_])) + 1
+            if width2 > 0 and 16.0 * nfour * width2 > budget:
+                return None
     plans = [_win_plan(int(l_), ctx) for l_ in np.flatnonzero(corr)]
     if budget is not None and sum(c for plan in plans for (*_, c) in plan) > budget:
         return None
@@ -749,18 +771,22 @@ def _win_plan(l_: int, ctx: tuple[Any, ...]) -> list[tuple[int, int, int, Any, f
         riv = hio >= x1
         nr = int(np.count_nonzero(riv))
         width = x1 - x0 + 1
+        # cost in array elements, plus ~2,000 per numpy call for the fixed overhead
         if nr == 0:
-            plan.append((0, x0, x1, None, float(width)))
+            plan.append((0, x0, x1, None, float(width + 1e4)))
         elif nr == 1:
             jj = int(np.flatnonzero(riv)[0])
             wj = int(hio[jj] - loo[jj] + 1)
-            plan.append((1, x0, x1, (int(mo[jj]), int(loo[jj]), int(hio[jj])), float(width * wj)))
+            cost = float(6 * width * min(wj, x1) + 2e4)
+            plan.append((1, x0, x1, (int(mo[jj]), int(loo[jj]), int(hio[jj])), cost))
         else:
             rivals = mo[riv]
-            groups = np.unique(rivals).size
+            sizes = np.unique(rivals)
+            groups = sizes.size
+            rows = float(np.minimum(np.minimum(hi[others][riv], x1) + 1, x1 + 1).sum())
             q0 = min(nr, (k - x0) // x0) // 2 + 1
-            cost = float(width * nfour * groups * min(q0, 4) + groups * nfour * width)
-            plan.append((2, x0, x1, rivals, cost))
+            cost = nfour * (3 * rows + 8 * width * q0 * groups) + 2e3 * (20 + 8 * groups)
+            plan.append((2, x0, x1, rivals, float(cost)))
     return plan
 
 
@@ -816,15 +842,15 @@ def _many_rivals(
     hw = _halfwidth(sizes * p * (1 - p))
     lows = np.maximum(0, np.ceil(sizes * p - hw)).astype(np.int64)
     highs = np.minimum(np.minimum(sizes, k), np.floor(sizes * p + hw)).astype(np.int64)
-    cums = []  # prefix sums Σ_{y ≤ a+r} pmf(y)·e^{iθy}, only the rows r0..r1 that x0..x1 need
-    pmfs = []
-    for sz, a, b in zip(sizes.tolist(), lows.tolist(), highs.tolist(), strict=True):
-        ys = np.arange(a, b + 1)
-        pm = np.exp(_logpmf(sz, ys, logp, log1mp, lf))
-        r0, r1 = min(max(x0 - 1 - a, 0), b - a), min(max(x1 - 1 - a, 0), b - a)
-        terms = pm[: r1 + 1, None] * roots[(ys[: r1 + 1, None] * s_idx[None, :]) % N]
-        cums.append((r0, np.cumsum(terms, axis=0)[r0:]))
-        pmfs.append(pm)
+    G = sizes.size
+    # prefix sums Σ_{y=a_g}^{a_g+r} pmf_g(y)·e^{iθy}, all rival sizes at once (rows padded)
+    top = np.minimum(np.maximum(x1 - 1 - lows, 0), highs - lows)  # last row any x needs
+    width = int(top.max()) + 1
+    ys = lows[:, None] + np.arange(width)[None, :]
+    pm = np.where(np.arange(width)[None, :] <= top[:, None],
+                  np.exp(_logpmf(sizes[:, None], ys, logp, log1mp, lf)), 0.0)
+    cum = np.cumsum(pm[:, :, None] * roots[(ys[:, :, None] * s_idx[None, None, :]) % N], axis=1)
+    multi = np.flatnonzero(counts > 1)
     xs_all = np.arange(x0, x1 + 1)
     tmax = np.minimum(int(rivals.size), (k - xs_all) // xs_all)
     level = np.floor(np.log2(tmax // 2 + 1)).astype(np.int64)  # blocks where the node count halves
@@ -833,21 +859,19 @@ def _many_rivals(
     for blk in np.split(np.arange(xs_all.size), cuts):
         q = int(tmax[blk[0]]) // 2 + 1
         nodes, wts = _gauss01(q)
-        step = max(1, _CHUNK // (q * N))
+        step = max(1, _CHUNK // (q * N * G))
         for s in range(0, blk.size, step):
             xs = xs_all[blk[s : s + step]]
-            ex = roots[(xs[:, None] * s_idx[None, :]) % N]
-            acc = np.ones((xs.size, q, N), dtype=np.complex128)
-            for g in range(sizes.size):
-                a, b, (r0, cum), pm = int(lows[g]), int(highs[g]), cums[g], pmfs[g]
-                idx = xs - 1 - a
-                rows = np.minimum(np.maximum(idx, r0), r0 + cum.shape[0] - 1) - r0
-                below = np.where((idx >= 0)[:, None], cum[rows], 0.0)
-                inwin = (xs >= a) & (xs <= b)
-                bx = np.where(inwin, pm[np.minimum(np.maximum(xs - a, 0), b - a)], 0.0)
-                f = below[:, None, :] + nodes[None, :, None] * (bx[:, None] * ex)[:, None, :]
-                acc *= f if counts[g] == 1 else f ** int(counts[g])
-            val = np.tensordot(acc, wts, axes=([1], [0]))  # (X, N)
+            rows = xs[:, None] - 1 - lows[None, :]  # (X, G): prefix row for "below x"
+            below = cum[np.arange(G)[None, :], np.minimum(np.maximum(rows, 0), top[None, :])]
+            below = np.where((rows >= 0)[:, :, None], below, 0.0)  # (X, G, N)
+            inwin = (xs[:, None] >= lows[None, :]) & (xs[:, None] <= highs[None, :])
+            bx = np.where(inwin, np.exp(_logpmf(sizes[None, :], xs[:, None], logp, log1mp, lf)), 0.0)
+            tie = bx[:, :, None] * roots[(xs[:, None] * s_idx[None, :]) % N][:, None, :]
+            f = below[:, None, :, :] + nodes[None, :, None, None] * tie[:, None, :, :]  # (X,q,G,N)
+            if multi.size:
+                f[:, :, multi, :] **= counts[multi][None, None, :, None]
+            val = np.tensordot(np.prod(f, axis=2), wts, axes=([1], [0]))  # (X, N)
             back = np.conj(roots[(((k - xs) % N)[:, None] * s_idx[None, :]) % N])
             coef = (val * back).dot(phi_r).real / N
             total += float((np.exp(_logpmf(ml, xs, logp, log1mp, lf) - log_den) * coef).sum())
