@@ -663,6 +663,17 @@ def _rmtree(path):
         pass
 
 
+def _nondumpable():
+    """prctl(PR_SET_DUMPABLE, 0): programs running under the checker's own uid (no root) must
+    not be able to ptrace it (or the zygote, which inherits the flag) and rewrite its memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
+    except Exception:  # no ctypes/libc: nothing better to do; documented in sandbox.py
+        pass
+
+
 def _run_prelude(src, ns):
     """Execute the trusted prelude (a HumanEval prompt: imports, helpers, the stub to complete).
 
@@ -709,6 +720,13 @@ def _main(job_fd, res_fd):
                 syntax[i] = f"{type(e).__name__}: {e}"[:2000]
     if any(p["mode"] == "stdio" for p in progs):
         import traceback  # noqa: F401  (imported once: stdio programs print tracebacks with it)
+    if job.get("nondumpable"):
+        _nondumpable()
+    import builtins
+
+    # Import what the preludes import before forking: the zygote and every program inherit it.
+    for pre in {p.get("prelude") or "" for p in progs}:
+        _run_prelude(pre, {"__name__": "__ttscale_warm__", "__builtins__": builtins})
     ends = {}
     mine = {}
     for i in range(len(progs)):

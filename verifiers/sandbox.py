@@ -1,51 +1,62 @@
 """Run untrusted Python programs in fresh, isolated processes and report typed outcomes.
 
-Every program runs in a new interpreter (``python -s -S -B -P``) with a scrubbed environment
-(``PATH``, ``LANG``, ``PYTHONHASHSEED=0``, ``HOME`` = a private temp directory; nothing else
-from the caller's environment), rlimits on CPU seconds, address space, processes, file size and
-open files, and a wall-clock timeout that kills the whole process tree. Two isolation levels:
+Linux only. Every program runs in its own fresh process of the interpreter running ttscale,
+started without ``site`` (``-s -S -B -P``: the standard library only, no site-packages), with a
+scrubbed environment (``PATH``, ``LANG``/``LC_ALL``, ``PYTHONHASHSEED=0``, ``PYTHONIOENCODING``,
+``HOME``/``TMPDIR`` = its private working directory; nothing else from the caller's
+environment), rlimits on CPU seconds, address space, processes, file size and open files, and a
+wall-clock timeout after which it and every process it started are killed. Two isolation levels,
+recorded as :attr:`Sandbox.isolation` (and in :meth:`Sandbox.info`, for the run manifest):
 
-``"bubblewrap"`` (preferred; chosen automatically when ``bwrap`` works here)
-    Linux namespaces via bubblewrap: no network (``--unshare-net``; only a downed loopback),
-    its own PID, IPC, UTS and cgroup namespaces, a new session, ``--die-with-parent``. The file
-    system is read-only ``/usr`` (+ ``/bin``, ``/lib*``), the interpreter's install prefix
-    read-only, a minimal ``/dev`` and a size-limited private tmpfs at ``/tmp`` as the working
-    directory; there is no ``/proc``, no ``/etc``, no home directory and no project checkout.
-    Killing the sandbox's first process kills every process in it, so double-forked daemons
-    cannot outlive a check. When ttscale runs as root, the sandbox keeps only CAP_SETUID,
-    CAP_SETGID and CAP_KILL and the program itself runs under a random unprivileged uid with
-    no capabilities (so ``RLIMIT_NPROC`` applies and it cannot signal the checker); otherwise
-    bubblewrap's user namespace maps the caller's uid.
+``"bubblewrap"`` (preferred; chosen automatically when ``bwrap`` passes a self-test here)
+    Linux namespaces via bubblewrap: its own empty network namespace (no route anywhere, only
+    its own loopback), its own PID, IPC, UTS and cgroup namespaces, a new session,
+    ``--die-with-parent``. The file system is read-only ``/usr`` (+ ``/bin``, ``/lib*``
+    symlinks), the interpreter's install prefix read-only, a minimal read-only ``/dev`` and a
+    size-limited private tmpfs at ``/tmp`` (the only writable place); there is no ``/proc``, no ``/etc``, no home
+    directory and no project checkout. When ttscale runs as root, the sandbox keeps only
+    CAP_SETUID, CAP_SETGID and CAP_KILL and each program runs under its own random
+    unprivileged uid with no capabilities: ``RLIMIT_NPROC`` applies to it, it cannot signal or
+    trace the checker or another program, its files are private (umask 077, 0700 working
+    directory), and after its run every process of its uid is killed and its files deleted.
+    That is what lets up to ``batch_size`` programs share one sandbox (one bubblewrap start,
+    one interpreter start and one import of the prompt's modules per batch), each still in a
+    fresh process forked from a clean zygote. Without root, bubblewrap's user namespace maps the
+    caller's uid only, so every program gets a sandbox of its own, and the checker makes
+    itself non-dumpable (``prctl``) so that a program of the same uid cannot ptrace it. The
+    first process of a sandbox is its checker; when it ends, the kernel kills everything left
+    in the namespace.
 ``"process"`` (fallback, logged once as a warning)
     A plain subprocess in a temp directory with the same rlimits and environment, plus a
-    Python audit hook that refuses process creation, signals to other processes, sockets,
-    ``ctypes``, ``/proc``, writes outside the temp directory and reads under ``$HOME`` and the
-    current directory. Audit hooks are not a security boundary: native code, a pre-imported
-    module or an interpreter bug can bypass them, and a double-forked daemon that clears its
-    environment can survive (the fallback kills the process group and every process carrying
-    the run's marker variable). Use it for trusted-ish model output only.
+    Python audit hook that refuses process creation (so also fork bombs and daemons), signals
+    to other processes, sockets, ``ctypes``, ``/proc``, writes outside the temp directory and
+    reads under ``$HOME`` and the current directory. Audit hooks are not a security boundary:
+    native code, a module imported before the hook or an interpreter bug can bypass them; the
+    host then also kills the process group and every process carrying the run's marker
+    variable. Use it for trusted-ish model output only.
 
 Neither level defends against kernel or bubblewrap vulnerabilities, side channels, or CPU and
-memory pressure on the host beyond the rlimits (no cgroup limits: a program may use one core
-fully for ``timeout`` seconds and ``memory_mb`` of address space per process, times ``nproc``).
+memory pressure on the host beyond the rlimits (no cgroup limits: a program may keep one core
+busy for ``timeout`` seconds and hold ``memory_mb`` of address space in each of up to
+``nproc`` processes). bubblewrap does not hide the kernel's identity or the CPU model.
 
 **Test integrity (threat model).** The program is adversarial: it may try to make a wrong
-solution look correct. Inside the sandbox a trusted *checker* process forks the *program*
-process before it has read the tests or a per-run random nonce; the program executes the
-candidate code and then answers the checker's requests (call this function, read that
-attribute). The test code runs in the checker, so the program's memory never holds the tests,
-the expected values or the nonce. Return values cross back only as pickles restricted to plain
-builtin data; other objects stay behind as opaque handles that compare by identity. The
-checker reports through a pipe the program does not hold, tagged with the nonce, and the host
-accepts exactly one well-formed ``S``/``R`` frame pair. Consequences: ``sys.exit(0)``,
-``os._exit(0)``, printing a success marker, patching builtins or the test helpers,
-monkeypatching modules, returning an object whose ``__eq__`` is always true, killing the
-checker, and writing to any file descriptor all end as non-pass; exit codes never mean pass.
+solution look correct. In the sandbox a trusted *checker* forks a *zygote* before it has read
+the tests or the per-run random nonce, and the zygote forks each *program* process; the program
+executes the candidate code and then answers the checker's requests (call this function, read
+that attribute, iterate that object). Test code runs in the checker, so no program process ever
+holds the tests, the expected values or the nonce. Values cross back only through a small codec
+for plain builtin data; other objects stay behind as opaque handles that compare by identity.
+The checker reports per program through a pipe no program holds, each frame tagged with the
+nonce, and the host accepts only the exact ``S i``/``R i`` frame sequence. Consequences:
+``sys.exit(0)``, ``os._exit(0)``, printing a success marker, patching builtins, modules or the
+test helpers (``check``), returning an object whose ``__eq__`` is always true, killing the
+checker and writing to any file descriptor all end as non-pass; exit codes never mean pass.
 What remains possible is what any black-box test allows: hard-coding answers for inputs the
-program can guess (e.g. the docstring examples) and behaving differently on repeated calls.
-Tests that pass callables or test-defined objects to the program, or that inspect in-place
-mutation of their arguments, are not supported (values are copied; such a case reports
-``error``).
+program can see (the prompt's examples) and behaving differently from call to call. Tests that
+pass callables or test-defined objects to the program, or that inspect in-place mutation of
+their arguments, are not supported (values are copied; such a case reports ``error``). In
+stdio mode the expected output never enters the sandbox; the host compares.
 """
 
 from __future__ import annotations
@@ -455,7 +466,8 @@ class Sandbox:
                 if anc not in ("/usr", "/bin", "/lib", "/lib64", "/sbin"):
                     a += ["--perms", "0755", "--dir", anc]
             a += ["--ro-bind", p, p]
-        a += ["--dev", "/dev", "--perms", "1777"]
+        # /dev is a tmpfs without a size limit: read-only, so nothing can fill it (or /dev/shm)
+        a += ["--dev", "/dev", "--remount-ro", "/dev", "--perms", "1777"]
         if _bwrap_supports_size(bwrap):
             a += ["--size", str(self.limits.tmpfs_mb << 20)]
         a += ["--tmpfs", "/tmp", "--chdir", "/tmp"]
@@ -493,6 +505,8 @@ class Sandbox:
             "timeout_s": float(lim.timeout_s),
             "output_bytes": lim.output_bytes,
             "guard": not bw,
+            # programs share the checker's uid unless bubblewrap runs as root
+            "nondumpable": not (bw and self._root),
             "deny_read": [] if bw else [os.path.expanduser("~"), os.getcwd()],
             "limits": {
                 "cpu_s": math.ceil(lim.timeout_s) + 1,
