@@ -162,6 +162,7 @@ def test_selection_vectors(strategy: str) -> None:
     expected = "exact" if strategy == "enumerate" else "closed-form"
     assert maj.method == (expected,) * 4 and bon.method == (expected,) * 4
     assert maj.draws.tolist() == [0] * 4 and maj.mc_stderr.tolist() == [0.0] * 4
+    assert maj.n_exact.tolist() == [1] * 4
 
 
 def _brute(labels: np.ndarray, correct: np.ndarray, scores: np.ndarray, k: int, rule: str, tie: str) -> float:
@@ -343,6 +344,7 @@ def test_monte_carlo_is_seeded_and_reported() -> None:
         b = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=300, seed=11, **kw)  # type: ignore[arg-type]
         np.testing.assert_array_equal(a.per_problem, b.per_problem)
         assert a.method == ("mc", "mc") and a.draws.tolist() == [300, 300]
+        assert a.n_exact.tolist() == [0, 0]
         assert np.all(a.mc_stderr > 0)
     exact = selection_at_k(labels, correct, [5, 30])
     rnd = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=3000, seed=2, tie="random")

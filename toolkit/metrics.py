@@ -309,8 +309,9 @@ class SelectionResult:
     ``per_problem`` ``(problems, len(ks))`` (NaN where ``k > n``); ``mean``/``n_problems`` per ``k``
     as in :class:`CoverageCurve`; ``method[j]`` how ``ks[j]`` was computed across problems:
     ``"closed-form"``, ``"exact"`` (every subset enumerated), ``"mc"`` (``draws[j]`` random subsets
-    per problem, seeded), or a ``+``-joined mix; ``mc_stderr[j]`` the Monte-Carlo standard error of
-    ``mean[j]`` (0 when nothing was sampled).
+    per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
+    (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
+    (0 when nothing was sampled).
     """
 
     ks: NDArray[np.int64]
@@ -318,6 +319,7 @@ class SelectionResult:
     per_problem: NDArray[np.float64]
     n_problems: NDArray[np.int64]
     method: tuple[str, ...]
+    n_exact: NDArray[np.int64]
     draws: NDArray[np.int64]
     mc_stderr: NDArray[np.float64]
     rule: str
@@ -583,7 +585,7 @@ def selection_at_k(
         stderr = np.where(count > 0, np.sqrt(mc_var) / np.maximum(count, 1), np.nan)
     return SelectionResult(
         ks=k, mean=mean, per_problem=per, n_problems=count, method=tuple(methods),
-        draws=draws, mc_stderr=stderr, rule=rule, tie=tie,
+        n_exact=((how == 1) | (how == 2)).sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr, rule=rule, tie=tie,
     )
 
 
