@@ -383,6 +383,31 @@ def test_checker_hang_hits_backstop_and_rest_rerun():
 
 
 @pytest.mark.skipif(not BWRAP_OK, reason="bubblewrap unavailable")
+def test_user_namespace_path():
+    """The path taken without root (user namespace, one sandbox per program, programs under the
+    checker's uid), forced here: a program that kills every process it can reach takes its
+    own sandbox down, never the host, and gets no pass; the next program is unaffected."""
+    sb = Sandbox(Limits(timeout_s=2.0), isolation="bubblewrap", batch_size=8)
+    sb._root = False
+    assert sb.effective_batch_size == 1
+    marker = "ttscale-userns-" + uuid.uuid4().hex
+    progs = [
+        f_program("import os\ndef f():\n    os.kill(-1, 9)\n    return 1\n"),
+        f_program("def f():\n    return 1\n"),
+        f_program(
+            "import os, sys\ndef f():\n    if os.fork() == 0:\n        os.setsid()\n"
+            f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
+            "    return 1\n"
+        ),
+    ]
+    results = sb.run_many(progs, workers=1)
+    assert results[0].outcome in (ExecOutcome.CRASH, ExecOutcome.FAIL)
+    assert results[1].outcome is ExecOutcome.PASS
+    assert results[2].outcome is ExecOutcome.PASS
+    assert processes_with(marker) == []
+
+
+@pytest.mark.skipif(not BWRAP_OK, reason="bubblewrap unavailable")
 def test_bubblewrap_detected_here():
     assert sbx.detect_isolation() is Isolation.BUBBLEWRAP
     assert Sandbox().info()["isolation"] == "bubblewrap"
