@@ -11,7 +11,6 @@ from ttscale.scaling import (
     PowerLawFit,
     accuracy_ceiling,
     bootstrap_power_law,
-    coverage_curve,
     empirical_reward_at_k,
     fit_power_law,
     optimal_k,
@@ -75,16 +74,6 @@ def test_points_at_zero_or_one_are_dropped() -> None:
         fit_power_law([2, 2], [0.3, 0.4])  # one distinct k
     with pytest.raises(ConfigError):
         fit_power_law([1, 2], [0.3, 0.4], "cubic")  # type: ignore[arg-type]
-
-
-def test_coverage_curve_unbiased() -> None:
-    assert coverage_curve([10, 10, 10], [0, 3, 10], [5])[0] == pytest.approx(0.6388888889)
-    np.testing.assert_allclose(
-        coverage_curve([200], [13], [10, 100]), [0.4975511147, 0.9999194972], atol=1e-9
-    )
-    assert coverage_curve([10000], [1], [1000])[0] == pytest.approx(0.1, abs=1e-9)
-    with pytest.raises(ConfigError):
-        coverage_curve([10, 5], [1, 1], [6])
 
 
 def test_bootstrap_power_law_brackets_truth() -> None:

@@ -26,7 +26,6 @@ __all__ = [
     "VerifierRates",
     "accuracy_ceiling",
     "bootstrap_power_law",
-    "coverage_curve",
     "empirical_reward_at_k",
     "fit_power_law",
     "optimal_k",
@@ -44,27 +43,13 @@ FitMethod = Literal["loglog", "nls"]
 # Coverage curves and the exponentiated power law
 
 
-def _unbiased_pass_at_k(
+def _per_problem_pass_at_k(
     n: NDArray[np.int64], c: NDArray[np.int64], ks: NDArray[np.int64]
 ) -> NDArray[np.float64]:
-    """Unbiased pass@k per problem and budget, shape ``(problems, len(ks))``.
+    """Unbiased pass@k per problem and budget, shape ``(problems, len(ks))`` (every k <= n)."""
+    from ttscale.metrics import pass_at_k
 
-    ``1 − C(n−c, k)/C(n, k)`` via log-gamma differences; ``1`` where ``n − c < k``. Budgets
-    ``k > n`` are undefined and give NaN. (A local copy so the scaling module does not depend on
-    the metrics module; ``ttscale.metrics.pass_at_k`` is the public estimator.)
-    """
-    from scipy.special import gammaln
-
-    n2 = n[:, None].astype(np.float64)
-    f2 = (n - c)[:, None].astype(np.float64)
-    k2 = ks[None, :].astype(np.float64)
-    solved = f2 < k2
-    safe_k = np.where(solved, 0.0, k2)
-    log_ratio = (
-        gammaln(f2 + 1) - gammaln(f2 - safe_k + 1) - gammaln(n2 + 1) + gammaln(n2 - safe_k + 1)
-    )
-    out = np.where(solved, 1.0, -np.expm1(log_ratio))
-    return np.where(k2 > n2, np.nan, out)
+    return pass_at_k(n[:, None], c[:, None], ks[None, :])
 
 
 def _as_counts(n: ArrayLike, c: ArrayLike) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -87,20 +72,6 @@ def _as_ks(ks: ArrayLike) -> NDArray[np.int64]:
     if k.ndim != 1 or k.size == 0 or np.any(k != np.round(k)) or np.any(k < 1):
         raise ConfigError(f"ks must be a non-empty list of integers >= 1, got {ks!r}")
     return k.astype(np.int64)
-
-
-def coverage_curve(n: ArrayLike, c: ArrayLike, ks: ArrayLike) -> NDArray[np.float64]:
-    """Coverage ``c(k) = mean_problems pass@k`` (unbiased estimator) at each ``k``, shape ``(len(ks),)``.
-
-    ``n``/``c``: samples drawn and samples correct per problem. Every ``k`` must be ``≤ min(n)``.
-    """
-    na, ca = _as_counts(n, c)
-    k = _as_ks(ks)
-    if k.max() > na.min():
-        raise ConfigError(
-            f"k={int(k.max())} exceeds the smallest per-problem sample count {int(na.min())}"
-        )
-    return _unbiased_pass_at_k(na, ca, k).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -256,7 +227,7 @@ def bootstrap_power_law(
         raise ConfigError(
             f"k={int(k.max())} exceeds the smallest per-problem sample count {int(na.min())}"
         )
-    per_problem = _unbiased_pass_at_k(na, ca, k)  # (problems, K)
+    per_problem = _per_problem_pass_at_k(na, ca, k)  # (problems, K)
     fit = fit_power_law(k, per_problem.mean(axis=0), method)
     counts = bootstrap_counts(na.size, n_boot, seed).astype(np.float64)
     curves = counts @ per_problem / na.size  # (n_boot, K)
