@@ -356,7 +356,7 @@ def _verify_and_curve(
     report = compute_curves(res.store.pool(vsum["verifier"]), ("coverage", "majority"), ks)
     _print_curve(console, report)
     plot_path = plot or (res.store.path / "coverage.png")
-    model = Path(str(res.engine_info.get("model", ""))).name
+    model = "/".join(Path(str(res.store.manifest.get("model", ""))).parts[-2:])
     plot_curves(
         report,
         plot_path,
