@@ -164,7 +164,7 @@ def corpus(h) -> dict[str, Program]:
             "        except Exception:\n            pass\n"
         ),
         "memory_bomb": f_program("def f():\n    x = bytearray(10**11)\n    return 1\n"),
-        "memory_grow": f_program("def f():\n    a = []\n    while True:\n        a.append(' ' * 10**6)\n"),
+        "memory_grow": f_program("def f():\n    a = []\n    while True:\n        a.append(' ' * 10**7)\n"),
         "infinite_loop": f_program("def f():\n    while True:\n        pass\n"),
         "write_outside": f_program(f"def f():\n    open({victim!r}, 'w').write('pwned')\n    return 1\n"),
         "delete_outside": f_program(f"import os\ndef f():\n    os.remove({doomed!r})\n    return 1\n"),
