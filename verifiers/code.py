@@ -155,7 +155,7 @@ _SEPS = ("should return", "returns", "==>", "=>", "->", "➞", "==", "=")
 
 
 def _inline_examples(line: str, entry: str) -> list[tuple[str, str]]:
-    out = []
+    out: list[tuple[str, str]] = []
     pos = 0
     while True:
         m = re.search(rf"(?<![\w.]){re.escape(entry)}\(", line[pos:])
@@ -423,6 +423,7 @@ def _humaneval(problem: Problem, suite: str) -> Any:
         raise DataError(f"problem {problem.id!r}: HumanEval test code (meta['test']) is missing")
     full_def = re.compile(rf"^(?:async\s+)?def\s+{re.escape(entry)}\s*\(", re.M)
 
+    cases: tuple[str, ...]
     if suite == "full":
         setup, cases = test, (f"check({entry})",)
     else:

@@ -102,8 +102,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RUNNER = Path(__file__).with_name("_sandbox_runner.py")
-_START_GRACE_S = 0.25  # checker overhead allowed on top of the program's timeout
-_DRAIN_S = 1.0  # how long to wait for the output pipes once the checker has finished
 
 
 class Isolation(str, enum.Enum):
@@ -488,7 +486,7 @@ class Sandbox:
         bw = self.isolation is Isolation.BUBBLEWRAP
         run_id = secrets.token_hex(8)
         tmpdir = None if bw else tempfile.mkdtemp(prefix="ttscale-sbx-")
-        base = "/tmp" if bw else tmpdir
+        base: str = "/tmp" if tmpdir is None else tmpdir
         entries = []
         for k, p in enumerate(programs):
             entries.append(
@@ -498,7 +496,7 @@ class Sandbox:
                     "prelude": p.prelude,
                     "stdin": p.stdin.encode("utf-8") if p.mode == "stdio" else b"",
                     "uid": (1 << 20) + secrets.randbelow(1 << 30) if (bw and self._root) else None,
-                    "workdir": os.path.join(base, f"w{k}"),  # type: ignore[arg-type]
+                    "workdir": os.path.join(base, f"w{k}"),
                 }
             )
         part1 = {
@@ -535,8 +533,8 @@ class Sandbox:
             "PYTHONIOENCODING": "utf-8",
             "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1",
-            "HOME": base,  # type: ignore[dict-item]
-            "TMPDIR": base,  # type: ignore[dict-item]
+            "HOME": base,
+            "TMPDIR": base,
         }
         if not bw:
             env["TTSCALE_SANDBOX_RUN"] = run_id
