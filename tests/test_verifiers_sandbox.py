@@ -164,7 +164,7 @@ def corpus(h) -> dict[str, Program]:
             "        except Exception:\n            pass\n"
         ),
         "memory_bomb": f_program("def f():\n    x = bytearray(10**11)\n    return 1\n"),
-        "memory_grow": f_program("def f():\n    a = []\n    while True:\n        a.append(' ' * 10**7)\n"),
+        "memory_grow": f_program("def f():\n    a = []\n    while True:\n        a.append(bytearray(10**7))\n"),
         "infinite_loop": f_program("def f():\n    while True:\n        pass\n"),
         "write_outside": f_program(f"def f():\n    open({victim!r}, 'w').write('pwned')\n    return 1\n"),
         "delete_outside": f_program(f"import os\ndef f():\n    os.remove({doomed!r})\n    return 1\n"),
@@ -265,7 +265,7 @@ def test_fork_bomb_is_contained(corpus_results):
     # bubblewrap: RLIMIT_NPROC under the program's own uid, then the wall clock;
     # process fallback: fork refused by the audit hook, the loop then times out.
     assert r.outcome is ExecOutcome.TIMEOUT, r
-    assert r.seconds < 6
+    assert r.seconds < 10  # 2 s limit; the host backstop (5 s) if the checker is starved
 
 
 def test_host_files_untouched(corpus_results, host_state):
