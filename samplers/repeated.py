@@ -383,7 +383,6 @@ class RepeatedSampler:
             accounting=_accounting(base, state, 0.0),
         )
 
-        have = store.keys()
         requests = plan_requests(
             problems,
             n,

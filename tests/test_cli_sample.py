@@ -182,7 +182,7 @@ def test_crash_resume_with_sigkill(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ttscale.cli.app", *args, "--out", str(run),
          "--throttle", "0.05", "--flush-every", "8"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -191,7 +191,7 @@ def test_crash_resume_with_sigkill(tmp_path: Path) -> None:
             if len(shards) >= 3 or proc.poll() is not None:
                 break
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, helpers included
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
