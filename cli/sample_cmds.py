@@ -64,7 +64,14 @@ OutOpt = Annotated[
     Optional[Path],
     typer.Option("--out", "-o", help="Run directory [default: runs/<benchmark>-<time>]."),
 ]
-EngineOpt = Annotated[EngineKind, typer.Option("--engine", "-e", help="Inference engine.")]
+EngineOpt = Annotated[
+    EngineKind,
+    typer.Option(
+        "--engine",
+        "-e",
+        help="Inference engine (auto: vLLM if importable, else transformers; scripted: the test engine).",
+    ),
+]
 BaseUrlOpt = Annotated[
     Optional[list[str]],
     typer.Option("--base-url", help="OpenAI-compatible server URL (repeat to spread load)."),
