@@ -206,3 +206,25 @@ def test_shard_files_are_plain_parquet(store):
     t = pq.read_table(f)
     assert {"problem_id", "index", "text", "token_logprobs", "answer", "correct"} <= set(t.column_names)
     assert json.loads((store.path / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_pool_does_not_create_per_sample_python_objects(tmp_path):
+    import gc
+    import sys
+
+    s = SampleStore.create(tmp_path / "big")
+    P, n = 100, 200
+    s.append(
+        Sample(f"p{p:03d}", i, text=f"t{i % 7}", answer=str(i % 5), correct=i % 3 == 0,
+               logprob=-1.0, num_tokens=3, scores={"rm": 0.5})
+        for p in range(P) for i in range(n)
+    )
+    s = SampleStore.open(s.path)
+    s.pool()  # warm-up: the first call imports modules
+    gc.collect()
+    before = sys.getallocatedblocks()
+    pool = s.pool()
+    after = sys.getallocatedblocks()
+    assert pool.num_samples == P * n
+    # a few objects per problem and per distinct answer are fine; one per sample (20,000) is not
+    assert after - before < 5_000, after - before

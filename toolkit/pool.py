@@ -173,7 +173,10 @@ class Pool:
             c = table.column(name)
             return c.fill_null(fill).to_numpy(zero_copy_only=False).astype(dtype)
 
-        if "text" in table.column_names:
+        if "text_hash" in table.column_names:
+            tid = pc.dictionary_encode(table.column("text_hash").combine_chunks()).indices
+            text_id = tid.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        elif "text" in table.column_names:
             tid = pc.dictionary_encode(table.column("text").combine_chunks()).indices
             text_id = tid.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         else:

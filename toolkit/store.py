@@ -63,6 +63,9 @@ SAMPLE_SCHEMA = pa.schema(
         ("scores", pa.map_(pa.string(), pa.float64())),
         ("meta", pa.string()),
         ("content_hash", pa.string()),
+        # 64-bit hash of the text alone: perplexity consistency counts identical texts once, and
+        # reading this column is far cheaper than reading every text
+        ("text_hash", pa.int64()),
     ]
 )
 
@@ -126,6 +129,10 @@ def _content_hash(row: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
@@ -187,6 +194,7 @@ def _sample_row(s: Sample) -> dict[str, Any]:
         "meta": _dumps(dict(s.meta)) if s.meta else None,
     }
     row["content_hash"] = _content_hash(row)
+    row["text_hash"] = _text_hash(s.text)
     return row
 
 
@@ -227,26 +235,31 @@ def _sort_dedupe(table: pa.Table, *, what: str, hash_col: str | None) -> pa.Tabl
         table, sort_keys=[("problem_id", "ascending"), ("index", "ascending")]
     )
     table = table.take(order)
-    pid = table.column("problem_id").to_numpy(zero_copy_only=False)
-    idx = table.column("index").to_numpy()
-    same = np.zeros(table.num_rows, dtype=bool)
-    same[1:] = (pid[1:] == pid[:-1]) & (idx[1:] == idx[:-1])
+    n = table.num_rows
+
+    def adjacent(name: str, fn: Any) -> np.ndarray:
+        # compare each row with the previous one inside Arrow: no per-row Python objects
+        col = table.column(name)
+        return np.asarray(fn(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False))
+
+    same = np.zeros(n, dtype=bool)
+    same[1:] = adjacent("problem_id", pc.equal) & adjacent("index", pc.equal)
     if not same.any():
         return table
     if hash_col is not None:
-        h = table.column(hash_col).to_numpy(zero_copy_only=False)
-        clash = same.copy()
-        clash[1:] &= h[1:] != h[:-1]
+        clash = np.zeros(n, dtype=bool)
+        clash[1:] = same[1:] & adjacent(hash_col, pc.not_equal)
         if clash.any():
             j = int(np.flatnonzero(clash)[0])
             raise StoreError(
-                f"conflicting {what} for key ({pid[j]!r}, {idx[j]}): two shards hold different "
-                "content under one key; remove the stray shard or re-run into a new directory"
+                f"conflicting {what} for key ({table.column('problem_id')[j].as_py()!r}, "
+                f"{table.column('index')[j].as_py()}): two shards hold different content under "
+                "one key; remove the stray shard or re-run into a new directory"
             )
         keep = ~same
     else:
         # keep the last of each run of equal keys (the sort is stable: later shards come later)
-        keep = np.ones(table.num_rows, dtype=bool)
+        keep = np.ones(n, dtype=bool)
         keep[:-1] = ~same[1:]
     return table.filter(pa.array(keep))
 
@@ -608,7 +621,7 @@ class SampleStore:
         """
         from ttscale.pool import Pool
 
-        cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text", "scores"]
+        cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text_hash", "scores"]
         t = self.table(cols)
         names = self.verifiers()
         if verifier is None:
