@@ -147,7 +147,7 @@ def test_run_samples_verifies_and_reports_the_curve(tmp_path: Path) -> None:
                "--engine-opt", "responses=" + json.dumps(table), "--k", "1", "--k", "2",
                "--k", "3", "--k", "6")  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "coverage (any correct)" in r.output and "majority vote" in r.output
+    assert "coverage@k" in r.output and "majority@k" in r.output
     assert f"plot: {out / 'coverage.png'}" in r.output
     assert (out / "coverage.png").stat().st_size > 1000
     curve = json.loads((out / "curve.json").read_text())
@@ -234,7 +234,7 @@ def test_demo_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         lines[0].startswith("ttscale demo: bundled model") and "4 arith problems x n=8" in lines[0]
     )
     assert any(x.startswith("│ coverage") for x in lines) and any(
-        x.startswith("│ majority vote") for x in lines
+        x.startswith("│ majority@k") for x in lines
     )
     assert f"plot: {out / 'coverage.png'}" in r.output and f"run:  {out}" in r.output
     assert "coverage grows from" in lines[-1] and "Done in" in lines[-1]
