@@ -40,7 +40,7 @@ DEMO_HF_BATCH = 128
 class _Command(typer.core.TyperCommand):
     """A command whose out-of-range option values are one-line user errors (exit code 1)."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except typer.BadParameter as e:
