@@ -31,6 +31,7 @@ from ttscale.evals import prompts
 from ttscale.evals.arith import (
     DEFAULT_TEST_SEED,
     DEFAULT_TEST_SIZE,
+    DEFAULT_TEST_WEIGHTS,
     DEFAULT_TRAIN_SEED,
     DEFAULT_TRAIN_SIZE,
     generate_problems,
@@ -249,19 +250,28 @@ def load_arith(
     seed: int | None = None,
     weights: Any = None,
 ) -> list[Problem]:
-    """The bundled synthetic arithmetic benchmark (generated; ``path`` is not used)."""
+    """The bundled synthetic arithmetic benchmark (generated; ``path`` is not used).
+
+    Test: 200 problems, seed 20240601, difficulty mix :data:`~ttscale.evals.arith.DEFAULT_TEST_WEIGHTS`
+    (43/43/71/29/14 problems at levels 1-5). Train: 20,000 problems, seed 0, equal weights.
+    ``n``, ``seed`` and ``weights`` override those.
+    """
     _check_split(split, ("train", "test"), "arith")
     if path is not None:
         raise ConfigError("arith is generated, not read from a file: drop path=")
     if split == "test":
-        size, default_seed = DEFAULT_TEST_SIZE, DEFAULT_TEST_SEED
+        size, default_seed, default_weights = (
+            DEFAULT_TEST_SIZE,
+            DEFAULT_TEST_SEED,
+            DEFAULT_TEST_WEIGHTS,
+        )
     else:
-        size, default_seed = DEFAULT_TRAIN_SIZE, DEFAULT_TRAIN_SEED
+        size, default_seed, default_weights = DEFAULT_TRAIN_SIZE, DEFAULT_TRAIN_SEED, None
     return generate_problems(
         size if n is None else n,
         split=split,
         seed=default_seed if seed is None else seed,
-        weights=weights,
+        weights=default_weights if weights is None else weights,
     )
 
 

@@ -9,9 +9,9 @@ temperature 1, top-p 1; pass@1, unbiased pass@k and majority@k over the ``n`` sa
 
     OMP_NUM_THREADS=1 python -m ttscale.evals.train_arith --eval evals/model --n 64
 
-The tokenizer is character level over printable ASCII plus newline (``tokenizers`` WordLevel with
-a one-character split and a ``Fuse`` decoder), with ``<bos>`` prepended by the post-processor and
-``<eos>`` ending every worked solution. The loss covers the solution and ``<eos>`` only, not the
+The tokenizer is a small byte-level BPE trained on arith text with digits always split
+(:func:`build_tokenizer`), with ``<bos>`` prepended by the post-processor and ``<eos>`` ending
+every worked solution. The loss covers the solution and ``<eos>`` only, not the
 question. Everything is deterministic given ``--seed`` on one thread.
 """
 
@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import string
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,42 +29,54 @@ from pathlib import Path
 from typing import Any
 
 from ttscale.evals.arith import (
-    DEFAULT_TEST_SEED,
-    DEFAULT_TEST_SIZE,
     DEFAULT_TRAIN_SEED,
     check,
     extract_arith_answer,
     generate_items,
-    generate_problems,
 )
 
 __all__ = ["build_tokenizer", "evaluate", "main", "pass_at_k", "train"]
 
 logger = logging.getLogger(__name__)
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-#: Printable ASCII and newline: every character the arith language uses, and then some.
-ALPHABET = "\n" + "".join(c for c in string.printable if c.isprintable())
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
-def build_tokenizer() -> Any:
-    """A character-level ``PreTrainedTokenizerFast`` (ids: 4 specials, then :data:`ALPHABET`)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def build_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
+    """A small byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
+
+    Digits are always single tokens (``Digits(individual_digits=True)`` before the GPT-2 byte
+    level split), so numbers are spelled digit by digit while the words of the arith language
+    become one token each. ``<bos>`` is prepended by the post-processor. Training is
+    deterministic: the same texts give the same ``tokenizer.json``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *ALPHABET])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
-        unk_token=UNK,
         model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
@@ -106,15 +117,16 @@ def train(
     out: str | Path,
     *,
     seed: int = DEFAULT_TRAIN_SEED,
-    steps: int = 3000,
+    steps: int = 4000,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     warmup: int = 100,
     hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
-    intermediate: int = 512,
+    intermediate: int = 384,
     train_size: int = 50_000,
+    vocab_size: int = 512,
     weights: Sequence[float] | None = None,
     save_every: int = 0,
     log_every: int = 50,
@@ -133,8 +145,8 @@ def train(
 
     torch.manual_seed(seed)
     out = Path(out)
-    tokenizer = build_tokenizer()
     items = generate_items(train_size, split="train", seed=seed, weights=weights)
+    tokenizer = build_tokenizer([it.prompt + it.solution for it in items[:5000]], vocab_size)
     encoded = [_encode(tokenizer, it.prompt, it.solution) for it in items]
     max_len = max(len(ids) for ids, _ in encoded)
 
@@ -178,7 +190,7 @@ def train(
 
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ema: float | None = None
     history: list[dict[str, float]] = []
     lengths = torch.tensor([len(ids) for ids, _ in encoded])
@@ -223,7 +235,7 @@ def train(
             )
         if save_every and (step + 1) % save_every == 0 and step + 1 < last:
             _save(model, tokenizer, out / "checkpoints" / f"step-{step + 1}")
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     _save(model, tokenizer, out)
     gen_cfg = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -240,7 +252,10 @@ def train(
         "lr": lr,
         "seed": seed,
         "train_size": train_size,
+        "vocab_size": len(tokenizer),
         "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(cpu, 1),
+        "threads": torch.get_num_threads(),
         "final_loss_ema": ema,
         "history": history,
     }
@@ -268,28 +283,32 @@ def evaluate(
     ks: Sequence[int] = (1, 8, 64),
     seed: int = 0,
     limit: int | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = 100,
     temperature: float = 1.0,
+    batch_problems: int = 4,
 ) -> dict[str, Any]:
     """Sample ``n`` completions per arith test problem with HF transformers; report metrics.
 
     Returns ``pass@k`` (unbiased, mean over problems) for each ``k <= n``, ``maj@n`` (plurality
     vote over all ``n`` parsed answers) and the same broken down by difficulty level.
+    ``batch_problems`` prompts (left-padded) are sampled per ``generate`` call, seeded with
+    ``seed + batch index``.
     """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
+    from ttscale.evals.registry import load_problems
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
     model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
-    problems = generate_problems(DEFAULT_TEST_SIZE, split="test", seed=DEFAULT_TEST_SEED)
-    if limit is not None:
-        problems = problems[:limit]
+    problems = load_problems("arith", "test", limit=limit)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for i, prob in enumerate(problems):
-        torch.manual_seed(seed + i)
-        enc = tokenizer(prob.prompt, return_tensors="pt")
+    for b, start in enumerate(range(0, len(problems), batch_problems)):
+        chunk = problems[start : start + batch_problems]
+        torch.manual_seed(seed + b)
+        enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(
                 **enc,
@@ -305,21 +324,22 @@ def evaluate(
         texts = tokenizer.batch_decode(
             out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
         )
-        answers = [extract_arith_answer(t) for t in texts]
-        c = sum(check(a, prob.reference) for a in answers)
-        rows.append(
-            {
-                "id": prob.id,
-                "difficulty": prob.meta["difficulty"],
-                "correct": c,
-                "maj": majority_correct(answers, str(prob.reference)),
-                "example": texts[0],
-            }
-        )
-        if (i + 1) % 20 == 0:
-            logger.info(
-                "evaluated %d/%d problems (%.0fs)", i + 1, len(problems), time.perf_counter() - t0
+        for j, prob in enumerate(chunk):
+            mine = texts[j * n : (j + 1) * n]  # generate() keeps each prompt's n samples together
+            answers = [extract_arith_answer(t) for t in mine]
+            rows.append(
+                {
+                    "id": prob.id,
+                    "difficulty": prob.meta["difficulty"],
+                    "correct": sum(check(a, prob.reference) for a in answers),
+                    "maj": majority_correct(answers, str(prob.reference)),
+                    "answers": answers,
+                    "example": mine[0],
+                }
             )
+        logger.info(
+            "evaluated %d/%d problems (%.0fs)", len(rows), len(problems), time.perf_counter() - t0
+        )
 
     def summarise(rs: list[dict[str, Any]]) -> dict[str, float]:
         res = {
@@ -356,15 +376,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--eval", metavar="MODEL", help="evaluate MODEL on the arith test split instead of training"
     )
     ap.add_argument("--seed", type=int, default=DEFAULT_TRAIN_SEED)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--train-size", type=int, default=50_000)
+    ap.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (at most)")
     ap.add_argument("--weights", default=None, help="difficulty mix, e.g. 1,1,1,1,1 (levels 1..5)")
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
@@ -376,12 +397,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first LIMIT problems"
     )
+    ap.add_argument("--batch-problems", type=int, default=4, help="prompts per generate call")
     ap.add_argument("--report", default=None, help="write the --eval report (JSON) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _set_threads(args.threads)
     if args.eval:
-        report = evaluate(args.eval, n=args.n, seed=args.seed, limit=args.limit)
+        report = evaluate(
+            args.eval,
+            n=args.n,
+            seed=args.seed,
+            limit=args.limit,
+            batch_problems=args.batch_problems,
+        )
         text = json.dumps({k: v for k, v in report.items() if k != "per_problem"}, indent=1)
         logger.info("%s", text)
         if args.report:
@@ -400,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         heads=args.heads,
         intermediate=args.intermediate,
         train_size=args.train_size,
+        vocab_size=args.vocab_size,
         weights=weights,
         save_every=args.save_every,
         log_every=args.log_every,

@@ -152,3 +152,10 @@ def test_train_and_test_are_disjoint() -> None:
     qs = {generate_item(rng, int(rng.integers(1, 6))).question for _ in range(4000)}
     frac = np.mean([split_of(q) == "test" for q in qs])
     assert abs(frac - arith.TEST_FRACTION) < 0.02
+
+
+def test_registry_test_split_uses_the_documented_mix() -> None:
+    probs = load_problems("arith")
+    counts = [sum(p.meta["difficulty"] == d for p in probs) for d in sorted(LEVELS)]
+    assert counts == [43, 43, 71, 29, 14]  # 200 * (3, 3, 5, 2, 1) / 14, largest remainders
+    assert arith.DEFAULT_TEST_WEIGHTS == (3, 3, 5, 2, 1)

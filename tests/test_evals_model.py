@@ -52,8 +52,13 @@ def test_tokenizer_round_trips_and_adds_bos() -> None:
     text = p.prompt + p.meta["solution"]
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id
-    assert len(ids) == len(text) + 1  # one token per character
     assert tok.decode(ids, skip_special_tokens=True) == text
+    # numbers are spelled digit by digit: every digit is a token of its own
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert "".join(t for t in pieces if any(c.isdigit() for c in t)) == "".join(
+        c for c in text if c.isdigit()
+    )
+    assert all(len(t) == 1 for t in pieces if any(c.isdigit() for c in t))
     assert tok.eos_token_id is not None and tok.pad_token_id is not None
     assert tok.eos_token_id != tok.pad_token_id
 
@@ -136,3 +141,43 @@ def test_vllm_loads_bundled_model(tmp_path: Path) -> None:
     samples = [ln for ln in res.stdout.splitlines() if ln.startswith("SAMPLE")]
     assert len(samples) == 8
     assert sum("####" in s for s in samples) >= 6
+
+
+def test_tokenizer_training_is_deterministic() -> None:
+    from ttscale.evals.arith import generate_items
+    from ttscale.evals.train_arith import build_tokenizer
+
+    texts = [it.prompt + it.solution for it in generate_items(500, split="train", seed=0)]
+    a = build_tokenizer(texts).backend_tokenizer.to_str()
+    b = build_tokenizer(texts).backend_tokenizer.to_str()
+    assert a == b
+
+
+@needs_model
+def test_bundled_tokenizer_is_reproduced_by_the_training_script() -> None:
+    from ttscale.evals.arith import generate_items
+    from ttscale.evals.train_arith import build_tokenizer
+
+    # train() builds its tokenizer on the first 5,000 problems of the seed-0 train split
+    texts = [it.prompt + it.solution for it in generate_items(5000, split="train", seed=0)]
+    rebuilt = json.loads(build_tokenizer(texts).backend_tokenizer.to_str())
+    bundled = json.loads((MODEL / "tokenizer.json").read_text())
+    assert rebuilt["model"]["vocab"] == bundled["model"]["vocab"]
+    assert rebuilt["model"]["merges"] == bundled["model"]["merges"]
+
+
+def test_training_is_deterministic(tmp_path: Path) -> None:
+    """Same seed, same weights: the bundled model can be reproduced bit for bit."""
+    import torch
+    from ttscale.evals.train_arith import train
+
+    torch.set_num_threads(1)
+    kw = dict(steps=3, batch_size=4, hidden=32, layers=1, heads=1, intermediate=64, train_size=200)
+    a = train(tmp_path / "a", seed=3, **kw)
+    b = train(tmp_path / "b", seed=3, **kw)
+    c = train(tmp_path / "c", seed=4, **kw)
+    assert a["final_loss_ema"] == b["final_loss_ema"]
+    wa = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert wa == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert wa != (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert c["final_loss_ema"] != a["final_loss_ema"]
