@@ -608,9 +608,9 @@ def register(app: typer.Typer) -> None:
         )
         res = run_sample(spec, console=console)
         table = _verify_and_curve(res, console=console, ks=None, plot=None)
-        cov, maj = table["coverage"], table["majority"]
+        cov, maj, ks = table["coverage"], table["majority"], table["ks"]
         console.print(
-            f"coverage grows from {cov[0]:.2f} at k=1 to {cov[-1]:.2f} at k={table['ks'][-1]}; "
-            f"majority vote reaches {maj[-1]:.2f} (max {max(maj):.2f}). "
+            f"coverage@k grows from {cov[0]:.2f} at k=1 to {cov[-1]:.2f} at k={ks[-1]}; "
+            f"majority@k goes from {maj[0]:.2f} to {maj[-1]:.2f} (best {max(maj):.2f}). "
             f"Done in {time.perf_counter() - t0:.0f}s."
         )

@@ -237,7 +237,7 @@ def test_demo_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         x.startswith("│ majority@k") for x in lines
     )
     assert f"plot: {out / 'coverage.png'}" in r.output and f"run:  {out}" in r.output
-    assert "coverage grows from" in lines[-1] and "Done in" in lines[-1]
+    assert "coverage@k grows from" in lines[-1] and "Done in" in lines[-1]
     m = SampleStore.open(out).manifest
     assert m["sampling"]["max_tokens"] == sc.DEMO_MAX_TOKENS and m["limit"] == 4
 
