@@ -42,6 +42,12 @@ def show_cmd(
     ] = None,
     path: Annotated[str | None, typer.Option(help="read the data from this local file")] = None,
     index: Annotated[int, typer.Option(min=0, help="which problem to show")] = 0,
+    field: Annotated[
+        str | None,
+        typer.Option(
+            help="custom:PATH field mapping, e.g. id=qid,prompt=question,reference=answer"
+        ),
+    ] = None,
 ) -> None:
     """Description, size, template, default sampling and one sample problem of NAME."""
     from rich.console import Console
@@ -53,7 +59,9 @@ def show_cmd(
 
     console = Console()
     try:
-        bench = get_benchmark(name)
+        bench = (
+            get_benchmark(name, fields=field) if name.startswith("custom:") else get_benchmark(name)
+        )
     except TtscaleError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None

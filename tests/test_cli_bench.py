@@ -46,3 +46,13 @@ def test_bench_show_not_bundled_still_describes() -> None:
     )
     assert res.exit_code == 0, res.output
     assert "not bundled" in res.output
+
+
+def test_bench_show_custom_file_with_field_mapping(tmp_path) -> None:
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"qid": "q1", "question": "What is 2+2?", "gold": "4"}\n')
+    res = runner.invoke(
+        app, ["bench", "show", f"custom:{f}", "--field", "id=qid,prompt=question,reference=gold"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "What is 2+2?" in res.output and "problem q1" in res.output
