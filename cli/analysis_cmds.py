@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
 from ttscale.errors import ConfigError
 
 
@@ -150,6 +151,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit the exponentiated power law c(k) = exp(a k^b) to a run's coverage curve."""
         from rich.console import Console
+
         from ttscale.analysis import default_ks
         from ttscale.scaling import bootstrap_power_law
         from ttscale.store import SampleStore
@@ -213,6 +215,7 @@ def register(app: typer.Typer) -> None:
         """Utility of resampling with an imperfect verifier and the optimal number of samples."""
         import numpy as np
         from rich.console import Console
+
         from ttscale import scaling
 
         if run is not None:
@@ -254,6 +257,7 @@ def math_ceil(x: float) -> int:
 
 def _empirical_utility(run: Path, weak: str | None, strong: str | None, cost_ratio: float, max_k: int) -> dict:
     import numpy as np
+
     from ttscale import scaling
     from ttscale.store import SampleStore
 

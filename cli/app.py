@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 import typer.core
+
 from ttscale.errors import TtscaleError
 
 

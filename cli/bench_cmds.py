@@ -18,6 +18,7 @@ def list_cmd() -> None:
     """Table of the registered benchmarks: name, problems, verifier, source."""
     from rich.console import Console
     from rich.table import Table
+
     from ttscale.evals.registry import list_benchmarks
 
     table = Table(title="benchmarks", caption="custom:PATH reads your own JSONL/JSON/Parquet file")
@@ -54,6 +55,7 @@ def show_cmd(
     from rich.markup import escape
     from rich.panel import Panel
     from rich.text import Text
+
     from ttscale.errors import TtscaleError
     from ttscale.evals.registry import get_benchmark
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
+
 from ttscale.errors import ConfigError
 
 

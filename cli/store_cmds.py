@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Import samples from JSONL into a run directory (validated first; nothing half-written)."""
         from rich.console import Console
+
         from ttscale.jsonio import import_jsonl
 
         manifest = {k: v for k, v in {"model": model, "benchmark": benchmark}.items() if v}
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
         from rich.table import Table
+
         from ttscale.store import SampleStore
 
         store = SampleStore.open(run)

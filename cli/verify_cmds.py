@@ -54,6 +54,7 @@ def run_verify(
     import logging
 
     import pyarrow.compute as pc
+
     from ttscale.errors import ConfigError, StoreError
     from ttscale.store import SampleStore
     from ttscale.types import Sample

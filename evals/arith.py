@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.types import Problem

@@ -151,7 +151,7 @@ def train(
     max_len = max(len(ids) for ids, _ in encoded)
 
     head_dim = hidden // heads
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # transformers' stubs omit rope_theta/torch_dtype
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -296,6 +296,7 @@ def evaluate(
     """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
+
     from ttscale.evals.registry import load_problems
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -310,7 +311,7 @@ def evaluate(
         torch.manual_seed(seed + b)
         enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(
+            out = model.generate(  # type: ignore[misc]
                 **enc,
                 do_sample=True,
                 temperature=temperature,

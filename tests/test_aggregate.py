@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ttscale.aggregate import (
     AggregateResult,
     best_of_n,

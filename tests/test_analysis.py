@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
 from ttscale.analysis import compute_curves, default_ks, plot_curves
 from ttscale.cli.app import app
 from ttscale.errors import ConfigError
 from ttscale.metrics import pass_at_k
 from ttscale.pool import Pool
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

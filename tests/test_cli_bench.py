@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typer.testing import CliRunner
+
 from ttscale.cli.app import app
 from ttscale.evals.registry import list_benchmarks
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
 from ttscale.cli.app import app
 from ttscale.evals import load_problems
 from ttscale.evals.arith import check
 from ttscale.store import SampleStore
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
-from ttscale.cli.app import app
 from typer.testing import CliRunner
+
+from ttscale.cli.app import app
 
 runner = CliRunner()
 

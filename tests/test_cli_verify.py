@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
+
 from ttscale.cli.app import app
 from ttscale.store import SampleStore
 from ttscale.types import Problem, Sample
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from ttscale.confidence import (
     bottom_percent_group_confidence,
     deepconf_threshold,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ttscale.engines import GenerationError, GenerationRequest, make_engine
 from ttscale.engines._text import find_stop
 from ttscale.engines.scripted import process_logprobs

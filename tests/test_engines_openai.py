@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from ttscale.engines import GenerationError, GenerationRequest, make_engine
 from ttscale.engines.openai import OpenAIEngine, parse_retry_after
 from ttscale.errors import ConfigError, EngineError

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 import ttscale.engines as engines_mod
 from ttscale.engines import Engine, GenerationError, GenerationRequest, make_engine
 from ttscale.engines.base import seed_runs

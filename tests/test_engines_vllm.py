@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ttscale.engines import GenerationRequest
 from ttscale.engines._text import find_stop
 from ttscale.seeding import sample_seed

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+
 from ttscale.errors import ConfigError
 from ttscale.evals import arith
 from ttscale.evals.arith import (

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from ttscale.evals import default_model_path
 from ttscale.evals.arith import check, extract_arith_answer
 from ttscale.evals.registry import load_problems
@@ -169,6 +170,7 @@ def test_bundled_tokenizer_is_reproduced_by_the_training_script() -> None:
 def test_training_is_deterministic(tmp_path: Path) -> None:
     """Same seed, same weights: the bundled model can be reproduced bit for bit."""
     import torch
+
     from ttscale.evals.train_arith import train
 
     torch.set_num_threads(1)

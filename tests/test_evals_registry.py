@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ttscale.errors import ConfigError, DataError
 from ttscale.evals import loaders
 from ttscale.evals.loaders import (

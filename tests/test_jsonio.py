@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+
 from ttscale.errors import DataError
 from ttscale.jsonio import export_jsonl, import_jsonl, read_samples_jsonl
 from ttscale.store import SampleStore

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ttscale.errors import ConfigError, DegenerateWeightsError
 from ttscale.logspace import ess, log_mean_exp, log_normalize, logsumexp
 from ttscale.resampling import (

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ttscale.aggregate import (
     best_of_n_labels,
     deepconf_vote_labels,

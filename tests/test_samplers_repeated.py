@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from ttscale import Problem, SamplingParams, StoreError
 from ttscale.engines.base import GenerationError, GenerationRequest
 from ttscale.engines.scripted import ScriptedEngine

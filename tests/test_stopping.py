@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from ttscale.errors import ConfigError
 from ttscale.stopping import (
     answer_counts,

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from ttscale.errors import ConfigError, StoreError
 from ttscale.store import SampleStore
 from ttscale.types import Problem, Sample, Verdict

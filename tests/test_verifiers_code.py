@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ttscale.errors import ConfigError, DataError
 from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.base import Verifier, make_verifier

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from ttscale.ensemble import argmax_first
 from ttscale.errors import ConfigError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus

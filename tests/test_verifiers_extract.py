@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from ttscale.verifiers.extract import (
     answer_is,
     gsm8k_flexible,

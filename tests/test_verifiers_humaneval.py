@@ -8,6 +8,7 @@ runs; ~10-25 s on two busy cores with bubblewrap batches.
 from __future__ import annotations
 
 import pytest
+
 from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.code import CodeVerifier
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.types import Completion, Problem, Sample, SamplingParams, VerdictStatus

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ttscale.errors import ConfigError
 from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.reward import (

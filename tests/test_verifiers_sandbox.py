@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ttscale.errors import ConfigError
 from ttscale.verifiers import _sandbox_runner as runner
 from ttscale.verifiers import sandbox as sbx

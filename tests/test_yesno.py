@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from ttscale.yesno import raw_yes_probability, yes_probability
 
 

@@ -37,6 +37,7 @@ _LAZY: dict[str, str] = {
     "fit_power_law": "scaling",
     "make_engine": "engines",
     "GenerationRequest": "engines",
+    "RepeatedSampler": "samplers",
 }
 
 
@@ -73,6 +74,7 @@ __all__ = [
     "VerifierError",
     "GenerationRequest",
     "Pool",
+    "RepeatedSampler",
     "SampleStore",
     "best_of_n",
     "bootstrap_ci",

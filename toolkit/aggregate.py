@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
 from ttscale.errors import ConfigError
 from ttscale.pool import Pool
 

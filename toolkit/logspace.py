@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.errors import ConfigError, DegenerateWeightsError
 
 __all__ = ["NormalizedWeights", "ess", "log_mean_exp", "log_normalize", "logsumexp"]

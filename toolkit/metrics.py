@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.aggregate import (
     TIE_RULES,
     AggregateResult,
@@ -1066,12 +1067,12 @@ def _rows_credit(
 ) -> NDArray[np.float64]:
     S, k = sub.shape
     ls = lab[sub]
-    valid = ls >= 0
+    valid: NDArray[np.bool_] = np.asarray(ls >= 0)
     if method == "bon":
         assert sc is not None
         s = np.where(valid, sc[sub], -np.inf)
-        any_ans = valid.any(axis=1)
-        best = np.max(np.where(valid, s, -np.inf), axis=1)
+        any_ans: NDArray[np.bool_] = np.asarray(valid.any(axis=1))
+        best: NDArray[np.float64] = np.asarray(np.max(np.where(valid, s, -np.inf), axis=1))
         top = valid & (s == best[:, None]) & any_ans[:, None]
         pos = np.broadcast_to(np.arange(k), (S, k))
         return _pick(top, pos, corr[sub], tie, rng)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from ttscale.errors import ConfigError
 
 __all__ = ["Pool", "ProblemView"]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.errors import ConfigError, DegenerateWeightsError
 from ttscale.seeding import SeedLike, as_generator
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike
 

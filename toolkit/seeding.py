@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+
 from ttscale.errors import ConfigError
 
 __all__ = ["SeedLike", "as_generator", "problem_seed", "sample_seed"]

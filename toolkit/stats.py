@@ -12,6 +12,7 @@ from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
+
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 

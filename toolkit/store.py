@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from ttscale.errors import ConfigError, StoreError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 

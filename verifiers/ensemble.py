@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from ttscale.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 

