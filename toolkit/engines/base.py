@@ -128,6 +128,25 @@ def partial_from_slots(
     }
 
 
+def generation_failure(
+    engine: str,
+    error: BaseException,
+    results: Sequence[list[Completion] | None],
+    slots: Sequence[Sequence[Completion | None]],
+) -> GenerationError:
+    """For engines: the :class:`GenerationError` to raise when a batch fails part-way.
+
+    It carries every finished request (``results``) and the finished samples of unfinished ones
+    (``partial``), so a caller can store them before handling the error.
+    """
+    done = sum(r is not None for r in results)
+    return GenerationError(
+        f"{engine} generation failed after {done}/{len(results)} requests: {error}",
+        list(results),
+        partial_from_slots(slots, results),
+    )
+
+
 def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
     """Split positions into maximal runs of consecutive seeds: ``[(start, length), ...]``.
 

@@ -23,7 +23,7 @@ from ttscale.engines.base import (
     GenerationError,
     GenerationRequest,
     ResultCallback,
-    partial_from_slots,
+    generation_failure,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
 from ttscale.types import Completion, FinishReason, SamplingParams
@@ -271,12 +271,7 @@ class HFEngine:
         except GenerationError:
             raise
         except Exception as e:
-            done = sum(r is not None for r in results)
-            raise GenerationError(
-                f"hf generation failed after {done}/{len(requests)} requests: {e}",
-                results,
-                partial_from_slots(slots, results),
-            ) from e
+            raise generation_failure("hf", e, results, slots) from e
         return [r for r in results if r is not None]
 
     def _decode_batch(

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttscale.engines.base import (
-    GenerationError,
     GenerationRequest,
     ResultCallback,
-    partial_from_slots,
+    generation_failure,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError
@@ -358,12 +357,7 @@ class OpenAIEngine:
         if error is not None:
             if not isinstance(error, Exception):
                 raise error
-            done_n = sum(r is not None for r in results)
-            raise GenerationError(
-                f"openai generation failed after {done_n}/{len(requests)} requests: {error}",
-                results,
-                partial_from_slots(slots, results),
-            ) from error
+            raise generation_failure("openai", error, results, slots) from error
         return [r for r in results if r is not None]
 
     def server_version(self) -> str:

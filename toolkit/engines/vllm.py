@@ -23,7 +23,7 @@ from ttscale.engines.base import (
     GenerationError,
     GenerationRequest,
     ResultCallback,
-    partial_from_slots,
+    generation_failure,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
@@ -214,12 +214,7 @@ class VLLMEngine:
         except GenerationError:
             raise
         except Exception as e:
-            done = sum(r is not None for r in results)
-            raise GenerationError(
-                f"vllm generation failed after {done}/{len(requests)} requests: {e}",
-                results,
-                partial_from_slots(slots, results),
-            ) from e
+            raise generation_failure("vllm", e, results, slots) from e
         return [r for r in results if r is not None]
 
     def _run(self, prompts: list[dict[str, Any]], vparams: list[Any], deliver: Any) -> None:
