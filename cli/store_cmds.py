@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         if json_out:
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
-            m["verifiers"] = store.verifiers()
+            m["verified_by"] = store.verifiers()
             typer.echo(json.dumps(m, indent=2, sort_keys=True))
             return
         t = Table(title=str(store.path), show_header=False)
@@ -94,7 +94,12 @@ def register(app: typer.Typer) -> None:
             "samples",
             f"{sum(n)} (per problem: min {min(n)}, max {max(n)})" if n else "0",
         )
-        t.add_row("verifiers", ", ".join(store.verifiers()) or "none")
+        details = m.get("verifiers") if isinstance(m.get("verifiers"), dict) else {}
+        names = []
+        for v in store.verifiers():
+            iso = (details.get(v) or {}).get("isolation")
+            names.append(f"{v} (isolation: {iso})" if iso else v)
+        t.add_row("verifiers", ", ".join(names) or "none")
         if isinstance(m.get("accounting"), dict):
             t.add_row("accounting", ", ".join(f"{k}={v}" for k, v in m["accounting"].items()))
         Console().print(t)
