@@ -89,7 +89,7 @@ VERIFIER_SPECS: Mapping[str, str] = {
     "ensemble": "ttscale.verifiers.ensemble:EnsembleVerifier",
 }
 
-_SPEC_HELP = "math, math:EXTRACTOR, arith, code, rm:PATH, judge:MODEL, ensemble:A,B,..."
+_SPEC_HELP = "math, math:EXTRACTOR, arith, code, code:visible, rm:PATH, judge:MODEL, ensemble:A,B,..."
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -165,9 +165,14 @@ def make_verifier(spec: str, **kw: Any) -> Any:
             opts["extractor"] = arg
         return cls(**_accepted(cls, opts))
     if head == "code":
+        if arg not in ("", "full", "visible"):
+            raise ConfigError(
+                f"verifier 'code' takes 'code', 'code:full' or 'code:visible', got {spec!r}"
+            )
+        opts = dict(kw)
         if arg:
-            raise ConfigError(f"verifier 'code' takes no argument, got {spec!r}")
-        return cls(**_accepted(cls, kw))
+            opts["tests"] = arg
+        return cls(**_accepted(cls, opts))
     if head == "rm":
         if not arg:
             raise ConfigError("verifier 'rm' needs a model path: rm:PATH")

@@ -265,6 +265,9 @@ class CodeVerifier:
                 raise ConfigError(f"CodeVerifier: {e}") from None
         self.limits = limits
         self.tests = tests
+        # the weak (visible-tests) verifier stores its verdicts apart from the full one, so a run
+        # can hold both and the imperfect-verifier analysis can compare them
+        self.name = "code" if tests == "full" else f"code-{tests}"
         self.workers = workers
         self.isolation = isolation
         self.batch_size = batch_size
