@@ -94,6 +94,12 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(min=1, help="Subsets per problem and k for RPC (one Weibull fit each).")
         ] = 50,
         tie: Annotated[str, typer.Option(help="expected|first|random tie rule.")] = "expected",
+        deepconf_eta: Annotated[
+            float, typer.Option(min=0.0, max=100.0, help="DeepConf: percent of traces kept.")
+        ] = 10.0,
+        deepconf_window: Annotated[
+            int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
+        ] = 2048,
         seed: Annotated[int, typer.Option(min=0)] = 0,
     ) -> None:
         """Coverage and selection accuracy at each budget k, with CIs, fit and plot."""
@@ -103,7 +109,9 @@ def register(app: typer.Typer) -> None:
         store = SampleStore.open(run)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         pool = store.pool(verifier)
-        conf = run_confidences(store) if "deepconf" in method_list else None
+        conf = (
+            run_confidences(store, window=deepconf_window) if "deepconf" in method_list else None
+        )
         report = compute_curves(
             pool,
             method_list,
@@ -111,6 +119,7 @@ def register(app: typer.Typer) -> None:
             score=score,
             score_mapping=score_mapping,
             confidences=conf,
+            deepconf_eta=deepconf_eta,
             confidence=confidence,
             n_boot=n_boot,
             n_draws=draws,

@@ -142,3 +142,45 @@ def test_cli_verifier_utility_matches_the_notebook_vector():
     np.testing.assert_allclose(d["utility"], [0.449, 0.472381, 0.461352, 0.451593, 0.444976], atol=1e-6)
     assert d["optimal_k"] == 2
     np.testing.assert_allclose(d["accuracy_ceiling"], [0.963989, 0.374101], atol=1e-6)
+
+
+def test_deepconf_curve_matches_enumeration_with_the_aggregator(tmp_path):
+    import itertools
+
+    from ttscale import aggregate
+    from ttscale.analysis import run_confidences
+    from ttscale.store import SampleStore
+    from ttscale.types import Sample
+
+    rng = np.random.default_rng(4)
+    store = SampleStore.create(tmp_path / "run")
+    rows = []
+    for p in range(4):
+        for i in range(6):
+            ok = bool(rng.random() < 0.4)
+            top = [{t: float(-rng.random() * (3 if ok else 1.5)) for t in range(4)}
+                   for _ in range(int(rng.integers(3, 9)))]
+            rows.append(Sample(f"p{p}", i, text=f"x{i}", top_logprobs=top, correct=ok,
+                               answer="1" if ok else str(rng.integers(2, 4))))
+    store.append(rows)
+    conf = run_confidences(store, window=4)
+    pool = store.pool()
+    rep = compute_curves(pool, ["deepconf"], [1, 2, 3], confidences=conf, deepconf_eta=50.0,
+                         n_boot=20)
+    for p in range(pool.num_problems):
+        v = pool.problem(p)
+        answers = [pool.answer_string(int(a)) for a in v.answer]
+        c = conf[pool.offsets[p]:pool.offsets[p + 1]]
+        for j, k in enumerate([1, 2, 3]):
+            credits = []
+            for sub in itertools.combinations(range(v.n), k):
+                res = aggregate.deepconf_vote([answers[i] for i in sub], confidences=c[list(sub)],
+                                              eta=50.0)
+                corr = [bool(v.correct[[i for i in sub if answers[i] == a][-1]]) for a in res.answers]
+                credits.append(res.credit(corr))
+            assert rep.curves["deepconf"].per_problem[p, j] == pytest.approx(np.mean(credits))
+    r = runner.invoke(app, ["curve", str(store.path), "--methods", "deepconf", "--k", "1,2",
+                            "--deepconf-eta", "50", "--deepconf-window", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["methods"]["deepconf"]["mean"]
+    assert got == pytest.approx(rep.curves["deepconf"].mean[:2].tolist())
