@@ -22,24 +22,13 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from _common import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(arg: str | None, engine: str, tmp: Path) -> str:
-    if engine == "scripted":
-        return "toy"
-    if arg:
-        return arg
-    from ttscale.evals import default_model_path
-
-    bundled = Path(default_model_path())
-    if (bundled / "config.json").is_file():
-        return str(bundled)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tinymodel import build_tiny_llama
-
-    return str(build_tiny_llama(tmp / "tiny"))
+    return "toy" if engine == "scripted" else resolve_model(arg, tmp)
 
 
 def _rows_on_disk(run: Path) -> int:

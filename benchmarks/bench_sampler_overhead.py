@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +27,13 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from _common import resolve_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(arg: str | None, tmp: Path) -> str:
-    if arg:
-        return arg
-    from ttscale.evals import default_model_path
-
-    bundled = Path(default_model_path())
-    if (bundled / "config.json").is_file():
-        return str(bundled)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tinymodel import build_tiny_llama
-
-    return str(build_tiny_llama(tmp / "tiny"))
+    return resolve_model(arg, tmp)
 
 
 def bench_engine(kind: str, model: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
