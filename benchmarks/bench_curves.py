@@ -7,7 +7,7 @@ unanswered with probability 0.02, else correct (code 0) with probability ``q_p``
 wrong codes drawn from a per-problem ``Dirichlet(0.3)`` (a few dominant wrong answers and a long
 tail). Mean token log-probs are ``−exp(N(log 0.3, 0.5))`` for correct and ``−exp(N(log 0.5, 0.5))``
 for wrong samples. Curves at ``k = 1, 2, 4, ..., 8192`` with 95% percentile-bootstrap CIs over
-problems (``ttscale.stats.bootstrap_ci``, 1,000 resamples).
+problems (``ttscale.metrics.stats.bootstrap_ci``, 1,000 resamples).
 
 Timed (median of ``--repeats`` runs): coverage (``counts_from_correct`` + ``coverage_curve``) and
 majority@k (``selection_at_k``, default ``strategy="auto"``: exact closed form where its plan is
@@ -35,7 +35,7 @@ import numpy as np
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ttscale.metrics import counts_from_correct, coverage_curve, pass_at_k, selection_at_k
-from ttscale.stats import bootstrap_ci
+from ttscale.metrics.stats import bootstrap_ci
 
 KS = np.array([2**i for i in range(14)])
 WRONG = 30

@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ttscale.analysis import default_ks
-        from ttscale.scaling import bootstrap_power_law
+        from ttscale.metrics.scaling import bootstrap_power_law
         from ttscale.store import SampleStore
 
         pool = SampleStore.open(run).pool(verifier)
@@ -225,7 +225,7 @@ def register(app: typer.Typer) -> None:
         import numpy as np
         from rich.console import Console
 
-        from ttscale import scaling
+        from ttscale.metrics import scaling
 
         if run is not None:
             out = _empirical_utility(run, weak, strong, cost_ratio, max_k)
@@ -267,7 +267,7 @@ def math_ceil(x: float) -> int:
 def _empirical_utility(run: Path, weak: str | None, strong: str | None, cost_ratio: float, max_k: int) -> dict:
     import numpy as np
 
-    from ttscale import scaling
+    from ttscale.metrics import scaling
     from ttscale.store import SampleStore
 
     if not weak or not strong:

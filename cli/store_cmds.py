@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         """Import samples from JSONL into a run directory (validated first; nothing half-written)."""
         from rich.console import Console
 
-        from ttscale.jsonio import import_jsonl
+        from ttscale.store.jsonio import import_jsonl
 
         manifest = {k: v for k, v in {"model": model, "benchmark": benchmark}.items() if v}
         store, new = import_jsonl(samples, out, manifest=manifest)
@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Export a run's samples as JSONL (the import schema)."""
-        from ttscale.jsonio import export_jsonl
         from ttscale.store import SampleStore
+        from ttscale.store.jsonio import export_jsonl
 
         store = SampleStore.open(run)
         if out is None:

@@ -22,7 +22,6 @@ belong to the other one, so no test question can ever appear in any train set, w
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -286,24 +285,15 @@ def generate_problems(
     ]
 
 
-_ANSWER_LINE = re.compile(r"^[ \t]*####[ \t]*(-?[0-9][0-9,]*)[ \t]*\.?[ \t]*$", re.MULTILINE)
-
-
 def extract_arith_answer(text: str | None) -> str | None:
     """The integer on the last ``#### x`` line of ``text``, canonicalised, or ``None``.
 
-    Thousands separators are removed and the value re-printed (``"#### 0,014"`` -> ``"14"``);
-    a ``####`` line without an integer does not count.
+    The benchmark's answer format; the rule itself lives with the other answer extractors
+    (:func:`ttscale.verifiers.extract.final_hash_integer`), so verifiers never import benchmarks.
     """
-    if not text:
-        return None
-    matches = _ANSWER_LINE.findall(text)
-    if not matches:
-        return None
-    digits = matches[-1].replace(",", "")
-    if digits in ("", "-"):
-        return None
-    return str(int(digits))
+    from ttscale.verifiers.extract import final_hash_integer
+
+    return final_hash_integer(text)
 
 
 def check(answer: str | int | None, reference: str | int) -> bool:

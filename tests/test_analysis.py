@@ -13,7 +13,7 @@ from ttscale.analysis import compute_curves, default_ks, plot_curves
 from ttscale.cli.app import app
 from ttscale.errors import ConfigError
 from ttscale.metrics import pass_at_k
-from ttscale.pool import Pool
+from ttscale.store.pool import Pool
 
 runner = CliRunner()
 
@@ -147,8 +147,8 @@ def test_cli_verifier_utility_matches_the_notebook_vector():
 def test_deepconf_curve_matches_enumeration_with_the_aggregator(tmp_path):
     import itertools
 
-    from ttscale import aggregate
     from ttscale.analysis import run_confidences
+    from ttscale.select import aggregate
     from ttscale.store import SampleStore
     from ttscale.types import Sample
 

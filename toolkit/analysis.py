@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ttscale.errors import ConfigError
-from ttscale.pool import Pool
+from ttscale.store.pool import Pool
 
 __all__ = [
     "METHODS",
@@ -97,7 +97,7 @@ class CurveReport:
     n_problems: int
     n_samples: NDArray[np.int64] = field(repr=False)
     confidence: float = 0.95
-    fit: Any | None = None  # ttscale.scaling.PowerLawBootstrap
+    fit: Any | None = None  # ttscale.metrics.scaling.PowerLawBootstrap
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def trace_confidences(
     ``"lowest_group"``, ``"tail"`` (last ``window`` tokens) or ``"mean"``. A trace without top
     log-probs gets NaN.
     """
-    from ttscale import confidence as cf
+    from ttscale.select import confidence as cf
 
     out = np.full(len(top_logprobs), np.nan)
     for i, top in enumerate(top_logprobs):
@@ -212,7 +212,7 @@ def compute_curves(
     RPC refits a Weibull mixture on every subset (milliseconds each), so it uses ``rpc_draws``.
     """
     from ttscale.metrics import coverage_curve, selection_at_k
-    from ttscale.stats import bootstrap_ci
+    from ttscale.metrics.stats import bootstrap_ci
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -265,7 +265,7 @@ def compute_curves(
             if m == "majority":
                 kw = {"method": "majority"}
             elif m == "weighted":
-                from ttscale.aggregate import map_scores
+                from ttscale.select.aggregate import map_scores
 
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
@@ -336,7 +336,7 @@ def _ci(
 
 
 def _deepconf_selector(pool: Pool, conf: NDArray[np.float64], eta: float) -> Any:
-    from ttscale.aggregate import deepconf_vote_labels
+    from ttscale.select.aggregate import deepconf_vote_labels
 
     conf = np.asarray(conf, dtype=np.float64)
     if conf.shape != (pool.num_samples,):
@@ -361,7 +361,7 @@ def _deepconf_selector(pool: Pool, conf: NDArray[np.float64], eta: float) -> Any
 def _fit_coverage(
     pool: Pool, ks: NDArray[np.int64], method: str, n_boot: int, confidence: float, seed: int
 ) -> Any:
-    from ttscale.scaling import bootstrap_power_law
+    from ttscale.metrics.scaling import bootstrap_power_law
 
     n_p = pool.n_per_problem
     usable = ks[ks <= n_p.min()]

@@ -218,7 +218,7 @@ class SuiteComparison:
     """Visible (weak) vs full test suites on the same samples.
 
     ``rates`` counts the weak suite as the verifier and the full suite as the truth
-    (:func:`ttscale.scaling.verifier_rates`): ``false_positive_rate`` = P(weak pass | full fail),
+    (:func:`ttscale.metrics.scaling.verifier_rates`): ``false_positive_rate`` = P(weak pass | full fail),
     ``false_negative_rate`` = P(weak fail | full pass), pooled over all samples.
     """
 
@@ -334,7 +334,7 @@ class CodeVerifier:
 
         Verdicts with status ``error`` count as failing both ways.
         """
-        from ttscale.scaling import verifier_rates
+        from ttscale.metrics.scaling import verifier_rates
 
         visible = self.verify_many(items, tests="visible")
         full = self.verify_many(items, tests="full")

@@ -5,7 +5,7 @@ without a score, e.g. an ERROR, is NaN). Scores are z-normalised per member,
 ``Z[m, j] = (R[m, j] - mu_m) / sigma_m`` (population std; ``mu_m, sigma_m`` from
 ``reference_scores`` when given, else from that member's scores on this problem's candidates;
 ``sigma_m = 0`` only centres), then aggregated per candidate with ``mean``, ``median``, ``min``,
-``mean - lam * std`` or ``mean - lam * var`` (``ttscale.ensemble``). A candidate's NaN members are
+``mean - lam * std`` or ``mean - lam * var`` (``ttscale.select.ensemble``). A candidate's NaN members are
 left out of its aggregate; all NaN gives a NaN score and an ERROR verdict.
 
 Cost-aware cascade. Members run in order of their ``cost`` attribute (default 1.0; cheapest first,
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ttscale.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.errors import ConfigError, VerifierError
+from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
 __all__ = ["EnsembleVerifier"]

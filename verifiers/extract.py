@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 
 __all__ = [
     "answer_is",
+    "final_hash_integer",
     "gsm8k_flexible",
     "gsm8k_strict",
     "last_boxed",
@@ -173,6 +174,29 @@ def answer_is(text: str) -> str | None:
 
 _LAST_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z_.])(" + _PROSE_NUMBER + r")(?![0-9])")
 _FRACTION_RE = re.compile(r"(?<![0-9A-Za-z_.])(-?[0-9]+\s*/\s*[0-9]+)(?![0-9/])")
+
+
+_HASH_INTEGER_LINE = re.compile(
+    r"^[ \t]*####[ \t]*(-?[0-9][0-9,]*)[ \t]*\.?[ \t]*$", re.MULTILINE
+)
+
+
+def final_hash_integer(text: str | None) -> str | None:
+    """The integer on the last ``#### x`` line of ``text``, canonicalised, or ``None``.
+
+    The answer format of the bundled ``arith`` benchmark (and GSM8K's references). Thousands
+    separators are removed and the value re-printed (``"#### 0,014"`` -> ``"14"``); a ``####``
+    line without an integer does not count.
+    """
+    if not text:
+        return None
+    matches = _HASH_INTEGER_LINE.findall(text)
+    if not matches:
+        return None
+    digits = matches[-1].replace(",", "")
+    if digits in ("", "-"):
+        return None
+    return str(int(digits))
 
 
 def last_number(text: str) -> str | None:

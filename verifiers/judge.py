@@ -22,8 +22,8 @@ from typing import Any
 
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError, VerifierError
+from ttscale.select.yesno import yes_probability
 from ttscale.types import Completion, Problem, Sample, SamplingParams, Verdict, VerdictStatus
-from ttscale.yesno import yes_probability
 
 __all__ = ["DEFAULT_JUDGE_TEMPLATE", "JudgeVerifier"]
 

@@ -23,6 +23,7 @@ from ttscale.errors import ConfigError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 from ttscale.verifiers.extract import (
     answer_is,
+    final_hash_integer,
     gsm8k_flexible,
     gsm8k_strict,
     last_boxed,
@@ -37,14 +38,6 @@ __all__ = ["EXTRACTORS", "MathVerifier", "default_extractor", "extract_answer", 
 log = logging.getLogger(__name__)
 
 EXTRACTORS = ("auto", "boxed", "gsm8k", "minerva", "last_number", "arith")
-
-
-def _arith(text: str) -> str | None:
-    try:
-        from ttscale.evals.arith import extract_arith_answer
-    except ImportError:  # pragma: no cover - evals is part of the package
-        return gsm8k_strict(text)
-    return extract_arith_answer(text)
 
 
 def _minerva_normalised(text: str) -> str | None:
@@ -66,7 +59,7 @@ _RULES: dict[str, tuple[tuple[str, Callable[[str], str | None]], ...]] = {
     ),
     "minerva": (("minerva", _minerva_normalised), ("boxed", last_boxed)),
     "last_number": (("last_number", last_number),),
-    "arith": (("arith", _arith),),
+    "arith": (("arith", final_hash_integer),),
     "auto": (
         ("boxed", last_boxed),
         ("minerva", _minerva_normalised),
@@ -119,7 +112,7 @@ def gold_answer(reference: Any) -> str | None:
         return None
     s = reference.strip()
     if "####" in s:
-        a = _arith(s) or gsm8k_strict(s)
+        a = final_hash_integer(s) or gsm8k_strict(s)
         if a is not None:
             return a
     if "\\boxed" in s or "\\fbox" in s:

@@ -73,9 +73,9 @@ def aggregate_step_scores(
 
     ``last``: ``s_T``; ``min``: ``min_t s_t``; ``prod``: ``exp(sum_t log max(s_t, eps))`` (log space,
     every step clipped away from 0 so long solutions do not underflow). No steps -> NaN. The
-    maths is :func:`ttscale.aggregate.prm_aggregate`'s (one solution).
+    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution).
     """
-    from ttscale.aggregate import prm_aggregate
+    from ttscale.select.aggregate import prm_aggregate
 
     if how not in PRM_AGGREGATIONS:
         raise ConfigError(f"prm_aggregation must be one of {PRM_AGGREGATIONS}, got {how!r}")

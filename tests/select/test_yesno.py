@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ttscale.yesno import raw_yes_probability, yes_probability
+from ttscale.select.yesno import raw_yes_probability, yes_probability
 
 
 def test_vectors() -> None:

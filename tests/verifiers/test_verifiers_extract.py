@@ -249,3 +249,22 @@ def test_normalize_number(s, expected):
 )
 def test_last_number(text, expected):
     assert last_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("2 + 3 = 5\n#### 5", "5"),
+        ("#### 0,014\n", "14"),  # thousands separators dropped, value re-printed
+        ("#### 1\nthen\n#### -7.", "-7"),  # the last #### line wins; a trailing period is fine
+        ("#### x\n", None),  # a #### line without an integer does not count
+        ("no answer line", None),
+        ("", None),
+    ],
+)
+def test_final_hash_integer(text, want):
+    from ttscale.evals.arith import extract_arith_answer
+    from ttscale.verifiers.extract import final_hash_integer
+
+    assert final_hash_integer(text) == want
+    assert extract_arith_answer(text) == want  # the benchmark's name for the same rule

@@ -101,7 +101,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_RUNNER = Path(__file__).with_name("_sandbox_runner.py")
+_RUNNER = Path(__file__).with_name("_runner.py")
 
 
 class Isolation(str, enum.Enum):

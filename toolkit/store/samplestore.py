@@ -613,14 +613,14 @@ class SampleStore:
     # analysis view ---------------------------------------------------------------------------
 
     def pool(self, verifier: str | None = None, *, score_names: Sequence[str] | None = None):
-        """The columnar analysis view (:class:`ttscale.pool.Pool`) of this run.
+        """The columnar analysis view (:class:`ttscale.store.pool.Pool`) of this run.
 
         ``verifier`` chooses whose answers/correctness to use: ``None`` = the manifest's
         ``default_verifier`` if set, else the most recently written verifier, else the answers and
         correctness stored with the samples. Scores of every verifier are attached as
         ``scores["<verifier>"]``.
         """
-        from ttscale.pool import Pool
+        from ttscale.store.pool import Pool
 
         cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text_hash", "scores"]
         t = self.table(cols)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ttscale.ensemble import (
+from ttscale.errors import ConfigError
+from ttscale.select.ensemble import (
     aggregate_ensemble,
     argmax_first,
     ensemble_best_of_n,
     znormalize,
 )
-from ttscale.errors import ConfigError
 
 R = np.array([[1.2, 0.4, 2.5, 0.9], [1.0, 0.6, -0.8, 1.1], [1.4, 0.5, 2.2, 0.7]])
 

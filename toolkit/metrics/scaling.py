@@ -219,7 +219,7 @@ def bootstrap_power_law(
     budgets (each ``≤ min(n)``). Each replicate resamples problems with replacement, recomputes
     the coverage curve with the unbiased pass@k estimator, and refits.
     """
-    from ttscale.stats import _check_confidence, bootstrap_counts
+    from ttscale.metrics.stats import _check_confidence, bootstrap_counts
 
     _check_confidence(confidence)
     na, ca = _as_counts(n, c)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ttscale.errors import ConfigError
-from ttscale.rpc import (
+from ttscale.select.rpc import (
     WeibullMixture,
     fit_weibull_mixture,
     weibull_log_pdf,

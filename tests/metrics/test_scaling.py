@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ttscale.errors import ConfigError
-from ttscale.scaling import (
+from ttscale.metrics.scaling import (
     PowerLawFit,
     accuracy_ceiling,
     bootstrap_power_law,

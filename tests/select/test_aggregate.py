@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttscale.aggregate import (
+from ttscale.errors import ConfigError, DataError
+from ttscale.select.aggregate import (
     AggregateResult,
     best_of_n,
     best_of_n_labels,
@@ -24,7 +25,6 @@ from ttscale.aggregate import (
     weighted_vote,
     weighted_vote_labels,
 )
-from ttscale.errors import ConfigError, DataError
 
 # --- section 2.7 worked example -------------------------------------------------------------
 

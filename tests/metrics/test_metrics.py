@@ -11,19 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttscale.aggregate import (
-    best_of_n_labels,
-    deepconf_vote_labels,
-    majority_vote_labels,
-    perplexity_consistency_labels,
-    weighted_vote_labels,
-)
 from ttscale.errors import ConfigError, DataError
 from ttscale.metrics import (
     counts_from_correct,
     coverage_curve,
     pass_at_k,
     selection_at_k,
+)
+from ttscale.select.aggregate import (
+    best_of_n_labels,
+    deepconf_vote_labels,
+    majority_vote_labels,
+    perplexity_consistency_labels,
+    weighted_vote_labels,
 )
 
 # --- 1.1 pass@k ----------------------------------------------------------------------------

@@ -519,9 +519,9 @@ def rpc_labels(
     seed: SeedLike = None,
 ) -> AggregateResult:
     """RPC: reasoning pruning (Weibull mixture over ``p = exp(ℓ)`` of the answered paths,
-    :func:`ttscale.rpc.weibull_prune`) followed by perplexity consistency on the surviving paths.
+    :func:`ttscale.select.rpc.weibull_prune`) followed by perplexity consistency on the surviving paths.
     """
-    from ttscale.rpc import weibull_prune
+    from ttscale.select.rpc import weibull_prune
 
     lab, L = _as_labels(labels, n_clusters)
     lp = _as_values("mean_logprobs", mean_logprobs, lab.size)
@@ -688,7 +688,7 @@ def rpc(
 def _trace_confidence(
     top_logprobs: Any, measure: str, window: int, bottom_percent: float, round_to: int | None
 ) -> float:
-    from ttscale import confidence as cf
+    from ttscale.select import confidence as cf
 
     tok = cf.token_confidence(top_logprobs, round_to=round_to)
     if measure == "bottom_window":
@@ -720,7 +720,7 @@ def deepconf_vote(
     """DeepConf offline vote (confidence-weighted, optional top-``eta``% filtering).
 
     Give per-trace ``confidences``, or ``top_logprobs`` (one per trace, in any form
-    :func:`ttscale.confidence.token_confidence` takes) and a ``measure``: ``bottom_window``
+    :func:`ttscale.select.confidence.token_confidence` takes) and a ``measure``: ``bottom_window``
     (mean of the lowest ``bottom_percent`` window means, window ``window``), ``lowest_group``,
     ``tail`` (last ``window`` tokens) or ``mean``; ``round_to=3`` rounds token (and lowest-group
     window) confidences as the reference code does. Empty-string answers count as no answer, as in

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ttscale.errors import ConfigError
-from ttscale.stats import (
+from ttscale.metrics.stats import (
     bootstrap_ci,
     bootstrap_counts,
     ece,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ttscale.errors import ConfigError, DataError
-from ttscale.store import SampleStore
+from ttscale.store.samplestore import SampleStore
 from ttscale.types import Sample
 
 __all__ = ["export_jsonl", "import_jsonl", "read_samples_jsonl", "sample_to_json"]

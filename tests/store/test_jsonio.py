@@ -9,8 +9,8 @@ import json
 import pytest
 
 from ttscale.errors import DataError
-from ttscale.jsonio import export_jsonl, import_jsonl, read_samples_jsonl
 from ttscale.store import SampleStore
+from ttscale.store.jsonio import export_jsonl, import_jsonl, read_samples_jsonl
 
 
 def _write(path, rows):

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ttscale.ensemble import argmax_first
 from ttscale.errors import ConfigError
+from ttscale.select.ensemble import argmax_first
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 from ttscale.verifiers.ensemble import EnsembleVerifier
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ttscale.errors import ConfigError
-from ttscale.stopping import (
+from ttscale.select.stopping import (
     answer_counts,
     beta_stop_probability,
     dirichlet_top_probability,

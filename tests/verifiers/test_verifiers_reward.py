@@ -171,7 +171,7 @@ def _weighted_vote(answers: list[str], scores: list[float]) -> dict[str, float]:
 def test_prm_aggregation_vector_9_1(
     how: str, scores: list[float], votes: dict[str, float], winner: str
 ) -> None:
-    from ttscale.aggregate import best_of_n, majority_vote, weighted_vote
+    from ttscale.select.aggregate import best_of_n, majority_vote, weighted_vote
 
     got = [aggregate_step_scores(s, how) for s in STEPS_91]
     np.testing.assert_allclose(got, scores, atol=1e-12)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttscale.errors import ConfigError, DegenerateWeightsError
-from ttscale.logspace import ess, log_mean_exp, log_normalize, logsumexp
-from ttscale.resampling import (
+from ttscale.particles.logspace import ess, log_mean_exp, log_normalize, logsumexp
+from ttscale.particles.resampling import (
     inverse_cdf,
     multinomial,
     multinomial_from_uniforms,

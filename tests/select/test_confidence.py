@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ttscale.confidence import (
+from ttscale.errors import ConfigError
+from ttscale.select.confidence import (
     bottom_percent_group_confidence,
     deepconf_threshold,
     group_confidences,
@@ -17,7 +18,6 @@ from ttscale.confidence import (
     tail_confidence,
     token_confidence,
 )
-from ttscale.errors import ConfigError
 
 TOP3 = [
     [-0.01, -5.2, -6.0],

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ttscale.errors import ConfigError
-from ttscale.verifiers import _sandbox_runner as runner
 from ttscale.verifiers import sandbox as sbx
 from ttscale.verifiers.sandbox import ExecOutcome, Isolation, Limits, Program, Sandbox
+from ttscale.verifiers.sandbox import _runner as runner
 
 BWRAP_OK, BWRAP_WHY = sbx._bwrap_self_test()
 LEVELS = [

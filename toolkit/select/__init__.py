@@ -1,0 +1,10 @@
+"""Selection rules: turn one problem's samples into one answer.
+
+- ``aggregate``: majority and weighted votes, best-of-N, max-probability, perplexity consistency
+  (PC), RPC, DeepConf voting, PRM step-score aggregation (answer-level and label-level forms);
+- ``rpc``: the Weibull-mixture reasoning-pruning model behind RPC;
+- ``confidence``: DeepConf's token, group and trace confidence measures;
+- ``ensemble``: verifier/reward-model ensembles (z-scored aggregators);
+- ``yesno``: P(yes) scoring for LLM judges and yes/no rerankers;
+- ``stopping``: early-stopping rules over a stream of answers (ESC, Adaptive-Consistency).
+"""
