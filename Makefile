@@ -1,6 +1,7 @@
 # ttscale developer entry points. Each target sets up what it needs (a venv in .venv).
 #   make demo   the whole pipeline on the bundled model and benchmark (CPU, nothing downloaded)
-#   make test   lint, type-check and the test suite (what CI runs)
+#   make test   lint, type-check and the test suite (what CI runs); the sandbox tests need
+#               bubblewrap: skipped and counted without it, a failure with CI=true (.ci/run)
 
 PY      ?= python3
 VENV    ?= .venv

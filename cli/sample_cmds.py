@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 import typer.core
 
+from ttscale.cli.verify_cmds import IsolationChoice, IsolationOpt, default_verifier_spec
 from ttscale.errors import ConfigError
 
 
@@ -345,13 +346,18 @@ def _power_ks(n: int) -> list[int]:
 
 
 def _verify_and_curve(
-    res: SampleResult, *, console: Any, ks: Sequence[int] | None, plot: Path | None
+    res: SampleResult,
+    *,
+    console: Any,
+    ks: Sequence[int] | None,
+    plot: Path | None,
+    isolation: str = "auto",
 ) -> dict[str, Any]:
     """Verify with the benchmark's checker, then coverage and majority@k: table, JSON, plot."""
     from ttscale.analysis import compute_curves, plot_curves
     from ttscale.cli.verify_cmds import run_verify
 
-    vsum = run_verify(res.store.path, res.benchmark.verifier)
+    vsum = run_verify(res.store.path, res.benchmark.verifier, isolation=isolation)
     res.store.update_manifest(default_verifier=vsum["verifier"])
     acc = vsum.get("accuracy")
     statuses = ", ".join(f"{k} {v:,}" for k, v in sorted((vsum.get("by_status") or {}).items()))
@@ -534,6 +540,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         throttle: ThrottleOpt = 0.0,
         flush_every: FlushOpt = 256,
+        isolation: IsolationOpt = IsolationChoice.auto,
     ) -> None:
         """Sample, verify with the benchmark's checker, and print/plot coverage vs k.
 
@@ -564,9 +571,15 @@ def register(app: typer.Typer) -> None:
             throttle=throttle,
             flush_every=flush_every,
         )
+        if benchmark is not None:
+            from ttscale.verifiers.base import split_spec
+            from ttscale.verifiers.sandbox import resolve_isolation
+
+            if split_spec(default_verifier_spec(benchmark))[0] == "code":
+                resolve_isolation(isolation.value)  # fail before sampling, not after it
         console = _console()
         res = run_sample(spec, console=console)
-        _verify_and_curve(res, console=console, ks=k, plot=plot)
+        _verify_and_curve(res, console=console, ks=k, plot=plot, isolation=isolation.value)
 
     @app.command("demo", cls=_Command)
     def demo_cmd(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,6 +12,25 @@ import typer
 # Columns a verifier may read; token-level arrays stay on disk (math/code need only text).
 _SAMPLE_COLUMNS = ("text", "answer", "scores", "meta", "finish_reason", "num_tokens", "logprob",
                    "mean_logprob", "seed")  # fmt: skip
+
+
+class IsolationChoice(str, Enum):
+    """``--isolation``: how the code sandbox isolates untrusted programs."""
+
+    auto = "auto"
+    bubblewrap = "bubblewrap"
+    process = "process"
+
+
+IsolationOpt = Annotated[
+    IsolationChoice,
+    typer.Option(
+        "--isolation",
+        help="Code sandbox: auto/bubblewrap = bubblewrap namespaces, refusing to run without a "
+        "working bubblewrap; process = plain processes, an explicit opt-in for when bubblewrap "
+        "cannot be installed (untrusted code can then read your files and reach the network).",
+    ),
+]
 
 
 def _store_name(name: str) -> str:
@@ -43,6 +63,7 @@ def run_verify(
     batch: int = 4096,
     cache: Path | None = None,
     on_batch: Any = None,
+    isolation: str = "auto",
 ) -> dict[str, Any]:
     """Verify every not-yet-verified sample of ``run`` with verifier ``spec``; returns a summary.
 
@@ -84,6 +105,7 @@ def run_verify(
         raise ConfigError(f"give the extractor once: --verifier {spec} or --extractor {extractor}")
     if cache is not None:
         kw["cache_path"] = cache
+    kw["isolation"] = isolation  # code sandbox; verifiers that run no code ignore it
     verifier = make_verifier(spec, **kw)
     try:
         vname = _store_name(name or getattr(verifier, "name", None) or head)
@@ -209,6 +231,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[
             bool, typer.Option("--json", help="Print the summary as JSON.")
         ] = False,
+        isolation: IsolationOpt = IsolationChoice.auto,
     ) -> None:
         """Verify a run's samples; verdicts, answers and scores are added to the run (resumable)."""
         import json
@@ -217,7 +240,7 @@ def register(app: typer.Typer) -> None:
 
         summary = run_verify(
             run, verifier, workers=workers, timeout=timeout, extractor=extractor, name=name,
-            force=force, batch=batch, cache=cache,
+            force=force, batch=batch, cache=cache, isolation=isolation.value,
         )  # fmt: skip
         if json_out:
             typer.echo(json.dumps(summary, sort_keys=True))

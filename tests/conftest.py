@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny local Llama model, one in-process vLLM engine and one vLLM server.
+"""Shared fixtures: a tiny local Llama model, one in-process vLLM engine and one vLLM server;
+the ``bubblewrap`` marker for sandbox tests (tests/sandbox_plugin.py).
 
 The heavy fixtures are session-scoped and built only when a collected test asks for them. The
 vLLM OpenAI server is launched as soon as collection shows a test needs it, so its start-up
@@ -22,6 +23,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# tests marked `bubblewrap`: skipped (and counted) without a working bubblewrap, failed in CI
+pytest_plugins = ("sandbox_plugin",)
 
 _STATE: dict[str, object] = {}
 

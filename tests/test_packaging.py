@@ -1,11 +1,18 @@
-"""Packaging: the namespace mapping, our `verifiers` never shadowed, a fast and light import."""
+"""Packaging: the namespace mapping, our `verifiers` never shadowed, a fast and light import,
+and a wheel that builds without warnings and carries the bundled model."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +138,103 @@ def test_verifiers_do_not_import_benchmarks():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# the wheel: built without setuptools warnings, carrying the bundled model as package data
+
+
+def test_build_system_supports_the_spdx_license():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert cfg["project"]["license"] == "Apache-2.0"  # an SPDX expression, not a table
+    # setuptools reads `license` as an SPDX expression from version 77 on
+    req = [r for r in cfg["build-system"]["requires"] if r.startswith("setuptools")]
+    assert req and Version(req[0].split(">=")[1]) >= Version("77"), req
+
+
+def _source_tree(dest: Path) -> None:
+    """Copy the project's files (tracked and untracked, not ignored) to ``dest``, so the build
+    leaves no ``build/`` or ``*.egg-info`` in the checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, check=True,
+        )  # fmt: skip
+        files = [f for f in out.stdout.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+    if not files:  # not a git checkout
+        shutil.copytree(
+            ROOT, dest, dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                          ".*_cache", "runs"),
+        )  # fmt: skip
+        return
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> tuple[Path, str]:
+    """A wheel built from a copy of this checkout (no build isolation: no network) and the
+    build's output."""
+    import setuptools
+
+    if Version(setuptools.__version__) < Version("77"):
+        pytest.skip(f"building needs setuptools>=77 (build-system.requires), have {setuptools.__version__}")
+    src = tmp_path_factory.mktemp("src")
+    dist = tmp_path_factory.mktemp("dist")
+    _source_tree(src)
+    # PYTHONDONTWRITEBYTECODE makes distutils print "byte-compiling is disabled" notes
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+         "--disable-pip-version-check", "-w", str(dist), str(src)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    (whl,) = dist.glob("ttscale-*.whl")
+    return whl, log
+
+
+def test_wheel_builds_without_setuptools_warnings(wheel):
+    _, log = wheel
+    warnings = [ln.strip() for ln in log.splitlines() if "warning" in ln.lower()]
+    assert warnings == [], "\n".join(warnings)
+
+
+def test_wheel_carries_the_bundled_model_and_metadata(wheel):
+    whl, _ = wheel
+    with zipfile.ZipFile(whl) as z:
+        names = set(z.namelist())
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    model = {p.name for p in (ROOT / "evals" / "model").iterdir() if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= model
+    assert {f"ttscale/evals/model/{f}" for f in model} <= names
+    assert "ttscale/py.typed" in names and "ttscale/verifiers/sandbox/_runner.py" in names
+    assert "License-Expression: Apache-2.0" in meta.splitlines()
+    # nothing outside the ttscale namespace (tests, benchmarks, a stray `model` package)
+    assert {n.split("/")[0] for n in names} == {"ttscale", whl.name.split("-py")[0] + ".dist-info"}
+
+
+def test_installed_wheel_finds_its_bundled_model(wheel, tmp_path):
+    """`ttscale.evals.default_model_path()` (README) points into the installed package."""
+    whl, _ = wheel
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+         "--disable-pip-version-check", "--target", str(target), str(whl)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    code = "import ttscale.evals as e; print(e.__file__); print(e.default_model_path())"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    module, model = out.stdout.split()
+    assert Path(module).is_relative_to(target), module  # the installed copy, not this checkout
+    assert Path(model) == target / "ttscale" / "evals" / "model"
+    assert (Path(model) / "config.json").is_file() and (Path(model) / "model.safetensors").is_file()

