@@ -47,7 +47,10 @@ def test_verify_math_writes_verdicts_and_is_idempotent(tmp_path):
     # two batches of <= 4 samples (whole problems) -> two shards
     assert len(list((store.path / "verdicts" / "math").glob("part-*.parquet"))) == 2
     assert SampleStore.open(store.path).manifest["verifiers"]["math"]["extractor"] == "auto"
-    assert SampleStore.open(store.path).manifest["verifiers"]["math"]["spec"] == "math"
+    # the recorded spec is the canonical one (no context needed to rebuild it); the spelling
+    # the user gave is kept beside it
+    rec = SampleStore.open(store.path).manifest["verifiers"]["math"]
+    assert rec["spec"] == "math:auto" and rec["specs"] == ["math"] and rec["fingerprint"]
 
     # second run: nothing recomputed, nothing written
     r = runner.invoke(app, ["verify", run, "--json"])
@@ -92,7 +95,7 @@ def test_verify_named_extractor_and_human_output(tmp_path):
     r = runner.invoke(app, ["verify", str(store.path), "--json"])
     assert r.exit_code == 0, r.output
     info = SampleStore.open(store.path).manifest["verifiers"]["math"]
-    assert info["extractor"] == "auto" and info["spec"] == "math"
+    assert info["extractor"] == "auto" and info["spec"] == "math:auto"
 
 
 def test_verify_default_verifier_from_benchmark(tmp_path):
