@@ -424,6 +424,13 @@ class SampleStore:
             for r in t
         ]
 
+    def problem_ids(self) -> list[str]:
+        """Ids of the recorded problems (reads only the id column)."""
+        f = self.path / "problems.parquet"
+        if not f.exists():
+            return []
+        return sorted(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
     # samples ---------------------------------------------------------------------------------
 
     def _shards(self, sub: str) -> list[Path]:
@@ -550,7 +557,17 @@ class SampleStore:
             fp = None
             if rec is not None and rec.get("fingerprint"):
                 # the same verdict set name must mean the same configuration in both runs
-                self.claim_verdicts(verifier, spec=rec["spec"], info=rec)
+                mine = self.verdict_record(verifier)
+                if mine is None and not self._shards(f"verdicts/{verifier}"):
+                    recs = dict(self._read_manifest().get("verifiers") or {})
+                    recs[verifier] = rec
+                    self.update_manifest(verifiers=recs)
+                elif (mine or {}).get("fingerprint") != rec["fingerprint"]:
+                    raise StoreError(
+                        f"verdict set {verifier!r} of {o.path} was made by {rec.get('spec')}, "
+                        f"but in {self.path} by {(mine or {}).get('spec', 'an unrecorded configuration')}; "
+                        "re-verify one of them under another --name before merging"
+                    )
                 fp = rec["fingerprint"]
             self.add_verdicts(o.verdicts(verifier), verifier=verifier, fingerprint=fp)
         return n
@@ -791,7 +808,7 @@ class SampleStore:
         )
         return pool.with_run_info(
             verdicts=chosen,
-            unsampled=sorted({p.id for p in self.problems()} - set(pool.problem_ids.tolist())),
+            unsampled=sorted(set(self.problem_ids()) - set(pool.problem_ids.tolist())),
             requested_n=_requested_n(self._manifest),
         )
 
