@@ -256,6 +256,11 @@ def test_verdict_sets_are_claimed_by_configuration(tmp_path):
     assert list((a.path / "verdicts" / ".replaced").iterdir())
     assert a.verifiers() == [] and a.verdict_record("math")["spec"] == "math:boxed"
     assert a.manifest["replaced_verdicts"][0]["record"]["spec"] == "math:last_number"
+    # a claimed set without verdicts (an interrupted verify) describes nothing: claimable again
+    assert a.claim_verdicts("math", spec="math:last_number", info=info_a) == "new"
+    assert a.claim_verdicts("math", spec="math:boxed", info=info_b) == "new"
+    a.add_verdicts([Verdict("p", 1, VerdictStatus.FAIL, "math", correct=False)], verifier="math",
+                   fingerprint=a.verdict_record("math")["fingerprint"])
     # merging runs whose same-named sets differ in configuration is refused
     b = SampleStore.create(tmp_path / "b", m)
     b.append(_samples("p", 2))

@@ -558,7 +558,7 @@ class SampleStore:
             if rec is not None and rec.get("fingerprint"):
                 # the same verdict set name must mean the same configuration in both runs
                 mine = self.verdict_record(verifier)
-                if mine is None and not self._shards(f"verdicts/{verifier}"):
+                if not self._shards(f"verdicts/{verifier}"):  # nothing here to contradict it
                     recs = dict(self._read_manifest().get("verifiers") or {})
                     recs[verifier] = rec
                     self.update_manifest(verifiers=recs)
@@ -622,7 +622,8 @@ class SampleStore:
             old_fp = config_fingerprint(verifier_config(str(rec.get("spec") or spec), rec))
             rec = {**rec, "fingerprint": old_fp, "legacy": True}
         same = rec is not None and rec.get("fingerprint") == fp
-        if same or (rec is None and not has_shards):
+        if same or not has_shards:
+            # a record without any verdict (claimed, then interrupted) describes nothing
             status = "same" if same and has_shards else "new"
         elif not replace:
             if rec is None:

@@ -83,12 +83,13 @@ def verify_many(
 # configuration identity: what decides whether stored verdicts can be reused
 
 # ``info()`` entries that describe a run of the verifier, not what it decides: counters, worker
-# and batch sizes, caches. Everything else (class, extractor, options, limits, versions of the
+# and batch sizes, caches, the servers a judge engine was reached through. Everything else (class, extractor, options, limits, versions of the
 # checking code) is part of the configuration that verdicts are keyed by.
 _VOLATILE_INFO = frozenset(
     {
         "workers", "batch_size", "cache_path", "cache_size", "stats", "judged_count",
         "missing_counts", "truncated_count", "scored_counts", "pruned_count", "levels",
+        "base_urls", "httpx",
     }
 )  # fmt: skip
 
