@@ -76,7 +76,7 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".manifest.json")
 
 
-def _parse_top(top: Any, lineno: int) -> list[dict[int, float]] | None:
+def _parse_top(top: Any, lineno: int) -> tuple[dict[int, float], ...] | None:
     if top is None:
         return None
     if not isinstance(top, list):
@@ -104,7 +104,7 @@ def _parse_top(top: Any, lineno: int) -> list[dict[int, float]] | None:
                 raise DataError(f"line {lineno}: 'top_logprobs' must not contain null or NaN")
             d[tid_i] = v
         out.append(d)
-    return out
+    return tuple(out)
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -285,7 +285,10 @@ def import_jsonl(
         problems.append(
             Problem(p["id"], str(p.get("prompt") or ""), p.get("reference"), p.get("meta") or {})
         )
+    existed = (Path(out) / "manifest.json").exists()
     store = SampleStore.create(out, m, exist_ok=True)
+    if existed:
+        store.check_compatible(m)  # the file's model/benchmark/sampling must match the run's
     absent = {k: v for k, v in m.items() if k not in store.manifest}
     if absent:  # an existing run keeps what it records; the file fills in what it lacks
         store.update_manifest(**absent)
