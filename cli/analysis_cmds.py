@@ -227,6 +227,8 @@ def register(app: typer.Typer) -> None:
         out: dict = {
             "method": f.method, "a": f.a, "b": f.b,
             "a_ci": [bs.a_low, bs.a_high], "b_ci": [bs.b_low, bs.b_high], "points": f.n_points,
+            "missing_samples": {**pool.sample_shortfall(), "policy": "count"},
+            "verdicts": pool.meta.get("verdicts"),
         }
         if target is not None:
             out["target"] = target
@@ -242,6 +244,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(out, indent=2))
             return
         c = Console()
+        ms = out["missing_samples"]
+        if ms["unsampled"]:
+            c.print(f"{ms['unsampled']} of {ms['problems']} problems have no samples: fitted as unsolved")
+        c.print(describe_verdicts(out["verdicts"]))
         c.print(
             f"c(k) = exp(a·k^b) [{f.method}, {f.n_points} points]: a = {f.a:.4f} "
             f"[{bs.a_low:.4f}, {bs.a_high:.4f}], b = {f.b:.4f} [{bs.b_low:.4f}, {bs.b_high:.4f}]"

@@ -82,6 +82,10 @@ def test_curve_counts_problems_without_samples(tmp_path: Path) -> None:
     # fit: the unsampled problem enters with coverage 0 at every k
     r = runner.invoke(app, ["fit", str(out), "--k", "1,2", "--json", "--n-boot", "20"])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["missing_samples"]["unsampled"] == 1
+    r = runner.invoke(app, ["fit", str(out), "--k", "1,2", "--n-boot", "20"], env={"COLUMNS": "300"})
+    assert "1 of 8 problems have no samples: fitted as unsolved" in r.output
+    assert "verdicts: arith = arith" in r.output
 
 
 def test_export_import_round_trip_keeps_verdicts_logprobs_and_metadata(tmp_path: Path) -> None:
