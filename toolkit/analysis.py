@@ -216,11 +216,6 @@ def _oracle_reason(pool: Pool, name: str | None, scores: NDArray[np.float64]) ->
     return None
 
 
-def _missing_summary(pool: Pool, policy: str) -> dict[str, Any]:
-    sf = pool.sample_shortfall()
-    return {**sf, "policy": policy}
-
-
 def compute_curves(
     pool: Pool,
     methods: Sequence[str] = ("coverage", "majority"),
@@ -252,9 +247,9 @@ def compute_curves(
 
     ``score`` names the pool score used by ``weighted``/``bon`` (default: the only score, if
     there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
-    :func:`trace_confidences`) for ``deepconf``. Budgets ``k`` larger than a problem's sample
-    count are skipped for that problem (ragged pools), and reported as NaN when no problem has
-    that many samples. Every stochastic step is seeded by ``seed``.
+    :func:`trace_confidences`) for ``deepconf``. What a budget ``k`` larger than a problem's sample
+    count means for that problem is the ``missing`` policy below; a ``k`` no problem reaches is
+    an error. Every stochastic step is seeded by ``seed``.
 
     Budgets without a closed form are enumerated when a problem has at most ``n_draws`` subsets
     of that size, else estimated from ``n_draws`` random subsets (seeded; reported per ``k``).
@@ -272,7 +267,7 @@ def compute_curves(
         raise ConfigError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
-    shortfall = _missing_summary(pool, missing)
+    shortfall: dict[str, Any] = {**pool.sample_shortfall(), "policy": missing}
     if missing == "drop":
         keep = pool.n_per_problem >= shortfall["requested"]
         if not keep.any():
