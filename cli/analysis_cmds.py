@@ -41,8 +41,9 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     wide = len(report.curves) <= 3
     t = Table(title=f"accuracy at budget k ({report.n_problems} problems, {pct}% bootstrap CI)")
     t.add_column("k", justify="right", style="bold")
-    for name in report.curves:
-        t.add_column(_SHORT.get(name, name), justify="right", no_wrap=True)
+    for name, c in report.curves.items():
+        head = _SHORT.get(name, name) + (" (oracle)" if c.oracle else "")
+        t.add_column(head, justify="right", no_wrap=True)
     for j, k in enumerate(report.ks.tolist()):
         row = [str(k)]
         for c in report.curves.values():
@@ -56,12 +57,50 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     console.print(t)
     if any(e.startswith("mc") for c in report.curves.values() for e in c.estimator):
         console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    for name, c in report.curves.items():
+        if c.oracle:
+            console.print(
+                f"{_SHORT.get(name, name)} is oracle selection ({c.oracle}): it equals coverage, "
+                "not what a deployed selector would reach; choose another --score"
+            )
+    for line in curve_notes(report):
+        console.print(line)
     if report.fit is not None:
         f, b = report.fit.fit, report.fit
         console.print(
             f"coverage fit ({f.method}): c(k) = exp(a·k^b), a = {f.a:.4f} "
             f"[{b.a_low:.4f}, {b.a_high:.4f}], b = {f.b:.4f} [{b.b_low:.4f}, {b.b_high:.4f}]"
         )
+
+
+def describe_verdicts(v: dict | None) -> str:
+    """``"math = math:last_number (config 1a2b..., latest written; also: boxed)"``."""
+    if not v or v.get("name") is None:
+        return "verdicts: none (answers and correctness stored with the samples)"
+    spec = v.get("spec") or "configuration not recorded"
+    fp = f", config {v['fingerprint']}" if v.get("fingerprint") else ""
+    others = f"; other verdict sets: {', '.join(v['others'])}" if v.get("others") else ""
+    return f"verdicts: {v['name']} = {spec}{fp} ({v.get('chosen_by')}){others}"
+
+
+def curve_notes(report) -> list[str]:  # type: ignore[no-untyped-def]
+    """Lines saying which verdicts were used and what happened to short problems."""
+    lines = [describe_verdicts(report.meta.get("verdicts"))]
+    ms = report.meta.get("missing_samples") or {}
+    short, none = int(ms.get("short", 0)), int(ms.get("unsampled", 0))
+    if short or none:
+        req = ms.get("requested")
+        req_s = f"the {req} requested" if ms.get("requested_known") else f"{req} (the most any has)"
+        what = {
+            "count": "counted as unsolved beyond their samples (--missing drop leaves them out)",
+            "drop": f"left out: {report.n_problems} problems analysed (--missing count keeps them)",
+            "skip": "left out at each k beyond their samples (--missing count keeps them)",
+        }[ms.get("policy", "count")]
+        lines.append(
+            f"{short + none} of {ms.get('problems')} problems have fewer samples than {req_s} "
+            f"({none} have none): {what}"
+        )
+    return lines
 
 
 def register(app: typer.Typer) -> None:
@@ -101,11 +140,20 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
         seed: Annotated[int, typer.Option(min=0)] = 0,
+        missing: Annotated[
+            str,
+            typer.Option(
+                help="Problems with fewer samples than requested (or none): count (as unsolved "
+                "beyond their samples), drop (leave them out) or skip (per k)."
+            ),
+        ] = "count",
     ) -> None:
         """Coverage and selection accuracy at each budget k, with CIs, fit and plot."""
-        from ttscale.analysis import compute_curves, plot_curves, run_confidences
+        from ttscale.analysis import MISSING_POLICIES, compute_curves, plot_curves, run_confidences
         from ttscale.store import SampleStore
 
+        if missing not in MISSING_POLICIES:
+            raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
         store = SampleStore.open(run)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         pool = store.pool(verifier)
@@ -127,6 +175,7 @@ def register(app: typer.Typer) -> None:
             tie=tie,
             seed=seed,
             fit=fit,
+            missing=missing,
         )
         if plot is not None:
             plot_curves(report, plot, title=f"{run.name}: {report.n_problems} problems")
@@ -161,22 +210,25 @@ def register(app: typer.Typer) -> None:
         """Fit the exponentiated power law c(k) = exp(a k^b) to a run's coverage curve."""
         from rich.console import Console
 
-        from ttscale.analysis import default_ks
+        from ttscale.analysis import coverage_counts, default_ks
         from ttscale.metrics.scaling import bootstrap_power_law
         from ttscale.store import SampleStore
 
         pool = SampleStore.open(run).pool(verifier)
         if not pool.has_correctness():
             raise ConfigError("the run has no correctness labels; run `ttscale verify RUN` first")
-        n_p = pool.n_per_problem
+        # problems of the run without samples are unsolved (as `curve`'s default --missing count)
+        n_p, n_c = coverage_counts(pool, "count")
         ks = _int_list(k, "--k") or default_ks(int(n_p.min())).tolist()
         bs = bootstrap_power_law(
-            n_p, pool.correct_counts(), ks, method=method, n_boot=n_boot, seed=seed  # type: ignore[arg-type]
+            n_p, n_c, ks, method=method, n_boot=n_boot, seed=seed  # type: ignore[arg-type]
         )
         f = bs.fit
         out: dict = {
             "method": f.method, "a": f.a, "b": f.b,
             "a_ci": [bs.a_low, bs.a_high], "b_ci": [bs.b_low, bs.b_high], "points": f.n_points,
+            "missing_samples": {**pool.sample_shortfall(), "policy": "count"},
+            "verdicts": pool.meta.get("verdicts"),
         }
         if target is not None:
             out["target"] = target
@@ -192,6 +244,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(out, indent=2))
             return
         c = Console()
+        ms = out["missing_samples"]
+        if ms["unsampled"]:
+            c.print(f"{ms['unsampled']} of {ms['problems']} problems have no samples: fitted as unsolved")
+        c.print(describe_verdicts(out["verdicts"]))
         c.print(
             f"c(k) = exp(a·k^b) [{f.method}, {f.n_points} points]: a = {f.a:.4f} "
             f"[{bs.a_low:.4f}, {bs.a_high:.4f}], b = {f.b:.4f} [{bs.b_low:.4f}, {bs.b_high:.4f}]"

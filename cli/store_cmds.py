@@ -18,18 +18,42 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create or extend.")],
         model: Annotated[Optional[str], typer.Option(help="Model name to record.")] = None,
         benchmark: Annotated[Optional[str], typer.Option(help="Benchmark name to record.")] = None,
+        metadata: Annotated[
+            Optional[Path],
+            typer.Option(
+                help="Run metadata file written by `export --out` (default: SAMPLES.manifest.json "
+                "when it exists): sampling settings, engine, problems."
+            ),
+        ] = None,
     ) -> None:
         """Import samples from JSONL into a run directory (validated first; nothing half-written)."""
         from rich.console import Console
 
-        from ttscale.store.jsonio import import_jsonl
+        from ttscale.errors import DataError
+        from ttscale.store.jsonio import import_jsonl, sidecar_path
 
         manifest = {k: v for k, v in {"model": model, "benchmark": benchmark}.items() if v}
-        store, new = import_jsonl(samples, out, manifest=manifest)
-        Console().print(
+        if metadata is not None and not metadata.is_file():
+            raise DataError(f"no such metadata file: {metadata}")
+        side = metadata if metadata is not None else sidecar_path(samples)
+        store, new = import_jsonl(samples, out, manifest=manifest, sidecar=side if side.is_file() else None)
+        console = Console()
+        console.print(
             f"imported [bold]{new}[/bold] new samples into [bold]{store.path}[/bold] "
             f"({len(store)} samples, {len(store.counts())} problems)"
         )
+        if side.is_file():
+            m = store.manifest
+            kept = [k for k in ("model", "benchmark", "sampling", "engine", "logprob_mode") if k in m]
+            console.print(
+                f"run metadata from {side}: {', '.join(kept) or 'nothing'}; "
+                f"{len(store.problems())} problems recorded"
+            )
+        else:
+            console.print(
+                f"no run metadata ({side.name} not found): sampling settings and problems are "
+                "not recorded"
+            )
 
     @app.command("export")
     def export_cmd(
@@ -38,22 +62,39 @@ def register(app: typer.Typer) -> None:
             Optional[Path], typer.Option("--out", "-o", help="Output JSONL (default: stdout).")
         ] = None,
         verifier: Annotated[
-            Optional[str], typer.Option(help="Use this verifier's answers and correctness.")
+            Optional[str],
+            typer.Option(
+                help="Use this verdict set's answers and correctness (default: the one analyses "
+                "use: the run's default verifier, else the latest)."
+            ),
         ] = None,
+        no_verdicts: Annotated[
+            bool, typer.Option("--no-verdicts", help="Export answers/correctness as sampled.")
+        ] = False,
     ) -> None:
-        """Export a run's samples as JSONL (the import schema)."""
+        """Export a run's samples as JSONL (the import schema), plus OUT.manifest.json metadata."""
+        from ttscale.cli.analysis_cmds import describe_verdicts
+        from ttscale.errors import ConfigError
         from ttscale.store import SampleStore
-        from ttscale.store.jsonio import export_jsonl
+        from ttscale.store.jsonio import export_jsonl, sidecar_path
 
+        if no_verdicts and verifier is not None:
+            raise ConfigError("give either --verifier NAME or --no-verdicts, not both")
         store = SampleStore.open(run)
+        chosen = None if no_verdicts else store.choose_verdicts(verifier)
+        said = describe_verdicts(chosen) if chosen else "verdicts: none (--no-verdicts)"
         if out is None:
-            export_jsonl(store, sys.stdout, verifier=verifier)
+            typer.echo(f"exporting with {said}", err=True)
+            export_jsonl(store, sys.stdout, verifier=verifier, use_verdicts=not no_verdicts)
             return
         tmp = out.with_name(f".{out.name}.tmp")
+        side = sidecar_path(out)
         with open(tmp, "w", encoding="utf-8") as f:
-            n = export_jsonl(store, f, verifier=verifier)
+            n = export_jsonl(
+                store, f, verifier=verifier, use_verdicts=not no_verdicts, manifest_out=side
+            )
         tmp.replace(out)
-        typer.echo(f"exported {n} samples to {out}", err=True)
+        typer.echo(f"exported {n} samples to {out} (metadata: {side.name}); {said}", err=True)
 
     @app.command("info")
     def info_cmd(
@@ -75,6 +116,7 @@ def register(app: typer.Typer) -> None:
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
             m["verified_by"] = store.verifiers()
+            m["analysis_verdicts"] = store.choose_verdicts()
             typer.echo(json.dumps(m, indent=2, sort_keys=True))
             return
         t = Table(title=str(store.path), show_header=False)
@@ -97,9 +139,17 @@ def register(app: typer.Typer) -> None:
         details = m.get("verifiers") if isinstance(m.get("verifiers"), dict) else {}
         names = []
         for v in store.verifiers():
-            iso = (details.get(v) or {}).get("isolation")
-            names.append(f"{v} (isolation: {iso})" if iso else v)
-        t.add_row("verifiers", ", ".join(names) or "none")
+            d = details.get(v) or {}
+            extra = [str(d.get("spec") or "configuration not recorded")]
+            if d.get("fingerprint"):
+                extra.append(f"config {d['fingerprint']}")
+            if d.get("isolation"):
+                extra.append(f"isolation: {d['isolation']}")
+            names.append(f"{v} = {', '.join(extra)}")
+        t.add_row("verifiers", "; ".join(names) or "none")
+        from ttscale.cli.analysis_cmds import describe_verdicts
+
+        t.add_row("analyses use", describe_verdicts(store.choose_verdicts()).removeprefix("verdicts: "))
         if isinstance(m.get("accounting"), dict):
             t.add_row("accounting", ", ".join(f"{k}={v}" for k, v in m["accounting"].items()))
         Console().print(t)

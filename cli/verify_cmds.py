@@ -109,6 +109,12 @@ def run_verify(
     verifier = make_verifier(spec, **kw)
     try:
         vname = _store_name(name or getattr(verifier, "name", None) or head)
+        info0 = dict(verifier.info()) if callable(getattr(verifier, "info", None)) else {}
+        # verdicts are keyed by the full configuration: a set made by another one is refused
+        # (or moved aside with --force) before anything is computed
+        claim = store.claim_verdicts(vname, spec=spec, info=info0, replace=force)
+        record = store.verdict_record(vname) or {}
+        fingerprint = record.get("fingerprint")
         done = set() if force else store.verified_keys(vname)
         t = store.table(list(_SAMPLE_COLUMNS))
         todo_mask = [
@@ -155,7 +161,7 @@ def run_verify(
             if not items:
                 return
             verdicts = [v for vs in verify_many(verifier, items) for v in vs]
-            written += store.add_verdicts(verdicts, verifier=vname)
+            written += store.add_verdicts(verdicts, verifier=vname, fingerprint=fingerprint)
             if on_batch is not None:
                 on_batch(written)
             items, size = [], 0
@@ -167,8 +173,7 @@ def run_verify(
                 flush()
         flush()
         info = dict(verifier.info()) if callable(getattr(verifier, "info", None)) else {}
-        info["spec"] = spec
-        store.update_manifest(verifiers={vname: info})
+        store.update_verdict_record(vname, info)
     finally:
         close_verifier(verifier)
     vt = store.verdict_table(vname)
@@ -181,6 +186,10 @@ def run_verify(
     return {
         "run": str(run),
         "verifier": vname,
+        "spec": record.get("spec"),
+        "requested_spec": spec,
+        "fingerprint": fingerprint,
+        "verdict_set": claim,
         "new": written,
         "skipped": len(done),
         "unrecorded_problems": len(missing),
@@ -247,8 +256,16 @@ def register(app: typer.Typer) -> None:
             return
         acc = summary["accuracy"]
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_status"].items()))
-        Console(highlight=False).print(
+        console = Console(highlight=False)
+        if summary["verdict_set"] == "replaced":
+            console.print(
+                f"replaced the verdict set [bold]{summary['verifier']}[/bold] "
+                "(its old verdicts are kept under verdicts/.replaced)"
+            )
+        console.print(
             f"verified [bold]{summary['new']}[/bold] new samples with [bold]{summary['verifier']}"
-            f"[/bold] ({summary['skipped']} already done); {summary['verified']} verdicts: "
+            f"[/bold] = {summary['spec']} (config {summary['fingerprint']}"
+            + (f", requested as {summary['requested_spec']}" if summary["requested_spec"] != summary["spec"] else "")
+            + f") ({summary['skipped']} already done); {summary['verified']} verdicts: "
             f"{statuses}" + (f"; accuracy {acc:.4f}" if acc is not None else "")
         )

@@ -65,11 +65,73 @@ def test_coverage_mean_and_ci_on_a_larger_pool():
 
 def test_ragged_pool_skips_k_beyond_n():
     pool = Pool.from_arrays(["a", "b"], [2, 4], answer=list("xxyx" "xy"), correct=[1, 0, 0, 1, 1, 0])
-    rep = compute_curves(pool, ["coverage"], [1, 2, 4], n_boot=20)
+    rep = compute_curves(pool, ["coverage"], [1, 2, 4], n_boot=20, missing="skip")
     per = rep.curves["coverage"].per_problem
     assert np.isnan(per[0, 2]) and not np.isnan(per[1, 2])
     # k=4 is averaged over the one problem that has 4 samples
     assert rep.curves["coverage"].mean[2] == pytest.approx(per[1, 2])
+
+
+def test_short_and_unsampled_problems_count_as_unsolved_or_are_dropped():
+    # a: n=2, c=1 -> pass@1 1/2, pass@2 1; b: n=4, c=2 -> pass@1 1/2, pass@2 1 - 1/C(4,2) = 5/6,
+    # pass@4 1; "z" is a problem of the run with no sample; 4 samples were requested
+    pool = Pool.from_arrays(
+        ["a", "b"], [2, 4], answer=list("xxyxxy"), correct=[1, 0, 0, 1, 1, 0]
+    ).with_run_info(unsampled=["z"], requested_n=4)
+    assert pool.sample_shortfall() == {
+        "requested": 4, "requested_known": True, "problems": 3, "short": 1, "unsampled": 1,
+    }
+    rep = compute_curves(pool, ["coverage", "majority"], [1, 2, 4], n_boot=20)
+    assert rep.n_problems == 3
+    np.testing.assert_allclose(rep.curves["coverage"].mean, [1 / 3, (1 + 5 / 6) / 3, 1 / 3])
+    assert rep.curves["majority"].per_problem.shape == (3, 3)
+    ms = rep.to_dict()["missing_samples"]
+    assert ms["policy"] == "count" and ms["short"] == 1 and ms["unsampled"] == 1
+    # drop: only b has the 4 requested samples
+    rep = compute_curves(pool, ["coverage"], [1, 2, 4], n_boot=20, missing="drop")
+    assert rep.n_problems == 1 and rep.meta["missing_samples"]["dropped"] == 2
+    np.testing.assert_allclose(rep.curves["coverage"].mean, [0.5, 5 / 6, 1.0])
+    # skip: the old per-k average over the problems that have k samples
+    rep = compute_curves(pool, ["coverage"], [1, 2, 4], n_boot=20, missing="skip")
+    assert rep.n_problems == 2
+    np.testing.assert_allclose(rep.curves["coverage"].mean, [0.5, (1 + 5 / 6) / 2, 1.0])
+    with pytest.raises(ConfigError, match="missing must be one of"):
+        compute_curves(pool, ["coverage"], missing="ignore")
+    # the fit sees the unsampled problem as solved by none of its (notional) samples
+    from ttscale.analysis import coverage_counts
+
+    n, c = coverage_counts(pool, "count")
+    assert n.tolist() == [2, 4, 4] and c.tolist() == [1, 2, 0]
+
+
+def test_oracle_selection_is_flagged(tmp_path):
+    # best-of-N by the correctness verifier's own score picks a correct sample whenever there is
+    # one: it equals coverage, and is labelled so in the table, JSON and legend
+    pool = Pool.from_arrays(
+        ["a", "b"], [3, 3], answer=list("xyzuvw"), correct=[0, 1, 0, 0, 0, 0],
+        scores={"math": [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], "rm": [0.3, 0.2, 0.9, 0.1, 0.5, 0.4]},
+    )
+    rep = compute_curves(pool, ["coverage", "bon"], [1, 3], score="math", n_boot=20)
+    np.testing.assert_allclose(rep.curves["bon"].mean, rep.curves["coverage"].mean)
+    d = rep.to_dict()["methods"]["bon"]
+    assert d["oracle"] is True and "equals the correctness labels" in d["oracle_reason"]
+    assert d["label"] == "best-of-N@k (oracle selection)"
+    # named after the verifier whose verdicts give correctness
+    named = Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0],
+                             scores={"math": [0.7, 0.2]})
+    named = type(named)(**{**named.__dict__, "meta": {"verifier": "math"}})
+    r2 = compute_curves(named, ["weighted"], [1], score="math", n_boot=10)
+    assert r2.curves["weighted"].oracle and "'math'" in r2.curves["weighted"].oracle
+    # a genuine reward model is not flagged
+    rep = compute_curves(pool, ["bon"], [1, 3], score="rm", n_boot=20)
+    assert rep.curves["bon"].oracle is None and rep.to_dict()["methods"]["bon"]["oracle"] is False
+    from rich.console import Console
+
+    from ttscale.cli.analysis_cmds import print_curve_table
+
+    con = Console(record=True, width=200)
+    print_curve_table(compute_curves(pool, ["coverage", "bon"], [1, 3], score="math", n_boot=20), con)
+    assert "best-of-N (oracle)" in con.export_text()
 
 
 def test_errors():

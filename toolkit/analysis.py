@@ -24,8 +24,10 @@ from ttscale.store.pool import Pool
 __all__ = [
     "METHODS",
     "CurveReport",
+    "MISSING_POLICIES",
     "MethodCurve",
     "compute_curves",
+    "coverage_counts",
     "default_ks",
     "plot_curves",
     "run_confidences",
@@ -74,10 +76,21 @@ class MethodCurve:
     per_problem: NDArray[np.float64] = field(repr=False)
     estimator: tuple[str, ...] = ()
     draws: NDArray[np.int64] | None = None
+    # why this selection is an oracle (it reads the correctness labels), or None
+    oracle: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Legend label (``"best-of-N@k (oracle selection)"`` when it reads the labels)."""
+        base = _LABELS.get(self.method, self.method)
+        return f"{base} (oracle selection)" if self.oracle else base
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "label": self.label,
+            "oracle": self.oracle is not None,
+            "oracle_reason": self.oracle,
             "description": METHODS.get(self.method, ""),
             "k": self.ks.tolist(),
             "mean": _nan_to_none(self.mean),
@@ -109,6 +122,8 @@ class CurveReport:
                 "max": int(self.n_samples.max()) if self.n_samples.size else 0,
             },
             "confidence": self.confidence,
+            "missing_samples": dict(self.meta.get("missing_samples") or {}),
+            "verdicts": self.meta.get("verdicts"),
             "methods": {name: c.to_dict() for name, c in self.curves.items()},
             "meta": dict(self.meta),
         }
@@ -181,6 +196,26 @@ def _require(pool: Pool, what: NDArray[np.float64], method: str, hint: str) -> N
         raise ConfigError(f"method {method!r} needs {hint} for every answered sample")
 
 
+MISSING_POLICIES = ("count", "drop", "skip")
+
+
+def _oracle_reason(pool: Pool, name: str | None, scores: NDArray[np.float64]) -> str | None:
+    """Why selecting by ``scores`` is oracle selection (it equals coverage), or None.
+
+    Either the score is the correctness verifier's own (same verdict set), or its values are
+    exactly the 0/1 correctness labels wherever those are known.
+    """
+    v = pool.meta.get("verifier")
+    if name is not None and v is not None and name == v:
+        return f"scored by {v!r}, the verifier whose verdicts give correctness"
+    known = np.isfinite(pool.correct)
+    if known.any():
+        sk = scores[known]
+        if np.isfinite(sk).all() and np.array_equal(sk, pool.correct[known]):
+            return f"score {name!r} equals the correctness labels"
+    return None
+
+
 def compute_curves(
     pool: Pool,
     methods: Sequence[str] = ("coverage", "majority"),
@@ -198,14 +233,23 @@ def compute_curves(
     seed: int = 0,
     fit: bool = False,
     fit_method: str = "loglog",
+    missing: str = "count",
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
 
+    ``missing`` says what a problem with fewer samples than requested (:attr:`Pool.requested_n`,
+    else the largest count) does, including a problem of the run with no sample at all
+    (:attr:`Pool.unsampled`): ``"count"`` (default) keeps every problem in the denominator and
+    counts it unsolved at any ``k`` beyond its samples; ``"drop"`` leaves such problems out of
+    every ``k``; ``"skip"`` averages each ``k`` over the problems that have ``k`` samples (the
+    denominator changes with ``k``; problems without samples are left out). The report's
+    ``meta["missing_samples"]`` says how many problems were short, and what was done.
+
     ``score`` names the pool score used by ``weighted``/``bon`` (default: the only score, if
     there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
-    :func:`trace_confidences`) for ``deepconf``. Budgets ``k`` larger than a problem's sample
-    count are skipped for that problem (ragged pools), and reported as NaN when no problem has
-    that many samples. Every stochastic step is seeded by ``seed``.
+    :func:`trace_confidences`) for ``deepconf``. What a budget ``k`` larger than a problem's sample
+    count means for that problem is the ``missing`` policy below; a ``k`` no problem reaches is
+    an error. Every stochastic step is seeded by ``seed``.
 
     Budgets without a closed form are enumerated when a problem has at most ``n_draws`` subsets
     of that size, else estimated from ``n_draws`` random subsets (seeded; reported per ``k``).
@@ -219,10 +263,37 @@ def compute_curves(
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not methods:
         raise ConfigError("no methods given")
+    if missing not in MISSING_POLICIES:
+        raise ConfigError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
+    shortfall: dict[str, Any] = {**pool.sample_shortfall(), "policy": missing}
+    if missing == "drop":
+        keep = pool.n_per_problem >= shortfall["requested"]
+        if not keep.any():
+            raise ConfigError(
+                f"no problem has all {shortfall['requested']} requested samples, so --missing drop "
+                "leaves nothing; use --missing count"
+            )
+        if confidences is not None:
+            confidences = np.asarray(confidences, dtype=np.float64)
+            if confidences.shape == (pool.num_samples,):
+                confidences = confidences[pool.row_mask(keep)]
+        pool = pool.select_problems(keep)
+        shortfall["dropped"] = shortfall["short"] + shortfall["unsampled"]
+    if shortfall["short"] or shortfall["unsampled"]:
+        log.warning(
+            "%d of %d problems have fewer than %d samples (%d of them none): %s",
+            shortfall["short"] + shortfall["unsampled"], shortfall["problems"],
+            shortfall["requested"], shortfall["unsampled"],
+            {"count": "counted as unsolved beyond their samples", "drop": "left out",
+             "skip": "left out at each k beyond their samples"}[missing],
+        )  # fmt: skip
     n_p = pool.n_per_problem
-    k_arr = default_ks(int(n_p.min())) if ks is None else np.asarray(sorted(set(ks)), dtype=np.int64)
+    n_pos = n_p[n_p > 0]
+    if n_pos.size == 0:
+        raise ConfigError("the run has no samples; nothing to analyse")
+    k_arr = default_ks(int(n_pos.min())) if ks is None else np.asarray(sorted(set(ks)), dtype=np.int64)
     if k_arr.size == 0 or k_arr.min() < 1:
         raise ConfigError(f"k values must be >= 1, got {list(k_arr)}")
     if k_arr.max() > n_p.max():
@@ -253,6 +324,13 @@ def compute_curves(
         if score not in pool.scores:
             raise ConfigError(f"no score named {score!r} in the run; it has: {names or 'none'}")
         score_arr = pool.scores[score]
+    oracle = _oracle_reason(pool, score, score_arr) if score_arr is not None else None
+    if oracle is not None:
+        log.warning(
+            "weighted/best-of-N are oracle selection here (%s): they equal coverage, not a "
+            "selection method's accuracy",
+            oracle,
+        )
 
     curves: dict[str, MethodCurve] = {}
     for j, m in enumerate(methods):
@@ -301,21 +379,33 @@ def compute_curves(
                 **kw,
             )
             per, est, draws = res.per_problem, tuple(res.method), res.draws
+        if missing == "count":
+            # a problem without k samples is unsolved at k; a problem without any is unsolved
+            per = np.concatenate(
+                [np.nan_to_num(per, nan=0.0), np.zeros((len(pool.unsampled), k_arr.size))]
+            )
         ci = _ci(per, confidence=confidence, n_boot=n_boot, seed=mseed, bootstrap_ci=bootstrap_ci)
-        curves[m] = MethodCurve(m, k_arr, ci[0], ci[1], ci[2], per, est, draws)
+        curves[m] = MethodCurve(
+            m, k_arr, ci[0], ci[1], ci[2], per, est, draws,
+            oracle=oracle if m in ("weighted", "bon") else None,
+        )  # fmt: skip
 
     fit_res = None
     if fit:
-        fit_res = _fit_coverage(pool, k_arr, fit_method, n_boot, confidence, seed)
+        fit_res = _fit_coverage(pool, k_arr, fit_method, n_boot, confidence, seed, missing)
+    n_report = pool.num_problems + (len(pool.unsampled) if missing == "count" else 0)
     return CurveReport(
         ks=k_arr,
         curves=curves,
-        n_problems=pool.num_problems,
+        n_problems=n_report,
         n_samples=n_p,
         confidence=confidence,
         fit=fit_res,
-        meta={"tie": tie, "score": score, "seed": seed, "verifier": pool.meta.get("verifier")},
-    )
+        meta={
+            "tie": tie, "score": score, "seed": seed, "verifier": pool.meta.get("verifier"),
+            "verdicts": pool.meta.get("verdicts"), "missing_samples": shortfall,
+        },
+    )  # fmt: skip
 
 
 def _ci(
@@ -358,18 +448,38 @@ def _deepconf_selector(pool: Pool, conf: NDArray[np.float64], eta: float) -> Any
     return select
 
 
+def coverage_counts(
+    pool: Pool, missing: str = "count"
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``(n, c)`` per problem for pass@k fits under a ``missing`` policy (see compute_curves).
+
+    Problems without samples enter as ``n = max n, c = 0`` under ``"count"`` (pass@k = 0 at
+    every fitted ``k``); ``"drop"``/``"skip"`` leave them out.
+    """
+    n_p, c = pool.n_per_problem, pool.correct_counts()
+    if missing == "drop":
+        keep = n_p >= pool.sample_shortfall()["requested"]
+        n_p, c = n_p[keep], c[keep]
+    if missing == "count" and pool.unsampled:
+        z = len(pool.unsampled)
+        n_p = np.concatenate([n_p, np.full(z, int(n_p.max(initial=1)), dtype=np.int64)])
+        c = np.concatenate([c, np.zeros(z, dtype=np.int64)])
+    return n_p, c
+
+
 def _fit_coverage(
-    pool: Pool, ks: NDArray[np.int64], method: str, n_boot: int, confidence: float, seed: int
+    pool: Pool, ks: NDArray[np.int64], method: str, n_boot: int, confidence: float, seed: int,
+    missing: str = "count",
 ) -> Any:
     from ttscale.metrics.scaling import bootstrap_power_law
 
-    n_p = pool.n_per_problem
+    n_p, c = coverage_counts(pool, missing)
     usable = ks[ks <= n_p.min()]
     if usable.size < 2:
         raise ConfigError("a power-law fit needs at least two k values within every problem's n")
     return bootstrap_power_law(
         n_p,
-        pool.correct_counts(),
+        c,
         usable,
         method=method,  # type: ignore[arg-type]
         n_boot=n_boot,
@@ -394,10 +504,10 @@ def plot_curves(
     p = Path(path)
     fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
     colors = plt.get_cmap("tab10")
-    for i, (name, c) in enumerate(report.curves.items()):
+    for i, c in enumerate(report.curves.values()):
         ok = np.isfinite(c.mean)
         col = colors(i % 10)
-        ax.plot(c.ks[ok], c.mean[ok], "o-", color=col, label=_LABELS.get(name, name), lw=1.8, ms=3.5)
+        ax.plot(c.ks[ok], c.mean[ok], "o-", color=col, label=c.label, lw=1.8, ms=3.5)
         ax.fill_between(c.ks[ok], c.low[ok], c.high[ok], color=col, alpha=0.18, lw=0)
     if report.fit is not None:
         f = report.fit.fit

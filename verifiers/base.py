@@ -36,9 +36,12 @@ from ttscale.types import Problem, Sample, Verdict
 __all__ = [
     "VERIFIER_SPECS",
     "Verifier",
+    "canonical_spec",
     "close_verifier",
+    "config_fingerprint",
     "make_verifier",
     "split_spec",
+    "verifier_config",
     "verify_many",
 ]
 
@@ -74,6 +77,69 @@ def verify_many(
     if callable(fn):
         return list(fn(items))
     return [list(verifier.verify(p, s)) for p, s in items]
+
+
+# ---------------------------------------------------------------------------------------
+# configuration identity: what decides whether stored verdicts can be reused
+
+# ``info()`` entries that describe a run of the verifier, not what it decides: counters, worker
+# and batch sizes, caches, the servers a judge engine was reached through. Everything else (class, extractor, options, limits, versions of the
+# checking code) is part of the configuration that verdicts are keyed by.
+_VOLATILE_INFO = frozenset(
+    {
+        "workers", "batch_size", "cache_path", "cache_size", "stats", "judged_count",
+        "missing_counts", "truncated_count", "scored_counts", "pruned_count", "levels",
+        "base_urls", "httpx",
+    }
+)  # fmt: skip
+
+
+def _strip_volatile(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _strip_volatile(v) for k, v in x.items() if k not in _VOLATILE_INFO}
+    if isinstance(x, (list, tuple)):
+        return [_strip_volatile(v) for v in x]
+    return x
+
+
+def canonical_spec(spec: str, info: Mapping[str, Any]) -> str:
+    """The spec that rebuilds this configuration without context.
+
+    ``math`` on an arith run resolves to the arith extractor, so it is ``arith``; ``math`` with
+    ``--extractor last_number`` is ``math:last_number``; ``code`` with the visible tests is
+    ``code:visible``. Other specs are returned as given (head lower-cased).
+    """
+    head, arg = split_spec(spec)
+    if info.get("class") == "MathVerifier" and info.get("extractor"):
+        ex = str(info["extractor"])
+        return "arith" if ex == "arith" else f"math:{ex}"
+    if info.get("class") == "CodeVerifier" and info.get("tests"):
+        return "code" if info["tests"] == "full" else f"code:{info['tests']}"
+    return f"{head}:{arg}" if arg else head
+
+
+def verifier_config(spec: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration stored verdicts are keyed by: canonical spec + ``info()`` settings.
+
+    ``info`` is the verifier's ``info()`` (a stored manifest entry also works: its ``spec`` and
+    bookkeeping fields are ignored). Counters and resource settings that cannot change a
+    verdict (workers, batch sizes, caches) are left out; limits and versions stay in.
+    """
+    settings = {
+        k: v
+        for k, v in info.items()
+        if k not in ("spec", "name", "config", "fingerprint", "specs", "created", "legacy")
+    }
+    return {"spec": canonical_spec(spec, info), "settings": _strip_volatile(settings)}
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """A short stable hash of :func:`verifier_config` output (sorted-key JSON, blake2b)."""
+    import hashlib
+    import json
+
+    text = json.dumps(config, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

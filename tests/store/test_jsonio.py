@@ -10,7 +10,14 @@ import pytest
 
 from ttscale.errors import DataError
 from ttscale.store import SampleStore
-from ttscale.store.jsonio import export_jsonl, import_jsonl, read_samples_jsonl
+from ttscale.store.jsonio import (
+    export_jsonl,
+    import_jsonl,
+    read_samples_jsonl,
+    sample_to_json,
+    sidecar_path,
+)
+from ttscale.types import Sample
 
 
 def _write(path, rows):
@@ -100,3 +107,64 @@ def test_export_roundtrip(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         list(read_samples_jsonl(tmp_path / "nope.jsonl"))
+
+
+def test_top_logprobs_round_trip_and_validation(tmp_path):
+    # objects keyed by token id (strings, as JSON requires) or [id, logprob] pairs
+    rows = [
+        {"problem_id": "a", "text": "x", "token_ids": [5, 9],
+         "top_logprobs": [{"5": -0.1, "7": -2.5}, [[9, -0.3], [1, -1.5]]]},
+    ]
+    f = _write(tmp_path / "s.jsonl", [json.dumps(r) for r in rows])
+    s = next(iter(read_samples_jsonl(f)))
+    assert s.top_logprobs == ({5: -0.1, 7: -2.5}, {9: -0.3, 1: -1.5})
+    d = sample_to_json(s)
+    assert d["top_logprobs"] == [{"5": -0.1, "7": -2.5}, {"9": -0.3, "1": -1.5}]
+    assert d["token_ids"] == [5, 9]
+    for bad, msg in [
+        ({"top_logprobs": {"5": -0.1}}, "one entry per token"),
+        ({"top_logprobs": [{"x": -0.1}]}, "integer token ids"),
+        ({"top_logprobs": [{"5": None}]}, "null or NaN"),
+        ({"top_logprobs": [[[5]]]}, r"\[token_id, logprob\]"),
+    ]:
+        g = _write(tmp_path / "b.jsonl", [json.dumps({"problem_id": "a", **bad})])
+        with pytest.raises(DataError, match=msg):
+            list(read_samples_jsonl(g))
+
+
+def test_sidecar_metadata_and_problems_are_imported(tmp_path):
+    from ttscale.types import Problem
+
+    src = SampleStore.create(tmp_path / "src", {"model": "m", "benchmark": "arith",
+                                                "sampling": {"n": 2, "temperature": 0.7}})
+    src.write_problems([Problem("a", "1+1=?", reference="2"), Problem("b", "2+2=?", reference="4")])
+    src.append([Sample("a", 0, "#### 2"), Sample("a", 1, "#### 3")])
+    f = tmp_path / "e.jsonl"
+    with open(f, "w") as fh:
+        export_jsonl(src, fh, manifest_out=sidecar_path(f))
+    store, n = import_jsonl(f, tmp_path / "back")
+    assert n == 2
+    m = store.manifest
+    assert m["model"] == "m" and m["sampling"] == {"n": 2, "temperature": 0.7}
+    assert [p.id for p in store.problems()] == ["a", "b"]
+    # b has no sample: analyses see it (and that 2 samples were requested)
+    pool = store.pool()
+    assert pool.unsampled == ("b",) and pool.requested_n == 2
+    # explicit options win over the sidecar; a broken sidecar is a one-line DataError
+    store2, _ = import_jsonl(f, tmp_path / "back2", manifest={"model": "other"})
+    assert store2.manifest["model"] == "other"
+    sidecar_path(f).write_text("{not json")
+    with pytest.raises(DataError, match="cannot read the run metadata"):
+        import_jsonl(f, tmp_path / "back3")
+    assert not (tmp_path / "back3").exists()
+    store4, _ = import_jsonl(f, tmp_path / "back4", sidecar=False)
+    assert "model" not in store4.manifest
+    # importing into a run made with other settings is refused, not mixed in
+    from ttscale.errors import StoreError
+
+    other = SampleStore.create(tmp_path / "other", {"model": "m", "sampling": {"temperature": 1.0}})
+    with open(f, "w") as fh:
+        export_jsonl(src, fh, manifest_out=sidecar_path(f))
+    with pytest.raises(StoreError, match="temperature"):
+        import_jsonl(f, other.path)
+    assert len(other) == 0

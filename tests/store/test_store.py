@@ -229,3 +229,46 @@ def test_pool_does_not_create_per_sample_python_objects(tmp_path):
     assert pool.num_samples == P * n
     # a few objects per problem and per distinct answer are fine; one per sample (20,000) is not
     assert after - before < 5_000, after - before
+
+
+def test_verdict_sets_are_claimed_by_configuration(tmp_path):
+    from ttscale.types import Verdict, VerdictStatus
+
+    m = {"model": "tiny", "sampling": {"seed": 0}}
+    info_a = {"class": "MathVerifier", "extractor": "last_number", "timeout_s": 5.0, "workers": 1}
+    info_b = {**info_a, "extractor": "boxed"}
+    a = SampleStore.create(tmp_path / "a", m)
+    a.append(_samples("p", 2))
+    assert a.claim_verdicts("math", spec="math", info=info_a) == "new"
+    fp = a.verdict_record("math")["fingerprint"]
+    a.add_verdicts([Verdict("p", 0, VerdictStatus.PASS, "math", correct=True)], verifier="math",
+                   fingerprint=fp)
+    # worker counts are not part of the configuration; the extractor is
+    assert a.claim_verdicts("math", spec="math:last_number", info={**info_a, "workers": 8}) == "same"
+    with pytest.raises(StoreError, match=r"--force.*--name"):
+        a.claim_verdicts("math", spec="math:boxed", info=info_b)
+    # a writer holding the old fingerprint cannot add to a set claimed by another configuration
+    assert a.claim_verdicts("math", spec="math:boxed", info=info_b, replace=True) == "replaced"
+    with pytest.raises(StoreError, match="another configuration"):
+        a.add_verdicts([Verdict("p", 1, VerdictStatus.FAIL, "math", correct=False)],
+                       verifier="math", fingerprint=fp)
+    assert a.verdict_table("math").num_rows == 0  # the old verdicts were moved aside
+    assert list((a.path / "verdicts" / ".replaced").iterdir())
+    assert a.verifiers() == [] and a.verdict_record("math")["spec"] == "math:boxed"
+    assert a.manifest["replaced_verdicts"][0]["record"]["spec"] == "math:last_number"
+    # a claimed set without verdicts (an interrupted verify) describes nothing: claimable again
+    assert a.claim_verdicts("math", spec="math:last_number", info=info_a) == "new"
+    assert a.claim_verdicts("math", spec="math:boxed", info=info_b) == "new"
+    a.add_verdicts([Verdict("p", 1, VerdictStatus.FAIL, "math", correct=False)], verifier="math",
+                   fingerprint=a.verdict_record("math")["fingerprint"])
+    # merging runs whose same-named sets differ in configuration is refused
+    b = SampleStore.create(tmp_path / "b", m)
+    b.append(_samples("p", 2))
+    b.claim_verdicts("math", spec="math:last_number", info=info_a)
+    b.add_verdicts([Verdict("p", 1, VerdictStatus.PASS, "math", correct=True)], verifier="math")
+    with pytest.raises(StoreError, match="before merging"):
+        a.merge_from(b)
+    c = SampleStore.create(tmp_path / "c", m)
+    c.merge_from(b)
+    assert c.verdict_record("math")["fingerprint"] == b.verdict_record("math")["fingerprint"]
+    assert c.verdict_table("math").num_rows == 1

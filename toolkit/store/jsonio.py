@@ -3,13 +3,21 @@
 One sample per line::
 
     {"problem_id": "gsm8k/12", "index": 0, "text": "...", "answer": "72", "correct": true,
-     "logprob": -12.3, "mean_logprob": -0.41, "token_logprobs": [...], "num_tokens": 30,
+     "logprob": -12.3, "mean_logprob": -0.41, "token_logprobs": [...], "token_ids": [...],
+     "top_logprobs": [{"318": -0.01, "257": -4.7}, ...], "num_tokens": 30,
      "scores": {"rm": 0.8}, ...}
 
 ``problem_id`` (string) is required; ``index`` is optional and defaults to the line's position
 among the file's lines for that problem. Every other field is optional; unknown fields are kept
-in ``meta``. The whole file is validated before anything is written, so a malformed line (reported
-with its line number) leaves the run directory as it was.
+in ``meta``. ``top_logprobs`` has one object per generated token mapping token id (a string,
+as JSON keys are) to its natural log-prob; lists of ``[id, logprob]`` pairs are accepted too.
+The whole file is validated before anything is written, so a malformed line (reported with its
+line number) leaves the run directory as it was.
+
+Run-level metadata travels in a sidecar, ``FILE.manifest.json`` (written by :func:`export_jsonl`
+with ``manifest_out``, read by :func:`import_jsonl` when present): the model, benchmark,
+sampling parameters, engine, logprob mode, the problems (prompts and references) and which
+verdict set the exported answers and correctness came from.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ from ttscale.errors import ConfigError, DataError
 from ttscale.store.samplestore import SampleStore
 from ttscale.types import Sample
 
-__all__ = ["export_jsonl", "import_jsonl", "read_samples_jsonl", "sample_to_json"]
+__all__ = [
+    "export_jsonl",
+    "import_jsonl",
+    "read_samples_jsonl",
+    "sample_to_json",
+    "sidecar_path",
+]
 
 _KNOWN = {
     "problem_id",
@@ -39,6 +53,7 @@ _KNOWN = {
     "mean_logprob",
     "token_logprobs",
     "token_ids",
+    "top_logprobs",
     "num_tokens",
     "scores",
     "finish_reason",
@@ -47,6 +62,49 @@ _KNOWN = {
 }
 
 _CHUNK = 50_000  # samples per shard on import
+
+# run-level manifest fields a sidecar carries over on import (what describes the sampling)
+_SIDECAR_KEYS = (
+    "model", "benchmark", "sampling", "seed", "engine", "engines_used", "logprob_mode", "chat",
+    "num_problems", "split", "limit",
+)  # fmt: skip
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Where the run metadata of a samples JSONL file lives: ``FILE.manifest.json``."""
+    p = Path(path)
+    return p.with_name(p.name + ".manifest.json")
+
+
+def _parse_top(top: Any, lineno: int) -> tuple[dict[int, float], ...] | None:
+    if top is None:
+        return None
+    if not isinstance(top, list):
+        raise DataError(f"line {lineno}: 'top_logprobs' must be a list with one entry per token")
+    out: list[dict[int, float]] = []
+    for pos in top:
+        items = list(pos.items()) if isinstance(pos, dict) else pos
+        if not isinstance(items, list):
+            raise DataError(
+                f"line {lineno}: each 'top_logprobs' entry must be an object of token id -> logprob"
+            )
+        d: dict[int, float] = {}
+        for item in items:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise DataError(f"line {lineno}: 'top_logprobs' pairs must be [token_id, logprob]")
+            tid, lp = item
+            try:
+                tid_i = int(tid)
+            except (TypeError, ValueError):
+                raise DataError(
+                    f"line {lineno}: 'top_logprobs' keys must be integer token ids, got {tid!r}"
+                ) from None
+            v = _num(lp, "top_logprobs", lineno)
+            if v is None:
+                raise DataError(f"line {lineno}: 'top_logprobs' must not contain null or NaN")
+            d[tid_i] = v
+        out.append(d)
+    return tuple(out)
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -110,6 +168,7 @@ def _parse(obj: Any, lineno: int, auto_index: int) -> Sample:
         if not isinstance(tids, list):
             raise DataError(f"line {lineno}: 'token_ids' must be a list of integers")
         tids = [_num(x, "token_ids", lineno, integer=True) for x in tids]
+    top = _parse_top(obj.get("top_logprobs"), lineno)
     scores = obj.get("scores") or {}
     if not isinstance(scores, dict):
         raise DataError(f"line {lineno}: 'scores' must be an object of name -> number")
@@ -129,6 +188,7 @@ def _parse(obj: Any, lineno: int, auto_index: int) -> Sample:
             text=text,
             token_ids=tids,
             token_logprobs=tl,
+            top_logprobs=top,
             logprob=_num(obj.get("logprob"), "logprob", lineno),
             mean_logprob=_num(obj.get("mean_logprob"), "mean_logprob", lineno),
             num_tokens=_num(obj.get("num_tokens"), "num_tokens", lineno, integer=True),
@@ -182,17 +242,58 @@ def import_jsonl(
     out: str | os.PathLike[str],
     *,
     manifest: dict[str, Any] | None = None,
+    sidecar: str | os.PathLike[str] | bool | None = True,
 ) -> tuple[SampleStore, int]:
     """Import a samples JSONL file into run directory ``out`` (created if needed).
 
     The file is fully validated first; then samples are written in shards. Re-importing the same
     file is a no-op (same keys, same content). Returns the store and the number of new samples.
+
+    ``sidecar``: the run metadata file (see the module docstring); ``True`` reads
+    ``FILE.manifest.json`` when it exists, ``False``/``None`` reads none. Its sampling
+    metadata and problems are kept; ``manifest`` entries override it.
     """
+    from ttscale.types import Problem
+
     # pass 1: validate everything (cheap; nothing is kept in memory but keys)
     count = sum(1 for _ in read_samples_jsonl(path))
-    m = {"source": {"kind": "jsonl", "path": str(Path(path).resolve()), "samples": count}}
+    side_file = sidecar_path(path) if sidecar is True else (Path(sidecar) if sidecar else None)
+    side: dict[str, Any] = {}
+    if side_file is not None and (sidecar is not True or side_file.is_file()):
+        try:
+            side = json.loads(side_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot read the run metadata {side_file}: {e}") from None
+        if not isinstance(side, dict) or not isinstance(side.get("manifest", {}), dict):
+            raise DataError(f"{side_file} is not a ttscale run metadata file")
+    m: dict[str, Any] = {
+        k: v for k, v in (side.get("manifest") or {}).items() if k in _SIDECAR_KEYS
+    }
+    m["source"] = {"kind": "jsonl", "path": str(Path(path).resolve()), "samples": count}
+    if side:
+        m["source"]["metadata"] = str(side_file)
+        src = side.get("manifest") or {}
+        m["imported_from"] = {k: src.get(k) for k in ("created", "ttscale_version", "git_sha")}
+        if side.get("verdicts") is not None:
+            # the answers/correctness in the file came from this verdict set of the source run
+            m["imported_verdicts"] = side["verdicts"]
     m.update(manifest or {})
+    problems: list[Problem] = []
+    for i, p in enumerate(side.get("problems") or []):
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str):
+            raise DataError(f"{side_file}: problem {i} has no string 'id'")
+        problems.append(
+            Problem(p["id"], str(p.get("prompt") or ""), p.get("reference"), p.get("meta") or {})
+        )
+    existed = (Path(out) / "manifest.json").exists()
     store = SampleStore.create(out, m, exist_ok=True)
+    if existed:
+        store.check_compatible(m)  # the file's model/benchmark/sampling must match the run's
+    absent = {k: v for k, v in m.items() if k not in store.manifest}
+    if absent:  # an existing run keeps what it records; the file fills in what it lacks
+        store.update_manifest(**absent)
+    if problems:
+        store.write_problems(problems)
     new = 0
     batch: list[Sample] = []
     for s in read_samples_jsonl(path):
@@ -218,6 +319,8 @@ def sample_to_json(s: Sample) -> dict[str, Any]:
         d["token_logprobs"] = list(s.token_logprobs)
     if s.token_ids is not None:
         d["token_ids"] = list(s.token_ids)
+    if s.top_logprobs is not None:
+        d["top_logprobs"] = [{str(t): lp for t, lp in pos.items()} for pos in s.top_logprobs]
     if s.scores:
         d["scores"] = dict(s.scores)
     if s.meta:
@@ -233,17 +336,39 @@ def export_jsonl(
     out: IO[str],
     *,
     verifier: str | None = None,
+    use_verdicts: bool = True,
+    manifest_out: str | os.PathLike[str] | None = None,
 ) -> int:
     """Write every sample of a run as JSONL to ``out``; returns the number written.
 
-    With ``verifier``, that verifier's answer/correctness/score replace the stored ones.
+    The answers, correctness and score of a verdict set replace the stored ones: ``verifier``
+    names it, else the one analyses use (:meth:`SampleStore.choose_verdicts`: the run's
+    default, else the latest); ``use_verdicts=False`` exports the samples as stored. So export
+    then import gives a run that ``curve`` reads as this one. ``manifest_out`` writes the run
+    metadata sidecar (see the module docstring).
     """
     st = store if isinstance(store, SampleStore) else SampleStore.open(store)
     verdicts = {}
+    chosen = st.choose_verdicts(verifier) if use_verdicts else None
+    verifier = chosen["name"] if chosen else None
     if verifier is not None:
-        if verifier not in st.verifiers():
-            raise ConfigError(f"run {st.path} has no verdicts from verifier {verifier!r}")
         verdicts = {(v.problem_id, v.index): v for v in st.verdicts(verifier)}
+    if manifest_out is not None:
+        side = {
+            "format": "ttscale-jsonl-metadata",
+            "manifest": st.manifest,
+            "verdicts": (
+                {**chosen, "record": st.verdict_record(verifier)} if chosen and verifier else None
+            ),
+            "problems": [
+                {"id": p.id, "prompt": p.prompt, "reference": p.reference, "meta": dict(p.meta)}
+                for p in st.problems()
+            ],
+        }
+        mp = Path(manifest_out)
+        tmp = mp.with_name(f".{mp.name}.tmp")
+        tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        tmp.replace(mp)
     n = 0
     for s in st.samples():
         d = sample_to_json(s)

@@ -55,6 +55,10 @@ class Pool:
     text_id: np.ndarray  # (N,) int64
     scores: Mapping[str, np.ndarray] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # problems the run records but holds no sample of (they count in accuracy denominators)
+    unsampled: tuple[str, ...] = ()
+    # samples per problem the run asked for (None: unknown, e.g. an imported file)
+    requested_n: int | None = None
 
     def __post_init__(self) -> None:
         n = self.index.shape[0]
@@ -210,6 +214,77 @@ class Pool:
             scores=scores,
             meta={"verifier": verifier},
         )
+
+    def with_run_info(
+        self,
+        *,
+        verdicts: Mapping[str, Any] | None = None,
+        unsampled: Sequence[str] = (),
+        requested_n: int | None = None,
+    ) -> Pool:
+        """A copy that knows its run: the verdict set used, problems without samples, ``n`` asked."""
+        import dataclasses
+
+        meta = dict(self.meta)
+        if verdicts is not None:
+            meta["verdicts"] = dict(verdicts)
+        missing = tuple(str(u) for u in unsampled)
+        if requested_n is not None and (isinstance(requested_n, bool) or int(requested_n) < 1):
+            raise ConfigError(f"requested_n must be an integer >= 1, got {requested_n!r}")
+        return dataclasses.replace(
+            self,
+            meta=meta,
+            unsampled=missing,
+            requested_n=None if requested_n is None else int(requested_n),
+        )
+
+    def row_mask(self, keep: np.ndarray) -> np.ndarray:
+        """(N,) bool: the sample rows of the problems where ``keep`` (shape (P,)) is true."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.num_problems,):
+            raise ConfigError(f"keep must have one entry per problem ({self.num_problems})")
+        return np.repeat(keep, self.n_per_problem)
+
+    def select_problems(self, keep: np.ndarray) -> Pool:
+        """The pool restricted to the problems where ``keep`` is true (order kept)."""
+        import dataclasses
+
+        keep = np.asarray(keep, dtype=bool)
+        rows = self.row_mask(keep)
+        counts = self.n_per_problem[keep]
+        offsets = np.zeros(counts.size + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return dataclasses.replace(
+            self,
+            problem_ids=self.problem_ids[keep],
+            offsets=offsets,
+            index=self.index[rows],
+            answer=self.answer[rows],
+            correct=self.correct[rows],
+            logprob=self.logprob[rows],
+            mean_logprob=self.mean_logprob[rows],
+            num_tokens=self.num_tokens[rows],
+            text_id=self.text_id[rows],
+            scores={k: v[rows] for k, v in self.scores.items()},
+            unsampled=(),
+        )
+
+    def sample_shortfall(self) -> dict[str, Any]:
+        """How many problems have fewer samples than requested, and how many have none.
+
+        ``requested`` is :attr:`requested_n`, or the largest per-problem count when unknown.
+        Returns ``{"requested", "problems" (all, unsampled included), "short" (0 < n <
+        requested), "unsampled"}``.
+        """
+        n_p = self.n_per_problem
+        req = self.requested_n if self.requested_n is not None else int(n_p.max(initial=0))
+        return {
+            "requested": req,
+            "requested_known": self.requested_n is not None,
+            "problems": self.num_problems + len(self.unsampled),
+            "short": int(((n_p > 0) & (n_p < req)).sum()),
+            "unsampled": len(self.unsampled) + int((n_p == 0).sum()),
+        }
 
     # access ----------------------------------------------------------------------------------
 

@@ -424,6 +424,13 @@ class SampleStore:
             for r in t
         ]
 
+    def problem_ids(self) -> list[str]:
+        """Ids of the recorded problems (reads only the id column)."""
+        f = self.path / "problems.parquet"
+        if not f.exists():
+            return []
+        return sorted(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+
     # samples ---------------------------------------------------------------------------------
 
     def _shards(self, sub: str) -> list[Path]:
@@ -546,22 +553,164 @@ class SampleStore:
         self.write_problems(o.problems())
         n = self.append(o.samples())
         for verifier in o.verifiers():
-            self.add_verdicts(o.verdicts(verifier), verifier=verifier)
+            rec = o.verdict_record(verifier)
+            fp = None
+            if rec is not None and rec.get("fingerprint"):
+                # the same verdict set name must mean the same configuration in both runs
+                mine = self.verdict_record(verifier)
+                if not self._shards(f"verdicts/{verifier}"):  # nothing here to contradict it
+                    recs = dict(self._read_manifest().get("verifiers") or {})
+                    recs[verifier] = rec
+                    self.update_manifest(verifiers=recs)
+                elif (mine or {}).get("fingerprint") != rec["fingerprint"]:
+                    raise StoreError(
+                        f"verdict set {verifier!r} of {o.path} was made by {rec.get('spec')}, "
+                        f"but in {self.path} by {(mine or {}).get('spec', 'an unrecorded configuration')}; "
+                        "re-verify one of them under another --name before merging"
+                    )
+                fp = rec["fingerprint"]
+            self.add_verdicts(o.verdicts(verifier), verifier=verifier, fingerprint=fp)
         return n
 
     # verdicts --------------------------------------------------------------------------------
 
     def verifiers(self) -> list[str]:
+        """Names of the verdict sets stored in this run (folders under ``verdicts/``)."""
         d = self.path / "verdicts"
-        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def add_verdicts(self, verdicts: Iterable[Verdict], *, verifier: str) -> int:
+    def verdict_record(self, verifier: str) -> dict[str, Any] | None:
+        """The manifest's record of verdict set ``verifier`` (its configuration), if any.
+
+        A record written before verdicts were keyed by configuration has no ``fingerprint``;
+        :meth:`claim_verdicts` upgrades it when the configuration it describes is used again.
+        """
+        recs = self._manifest.get("verifiers")
+        rec = recs.get(verifier) if isinstance(recs, dict) else None
+        return json.loads(_dumps(rec)) if isinstance(rec, dict) else None
+
+    def claim_verdicts(
+        self,
+        verifier: str,
+        *,
+        spec: str,
+        info: Mapping[str, Any],
+        replace: bool = False,
+    ) -> str:
+        """Bind verdict set ``verifier`` to the configuration ``(spec, info)`` before writing it.
+
+        Verdicts are keyed by the verifier's full configuration
+        (:func:`ttscale.verifiers.base.verifier_config`: canonical spec, extractor, options,
+        limits, versions). Returns ``"new"`` (the set did not exist), ``"same"`` (it holds
+        verdicts of this configuration; they may be reused) or ``"replaced"``. A set made by a
+        different configuration, or whose configuration was never recorded, raises
+        :class:`StoreError` unless ``replace``: then its shards are moved aside to
+        ``verdicts/.replaced/`` (never deleted) and its record to the manifest's
+        ``replaced_verdicts``.
+        """
+        from ttscale.verifiers.base import config_fingerprint, verifier_config
+
+        self._check_verdict_name(verifier)
+        config = verifier_config(spec, info)
+        fp = config_fingerprint(config)
+        rec = self.verdict_record(verifier)
+        has_shards = bool(self._shards(f"verdicts/{verifier}"))
+        if rec is not None and not rec.get("fingerprint"):
+            # written by an older ttscale: its entry is the flat info() plus the spec given
+            old_fp = config_fingerprint(verifier_config(str(rec.get("spec") or spec), rec))
+            rec = {**rec, "fingerprint": old_fp, "legacy": True}
+        same = rec is not None and rec.get("fingerprint") == fp
+        if same or not has_shards:
+            # a record without any verdict (claimed, then interrupted) describes nothing
+            status = "same" if same and has_shards else "new"
+        elif not replace:
+            if rec is None:
+                what = "a configuration that was never recorded"
+            else:
+                what = f"{rec.get('spec')} ({_config_diff(rec, config)})"
+            raise StoreError(
+                f"verdict set {verifier!r} in {self.path} was made by {what}, not "
+                f"{config['spec']}; pass --force to replace it (the old verdicts are kept under "
+                f"verdicts/.replaced) or --name NAME to store these verdicts apart"
+            )
+        else:
+            self._move_verdicts_aside(verifier, rec)
+            status = "replaced"
+        given = list((rec or {}).get("specs") or []) if status == "same" else []
+        if spec not in given:
+            given.append(spec)
+        entry = {
+            **{k: v for k, v in info.items() if k not in ("specs", "legacy")},
+            "spec": config["spec"],
+            "specs": given,
+            "config": config,
+            "fingerprint": fp,
+        }
+        if status == "same" and rec is not None:
+            entry["created"] = rec.get("created") or _now()
+            if rec.get("legacy"):
+                entry["legacy"] = True  # recorded by a ttscale that did not key verdicts
+        else:
+            entry["created"] = _now()
+        recs = dict(self._read_manifest().get("verifiers") or {})
+        recs[verifier] = entry
+        self.update_manifest(verifiers=recs)
+        return status
+
+    def update_verdict_record(self, verifier: str, info: Mapping[str, Any]) -> None:
+        """Refresh the descriptive ``info()`` fields (counters) of a claimed verdict set.
+
+        The configuration (``spec``, ``config``, ``fingerprint``) is left as it was claimed.
+        """
+        recs = dict(self._read_manifest().get("verifiers") or {})
+        rec = dict(recs.get(verifier) or {})
+        keep = {k: rec[k] for k in ("spec", "specs", "config", "fingerprint", "created", "legacy") if k in rec}
+        recs[verifier] = {**rec, **dict(info), **keep}
+        self.update_manifest(verifiers=recs)
+
+    def _move_verdicts_aside(self, verifier: str, rec: Mapping[str, Any] | None) -> None:
+        src = self.path / "verdicts" / verifier
+        moved = None
+        if src.is_dir():
+            dest_dir = self.path / "verdicts" / ".replaced"
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            dest = dest_dir / f"{verifier}.{time.time_ns()}"
+            os.replace(src, dest)
+            moved = str(dest.relative_to(self.path))
+            log.warning("moved the old verdicts of %r aside to %s", verifier, moved)
+        m = self._read_manifest()
+        old = list(m.get("replaced_verdicts") or [])
+        old.append({"name": verifier, "moved_to": moved, "record": rec, "replaced": _now()})
+        recs = dict(m.get("verifiers") or {})
+        recs.pop(verifier, None)
+        m["verifiers"], m["replaced_verdicts"] = recs, old
+        _atomic_write_bytes(self.path / "manifest.json", (_dumps(m) + "\n").encode())
+        self._manifest = m
+
+    @staticmethod
+    def _check_verdict_name(verifier: str) -> None:
+        if not verifier or "/" in verifier or verifier.startswith("."):
+            raise ConfigError(f"invalid verifier name {verifier!r}")
+
+    def add_verdicts(
+        self, verdicts: Iterable[Verdict], *, verifier: str, fingerprint: str | None = None
+    ) -> int:
         """Store verdicts of ``verifier`` as one new shard; returns how many were written.
 
         Re-verifying a key overwrites the earlier verdict on read (the latest shard wins).
+        ``fingerprint`` (from :meth:`claim_verdicts`) guards against writing into a set that
+        another configuration has claimed meanwhile.
         """
-        if not verifier or "/" in verifier or verifier.startswith("."):
-            raise ConfigError(f"invalid verifier name {verifier!r}")
+        self._check_verdict_name(verifier)
+        if fingerprint is not None:
+            rec = self.verdict_record(verifier) or {}
+            if rec.get("fingerprint") != fingerprint:
+                raise StoreError(
+                    f"verdict set {verifier!r} in {self.path} belongs to another configuration "
+                    f"({rec.get('spec', 'unrecorded')}); use --name NAME to store these apart"
+                )
         rows = []
         for v in verdicts:
             rows.append(
@@ -625,20 +774,8 @@ class SampleStore:
         cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text_hash", "scores"]
         t = self.table(cols)
         names = self.verifiers()
-        if verifier is None:
-            verifier = self._manifest.get("default_verifier")
-            if verifier is None and names:
-                verifier = max(
-                    names,
-                    key=lambda n: max(
-                        (f.stat().st_mtime for f in self._shards(f"verdicts/{n}")), default=0.0
-                    ),
-                )
-        elif verifier not in names:
-            raise ConfigError(
-                f"run {self.path} has no verdicts from verifier {verifier!r}; "
-                f"known: {names or 'none'} (run `ttscale verify` first)"
-            )
+        chosen = self.choose_verdicts(verifier)
+        verifier = chosen["name"]
         extra_scores: dict[str, np.ndarray] = {}
         answer = t.column("answer")
         correct = t.column("correct")
@@ -662,7 +799,7 @@ class SampleStore:
                 has = pc.is_valid(joined.column("status"))
                 answer = pc.if_else(has, joined.column("answer"), answer)
                 correct = pc.if_else(has, joined.column("correct"), correct)
-        return Pool.from_arrow(
+        pool = Pool.from_arrow(
             t,
             answer=answer,
             correct=correct,
@@ -670,6 +807,69 @@ class SampleStore:
             score_names=score_names,
             verifier=verifier,
         )
+        return pool.with_run_info(
+            verdicts=chosen,
+            unsampled=sorted(set(self.problem_ids()) - set(pool.problem_ids.tolist())),
+            requested_n=_requested_n(self._manifest),
+        )
+
+    def choose_verdicts(self, verifier: str | None = None) -> dict[str, Any]:
+        """Which verdict set an analysis uses, and why (one rule for curve, export, info).
+
+        ``verifier`` given: that set (a :class:`ConfigError` if absent). Otherwise the
+        manifest's ``default_verifier`` (set by ``ttscale run``) when it exists, else the set
+        written most recently (shard names carry a nanosecond stamp), else none: the answers and
+        correctness stored with the samples. Returns ``{"name", "chosen_by", "spec",
+        "fingerprint", "others"}`` (``spec``/``fingerprint`` ``None`` when not recorded).
+        """
+        names = self.verifiers()
+        if verifier is not None:
+            if verifier not in names:
+                raise ConfigError(
+                    f"run {self.path} has no verdicts from verifier {verifier!r}; "
+                    f"known: {names or 'none'} (run `ttscale verify` first)"
+                )
+            name: str | None = verifier
+            how = "--verifier"
+        else:
+            default = self._manifest.get("default_verifier")
+            if default in names:
+                name, how = default, "the run's default verifier"
+            elif names:
+                latest = {n: max((f.name for f in self._shards(f"verdicts/{n}")), default="") for n in names}
+                name, how = max(names, key=lambda n: (latest[n], n)), "latest written"
+            else:
+                name, how = None, "no verdicts: answers/correctness stored with the samples"
+        rec = self.verdict_record(name) if name is not None else None
+        return {
+            "name": name,
+            "chosen_by": how,
+            "spec": (rec or {}).get("spec"),
+            "fingerprint": (rec or {}).get("fingerprint"),
+            "others": [n for n in names if n != name],
+        }
+
+
+def _requested_n(manifest: Mapping[str, Any]) -> int | None:
+    """Samples per problem the run asked for (``sampling.n``), if recorded."""
+    n = (manifest.get("sampling") or {}).get("n") if isinstance(manifest.get("sampling"), dict) else None
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 1 else None
+
+
+def _config_diff(rec: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """``"extractor last_number -> boxed"``: the first settings that differ, for error messages."""
+    old = (rec.get("config") or {}).get("settings")
+    if old is None:
+        from ttscale.verifiers.base import verifier_config
+
+        old = verifier_config(str(rec.get("spec") or ""), rec)["settings"]
+    new = config.get("settings") or {}
+    diffs = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if _dumps(old.get(k)) != _dumps(new.get(k))
+    ]
+    return ", ".join(diffs[:3]) if diffs else "different spec"
 
 
 def _norm(v: Any) -> Any:
