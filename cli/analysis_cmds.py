@@ -32,7 +32,7 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     """A rich table: one row per k, one column per method.
 
     Up to three methods show ``mean [low, high]``; more show ``mean ±half-width`` to fit a terminal
-    (the exact, asymmetric bounds are in ``--json``).
+    (the exact, asymmetric bounds are in ``--json``), and only the mean where even that is too wide.
     """
     from rich.console import Console
     from rich.table import Table
@@ -40,8 +40,11 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     console = console or Console()
     pct = round(report.confidence * 100)
     wide = len(report.curves) <= 3
+    k_width = len(str(int(report.ks.max())))
+    fmt = _cell_format(list(report.curves), k_width + 3, console.width, "wide" if wide else "pm")
+    wide = fmt == "wide"
     t = Table(title=f"accuracy at budget k ({report.n_problems} problems, {pct}% bootstrap CI)")
-    t.add_column("k", justify="right", style="bold", min_width=len(str(int(report.ks.max()))))
+    t.add_column("k", justify="right", style="bold", min_width=k_width)
     for name in report.curves:
         t.add_column(_SHORT.get(name, name), justify="right", no_wrap=True)
     for j, k in enumerate(report.ks.tolist()):
@@ -53,10 +56,14 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
                 continue
             mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
             row.append(f"{m:.3f}{mark} [{lo:.3f}, {hi:.3f}]" if wide else f"{m:.3f}{mark} ±{(hi - lo) / 2:.3f}")
+            if fmt == "mean":
+                row[-1] = f"{m:.3f}{mark}"
         t.add_row(*row)
     console.print(t)
     if any(e.startswith("mc") for c in report.curves.values() for e in c.estimator):
         console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    if fmt == "mean":
+        console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
     if report.fit is not None:
         console.print(_fit_line(report))
 
@@ -64,7 +71,8 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
 def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-untyped-def]
     """Several runs in one rich table: a section of rows (one per k) per run, one column per method.
 
-    Cells show ``mean ±half-width`` (the exact, asymmetric bounds are in ``--json``).
+    Cells show ``mean ±half-width`` (the exact, asymmetric bounds are in ``--json``), or only the
+    mean where that is too wide for the terminal.
     """
     from rich.console import Console
     from rich.table import Table
@@ -74,9 +82,11 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
     methods: list[str] = []
     for r in reports:
         methods += [m for m in r.curves if m not in methods]
+    k_width = max(len(str(int(r.ks.max()))) for r in reports)
+    fmt = _cell_format(methods, max(map(len, labels)) + k_width + 6, console.width, "pm")
     t = Table(title=f"accuracy at budget k ({len(reports)} runs, {pct}% bootstrap CI)")
     t.add_column("run", no_wrap=True)
-    t.add_column("k", justify="right", style="bold", min_width=max(len(str(int(r.ks.max()))) for r in reports))
+    t.add_column("k", justify="right", style="bold", min_width=k_width)
     for name in methods:
         t.add_column(_SHORT.get(name, name), justify="right", no_wrap=True)
     mc = False
@@ -92,14 +102,33 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
                     continue
                 mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
                 mc = mc or bool(mark)
-                row.append(f"{c.mean[j]:.3f}{mark} ±{(c.high[j] - c.low[j]) / 2:.3f}")
+                hw = f" ±{(c.high[j] - c.low[j]) / 2:.3f}" if fmt == "pm" else ""
+                row.append(f"{c.mean[j]:.3f}{mark}{hw}")
             t.add_row(*row)
     console.print(t)
     if mc:
         console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    if fmt == "mean":
+        console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
     for label, report in zip(labels, reports, strict=True):
         if report.fit is not None:
             console.print(f"{label}: {_fit_line(report)}")
+
+
+_CELL_WIDTH = {"wide": len("0.000* [0.000, 0.000]"), "pm": len("0.000* ±0.000"), "mean": len("0.000*")}
+
+
+def _cell_format(methods: list[str], other_width: int, width: int, preferred: str) -> str:
+    """The richest cell format (``wide`` > ``pm`` > ``mean``) whose table fits ``width`` columns.
+
+    ``other_width``: the width the non-method columns take, borders and padding included.
+    """
+    order = ["wide", "pm", "mean"]
+    for fmt in order[order.index(preferred):]:
+        cols = sum(max(len(_SHORT.get(m, m)), _CELL_WIDTH[fmt]) + 3 for m in methods)
+        if other_width + cols + 1 <= width:
+            return fmt
+    return "mean"
 
 
 def _fit_line(report) -> str:  # type: ignore[no-untyped-def]

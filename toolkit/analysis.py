@@ -128,6 +128,8 @@ class CurveReport:
                 "a_ci": [self.fit.a_low, self.fit.a_high],
                 "b_ci": [self.fit.b_low, self.fit.b_high],
                 "points": f.n_points,
+                "r2": None if math.isnan(f.r2) else f.r2,
+                "rmse": f.rmse,
             }
         return d
 
