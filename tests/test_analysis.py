@@ -487,3 +487,15 @@ def test_cli_curve_labels_runs_by_the_manifest_fields_that_differ(tmp_path):
     d = json.loads(r.output)
     assert [x["label"] for x in d["runs"]] == ["temperature=0.5", "temperature=1"]
     assert d["runs"][1]["differs"] == {"sampling.temperature": 1.0}
+
+
+def test_cli_curve_table_with_many_methods_keeps_every_column_readable(tmp_path):
+    run = _import_as(tmp_path, "run", _rows(P=8, n=16))
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,ppl,pc,rpc",
+                            "--rpc-draws", "2", "--draws", "10", "--n-boot", "20"])
+    assert r.exit_code == 0, r.output
+    rows = [ln for ln in r.output.splitlines() if ln.startswith("│")]
+    # an 80-column table: the k column and every mean are shown whole, never cut to "0.2…"
+    assert [ln.split("│")[1].strip() for ln in rows] == ["1", "2", "4", "8", "16"]
+    assert "…" not in r.output and all(len(ln) <= 80 for ln in rows)
+    assert "CIs left out to fit 80 columns; see --json" in r.output
