@@ -76,6 +76,7 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     pct = round(reports[0].confidence * 100)
@@ -94,7 +95,7 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
         if i:
             t.add_section()
         for j, k in enumerate(report.ks.tolist()):
-            row = [label if j == 0 else "", str(k)]
+            row: list[Any] = [Text(label) if j == 0 else "", str(k)]  # Text: no markup in labels
             for name in methods:
                 c = report.curves.get(name)
                 if c is None or c.mean[j] != c.mean[j]:
@@ -112,7 +113,7 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
         console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
     for label, report in zip(labels, reports, strict=True):
         if report.fit is not None:
-            console.print(f"{label}: {_fit_line(report)}")
+            console.print(Text(f"{label}: {_fit_line(report)}"))
 
 
 _CELL_WIDTH = {"wide": len("0.000* [0.000, 0.000]"), "pm": len("0.000* ±0.000"), "mean": len("0.000*")}

@@ -240,8 +240,8 @@ def check_prerequisites(
         if miss:
             problems.append(
                 f"{', '.join(sc)} need{'s' if len(sc) == 1 else ''} score {score!r}, missing for "
-                f"{miss} of {n_ans} answered samples; score the run (e.g. `ttscale verify "
-                "--verifier` with a reward model) or import the score column"
+                f"{miss} of {n_ans} answered samples; score every sample (e.g. `ttscale verify "
+                "--verifier rm:PATH`) or import the score column"
             )
     if problems:
         raise ConfigError("; and ".join(problems))
