@@ -219,6 +219,10 @@ def test_prerequisites_are_checked_before_anything_is_computed():
                             correct=pool.correct, mean_logprob=lp)
     with pytest.raises(ConfigError, match="pc needs per-sample log-probs, missing for 3 of 96"):
         compute_curves(pool, ["coverage", "pc"], n_boot=20)
+    calls.clear()
+    with pytest.raises(ConfigError, match="power-law fit needs at least two k"):
+        compute_curves(pool, ["coverage", "majority"], [1], fit=True, progress=lambda *a: calls.append(a))
+    assert calls == []
 
 
 def test_progress_reports_each_method_and_the_fit_bootstrap():

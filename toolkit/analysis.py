@@ -331,6 +331,8 @@ def compute_curves(
             raise ConfigError(f"no score named {score!r} in the run; it has: {names or 'none'}")
         score_arr = pool.scores[score]
     check_prerequisites(pool, methods, score=score, confidences=confidences)
+    if fit and (k_arr <= n_p.min()).sum() < 2:  # the same rule as _fit_coverage, but up front
+        raise ConfigError("a power-law fit needs at least two k values within every problem's n")
 
     curves: dict[str, MethodCurve] = {}
     for j, m in enumerate(methods):
