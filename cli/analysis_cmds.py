@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -31,7 +32,7 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     """A rich table: one row per k, one column per method.
 
     Up to three methods show ``mean [low, high]``; more show ``mean ±half-width`` to fit a terminal
-    (the exact, asymmetric bounds are in ``--json``).
+    (the exact, asymmetric bounds are in ``--json``), and only the mean where even that is too wide.
     """
     from rich.console import Console
     from rich.table import Table
@@ -39,8 +40,11 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     console = console or Console()
     pct = round(report.confidence * 100)
     wide = len(report.curves) <= 3
+    k_width = len(str(int(report.ks.max())))
+    fmt = _cell_format(list(report.curves), k_width + 3, console.width, "wide" if wide else "pm")
+    wide = fmt == "wide"
     t = Table(title=f"accuracy at budget k ({report.n_problems} problems, {pct}% bootstrap CI)")
-    t.add_column("k", justify="right", style="bold")
+    t.add_column("k", justify="right", style="bold", min_width=k_width)
     for name, c in report.curves.items():
         head = _SHORT.get(name, name) + (" (oracle)" if c.oracle else "")
         t.add_column(head, justify="right", no_wrap=True)
@@ -53,10 +57,14 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
                 continue
             mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
             row.append(f"{m:.3f}{mark} [{lo:.3f}, {hi:.3f}]" if wide else f"{m:.3f}{mark} ±{(hi - lo) / 2:.3f}")
+            if fmt == "mean":
+                row[-1] = f"{m:.3f}{mark}"
         t.add_row(*row)
     console.print(t)
     if any(e.startswith("mc") for c in report.curves.values() for e in c.estimator):
         console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    if fmt == "mean":
+        console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
     for name, c in report.curves.items():
         if c.oracle:
             console.print(
@@ -66,11 +74,139 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     for line in curve_notes(report):
         console.print(line)
     if report.fit is not None:
-        f, b = report.fit.fit, report.fit
-        console.print(
-            f"coverage fit ({f.method}): c(k) = exp(a·k^b), a = {f.a:.4f} "
-            f"[{b.a_low:.4f}, {b.a_high:.4f}], b = {f.b:.4f} [{b.b_low:.4f}, {b.b_high:.4f}]"
-        )
+        console.print(_fit_line(report))
+
+
+def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-untyped-def]
+    """Several runs in one rich table: a section of rows (one per k) per run, one column per method.
+
+    Cells show ``mean ±half-width`` (the exact, asymmetric bounds are in ``--json``), or only the
+    mean where that is too wide for the terminal.
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    pct = round(reports[0].confidence * 100)
+    methods: list[str] = []
+    for r in reports:
+        methods += [m for m in r.curves if m not in methods]
+    k_width = max(len(str(int(r.ks.max()))) for r in reports)
+    fmt = _cell_format(methods, max(map(len, labels)) + k_width + 6, console.width, "pm")
+    t = Table(title=f"accuracy at budget k ({len(reports)} runs, {pct}% bootstrap CI)")
+    t.add_column("run", no_wrap=True)
+    t.add_column("k", justify="right", style="bold", min_width=k_width)
+    for name in methods:
+        t.add_column(_SHORT.get(name, name), justify="right", no_wrap=True)
+    mc = False
+    for i, (label, report) in enumerate(zip(labels, reports, strict=True)):
+        if i:
+            t.add_section()
+        for j, k in enumerate(report.ks.tolist()):
+            row: list[Any] = [Text(label) if j == 0 else "", str(k)]  # Text: no markup in labels
+            for name in methods:
+                c = report.curves.get(name)
+                if c is None or c.mean[j] != c.mean[j]:
+                    row.append("-")
+                    continue
+                mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
+                mc = mc or bool(mark)
+                hw = f" ±{(c.high[j] - c.low[j]) / 2:.3f}" if fmt == "pm" else ""
+                row.append(f"{c.mean[j]:.3f}{mark}{hw}")
+            t.add_row(*row)
+    console.print(t)
+    if mc:
+        console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    if fmt == "mean":
+        console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
+    for label, report in zip(labels, reports, strict=True):
+        if report.fit is not None:
+            console.print(Text(f"{label}: {_fit_line(report)}"))
+
+
+_CELL_WIDTH = {"wide": len("0.000* [0.000, 0.000]"), "pm": len("0.000* ±0.000"), "mean": len("0.000*")}
+
+
+def _cell_format(methods: list[str], other_width: int, width: int, preferred: str) -> str:
+    """The richest cell format (``wide`` > ``pm`` > ``mean``) whose table fits ``width`` columns.
+
+    ``other_width``: the width the non-method columns take, borders and padding included.
+    """
+    order = ["wide", "pm", "mean"]
+    for fmt in order[order.index(preferred):]:
+        cols = sum(max(len(_SHORT.get(m, m)), _CELL_WIDTH[fmt]) + 3 for m in methods)
+        if other_width + cols + 1 <= width:
+            return fmt
+    return "mean"
+
+
+def _fit_line(report) -> str:  # type: ignore[no-untyped-def]
+    f, b = report.fit.fit, report.fit
+    return (
+        f"coverage fit ({f.method}): c(k) = exp(a·k^b), a = {f.a:.4f} "
+        f"[{b.a_low:.4f}, {b.a_high:.4f}], b = {f.b:.4f} [{b.b_low:.4f}, {b.b_high:.4f}]; "
+        f"R² = {f.r2:.4f}, RMSE = {f.rmse:.4f} on {f.n_points} points"
+    )
+
+
+class _ProgressBars:
+    """Rich progress bars on stderr, one per task (method, fit bootstrap), or nothing.
+
+    ``enabled=None`` shows them when stderr is a terminal (transient: they vanish when done);
+    ``True`` forces them (the final state is printed where stderr is not a terminal).
+    """
+
+    def __init__(self, enabled: bool | None) -> None:
+        import sys
+
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._p: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _ProgressBars:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            console = Console(stderr=True)
+            self._p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=console.is_terminal,
+            )
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    def reporter(self, prefix: str | None = None) -> Callable[[str, int, int], None] | None:
+        """A ``progress(task, done, total)`` callback for ``compute_curves`` (None when disabled)."""
+        if self._p is None:
+            return None
+
+        def report(task: str, done: int, total: int) -> None:
+            key = f"{prefix}: {task}" if prefix else task
+            if key not in self._tasks:
+                unit = "replicates" if "bootstrap" in task else "problems"
+                self._tasks[key] = self._p.add_task(key, total=total, unit=unit)
+            self._p.update(self._tasks[key], completed=done, total=total)
+
+        return report
 
 
 def describe_verdicts(v: dict | None) -> str:
@@ -108,7 +244,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("curve")
     def curve_cmd(
-        run: Annotated[Path, typer.Argument(help="Run directory.")],
+        runs: Annotated[
+            list[Path],
+            typer.Argument(
+                help="Run directories; several are overlaid in one table and plot.",
+                metavar="RUN...",
+            ),
+        ],
         methods: Annotated[
             str,
             typer.Option(help="Comma-separated: coverage,majority,weighted,bon,ppl,pc,rpc,deepconf."),
@@ -147,46 +289,114 @@ def register(app: typer.Typer) -> None:
                 "beyond their samples), drop (leave them out) or skip (per k)."
             ),
         ] = "count",
+        progress: Annotated[
+            Optional[bool],
+            typer.Option(
+                "--progress/--no-progress",
+                help="Progress bars on stderr for each method and the fit's bootstrap "
+                "(default: on a terminal).",
+                show_default=False,
+            ),
+        ] = None,
     ) -> None:
         """Coverage and selection accuracy at each budget k, with CIs, fit and plot."""
-        from ttscale.analysis import MISSING_POLICIES, compute_curves, plot_curves, run_confidences
+        from ttscale.analysis import (
+            MISSING_POLICIES,
+            check_prerequisites,
+            compute_curves,
+            plot_curves,
+            run_confidences,
+            run_labels,
+        )
         from ttscale.store import SampleStore
 
         if missing not in MISSING_POLICIES:
             raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-        store = SampleStore.open(run)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        pool = store.pool(verifier)
-        conf = (
+        ks = _int_list(k, "--k")
+        stores = [SampleStore.open(run) for run in runs]
+        pools = [store.pool(verifier) for store in stores]
+        multi = len(runs) > 1
+        names = run_labels([s.manifest for s in stores], runs) if multi else [(runs[0].name, {})]
+        # every run's inputs are checked before any curve is computed (a missing log-prob in
+        # the last run must not cost the user the first runs' minutes)
+        for run, store, pool in zip(runs, stores, pools, strict=True):
+            where = f"{run}: " if multi else ""
+            # a run with no top log-probs at all is reported now; others once computed below
+            no_top = "deepconf" in method_list and not _has_top_logprobs(store)
+            try:
+                check_prerequisites(pool, method_list, score=score, check_confidences=no_top)
+                if ks and pool.num_problems and max(ks) > int(pool.n_per_problem.max()):
+                    raise ConfigError(
+                        f"k={max(ks)} exceeds the largest number of samples per problem "
+                        f"({int(pool.n_per_problem.max())})"
+                    )
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}") from None
+        confs = [
             run_confidences(store, window=deepconf_window) if "deepconf" in method_list else None
-        )
-        report = compute_curves(
-            pool,
-            method_list,
-            _int_list(k, "--k"),
-            score=score,
-            score_mapping=score_mapping,
-            confidences=conf,
-            deepconf_eta=deepconf_eta,
-            confidence=confidence,
-            n_boot=n_boot,
-            n_draws=draws,
-            rpc_draws=rpc_draws,
-            tie=tie,
-            seed=seed,
-            fit=fit,
-            missing=missing,
-        )
+            for store in stores
+        ]
+        for run, pool, conf in zip(runs, pools, confs, strict=True):
+            try:
+                check_prerequisites(pool, method_list, score=score, confidences=conf)
+            except ConfigError as e:
+                raise ConfigError(f"{run}: {e}" if multi else str(e)) from None
+        reports = []
+        with _ProgressBars(progress) as bars:
+            for (label, _), pool, conf in zip(names, pools, confs, strict=True):
+                report = compute_curves(
+                    pool,
+                    method_list,
+                    ks,
+                    score=score,
+                    score_mapping=score_mapping,
+                    confidences=conf,
+                    deepconf_eta=deepconf_eta,
+                    confidence=confidence,
+                    n_boot=n_boot,
+                    n_draws=draws,
+                    rpc_draws=rpc_draws,
+                    tie=tie,
+                    seed=seed,
+                    fit=fit,
+                    missing=missing,
+                    progress=bars.reporter(label if multi else None),
+                )
+                reports.append(report)
         if plot is not None:
-            plot_curves(report, plot, title=f"{run.name}: {report.n_problems} problems")
+            if multi:
+                plot_curves(
+                    {label: r for (label, _), r in zip(names, reports, strict=True)}, plot,
+                    title=f"{len(runs)} runs",
+                )
+            else:
+                run, report = runs[0], reports[0]
+                plot_curves(report, plot, title=f"{run.name}: {report.n_problems} problems")
         if json_out:
-            d = report.to_dict()
-            d["run"] = str(run)
+            if multi:
+                out: dict = {
+                    "runs": [
+                        {"run": str(run), "label": label, "differs": differs, **r.to_dict()}
+                        for run, (label, differs), r in zip(runs, names, reports, strict=True)
+                    ]
+                }
+            else:
+                out = reports[0].to_dict()
+                out["run"] = str(runs[0])
             if plot is not None:
-                d["plot"] = str(plot)
-            typer.echo(json.dumps(d, indent=2))
+                out["plot"] = str(plot)
+            typer.echo(json.dumps(out, indent=2))
             return
-        print_curve_table(report)
+        if multi:
+            print_runs_table([label for label, _ in names], reports)
+            for run, (label, _), r in zip(runs, names, reports, strict=True):
+                if label != run.name:
+                    typer.echo(f"{label}: {run}")
+                for line in curve_notes(r):
+                    typer.echo(f"{label}: {line}")
+        else:
+            print_curve_table(reports[0])
         if plot is not None:
             typer.echo(f"plot: {plot}")
 
@@ -206,12 +416,22 @@ def register(app: typer.Typer) -> None:
         n_boot: Annotated[int, typer.Option(min=10)] = 1000,
         seed: Annotated[int, typer.Option(min=0)] = 0,
         json_out: Annotated[bool, typer.Option("--json")] = False,
+        progress: Annotated[
+            Optional[bool],
+            typer.Option(
+                "--progress/--no-progress",
+                help="A progress bar on stderr for the bootstrap (default: on a terminal).",
+                show_default=False,
+            ),
+        ] = None,
     ) -> None:
         """Fit the exponentiated power law c(k) = exp(a k^b) to a run's coverage curve."""
+        import math
+
         from rich.console import Console
 
         from ttscale.analysis import coverage_counts, default_ks
-        from ttscale.metrics.scaling import bootstrap_power_law
+        from ttscale.metrics.scaling import bootstrap_power_law, compare_fit_methods
         from ttscale.store import SampleStore
 
         pool = SampleStore.open(run).pool(verifier)
@@ -220,30 +440,49 @@ def register(app: typer.Typer) -> None:
         # problems of the run without samples are unsolved (as `curve`'s default --missing count)
         n_p, n_c = coverage_counts(pool, "count")
         ks = _int_list(k, "--k") or default_ks(int(n_p.min())).tolist()
-        bs = bootstrap_power_law(
-            n_p, n_c, ks, method=method, n_boot=n_boot, seed=seed  # type: ignore[arg-type]
-        )
+        with _ProgressBars(progress) as bars:
+            report = bars.reporter()
+            bs = bootstrap_power_law(
+                n_p, n_c, ks, method=method, n_boot=n_boot, seed=seed,  # type: ignore[arg-type]
+                progress=None if report is None else (lambda d, t: report("fit bootstrap", d, t)),
+            )
         f = bs.fit
+        k_obs = max(ks)  # the largest budget whose coverage was observed (and fitted)
         out: dict = {
             "method": f.method, "a": f.a, "b": f.b,
             "a_ci": [bs.a_low, bs.a_high], "b_ci": [bs.b_low, bs.b_high], "points": f.n_points,
             "missing_samples": {**pool.sample_shortfall(), "policy": "count"},
             "verdicts": pool.meta.get("verdicts"),
+            "goodness_of_fit": {
+                "r2": None if math.isnan(f.r2) else f.r2, "rmse": f.rmse,
+                "max_abs_error": f.max_abs_error, "scale": "coverage",
+            },
+            "k_max_observed": k_obs,
+            "confidence": bs.confidence, "n_boot": n_boot, "seed": seed,
+            "bootstrap_failed": bs.n_failed,
         }
         if target is not None:
             out["target"] = target
             out["samples_needed"] = f.samples_needed(target)
+            lo, hi, never = bs.samples_needed_interval(target)
+            out["samples_needed_ci"] = [_finite(lo), _finite(hi)]
+            out["samples_needed_never_fraction"] = never
+            out["extrapolation_ratio"] = out["samples_needed"] / k_obs
         ext = _int_list(extrapolate, "--extrapolate")
         if ext:
-            lo, hi = bs.predict_interval(ext)
+            lo_c, hi_c = bs.predict_interval(ext)
             out["extrapolation"] = [
-                {"k": kk, "coverage": float(f.predict(kk)), "ci": [float(a), float(b)]}
-                for kk, a, b in zip(ext, lo, hi, strict=True)
+                {"k": kk, "coverage": float(f.predict(kk)), "ci": [float(a), float(b)],
+                 "extrapolation_ratio": kk / k_obs}
+                for kk, a, b in zip(ext, lo_c, hi_c, strict=True)
             ]
+        cmp_ = compare_fit_methods(f.ks, f.coverage, at=ext or (), target=target)
+        out["methods_compared"] = cmp_.to_dict()
         if json_out:
             typer.echo(json.dumps(out, indent=2))
             return
-        c = Console()
+        c = Console(markup=False)  # "[loglog, 5 points]" is text, not a rich style tag
+        pct = round(bs.confidence * 100)
         ms = out["missing_samples"]
         if ms["unsampled"]:
             c.print(f"{ms['unsampled']} of {ms['problems']} problems have no samples: fitted as unsolved")
@@ -252,10 +491,28 @@ def register(app: typer.Typer) -> None:
             f"c(k) = exp(a·k^b) [{f.method}, {f.n_points} points]: a = {f.a:.4f} "
             f"[{bs.a_low:.4f}, {bs.a_high:.4f}], b = {f.b:.4f} [{bs.b_low:.4f}, {bs.b_high:.4f}]"
         )
+        r2 = "n/a (constant coverage)" if math.isnan(f.r2) else f"{f.r2:.4f}"
+        c.print(
+            f"goodness of fit on the {f.n_points} fitted points (coverage scale): R² = {r2}, "
+            f"RMSE = {f.rmse:.4f}, max |error| = {f.max_abs_error:.4f}"
+        )
         if target is not None:
-            c.print(f"samples needed for coverage {target:g}: {math_ceil(out['samples_needed'])}")
+            needed = out["samples_needed"]
+            lo, hi, never = bs.samples_needed_interval(target)
+            ci = f"{math_ceil(lo)}-{'never' if math.isinf(hi) else math_ceil(hi)}"
+            c.print(
+                f"samples needed for coverage {target:g}: {math_ceil(needed)} "
+                f"({pct}% CI {ci}; bootstrap over problems, {n_boot} replicates, seed {seed}"
+                + (f"; {never:.0%} of replicates never reach it" if never else "")
+                + ")"
+            )
+            c.print(_extrapolation_note(needed, k_obs))
         for e in out.get("extrapolation", []):
-            c.print(f"k = {e['k']}: coverage {e['coverage']:.4f} [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}]")
+            c.print(
+                f"k = {e['k']}: coverage {e['coverage']:.4f} [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}]; "
+                + _extrapolation_note(e["k"], k_obs)
+            )
+        c.print(_comparison_note(cmp_, f.method))
 
     @app.command("verifier-utility")
     def verifier_utility_cmd(
@@ -312,6 +569,50 @@ def register(app: typer.Typer) -> None:
             c.print(f"accuracy ceiling per type: {', '.join(f'{x:.4f}' for x in out['accuracy_ceiling'])}")
         if "rates" in out:
             c.print(f"weak verifier: {out['rates']}")
+
+
+def _has_top_logprobs(store) -> bool:  # type: ignore[no-untyped-def]
+    """Whether any sample of the run carries per-token top log-probs (cheap: a null count)."""
+    col = store.table(["top_logprobs"]).column("top_logprobs")
+    return bool(col.null_count < len(col))
+
+
+def _finite(x: float) -> float | None:
+    import math
+
+    return x if math.isfinite(x) else None
+
+
+def _extrapolation_note(k: float, k_obs: int) -> str:
+    """Where ``k`` lies against the largest observed budget, in words."""
+    ratio = k / k_obs
+    if ratio <= 1.0:
+        return f"within the observed budgets (k <= {k_obs}): an interpolation"
+    note = f"extrapolated {ratio:.3g}x beyond the largest observed k ({k_obs})"
+    if ratio > 10:
+        note += "; more than 10x beyond the data, treat as a rough guide"
+    return note
+
+
+def _comparison_note(cmp_, used: str) -> str:  # type: ignore[no-untyped-def]
+    """One line: do the loglog and NLS fits agree, and which one to trust."""
+    if len(cmp_.fits) < 2:
+        return f"only {cmp_.recommended} could be fitted: {cmp_.reason}"
+    where = f"at k = {cmp_.gap_k:.4g}"
+    if not cmp_.disagree:
+        return (
+            f"loglog and nls fits agree (largest coverage gap {cmp_.max_gap:.4f} {where}); "
+            f"{cmp_.recommended} is slightly better: {cmp_.reason}"
+        )
+    line = f"loglog and nls fits DISAGREE (coverage gap up to {cmp_.max_gap:.4f} {where}"
+    if len(cmp_.samples_needed) == 2:
+        sn = cmp_.samples_needed
+        fmt = {m: "never" if v == float("inf") else str(math_ceil(v)) for m, v in sn.items()}
+        line += f"; samples needed: loglog {fmt['loglog']}, nls {fmt['nls']}"
+    line += f"); trust {cmp_.recommended}: {cmp_.reason}"
+    if cmp_.recommended != used:
+        line += f" (rerun with --method {cmp_.recommended})"
+    return line
 
 
 def math_ceil(x: float) -> int:

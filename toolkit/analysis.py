@@ -8,9 +8,11 @@ coverage curve. :func:`plot_curves` draws the result; :meth:`CurveReport.to_json
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,16 @@ __all__ = [
     "METHODS",
     "CurveReport",
     "MISSING_POLICIES",
+    "ProgressFn",
     "MethodCurve",
+    "check_prerequisites",
     "compute_curves",
     "coverage_counts",
+    "curves_figure",
     "default_ks",
     "plot_curves",
     "run_confidences",
+    "run_labels",
     "trace_confidences",
 ]
 
@@ -137,6 +143,8 @@ class CurveReport:
                 "a_ci": [self.fit.a_low, self.fit.a_high],
                 "b_ci": [self.fit.b_low, self.fit.b_high],
                 "points": f.n_points,
+                "r2": None if math.isnan(f.r2) else f.r2,
+                "rmse": f.rmse,
             }
         return d
 
@@ -190,6 +198,70 @@ def trace_confidences(
     return out
 
 
+#: ``progress(task, done, total)``: called as a long step advances (``task`` e.g. ``"rpc"``).
+ProgressFn = Callable[[str, int, int], None]
+
+_LOGPROB_FIX = (
+    "sample with `ttscale sample --logprobs 0` (the default: the sampled token's log-prob) on an "
+    "engine that returns log-probs, or import a mean_logprob column"
+)
+_TOP_LOGPROB_FIX = "sample with `ttscale sample --logprobs 20` (top-20 log-probs per token)"
+
+
+def check_prerequisites(
+    pool: Pool,
+    methods: Sequence[str],
+    *,
+    score: str | None = None,
+    confidences: NDArray[np.float64] | None = None,
+    check_confidences: bool = True,
+) -> None:
+    """Raise one :class:`ConfigError` naming every method whose inputs the run lacks, before any work.
+
+    ``ppl``/``pc``/``rpc`` need per-sample mean log-probs, ``deepconf`` per-token top log-probs
+    (``confidences``; skipped with ``check_confidences=False``, for a caller that checks them
+    itself), ``weighted``/``bon`` a finite ``score`` for every answered sample. The message says
+    which ``ttscale sample`` flag provides what is missing.
+    """
+    answered = pool.answer >= 0
+    n_ans = int(answered.sum())
+    problems: list[str] = []
+    lp = [m for m in methods if m in ("ppl", "pc", "rpc")]
+    if lp:
+        miss = int((~np.isfinite(pool.mean_logprob[answered])).sum())
+        if miss:
+            problems.append(
+                f"{', '.join(lp)} need{'s' if len(lp) == 1 else ''} per-sample log-probs, missing "
+                f"for {miss} of {n_ans} answered samples; {_LOGPROB_FIX}"
+            )
+    if "deepconf" in methods and check_confidences:
+        if confidences is None:
+            miss = n_ans
+        else:
+            conf = np.asarray(confidences, dtype=np.float64)
+            miss = (
+                int((~np.isfinite(conf[answered])).sum())
+                if conf.shape == (pool.num_samples,)
+                else n_ans
+            )
+        if miss:
+            problems.append(
+                f"deepconf needs per-token top log-probs, missing for {miss} of {n_ans} answered "
+                f"samples; {_TOP_LOGPROB_FIX}"
+            )
+    sc = [m for m in methods if m in ("weighted", "bon")]
+    if sc and score is not None and score in pool.scores:
+        miss = int((~np.isfinite(pool.scores[score][answered])).sum())
+        if miss:
+            problems.append(
+                f"{', '.join(sc)} need{'s' if len(sc) == 1 else ''} score {score!r}, missing for "
+                f"{miss} of {n_ans} answered samples; score every sample (e.g. `ttscale verify "
+                "--verifier rm:PATH`) or import the score column"
+            )
+    if problems:
+        raise ConfigError("; and ".join(problems))
+
+
 def _require(pool: Pool, what: NDArray[np.float64], method: str, hint: str) -> None:
     answered = pool.answer >= 0
     if not np.isfinite(what[answered]).all():
@@ -234,6 +306,7 @@ def compute_curves(
     fit: bool = False,
     fit_method: str = "loglog",
     missing: str = "count",
+    progress: ProgressFn | None = None,
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
 
@@ -254,6 +327,10 @@ def compute_curves(
     Budgets without a closed form are enumerated when a problem has at most ``n_draws`` subsets
     of that size, else estimated from ``n_draws`` random subsets (seeded; reported per ``k``).
     RPC refits a Weibull mixture on every subset (milliseconds each), so it uses ``rpc_draws``.
+
+    Every method's inputs are checked (:func:`check_prerequisites`) before anything is computed.
+    ``progress(task, done, total)`` is told how each method advances over the problems (task =
+    the method's name) and how the fit's bootstrap advances (task ``"fit bootstrap"``).
     """
     from ttscale.metrics import coverage_curve, selection_at_k
     from ttscale.metrics.stats import bootstrap_ci
@@ -324,6 +401,9 @@ def compute_curves(
         if score not in pool.scores:
             raise ConfigError(f"no score named {score!r} in the run; it has: {names or 'none'}")
         score_arr = pool.scores[score]
+    check_prerequisites(pool, methods, score=score, confidences=confidences)
+    if fit and (k_arr <= coverage_counts(pool, missing)[0].min()).sum() < 2:  # as _fit_coverage
+        raise ConfigError("a power-law fit needs at least two k values within every problem's n")
     oracle = _oracle_reason(pool, score, score_arr) if score_arr is not None else None
     if oracle is not None:
         log.warning(
@@ -338,6 +418,8 @@ def compute_curves(
         if m == "coverage":
             cov = coverage_curve(n_p, pool.correct_counts(), k_arr, missing="skip")
             per, est, draws = cov.per_problem, ("closed-form",) * k_arr.size, None
+            if progress is not None:
+                progress(m, pool.num_problems, pool.num_problems)
         else:
             kw: dict[str, Any] = {}
             if m == "majority":
@@ -376,6 +458,7 @@ def compute_curves(
                 max_subsets=draws_m,
                 seed=mseed,
                 missing="skip",
+                progress=None if progress is None else functools.partial(progress, m),
                 **kw,
             )
             per, est, draws = res.per_problem, tuple(res.method), res.draws
@@ -392,7 +475,9 @@ def compute_curves(
 
     fit_res = None
     if fit:
-        fit_res = _fit_coverage(pool, k_arr, fit_method, n_boot, confidence, seed, missing)
+        fit_res = _fit_coverage(
+            pool, k_arr, fit_method, n_boot, confidence, seed, missing, progress
+        )
     n_report = pool.num_problems + (len(pool.unsampled) if missing == "count" else 0)
     return CurveReport(
         ks=k_arr,
@@ -468,8 +553,14 @@ def coverage_counts(
 
 
 def _fit_coverage(
-    pool: Pool, ks: NDArray[np.int64], method: str, n_boot: int, confidence: float, seed: int,
+    pool: Pool,
+    ks: NDArray[np.int64],
+    method: str,
+    n_boot: int,
+    confidence: float,
+    seed: int,
     missing: str = "count",
+    progress: ProgressFn | None = None,
 ) -> Any:
     from ttscale.metrics.scaling import bootstrap_power_law
 
@@ -485,52 +576,205 @@ def _fit_coverage(
         n_boot=n_boot,
         confidence=confidence,
         seed=seed,
+        progress=None if progress is None else functools.partial(progress, "fit bootstrap"),
     )
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2)))
+
+
 def plot_curves(
-    report: CurveReport,
+    report: CurveReport | Mapping[str, CurveReport],
     path: str | Path,
     *,
     title: str | None = None,
     extrapolate_to: int | None = None,
 ) -> Path:
-    """Write a PNG: accuracy vs ``k`` (log2 axis), CI bands, fitted coverage law dashed."""
+    """Write a PNG: accuracy vs ``k`` (log2 axis), CIs, fitted coverage law dashed.
+
+    ``report`` is one run's report or ``{label: report}`` for several runs; the layout is
+    :func:`curves_figure`'s.
+    """
+    import matplotlib.pyplot as plt
+
+    p = Path(path)
+    fig = curves_figure(report, title=title, extrapolate_to=extrapolate_to)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def curves_figure(
+    report: CurveReport | Mapping[str, CurveReport],
+    *,
+    title: str | None = None,
+    extrapolate_to: int | None = None,
+) -> Any:
+    """The matplotlib ``Figure`` that :func:`plot_curves` saves (to restyle or save elsewhere).
+
+    One report: one panel; each method gets its own colour, marker and line style and, from
+    four methods on, its CI as nudged error bars over a faint band (overlapping bands merge
+    into one smear); the legend sits outside. Several reports (``{label: report}``, e.g. one per
+    model or temperature): one panel per method (small multiples on a shared y axis), the runs
+    overlaid in each in their own colours, one legend of runs.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    p = Path(path)
-    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
-    colors = plt.get_cmap("tab10")
-    for i, c in enumerate(report.curves.values()):
-        ok = np.isfinite(c.mean)
-        col = colors(i % 10)
-        ax.plot(c.ks[ok], c.mean[ok], "o-", color=col, label=c.label, lw=1.8, ms=3.5)
-        ax.fill_between(c.ks[ok], c.low[ok], c.high[ok], color=col, alpha=0.18, lw=0)
-    if report.fit is not None:
-        f = report.fit.fit
-        kmax = max(int(report.ks.max()), extrapolate_to or 0)
-        kk = np.geomspace(1, kmax, 200)
-        ax.plot(kk, f.predict(kk), "--", color="black", lw=1.2,
-                label=f"fit exp({f.a:.3f}·k^{f.b:.3f})")
-    ax.set_xscale("log", base=2)
     from matplotlib.ticker import FuncFormatter
 
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.set_xlabel("samples per problem k")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    pct = round(report.confidence * 100)
-    ax.set_title(title or f"{report.n_problems} problems, {pct}% bootstrap CIs")
+    colors = plt.get_cmap("tab10")
+    runs = {"": report} if isinstance(report, CurveReport) else dict(report)
+    if not runs:
+        raise ConfigError("plot_curves needs at least one report")
+    methods: list[str] = []
+    for r in runs.values():
+        methods += [m for m in r.curves if m not in methods]
+    multi = len(runs) > 1
+    panels = methods if multi else [""]
+    ncols = 2 if len(panels) == 4 else min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.6 * ncols + 2.2, 3.2 * nrows + 0.8) if multi else (8.2, 4.6),
+        dpi=120, sharey=True, squeeze=False,
+    )
+    # each line: (axes, curve, fit or None, style index, label)
+    lines: list[tuple[Any, MethodCurve, Any, int, str]] = []
+    for pi, panel in enumerate(panels):
+        ax = axes[pi // ncols][pi % ncols]
+        if multi:
+            for ri, (label, r) in enumerate(runs.items()):
+                if panel in r.curves:
+                    lines.append((ax, r.curves[panel], r.fit if panel == "coverage" else None, ri, label))
+            ax.set_title(_LABELS.get(panel, panel), fontsize=10)
+        else:
+            r = runs[""]
+            for mi, (name, c) in enumerate(r.curves.items()):
+                lines.append((ax, c, r.fit if name == "coverage" else None, mi, _LABELS.get(name, name)))
+    n_lines = len(runs) if multi else len(methods)
+    band_alpha = 0.18 if n_lines <= 3 else 0.04
+    kmax = max(int(r.ks.max()) for r in runs.values())
+    for ax, c, fit, i, label in lines:
+        ok = np.isfinite(c.mean)
+        col = colors(i % 10)
+        ls = _DASHES[i % len(_DASHES)] if n_lines > 3 else "-"
+        mk = _MARKERS[i % len(_MARKERS)]
+        if n_lines <= 3:
+            ax.plot(c.ks[ok], c.mean[ok], color=col, ls=ls, marker=mk, label=label, lw=1.6, ms=4.5)
+            ax.fill_between(c.ks[ok], c.low[ok], c.high[ok], color=col, alpha=band_alpha, lw=0)
+        else:
+            # overlapping bands of four or more lines merge into one smear: a faint band, and
+            # the CI as an error bar at each k, nudged sideways (log2 axis) so the bars stand apart
+            x = c.ks[ok] * 2.0 ** (0.035 * (i - (n_lines - 1) / 2))
+            ax.fill_between(c.ks[ok], c.low[ok], c.high[ok], color=col, alpha=band_alpha, lw=0)
+            ax.errorbar(x, c.mean[ok], yerr=[c.mean[ok] - c.low[ok], c.high[ok] - c.mean[ok]],
+                        color=col, ls=ls, marker=mk, label=label, lw=1.5, ms=4.5, elinewidth=0.9,
+                        capsize=2.0, mfc="white" if i % 2 else col, mew=1.1)
+        if fit is not None:
+            f = fit.fit
+            kk = np.geomspace(1, max(kmax, extrapolate_to or 0), 200)
+            ax.plot(kk, f.predict(kk), ":" if multi else "--", color=col if multi else "black",
+                    lw=1.2, label=None if multi else f"fit exp({f.a:.3f}·k^{f.b:.3f})")
+    for ax in axes.ravel()[: len(panels)]:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.set_xlabel("samples per problem k")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("accuracy")
+    first = next(iter(runs.values()))
+    pct = round(first.confidence * 100)
+    if multi:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes.ravel()[1 : len(panels)]:  # a run missing from the first panel
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                   frameon=False)
+        fig.suptitle(title or f"{len(runs)} runs, {pct}% bootstrap CIs", fontsize=11)
+    else:
+        ax = axes[0][0]
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+        ax.set_title(title or f"{first.n_problems} problems, {pct}% bootstrap CIs")
     fig.tight_layout()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p)
-    plt.close(fig)
-    return p
+    return fig
+
+
+#: manifest fields that tell runs apart in an overlay, dotted paths into the manifest
+_LABEL_FIELDS = (
+    "model",
+    "benchmark",
+    "split",
+    "engine.engine",
+    "chat",
+    "system_prompt",
+    "sampling.temperature",
+    "sampling.top_p",
+    "sampling.top_k",
+    "sampling.min_p",
+    "sampling.max_tokens",
+    "sampling.logprobs",
+    "sampling.n",
+    "sampling.seed",
+)
+
+
+def run_labels(
+    manifests: Sequence[Mapping[str, Any]], paths: Sequence[str | Path], *, max_len: int = 40
+) -> list[tuple[str, dict[str, Any]]]:
+    """A short, distinct label per run for an overlay, and the manifest fields that differ.
+
+    The label lists the fields of :data:`_LABEL_FIELDS` whose values differ between the runs
+    (``temperature=0.7``; a model path by its last component), e.g. ``model=qwen-7b,
+    temperature=0.7``. Where no field differs, two runs would get the same label, or a label is
+    longer than ``max_len``, every run is labelled by its folder name instead (with as many
+    parent folders as make the names distinct).
+    """
+    if len(manifests) != len(paths):
+        raise ConfigError("run_labels needs one manifest per path")
+
+    def get(m: Mapping[str, Any], dotted: str) -> Any:
+        cur: Any = m
+        for part in dotted.split("."):
+            cur = cur.get(part) if isinstance(cur, Mapping) else None
+        return cur
+
+    def show(key: str, v: Any) -> str:
+        if key == "model" and isinstance(v, str) and ("/" in v or "\\" in v):
+            v = Path(v.rstrip("/")).name or v
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, (list, tuple)):
+            return "|".join(str(x) for x in v)
+        return str(v)
+
+    values = [[get(m, f) for f in _LABEL_FIELDS] for m in manifests]
+    differ = [
+        i for i, f in enumerate(_LABEL_FIELDS)
+        if len({json.dumps(v[i], sort_keys=True, default=str) for v in values}) > 1
+    ]
+    differs = [{_LABEL_FIELDS[i]: v[i] for i in differ} for v in values]
+    labels = [
+        ", ".join(f"{_LABEL_FIELDS[i].rsplit('.', 1)[-1]}={show(_LABEL_FIELDS[i], v[i])}" for i in differ)
+        for v in values
+    ]
+    if not differ or len(set(labels)) < len(labels) or max(map(len, labels)) > max_len:
+        parts = [Path(p).resolve().parts for p in paths]
+        depth = 1
+        while True:
+            labels = ["/".join(pp[-depth:]) for pp in parts]
+            if len(set(labels)) == len(labels) or depth >= max(map(len, parts)):
+                break
+            depth += 1
+    return list(zip(labels, differs, strict=True))
 
 
 def run_confidences(store: Any, **kwargs: Any) -> NDArray[np.float64]:

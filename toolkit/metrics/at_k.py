@@ -346,6 +346,7 @@ def selection_at_k(
     n_draws: int = 1_000,
     seed: SeedLike = None,
     missing: Missing = "nan",
+    progress: Callable[[int, int], None] | None = None,
 ) -> SelectionResult:
     """``E_T[credit(S(T))]`` over uniform size-``k`` subsets ``T`` of each problem's pool, for each ``k``.
 
@@ -385,6 +386,8 @@ def selection_at_k(
     generating functions, and extracts the sum-equals-``k`` coefficient directly or by a discrete
     Fourier sum. Binomial tails below ``1e-17`` are dropped (absolute error below ``1e-11``).
     Best-of-N uses ``P(sample ranked r-th of n is the best of T) = C(n−1−r, k−1)/C(n, k)``.
+
+    ``progress(done, total)``, if given, is called after each problem (``total`` = problems).
     """
     _check_missing(missing)
     if tie not in TIE_RULES:
@@ -487,6 +490,8 @@ def selection_at_k(
     budget = None if strategy == "closed-form" else _CLOSED_BUDGET
     counts_mc: list[tuple[int, list[int]]] = []
     for p in range(P):
+        if progress is not None and p:
+            progress(p, P)
         n = int(n_p[p])
         lo, hi = int(off[p]), int(off[p + 1])
         lab_p, corr_p = lab[lo:hi], corr[lo:hi]
@@ -573,6 +578,8 @@ def selection_at_k(
             per[ps, j] = means
             mc_var[j] += variances.sum()
 
+    if progress is not None:
+        progress(P, P)
     mean, count = _column_means(per, missing)
     methods = []
     draws = np.zeros(K, dtype=np.int64)

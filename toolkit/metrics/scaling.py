@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,11 +23,13 @@ from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike
 
 __all__ = [
+    "FitComparison",
     "PowerLawBootstrap",
     "PowerLawFit",
     "VerifierRates",
     "accuracy_ceiling",
     "bootstrap_power_law",
+    "compare_fit_methods",
     "empirical_reward_at_k",
     "fit_power_law",
     "optimal_k",
@@ -91,6 +94,29 @@ class PowerLawFit:
     @property
     def n_points(self) -> int:
         return int(self.ks.size)
+
+    @property
+    def residuals(self) -> NDArray[np.float64]:
+        """Observed minus fitted coverage at the fitted points (coverage scale, not log)."""
+        return self.coverage - self.predict(self.ks)
+
+    @property
+    def rmse(self) -> float:
+        """Root-mean-square error of the fitted coverage at the fitted points."""
+        return float(np.sqrt(np.mean(self.residuals**2)))
+
+    @property
+    def max_abs_error(self) -> float:
+        """Largest absolute coverage error at the fitted points."""
+        return float(np.max(np.abs(self.residuals)))
+
+    @property
+    def r2(self) -> float:
+        """``R² = 1 − Σ residual² / Σ (c − mean c)²`` on the coverage scale (NaN if c is constant)."""
+        ss_tot = float(np.sum((self.coverage - self.coverage.mean()) ** 2))
+        if ss_tot == 0.0:
+            return math.nan
+        return 1.0 - float(np.sum(self.residuals**2)) / ss_tot
 
     def predict(self, k: ArrayLike) -> NDArray[np.float64]:
         """Predicted coverage ``exp(a·k^b)`` at ``k`` (any ``k > 0``, extrapolation included)."""
@@ -161,13 +187,16 @@ def fit_power_law(
         slope, intercept = np.polyfit(x, y, 1)
         return PowerLawFit(-math.exp(float(intercept)), float(slope), "loglog", k, cov)
     if method == "nls":
-        from scipy.optimize import curve_fit
+        from scipy.optimize import OptimizeWarning, curve_fit
 
         def model(kk: NDArray[np.float64], a: float, b: float) -> NDArray[np.float64]:
             return a * kk**b
 
         try:
-            popt, _ = curve_fit(model, k, np.log(cov), p0=p0, maxfev=10000)
+            with warnings.catch_warnings():
+                # the covariance is unused; with exactly two points it cannot be estimated
+                warnings.simplefilter("ignore", OptimizeWarning)
+                popt, _ = curve_fit(model, k, np.log(cov), p0=p0, maxfev=10000)
         except RuntimeError as e:
             raise ConfigError(
                 f"the NLS power-law fit did not converge ({e}); try method='loglog'"
@@ -202,6 +231,149 @@ class PowerLawBootstrap:
         lo, hi = np.quantile(curves, [alpha, 1.0 - alpha], axis=0)
         return lo, hi
 
+    def samples_needed_interval(self, target: float) -> tuple[float, float, float]:
+        """Bootstrap interval of the budget that reaches coverage ``target``: ``(low, high, never)``.
+
+        Each replicate's budget is ``(log X / a)^(1/b)``; a replicate whose curve never reaches
+        ``target`` (``a ≥ 0`` or ``b ≥ 0``) counts as ``inf`` and ``never`` is their fraction.
+        ``low``/``high`` are the ``(1 ∓ confidence)/2`` order statistics (``numpy`` methods
+        ``"lower"``/``"higher"``: the outer neighbours, so an infinite bound means the interval
+        really reaches replicates that never get there).
+        """
+        if not (0.0 < target < 1.0):
+            raise ConfigError(f"target coverage must be in (0, 1), got {target}")
+        a, b = self.a_samples, self.b_samples
+        ok = (a < 0.0) & (b < 0.0)
+        safe_a, safe_b = np.where(ok, a, -1.0), np.where(ok, b, -1.0)
+        with np.errstate(over="ignore"):
+            vals = np.where(ok, np.exp(np.log(math.log(target) / safe_a) / safe_b), np.inf)
+        alpha = (1.0 - self.confidence) / 2.0
+        lo = float(np.quantile(vals, alpha, method="lower"))
+        hi = float(np.quantile(vals, 1.0 - alpha, method="higher"))
+        return lo, hi, float((~ok).mean())
+
+
+@dataclass(frozen=True)
+class FitComparison:
+    """The two power-law fits of one coverage curve side by side, and which to trust.
+
+    ``fits`` holds ``"loglog"`` and ``"nls"`` (a fit that failed is absent, its error in
+    ``failed``). ``max_gap`` is the largest ``|c_loglog(k) − c_nls(k)|`` over the observed ``k``
+    and the budgets asked about, reached at ``gap_k``. ``holdout_error[m]``: fitting method ``m``
+    on every point but the largest ``k``, the absolute error of its prediction there (the
+    nearest thing to an extrapolation test the data allow; NaN with fewer than 3 points).
+    ``samples_needed[m]``: each fit's budget for the target (``inf`` if never reached).
+    ``disagree`` when ``max_gap > gap_tol`` or the budgets differ by more than ``ratio_tol``x;
+    ``recommended`` is the fit with the smaller hold-out error (else the smaller RMSE), ``reason``
+    says why in words.
+    """
+
+    fits: dict[str, PowerLawFit]
+    failed: dict[str, str]
+    max_gap: float
+    gap_k: float
+    holdout_error: dict[str, float]
+    samples_needed: dict[str, float]
+    disagree: bool
+    recommended: str
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        def num(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        return {
+            "disagree": self.disagree,
+            "recommended": self.recommended,
+            "reason": self.reason,
+            "max_coverage_gap": num(self.max_gap),
+            "gap_at_k": num(self.gap_k),
+            "fits": {
+                m: {
+                    "a": f.a,
+                    "b": f.b,
+                    "r2": num(f.r2),
+                    "rmse": f.rmse,
+                    "holdout_error": num(self.holdout_error.get(m, math.nan)),
+                    **({"samples_needed": num(self.samples_needed[m])} if m in self.samples_needed else {}),
+                }
+                for m, f in self.fits.items()
+            },
+            "failed": dict(self.failed),
+        }
+
+
+def compare_fit_methods(
+    ks: ArrayLike,
+    coverage: ArrayLike,
+    *,
+    at: ArrayLike = (),
+    target: float | None = None,
+    gap_tol: float = 0.02,
+    ratio_tol: float = 1.25,
+) -> FitComparison:
+    """Fit ``c(k) = exp(a·k^b)`` by both methods (:func:`fit_power_law`) and compare them.
+
+    ``at``: further budgets the user asks about (extrapolation), included in the gap; ``target``:
+    a coverage whose budget each fit predicts. See :class:`FitComparison` for the verdict rule.
+    """
+    k, cov = _usable_points(ks, coverage)
+    fits: dict[str, PowerLawFit] = {}
+    failed: dict[str, str] = {}
+    for m in ("loglog", "nls"):
+        try:
+            fits[m] = fit_power_law(k, cov, m)  # type: ignore[arg-type]
+        except ConfigError as e:
+            failed[m] = str(e)
+    if not fits:
+        raise ConfigError(f"neither power-law fit succeeded: {failed}")
+    needed: dict[str, float] = {}
+    if target is not None:
+        for m, f in fits.items():
+            try:
+                needed[m] = f.samples_needed(target)
+            except ConfigError:
+                needed[m] = math.inf
+    grid = np.unique(np.concatenate([k, np.atleast_1d(np.asarray(at, dtype=np.float64)),
+                                     [v for v in needed.values() if math.isfinite(v) and v > 0]]))
+    max_gap, gap_k = 0.0, math.nan
+    if len(fits) == 2:
+        gaps = np.abs(fits["loglog"].predict(grid) - fits["nls"].predict(grid))
+        i = int(np.argmax(gaps))
+        max_gap, gap_k = float(gaps[i]), float(grid[i])
+    held: dict[str, float] = {}
+    last = k == k.max()
+    for m in fits:
+        try:
+            f = fit_power_law(k[~last], cov[~last], m)  # type: ignore[arg-type]
+            held[m] = float(np.max(np.abs(f.predict(k[last]) - cov[last])))
+        except ConfigError:
+            held[m] = math.nan
+    ratio = 1.0
+    if len(needed) == 2:
+        lo_n, hi_n = sorted(needed.values())
+        ratio = math.inf if not math.isfinite(hi_n) or lo_n <= 0 else hi_n / lo_n
+    disagree = len(fits) == 2 and (max_gap > gap_tol or ratio > ratio_tol)
+    if len(fits) == 1:
+        (rec,) = fits
+        other = "nls" if rec == "loglog" else "loglog"
+        reason = f"{other} failed ({failed[other]})"
+    elif all(math.isfinite(held[m]) for m in fits):
+        rec = min(fits, key=lambda m: (held[m], m != "loglog"))
+        other = "nls" if rec == "loglog" else "loglog"
+        reason = (
+            f"refitted without its largest k ({k.max():g}), {rec} predicts the coverage there "
+            f"within {held[rec]:.4f} ({other}: {held[other]:.4f})"
+        )
+    else:
+        rec = min(fits, key=lambda m: (fits[m].rmse, m != "loglog"))
+        other = "nls" if rec == "loglog" else "loglog"
+        reason = (
+            f"{rec} fits the observed coverage better (RMSE {fits[rec].rmse:.4f} vs "
+            f"{fits[other].rmse:.4f}); too few points to test either on a held-out k"
+        )
+    return FitComparison(fits, failed, max_gap, gap_k, held, needed, disagree, rec, reason)
+
 
 def bootstrap_power_law(
     n: ArrayLike,
@@ -212,12 +384,14 @@ def bootstrap_power_law(
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: SeedLike = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PowerLawBootstrap:
     """Fit the coverage power law and bootstrap ``(a, b)`` over problems.
 
     ``n``/``c``: samples drawn and correct per problem (shape ``(problems,)``); ``ks``: the
     budgets (each ``≤ min(n)``). Each replicate resamples problems with replacement, recomputes
-    the coverage curve with the unbiased pass@k estimator, and refits.
+    the coverage curve with the unbiased pass@k estimator, and refits. ``progress(done,
+    n_boot)``, if given, is called as the replicates are fitted (about 100 times in all).
     """
     from ttscale.metrics.stats import _check_confidence, bootstrap_counts
 
@@ -235,7 +409,10 @@ def bootstrap_power_law(
     a_s: list[float] = []
     b_s: list[float] = []
     failed = 0
-    for row in curves:
+    every = max(1, n_boot // 100)
+    for i, row in enumerate(curves):
+        if progress is not None and i % every == 0:
+            progress(i, n_boot)
         try:
             f = fit_power_law(k, row, method)
         except ConfigError:
@@ -243,6 +420,8 @@ def bootstrap_power_law(
             continue
         a_s.append(f.a)
         b_s.append(f.b)
+    if progress is not None:
+        progress(n_boot, n_boot)
     if not a_s:
         raise ConfigError(
             "no bootstrap replicate could be fitted; coverage is 0 or 1 at almost every k"
