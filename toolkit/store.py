@@ -9,25 +9,41 @@ Layout of a run directory::
       problems.parquet           id, prompt, reference (JSON), meta (JSON)
       samples/part-*.parquet     one row per (problem_id, index)
       verdicts/<verifier>/part-*.parquet   one row per (problem_id, index) checked by that verifier
+      accounting/<session>.json  tokens/samples/time of one sampling session (one writer each)
+      manifest.backup.json       the last good manifest (``ttscale check --repair`` restores it)
+      claims.lock                advisory per-problem claims of concurrent workers (ttscale.claims)
+      damaged/                   files ``ttscale check --repair`` moved aside (never deleted)
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
 reader never sees half a shard and a killed writer leaves at most a stray ``.tmp`` file (ignored
-and cleaned up). Samples are keyed by ``(problem_id, index)``: appending a key that is already
+and cleaned up once it is an hour old, so a concurrent writer's file is never touched). Samples
+are keyed by ``(problem_id, index)``: appending a key that is already
 stored with the same content is a no-op, with different content a :class:`StoreError`. That makes
 resuming a killed run, extending it, and merging shards written by several workers safe.
+
+Several processes (on one machine or many, over a shared filesystem) may write into one run
+directory at once: shards have unique names, the manifest is read-modified-written under a lock
+(:meth:`SampleStore.modify_manifest`), and each sampling session keeps its token accounting in
+its own file under ``accounting/``, summed on read, so no worker's accounting is ever lost.
+
+A file that cannot be read (truncated, empty, garbage, wrong schema) raises a one-line
+:class:`StoreError` naming the file and the fix (``ttscale check RUN --repair``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +61,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "ttscale-run"
 FORMAT_VERSION = 1
+MANIFEST_BACKUP = "manifest.backup.json"
+# a ``.tmp`` file younger than this may belong to a live writer (another worker): leave it alone
+_STRAY_TMP_AGE = 3600.0
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -143,12 +162,84 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
+def _atomic_write_table(
+    path: Path, table: pa.Table, *, before_rename: Callable[[], None] | None = None
+) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_manifest(run: Path, m: Mapping[str, Any]) -> None:
+    """Write the manifest, then its backup (the last good copy ``ttscale check`` restores)."""
+    data = (_dumps(m) + "\n").encode()
+    _atomic_write_bytes(run / "manifest.json", data)
+    _atomic_write_bytes(run / MANIFEST_BACKUP, data)
+
+
+def _brief(e: BaseException) -> str:
+    """The first line of an exception message, shortened (for one-line errors)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def damaged_file_error(run: Path, path: Path, e: BaseException) -> StoreError:
+    """The one-line error for an unreadable file of run ``run``, naming the file and the fix."""
+    return StoreError(
+        f"{path} is damaged ({_brief(e)}); run `ttscale check {run} --repair` to move damaged "
+        "files aside, then resume (`ttscale sample --out RUN --resume`, `ttscale verify RUN`) to "
+        "regenerate what they held"
+    )
+
+
+def read_parquet(run: Path, path: Path, **kwargs: Any) -> pa.Table:
+    """``pq.read_table(path, **kwargs)``; an unreadable file is a one-line :class:`StoreError`."""
+    try:
+        return pq.read_table(path, **kwargs)
+    except FileNotFoundError as e:
+        raise StoreError(
+            f"{path} disappeared while reading run {run} ({_brief(e)}); another process moved "
+            "it (`ttscale check --repair`?); run the command again"
+        ) from e
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise damaged_file_error(run, path, e) from e
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Exclusive lock on run directory ``run`` (``RUN/.lock``), across processes and threads.
+
+    POSIX record locks (``lockf``) work across processes on one machine and, on filesystems with
+    working locks (NFSv4, Lustre/GPFS with locking on), across machines; the kernel drops them when
+    a holder dies, so there are no stale locks. They do not exclude threads of one process, hence
+    the per-path thread lock taken first.
+    """
+    key = str(Path(run).resolve())
+    with _THREAD_LOCKS_GUARD:
+        tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+    with tlock:
+        fd = os.open(Path(run) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError as e:  # no lock support (some network filesystems): say so, go on
+                log.warning("cannot lock %s (%s); concurrent manifest updates may race", run, e)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 def _git_sha() -> str | None:
@@ -280,6 +371,7 @@ class SampleStore:
                 "create one with `ttscale sample`/`ttscale import` or SampleStore.create()"
             )
         self._keys: dict[tuple[str, int], str] | None = None
+        self._key_files: set[str] = set()
         self._manifest = self._read_manifest()
 
     # construction ----------------------------------------------------------------------------
@@ -315,7 +407,7 @@ class SampleStore:
             "git_sha": _git_sha(),
         }
         m.update(dict(manifest or {}))
-        _atomic_write_bytes(p / "manifest.json", (_dumps(m) + "\n").encode())
+        _write_manifest(p, m)
         return cls(p)
 
     @classmethod
@@ -358,29 +450,110 @@ class SampleStore:
     # manifest --------------------------------------------------------------------------------
 
     def _read_manifest(self) -> dict[str, Any]:
+        f = self.path / "manifest.json"
         try:
-            m = json.loads((self.path / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"cannot read {self.path / 'manifest.json'}: {e}") from e
-        if m.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.path / 'manifest.json'} is not a ttscale run manifest")
+            m = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise damaged_file_error(self.path, f, e) from e
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise damaged_file_error(self.path, f, ValueError("not a ttscale run manifest"))
         return m
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """A copy of the manifest."""
-        return json.loads(_dumps(self._manifest))
+        """A copy of the manifest, with ``accounting`` summed over every sampling session."""
+        m = json.loads(_dumps(self._manifest))
+        if self.sessions():
+            m["accounting"] = self.accounting()
+        return m
+
+    def modify_manifest(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Re-read the manifest, let ``fn`` change it in place, write it; all under the run lock.
+
+        Read-modify-write under :func:`run_lock`, so concurrent workers never lose each other's
+        updates; the file itself is replaced atomically (readers never see half a manifest).
+        """
+        with run_lock(self.path):
+            m = self._read_manifest()
+            fn(m)
+            _write_manifest(self.path, m)
+        self._manifest = m
+        return self.manifest
 
     def update_manifest(self, **fields: Any) -> None:
         """Merge ``fields`` into the manifest (top-level keys; dicts are merged one level deep)."""
-        m = self._read_manifest()
-        for k, v in fields.items():
-            if isinstance(v, Mapping) and isinstance(m.get(k), dict):
-                m[k] = {**m[k], **v}
-            else:
-                m[k] = v
-        _atomic_write_bytes(self.path / "manifest.json", (_dumps(m) + "\n").encode())
-        self._manifest = m
+
+        def merge(m: dict[str, Any]) -> None:
+            for k, v in fields.items():
+                if isinstance(v, Mapping) and isinstance(m.get(k), dict):
+                    m[k] = {**m[k], **v}
+                else:
+                    m[k] = v
+
+        self.modify_manifest(merge)
+
+    # accounting ------------------------------------------------------------------------------
+
+    def write_session(self, session: str, record: Mapping[str, Any]) -> None:
+        """Write sampling session ``session``'s accounting record (only that session writes it)."""
+        d = self.path / "accounting"
+        d.mkdir(exist_ok=True)
+        _atomic_write_bytes(d / f"{session}.json", (_dumps(dict(record)) + "\n").encode())
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        """Every session's accounting record, by session id (see :meth:`accounting`)."""
+        d = self.path / "accounting"
+        out: dict[str, dict[str, Any]] = {}
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                rec = json.loads(f.read_text())
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise damaged_file_error(self.path, f, e) from e
+            out[f.stem] = rec
+        return out
+
+    def accounting(self) -> dict[str, Any]:
+        """Token, sample and time accounting of the run, summed over its sampling sessions.
+
+        Each session writes its own ``accounting/<session>.json`` (see
+        :class:`~ttscale.samplers.RepeatedSampler`): ``committed`` counts of the shards it has
+        made durable, plus a ``pending`` shard announced before its rename, counted only if that
+        shard exists. So a worker killed at any point is accounted exactly for what it stored,
+        and concurrent workers never overwrite each other's counts. Runs made before sessions
+        had their own files keep their totals in the manifest's ``accounting`` (added here).
+        ``wall_seconds`` is summed over sessions (worker-seconds).
+        """
+        legacy = self._manifest.get("accounting")
+        totals = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0, "wall_seconds": 0.0}
+        sessions = 0
+        if isinstance(legacy, Mapping):
+            for k in totals:
+                totals[k] += legacy.get(k, 0) or 0
+            sessions += int(legacy.get("sessions", 0) or 0)
+        recs = self.sessions()
+        for rec in recs.values():
+            counts = dict(rec.get("committed") or {})
+            pending = rec.get("pending")
+            if isinstance(pending, Mapping) and (self.path / "samples" / str(pending.get("shard"))).is_file():
+                for k in ("samples", "generated_tokens", "prompt_tokens"):
+                    counts[k] = counts.get(k, 0) + int(pending.get(k, 0) or 0)
+            for k in ("samples", "generated_tokens", "prompt_tokens"):
+                totals[k] += int(counts.get(k, 0) or 0)
+            totals["wall_seconds"] += float(rec.get("wall_seconds", 0.0) or 0.0)
+        sessions += len(recs)
+        if not sessions and not isinstance(legacy, Mapping):
+            return {}
+        acct: dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "wall_seconds"}
+        secs = round(float(totals["wall_seconds"]), 3)
+        acct["wall_seconds"] = secs
+        acct["samples_per_s"] = round(acct["samples"] / secs, 3) if secs > 0 else 0.0
+        acct["tokens_per_s"] = round(acct["generated_tokens"] / secs, 3) if secs > 0 else 0.0
+        acct["sessions"] = sessions
+        return acct
 
     # problems --------------------------------------------------------------------------------
 
@@ -389,12 +562,18 @@ class SampleStore:
         new = {p.id: p for p in problems}
         if not new:
             return
+        with run_lock(self.path):  # concurrent workers each record the problems they were given
+            self._write_problems_locked(new)
+
+    def _write_problems_locked(self, new: dict[str, Problem]) -> None:
         old = {p.id: p for p in self.problems()}
         for pid, p in new.items():
             if pid in old and (old[pid].prompt != p.prompt):
                 raise StoreError(
                     f"problem {pid!r} is already recorded in {self.path} with a different prompt"
                 )
+        if all(pid in old and old[pid] == p for pid, p in new.items()):
+            return  # nothing new: no rewrite (workers sharing a run all record the same list)
         merged = {**old, **new}
         ids = sorted(merged)
         table = pa.table(
@@ -413,7 +592,7 @@ class SampleStore:
         f = self.path / "problems.parquet"
         if not f.exists():
             return []
-        t = pq.read_table(f).to_pylist()
+        t = read_parquet(self.path, f, schema=PROBLEM_SCHEMA).to_pylist()
         return [
             Problem(
                 id=r["id"],
@@ -430,19 +609,33 @@ class SampleStore:
         d = self.path / sub
         if not d.is_dir():
             return []
+        now = time.time()
         for stray in d.glob(".*.tmp"):
-            # a writer killed mid-write; the rename never happened, so nothing refers to it
+            # a writer killed mid-write; the rename never happened, so nothing refers to it. A
+            # young one may be a live writer's (another worker's): leave it alone
             try:
-                stray.unlink()
+                if now - stray.stat().st_mtime > _STRAY_TMP_AGE:
+                    stray.unlink()
             except OSError:
                 pass
         return sorted(d.glob("part-*.parquet"))
 
-    def _load_keys(self) -> dict[tuple[str, int], str]:
-        if self._keys is None:
-            keys: dict[tuple[str, int], str] = {}
+    def refresh(self) -> None:
+        """Pick up shards other processes wrote since this store last read its keys."""
+        if self._keys is not None:
+            self._load_keys(refresh=True)
+
+    def _load_keys(self, *, refresh: bool = False) -> dict[tuple[str, int], str]:
+        if self._keys is None or refresh:
+            keys: dict[tuple[str, int], str] = {} if self._keys is None else self._keys
             for f in self._shards("samples"):
-                t = pq.read_table(f, columns=["problem_id", "index", "content_hash"])
+                if f.name in self._key_files:
+                    continue
+                t = read_parquet(
+                    self.path, f, columns=["problem_id", "index", "content_hash"],
+                    schema=SAMPLE_SCHEMA,
+                )  # fmt: skip
+                self._key_files.add(f.name)
                 for pid, i, h in zip(
                     t.column("problem_id").to_pylist(),
                     t.column("index").to_pylist(),
@@ -458,11 +651,19 @@ class SampleStore:
             self._keys = keys
         return self._keys
 
-    def append(self, samples: Iterable[Sample]) -> int:
+    def append(
+        self,
+        samples: Iterable[Sample],
+        *,
+        before_commit: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    ) -> int:
         """Write ``samples`` as one new shard; returns how many were new.
 
         A key already stored (or repeated in ``samples``) with the same content is skipped; with
         different content it raises :class:`StoreError` and nothing is written.
+        ``before_commit(shard_name, rows)`` is called once the new rows are written to a temporary
+        file and before it is renamed into place (a sampler announces the shard in its
+        accounting there, so a kill between the two never loses or double-counts it).
         """
         keys = self._load_keys()
         rows: list[dict[str, Any]] = []
@@ -485,9 +686,22 @@ class SampleStore:
         if not rows:
             return 0
         table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-        _atomic_write_table(self.path / "samples" / _shard_name(), table)
+        name = _shard_name()
+        hook = None
+        if before_commit is not None:
+            announce = before_commit
+
+            def hook() -> None:
+                announce(name, rows)
+
+        _atomic_write_table(self.path / "samples" / name, table, before_rename=hook)
         keys.update(batch)
+        self._key_files.add(name)
         return len(rows)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``(problem_id, index)`` is stored (as of the last read or :meth:`refresh`)."""
+        return key in self._load_keys()
 
     def keys(self) -> set[tuple[str, int]]:
         """All stored ``(problem_id, index)`` keys."""
@@ -523,7 +737,7 @@ class SampleStore:
         if not shards:
             schema = SAMPLE_SCHEMA if cols is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in cols])
             return schema.empty_table()
-        parts = [pq.read_table(f, columns=cols, schema=SAMPLE_SCHEMA) for f in shards]
+        parts = [read_parquet(self.path, f, columns=cols, schema=SAMPLE_SCHEMA) for f in shards]
         t = pa.concat_tables(parts)
         t = _sort_dedupe(t, what="samples", hash_col="content_hash")
         if columns is not None:
@@ -587,7 +801,7 @@ class SampleStore:
         shards = self._shards(f"verdicts/{verifier}")
         if not shards:
             return VERDICT_SCHEMA.empty_table()
-        t = pa.concat_tables([pq.read_table(f, schema=VERDICT_SCHEMA) for f in shards])
+        t = pa.concat_tables([read_parquet(self.path, f, schema=VERDICT_SCHEMA) for f in shards])
         return _sort_dedupe(t, what="verdicts", hash_col=None)
 
     def verdicts(self, verifier: str) -> Iterator[Verdict]:
