@@ -104,8 +104,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Coverage and selection accuracy at each budget k, with CIs, fit and plot."""
         from ttscale.analysis import compute_curves, plot_curves, run_confidences
+        from ttscale.paths import check_writable_file
         from ttscale.store import SampleStore
 
+        if plot is not None:
+            check_writable_file(plot, "--plot")  # before the (possibly long) computation
         store = SampleStore.open(run)
         method_list = [m.strip() for m in methods.split(",") if m.strip()]
         pool = store.pool(verifier)

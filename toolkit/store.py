@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from ttscale.errors import ConfigError, StoreError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
-__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore"]
+__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore", "merge_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -186,19 +186,30 @@ def _write_manifest(run: Path, m: Mapping[str, Any]) -> None:
     _atomic_write_bytes(run / MANIFEST_BACKUP, data)
 
 
-def _brief(e: BaseException) -> str:
+def _brief(e: BaseException, path: Path | None = None) -> str:
     """The first line of an exception message, shortened (for one-line errors)."""
     text = " ".join(str(e).split()) or type(e).__name__
+    if path is not None:  # the caller names the file already
+        text = text.replace(f" '{path}'", "").replace(f" {path}", "")
     return text if len(text) <= 120 else text[:117] + "..."
 
 
 def damaged_file_error(run: Path, path: Path, e: BaseException) -> StoreError:
     """The one-line error for an unreadable file of run ``run``, naming the file and the fix."""
-    return StoreError(
-        f"{path} is damaged ({_brief(e)}); run `ttscale check {run} --repair` to move damaged "
-        "files aside, then resume (`ttscale sample --out RUN --resume`, `ttscale verify RUN`) to "
-        "regenerate what they held"
-    )
+    try:
+        part = path.relative_to(run).parts[0]
+    except (ValueError, IndexError):
+        part = ""
+    repair = f"run `ttscale check {run} --repair`"
+    if part in ("samples", "problems.parquet"):
+        fix = f"{repair} to move it aside, then `ttscale sample --out {run} --resume` to regenerate it"
+    elif part == "verdicts":
+        fix = f"{repair} to move it aside, then `ttscale verify {run}` to re-check those samples"
+    elif part == "manifest.json":
+        fix = f"{repair} to restore it from {MANIFEST_BACKUP}"
+    else:
+        fix = f"{repair} to move it aside"
+    return StoreError(f"{path} is damaged ({_brief(e, path)}); {fix}")
 
 
 def read_parquet(run: Path, path: Path, **kwargs: Any) -> pa.Table:
@@ -384,7 +395,11 @@ class SampleStore:
         *,
         exist_ok: bool = False,
     ) -> SampleStore:
-        """Create a new run directory with a manifest holding ``manifest`` plus provenance."""
+        """Create a new run directory with a manifest holding ``manifest`` plus provenance.
+
+        Safe against workers creating the same directory at once: the check and the manifest
+        write happen under the run lock, and with ``exist_ok`` the loser opens the winner's run.
+        """
         p = Path(path)
         if (p / "manifest.json").exists():
             if exist_ok:
@@ -392,22 +407,27 @@ class SampleStore:
             raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} exists and is not a directory")
-        if p.is_dir() and any(p.iterdir()):
+        if p.is_dir() and any(f.name != ".lock" for f in p.iterdir()):
             raise StoreError(f"{p} is a non-empty directory that is not a ttscale run; use a new path")
         from ttscale import __version__
 
         p.mkdir(parents=True, exist_ok=True)
-        (p / "samples").mkdir(exist_ok=True)
-        (p / "verdicts").mkdir(exist_ok=True)
-        m: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created": _now(),
-            "ttscale_version": __version__,
-            "git_sha": _git_sha(),
-        }
-        m.update(dict(manifest or {}))
-        _write_manifest(p, m)
+        with run_lock(p):
+            if (p / "manifest.json").exists():  # another worker was first
+                if exist_ok:
+                    return cls(p)
+                raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
+            (p / "samples").mkdir(exist_ok=True)
+            (p / "verdicts").mkdir(exist_ok=True)
+            m: dict[str, Any] = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": _now(),
+                "ttscale_version": __version__,
+                "git_sha": _git_sha(),
+            }
+            m.update(dict(manifest or {}))
+            _write_manifest(p, m)
         return cls(p)
 
     @classmethod
@@ -423,9 +443,7 @@ class SampleStore:
         Compatible means the same model, benchmark and sampling parameters (all but ``n``).
         """
         p = Path(path)
-        if not (p / "manifest.json").exists():
-            return cls.create(p, manifest)
-        store = cls(p)
+        store = cls.create(p, manifest, exist_ok=True)
         store.check_compatible(manifest)
         return store
 
@@ -536,6 +554,7 @@ class SampleStore:
             sessions += int(legacy.get("sessions", 0) or 0)
         recs = self.sessions()
         for rec in recs.values():
+            sessions += int(rec.get("sessions", 1) or 0)
             counts = dict(rec.get("committed") or {})
             pending = rec.get("pending")
             if isinstance(pending, Mapping) and (self.path / "samples" / str(pending.get("shard"))).is_file():
@@ -544,7 +563,6 @@ class SampleStore:
             for k in ("samples", "generated_tokens", "prompt_tokens"):
                 totals[k] += int(counts.get(k, 0) or 0)
             totals["wall_seconds"] += float(rec.get("wall_seconds", 0.0) or 0.0)
-        sessions += len(recs)
         if not sessions and not isinstance(legacy, Mapping):
             return {}
         acct: dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "wall_seconds"}
@@ -754,14 +772,45 @@ class SampleStore:
                 yield _row_to_sample(row)
 
     def merge_from(self, other: SampleStore | str | os.PathLike[str]) -> int:
-        """Copy another run's samples (e.g. another worker's) into this one; returns new rows."""
+        """Copy another run's samples (e.g. another worker's) into this one; returns new rows.
+
+        Verdicts and the other run's session accounting come along (each session once, so
+        merging again adds nothing).
+        """
         o = other if isinstance(other, SampleStore) else SampleStore(other)
         self.check_compatible(o.manifest)
         self.write_problems(o.problems())
         n = self.append(o.samples())
         for verifier in o.verifiers():
             self.add_verdicts(o.verdicts(verifier), verifier=verifier)
+        self._merge_accounting(o)
         return n
+
+    def _merge_accounting(self, o: SampleStore) -> None:
+        have = set(self.sessions())
+        for sid, rec in o.sessions().items():
+            if sid in have:
+                continue
+            rec = dict(rec)
+            pending = rec.pop("pending", None)
+            committed = dict(rec.get("committed") or {})
+            # the shards are copied under new names here: settle a pending one against the source
+            if isinstance(pending, Mapping) and (o.path / "samples" / str(pending.get("shard"))).is_file():
+                for k in ("samples", "generated_tokens", "prompt_tokens"):
+                    committed[k] = int(committed.get(k, 0) or 0) + int(pending.get(k, 0) or 0)
+            self.write_session(sid, {**rec, "committed": committed, "pending": None})
+        legacy = o._manifest.get("accounting")
+        if isinstance(legacy, Mapping):
+            sid = "legacy-" + hashlib.blake2b(str(o.path.resolve()).encode(), digest_size=6).hexdigest()
+            if sid not in have:
+                self.write_session(sid, {
+                    "committed": {k: int(legacy.get(k, 0) or 0)
+                                  for k in ("samples", "generated_tokens", "prompt_tokens")},
+                    "pending": None,
+                    "wall_seconds": float(legacy.get("wall_seconds", 0.0) or 0.0),
+                    "sessions": int(legacy.get("sessions", 1) or 0),
+                    "merged_from": str(o.path),
+                })  # fmt: skip
 
     # verdicts --------------------------------------------------------------------------------
 
@@ -892,3 +941,59 @@ def _norm(v: Any) -> Any:
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+def merge_runs(
+    out: str | os.PathLike[str], runs: Sequence[str | os.PathLike[str]]
+) -> tuple[SampleStore, dict[str, int]]:
+    """Merge run directories ``runs`` (e.g. ``--shard`` workers') into ``out`` (created if absent).
+
+    Everything is checked before anything is written: the runs must have compatible settings
+    (as for a resume), and a key stored with different content in two runs is a conflict
+    (:class:`StoreError`). Returns the merged store and the new samples taken from each run.
+    """
+    if not runs:
+        raise ConfigError("give at least one run directory to merge")
+    outp = Path(out)
+    srcs = [SampleStore.open(r) for r in runs]
+    for st in srcs:
+        if outp.exists() and st.path.resolve() == outp.resolve():
+            raise ConfigError(f"cannot merge run {st.path} into itself")
+    target = SampleStore.open(outp) if (outp / "manifest.json").exists() else None
+    base = target or srcs[0]
+    for st in srcs:
+        base.check_compatible(st.manifest)
+    seen: dict[tuple[str, int], tuple[str, Path]] = {}
+    prompts: dict[str, tuple[str, Path]] = {}
+    for st in ([target] if target is not None else []) + srcs:
+        t = st.table(["content_hash"])
+        for pid, i, h in zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(),
+                             t.column("content_hash").to_pylist(), strict=True):  # fmt: skip
+            prev = seen.setdefault((pid, i), (h, st.path))
+            if prev[0] != h:
+                raise StoreError(
+                    f"conflicting samples for key ({pid!r}, {i}): {prev[1]} and {st.path} hold "
+                    "different content, so they were not made with the same settings; nothing "
+                    "was merged"
+                )
+        for p in st.problems():
+            old = prompts.setdefault(p.id, (p.prompt, st.path))
+            if old[0] != p.prompt:
+                raise StoreError(
+                    f"problem {p.id!r} has different prompts in {old[1]} and {st.path}; nothing "
+                    "was merged"
+                )
+    if target is None:
+        skip = ("format", "format_version", "created", "ttscale_version", "git_sha", "accounting")
+        m = {k: v for k, v in srcs[0].manifest.items() if k not in skip}
+        target = SampleStore.create(outp, {**m, "merged_from": [str(r) for r in runs]})
+    added = {str(st.path): target.merge_from(st) for st in srcs}
+    ns = [int((st.manifest.get("sampling") or {}).get("n") or 0) for st in srcs]
+
+    def widen(m: dict[str, Any]) -> None:
+        if isinstance(m.get("sampling"), dict) and ns:
+            m["sampling"]["n"] = max([int(m["sampling"].get("n") or 0), *ns])
+        m["num_problems"] = len(prompts)
+
+    target.modify_manifest(widen)
+    return target, added
