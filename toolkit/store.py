@@ -407,8 +407,13 @@ class SampleStore:
             raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} exists and is not a directory")
-        if p.is_dir() and any(f.name != ".lock" for f in p.iterdir()):
-            raise StoreError(f"{p} is a non-empty directory that is not a ttscale run; use a new path")
+        foreign = f"{p} is a non-empty directory that is not a ttscale run; use a new path"
+        # (what another worker creating this run right now may have made so far is not foreign)
+        being_made = {".lock", "samples", "verdicts", "manifest.json", MANIFEST_BACKUP}
+        if p.is_dir() and any(
+            f.name not in being_made and not f.name.endswith(".tmp") for f in p.iterdir()
+        ):
+            raise StoreError(foreign)
         from ttscale import __version__
 
         p.mkdir(parents=True, exist_ok=True)
@@ -417,6 +422,8 @@ class SampleStore:
                 if exist_ok:
                     return cls(p)
                 raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
+            if any(f.name != ".lock" for f in p.iterdir()):
+                raise StoreError(foreign)
             (p / "samples").mkdir(exist_ok=True)
             (p / "verdicts").mkdir(exist_ok=True)
             m: dict[str, Any] = {
