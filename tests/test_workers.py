@@ -275,3 +275,40 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path: Path) -> None:
     for prefix in ("w0", "w1", "t0", "t1"):
         assert all(m.get(f"{prefix}_{i}") == i for i in range(40)), prefix
     assert m["model"] == "m"
+
+
+@pytest.mark.network
+def test_the_multi_server_recipe_through_the_cli(tmp_path: Path) -> None:
+    """The README's recipe against two local OpenAI-style servers: one worker spreading over
+    both with --base-url repeated, and one worker per server and shard; same run either way."""
+    from test_engines_openai import FakeServer
+
+    from ttscale.evals import load_problems
+
+    servers = [FakeServer(delay=0.02), FakeServer(delay=0.02)]
+    try:
+        common = ["sample", "--engine", "openai", "--model", "m", "--benchmark", "arith",
+                  "--limit", "8", "--n", "3", "--no-progress", "--batch-size", "6",
+                  "--engine-opt", "max_concurrency=4"]  # fmt: skip
+        spread = tmp_path / "spread"
+        r = invoke(*common, "--out", str(spread),
+                   "--base-url", servers[0].url, "--base-url", servers[1].url)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert all(len(s.attempts) > 0 for s in servers)  # both servers did part of the work
+        assert SampleStore.open(spread).manifest["engine"]["base_urls"] == [s.url for s in servers]
+        seen = [len(s.attempts) for s in servers]
+
+        shared = tmp_path / "shared"
+        for i, s in enumerate(servers):
+            r = invoke(*common, "--out", str(shared), "--resume", "--base-url", s.url,
+                       "--shard", f"{i}/2")  # fmt: skip
+            assert r.exit_code == 0, r.output
+        # each server saw only its own shard's prompts
+        for i, s in enumerate(servers):
+            prompts = {a[2]["prompt"] for a in s.attempts[seen[i]:]}
+            mine = {p.prompt for p in shard_problems(load_problems("arith", limit=8), (i, 2))}
+            assert prompts and prompts <= mine
+        assert rows(shared) == rows(spread) and shard_rows(shared) == 24
+    finally:
+        for s in servers:
+            s.close()
