@@ -169,3 +169,28 @@ def test_check_of_a_non_run_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     line = one_line_error(invoke("check", str(tmp_path / "empty")))
     assert "not a ttscale run directory" in line
+
+
+@pytest.mark.slow
+def test_repair_and_resume_with_the_bundled_model(tmp_path: Path) -> None:
+    """The same round trip on the real bundled model (transformers on CPU)."""
+    from ttscale.evals import default_model_path
+
+    model = Path(default_model_path())
+    if not (model / "config.json").is_file():
+        pytest.skip("the bundled model is not built (python -m ttscale.evals.train_arith)")
+    args = ["sample", "--engine", "hf", "--model", str(model), "--benchmark", "arith",
+            "--no-progress", "--limit", "3", "--n", "4", "--max-tokens", "48",
+            "--flush-every", "4", "--batch-size", "4"]  # fmt: skip
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    for out in (run, ref):
+        assert invoke(*args, "--out", str(out)).exit_code == 0
+    shard = sorted((run / "samples").glob("part-*.parquet"))[1]
+    lost = pq.read_metadata(shard).num_rows
+    damage(shard, "truncated")
+    assert "is damaged" in one_line_error(invoke("curve", str(run)))
+    assert invoke("check", str(run), "--repair").exit_code == 0
+    r = invoke("sample", "--engine", "hf", "--no-progress", "--out", str(run), "--resume",
+               "--flush-every", "4", "--batch-size", "4")  # fmt: skip
+    assert r.exit_code == 0 and f"sampled {lost} new samples ({12 - lost} already stored)" in r.output
+    assert rows(run) == rows(ref)
