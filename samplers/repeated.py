@@ -139,6 +139,8 @@ def plan_requests(
 ) -> list[GenerationRequest]:
     """Requests for the indices ``0..n-1`` of each problem that are not in ``have``.
 
+    ``have``: stored ``(problem_id, index)`` keys (a set, or a :class:`SampleStore` itself).
+
     Problem-major order; a problem's missing indices are cut into runs of consecutive indices of
     at most ``max_per_request`` (consecutive runs let an engine fan one prompt out with seeds
     ``seed, seed + 1, ...``; see :func:`ttscale.seeding.sample_seed`).
@@ -341,7 +343,8 @@ class RepeatedSampler:
     manifest.
 
     The store must be new or made with the same sampling settings (all but ``n``); otherwise
-    :class:`~ttscale.errors.StoreError` is raised here.
+    :class:`~ttscale.errors.StoreError` is raised here. Several samplers (threads, processes or
+    machines) may share one store directory; see :meth:`run` for ``shard`` and ``claims``.
     """
 
     def __init__(
