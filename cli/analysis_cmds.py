@@ -308,8 +308,11 @@ def register(app: typer.Typer) -> None:
             run_confidences,
             run_labels,
         )
+        from ttscale.paths import check_writable_file
         from ttscale.store import SampleStore
 
+        if plot is not None:
+            check_writable_file(plot, "--plot")  # before the (possibly long) computation
         if missing not in MISSING_POLICIES:
             raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
         method_list = [m.strip() for m in methods.split(",") if m.strip()]

@@ -24,6 +24,10 @@ class _Group(typer.core.TyperGroup):
             return super().invoke(ctx)
         except TtscaleError as e:
             raise fail(" ".join(str(e).split())) from None
+        except KeyboardInterrupt:
+            # commands that write (sample, run, verify) say what they saved before this point
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
 
 
 app = typer.Typer(
@@ -53,7 +57,7 @@ def _root(
 
 # Each module defines ``register(app)``; one module per command group keeps the wiring apart.
 _COMMAND_MODULES = (
-    "ttscale.cli.store_cmds",  # import, export, info
+    "ttscale.cli.store_cmds",  # import, export, info, check, merge
     "ttscale.cli.analysis_cmds",  # curve, fit, verifier-utility
     "ttscale.cli.sample_cmds",  # sample, run, demo
     "ttscale.cli.bench_cmds",  # bench list/show

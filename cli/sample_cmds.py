@@ -131,6 +131,14 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system-prompt", help="Syste
 ProgressOpt = Annotated[
     bool, typer.Option("--progress/--no-progress", help="Show a progress bar (on a terminal).")
 ]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--shard",
+        help="Sample only shard i of N (problems i, i+N, ...), e.g. 0/4: one worker per shard, "
+        "into one run directory or separate ones joined with `ttscale merge`.",
+    ),
+]
 # test hook: seconds of delay per finished request (makes a run slow enough to kill midway)
 ThrottleOpt = Annotated[float, typer.Option("--throttle", min=0.0, hidden=True)]
 FlushOpt = Annotated[int, typer.Option("--flush-every", min=1, hidden=True)]
@@ -158,6 +166,9 @@ class SampleSpec:
     progress: bool = True
     throttle: float = 0.0
     flush_every: int = 256
+    shard: str | None = None
+    command: str = "sample"  # the command to name in "continue with ..." after Ctrl-C
+    outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -245,10 +256,13 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     """
     from ttscale.engines import make_engine
     from ttscale.evals import get_benchmark
+    from ttscale.paths import check_writable_dir, check_writable_file
     from ttscale.samplers import RepeatedSampler
+    from ttscale.samplers.repeated import parse_shard, shard_problems
     from ttscale.store import SampleStore
     from ttscale.types import SamplingParams
 
+    shard = parse_shard(spec.shard) if spec.shard is not None else None
     out = spec.out
     old: dict[str, Any] = {}
     if out is not None and (out / "manifest.json").exists():
@@ -283,6 +297,15 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if old:
         # fail now, before minutes of engine start-up, on a run made with other settings
         SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
+    mine = shard_problems(problems, shard)
+    if not mine:
+        raise ConfigError(f"shard {spec.shard} of {len(problems)} problems is empty; use fewer shards")
+    # every output must be writable before the engine loads (minutes, for a large model)
+    if out is None:
+        out = _default_out(f"{bench_name}")
+    check_writable_dir(out, "--out")
+    for extra in spec.outputs:
+        check_writable_file(extra, "--plot")
 
     options = {**spec.engine_options, **_parse_engine_opts(spec.engine_opt)}
     if spec.base_url:
@@ -293,8 +316,6 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     try:
         if spec.throttle > 0:
             engine = _Throttled(engine, spec.throttle)
-        if out is None:
-            out = _default_out(f"{bench_name}")
         store = (
             SampleStore.open_or_create(out, manifest)
             if spec.resume
@@ -311,13 +332,40 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             system_prompt=spec.system_prompt,
             manifest=manifest,
         )
-        summary = sampler.run(problems, n=n)
+        try:
+            summary = sampler.run(problems, n=n, shard=shard)
+        except KeyboardInterrupt:
+            _report_interrupt(spec, out, mine, n)
+            raise typer.Exit(130) from None
         info = dict(engine.info())
     finally:
         engine.close()
     if console is not None:
         _print_summary(console, summary, info)
     return SampleResult(store, summary, bench, problems, info)
+
+
+def _report_interrupt(spec: SampleSpec, out: Path, problems: Sequence[Any], n: int) -> None:
+    """After Ctrl-C: what is stored (the sampler flushed every finished sample) and how to go on."""
+    from ttscale.store import SampleStore
+
+    ids = {p.id for p in problems}
+    try:
+        store = SampleStore.open(out)
+        have = sum(1 for pid, i in store.keys() if pid in ids and i < n)
+        acct = store.accounting()
+        saved = (
+            f"{have:,} of {len(ids) * n:,} requested samples are stored in {out} "
+            f"(run total {len(store):,}, {acct.get('generated_tokens', 0):,} generated tokens "
+            "accounted)"
+        )
+    except Exception as e:  # report the interrupt even if the run cannot be read back
+        saved = f"the samples finished so far are stored in {out} (cannot count them: {e})"
+    shard = f" --shard {spec.shard}" if spec.shard else ""
+    typer.echo(
+        f"interrupted: {saved}; continue with: ttscale {spec.command} --out {out} --resume{shard}",
+        err=True,
+    )
 
 
 def _print_summary(console: Any, s: Any, info: Mapping[str, Any]) -> None:
@@ -482,10 +530,15 @@ def register(app: typer.Typer) -> None:
         chat: ChatOpt = None,
         system_prompt: SystemOpt = None,
         progress: ProgressOpt = True,
+        shard: ShardOpt = None,
         throttle: ThrottleOpt = 0.0,
         flush_every: FlushOpt = 256,
     ) -> None:
-        """Draw N samples per problem of a benchmark into a run directory (resumable)."""
+        """Draw N samples per problem of a benchmark into a run directory (resumable).
+
+        Several workers may share one run directory (each takes problems no other worker holds)
+        or split the problems with --shard i/N.
+        """
         spec = SampleSpec(
             model=model,
             benchmark=benchmark,
@@ -506,6 +559,7 @@ def register(app: typer.Typer) -> None:
             progress=progress,
             throttle=throttle,
             flush_every=flush_every,
+            shard=shard,
         )
         run_sample(spec, console=_console())
 
@@ -571,6 +625,8 @@ def register(app: typer.Typer) -> None:
             throttle=throttle,
             flush_every=flush_every,
         )
+        spec.command = "run"
+        spec.outputs = (plot,) if plot is not None else ()
         if benchmark is not None:
             from ttscale.verifiers.base import split_spec
             from ttscale.verifiers.sandbox import resolve_isolation

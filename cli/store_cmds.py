@@ -1,4 +1,4 @@
-"""CLI commands on run directories: import, export, info."""
+"""CLI commands on run directories: import, export, info, check, merge."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``import``, ``export`` and ``info`` to ``app``."""
+    """Add ``import``, ``export``, ``info``, ``check`` and ``merge`` to ``app``."""
 
     @app.command("import")
     def import_cmd(
@@ -75,17 +75,20 @@ def register(app: typer.Typer) -> None:
         """Export a run's samples as JSONL (the import schema), plus OUT.manifest.json metadata."""
         from ttscale.cli.analysis_cmds import describe_verdicts
         from ttscale.errors import ConfigError
+        from ttscale.paths import check_writable_file
         from ttscale.store import SampleStore
         from ttscale.store.jsonio import export_jsonl, sidecar_path
 
         if no_verdicts and verifier is not None:
             raise ConfigError("give either --verifier NAME or --no-verdicts, not both")
+        if out is not None:
+            check_writable_file(out, "--out", parents=False)  # before reading the run
         store = SampleStore.open(run)
         chosen = None if no_verdicts else store.choose_verdicts(verifier)
         said = describe_verdicts(chosen) if chosen else "verdicts: none (--no-verdicts)"
         if out is None:
-            typer.echo(f"exporting with {said}", err=True)
-            export_jsonl(store, sys.stdout, verifier=verifier, use_verdicts=not no_verdicts)
+            n = export_jsonl(store, sys.stdout, verifier=verifier, use_verdicts=not no_verdicts)
+            typer.echo(f"exported {n} samples; {said}", err=True)  # after: an error stays one line
             return
         tmp = out.with_name(f".{out.name}.tmp")
         side = sidecar_path(out)
@@ -153,3 +156,86 @@ def register(app: typer.Typer) -> None:
         if isinstance(m.get("accounting"), dict):
             t.add_row("accounting", ", ".join(f"{k}={v}" for k, v in m["accounting"].items()))
         Console().print(t)
+
+    @app.command("check")
+    def check_cmd(
+        run: Annotated[Path, typer.Argument(help="Run directory.")],
+        repair: Annotated[
+            bool,
+            typer.Option(
+                "--repair",
+                help="Move damaged files to RUN/damaged/ (never deletes) and restore a damaged "
+                "manifest from its backup; then `sample --resume` / `verify` regenerate them.",
+            ),
+        ] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ) -> None:
+        """Read every file of a run (manifest, problems, shards); report and repair damage.
+
+        Exit code 0 when the run is healthy (or fully repaired), 1 when damage remains.
+        """
+        import json
+
+        from rich.console import Console
+
+        from ttscale.store.check import check_run
+
+        report = check_run(run, repair=repair)
+        if json_out:
+            typer.echo(json.dumps({
+                "run": str(run), "files": report.files, "samples": report.samples,
+                "ok": report.ok, "restored_manifest": report.restored_manifest,
+                "damage": [{"path": str(d.path), "kind": d.kind, "reason": d.reason,
+                            "fix": d.fix, "moved_to": str(d.moved_to) if d.moved_to else None}
+                           for d in report.damage],
+                "next_steps": list(report.next_steps),
+            }, indent=2))  # fmt: skip
+            raise typer.Exit(0 if report.ok else 1)
+        c = Console(highlight=False, soft_wrap=True)
+        for d in report.damage:
+            if d.moved_to is not None:
+                c.print(f"moved {d.path} -> {d.moved_to} ({d.kind}: {d.reason}); {d.fix}")
+            elif d.kind == "manifest" and report.restored_manifest:
+                c.print(f"restored {d.path} from its backup ({d.reason})")
+            else:
+                c.print(f"damaged {d.path} ({d.kind}: {d.reason}); {d.fix}")
+        if not report.damage:
+            c.print(f"{run}: {report.files} files checked, {report.samples:,} samples, no damage")
+            return
+        if not report.ok:
+            movable = [d for d in report.damage if d.kind != "conflict"]
+            hint = f"; run `ttscale check {run} --repair`" if movable and not repair else ""
+            typer.echo(
+                f"error: {len(report.damage)} problem(s) in {run} ({report.files} files "
+                f"checked){hint}",
+                err=True,
+            )
+            raise typer.Exit(1)
+        c.print(
+            f"{run}: repaired ({report.files} files checked, {report.samples:,} samples readable)"
+            + (f"; now run: {' && '.join(report.next_steps)}" if report.next_steps else "")
+        )
+
+    @app.command("merge")
+    def merge_cmd(
+        out: Annotated[Path, typer.Argument(help="Run directory to merge into (created if absent).")],
+        runs: Annotated[list[Path], typer.Argument(help="Run directories to merge (e.g. shards).")],
+    ) -> None:
+        """Merge runs made with the same settings (e.g. --shard workers) into one run directory.
+
+        Samples are keyed by (problem, index): copies of one key with the same content collapse,
+        different content is a conflict, reported before anything is written. Verdicts and the
+        sessions' token accounting are merged too; merging again is a no-op.
+        """
+        from rich.console import Console
+
+        from ttscale.store import merge_runs
+
+        merged, added = merge_runs(out, runs)
+        c = Console(highlight=False, soft_wrap=True)
+        for src, n in added.items():
+            c.print(f"merged {src}: {n:,} new samples")
+        c.print(
+            f"run [bold]{merged.path}[/bold]: {len(merged):,} samples, "
+            f"{len(merged.counts())} problems with samples, {len(merged.problems())} recorded"
+        )

@@ -64,12 +64,15 @@ def run_verify(
     cache: Path | None = None,
     on_batch: Any = None,
     isolation: str = "auto",
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Verify every not-yet-verified sample of ``run`` with verifier ``spec``; returns a summary.
 
     Resumable and idempotent: keys already verified by this verifier name are skipped (unless
     ``force``), and verdicts are written one shard per batch, so an interrupted run keeps its
-    finished batches.
+    finished batches (Ctrl-C says how many and how to continue). ``shard=(i, N)`` verifies only
+    the problems at positions ``i, i + N, ...`` of the run's sorted problem ids, so N workers can
+    verify one run together.
     """
     import json
     import logging
@@ -77,6 +80,7 @@ def run_verify(
     import pyarrow.compute as pc
 
     from ttscale.errors import ConfigError, StoreError
+    from ttscale.paths import check_writable_dir
     from ttscale.store import SampleStore
     from ttscale.types import Sample
     from ttscale.verifiers.base import close_verifier, make_verifier, split_spec, verify_many
@@ -85,6 +89,7 @@ def run_verify(
     if batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     store = SampleStore.open(run)
+    check_writable_dir(store.path, "run directory")  # before building the verifier (models...)
     problems = {p.id: p for p in store.problems()}
     if not problems:
         raise StoreError(
@@ -166,12 +171,26 @@ def run_verify(
                 on_batch(written)
             items, size = [], 0
 
-        for pid in sorted(groups):
-            items.append((problems[pid], groups[pid]))
-            size += len(groups[pid])
-            if size >= batch:
-                flush()
-        flush()
+        order = sorted(problems)
+        if shard is not None:
+            mine = set(order[shard[0] :: shard[1]])
+            groups = {pid: g for pid, g in groups.items() if pid in mine}
+        try:
+            for pid in sorted(groups):
+                items.append((problems[pid], groups[pid]))
+                size += len(groups[pid])
+                if size >= batch:
+                    flush()
+            flush()
+        except KeyboardInterrupt:
+            shard_arg = f" --shard {shard[0]}/{shard[1]}" if shard else ""
+            typer.echo(
+                f"interrupted: {written:,} new verdicts of {vname} are stored in {run} "
+                f"({len(done) + written:,} samples verified by it); continue with: ttscale verify "
+                f"{run} --verifier {spec}{shard_arg}",
+                err=True,
+            )
+            raise typer.Exit(130) from None
         info = dict(verifier.info()) if callable(getattr(verifier, "info", None)) else {}
         store.update_verdict_record(vname, info)
     finally:
@@ -241,15 +260,22 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--json", help="Print the summary as JSON.")
         ] = False,
         isolation: IsolationOpt = IsolationChoice.auto,
+        shard: Annotated[
+            Optional[str],
+            typer.Option(help="Verify only shard i of N of the problems, e.g. 0/4 (N workers)."),
+        ] = None,
     ) -> None:
         """Verify a run's samples; verdicts, answers and scores are added to the run (resumable)."""
         import json
 
         from rich.console import Console
 
+        from ttscale.samplers.repeated import parse_shard
+
         summary = run_verify(
             run, verifier, workers=workers, timeout=timeout, extractor=extractor, name=name,
             force=force, batch=batch, cache=cache, isolation=isolation.value,
+            shard=parse_shard(shard) if shard is not None else None,
         )  # fmt: skip
         if json_out:
             typer.echo(json.dumps(summary, sort_keys=True))

@@ -13,15 +13,30 @@ would not:
   generated. Per-sample seeds (``sample_seed(run_seed, problem_id, index)``, derived by the
   engine from the request's explicit indices) make a resumed or extended run sample-for-sample
   identical to an uninterrupted one.
+
+Several workers may share the work of one run directory, on one machine or many:
+
+* ``shard=(i, N)`` samples only every N-th problem (positions ``i, i + N, ...`` of the problem
+  list; :func:`shard_problems`), a deterministic partition that needs no coordination (a SLURM
+  array, one worker per inference server); the shards' samples merge without conflict because
+  every sample is keyed and seeded by ``(problem_id, index)``;
+* without a shard, workers on one directory take turns per problem through advisory claims
+  (:mod:`ttscale.store.claims`), so two ``sample --resume`` processes do not generate the same samples;
+* each session keeps its accounting in its own file (``accounting/<session>.json``, see
+  :meth:`SampleStore.accounting`), so no worker's tokens are lost to another's manifest write.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections import deque
+from collections.abc import Container, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +45,49 @@ from typing import Any
 from ttscale.engines.base import Engine, GenerationError, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.store import SampleStore
+from ttscale.store.claims import ProblemClaims
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 
-__all__ = ["RepeatedSampler", "SamplingSummary", "plan_requests"]
+__all__ = ["RepeatedSampler", "SamplingSummary", "parse_shard", "plan_requests", "shard_problems"]
 
 log = logging.getLogger(__name__)
 
-_ACCOUNTING_KEYS = ("samples", "generated_tokens", "prompt_tokens", "wall_seconds")
+_COUNT_KEYS = ("samples", "generated_tokens", "prompt_tokens")
+# how long a worker waits between looks at problems another worker has claimed
+_CLAIM_POLL_SECONDS = 0.25
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> ``(i, N)`` with ``0 <= i < N`` (a :class:`ConfigError` otherwise)."""
+    i, sep, n = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        shard = (int(i), int(n))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    check_shard(shard)
+    return shard
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    i, n = shard
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard i/N needs N >= 1 and 0 <= i < N, got {i}/{n}")
+
+
+def shard_problems(problems: Sequence[Problem], shard: tuple[int, int] | None) -> list[Problem]:
+    """Shard ``i/N`` of ``problems``: the problems at positions ``i, i + N, i + 2N, ...``.
+
+    Deterministic and balanced (shard sizes differ by at most one), and stable when a run grows
+    with a larger ``--limit`` (positions of the first problems do not change). The N shards are
+    disjoint and together hold every problem.
+    """
+    if shard is None:
+        return list(problems)
+    check_shard(shard)
+    i, n = shard
+    return list(problems)[i::n]
 
 
 @dataclass(frozen=True)
@@ -45,8 +96,8 @@ class SamplingSummary:
 
     ``generated`` samples were drawn in this call, ``skipped`` were already stored, ``stored``
     is the store's total afterwards. Token counts and ``wall_seconds`` cover this call only;
-    ``accounting`` is the run's cumulative record (the manifest's ``accounting``, summed over
-    every call, resumes included). ``store_seconds`` is the time spent writing shards, on a
+    ``accounting`` is the run's cumulative record (:meth:`SampleStore.accounting`, summed over
+    every session, resumes and concurrent workers included). ``store_seconds`` is the time spent writing shards, on a
     background thread that overlaps generation (unless ``background_writes=False``).
     """
 
@@ -80,13 +131,15 @@ class SamplingSummary:
 def plan_requests(
     problems: Sequence[Problem],
     n: int,
-    have: set[tuple[str, int]],
+    have: Container[tuple[str, int]],
     *,
     max_per_request: int,
     messages: bool = False,
     system_prompt: str | None = None,
 ) -> list[GenerationRequest]:
     """Requests for the indices ``0..n-1`` of each problem that are not in ``have``.
+
+    ``have``: stored ``(problem_id, index)`` keys (a set, or a :class:`SampleStore` itself).
 
     Problem-major order; a problem's missing indices are cut into runs of consecutive indices of
     at most ``max_per_request`` (consecutive runs let an engine fan one prompt out with seeds
@@ -185,9 +238,19 @@ class _Writer:
 
     def _write(self, batch: list[Completion]) -> None:
         t = time.perf_counter()
-        self.store.append(Sample.from_completion(c) for c in batch)
-        self.on_flush(batch)
+        self.on_flush(batch, self.store)
         self.store_seconds += time.perf_counter() - t
+
+    def flush(self) -> None:
+        """Write what is buffered and wait until every shard so far is durable."""
+        with self._lock:
+            batch, self._buf = self._buf, []
+            self._last = time.monotonic()
+        if batch:
+            self._submit(batch)
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     def _raise_failed(self) -> None:
         for f in self._pending:
@@ -280,7 +343,8 @@ class RepeatedSampler:
     manifest.
 
     The store must be new or made with the same sampling settings (all but ``n``); otherwise
-    :class:`~ttscale.errors.StoreError` is raised here.
+    :class:`~ttscale.errors.StoreError` is raised here. Several samplers (threads, processes or
+    machines) may share one store directory; see :meth:`run` for ``shard`` and ``claims``.
     """
 
     def __init__(
@@ -337,11 +401,23 @@ class RepeatedSampler:
             flag = getattr(getattr(self.engine, "tokenizer", None), "chat_template", None)
         return bool(flag)
 
-    def run(self, problems: Sequence[Problem], n: int | None = None) -> SamplingSummary:
+    def run(
+        self,
+        problems: Sequence[Problem],
+        n: int | None = None,
+        *,
+        shard: tuple[int, int] | None = None,
+        claims: bool = True,
+    ) -> SamplingSummary:
         """Make sure samples ``0..n-1`` (default ``params.n``) of every problem are stored.
 
         Only missing keys are generated, so calling it again resumes a killed run, and a larger
-        ``n`` extends a finished one. Returns a :class:`SamplingSummary`.
+        ``n`` extends a finished one. ``shard=(i, N)`` samples only shard ``i`` of ``N`` of the
+        problems (:func:`shard_problems`); every problem is still recorded in the run.
+        ``claims``: claim each problem before sampling it (:mod:`ttscale.store.claims`), so workers
+        sharing the run directory do not duplicate work; a worker whose remaining problems are
+        all claimed by others waits for them and returns once they are stored. Returns a
+        :class:`SamplingSummary` (its counts cover this worker's problems).
         """
         n = self.params.n if n is None else n
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -351,85 +427,55 @@ class RepeatedSampler:
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
+        mine = shard_problems(problems, shard)
         store = self.store
         store.write_problems(problems)
-        have = store.keys()
-        m = store.manifest
-        base = _reconciled(store, dict(m.get("accounting") or {}), len(have))
-        state = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0}
-        old_n = int((m.get("sampling") or {}).get("n") or 0)
-        engines_used = list(m.get("engines_used") or [])
-        name = self.engine_info.get("engine")
-        if name and name not in engines_used:
-            if engines_used:
-                log.warning(
-                    "run %s was sampled with engine %s and now continues with %s; samples of "
-                    "different engines are not identical for the same seeds",
-                    store.path,
-                    engines_used,
-                    name,
-                )
-            engines_used.append(name)
-        # one manifest write per session start (the session is counted even if it is killed)
-        store.update_manifest(
-            **self.extra_manifest,
-            engine=self.engine_info,
-            engines_used=engines_used,
-            logprob_mode=self.engine_info.get("logprob_mode"),
-            sampling=self.params.replace(n=max(n, old_n)).to_dict(),
-            seed=self.params.seed,
-            num_problems=len(store.problems()),
-            chat=self.chat,
-            accounting=_accounting(base, state, 0.0),
-        )
+        self._start_session(store, n)
+        session = _Session(store, self.engine_info.get("engine"), shard)
 
-        requests = plan_requests(
-            problems,
-            n,
-            have,
-            max_per_request=self.max_per_request,
-            messages=self.chat,
-            system_prompt=self.system_prompt,
-        )
-        todo = sum(len(r.indices) for r in requests)
-        requested = len(problems) * n
-        skipped = requested - todo
-        remaining = {p.id: 0 for p in problems}
-        for r in requests:
-            remaining[r.problem_id] += len(r.indices)
+        initial_missing = {p.id: len(_missing(store, p.id, n)) for p in mine}
+        todo = sum(initial_missing.values())
+        requested = len(mine) * n
         log.info(
-            "sampling %d problems x n=%d into %s: %d stored, %d to generate",
-            len(problems),
+            "sampling %d problems x n=%d into %s%s: %d stored, %d to generate",
+            len(mine),
             n,
             store.path,
-            skipped,
+            f" (shard {shard[0]}/{shard[1]})" if shard else "",
+            requested - todo,
             todo,
         )
 
         t0 = time.perf_counter()
         bar = _Progress(
             (sys.stderr.isatty() if self.progress is None else self.progress) and todo > 0,
-            problems=len(problems),
+            problems=len(mine),
             samples=requested,
-            done_problems=sum(1 for v in remaining.values() if v == 0),
+            done_problems=sum(1 for v in initial_missing.values() if v == 0),
         )
-        bar.advance(skipped, 0, 0.0)
-        acct_lock = threading.Lock()
+        bar.advance(requested - todo, 0, 0.0)
+        state = dict.fromkeys(_COUNT_KEYS, 0)
+        claim = ProblemClaims(store.path) if claims else None
+        # per problem: samples planned in this session and not yet durable; its claim is released
+        # when that reaches 0, never earlier (another worker would regenerate them)
+        outstanding: dict[str, int] = {}
+        out_lock = threading.Lock()
 
-        last_acct = [time.perf_counter()]
-
-        def on_flush(batch: list[Completion]) -> None:
-            # runs on the writer thread once a shard is durable: account only stored samples.
-            # The manifest is rewritten at most every flush_seconds (a kill in between is
-            # reconciled from the store by the next session, see _reconciled).
-            with acct_lock:
+        def on_flush(batch: list[Completion], st: SampleStore) -> None:
+            # runs on the writer thread: store the shard, account it, release finished problems
+            session.store_batch(st, batch)
+            with out_lock:
                 state["samples"] += len(batch)
                 state["generated_tokens"] += sum(c.num_tokens for c in batch)
                 state["prompt_tokens"] += sum(c.prompt_tokens or 0 for c in batch)
-                now = time.perf_counter()
-                if now - last_acct[0] >= self.flush_seconds:
-                    last_acct[0] = now
-                    self._write_accounting(base, state, now - t0)
+                for c in batch:
+                    left = outstanding.get(c.problem_id, 0) - 1
+                    if left > 0:
+                        outstanding[c.problem_id] = left
+                    else:
+                        outstanding.pop(c.problem_id, None)
+                        if claim is not None:
+                            claim.release(c.problem_id)
 
         writer = _Writer(
             store,
@@ -440,6 +486,7 @@ class RepeatedSampler:
         )
         tokens_seen = 0
         cb_lock = threading.Lock()  # engines may call on_result from their own threads
+        remaining = dict(initial_missing)
 
         def make_callback(group: list[GenerationRequest], seen: set[int]):
             def on_result(pos: int, comps: list[Completion]) -> None:
@@ -458,9 +505,76 @@ class RepeatedSampler:
 
             return on_result
 
+        queue: deque[Problem] = deque(p for p in mine if initial_missing[p.id] > 0)
+        waiting: list[Problem] = []
+        planned: deque[GenerationRequest] = deque()
+        planned_size = 0
+
+        def plan_more() -> None:
+            """Claim queued problems and plan their missing samples, up to one engine batch."""
+            nonlocal planned_size
+            while queue and planned_size < self.batch_size:
+                claimed: list[Problem] = []
+                budget = planned_size
+                while queue and budget < self.batch_size:
+                    p = queue.popleft()
+                    if claim is not None and not claim.try_claim(p.id):
+                        waiting.append(p)  # another worker is on it; look again later
+                        continue
+                    claimed.append(p)
+                    budget += initial_missing[p.id]
+                if claim is not None and claimed:
+                    store.refresh()  # after claiming: see what other workers stored meanwhile
+                for p in claimed:
+                    reqs = plan_requests(
+                        [p],
+                        n,
+                        store,
+                        max_per_request=self.max_per_request,
+                        messages=self.chat,
+                        system_prompt=self.system_prompt,
+                    )
+                    k = sum(len(r.indices) for r in reqs)
+                    if remaining[p.id] > k:  # another worker stored some of them meanwhile
+                        with cb_lock:
+                            done = remaining[p.id] - k
+                            remaining[p.id] = k
+                            bar.advance(done, int(k == 0), 0.0)
+                    if k == 0:
+                        if claim is not None:
+                            claim.release(p.id)
+                        continue
+                    with out_lock:
+                        outstanding[p.id] = outstanding.get(p.id, 0) + k
+                    planned.extend(reqs)
+                    planned_size += k
+
+        def next_group() -> list[GenerationRequest]:
+            nonlocal planned_size
+            while True:
+                plan_more()
+                if planned:
+                    break
+                if not waiting:
+                    return []
+                # only problems other workers hold are left: make our own work durable (which
+                # releases our claims, so no two workers ever wait on each other), then wait
+                writer.flush()
+                log.info("waiting for %d problems other workers are sampling", len(waiting))
+                time.sleep(_CLAIM_POLL_SECONDS)
+                queue.extend(waiting)
+                waiting.clear()
+            group: list[GenerationRequest] = []
+            size = 0
+            while planned and (not group or size + len(planned[0].indices) <= self.batch_size):
+                r = planned.popleft()
+                group.append(r)
+                size += len(r.indices)
+            planned_size -= size
+            return group
+
         try:
-            for positions in _batches(requests, self.batch_size):
-                group = [requests[i] for i in positions]
+            while group := next_group():
                 seen: set[int] = set()
                 callback = make_callback(group, seen)
                 try:
@@ -488,31 +602,36 @@ class RepeatedSampler:
                 for pos, comps in enumerate(results):
                     callback(pos, comps)
         except BaseException:
-            # keep every completed sample; a write error must not hide the original exception
+            # keep every completed sample (Ctrl-C included); a write error must not hide the
+            # original exception
             try:
                 writer.close()
-                self._write_accounting(base, state, time.perf_counter() - t0)
+                session.write()
             except Exception:
                 log.exception("could not store completed samples after a failure")
             raise
         finally:
             bar.close()
+            if claim is not None:
+                claim.close()
         writer.close()
+        session.write()
 
         wall = time.perf_counter() - t0
-        acct = self._write_accounting(base, state, wall)
+        store.refresh()
+        stored_mine = sum(n - len(_missing(store, p.id, n)) for p in mine)
         summary = SamplingSummary(
             path=store.path,
-            problems=len(problems),
+            problems=len(mine),
             n=n,
             requested=requested,
-            skipped=skipped,
+            skipped=max(0, stored_mine - state["samples"]),
             generated=state["samples"],
             stored=len(store),
             generated_tokens=state["generated_tokens"],
             prompt_tokens=state["prompt_tokens"],
             wall_seconds=wall,
-            accounting=acct,
+            accounting=store.accounting(),
             store_seconds=writer.store_seconds,
         )
         log.info(
@@ -525,35 +644,116 @@ class RepeatedSampler:
         )
         return summary
 
-    def _write_accounting(
-        self, base: Mapping[str, Any], state: Mapping[str, int], wall: float
-    ) -> dict[str, Any]:
-        acct = _accounting(base, state, wall)
-        self.store.update_manifest(accounting=acct)
-        return acct
+    def _start_session(self, store: SampleStore, n: int) -> None:
+        """Record engine, sampling settings and problems in the manifest (one locked update)."""
+        name = self.engine_info.get("engine")
+        num_problems = len(store.problems())
+        legacy_stored = len(store) if not store.sessions() else None
+
+        def start(m: dict[str, Any]) -> None:
+            engines_used = list(m.get("engines_used") or [])
+            if name and name not in engines_used:
+                if engines_used:
+                    log.warning(
+                        "run %s was sampled with engine %s and now continues with %s; samples "
+                        "of different engines are not identical for the same seeds",
+                        store.path,
+                        engines_used,
+                        name,
+                    )
+                engines_used.append(name)
+            old_n = int((m.get("sampling") or {}).get("n") or 0)
+            fields: dict[str, Any] = {
+                **self.extra_manifest,
+                "engine": self.engine_info,
+                "engines_used": engines_used,
+                "logprob_mode": self.engine_info.get("logprob_mode"),
+                "sampling": self.params.replace(n=max(n, old_n)).to_dict(),
+                "seed": self.params.seed,
+                "num_problems": num_problems,
+                "chat": self.chat,
+            }
+            for k, v in fields.items():
+                if isinstance(v, Mapping) and isinstance(m.get(k), dict):
+                    m[k] = {**m[k], **v}
+                else:
+                    m[k] = v
+            legacy = m.get("accounting")
+            if legacy_stored is not None and isinstance(legacy, dict):
+                m["accounting"] = _reconciled(store, legacy, legacy_stored)
+
+        store.modify_manifest(start)
 
 
-def _accounting(base: Mapping[str, Any], state: Mapping[str, int], wall: float) -> dict[str, Any]:
-    """Cumulative accounting: the previous sessions' (``base``) plus this one's."""
-    acct: dict[str, Any] = {k: base.get(k, 0) for k in _ACCOUNTING_KEYS}
-    acct["samples"] = int(acct["samples"]) + state["samples"]
-    acct["generated_tokens"] = int(acct["generated_tokens"]) + state["generated_tokens"]
-    acct["prompt_tokens"] = int(acct["prompt_tokens"]) + state["prompt_tokens"]
-    acct["wall_seconds"] = round(float(acct["wall_seconds"]) + wall, 3)
-    secs = acct["wall_seconds"]
-    acct["samples_per_s"] = round(acct["samples"] / secs, 3) if secs > 0 else 0.0
-    acct["tokens_per_s"] = round(acct["generated_tokens"] / secs, 3) if secs > 0 else 0.0
-    acct["sessions"] = int(base.get("sessions", 0)) + 1
-    return acct
+class _Session:
+    """One sampling session's accounting, in ``RUN/accounting/<session>.json`` (its own file).
+
+    Before a shard is renamed into place the record announces it as ``pending`` (with its
+    counts); after the rename the counts move to ``committed``. A reader counts a pending shard
+    only if it exists (:meth:`SampleStore.accounting`), so a session killed at any instant is
+    accounted for exactly the samples it stored, with no reconciliation guesswork, and workers
+    sharing a run never write each other's records.
+    """
+
+    def __init__(self, store: SampleStore, engine: Any, shard: tuple[int, int] | None) -> None:
+        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.id = f"{stamp}-{host or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.store = store
+        self.t0 = time.perf_counter()
+        self.committed = dict.fromkeys(_COUNT_KEYS, 0)
+        self.meta = {
+            "session": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "engine": engine,
+            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        }
+        self._lock = threading.Lock()
+        self.write()  # the session counts from its start, even if it is killed at once
+
+    def write(self, pending: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            record = {
+                **self.meta,
+                "committed": dict(self.committed),
+                "pending": dict(pending) if pending else None,
+                "wall_seconds": round(time.perf_counter() - self.t0, 3),
+            }
+            self.store.write_session(self.id, record)
+
+    def store_batch(self, store: SampleStore, batch: Sequence[Completion]) -> int:
+        counts = {
+            "samples": len(batch),
+            "generated_tokens": sum(c.num_tokens for c in batch),
+            "prompt_tokens": sum(c.prompt_tokens or 0 for c in batch),
+        }
+
+        def announce(shard: str, rows: list[dict[str, Any]]) -> None:
+            self.write({"shard": shard, **counts})
+
+        new = store.append((Sample.from_completion(c) for c in batch), before_commit=announce)
+        # (a batch already stored entirely by another worker writes no shard: counted directly)
+        with self._lock:
+            for k, v in counts.items():
+                self.committed[k] += v
+        self.write()
+        return new
+
+
+def _missing(store: SampleStore, problem_id: str, n: int) -> list[int]:
+    return [i for i in range(n) if (problem_id, i) not in store]
 
 
 def _reconciled(store: SampleStore, acct: dict[str, Any], stored: int) -> dict[str, Any]:
-    """Account samples that reached the store after the last accounting update.
+    """Account samples that reached the store after the last accounting update (old runs).
 
-    A shard is made durable before the manifest's accounting is updated, so a process killed
-    between the two leaves stored samples unaccounted. Every accounted sample is stored, hence the
-    unaccounted generated tokens are exactly the stored tokens minus the accounted ones (prompt
-    tokens and wall time of those samples are not recoverable and stay uncounted).
+    Runs made before sessions kept their own accounting files updated the manifest's accounting
+    after a shard was durable, so a process killed between the two left stored samples
+    unaccounted. Every accounted sample is stored, hence the unaccounted generated tokens are
+    exactly the stored tokens minus the accounted ones (prompt tokens and wall time of those
+    samples are not recoverable and stay uncounted).
     """
     if stored <= int(acct.get("samples", 0)):
         return acct
@@ -564,6 +764,7 @@ def _reconciled(store: SampleStore, acct: dict[str, Any], stored: int) -> dict[s
         stored - int(acct.get("samples", 0)),
         store.path,
     )
+    acct = dict(acct)
     acct["samples"] = stored
     acct["generated_tokens"] = max(int(acct.get("generated_tokens", 0)), tokens)
     return acct

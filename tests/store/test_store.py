@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -79,12 +80,17 @@ def test_same_content_is_ignored_and_conflict_is_error(store):
 def test_shards_are_atomic_and_stray_tmp_files_ignored(store):
     store.append(_samples("p", 2))
     d = store.path / "samples"
-    # simulate a writer killed between write and rename
-    (d / ".part-x.parquet.deadbeef.tmp").write_bytes(b"garbage")
+    # simulate a writer killed between write and rename (two hours ago) ...
+    old = d / ".part-x.parquet.deadbeef.tmp"
+    old.write_bytes(b"garbage")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    # ... and another worker writing a shard right now: its file must survive our reads
+    live = d / ".part-y.parquet.cafe.tmp"
+    live.write_bytes(b"half a shard")
     reopened = SampleStore.open(store.path)
     assert len(reopened) == 2
     assert reopened.table().num_rows == 2
-    assert not list(d.glob("*.tmp"))
+    assert list(d.glob("*.tmp")) == [live]
 
 
 def test_merge_shards_from_several_workers(tmp_path):

@@ -7,7 +7,7 @@ in and out of the store as JSON lines.
 
 from ttscale.store.jsonio import export_jsonl, import_jsonl, read_samples_jsonl, sample_to_json
 from ttscale.store.pool import Pool, ProblemView
-from ttscale.store.samplestore import SAMPLE_SCHEMA, VERDICT_SCHEMA, SampleStore
+from ttscale.store.samplestore import SAMPLE_SCHEMA, VERDICT_SCHEMA, SampleStore, merge_runs
 
 __all__ = [
     "SAMPLE_SCHEMA",
@@ -17,6 +17,7 @@ __all__ = [
     "SampleStore",
     "export_jsonl",
     "import_jsonl",
+    "merge_runs",
     "read_samples_jsonl",
     "sample_to_json",
 ]

@@ -9,25 +9,41 @@ Layout of a run directory::
       problems.parquet           id, prompt, reference (JSON), meta (JSON)
       samples/part-*.parquet     one row per (problem_id, index)
       verdicts/<verifier>/part-*.parquet   one row per (problem_id, index) checked by that verifier
+      accounting/<session>.json  tokens/samples/time of one sampling session (one writer each)
+      manifest.backup.json       the last good manifest (``ttscale check --repair`` restores it)
+      claims.lock                advisory per-problem claims of concurrent workers (ttscale.store.claims)
+      damaged/                   files ``ttscale check --repair`` moved aside (never deleted)
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
 reader never sees half a shard and a killed writer leaves at most a stray ``.tmp`` file (ignored
-and cleaned up). Samples are keyed by ``(problem_id, index)``: appending a key that is already
+and cleaned up once it is an hour old, so a concurrent writer's file is never touched). Samples
+are keyed by ``(problem_id, index)``: appending a key that is already
 stored with the same content is a no-op, with different content a :class:`StoreError`. That makes
 resuming a killed run, extending it, and merging shards written by several workers safe.
+
+Several processes (on one machine or many, over a shared filesystem) may write into one run
+directory at once: shards have unique names, the manifest is read-modified-written under a lock
+(:meth:`SampleStore.modify_manifest`), and each sampling session keeps its token accounting in
+its own file under ``accounting/``, summed on read, so no worker's accounting is ever lost.
+
+A file that cannot be read (truncated, empty, garbage, wrong schema) raises a one-line
+:class:`StoreError` naming the file and the fix (``ttscale check RUN --repair``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +55,15 @@ import pyarrow.parquet as pq
 from ttscale.errors import ConfigError, StoreError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
-__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore"]
+__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore", "merge_runs"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "ttscale-run"
 FORMAT_VERSION = 1
+MANIFEST_BACKUP = "manifest.backup.json"
+# a ``.tmp`` file younger than this may belong to a live writer (another worker): leave it alone
+_STRAY_TMP_AGE = 3600.0
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -143,12 +162,95 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
+def _atomic_write_table(
+    path: Path, table: pa.Table, *, before_rename: Callable[[], None] | None = None
+) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _write_manifest(run: Path, m: Mapping[str, Any]) -> None:
+    """Write the manifest, then its backup (the last good copy ``ttscale check`` restores)."""
+    data = (_dumps(m) + "\n").encode()
+    _atomic_write_bytes(run / "manifest.json", data)
+    _atomic_write_bytes(run / MANIFEST_BACKUP, data)
+
+
+def _brief(e: BaseException, path: Path | None = None) -> str:
+    """The first line of an exception message, shortened (for one-line errors)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if path is not None:  # the caller names the file already
+        text = text.replace(f" '{path}'", "").replace(f" {path}", "")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def damaged_file_error(run: Path, path: Path, e: BaseException) -> StoreError:
+    """The one-line error for an unreadable file of run ``run``, naming the file and the fix."""
+    try:
+        part = path.relative_to(run).parts[0]
+    except (ValueError, IndexError):
+        part = ""
+    repair = f"run `ttscale check {run} --repair`"
+    if part in ("samples", "problems.parquet"):
+        fix = f"{repair} to move it aside, then `ttscale sample --out {run} --resume` to regenerate it"
+    elif part == "verdicts":
+        fix = f"{repair} to move it aside, then `ttscale verify {run}` to re-check those samples"
+    elif part == "manifest.json":
+        fix = f"{repair} to restore it from {MANIFEST_BACKUP}"
+    else:
+        fix = f"{repair} to move it aside"
+    return StoreError(f"{path} is damaged ({_brief(e, path)}); {fix}")
+
+
+def read_parquet(run: Path, path: Path, **kwargs: Any) -> pa.Table:
+    """``pq.read_table(path, **kwargs)``; an unreadable file is a one-line :class:`StoreError`."""
+    try:
+        return pq.read_table(path, **kwargs)
+    except FileNotFoundError as e:
+        raise StoreError(
+            f"{path} disappeared while reading run {run} ({_brief(e)}); another process moved "
+            "it (`ttscale check --repair`?); run the command again"
+        ) from e
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise damaged_file_error(run, path, e) from e
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Exclusive lock on run directory ``run`` (``RUN/.lock``), across processes and threads.
+
+    POSIX record locks (``lockf``) work across processes on one machine and, on filesystems with
+    working locks (NFSv4, Lustre/GPFS with locking on), across machines; the kernel drops them when
+    a holder dies, so there are no stale locks. They do not exclude threads of one process, hence
+    the per-path thread lock taken first.
+    """
+    key = str(Path(run).resolve())
+    with _THREAD_LOCKS_GUARD:
+        tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+    with tlock:
+        fd = os.open(Path(run) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except OSError as e:  # no lock support (some network filesystems): say so, go on
+                log.warning("cannot lock %s (%s); concurrent manifest updates may race", run, e)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 def _git_sha() -> str | None:
@@ -280,6 +382,7 @@ class SampleStore:
                 "create one with `ttscale sample`/`ttscale import` or SampleStore.create()"
             )
         self._keys: dict[tuple[str, int], str] | None = None
+        self._key_files: set[str] = set()
         self._manifest = self._read_manifest()
 
     # construction ----------------------------------------------------------------------------
@@ -292,7 +395,11 @@ class SampleStore:
         *,
         exist_ok: bool = False,
     ) -> SampleStore:
-        """Create a new run directory with a manifest holding ``manifest`` plus provenance."""
+        """Create a new run directory with a manifest holding ``manifest`` plus provenance.
+
+        Safe against workers creating the same directory at once: the check and the manifest
+        write happen under the run lock, and with ``exist_ok`` the loser opens the winner's run.
+        """
         p = Path(path)
         if (p / "manifest.json").exists():
             if exist_ok:
@@ -300,22 +407,34 @@ class SampleStore:
             raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
         if p.exists() and not p.is_dir():
             raise StoreError(f"{p} exists and is not a directory")
-        if p.is_dir() and any(p.iterdir()):
-            raise StoreError(f"{p} is a non-empty directory that is not a ttscale run; use a new path")
+        foreign = f"{p} is a non-empty directory that is not a ttscale run; use a new path"
+        # (what another worker creating this run right now may have made so far is not foreign)
+        being_made = {".lock", "samples", "verdicts", "manifest.json", MANIFEST_BACKUP}
+        if p.is_dir() and any(
+            f.name not in being_made and not f.name.endswith(".tmp") for f in p.iterdir()
+        ):
+            raise StoreError(foreign)
         from ttscale import __version__
 
         p.mkdir(parents=True, exist_ok=True)
-        (p / "samples").mkdir(exist_ok=True)
-        (p / "verdicts").mkdir(exist_ok=True)
-        m: dict[str, Any] = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created": _now(),
-            "ttscale_version": __version__,
-            "git_sha": _git_sha(),
-        }
-        m.update(dict(manifest or {}))
-        _atomic_write_bytes(p / "manifest.json", (_dumps(m) + "\n").encode())
+        with run_lock(p):
+            if (p / "manifest.json").exists():  # another worker was first
+                if exist_ok:
+                    return cls(p)
+                raise StoreError(f"run directory {p} already exists; pass --resume or a new --out")
+            if any(f.name != ".lock" for f in p.iterdir()):
+                raise StoreError(foreign)
+            (p / "samples").mkdir(exist_ok=True)
+            (p / "verdicts").mkdir(exist_ok=True)
+            m: dict[str, Any] = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": _now(),
+                "ttscale_version": __version__,
+                "git_sha": _git_sha(),
+            }
+            m.update(dict(manifest or {}))
+            _write_manifest(p, m)
         return cls(p)
 
     @classmethod
@@ -331,9 +450,7 @@ class SampleStore:
         Compatible means the same model, benchmark and sampling parameters (all but ``n``).
         """
         p = Path(path)
-        if not (p / "manifest.json").exists():
-            return cls.create(p, manifest)
-        store = cls(p)
+        store = cls.create(p, manifest, exist_ok=True)
         store.check_compatible(manifest)
         return store
 
@@ -358,29 +475,110 @@ class SampleStore:
     # manifest --------------------------------------------------------------------------------
 
     def _read_manifest(self) -> dict[str, Any]:
+        f = self.path / "manifest.json"
         try:
-            m = json.loads((self.path / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"cannot read {self.path / 'manifest.json'}: {e}") from e
-        if m.get("format") != FORMAT_NAME:
-            raise StoreError(f"{self.path / 'manifest.json'} is not a ttscale run manifest")
+            m = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise damaged_file_error(self.path, f, e) from e
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise damaged_file_error(self.path, f, ValueError("not a ttscale run manifest"))
         return m
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """A copy of the manifest."""
-        return json.loads(_dumps(self._manifest))
+        """A copy of the manifest, with ``accounting`` summed over every sampling session."""
+        m = json.loads(_dumps(self._manifest))
+        if self.sessions():
+            m["accounting"] = self.accounting()
+        return m
+
+    def modify_manifest(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Re-read the manifest, let ``fn`` change it in place, write it; all under the run lock.
+
+        Read-modify-write under :func:`run_lock`, so concurrent workers never lose each other's
+        updates; the file itself is replaced atomically (readers never see half a manifest).
+        """
+        with run_lock(self.path):
+            m = self._read_manifest()
+            fn(m)
+            _write_manifest(self.path, m)
+        self._manifest = m
+        return self.manifest
 
     def update_manifest(self, **fields: Any) -> None:
         """Merge ``fields`` into the manifest (top-level keys; dicts are merged one level deep)."""
-        m = self._read_manifest()
-        for k, v in fields.items():
-            if isinstance(v, Mapping) and isinstance(m.get(k), dict):
-                m[k] = {**m[k], **v}
-            else:
-                m[k] = v
-        _atomic_write_bytes(self.path / "manifest.json", (_dumps(m) + "\n").encode())
-        self._manifest = m
+
+        def merge(m: dict[str, Any]) -> None:
+            for k, v in fields.items():
+                if isinstance(v, Mapping) and isinstance(m.get(k), dict):
+                    m[k] = {**m[k], **v}
+                else:
+                    m[k] = v
+
+        self.modify_manifest(merge)
+
+    # accounting ------------------------------------------------------------------------------
+
+    def write_session(self, session: str, record: Mapping[str, Any]) -> None:
+        """Write sampling session ``session``'s accounting record (only that session writes it)."""
+        d = self.path / "accounting"
+        d.mkdir(exist_ok=True)
+        _atomic_write_bytes(d / f"{session}.json", (_dumps(dict(record)) + "\n").encode())
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        """Every session's accounting record, by session id (see :meth:`accounting`)."""
+        d = self.path / "accounting"
+        out: dict[str, dict[str, Any]] = {}
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                rec = json.loads(f.read_text())
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise damaged_file_error(self.path, f, e) from e
+            out[f.stem] = rec
+        return out
+
+    def accounting(self) -> dict[str, Any]:
+        """Token, sample and time accounting of the run, summed over its sampling sessions.
+
+        Each session writes its own ``accounting/<session>.json`` (see
+        :class:`~ttscale.samplers.RepeatedSampler`): ``committed`` counts of the shards it has
+        made durable, plus a ``pending`` shard announced before its rename, counted only if that
+        shard exists. So a worker killed at any point is accounted exactly for what it stored,
+        and concurrent workers never overwrite each other's counts. Runs made before sessions
+        had their own files keep their totals in the manifest's ``accounting`` (added here).
+        ``wall_seconds`` is summed over sessions (worker-seconds).
+        """
+        legacy = self._manifest.get("accounting")
+        totals = {"samples": 0, "generated_tokens": 0, "prompt_tokens": 0, "wall_seconds": 0.0}
+        sessions = 0
+        if isinstance(legacy, Mapping):
+            for k in totals:
+                totals[k] += legacy.get(k, 0) or 0
+            sessions += int(legacy.get("sessions", 0) or 0)
+        recs = self.sessions()
+        for rec in recs.values():
+            sessions += int(rec.get("sessions", 1) or 0)
+            counts = dict(rec.get("committed") or {})
+            pending = rec.get("pending")
+            if isinstance(pending, Mapping) and (self.path / "samples" / str(pending.get("shard"))).is_file():
+                for k in ("samples", "generated_tokens", "prompt_tokens"):
+                    counts[k] = counts.get(k, 0) + int(pending.get(k, 0) or 0)
+            for k in ("samples", "generated_tokens", "prompt_tokens"):
+                totals[k] += int(counts.get(k, 0) or 0)
+            totals["wall_seconds"] += float(rec.get("wall_seconds", 0.0) or 0.0)
+        if not sessions and not isinstance(legacy, Mapping):
+            return {}
+        acct: dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "wall_seconds"}
+        secs = round(float(totals["wall_seconds"]), 3)
+        acct["wall_seconds"] = secs
+        acct["samples_per_s"] = round(acct["samples"] / secs, 3) if secs > 0 else 0.0
+        acct["tokens_per_s"] = round(acct["generated_tokens"] / secs, 3) if secs > 0 else 0.0
+        acct["sessions"] = sessions
+        return acct
 
     # problems --------------------------------------------------------------------------------
 
@@ -389,12 +587,18 @@ class SampleStore:
         new = {p.id: p for p in problems}
         if not new:
             return
+        with run_lock(self.path):  # concurrent workers each record the problems they were given
+            self._write_problems_locked(new)
+
+    def _write_problems_locked(self, new: dict[str, Problem]) -> None:
         old = {p.id: p for p in self.problems()}
         for pid, p in new.items():
             if pid in old and (old[pid].prompt != p.prompt):
                 raise StoreError(
                     f"problem {pid!r} is already recorded in {self.path} with a different prompt"
                 )
+        if all(pid in old and old[pid] == p for pid, p in new.items()):
+            return  # nothing new: no rewrite (workers sharing a run all record the same list)
         merged = {**old, **new}
         ids = sorted(merged)
         table = pa.table(
@@ -413,7 +617,7 @@ class SampleStore:
         f = self.path / "problems.parquet"
         if not f.exists():
             return []
-        t = pq.read_table(f).to_pylist()
+        t = read_parquet(self.path, f, schema=PROBLEM_SCHEMA).to_pylist()
         return [
             Problem(
                 id=r["id"],
@@ -437,19 +641,33 @@ class SampleStore:
         d = self.path / sub
         if not d.is_dir():
             return []
+        now = time.time()
         for stray in d.glob(".*.tmp"):
-            # a writer killed mid-write; the rename never happened, so nothing refers to it
+            # a writer killed mid-write; the rename never happened, so nothing refers to it. A
+            # young one may be a live writer's (another worker's): leave it alone
             try:
-                stray.unlink()
+                if now - stray.stat().st_mtime > _STRAY_TMP_AGE:
+                    stray.unlink()
             except OSError:
                 pass
         return sorted(d.glob("part-*.parquet"))
 
-    def _load_keys(self) -> dict[tuple[str, int], str]:
-        if self._keys is None:
-            keys: dict[tuple[str, int], str] = {}
+    def refresh(self) -> None:
+        """Pick up shards other processes wrote since this store last read its keys."""
+        if self._keys is not None:
+            self._load_keys(refresh=True)
+
+    def _load_keys(self, *, refresh: bool = False) -> dict[tuple[str, int], str]:
+        if self._keys is None or refresh:
+            keys: dict[tuple[str, int], str] = {} if self._keys is None else self._keys
             for f in self._shards("samples"):
-                t = pq.read_table(f, columns=["problem_id", "index", "content_hash"])
+                if f.name in self._key_files:
+                    continue
+                t = read_parquet(
+                    self.path, f, columns=["problem_id", "index", "content_hash"],
+                    schema=SAMPLE_SCHEMA,
+                )  # fmt: skip
+                self._key_files.add(f.name)
                 for pid, i, h in zip(
                     t.column("problem_id").to_pylist(),
                     t.column("index").to_pylist(),
@@ -465,11 +683,19 @@ class SampleStore:
             self._keys = keys
         return self._keys
 
-    def append(self, samples: Iterable[Sample]) -> int:
+    def append(
+        self,
+        samples: Iterable[Sample],
+        *,
+        before_commit: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    ) -> int:
         """Write ``samples`` as one new shard; returns how many were new.
 
         A key already stored (or repeated in ``samples``) with the same content is skipped; with
         different content it raises :class:`StoreError` and nothing is written.
+        ``before_commit(shard_name, rows)`` is called once the new rows are written to a temporary
+        file and before it is renamed into place (a sampler announces the shard in its
+        accounting there, so a kill between the two never loses or double-counts it).
         """
         keys = self._load_keys()
         rows: list[dict[str, Any]] = []
@@ -492,9 +718,22 @@ class SampleStore:
         if not rows:
             return 0
         table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-        _atomic_write_table(self.path / "samples" / _shard_name(), table)
+        name = _shard_name()
+        hook = None
+        if before_commit is not None:
+            announce = before_commit
+
+            def hook() -> None:
+                announce(name, rows)
+
+        _atomic_write_table(self.path / "samples" / name, table, before_rename=hook)
         keys.update(batch)
+        self._key_files.add(name)
         return len(rows)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``(problem_id, index)`` is stored (as of the last read or :meth:`refresh`)."""
+        return key in self._load_keys()
 
     def keys(self) -> set[tuple[str, int]]:
         """All stored ``(problem_id, index)`` keys."""
@@ -530,7 +769,7 @@ class SampleStore:
         if not shards:
             schema = SAMPLE_SCHEMA if cols is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in cols])
             return schema.empty_table()
-        parts = [pq.read_table(f, columns=cols, schema=SAMPLE_SCHEMA) for f in shards]
+        parts = [read_parquet(self.path, f, columns=cols, schema=SAMPLE_SCHEMA) for f in shards]
         t = pa.concat_tables(parts)
         t = _sort_dedupe(t, what="samples", hash_col="content_hash")
         if columns is not None:
@@ -547,30 +786,73 @@ class SampleStore:
                 yield _row_to_sample(row)
 
     def merge_from(self, other: SampleStore | str | os.PathLike[str]) -> int:
-        """Copy another run's samples (e.g. another worker's) into this one; returns new rows."""
+        """Copy another run's samples (e.g. another worker's) into this one; returns new rows.
+
+        Verdicts and the other run's session accounting come along (each session once, so
+        merging again adds nothing).
+        """
         o = other if isinstance(other, SampleStore) else SampleStore(other)
         self.check_compatible(o.manifest)
+        self.check_verdict_sets(o)  # before anything is written
         self.write_problems(o.problems())
         n = self.append(o.samples())
         for verifier in o.verifiers():
             rec = o.verdict_record(verifier)
             fp = None
             if rec is not None and rec.get("fingerprint"):
-                # the same verdict set name must mean the same configuration in both runs
-                mine = self.verdict_record(verifier)
-                if not self._shards(f"verdicts/{verifier}"):  # nothing here to contradict it
+                if not self._shards(f"verdicts/{verifier}"):
                     recs = dict(self._read_manifest().get("verifiers") or {})
                     recs[verifier] = rec
                     self.update_manifest(verifiers=recs)
-                elif (mine or {}).get("fingerprint") != rec["fingerprint"]:
-                    raise StoreError(
-                        f"verdict set {verifier!r} of {o.path} was made by {rec.get('spec')}, "
-                        f"but in {self.path} by {(mine or {}).get('spec', 'an unrecorded configuration')}; "
-                        "re-verify one of them under another --name before merging"
-                    )
                 fp = rec["fingerprint"]
             self.add_verdicts(o.verdicts(verifier), verifier=verifier, fingerprint=fp)
+        self._merge_accounting(o)
         return n
+
+    def check_verdict_sets(self, other: SampleStore) -> None:
+        """Refuse (``StoreError``) to merge a verdict set that means another configuration here.
+
+        The same verdict set name must mean the same verifier configuration in both runs.
+        """
+        for verifier in other.verifiers():
+            rec = other.verdict_record(verifier)
+            if rec is None or not rec.get("fingerprint"):
+                continue
+            if not self._shards(f"verdicts/{verifier}"):  # nothing here to contradict it
+                continue
+            mine = self.verdict_record(verifier)
+            if (mine or {}).get("fingerprint") != rec["fingerprint"]:
+                raise StoreError(
+                    f"verdict set {verifier!r} of {other.path} was made by {rec.get('spec')}, "
+                    f"but in {self.path} by {(mine or {}).get('spec', 'an unrecorded configuration')}; "
+                    "re-verify one of them under another --name before merging"
+                )
+
+    def _merge_accounting(self, o: SampleStore) -> None:
+        have = set(self.sessions())
+        for sid, rec in o.sessions().items():
+            if sid in have:
+                continue
+            rec = dict(rec)
+            pending = rec.pop("pending", None)
+            committed = dict(rec.get("committed") or {})
+            # the shards are copied under new names here: settle a pending one against the source
+            if isinstance(pending, Mapping) and (o.path / "samples" / str(pending.get("shard"))).is_file():
+                for k in ("samples", "generated_tokens", "prompt_tokens"):
+                    committed[k] = int(committed.get(k, 0) or 0) + int(pending.get(k, 0) or 0)
+            self.write_session(sid, {**rec, "committed": committed, "pending": None})
+        legacy = o._manifest.get("accounting")
+        if isinstance(legacy, Mapping):
+            sid = "legacy-" + hashlib.blake2b(str(o.path.resolve()).encode(), digest_size=6).hexdigest()
+            if sid not in have:
+                self.write_session(sid, {
+                    "committed": {k: int(legacy.get(k, 0) or 0)
+                                  for k in ("samples", "generated_tokens", "prompt_tokens")},
+                    "pending": None,
+                    "wall_seconds": float(legacy.get("wall_seconds", 0.0) or 0.0),
+                    "sessions": int(legacy.get("sessions", 1) or 0),
+                    "merged_from": str(o.path),
+                })  # fmt: skip
 
     # verdicts --------------------------------------------------------------------------------
 
@@ -736,7 +1018,7 @@ class SampleStore:
         shards = self._shards(f"verdicts/{verifier}")
         if not shards:
             return VERDICT_SCHEMA.empty_table()
-        t = pa.concat_tables([pq.read_table(f, schema=VERDICT_SCHEMA) for f in shards])
+        t = pa.concat_tables([read_parquet(self.path, f, schema=VERDICT_SCHEMA) for f in shards])
         return _sort_dedupe(t, what="verdicts", hash_col=None)
 
     def verdicts(self, verifier: str) -> Iterator[Verdict]:
@@ -878,3 +1160,73 @@ def _norm(v: Any) -> Any:
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+def merge_runs(
+    out: str | os.PathLike[str], runs: Sequence[str | os.PathLike[str]]
+) -> tuple[SampleStore, dict[str, int]]:
+    """Merge run directories ``runs`` (e.g. ``--shard`` workers') into ``out`` (created if absent).
+
+    Everything is checked before anything is written: the runs must have compatible settings
+    (as for a resume), and a key stored with different content in two runs is a conflict
+    (:class:`StoreError`). Returns the merged store and the new samples taken from each run.
+    """
+    if not runs:
+        raise ConfigError("give at least one run directory to merge")
+    outp = Path(out)
+    srcs = [SampleStore.open(r) for r in runs]
+    for st in srcs:
+        if outp.exists() and st.path.resolve() == outp.resolve():
+            raise ConfigError(f"cannot merge run {st.path} into itself")
+    target = SampleStore.open(outp) if (outp / "manifest.json").exists() else None
+    base = target or srcs[0]
+    for st in srcs:
+        base.check_compatible(st.manifest)
+    seen: dict[tuple[str, int], tuple[str, Path]] = {}
+    prompts: dict[str, tuple[str, Path]] = {}
+    for st in ([target] if target is not None else []) + srcs:
+        t = st.table(["content_hash"])
+        for pid, i, h in zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(),
+                             t.column("content_hash").to_pylist(), strict=True):  # fmt: skip
+            prev = seen.setdefault((pid, i), (h, st.path))
+            if prev[0] != h:
+                raise StoreError(
+                    f"conflicting samples for key ({pid!r}, {i}): {prev[1]} and {st.path} hold "
+                    "different content, so they were not made with the same settings; nothing "
+                    "was merged"
+                )
+        for p in st.problems():
+            old = prompts.setdefault(p.id, (p.prompt, st.path))
+            if old[0] != p.prompt:
+                raise StoreError(
+                    f"problem {p.id!r} has different prompts in {old[1]} and {st.path}; nothing "
+                    "was merged"
+                )
+    made_by: dict[str, tuple[str, str, Path]] = {}  # verdict set -> (fingerprint, spec, run)
+    for st in ([target] if target is not None else []) + srcs:
+        for name in st.verifiers():
+            rec = st.verdict_record(name) or {}
+            fp = str(rec.get("fingerprint") or "")
+            if not fp:
+                continue
+            prev_fp, prev_spec, prev_path = made_by.setdefault(name, (fp, str(rec.get("spec")), st.path))
+            if prev_fp != fp:
+                raise StoreError(
+                    f"verdict set {name!r} was made by {prev_spec} in {prev_path} but by "
+                    f"{rec.get('spec')} in {st.path}; re-verify one of them under another --name; "
+                    "nothing was merged"
+                )
+    if target is None:
+        skip = ("format", "format_version", "created", "ttscale_version", "git_sha", "accounting")
+        m = {k: v for k, v in srcs[0].manifest.items() if k not in skip}
+        target = SampleStore.create(outp, {**m, "merged_from": [str(r) for r in runs]})
+    added = {str(st.path): target.merge_from(st) for st in srcs}
+    ns = [int((st.manifest.get("sampling") or {}).get("n") or 0) for st in srcs]
+
+    def widen(m: dict[str, Any]) -> None:
+        if isinstance(m.get("sampling"), dict) and ns:
+            m["sampling"]["n"] = max([int(m["sampling"].get("n") or 0), *ns])
+        m["num_problems"] = len(prompts)
+
+    target.modify_manifest(widen)
+    return target, added
