@@ -94,7 +94,7 @@ def weak_strong_counts(store: Any, weak: str, strong: str) -> WeakStrongCounts:
     import pyarrow as pa
 
     if weak == strong:
-        raise ConfigError(f"--weak and --strong name the same verifier {weak!r}; pick two")
+        raise ConfigError(f"the weak and the strong verifier are the same ({weak!r}); pick two")
     known = store.verifiers()
     for role, name in (("weak", weak), ("strong", strong)):
         if name not in known:
@@ -254,7 +254,8 @@ def verifier_utility(
     if empty_ids and empty == "error":
         raise ConfigError(
             f"{len(empty_ids)} problem(s) have no sample checked by both verifiers "
-            f"(e.g. {empty_ids[0]!r}); verify them, or choose --empty drop|zero"
+            f"(e.g. {empty_ids[0]!r}); verify them, or leave them out or count them as 0 "
+            "(empty='drop' or 'zero'; --empty in the CLI)"
         )
     fn_mask = false_negative_tasks(counts.weak, counts.strong) & ~zero
     fn_ids = tuple(p for p, f in zip(counts.problem_ids, fn_mask, strict=True) if f)
