@@ -465,7 +465,9 @@ def empirical_reward_at_k(
     (``m = m_tp + m_fp``): ``E[reward@k] = (1 − C(n−m, k)/C(n, k)) · (m_tp − C/B·m_fp) / m``,
     with ``k`` capped at the task's own ``n`` (its reward stays flat past ``n``) and ``0`` when
     ``m = 0``: the closed form of the reference notebook's permutation simulation. Returns shape
-    ``(len(ks),)``; pass it to :func:`optimal_k` with ``ks`` for ``K*``.
+    ``(len(ks),)``; pass it to :func:`optimal_k` with ``ks`` for ``K*``. The reference averages
+    1000 random orders of each task's samples, truncated to the first 200 (``max_samples``);
+    for ``k ≤ 200`` that is this expectation plus Monte-Carlo noise, which the closed form avoids.
 
     ``empty`` says what a task with ``n = 0`` samples means: ``"error"`` (default) raises,
     ``"zero"`` counts it as reward 0 at every ``k`` (what the reference simulation does: no
