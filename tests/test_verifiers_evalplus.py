@@ -181,3 +181,19 @@ def test_weak_base_strong_plus_end_to_end(tmp_path, plus_file):
     np.testing.assert_allclose(d["utility"], [0.25, 0.25])
     assert d["rates"]["false_positive_rate"] == 1.0 and d["rates"]["completeness"] == 1.0
     assert d["false_negative_tasks"]["count"] == 0
+
+
+def test_suite_time_limit_scales_with_the_oracle(plus_file):
+    # --timeout is a floor: the whole suite gets max(timeout, 1 + 4 x the oracle's seconds),
+    # rounded up to half seconds; the oracle of add takes well under a second, so >= 1.0 here
+    plus = make_verifier(f"code:plus={plus_file}", timeout=0.5)
+    p = he("HumanEval/0", ADD, "add")
+    vs = run(plus, p, "    import time\n    time.sleep(0.35)\n    return a + b\n")
+    assert vs[0].meta["timeout_s"] >= 1.0 and (2 * vs[0].meta["timeout_s"]).is_integer()
+    assert vs[0].correct is True  # 2 x 0.35 s: over the 0.5 s floor, within the suite's limit
+    full = make_verifier("code", timeout=0.5)
+    slow = run(full, Problem("HumanEval/0", ADD, "def check(c):\n    assert c(1, 2) == 3\n"
+                             "    assert c(3, 4) == 7\n",
+                             meta={"entry_point": "add", "code_prompt": ADD, "format": "humaneval"}),
+               "    import time\n    time.sleep(0.35)\n    return a + b\n")
+    assert slow[0].status is VerdictStatus.TIMEOUT  # the same program under the plain 0.5 s limit

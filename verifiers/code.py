@@ -34,10 +34,13 @@ EvalPlus suites (``tests="plus"`` / ``"base"``, spec ``code:plus=PATH`` / ``code
     sandbox) or, for float outputs, is within ``atol`` (1e-6 when the file says 0) plus 1e-7
     relative, elementwise, with the same type: EvalPlus's rule, in pure Python. HumanEval/32
     (``find_zero``) passes when the polynomial at the returned root is within ``atol`` of 0, as in
-    EvalPlus. Not reproduced: EvalPlus's per-task conversion of some MBPP+ inputs from JSON lists
-    to tuples/sets and its special checks of a few MBPP+ tasks (inputs are used as stored), and
-    its per-input time limits (``timeout`` bounds the whole suite of one program). A problem with
-    no task in the file gets an ``error`` verdict. EvalPlus's "HumanEval+" score counts a sample
+    EvalPlus. Time: EvalPlus limits each input to a multiple of the oracle's time; here one
+    program's whole suite gets ``max(timeout, 1 + 4 × the oracle's seconds)`` (recorded in the
+    verdict's ``meta["timeout_s"]``), so a correct but heavy suite does not time out into a
+    wrong truth. Not reproduced: EvalPlus's per-task conversion of some MBPP+ inputs from JSON
+    lists to tuples/sets and its special checks of a few MBPP+ tasks (inputs are used as
+    stored). A problem with no task in the file, or whose expected outputs exceed 24 MiB
+    compressed, gets an ``error`` verdict that says so. EvalPlus's "HumanEval+" score counts a sample
     correct when it passes both suites.
 
 Verdicts: status ``pass/fail/timeout/crash/memory/syntax_error`` (``error`` when the harness or
@@ -51,6 +54,7 @@ behave identically on the test inputs vote together; None when the program did n
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import marshal
 import math
@@ -354,7 +358,8 @@ class CodeVerifier:
             self.evalplus = load_evalplus(evalplus)
         elif evalplus is not None:
             raise ConfigError("evalplus=PATH goes with tests='plus' or 'base' (code:plus=PATH)")
-        self._oracles: dict[tuple[str, str], tuple[list[Any], list[Any]] | str] = {}
+        self._oracles: dict[tuple[str, str], tuple[list[Any], list[Any], float] | str] = {}
+        self._sandboxes: dict[float, Sandbox] = {}
         if limits is None:
             try:
                 limits = Limits(timeout_s=timeout, memory_mb=memory_mb)
@@ -494,15 +499,15 @@ class CodeVerifier:
             except (ValueError, EOFError, TypeError, zlib.error):
                 self._oracles[key] = f"the EvalPlus oracle of {t.task_id} returned unreadable output"
                 continue
-            self._oracles[key] = (t.inputs(suite), list(outputs))
+            self._oracles[key] = (t.inputs(suite), list(outputs), r.seconds)
 
     def _verify_evalplus(
         self, items: Sequence[tuple[Problem, Sequence[Sample]]], suite: str
     ) -> list[list[Verdict]]:
         tasks = [self.evalplus.for_problem(problem) for problem, _ in items]
         self._oracle_outputs([t for t in tasks if t is not None], suite)
-        programs: list[Program] = []
-        plans: list[tuple[str, list[int]] | str] = []
+        programs: list[tuple[float, Program]] = []
+        plans: list[tuple[str, list[int], float] | str] = []
         for (problem, samples), task in zip(items, tasks, strict=True):
             if task is None:
                 plans.append(f"no EvalPlus task for {problem.id} in {self.evalplus.path.name}")
@@ -511,7 +516,10 @@ class CodeVerifier:
             if isinstance(oracle, str):
                 plans.append(oracle)
                 continue
-            inputs, outputs = oracle
+            inputs, outputs, oracle_s = oracle
+            # like EvalPlus's time limits (a multiple of the oracle's time), with --timeout as
+            # the floor: a correct but heavy suite must not time out into a wrong "truth"
+            limit = max(self.limits.timeout_s, math.ceil(2.0 * (1.0 + 4.0 * oracle_s)) / 2.0)
             if not inputs:
                 plans.append(f"EvalPlus task {task.task_id} has no {suite} inputs")
                 continue
@@ -533,21 +541,44 @@ class CodeVerifier:
                 text = smp if isinstance(smp, str) else smp.text
                 index = k if isinstance(smp, str) else smp.index
                 programs.append(
-                    Program(source=source_of(text), cases=cases, setup=setup, prelude=prelude,
-                            entry_points=(entry,))
+                    (limit, Program(source=source_of(text), cases=cases, setup=setup,
+                                    prelude=prelude, entry_points=(entry,)))
                 )
                 per.append(index)
-            plans.append((fmt, per))
-        results = iter(self.sandbox.run_many(programs))
+            plans.append((fmt, per, limit))
+        results = iter(self._run_with_limits(programs))
         out: list[list[Verdict]] = []
         for (problem, samples), plan in zip(items, plans, strict=True):
             if isinstance(plan, str):
                 out.append([self._error_verdict(problem, k if isinstance(smp, str) else smp.index,
                                                 plan, suite) for k, smp in enumerate(samples)])
                 continue
-            fmt, per = plan
-            out.append([self._verdict(problem, index, [next(results)], fmt, suite) for index in per])
+            fmt, per, limit = plan
+            out.append([
+                dataclasses.replace(v, meta={**v.meta, "timeout_s": limit})
+                for v in (self._verdict(problem, index, [next(results)], fmt, suite) for index in per)
+            ])
         return out
+
+    def _run_with_limits(self, programs: Sequence[tuple[float, Program]]) -> list[ExecResult]:
+        """Run programs, each under its own wall-clock limit (one sandbox per distinct limit)."""
+        results: list[ExecResult | None] = [None] * len(programs)
+        for limit in sorted({t for t, _ in programs}):
+            idx = [i for i, (t, _) in enumerate(programs) if t == limit]
+            if limit == self.limits.timeout_s:
+                box = self.sandbox
+            else:
+                if limit not in self._sandboxes:
+                    self._sandboxes[limit] = Sandbox(
+                        dataclasses.replace(self.limits, timeout_s=limit),
+                        isolation=self.sandbox.isolation.value,
+                        workers=self.workers,
+                        batch_size=self.batch_size,
+                    )
+                box = self._sandboxes[limit]
+            for i, r in zip(idx, box.run_many([programs[i][1] for i in idx]), strict=True):
+                results[i] = r
+        return [r for r in results if r is not None]
 
     def _error_verdict(self, problem: Problem, index: int, detail: str, suite: str) -> Verdict:
         return Verdict(
