@@ -520,58 +520,243 @@ def register(app: typer.Typer) -> None:
     @app.command("verifier-utility")
     def verifier_utility_cmd(
         r: Annotated[
-            Optional[str], typer.Option(help="Per-type success rates, e.g. 0.87,0.13.")
+            Optional[str],
+            typer.Option(help="Analytical: per-type success rates r_j, e.g. 0.87,0.13 (the paper's)."),
         ] = None,
-        priors: Annotated[Optional[str], typer.Option(help="Type priors, e.g. 0.58,0.42.")] = None,
-        completeness: Annotated[float, typer.Option("--c", min=0.0, max=1.0)] = 1.0,
-        soundness: Annotated[float, typer.Option("--s", min=0.0, max=1.0)] = 0.75,
-        v_fp: Annotated[float, typer.Option(help="Utility of a false positive (< 0).")] = -1.0,
-        max_k: Annotated[int, typer.Option(min=1)] = 15,
-        mode: Annotated[str, typer.Option(help="exact or notebook.")] = "exact",
+        priors: Annotated[
+            Optional[str],
+            typer.Option(help="Analytical: type priors p_j summing to 1, e.g. 0.58,0.42 (the paper's)."),
+        ] = None,
+        completeness: Annotated[
+            Optional[float],
+            typer.Option("--c", min=0.0, max=1.0,
+                         help="Analytical: completeness c = P(accept | correct) (default 1)."),
+        ] = None,
+        soundness: Annotated[
+            Optional[float],
+            typer.Option("--s", min=0.0, max=1.0,
+                         help="Analytical: soundness s = P(reject | wrong) (default 0.75)."),
+        ] = None,
+        v_fp: Annotated[
+            Optional[float],
+            typer.Option(help="Analytical: utility of a false positive, a correct answer being "
+                              "worth 1 (default -1; with --run use --cost-ratio)."),
+        ] = None,
+        max_k: Annotated[
+            Optional[int],
+            typer.Option(min=1, help="Largest budget K (default: 15, or with --run the largest "
+                                     "per-problem sample count)."),
+        ] = None,
+        mode: Annotated[
+            str,
+            typer.Option(help="Two-type model formula: exact (expected utility of the mixture) or "
+                              "notebook (the authors' notebook, for the paper's numbers)."),
+        ] = "exact",
         run: Annotated[
             Optional[Path],
             typer.Option(help="Empirical mode: a run verified by --weak and --strong verifiers."),
         ] = None,
-        weak: Annotated[Optional[str], typer.Option(help="Weak verifier name (e.g. visible tests).")] = None,
-        strong: Annotated[Optional[str], typer.Option(help="Ground-truth verifier name.")] = None,
-        cost_ratio: Annotated[float, typer.Option(min=0.0, help="C/B cost of a false positive.")] = 1.0,
-        json_out: Annotated[bool, typer.Option("--json")] = False,
+        weak: Annotated[
+            Optional[str],
+            typer.Option(help="Weak verifier name (the one resampling stops on), e.g. code-visible."),
+        ] = None,
+        strong: Annotated[
+            Optional[str],
+            typer.Option(help="Strong verifier name taken as the truth, e.g. code or code-plus."),
+        ] = None,
+        cost_ratio: Annotated[
+            Optional[float],
+            typer.Option(min=0.0, help="With --run: cost/benefit ratio C/B; a false positive is "
+                                       "worth -C/B (default 1)."),
+        ] = None,
+        drop_false_negatives: Annotated[
+            bool,
+            typer.Option("--drop-false-negatives",
+                         help="With --run: leave out tasks whose strong pass rate exceeds the weak "
+                              "one, as the paper does (default: keep; listed either way)."),
+        ] = False,
+        empty: Annotated[
+            str,
+            typer.Option(help="With --run: problems with no sample checked by both verifiers: "
+                              "drop (default; listed), zero (reward 0) or error."),
+        ] = "drop",
+        fit: Annotated[
+            bool,
+            typer.Option("--fit", help="With --run: fit the two-type model (the paper's and "
+                                       "ttscale's pooled estimators) and show its utility."),
+        ] = False,
+        easy_threshold: Annotated[
+            float,
+            typer.Option(min=0.0, max=0.999,
+                         help="With --fit: a task is easy when its strong pass rate exceeds this."),
+        ] = 0.5,
+        plot: Annotated[
+            Optional[Path],
+            typer.Option(help="With --run: write a PNG of the empirical curve (and fitted models)."),
+        ] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     ) -> None:
         """Utility of resampling with an imperfect verifier and the optimal number of samples."""
-        import numpy as np
-        from rich.console import Console
-
-        from ttscale.metrics import scaling
-
+        if mode not in ("exact", "notebook"):
+            raise ConfigError(f"--mode must be exact or notebook, got {mode!r}")
         if run is not None:
-            out = _empirical_utility(run, weak, strong, cost_ratio, max_k)
-        else:
-            rr = [float(x) for x in (r or "0.87,0.13").split(",")]
-            pp = [float(x) for x in (priors or "0.58,0.42").split(",")]
-            if len(rr) != len(pp):
-                raise ConfigError("--r and --priors must have the same number of entries")
-            u = scaling.two_type_utility(
-                max_k, r=rr, priors=pp, c=completeness, s=soundness, v_fp=v_fp, mode=mode  # type: ignore[arg-type]
+            given = [name for name, v in (("--r", r), ("--priors", priors), ("--c", completeness),
+                                          ("--s", soundness), ("--v-fp", v_fp)) if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} describe the analytical model; with --run the model is "
+                    "fitted from the run (--fit) and a false positive costs --cost-ratio"
+                )
+            _empirical_utility_cli(
+                run, weak, strong, 1.0 if cost_ratio is None else cost_ratio, max_k,
+                drop_false_negatives, empty, fit, mode, easy_threshold, plot, json_out,
             )
-            ceil = scaling.accuracy_ceiling(np.asarray(rr), completeness, soundness)
-            out = {
-                "k": list(range(1, max_k + 1)),
-                "utility": [float(x) for x in u],
-                "optimal_k": scaling.optimal_k(u),
-                "accuracy_ceiling": [float(x) for x in np.atleast_1d(ceil)],
-                "mode": mode,
-            }
-        if json_out:
-            typer.echo(json.dumps(out, indent=2))
             return
-        c = Console()
-        for kk, uu in zip(out["k"], out["utility"], strict=True):
-            c.print(f"K = {kk:>4}: utility {uu:+.4f}")
-        c.print(f"optimal K = {out['optimal_k']} (0 = abstain)")
-        if "accuracy_ceiling" in out:
-            c.print(f"accuracy ceiling per type: {', '.join(f'{x:.4f}' for x in out['accuracy_ceiling'])}")
-        if "rates" in out:
-            c.print(f"weak verifier: {out['rates']}")
+        given = [name for name, v in (("--weak", weak), ("--strong", strong),
+                                      ("--cost-ratio", cost_ratio), ("--plot", plot)) if v is not None]
+        given += [name for name, v in (("--drop-false-negatives", drop_false_negatives),
+                                       ("--fit", fit)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --run RUN (the empirical mode)")
+        _analytical_utility_cli(r, priors, completeness, soundness, v_fp, max_k, mode, json_out)
+
+
+_MODE_NOTE = {
+    "exact": "exact: EV_k = sum_j p_j beta_j^(k-1) (p_correct_j + V_fp p_fp_j); "
+             "--mode notebook reproduces the paper's notebook",
+    "notebook": "notebook: the authors' notebook formula (product of posterior averages), "
+                "the paper's numbers; --mode exact is the mixture's expected utility",
+}
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma-separated list of numbers, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"{what} is empty")
+    return vals
+
+
+def _analytical_utility_cli(
+    r: str | None, priors: str | None, completeness: float | None, soundness: float | None,
+    v_fp: float | None, max_k: int | None, mode: str, json_out: bool,
+) -> None:
+    import numpy as np
+    from rich.console import Console
+
+    from ttscale.metrics import scaling
+
+    rr = _float_list(r or "0.87,0.13", "--r")
+    pp = _float_list(priors or "0.58,0.42", "--priors")
+    if len(rr) != len(pp):
+        raise ConfigError("--r and --priors must have the same number of entries")
+    c_ = 1.0 if completeness is None else completeness
+    s_ = 0.75 if soundness is None else soundness
+    v = -1.0 if v_fp is None else v_fp
+    K = 15 if max_k is None else max_k
+    u = scaling.two_type_utility(K, r=rr, priors=pp, c=c_, s=s_, v_fp=v, mode=mode)  # type: ignore[arg-type]
+    ceil = scaling.accuracy_ceiling(np.asarray(rr), c_, s_)
+    out = {
+        "source": "analytical",
+        "mode": mode,
+        "model": {"r": rr, "priors": pp, "c": c_, "s": s_, "v_fp": v, "v_correct": 1.0},
+        "k": list(range(1, K + 1)),
+        "utility": [float(x) for x in u],
+        "optimal_k": scaling.optimal_k(u),
+        "accuracy_ceiling": [float(x) for x in np.atleast_1d(ceil)],
+    }
+    if json_out:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    con = Console(highlight=False, markup=False)
+    con.print(f"two-type model, mode {_MODE_NOTE[mode]}")
+    con.print(
+        f"assumed: r = {', '.join(f'{x:g}' for x in rr)}; priors = {', '.join(f'{x:g}' for x in pp)}; "
+        f"c = {c_:g}; s = {s_:g}; V_fp = {v:g}; V_correct = 1"
+    )
+    for kk, uu in zip(out["k"], out["utility"], strict=True):  # type: ignore[call-overload]
+        con.print(f"K = {kk:>4}: utility {uu:+.4f}")
+    con.print(f"optimal K = {out['optimal_k']} (0 = abstain)")
+    con.print(f"accuracy ceiling per type: {', '.join(f'{x:.4f}' for x in out['accuracy_ceiling'])}")  # type: ignore[union-attr]
+
+
+def _empirical_utility_cli(
+    run: Path, weak: str | None, strong: str | None, cost_ratio: float, max_k: int | None,
+    drop_false_negatives: bool, empty: str, fit: bool, mode: str, threshold: float,
+    plot: Path | None, json_out: bool,
+) -> None:
+    from rich.console import Console
+
+    from ttscale.metrics.imperfect import plot_verifier_utility, verifier_utility
+
+    if not weak or not strong:
+        raise ConfigError("--run needs --weak and --strong verifier names (see `ttscale info RUN`)")
+    if empty not in ("drop", "zero", "error"):
+        raise ConfigError(f"--empty must be drop, zero or error, got {empty!r}")
+    rep = verifier_utility(
+        run, weak, strong, cost_ratio=cost_ratio, max_k=max_k,
+        drop_false_negatives=drop_false_negatives, empty=empty, fit=fit,  # type: ignore[arg-type]
+        mode=mode, threshold=threshold,  # type: ignore[arg-type]
+    )
+    if plot is not None:
+        plot_verifier_utility(rep, plot, title=f"{run.name}: {weak} vs {strong}")
+    out = rep.to_dict()
+    out["run"] = str(run)
+    if plot is not None:
+        out["plot"] = str(plot)
+    if json_out:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    con = Console(highlight=False, markup=False)
+    con.print(
+        f"empirical utility of resampling until {weak} accepts, judged by {strong}: "
+        f"{out['n_tasks']} tasks; C/B = {cost_ratio:g} (correct +1, false positive "
+        f"{-cost_ratio:g}, abstain 0)"
+    )
+    names = list(rep.fits)
+    if names:
+        con.print(f"fitted two-type model, mode {_MODE_NOTE[mode]}")
+    for i, (kk, uu) in enumerate(zip(out["k"], out["utility"], strict=True)):
+        extra = "".join(f"   {n} model {rep.model_utility[n][i]:+.4f}" for n in names)
+        con.print(f"K = {kk:>4}: utility {uu:+.4f}{extra}")
+    con.print(f"optimal K = {out['optimal_k']} (0 = abstain)")
+    fn = out["false_negative_tasks"]
+    ids = ", ".join(fn["ids"][:20]) + (" ..." if fn["count"] > 20 else "")
+    how = "dropped" if fn["dropped"] else "kept; --drop-false-negatives leaves them out as the paper does"
+    con.print(
+        f"false-negative tasks (strong pass rate > weak pass rate): {fn['count']} ({how})"
+        + (f": {ids}" if fn["count"] else "")
+    )
+    em = out["empty_tasks"]
+    if em["count"]:
+        eids = ", ".join(em["ids"][:20]) + (" ..." if em["count"] > 20 else "")
+        what = {"drop": "left out", "zero": "counted as reward 0"}[em["policy"]]
+        con.print(f"problems with no sample checked by both verifiers: {em['count']} ({what}): {eids}")
+    if out["excluded_samples"]:
+        con.print(
+            f"samples left out (checked by one verifier only, or an error verdict): "
+            f"{out['excluded_samples']}"
+        )
+    rt = out["rates"]
+    con.print(
+        "weak verifier vs strong: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in rt.items())
+    )
+    for n in names:
+        f = out["fits"][n]
+        r_e = "undefined" if f["r_easy"] is None else f"{f['r_easy']:.4f}"
+        r_h = "undefined" if f["r_hard"] is None else f"{f['r_hard']:.4f}"
+        c_note = " (assumed)" if n == "paper" else ""
+        con.print(
+            f"fit [{n}]: r_easy = {r_e}, r_hard = {r_h}, p_easy = {f['p_easy']:.4f}, "
+            f"c = {f['completeness']:.4f}{c_note}, s = {f['soundness']:.4f}; "
+            f"model optimal K = {f['optimal_k']}"
+            + (f" ({'; '.join(f['notes'])})" if f["notes"] else "")
+        )
+    if plot is not None:
+        con.print(f"plot: {plot}")
 
 
 def _has_top_logprobs(store) -> bool:  # type: ignore[no-untyped-def]
@@ -622,35 +807,3 @@ def math_ceil(x: float) -> int:
     import math
 
     return max(1, math.ceil(x))
-
-
-def _empirical_utility(run: Path, weak: str | None, strong: str | None, cost_ratio: float, max_k: int) -> dict:
-    import numpy as np
-
-    from ttscale.metrics import scaling
-    from ttscale.store import SampleStore
-
-    if not weak or not strong:
-        raise ConfigError("--run needs --weak and --strong verifier names")
-    store = SampleStore.open(run)
-    pw, ps = store.pool(weak), store.pool(strong)
-    w = np.nan_to_num(pw.correct, nan=0.0) > 0.5
-    s = np.nan_to_num(ps.correct, nan=0.0) > 0.5
-    off = pw.offsets
-    n = np.diff(off)
-    cs = lambda x: np.add.reduceat(x.astype(np.int64), off[:-1]) if x.size else np.zeros(0, np.int64)  # noqa: E731
-    m_tp, m_fp = cs(w & s), cs(w & ~s)
-    ks = np.arange(1, min(max_k, int(n.min())) + 1)
-    u = scaling.empirical_reward_at_k(n, m_tp, m_fp, ks, cost_ratio)
-    rates = scaling.verifier_rates(w, s)
-    return {
-        "k": ks.tolist(),
-        "utility": [float(x) for x in u],
-        "optimal_k": scaling.optimal_k(u, ks),
-        "rates": {
-            "false_positive_rate": rates.false_positive_rate,
-            "false_negative_rate": rates.false_negative_rate,
-            "soundness": rates.soundness,
-            "completeness": rates.completeness,
-        },
-    }

@@ -18,6 +18,10 @@ Specs (``ttscale verify --verifier SPEC``)::
     math:EXTRACTOR    MathVerifier(extractor=EXTRACTOR): auto, boxed, gsm8k, minerva, last_number, arith
     arith             MathVerifier(extractor="arith") for the bundled arithmetic benchmark
     code              CodeVerifier (sandboxed execution of the problem's tests)
+    code:visible      CodeVerifier(tests="visible"): the prompt's examples only (a weak verifier)
+    code:plus=PATH    CodeVerifier(tests="plus", evalplus=PATH): EvalPlus's added tests from a
+                      HumanEvalPlus/MbppPlus .jsonl[.gz] (the strong verifier of the fLaws paper)
+    code:base=PATH    CodeVerifier(tests="base", evalplus=PATH): EvalPlus's copy of the original tests
     rm:PATH           RewardModelVerifier(PATH)
     judge:MODEL       JudgeVerifier on an engine serving MODEL
     ensemble:A,B,...  EnsembleVerifier over the verifiers built from specs A, B, ...
@@ -155,7 +159,10 @@ VERIFIER_SPECS: Mapping[str, str] = {
     "ensemble": "ttscale.verifiers.ensemble:EnsembleVerifier",
 }
 
-_SPEC_HELP = "math, math:EXTRACTOR, arith, code, code:visible, rm:PATH, judge:MODEL, ensemble:A,B,..."
+_SPEC_HELP = (
+    "math, math:EXTRACTOR, arith, code, code:visible, code:plus=PATH, code:base=PATH, rm:PATH, "
+    "judge:MODEL, ensemble:A,B,..."
+)
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -231,13 +238,24 @@ def make_verifier(spec: str, **kw: Any) -> Any:
             opts["extractor"] = arg
         return cls(**_accepted(cls, opts))
     if head == "code":
-        if arg not in ("", "full", "visible"):
-            raise ConfigError(
-                f"verifier 'code' takes 'code', 'code:full' or 'code:visible', got {spec!r}"
-            )
         opts = dict(kw)
-        if arg:
-            opts["tests"] = arg
+        suite, eq, path = arg.partition("=")
+        if suite.strip() in ("plus", "base"):
+            if not eq or not path.strip():
+                raise ConfigError(
+                    f"verifier 'code:{suite.strip()}' needs the EvalPlus file: "
+                    f"code:{suite.strip()}=PATH (HumanEvalPlus.jsonl.gz or MbppPlus.jsonl.gz)"
+                )
+            opts["tests"] = suite.strip()
+            opts["evalplus"] = path.strip()
+        elif arg in ("", "full", "visible"):
+            if arg:
+                opts["tests"] = arg
+        else:
+            raise ConfigError(
+                "verifier 'code' takes 'code', 'code:full', 'code:visible', 'code:plus=PATH' or "
+                f"'code:base=PATH', got {spec!r}"
+            )
         return cls(**_accepted(cls, opts))
     if head == "rm":
         if not arg:

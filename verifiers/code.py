@@ -25,6 +25,24 @@ Problem formats (``problem.meta["format"]``; inferred from the fields when absen
     :func:`~ttscale.verifiers.sandbox.normalize_output`. Visible suite: ``meta["public_io"]`` /
     ``meta["public_tests"]``, else the first pair.
 
+EvalPlus suites (``tests="plus"`` / ``"base"``, spec ``code:plus=PATH`` / ``code:base=PATH``)
+    The tests of a HumanEval+ / MBPP+ file (:mod:`ttscale.evals.evalplus`) replace the
+    problem's own: each input of ``plus_input`` (EvalPlus's added tests; its ``plus_status``, the
+    truth in the imperfect-verifier paper) or ``base_input`` (the original tests' inputs; its
+    ``base_status``, the paper's weak verifier) is one case, passing when the program's return
+    value equals the oracle's (``prompt + canonical_solution``, run once per task in the
+    sandbox) or, for float outputs, is within ``atol`` (1e-6 when the file says 0) plus 1e-7
+    relative, elementwise, with the same type: EvalPlus's rule, in pure Python. HumanEval/32
+    (``find_zero``) passes when the polynomial at the returned root is within ``atol`` of 0, as in
+    EvalPlus. Time: EvalPlus limits each input to a multiple of the oracle's time; here one
+    program's whole suite gets ``max(timeout, 1 + 4 × the oracle's seconds)`` (recorded in the
+    verdict's ``meta["timeout_s"]``), so a correct but heavy suite does not time out into a
+    wrong truth. Not reproduced: EvalPlus's per-task conversion of some MBPP+ inputs from JSON
+    lists to tuples/sets and its special checks of a few MBPP+ tasks (inputs are used as
+    stored). A problem with no task in the file, or whose expected outputs exceed 24 MiB
+    compressed, gets an ``error`` verdict that says so. EvalPlus's "HumanEval+" score counts a sample
+    correct when it passes both suites.
+
 Verdicts: status ``pass/fail/timeout/crash/memory/syntax_error`` (``error`` when the harness or
 the test code failed); ``correct`` is True only on pass (None on error); ``score`` is the
 fraction of test cases passed; ``detail`` the first failure (the failing assertion and its
@@ -36,9 +54,13 @@ behave identically on the test inputs vote together; None when the program did n
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
+import marshal
 import math
+import os
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +103,72 @@ def _ttscale_doctest(value, want):
     except Exception:
         return False
 '''
+
+
+# Defined in the checker for EvalPlus cases (never in the program's process): the comparison
+# EvalPlus makes (exact, else for float outputs |out - exp| <= atol + 1e-7 |exp| elementwise with
+# equal types and lengths), in pure Python because the sandbox has no numpy.
+_EVALPLUS_HELPER = """
+import math as _ttscale_math
+
+def _ttscale_unpack(text):
+    import marshal, zlib
+    return marshal.loads(zlib.decompress(bytes.fromhex(text)))
+
+def _ttscale_is_floats(x):
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)) and x:
+        return all(isinstance(i, float) for i in x)
+    return False
+
+def _ttscale_close(a, b, atol):
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(_ttscale_close(x, y, atol) for x, y in zip(a, b)))
+    if not isinstance(a, (int, float, complex)) or not isinstance(b, (int, float, complex)):
+        return False
+    if isinstance(a, complex) or isinstance(b, complex):
+        return abs(a - b) <= atol + 1e-7 * abs(b)
+    if _ttscale_math.isinf(a) or _ttscale_math.isinf(b):
+        return a == b
+    return abs(a - b) <= atol + 1e-7 * abs(b)
+
+def _ttscale_evalplus(out, i):
+    try:
+        if _ttscale_ep_entry == "find_zero":
+            xs = _ttscale_ep_in[i][0]
+            value = sum(c * _ttscale_math.pow(out, k) for k, c in enumerate(xs))
+            return abs(value) <= _ttscale_ep_atol
+        exp = _ttscale_ep_exp[i]
+        if out == exp:
+            return True
+        atol = _ttscale_ep_atol
+        if atol == 0 and _ttscale_is_floats(exp):
+            atol = 1e-6
+        if atol == 0 or type(out) is not type(exp):
+            return False
+        return _ttscale_close(out, exp, atol)
+    except Exception:
+        return False
+"""
+
+# Runs the EvalPlus oracle (prompt + canonical solution) on every input in the sandbox and
+# writes the marshalled return values as hex on stdout; the oracle's own prints are swallowed.
+_ORACLE_DRIVER = """
+import copy as _ttscale_copy, io as _ttscale_io, marshal as _ttscale_marshal, sys as _ttscale_sys
+import zlib as _ttscale_zlib
+_ttscale_out_stream = _ttscale_sys.stdout
+_ttscale_args = _ttscale_marshal.loads(
+    _ttscale_zlib.decompress(bytes.fromhex(_ttscale_sys.stdin.read().strip()))
+)
+_ttscale_sys.stdout = _ttscale_io.StringIO()
+_ttscale_values = [{entry}(*_ttscale_copy.deepcopy(a)) for a in _ttscale_args]
+_ttscale_sys.stdout = _ttscale_out_stream
+_ttscale_out_stream.write(_ttscale_zlib.compress(_ttscale_marshal.dumps(_ttscale_values)).hex())
+"""
+
+_ORACLE_OUTPUT_BYTES = 24 << 20  # under the sandbox's 64 MiB result frame
 
 
 def extract_code(text: str, entry_point: str | None = None) -> str:
@@ -255,12 +343,26 @@ class CodeVerifier:
         workers: int | None = None,
         tests: str = "full",
         *,
+        evalplus: str | os.PathLike[str] | None = None,
         isolation: str = "auto",
         batch_size: int = 16,
         limits: Limits | None = None,
     ) -> None:
-        if tests not in ("full", "visible"):
-            raise ConfigError(f"tests must be 'full' or 'visible', got {tests!r}")
+        if tests not in _SUITES:
+            raise ConfigError(f"tests must be 'full', 'visible', 'plus' or 'base', got {tests!r}")
+        self.evalplus: Any = None
+        if tests in ("plus", "base"):
+            if evalplus is None:
+                raise ConfigError(
+                    f"tests={tests!r} needs an EvalPlus file: evalplus=PATH (spec code:{tests}=PATH)"
+                )
+            from ttscale.evals.evalplus import load_evalplus
+
+            self.evalplus = load_evalplus(evalplus)
+        elif evalplus is not None:
+            raise ConfigError("evalplus=PATH goes with tests='plus' or 'base' (code:plus=PATH)")
+        self._oracles: dict[tuple[str, str], tuple[list[Any], list[Any], float] | str] = {}
+        self._sandboxes: dict[float, Sandbox] = {}
         if limits is None:
             try:
                 limits = Limits(timeout_s=timeout, memory_mb=memory_mb)
@@ -289,12 +391,15 @@ class CodeVerifier:
         return self._sandbox
 
     def info(self) -> dict[str, Any]:
-        return {
+        out = {
             "class": "CodeVerifier",
             "name": self.name,
             "tests": self.tests,
             **self.sandbox.info(),
         }
+        if self.evalplus is not None:
+            out["evalplus"] = {"path": str(self.evalplus.path), "sha256": self.evalplus.sha256}
+        return out
 
     def close(self) -> None:
         """Nothing to release: every program runs in its own short-lived sandbox."""
@@ -309,8 +414,12 @@ class CodeVerifier:
     ) -> list[list[Verdict]]:
         """Verify several problems in one pool of sandboxes (problem-major, batched)."""
         suite = tests or self.tests
-        if suite not in ("full", "visible"):
-            raise ConfigError(f"tests must be 'full' or 'visible', got {suite!r}")
+        if suite not in _SUITES:
+            raise ConfigError(f"tests must be 'full', 'visible', 'plus' or 'base', got {suite!r}")
+        if suite in ("plus", "base"):
+            if self.evalplus is None:
+                raise ConfigError(f"tests={suite!r} needs an EvalPlus file: CodeVerifier(evalplus=PATH)")
+            return self._verify_evalplus(items, suite)
         plans: list[list[tuple[Sample | str, int, list[Program], str]]] = []
         programs: list[Program] = []
         for problem, samples in items:
@@ -345,6 +454,148 @@ class CodeVerifier:
         weak = [v.status is VerdictStatus.PASS for vs in visible for v in vs]
         strong = [v.status is VerdictStatus.PASS for vs in full for v in vs]
         return SuiteComparison(visible=visible, full=full, rates=verifier_rates(weak, strong))
+
+    # -- EvalPlus suites ----------------------------------------------------------------
+    def _oracle_outputs(self, tasks: Sequence[Any], suite: str) -> None:
+        """Run each task's oracle on its ``suite`` inputs once (in the sandbox) and cache
+        ``(inputs, outputs)``, or the reason it could not run."""
+        todo = [t for t in tasks if (t.task_id, suite) not in self._oracles]
+        if not todo:
+            return
+        lim = self.limits
+        oracle_box = Sandbox(
+            Limits(
+                timeout_s=max(60.0, 10 * lim.timeout_s),
+                memory_mb=max(lim.memory_mb, 2048),
+                nproc=lim.nproc,
+                fsize_mb=lim.fsize_mb,
+                nofile=lim.nofile,
+                tmpfs_mb=lim.tmpfs_mb,
+                output_bytes=_ORACLE_OUTPUT_BYTES,
+            ),
+            isolation=self.sandbox.isolation.value,
+            workers=self.workers,
+            batch_size=1,
+        )
+        programs = []
+        for t in todo:
+            if not t.entry_point.isidentifier():
+                raise DataError(f"EvalPlus task {t.task_id}: entry_point {t.entry_point!r} is not a name")
+            programs.append(
+                Program.stdio(
+                    t.oracle + "\n" + _ORACLE_DRIVER.format(entry=t.entry_point),
+                    stdin=_pack(t.inputs(suite)),
+                )
+            )
+        for t, r in zip(todo, oracle_box.run_many(programs), strict=True):
+            key = (t.task_id, suite)
+            if r.output_truncated:
+                self._oracles[key] = (
+                    f"the EvalPlus oracle of {t.task_id} returned more than "
+                    f"{_ORACLE_OUTPUT_BYTES >> 20} MiB of outputs"
+                )
+                continue
+            if r.outcome is not ExecOutcome.PASS:
+                self._oracles[key] = f"the EvalPlus oracle of {t.task_id} failed: {r.detail}"
+                continue
+            try:
+                outputs = marshal.loads(zlib.decompress(bytes.fromhex(r.stdout.strip())))
+            except (ValueError, EOFError, TypeError, zlib.error):
+                self._oracles[key] = f"the EvalPlus oracle of {t.task_id} returned unreadable output"
+                continue
+            self._oracles[key] = (t.inputs(suite), list(outputs), r.seconds)
+
+    def _verify_evalplus(
+        self, items: Sequence[tuple[Problem, Sequence[Sample]]], suite: str
+    ) -> list[list[Verdict]]:
+        tasks = [self.evalplus.for_problem(problem) for problem, _ in items]
+        self._oracle_outputs([t for t in tasks if t is not None], suite)
+        programs: list[tuple[float, Program]] = []
+        plans: list[tuple[str, list[int], float] | str] = []
+        for (problem, samples), task in zip(items, tasks, strict=True):
+            if task is None:
+                plans.append(f"no EvalPlus task for {problem.id} in {self.evalplus.path.name}")
+                continue
+            oracle = self._oracles[(task.task_id, suite)]
+            if isinstance(oracle, str):
+                plans.append(oracle)
+                continue
+            inputs, outputs, oracle_s = oracle
+            # like EvalPlus's time limits (a multiple of the oracle's time), with --timeout as
+            # the floor: a correct but heavy suite must not time out into a wrong "truth"
+            limit = max(self.limits.timeout_s, math.ceil(2.0 * (1.0 + 4.0 * oracle_s)) / 2.0)
+            if not inputs:
+                plans.append(f"EvalPlus task {task.task_id} has no {suite} inputs")
+                continue
+            entry = task.entry_point
+            setup = (
+                _EVALPLUS_HELPER
+                + f"_ttscale_ep_in = _ttscale_unpack({_pack(inputs)!r})\n"
+                + f"_ttscale_ep_exp = _ttscale_unpack({_pack(outputs)!r})\n"
+                + f"_ttscale_ep_atol = {task.atol!r}\n_ttscale_ep_entry = {entry!r}\n"
+            )
+            cases = tuple(
+                f"assert _ttscale_evalplus({entry}(*_ttscale_ep_in[{i}]), {i}), "
+                f"'EvalPlus {suite} input {i}'"
+                for i in range(len(inputs))
+            )
+            fmt, source_of, prelude = _evalplus_program(problem, task)
+            per: list[int] = []
+            for k, smp in enumerate(samples):
+                text = smp if isinstance(smp, str) else smp.text
+                index = k if isinstance(smp, str) else smp.index
+                programs.append(
+                    (limit, Program(source=source_of(text), cases=cases, setup=setup,
+                                    prelude=prelude, entry_points=(entry,)))
+                )
+                per.append(index)
+            plans.append((fmt, per, limit))
+        results = iter(self._run_with_limits(programs))
+        out: list[list[Verdict]] = []
+        for (problem, samples), plan in zip(items, plans, strict=True):
+            if isinstance(plan, str):
+                out.append([self._error_verdict(problem, k if isinstance(smp, str) else smp.index,
+                                                plan, suite) for k, smp in enumerate(samples)])
+                continue
+            fmt, per, limit = plan
+            out.append([
+                dataclasses.replace(v, meta={**v.meta, "timeout_s": limit})
+                for v in (self._verdict(problem, index, [next(results)], fmt, suite) for index in per)
+            ])
+        return out
+
+    def _run_with_limits(self, programs: Sequence[tuple[float, Program]]) -> list[ExecResult]:
+        """Run programs, each under its own wall-clock limit (one sandbox per distinct limit)."""
+        results: list[ExecResult | None] = [None] * len(programs)
+        for limit in sorted({t for t, _ in programs}):
+            idx = [i for i, (t, _) in enumerate(programs) if t == limit]
+            if limit == self.limits.timeout_s:
+                box = self.sandbox
+            else:
+                if limit not in self._sandboxes:
+                    self._sandboxes[limit] = Sandbox(
+                        dataclasses.replace(self.limits, timeout_s=limit),
+                        isolation=self.sandbox.isolation.value,
+                        workers=self.workers,
+                        batch_size=self.batch_size,
+                    )
+                box = self._sandboxes[limit]
+            for i, r in zip(idx, box.run_many([programs[i][1] for i in idx]), strict=True):
+                results[i] = r
+        return [r for r in results if r is not None]
+
+    def _error_verdict(self, problem: Problem, index: int, detail: str, suite: str) -> Verdict:
+        return Verdict(
+            problem_id=problem.id,
+            index=index,
+            status=VerdictStatus.ERROR,
+            verifier=self.name,
+            answer=None,
+            correct=None,
+            score=0.0,
+            detail=detail,
+            meta={"tests": suite},
+        )
 
     def _verdict(
         self, problem: Problem, index: int, rs: list[ExecResult], fmt: str, suite: str
@@ -421,6 +672,40 @@ def _builder(problem: Problem, suite: str) -> Any:
     return _stdio(problem, suite)
 
 
+_SUITES = ("full", "visible", "plus", "base")
+
+
+def _pack(value: Any) -> str:
+    """Plain data -> hex of compressed marshal (read back by ``_ttscale_unpack``)."""
+    return zlib.compress(marshal.dumps(value)).hex()
+
+
+def _evalplus_program(problem: Problem, task: Any) -> tuple[str, Any, str]:
+    """``(format, text -> program source, prelude)`` for checking ``problem``'s samples against
+    an EvalPlus task: the program is built as for the problem's own tests (HumanEval: the code
+    prompt and the completion; MBPP: the extracted code)."""
+    try:
+        fmt = _format_of(problem)
+    except DataError:
+        fmt = "humaneval" if task.task_id.startswith("HumanEval") else "asserts"
+    entry = task.entry_point
+    if fmt == "humaneval":
+        code_prompt = str(problem.meta.get("code_prompt") or problem.prompt)
+        full_def = re.compile(rf"^(?:async\s+)?def\s+{re.escape(entry)}\s*\(", re.M)
+
+        def source(text: str) -> str:
+            return _humaneval_source(code_prompt, text, entry, full_def)
+
+        return fmt, source, code_prompt
+    return fmt, (lambda text: extract_code(text, entry)), ""
+
+
+def _humaneval_source(code_prompt: str, text: str, entry: str, full_def: re.Pattern[str]) -> str:
+    if "```" in text or full_def.search(text):
+        return code_prompt + "\n" + extract_code(text, entry) + "\n"
+    return code_prompt + text
+
+
 def _humaneval(problem: Problem, suite: str) -> Any:
     meta = problem.meta
     entry = str(meta["entry_point"])
@@ -445,10 +730,7 @@ def _humaneval(problem: Problem, suite: str) -> Any:
                 setup, cases = "", (f"assert callable({entry}), 'no function {entry}'",)
 
     def build(text: str) -> list[Program]:
-        if "```" in text or full_def.search(text):
-            source = code_prompt + "\n" + extract_code(text, entry) + "\n"
-        else:
-            source = code_prompt + text
+        source = _humaneval_source(code_prompt, text, entry, full_def)
         return [
             Program(
                 source=source,

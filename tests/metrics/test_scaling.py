@@ -13,7 +13,9 @@ from ttscale.metrics.scaling import (
     accuracy_ceiling,
     bootstrap_power_law,
     empirical_reward_at_k,
+    false_negative_tasks,
     fit_power_law,
+    fit_two_type,
     optimal_k,
     single_type_utility,
     two_type_utility,
@@ -225,5 +227,135 @@ def test_verifier_rates() -> None:
     ],
 )
 def test_bad_arguments_raise(call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError):
+        call()
+
+
+# --- imperfect verifiers on real runs: K axis, empty tasks, false negatives, two-type fit ---
+
+
+def test_each_task_stays_flat_past_its_own_n() -> None:
+    # issue 12's minimal case: task A has 1 sample (passes weak and strong); task B has 4, only
+    # the last passes both. A: reward 1 at every k. B: the accepted sample is among the first k
+    # of a random order with probability k/4. Mean: (1 + k/4)/2 = 0.625, 0.75, 0.875, 1.
+    u = empirical_reward_at_k([1, 4], [1, 1], [0, 0], [1, 2, 3, 4], cost_ratio=1.0)
+    np.testing.assert_allclose(u, [0.625, 0.75, 0.875, 1.0], rtol=1e-12)
+    assert optimal_k(u, [1, 2, 3, 4]) == 4
+    # the reference procedure: random permutations, first accepted sample within the first k
+    rng = np.random.default_rng(5)
+    sims = np.zeros(4)
+    trials = 4000
+    for _ in range(trials):
+        first_b = int(np.flatnonzero(rng.permutation([0, 0, 0, 1]))[0]) + 1
+        sims += (1.0 + (np.arange(1, 5) >= first_b)) / 2
+    np.testing.assert_allclose(sims / trials, u, atol=0.03)
+
+
+def test_tasks_with_zero_samples_are_handled_explicitly() -> None:
+    n, tp, fp, ks = [1, 4, 0], [1, 1, 0], [0, 0, 0], [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="no samples"):
+        empirical_reward_at_k(n, tp, fp, ks)
+    np.testing.assert_allclose(
+        empirical_reward_at_k(n, tp, fp, ks, empty="drop"), [0.625, 0.75, 0.875, 1.0]
+    )
+    # counted as an abstention: (1 + k/4 + 0)/3
+    np.testing.assert_allclose(
+        empirical_reward_at_k(n, tp, fp, ks, empty="zero"), [1.25 / 3, 0.5, 1.75 / 3, 2 / 3]
+    )
+    with pytest.raises(ConfigError):
+        empirical_reward_at_k([0], [0], [0], ks, empty="drop")
+    with pytest.raises(ConfigError):
+        empirical_reward_at_k(n, tp, fp, ks, empty="ignore")  # type: ignore[arg-type]
+
+
+def test_false_negative_tasks_rule() -> None:
+    # strong pass count > weak pass count (same n): the weak verifier rejects correct programs
+    np.testing.assert_array_equal(
+        false_negative_tasks([4, 3, 1, 0], [4, 2, 0, 1]), [False, False, False, True]
+    )
+    with pytest.raises(ConfigError):
+        false_negative_tasks([1, 2], [1])
+
+
+# four tasks (n, weak, strong, both); strong pass rates P = 1, 0.5, 0, 0.1
+FIT_TASKS = ([4, 4, 2, 10], [4, 3, 1, 0], [4, 2, 0, 1], [4, 2, 0, 0])
+
+
+def test_fit_two_type_paper_estimator_by_hand() -> None:
+    # easy: P > 0.5 -> only task 1 (P = 0.5 is hard). r_easy = 1, r_hard = (0.5 + 0 + 0.1)/3 = 0.2,
+    # p_easy = 1/4. mean B = (1 + .75 + .5 + 0)/4 = .5625, mean P = .4, mean G over tasks with
+    # weak > 0 = (1 + 2/3 + 0)/3 = 5/9; s = (1 - .5625 - .4 + 5/9 * .5625)/(1 - .4) = .35/.6 = 7/12
+    f = fit_two_type(*FIT_TASKS, estimator="paper")
+    assert f.r == pytest.approx((1.0, 0.2), rel=1e-12)
+    assert f.priors == pytest.approx((0.25, 0.75))
+    assert f.completeness == 1.0
+    assert f.soundness == pytest.approx(7 / 12, rel=1e-12)
+    assert f.n_tasks == 4 and f.notes == ()
+
+
+def test_fit_two_type_paper_estimator_matches_a_transcription_of_the_notebook() -> None:
+    # the reference's calculate_model_params, spelled out with plain loops on random tasks
+    rng = np.random.default_rng(11)
+    n = rng.integers(1, 30, 40)
+    strong = rng.binomial(n, rng.uniform(0, 1, 40))
+    both = rng.binomial(strong, 0.9)
+    weak = both + rng.binomial(n - strong, 0.3)
+    rows = []
+    for i in range(40):
+        base_rate, plus_rate = weak[i] / n[i], strong[i] / n[i]
+        given = both[i] / weak[i] if weak[i] else None
+        rows.append((plus_rate, base_rate, given))
+    hi = [p for p, _, _ in rows if p > 0.5]
+    lo = [p for p, _, _ in rows if p <= 0.5]
+    mean_b = sum(b for _, b, _ in rows) / 40
+    mean_p = sum(p for p, _, _ in rows) / 40
+    gs = [g for _, _, g in rows if g is not None]
+    s = (1 - mean_b - mean_p + sum(gs) / len(gs) * mean_b) / (1 - mean_p)
+    f = fit_two_type(n, weak, strong, both, estimator="paper")
+    assert f.r == pytest.approx((sum(hi) / len(hi), sum(lo) / len(lo)), rel=1e-12)
+    assert f.priors[0] == pytest.approx(len(hi) / 40)
+    assert f.soundness == pytest.approx(s, rel=1e-12)
+
+
+def test_fit_two_type_pooled_estimator_by_hand() -> None:
+    # r_easy = 4/4, r_hard = (2 + 0 + 1)/(4 + 2 + 10) = 3/16; c = sum both / sum strong = 6/7;
+    # wrong samples rejected: 0 + 1 + 1 + 9 = 11 of 0 + 2 + 2 + 9 = 13 wrong -> s = 11/13
+    f = fit_two_type(*FIT_TASKS, estimator="pooled")
+    assert f.r == pytest.approx((1.0, 3 / 16), rel=1e-12)
+    assert f.priors == pytest.approx((0.25, 0.75))
+    assert f.completeness == pytest.approx(6 / 7, rel=1e-12)
+    assert f.soundness == pytest.approx(11 / 13, rel=1e-12)
+    u = f.utility(6, -2.0, mode="notebook")
+    np.testing.assert_allclose(
+        u,
+        two_type_utility(6, r=(1.0, 3 / 16), priors=(0.25, 0.75), c=6 / 7, s=11 / 13, v_fp=-2.0,
+                         mode="notebook"),
+        rtol=1e-12,
+    )
+
+
+def test_fit_two_type_with_one_empty_type_is_the_single_type_model() -> None:
+    # all tasks hard: r_hard = mean P = (0.25 + 0.5)/2, pooled soundness 1 - 1/5 (1 fp of 5 wrong)
+    f = fit_two_type([4, 4], [2, 2], [1, 2], [1, 1], estimator="pooled")
+    assert f.priors == (0.0, 1.0) and math.isnan(f.r[0]) and len(f.notes) == 1
+    assert f.soundness == pytest.approx((5 - 2) / 5)
+    u = f.utility(5, -1.0)
+    np.testing.assert_allclose(
+        u, single_type_utility(np.arange(1, 6), 3 / 8, 2 / 3, 3 / 5, -1.0), rtol=1e-12
+    )
+    assert f.to_dict()["r_easy"] is None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: fit_two_type([2], [1], [2], [2]),  # both > weak
+        lambda: fit_two_type([0], [0], [0], [0]),  # an empty task
+        lambda: fit_two_type([2], [2], [2], [2]),  # no wrong sample: soundness undefined
+        lambda: fit_two_type([2], [1], [1], [1], estimator="mle"),  # type: ignore[arg-type]
+        lambda: fit_two_type([2], [1], [1], [1], threshold=1.0),
+    ],
+)
+def test_fit_two_type_bad_input(call) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError):
         call()

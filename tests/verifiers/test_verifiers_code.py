@@ -210,7 +210,7 @@ def test_extract_code():
 
 
 def test_errors_and_protocol():
-    with pytest.raises(ConfigError, match="tests must be 'full' or 'visible'"):
+    with pytest.raises(ConfigError, match="tests must be 'full', 'visible', 'plus' or 'base'"):
         CodeVerifier(tests="hidden")
     with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
         CodeVerifier(timeout=0)

@@ -26,11 +26,15 @@ __all__ = [
     "FitComparison",
     "PowerLawBootstrap",
     "PowerLawFit",
+    "TwoTypeFit",
     "VerifierRates",
     "accuracy_ceiling",
     "bootstrap_power_law",
     "compare_fit_methods",
     "empirical_reward_at_k",
+    "empirical_reward_per_task",
+    "false_negative_tasks",
+    "fit_two_type",
     "fit_power_law",
     "optimal_k",
     "single_type_utility",
@@ -540,9 +544,9 @@ def two_type_utility(
     pc, pfp, beta = (np.broadcast_to(t, pri.shape) for t in _attempt_terms(rr, c, s))
     ks = np.arange(K, dtype=np.float64)
     # log-space powers so β = 0 gives β^0 = 1 and β^{k>0} = 0 without warnings
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         logb = np.log(beta)
-    powk = np.exp(np.where(ks[:, None] == 0, 0.0, ks[:, None] * logb[None, :]))  # (K, J): β_j^{k−1}
+        powk = np.exp(np.where(ks[:, None] == 0, 0.0, ks[:, None] * logb[None, :]))  # (K, J): β_j^{k−1}
     gain = v_correct * pc + v_fp * pfp
     if mode == "exact":
         ev = (powk * pri * gain).sum(axis=1)
@@ -572,43 +576,275 @@ def optimal_k(utilities: ArrayLike, ks: ArrayLike | None = None) -> int:
     return 0 if u[i] < 0 else int(kk[i])
 
 
-def empirical_reward_at_k(
+EmptyTasks = Literal["error", "zero", "drop"]
+
+
+def _reward_counts(
+    n: ArrayLike, m_tp: ArrayLike, m_fp: ArrayLike
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    nn = np.atleast_1d(np.asarray(n))
+    tp = np.atleast_1d(np.asarray(m_tp))
+    fp = np.atleast_1d(np.asarray(m_fp))
+    nn, tp, fp = np.broadcast_arrays(nn, tp, fp)
+    if nn.ndim != 1 or nn.size == 0:
+        raise ConfigError("n, m_tp and m_fp must be 1-d per-task counts with at least one task")
+    for name, a in (("n", nn), ("m_tp", tp), ("m_fp", fp)):
+        if np.any(a != np.round(a)) or np.any(a < 0):
+            raise ConfigError(f"{name} must be integer counts >= 0")
+    nn, tp, fp = (a.astype(np.int64) for a in (nn, tp, fp))
+    if np.any(tp + fp > nn):
+        raise ConfigError("per-task counts need m_tp + m_fp <= n")
+    return nn, tp, fp
+
+
+def empirical_reward_per_task(
     n: ArrayLike,
     m_tp: ArrayLike,
     m_fp: ArrayLike,
     ks: ArrayLike,
     cost_ratio: float = 0.0,
 ) -> NDArray[np.float64]:
-    """Expected reward of "take the first verifier-accepted sample within ``k``", averaged over tasks.
+    """Per-task expected reward@k, shape ``(tasks, len(ks))`` (see :func:`empirical_reward_at_k`).
 
-    Per task with ``n`` samples, ``m_tp`` accepted-and-correct and ``m_fp`` accepted-but-wrong
-    (``m = m_tp + m_fp``): ``E[reward@k] = (1 − C(n−m, k)/C(n, k)) · (m_tp − C/B·m_fp) / m``,
-    with ``k`` capped at ``n`` and ``0`` when ``m = 0`` (the closed form of the reference
-    notebook's permutation simulation). Returns shape ``(len(ks),)``; pass it to
-    :func:`optimal_k` with ``ks`` for ``K*``.
+    A task with ``n = 0`` samples gets reward 0 at every ``k`` (nothing to accept: it abstains).
     """
-    nn = np.atleast_1d(np.asarray(n))
-    tp = np.atleast_1d(np.asarray(m_tp))
-    fp = np.atleast_1d(np.asarray(m_fp))
-    nn, tp, fp = np.broadcast_arrays(nn, tp, fp)
-    if np.any(tp < 0) or np.any(fp < 0):
-        raise ConfigError("m_tp and m_fp must be >= 0")
-    na, ma = _as_counts(nn, tp + fp)
+    na, tp, fp = _reward_counts(n, m_tp, m_fp)
+    ma = tp + fp
     k = _as_ks(ks)
-    if cost_ratio < 0:
+    if not cost_ratio >= 0:
         raise ConfigError(f"cost_ratio (C/B) must be >= 0, got {cost_ratio}")
-    kmat = np.minimum(k[None, :], na[:, None])  # (tasks, K) capped budgets
+    # each task's budget is capped at its own n: past n it has no new sample to draw, so its
+    # reward stays flat (never cut every task's curve at the smallest n)
+    kmat = np.minimum(k[None, :], na[:, None])  # (tasks, K)
     from scipy.special import gammaln
 
     f = (na - ma)[:, None].astype(np.float64)
     n2 = na[:, None].astype(np.float64)
-    solved = f < kmat
+    solved = f < kmat  # fewer rejected samples than draws: an accepted one is always among them
     sk = np.where(solved, 0.0, kmat)
+    # C(n−m, k)/C(n, k) in log space
     lr = gammaln(f + 1) - gammaln(f - sk + 1) - gammaln(n2 + 1) + gammaln(n2 - sk + 1)
     p_any = np.where(solved, 1.0, -np.expm1(lr))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        value = np.where(ma > 0, (tp - cost_ratio * fp) / np.maximum(ma, 1), 0.0)
-    return (p_any * value[:, None]).mean(axis=0)
+    value = np.where(ma > 0, (tp - cost_ratio * fp) / np.maximum(ma, 1), 0.0)
+    return np.where(ma[:, None] > 0, p_any * value[:, None], 0.0)
+
+
+def empirical_reward_at_k(
+    n: ArrayLike,
+    m_tp: ArrayLike,
+    m_fp: ArrayLike,
+    ks: ArrayLike,
+    cost_ratio: float = 0.0,
+    *,
+    empty: EmptyTasks = "error",
+) -> NDArray[np.float64]:
+    """Expected reward of "take the first verifier-accepted sample within ``k``", averaged over tasks.
+
+    Per task with ``n`` samples, ``m_tp`` accepted-and-correct and ``m_fp`` accepted-but-wrong
+    (``m = m_tp + m_fp``): ``E[reward@k] = (1 − C(n−m, k)/C(n, k)) · (m_tp − C/B·m_fp) / m``,
+    with ``k`` capped at the task's own ``n`` (its reward stays flat past ``n``) and ``0`` when
+    ``m = 0``: the closed form of the reference notebook's permutation simulation. Returns shape
+    ``(len(ks),)``; pass it to :func:`optimal_k` with ``ks`` for ``K*``. The reference averages
+    1000 random orders of each task's samples, truncated to the first 200 (``max_samples``);
+    for ``k ≤ 200`` that is this expectation plus Monte-Carlo noise, which the closed form avoids.
+
+    ``empty`` says what a task with ``n = 0`` samples means: ``"error"`` (default) raises,
+    ``"zero"`` counts it as reward 0 at every ``k`` (what the reference simulation does: no
+    sample is ever accepted, "no_solution"), ``"drop"`` leaves it out of the average.
+    """
+    na, tp, fp = _reward_counts(n, m_tp, m_fp)
+    if empty not in ("error", "zero", "drop"):
+        raise ConfigError(f"empty must be 'error', 'zero' or 'drop', got {empty!r}")
+    per_task = empirical_reward_per_task(na, tp, fp, ks, cost_ratio)
+    zero = na == 0
+    if zero.any():
+        if empty == "error":
+            idx = np.flatnonzero(zero).tolist()
+            raise ConfigError(
+                f"{len(idx)} task(s) have no samples (positions {idx[:10]}); pass empty='drop' "
+                "to leave them out or empty='zero' to count them as reward 0"
+            )
+        if empty == "drop":
+            if zero.all():
+                raise ConfigError("every task has zero samples; nothing to average")
+            per_task = per_task[~zero]
+    return per_task.mean(axis=0)
+
+
+def false_negative_tasks(weak_pass: ArrayLike, strong_pass: ArrayLike) -> NDArray[np.bool_]:
+    """Tasks whose weak verifier visibly rejects correct programs, shape ``(tasks,)``.
+
+    ``weak_pass``/``strong_pass``: per task, the number (or rate) of samples that pass the weak
+    and the strong verifier. A task is flagged when the strong pass rate exceeds the weak one,
+    the reference notebook's rule (``pass_plus_rate > pass_base_rate``): the two-type model
+    assumes a weak verifier without false negatives (``c = 1``), so the paper drops such tasks
+    before computing curves. The reference takes the union of flagged tasks over all its models
+    (14 HumanEval tasks); on one run this flags that run's tasks only.
+    """
+    w = np.atleast_1d(np.asarray(weak_pass, dtype=np.float64))
+    s = np.atleast_1d(np.asarray(strong_pass, dtype=np.float64))
+    if w.shape != s.shape or w.ndim != 1:
+        raise ConfigError(
+            f"weak_pass and strong_pass must be 1-d per-task arrays of one length, got {w.shape} "
+            f"and {s.shape}"
+        )
+    return s > w
+
+
+TwoTypeEstimator = Literal["paper", "pooled"]
+
+
+@dataclass(frozen=True)
+class TwoTypeFit:
+    """Parameters of the two-type model estimated from per-task weak/strong verifier counts.
+
+    ``r = (r_easy, r_hard)`` (NaN for a type with no task), ``priors = (p_easy, p_hard)``,
+    ``completeness``/``soundness`` of the weak verifier, the ``threshold`` on a task's strong
+    pass rate that separates easy (``> threshold``) from hard tasks, and ``notes`` on anything
+    the estimator had to decide (an empty type, a clipped soundness).
+    """
+
+    estimator: str
+    r: tuple[float, float]
+    priors: tuple[float, float]
+    completeness: float
+    soundness: float
+    threshold: float
+    n_tasks: int
+    notes: tuple[str, ...] = ()
+
+    def utility(
+        self,
+        K: int,
+        v_fp: float,
+        *,
+        v_correct: float = 1.0,
+        mode: Literal["exact", "notebook"] = "exact",
+    ) -> NDArray[np.float64]:
+        """``U(1..K)`` of the fitted model (:func:`two_type_utility`; empty types left out)."""
+        keep = [j for j in range(2) if self.priors[j] > 0]
+        return two_type_utility(
+            K,
+            r=[self.r[j] for j in keep],
+            priors=[self.priors[j] for j in keep],
+            c=self.completeness,
+            s=self.soundness,
+            v_fp=v_fp,
+            v_correct=v_correct,
+            mode=mode,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else float(x)
+
+        return {
+            "estimator": self.estimator,
+            "r_easy": num(self.r[0]),
+            "r_hard": num(self.r[1]),
+            "p_easy": self.priors[0],
+            "p_hard": self.priors[1],
+            "completeness": self.completeness,
+            "soundness": self.soundness,
+            "threshold": self.threshold,
+            "n_tasks": self.n_tasks,
+            "notes": list(self.notes),
+        }
+
+
+def fit_two_type(
+    n: ArrayLike,
+    weak: ArrayLike,
+    strong: ArrayLike,
+    both: ArrayLike,
+    *,
+    estimator: TwoTypeEstimator = "paper",
+    threshold: float = 0.5,
+) -> TwoTypeFit:
+    """Estimate the two-type model (ALGORITHMS.md 7.2) from per-task verifier counts.
+
+    Per task ``i``: ``n_i`` samples, of which ``weak_i`` pass the weak verifier (the one that
+    decides when to stop resampling), ``strong_i`` pass the strong one (the truth) and ``both_i``
+    pass both. Tasks are split by their strong pass rate ``P_i = strong_i/n_i``: easy when
+    ``P_i > threshold`` (0.5 in the paper), hard otherwise; ``p_easy`` is the fraction of easy
+    tasks under both estimators.
+
+    ``estimator="paper"`` (the reference ``visualizations.ipynb``): ``r_j`` = mean of ``P_i``
+    over the tasks of type ``j``; completeness assumed 1 (unit tests accept correct code);
+    with ``B_i = weak_i/n_i`` and ``G_i = both_i/weak_i`` (tasks with ``weak_i > 0``),
+    ``s = (1 − mean B − mean P + mean G · mean B) / (1 − mean P)``: the probability of a
+    rejected wrong sample with ``P(weak ∧ strong)`` approximated by a product of task means.
+
+    ``estimator="pooled"`` (ttscale): every ratio from counts pooled over samples, so tasks
+    weigh by their sample count and the joint is counted, not approximated: ``r_j = Σ strong /
+    Σ n`` over type ``j``, ``c = Σ both / Σ strong`` (estimated, not assumed),
+    ``s = Σ (n − weak − strong + both) / Σ (n − strong)``. With equal ``n`` per task the ``r_j``
+    agree with the paper's; ``s`` differs whenever pass rates vary across tasks.
+
+    Drop false-negative tasks first (:func:`false_negative_tasks`) to match the paper.
+    """
+    na = np.atleast_1d(np.asarray(n))
+    arrs = [np.atleast_1d(np.asarray(x)) for x in (weak, strong, both)]
+    if any(a.shape != na.shape for a in arrs) or na.ndim != 1 or na.size == 0:
+        raise ConfigError("n, weak, strong and both must be 1-d per-task counts of one length")
+    for a in (na, *arrs):
+        if np.any(a != np.round(a)) or np.any(a < 0):
+            raise ConfigError("per-task counts must be integers >= 0")
+    na = na.astype(np.float64)
+    w, st, b = (a.astype(np.float64) for a in arrs)
+    if np.any(na < 1):
+        raise ConfigError("every task needs n >= 1 sample to fit the two-type model; drop empty tasks")
+    if np.any(b > np.minimum(w, st)) or np.any(np.maximum(w, st) > na):
+        raise ConfigError("per-task counts need both <= weak, strong <= n")
+    if not (0.0 <= threshold < 1.0):
+        raise ConfigError(f"threshold must be in [0, 1), got {threshold}")
+    if estimator not in ("paper", "pooled"):
+        raise ConfigError(f"estimator must be 'paper' or 'pooled', got {estimator!r}")
+    P = st / na
+    easy = P > threshold
+    groups = (easy, ~easy)
+    priors = (float(easy.mean()), float((~easy).mean()))
+    notes: list[str] = []
+    for name, g in zip(("easy", "hard"), groups, strict=True):
+        if not g.any():
+            notes.append(f"no {name} task (strong pass rate {'>' if name == 'easy' else '<='} "
+                         f"{threshold:g}): r_{name} undefined, p_{name} = 0")
+    if estimator == "paper":
+        r = tuple(float(P[g].mean()) if g.any() else math.nan for g in groups)
+        c = 1.0
+        B = w / na
+        denom = 1.0 - float(P.mean())
+        has = w > 0
+        gb = float((b[has] / w[has]).mean()) * float(B.mean()) if has.any() else 0.0
+        num = 1.0 - float(B.mean()) - float(P.mean()) + gb
+    else:
+        r = tuple(float(st[g].sum() / na[g].sum()) if g.any() else math.nan for g in groups)
+        tot_strong = float(st.sum())
+        if tot_strong > 0:
+            c = float(b.sum()) / tot_strong
+        else:
+            c = 1.0
+            notes.append("no sample passes the strong verifier: completeness undefined, set to 1")
+        denom = float((na - st).sum()) / float(na.sum())
+        num = float((na - w - st + b).sum()) / float(na.sum())
+    if denom <= 0.0:
+        raise ConfigError(
+            "soundness is undefined: every sample passes the strong verifier (no wrong sample)"
+        )
+    s = num / denom
+    if s < 0.0 or s > 1.0:
+        notes.append(f"soundness estimate {s:.6g} clipped to [0, 1]")
+        s = min(max(s, 0.0), 1.0)
+    return TwoTypeFit(
+        estimator=estimator,
+        r=(float(r[0]), float(r[1])),
+        priors=priors,
+        completeness=c,
+        soundness=s,
+        threshold=threshold,
+        n_tasks=int(na.size),
+        notes=tuple(notes),
+    )
 
 
 @dataclass(frozen=True)
