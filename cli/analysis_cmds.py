@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,8 +24,48 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
     return vals
 
 
-_SHORT = {"coverage": "coverage", "majority": "majority", "weighted": "weighted", "bon": "best-of-N",
-          "ppl": "PPL", "pc": "PC", "rpc": "RPC", "deepconf": "DeepConf"}
+class _ShortLabels(Mapping[str, str]):
+    """Table headings: the oracle and each rule's label from the rule registry.
+
+    Built on first use, so that loading the CLI does not import the aggregators (numpy).
+    """
+
+    _d: dict[str, str] | None = None
+
+    def _labels(self) -> dict[str, str]:
+        if self._d is None:
+            from ttscale.select.rules import ORACLE, RULES
+
+            self._d = {ORACLE: ORACLE, **{r.name: r.label for r in RULES.values()}}
+        return self._d
+
+    def __getitem__(self, key: str) -> str:
+        return self._labels()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._labels())
+
+    def __len__(self) -> int:
+        return len(self._labels())
+
+
+_SHORT = _ShortLabels()
+
+
+def _method_list(text: str) -> list[str]:
+    """``--methods`` -> canonical names; a deprecated name is renamed with a note on stderr."""
+    from ttscale.select.rules import DEPRECATED_NAMES
+
+    out = []
+    for m in (x.strip() for x in text.split(",")):
+        if not m:
+            continue
+        new = DEPRECATED_NAMES.get(m)
+        if new is not None:
+            typer.echo(f"note: method {m!r} is deprecated; using {new!r}", err=True)
+            m = new
+        out.append(m)
+    return out
 
 
 def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -72,7 +113,10 @@ def register(app: typer.Typer) -> None:
         run: Annotated[Path, typer.Argument(help="Run directory.")],
         methods: Annotated[
             str,
-            typer.Option(help="Comma-separated: coverage,majority,weighted,bon,ppl,pc,rpc,deepconf."),
+            typer.Option(
+                help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
+                "deepconf (bon/ppl: deprecated names of best_of_n/max_probability)."
+            ),
         ] = "coverage,majority",
         k: Annotated[
             Optional[str], typer.Option("--k", help="Budgets, e.g. 1,2,4,8 (default: powers of 2).")
@@ -80,7 +124,7 @@ def register(app: typer.Typer) -> None:
         verifier: Annotated[
             Optional[str], typer.Option(help="Whose answers/correctness to use (default: latest).")
         ] = None,
-        score: Annotated[Optional[str], typer.Option(help="Score used by weighted/bon.")] = None,
+        score: Annotated[Optional[str], typer.Option(help="Score used by weighted/best_of_n.")] = None,
         score_mapping: Annotated[
             str, typer.Option(help="identity|sigmoid|exp: map scores to vote weights.")
         ] = "identity",
@@ -107,7 +151,7 @@ def register(app: typer.Typer) -> None:
         from ttscale.store import SampleStore
 
         store = SampleStore.open(run)
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        method_list = _method_list(methods)
         pool = store.pool(verifier)
         conf = (
             run_confidences(store, window=deepconf_window) if "deepconf" in method_list else None

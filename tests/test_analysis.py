@@ -32,10 +32,10 @@ def _vector_pool() -> Pool:
 
 def test_majority_and_bon_match_the_test_vectors():
     pool = _vector_pool()
-    rep = compute_curves(pool, ["coverage", "majority", "bon"], [1, 2, 3, 4], score="rm", n_boot=50)
+    rep = compute_curves(pool, ["coverage", "majority", "best_of_n"], [1, 2, 3, 4], score="rm", n_boot=50)
     maj = rep.curves["majority"].per_problem[0]
     np.testing.assert_allclose(maj, [0.5, 0.5, 2 / 3, 1.0], atol=1e-9)
-    bon = rep.curves["bon"].per_problem[1]
+    bon = rep.curves["best_of_n"].per_problem[1]
     np.testing.assert_allclose(bon, [0.5, 1 / 3, 0.25, 0.0], atol=1e-9)
     cov = rep.curves["coverage"].per_problem
     np.testing.assert_allclose(cov[0], pass_at_k(4, 2, np.array([1, 2, 3, 4])))
@@ -79,7 +79,7 @@ def test_errors():
     with pytest.raises(ConfigError, match="exceeds"):
         compute_curves(pool, ["coverage"], [1, 8])
     with pytest.raises(ConfigError, match="--score"):
-        compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0]), ["bon"])
+        compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0]), ["best_of_n"])
     with pytest.raises(ConfigError, match="correctness"):
         compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"]), ["coverage"])
     with pytest.raises(ConfigError, match="top log-probs"):
@@ -112,7 +112,7 @@ def test_cli_curve_json_plot_and_fit(tmp_path):
                          "correct": ok, "mean_logprob": -float(rng.random())})
     run = _import(tmp_path, rows)
     png = tmp_path / "curve.png"
-    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,ppl", "--fit",
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,max_probability", "--fit",
                             "--plot", str(png), "--json", "--n-boot", "100"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -184,3 +184,20 @@ def test_deepconf_curve_matches_enumeration_with_the_aggregator(tmp_path):
     assert r.exit_code == 0, r.output
     got = json.loads(r.output)["methods"]["deepconf"]["mean"]
     assert got == pytest.approx(rep.curves["deepconf"].mean[:2].tolist())
+
+
+def test_cli_curve_renames_old_method_keys_with_a_note(tmp_path):
+    rows = [{"problem_id": f"p{p}", "answer": a, "correct": a == "42", "mean_logprob": lp}
+            for p in range(3)
+            for a, lp in (("42", -0.2), ("7", -0.1), ("42", -0.3), ("9", -0.4))]
+    run = _import(tmp_path, rows)
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,ppl", "--k", "1,4", "--json",
+                            "--n-boot", "20"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == "note: method 'ppl' is deprecated; using 'max_probability'"
+    d = json.loads(r.stdout)
+    assert list(d["methods"]) == ["coverage", "max_probability"]
+    # k = 4: the whole pool; the best path (-0.1) answers 7, wrong -> 0. k = 1: 2 of 4 correct.
+    assert d["methods"]["max_probability"]["mean"] == pytest.approx([0.5, 0.0], abs=1e-12)
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,max_probability", "--k", "4"])
+    assert r.exit_code == 0 and r.stderr == "" and "max-probability" in r.stdout

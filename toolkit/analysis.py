@@ -19,6 +19,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ttscale.errors import ConfigError
+from ttscale.select.rules import (
+    DEPRECATED_NAMES,
+    ORACLE,
+    ORACLE_DESCRIPTION,
+    ORACLE_LABEL,
+    RULES,
+    canonical_name,
+)
 from ttscale.store.pool import Pool
 
 __all__ = [
@@ -34,27 +42,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Curve names -> description: the oracle (``coverage``) and every selection rule of
+#: :data:`ttscale.select.rules.RULES`, under the rule's canonical name.
 METHODS: dict[str, str] = {
-    "coverage": "pass@k: any of k samples correct (oracle verifier)",
-    "majority": "majority vote over answers (self-consistency)",
-    "weighted": "score-weighted majority vote (needs a score)",
-    "bon": "best-of-N by a score (needs a score)",
-    "ppl": "the path with the highest mean token log-prob",
-    "pc": "perplexity consistency",
-    "rpc": "reasoning-pruning perplexity consistency",
-    "deepconf": "DeepConf confidence-filtered weighted vote (needs top logprobs)",
+    ORACLE: ORACLE_DESCRIPTION,
+    **{r.name: r.description for r in RULES.values()},
 }
 
-_LABELS = {
-    "coverage": "coverage (pass@k)",
-    "majority": "majority@k",
-    "weighted": "weighted vote@k",
-    "bon": "best-of-N@k",
-    "ppl": "PPL@k",
-    "pc": "PC@k",
-    "rpc": "RPC@k",
-    "deepconf": "DeepConf@k",
-}
+_LABELS = {ORACLE: ORACLE_LABEL, **{r.name: r.plot_label for r in RULES.values()}}
 
 
 @dataclass(frozen=True)
@@ -201,8 +196,10 @@ def compute_curves(
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
 
-    ``score`` names the pool score used by ``weighted``/``bon`` (default: the only score, if
-    there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
+    ``methods`` are keys of :data:`METHODS`: ``"coverage"`` (the oracle) and selection-rule names
+    of :data:`ttscale.select.rules.RULES` (the older ``"bon"``/``"ppl"`` work with a
+    ``DeprecationWarning``; the report is keyed by the canonical names). ``score`` names the pool
+    score used by ``weighted``/``best_of_n`` (default: the only score, if there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
     :func:`trace_confidences`) for ``deepconf``. Budgets ``k`` larger than a problem's sample
     count are skipped for that problem (ragged pools), and reported as NaN when no problem has
     that many samples. Every stochastic step is seeded by ``seed``.
@@ -214,11 +211,12 @@ def compute_curves(
     from ttscale.metrics import coverage_curve, selection_at_k
     from ttscale.metrics.stats import bootstrap_ci
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not methods:
         raise ConfigError("no methods given")
+    methods = [m if m == ORACLE else canonical_name(m, stacklevel=2) for m in methods]
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
     n_p = pool.n_per_problem
@@ -242,12 +240,14 @@ def compute_curves(
     correct = np.nan_to_num(pool.correct, nan=0.0)
 
     score_arr: NDArray[np.float64] | None = None
-    if any(m in ("weighted", "bon") for m in methods):
+    need_score = [m for m in methods if m != ORACLE and "scores" in RULES[m].inputs]
+    if need_score:
         names = sorted(pool.scores)
         if score is None:
             if len(names) != 1:
                 raise ConfigError(
-                    f"methods weighted/bon need --score NAME; the run has scores: {names or 'none'}"
+                    f"methods {'/'.join(need_score)} need --score NAME; the run has scores: "
+                    f"{names or 'none'}"
                 )
             score = names[0]
         if score not in pool.scores:
@@ -257,7 +257,7 @@ def compute_curves(
     curves: dict[str, MethodCurve] = {}
     for j, m in enumerate(methods):
         mseed = seed + 1000 * j
-        if m == "coverage":
+        if m == ORACLE:
             cov = coverage_curve(n_p, pool.correct_counts(), k_arr, missing="skip")
             per, est, draws = cov.per_problem, ("closed-form",) * k_arr.size, None
         else:
@@ -271,13 +271,13 @@ def compute_curves(
                 _require(pool, score_arr, m, f"score {score!r}")
                 w = np.where(pool.answer >= 0, score_arr, 0.0)
                 kw = {"method": "weighted", "scores": map_scores(w, score_mapping)}  # type: ignore[arg-type]
-            elif m == "bon":
+            elif m == "best_of_n":
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
-                kw = {"method": "bon", "scores": score_arr}
-            elif m == "ppl":
+                kw = {"method": "best_of_n", "scores": score_arr}
+            elif m == "max_probability":
                 _require(pool, pool.mean_logprob, m, "mean log-probs")
-                kw = {"method": "bon", "scores": pool.mean_logprob}
+                kw = {"method": "max_probability", "scores": pool.mean_logprob}
             elif m in ("pc", "rpc"):
                 _require(pool, pool.mean_logprob, m, "mean log-probs")
                 kw = {"method": m, "scores": pool.mean_logprob, "text_ids": pool.text_id}

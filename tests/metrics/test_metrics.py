@@ -157,7 +157,7 @@ def test_selection_vectors(strategy: str) -> None:
     maj = selection_at_k(np.array([[0, 0, 1, 2]]), np.array([[1, 1, 0, 0]]), [1, 2, 3, 4],
                          strategy=strategy)  # type: ignore[arg-type]
     np.testing.assert_allclose(maj.mean, MAJ, atol=1e-12)
-    bon = selection_at_k(None, [[0, 1, 1, 0]], [1, 2, 3, 4], method="bon",
+    bon = selection_at_k(None, [[0, 1, 1, 0]], [1, 2, 3, 4], method="best_of_n",
                          scores=[[0.9, 0.2, 0.7, 0.4]], strategy=strategy)  # type: ignore[arg-type]
     np.testing.assert_allclose(bon.mean, BON, atol=1e-12)
     expected = "exact" if strategy == "enumerate" else "closed-form"
@@ -220,7 +220,7 @@ def test_closed_forms_match_brute_force(pool: tuple) -> None:
     for j, kv in enumerate(ks):
         assert maj.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "majority", "expected"), abs=1e-10)
     for tie in ("expected", "first"):
-        bon = selection_at_k([labels], [correct], ks, method="bon", scores=[scores], tie=tie,
+        bon = selection_at_k([labels], [correct], ks, method="best_of_n", scores=[scores], tie=tie,
                              strategy="closed-form")  # type: ignore[arg-type]
         for j, kv in enumerate(ks):
             assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "bon", tie), abs=1e-12)
@@ -299,7 +299,7 @@ def test_builtin_rules_equal_aggregate_functions(seed: int, tie: str) -> None:
     cases = [
         ("majority", None, lambda p, s: majority_vote_labels(labels[s], n_clusters=L)),
         ("weighted", weights, lambda p, s: weighted_vote_labels(labels[s], weights[s], n_clusters=L)),
-        ("bon", weights, lambda p, s: best_of_n_labels(labels[s], weights[s], n_clusters=L)),
+        ("best_of_n", weights, lambda p, s: best_of_n_labels(labels[s], weights[s], n_clusters=L)),
     ]
     for name, sc, fn in cases:
         built = selection_at_k([labels], [correct], ks, method=name, scores=None if sc is None else [sc],
@@ -340,7 +340,7 @@ def test_monte_carlo_is_seeded_and_reported() -> None:
     correct = labels == 0
     w = rng.random((5, 60))
     for kw in ({}, {"tie": "first"}, {"tie": "random"}, {"method": "weighted", "scores": w},
-               {"method": "bon", "scores": w, "tie": "random"}):
+               {"method": "best_of_n", "scores": w, "tie": "random"}):
         a = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=300, seed=11, **kw)  # type: ignore[arg-type]
         b = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=300, seed=11, **kw)  # type: ignore[arg-type]
         np.testing.assert_array_equal(a.per_problem, b.per_problem)
@@ -357,7 +357,7 @@ def test_selection_validation() -> None:
     with pytest.raises(ConfigError):
         selection_at_k(lab, cor, [1], method="vote")
     with pytest.raises(ConfigError):
-        selection_at_k(lab, cor, [1], method="bon")  # needs scores
+        selection_at_k(lab, cor, [1], method="best_of_n")  # needs scores
     with pytest.raises(ConfigError):
         selection_at_k(lab, cor, [1], method="weighted", scores=[[-1.0, 1.0]])
     with pytest.raises(ConfigError):
@@ -369,4 +369,4 @@ def test_selection_validation() -> None:
     with pytest.raises(DataError):
         selection_at_k(lab, [[np.nan, 1]], [1])
     with pytest.raises(DataError):
-        selection_at_k(lab, cor, [1], method="bon", scores=[[np.nan, 1.0]])
+        selection_at_k(lab, cor, [1], method="best_of_n", scores=[[np.nan, 1.0]])

@@ -35,6 +35,7 @@ from ttscale.select.aggregate import (
     perplexity_consistency_labels,
     rpc_labels,
 )
+from ttscale.select.rules import RULES, canonical_name
 
 __all__ = [
     "CoverageCurve",
@@ -327,7 +328,8 @@ class SelectionResult:
     tie: str
 
 
-_RULES = ("majority", "weighted", "bon", "pc", "rpc")
+# selection_at_k computes max_probability exactly as best-of-N over the mean log-probs
+_ENGINE = {"best_of_n": "bon", "max_probability": "bon"}
 
 
 def selection_at_k(
@@ -352,11 +354,13 @@ def selection_at_k(
     ``labels`` are per-sample integer answer codes (any non-negative ints; ``-1`` = no answer; two
     samples with the same code are the same answer) and ``correct`` per-sample 0/1; both in a
     pool layout (module docstring). ``labels=None`` means every sample has its own answer
-    (enough for ``bon``). Rules (``method``):
+    (enough for ``best_of_n``). Rules (``method``, names of :data:`ttscale.select.rules.RULES`;
+    the older ``"bon"`` and ``"ppl"`` still work with a ``DeprecationWarning``):
 
     * ``"majority"``: most frequent code; closed form for ``tie="expected"``.
-    * ``"bon"``: highest ``scores`` (best-of-N; pass mean log-probs for PPL); closed form for
-      ``tie="expected"`` and ``"first"``. Unanswered samples are never selected.
+    * ``"best_of_n"``: highest ``scores``; closed form for ``tie="expected"`` and ``"first"``.
+      Unanswered samples are never selected.
+    * ``"max_probability"``: the same with ``scores`` = mean token log-probs (``-inf`` allowed).
     * ``"weighted"``: vote weighted by non-negative ``scores`` (map logits first with
       :func:`ttscale.select.aggregate.map_scores`).
     * ``"pc"`` / ``"rpc"``: perplexity consistency / RPC with ``scores`` = mean token log-probs and
@@ -391,8 +395,17 @@ def selection_at_k(
         raise ConfigError(f"tie must be one of {', '.join(TIE_RULES)}, got {tie!r}")
     if strategy not in ("auto", "closed-form", "enumerate", "mc"):
         raise ConfigError(f"strategy must be auto, closed-form, enumerate or mc, got {strategy!r}")
-    if isinstance(method, str) and method not in _RULES:
-        raise ConfigError(f"method must be one of {', '.join(_RULES)} or a callable, got {method!r}")
+    if isinstance(method, str):
+        try:
+            rule = canonical_name(method, stacklevel=2)
+        except ConfigError:
+            rule = ""
+        if not rule or not RULES[rule].at_k:
+            named = ", ".join(r.name for r in RULES.values() if r.at_k)
+            raise ConfigError(f"method must be one of {named} or a callable, got {method!r}")
+        method = _ENGINE.get(rule, rule)
+    else:
+        rule = getattr(method, "__name__", "custom")
     if max_subsets < 1 or n_draws < 1:
         raise ConfigError(f"max_subsets and n_draws must be >= 1, got {max_subsets}, {n_draws}")
     k = _check_ks(ks)
@@ -426,11 +439,10 @@ def selection_at_k(
             raise ConfigError("text_ids and correct must have the same number of samples per problem")
         tid = _int_array("text_ids", tid_flat)
 
-    rule = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     answered = lab >= 0
     if method in ("bon", "weighted", "pc", "rpc"):
         if sc is None:
-            raise ConfigError(f"method={method!r} needs scores=")
+            raise ConfigError(f"method={rule!r} needs scores=")
         bad = answered & (np.isnan(sc) | np.isposinf(sc) | (np.isneginf(sc) & (method != "bon")))
         if bad.any():
             raise DataError(f"scores must be finite for answered samples, got {sc[bad][0]}")
@@ -457,13 +469,11 @@ def selection_at_k(
     mixed = np.zeros(P, dtype=bool)
     mixed[np.repeat(np.arange(P), n_clusters)[mixed_cl]] = True
 
-    closed_ok = (method == "majority" and tie == "expected") or (
-        method == "bon" and tie in ("expected", "first")
-    )
+    closed_ok = isinstance(method, str) and tie in RULES[rule].closed_form_ties
     if strategy == "closed-form" and not closed_ok:
         raise ConfigError(
             f"no closed form for method={rule!r} with tie={tie!r} (closed forms: majority with "
-            "tie='expected', bon with tie='expected' or 'first')"
+            "tie='expected', best_of_n and max_probability with tie='expected' or 'first')"
         )
 
     K = k.size

@@ -2,7 +2,8 @@
 
 Every rule exists once, at the level of integer cluster labels (``*_labels`` functions: ``labels[i]``
 is sample ``i``'s cluster, ``-1`` = no answer); the answer-level functions cluster the answers
-(:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`.
+(:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`, whose
+``method`` is the rule's name in the registry :data:`ttscale.select.rules.RULES`.
 
 Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
 
@@ -24,8 +25,8 @@ Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -86,7 +87,9 @@ class AggregateResult:
     ``exp(max ℓ)`` for PPL); ``tied`` the clusters at the maximum, in order of first appearance,
     with ``tie_shares`` (sum 1) the chance each is picked by a uniform random tie-break;
     ``labels[i]`` sample ``i``'s cluster (``-1`` = no answer). ``answer``/``index`` are ``None``
-    iff no sample has an answer.
+    iff no sample has an answer. ``method`` is the rule's name in
+    :data:`ttscale.select.rules.RULES` and ``options`` the rule's settings that shaped the result
+    (``score_map``/``temperature`` for ``weighted``, ``eta``/``weighted`` for ``deepconf``).
     """
 
     answer: Any | None
@@ -98,6 +101,7 @@ class AggregateResult:
     tie_shares: NDArray[np.float64]
     labels: NDArray[np.int64]
     method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def credit(self, correct: ArrayLike) -> float:
         """Expected accuracy under a uniform random tie-break: ``Σ tie_shares · correct[tied]``.
@@ -294,6 +298,7 @@ def _vote(
     seed: SeedLike,
     method: str,
     first_from: NDArray[np.bool_] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> AggregateResult:
     """Sum ``weights`` (1 each if None) of the ``voters`` per cluster and pick the largest sum.
 
@@ -323,6 +328,7 @@ def _vote(
         tie_shares=shares,
         labels=lab,
         method=method,
+        options=dict(options or {}),
     )
 
 
@@ -420,7 +426,10 @@ def weighted_vote_labels(
     _require_finite("scores", s, answered)
     w = np.zeros(lab.size)
     w[answered] = map_scores(s[answered], mapping, temperature)
-    return _vote(lab, L, w, answered, None, tie=tie, seed=seed, method=f"weighted[{mapping}]")
+    return _vote(
+        lab, L, w, answered, None, tie=tie, seed=seed, method="weighted",
+        options={"score_map": mapping, "temperature": temperature},
+    )
 
 
 def best_of_n_labels(
@@ -460,7 +469,7 @@ def max_probability_labels(
     _require_finite("mean_logprobs", lp, lab >= 0, allow_neg_inf=True)
     index, tied, shares, cmax = _max_rule(lab, L, lp, tie=tie, seed=seed)
     p = np.exp(cmax)
-    return AggregateResult(index, index, tuple(range(L)), p, p.copy(), tied, shares, lab, "ppl")
+    return AggregateResult(index, index, tuple(range(L)), p, p.copy(), tied, shares, lab, "max_probability")
 
 
 def perplexity_consistency_labels(
@@ -567,8 +576,10 @@ def deepconf_vote_labels(
         if answered.any():
             s = float(np.percentile(conf[answered], 100.0 - eta))
             keep &= conf >= s
-    name = "deepconf" if eta is None else f"deepconf[eta={eta:g}]"
-    return _vote(lab, L, conf if weighted else None, keep, None, tie=tie, seed=seed, method=name)
+    return _vote(
+        lab, L, conf if weighted else None, keep, None, tie=tie, seed=seed, method="deepconf",
+        options={"eta": eta, "weighted": weighted},
+    )
 
 
 # --------------------------------------------------------------------------------------------
