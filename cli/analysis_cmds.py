@@ -125,9 +125,12 @@ def register(app: typer.Typer) -> None:
             Optional[str], typer.Option(help="Whose answers/correctness to use (default: latest).")
         ] = None,
         score: Annotated[Optional[str], typer.Option(help="Score used by weighted/best_of_n.")] = None,
-        score_mapping: Annotated[
+        score_map: Annotated[
             str, typer.Option(help="identity|sigmoid|exp: map scores to vote weights.")
         ] = "identity",
+        score_mapping: Annotated[
+            Optional[str], typer.Option(hidden=True, help="Deprecated name of --score-map.")
+        ] = None,
         fit: Annotated[bool, typer.Option("--fit", help="Fit c(k) = exp(a k^b) to coverage.")] = False,
         plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -152,6 +155,9 @@ def register(app: typer.Typer) -> None:
 
         store = SampleStore.open(run)
         method_list = _method_list(methods)
+        if score_mapping is not None:
+            typer.echo("note: --score-mapping is deprecated; use --score-map", err=True)
+            score_map = score_mapping
         pool = store.pool(verifier)
         conf = (
             run_confidences(store, window=deepconf_window) if "deepconf" in method_list else None
@@ -161,7 +167,7 @@ def register(app: typer.Typer) -> None:
             method_list,
             _int_list(k, "--k"),
             score=score,
-            score_mapping=score_mapping,
+            score_map=score_map,
             confidences=conf,
             deepconf_eta=deepconf_eta,
             confidence=confidence,

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
+from ttscale.seeding import SeedLike, as_int_seed
 from ttscale.select.rules import (
     DEPRECATED_NAMES,
     ORACLE,
@@ -182,7 +184,7 @@ def compute_curves(
     ks: Sequence[int] | None = None,
     *,
     score: str | None = None,
-    score_mapping: str = "identity",
+    score_map: str = "identity",
     confidences: NDArray[np.float64] | None = None,
     deepconf_eta: float = 10.0,
     confidence: float = 0.95,
@@ -190,9 +192,10 @@ def compute_curves(
     n_draws: int = 1000,
     rpc_draws: int = 50,
     tie: str = "expected",
-    seed: int = 0,
+    seed: SeedLike = 0,
     fit: bool = False,
     fit_method: str = "loglog",
+    score_mapping: str | None = None,
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
 
@@ -202,7 +205,10 @@ def compute_curves(
     score used by ``weighted``/``best_of_n`` (default: the only score, if there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
     :func:`trace_confidences`) for ``deepconf``. Budgets ``k`` larger than a problem's sample
     count are skipped for that problem (ragged pools), and reported as NaN when no problem has
-    that many samples. Every stochastic step is seeded by ``seed``.
+    that many samples. ``score_map`` maps the score to vote weights for ``weighted``
+    (:func:`ttscale.select.aggregate.map_scores`; ``score_mapping=`` is its deprecated former
+    name). Every stochastic step is seeded by ``seed`` (``None | int | Generator``; the int seed
+    used is reported in the report's ``meta``).
 
     Budgets without a closed form are enumerated when a problem has at most ``n_draws`` subsets
     of that size, else estimated from ``n_draws`` random subsets (seeded; reported per ``k``).
@@ -210,6 +216,11 @@ def compute_curves(
     """
     from ttscale.metrics import coverage_curve, selection_at_k
     from ttscale.metrics.stats import bootstrap_ci
+
+    score_map = renamed_keyword(
+        "compute_curves", "score_mapping", "score_map", score_mapping, score_map, "identity"
+    )
+    seed = as_int_seed(seed)
 
     unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
     if unknown:
@@ -270,7 +281,7 @@ def compute_curves(
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
                 w = np.where(pool.answer >= 0, score_arr, 0.0)
-                kw = {"method": "weighted", "scores": map_scores(w, score_mapping)}  # type: ignore[arg-type]
+                kw = {"method": "weighted", "scores": map_scores(w, score_map)}  # type: ignore[arg-type]
             elif m == "best_of_n":
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
@@ -300,7 +311,7 @@ def compute_curves(
                 missing="skip",
                 **kw,
             )
-            per, est, draws = res.per_problem, tuple(res.method), res.draws
+            per, est, draws = res.per_problem, res.estimator, res.draws
         ci = _ci(per, confidence=confidence, n_boot=n_boot, seed=mseed, bootstrap_ci=bootstrap_ci)
         curves[m] = MethodCurve(m, k_arr, ci[0], ci[1], ci[2], per, est, draws)
 

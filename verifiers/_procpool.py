@@ -53,14 +53,14 @@ def _resolve(path: str) -> Callable[..., Any]:
 
 
 def _worker_loop(
-    conn: Connection, target: str, initializer: str | None, memory_limit_mb: int | None
+    conn: Connection, target: str, initializer: str | None, memory_mb: int | None
 ) -> None:
     """Worker loop: receive ``(task_id, args)``, reply ``(task_id, status, value, detail)``."""
-    if memory_limit_mb:
+    if memory_mb:
         try:
             import resource
 
-            limit = int(memory_limit_mb) << 20
+            limit = int(memory_mb) << 20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
             pass
@@ -208,7 +208,7 @@ class TimeoutPool:
 
     ``target`` and ``initializer`` are ``"module:function"`` paths (importable in the worker).
     The timeout clock of a task starts when it is sent to a ready worker (worker start-up and
-    imports never count). ``memory_limit_mb`` caps each worker's address space
+    imports never count). ``memory_mb`` caps each worker's address space
     (``RLIMIT_AS``); exceeding it is an outcome ``memory``, not a crash of the caller.
     """
 
@@ -219,7 +219,7 @@ class TimeoutPool:
         workers: int = 1,
         timeout: float = 5.0,
         initializer: str | None = None,
-        memory_limit_mb: int | None = 4096,
+        memory_mb: int | None = 4096,
         startup_timeout: float = 120.0,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -230,7 +230,7 @@ class TimeoutPool:
         self.initializer = initializer
         self.workers = workers
         self.timeout = float(timeout)
-        self.memory_limit_mb = memory_limit_mb
+        self.memory_mb = memory_mb
         self.startup_timeout = float(startup_timeout)
         self.restarts = 0
         self._pool: list[_Worker] = []
@@ -240,7 +240,7 @@ class TimeoutPool:
     # lifecycle -------------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        return _Worker(self.target, self.initializer, self.memory_limit_mb)
+        return _Worker(self.target, self.initializer, self.memory_mb)
 
     def close(self) -> None:
         """Stop all workers (idempotent)."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ttscale._deprecation import renamed_keyword, warn_deprecated
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
@@ -91,14 +92,18 @@ class EnsembleVerifier:
         self,
         members: Sequence[Any],
         *,
-        aggregate: str = "mean",
+        aggregation: str = "mean",
         lam: float = 1.0,
         normalize: str | None = "zscore",
         reference_scores: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None = None,
         order: str = "cost",
         margin: float | None = None,
         name: str = "ensemble",
+        aggregate: str | None = None,
     ) -> None:
+        aggregation = renamed_keyword(
+            "EnsembleVerifier", "aggregate", "aggregation", aggregate, aggregation, "mean"
+        )
         members = list(members)
         if not members:
             raise ConfigError("an ensemble needs at least one member verifier")
@@ -110,8 +115,8 @@ class EnsembleVerifier:
                     f"ensemble member {m!r} is not a verifier (needs name and verify())"
                 )
         names = _unique_names([m.name for m in members])
-        if aggregate not in ENSEMBLE_METHODS:
-            raise ConfigError(f"aggregate must be one of {ENSEMBLE_METHODS}, got {aggregate!r}")
+        if aggregation not in ENSEMBLE_METHODS:
+            raise ConfigError(f"aggregation must be one of {ENSEMBLE_METHODS}, got {aggregation!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
         if normalize not in _NORMALIZE:
@@ -137,7 +142,7 @@ class EnsembleVerifier:
         self.members = [members[i] for i in run]
         self.member_names = [names[i] for i in run]
         self.costs = [costs[i] for i in run]
-        self.aggregate = aggregate
+        self.aggregation = aggregation
         self.lam = float(lam)
         self.normalize = normalize
         self.order = order
@@ -204,11 +209,11 @@ class EnsembleVerifier:
             return out
         complete = ~np.isnan(z).any(axis=0)
         if complete.any():
-            out[complete] = aggregate_ensemble(z[:, complete], self.aggregate, lam=self.lam)  # type: ignore[arg-type]
+            out[complete] = aggregate_ensemble(z[:, complete], self.aggregation, lam=self.lam)  # type: ignore[arg-type]
         for j in np.flatnonzero(~complete):
             col = z[~np.isnan(z[:, j]), j]
             if col.size:
-                out[j] = aggregate_ensemble(col[:, None], self.aggregate, lam=self.lam)[0]  # type: ignore[arg-type]
+                out[j] = aggregate_ensemble(col[:, None], self.aggregation, lam=self.lam)[0]  # type: ignore[arg-type]
         return out
 
     # ------------------------------------------------------------------ verification
@@ -339,6 +344,12 @@ class EnsembleVerifier:
             )
         return Verdict(status=VerdictStatus.SCORED, score=float(score), meta=meta, **base)
 
+    @property
+    def aggregate(self) -> str:
+        """Deprecated name of :attr:`aggregation`."""
+        warn_deprecated("EnsembleVerifier.aggregate is deprecated; use .aggregation")
+        return self.aggregation
+
     def info(self) -> dict[str, Any]:
         """Provenance: members (in running order) with their info, the rule, and call counts."""
         members = []
@@ -352,7 +363,7 @@ class EnsembleVerifier:
             "verifier": "ensemble",
             "name": self.name,
             "members": members,
-            "aggregate": self.aggregate,
+            "aggregate": self.aggregation,  # key kept: it names stored verdicts' verifier config
             "lam": self.lam,
             "normalize": self.normalize,
             "reference_scores": self._reference is not None,

@@ -35,6 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from ttscale._deprecation import UNSET, renamed_keyword
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.verifiers.extract import _unify_minus, normalize_final_answer, normalize_number
 
@@ -369,8 +370,12 @@ class MathChecker:
         strict: bool = True,
         cache_size: int = 100_000,
         cache_path: str | Path | None = None,
-        memory_limit_mb: int | None = 4096,
+        memory_mb: int | None = 4096,
+        memory_limit_mb: int | None = UNSET,
     ) -> None:
+        memory_mb = renamed_keyword(
+            "MathChecker", "memory_limit_mb", "memory_mb", memory_limit_mb, memory_mb, 4096, unset=UNSET
+        )
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
         if not isinstance(timeout, (int, float)) or not (timeout > 0):
@@ -388,7 +393,7 @@ class MathChecker:
         self.float_rounding = float_rounding
         self.numeric_precision = int(numeric_precision)
         self.strict = bool(strict)
-        self.memory_limit_mb = memory_limit_mb
+        self.memory_mb = memory_mb
         self.version = math_verify_version()
         self.stats = CheckerStats()
         self._eq_cache = _LRU(cache_size)
@@ -428,7 +433,7 @@ class MathChecker:
                 workers=self.workers,
                 timeout=self.timeout,
                 initializer="ttscale.verifiers.mathcheck:_worker_init",
-                memory_limit_mb=self.memory_limit_mb,
+                memory_mb=self.memory_mb,
             )
         return self._pool
 

@@ -67,16 +67,25 @@ def split_steps(text: str, separator: str = "\n\n") -> list[str]:
 
 
 def aggregate_step_scores(
-    step_scores: Sequence[float] | np.ndarray, how: str = "last", *, eps: float = 1e-6
+    step_scores: Sequence[float] | np.ndarray,
+    prm_aggregation: str = "last",
+    *,
+    eps: float = 1e-6,
+    how: str | None = None,
 ) -> float:
     """Aggregate one solution's PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``).
 
     ``last``: ``s_T``; ``min``: ``min_t s_t``; ``prod``: ``exp(sum_t log max(s_t, eps))`` (log space,
     every step clipped away from 0 so long solutions do not underflow). No steps -> NaN. The
-    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution).
+    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution). ``how=`` is the
+    deprecated former name of ``prm_aggregation``.
     """
+    from ttscale._deprecation import renamed_keyword
     from ttscale.select.aggregate import prm_aggregate
 
+    how = renamed_keyword(
+        "aggregate_step_scores", "how", "prm_aggregation", how, prm_aggregation, "last"
+    )
     if how not in PRM_AGGREGATIONS:
         raise ConfigError(f"prm_aggregation must be one of {PRM_AGGREGATIONS}, got {how!r}")
     return float(prm_aggregate([np.asarray(step_scores, dtype=np.float64)], how, eps=eps)[0])  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ def test_each_rule_reports_its_own_name_at_both_levels(name: str) -> None:
 
 
 def test_rule_options_are_recorded_not_folded_into_the_name() -> None:
-    w = RULES["weighted"].answers_fn(ANS, LOGP, mapping="exp", temperature=0.5)
+    w = RULES["weighted"].answers_fn(ANS, LOGP, score_map="exp", temperature=0.5)
     assert w.method == "weighted" and w.options == {"score_map": "exp", "temperature": 0.5}
     d = RULES["deepconf"].answers_fn(ANS, CONF, eta=50.0)
     assert d.method == "deepconf" and d.options == {"eta": 50.0, "weighted": True}
@@ -95,7 +95,7 @@ def test_closed_form_flag_matches_selection_at_k(name: str, tie: str) -> None:
     if tie in rule.closed_form_ties:
         closed = selection_at_k(LAB, COR, [1, 2, 3, 6], strategy="closed-form", **kw)  # type: ignore[arg-type]
         exact = selection_at_k(LAB, COR, [1, 2, 3, 6], strategy="enumerate", **kw)  # type: ignore[arg-type]
-        assert set(closed.method) == {"closed-form"} and closed.rule == name
+        assert set(closed.estimator) == {"closed-form"} and closed.rule == name
         np.testing.assert_allclose(closed.mean, exact.mean, atol=1e-12)
     else:
         with pytest.raises(ConfigError, match=f"no closed form for method='{name}'"):

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ttscale._deprecation import warn_deprecated
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.aggregate import (
@@ -309,23 +310,32 @@ class SelectionResult:
     """Expected accuracy of a selection rule on random size-``k`` subsets.
 
     ``per_problem`` ``(problems, len(ks))`` (NaN where ``k > n``); ``mean``/``n_problems`` per ``k``
-    as in :class:`CoverageCurve`; ``method[j]`` how ``ks[j]`` was computed across problems:
+    as in :class:`CoverageCurve`; ``estimator[j]`` how ``ks[j]`` was computed across problems:
     ``"closed-form"``, ``"exact"`` (every subset enumerated), ``"mc"`` (``draws[j]`` random subsets
     per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
     (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
-    (0 when nothing was sampled).
+    (0 when nothing was sampled). ``rule`` is the selection rule (its registry name, or a
+    selector's ``__name__``). ``method`` is the deprecated former name of ``estimator``.
     """
 
     ks: NDArray[np.int64]
     mean: NDArray[np.float64]
     per_problem: NDArray[np.float64]
     n_problems: NDArray[np.int64]
-    method: tuple[str, ...]
+    estimator: tuple[str, ...]
     n_exact: NDArray[np.int64]
     draws: NDArray[np.int64]
     mc_stderr: NDArray[np.float64]
     rule: str
     tie: str
+
+    @property
+    def method(self) -> tuple[str, ...]:
+        """Deprecated: the estimator per ``k`` (use :attr:`estimator`; the rule is :attr:`rule`)."""
+        warn_deprecated(
+            "SelectionResult.method is the estimator per k; use .estimator (the rule is .rule)"
+        )
+        return self.estimator
 
 
 # selection_at_k computes max_probability exactly as best-of-N over the mean log-probs
@@ -376,8 +386,8 @@ def selection_at_k(
     ``C(n, k)`` subsets), ``"mc"`` (``n_draws`` random subsets per problem and ``k``), or ``"auto"``
     (default): best-of-N closed form; the majority closed form where its plan is cheap (small
     pools nearly always; at ``n = 10,000`` mostly very small ``k`` and large ``k`` with a clear
-    winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``method`` in the
-    result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
+    winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``estimator`` in
+    the result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
     majority draws subset counts cluster by cluster (exact sequential hypergeometric draws,
     vectorised over problems); weighted votes and ``tie="first"`` use random permutations whose
     length-``k`` prefixes serve every ``k``; other rules evaluate ``n_draws`` random subsets.
@@ -595,7 +605,7 @@ def selection_at_k(
     with np.errstate(invalid="ignore", divide="ignore"):
         stderr = np.where(count > 0, np.sqrt(mc_var) / np.maximum(count, 1), np.nan)
     return SelectionResult(
-        ks=k, mean=mean, per_problem=per, n_problems=count, method=tuple(methods),
+        ks=k, mean=mean, per_problem=per, n_problems=count, estimator=tuple(methods),
         n_exact=((how == 1) | (how == 2)).sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr, rule=rule, tie=tie,
     )
 

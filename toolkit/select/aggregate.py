@@ -7,8 +7,9 @@ is sample ``i``'s cluster, ``-1`` = no answer); the answer-level functions clust
 
 Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
 
-* A sample without an answer (``None``) never votes and is never selected, but it is still a
-  sample of the budget. If no sample has an answer, the result's ``answer`` is ``None``.
+* A sample without an answer (``None`` or a blank string, :func:`ttscale.select.answers.is_no_answer`)
+  never votes and is never selected, but it is still a sample of the budget. If no sample has an
+  answer, the result's ``answer`` is ``None``.
 * Clusters are numbered in order of first appearance. With a user equivalence ``E`` they are the
   connected components of the graph with an edge ``(i, j)``, ``j < i``, whenever
   ``E(answer_i, answer_j)`` (single linkage; ``E`` is always called as ``E(later, earlier)``), and
@@ -32,8 +33,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
+from ttscale.select.answers import is_no_answer
 
 __all__ = [
     "DEEPCONF_MEASURES",
@@ -180,7 +183,8 @@ def _require_finite(name: str, values: NDArray[np.float64], mask: NDArray[np.boo
 def cluster_answers(
     answers: Sequence[Hashable | None], equivalence: Equivalence | None = None
 ) -> Clustering:
-    """Cluster answers; ``None`` gets label -1. Clusters are numbered by first appearance.
+    """Cluster answers; no answer (``None``, blank strings) gets label -1. Clusters are numbered
+    by first appearance.
 
     Without ``equivalence`` answers are grouped by equality (``==``/hash). With a callable
     ``E(later, earlier) -> bool`` the clusters are the connected components of the graph with an
@@ -194,7 +198,7 @@ def cluster_answers(
         ids: dict[Any, int] = {}
         reps: list[Any] = []
         for i, a in enumerate(answers):
-            if a is None:
+            if is_no_answer(a):
                 continue
             c = ids.get(a)
             if c is None:
@@ -225,7 +229,7 @@ def cluster_answers(
             hit = memo[key] = bool(equivalence(a, b))
         return hit
 
-    present = [i for i, a in enumerate(answers) if a is not None]
+    present = [i for i, a in enumerate(answers) if not is_no_answer(a)]
     for pos, i in enumerate(present):
         for j in present[:pos]:
             # i is a root until merged, and merges keep the later index as root.
@@ -376,21 +380,26 @@ def majority_vote_labels(
 
 
 def map_scores(
-    scores: ArrayLike, mapping: ScoreMapping = "identity", temperature: float = 1.0
+    scores: ArrayLike,
+    score_map: ScoreMapping = "identity",
+    temperature: float = 1.0,
+    *,
+    mapping: ScoreMapping | None = None,
 ) -> NDArray[np.float64]:
     """Map raw scores to non-negative vote weights (float64, same shape).
 
     ``identity`` (scores must already be ``≥ 0``), ``sigmoid`` (``1/(1+e^{−s})``, for logits), or
     ``exp`` (``exp((s − max s)/T)``: proportional to ``exp(s/T)``, shifted by the common factor
     ``exp(−max s/T)`` so it cannot overflow; ranking and normalised confidence are unchanged).
-    NaN entries stay NaN.
+    NaN entries stay NaN. (``mapping=`` is the deprecated former name of ``score_map``.)
     """
+    mapping = renamed_keyword("map_scores", "mapping", "score_map", mapping, score_map, "identity")
     s = np.asarray(scores, dtype=np.float64)
     if mapping == "identity":
         if np.any(s < 0):
             raise ConfigError(
                 f"weighted voting needs non-negative scores, got min {np.nanmin(s)}; "
-                "use mapping='sigmoid' or mapping='exp' for logits"
+                "use score_map='sigmoid' or score_map='exp' for logits"
             )
         return s
     if mapping == "sigmoid":
@@ -402,33 +411,38 @@ def map_scores(
         finite = s[np.isfinite(s)]
         shift = float(finite.max()) if finite.size else 0.0
         return np.exp((s - shift) / temperature)
-    raise ConfigError(f"mapping must be one of {', '.join(SCORE_MAPPINGS)}, got {mapping!r}")
+    raise ConfigError(f"score_map must be one of {', '.join(SCORE_MAPPINGS)}, got {mapping!r}")
 
 
 def weighted_vote_labels(
     labels: ArrayLike,
     scores: ArrayLike,
     *,
-    mapping: ScoreMapping = "identity",
+    score_map: ScoreMapping = "identity",
     temperature: float = 1.0,
     n_clusters: int | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
-    """Reward-weighted vote ``argmax_a Σ_i 1{a_i = a}·w_i``, ``w = map_scores(scores, mapping, T)``.
+    """Reward-weighted vote ``argmax_a Σ_i 1{a_i = a}·w_i``, ``w = map_scores(scores, score_map, T)``.
 
     Scores of samples without an answer are ignored (may be NaN); answered samples need finite
-    scores. Confidence = cluster weight / total weight.
+    scores. Confidence = cluster weight / total weight. (``mapping=``: deprecated name of
+    ``score_map``.)
     """
+    score_map = renamed_keyword(
+        "weighted_vote_labels", "mapping", "score_map", mapping, score_map, "identity"
+    )
     lab, L = _as_labels(labels, n_clusters)
     s = _as_values("scores", scores, lab.size)
     answered = lab >= 0
     _require_finite("scores", s, answered)
     w = np.zeros(lab.size)
-    w[answered] = map_scores(s[answered], mapping, temperature)
+    w[answered] = map_scores(s[answered], score_map, temperature)
     return _vote(
         lab, L, w, answered, None, tie=tie, seed=seed, method="weighted",
-        options={"score_map": mapping, "temperature": temperature},
+        options={"score_map": score_map, "temperature": temperature},
     )
 
 
@@ -608,16 +622,18 @@ def weighted_vote(
     answers: Sequence[Hashable | None],
     scores: ArrayLike,
     *,
-    mapping: ScoreMapping = "identity",
+    score_map: ScoreMapping = "identity",
     temperature: float = 1.0,
     equivalence: Equivalence | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
     """Reward-weighted majority vote. See :func:`weighted_vote_labels`."""
+    score_map = renamed_keyword("weighted_vote", "mapping", "score_map", mapping, score_map, "identity")
     cl = cluster_answers(answers, equivalence)
     res = weighted_vote_labels(
-        cl.labels, scores, mapping=mapping, temperature=temperature,
+        cl.labels, scores, score_map=score_map, temperature=temperature,
         n_clusters=cl.n_clusters, tie=tie, seed=seed,
     )
     return _with_answers(res, cl)
@@ -735,7 +751,8 @@ def deepconf_vote(
     (mean of the lowest ``bottom_percent`` window means, window ``window``), ``lowest_group``,
     ``tail`` (last ``window`` tokens) or ``mean``; ``round_to=3`` rounds token (and lowest-group
     window) confidences as the reference code does. Empty-string answers count as no answer, as in
-    the reference. See :func:`deepconf_vote_labels`.
+    the reference (and as everywhere, :func:`ttscale.select.answers.is_no_answer`). See
+    :func:`deepconf_vote_labels`.
     """
     if (confidences is None) == (top_logprobs is None):
         raise ConfigError("deepconf_vote needs exactly one of confidences= or top_logprobs=")
@@ -748,8 +765,7 @@ def deepconf_vote(
             [_trace_confidence(t, measure, window, bottom_percent, round_to) for t in top_logprobs],
             dtype=np.float64,
         )
-    cleaned = [None if (a is None or a == "") else a for a in answers]
-    cl = cluster_answers(cleaned, equivalence)
+    cl = cluster_answers(answers, equivalence)
     res = deepconf_vote_labels(
         cl.labels, confidences, eta=eta, weighted=weighted,  # type: ignore[arg-type]
         n_clusters=cl.n_clusters, tie=tie, seed=seed,
@@ -762,16 +778,21 @@ def deepconf_vote(
 
 
 def prm_aggregate(
-    step_scores: Sequence[ArrayLike], how: PrmAggregation = "last", *, eps: float = 1e-12
+    step_scores: Sequence[ArrayLike],
+    prm_aggregation: PrmAggregation = "last",
+    *,
+    eps: float = 1e-12,
+    how: PrmAggregation | None = None,
 ) -> NDArray[np.float64]:
     """One score per solution from its PRM step scores; shape ``(n_solutions,)``, float64.
 
     ``last`` (default), ``min`` (Math-Shepherd), or ``prod`` computed as ``exp(Σ log max(s_t, eps))``
     (steps must lie in ``[0, 1]``; clipping keeps long solutions away from ``log 0``). A solution
-    without steps scores NaN.
+    without steps scores NaN. (``how=`` is the deprecated former name of ``prm_aggregation``.)
     """
+    how = renamed_keyword("prm_aggregate", "how", "prm_aggregation", how, prm_aggregation, "last")
     if how not in ("last", "min", "prod"):
-        raise ConfigError(f"how must be one of last, min, prod, got {how!r}")
+        raise ConfigError(f"prm_aggregation must be one of last, min, prod, got {how!r}")
     if not (0 < eps < 1):
         raise ConfigError(f"eps must be in (0, 1), got {eps}")
     out = np.full(len(step_scores), np.nan)
