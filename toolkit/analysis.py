@@ -30,6 +30,7 @@ from ttscale.select.rules import (
     canonical_name,
 )
 from ttscale.store.pool import Pool
+from ttscale.validation import check_choice
 
 __all__ = [
     "METHODS",
@@ -151,7 +152,9 @@ def trace_confidences(
     log-probs gets NaN.
     """
     from ttscale.select import confidence as cf
+    from ttscale.select.aggregate import DEEPCONF_MEASURES
 
+    check_choice("measure", measure, DEEPCONF_MEASURES)
     out = np.full(len(top_logprobs), np.nan)
     for i, top in enumerate(top_logprobs):
         if top is None or len(top) == 0:
@@ -163,12 +166,8 @@ def trace_confidences(
             out[i] = cf.lowest_group_confidence(conf, window)
         elif measure == "tail":
             out[i] = cf.tail_confidence(conf, window)
-        elif measure == "mean":
+        else:  # mean
             out[i] = cf.mean_confidence(conf)
-        else:
-            raise ConfigError(
-                f"confidence measure must be bottom_window, lowest_group, tail or mean, got {measure!r}"
-            )
     return out
 
 

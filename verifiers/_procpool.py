@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ttscale.errors import ConfigError, VerifierError
+from ttscale.errors import VerifierError
+from ttscale.validation import check_int, check_number
 
 __all__ = ["Outcome", "TimeoutPool"]
 
@@ -222,10 +223,8 @@ class TimeoutPool:
         memory_mb: int | None = 4096,
         startup_timeout: float = 120.0,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
-        if not (timeout > 0):
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_int("workers", workers, min=1)
+        check_number("timeout", timeout, low=0.0, low_open=True, unit="seconds")
         self.target = target
         self.initializer = initializer
         self.workers = workers

@@ -38,6 +38,7 @@ from ttscale._deprecation import renamed_keyword, warn_deprecated
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
+from ttscale.validation import check_choice, check_number
 
 __all__ = ["EnsembleVerifier"]
 
@@ -115,18 +116,11 @@ class EnsembleVerifier:
                     f"ensemble member {m!r} is not a verifier (needs name and verify())"
                 )
         names = _unique_names([m.name for m in members])
-        if aggregation not in ENSEMBLE_METHODS:
-            raise ConfigError(f"aggregation must be one of {ENSEMBLE_METHODS}, got {aggregation!r}")
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
-        if normalize not in _NORMALIZE:
-            raise ConfigError(f"normalize must be 'zscore' or None, got {normalize!r}")
-        if order not in _ORDERS:
-            raise ConfigError(f"order must be one of {_ORDERS}, got {order!r}")
-        if margin is not None and not (
-            isinstance(margin, (int, float)) and not isinstance(margin, bool) and margin >= 0
-        ):
-            raise ConfigError(f"margin must be a number >= 0 or None, got {margin!r}")
+        check_choice("aggregation", aggregation, ENSEMBLE_METHODS)
+        check_number("lam", lam, low=0.0, finite=True)
+        check_choice("normalize", normalize, _NORMALIZE)
+        check_choice("order", order, _ORDERS)
+        check_number("margin", margin, low=0.0, allow_none=True)
         if reference_scores is not None and normalize is None:
             raise ConfigError(
                 "reference_scores are used for z-normalisation; set normalize='zscore'"

@@ -199,7 +199,7 @@ def test_extract_code():
 def test_errors_and_protocol():
     with pytest.raises(ConfigError, match="tests must be 'full' or 'visible'"):
         CodeVerifier(tests="hidden")
-    with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
+    with pytest.raises(ConfigError, match="timeout_s must be a finite number > 0 seconds"):
         CodeVerifier(timeout=0)
     with pytest.raises(DataError, match="has no code tests"):
         CodeVerifier().verify(Problem(id="x", prompt="p"), samples("x", "pass"))

@@ -37,6 +37,7 @@ from ttscale.select.aggregate import (
     rpc_labels,
 )
 from ttscale.select.rules import RULES, canonical_name
+from ttscale.validation import check_choice, check_int, choices
 
 __all__ = [
     "CoverageCurve",
@@ -92,8 +93,7 @@ def _check_ks(ks: int | ArrayLike) -> NDArray[np.int64]:
 
 
 def _check_missing(missing: str) -> None:
-    if missing not in ("nan", "skip"):
-        raise ConfigError(f"missing must be 'nan' or 'skip', got {missing!r}")
+    check_choice("missing", missing, choices(Missing))
 
 
 # ============================================================================================
@@ -401,10 +401,8 @@ def selection_at_k(
     Best-of-N uses ``P(sample ranked r-th of n is the best of T) = C(n−1−r, k−1)/C(n, k)``.
     """
     _check_missing(missing)
-    if tie not in TIE_RULES:
-        raise ConfigError(f"tie must be one of {', '.join(TIE_RULES)}, got {tie!r}")
-    if strategy not in ("auto", "closed-form", "enumerate", "mc"):
-        raise ConfigError(f"strategy must be auto, closed-form, enumerate or mc, got {strategy!r}")
+    check_choice("tie", tie, TIE_RULES)
+    check_choice("strategy", strategy, choices(Strategy))
     if isinstance(method, str):
         try:
             rule = canonical_name(method, stacklevel=2)
@@ -416,8 +414,8 @@ def selection_at_k(
         method = _ENGINE.get(rule, rule)
     else:
         rule = getattr(method, "__name__", "custom")
-    if max_subsets < 1 or n_draws < 1:
-        raise ConfigError(f"max_subsets and n_draws must be >= 1, got {max_subsets}, {n_draws}")
+    check_int("max_subsets", max_subsets, min=1)
+    check_int("n_draws", n_draws, min=1)
     k = _check_ks(ks)
     user_off = _as_offsets(offsets)
 

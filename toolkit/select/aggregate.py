@@ -37,6 +37,7 @@ from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.answers import is_no_answer
+from ttscale.validation import check_choice, check_number, choices
 
 __all__ = [
     "DEEPCONF_MEASURES",
@@ -69,12 +70,13 @@ __all__ = [
 ]
 
 TieRule = Literal["expected", "first", "random"]
-TIE_RULES: tuple[str, ...] = ("expected", "first", "random")
+TIE_RULES: tuple[str, ...] = choices(TieRule)
 ScoreMapping = Literal["identity", "sigmoid", "exp"]
-SCORE_MAPPINGS: tuple[str, ...] = ("identity", "sigmoid", "exp")
+SCORE_MAPPINGS: tuple[str, ...] = choices(ScoreMapping)
 ConfidenceMeasure = Literal["bottom_window", "lowest_group", "tail", "mean"]
-DEEPCONF_MEASURES: tuple[str, ...] = ("bottom_window", "lowest_group", "tail", "mean")
+DEEPCONF_MEASURES: tuple[str, ...] = choices(ConfidenceMeasure)
 PrmAggregation = Literal["last", "min", "prod"]
+PRM_AGGREGATIONS: tuple[str, ...] = choices(PrmAggregation)
 Equivalence = Callable[[Any, Any], bool]
 
 _SUM_RTOL = 1e-12  # tie tolerance for sums of weights (summation order must not decide a tie)
@@ -138,8 +140,7 @@ class Clustering:
 
 
 def _check_tie(tie: str) -> None:
-    if tie not in TIE_RULES:
-        raise ConfigError(f"tie must be one of {', '.join(TIE_RULES)}, got {tie!r}")
+    check_choice("tie", tie, TIE_RULES)
 
 
 def _as_labels(labels: ArrayLike, n_clusters: int | None) -> tuple[NDArray[np.int64], int]:
@@ -406,8 +407,7 @@ def map_scores(
         e = np.exp(-np.abs(s))  # never overflows
         return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     if mapping == "exp":
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_number("temperature", temperature, low=0.0, low_open=True, finite=True)
         finite = s[np.isfinite(s)]
         shift = float(finite.max()) if finite.size else 0.0
         return np.exp((s - shift) / temperature)
@@ -585,8 +585,7 @@ def deepconf_vote_labels(
         raise ConfigError("DeepConf confidences must be >= 0 (C = -mean top-k log-prob)")
     keep = answered.copy()
     if eta is not None:
-        if not (0.0 < eta <= 100.0):
-            raise ConfigError(f"eta is the percent of traces to keep, in (0, 100], got {eta}")
+        check_number("eta", eta, low=0.0, high=100.0, low_open=True)  # percent of traces kept
         if answered.any():
             s = float(np.percentile(conf[answered], 100.0 - eta))
             keep &= conf >= s
@@ -724,9 +723,7 @@ def _trace_confidence(
         return cf.lowest_group_confidence(tok, window, round_to=round_to)
     if measure == "tail":
         return cf.tail_confidence(tok, window)
-    if measure == "mean":
-        return cf.mean_confidence(tok)
-    raise ConfigError(f"measure must be one of {', '.join(DEEPCONF_MEASURES)}, got {measure!r}")
+    return cf.mean_confidence(tok)  # mean
 
 
 def deepconf_vote(
@@ -757,6 +754,7 @@ def deepconf_vote(
     if (confidences is None) == (top_logprobs is None):
         raise ConfigError("deepconf_vote needs exactly one of confidences= or top_logprobs=")
     if top_logprobs is not None:
+        check_choice("measure", measure, DEEPCONF_MEASURES)
         if len(top_logprobs) != len(answers):
             raise ConfigError(
                 f"top_logprobs must have one entry per trace ({len(answers)}), got {len(top_logprobs)}"
@@ -791,10 +789,8 @@ def prm_aggregate(
     without steps scores NaN. (``how=`` is the deprecated former name of ``prm_aggregation``.)
     """
     how = renamed_keyword("prm_aggregate", "how", "prm_aggregation", how, prm_aggregation, "last")
-    if how not in ("last", "min", "prod"):
-        raise ConfigError(f"prm_aggregation must be one of last, min, prod, got {how!r}")
-    if not (0 < eps < 1):
-        raise ConfigError(f"eps must be in (0, 1), got {eps}")
+    check_choice("prm_aggregation", how, PRM_AGGREGATIONS)
+    check_number("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True)
     out = np.full(len(step_scores), np.nan)
     for i, steps in enumerate(step_scores):
         s = np.asarray(steps, dtype=np.float64).ravel()

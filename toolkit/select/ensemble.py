@@ -14,6 +14,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
+from ttscale.validation import check_choice, choices
 
 __all__ = [
     "ENSEMBLE_METHODS",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 EnsembleMethod = Literal["mean", "median", "min", "mean_minus_std", "mean_minus_var"]
-ENSEMBLE_METHODS: tuple[str, ...] = ("mean", "median", "min", "mean_minus_std", "mean_minus_var")
+ENSEMBLE_METHODS: tuple[str, ...] = choices(EnsembleMethod)
 
 
 def _as_matrix(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
@@ -71,6 +72,7 @@ def aggregate_ensemble(
     ``method=`` is the deprecated former name of ``aggregation``.
     """
     method = renamed_keyword("aggregate_ensemble", "method", "aggregation", method, aggregation, "mean")
+    check_choice("aggregation", method, ENSEMBLE_METHODS)
     r = _as_matrix(scores)
     if method == "mean":
         return r.mean(axis=0)
@@ -80,9 +82,7 @@ def aggregate_ensemble(
         return r.min(axis=0)
     if method == "mean_minus_std":
         return r.mean(axis=0) - lam * r.std(axis=0)
-    if method == "mean_minus_var":
-        return r.mean(axis=0) - lam * r.var(axis=0)
-    raise ConfigError(f"aggregation must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}")
+    return r.mean(axis=0) - lam * r.var(axis=0)  # mean_minus_var
 
 
 def argmax_first(values: ArrayLike) -> int:

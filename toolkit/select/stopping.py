@@ -28,6 +28,7 @@ from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.answers import NO_ANSWER_POLICIES, NoAnswerPolicy, answered, is_no_answer
+from ttscale.validation import check_choice, check_int, choices
 
 __all__ = [
     "CRITERION_DEFAULTS",
@@ -58,9 +59,7 @@ CRITERION_DEFAULTS: dict[str, float] = {
 
 
 def _check_int(name: str, value: int, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    return int(check_int(name, value, min=lo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +67,7 @@ def _check_int(name: str, value: int, lo: int) -> int:
 
 
 def _check_no_answer(no_answer: str) -> None:
-    if no_answer not in NO_ANSWER_POLICIES:
-        raise ConfigError(
-            f"no_answer must be one of {', '.join(NO_ANSWER_POLICIES)}, got {no_answer!r}"
-        )
+    check_choice("no_answer", no_answer, NO_ANSWER_POLICIES)
 
 
 def window_unanimous(window: Sequence[Hashable | None], *, no_answer: NoAnswerPolicy = "skip") -> bool:
@@ -181,8 +177,7 @@ def esc_affected_probability(
     w = _check_int("window", window, 1)
     if method == "exact":
         return float(np.sum(arr**w))
-    if method != "normal":
-        raise ConfigError(f"estimator must be 'normal' or 'exact', got {method!r}")
+    check_choice("estimator", method, ("normal", "exact"))
     nd = NormalDist()
     total = 0.0
     for pa in arr:
@@ -213,8 +208,8 @@ def beta_stop_probability(v1: int, v2: int) -> float:
     """
     from scipy.special import betainc
 
-    if v1 < 0 or v2 < 0:
-        raise ConfigError(f"counts must be >= 0, got {v1}, {v2}")
+    check_int("v1", v1, min=0)
+    check_int("v2", v2, min=0)
     # 1 − I_x(a, b) = I_{1−x}(b, a): avoids cancellation when the probability is close to 1
     return float(betainc(v2 + 1.0, v1 + 1.0, 0.5))
 
@@ -238,6 +233,7 @@ def dirichlet_top_probability(
     method = renamed_keyword(
         "dirichlet_top_probability", "method", "estimator", method, estimator, "quad"
     )
+    check_choice("estimator", method, ("quad", "mc"))
     v = np.asarray(counts, dtype=np.float64).ravel()
     if v.size < 2 or np.any(v < 0) or np.any(~np.isfinite(v)):
         raise ConfigError("dirichlet_top_probability needs >= 2 non-negative counts")
@@ -255,19 +251,18 @@ def dirichlet_top_probability(
         val = quad(integrand, 0.0, mode, limit=200)[0] if mode > 0 else 0.0
         val += quad(integrand, mode, hi, limit=200)[0]
         return float(min(max(val, 0.0), 1.0))
-    if method == "mc":
-        draws = _check_int("n_draws", n_draws, 1)
-        rng = as_generator(seed)
-        hits = 0
-        chunk = 100_000
-        done = 0
-        while done < draws:
-            m = min(chunk, draws - done)
-            x = rng.dirichlet(alpha, size=m)
-            hits += int(np.sum(np.argmax(x, axis=1) == 0))
-            done += m
-        return hits / draws
-    raise ConfigError(f"estimator must be 'quad' or 'mc', got {method!r}")
+    # estimator == "mc"
+    draws = _check_int("n_draws", n_draws, 1)
+    rng = as_generator(seed)
+    hits = 0
+    chunk = 100_000
+    done = 0
+    while done < draws:
+        m = min(chunk, draws - done)
+        x = rng.dirichlet(alpha, size=m)
+        hits += int(np.sum(np.argmax(x, axis=1) == 0))
+        done += m
+    return hits / draws
 
 
 def normalized_answer_entropy(counts: Sequence[int]) -> float:
@@ -327,10 +322,7 @@ def should_stop(
     ``estimator`` (``method=``, deprecated) is :func:`dirichlet_top_probability`'s.
     """
     estimator = renamed_keyword("should_stop", "method", "estimator", method, estimator, "quad")
-    if criterion not in CRITERION_DEFAULTS:
-        raise ConfigError(
-            f"criterion must be one of {', '.join(CRITERION_DEFAULTS)}, got {criterion!r}"
-        )
+    check_choice("criterion", criterion, choices(Criterion))
     t = CRITERION_DEFAULTS[criterion] if threshold is None else float(threshold)
     pairs = answer_counts(answers)
     n = sum(c for _, c in pairs)
