@@ -121,8 +121,9 @@ def test_max_probability_at_k_is_the_ppl_rule_on_every_subset() -> None:
 
 def test_old_selection_at_k_names_warn_and_give_the_same_numbers() -> None:
     new = selection_at_k(LAB, COR, [1, 3], method="best_of_n", scores=SC)
-    with pytest.warns(DeprecationWarning, match="'bon'"):
+    with pytest.warns(DeprecationWarning, match="'bon'") as rec:
         old = selection_at_k(LAB, COR, [1, 3], method="bon", scores=SC)
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     np.testing.assert_array_equal(old.mean, new.mean)
     assert old.rule == "best_of_n"
     with pytest.warns(DeprecationWarning, match="'ppl'"):

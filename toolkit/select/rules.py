@@ -4,17 +4,16 @@ A selection rule turns one problem's samples into one answer. Every place that n
 (``AggregateResult.method``, ``selection_at_k(method=...)``, ``compute_curves`` and the
 ``ttscale curve --methods`` keys, table and plot labels) takes the name from :data:`RULES`:
 
-=================== =============================== ======================== ==================
-name                answer-level / label-level      needs (besides answers)  closed-form sel@k
-=================== =============================== ======================== ==================
-``majority``        majority_vote / _labels         --                       tie="expected"
-``weighted``        weighted_vote / _labels         scores                   --
-``best_of_n``       best_of_n / _labels             scores                   "expected", "first"
-``max_probability`` max_probability / _labels       mean_logprobs            "expected", "first"
-``pc``              perplexity_consistency / _labels mean_logprobs (texts)   --
-``rpc``             rpc / rpc_labels                mean_logprobs (texts)    --
-``deepconf``        deepconf_vote / _labels         top_logprobs             --
-=================== =============================== ======================== ==================
+* ``majority``: majority_vote / majority_vote_labels; answers only; closed-form selection@k
+  for ``tie="expected"``;
+* ``weighted``: weighted_vote / weighted_vote_labels; scores;
+* ``best_of_n``: best_of_n / best_of_n_labels; scores; closed form for ``"expected"``, ``"first"``;
+* ``max_probability``: max_probability / max_probability_labels; mean log-probs; closed form for
+  ``"expected"``, ``"first"`` (the PPL baseline of the RPC paper);
+* ``pc``: perplexity_consistency / perplexity_consistency_labels; mean log-probs (texts);
+* ``rpc``: rpc / rpc_labels; mean log-probs (texts);
+* ``deepconf``: deepconf_vote / deepconf_vote_labels; top-k log-probs (selection@k through a
+  ``Selector``, see :func:`ttscale.analysis.compute_curves`).
 
 Names from before the registry (``bon`` for ``best_of_n``, ``ppl`` for ``max_probability``) still
 resolve, with a ``DeprecationWarning`` (:func:`get_rule`).
@@ -26,12 +25,12 @@ is named :data:`ORACLE` (``"coverage"``) wherever it appears next to the rules.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
+from ttscale._deprecation import warn_deprecated
 from ttscale.errors import ConfigError
 from ttscale.select import aggregate as agg
 
@@ -157,11 +156,7 @@ def canonical_name(name: str, *, warn: bool = True, stacklevel: int = 1) -> str:
             f"unknown selection rule {name!r}; choose from {', '.join(RULES)}"
         )
     if warn:
-        warnings.warn(
-            f"selection rule {name!r} is deprecated; use {new!r}",
-            DeprecationWarning,
-            stacklevel=stacklevel + 1,
-        )
+        warn_deprecated(f"selection rule {name!r} is deprecated; use {new!r}", stacklevel=stacklevel + 1)
     return new
 
 
