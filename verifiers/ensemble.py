@@ -11,7 +11,7 @@ left out of its aggregate; all NaN gives a NaN score and an ERROR verdict.
 Cost-aware cascade. Members run in order of their ``cost`` attribute (default 1.0; cheapest first,
 stable). Consecutive members of equal cost form a *level*. With ``margin`` set, after every level
 but the last the candidates are grouped into answer clusters (same ``answer``; a candidate with no
-answer is a cluster of its own) and, using the aggregate over the members run so far,
+answer, ``None`` or blank as everywhere, is a cluster of its own) and, using the aggregate over the members run so far,
 
     best(c) = max_{j in c} A_partial(j),   top = max_c best(c),
     c stays in contention  <=>  best(c) >= top - margin.
@@ -36,6 +36,7 @@ import numpy as np
 
 from ttscale._deprecation import renamed_keyword, warn_deprecated
 from ttscale.errors import ConfigError, VerifierError
+from ttscale.select.answers import is_no_answer
 from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 from ttscale.validation import check_choice, check_number
@@ -285,7 +286,7 @@ class EnsembleVerifier:
         """Candidates in ``idx`` whose cluster's best partial score is below ``top - margin``."""
         clusters: dict[Any, list[int]] = {}
         for i in idx:
-            key = ("answer", answers[i]) if answers[i] is not None else ("alone", int(i))
+            key = ("alone", int(i)) if is_no_answer(answers[i]) else ("answer", answers[i])
             clusters.setdefault(key, []).append(int(i))
         best = {}
         for key, members in clusters.items():

@@ -170,6 +170,17 @@ def test_cascade_keeps_whole_clusters_and_zero_margin_keeps_ties() -> None:
     assert sorted(exp.seen) == [0, 2, 3]
 
 
+def test_cascade_treats_blank_answers_as_no_answer() -> None:
+    # Blank answers are no answer (each its own cluster), as in every aggregator: the low "" at
+    # index 2 is not carried into contention by the leading "" at index 0.
+    cheap = Fixed("c", [3.0, 1.0, -2.0, 3.0], cost=1)
+    exp = Fixed("e", [0.0, 0.0, 0.0, 0.0], cost=2)
+    EnsembleVerifier([cheap, exp], normalize=None, margin=0.0).verify(
+        PROBLEM, samples(["", "B", "", "D"])
+    )
+    assert sorted(exp.seen) == [0, 3]
+
+
 def test_configuration_errors() -> None:
     with pytest.raises(ConfigError, match="at least one"):
         EnsembleVerifier([])
