@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,8 +24,48 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
     return vals
 
 
-_SHORT = {"coverage": "coverage", "majority": "majority", "weighted": "weighted", "bon": "best-of-N",
-          "ppl": "PPL", "pc": "PC", "rpc": "RPC", "deepconf": "DeepConf"}
+class _ShortLabels(Mapping[str, str]):
+    """Table headings: the oracle and each rule's label from the rule registry.
+
+    Built on first use, so that loading the CLI does not import the aggregators (numpy).
+    """
+
+    _d: dict[str, str] | None = None
+
+    def _labels(self) -> dict[str, str]:
+        if self._d is None:
+            from ttscale.select.rules import ORACLE, RULES
+
+            self._d = {ORACLE: ORACLE, **{r.name: r.label for r in RULES.values()}}
+        return self._d
+
+    def __getitem__(self, key: str) -> str:
+        return self._labels()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._labels())
+
+    def __len__(self) -> int:
+        return len(self._labels())
+
+
+_SHORT = _ShortLabels()
+
+
+def _method_list(text: str) -> list[str]:
+    """``--methods`` -> canonical names; a deprecated name is renamed with a note on stderr."""
+    from ttscale.select.rules import DEPRECATED_NAMES
+
+    out = []
+    for m in (x.strip() for x in text.split(",")):
+        if not m:
+            continue
+        new = DEPRECATED_NAMES.get(m)
+        if new is not None:
+            typer.echo(f"note: method {m!r} is deprecated; using {new!r}", err=True)
+            m = new
+        out.append(m)
+    return out
 
 
 def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -253,7 +293,10 @@ def register(app: typer.Typer) -> None:
         ],
         methods: Annotated[
             str,
-            typer.Option(help="Comma-separated: coverage,majority,weighted,bon,ppl,pc,rpc,deepconf."),
+            typer.Option(
+                help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
+                "deepconf (bon/ppl: deprecated names of best_of_n/max_probability)."
+            ),
         ] = "coverage,majority",
         k: Annotated[
             Optional[str], typer.Option("--k", help="Budgets, e.g. 1,2,4,8 (default: powers of 2).")
@@ -261,10 +304,13 @@ def register(app: typer.Typer) -> None:
         verifier: Annotated[
             Optional[str], typer.Option(help="Whose answers/correctness to use (default: latest).")
         ] = None,
-        score: Annotated[Optional[str], typer.Option(help="Score used by weighted/bon.")] = None,
-        score_mapping: Annotated[
+        score: Annotated[Optional[str], typer.Option(help="Score used by weighted/best_of_n.")] = None,
+        score_map: Annotated[
             str, typer.Option(help="identity|sigmoid|exp: map scores to vote weights.")
         ] = "identity",
+        score_mapping: Annotated[
+            Optional[str], typer.Option(hidden=True, help="Deprecated name of --score-map.")
+        ] = None,
         fit: Annotated[bool, typer.Option("--fit", help="Fit c(k) = exp(a k^b) to coverage.")] = False,
         plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -315,7 +361,10 @@ def register(app: typer.Typer) -> None:
             check_writable_file(plot, "--plot")  # before the (possibly long) computation
         if missing not in MISSING_POLICIES:
             raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        method_list = _method_list(methods)
+        if score_mapping is not None:
+            typer.echo("note: --score-mapping is deprecated; use --score-map", err=True)
+            score_map = score_mapping
         ks = _int_list(k, "--k")
         stores = [SampleStore.open(run) for run in runs]
         pools = [store.pool(verifier) for store in stores]
@@ -353,7 +402,7 @@ def register(app: typer.Typer) -> None:
                     method_list,
                     ks,
                     score=score,
-                    score_mapping=score_mapping,
+                    score_map=score_map,
                     confidences=conf,
                     deepconf_eta=deepconf_eta,
                     confidence=confidence,

@@ -30,6 +30,7 @@ import numpy as np
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.types import Problem
+from ttscale.validation import check_int
 
 __all__ = [
     "ARITH_PROMPT",
@@ -236,8 +237,7 @@ def generate_items(
     """
     if split not in ("train", "test"):
         raise ConfigError(f"arith split must be 'train' or 'test', got {split!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError(f"n must be a non-negative integer, got {n!r}")
+    check_int("n", n, min=0)
     rng = as_generator(seed)
     seen: set[str] = set()
     out: list[ArithItem] = []

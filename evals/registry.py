@@ -12,6 +12,7 @@ from ttscale.errors import ConfigError
 from ttscale.evals import loaders, prompts
 from ttscale.evals.prompts import PromptTemplate
 from ttscale.types import Problem, SamplingParams
+from ttscale.validation import check_int
 
 __all__ = [
     "Benchmark",
@@ -75,10 +76,7 @@ class Benchmark:
             raise ConfigError(
                 f"benchmark {self.name!r} has split(s) {list(self.splits)}, got {split!r}"
             )
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
-        ):
-            raise ConfigError(f"limit must be a non-negative integer, got {limit!r}")
+        check_int("limit", limit, min=0, allow_none=True)
         problems = self.loader(split, path, **{**self.options, **options})
         return problems if limit is None else problems[:limit]
 

@@ -47,6 +47,7 @@ from ttscale.errors import ConfigError
 from ttscale.store import SampleStore
 from ttscale.store.claims import ProblemClaims
 from ttscale.types import Completion, Problem, Sample, SamplingParams
+from ttscale.validation import check_int, check_number
 
 __all__ = ["RepeatedSampler", "SamplingSummary", "parse_shard", "plan_requests", "shard_problems"]
 
@@ -365,17 +366,10 @@ class RepeatedSampler:
     ) -> None:
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
-        for name, value in (("batch_size", batch_size), ("flush_every", flush_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if max_per_request is not None and (
-            isinstance(max_per_request, bool)
-            or not isinstance(max_per_request, int)
-            or max_per_request < 1
-        ):
-            raise ConfigError(f"max_per_request must be an integer >= 1, got {max_per_request!r}")
-        if not flush_seconds > 0:
-            raise ConfigError(f"flush_seconds must be > 0, got {flush_seconds}")
+        check_int("batch_size", batch_size, min=1)
+        check_int("flush_every", flush_every, min=1)
+        check_int("max_per_request", max_per_request, min=1, allow_none=True)
+        check_number("flush_seconds", flush_seconds, low=0.0, low_open=True)
         self.engine = engine
         self.params = params
         self.store = store
@@ -420,8 +414,7 @@ class RepeatedSampler:
         :class:`SamplingSummary` (its counts cover this worker's problems).
         """
         n = self.params.n if n is None else n
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"n must be an integer >= 1, got {n!r}")
+        check_int("n", n, min=1)
         problems = list(problems)
         ids = [p.id for p in problems]
         if len(set(ids)) != len(ids):

@@ -33,10 +33,10 @@ def _vector_pool() -> Pool:
 
 def test_majority_and_bon_match_the_test_vectors():
     pool = _vector_pool()
-    rep = compute_curves(pool, ["coverage", "majority", "bon"], [1, 2, 3, 4], score="rm", n_boot=50)
+    rep = compute_curves(pool, ["coverage", "majority", "best_of_n"], [1, 2, 3, 4], score="rm", n_boot=50)
     maj = rep.curves["majority"].per_problem[0]
     np.testing.assert_allclose(maj, [0.5, 0.5, 2 / 3, 1.0], atol=1e-9)
-    bon = rep.curves["bon"].per_problem[1]
+    bon = rep.curves["best_of_n"].per_problem[1]
     np.testing.assert_allclose(bon, [0.5, 1 / 3, 0.25, 0.0], atol=1e-9)
     cov = rep.curves["coverage"].per_problem
     np.testing.assert_allclose(cov[0], pass_at_k(4, 2, np.array([1, 2, 3, 4])))
@@ -112,9 +112,9 @@ def test_oracle_selection_is_flagged(tmp_path):
         ["a", "b"], [3, 3], answer=list("xyzuvw"), correct=[0, 1, 0, 0, 0, 0],
         scores={"math": [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], "rm": [0.3, 0.2, 0.9, 0.1, 0.5, 0.4]},
     )
-    rep = compute_curves(pool, ["coverage", "bon"], [1, 3], score="math", n_boot=20)
-    np.testing.assert_allclose(rep.curves["bon"].mean, rep.curves["coverage"].mean)
-    d = rep.to_dict()["methods"]["bon"]
+    rep = compute_curves(pool, ["coverage", "best_of_n"], [1, 3], score="math", n_boot=20)
+    np.testing.assert_allclose(rep.curves["best_of_n"].mean, rep.curves["coverage"].mean)
+    d = rep.to_dict()["methods"]["best_of_n"]
     assert d["oracle"] is True and "equals the correctness labels" in d["oracle_reason"]
     assert d["label"] == "best-of-N@k (oracle selection)"
     # named after the verifier whose verdicts give correctness
@@ -124,14 +124,14 @@ def test_oracle_selection_is_flagged(tmp_path):
     r2 = compute_curves(named, ["weighted"], [1], score="math", n_boot=10)
     assert r2.curves["weighted"].oracle and "'math'" in r2.curves["weighted"].oracle
     # a genuine reward model is not flagged
-    rep = compute_curves(pool, ["bon"], [1, 3], score="rm", n_boot=20)
-    assert rep.curves["bon"].oracle is None and rep.to_dict()["methods"]["bon"]["oracle"] is False
+    rep = compute_curves(pool, ["best_of_n"], [1, 3], score="rm", n_boot=20)
+    assert rep.curves["best_of_n"].oracle is None and rep.to_dict()["methods"]["best_of_n"]["oracle"] is False
     from rich.console import Console
 
     from ttscale.cli.analysis_cmds import print_curve_table
 
     con = Console(record=True, width=200)
-    print_curve_table(compute_curves(pool, ["coverage", "bon"], [1, 3], score="math", n_boot=20), con)
+    print_curve_table(compute_curves(pool, ["coverage", "best_of_n"], [1, 3], score="math", n_boot=20), con)
     assert "best-of-N (oracle)" in con.export_text()
 
 
@@ -142,7 +142,7 @@ def test_errors():
     with pytest.raises(ConfigError, match="exceeds"):
         compute_curves(pool, ["coverage"], [1, 8])
     with pytest.raises(ConfigError, match="--score"):
-        compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0]), ["bon"])
+        compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0]), ["best_of_n"])
     with pytest.raises(ConfigError, match="correctness"):
         compute_curves(Pool.from_arrays(["a"], [2], answer=["x", "y"]), ["coverage"])
     with pytest.raises(ConfigError, match="top log-probs"):
@@ -175,7 +175,7 @@ def test_cli_curve_json_plot_and_fit(tmp_path):
                          "correct": ok, "mean_logprob": -float(rng.random())})
     run = _import(tmp_path, rows)
     png = tmp_path / "curve.png"
-    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,ppl", "--fit",
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,max_probability", "--fit",
                             "--plot", str(png), "--json", "--n-boot", "100"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -265,12 +265,13 @@ def test_prerequisites_are_checked_before_anything_is_computed():
     pool = _random_pool(with_logprobs=False)
     calls = []
     with pytest.raises(ConfigError) as e:
-        compute_curves(pool, ["coverage", "majority", "ppl", "rpc", "deepconf"],
+        compute_curves(pool, ["coverage", "majority", "max_probability", "rpc", "deepconf"],
                        progress=lambda *a: calls.append(a), n_boot=20)
     msg = str(e.value)
     # one line naming both missing inputs and the `ttscale sample` flag that provides each
     assert "\n" not in msg
-    assert "ppl, rpc need per-sample log-probs, missing for 96 of 96 answered samples" in msg
+    # the deprecated name "ppl" is reported by its canonical name
+    assert "max_probability, rpc need per-sample log-probs, missing for 96 of 96 answered samples" in msg
     assert "--logprobs 0" in msg
     assert "deepconf needs per-token top log-probs" in msg and "--logprobs 20" in msg
     assert calls == []  # coverage and majority were not computed first
@@ -369,7 +370,7 @@ def test_plot_with_many_methods_keeps_them_apart():
     from ttscale.analysis import curves_figure
 
     pool = _random_pool(P=10, n=8)
-    methods = ["coverage", "majority", "ppl", "pc", "bon"]
+    methods = ["coverage", "majority", "max_probability", "pc", "best_of_n"]
     pool = Pool.from_arrays([f"p{i}" for i in range(10)], [8] * 10, answer=pool.answer,
                             correct=pool.correct, mean_logprob=pool.mean_logprob,
                             scores={"rm": -pool.mean_logprob})
@@ -379,7 +380,7 @@ def test_plot_with_many_methods_keeps_them_apart():
     styled = {}
     for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
         line = handle[0] if isinstance(handle, tuple) else handle  # an errorbar container
-        if label in {"coverage (pass@k)", "majority@k", "PPL@k", "PC@k", "best-of-N@k"}:
+        if label in {"coverage (pass@k)", "majority@k", "max-probability@k", "PC@k", "best-of-N@k"}:
             styled[label] = (line.get_color(), str(line.get_linestyle()), line.get_marker())
     assert len(styled) == 5 and len(set(styled.values())) == 5
     assert len({s[1] for s in styled.values()}) >= 4 and len({s[2] for s in styled.values()}) == 5
@@ -399,13 +400,13 @@ def test_overlay_of_runs_has_one_panel_per_method_and_a_legend_of_runs(tmp_path)
     from ttscale.analysis import curves_figure
 
     reps = {
-        name: compute_curves(_random_pool(seed=s), ["coverage", "majority", "ppl", "pc"],
+        name: compute_curves(_random_pool(seed=s), ["coverage", "majority", "max_probability", "pc"],
                              [1, 2, 4], n_boot=20, n_draws=20)
         for name, s in (("temperature=0.5", 1), ("temperature=1", 2))
     }
     fig = curves_figure(reps)
     panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == ["coverage (pass@k)", "majority@k", "PPL@k", "PC@k"]
+    assert [ax.get_title() for ax in panels] == ["coverage (pass@k)", "majority@k", "max-probability@k", "PC@k"]
     for ax in panels:
         assert sorted(ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")) \
             == ["temperature=0.5", "temperature=1"]
@@ -457,10 +458,10 @@ def _import_as(tmp_path, name, rows):
 
 def test_cli_curve_names_the_sample_flag_for_missing_logprobs(tmp_path):
     run = _import_as(tmp_path, "nolp", _rows(logprobs=False))
-    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,ppl,deepconf", "--n-boot", "20"])
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,max_probability,deepconf", "--n-boot", "20"])
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ppl needs per-sample log-probs")
+    assert len(lines) == 1 and lines[0].startswith("error: max_probability needs per-sample log-probs")
     assert "`ttscale sample --logprobs 0`" in lines[0] and "`ttscale sample --logprobs 20`" in lines[0]
 
 
@@ -518,7 +519,7 @@ def test_cli_fit_reports_goodness_ci_extrapolation_and_method_agreement(tmp_path
 def test_cli_curve_overlays_several_runs(tmp_path):
     a = _import_as(tmp_path, "a", _rows(seed=1))
     b = _import_as(tmp_path, "b", _rows(seed=2))
-    args = ["--methods", "coverage,majority,ppl", "--k", "1,4,16", "--n-boot", "50", "--json"]
+    args = ["--methods", "coverage,majority,max_probability", "--k", "1,4,16", "--n-boot", "50", "--json"]
     r = runner.invoke(app, ["curve", str(a), str(b), *args, "--plot", str(tmp_path / "o.png")])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -526,7 +527,7 @@ def test_cli_curve_overlays_several_runs(tmp_path):
     for x, run in zip(d["runs"], (a, b), strict=True):
         single = json.loads(runner.invoke(app, ["curve", str(run), *args]).output)
         assert x["run"] == str(run)
-        for m in ("coverage", "majority", "ppl"):
+        for m in ("coverage", "majority", "max_probability"):
             assert x["methods"][m]["mean"] == single["methods"][m]["mean"]
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
     r = runner.invoke(app, ["curve", str(a), str(b), "--methods", "coverage,majority", "--n-boot", "20"])
@@ -534,8 +535,8 @@ def test_cli_curve_overlays_several_runs(tmp_path):
     assert "2 runs" in r.output and "│ a " in r.output and "│ b " in r.output
     # every run is checked before any is computed: the second run lacks log-probs
     c = _import_as(tmp_path, "c", _rows(logprobs=False))
-    r = runner.invoke(app, ["curve", str(a), str(c), "--methods", "ppl"])
-    assert r.exit_code == 1 and r.output.startswith(f"error: {c}: ppl needs per-sample log-probs")
+    r = runner.invoke(app, ["curve", str(a), str(c), "--methods", "max_probability"])
+    assert r.exit_code == 1 and r.output.startswith(f"error: {c}: max_probability needs per-sample log-probs")
 
 
 def test_cli_curve_labels_runs_by_the_manifest_fields_that_differ(tmp_path):
@@ -557,7 +558,7 @@ def test_cli_curve_labels_runs_by_the_manifest_fields_that_differ(tmp_path):
 
 def test_cli_curve_table_with_many_methods_keeps_every_column_readable(tmp_path):
     run = _import_as(tmp_path, "run", _rows(P=8, n=16))
-    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,ppl,pc,rpc",
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,majority,max_probability,pc,rpc",
                             "--rpc-draws", "2", "--draws", "10", "--n-boot", "20"])
     assert r.exit_code == 0, r.output
     rows = [ln for ln in r.output.splitlines() if ln.startswith("│")]
@@ -565,3 +566,20 @@ def test_cli_curve_table_with_many_methods_keeps_every_column_readable(tmp_path)
     assert [ln.split("│")[1].strip() for ln in rows] == ["1", "2", "4", "8", "16"]
     assert "…" not in r.output and all(len(ln) <= 80 for ln in rows)
     assert "CIs left out to fit 80 columns; see --json" in r.output
+
+
+def test_cli_curve_renames_old_method_keys_with_a_note(tmp_path):
+    rows = [{"problem_id": f"p{p}", "answer": a, "correct": a == "42", "mean_logprob": lp}
+            for p in range(3)
+            for a, lp in (("42", -0.2), ("7", -0.1), ("42", -0.3), ("9", -0.4))]
+    run = _import(tmp_path, rows)
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,ppl", "--k", "1,4", "--json",
+                            "--n-boot", "20"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.strip() == "note: method 'ppl' is deprecated; using 'max_probability'"
+    d = json.loads(r.stdout)
+    assert list(d["methods"]) == ["coverage", "max_probability"]
+    # k = 4: the whole pool; the best path (-0.1) answers 7, wrong -> 0. k = 1: 2 of 4 correct.
+    assert d["methods"]["max_probability"]["mean"] == pytest.approx([0.5, 0.0], abs=1e-12)
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,max_probability", "--k", "4"])
+    assert r.exit_code == 0 and r.stderr == "" and "max-probability" in r.stdout

@@ -20,8 +20,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
+from ttscale.seeding import SeedLike, as_int_seed
+from ttscale.select.rules import (
+    DEPRECATED_NAMES,
+    ORACLE,
+    ORACLE_DESCRIPTION,
+    ORACLE_LABEL,
+    RULES,
+    canonical_name,
+)
 from ttscale.store.pool import Pool
+from ttscale.validation import check_choice
 
 __all__ = [
     "METHODS",
@@ -42,27 +53,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Curve names -> description: the oracle (``coverage``) and every selection rule of
+#: :data:`ttscale.select.rules.RULES`, under the rule's canonical name.
 METHODS: dict[str, str] = {
-    "coverage": "pass@k: any of k samples correct (oracle verifier)",
-    "majority": "majority vote over answers (self-consistency)",
-    "weighted": "score-weighted majority vote (needs a score)",
-    "bon": "best-of-N by a score (needs a score)",
-    "ppl": "the path with the highest mean token log-prob",
-    "pc": "perplexity consistency",
-    "rpc": "reasoning-pruning perplexity consistency",
-    "deepconf": "DeepConf confidence-filtered weighted vote (needs top logprobs)",
+    ORACLE: ORACLE_DESCRIPTION,
+    **{r.name: r.description for r in RULES.values()},
 }
 
-_LABELS = {
-    "coverage": "coverage (pass@k)",
-    "majority": "majority@k",
-    "weighted": "weighted vote@k",
-    "bon": "best-of-N@k",
-    "ppl": "PPL@k",
-    "pc": "PC@k",
-    "rpc": "RPC@k",
-    "deepconf": "DeepConf@k",
-}
+_LABELS = {ORACLE: ORACLE_LABEL, **{r.name: r.plot_label for r in RULES.values()}}
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,9 @@ def trace_confidences(
     log-probs gets NaN.
     """
     from ttscale.select import confidence as cf
+    from ttscale.select.aggregate import DEEPCONF_MEASURES
 
+    check_choice("measure", measure, DEEPCONF_MEASURES)
     out = np.full(len(top_logprobs), np.nan)
     for i, top in enumerate(top_logprobs):
         if top is None or len(top) == 0:
@@ -189,12 +189,8 @@ def trace_confidences(
             out[i] = cf.lowest_group_confidence(conf, window)
         elif measure == "tail":
             out[i] = cf.tail_confidence(conf, window)
-        elif measure == "mean":
+        else:  # mean
             out[i] = cf.mean_confidence(conf)
-        else:
-            raise ConfigError(
-                f"confidence measure must be bottom_window, lowest_group, tail or mean, got {measure!r}"
-            )
     return out
 
 
@@ -218,15 +214,26 @@ def check_prerequisites(
 ) -> None:
     """Raise one :class:`ConfigError` naming every method whose inputs the run lacks, before any work.
 
-    ``ppl``/``pc``/``rpc`` need per-sample mean log-probs, ``deepconf`` per-token top log-probs
-    (``confidences``; skipped with ``check_confidences=False``, for a caller that checks them
-    itself), ``weighted``/``bon`` a finite ``score`` for every answered sample. The message says
-    which ``ttscale sample`` flag provides what is missing.
+    What each method needs is its registry entry's ``inputs``
+    (:data:`ttscale.select.rules.RULES`): ``mean_logprobs`` (max_probability, pc, rpc),
+    ``top_logprobs`` (deepconf: ``confidences``; skipped with ``check_confidences=False``, for a
+    caller that checks them itself), ``scores`` (weighted, best_of_n: a finite ``score`` for every
+    answered sample). The message says which ``ttscale sample`` flag provides what is missing.
     """
+    from ttscale.select.rules import DEPRECATED_NAMES, RULES, canonical_name
+
+    unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = [m if m == ORACLE else canonical_name(m, warn=False) for m in methods]
+
+    def needing(what: str) -> list[str]:
+        return [m for m in methods if m != ORACLE and what in RULES[m].inputs]
+
     answered = pool.answer >= 0
     n_ans = int(answered.sum())
     problems: list[str] = []
-    lp = [m for m in methods if m in ("ppl", "pc", "rpc")]
+    lp = needing("mean_logprobs")
     if lp:
         miss = int((~np.isfinite(pool.mean_logprob[answered])).sum())
         if miss:
@@ -234,7 +241,7 @@ def check_prerequisites(
                 f"{', '.join(lp)} need{'s' if len(lp) == 1 else ''} per-sample log-probs, missing "
                 f"for {miss} of {n_ans} answered samples; {_LOGPROB_FIX}"
             )
-    if "deepconf" in methods and check_confidences:
+    if needing("top_logprobs") and check_confidences:
         if confidences is None:
             miss = n_ans
         else:
@@ -249,7 +256,7 @@ def check_prerequisites(
                 f"deepconf needs per-token top log-probs, missing for {miss} of {n_ans} answered "
                 f"samples; {_TOP_LOGPROB_FIX}"
             )
-    sc = [m for m in methods if m in ("weighted", "bon")]
+    sc = needing("scores")
     if sc and score is not None and score in pool.scores:
         miss = int((~np.isfinite(pool.scores[score][answered])).sum())
         if miss:
@@ -294,7 +301,7 @@ def compute_curves(
     ks: Sequence[int] | None = None,
     *,
     score: str | None = None,
-    score_mapping: str = "identity",
+    score_map: str = "identity",
     confidences: NDArray[np.float64] | None = None,
     deepconf_eta: float = 10.0,
     confidence: float = 0.95,
@@ -302,13 +309,24 @@ def compute_curves(
     n_draws: int = 1000,
     rpc_draws: int = 50,
     tie: str = "expected",
-    seed: int = 0,
+    seed: SeedLike = 0,
     fit: bool = False,
     fit_method: str = "loglog",
     missing: str = "count",
     progress: ProgressFn | None = None,
+    score_mapping: str | None = None,
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
+
+    ``methods`` are keys of :data:`METHODS`: ``"coverage"`` (the oracle) and selection-rule names
+    of :data:`ttscale.select.rules.RULES` (the older ``"bon"``/``"ppl"`` work with a
+    ``DeprecationWarning``; the report is keyed by the canonical names). ``score`` names the pool
+    score used by ``weighted``/``best_of_n`` (default: the only score, if there is exactly one).
+    ``confidences`` are per-sample DeepConf trace confidences (see :func:`trace_confidences`) for
+    ``deepconf``. ``score_map`` maps the score to vote weights for ``weighted``
+    (:func:`ttscale.select.aggregate.map_scores`; ``score_mapping=`` is its deprecated former
+    name). Every stochastic step is seeded by ``seed`` (``None | int | Generator``; the int seed
+    used is reported in the report's ``meta``).
 
     ``missing`` says what a problem with fewer samples than requested (:attr:`Pool.requested_n`,
     else the largest count) does, including a problem of the run with no sample at all
@@ -316,13 +334,8 @@ def compute_curves(
     counts it unsolved at any ``k`` beyond its samples; ``"drop"`` leaves such problems out of
     every ``k``; ``"skip"`` averages each ``k`` over the problems that have ``k`` samples (the
     denominator changes with ``k``; problems without samples are left out). The report's
-    ``meta["missing_samples"]`` says how many problems were short, and what was done.
-
-    ``score`` names the pool score used by ``weighted``/``bon`` (default: the only score, if
-    there is exactly one). ``confidences`` are per-sample DeepConf trace confidences (see
-    :func:`trace_confidences`) for ``deepconf``. What a budget ``k`` larger than a problem's sample
-    count means for that problem is the ``missing`` policy below; a ``k`` no problem reaches is
-    an error. Every stochastic step is seeded by ``seed``.
+    ``meta["missing_samples"]`` says how many problems were short, and what was done. A ``k`` no
+    problem reaches is an error.
 
     Budgets without a closed form are enumerated when a problem has at most ``n_draws`` subsets
     of that size, else estimated from ``n_draws`` random subsets (seeded; reported per ``k``).
@@ -335,13 +348,19 @@ def compute_curves(
     from ttscale.metrics import coverage_curve, selection_at_k
     from ttscale.metrics.stats import bootstrap_ci
 
-    unknown = [m for m in methods if m not in METHODS]
+    score_map = renamed_keyword(
+        "compute_curves", "score_mapping", "score_map", score_mapping, score_map, "identity"
+    )
+    seed = as_int_seed(seed)
+
+    unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not methods:
         raise ConfigError("no methods given")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+    methods = [m if m == ORACLE else canonical_name(m, stacklevel=2) for m in methods]
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
     shortfall: dict[str, Any] = {**pool.sample_shortfall(), "policy": missing}
@@ -390,12 +409,14 @@ def compute_curves(
     correct = np.nan_to_num(pool.correct, nan=0.0)
 
     score_arr: NDArray[np.float64] | None = None
-    if any(m in ("weighted", "bon") for m in methods):
+    need_score = [m for m in methods if m != ORACLE and "scores" in RULES[m].inputs]
+    if need_score:
         names = sorted(pool.scores)
         if score is None:
             if len(names) != 1:
                 raise ConfigError(
-                    f"methods weighted/bon need --score NAME; the run has scores: {names or 'none'}"
+                    f"methods {'/'.join(need_score)} need --score NAME; the run has scores: "
+                    f"{names or 'none'}"
                 )
             score = names[0]
         if score not in pool.scores:
@@ -415,7 +436,7 @@ def compute_curves(
     curves: dict[str, MethodCurve] = {}
     for j, m in enumerate(methods):
         mseed = seed + 1000 * j
-        if m == "coverage":
+        if m == ORACLE:
             cov = coverage_curve(n_p, pool.correct_counts(), k_arr, missing="skip")
             per, est, draws = cov.per_problem, ("closed-form",) * k_arr.size, None
             if progress is not None:
@@ -430,14 +451,14 @@ def compute_curves(
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
                 w = np.where(pool.answer >= 0, score_arr, 0.0)
-                kw = {"method": "weighted", "scores": map_scores(w, score_mapping)}  # type: ignore[arg-type]
-            elif m == "bon":
+                kw = {"method": "weighted", "scores": map_scores(w, score_map)}  # type: ignore[arg-type]
+            elif m == "best_of_n":
                 assert score_arr is not None
                 _require(pool, score_arr, m, f"score {score!r}")
-                kw = {"method": "bon", "scores": score_arr}
-            elif m == "ppl":
+                kw = {"method": "best_of_n", "scores": score_arr}
+            elif m == "max_probability":
                 _require(pool, pool.mean_logprob, m, "mean log-probs")
-                kw = {"method": "bon", "scores": pool.mean_logprob}
+                kw = {"method": "max_probability", "scores": pool.mean_logprob}
             elif m in ("pc", "rpc"):
                 _require(pool, pool.mean_logprob, m, "mean log-probs")
                 kw = {"method": m, "scores": pool.mean_logprob, "text_ids": pool.text_id}
@@ -461,7 +482,7 @@ def compute_curves(
                 progress=None if progress is None else functools.partial(progress, m),
                 **kw,
             )
-            per, est, draws = res.per_problem, tuple(res.method), res.draws
+            per, est, draws = res.per_problem, res.estimator, res.draws
         if missing == "count":
             # a problem without k samples is unsolved at k; a problem without any is unsolved
             per = np.concatenate(
@@ -470,7 +491,7 @@ def compute_curves(
         ci = _ci(per, confidence=confidence, n_boot=n_boot, seed=mseed, bootstrap_ci=bootstrap_ci)
         curves[m] = MethodCurve(
             m, k_arr, ci[0], ci[1], ci[2], per, est, draws,
-            oracle=oracle if m in ("weighted", "bon") else None,
+            oracle=oracle if m in ("weighted", "best_of_n") else None,
         )  # fmt: skip
 
     fit_res = None

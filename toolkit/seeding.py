@@ -8,7 +8,7 @@ import numpy as np
 
 from ttscale.errors import ConfigError
 
-__all__ = ["SeedLike", "as_generator", "problem_seed", "sample_seed"]
+__all__ = ["SeedLike", "as_generator", "as_int_seed", "problem_seed", "sample_seed"]
 
 SeedLike = None | int | np.random.Generator
 
@@ -26,6 +26,19 @@ def as_generator(seed: SeedLike) -> np.random.Generator:
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(int(seed))
+
+
+def as_int_seed(seed: SeedLike) -> int:
+    """``None | int | Generator`` -> an int seed in ``[0, 2**31 - 1)``, for code that derives
+    several seeds from one (``seed + j``) and reports the seed it used.
+
+    An int is checked and returned as is; a Generator gives its next draw (so it advances);
+    ``None`` gives a fresh seed from OS entropy.
+    """
+    if isinstance(seed, np.random.Generator) or seed is None:
+        return int(as_generator(seed).integers(_MAX_SEED))
+    as_generator(seed)  # validates: an int >= 0
+    return int(seed)
 
 
 def problem_seed(run_seed: int, problem_id: str) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ttscale.errors import ConfigError
+from ttscale.validation import check_int, check_number
 
 __all__ = [
     "Completion",
@@ -75,22 +76,19 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check_int("n", self.n, lo=1)
-        _check_float("temperature", self.temperature, lo=0.0)
-        if not (0.0 < float(self.top_p) <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, lo=0)
-        if not (0.0 <= float(self.min_p) <= 1.0):
-            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
-        _check_int("max_tokens", self.max_tokens, lo=1)
-        _check_int("min_tokens", self.min_tokens, lo=0)
+        check_int("n", self.n, min=1)
+        check_number("temperature", self.temperature, low=0.0)
+        check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        check_int("top_k", self.top_k, min=0)
+        check_number("min_p", self.min_p, low=0.0, high=1.0)
+        check_int("max_tokens", self.max_tokens, min=1)
+        check_int("min_tokens", self.min_tokens, min=0)
         if self.min_tokens > self.max_tokens:
             raise ConfigError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
-        _check_int("seed", self.seed, lo=0)
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0)
+        check_int("seed", self.seed, min=0)
+        check_int("logprobs", self.logprobs, min=0, allow_none=True)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ConfigError(f"stop strings must be non-empty strings, got {s!r}")
@@ -126,18 +124,6 @@ class SamplingParams:
         return cls(**kw)
 
 
-def _check_int(name: str, value: Any, *, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value}")
-
-
-def _check_float(name: str, value: Any, *, lo: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < lo:
-        raise ConfigError(f"{name} must be >= {lo}, got {value}")
 
 
 class FinishReason(str, enum.Enum):
@@ -175,8 +161,7 @@ class Completion:
     def __post_init__(self) -> None:
         if not isinstance(self.problem_id, str) or not self.problem_id:
             raise ConfigError(f"problem_id must be a non-empty string, got {self.problem_id!r}")
-        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise ConfigError(f"index must be a non-negative integer, got {self.index!r}")
+        check_int("index", self.index, min=0)
         if self.token_ids is not None:
             object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
         if self.token_logprobs is not None:
@@ -240,8 +225,7 @@ class Sample:
     def __post_init__(self) -> None:
         if not isinstance(self.problem_id, str) or not self.problem_id:
             raise ConfigError(f"problem_id must be a non-empty string, got {self.problem_id!r}")
-        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise ConfigError(f"index must be a non-negative integer, got {self.index!r}")
+        check_int("index", self.index, min=0)
         if self.answer is not None and not isinstance(self.answer, str):
             raise ConfigError(f"answer must be a string or None, got {self.answer!r}")
         if self.correct is not None and not isinstance(self.correct, bool):

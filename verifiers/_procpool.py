@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ttscale.errors import ConfigError, VerifierError
+from ttscale.errors import VerifierError
+from ttscale.validation import check_int, check_number
 
 __all__ = ["Outcome", "TimeoutPool"]
 
@@ -53,14 +54,14 @@ def _resolve(path: str) -> Callable[..., Any]:
 
 
 def _worker_loop(
-    conn: Connection, target: str, initializer: str | None, memory_limit_mb: int | None
+    conn: Connection, target: str, initializer: str | None, memory_mb: int | None
 ) -> None:
     """Worker loop: receive ``(task_id, args)``, reply ``(task_id, status, value, detail)``."""
-    if memory_limit_mb:
+    if memory_mb:
         try:
             import resource
 
-            limit = int(memory_limit_mb) << 20
+            limit = int(memory_mb) << 20
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
             pass
@@ -208,7 +209,7 @@ class TimeoutPool:
 
     ``target`` and ``initializer`` are ``"module:function"`` paths (importable in the worker).
     The timeout clock of a task starts when it is sent to a ready worker (worker start-up and
-    imports never count). ``memory_limit_mb`` caps each worker's address space
+    imports never count). ``memory_mb`` caps each worker's address space
     (``RLIMIT_AS``); exceeding it is an outcome ``memory``, not a crash of the caller.
     """
 
@@ -219,18 +220,16 @@ class TimeoutPool:
         workers: int = 1,
         timeout: float = 5.0,
         initializer: str | None = None,
-        memory_limit_mb: int | None = 4096,
+        memory_mb: int | None = 4096,
         startup_timeout: float = 120.0,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
-        if not (timeout > 0):
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_int("workers", workers, min=1)
+        check_number("timeout", timeout, low=0.0, low_open=True, unit="seconds")
         self.target = target
         self.initializer = initializer
         self.workers = workers
         self.timeout = float(timeout)
-        self.memory_limit_mb = memory_limit_mb
+        self.memory_mb = memory_mb
         self.startup_timeout = float(startup_timeout)
         self.restarts = 0
         self._pool: list[_Worker] = []
@@ -240,7 +239,7 @@ class TimeoutPool:
     # lifecycle -------------------------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        return _Worker(self.target, self.initializer, self.memory_limit_mb)
+        return _Worker(self.target, self.initializer, self.memory_mb)
 
     def close(self) -> None:
         """Stop all workers (idempotent)."""

@@ -188,12 +188,10 @@ def check_spec(spec: str) -> str:
     if head == "arith" and arg:
         raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
     if head == "math" and arg:
+        from ttscale.validation import check_choice
         from ttscale.verifiers.math import EXTRACTORS
 
-        if arg not in EXTRACTORS:
-            raise ConfigError(
-                f"unknown extractor {arg!r} in {spec!r}; choose one of: {', '.join(EXTRACTORS)}"
-            )
+        check_choice("extractor", arg, EXTRACTORS)
     if head == "code":
         suite, eq, path = arg.partition("=")
         if suite.strip() in ("plus", "base"):

@@ -11,7 +11,7 @@ left out of its aggregate; all NaN gives a NaN score and an ERROR verdict.
 Cost-aware cascade. Members run in order of their ``cost`` attribute (default 1.0; cheapest first,
 stable). Consecutive members of equal cost form a *level*. With ``margin`` set, after every level
 but the last the candidates are grouped into answer clusters (same ``answer``; a candidate with no
-answer is a cluster of its own) and, using the aggregate over the members run so far,
+answer, ``None`` or blank as everywhere, is a cluster of its own) and, using the aggregate over the members run so far,
 
     best(c) = max_{j in c} A_partial(j),   top = max_c best(c),
     c stays in contention  <=>  best(c) >= top - margin.
@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from ttscale._deprecation import renamed_keyword, warn_deprecated
 from ttscale.errors import ConfigError, VerifierError
+from ttscale.select.answers import is_no_answer
 from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
+from ttscale.validation import check_choice, check_number
 
 __all__ = ["EnsembleVerifier"]
 
@@ -91,14 +94,18 @@ class EnsembleVerifier:
         self,
         members: Sequence[Any],
         *,
-        aggregate: str = "mean",
+        aggregation: str = "mean",
         lam: float = 1.0,
         normalize: str | None = "zscore",
         reference_scores: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None = None,
         order: str = "cost",
         margin: float | None = None,
         name: str = "ensemble",
+        aggregate: str | None = None,
     ) -> None:
+        aggregation = renamed_keyword(
+            "EnsembleVerifier", "aggregate", "aggregation", aggregate, aggregation, "mean"
+        )
         members = list(members)
         if not members:
             raise ConfigError("an ensemble needs at least one member verifier")
@@ -110,18 +117,11 @@ class EnsembleVerifier:
                     f"ensemble member {m!r} is not a verifier (needs name and verify())"
                 )
         names = _unique_names([m.name for m in members])
-        if aggregate not in ENSEMBLE_METHODS:
-            raise ConfigError(f"aggregate must be one of {ENSEMBLE_METHODS}, got {aggregate!r}")
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ConfigError(f"lam must be a finite number >= 0, got {lam!r}")
-        if normalize not in _NORMALIZE:
-            raise ConfigError(f"normalize must be 'zscore' or None, got {normalize!r}")
-        if order not in _ORDERS:
-            raise ConfigError(f"order must be one of {_ORDERS}, got {order!r}")
-        if margin is not None and not (
-            isinstance(margin, (int, float)) and not isinstance(margin, bool) and margin >= 0
-        ):
-            raise ConfigError(f"margin must be a number >= 0 or None, got {margin!r}")
+        check_choice("aggregation", aggregation, ENSEMBLE_METHODS)
+        check_number("lam", lam, low=0.0, finite=True)
+        check_choice("normalize", normalize, _NORMALIZE)
+        check_choice("order", order, _ORDERS)
+        check_number("margin", margin, low=0.0, allow_none=True)
         if reference_scores is not None and normalize is None:
             raise ConfigError(
                 "reference_scores are used for z-normalisation; set normalize='zscore'"
@@ -137,7 +137,7 @@ class EnsembleVerifier:
         self.members = [members[i] for i in run]
         self.member_names = [names[i] for i in run]
         self.costs = [costs[i] for i in run]
-        self.aggregate = aggregate
+        self.aggregation = aggregation
         self.lam = float(lam)
         self.normalize = normalize
         self.order = order
@@ -204,11 +204,11 @@ class EnsembleVerifier:
             return out
         complete = ~np.isnan(z).any(axis=0)
         if complete.any():
-            out[complete] = aggregate_ensemble(z[:, complete], self.aggregate, lam=self.lam)  # type: ignore[arg-type]
+            out[complete] = aggregate_ensemble(z[:, complete], self.aggregation, lam=self.lam)  # type: ignore[arg-type]
         for j in np.flatnonzero(~complete):
             col = z[~np.isnan(z[:, j]), j]
             if col.size:
-                out[j] = aggregate_ensemble(col[:, None], self.aggregate, lam=self.lam)[0]  # type: ignore[arg-type]
+                out[j] = aggregate_ensemble(col[:, None], self.aggregation, lam=self.lam)[0]  # type: ignore[arg-type]
         return out
 
     # ------------------------------------------------------------------ verification
@@ -286,7 +286,7 @@ class EnsembleVerifier:
         """Candidates in ``idx`` whose cluster's best partial score is below ``top - margin``."""
         clusters: dict[Any, list[int]] = {}
         for i in idx:
-            key = ("answer", answers[i]) if answers[i] is not None else ("alone", int(i))
+            key = ("alone", int(i)) if is_no_answer(answers[i]) else ("answer", answers[i])
             clusters.setdefault(key, []).append(int(i))
         best = {}
         for key, members in clusters.items():
@@ -339,6 +339,12 @@ class EnsembleVerifier:
             )
         return Verdict(status=VerdictStatus.SCORED, score=float(score), meta=meta, **base)
 
+    @property
+    def aggregate(self) -> str:
+        """Deprecated name of :attr:`aggregation`."""
+        warn_deprecated("EnsembleVerifier.aggregate is deprecated; use .aggregation")
+        return self.aggregation
+
     def info(self) -> dict[str, Any]:
         """Provenance: members (in running order) with their info, the rule, and call counts."""
         members = []
@@ -352,7 +358,7 @@ class EnsembleVerifier:
             "verifier": "ensemble",
             "name": self.name,
             "members": members,
-            "aggregate": self.aggregate,
+            "aggregate": self.aggregation,  # key kept: it names stored verdicts' verifier config
             "lam": self.lam,
             "normalize": self.normalize,
             "reference_scores": self._reference is not None,

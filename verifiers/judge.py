@@ -24,6 +24,7 @@ from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.select.yesno import yes_probability
 from ttscale.types import Completion, Problem, Sample, SamplingParams, Verdict, VerdictStatus
+from ttscale.validation import check_choice, check_int, check_number
 
 __all__ = ["DEFAULT_JUDGE_TEMPLATE", "JudgeVerifier"]
 
@@ -96,14 +97,10 @@ class JudgeVerifier:
             )
         if not fields & {"response", "answer"}:
             raise ConfigError("judge template must show the candidate: use {response} or {answer}")
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 1:
-            raise ConfigError(f"top_logprobs must be an integer >= 1, got {top_logprobs!r}")
-        if threshold is not None and not (0.0 <= float(threshold) <= 1.0):
-            raise ConfigError(f"threshold must be in [0, 1] or None, got {threshold}")
-        if score not in _SCORES:
-            raise ConfigError(f"score must be one of {_SCORES}, got {score!r}")
-        if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
-            raise ConfigError(f"cost must be a finite number >= 0, got {cost!r}")
+        check_int("top_logprobs", top_logprobs, min=1)
+        check_number("threshold", threshold, low=0.0, high=1.0, allow_none=True)
+        check_choice("score", score, _SCORES)
+        check_number("cost", cost, low=0.0, finite=True)
         self.engine = engine
         self.template = template
         self.yes_token = yes_token
@@ -139,9 +136,7 @@ class JudgeVerifier:
         self, text: str, given: int | None, encode: Callable[[str], list[int]] | None, what: str
     ) -> int:
         if given is not None:
-            if isinstance(given, bool) or not isinstance(given, int) or given < 0:
-                raise ConfigError(f"{what}_id must be a non-negative integer, got {given!r}")
-            return given
+            return int(check_int(f"{what}_id", given, min=0))
         assert encode is not None  # built whenever an id is not given
         ids = list(encode(text))
         if len(ids) != 1:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ttscale._deprecation import UNSET, renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 from ttscale.verifiers.extract import (
@@ -159,9 +160,13 @@ class MathVerifier:
         strict: bool = True,
         cache_size: int = 100_000,
         cache_path: str | Path | None = None,
-        memory_limit_mb: int | None = 4096,
+        memory_mb: int | None = 4096,
         name: str | None = None,
+        memory_limit_mb: int | None = UNSET,
     ) -> None:
+        memory_mb = renamed_keyword(
+            "MathVerifier", "memory_limit_mb", "memory_mb", memory_limit_mb, memory_mb, 4096, unset=UNSET
+        )
         if extractor not in EXTRACTORS:
             raise ConfigError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
         self.extractor = extractor
@@ -174,7 +179,7 @@ class MathVerifier:
             strict=strict,
             cache_size=cache_size,
             cache_path=cache_path,
-            memory_limit_mb=memory_limit_mb,
+            memory_mb=memory_mb,
         )
 
     # protocol --------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ttscale.errors import ConfigError, VerifierError
+from ttscale._deprecation import UNSET, renamed_keyword
+from ttscale.errors import VerifierError
+from ttscale.validation import check_int, check_number
 from ttscale.verifiers.extract import _unify_minus, normalize_final_answer, normalize_number
 
 __all__ = [
@@ -369,26 +371,22 @@ class MathChecker:
         strict: bool = True,
         cache_size: int = 100_000,
         cache_path: str | Path | None = None,
-        memory_limit_mb: int | None = 4096,
+        memory_mb: int | None = 4096,
+        memory_limit_mb: int | None = UNSET,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
-        if not isinstance(timeout, (int, float)) or not (timeout > 0):
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if (
-            isinstance(float_rounding, bool)
-            or not isinstance(float_rounding, int)
-            or float_rounding < 0
-        ):
-            raise ConfigError(f"float_rounding must be an integer >= 0, got {float_rounding!r}")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ConfigError(f"cache_size must be an integer >= 0, got {cache_size!r}")
+        memory_mb = renamed_keyword(
+            "MathChecker", "memory_limit_mb", "memory_mb", memory_limit_mb, memory_mb, 4096, unset=UNSET
+        )
+        check_int("workers", workers, min=0)
+        check_number("timeout", timeout, low=0.0, low_open=True, unit="seconds")
+        check_int("float_rounding", float_rounding, min=0)
+        check_int("cache_size", cache_size, min=0)
         self.workers = workers
         self.timeout = float(timeout)
         self.float_rounding = float_rounding
         self.numeric_precision = int(numeric_precision)
         self.strict = bool(strict)
-        self.memory_limit_mb = memory_limit_mb
+        self.memory_mb = memory_mb
         self.version = math_verify_version()
         self.stats = CheckerStats()
         self._eq_cache = _LRU(cache_size)
@@ -428,7 +426,7 @@ class MathChecker:
                 workers=self.workers,
                 timeout=self.timeout,
                 initializer="ttscale.verifiers.mathcheck:_worker_init",
-                memory_limit_mb=self.memory_limit_mb,
+                memory_mb=self.memory_mb,
             )
         return self._pool
 

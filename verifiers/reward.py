@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from ttscale.errors import ConfigError, VerifierError
+from ttscale.select.aggregate import PRM_AGGREGATIONS
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
+from ttscale.validation import check_choice, check_int, check_number
 
 __all__ = [
     "PRM_AGGREGATIONS",
@@ -40,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRM_AGGREGATIONS = ("last", "min", "prod")
 _KINDS = ("orm", "prm")
 _SCORE_MAPS = ("raw", "sigmoid")
 _BACKENDS = ("hf", "vllm")
@@ -67,18 +68,26 @@ def split_steps(text: str, separator: str = "\n\n") -> list[str]:
 
 
 def aggregate_step_scores(
-    step_scores: Sequence[float] | np.ndarray, how: str = "last", *, eps: float = 1e-6
+    step_scores: Sequence[float] | np.ndarray,
+    prm_aggregation: str = "last",
+    *,
+    eps: float = 1e-6,
+    how: str | None = None,
 ) -> float:
     """Aggregate one solution's PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``).
 
     ``last``: ``s_T``; ``min``: ``min_t s_t``; ``prod``: ``exp(sum_t log max(s_t, eps))`` (log space,
     every step clipped away from 0 so long solutions do not underflow). No steps -> NaN. The
-    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution).
+    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution). ``how=`` is the
+    deprecated former name of ``prm_aggregation``.
     """
+    from ttscale._deprecation import renamed_keyword
     from ttscale.select.aggregate import prm_aggregate
 
-    if how not in PRM_AGGREGATIONS:
-        raise ConfigError(f"prm_aggregation must be one of {PRM_AGGREGATIONS}, got {how!r}")
+    how = renamed_keyword(
+        "aggregate_step_scores", "how", "prm_aggregation", how, prm_aggregation, "last"
+    )
+    check_choice("prm_aggregation", how, PRM_AGGREGATIONS)
     return float(prm_aggregate([np.asarray(step_scores, dtype=np.float64)], how, eps=eps)[0])  # type: ignore[arg-type]
 
 
@@ -178,18 +187,12 @@ class RewardModelVerifier:
             # An ORM's reward is conventionally the raw logit; PRM step scores are probabilities.
             score_map = "raw" if kind == "orm" else "sigmoid"
         _choice("score_map", score_map, _SCORE_MAPS)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2
-        ):
-            raise ConfigError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
+        check_int("batch_size", batch_size, min=1)
+        check_int("max_length", max_length, min=2, allow_none=True)
         if not step_separator:
             raise ConfigError("step_separator must be a non-empty string, got ''")
-        if not (0.0 < eps < 0.5):
-            raise ConfigError(f"eps must be in (0, 0.5), got {eps}")
-        if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
-            raise ConfigError(f"cost must be a finite number >= 0, got {cost!r}")
+        check_number("eps", eps, low=0.0, high=0.5, low_open=True, high_open=True)
+        check_number("cost", cost, low=0.0, finite=True)
         if kind == "prm" and not step_tag:
             raise ConfigError(
                 "kind='prm' needs step_tag= (one token the PRM was trained to score after each step, "
@@ -621,5 +624,4 @@ class RewardModelVerifier:
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    check_choice(name, value, allowed)

@@ -157,11 +157,11 @@ def test_selection_vectors(strategy: str) -> None:
     maj = selection_at_k(np.array([[0, 0, 1, 2]]), np.array([[1, 1, 0, 0]]), [1, 2, 3, 4],
                          strategy=strategy)  # type: ignore[arg-type]
     np.testing.assert_allclose(maj.mean, MAJ, atol=1e-12)
-    bon = selection_at_k(None, [[0, 1, 1, 0]], [1, 2, 3, 4], method="bon",
+    bon = selection_at_k(None, [[0, 1, 1, 0]], [1, 2, 3, 4], method="best_of_n",
                          scores=[[0.9, 0.2, 0.7, 0.4]], strategy=strategy)  # type: ignore[arg-type]
     np.testing.assert_allclose(bon.mean, BON, atol=1e-12)
     expected = "exact" if strategy == "enumerate" else "closed-form"
-    assert maj.method == (expected,) * 4 and bon.method == (expected,) * 4
+    assert maj.estimator == (expected,) * 4 and bon.estimator == (expected,) * 4
     assert maj.draws.tolist() == [0] * 4 and maj.mc_stderr.tolist() == [0.0] * 4
     assert maj.n_exact.tolist() == [1] * 4
 
@@ -220,7 +220,7 @@ def test_closed_forms_match_brute_force(pool: tuple) -> None:
     for j, kv in enumerate(ks):
         assert maj.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "majority", "expected"), abs=1e-10)
     for tie in ("expected", "first"):
-        bon = selection_at_k([labels], [correct], ks, method="bon", scores=[scores], tie=tie,
+        bon = selection_at_k([labels], [correct], ks, method="best_of_n", scores=[scores], tie=tie,
                              strategy="closed-form")  # type: ignore[arg-type]
         for j, kv in enumerate(ks):
             assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "bon", tie), abs=1e-12)
@@ -244,7 +244,7 @@ def test_majority_closed_form_large_pool_against_enumeration_and_mc() -> None:
     ks = [3, 40, 700, 3000, 5000]
     ex = selection_at_k([big], [corr], ks, strategy="closed-form")
     mc = selection_at_k([big], [corr], ks, strategy="mc", n_draws=20_000, seed=1)
-    assert ex.method == ("closed-form",) * 5 and mc.method == ("mc",) * 5
+    assert ex.estimator == ("closed-form",) * 5 and mc.estimator == ("mc",) * 5
     assert mc.draws.tolist() == [20_000] * 5
     z = np.abs(ex.mean - mc.mean) / mc.mc_stderr
     assert np.all(z < 5), (ex.mean, mc.mean, mc.mc_stderr)
@@ -299,7 +299,7 @@ def test_builtin_rules_equal_aggregate_functions(seed: int, tie: str) -> None:
     cases = [
         ("majority", None, lambda p, s: majority_vote_labels(labels[s], n_clusters=L)),
         ("weighted", weights, lambda p, s: weighted_vote_labels(labels[s], weights[s], n_clusters=L)),
-        ("bon", weights, lambda p, s: best_of_n_labels(labels[s], weights[s], n_clusters=L)),
+        ("best_of_n", weights, lambda p, s: best_of_n_labels(labels[s], weights[s], n_clusters=L)),
     ]
     for name, sc, fn in cases:
         built = selection_at_k([labels], [correct], ks, method=name, scores=None if sc is None else [sc],
@@ -316,7 +316,7 @@ def test_callable_selector_deepconf_and_rpc() -> None:
     labels, correct, weights, logp = _loop_pool(5)
     r = selection_at_k([labels], [correct], [2, 4], method=lambda p, s: deepconf_vote_labels(
         labels[s], weights[s], eta=50), strategy="enumerate")
-    assert r.rule == "<lambda>" and r.method == ("exact", "exact")
+    assert r.rule == "<lambda>" and r.estimator == ("exact", "exact")
     rr = selection_at_k([labels], [correct], [1, 8], method="rpc", scores=[logp])
     assert 0.0 <= rr.mean[0] <= 1.0 and rr.mean[0] == pytest.approx(correct.mean())
 
@@ -329,7 +329,7 @@ def test_selector_cluster_correctness_is_representative() -> None:
     # k=1: pick the sample itself -> 1/3; k=2: {0,1}->rep 1 correct, {0,2}->tie (0 wrong, 1 wrong)
     # -> 0, {1,2}-> tie (1/2) -> mean 0.5; k=3: label 0 wins, rep index 1 correct -> 1
     np.testing.assert_allclose(r.mean, [1 / 3, 0.5, 1.0])
-    assert r.method == ("exact",) * 3
+    assert r.estimator == ("exact",) * 3
     with pytest.raises(ConfigError):
         selection_at_k([labels], [correct], [2], strategy="closed-form")
 
@@ -340,11 +340,11 @@ def test_monte_carlo_is_seeded_and_reported() -> None:
     correct = labels == 0
     w = rng.random((5, 60))
     for kw in ({}, {"tie": "first"}, {"tie": "random"}, {"method": "weighted", "scores": w},
-               {"method": "bon", "scores": w, "tie": "random"}):
+               {"method": "best_of_n", "scores": w, "tie": "random"}):
         a = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=300, seed=11, **kw)  # type: ignore[arg-type]
         b = selection_at_k(labels, correct, [5, 30], strategy="mc", n_draws=300, seed=11, **kw)  # type: ignore[arg-type]
         np.testing.assert_array_equal(a.per_problem, b.per_problem)
-        assert a.method == ("mc", "mc") and a.draws.tolist() == [300, 300]
+        assert a.estimator == ("mc", "mc") and a.draws.tolist() == [300, 300]
         assert a.n_exact.tolist() == [0, 0]
         assert np.all(a.mc_stderr > 0)
     exact = selection_at_k(labels, correct, [5, 30])
@@ -357,7 +357,7 @@ def test_selection_validation() -> None:
     with pytest.raises(ConfigError):
         selection_at_k(lab, cor, [1], method="vote")
     with pytest.raises(ConfigError):
-        selection_at_k(lab, cor, [1], method="bon")  # needs scores
+        selection_at_k(lab, cor, [1], method="best_of_n")  # needs scores
     with pytest.raises(ConfigError):
         selection_at_k(lab, cor, [1], method="weighted", scores=[[-1.0, 1.0]])
     with pytest.raises(ConfigError):
@@ -369,4 +369,4 @@ def test_selection_validation() -> None:
     with pytest.raises(DataError):
         selection_at_k(lab, [[np.nan, 1]], [1])
     with pytest.raises(DataError):
-        selection_at_k(lab, cor, [1], method="bon", scores=[[np.nan, 1.0]])
+        selection_at_k(lab, cor, [1], method="best_of_n", scores=[[np.nan, 1.0]])

@@ -188,12 +188,12 @@ def test_weighted_vote_score_mappings() -> None:
     logits = [-1.0] * 5 + [0.1]
     with pytest.raises(ConfigError, match="sigmoid"):
         weighted_vote(ans, logits)
-    assert weighted_vote(ans, logits, mapping="sigmoid").answer == "big"
-    res = weighted_vote(ans, logits, mapping="exp", temperature=0.5)
+    assert weighted_vote(ans, logits, score_map="sigmoid").answer == "big"
+    res = weighted_vote(ans, logits, score_map="exp", temperature=0.5)
     want_ratio = 5 * np.exp(-1.0 / 0.5) / np.exp(0.1 / 0.5)
     assert res.scores[0] / res.scores[1] == pytest.approx(want_ratio)
     assert res.answer == "one"  # a sharp temperature lets the single high score win
-    assert weighted_vote(ans, logits, mapping="exp", temperature=5.0).answer == "big"
+    assert weighted_vote(ans, logits, score_map="exp", temperature=5.0).answer == "big"
     np.testing.assert_allclose(map_scores([0.0, 800.0], "sigmoid"), [0.5, 1.0])
     assert np.all(np.isfinite(map_scores([1e4, 1e4 - 1], "exp")))
     with pytest.raises(ConfigError):

@@ -45,7 +45,8 @@ def test_esc_returns_window_answer_not_overall_majority() -> None:
 
 def test_esc_short_stream_and_bad_args() -> None:
     assert esc_run([1, 2, 1, 2, 1, 2, 2], window=3, max_samples=40).cost == 6
-    assert window_unanimous([None, None])
+    assert window_unanimous([None, None], no_answer="vote")  # the reference: None is a value
+    assert not window_unanimous([None, None]) and not window_unanimous(["", ""])
     assert not window_unanimous([])
     with pytest.raises(ConfigError):
         esc_run([1, 2], window=5)
@@ -71,7 +72,7 @@ def test_esc_expected_cost_matches_simulation() -> None:
 
 
 def test_esc_affected_probability() -> None:
-    assert esc_affected_probability([0.6, 0.3, 0.1], 5, method="exact") == pytest.approx(
+    assert esc_affected_probability([0.6, 0.3, 0.1], 5, estimator="exact") == pytest.approx(
         0.3**5 + 0.1**5
     )
     # normal approximation, computed by hand: 1 - Φ(3.5 / sqrt(1.05)) + 1 - Φ(4.5 / sqrt(0.45))
@@ -132,10 +133,10 @@ def test_beta_matches_quadrature_and_is_stable_for_large_counts() -> None:
 )
 def test_dirichlet_vectors(counts: tuple[int, ...], quad_value: float, mc_value: float) -> None:
     assert dirichlet_top_probability(counts) == pytest.approx(quad_value, abs=2e-6)
-    mc = dirichlet_top_probability(counts, method="mc", n_draws=200_000, seed=0)
+    mc = dirichlet_top_probability(counts, estimator="mc", n_draws=200_000, seed=0)
     assert mc == pytest.approx(quad_value, abs=5 * 0.5 / math.sqrt(200_000))
-    assert dirichlet_top_probability(counts, method="mc", n_draws=1000, seed=3) == (
-        dirichlet_top_probability(counts, method="mc", n_draws=1000, seed=3)
+    assert dirichlet_top_probability(counts, estimator="mc", n_draws=1000, seed=3) == (
+        dirichlet_top_probability(counts, estimator="mc", n_draws=1000, seed=3)
     )
     del mc_value  # the listed MC value used another generator stream
 
@@ -192,7 +193,7 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ConfigError):
         dirichlet_top_probability([3])
     with pytest.raises(ConfigError):
-        dirichlet_top_probability([3, 1], method="grid")  # type: ignore[arg-type]
+        dirichlet_top_probability([3, 1], estimator="grid")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         esc_expected_cost([0.5, 0.5], window=10, max_samples=5)
     with pytest.raises(ConfigError):

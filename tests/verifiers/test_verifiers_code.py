@@ -212,7 +212,7 @@ def test_extract_code():
 def test_errors_and_protocol():
     with pytest.raises(ConfigError, match="tests must be 'full', 'visible', 'plus' or 'base'"):
         CodeVerifier(tests="hidden")
-    with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
+    with pytest.raises(ConfigError, match="timeout_s must be a finite number > 0 seconds"):
         CodeVerifier(timeout=0)
     with pytest.raises(DataError, match="has no code tests"):
         CodeVerifier(isolation="process").verify(Problem(id="x", prompt="p"), samples("x", "pass"))

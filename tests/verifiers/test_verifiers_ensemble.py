@@ -62,7 +62,7 @@ TABLE8 = [
 @pytest.mark.parametrize(("aggregate", "lam", "values", "pick"), TABLE8)
 def test_section_8_vector(aggregate: str, lam: float, values: list[float], pick: int) -> None:
     members = [Fixed(f"m{k}", row) for k, row in enumerate(R8)]
-    ens = EnsembleVerifier(members, aggregate=aggregate, lam=lam, normalize=None)
+    ens = EnsembleVerifier(members, aggregation=aggregate, lam=lam, normalize=None)
     verdicts = ens.verify(PROBLEM, samples(["a", "b", "c", "d"]))
     got = [v.score for v in verdicts]
     np.testing.assert_allclose(got, values, atol=5e-7)
@@ -73,7 +73,7 @@ def test_section_8_vector(aggregate: str, lam: float, values: list[float], pick:
 
 def test_single_member_reduces_to_its_score() -> None:
     for agg in ("mean", "median", "min", "mean_minus_std", "mean_minus_var"):
-        v = EnsembleVerifier([Fixed("a", [0.3, -1.0])], aggregate=agg, normalize=None)
+        v = EnsembleVerifier([Fixed("a", [0.3, -1.0])], aggregation=agg, normalize=None)
         assert [x.score for x in v.verify(PROBLEM, samples(["x", "y"]))] == [0.3, -1.0]
 
 
@@ -170,11 +170,22 @@ def test_cascade_keeps_whole_clusters_and_zero_margin_keeps_ties() -> None:
     assert sorted(exp.seen) == [0, 2, 3]
 
 
+def test_cascade_treats_blank_answers_as_no_answer() -> None:
+    # Blank answers are no answer (each its own cluster), as in every aggregator: the low "" at
+    # index 2 is not carried into contention by the leading "" at index 0.
+    cheap = Fixed("c", [3.0, 1.0, -2.0, 3.0], cost=1)
+    exp = Fixed("e", [0.0, 0.0, 0.0, 0.0], cost=2)
+    EnsembleVerifier([cheap, exp], normalize=None, margin=0.0).verify(
+        PROBLEM, samples(["", "B", "", "D"])
+    )
+    assert sorted(exp.seen) == [0, 3]
+
+
 def test_configuration_errors() -> None:
     with pytest.raises(ConfigError, match="at least one"):
         EnsembleVerifier([])
-    with pytest.raises(ConfigError, match="aggregate"):
-        EnsembleVerifier([Fixed("a", [1])], aggregate="max")
+    with pytest.raises(ConfigError, match="aggregation must be one of"):
+        EnsembleVerifier([Fixed("a", [1])], aggregation="max")
     with pytest.raises(ConfigError, match="margin"):
         EnsembleVerifier([Fixed("a", [1])], margin=-1)
     with pytest.raises(ConfigError, match="reference_scores"):
@@ -188,7 +199,7 @@ def test_configuration_errors() -> None:
 
 
 def test_info_lists_members_and_cost() -> None:
-    ens = EnsembleVerifier([Fixed("a", [1.0], cost=2), Fixed("b", [1.0], cost=3)], aggregate="min")
+    ens = EnsembleVerifier([Fixed("a", [1.0], cost=2), Fixed("b", [1.0], cost=3)], aggregation="min")
     info = ens.info()
     assert [m["name"] for m in info["members"]] == ["a", "b"] and info["aggregate"] == "min"
     assert ens.cost == 5.0 and info["members"][0]["info"] == {"fixed": True}

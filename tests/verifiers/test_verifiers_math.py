@@ -364,7 +364,7 @@ def test_timeout_pool_outcomes():
     with TimeoutPool("os:_exit", workers=1, timeout=5) as pool:
         (o,) = pool.map([(3,)])
         assert o.status == "crash" and "exit code 3" in o.detail
-    with TimeoutPool("builtins:bytearray", workers=1, timeout=20, memory_limit_mb=300) as pool:
+    with TimeoutPool("builtins:bytearray", workers=1, timeout=20, memory_mb=300) as pool:
         big, small = pool.map([(2 * 10**9,), (10,)])
         assert big.status == "memory" and small.status == "ok" and small.value == bytearray(10)
     with TimeoutPool("builtins:int", workers=1, timeout=5) as pool:

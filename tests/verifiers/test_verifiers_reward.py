@@ -425,8 +425,8 @@ def test_factory_specs(models: dict[str, Path]) -> None:
     assert isinstance(rm, RewardModelVerifier) and rm.batch_size == 2
     prm = make_verifier(f"rm:{models['prm_tok']}", kind="prm", step_tag=STEP_TAG)
     assert prm.kind == "prm"
-    ens = make_verifier(f"ensemble:rm:{models['orm1']},rm:{models['orm2']}", aggregate="min")
-    assert isinstance(ens, EnsembleVerifier) and ens.aggregate == "min"
+    ens = make_verifier(f"ensemble:rm:{models['orm1']},rm:{models['orm2']}", aggregation="min")
+    assert isinstance(ens, EnsembleVerifier) and ens.aggregation == "min"
     assert ens.member_names == ["orm:orm1", "orm:orm2"]
     verdicts = ens.verify(problem(), samples())
     a = [v.score for v in RewardModelVerifier(models["orm1"]).verify(problem(), samples())]

@@ -535,8 +535,8 @@ def test_marker_runs_the_tests_in_ci_with_bubblewrap(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"timeout_s": 0}, "timeout_s must be a positive number"),
-        ({"timeout_s": math.inf}, "timeout_s must be a positive number"),
+        ({"timeout_s": 0}, "timeout_s must be a finite number > 0 seconds"),
+        ({"timeout_s": math.inf}, "timeout_s must be a finite number > 0 seconds"),
         ({"memory_mb": 8}, "memory_mb must be an integer >= 32"),
         ({"nproc": 0}, "nproc must be an integer >= 1"),
     ],

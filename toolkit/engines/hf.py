@@ -27,6 +27,7 @@ from ttscale.engines.base import (
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
 from ttscale.types import Completion, FinishReason, SamplingParams
+from ttscale.validation import check_choice, check_int
 
 __all__ = ["HFEngine", "process_logprobs_torch"]
 
@@ -132,14 +133,11 @@ class HFEngine:
         chat_template: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        if logprob_mode not in _LOGPROB_MODES:
-            raise ConfigError(f"logprob_mode must be one of {_LOGPROB_MODES}, got {logprob_mode!r}")
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        check_choice("logprob_mode", logprob_mode, _LOGPROB_MODES)
+        check_choice("dtype", dtype, _DTYPES)
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, min=1)
         torch = _import_torch()
         try:
             import transformers

@@ -35,6 +35,7 @@ from ttscale.engines.base import (
 )
 from ttscale.errors import ConfigError, EngineError
 from ttscale.types import Completion, SamplingParams
+from ttscale.validation import check_int, check_number
 
 __all__ = ["OpenAIEngine", "parse_retry_after"]
 
@@ -119,16 +120,9 @@ class OpenAIEngine:
             isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls
         ):
             raise ConfigError(f"base_urls must be http(s) URLs, got {base_urls!r}")
-        if (
-            isinstance(max_concurrency, bool)
-            or not isinstance(max_concurrency, int)
-            or max_concurrency < 1
-        ):
-            raise ConfigError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ConfigError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        check_int("max_concurrency", max_concurrency, min=1)
+        check_number("timeout", timeout, low=0.0, low_open=True, unit="seconds")
+        check_int("max_retries", max_retries, min=0)
         if len(backoff) != 3 or backoff[0] < 0 or backoff[1] < 1 or backoff[2] < backoff[0]:
             raise ConfigError(
                 f"backoff must be (first >= 0, factor >= 1, cap >= first), got {backoff!r}"

@@ -31,6 +31,7 @@ from ttscale.engines._text import find_stop, render_plain_chat
 from ttscale.engines.base import GenerationError, GenerationRequest, ResultCallback
 from ttscale.errors import ConfigError
 from ttscale.types import Completion, FinishReason, SamplingParams
+from ttscale.validation import check_choice, check_int
 
 __all__ = ["EOS_TOKEN_ID", "Responder", "ScriptedEngine", "process_logprobs"]
 
@@ -137,16 +138,13 @@ class ScriptedEngine:
         chat_template: Callable[[Sequence[Mapping[str, str]]], str] | None = None,
         fail_after: int | None = None,
     ) -> None:
-        if logprob_mode not in _LOGPROB_MODES:
-            raise ConfigError(f"logprob_mode must be one of {_LOGPROB_MODES}, got {logprob_mode!r}")
+        check_choice("logprob_mode", logprob_mode, _LOGPROB_MODES)
         if not alphabet or len(set(alphabet)) != len(alphabet) or "\x00" in alphabet:
             raise ConfigError("alphabet must be a non-empty string of distinct characters, no NUL")
-        if order < 1:
-            raise ConfigError(f"order must be >= 1, got {order}")
+        check_int("order", order, min=1)
         if not eos_logprob < 0:
             raise ConfigError(f"eos_logprob must be < 0, got {eos_logprob}")
-        if fail_after is not None and fail_after < 0:
-            raise ConfigError(f"fail_after must be >= 0, got {fail_after}")
+        check_int("fail_after", fail_after, min=0, allow_none=True)
         if responses is not None and not callable(responses) and not isinstance(responses, Mapping):
             raise ConfigError("responses must be a callable or a mapping problem_id -> text(s)")
         if isinstance(responses, Mapping):

@@ -28,6 +28,7 @@ from ttscale.engines.base import (
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
 from ttscale.types import Completion, SamplingParams
+from ttscale.validation import check_choice, check_int
 
 __all__ = ["VLLMEngine"]
 
@@ -87,17 +88,13 @@ class VLLMEngine:
         n_fanout: bool = True,
         **llm_kwargs: Any,
     ) -> None:
-        if logprobs_mode not in _LOGPROB_MODES:
-            raise ConfigError(
-                f"logprobs_mode must be one of {_LOGPROB_MODES}, got {logprobs_mode!r}"
-            )
+        check_choice("logprobs_mode", logprobs_mode, _LOGPROB_MODES)
         for name, value in (
             ("tensor_parallel_size", tensor_parallel_size),
             ("pipeline_parallel_size", pipeline_parallel_size),
             ("data_parallel_size", data_parallel_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, value, min=1)
         try:
             import vllm
         except ImportError as e:

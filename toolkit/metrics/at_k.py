@@ -20,12 +20,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ttscale._deprecation import warn_deprecated
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.aggregate import (
@@ -35,6 +37,8 @@ from ttscale.select.aggregate import (
     perplexity_consistency_labels,
     rpc_labels,
 )
+from ttscale.select.rules import RULES, canonical_name
+from ttscale.validation import check_choice, check_int, choices
 
 __all__ = [
     "CoverageCurve",
@@ -90,8 +94,7 @@ def _check_ks(ks: int | ArrayLike) -> NDArray[np.int64]:
 
 
 def _check_missing(missing: str) -> None:
-    if missing not in ("nan", "skip"):
-        raise ConfigError(f"missing must be 'nan' or 'skip', got {missing!r}")
+    check_choice("missing", missing, choices(Missing))
 
 
 # ============================================================================================
@@ -308,26 +311,36 @@ class SelectionResult:
     """Expected accuracy of a selection rule on random size-``k`` subsets.
 
     ``per_problem`` ``(problems, len(ks))`` (NaN where ``k > n``); ``mean``/``n_problems`` per ``k``
-    as in :class:`CoverageCurve`; ``method[j]`` how ``ks[j]`` was computed across problems:
+    as in :class:`CoverageCurve`; ``estimator[j]`` how ``ks[j]`` was computed across problems:
     ``"closed-form"``, ``"exact"`` (every subset enumerated), ``"mc"`` (``draws[j]`` random subsets
     per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
     (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
-    (0 when nothing was sampled).
+    (0 when nothing was sampled). ``rule`` is the selection rule (its registry name, or a
+    selector's ``__name__``). ``method`` is the deprecated former name of ``estimator``.
     """
 
     ks: NDArray[np.int64]
     mean: NDArray[np.float64]
     per_problem: NDArray[np.float64]
     n_problems: NDArray[np.int64]
-    method: tuple[str, ...]
+    estimator: tuple[str, ...]
     n_exact: NDArray[np.int64]
     draws: NDArray[np.int64]
     mc_stderr: NDArray[np.float64]
     rule: str
     tie: str
 
+    @property
+    def method(self) -> tuple[str, ...]:
+        """Deprecated: the estimator per ``k`` (use :attr:`estimator`; the rule is :attr:`rule`)."""
+        warn_deprecated(
+            "SelectionResult.method is the estimator per k; use .estimator (the rule is .rule)"
+        )
+        return self.estimator
 
-_RULES = ("majority", "weighted", "bon", "pc", "rpc")
+
+# selection_at_k computes max_probability exactly as best-of-N over the mean log-probs
+_ENGINE = {"best_of_n": "bon", "max_probability": "bon"}
 
 
 def selection_at_k(
@@ -353,11 +366,13 @@ def selection_at_k(
     ``labels`` are per-sample integer answer codes (any non-negative ints; ``-1`` = no answer; two
     samples with the same code are the same answer) and ``correct`` per-sample 0/1; both in a
     pool layout (module docstring). ``labels=None`` means every sample has its own answer
-    (enough for ``bon``). Rules (``method``):
+    (enough for ``best_of_n``). Rules (``method``, names of :data:`ttscale.select.rules.RULES`;
+    the older ``"bon"`` and ``"ppl"`` still work with a ``DeprecationWarning``):
 
     * ``"majority"``: most frequent code; closed form for ``tie="expected"``.
-    * ``"bon"``: highest ``scores`` (best-of-N; pass mean log-probs for PPL); closed form for
-      ``tie="expected"`` and ``"first"``. Unanswered samples are never selected.
+    * ``"best_of_n"``: highest ``scores``; closed form for ``tie="expected"`` and ``"first"``.
+      Unanswered samples are never selected.
+    * ``"max_probability"``: the same with ``scores`` = mean token log-probs (``-inf`` allowed).
     * ``"weighted"``: vote weighted by non-negative ``scores`` (map logits first with
       :func:`ttscale.select.aggregate.map_scores`).
     * ``"pc"`` / ``"rpc"``: perplexity consistency / RPC with ``scores`` = mean token log-probs and
@@ -373,8 +388,8 @@ def selection_at_k(
     ``C(n, k)`` subsets), ``"mc"`` (``n_draws`` random subsets per problem and ``k``), or ``"auto"``
     (default): best-of-N closed form; the majority closed form where its plan is cheap (small
     pools nearly always; at ``n = 10,000`` mostly very small ``k`` and large ``k`` with a clear
-    winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``method`` in the
-    result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
+    winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``estimator`` in
+    the result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
     majority draws subset counts cluster by cluster (exact sequential hypergeometric draws,
     vectorised over problems); weighted votes and ``tie="first"`` use random permutations whose
     length-``k`` prefixes serve every ``k``; other rules evaluate ``n_draws`` random subsets.
@@ -390,17 +405,147 @@ def selection_at_k(
     ``progress(done, total)``, if given, is called after each problem (``total`` = problems).
     """
     _check_missing(missing)
-    if tie not in TIE_RULES:
-        raise ConfigError(f"tie must be one of {', '.join(TIE_RULES)}, got {tie!r}")
-    if strategy not in ("auto", "closed-form", "enumerate", "mc"):
-        raise ConfigError(f"strategy must be auto, closed-form, enumerate or mc, got {strategy!r}")
-    if isinstance(method, str) and method not in _RULES:
-        raise ConfigError(f"method must be one of {', '.join(_RULES)} or a callable, got {method!r}")
-    if max_subsets < 1 or n_draws < 1:
-        raise ConfigError(f"max_subsets and n_draws must be >= 1, got {max_subsets}, {n_draws}")
+    check_choice("tie", tie, TIE_RULES)
+    check_choice("strategy", strategy, choices(Strategy))
+    rule, engine = _resolve_method(method)
+    check_int("max_subsets", max_subsets, min=1)
+    check_int("n_draws", n_draws, min=1)
     k = _check_ks(ks)
-    user_off = _as_offsets(offsets)
+    data = _prepare(labels, correct, scores, text_ids, mask=mask, offsets=offsets, engine=engine, rule=rule)
 
+    closed_ok = isinstance(engine, str) and tie in RULES[rule].closed_form_ties
+    if strategy == "closed-form" and not closed_ok:
+        raise ConfigError(
+            f"no closed form for method={rule!r} with tie={tie!r} (closed forms: majority with "
+            "tie='expected', best_of_n and max_probability with tie='expected' or 'first')"
+        )
+    est = _Estimates.empty(data.n_problems, k.size)
+    root = int(as_generator(seed).integers(2**63 - 1))
+    use_closed = closed_ok and strategy in ("auto", "closed-form")
+    lf = _log_factorials(int(data.n_p.max(initial=0))) if use_closed or engine == "majority" else None
+
+    if use_closed and engine == "bon":
+        assert data.sc is not None and lf is not None
+        est.per[:] = _bon_closed_form(
+            data.prob, data.off, data.n_p, data.sc, data.lab >= 0, data.corr, k, tie, lf
+        )
+        est.how[:] = np.where(k[None, :] <= data.n_p[:, None], _Estimator.CLOSED_FORM, _Estimator.NONE)
+    todo = _exact_pass(
+        data, k, engine, tie, strategy, max_subsets, n_draws, root, lf, est,
+        majority_closed=use_closed and engine == "majority", progress=progress,
+    )
+    _monte_carlo_pass(data, k, engine, tie, n_draws, root, todo, est)
+    if progress is not None:
+        progress(data.n_problems, data.n_problems)
+    return est.result(k, missing, n_draws, rule, tie)
+
+
+# --------------------------------------------------------------------------------------------
+# selection@k, in pieces: the inputs, the estimates, and one pass per estimator
+
+
+class _Estimator(IntEnum):
+    """How one (problem, k) value of selection@k was computed."""
+
+    NONE = 0  # k > n: no value
+    CLOSED_FORM = 1
+    EXACT = 2  # every subset enumerated
+    MC = 3
+
+
+_ESTIMATOR_NAMES = {
+    _Estimator.CLOSED_FORM: "closed-form", _Estimator.EXACT: "exact", _Estimator.MC: "mc",
+}
+
+
+def _resolve_method(method: str | Selector) -> tuple[str, str | Selector]:
+    """``method`` -> (rule name reported in the result, what computes it).
+
+    A rule name becomes the internal name of its subset evaluation (``best_of_n`` and
+    ``max_probability`` are both ``"bon"``); a callable is returned as is.
+    """
+    if not isinstance(method, str):
+        return getattr(method, "__name__", "custom"), method
+    try:
+        rule = canonical_name(method, stacklevel=3)  # the warning names selection_at_k's caller
+    except ConfigError:
+        rule = ""
+    if not rule or not RULES[rule].at_k:
+        named = ", ".join(r.name for r in RULES.values() if r.at_k)
+        raise ConfigError(f"method must be one of {named} or a callable, got {method!r}")
+    return rule, _ENGINE.get(rule, rule)
+
+
+class _Problem(NamedTuple):
+    """One problem's slice of a :class:`_PoolData` (labels local to the problem)."""
+
+    p: int  # the problem's position in the pool
+    n: int
+    lab: NDArray[np.int64]
+    corr: NDArray[np.float64]
+    sc: NDArray[np.float64] | None
+    tid: NDArray[np.int64] | None
+    n_clusters: int
+    cluster_correct: NDArray[np.float64]
+    mixed: bool
+
+
+@dataclass(frozen=True)
+class _PoolData:
+    """selection@k inputs, flattened to CSR (``off``) with per-problem local labels.
+
+    ``ccorr`` is each cluster's correctness (that of its largest-index member, the RPC
+    representative), clusters of problem ``p`` at ``cl_off[p]:cl_off[p+1]``; ``mixed[p]`` says a
+    cluster of ``p`` holds both correct and wrong samples (no count-only closed form then).
+    """
+
+    off: NDArray[np.int64]
+    n_p: NDArray[np.int64]
+    prob: NDArray[np.int64]
+    lab: NDArray[np.int64]
+    corr: NDArray[np.float64]
+    sc: NDArray[np.float64] | None
+    tid: NDArray[np.int64] | None
+    n_clusters: NDArray[np.int64]
+    cl_off: NDArray[np.int64]
+    ccorr: NDArray[np.float64]
+    mixed: NDArray[np.bool_]
+
+    @property
+    def n_problems(self) -> int:
+        return int(self.n_p.size)
+
+    def problem(self, p: int) -> _Problem:
+        lo, hi = int(self.off[p]), int(self.off[p + 1])
+        return _Problem(
+            p, hi - lo, self.lab[lo:hi], self.corr[lo:hi],
+            None if self.sc is None else self.sc[lo:hi],
+            None if self.tid is None else self.tid[lo:hi],
+            int(self.n_clusters[p]), self.ccorr[self.cl_off[p] : self.cl_off[p + 1]],
+            bool(self.mixed[p]),
+        )
+
+
+def _aligned(name: str, x: Any, off: NDArray[np.int64], mask: ArrayLike | None, user_off: NDArray[np.int64] | None) -> NDArray[Any]:
+    flat, o = _flatten(name, x, mask=mask, offsets=user_off)
+    if not np.array_equal(o, off):
+        raise ConfigError(f"{name} and correct must have the same number of samples per problem")
+    return flat
+
+
+def _prepare(
+    labels: Any,
+    correct: Any,
+    scores: Any,
+    text_ids: Any,
+    *,
+    mask: ArrayLike | None,
+    offsets: ArrayLike | None,
+    engine: str | Selector,
+    rule: str,
+) -> _PoolData:
+    """Validate and flatten the inputs of :func:`selection_at_k`; cluster correctness per problem."""
+    user_off = _as_offsets(offsets)
     corr_flat, off = _flatten("correct", correct, mask=mask, offsets=user_off)
     corr = _as_correct(corr_flat)
     n_p = np.diff(off)
@@ -409,35 +554,25 @@ def selection_at_k(
     if labels is None:
         raw = np.arange(N, dtype=np.int64)
     else:
-        raw_flat, off2 = _flatten("labels", labels, mask=mask, offsets=user_off)
-        if not np.array_equal(off2, off):
-            raise ConfigError("labels and correct must have the same number of samples per problem")
-        raw = _int_array("labels", raw_flat)
+        raw = _int_array("labels", _aligned("labels", labels, off, mask, user_off))
         if np.any(raw < -1):
             raise ConfigError("labels must be >= 0, or -1 for no answer")
     lab, n_clusters, cl_off = _local_labels(raw, prob, P)
     sc = None
     if scores is not None:
-        sc_flat, off3 = _flatten("scores", scores, mask=mask, offsets=user_off)
-        if not np.array_equal(off3, off):
-            raise ConfigError("scores and correct must have the same number of samples per problem")
-        sc = sc_flat.astype(np.float64)
+        sc = _aligned("scores", scores, off, mask, user_off).astype(np.float64)
     tid = None
     if text_ids is not None:
-        tid_flat, off4 = _flatten("text_ids", text_ids, mask=mask, offsets=user_off)
-        if not np.array_equal(off4, off):
-            raise ConfigError("text_ids and correct must have the same number of samples per problem")
-        tid = _int_array("text_ids", tid_flat)
+        tid = _int_array("text_ids", _aligned("text_ids", text_ids, off, mask, user_off))
 
-    rule = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     answered = lab >= 0
-    if method in ("bon", "weighted", "pc", "rpc"):
+    if engine in ("bon", "weighted", "pc", "rpc"):
         if sc is None:
-            raise ConfigError(f"method={method!r} needs scores=")
-        bad = answered & (np.isnan(sc) | np.isposinf(sc) | (np.isneginf(sc) & (method != "bon")))
+            raise ConfigError(f"method={rule!r} needs scores=")
+        bad = answered & (np.isnan(sc) | np.isposinf(sc) | (np.isneginf(sc) & (engine != "bon")))
         if bad.any():
             raise DataError(f"scores must be finite for answered samples, got {sc[bad][0]}")
-        if method == "weighted" and np.any(sc[answered] < 0):
+        if engine == "weighted" and np.any(sc[answered] < 0):
             raise ConfigError(
                 "method='weighted' needs non-negative scores; map logits with "
                 "ttscale.select.aggregate.map_scores first"
@@ -459,58 +594,94 @@ def selection_at_k(
         ccorr[mixed_cl] = corr[last[mixed_cl]]
     mixed = np.zeros(P, dtype=bool)
     mixed[np.repeat(np.arange(P), n_clusters)[mixed_cl]] = True
+    return _PoolData(off, n_p, prob, lab, corr, sc, tid, n_clusters, cl_off, ccorr, mixed)
 
-    closed_ok = (method == "majority" and tie == "expected") or (
-        method == "bon" and tie in ("expected", "first")
-    )
-    if strategy == "closed-form" and not closed_ok:
-        raise ConfigError(
-            f"no closed form for method={rule!r} with tie={tie!r} (closed forms: majority with "
-            "tie='expected', bon with tie='expected' or 'first')"
+
+def _log_factorials(n_max: int) -> NDArray[np.float64]:
+    """``lf[m] = log m!`` for ``m = 0..n_max+1``."""
+    from scipy.special import gammaln
+
+    return gammaln(np.arange(n_max + 2, dtype=np.float64) + 1.0)
+
+
+@dataclass
+class _Estimates:
+    """selection@k values being filled in: ``per`` (problems x ks, NaN until set), how each was
+    computed (``how``, :class:`_Estimator` codes) and the Monte-Carlo variance of each column sum."""
+
+    per: NDArray[np.float64]
+    how: NDArray[np.int8]
+    mc_var: NDArray[np.float64]
+
+    @classmethod
+    def empty(cls, n_problems: int, n_ks: int) -> _Estimates:
+        return cls(
+            np.full((n_problems, n_ks), np.nan),
+            np.zeros((n_problems, n_ks), dtype=np.int8),
+            np.zeros(n_ks),
         )
 
-    K = k.size
-    per = np.full((P, K), np.nan)
-    how = np.zeros((P, K), dtype=np.int8)  # 0 none, 1 closed-form, 2 exact, 3 mc
-    mc_var = np.zeros(K)
-    root = int(as_generator(seed).integers(2**63 - 1))
+    def result(
+        self, k: NDArray[np.int64], missing: str, n_draws: int, rule: str, tie: str
+    ) -> SelectionResult:
+        mean, count = _column_means(self.per, missing)
+        names = []
+        draws = np.zeros(k.size, dtype=np.int64)
+        for j in range(k.size):
+            used = sorted(set(self.how[:, j].tolist()) - {_Estimator.NONE})
+            names.append("+".join(_ESTIMATOR_NAMES[_Estimator(u)] for u in used) if used else "none")
+            if _Estimator.MC in used:
+                draws[j] = n_draws
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stderr = np.where(count > 0, np.sqrt(self.mc_var) / np.maximum(count, 1), np.nan)
+        exact = (self.how == _Estimator.CLOSED_FORM) | (self.how == _Estimator.EXACT)
+        return SelectionResult(
+            ks=k, mean=mean, per_problem=self.per, n_problems=count, estimator=tuple(names),
+            n_exact=exact.sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr,
+            rule=rule, tie=tie,
+        )
 
-    use_closed = closed_ok and strategy in ("auto", "closed-form")
-    lf = None
-    if use_closed or method == "majority":
-        from scipy.special import gammaln
 
-        lf = gammaln(np.arange(int(n_p.max(initial=0)) + 2, dtype=np.float64) + 1.0)
-
-    if use_closed and method == "bon":
-        assert sc is not None and lf is not None
-        per[:] = _bon_closed_form(prob, off, n_p, sc, answered, corr, k, tie, lf)
-        how[:] = np.where(k[None, :] <= n_p[:, None], 1, 0)
-
+def _exact_pass(
+    data: _PoolData,
+    k: NDArray[np.int64],
+    engine: str | Selector,
+    tie: str,
+    strategy: str,
+    max_subsets: int,
+    n_draws: int,
+    root: int,
+    lf: NDArray[np.float64] | None,
+    est: _Estimates,
+    *,
+    majority_closed: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[int, list[int]]]:
+    """Fill the exact values: the majority closed form (where its plan is cheap, unless
+    ``strategy="closed-form"``) and enumeration of all subsets (where ``C(n, k) ≤ max_subsets``,
+    or everywhere with ``strategy="enumerate"``). Returns, per problem, the ``k`` columns left
+    to Monte Carlo."""
     budget = None if strategy == "closed-form" else _CLOSED_BUDGET
-    counts_mc: list[tuple[int, list[int]]] = []
-    for p in range(P):
+    todo: list[tuple[int, list[int]]] = []
+    for p in range(data.n_problems):
         if progress is not None and p:
-            progress(p, P)
-        n = int(n_p[p])
-        lo, hi = int(off[p]), int(off[p + 1])
-        lab_p, corr_p = lab[lo:hi], corr[lo:hi]
-        sc_p = None if sc is None else sc[lo:hi]
-        cc = ccorr[cl_off[p] : cl_off[p + 1]]
-        L = int(n_clusters[p])
-        mc_js: list[int] = []
-        if use_closed and method == "majority" and not mixed[p]:
-            cnt = np.bincount(lab_p[lab_p >= 0], minlength=L).astype(np.int64)
+            progress(p, data.n_problems)
+        pr = data.problem(p)
+        n = pr.n
+        closed_here = majority_closed and not pr.mixed
+        if closed_here:
+            cnt = np.bincount(pr.lab[pr.lab >= 0], minlength=pr.n_clusters).astype(np.int64)
             u = n - int(cnt.sum())
+        mc_js: list[int] = []
         for j, kv in enumerate(k.tolist()):
-            if kv > n or how[p, j] == 1:
+            if kv > n or est.how[p, j] == _Estimator.CLOSED_FORM:
                 continue
-            if use_closed and method == "majority" and not mixed[p]:
+            if closed_here:
                 assert lf is not None
-                val = _majority_closed_form(cnt, cc.astype(bool), u, kv, lf, budget)
+                val = _majority_closed_form(cnt, pr.cluster_correct.astype(bool), u, kv, lf, budget)
                 if val is not None:
-                    per[p, j] = val
-                    how[p, j] = 1
+                    est.per[p, j] = val
+                    est.how[p, j] = _Estimator.CLOSED_FORM
                     continue
             if strategy == "closed-form":
                 raise ConfigError(
@@ -527,74 +698,88 @@ def selection_at_k(
                         f"enumerating C({n}, {kv}) = {n_sub} subsets is too many; use strategy='mc'"
                     )
                 credits = _subset_credits(
-                    method, p, lab_p, corr_p, sc_p, None if tid is None else tid[lo:hi], L, n, kv,
-                    _all_subsets(n, kv), n_draws, tie, np.random.default_rng([root, p, kv]),
+                    engine, pr, kv, _all_subsets(n, kv), n_draws, tie,
+                    np.random.default_rng([root, p, kv]),
                 )
-                per[p, j] = float(credits.mean())
-                how[p, j] = 2
+                est.per[p, j] = float(credits.mean())
+                est.how[p, j] = _Estimator.EXACT
             else:
                 mc_js.append(j)
-        if not mc_js:
-            continue
-        how[p, mc_js] = 3
-        if method == "majority" and tie != "first" and not mixed[p]:
+        if mc_js:
+            todo.append((p, mc_js))
+    return todo
+
+
+def _monte_carlo_pass(
+    data: _PoolData,
+    k: NDArray[np.int64],
+    engine: str | Selector,
+    tie: str,
+    n_draws: int,
+    root: int,
+    todo: list[tuple[int, list[int]]],
+    est: _Estimates,
+) -> None:
+    """Fill the ``todo`` columns by Monte Carlo (each stream seeded by ``root`` and its position).
+
+    Majority (``tie`` not ``"first"``) draws subset counts for all problems at once; majority with
+    ``tie="first"`` and weighted votes use random permutations whose prefixes serve every ``k``;
+    other rules evaluate ``n_draws`` random subsets per ``k``.
+    """
+    counts_mc: list[tuple[int, list[int]]] = []
+    for p, mc_js in todo:
+        est.how[p, mc_js] = _Estimator.MC
+        pr = data.problem(p)
+        if engine == "majority" and tie != "first" and not pr.mixed:
             counts_mc.append((p, mc_js))  # done below for all problems at once
             continue
-        if method in ("majority", "weighted") and not mixed[p]:
+        if engine in ("majority", "weighted") and not pr.mixed:
             # one set of random permutations serves every k: a prefix of length k is a uniform k-subset
             means, variances = _prefix_vote_mc(
-                lab_p, None if method == "majority" else sc_p, cc, L, k[mc_js], n_draws, tie,
-                np.random.default_rng([root, p]),
+                pr.lab, None if engine == "majority" else pr.sc, pr.cluster_correct, pr.n_clusters,
+                k[mc_js], n_draws, tie, np.random.default_rng([root, p]),
             )
-            per[p, mc_js] = means
-            mc_var[mc_js] += variances
+            est.per[p, mc_js] = means
+            est.mc_var[mc_js] += variances
             continue
         for j in mc_js:
             kv = int(k[j])
             credits = _subset_credits(
-                method, p, lab_p, corr_p, sc_p, None if tid is None else tid[lo:hi], L, n, kv,
-                None, n_draws, tie, np.random.default_rng([root, p, kv]),
+                engine, pr, kv, None, n_draws, tie, np.random.default_rng([root, p, kv])
             )
-            per[p, j] = float(credits.mean())
-            mc_var[j] += float(credits.var(ddof=1)) / credits.size if credits.size > 1 else 0.0
-
+            est.per[p, j] = float(credits.mean())
+            est.mc_var[j] += float(credits.var(ddof=1)) / credits.size if credits.size > 1 else 0.0
     if counts_mc:
-        # vectorised across problems, one k at a time: cluster sizes sorted descending, 0-padded
-        width = max(int(n_clusters[p]) for p, _ in counts_mc)
-        for j in sorted({j for _, js in counts_mc for j in js}):
-            ps = np.array([p for p, js in counts_mc if j in js], dtype=np.int64)
-            sizes = np.zeros((ps.size, width), dtype=np.int64)
-            ccs = np.zeros((ps.size, width))
-            for r, p in enumerate(ps.tolist()):
-                lab_p = lab[off[p] : off[p + 1]]
-                cnt = np.bincount(lab_p[lab_p >= 0], minlength=int(n_clusters[p]))
-                o = np.argsort(-cnt, kind="stable")
-                sizes[r, : o.size] = cnt[o]
-                ccs[r, : o.size] = ccorr[cl_off[p] : cl_off[p + 1]][o]
-            means, variances = _counts_majority_mc(
-                sizes, ccs, n_p[ps], int(k[j]), n_draws, tie,
-                np.random.default_rng([root, int(k[j])]),
-            )
-            per[ps, j] = means
-            mc_var[j] += variances.sum()
+        _majority_counts_pass(data, k, tie, n_draws, root, counts_mc, est)
 
-    if progress is not None:
-        progress(P, P)
-    mean, count = _column_means(per, missing)
-    methods = []
-    draws = np.zeros(K, dtype=np.int64)
-    names = {1: "closed-form", 2: "exact", 3: "mc"}
-    for j in range(K):
-        used = sorted(set(how[:, j].tolist()) - {0})
-        methods.append("+".join(names[u] for u in used) if used else "none")
-        if 3 in used:
-            draws[j] = n_draws
-    with np.errstate(invalid="ignore", divide="ignore"):
-        stderr = np.where(count > 0, np.sqrt(mc_var) / np.maximum(count, 1), np.nan)
-    return SelectionResult(
-        ks=k, mean=mean, per_problem=per, n_problems=count, method=tuple(methods),
-        n_exact=((how == 1) | (how == 2)).sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr, rule=rule, tie=tie,
-    )
+
+def _majority_counts_pass(
+    data: _PoolData,
+    k: NDArray[np.int64],
+    tie: str,
+    n_draws: int,
+    root: int,
+    counts_mc: list[tuple[int, list[int]]],
+    est: _Estimates,
+) -> None:
+    """Monte-Carlo majority from subset counts, vectorised across problems, one ``k`` at a time."""
+    width = max(int(data.n_clusters[p]) for p, _ in counts_mc)  # cluster sizes sorted, 0-padded
+    for j in sorted({j for _, js in counts_mc for j in js}):
+        ps = np.array([p for p, js in counts_mc if j in js], dtype=np.int64)
+        sizes = np.zeros((ps.size, width), dtype=np.int64)
+        ccs = np.zeros((ps.size, width))
+        for r, p in enumerate(ps.tolist()):
+            pr = data.problem(p)
+            cnt = np.bincount(pr.lab[pr.lab >= 0], minlength=pr.n_clusters)
+            o = np.argsort(-cnt, kind="stable")
+            sizes[r, : o.size] = cnt[o]
+            ccs[r, : o.size] = pr.cluster_correct[o]
+        means, variances = _counts_majority_mc(
+            sizes, ccs, data.n_p[ps], int(k[j]), n_draws, tie,
+            np.random.default_rng([root, int(k[j])]),
+        )
+        est.per[ps, j] = means
+        est.mc_var[j] += variances.sum()
 
 
 def _local_labels(
@@ -732,7 +917,7 @@ def _majority_closed_form(
     hi = np.minimum(np.minimum(m, k), np.floor(m * p + hw)).astype(np.int64)
     log_den = float(_logpmf(n, k, logp, log1mp, lf))
     nfour = int(min(math.ceil(float(_halfwidth(n * p * (1.0 - p)))) + 2, n + 1))
-    ctx = (n, k, logp, log1mp, lf, log_den, lo, hi, m, p, nfour)
+    ctx = _MajorityContext(n, k, logp, log1mp, lf, log_den, lo, hi, m, p, nfour)
     if budget is not None and L > 2:
         # quick rejection before planning: x values that two rivals can reach cost ~16·N each
         for l_ in np.flatnonzero(corr).tolist():
@@ -741,33 +926,71 @@ def _majority_closed_form(
             if width2 > 0 and 16.0 * nfour * width2 > budget:
                 return None
     plans = [_win_plan(int(l_), ctx) for l_ in np.flatnonzero(corr)]
-    if budget is not None and sum(c for plan in plans for (*_, c) in plan) > budget:
+    if budget is not None and sum(seg.cost for plan in plans for seg in plan) > budget:
         return None
     total = 0.0
     for l_, plan in zip(np.flatnonzero(corr).tolist(), plans, strict=True):
         ml = int(m[l_])
-        for kind, x0, x1, riv, _cost in plan:
-            if kind == 0:
+        for seg in plan:
+            x0, x1 = seg.x0, seg.x1
+            if seg.kind == _Rivals.NONE:
                 xs = np.arange(x0, x1 + 1)
                 lt = _logpmf(ml, xs, logp, log1mp, lf) + _logpmf(n - ml, k - xs, logp, log1mp, lf)
                 total += float(np.exp(lt - log_den).sum())
-            elif kind == 1:
-                mj, loj, hij = riv
+            elif seg.kind == _Rivals.ONE:
+                mj, loj, hij = seg.rivals
                 total += _one_rival(ml, mj, loj, hij, x0, x1, ctx)
             else:
-                total += _many_rivals(ml, riv, x0, x1, ctx)
+                total += _many_rivals(ml, seg.rivals, x0, x1, ctx)
     return float(min(1.0, max(0.0, total)))
 
 
-def _win_plan(l_: int, ctx: tuple[Any, ...]) -> list[tuple[int, int, int, Any, float]]:
-    """Segments of cluster ``l_``'s winning count ``x``: ``(kind, x0, x1, rivals, cost)``.
+class _MajorityContext(NamedTuple):
+    """The majority closed form at one ``k``: pool size ``n``, ``p = k/n`` with its logs, the
+    log-factorial table ``lf``, ``log_den = log Binomial(n, p).pmf(k)``, per-cluster sizes ``m`` and
+    count windows ``[lo, hi]`` (tails below ``exp(−_TAIL_LOG)`` dropped), and the DFT size ``nfour``."""
+
+    n: int
+    k: int
+    logp: float
+    log1mp: float
+    lf: NDArray[np.float64]
+    log_den: float
+    lo: NDArray[np.int64]
+    hi: NDArray[np.int64]
+    m: NDArray[np.int64]
+    p: float
+    nfour: int
+
+
+class _Rivals(IntEnum):
+    """How many other clusters can reach the counts of a :class:`_Segment`."""
+
+    NONE = 0
+    ONE = 1
+    MANY = 2
+
+
+class _Segment(NamedTuple):
+    """Winning counts ``x0..x1`` of one cluster with a fixed set of ``rivals``: ``None``, one
+    rival's ``(size, lo, hi)``, or the sizes of several; ``cost`` in array elements touched."""
+
+    kind: _Rivals
+    x0: int
+    x1: int
+    rivals: Any
+    cost: float
+
+
+def _win_plan(l_: int, ctx: _MajorityContext) -> list[_Segment]:
+    """Segments of cluster ``l_``'s winning count ``x`` (see :class:`_Segment`).
 
     Credit of ``l_`` = ``Σ_x P(X_l = x, others ≤ x)·E[1/(1+#others at x)]``. The other clusters
     that can reach ``x`` (``hi_j ≥ x``, the rivals) shrink as ``x`` grows, so ``[xa, xb]`` is cut
     into segments with a fixed rival set (kind 0: none, 1: one, 2: several); the others are free
     binomials there. ``cost`` estimates the array elements the segment touches.
     """
-    _n, k, _logp, _log1mp, _lf, _ld, lo, hi, m, _p, nfour = ctx
+    k, lo, hi, m, nfour = ctx.k, ctx.lo, ctx.hi, ctx.m, ctx.nfour
     others = np.arange(m.size) != l_
     mo, loo, hio = m[others], lo[others], hi[others]
     xa, xb = max(1, int(lo[l_])), int(hi[l_])
@@ -775,7 +998,7 @@ def _win_plan(l_: int, ctx: tuple[Any, ...]) -> list[tuple[int, int, int, Any, f
         return []
     inner = np.unique(hio[(hio >= xa) & (hio < xb)])
     edges = [xa - 1, *inner.tolist(), xb]
-    plan: list[tuple[int, int, int, Any, float]] = []
+    plan: list[_Segment] = []
     for e0, e1 in itertools.pairwise(edges):
         x0, x1 = e0 + 1, e1
         riv = hio >= x1
@@ -783,12 +1006,13 @@ def _win_plan(l_: int, ctx: tuple[Any, ...]) -> list[tuple[int, int, int, Any, f
         width = x1 - x0 + 1
         # cost in array elements, plus ~2,000 per numpy call for the fixed overhead
         if nr == 0:
-            plan.append((0, x0, x1, None, float(width + 1e4)))
+            plan.append(_Segment(_Rivals.NONE, x0, x1, None, float(width + 1e4)))
         elif nr == 1:
             jj = int(np.flatnonzero(riv)[0])
             wj = int(hio[jj] - loo[jj] + 1)
             cost = float(6 * width * min(wj, x1) + 2e4)
-            plan.append((1, x0, x1, (int(mo[jj]), int(loo[jj]), int(hio[jj])), cost))
+            riv1 = (int(mo[jj]), int(loo[jj]), int(hio[jj]))
+            plan.append(_Segment(_Rivals.ONE, x0, x1, riv1, cost))
         else:
             rivals = mo[riv]
             sizes = np.unique(rivals)
@@ -796,15 +1020,15 @@ def _win_plan(l_: int, ctx: tuple[Any, ...]) -> list[tuple[int, int, int, Any, f
             rows = float(np.minimum(np.minimum(hi[others][riv], x1) + 1, x1 + 1).sum())
             q0 = min(nr, (k - x0) // x0) // 2 + 1
             cost = nfour * (3 * rows + 8 * width * q0 * groups) + 2e3 * (20 + 8 * groups)
-            plan.append((2, x0, x1, rivals, float(cost)))
+            plan.append(_Segment(_Rivals.MANY, x0, x1, rivals, float(cost)))
     return plan
 
 
 def _one_rival(
-    ml: int, mj: int, loj: int, hij: int, x0: int, x1: int, ctx: tuple[Any, ...]
+    ml: int, mj: int, loj: int, hij: int, x0: int, x1: int, ctx: _MajorityContext
 ) -> float:
     """``Σ_x pmf_l(x)·[Σ_{y<x} pmf_j(y)·pmf_R(k−x−y) + ½·pmf_j(x)·pmf_R(k−2x)]`` (direct)."""
-    n, k, logp, log1mp, lf, log_den, *_ = ctx
+    n, k, logp, log1mp, lf, log_den = ctx.n, ctx.k, ctx.logp, ctx.log1mp, ctx.lf, ctx.log_den
     R = n - ml - mj
     total = 0.0
     ys = np.arange(loj, min(hij, x1 - 1) + 1)
@@ -827,7 +1051,7 @@ def _one_rival(
 
 
 def _many_rivals(
-    ml: int, rivals: NDArray[np.int64], x0: int, x1: int, ctx: tuple[Any, ...]
+    ml: int, rivals: NDArray[np.int64], x0: int, x1: int, ctx: _MajorityContext
 ) -> float:
     """``Σ_x pmf_l(x)·∫_0^1 [z^{k−x}] Π_j (A_j^{<x}(z) + w·b_j(x)·z^x)·F_R(z) dw`` by a DFT of size N.
 
@@ -837,7 +1061,8 @@ def _many_rivals(
     polynomial degree and so the number of nodes (chosen per block of ``x``). Rivals of equal size
     share one factor, raised to their multiplicity.
     """
-    n, k, logp, log1mp, lf, log_den, _lo, _hi, _m, p, N = ctx
+    n, k, logp, log1mp, lf, log_den = ctx.n, ctx.k, ctx.logp, ctx.log1mp, ctx.lf, ctx.log_den
+    p, N = ctx.p, ctx.nfour
     R = n - ml - int(rivals.sum())
     sizes, counts = np.unique(rivals, return_counts=True)
     s_idx = np.arange(N)
@@ -909,20 +1134,16 @@ def _random_subsets(rng: np.random.Generator, n: int, k: int, count: int) -> NDA
 
 def _subset_credits(
     method: str | Selector,
-    p: int,
-    lab: NDArray[np.int64],
-    corr: NDArray[np.float64],
-    sc: NDArray[np.float64] | None,
-    tid: NDArray[np.int64] | None,
-    L: int,
-    n: int,
+    pr: _Problem,
     k: int,
     subsets: NDArray[np.int64] | None,
     n_draws: int,
     tie: str,
     rng: np.random.Generator,
 ) -> NDArray[np.float64]:
-    """Credit of each subset (all given ``subsets``, or ``n_draws`` random ones)."""
+    """Credit of each size-``k`` subset of problem ``pr`` (all given ``subsets``, or ``n_draws``
+    random ones)."""
+    lab, corr, sc, L, n = pr.lab, pr.corr, pr.sc, pr.n_clusters, pr.n
     vectorised = method in ("majority", "weighted", "bon")
     width = L if method != "bon" else 1
     rows = max(1, _CHUNK // max(k * 4, width * 2, n if subsets is None else 1))
@@ -934,7 +1155,7 @@ def _subset_credits(
         if vectorised:
             out.append(_rows_credit(method, lab, corr, sc, L, sub, tie, rng))  # type: ignore[arg-type]
         else:
-            out.append(np.array([_callable_credit(method, p, lab, corr, sc, tid, L, r, tie, rng) for r in sub]))
+            out.append(np.array([_callable_credit(method, pr, r, tie, rng) for r in sub]))
     return np.concatenate(out)
 
 
@@ -1106,16 +1327,13 @@ def _rows_credit(
 
 def _callable_credit(
     method: str | Selector,
-    p: int,
-    lab: NDArray[np.int64],
-    corr: NDArray[np.float64],
-    sc: NDArray[np.float64] | None,
-    tid: NDArray[np.int64] | None,
-    L: int,
+    pr: _Problem,
     sub: NDArray[np.int64],
     tie: str,
     rng: np.random.Generator,
 ) -> float:
+    """Credit of one subset ``sub`` under a rule evaluated by its aggregator (PC, RPC, a selector)."""
+    lab, corr, sc, tid, L = pr.lab, pr.corr, pr.sc, pr.tid, pr.n_clusters
     if method == "pc":
         assert sc is not None
         res = perplexity_consistency_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
@@ -1123,7 +1341,7 @@ def _callable_credit(
         assert sc is not None
         res = rpc_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
     else:
-        res = method(p, sub)  # type: ignore[operator]
+        res = method(pr.p, sub)  # type: ignore[operator]
     if res.tied.size == 0:
         return 0.0
     rl = np.asarray(res.labels)

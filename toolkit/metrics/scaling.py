@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike
+from ttscale.validation import check_choice, check_int, check_number, choices
 
 __all__ = [
     "FitComparison",
@@ -136,8 +137,7 @@ class PowerLawFit:
         already reaches ``target`` under the fit. Raises ``ConfigError`` when the fitted curve
         never reaches ``target`` (``a ≥ 0`` or ``b = 0``) or ``target`` is not in ``(0, 1)``.
         """
-        if not (0.0 < target < 1.0):
-            raise ConfigError(f"target coverage must be in (0, 1), got {target}")
+        check_number("target", target, low=0.0, high=1.0, low_open=True, high_open=True)
         if self.a >= 0.0 or self.b == 0.0:
             raise ConfigError(
                 f"the fitted curve exp({self.a:.4g}·k^{self.b:.4g}) never reaches coverage {target}"
@@ -184,29 +184,29 @@ def fit_power_law(
     from ``p0``). Points with ``c ≤ 0``, ``c ≥ 1`` or NaN are dropped; at least two distinct
     ``k`` must remain. Use log-spaced ``k`` so the fit is not dominated by large budgets.
     """
+    check_choice("method", method, choices(FitMethod))
     k, cov = _usable_points(ks, coverage)
     if method == "loglog":
         x = np.log(k)
         y = np.log(-np.log(cov))
         slope, intercept = np.polyfit(x, y, 1)
         return PowerLawFit(-math.exp(float(intercept)), float(slope), "loglog", k, cov)
-    if method == "nls":
-        from scipy.optimize import OptimizeWarning, curve_fit
+    # method == "nls"
+    from scipy.optimize import OptimizeWarning, curve_fit
 
-        def model(kk: NDArray[np.float64], a: float, b: float) -> NDArray[np.float64]:
-            return a * kk**b
+    def model(kk: NDArray[np.float64], a: float, b: float) -> NDArray[np.float64]:
+        return a * kk**b
 
-        try:
-            with warnings.catch_warnings():
-                # the covariance is unused; with exactly two points it cannot be estimated
-                warnings.simplefilter("ignore", OptimizeWarning)
-                popt, _ = curve_fit(model, k, np.log(cov), p0=p0, maxfev=10000)
-        except RuntimeError as e:
-            raise ConfigError(
-                f"the NLS power-law fit did not converge ({e}); try method='loglog'"
-            ) from e
-        return PowerLawFit(float(popt[0]), float(popt[1]), "nls", k, cov)
-    raise ConfigError(f"method must be 'loglog' or 'nls', got {method!r}")
+    try:
+        with warnings.catch_warnings():
+            # the covariance is unused; with exactly two points it cannot be estimated
+            warnings.simplefilter("ignore", OptimizeWarning)
+            popt, _ = curve_fit(model, k, np.log(cov), p0=p0, maxfev=10000)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"the NLS power-law fit did not converge ({e}); try method='loglog'"
+        ) from e
+    return PowerLawFit(float(popt[0]), float(popt[1]), "nls", k, cov)
 
 
 @dataclass(frozen=True)
@@ -531,8 +531,8 @@ def two_type_utility(
 
     ``U(K) = Σ_{k ≤ K} EV_k``. Defaults are the notebook's.
     """
-    if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or K < 1:
-        raise ConfigError(f"K must be an integer >= 1, got {K!r}")
+    check_int("K", K, min=1)
+    check_choice("mode", mode, ("exact", "notebook"))
     pri = np.asarray(priors, dtype=np.float64).ravel()
     if np.any(pri < 0) or not math.isclose(float(pri.sum()), 1.0, rel_tol=0, abs_tol=1e-9):
         raise ConfigError(f"priors must be >= 0 and sum to 1, got {priors!r}")
@@ -550,14 +550,12 @@ def two_type_utility(
     gain = v_correct * pc + v_fp * pfp
     if mode == "exact":
         ev = (powk * pri * gain).sum(axis=1)
-    elif mode == "notebook":
+    else:  # notebook
         joint = powk * pri
         z = joint.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             post = np.where(z > 0, joint / z, 0.0)
         ev = (post * gain).sum(axis=1) * (post * powk).sum(axis=1)
-    else:
-        raise ConfigError(f"mode must be 'exact' or 'notebook', got {mode!r}")
     return np.cumsum(ev)
 
 
@@ -611,8 +609,7 @@ def empirical_reward_per_task(
     na, tp, fp = _reward_counts(n, m_tp, m_fp)
     ma = tp + fp
     k = _as_ks(ks)
-    if not cost_ratio >= 0:
-        raise ConfigError(f"cost_ratio (C/B) must be >= 0, got {cost_ratio}")
+    check_number("cost_ratio", cost_ratio, low=0.0)
     # each task's budget is capped at its own n: past n it has no new sample to draw, so its
     # reward stays flat (never cut every task's curve at the smallest n)
     kmat = np.minimum(k[None, :], na[:, None])  # (tasks, K)

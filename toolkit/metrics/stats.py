@@ -15,6 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
+from ttscale.validation import check_int, check_number
 
 __all__ = [
     "BootstrapCI",
@@ -29,13 +30,11 @@ __all__ = [
 
 
 def _check_confidence(confidence: float) -> None:
-    if not (0.0 < confidence < 1.0):
-        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    check_number("confidence", confidence, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def _check_n_boot(n_boot: int) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ConfigError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    check_int("n_boot", n_boot, min=1)
 
 
 def _problems_first(values: ArrayLike, axis: int) -> NDArray[np.float64]:
@@ -59,8 +58,7 @@ def bootstrap_counts(n_problems: int, n_boot: int, seed: SeedLike = None) -> NDA
     product (``counts @ values / n_problems``) instead of materialising resampled copies.
     """
     _check_n_boot(n_boot)
-    if n_problems < 1:
-        raise ConfigError(f"n_problems must be >= 1, got {n_problems}")
+    check_int("n_problems", n_problems, min=1)
     rng = as_generator(seed)
     idx = rng.integers(0, n_problems, size=(n_boot, n_problems))
     flat = (np.arange(n_boot)[:, None] * n_problems + idx).ravel()
@@ -238,8 +236,7 @@ def ece(
     ``1/#ties`` split of tied top candidates (see :func:`ece_top_candidates`). Returns NaN when no
     prediction falls in any bin.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ConfigError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+    check_int("n_bins", n_bins, min=1)
     q = np.asarray(confidences, dtype=np.float64).ravel()
     y = np.asarray(correct, dtype=np.float64).ravel()
     w = np.ones_like(q) if weights is None else np.asarray(weights, dtype=np.float64).ravel()

@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ttscale.errors import ConfigError, DegenerateWeightsError
 from ttscale.seeding import SeedLike, as_generator
+from ttscale.validation import check_int
 
 __all__ = [
     "RESAMPLERS",
@@ -55,9 +56,7 @@ def _weights(weights: ArrayLike) -> NDArray[np.float64]:
 def _num(num: int | None, n: int) -> int:
     if num is None:
         return n
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
-        raise ConfigError(f"num must be an integer >= 0, got {num!r}")
-    return int(num)
+    return int(check_int("num", num, min=0))
 
 
 def _protected_cdf(w: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -2,6 +2,7 @@
 
 - ``aggregate``: majority and weighted votes, best-of-N, max-probability, perplexity consistency
   (PC), RPC, DeepConf voting, PRM step-score aggregation (answer-level and label-level forms);
+- ``rules``: the registry of selection rules (one name per rule, the functions and inputs of each);
 - ``rpc``: the Weibull-mixture reasoning-pruning model behind RPC;
 - ``confidence``: DeepConf's token, group and trace confidence measures;
 - ``ensemble``: verifier/reward-model ensembles (z-scored aggregators);

@@ -2,12 +2,14 @@
 
 Every rule exists once, at the level of integer cluster labels (``*_labels`` functions: ``labels[i]``
 is sample ``i``'s cluster, ``-1`` = no answer); the answer-level functions cluster the answers
-(:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`.
+(:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`, whose
+``method`` is the rule's name in the registry :data:`ttscale.select.rules.RULES`.
 
 Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
 
-* A sample without an answer (``None``) never votes and is never selected, but it is still a
-  sample of the budget. If no sample has an answer, the result's ``answer`` is ``None``.
+* A sample without an answer (``None`` or a blank string, :func:`ttscale.select.answers.is_no_answer`)
+  never votes and is never selected, but it is still a sample of the budget. If no sample has an
+  answer, the result's ``answer`` is ``None``.
 * Clusters are numbered in order of first appearance. With a user equivalence ``E`` they are the
   connected components of the graph with an edge ``(i, j)``, ``j < i``, whenever
   ``E(answer_i, answer_j)`` (single linkage; ``E`` is always called as ``E(later, earlier)``), and
@@ -24,15 +26,18 @@ Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
+from ttscale.select.answers import is_no_answer
+from ttscale.validation import check_choice, check_number, choices
 
 __all__ = [
     "DEEPCONF_MEASURES",
@@ -65,12 +70,13 @@ __all__ = [
 ]
 
 TieRule = Literal["expected", "first", "random"]
-TIE_RULES: tuple[str, ...] = ("expected", "first", "random")
+TIE_RULES: tuple[str, ...] = choices(TieRule)
 ScoreMapping = Literal["identity", "sigmoid", "exp"]
-SCORE_MAPPINGS: tuple[str, ...] = ("identity", "sigmoid", "exp")
+SCORE_MAPPINGS: tuple[str, ...] = choices(ScoreMapping)
 ConfidenceMeasure = Literal["bottom_window", "lowest_group", "tail", "mean"]
-DEEPCONF_MEASURES: tuple[str, ...] = ("bottom_window", "lowest_group", "tail", "mean")
+DEEPCONF_MEASURES: tuple[str, ...] = choices(ConfidenceMeasure)
 PrmAggregation = Literal["last", "min", "prod"]
+PRM_AGGREGATIONS: tuple[str, ...] = choices(PrmAggregation)
 Equivalence = Callable[[Any, Any], bool]
 
 _SUM_RTOL = 1e-12  # tie tolerance for sums of weights (summation order must not decide a tie)
@@ -86,7 +92,9 @@ class AggregateResult:
     ``exp(max ℓ)`` for PPL); ``tied`` the clusters at the maximum, in order of first appearance,
     with ``tie_shares`` (sum 1) the chance each is picked by a uniform random tie-break;
     ``labels[i]`` sample ``i``'s cluster (``-1`` = no answer). ``answer``/``index`` are ``None``
-    iff no sample has an answer.
+    iff no sample has an answer. ``method`` is the rule's name in
+    :data:`ttscale.select.rules.RULES` and ``options`` the rule's settings that shaped the result
+    (``score_map``/``temperature`` for ``weighted``, ``eta``/``weighted`` for ``deepconf``).
     """
 
     answer: Any | None
@@ -98,6 +106,7 @@ class AggregateResult:
     tie_shares: NDArray[np.float64]
     labels: NDArray[np.int64]
     method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def credit(self, correct: ArrayLike) -> float:
         """Expected accuracy under a uniform random tie-break: ``Σ tie_shares · correct[tied]``.
@@ -131,8 +140,7 @@ class Clustering:
 
 
 def _check_tie(tie: str) -> None:
-    if tie not in TIE_RULES:
-        raise ConfigError(f"tie must be one of {', '.join(TIE_RULES)}, got {tie!r}")
+    check_choice("tie", tie, TIE_RULES)
 
 
 def _as_labels(labels: ArrayLike, n_clusters: int | None) -> tuple[NDArray[np.int64], int]:
@@ -176,7 +184,8 @@ def _require_finite(name: str, values: NDArray[np.float64], mask: NDArray[np.boo
 def cluster_answers(
     answers: Sequence[Hashable | None], equivalence: Equivalence | None = None
 ) -> Clustering:
-    """Cluster answers; ``None`` gets label -1. Clusters are numbered by first appearance.
+    """Cluster answers; no answer (``None``, blank strings) gets label -1. Clusters are numbered
+    by first appearance.
 
     Without ``equivalence`` answers are grouped by equality (``==``/hash). With a callable
     ``E(later, earlier) -> bool`` the clusters are the connected components of the graph with an
@@ -190,7 +199,7 @@ def cluster_answers(
         ids: dict[Any, int] = {}
         reps: list[Any] = []
         for i, a in enumerate(answers):
-            if a is None:
+            if is_no_answer(a):
                 continue
             c = ids.get(a)
             if c is None:
@@ -221,7 +230,7 @@ def cluster_answers(
             hit = memo[key] = bool(equivalence(a, b))
         return hit
 
-    present = [i for i, a in enumerate(answers) if a is not None]
+    present = [i for i, a in enumerate(answers) if not is_no_answer(a)]
     for pos, i in enumerate(present):
         for j in present[:pos]:
             # i is a root until merged, and merges keep the later index as root.
@@ -294,6 +303,7 @@ def _vote(
     seed: SeedLike,
     method: str,
     first_from: NDArray[np.bool_] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> AggregateResult:
     """Sum ``weights`` (1 each if None) of the ``voters`` per cluster and pick the largest sum.
 
@@ -323,6 +333,7 @@ def _vote(
         tie_shares=shares,
         labels=lab,
         method=method,
+        options=dict(options or {}),
     )
 
 
@@ -370,57 +381,69 @@ def majority_vote_labels(
 
 
 def map_scores(
-    scores: ArrayLike, mapping: ScoreMapping = "identity", temperature: float = 1.0
+    scores: ArrayLike,
+    score_map: ScoreMapping = "identity",
+    temperature: float = 1.0,
+    *,
+    mapping: ScoreMapping | None = None,
 ) -> NDArray[np.float64]:
     """Map raw scores to non-negative vote weights (float64, same shape).
 
     ``identity`` (scores must already be ``≥ 0``), ``sigmoid`` (``1/(1+e^{−s})``, for logits), or
     ``exp`` (``exp((s − max s)/T)``: proportional to ``exp(s/T)``, shifted by the common factor
     ``exp(−max s/T)`` so it cannot overflow; ranking and normalised confidence are unchanged).
-    NaN entries stay NaN.
+    NaN entries stay NaN. (``mapping=`` is the deprecated former name of ``score_map``.)
     """
+    mapping = renamed_keyword("map_scores", "mapping", "score_map", mapping, score_map, "identity")
     s = np.asarray(scores, dtype=np.float64)
     if mapping == "identity":
         if np.any(s < 0):
             raise ConfigError(
                 f"weighted voting needs non-negative scores, got min {np.nanmin(s)}; "
-                "use mapping='sigmoid' or mapping='exp' for logits"
+                "use score_map='sigmoid' or score_map='exp' for logits"
             )
         return s
     if mapping == "sigmoid":
         e = np.exp(-np.abs(s))  # never overflows
         return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     if mapping == "exp":
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_number("temperature", temperature, low=0.0, low_open=True, finite=True)
         finite = s[np.isfinite(s)]
         shift = float(finite.max()) if finite.size else 0.0
         return np.exp((s - shift) / temperature)
-    raise ConfigError(f"mapping must be one of {', '.join(SCORE_MAPPINGS)}, got {mapping!r}")
+    raise ConfigError(f"score_map must be one of {', '.join(SCORE_MAPPINGS)}, got {mapping!r}")
 
 
 def weighted_vote_labels(
     labels: ArrayLike,
     scores: ArrayLike,
     *,
-    mapping: ScoreMapping = "identity",
+    score_map: ScoreMapping = "identity",
     temperature: float = 1.0,
     n_clusters: int | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
-    """Reward-weighted vote ``argmax_a Σ_i 1{a_i = a}·w_i``, ``w = map_scores(scores, mapping, T)``.
+    """Reward-weighted vote ``argmax_a Σ_i 1{a_i = a}·w_i``, ``w = map_scores(scores, score_map, T)``.
 
     Scores of samples without an answer are ignored (may be NaN); answered samples need finite
-    scores. Confidence = cluster weight / total weight.
+    scores. Confidence = cluster weight / total weight. (``mapping=``: deprecated name of
+    ``score_map``.)
     """
+    score_map = renamed_keyword(
+        "weighted_vote_labels", "mapping", "score_map", mapping, score_map, "identity"
+    )
     lab, L = _as_labels(labels, n_clusters)
     s = _as_values("scores", scores, lab.size)
     answered = lab >= 0
     _require_finite("scores", s, answered)
     w = np.zeros(lab.size)
-    w[answered] = map_scores(s[answered], mapping, temperature)
-    return _vote(lab, L, w, answered, None, tie=tie, seed=seed, method=f"weighted[{mapping}]")
+    w[answered] = map_scores(s[answered], score_map, temperature)
+    return _vote(
+        lab, L, w, answered, None, tie=tie, seed=seed, method="weighted",
+        options={"score_map": score_map, "temperature": temperature},
+    )
 
 
 def best_of_n_labels(
@@ -460,7 +483,7 @@ def max_probability_labels(
     _require_finite("mean_logprobs", lp, lab >= 0, allow_neg_inf=True)
     index, tied, shares, cmax = _max_rule(lab, L, lp, tie=tie, seed=seed)
     p = np.exp(cmax)
-    return AggregateResult(index, index, tuple(range(L)), p, p.copy(), tied, shares, lab, "ppl")
+    return AggregateResult(index, index, tuple(range(L)), p, p.copy(), tied, shares, lab, "max_probability")
 
 
 def perplexity_consistency_labels(
@@ -562,13 +585,14 @@ def deepconf_vote_labels(
         raise ConfigError("DeepConf confidences must be >= 0 (C = -mean top-k log-prob)")
     keep = answered.copy()
     if eta is not None:
-        if not (0.0 < eta <= 100.0):
-            raise ConfigError(f"eta is the percent of traces to keep, in (0, 100], got {eta}")
+        check_number("eta", eta, low=0.0, high=100.0, low_open=True)  # percent of traces kept
         if answered.any():
             s = float(np.percentile(conf[answered], 100.0 - eta))
             keep &= conf >= s
-    name = "deepconf" if eta is None else f"deepconf[eta={eta:g}]"
-    return _vote(lab, L, conf if weighted else None, keep, None, tie=tie, seed=seed, method=name)
+    return _vote(
+        lab, L, conf if weighted else None, keep, None, tie=tie, seed=seed, method="deepconf",
+        options={"eta": eta, "weighted": weighted},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,16 +621,18 @@ def weighted_vote(
     answers: Sequence[Hashable | None],
     scores: ArrayLike,
     *,
-    mapping: ScoreMapping = "identity",
+    score_map: ScoreMapping = "identity",
     temperature: float = 1.0,
     equivalence: Equivalence | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
     """Reward-weighted majority vote. See :func:`weighted_vote_labels`."""
+    score_map = renamed_keyword("weighted_vote", "mapping", "score_map", mapping, score_map, "identity")
     cl = cluster_answers(answers, equivalence)
     res = weighted_vote_labels(
-        cl.labels, scores, mapping=mapping, temperature=temperature,
+        cl.labels, scores, score_map=score_map, temperature=temperature,
         n_clusters=cl.n_clusters, tie=tie, seed=seed,
     )
     return _with_answers(res, cl)
@@ -697,9 +723,7 @@ def _trace_confidence(
         return cf.lowest_group_confidence(tok, window, round_to=round_to)
     if measure == "tail":
         return cf.tail_confidence(tok, window)
-    if measure == "mean":
-        return cf.mean_confidence(tok)
-    raise ConfigError(f"measure must be one of {', '.join(DEEPCONF_MEASURES)}, got {measure!r}")
+    return cf.mean_confidence(tok)  # mean
 
 
 def deepconf_vote(
@@ -724,11 +748,13 @@ def deepconf_vote(
     (mean of the lowest ``bottom_percent`` window means, window ``window``), ``lowest_group``,
     ``tail`` (last ``window`` tokens) or ``mean``; ``round_to=3`` rounds token (and lowest-group
     window) confidences as the reference code does. Empty-string answers count as no answer, as in
-    the reference. See :func:`deepconf_vote_labels`.
+    the reference (and as everywhere, :func:`ttscale.select.answers.is_no_answer`). See
+    :func:`deepconf_vote_labels`.
     """
     if (confidences is None) == (top_logprobs is None):
         raise ConfigError("deepconf_vote needs exactly one of confidences= or top_logprobs=")
     if top_logprobs is not None:
+        check_choice("measure", measure, DEEPCONF_MEASURES)
         if len(top_logprobs) != len(answers):
             raise ConfigError(
                 f"top_logprobs must have one entry per trace ({len(answers)}), got {len(top_logprobs)}"
@@ -737,8 +763,7 @@ def deepconf_vote(
             [_trace_confidence(t, measure, window, bottom_percent, round_to) for t in top_logprobs],
             dtype=np.float64,
         )
-    cleaned = [None if (a is None or a == "") else a for a in answers]
-    cl = cluster_answers(cleaned, equivalence)
+    cl = cluster_answers(answers, equivalence)
     res = deepconf_vote_labels(
         cl.labels, confidences, eta=eta, weighted=weighted,  # type: ignore[arg-type]
         n_clusters=cl.n_clusters, tie=tie, seed=seed,
@@ -751,18 +776,21 @@ def deepconf_vote(
 
 
 def prm_aggregate(
-    step_scores: Sequence[ArrayLike], how: PrmAggregation = "last", *, eps: float = 1e-12
+    step_scores: Sequence[ArrayLike],
+    prm_aggregation: PrmAggregation = "last",
+    *,
+    eps: float = 1e-12,
+    how: PrmAggregation | None = None,
 ) -> NDArray[np.float64]:
     """One score per solution from its PRM step scores; shape ``(n_solutions,)``, float64.
 
     ``last`` (default), ``min`` (Math-Shepherd), or ``prod`` computed as ``exp(Σ log max(s_t, eps))``
     (steps must lie in ``[0, 1]``; clipping keeps long solutions away from ``log 0``). A solution
-    without steps scores NaN.
+    without steps scores NaN. (``how=`` is the deprecated former name of ``prm_aggregation``.)
     """
-    if how not in ("last", "min", "prod"):
-        raise ConfigError(f"how must be one of last, min, prod, got {how!r}")
-    if not (0 < eps < 1):
-        raise ConfigError(f"eps must be in (0, 1), got {eps}")
+    how = renamed_keyword("prm_aggregate", "how", "prm_aggregation", how, prm_aggregation, "last")
+    check_choice("prm_aggregation", how, PRM_AGGREGATIONS)
+    check_number("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True)
     out = np.full(len(step_scores), np.nan)
     for i, steps in enumerate(step_scores):
         s = np.asarray(steps, dtype=np.float64).ravel()

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ttscale.errors import ConfigError
+from ttscale.validation import check_int
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -84,8 +85,7 @@ def _as_conf(conf: ArrayLike) -> NDArray[np.float64]:
 
 
 def _check_window(window: int) -> None:
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ConfigError(f"window must be an integer >= 1, got {window!r}")
+    check_int("window", window, min=1)
 
 
 def _sliding_means(c: NDArray[np.float64], window: int) -> NDArray[np.float64]:

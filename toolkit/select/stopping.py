@@ -7,7 +7,9 @@
   answer counts so far (``beta``, ``dirichlet``, ``entropy``, ``majority``, ``random``).
 
 Pure functions over answer lists; answers are any hashable values. Plurality ties go to the answer
-seen first (``Counter.most_common`` order), as in both references.
+seen first (``Counter.most_common`` order), as in both references. Samples without an answer
+(``None``, blank strings: :func:`ttscale.select.answers.is_no_answer`) do not vote; ESC's
+reference behaviour, where they do, is ``esc_run(..., no_answer="vote")``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
+from ttscale.select.answers import NO_ANSWER_POLICIES, NoAnswerPolicy, answered, is_no_answer
+from ttscale.validation import check_choice, check_int, choices
 
 __all__ = [
     "CRITERION_DEFAULTS",
@@ -54,17 +59,26 @@ CRITERION_DEFAULTS: dict[str, float] = {
 
 
 def _check_int(name: str, value: int, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    return int(check_int(name, value, min=lo))
 
 
 # ---------------------------------------------------------------------------------------------
 # ESC
 
 
-def window_unanimous(window: Sequence[Hashable]) -> bool:
-    """True iff the window is non-empty and all its answers are identical (answer entropy 0)."""
+def _check_no_answer(no_answer: str) -> None:
+    check_choice("no_answer", no_answer, NO_ANSWER_POLICIES)
+
+
+def window_unanimous(window: Sequence[Hashable | None], *, no_answer: NoAnswerPolicy = "skip") -> bool:
+    """True iff the window is non-empty and all its answers are identical (answer entropy 0).
+
+    With ``no_answer="skip"`` (default) a window holding a sample without an answer is never
+    unanimous; with ``"vote"`` a missing answer is a value like any other.
+    """
+    _check_no_answer(no_answer)
+    if no_answer == "skip" and any(is_no_answer(a) for a in window):
+        return False
     return len(window) > 0 and all(a == window[0] for a in window[1:])
 
 
@@ -78,15 +92,26 @@ class ESCResult:
     stopped_early: bool
 
 
-def esc_run(answers: Sequence[Hashable], window: int = 5, max_samples: int = 40) -> ESCResult:
+def esc_run(
+    answers: Sequence[Hashable | None],
+    window: int = 5,
+    max_samples: int = 40,
+    *,
+    no_answer: NoAnswerPolicy = "skip",
+) -> ESCResult:
     """Run ESC over a stream of answers (in sampling order).
 
     Windows ``b = 0..⌊L/w⌋−1`` of ``w`` answers are consumed, ``L = min(max_samples, len(answers))``;
     at the first unanimous window return its answer with cost ``(b+1)·w``. Otherwise return the
     plurality answer over all consumed answers (first-seen wins ties) with cost ``⌊L/w⌋·w``.
-    Every answer value counts, ``None`` included (the reference maps "no answer" to a sentinel
-    value that also counts); filter beforehand for other behaviour.
+
+    ``no_answer="skip"`` (default, the rule of every aggregator): a sample without an answer costs
+    its place in the window but does not vote, so a window holding one is not unanimous, and the
+    answer is ``None`` when no consumed sample has one. ``no_answer="vote"``: the reference's
+    behaviour, where a missing answer (``None``, its sentinel) is a value that votes and can fill
+    a unanimous window.
     """
+    _check_no_answer(no_answer)
     w = _check_int("window", window, 1)
     lim = min(_check_int("max_samples", max_samples, 1), len(answers))
     n_windows = lim // w
@@ -94,10 +119,12 @@ def esc_run(answers: Sequence[Hashable], window: int = 5, max_samples: int = 40)
         raise ConfigError(f"ESC needs at least one full window of {w} answers, got {len(answers)}")
     for b in range(n_windows):
         chunk = answers[b * w : (b + 1) * w]
-        if window_unanimous(chunk):
+        if window_unanimous(chunk, no_answer=no_answer):
             return ESCResult(chunk[0], (b + 1) * w, True)
     consumed = answers[: n_windows * w]
-    return ESCResult(Counter(consumed).most_common(1)[0][0], n_windows * w, False)
+    votes = list(consumed) if no_answer == "vote" else answered(consumed)
+    top = Counter(votes).most_common(1)[0][0] if votes else None
+    return ESCResult(top, n_windows * w, False)
 
 
 def _distribution(p: ArrayLike) -> np.ndarray:
@@ -129,21 +156,28 @@ def esc_expected_cost(p: ArrayLike, window: int = 5, max_samples: int = 40) -> f
 
 
 def esc_affected_probability(
-    p: ArrayLike, window: int = 5, *, method: Literal["normal", "exact"] = "normal"
+    p: ArrayLike,
+    window: int = 5,
+    *,
+    estimator: Literal["normal", "exact"] = "normal",
+    method: Literal["normal", "exact"] | None = None,
 ) -> float:
     """Probability that a unanimous window shows an answer other than ``p[0]`` (ESC's risk estimate).
 
-    ``Σ_{a ≥ 1} P(Bin(w, p_a) ≥ w)``: ``method="exact"`` gives ``Σ p_a^w``; ``"normal"`` is the
+    ``Σ_{a ≥ 1} P(Bin(w, p_a) ≥ w)``: ``estimator="exact"`` gives ``Σ p_a^w``; ``"normal"`` is the
     reference's normal approximation ``Σ (1 − Φ((w − w·p_a)/sqrt(w·p_a·(1 − p_a))))`` (entries with
     ``p_a ∈ {0, 1}`` use the exact value). ``p[0]`` should be the answer the full budget would pick.
     Average over questions for the reference's "proportion of performance affected".
+    ``method=`` is the deprecated former name of ``estimator``.
     """
+    method = renamed_keyword(
+        "esc_affected_probability", "method", "estimator", method, estimator, "normal"
+    )
     arr = _distribution(p)[1:]
     w = _check_int("window", window, 1)
     if method == "exact":
         return float(np.sum(arr**w))
-    if method != "normal":
-        raise ConfigError(f"method must be 'normal' or 'exact', got {method!r}")
+    check_choice("estimator", method, ("normal", "exact"))
     nd = NormalDist()
     total = 0.0
     for pa in arr:
@@ -158,16 +192,12 @@ def esc_affected_probability(
 # Adaptive-Consistency
 
 
-def _valid(answers: Iterable[Hashable | None]) -> list[Hashable]:
-    return [a for a in answers if a is not None and not (isinstance(a, str) and not a.strip())]
-
-
 def answer_counts(answers: Iterable[Hashable | None]) -> list[tuple[Hashable, int]]:
     """``(answer, count)`` pairs, most common first, ties in first-seen order.
 
     ``None`` and blank strings are dropped (unparsed answers do not vote).
     """
-    return Counter(_valid(answers)).most_common()
+    return Counter(answered(answers)).most_common()
 
 
 def beta_stop_probability(v1: int, v2: int) -> float:
@@ -178,8 +208,8 @@ def beta_stop_probability(v1: int, v2: int) -> float:
     """
     from scipy.special import betainc
 
-    if v1 < 0 or v2 < 0:
-        raise ConfigError(f"counts must be >= 0, got {v1}, {v2}")
+    check_int("v1", v1, min=0)
+    check_int("v2", v2, min=0)
     # 1 − I_x(a, b) = I_{1−x}(b, a): avoids cancellation when the probability is close to 1
     return float(betainc(v2 + 1.0, v1 + 1.0, 0.5))
 
@@ -187,18 +217,23 @@ def beta_stop_probability(v1: int, v2: int) -> float:
 def dirichlet_top_probability(
     counts: ArrayLike,
     *,
-    method: Literal["quad", "mc"] = "quad",
+    estimator: Literal["quad", "mc"] = "quad",
     n_draws: int = 200_000,
     seed: SeedLike = None,
+    method: Literal["quad", "mc"] | None = None,
 ) -> float:
     """``P(p_0 > p_j ∀ j ≥ 1)`` under ``p ~ Dir(counts + 1)``; ``counts[0]`` is the leading answer.
 
-    ``method="quad"`` (deterministic): with ``p = G/ΣG``, ``G_i ~ Gamma(counts_i + 1)``
+    ``estimator="quad"`` (deterministic): with ``p = G/ΣG``, ``G_i ~ Gamma(counts_i + 1)``
     independent, the probability is ``∫_0^∞ f_0(x) Π_{j≥1} F_j(x) dx`` (Gamma pdf ``f``, cdf ``F``),
-    one 1-d integral for any number of categories (absolute error ~1e-8). ``method="mc"``: share of
-    ``n_draws`` seeded Dirichlet draws whose first coordinate is the largest (standard error
-    ``≤ 0.5/sqrt(n_draws)``).
+    one 1-d integral for any number of categories (absolute error ~1e-8). ``estimator="mc"``:
+    share of ``n_draws`` seeded Dirichlet draws whose first coordinate is the largest (standard error
+    ``≤ 0.5/sqrt(n_draws)``). ``method=`` is the deprecated former name of ``estimator``.
     """
+    method = renamed_keyword(
+        "dirichlet_top_probability", "method", "estimator", method, estimator, "quad"
+    )
+    check_choice("estimator", method, ("quad", "mc"))
     v = np.asarray(counts, dtype=np.float64).ravel()
     if v.size < 2 or np.any(v < 0) or np.any(~np.isfinite(v)):
         raise ConfigError("dirichlet_top_probability needs >= 2 non-negative counts")
@@ -216,19 +251,18 @@ def dirichlet_top_probability(
         val = quad(integrand, 0.0, mode, limit=200)[0] if mode > 0 else 0.0
         val += quad(integrand, mode, hi, limit=200)[0]
         return float(min(max(val, 0.0), 1.0))
-    if method == "mc":
-        draws = _check_int("n_draws", n_draws, 1)
-        rng = as_generator(seed)
-        hits = 0
-        chunk = 100_000
-        done = 0
-        while done < draws:
-            m = min(chunk, draws - done)
-            x = rng.dirichlet(alpha, size=m)
-            hits += int(np.sum(np.argmax(x, axis=1) == 0))
-            done += m
-        return hits / draws
-    raise ConfigError(f"method must be 'quad' or 'mc', got {method!r}")
+    # estimator == "mc"
+    draws = _check_int("n_draws", n_draws, 1)
+    rng = as_generator(seed)
+    hits = 0
+    chunk = 100_000
+    done = 0
+    while done < draws:
+        m = min(chunk, draws - done)
+        x = rng.dirichlet(alpha, size=m)
+        hits += int(np.sum(np.argmax(x, axis=1) == 0))
+        done += m
+    return hits / draws
 
 
 def normalized_answer_entropy(counts: Sequence[int]) -> float:
@@ -269,9 +303,10 @@ def should_stop(
     threshold: float | None = None,
     *,
     top_k: int = 5,
-    method: Literal["quad", "mc"] = "quad",
+    estimator: Literal["quad", "mc"] = "quad",
     n_draws: int = 200_000,
     seed: SeedLike = None,
+    method: Literal["quad", "mc"] | None = None,
 ) -> StopDecision:
     """Adaptive-Consistency stopping rule over all answers so far.
 
@@ -284,11 +319,10 @@ def should_stop(
     * ``random`` (0.1): stop with probability ``t`` (baseline; uses ``seed``).
 
     ``None`` and blank answers are ignored; with no valid answer the rule never stops.
+    ``estimator`` (``method=``, deprecated) is :func:`dirichlet_top_probability`'s.
     """
-    if criterion not in CRITERION_DEFAULTS:
-        raise ConfigError(
-            f"criterion must be one of {', '.join(CRITERION_DEFAULTS)}, got {criterion!r}"
-        )
+    estimator = renamed_keyword("should_stop", "method", "estimator", method, estimator, "quad")
+    check_choice("criterion", criterion, choices(Criterion))
     t = CRITERION_DEFAULTS[criterion] if threshold is None else float(threshold)
     pairs = answer_counts(answers)
     n = sum(c for _, c in pairs)
@@ -304,7 +338,7 @@ def should_stop(
     if criterion == "dirichlet":
         k = _check_int("top_k", top_k, 2)
         top = [c for _, c in pairs[:k]]
-        prob = dirichlet_top_probability(top, method=method, n_draws=n_draws, seed=seed)
+        prob = dirichlet_top_probability(top, estimator=estimator, n_draws=n_draws, seed=seed)
         return StopDecision(prob >= t, prob, leader, n, "dirichlet")
     if criterion == "random":
         u = float(as_generator(seed).random())

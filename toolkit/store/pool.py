@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ttscale.errors import ConfigError
+from ttscale.select.answers import is_no_answer
 
 __all__ = ["Pool", "ProblemView"]
 
@@ -46,7 +47,7 @@ class Pool:
     problem_ids: np.ndarray  # (P,) object array of str
     offsets: np.ndarray  # (P+1,) int64
     index: np.ndarray  # (N,) int64 sample index within its problem
-    answer: np.ndarray  # (N,) int64 code into answer_values, -1 = no answer
+    answer: np.ndarray  # (N,) int64 code into answer_values, -1 = no answer (None or blank)
     answer_values: np.ndarray  # (A,) object array of the distinct answer strings
     correct: np.ndarray  # (N,) float64 1/0/NaN
     logprob: np.ndarray  # (N,) float64
@@ -119,6 +120,7 @@ class Pool:
                 values = np.array([str(v) for v in range(int(codes.max(initial=-1)) + 1)], dtype=object)
             else:
                 codes, values = _encode([None if a is None else str(a) for a in answer])
+                codes = _drop_no_answers(codes, values)
             if codes.shape != (n,):
                 raise ConfigError(f"expected {n} answers, got {codes.shape[0]}")
         if text is None:
@@ -169,6 +171,7 @@ class Pool:
         enc = pc.dictionary_encode(ans.combine_chunks() if isinstance(ans, pa.ChunkedArray) else ans)
         codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         values = np.array(enc.dictionary.to_pylist(), dtype=object)
+        codes = _drop_no_answers(codes, values)
         corr = correct if correct is not None else table.column("correct")
         corr_np = pc.cast(corr, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
 
@@ -329,6 +332,14 @@ class Pool:
 
     def answer_string(self, code: int) -> str | None:
         return None if code < 0 else str(self.answer_values[code])
+
+
+def _drop_no_answers(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Codes of answers that are no answer (blank strings, :func:`is_no_answer`) -> -1."""
+    blank = np.fromiter((is_no_answer(v) for v in values), dtype=bool, count=len(values))
+    if not blank.any():
+        return codes
+    return np.where((codes >= 0) & blank[np.maximum(codes, 0)], -1, codes)
 
 
 def _encode(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

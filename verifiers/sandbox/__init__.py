@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import Any
 
 from ttscale.errors import ConfigError, SandboxError
+from ttscale.validation import check_int, check_number
 
 __all__ = [
     "CaseResult",
@@ -150,9 +151,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "startup_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or math.isinf(v):
-                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+            check_number(name, getattr(self, name), low=0.0, low_open=True, finite=True, unit="seconds")
         for name, lo in (
             ("memory_mb", 32),
             ("nproc", 1),
@@ -161,9 +160,7 @@ class Limits:
             ("tmpfs_mb", 1),
             ("output_bytes", 1),
         ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}")
+            check_int(name, getattr(self, name), min=lo)
 
 
 @dataclass(frozen=True)
@@ -353,12 +350,8 @@ class Sandbox:
         self.limits = limits if limits is not None else Limits()
         if not isinstance(self.limits, Limits):
             raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
-        if workers is not None and (
-            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-        ):
-            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 64:
-            raise ConfigError(f"batch_size must be an integer in [1, 64], got {batch_size!r}")
+        check_int("workers", workers, min=1, allow_none=True)
+        check_int("batch_size", batch_size, min=1, max=64)
         self.workers = workers or _default_workers()
         self.batch_size = batch_size
         self._python, self._prefix = _interpreter()
@@ -404,8 +397,7 @@ class Sandbox:
             if not isinstance(p, Program):
                 raise ConfigError(f"expected Programs, got {type(p).__name__}")
         n = workers if workers is not None else self.workers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+        check_int("workers", n, min=1)
         if not progs:
             return []
         n = min(n, len(progs))

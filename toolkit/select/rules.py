@@ -1,0 +1,165 @@
+"""The registry of selection rules: one entry, and one name, per rule.
+
+A selection rule turns one problem's samples into one answer. Every place that names a rule
+(``AggregateResult.method``, ``selection_at_k(method=...)``, ``compute_curves`` and the
+``ttscale curve --methods`` keys, table and plot labels) takes the name from :data:`RULES`:
+
+* ``majority``: majority_vote / majority_vote_labels; answers only; closed-form selection@k
+  for ``tie="expected"``;
+* ``weighted``: weighted_vote / weighted_vote_labels; scores;
+* ``best_of_n``: best_of_n / best_of_n_labels; scores; closed form for ``"expected"``, ``"first"``;
+* ``max_probability``: max_probability / max_probability_labels; mean log-probs; closed form for
+  ``"expected"``, ``"first"`` (the PPL baseline of the RPC paper);
+* ``pc``: perplexity_consistency / perplexity_consistency_labels; mean log-probs (texts);
+* ``rpc``: rpc / rpc_labels; mean log-probs (texts);
+* ``deepconf``: deepconf_vote / deepconf_vote_labels; top-k log-probs (selection@k through a
+  ``Selector``, see :func:`ttscale.analysis.compute_curves`).
+
+Names from before the registry (``bon`` for ``best_of_n``, ``ppl`` for ``max_probability``) still
+resolve, with a ``DeprecationWarning`` (:func:`get_rule`).
+
+Coverage (pass@k) is not a selection rule: it credits a subset when *any* of its samples is
+correct, i.e. it selects with the reference answer. It is the oracle upper bound of every rule and
+is named :data:`ORACLE` (``"coverage"``) wherever it appears next to the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from ttscale._deprecation import warn_deprecated
+from ttscale.errors import ConfigError
+from ttscale.select import aggregate as agg
+
+__all__ = [
+    "DEPRECATED_NAMES",
+    "ORACLE",
+    "ORACLE_DESCRIPTION",
+    "ORACLE_LABEL",
+    "RULES",
+    "Input",
+    "Rule",
+    "canonical_name",
+    "get_rule",
+    "rule_names",
+]
+
+Input = Literal["answers", "scores", "mean_logprobs", "top_logprobs", "texts"]
+"""Per-sample inputs a rule reads: extracted ``answers`` (always), verifier/reward ``scores``,
+mean token log-probs, per-position top-k log-probs (DeepConf), completion ``texts`` (duplicates)."""
+
+INPUTS: tuple[str, ...] = get_args(Input)
+
+#: The name of the oracle (pass@k) curve that is shown next to the rules.
+ORACLE = "coverage"
+ORACLE_DESCRIPTION = "pass@k: any of k samples correct (oracle verifier, not a selection rule)"
+ORACLE_LABEL = "coverage (pass@k)"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One selection rule.
+
+    ``answers_fn(answers, ...)`` clusters raw answers (``None`` = no answer) and ``labels_fn(labels,
+    ...)`` works on integer cluster labels (``-1`` = no answer); both return an
+    :class:`~ttscale.select.aggregate.AggregateResult` whose ``method`` is ``name``. ``inputs`` are
+    the per-sample inputs it needs, ``optional`` those it uses when given. ``closed_form_ties``
+    lists the tie rules for which :func:`ttscale.metrics.selection_at_k` has an exact closed form
+    (empty: enumeration or Monte Carlo only); ``at_k`` whether ``selection_at_k`` takes the rule by
+    name (otherwise pass a ``Selector`` callable). ``label`` is the table heading and
+    ``plot_label`` the legend entry.
+    """
+
+    name: str
+    answers_fn: Callable[..., agg.AggregateResult]
+    labels_fn: Callable[..., agg.AggregateResult]
+    inputs: tuple[str, ...]
+    description: str
+    label: str
+    closed_form_ties: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    at_k: bool = True
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether selection@k has a closed form for some tie rule."""
+        return bool(self.closed_form_ties)
+
+    @property
+    def plot_label(self) -> str:
+        return f"{self.label}@k"
+
+
+_RULE_LIST = (
+    Rule(
+        "majority", agg.majority_vote, agg.majority_vote_labels, ("answers",),
+        "majority vote over answers (self-consistency)", "majority",
+        closed_form_ties=("expected",),
+    ),
+    Rule(
+        "weighted", agg.weighted_vote, agg.weighted_vote_labels, ("answers", "scores"),
+        "score-weighted majority vote (needs a score)", "weighted vote",
+    ),
+    Rule(
+        "best_of_n", agg.best_of_n, agg.best_of_n_labels, ("answers", "scores"),
+        "best-of-N: the sample with the highest score (needs a score)", "best-of-N",
+        closed_form_ties=("expected", "first"),
+    ),
+    Rule(
+        "max_probability", agg.max_probability, agg.max_probability_labels,
+        ("answers", "mean_logprobs"),
+        "the path with the highest mean token log-prob (the PPL baseline)", "max-probability",
+        closed_form_ties=("expected", "first"),
+    ),
+    Rule(
+        "pc", agg.perplexity_consistency, agg.perplexity_consistency_labels,
+        ("answers", "mean_logprobs"), "perplexity consistency", "PC", optional=("texts",),
+    ),
+    Rule(
+        "rpc", agg.rpc, agg.rpc_labels, ("answers", "mean_logprobs"),
+        "reasoning-pruning perplexity consistency", "RPC", optional=("texts",),
+    ),
+    Rule(
+        "deepconf", agg.deepconf_vote, agg.deepconf_vote_labels, ("answers", "top_logprobs"),
+        "DeepConf confidence-filtered weighted vote (needs top logprobs)", "DeepConf",
+        at_k=False,
+    ),
+)
+
+#: Every selection rule by canonical name, in a stable display order.
+RULES: Mapping[str, Rule] = MappingProxyType({r.name: r for r in _RULE_LIST})
+
+#: Names from before the registry -> canonical name. They resolve with a DeprecationWarning.
+DEPRECATED_NAMES: Mapping[str, str] = MappingProxyType({"bon": "best_of_n", "ppl": "max_probability"})
+
+
+def rule_names() -> tuple[str, ...]:
+    """The canonical rule names, in display order."""
+    return tuple(RULES)
+
+
+def canonical_name(name: str, *, warn: bool = True, stacklevel: int = 1) -> str:
+    """The canonical name of rule ``name`` (a canonical or a deprecated name).
+
+    A deprecated name gives a ``DeprecationWarning`` (unless ``warn=False``, for callers that
+    report the rename themselves, such as the CLI) attributed ``stacklevel`` frames above the
+    caller (1: the caller itself); an unknown one a :class:`ConfigError`.
+    """
+    if name in RULES:
+        return name
+    new = DEPRECATED_NAMES.get(name)
+    if new is None:
+        raise ConfigError(
+            f"unknown selection rule {name!r}; choose from {', '.join(RULES)}"
+        )
+    if warn:
+        warn_deprecated(f"selection rule {name!r} is deprecated; use {new!r}", stacklevel=stacklevel + 1)
+    return new
+
+
+def get_rule(name: str) -> Rule:
+    """The :class:`Rule` named ``name`` (deprecated names warn, unknown names raise ConfigError)."""
+    return RULES[canonical_name(name, stacklevel=2)]
