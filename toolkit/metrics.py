@@ -31,9 +31,9 @@ from ttscale.aggregate import (
     AggregateResult,
     TieRule,
     perplexity_consistency_labels,
-    rpc_labels,
 )
 from ttscale.errors import ConfigError, DataError
+from ttscale.rpc import RPC_FITS, RpcFit, weibull_prune, weibull_prune_batch
 from ttscale.seeding import SeedLike, as_generator
 
 __all__ = [
@@ -312,7 +312,7 @@ class SelectionResult:
     ``"closed-form"``, ``"exact"`` (every subset enumerated), ``"mc"`` (``draws[j]`` random subsets
     per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
     (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
-    (0 when nothing was sampled).
+    (0 when nothing was sampled); ``rpc_fit`` the Weibull fit RPC used (``None`` for other rules).
     """
 
     ks: NDArray[np.int64]
@@ -325,6 +325,7 @@ class SelectionResult:
     mc_stderr: NDArray[np.float64]
     rule: str
     tie: str
+    rpc_fit: str | None = None
 
 
 _RULES = ("majority", "weighted", "bon", "pc", "rpc")
@@ -346,6 +347,7 @@ def selection_at_k(
     n_draws: int = 1_000,
     seed: SeedLike = None,
     missing: Missing = "nan",
+    rpc_fit: RpcFit = "fast",
 ) -> SelectionResult:
     """``E_T[credit(S(T))]`` over uniform size-``k`` subsets ``T`` of each problem's pool, for each ``k``.
 
@@ -360,7 +362,12 @@ def selection_at_k(
     * ``"weighted"``: vote weighted by non-negative ``scores`` (map logits first with
       :func:`ttscale.aggregate.map_scores`).
     * ``"pc"`` / ``"rpc"``: perplexity consistency / RPC with ``scores`` = mean token log-probs and
-      optional ``text_ids`` (equal ids = identical texts).
+      optional ``text_ids`` (equal ids = identical texts). RPC fits its Weibull mixtures with
+      ``rpc_fit``: ``"fast"`` (default: every subset of every problem in one batched fit per
+      ``k``) or ``"reference"`` (the authors' optimiser, one subset at a time; see
+      :mod:`ttscale.rpc`). Either way a subset is only fitted when pruning can change its
+      winner: when one cluster's never-prunable paths (``p ≥ mean``) outweigh every other
+      cluster's whole score, the winner is that cluster whatever the fit says.
     * a :data:`Selector` callable for anything else (DeepConf filtering, a custom verifier...).
 
     Credit is 1 if the chosen cluster is correct (a cluster's correctness is that of its
@@ -370,7 +377,8 @@ def selection_at_k(
 
     ``strategy``: ``"closed-form"`` (exact; an error where there is none), ``"enumerate"`` (all
     ``C(n, k)`` subsets), ``"mc"`` (``n_draws`` random subsets per problem and ``k``), or ``"auto"``
-    (default): best-of-N closed form; the majority closed form where its plan is cheap (small
+    (default): at ``k = 1`` every rule picks the single sample, so the value is the exact mean
+    correctness of answered samples (enumeration for a callable); best-of-N closed form; the majority closed form where its plan is cheap (small
     pools nearly always; at ``n = 10,000`` mostly very small ``k`` and large ``k`` with a clear
     winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``method`` in the
     result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
@@ -395,6 +403,8 @@ def selection_at_k(
         raise ConfigError(f"method must be one of {', '.join(_RULES)} or a callable, got {method!r}")
     if max_subsets < 1 or n_draws < 1:
         raise ConfigError(f"max_subsets and n_draws must be >= 1, got {max_subsets}, {n_draws}")
+    if rpc_fit not in RPC_FITS:
+        raise ConfigError(f"rpc_fit must be one of {', '.join(RPC_FITS)}, got {rpc_fit!r}")
     k = _check_ks(ks)
     user_off = _as_offsets(offsets)
 
@@ -486,6 +496,8 @@ def selection_at_k(
 
     budget = None if strategy == "closed-form" else _CLOSED_BUDGET
     counts_mc: list[tuple[int, list[int]]] = []
+    # RPC subsets are collected per k and evaluated for all problems at once (_rpc_credits)
+    rpc_jobs: dict[int, list[tuple[int, NDArray[np.int64], bool]]] = {}
     for p in range(P):
         n = int(n_p[p])
         lo, hi = int(off[p]), int(off[p + 1])
@@ -511,16 +523,26 @@ def selection_at_k(
                 raise ConfigError(
                     f"problem {p} mixes correct and wrong samples under one label; no closed form"
                 )
+            if kv == 1 and strategy == "auto" and isinstance(method, str):
+                # every rule picks the one sample: credit = its correctness if answered (exact)
+                per[p, j] = float(np.where(lab_p >= 0, corr_p, 0.0).mean())
+                how[p, j] = 2  # the n singletons, enumerated in closed form
+                continue
             log_sub = math.lgamma(n + 1) - math.lgamma(kv + 1) - math.lgamma(n - kv + 1)
             if strategy == "enumerate" or (
-                strategy == "auto" and log_sub <= math.log(max_subsets) + 1e-9
-                and math.comb(n, kv) <= max_subsets
+                strategy == "auto" and (kv == 1 or (
+                    log_sub <= math.log(max_subsets) + 1e-9 and math.comb(n, kv) <= max_subsets
+                ))
             ):
                 n_sub = math.comb(n, kv)
                 if n_sub > 10_000_000:
                     raise ConfigError(
                         f"enumerating C({n}, {kv}) = {n_sub} subsets is too many; use strategy='mc'"
                     )
+                how[p, j] = 2
+                if method == "rpc":
+                    rpc_jobs.setdefault(j, []).append((p, _all_subsets(n, kv), True))
+                    continue
                 credits = _subset_credits(
                     method, p, lab_p, corr_p, sc_p, None if tid is None else tid[lo:hi], L, n, kv,
                     _all_subsets(n, kv), n_draws, tie, np.random.default_rng([root, p, kv]),
@@ -532,6 +554,13 @@ def selection_at_k(
         if not mc_js:
             continue
         how[p, mc_js] = 3
+        if method == "rpc":
+            for j in mc_js:
+                rng_j = np.random.default_rng([root, p, int(k[j])])
+                rpc_jobs.setdefault(j, []).append(
+                    (p, _random_subsets(rng_j, n, int(k[j]), n_draws), False)
+                )
+            continue
         if method == "majority" and tie != "first" and not mixed[p]:
             counts_mc.append((p, mc_js))  # done below for all problems at once
             continue
@@ -573,6 +602,25 @@ def selection_at_k(
             per[ps, j] = means
             mc_var[j] += variances.sum()
 
+    if rpc_jobs:
+        assert sc is not None
+        group = _duplicate_groups(prob, lab, sc, tid)
+        for j, jobs in sorted(rpc_jobs.items()):
+            subs = np.concatenate([sub + off[p] for p, sub, _ in jobs])
+            row_p = np.concatenate([np.full(sub.shape[0], p) for p, sub, _ in jobs])
+            credits = _rpc_credits(
+                subs, lab, corr, sc, group, int(n_clusters.max()), tie, rpc_fit,
+                np.random.default_rng([root, int(k[j]), 7]),
+            )
+            cnt = np.bincount(row_p, minlength=P)
+            tot = np.bincount(row_p, weights=credits, minlength=P)
+            sq = np.bincount(row_p, weights=credits * credits, minlength=P)
+            for p, _sub, exact in jobs:
+                c = int(cnt[p])
+                per[p, j] = tot[p] / c
+                if not exact and c > 1:
+                    mc_var[j] += max(sq[p] - tot[p] ** 2 / c, 0.0) / (c - 1) / c
+
     mean, count = _column_means(per, missing)
     methods = []
     draws = np.zeros(K, dtype=np.int64)
@@ -587,6 +635,7 @@ def selection_at_k(
     return SelectionResult(
         ks=k, mean=mean, per_problem=per, n_problems=count, method=tuple(methods),
         n_exact=((how == 1) | (how == 2)).sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr, rule=rule, tie=tie,
+        rpc_fit=rpc_fit if method == "rpc" else None,
     )
 
 
@@ -1064,7 +1113,9 @@ def _rows_credit(
     sub: NDArray[np.int64],
     tie: str,
     rng: np.random.Generator,
+    weights: NDArray[np.float64] | None = None,
 ) -> NDArray[np.float64]:
+    """Credit of each subset row; ``weights`` ``(S, k)`` replace ``sc[sub]`` as vote weights."""
     S, k = sub.shape
     ls = lab[sub]
     valid: NDArray[np.bool_] = np.asarray(ls >= 0)
@@ -1078,7 +1129,11 @@ def _rows_credit(
         return _pick(top, pos, corr[sub], tie, rng)
     rows = np.broadcast_to(np.arange(S)[:, None], (S, k))[valid]
     flat = rows * L + ls[valid]
-    w = None if method == "majority" else sc[sub][valid]  # type: ignore[index]
+    w: NDArray[np.float64] | None
+    if weights is not None:
+        w = weights[valid]
+    else:
+        w = None if method == "majority" else sc[sub][valid]  # type: ignore[index]
     score = np.bincount(flat, weights=w, minlength=S * L).reshape(S, L).astype(np.float64)
     present = (np.bincount(flat, minlength=S * L) > 0).reshape(S, L)
     best = np.max(np.where(present, score, -np.inf), axis=1, initial=-np.inf)
@@ -1097,6 +1152,79 @@ def _rows_credit(
     return _pick(tied, first.reshape(S, L), corr_of, tie, rng)
 
 
+def _duplicate_groups(
+    prob: NDArray[np.int64], lab: NDArray[np.int64], sc: NDArray[np.float64], tid: NDArray[np.int64] | None
+) -> NDArray[np.int64]:
+    """Per sample, an id shared by the samples PC counts once (same problem, answer, text, p)."""
+    if tid is None:
+        return np.arange(lab.size, dtype=np.int64)
+    keys = np.stack([prob, lab, tid, np.ascontiguousarray(sc).view(np.int64)], axis=1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def _rpc_credits(
+    subs: NDArray[np.int64],
+    lab: NDArray[np.int64],
+    corr: NDArray[np.float64],
+    sc: NDArray[np.float64],
+    group: NDArray[np.int64],
+    L: int,
+    tie: str,
+    fit: str,
+    rng: np.random.Generator,
+) -> NDArray[np.float64]:
+    """RPC credit of each subset row of ``subs`` ``(S, k)`` (global sample indices), as
+    :func:`ttscale.aggregate.rpc_labels` + :func:`_callable_credit` would give it row by row.
+
+    Reasoning pruning needs a Weibull fit only where it can change the winner: a row is fitted
+    only when no cluster's never-prunable paths (``p ≥`` the row's mean) outweigh every other
+    cluster's full score. The fitted rows use the batched fast fit or the reference fit.
+    """
+    S, kk = subs.shape
+    out = np.empty(S)
+    rows = max(1, _CHUNK // max(kk, L, 1) // 4)
+    for s0 in range(0, S, rows):
+        sub = subs[s0 : s0 + rows]
+        R = sub.shape[0]
+        ls = lab[sub]
+        ans = ls >= 0
+        x = np.exp(sc[sub])
+        nans = ans.sum(axis=1)
+        mean = np.where(ans, x, 0.0).sum(axis=1) / np.maximum(nans, 1)
+        # first occurrence of each duplicate group in the row (duplicates share p, hence fate)
+        gs = group[sub]
+        order = np.argsort(gs, axis=1, kind="stable")
+        gsorted = np.take_along_axis(gs, order, axis=1)
+        first = np.ones((R, kk), dtype=bool)
+        rep_sorted = np.zeros((R, kk), dtype=bool)
+        rep_sorted[:, 1:] = gsorted[:, 1:] == gsorted[:, :-1]
+        np.put_along_axis(first, order, ~rep_sorted, axis=1)
+        base = np.where(ans & first, x, 0.0)
+        rid = np.broadcast_to(np.arange(R)[:, None], (R, kk))
+        key = (rid * L + np.maximum(ls, 0))[ans]
+        most = np.bincount(key, weights=base[ans], minlength=R * L).reshape(R, L)
+        keep = base * (x >= mean[:, None])
+        least = np.bincount(key, weights=keep[ans], minlength=R * L).reshape(R, L)
+        lead = np.argmax(least, axis=1)
+        lead_min = least[np.arange(R), lead]
+        most[np.arange(R), lead] = -np.inf
+        fixed = lead_min > most.max(axis=1, initial=-np.inf) * (1.0 + 1e-9)
+        allsame = ~np.where(ans, x != np.take_along_axis(x, np.argmax(ans, axis=1)[:, None], axis=1), False).any(axis=1)
+        need = (nans >= 2) & ~fixed & ~allsame
+        pruned = np.zeros((R, kk), dtype=bool)
+        idx = np.flatnonzero(need)
+        if idx.size:
+            if fit == "fast":
+                pruned[idx] = weibull_prune_batch(x[idx], ans[idx])
+            else:
+                for r in idx.tolist():
+                    a = ans[r]
+                    pruned[r, a] = weibull_prune(x[r, a], fit="reference")
+        w = np.where(pruned, 0.0, base)
+        out[s0 : s0 + R] = _rows_credit("weighted", lab, corr, None, L, sub, tie, rng, weights=w)
+    return out
+
+
 def _callable_credit(
     method: str | Selector,
     p: int,
@@ -1112,9 +1240,6 @@ def _callable_credit(
     if method == "pc":
         assert sc is not None
         res = perplexity_consistency_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
-    elif method == "rpc":
-        assert sc is not None
-        res = rpc_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
     else:
         res = method(p, sub)  # type: ignore[operator]
     if res.tied.size == 0:
