@@ -56,6 +56,8 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
     console.print(t)
     if any(e.startswith("mc") for c in report.curves.values() for e in c.estimator):
         console.print("[dim]* Monte-Carlo estimate over random subsets (seeded)[/dim]")
+    if "rpc_fit" in report.meta:
+        console.print(f"RPC Weibull fit: {report.meta['rpc_fit']} (--rpc-fit fast|reference)")
     if report.fit is not None:
         f, b = report.fit.fit, report.fit
         console.print(
@@ -93,6 +95,13 @@ def register(app: typer.Typer) -> None:
         rpc_draws: Annotated[
             int, typer.Option(min=1, help="Subsets per problem and k for RPC (one Weibull fit each).")
         ] = 50,
+        rpc_fit: Annotated[
+            str,
+            typer.Option(
+                help="RPC Weibull fit: fast (all subsets in one batched pass) or reference "
+                "(the authors' optimiser, ~10 ms a fit)."
+            ),
+        ] = "fast",
         tie: Annotated[str, typer.Option(help="expected|first|random tie rule.")] = "expected",
         deepconf_eta: Annotated[
             float, typer.Option(min=0.0, max=100.0, help="DeepConf: percent of traces kept.")
@@ -124,6 +133,7 @@ def register(app: typer.Typer) -> None:
             n_boot=n_boot,
             n_draws=draws,
             rpc_draws=rpc_draws,
+            rpc_fit=rpc_fit,
             tie=tie,
             seed=seed,
             fit=fit,
