@@ -366,8 +366,8 @@ def selection_at_k(
       ``rpc_fit``: ``"fast"`` (default: every subset of every problem in one batched fit per
       ``k``) or ``"reference"`` (the authors' optimiser, one subset at a time; see
       :mod:`ttscale.rpc`). Either way a subset is only fitted when pruning can change its
-      winner: when one cluster's never-prunable paths (``p ≥ mean``) outweigh every other
-      cluster's whole score, the winner is that cluster whatever the fit says.
+      credit: pruning removes only paths below the subset's mean ``p``, so when every cluster
+      that could win under some pruning has the same correctness, no fit is needed.
     * a :data:`Selector` callable for anything else (DeepConf filtering, a custom verifier...).
 
     Credit is 1 if the chosen cluster is correct (a cluster's correctness is that of its
@@ -1176,9 +1176,11 @@ def _rpc_credits(
     """RPC credit of each subset row of ``subs`` ``(S, k)`` (global sample indices), as
     :func:`ttscale.aggregate.rpc_labels` + :func:`_callable_credit` would give it row by row.
 
-    Reasoning pruning needs a Weibull fit only where it can change the winner: a row is fitted
-    only when no cluster's never-prunable paths (``p ≥`` the row's mean) outweigh every other
-    cluster's full score. The fitted rows use the batched fast fit or the reference fit.
+    Reasoning pruning needs a Weibull fit only where it can change the credit. Pruning removes
+    only paths below the row's mean ``p``, so a cluster scores at least the sum over its other
+    paths and at most its full sum; the clusters that can win under some pruning are those whose
+    full sum reaches the largest guaranteed sum. A row is fitted only when these possible
+    winners differ in correctness. The fitted rows use the batched fast fit or the reference fit.
     """
     S, kk = subs.shape
     out = np.empty(S)
@@ -1205,11 +1207,18 @@ def _rpc_credits(
         most = np.bincount(key, weights=base[ans], minlength=R * L).reshape(R, L)
         keep = base * (x >= mean[:, None])
         least = np.bincount(key, weights=keep[ans], minlength=R * L).reshape(R, L)
-        lead = np.argmax(least, axis=1)
-        lead_min = least[np.arange(R), lead]
-        most[np.arange(R), lead] = -np.inf
-        fixed = lead_min > most.max(axis=1, initial=-np.inf) * (1.0 + 1e-9)
-        allsame = ~np.where(ans, x != np.take_along_axis(x, np.argmax(ans, axis=1)[:, None], axis=1), False).any(axis=1)
+        # clusters that can win (or tie) under some pruning: whole score ≥ the best guaranteed one
+        can_win = most >= (least.max(axis=1) * (1.0 - 1e-9))[:, None]
+        # correctness of each cluster: its largest-index member in the subset (rows are sorted)
+        last = np.full(R * L, -1, dtype=np.int64)
+        np.maximum.at(last, key, np.broadcast_to(np.arange(kk), (R, kk))[ans])
+        cs = corr[sub]
+        ccorr = cs[np.repeat(np.arange(R), L), np.maximum(last, 0)].reshape(R, L)
+        hi = np.where(can_win, ccorr, -np.inf).max(axis=1)
+        lo = np.where(can_win, ccorr, np.inf).min(axis=1)
+        fixed = hi == lo  # every possible winner earns the same credit
+        pick = np.argmax(ans, axis=1)[:, None]  # some answered path of the row
+        allsame = ~np.where(ans, x != np.take_along_axis(x, pick, axis=1), False).any(axis=1)
         need = (nans >= 2) & ~fixed & ~allsame
         pruned = np.zeros((R, kk), dtype=bool)
         idx = np.flatnonzero(need)

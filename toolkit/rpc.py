@@ -70,6 +70,7 @@ FAST_MAX_SHAPE = 1000.0
 """Largest Weibull shape the fast fit allows (its guard against a degenerate spike component)."""
 
 _FAST_MAX_ITER = 200
+_MU0, _MU_DOWN, _MU_UP = 1e-1, 0.25, 8.0  # Levenberg-Marquardt damping: start, after a good / bad step
 _FAST_CHUNK = 32768  # data points per chunk of fits
 _FAST_FTOL = 1e-12  # relative decrease of the objective below which a fast fit has converged
 
@@ -240,74 +241,87 @@ class BatchFit:
 
 
 def _nll_terms(
-    L: NDArray[np.float64], th: NDArray[np.float64], wt: NDArray[np.float64] | None, hess: bool
+    L: NDArray[np.float64], th: NDArray[np.float64], wt: NDArray[np.float64] | None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Objective ``−Σ wt·log f``, its gradient and Hessian in ``(w1, log k1, log λ1, log k2, log λ2)``.
 
     Rows of ``L`` (log data) are fits; ``wt`` (0/1) masks padding. Non-finite values are returned
-    as they come (the caller rejects such steps).
+    as they come (the caller rejects such steps). With ``t = k·log(x/λ)`` and ``e = exp(t)``,
+    ``log Wb = log k − log λ + (k − 1)·log(x/λ) − e`` has derivatives ``1 + t − t·e`` (in log k)
+    and ``k·(e − 1)`` (in log λ), and second derivatives ``t − t·e − t²·e``, ``k·(e − 1 + t·e)``
+    and ``−k²·e``; the mixture's Hessian is ``Σ r·∇²a + s·∇²b + r·s·(∇a − ∇b)(∇a − ∇b)ᵀ``
+    with ``r`` the responsibility of component 1 and ``s = 1 − r``.
     """
     F = th.shape[0]
+    ones = np.ones(L.shape[1])  # row sums as BLAS matrix-vector products: ~5x faster than sum(axis=1)
     w = th[:, 0:1]
     u1, v1, u2, v2 = th[:, 1:2], th[:, 2:3], th[:, 3:4], th[:, 4:5]
     k1, k2 = np.exp(u1), np.exp(u2)
     z1, z2 = L - v1, L - v2
     t1, t2 = k1 * z1, k2 * z2
     e1, e2 = np.exp(t1), np.exp(t2)
-    a = (np.log(w) + u1 - v1) + (k1 - 1.0) * z1 - e1
-    b = (np.log1p(-w) + u2 - v2) + (k2 - 1.0) * z2 - e2
+    a = (k1 - 1.0) * z1
+    a -= e1
+    a += np.log(w) + u1 - v1
+    b = (k2 - 1.0) * z2
+    b -= e2
+    b += np.log1p(-w) + u2 - v2
     ll = np.logaddexp(a, b)
+    r = a - ll
+    np.exp(r, out=r)
     if wt is not None:
         ll *= wt
-    f = -ll.sum(axis=1)
-    g = np.empty((F, 5))
-    H = np.empty((F, 5, 5))
-    if not hess:
-        return f, g, H
-    r = np.exp(a - ll) if wt is None else np.exp(a - np.logaddexp(a, b))
-    if wt is not None:
         r *= wt
         s = wt - r
-        n = wt.sum(axis=1)
+        n = wt @ ones
     else:
         s = 1.0 - r
         n = np.full(F, float(L.shape[1]))
-    q = r * s
-    R = r.sum(axis=1)
-    S = n - R
+    f = -(ll @ ones)
+    g = np.empty((F, 5))
+    H = np.zeros((F, 5, 5))
     wf = w[:, 0]
-    te1, te2 = t1 * e1, t2 * e2
-    g1u = 1.0 + t1 - te1
-    g1v = k1 * (e1 - 1.0)
-    g2u = 1.0 + t2 - te2
-    g2v = k2 * (e2 - 1.0)
+    R = r @ ones
+    S = n - R
     dw = 1.0 / wf + 1.0 / (1.0 - wf)
     g[:, 0] = R / wf - S / (1.0 - wf)
-    g[:, 1] = (r * g1u).sum(axis=1)
-    g[:, 2] = (r * g1v).sum(axis=1)
-    g[:, 3] = (s * g2u).sum(axis=1)
-    g[:, 4] = (s * g2v).sum(axis=1)
-    # Hessian of Σ log f: r·∇²a + s·∇²b + r·s·(∇a − ∇b)(∇a − ∇b)ᵀ, ∇a − ∇b = (dw, g1u, g1v, −g2u, −g2v)
-    D = (g1u, g1v, -g2u, -g2v)
-    qD = [q * d for d in D]
-    sq = q.sum(axis=1)
+    q = r * s
+    sq = q @ ones
     H[:, 0, 0] = -R / wf**2 - S / (1.0 - wf) ** 2 + dw * dw * sq
+    # per component: moments Σ ρ·t, Σ ρ·e, Σ ρ·t·e, Σ ρ·t²·e (ρ = r or s) give its gradient and
+    # its own Hessian block; D = (∂/∂log k, ∂/∂log λ) per point for the r·s outer products
+    D = []
+    for c, (rho, t, e, kk, tot) in enumerate(((r, t1, e1, k1[:, 0], R), (s, t2, e2, k2[:, 0], S))):
+        te = t * e
+        m_t = (rho * t) @ ones
+        m_e = (rho * e) @ ones
+        rte = rho * te
+        m_te = rte @ ones
+        m_tte = (rte * t) @ ones
+        iu, iv = 1 + 2 * c, 2 + 2 * c
+        g[:, iu] = tot + m_t - m_te
+        g[:, iv] = kk * (m_e - tot)
+        H[:, iu, iu] = m_t - m_te - m_tte
+        H[:, iu, iv] = H[:, iv, iu] = kk * (m_e - tot + m_te)
+        H[:, iv, iv] = -kk * kk * m_e
+        du = t - te
+        du += 1.0
+        dv = e - 1.0
+        dv *= kk[:, None]
+        D += [du, dv]
+    sign = (1.0, 1.0, -1.0, -1.0)  # ∇a − ∇b = (dw, du1, dv1, −du2, −dv2)
     for i in range(4):
-        c = dw * qD[i].sum(axis=1)
-        H[:, 0, i + 1] = c
-        H[:, i + 1, 0] = c
+        qd = q * D[i]
+        c0 = sign[i] * dw * (qd @ ones)
+        H[:, 0, i + 1] = c0
+        H[:, i + 1, 0] = c0
         for j in range(i, 4):
-            c = (qD[i] * D[j]).sum(axis=1)
-            H[:, i + 1, j + 1] = c
-            H[:, j + 1, i + 1] = c
-    for (ui, vi), rr, t, e, te, kk in (((1, 2), r, t1, e1, te1, k1), ((3, 4), s, t2, e2, te2, k2)):
-        huu = (rr * (t - te - t * te)).sum(axis=1)
-        huv = (rr * (kk * (e - 1.0 + te))).sum(axis=1)
-        hvv = -(rr * (kk * kk * e)).sum(axis=1)
-        H[:, ui, ui] += huu
-        H[:, ui, vi] += huv
-        H[:, vi, ui] += huv
-        H[:, vi, vi] += hvv
+            c1 = sign[i] * sign[j] * ((qd * D[j]) @ ones)
+            if i == j:
+                H[:, i + 1, i + 1] += c1
+            else:
+                H[:, i + 1, j + 1] += c1
+                H[:, j + 1, i + 1] += c1
     return f, -g, -H
 
 
@@ -316,31 +330,42 @@ def _newton_steps(H: NDArray[np.float64], g: NDArray[np.float64], mu: NDArray[np
 
     ``M = L·|D|·Lᵀ`` from an ``LDLᵀ`` factorisation of ``H + μ·s·I`` (``s`` the largest diagonal
     magnitude) in which each pivot is replaced by ``max(|d|, μ·s)``: negative curvature is
-    followed with its magnitude, so the step always descends.
+    followed with its magnitude, so the step always descends. Entries are handled as contiguous
+    1-d arrays over the batch.
     """
-    F, n = g.shape
-    scale = np.maximum(np.abs(np.diagonal(H, axis1=1, axis2=2)).max(axis=1), 1.0)
-    floor = np.maximum(mu * scale, 1e-12)
-    A = H + (mu * scale)[:, None, None] * np.eye(n)
-    Lm = np.zeros_like(A)
-    d = np.empty((F, n))
+    n = g.shape[1]
+    A = np.ascontiguousarray(H.transpose(1, 2, 0))  # (5, 5, F)
+    G = np.ascontiguousarray(g.T)
+    scale = np.maximum(np.abs(np.einsum("iif->if", A)).max(axis=0), 1.0)
+    shift = mu * scale
+    floor = np.maximum(shift, 1e-12)
+    Lm: list[list[NDArray[np.float64]]] = [[] for _ in range(n)]  # Lm[i][j], j < i
+    d: list[NDArray[np.float64]] = []
     for j in range(n):
-        dj = A[:, j, j] - np.einsum("fk,fk->f", Lm[:, j, :j] ** 2, d[:, :j]) if j else A[:, j, j].copy()
-        dj = np.where(np.abs(dj) < floor, floor, np.abs(dj))
-        d[:, j] = dj
-        Lm[:, j, j] = 1.0
+        dj = A[j, j] + shift
+        for k in range(j):
+            dj = dj - Lm[j][k] * Lm[j][k] * d[k]
+        dj = np.abs(dj)
+        dj = np.where(dj < floor, floor, dj)
+        d.append(dj)
         for i in range(j + 1, n):
-            acc = A[:, i, j] - (np.einsum("fk,fk->f", Lm[:, i, :j] * Lm[:, j, :j], d[:, :j]) if j else 0.0)
-            Lm[:, i, j] = acc / dj
-    # solve L y = −g, then |D| Lᵀ x = y
-    y = np.empty((F, n))
+            acc = A[i, j]
+            for k in range(j):
+                acc = acc - Lm[i][k] * Lm[j][k] * d[k]
+            Lm[i].append(acc / dj)
+    y: list[NDArray[np.float64]] = []
     for i in range(n):
-        y[:, i] = -g[:, i] - (np.einsum("fk,fk->f", Lm[:, i, :i], y[:, :i]) if i else 0.0)
-    y /= d
-    x = np.empty((F, n))
+        yi = -G[i]
+        for k in range(i):
+            yi = yi - Lm[i][k] * y[k]
+        y.append(yi)
+    x: list[NDArray[np.float64]] = [np.empty(0)] * n
     for i in range(n - 1, -1, -1):
-        x[:, i] = y[:, i] - (np.einsum("fk,fk->f", Lm[:, i + 1 :, i], x[:, i + 1 :]) if i < n - 1 else 0.0)
-    return x
+        xi = y[i] / d[i]
+        for k in range(i + 1, n):
+            xi = xi - Lm[k][i] * x[k]
+        x[i] = xi
+    return np.stack(x, axis=1)
 
 
 def _newton_fit(
@@ -352,9 +377,9 @@ def _newton_fit(
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_], NDArray[np.int64]]:
     """Damped Newton from ``th`` (updated in place) for every row; returns (nll, converged, iterations)."""
     F = th.shape[0]
-    f, g, H = _nll_terms(L, th, wt, True)
+    f, g, H = _nll_terms(L, th, wt)
     its = np.zeros(F, dtype=np.int64)
-    mu = np.full(F, 1e-1)
+    mu = np.full(F, _MU0)
     active = np.arange(F)
     done = np.zeros(F, dtype=bool)
     for _ in range(_FAST_MAX_ITER):
@@ -372,7 +397,7 @@ def _newton_fit(
         step = _newton_steps(Ha, ga, mu[active])
         # predicted decrease of the quadratic model: converged when below the tolerance
         pred = -(ga * step).sum(axis=1)
-        flat = (pred <= _FAST_FTOL * (1.0 + np.abs(fa))) & (mu[active] <= 1e-1)
+        flat = (pred <= _FAST_FTOL * (1.0 + np.abs(fa))) & (mu[active] <= _MU0)
         if flat.any():
             done[active[flat]] = True
             keep = ~flat
@@ -380,15 +405,15 @@ def _newton_fit(
             if active.size == 0:
                 break
         trial = np.clip(ta + step, lo, hi)
-        f2, g2, H2 = _nll_terms(L[active], trial, None if wt is None else wt[active], True)
+        f2, g2, H2 = _nll_terms(L[active], trial, None if wt is None else wt[active])
         ok = np.isfinite(f2) & (f2 <= fa) & np.isfinite(g2).all(axis=1) & np.isfinite(H2).all(axis=(1, 2))
         its[active] += 1
         acc = active[ok]
         small = (fa[ok] - f2[ok]) <= _FAST_FTOL * (1.0 + np.abs(fa[ok]))
         th[acc], f[acc], g[acc], H[acc] = trial[ok], f2[ok], g2[ok], H2[ok]
-        mu[acc] = np.maximum(mu[acc] * 0.25, 1e-12)
+        mu[acc] = np.maximum(mu[acc] * _MU_DOWN, 1e-12)
         rej = active[~ok]
-        mu[rej] *= 8.0
+        mu[rej] *= _MU_UP
         stop = np.zeros(active.size, dtype=bool)
         stop[ok] = small
         stop[~ok] = mu[rej] > 1e10  # no descent step left: a (bounded) stationary point
@@ -441,7 +466,10 @@ def fit_weibull_mixtures(
     it_rows = np.zeros(rows.size, dtype=np.int64)
     # rows are fitted in chunks of ~32k data points: the temporaries stay in cache (2-3x faster)
     chunk = max(16, _FAST_CHUNK // m)
-    with np.errstate(all="ignore"):
+    from threadpoolctl import threadpool_limits
+
+    # small BLAS calls (row sums) gain nothing from threads, which spin on a busy machine
+    with threadpool_limits(1), np.errstate(all="ignore"):
         for c0 in range(0, rows.size, chunk):
             sl = slice(c0, c0 + chunk)
             rr = rows[sl]
