@@ -366,8 +366,9 @@ def selection_at_k(
       ``rpc_fit``: ``"fast"`` (default: every subset of every problem in one batched fit per
       ``k``) or ``"reference"`` (the authors' optimiser, one subset at a time; see
       :mod:`ttscale.rpc`). Either way a subset is only fitted when pruning can change its
-      credit: pruning removes only paths below the subset's mean ``p``, so when every cluster
-      that could win under some pruning has the same correctness, no fit is needed.
+      credit: pruning removes only paths below the subset's mean ``p``, so when the clusters
+      that could win under some pruning are all wholly correct or all wholly wrong, no fit is
+      needed (the value is the same).
     * a :data:`Selector` callable for anything else (DeepConf filtering, a custom verifier...).
 
     Credit is 1 if the chosen cluster is correct (a cluster's correctness is that of its
@@ -1154,10 +1155,11 @@ def _rows_credit(
 
 def _duplicate_groups(
     prob: NDArray[np.int64], lab: NDArray[np.int64], sc: NDArray[np.float64], tid: NDArray[np.int64] | None
-) -> NDArray[np.int64]:
-    """Per sample, an id shared by the samples PC counts once (same problem, answer, text, p)."""
+) -> NDArray[np.int64] | None:
+    """Per sample, an id shared by the samples PC counts once (same problem, answer, text, p);
+    ``None`` when every sample is distinct."""
     if tid is None:
-        return np.arange(lab.size, dtype=np.int64)
+        return None
     keys = np.stack([prob, lab, tid, np.ascontiguousarray(sc).view(np.int64)], axis=1)
     return np.unique(keys, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
 
@@ -1167,7 +1169,7 @@ def _rpc_credits(
     lab: NDArray[np.int64],
     corr: NDArray[np.float64],
     sc: NDArray[np.float64],
-    group: NDArray[np.int64],
+    group: NDArray[np.int64] | None,
     L: int,
     tie: str,
     fit: str,
@@ -1179,8 +1181,9 @@ def _rpc_credits(
     Reasoning pruning needs a Weibull fit only where it can change the credit. Pruning removes
     only paths below the row's mean ``p``, so a cluster scores at least the sum over its other
     paths and at most its full sum; the clusters that can win under some pruning are those whose
-    full sum reaches the largest guaranteed sum. A row is fitted only when these possible
-    winners differ in correctness. The fitted rows use the batched fast fit or the reference fit.
+    full sum reaches the largest guaranteed sum. A row is fitted unless these possible winners
+    are all wholly correct or all wholly wrong (then every outcome earns the same credit). The
+    fitted rows use the batched fast fit or the reference fit.
     """
     S, kk = subs.shape
     out = np.empty(S)
@@ -1193,15 +1196,18 @@ def _rpc_credits(
         x = np.exp(sc[sub])
         nans = ans.sum(axis=1)
         mean = np.where(ans, x, 0.0).sum(axis=1) / np.maximum(nans, 1)
-        # first occurrence of each duplicate group in the row (duplicates share p, hence fate)
-        gs = group[sub]
-        order = np.argsort(gs, axis=1, kind="stable")
-        gsorted = np.take_along_axis(gs, order, axis=1)
-        first = np.ones((R, kk), dtype=bool)
-        rep_sorted = np.zeros((R, kk), dtype=bool)
-        rep_sorted[:, 1:] = gsorted[:, 1:] == gsorted[:, :-1]
-        np.put_along_axis(first, order, ~rep_sorted, axis=1)
-        base = np.where(ans & first, x, 0.0)
+        counted = ans
+        if group is not None:
+            # first occurrence of each duplicate group in the row (duplicates share p, hence fate)
+            gs = group[sub]
+            order = np.argsort(gs, axis=1, kind="stable")
+            gsorted = np.take_along_axis(gs, order, axis=1)
+            first = np.ones((R, kk), dtype=bool)
+            rep_sorted = np.zeros((R, kk), dtype=bool)
+            rep_sorted[:, 1:] = gsorted[:, 1:] == gsorted[:, :-1]
+            np.put_along_axis(first, order, ~rep_sorted, axis=1)
+            counted = ans & first
+        base = np.where(counted, x, 0.0)
         rid = np.broadcast_to(np.arange(R)[:, None], (R, kk))
         key = (rid * L + np.maximum(ls, 0))[ans]
         most = np.bincount(key, weights=base[ans], minlength=R * L).reshape(R, L)
@@ -1209,14 +1215,12 @@ def _rpc_credits(
         least = np.bincount(key, weights=keep[ans], minlength=R * L).reshape(R, L)
         # clusters that can win (or tie) under some pruning: whole score ≥ the best guaranteed one
         can_win = most >= (least.max(axis=1) * (1.0 - 1e-9))[:, None]
-        # correctness of each cluster: its largest-index member in the subset (rows are sorted)
-        last = np.full(R * L, -1, dtype=np.int64)
-        np.maximum.at(last, key, np.broadcast_to(np.arange(kk), (R, kk))[ans])
-        cs = corr[sub]
-        ccorr = cs[np.repeat(np.arange(R), L), np.maximum(last, 0)].reshape(R, L)
-        hi = np.where(can_win, ccorr, -np.inf).max(axis=1)
-        lo = np.where(can_win, ccorr, np.inf).min(axis=1)
-        fixed = hi == lo  # every possible winner earns the same credit
+        # a cluster's credit is its representative's correctness: fixed when all its members agree
+        size = np.bincount(key, minlength=R * L).reshape(R, L)
+        right = np.bincount(key, weights=corr[sub][ans], minlength=R * L).reshape(R, L)
+        all_right = ~np.where(can_win, right < size, False).any(axis=1)
+        all_wrong = ~np.where(can_win, right > 0, False).any(axis=1)
+        fixed = all_right | all_wrong  # every possible winner earns the same credit
         pick = np.argmax(ans, axis=1)[:, None]  # some answered path of the row
         allsame = ~np.where(ans, x != np.take_along_axis(x, pick, axis=1), False).any(axis=1)
         need = (nans >= 2) & ~fixed & ~allsame
