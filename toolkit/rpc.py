@@ -13,11 +13,12 @@ Two fits are available (``fit=``):
   space, from ``(w1, k1, λ1, k2, λ2) = (0.5, 1, 1, 1.5, 2)`` under ``w1 ∈ [0.2, 0.8]`` and the other
   parameters ``≥ 0.01``. With few paths the mixture likelihood has no proper maximum (it grows
   without bound as one component collapses onto a point), so the result is wherever this
-  optimiser's path stops; this fit reproduces that path. Two guards are added, neither of which
-  moves a fit that ends on a finite objective at its best point: a fit never reports convergence
-  from a non-finite objective, and the best point the optimiser evaluated is kept. Its only guard
-  against a degenerate spike component is the optimiser's own path (a fixed start, L-BFGS-B's
-  stopping rule); nothing bounds the shapes. About 10 ms a fit.
+  optimiser's path stops; this fit reproduces that path. Two guards are added, and neither
+  changes a fit that the optimiser reports as converged at a finite objective: a fit never
+  reports convergence from a non-finite objective, and when the optimiser ends on a non-finite
+  objective, or fails after visiting a better point, the best point it evaluated is kept. Its
+  only guard against a degenerate spike component is the optimiser's own path (a fixed start,
+  L-BFGS-B's stopping rule); nothing bounds the shapes. About 10 ms a fit.
 * ``"fast"``: every fit of a batch at once (:func:`fit_weibull_mixtures`), a damped Newton method
   on the exact Hessian over a ``(fits, 5)`` float64 parameter array, from the same start point and
   under the same bounds, in the coordinates ``(w1, log k1, log λ1, log k2, log λ2)``. Guards: a
@@ -211,8 +212,9 @@ def _reference_fit(x: NDArray[np.float64]) -> WeibullMixture:
             objective, np.asarray(_INITIAL_GUESS), method="L-BFGS-B", bounds=_BOUNDS
         )
     theta, fun, converged = np.asarray(res.x, dtype=np.float64), float(res.fun), bool(res.success)
-    if not math.isfinite(fun) or best_f < fun - 1e-9 * (1.0 + abs(fun)):
-        # the optimiser stopped on a non-finite step or after a better point: keep the best point
+    if not math.isfinite(fun) or (not converged and best_f < fun - 1e-9 * (1.0 + abs(fun))):
+        # the optimiser stopped on a non-finite step, or failed after visiting a better point:
+        # keep the best point (a successful finite stop is the reference's answer, kept as is)
         logger.debug(
             "Weibull fit ended at objective %s after visiting %s (%s); keeping the best point",
             fun, best_f, res.message,
