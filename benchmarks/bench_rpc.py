@@ -201,8 +201,8 @@ def main() -> None:
         f"| one reference fit per subset (the path before this change), estimated | | {old_total:.0f} s | "
         f"{subsets:,} | ratio to fast (CPU): {old_total / fast_cpu:.0f}x |",
         "",
-        f"Fits skipped: a subset is fitted only when the clusters that could win under some pruning "
-        f"differ in correctness; here {fast_fits:,} of {subsets:,} subsets "
+        "Fits skipped: a subset is fitted only when the clusters that could win under some pruning "
+        f"are not all wholly correct or all wholly wrong; here {fast_fits:,} of {subsets:,} subsets "
         f"({100 * fast_fits / subsets:.0f}%) needed a fit. Same subsets, fast vs reference RPC@k on the "
         f"first {R} problems: largest |difference| of the mean over k = {curve_diff:.4f}.",
         "",
