@@ -141,3 +141,22 @@ def test_cli_curve_rpc_fit_flag(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert json.loads(r.output)["meta"]["rpc_fit"] == "reference"
     r = runner.invoke(app, ["curve", run, "--methods", "rpc", "--rpc-fit", "quick"])
     assert r.exit_code == 1 and r.output.startswith("error: rpc fit must be one of reference, fast")
+
+
+def test_rpc_at_k_is_the_same_in_small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    # subsets are drawn in blocks and evaluated in bounded batches: block and batch sizes must
+    # not change a value (same random subsets, same fits)
+    import ttscale.metrics as metrics
+
+    rng = np.random.default_rng(4)
+    codes = rng.integers(-1, 3, (5, 12))
+    corr = (codes == 0).astype(float)
+    lps = -rng.exponential(0.5, (5, 12))
+    kw = dict(method="rpc", scores=lps, n_draws=30, max_subsets=30, seed=2)
+    big = selection_at_k(codes, corr, [2, 5, 11, 12], **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(metrics, "_RPC_BATCH", 40)
+    monkeypatch.setattr(metrics, "_CHUNK", 30)
+    small = selection_at_k(codes, corr, [2, 5, 11, 12], **kw)  # type: ignore[arg-type]
+    np.testing.assert_allclose(small.per_problem, big.per_problem, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(small.mc_stderr, big.mc_stderr, rtol=1e-12)
+    assert small.method == big.method == ("mc", "mc", "exact", "exact")  # C(12, 11) = 12 <= 30

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -61,6 +61,7 @@ _DIRECT_TERMS = 64  # pass@k: products with at most this many factors are summed
 _TAIL_LOG = math.log(1e17)  # closed-form majority: binomial tails beyond exp(-this) are dropped
 _CHUNK = 1 << 21  # elements per temporary array in chunked loops
 _VOTE_RTOL = 1e-12  # same tie tolerance for weighted sums as ttscale.aggregate
+_RPC_BATCH = 1 << 23  # RPC@k: subset paths evaluated per batch (all problems of one k at once)
 _CLOSED_BUDGET = 3e5  # "auto": closed-form majority only when its plan touches fewer elements
 
 
@@ -498,7 +499,7 @@ def selection_at_k(
     budget = None if strategy == "closed-form" else _CLOSED_BUDGET
     counts_mc: list[tuple[int, list[int]]] = []
     # RPC subsets are collected per k and evaluated for all problems at once (_rpc_credits)
-    rpc_jobs: dict[int, list[tuple[int, NDArray[np.int64], bool]]] = {}
+    rpc_jobs: dict[int, list[tuple[int, bool]]] = {}  # j -> (problem, enumerated?)
     for p in range(P):
         n = int(n_p[p])
         lo, hi = int(off[p]), int(off[p + 1])
@@ -542,7 +543,7 @@ def selection_at_k(
                     )
                 how[p, j] = 2
                 if method == "rpc":
-                    rpc_jobs.setdefault(j, []).append((p, _all_subsets(n, kv), True))
+                    rpc_jobs.setdefault(j, []).append((p, True))
                     continue
                 credits = _subset_credits(
                     method, p, lab_p, corr_p, sc_p, None if tid is None else tid[lo:hi], L, n, kv,
@@ -557,10 +558,7 @@ def selection_at_k(
         how[p, mc_js] = 3
         if method == "rpc":
             for j in mc_js:
-                rng_j = np.random.default_rng([root, p, int(k[j])])
-                rpc_jobs.setdefault(j, []).append(
-                    (p, _random_subsets(rng_j, n, int(k[j]), n_draws), False)
-                )
+                rpc_jobs.setdefault(j, []).append((p, False))
             continue
         if method == "majority" and tie != "first" and not mixed[p]:
             counts_mc.append((p, mc_js))  # done below for all problems at once
@@ -606,17 +604,30 @@ def selection_at_k(
     if rpc_jobs:
         assert sc is not None
         group = _duplicate_groups(prob, lab, sc, tid)
+        L_max = int(n_clusters.max())
         for j, jobs in sorted(rpc_jobs.items()):
-            subs = np.concatenate([sub + off[p] for p, sub, _ in jobs])
-            row_p = np.concatenate([np.full(sub.shape[0], p) for p, sub, _ in jobs])
-            credits = _rpc_credits(
-                subs, lab, corr, sc, group, int(n_clusters.max()), tie, rpc_fit,
-                np.random.default_rng([root, int(k[j]), 7]),
-            )
-            cnt = np.bincount(row_p, minlength=P)
-            tot = np.bincount(row_p, weights=credits, minlength=P)
-            sq = np.bincount(row_p, weights=credits * credits, minlength=P)
-            for p, _sub, exact in jobs:
+            kv = int(k[j])
+            tot, sq = np.zeros(P), np.zeros(P)
+            cnt = np.zeros(P, dtype=np.int64)
+            crng = np.random.default_rng([root, kv, 7])
+            buf: list[NDArray[np.int64]] = []
+            buf_p: list[NDArray[np.int64]] = []
+            pending = 0
+
+            # subsets are generated in blocks (the same ones the per-subset path drew) and
+            # evaluated in batches of about _RPC_BATCH paths: memory stays bounded at any n
+            for p, exact in jobs:
+                rng_p = np.random.default_rng([root, p, kv])
+                for block in _subset_blocks(int(n_p[p]), kv, exact, n_draws, rng_p):
+                    buf.append(block + off[p])
+                    buf_p.append(np.full(block.shape[0], p))
+                    pending += block.size
+                    if pending >= _RPC_BATCH:
+                        _rpc_batch(buf, buf_p, (tot, sq, cnt), lab, corr, sc, group, L_max, tie, rpc_fit, crng)
+                        pending = 0
+            if buf:
+                _rpc_batch(buf, buf_p, (tot, sq, cnt), lab, corr, sc, group, L_max, tie, rpc_fit, crng)
+            for p, exact in jobs:
                 c = int(cnt[p])
                 per[p, j] = tot[p] / c
                 if not exact and c > 1:
@@ -1151,6 +1162,47 @@ def _rows_credit(
     rowsL = np.repeat(np.arange(S), L)
     corr_of = np.where(last >= 0, csub[rowsL, np.maximum(last, 0)], 0.0).reshape(S, L)
     return _pick(tied, first.reshape(S, L), corr_of, tie, rng)
+
+
+def _rpc_batch(
+    buf: list[NDArray[np.int64]],
+    buf_p: list[NDArray[np.int64]],
+    acc: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64]],
+    lab: NDArray[np.int64],
+    corr: NDArray[np.float64],
+    sc: NDArray[np.float64],
+    group: NDArray[np.int64] | None,
+    L: int,
+    tie: str,
+    fit: str,
+    rng: np.random.Generator,
+) -> None:
+    """Credits of the buffered subset blocks, added per problem to ``acc`` (sum, sum of squares,
+    count); empties the buffers."""
+    subs, row_p = np.concatenate(buf), np.concatenate(buf_p)
+    credits = _rpc_credits(subs, lab, corr, sc, group, L, tie, fit, rng)
+    tot, sq, cnt = acc
+    P = tot.size
+    cnt += np.bincount(row_p, minlength=P)
+    tot += np.bincount(row_p, weights=credits, minlength=P)
+    sq += np.bincount(row_p, weights=credits * credits, minlength=P)
+    buf.clear()
+    buf_p.clear()
+
+
+def _subset_blocks(
+    n: int, k: int, exact: bool, draws: int, rng: np.random.Generator
+) -> Iterator[NDArray[np.int64]]:
+    """All size-``k`` subsets of ``range(n)`` (``exact``) or ``draws`` random ones, in row blocks."""
+    if exact:
+        subs = _all_subsets(n, k)
+        rows = max(1, _CHUNK // k)
+        for s0 in range(0, subs.shape[0], rows):
+            yield subs[s0 : s0 + rows]
+        return
+    rows = max(1, _CHUNK // n)  # one block draws a (rows, n) array of keys
+    for s0 in range(0, draws, rows):
+        yield _random_subsets(rng, n, k, min(rows, draws - s0))
 
 
 def _duplicate_groups(
