@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap replicates.")] = 1000,
         draws: Annotated[int, typer.Option(min=10, help="Monte-Carlo subsets per problem and k.")] = 1000,
         rpc_draws: Annotated[
-            int, typer.Option(min=1, help="Subsets per problem and k for RPC (one Weibull fit each).")
+            int, typer.Option(min=1, help="Subsets per problem and k for RPC (a Weibull fit each where pruning matters).")
         ] = 50,
         rpc_fit: Annotated[
             str,
