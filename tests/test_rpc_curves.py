@@ -160,3 +160,10 @@ def test_rpc_at_k_is_the_same_in_small_batches(monkeypatch: pytest.MonkeyPatch) 
     np.testing.assert_allclose(small.per_problem, big.per_problem, rtol=0, atol=1e-15)
     np.testing.assert_allclose(small.mc_stderr, big.mc_stderr, rtol=1e-12)
     assert small.method == big.method == ("mc", "mc", "exact", "exact")  # C(12, 11) = 12 <= 30
+
+
+def test_rpc_at_k_without_any_answer_is_zero() -> None:
+    codes = np.full((2, 6), -1)
+    res = selection_at_k(codes, np.zeros((2, 6)), [1, 3, 6], method="rpc", scores=-np.ones((2, 6)),
+                         n_draws=5, max_subsets=5, seed=1)
+    np.testing.assert_array_equal(res.per_problem, 0.0)

@@ -1266,7 +1266,7 @@ def _rpc_credits(
         keep = base * (x >= mean[:, None])
         least = np.bincount(key, weights=keep[ans], minlength=R * L).reshape(R, L)
         # clusters that can win (or tie) under some pruning: whole score ≥ the best guaranteed one
-        can_win = most >= (least.max(axis=1) * (1.0 - 1e-9))[:, None]
+        can_win = most >= (least.max(axis=1, initial=0.0) * (1.0 - 1e-9))[:, None]
         # a cluster's credit is its representative's correctness: fixed when all its members agree
         size = np.bincount(key, minlength=R * L).reshape(R, L)
         right = np.bincount(key, weights=corr[sub][ans], minlength=R * L).reshape(R, L)
