@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
@@ -35,8 +35,8 @@ from ttscale.select.aggregate import (
     AggregateResult,
     TieRule,
     perplexity_consistency_labels,
-    rpc_labels,
 )
+from ttscale.select.rpc import RPC_FITS, RpcFit, weibull_prune, weibull_prune_batch
 from ttscale.select.rules import RULES, canonical_name
 from ttscale.validation import check_choice, check_int, choices
 
@@ -65,6 +65,7 @@ _DIRECT_TERMS = 64  # pass@k: products with at most this many factors are summed
 _TAIL_LOG = math.log(1e17)  # closed-form majority: binomial tails beyond exp(-this) are dropped
 _CHUNK = 1 << 21  # elements per temporary array in chunked loops
 _VOTE_RTOL = 1e-12  # same tie tolerance for weighted sums as ttscale.select.aggregate
+_RPC_BATCH = 1 << 23  # RPC@k: subset paths evaluated per batch (all problems of one k at once)
 _CLOSED_BUDGET = 3e5  # "auto": closed-form majority only when its plan touches fewer elements
 
 
@@ -315,8 +316,9 @@ class SelectionResult:
     ``"closed-form"``, ``"exact"`` (every subset enumerated), ``"mc"`` (``draws[j]`` random subsets
     per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
     (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
-    (0 when nothing was sampled). ``rule`` is the selection rule (its registry name, or a
-    selector's ``__name__``). ``method`` is the deprecated former name of ``estimator``.
+    (0 when nothing was sampled); ``rpc_fit`` the Weibull fit RPC used (``None`` for other rules).
+    ``rule`` is the selection rule (its registry name, or a selector's ``__name__``). ``method``
+    is the deprecated former name of ``estimator``.
     """
 
     ks: NDArray[np.int64]
@@ -329,6 +331,7 @@ class SelectionResult:
     mc_stderr: NDArray[np.float64]
     rule: str
     tie: str
+    rpc_fit: str | None = None
 
     @property
     def method(self) -> tuple[str, ...]:
@@ -360,6 +363,7 @@ def selection_at_k(
     seed: SeedLike = None,
     missing: Missing = "nan",
     progress: Callable[[int, int], None] | None = None,
+    rpc_fit: RpcFit = "fast",
 ) -> SelectionResult:
     """``E_T[credit(S(T))]`` over uniform size-``k`` subsets ``T`` of each problem's pool, for each ``k``.
 
@@ -376,7 +380,13 @@ def selection_at_k(
     * ``"weighted"``: vote weighted by non-negative ``scores`` (map logits first with
       :func:`ttscale.select.aggregate.map_scores`).
     * ``"pc"`` / ``"rpc"``: perplexity consistency / RPC with ``scores`` = mean token log-probs and
-      optional ``text_ids`` (equal ids = identical texts).
+      optional ``text_ids`` (equal ids = identical texts). RPC fits its Weibull mixtures with
+      ``rpc_fit``: ``"fast"`` (default: every subset of every problem in one batched fit per
+      ``k``) or ``"reference"`` (the authors' optimiser, one subset at a time; see
+      :mod:`ttscale.select.rpc`). Either way a subset is only fitted when pruning can change its
+      credit: pruning removes only paths below the subset's mean ``p``, so when the clusters
+      that could win under some pruning are all wholly correct or all wholly wrong, no fit is
+      needed (the value is the same).
     * a :data:`Selector` callable for anything else (DeepConf filtering, a custom verifier...).
 
     Credit is 1 if the chosen cluster is correct (a cluster's correctness is that of its
@@ -386,7 +396,8 @@ def selection_at_k(
 
     ``strategy``: ``"closed-form"`` (exact; an error where there is none), ``"enumerate"`` (all
     ``C(n, k)`` subsets), ``"mc"`` (``n_draws`` random subsets per problem and ``k``), or ``"auto"``
-    (default): best-of-N closed form; the majority closed form where its plan is cheap (small
+    (default): at ``k = 1`` every rule picks the single sample, so the value is the exact mean
+    correctness of answered samples (enumeration for a callable); best-of-N closed form; the majority closed form where its plan is cheap (small
     pools nearly always; at ``n = 10,000`` mostly very small ``k`` and large ``k`` with a clear
     winner); else enumeration when ``C(n, k) ≤ max_subsets``; else Monte Carlo. ``estimator`` in
     the result says which per ``k``. Monte Carlo is seeded and reproducible for the same inputs:
@@ -410,6 +421,7 @@ def selection_at_k(
     rule, engine = _resolve_method(method)
     check_int("max_subsets", max_subsets, min=1)
     check_int("n_draws", n_draws, min=1)
+    check_choice("rpc_fit", rpc_fit, RPC_FITS)
     k = _check_ks(ks)
     data = _prepare(labels, correct, scores, text_ids, mask=mask, offsets=offsets, engine=engine, rule=rule)
 
@@ -430,14 +442,18 @@ def selection_at_k(
             data.prob, data.off, data.n_p, data.sc, data.lab >= 0, data.corr, k, tie, lf
         )
         est.how[:] = np.where(k[None, :] <= data.n_p[:, None], _Estimator.CLOSED_FORM, _Estimator.NONE)
+    # RPC subsets (enumerated or drawn) are queued per k and fitted for all problems at once
+    rpc_jobs: dict[int, list[tuple[int, bool]]] = {}
     todo = _exact_pass(
         data, k, engine, tie, strategy, max_subsets, n_draws, root, lf, est,
-        majority_closed=use_closed and engine == "majority", progress=progress,
+        majority_closed=use_closed and engine == "majority", rpc_jobs=rpc_jobs, progress=progress,
     )
-    _monte_carlo_pass(data, k, engine, tie, n_draws, root, todo, est)
+    _monte_carlo_pass(data, k, engine, tie, n_draws, root, todo, est, rpc_jobs)
+    if rpc_jobs:
+        _rpc_pass(data, k, tie, n_draws, root, rpc_jobs, est, rpc_fit)
     if progress is not None:
         progress(data.n_problems, data.n_problems)
-    return est.result(k, missing, n_draws, rule, tie)
+    return est.result(k, missing, n_draws, rule, tie, rpc_fit if engine == "rpc" else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +638,8 @@ class _Estimates:
         )
 
     def result(
-        self, k: NDArray[np.int64], missing: str, n_draws: int, rule: str, tie: str
+        self, k: NDArray[np.int64], missing: str, n_draws: int, rule: str, tie: str,
+        rpc_fit: str | None = None,
     ) -> SelectionResult:
         mean, count = _column_means(self.per, missing)
         names = []
@@ -638,7 +655,7 @@ class _Estimates:
         return SelectionResult(
             ks=k, mean=mean, per_problem=self.per, n_problems=count, estimator=tuple(names),
             n_exact=exact.sum(axis=0).astype(np.int64), draws=draws, mc_stderr=stderr,
-            rule=rule, tie=tie,
+            rule=rule, tie=tie, rpc_fit=rpc_fit,
         )
 
 
@@ -655,12 +672,14 @@ def _exact_pass(
     est: _Estimates,
     *,
     majority_closed: bool,
+    rpc_jobs: dict[int, list[tuple[int, bool]]],
     progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[int, list[int]]]:
     """Fill the exact values: the majority closed form (where its plan is cheap, unless
-    ``strategy="closed-form"``) and enumeration of all subsets (where ``C(n, k) ≤ max_subsets``,
-    or everywhere with ``strategy="enumerate"``). Returns, per problem, the ``k`` columns left
-    to Monte Carlo."""
+    ``strategy="closed-form"``), ``k = 1`` for every named rule (each picks its one sample) and
+    enumeration of all subsets (where ``C(n, k) ≤ max_subsets``, or everywhere with
+    ``strategy="enumerate"``; RPC's enumerated subsets are queued in ``rpc_jobs`` and fitted
+    together by :func:`_rpc_pass`). Returns, per problem, the ``k`` columns left to Monte Carlo."""
     budget = None if strategy == "closed-form" else _CLOSED_BUDGET
     todo: list[tuple[int, list[int]]] = []
     for p in range(data.n_problems):
@@ -687,16 +706,26 @@ def _exact_pass(
                 raise ConfigError(
                     f"problem {p} mixes correct and wrong samples under one label; no closed form"
                 )
+            if kv == 1 and strategy == "auto" and isinstance(engine, str):
+                # every rule picks the one sample: credit = its correctness if answered (exact)
+                est.per[p, j] = float(np.where(pr.lab >= 0, pr.corr, 0.0).mean())
+                est.how[p, j] = _Estimator.EXACT  # the n singletons, enumerated in closed form
+                continue
             log_sub = math.lgamma(n + 1) - math.lgamma(kv + 1) - math.lgamma(n - kv + 1)
             if strategy == "enumerate" or (
-                strategy == "auto" and log_sub <= math.log(max_subsets) + 1e-9
-                and math.comb(n, kv) <= max_subsets
+                strategy == "auto" and (kv == 1 or (
+                    log_sub <= math.log(max_subsets) + 1e-9 and math.comb(n, kv) <= max_subsets
+                ))
             ):
                 n_sub = math.comb(n, kv)
                 if n_sub > 10_000_000:
                     raise ConfigError(
                         f"enumerating C({n}, {kv}) = {n_sub} subsets is too many; use strategy='mc'"
                     )
+                if engine == "rpc":
+                    est.how[p, j] = _Estimator.EXACT
+                    rpc_jobs.setdefault(j, []).append((p, True))
+                    continue
                 credits = _subset_credits(
                     engine, pr, kv, _all_subsets(n, kv), n_draws, tie,
                     np.random.default_rng([root, p, kv]),
@@ -719,17 +748,23 @@ def _monte_carlo_pass(
     root: int,
     todo: list[tuple[int, list[int]]],
     est: _Estimates,
+    rpc_jobs: dict[int, list[tuple[int, bool]]],
 ) -> None:
     """Fill the ``todo`` columns by Monte Carlo (each stream seeded by ``root`` and its position).
 
     Majority (``tie`` not ``"first"``) draws subset counts for all problems at once; majority with
     ``tie="first"`` and weighted votes use random permutations whose prefixes serve every ``k``;
-    other rules evaluate ``n_draws`` random subsets per ``k``.
+    RPC subsets are queued in ``rpc_jobs`` for :func:`_rpc_pass`; other rules evaluate ``n_draws``
+    random subsets per ``k``.
     """
     counts_mc: list[tuple[int, list[int]]] = []
     for p, mc_js in todo:
         est.how[p, mc_js] = _Estimator.MC
         pr = data.problem(p)
+        if engine == "rpc":
+            for j in mc_js:
+                rpc_jobs.setdefault(j, []).append((p, False))
+            continue
         if engine == "majority" and tie != "first" and not pr.mixed:
             counts_mc.append((p, mc_js))  # done below for all problems at once
             continue
@@ -780,6 +815,52 @@ def _majority_counts_pass(
         )
         est.per[ps, j] = means
         est.mc_var[j] += variances.sum()
+
+
+def _rpc_pass(
+    data: _PoolData,
+    k: NDArray[np.int64],
+    tie: str,
+    n_draws: int,
+    root: int,
+    rpc_jobs: dict[int, list[tuple[int, bool]]],
+    est: _Estimates,
+    rpc_fit: str,
+) -> None:
+    """RPC@k for every queued (problem, k): the subsets of all problems of one ``k`` are fitted
+    together (``rpc_fit``), in batches of about ``_RPC_BATCH`` paths so memory stays bounded at
+    any ``n``; enumerated jobs give exact values, the others Monte-Carlo means and variances."""
+    assert data.sc is not None
+    P = data.n_problems
+    group = _duplicate_groups(data.prob, data.lab, data.sc, data.tid)
+    L_max = int(data.n_clusters.max())
+    for j, jobs in sorted(rpc_jobs.items()):
+        kv = int(k[j])
+        tot, sq = np.zeros(P), np.zeros(P)
+        cnt = np.zeros(P, dtype=np.int64)
+        crng = np.random.default_rng([root, kv, 7])
+        buf: list[NDArray[np.int64]] = []
+        buf_p: list[NDArray[np.int64]] = []
+        pending = 0
+        # subsets are generated in blocks (the same ones the per-subset path drew)
+        for p, exact in jobs:
+            rng_p = np.random.default_rng([root, p, kv])
+            for block in _subset_blocks(int(data.n_p[p]), kv, exact, n_draws, rng_p):
+                buf.append(block + data.off[p])
+                buf_p.append(np.full(block.shape[0], p))
+                pending += block.size
+                if pending >= _RPC_BATCH:
+                    _rpc_batch(buf, buf_p, (tot, sq, cnt), data.lab, data.corr, data.sc, group,
+                               L_max, tie, rpc_fit, crng)  # fmt: skip
+                    pending = 0
+        if buf:
+            _rpc_batch(buf, buf_p, (tot, sq, cnt), data.lab, data.corr, data.sc, group, L_max,
+                       tie, rpc_fit, crng)  # fmt: skip
+        for p, exact in jobs:
+            c = int(cnt[p])
+            est.per[p, j] = tot[p] / c
+            if not exact and c > 1:
+                est.mc_var[j] += max(sq[p] - tot[p] ** 2 / c, 0.0) / (c - 1) / c
 
 
 def _local_labels(
@@ -1292,7 +1373,9 @@ def _rows_credit(
     sub: NDArray[np.int64],
     tie: str,
     rng: np.random.Generator,
+    weights: NDArray[np.float64] | None = None,
 ) -> NDArray[np.float64]:
+    """Credit of each subset row; ``weights`` ``(S, k)`` replace ``sc[sub]`` as vote weights."""
     S, k = sub.shape
     ls = lab[sub]
     valid: NDArray[np.bool_] = np.asarray(ls >= 0)
@@ -1306,7 +1389,11 @@ def _rows_credit(
         return _pick(top, pos, corr[sub], tie, rng)
     rows = np.broadcast_to(np.arange(S)[:, None], (S, k))[valid]
     flat = rows * L + ls[valid]
-    w = None if method == "majority" else sc[sub][valid]  # type: ignore[index]
+    w: NDArray[np.float64] | None
+    if weights is not None:
+        w = weights[valid]
+    else:
+        w = None if method == "majority" else sc[sub][valid]  # type: ignore[index]
     score = np.bincount(flat, weights=w, minlength=S * L).reshape(S, L).astype(np.float64)
     present = (np.bincount(flat, minlength=S * L) > 0).reshape(S, L)
     best = np.max(np.where(present, score, -np.inf), axis=1, initial=-np.inf)
@@ -1325,6 +1412,132 @@ def _rows_credit(
     return _pick(tied, first.reshape(S, L), corr_of, tie, rng)
 
 
+def _rpc_batch(
+    buf: list[NDArray[np.int64]],
+    buf_p: list[NDArray[np.int64]],
+    acc: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64]],
+    lab: NDArray[np.int64],
+    corr: NDArray[np.float64],
+    sc: NDArray[np.float64],
+    group: NDArray[np.int64] | None,
+    L: int,
+    tie: str,
+    fit: str,
+    rng: np.random.Generator,
+) -> None:
+    """Credits of the buffered subset blocks, added per problem to ``acc`` (sum, sum of squares,
+    count); empties the buffers."""
+    subs, row_p = np.concatenate(buf), np.concatenate(buf_p)
+    credits = _rpc_credits(subs, lab, corr, sc, group, L, tie, fit, rng)
+    tot, sq, cnt = acc
+    P = tot.size
+    cnt += np.bincount(row_p, minlength=P)
+    tot += np.bincount(row_p, weights=credits, minlength=P)
+    sq += np.bincount(row_p, weights=credits * credits, minlength=P)
+    buf.clear()
+    buf_p.clear()
+
+
+def _subset_blocks(
+    n: int, k: int, exact: bool, draws: int, rng: np.random.Generator
+) -> Iterator[NDArray[np.int64]]:
+    """All size-``k`` subsets of ``range(n)`` (``exact``) or ``draws`` random ones, in row blocks."""
+    if exact:
+        subs = _all_subsets(n, k)
+        rows = max(1, _CHUNK // k)
+        for s0 in range(0, subs.shape[0], rows):
+            yield subs[s0 : s0 + rows]
+        return
+    rows = max(1, _CHUNK // n)  # one block draws a (rows, n) array of keys
+    for s0 in range(0, draws, rows):
+        yield _random_subsets(rng, n, k, min(rows, draws - s0))
+
+
+def _duplicate_groups(
+    prob: NDArray[np.int64], lab: NDArray[np.int64], sc: NDArray[np.float64], tid: NDArray[np.int64] | None
+) -> NDArray[np.int64] | None:
+    """Per sample, an id shared by the samples PC counts once (same problem, answer, text, p);
+    ``None`` when every sample is distinct."""
+    if tid is None:
+        return None
+    keys = np.stack([prob, lab, tid, np.ascontiguousarray(sc).view(np.int64)], axis=1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+def _rpc_credits(
+    subs: NDArray[np.int64],
+    lab: NDArray[np.int64],
+    corr: NDArray[np.float64],
+    sc: NDArray[np.float64],
+    group: NDArray[np.int64] | None,
+    L: int,
+    tie: str,
+    fit: str,
+    rng: np.random.Generator,
+) -> NDArray[np.float64]:
+    """RPC credit of each subset row of ``subs`` ``(S, k)`` (global sample indices), as
+    :func:`ttscale.select.aggregate.rpc_labels` + :func:`_callable_credit` would give it row by row.
+
+    Reasoning pruning needs a Weibull fit only where it can change the credit. Pruning removes
+    only paths below the row's mean ``p``, so a cluster scores at least the sum over its other
+    paths and at most its full sum; the clusters that can win under some pruning are those whose
+    full sum reaches the largest guaranteed sum. A row is fitted unless these possible winners
+    are all wholly correct or all wholly wrong (then every outcome earns the same credit). The
+    fitted rows use the batched fast fit or the reference fit.
+    """
+    S, kk = subs.shape
+    out = np.empty(S)
+    rows = max(1, _CHUNK // max(kk, L, 1) // 4)
+    for s0 in range(0, S, rows):
+        sub = subs[s0 : s0 + rows]
+        R = sub.shape[0]
+        ls = lab[sub]
+        ans = ls >= 0
+        x = np.exp(sc[sub])
+        nans = ans.sum(axis=1)
+        mean = np.where(ans, x, 0.0).sum(axis=1) / np.maximum(nans, 1)
+        counted = ans
+        if group is not None:
+            # first occurrence of each duplicate group in the row (duplicates share p, hence fate)
+            gs = group[sub]
+            order = np.argsort(gs, axis=1, kind="stable")
+            gsorted = np.take_along_axis(gs, order, axis=1)
+            first = np.ones((R, kk), dtype=bool)
+            rep_sorted = np.zeros((R, kk), dtype=bool)
+            rep_sorted[:, 1:] = gsorted[:, 1:] == gsorted[:, :-1]
+            np.put_along_axis(first, order, ~rep_sorted, axis=1)
+            counted = ans & first
+        base = np.where(counted, x, 0.0)
+        rid = np.broadcast_to(np.arange(R)[:, None], (R, kk))
+        key = (rid * L + np.maximum(ls, 0))[ans]
+        most = np.bincount(key, weights=base[ans], minlength=R * L).reshape(R, L)
+        keep = base * (x >= mean[:, None])
+        least = np.bincount(key, weights=keep[ans], minlength=R * L).reshape(R, L)
+        # clusters that can win (or tie) under some pruning: whole score ≥ the best guaranteed one
+        can_win = most >= (least.max(axis=1, initial=0.0) * (1.0 - 1e-9))[:, None]
+        # a cluster's credit is its representative's correctness: fixed when all its members agree
+        size = np.bincount(key, minlength=R * L).reshape(R, L)
+        right = np.bincount(key, weights=corr[sub][ans], minlength=R * L).reshape(R, L)
+        all_right = ~np.where(can_win, right < size, False).any(axis=1)
+        all_wrong = ~np.where(can_win, right > 0, False).any(axis=1)
+        fixed = all_right | all_wrong  # every possible winner earns the same credit
+        pick = np.argmax(ans, axis=1)[:, None]  # some answered path of the row
+        allsame = ~np.where(ans, x != np.take_along_axis(x, pick, axis=1), False).any(axis=1)
+        need = (nans >= 2) & ~fixed & ~allsame
+        pruned = np.zeros((R, kk), dtype=bool)
+        idx = np.flatnonzero(need)
+        if idx.size:
+            if fit == "fast":
+                pruned[idx] = weibull_prune_batch(x[idx], ans[idx])
+            else:
+                for r in idx.tolist():
+                    a = ans[r]
+                    pruned[r, a] = weibull_prune(x[r, a], fit="reference")
+        w = np.where(pruned, 0.0, base)
+        out[s0 : s0 + R] = _rows_credit("weighted", lab, corr, None, L, sub, tie, rng, weights=w)
+    return out
+
+
 def _callable_credit(
     method: str | Selector,
     pr: _Problem,
@@ -1337,9 +1550,6 @@ def _callable_credit(
     if method == "pc":
         assert sc is not None
         res = perplexity_consistency_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
-    elif method == "rpc":
-        assert sc is not None
-        res = rpc_labels(lab[sub], sc[sub], text_ids=None if tid is None else tid[sub], n_clusters=L)
     else:
         res = method(pr.p, sub)  # type: ignore[operator]
     if res.tied.size == 0:

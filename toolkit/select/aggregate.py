@@ -37,6 +37,7 @@ from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.answers import is_no_answer
+from ttscale.select.rpc import RpcFit
 from ttscale.validation import check_choice, check_number, choices
 
 __all__ = [
@@ -540,9 +541,13 @@ def rpc_labels(
     n_clusters: int | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    fit: RpcFit = "reference",
 ) -> AggregateResult:
     """RPC: reasoning pruning (Weibull mixture over ``p = exp(ℓ)`` of the answered paths,
     :func:`ttscale.select.rpc.weibull_prune`) followed by perplexity consistency on the surviving paths.
+
+    ``fit``: ``"reference"`` (default; the authors' optimiser, exactly) or ``"fast"`` (the
+    batched Newton fit used for curves); see :mod:`ttscale.select.rpc`.
     """
     from ttscale.select.rpc import weibull_prune
 
@@ -553,7 +558,7 @@ def rpc_labels(
     pruned = np.zeros(lab.size, dtype=bool)
     if answered.sum() >= 2:
         with np.errstate(over="ignore"):  # exp overflow in a far tail = log-density -inf: benign
-            pruned[answered] = weibull_prune(np.exp(lp[answered]))
+            pruned[answered] = weibull_prune(np.exp(lp[answered]), fit=fit)
     res = perplexity_consistency_labels(
         lab, lp, text_ids=text_ids, pruned=pruned, n_clusters=L, tie=tie, seed=seed
     )
@@ -701,12 +706,17 @@ def rpc(
     equivalence: Equivalence | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
+    fit: RpcFit = "reference",
 ) -> AggregateResult:
-    """RPC (reasoning pruning + perplexity consistency) over answers. See :func:`rpc_labels`."""
+    """RPC (reasoning pruning + perplexity consistency) over answers. See :func:`rpc_labels`.
+
+    ``fit="reference"`` (default) fits the Weibull mixture with the authors' optimiser exactly;
+    ``fit="fast"`` with the batched fit :func:`ttscale.select.rpc.fit_weibull_mixtures`.
+    """
     cl = cluster_answers(answers, equivalence)
     res = rpc_labels(
         cl.labels, mean_logprobs, text_ids=_text_ids(texts, len(answers)),
-        n_clusters=cl.n_clusters, tie=tie, seed=seed,
+        n_clusters=cl.n_clusters, tie=tie, seed=seed, fit=fit,
     )
     return _with_answers(res, cl)
 
