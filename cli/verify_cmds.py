@@ -173,18 +173,14 @@ def run_verify(
 
 def _model_lines(verifier: Any) -> list[str]:
     """One line per model a verifier loaded (judge engines, reward models; ensemble members)."""
-    from ttscale.engines import choose_engine, describe_engine
+    from ttscale.engines import describe_engine
 
     out: list[str] = []
     for member in getattr(verifier, "members", None) or [verifier]:
         engine = getattr(member, "engine", None)
         if engine is not None and callable(getattr(engine, "info", None)):
-            info = dict(engine.info())
-            reason = choose_engine("auto", str(info.get("model") or "")).reason
-            out.append(
-                describe_engine(info, model_note=f"judge of {getattr(member, 'name', 'judge')}",
-                                reason=reason)
-            )  # fmt: skip
+            note = f"judge of {getattr(member, 'name', 'judge')}"
+            out.append(describe_engine(dict(engine.info()), model_note=note))
         elif getattr(member, "model_path", None) is not None:
             import transformers
 
