@@ -358,7 +358,10 @@ class HFEngine:
         logits = out.logits[:, -1, :].index_select(0, expand)
         mask = mask.index_select(0, expand)
         next_pos = mask.sum(dim=1)
-        active = list(batch)
+        # rows aligned with the cache; a finished row becomes None and stays (its outputs are
+        # ignored) until a quarter of the rows are finished: compacting the cache copies every
+        # live row's keys and values, which at every step would cost more than the dead rows
+        active: list[_Row | None] = list(batch)
         eos = set(self.eos_token_ids)
         k = min(params.logprobs or 0, logits.shape[-1])
         for t in range(params.max_tokens):
@@ -366,7 +369,12 @@ class HFEngine:
             suppress = self.eos_token_ids if t < params.min_tokens else ()
             proc = process_logprobs_torch(raw, params, suppress)
             u = torch.cat(
-                [torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active]
+                [
+                    torch.rand(1, generator=r.generator, dtype=torch.float64)
+                    if r is not None
+                    else torch.zeros(1, dtype=torch.float64)
+                    for r in active
+                ]
             )
             cdf = proc.exp().cumsum(dim=1)
             target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
@@ -379,8 +387,9 @@ class HFEngine:
                 top_v, top_i = torch.topk(reported, k, dim=1)
                 top_v, top_i = top_v.tolist(), top_i.tolist()
             tok_list = tokens.tolist()
-            keep: list[int] = []
             for b, row in enumerate(active):
+                if row is None:
+                    continue
                 tok = int(tok_list[b])
                 row.token_ids.append(tok)
                 row.logprobs.append(float(chosen_lp[b]))
@@ -397,11 +406,11 @@ class HFEngine:
                     row.finish, row.done = FinishReason.LENGTH.value, True
                 if row.done:
                     finished(row)
-                else:
-                    keep.append(b)
+                    active[b] = None
+            keep = [b for b, r in enumerate(active) if r is not None]
             if not keep:
                 return
-            if len(keep) < len(active):
+            if 4 * (len(active) - len(keep)) >= len(active):
                 sel = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(sel)
                 tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
