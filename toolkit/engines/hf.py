@@ -326,8 +326,8 @@ class HFEngine:
         dev = self.device
         # prefill each distinct prompt once, then repeat its cache rows for its samples
         distinct: dict[int, int] = {}
-        for row in batch:
-            distinct.setdefault(row.request, len(distinct))
+        for first in batch:
+            distinct.setdefault(first.request, len(distinct))
         uniq = list(distinct)
         width = max(len(prompts[p]) for p in uniq)
         ids = torch.full((len(uniq), width), self._pad_id, dtype=torch.long)
