@@ -52,7 +52,12 @@ class _Command(typer.core.TyperCommand):
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model: a local folder, .gguf file or cached model id."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: a local folder, .gguf file or cached model id [the bundled model for arith; "
+        "required for any other benchmark].",
+    ),
 ]
 BenchOpt = Annotated[
     Optional[str], typer.Option("--benchmark", "-b", help="Benchmark name (ttscale bench list).")
@@ -550,7 +555,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample, verify with the benchmark's checker, and print/plot coverage vs k.
 
-        Without --model/--benchmark it runs the bundled model on the bundled arith benchmark.
+        Without --model/--benchmark it runs the bundled model on the bundled arith benchmark;
+        any other benchmark needs --model.
         """
         if model is None and not resume:
             # the bundled default: the small arith model on the arith benchmark (run_sample
