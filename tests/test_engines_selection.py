@@ -95,28 +95,40 @@ class _Model:
         return [_P(self.n_params // 2), _P(self.n_params - self.n_params // 2)]
 
 
+class _Torch:
+    """torch's thread calls, recorded (vLLM in-process replaces the real set_num_threads)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.calls: list[int] = []
+
+    def get_num_threads(self) -> int:
+        return self.threads
+
+    def set_num_threads(self, n: int) -> None:
+        self.calls.append(n)
+        self.threads = n
+
+
 def test_cpu_threads_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """One thread per 25 M parameters, at least 1, at most the usable CPUs minus one."""
-    torch = pytest.importorskip("torch")
     import ttscale.engines.hf as hf_mod
 
-    before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    try:
-        monkeypatch.setattr(hf_mod, "_usable_cpus", lambda: 64)
-        assert hf_mod._cpu_threads(torch, _Model(900_000), None) == 1  # 0.036 -> at least 1
-        assert torch.get_num_threads() == 1
-        assert hf_mod._cpu_threads(torch, _Model(110_000_000), None) == 4  # 4.4 -> 4
-        assert hf_mod._cpu_threads(torch, _Model(7_000_000_000), None) == 63  # 280 -> 64 - 1
-        monkeypatch.setattr(hf_mod, "_usable_cpus", lambda: 3)
-        assert hf_mod._cpu_threads(torch, _Model(110_000_000), None) == 2  # 3 - 1
-        assert hf_mod._cpu_threads(torch, _Model(110_000_000), 3) == 3  # explicit wins
-        # OMP_NUM_THREADS set by the user: torch's own setting is kept
-        torch.set_num_threads(2)
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert hf_mod._cpu_threads(torch, _Model(900_000), None) == 2
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(hf_mod, "_usable_cpus", lambda: 64)
+    torch = _Torch(64)
+    assert hf_mod._cpu_threads(torch, _Model(900_000), None) == 1  # 0.036 -> at least 1
+    assert torch.calls == [1]
+    assert hf_mod._cpu_threads(torch, _Model(110_000_000), None) == 4  # 4.4 -> 4
+    assert hf_mod._cpu_threads(torch, _Model(7_000_000_000), None) == 63  # 280 -> 64 - 1
+    monkeypatch.setattr(hf_mod, "_usable_cpus", lambda: 3)
+    assert hf_mod._cpu_threads(torch, _Model(110_000_000), None) == 2  # 3 - 1
+    assert hf_mod._cpu_threads(torch, _Model(110_000_000), 3) == 3  # explicit wins
+    assert torch.calls == [1, 4, 63, 2, 3]
+    # OMP_NUM_THREADS set by the user: torch's own setting is kept
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    torch = _Torch(5)
+    assert hf_mod._cpu_threads(torch, _Model(900_000), None) == 5 and torch.calls == []
 
 
 def test_hf_engine_reports_threads_and_batch(
