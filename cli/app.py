@@ -44,11 +44,21 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="Log progress details (and vLLM's and transformers' own start-up output).",
+    ),
 ) -> None:
     """Test-time scaling of language models: sample, verify, vote, and measure scaling."""
     import logging
+    import os
 
+    if not verbose:
+        # read by huggingface_hub when transformers is first imported: no "Loading weights"
+        # bars; vLLM's own logs follow ttscale's level (see ttscale.engines.vllm)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

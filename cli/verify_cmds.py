@@ -112,6 +112,8 @@ def run_verify(
         kw["cache_path"] = cache
     kw["isolation"] = isolation  # code sandbox; verifiers that run no code ignore it
     verifier = make_verifier(spec, **kw)
+    for line in _model_lines(verifier):
+        typer.echo(line, err=True)
     try:
         vname = _store_name(name or getattr(verifier, "name", None) or head)
         info0 = dict(verifier.info()) if callable(getattr(verifier, "info", None)) else {}
@@ -217,6 +219,27 @@ def run_verify(
         # accuracy only for verifiers that judge correctness (not for score-only ones)
         "accuracy": (n_correct / len(correct)) if any(c is not None for c in correct) else None,
     }
+
+
+def _model_lines(verifier: Any) -> list[str]:
+    """One line per model a verifier loaded (judge engines, reward models; ensemble members)."""
+    from ttscale.engines import describe_engine
+
+    out: list[str] = []
+    for member in getattr(verifier, "members", None) or [verifier]:
+        engine = getattr(member, "engine", None)
+        if engine is not None and callable(getattr(engine, "info", None)):
+            note = f"judge of {getattr(member, 'name', 'judge')}"
+            out.append(describe_engine(dict(engine.info()), model_note=note))
+        elif getattr(member, "model_path", None) is not None:
+            import transformers
+
+            dtype = getattr(member, "dtype", "?")
+            out.append(
+                f"reward model: {member.model_path} (transformers {transformers.__version__}, "
+                f"{getattr(member, 'device', '?')}, {dtype}), verifier {member.name}"
+            )
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -334,7 +334,9 @@ class _Progress:
 class RepeatedSampler:
     """Draw ``n`` samples per problem with ``engine`` and stream them into ``store``.
 
-    ``batch_size``: samples per engine call (requests of many problems together);
+    ``batch_size``: samples per engine call (requests of many problems together); engines
+    without a batch of their own decode each call's samples together (``HFEngine`` by default),
+    so this is also their batch;
     ``max_per_request``: most indices of one problem in one request (default ``batch_size``);
     ``flush_every`` / ``flush_seconds``: shard size and age bound of the write buffer (a killed
     run loses at most what was not yet flushed); ``progress``: ``None`` shows a bar only when

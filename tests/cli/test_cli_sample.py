@@ -223,12 +223,20 @@ def test_demo_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     problems = load_problems("arith", limit=4)
     table, _ = _scripted_answers(problems, 8, np.random.default_rng(1))
+    import ttscale.engines as engines_mod
+
     monkeypatch.setattr(sc, "_bundled_model", lambda: tmp_path / "model")
+    real_make_engine = engines_mod.make_engine
     monkeypatch.setattr(
-        sc, "_demo_engine", lambda kind: (sc.EngineKind.scripted, {"responses": table})
+        engines_mod,
+        "make_engine",
+        lambda kind, model, **kw: real_make_engine(kind, model, responses=table, **kw),
     )
     out = tmp_path / "demo"
-    r = invoke("demo", "--problems", "4", "--n", "8", "--out", str(out), "--no-progress")
+    r = invoke(
+        "demo", "--engine", "scripted", "--problems", "4", "--n", "8", "--out", str(out),
+        "--no-progress",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert (
@@ -264,7 +272,7 @@ def test_demo_on_the_bundled_model(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     r = invoke("demo", "--problems", "6", "--n", "4", "--out", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
-    assert "engine hf" in r.output and (out / "coverage.png").exists()
+    assert "engine: hf (transformers" in r.stderr and (out / "coverage.png").exists()
     curve = json.loads((out / "curve.json").read_text())
     assert curve["k"] == [1, 2, 4]
     curve = {name: c["mean"] for name, c in curve["methods"].items()}
@@ -273,3 +281,84 @@ def test_demo_on_the_bundled_model(tmp_path: Path) -> None:
         a <= b + 1e-12 for a, b in zip(curve["coverage"], curve["coverage"][1:], strict=False)
     )
     assert all(m <= c + 1e-12 for m, c in zip(curve["majority"], curve["coverage"], strict=True))
+
+
+# -- which model and engine a command uses (issue 7) ---------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "sample"])
+def test_no_model_outside_arith_is_a_one_line_error(tmp_path: Path, command: str) -> None:
+    """Without --model only arith gets the bundled model; gsm8k would score ~0 without a word."""
+    out = tmp_path / "run"
+    r = invoke(command, "--benchmark", "gsm8k", "--limit", "2", "--out", str(out))
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model is required for benchmark "
+                                                   "'gsm8k'"), r.output  # fmt: skip
+    assert not out.exists()
+
+
+def test_the_chosen_engine_and_model_are_printed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = invoke("sample", *SCRIPTED, "--n", "2", "--limit", "2", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    # one line on stderr, before the summary on stdout
+    assert r.stderr.splitlines() == [
+        "engine: scripted (version 1), model: toy; chosen with --engine"
+    ]
+    assert "engine:" not in r.stdout
+
+
+def test_bundled_model_default_for_arith_is_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sample -b arith` without --model takes the bundled model and says so."""
+    import ttscale.cli.sample_cmds as sc
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "config.json").write_text("{}")
+    monkeypatch.setattr(sc, "_bundled_model_path", lambda: bundled)
+    r = invoke("sample", "--engine", "scripted", "--benchmark", "arith", "--no-progress",
+               "--n", "2", "--limit", "2", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    line = r.stderr.strip()
+    assert f"model: {bundled} (bundled arith model, the default for arith without --model)" in line
+    assert SampleStore.open(tmp_path / "run").manifest["model"] == str(bundled)
+
+
+@pytest.mark.parametrize(
+    ("extra", "decode_batches"),
+    [
+        # 5 problems x n=8 = 40 samples in one sampler call of 40: one decode batch of 40
+        # (today's fixed engine batch of 16 would give 16, 16, 8)
+        (["--batch-size", "40"], [40]),
+        # sampler calls of 16 samples (2 problems), the last 8: the engine follows them
+        (["--batch-size", "16"], [16, 16, 8]),
+        # an explicit engine batch wins over the sampler's
+        (["--batch-size", "40", "--engine-opt", "batch_size=10"], [10, 10, 10, 10]),
+    ],
+)
+def test_batch_size_reaches_the_hf_engine(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model_dir: Path,
+    extra: list[str],
+    decode_batches: list[int],
+) -> None:
+    from ttscale.engines.hf import HFEngine
+
+    seen: list[int] = []
+    real = HFEngine._decode_batch
+
+    def spy(self, batch, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(len(batch))
+        return real(self, batch, *a, **kw)
+
+    monkeypatch.setattr(HFEngine, "_decode_batch", spy)
+    r = invoke("sample", "--engine", "hf", "--model", str(tiny_model_dir), "--benchmark",
+               "arith", "--n", "8", "--limit", "5", "--max-tokens", "3", "--no-progress",
+               "--out", str(tmp_path / "run"), *extra)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert seen == decode_batches
+    assert len(SampleStore.open(tmp_path / "run")) == 40

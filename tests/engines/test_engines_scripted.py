@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import ttscale.engines as engines_mod
 from ttscale.engines import Engine, GenerationError, GenerationRequest, make_engine
 from ttscale.engines.base import seed_runs
 from ttscale.engines.scripted import EOS_TOKEN_ID, ScriptedEngine, process_logprobs
@@ -281,8 +280,10 @@ def test_engines_satisfy_protocol() -> None:
 
 
 def test_make_engine_routing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """auto picks vLLM when importable (transformers otherwise, and always for .gguf files)."""
+    """auto picks vLLM when importable and a GPU is visible (transformers otherwise, and always
+    for .gguf files); the rule itself is tested in test_engines_selection.py."""
     import ttscale.engines.hf as hf_mod
+    import ttscale.engines.selection as sel_mod
     import ttscale.engines.vllm as vllm_mod
 
     made = []
@@ -292,10 +293,11 @@ def test_make_engine_routing(tmp_path, monkeypatch) -> None:  # type: ignore[no-
     model.mkdir()
     gguf = tmp_path / "w.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(engines_mod, "vllm_available", lambda: True)
+    monkeypatch.setattr(sel_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(sel_mod, "vllm_available", lambda: True)
     make_engine("auto", model, dtype="float32")
     make_engine("auto", gguf)
-    monkeypatch.setattr(engines_mod, "vllm_available", lambda: False)
+    monkeypatch.setattr(sel_mod, "vllm_available", lambda: False)
     make_engine("auto", str(model))
     assert made == [
         ("vllm", str(model), {"dtype": "float32"}),

