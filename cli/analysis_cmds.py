@@ -336,7 +336,7 @@ def register(app: typer.Typer) -> None:
         deepconf_window: Annotated[
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
-        seed: Annotated[int, typer.Option(min=0)] = 0,
+        seed: Annotated[int, typer.Option(min=0, help="Seed of every random draw (subsets, bootstrap).")] = 0,
         missing: Annotated[
             str,
             typer.Option(
@@ -474,10 +474,15 @@ def register(app: typer.Typer) -> None:
         extrapolate: Annotated[
             Optional[str], typer.Option(help="Predict coverage at these k, e.g. 1024,4096.")
         ] = None,
-        verifier: Annotated[Optional[str], typer.Option()] = None,
-        n_boot: Annotated[int, typer.Option(min=10)] = 1000,
-        seed: Annotated[int, typer.Option(min=0)] = 0,
-        json_out: Annotated[bool, typer.Option("--json")] = False,
+        verifier: Annotated[
+            Optional[str],
+            typer.Option(help="Whose correctness to fit (default: the run's default verifier, else the latest)."),
+        ] = None,
+        n_boot: Annotated[
+            int, typer.Option(min=10, help="Bootstrap replicates (over problems) for the CIs.")
+        ] = 1000,
+        seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
+        json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
         progress: Annotated[
             Optional[bool],
             typer.Option(

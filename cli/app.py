@@ -8,7 +8,7 @@ from typing import Any
 import typer
 import typer.core
 
-from ttscale.errors import TtscaleError
+from ttscale.errors import ConfigError, TtscaleError
 
 
 def fail(message: str) -> typer.Exit:
@@ -17,7 +17,67 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+# Commands in the order of the workflow: make samples, check them, analyse them, manage runs.
+_WORKFLOW_ORDER = (
+    "sample", "run", "demo", "verify", "curve", "fit", "verifier-utility",
+    "import", "export", "info", "check", "merge", "bench",
+)  # fmt: skip
+
+
+def _usage_pieces(param: Any) -> Any:
+    """``RUN`` / ``[RUN]`` / ``RUN...`` in usage lines (Typer's default prints ``{run}``)."""
+
+    def pieces(ctx: Any) -> list[str]:
+        name = str(param.metavar or param.name.upper())
+        if param.nargs != 1 and not name.endswith("..."):
+            name += "..."
+        return [name if param.required else f"[{name}]"]
+
+    return pieces
+
+
+def _one_line_bad_values(cmd: Any) -> None:
+    """Out-of-range option values become one-line user errors (exit code 1), in every command."""
+    parse = cmd.parse_args
+
+    def parse_args(ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return parse(ctx, args)
+        except typer.BadParameter as e:
+            # raised inside the group's invoke, which prints TtscaleErrors as one line, exit 1
+            raise ConfigError(" ".join(e.format_message().split())) from None
+
+    cmd.parse_args = parse_args
+    cmd._ttscale_one_line = True
+
+
+def _plain_arguments(cmd: Any) -> None:
+    """Upper-case argument names (``RUN``), in the usage line and the help's argument list;
+    one-line errors for bad option values."""
+    for sub in getattr(cmd, "commands", {}).values():
+        _plain_arguments(sub)
+    if not hasattr(cmd, "commands") and not getattr(cmd, "_ttscale_one_line", False):
+        _one_line_bad_values(cmd)
+    for param in getattr(cmd, "params", ()):
+        if isinstance(param, typer.core.TyperArgument) and not getattr(param, "_ttscale_plain", False):
+            if param.metavar is None:
+                param.metavar = param.name.upper()
+            param.get_usage_pieces = _usage_pieces(param)  # type: ignore[method-assign]
+            param._ttscale_plain = True  # type: ignore[attr-defined]
+
+
 class _Group(typer.core.TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {n: i for i, n in enumerate(_WORKFLOW_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _plain_arguments(cmd)
+        return cmd
+
     # Library errors carry one-line messages meant for users: show them without a traceback.
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -42,8 +102,23 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ttscale import __version__
+
+        typer.echo(f"ttscale {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print the ttscale version and exit.",
+    ),
     verbose: bool = typer.Option(
         False,
         "--verbose",

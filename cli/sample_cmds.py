@@ -151,8 +151,20 @@ ShardOpt = Annotated[
     ),
 ]
 # test hook: seconds of delay per finished request (makes a run slow enough to kill midway)
-ThrottleOpt = Annotated[float, typer.Option("--throttle", min=0.0, hidden=True)]
-FlushOpt = Annotated[int, typer.Option("--flush-every", min=1, hidden=True)]
+ThrottleOpt = Annotated[
+    float,
+    typer.Option(
+        "--throttle", min=0.0, hidden=True,
+        help="Testing aid: delay each finished request by this many seconds.",
+    ),
+]
+FlushOpt = Annotated[
+    int,
+    typer.Option(
+        "--flush-every", min=1, hidden=True,
+        help="Write a shard after this many finished samples (smaller: less lost to a kill).",
+    ),
+]
 
 
 @dataclass
@@ -605,7 +617,8 @@ def register(app: typer.Typer) -> None:
         system_prompt: SystemOpt = None,
         progress: ProgressOpt = True,
         k: Annotated[
-            Optional[list[int]], typer.Option("--k", min=1, help="Budgets k for the curve.")
+            Optional[str],
+            typer.Option("--k", help="Budgets for the curve, e.g. 1,2,4,8 (default: powers of 2)."),
         ] = None,
         plot: Annotated[
             Optional[Path], typer.Option("--plot", help="Plot file [RUN/coverage.png].")
@@ -644,6 +657,9 @@ def register(app: typer.Typer) -> None:
             throttle=throttle,
             flush_every=flush_every,
         )
+        from ttscale.cli.analysis_cmds import _int_list
+
+        ks = _int_list(k, "--k")  # a bad list fails now, not after sampling
         spec.command = "run"
         spec.outputs = (plot,) if plot is not None else ()
         if benchmark is not None:
@@ -654,7 +670,7 @@ def register(app: typer.Typer) -> None:
                 resolve_isolation(isolation.value)  # fail before sampling, not after it
         console = _console()
         res = run_sample(spec, console=console)
-        _verify_and_curve(res, console=console, ks=k, plot=plot, isolation=isolation.value)
+        _verify_and_curve(res, console=console, ks=ks, plot=plot, isolation=isolation.value)
 
     @app.command("demo", cls=_Command)
     def demo_cmd(

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ttscale.verifiers.base import SPEC_HELP as VERIFIER_SPEC_HELP
+
 # Columns a verifier may read; token-level arrays stay on disk (math/code need only text).
 _SAMPLE_COLUMNS = ("text", "answer", "scores", "meta", "finish_reason", "num_tokens", "logprob",
                    "mean_logprob", "seed")  # fmt: skip
@@ -252,8 +254,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 "--verifier",
-                help="math, math:EXTRACTOR, arith, code, rm:PATH, judge:MODEL, ensemble:A,B,... "
-                "(default: the one the run's benchmark names, else math).",
+                help=f"{VERIFIER_SPEC_HELP} (default: the one the run's benchmark names, else math).",
             ),
         ] = None,
         workers: Annotated[int, typer.Option(min=1, max=512, help="Checker worker processes.")] = 1,

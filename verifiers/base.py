@@ -38,6 +38,7 @@ from ttscale.errors import ConfigError, VerifierError
 from ttscale.types import Problem, Sample, Verdict
 
 __all__ = [
+    "SPEC_HELP",
     "VERIFIER_SPECS",
     "Verifier",
     "check_spec",
@@ -160,7 +161,7 @@ VERIFIER_SPECS: Mapping[str, str] = {
     "ensemble": "ttscale.verifiers.ensemble:EnsembleVerifier",
 }
 
-_SPEC_HELP = (
+SPEC_HELP = (
     "math, math:EXTRACTOR, arith, code, code:visible, code:plus=PATH, code:base=PATH, rm:PATH, "
     "judge:MODEL, ensemble:A,B,..."
 )
@@ -169,7 +170,7 @@ _SPEC_HELP = (
 def split_spec(spec: str) -> tuple[str, str]:
     """``"rm:/models/x"`` -> ``("rm", "/models/x")``; ``"math"`` -> ``("math", "")``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"verifier spec must be a non-empty string ({_SPEC_HELP}), got {spec!r}")
+        raise ConfigError(f"verifier spec must be a non-empty string ({SPEC_HELP}), got {spec!r}")
     head, sep, arg = spec.strip().partition(":")
     return head.strip().lower(), arg.strip() if sep else ""
 
@@ -184,7 +185,7 @@ def check_spec(spec: str) -> str:
     """
     head, arg = split_spec(spec)
     if head not in VERIFIER_SPECS:
-        raise ConfigError(f"unknown verifier {spec!r}; choose one of: {_SPEC_HELP}")
+        raise ConfigError(f"unknown verifier {spec!r}; choose one of: {SPEC_HELP}")
     if head == "arith" and arg:
         raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
     if head == "math" and arg:

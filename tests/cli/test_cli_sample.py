@@ -145,8 +145,7 @@ def test_run_samples_verifies_and_reports_the_curve(tmp_path: Path) -> None:
     table, answers = _scripted_answers(problems, n, np.random.default_rng(0))
     out = tmp_path / "run"
     r = invoke("run", *SCRIPTED, "--limit", "5", "--n", str(n), "--out", str(out),
-               "--engine-opt", "responses=" + json.dumps(table), "--k", "1", "--k", "2",
-               "--k", "3", "--k", "6")  # fmt: skip
+               "--engine-opt", "responses=" + json.dumps(table), "--k", "1,2,3,6")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "coverage@k" in r.output and "majority@k" in r.output
     assert f"plot: {out / 'coverage.png'}" in r.output
