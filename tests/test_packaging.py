@@ -238,3 +238,19 @@ def test_installed_wheel_finds_its_bundled_model(wheel, tmp_path):
     assert Path(module).is_relative_to(target), module  # the installed copy, not this checkout
     assert Path(model) == target / "ttscale" / "evals" / "model"
     assert (Path(model) / "config.json").is_file() and (Path(model) / "model.safetensors").is_file()
+
+
+def test_only_the_engines_import_vllm():
+    # vLLM's API moves between releases: it is started in one place (ttscale.engines.vllm), and
+    # everything else (the reward-model verifier's pooling backend too) goes through it
+    import re
+
+    found = []
+    for folder in ("toolkit", "samplers", "verifiers", "evals", "cli"):
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("toolkit/engines/"):
+                continue
+            if re.search(r"^\s*(from vllm\b|import vllm\b)", path.read_text(), flags=re.M):
+                found.append(rel)
+    assert found == []

@@ -360,28 +360,21 @@ class RewardModelVerifier:
         return 0
 
     def _load_vllm(self) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            from ttscale.errors import EngineUnavailable
+        # vLLM is started through the engines package (its one home), with its CPU settings
+        from ttscale.engines.vllm import VLLMPooler
+        from ttscale.errors import EngineError
 
-            raise EngineUnavailable("backend='vllm' needs vllm installed (pip install vllm)") from e
         self._pad_id = self._pad_token_id()
-        options: dict[str, Any] = {
-            "runner": "pooling",
-            "dtype": self.dtype,
-            "max_model_len": self.max_length,
-            "enforce_eager": True,
-            "trust_remote_code": self.trust_remote_code,
-            "seed": 0,
-        }
-        options.update(self.vllm_options)  # e.g. gpu_memory_utilization, tensor_parallel_size
         try:
-            self._llm = LLM(model=self.model_path, **options)
-        except (RuntimeError, ValueError) as e:
-            raise VerifierError(
-                f"vLLM could not start reward model {self.model_path!r}: {e}"
-            ) from e
+            self._llm = VLLMPooler(
+                self.model_path,
+                dtype=self.dtype,
+                max_model_len=self.max_length,
+                trust_remote_code=self.trust_remote_code,
+                **self.vllm_options,  # e.g. gpu_memory_utilization, tensor_parallel_size
+            )
+        except EngineError as e:
+            raise VerifierError(f"reward model {self.model_path!r}: {e}") from e
 
     # ------------------------------------------------------------------ encoding
 
@@ -465,23 +458,10 @@ class RewardModelVerifier:
         return result
 
     def _forward_vllm(self, batch: Sequence[_Encoded]) -> list[np.ndarray]:
-        from vllm import PoolingParams
-
-        prompts = [{"prompt_token_ids": list(e.ids)} for e in batch]
-        params = PoolingParams(use_activation=False)
+        ids = [list(e.ids) for e in batch]
         if self.kind == "orm":
-            outs = self._llm.classify(prompts, pooling_params=params, use_tqdm=False)
-            return [np.asarray(o.outputs.probs, dtype=np.float64)[None, :] for o in outs]
-        outs = self._llm.encode(
-            prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False
-        )
-        result = []
-        for o, e in zip(outs, batch, strict=True):
-            data = np.asarray(o.outputs.data.float().cpu().numpy(), dtype=np.float64)
-            if data.ndim == 1:
-                data = data[:, None]
-            result.append(data[list(e.read_at), :])
-        return result
+            return [row[None, :] for row in self._llm.classify(ids)]
+        return [data[list(e.read_at), :] for data, e in zip(self._llm.token_classify(ids), batch, strict=True)]
 
     def _log_odds(self, encoded: Sequence[_Encoded]) -> list[np.ndarray]:
         """Log-odds of the positive class at every read position, per input (float64)."""
@@ -617,10 +597,7 @@ class RewardModelVerifier:
         self._model = None
         llm, self._llm = self._llm, None
         if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as e:  # best effort: the process also ends with the interpreter
-                logger.debug("vLLM shutdown failed: %s", e)
+            llm.close()
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:

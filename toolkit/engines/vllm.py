@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from ttscale.engines.base import (
     GenerationError,
     GenerationRequest,
@@ -376,3 +379,80 @@ def _to_completion(
         prompt_tokens=n_prompt,
         stop_reason=o.stop_reason,
     )
+
+
+class VLLMPooler:
+    """vLLM's pooling runner for reward models (``LLM(runner="pooling")``): classification logits
+    of whole sequences (ORMs) or of every position (PRMs with a token-classification head).
+
+    The reward-model verifier loads vLLM through this class, so the engines package stays the one
+    place that starts vLLM and applies its CPU settings (:func:`_cpu_defaults`: float32, eager
+    mode, bounded KV cache, in-process core; explicit ``options`` win). Inputs are token-id lists;
+    outputs are float64 arrays of raw logits (no activation): ``(num_labels,)`` per input from
+    :meth:`classify`, ``(positions, num_labels)`` from :meth:`token_classify`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        **options: Any,
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise EngineUnavailable("vLLM pooling needs vllm installed (pip install vllm)") from e
+        _quiet_vllm()
+        kw: dict[str, Any] = {**_cpu_defaults(), "enforce_eager": True}
+        kw.pop("enable_chunked_prefill", None)  # a generation setting; pooling has no decode
+        if dtype != "auto" or "dtype" not in kw:
+            kw["dtype"] = dtype
+        kw.update(
+            runner="pooling", max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+            seed=seed,
+        )
+        kw.update(options)  # e.g. gpu_memory_utilization, tensor_parallel_size
+        self.model_name = model
+        try:
+            self.llm: Any = LLM(model=model, **kw)
+        except (RuntimeError, ValueError) as e:
+            raise EngineError(f"vLLM could not start pooling model {model!r}: {e}") from e
+
+    def classify(self, token_ids: Sequence[Sequence[int]]) -> list[NDArray[np.float64]]:
+        """Sequence-classification logits, one ``(num_labels,)`` array per input."""
+        from vllm import PoolingParams
+
+        prompts = [{"prompt_token_ids": list(ids)} for ids in token_ids]
+        outs = self.llm.classify(
+            prompts, pooling_params=PoolingParams(use_activation=False), use_tqdm=False
+        )
+        return [np.asarray(o.outputs.probs, dtype=np.float64) for o in outs]
+
+    def token_classify(self, token_ids: Sequence[Sequence[int]]) -> list[NDArray[np.float64]]:
+        """Per-position classification logits, one ``(positions, num_labels)`` array per input."""
+        from vllm import PoolingParams
+
+        prompts = [{"prompt_token_ids": list(ids)} for ids in token_ids]
+        outs = self.llm.encode(
+            prompts, pooling_params=PoolingParams(use_activation=False),
+            pooling_task="token_classify", use_tqdm=False,
+        )
+        result = []
+        for o in outs:
+            data = np.asarray(o.outputs.data.float().cpu().numpy(), dtype=np.float64)
+            result.append(data[:, None] if data.ndim == 1 else data)
+        return result
+
+    def close(self) -> None:
+        """Shut the engine core down (best effort; it also ends with the interpreter)."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception:  # pragma: no cover - best effort at teardown
+                log.debug("vLLM pooling engine shutdown failed", exc_info=True)
