@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_curves import make_pool
 
-import ttscale.metrics as metrics_mod
+import ttscale.metrics.at_k as metrics_mod
 from ttscale.metrics import selection_at_k
 from ttscale.select.aggregate import perplexity_consistency_labels
 from ttscale.select.rpc import (
