@@ -271,46 +271,23 @@ def make_verifier(spec: str, **kw: Any) -> Any:
     engine object) is used as is, else an engine is made with
     ``make_engine(engine_kind, MODEL, **engine_options)``.
     """
-    check_spec(spec)
+    check_spec(spec)  # every form error is raised there, before anything is loaded
     head, arg = split_spec(spec)
     cls = _load(head)
-    if head in ("math", "arith"):
-        opts = dict(kw)
-        if head == "arith":
-            if arg:
-                raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
-            opts["extractor"] = "arith"
-        elif arg:
-            opts["extractor"] = arg
-        return cls(**_accepted(cls, opts))
-    if head == "code":
-        opts = dict(kw)
-        suite, eq, path = arg.partition("=")
+    opts = dict(kw)
+    if head == "arith":
+        opts["extractor"] = "arith"
+    elif head == "math" and arg:
+        opts["extractor"] = arg
+    elif head == "code":
+        suite, _, path = arg.partition("=")
         if suite.strip() in ("plus", "base"):
-            if not eq or not path.strip():
-                raise ConfigError(
-                    f"verifier 'code:{suite.strip()}' needs the EvalPlus file: "
-                    f"code:{suite.strip()}=PATH (HumanEvalPlus.jsonl.gz or MbppPlus.jsonl.gz)"
-                )
-            opts["tests"] = suite.strip()
-            opts["evalplus"] = path.strip()
-        elif arg in ("", "full", "visible"):
-            if arg:
-                opts["tests"] = arg
-        else:
-            raise ConfigError(
-                "verifier 'code' takes 'code', 'code:full', 'code:visible', 'code:plus=PATH' or "
-                f"'code:base=PATH', got {spec!r}"
-            )
-        return cls(**_accepted(cls, opts))
-    if head == "rm":
-        if not arg:
-            raise ConfigError("verifier 'rm' needs a model path: rm:PATH")
+            opts["tests"], opts["evalplus"] = suite.strip(), path.strip()
+        elif arg:
+            opts["tests"] = arg
+    elif head == "rm":
         return cls(arg, **_accepted(cls, kw))
-    if head == "judge":
-        if not arg:
-            raise ConfigError("verifier 'judge' needs a model: judge:MODEL")
-        opts = dict(kw)
+    elif head == "judge":
         engine = opts.pop("engine", None)
         kind = opts.pop("engine_kind", "auto")
         engine_options = dict(opts.pop("engine_options", None) or {})
@@ -319,11 +296,7 @@ def make_verifier(spec: str, **kw: Any) -> Any:
 
             engine = make_engine(kind, arg, **engine_options)
         return cls(engine, **_accepted(cls, opts))
-    # ensemble
-    members_specs = _split_members(arg)
-    if not members_specs:
-        raise ConfigError("verifier 'ensemble' needs members: ensemble:math,rm:PATH,...")
-    if any(split_spec(m)[0] == "ensemble" for m in members_specs):
-        raise ConfigError("ensembles cannot be nested; list the members in one ensemble:...")
-    members = [make_verifier(m, **kw) for m in members_specs]
-    return cls(members, **_accepted(cls, kw))
+    elif head == "ensemble":
+        members = [make_verifier(m, **kw) for m in _split_members(arg)]
+        return cls(members, **_accepted(cls, kw))
+    return cls(**_accepted(cls, opts))

@@ -136,6 +136,16 @@ def _cpu_defaults() -> dict[str, Any]:
     return out
 
 
+def _shutdown(llm: Any) -> None:
+    """Shut a ``vllm.LLM``'s engine core down (best effort; it also ends with the interpreter)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        try:
+            core.shutdown()
+        except Exception:  # pragma: no cover - best effort at teardown
+            log.debug("vLLM engine core shutdown failed", exc_info=True)
+
+
 class VLLMEngine:
     """``vllm.LLM`` behind the :class:`~ttscale.engines.Engine` protocol.
 
@@ -339,13 +349,7 @@ class VLLMEngine:
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         self.llm = None
-        if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if shutdown is not None and hasattr(shutdown, "shutdown"):
-                try:
-                    shutdown.shutdown()
-                except Exception:  # pragma: no cover - best effort at teardown
-                    log.debug("vLLM engine core shutdown failed", exc_info=True)
+        _shutdown(llm)
 
     def __repr__(self) -> str:
         return f"VLLMEngine({self.model_name!r}, logprobs_mode={self.logprob_mode!r})"
@@ -450,9 +454,4 @@ class VLLMPooler:
     def close(self) -> None:
         """Shut the engine core down (best effort; it also ends with the interpreter)."""
         llm, self.llm = self.llm, None
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            try:
-                core.shutdown()
-            except Exception:  # pragma: no cover - best effort at teardown
-                log.debug("vLLM pooling engine shutdown failed", exc_info=True)
+        _shutdown(llm)
