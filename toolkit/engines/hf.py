@@ -21,6 +21,7 @@ from typing import Any
 
 from ttscale.engines._text import find_stop
 from ttscale.engines.base import (
+    EngineCapabilities,
     GenerationError,
     GenerationRequest,
     ResultCallback,
@@ -148,6 +149,7 @@ class HFEngine:
     """
 
     name = "hf"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttscale.engines.base import (
+    EngineCapabilities,
     GenerationRequest,
     ResultCallback,
     generation_failure,
@@ -94,6 +95,7 @@ class OpenAIEngine:
     """
 
     name = "openai"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,

@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 
 from ttscale.engines._text import find_stop, render_plain_chat
-from ttscale.engines.base import GenerationError, GenerationRequest, ResultCallback
+from ttscale.engines.base import (
+    EngineCapabilities,
+    GenerationError,
+    GenerationRequest,
+    ResultCallback,
+)
 from ttscale.errors import ConfigError
 from ttscale.types import Completion, FinishReason, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -126,6 +131,7 @@ class ScriptedEngine:
     """
 
     name = "scripted"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ttscale.engines.base import (
+    EngineCapabilities,
     GenerationError,
     GenerationRequest,
     ResultCallback,
@@ -145,6 +146,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,
