@@ -563,3 +563,14 @@ def test_hf_score_batches(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch)
         assert a == pytest.approx(b, abs=1e-5)
     eng.batch_size = 1
     assert eng._score_batches(conts) == [[0], [2], [3], [4]]
+
+
+def test_engines_without_token_prefixes_refuse_token_ids() -> None:
+    from ttscale.engines.openai import OpenAIEngine
+
+    eng = OpenAIEngine("m", "http://127.0.0.1:1/v1")  # never contacted: refused up front
+    req = GenerationRequest("p", prompt="x", prefix_token_ids=(5, 6))
+    with pytest.raises(ConfigError, match="engine 'openai' cannot continue from token ids"):
+        eng.generate([req], SamplingParams())
+    with pytest.raises(ConfigError, match="cannot continue from token ids"):
+        eng.generate([GenerationRequest("p", prompt_token_ids=(1, 2))], SamplingParams())

@@ -30,6 +30,7 @@ __all__ = [
     "TokenEvent",
     "TokenPrefixEngine",
     "capabilities_of",
+    "check_request_support",
     "continuation_text",
     "generate_chunked",
     "require_capabilities",
@@ -147,6 +148,21 @@ def require_capabilities(engine: Any, *needed: str, by: str) -> None:
             f"{by} needs an engine that can {what} (capability {name!r}); engine {label!r} "
             f"does not declare it; use the {choices} engine"
         )
+
+
+def check_request_support(engine: Any, requests: Sequence[GenerationRequest]) -> None:
+    """For engines, at the top of ``generate``/``score``: a one-line :class:`ConfigError` for a
+    request the engine cannot honour exactly (token ids without capability ``token_prefixes``),
+    instead of a silently different context."""
+    if capabilities_of(engine).token_prefixes:
+        return
+    for req in requests:
+        if req.has_token_ids:
+            label = getattr(engine, "name", type(engine).__name__)
+            raise ConfigError(
+                f"engine {label!r} cannot continue from token ids (request for "
+                f"{req.problem_id!r}); use the hf, vllm or scripted engine, or a text prefix"
+            )
 
 
 # -- requests --------------------------------------------------------------------------------------

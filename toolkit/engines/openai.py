@@ -32,6 +32,7 @@ from ttscale.engines.base import (
     GenerationRequest,
     ResultCallback,
     ResultCollector,
+    check_request_support,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError
@@ -306,6 +307,7 @@ class OpenAIEngine:
         *,
         on_result: ResultCallback | None = None,
     ) -> list[list[Completion]]:
+        check_request_support(self, requests)
         collector = ResultCollector(requests, on_result)
         calls: list[_Call] = []
         for pos, req in enumerate(requests):

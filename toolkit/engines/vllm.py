@@ -27,6 +27,7 @@ from ttscale.engines.base import (
     GenerationRequest,
     ResultCallback,
     ResultCollector,
+    check_request_support,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
@@ -259,6 +260,7 @@ class VLLMEngine:
         *,
         on_result: ResultCallback | None = None,
     ) -> list[list[Completion]]:
+        check_request_support(self, requests)
         collector = ResultCollector(requests, on_result)
         prompts: list[dict[str, Any]] = []
         vparams: list[Any] = []
