@@ -8,7 +8,15 @@ import numpy as np
 
 from ttscale.errors import ConfigError
 
-__all__ = ["SeedLike", "as_generator", "as_int_seed", "problem_seed", "sample_seed"]
+__all__ = [
+    "SeedLike",
+    "as_generator",
+    "as_int_seed",
+    "problem_seed",
+    "sample_seed",
+    "step_seed",
+    "substream_seed",
+]
 
 SeedLike = None | int | np.random.Generator
 
@@ -62,3 +70,39 @@ def sample_seed(run_seed: int, problem_id: str, index: int) -> int:
     if index < 0:
         raise ConfigError(f"sample index must be >= 0, got {index}")
     return (problem_seed(run_seed, problem_id) + int(index)) % _MAX_SEED
+
+
+def step_seed(run_seed: int, problem_id: str, index: int, step: int) -> int:
+    """The seed of step ``step`` of sample ``index`` of ``problem_id`` (step-wise samplers).
+
+    Step 0 is :func:`sample_seed` (so a one-step run draws exactly the samples of a repeated
+    sampling run). Step ``t > 0`` uses a per-(run, problem, step) base from a keyed hash, plus
+    ``index``: ``(base(run_seed, problem_id, t) + index) mod (2**31 - 1)``. Steps are thus
+    uncorrelated (each has its own hashed base), and consecutive indices of one step still get
+    consecutive seeds (one ``n``-fan-out request per step on vLLM).
+    """
+    if index < 0:
+        raise ConfigError(f"sample index must be >= 0, got {index}")
+    if step < 0:
+        raise ConfigError(f"step must be >= 0, got {step}")
+    if step == 0:
+        return sample_seed(run_seed, problem_id, index)
+    h = hashlib.blake2b(
+        f"{int(run_seed)}\x1f{problem_id}\x1fstep{int(step)}".encode(), digest_size=8
+    )
+    return (int.from_bytes(h.digest(), "little") + int(index)) % _MAX_SEED
+
+
+def substream_seed(seed: int, k: int) -> int:
+    """Seed ``k`` of a stream of seeds derived from one sample seed; ``substream_seed(s, 0) == s``.
+
+    Used where one sample needs several engine calls that each draw fresh randomness (chunk
+    ``k`` of chunked generation, :func:`ttscale.engines.base.generate_chunked`). ``k > 0`` is a
+    keyed hash of ``(seed, k)`` in ``[0, 2**31 - 1)``.
+    """
+    if k < 0:
+        raise ConfigError(f"substream index must be >= 0, got {k}")
+    if k == 0:
+        return int(seed)
+    h = hashlib.blake2b(f"{int(seed)}\x1fchunk{int(k)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") % _MAX_SEED

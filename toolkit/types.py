@@ -143,6 +143,22 @@ class Completion:
     prompt), in generation order; ``top_logprobs[t]`` maps token id -> log-probability for the
     top alternatives at position ``t`` when they were asked for. ``cumulative_logprob`` is their
     sum. ``seed`` is the per-sample seed the engine used.
+
+    Step-wise fields (filled by engines that declare the matching
+    :class:`~ttscale.engines.base.EngineCapabilities`, else ``None``):
+
+    * ``prompt_token_ids``: the exact token ids the model conditioned on before the first
+      generated token (tokenised prompt or chat template, then the request's ``prefix``, then its
+      ``prefix_token_ids``). ``prompt_tokens == len(prompt_token_ids)`` when both are set.
+    * ``target_logprobs``: log-probability of each generated token under the model's raw,
+      untempered distribution (``"raw_logprobs"``), whatever the engine's ``logprob_mode``.
+    * ``proposal_logprobs``: log-probability of each generated token under the distribution it was
+      actually drawn from (``"processed_logprobs"``: after EOS suppression for ``min_tokens``,
+      temperature, min-p, top-k, top-p; ``0.0`` everywhere for greedy decoding).
+      ``token_logprobs`` equals one of the two (the engine's ``logprob_mode``) when both are set.
+    * ``discarded_tokens``: tokens the engine generated for this sample that are not in
+      ``token_ids`` (the rest of a chunk after an abort in chunked generation); counted in the
+      compute spent, never in the text.
     """
 
     problem_id: str
@@ -157,13 +173,33 @@ class Completion:
     seed: int | None = None
     prompt_tokens: int | None = None
     stop_reason: str | int | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    target_logprobs: tuple[float, ...] | None = None
+    proposal_logprobs: tuple[float, ...] | None = None
+    discarded_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.problem_id, str) or not self.problem_id:
             raise ConfigError(f"problem_id must be a non-empty string, got {self.problem_id!r}")
         check_int("index", self.index, min=0)
+        check_int("discarded_tokens", self.discarded_tokens, min=0)
         if self.token_ids is not None:
             object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+        if self.prompt_token_ids is not None:
+            ids = tuple(int(t) for t in self.prompt_token_ids)
+            object.__setattr__(self, "prompt_token_ids", ids)
+            if self.prompt_tokens is None:
+                object.__setattr__(self, "prompt_tokens", len(ids))
+        for name in ("target_logprobs", "proposal_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(float(x) for x in value)
+            object.__setattr__(self, name, value)
+            if self.token_ids is not None and len(value) != len(self.token_ids):
+                raise ConfigError(
+                    f"{name} has {len(value)} entries but token_ids has {len(self.token_ids)}"
+                )
         if self.token_logprobs is not None:
             lps = tuple(float(x) for x in self.token_logprobs)
             object.__setattr__(self, "token_logprobs", lps)

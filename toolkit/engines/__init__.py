@@ -13,7 +13,18 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ttscale.engines.base import Engine, GenerationError, GenerationRequest, ResultCallback
+from ttscale.engines.base import (
+    Engine,
+    EngineCapabilities,
+    GenerationError,
+    GenerationRequest,
+    ResultCallback,
+    ResultCollector,
+    TokenCallback,
+    TokenEvent,
+    generate_chunked,
+    require_capabilities,
+)
 from ttscale.engines.selection import (
     EngineChoice,
     choose_engine,
@@ -32,18 +43,24 @@ if TYPE_CHECKING:
 __all__ = [
     "ENGINE_KINDS",
     "Engine",
+    "EngineCapabilities",
     "EngineChoice",
     "GenerationError",
     "GenerationRequest",
     "HFEngine",
     "OpenAIEngine",
     "ResultCallback",
+    "ResultCollector",
     "ScriptedEngine",
+    "TokenCallback",
+    "TokenEvent",
     "VLLMEngine",
     "choose_engine",
     "cuda_available",
     "describe_engine",
+    "generate_chunked",
     "make_engine",
+    "require_capabilities",
     "vllm_available",
 ]
 

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ttscale.engines.base import (
+    EngineCapabilities,
     GenerationRequest,
     ResultCallback,
-    generation_failure,
+    ResultCollector,
+    check_request_support,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError
@@ -94,6 +96,7 @@ class OpenAIEngine:
     """
 
     name = "openai"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,
@@ -304,9 +307,8 @@ class OpenAIEngine:
         *,
         on_result: ResultCallback | None = None,
     ) -> list[list[Completion]]:
-        results: list[list[Completion] | None] = [None] * len(requests)
-        slots: list[list[Completion | None]] = [[None] * len(r.indices) for r in requests]
-        remaining = [len(r.indices) for r in requests]
+        check_request_support(self, requests)
+        collector = ResultCollector(requests, on_result)
         calls: list[_Call] = []
         for pos, req in enumerate(requests):
             seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
@@ -334,25 +336,18 @@ class OpenAIEngine:
                             for other in pending:  # stop new work; in-flight calls finish
                                 other.cancel()
                         continue
-                    comps = fut.result()
-                    slots[call.pos][call.start : call.start + call.n] = comps
-                    remaining[call.pos] -= call.n
-                    if remaining[call.pos] == 0:
-                        full = [c for c in slots[call.pos] if c is not None]
-                        results[call.pos] = full
-                        if on_result is not None:
-                            try:
-                                on_result(call.pos, full)
-                            except BaseException as cb_error:
-                                if error is None:
-                                    error = cb_error
-                                for other in pending:
-                                    other.cancel()
+                    try:  # on_result runs here when this call completes its request
+                        collector.put_many(call.pos, call.start, fut.result())
+                    except BaseException as cb_error:
+                        if error is None:
+                            error = cb_error
+                        for other in pending:
+                            other.cancel()
         if error is not None:
             if not isinstance(error, Exception):
                 raise error
-            raise generation_failure("openai", error, results, slots) from error
-        return [r for r in results if r is not None]
+            raise collector.failure("openai", error) from error
+        return collector.results()
 
     def server_version(self) -> str:
         """The first server's version from vLLM's ``GET /version`` (``"unknown"`` elsewhere)."""

@@ -25,10 +25,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ttscale.engines.base import (
+    EngineCapabilities,
     GenerationError,
     GenerationRequest,
     ResultCallback,
-    generation_failure,
+    ResultCollector,
+    check_request_support,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
@@ -158,6 +160,7 @@ class VLLMEngine:
     """
 
     name = "vllm"
+    capabilities = EngineCapabilities()
 
     def __init__(
         self,
@@ -270,9 +273,8 @@ class VLLMEngine:
         *,
         on_result: ResultCallback | None = None,
     ) -> list[list[Completion]]:
-        results: list[list[Completion] | None] = [None] * len(requests)
-        slots: list[list[Completion | None]] = [[None] * len(r.indices) for r in requests]
-        remaining = [len(r.indices) for r in requests]
+        check_request_support(self, requests)
+        collector = ResultCollector(requests, on_result)
         prompts: list[dict[str, Any]] = []
         vparams: list[Any] = []
         owners: list[tuple[int, int, int]] = []  # (request position, first slot, n)
@@ -296,21 +298,16 @@ class VLLMEngine:
             n_prompt = len(output.prompt_token_ids or ())
             for o in outs:
                 j = start + o.index
-                slots[pos][j] = _to_completion(o, req, j, req.seed_for(j, params), params, n_prompt)
-            remaining[pos] -= n
-            if remaining[pos] == 0:
-                comps = [c for c in slots[pos] if c is not None]
-                results[pos] = comps
-                if on_result is not None:
-                    on_result(pos, comps)
+                comp = _to_completion(o, req, j, req.seed_for(j, params), params, n_prompt)
+                collector.put(pos, j, comp)
 
         try:
             self._run(prompts, vparams, deliver)
         except GenerationError:
             raise
         except Exception as e:
-            raise generation_failure("vllm", e, results, slots) from e
-        return [r for r in results if r is not None]
+            raise collector.failure("vllm", e) from e
+        return collector.results()
 
     def _run(self, prompts: list[dict[str, Any]], vparams: list[Any], deliver: Any) -> None:
         """Submit everything, then hand each request to ``deliver`` as soon as it finishes."""
