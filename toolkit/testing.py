@@ -3,7 +3,9 @@
 ``check_engine(engine)`` runs every check of the :class:`~ttscale.engines.Engine` contract
 against a live engine and raises :class:`EngineContractError` (an ``AssertionError``) naming the
 first check that fails. It needs an engine that samples (``temperature=1`` gives distinct
-samples) and a model that does not emit EOS immediately.
+samples) and a model that does not emit EOS immediately. Beyond the base contract, it checks
+every capability the engine declares (``engine.capabilities``), for real: ``token_prefixes``,
+``scoring``, ``streaming``, and the log-probability modes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ttscale.engines.base import Engine, GenerationRequest
+from ttscale.engines.base import (
+    Engine,
+    EngineCapabilities,
+    GenerationRequest,
+    TokenEvent,
+    capabilities_of,
+    continuation_text,
+    generate_chunked,
+)
 from ttscale.errors import ConfigError
 from ttscale.seeding import sample_seed
 from ttscale.types import Completion, SamplingParams
@@ -33,6 +43,7 @@ class _Ctx:
     params: SamplingParams
     tol: float
     strict_prefix: bool
+    caps: EngineCapabilities
 
 
 def _fail(check: str, msg: str) -> EngineContractError:
@@ -139,6 +150,10 @@ def _check_info(ctx: _Ctx) -> None:
         raise _fail("info", "info() must return a dict with at least 'engine' and 'logprob_mode'")
     if not isinstance(getattr(ctx.engine, "name", None), str):
         raise _fail("info", "the engine needs a string attribute 'name'")
+    methods = {"token_prefixes": "decode", "scoring": "score"}
+    for cap, method in methods.items():
+        if ctx.caps.has(cap) and not callable(getattr(ctx.engine, method, None)):
+            raise _fail("info", f"declares {cap!r} but has no {method}() method")
 
 
 def _check_shapes(ctx: _Ctx) -> None:
@@ -273,6 +288,228 @@ def _check_chat(ctx: _Ctx) -> None:
         raise _fail("chat", "chat samples with the same seed differ")
 
 
+# -- declared capabilities -----------------------------------------------------------------------
+
+
+def _check_logprob_modes(ctx: _Ctx) -> None:
+    """Declared modes are filled, agree with ``token_logprobs``, and mean what they say:
+    at temperature 1 with no filter the proposal is the target, greedy proposals are 0, and a
+    lower temperature moves the proposal away from the target."""
+    modes = ctx.caps.logprob_modes
+    engine_mode = ctx.engine.info().get("logprob_mode")
+
+    def fields(c: Completion) -> dict[str, tuple[float, ...]]:
+        got = {"raw_logprobs": c.target_logprobs, "processed_logprobs": c.proposal_logprobs}
+        out = {}
+        for mode in modes:
+            vals = got[mode]
+            if vals is None or len(vals) != c.num_tokens:
+                raise _fail("logprob_modes", f"declares {mode} but the completion lacks it")
+            if any(math.isnan(v) or v > 1e-6 for v in vals):
+                raise _fail("logprob_modes", f"{mode} has a value that is NaN or above 0")
+            out[mode] = vals
+        if engine_mode in out and c.token_logprobs is not None:
+            if _maxdiff(out[engine_mode], c.token_logprobs) > 1e-9:
+                raise _fail("logprob_modes", f"token_logprobs differ from the {engine_mode} field")
+        return out
+
+    (plain,) = _run(ctx, "logprob_modes", [_req(ctx, "p0", [0, 1])], ctx.params)
+    for c in plain:
+        f = fields(c)
+        if len(f) == 2 and _maxdiff(f["raw_logprobs"], f["processed_logprobs"]) > 1e-5:
+            raise _fail("logprob_modes", "at temperature 1 with no filter, proposal != target")
+    (greedy,) = _run(
+        ctx, "logprob_modes", [_req(ctx, "p0", [0])], ctx.params.replace(temperature=0.0)
+    )
+    f = fields(greedy[0])
+    if (
+        "processed_logprobs" in f
+        and _maxdiff(f["processed_logprobs"], [0.0] * len(greedy[0].token_ids or ())) > 1e-6
+    ):
+        raise _fail("logprob_modes", "greedy proposal log-probabilities must be 0 (one-hot)")
+    if len(modes) == 2:
+        (cool,) = _run(
+            ctx, "logprob_modes", [_req(ctx, "p0", [0, 1])], ctx.params.replace(temperature=0.5)
+        )
+        if all(
+            _maxdiff(fields(c)["raw_logprobs"], fields(c)["processed_logprobs"]) < 1e-6
+            for c in cool
+        ):
+            raise _fail("logprob_modes", "temperature 0.5 left the proposal equal to the target")
+
+
+def _maxdiff(a: Sequence[float], b: Sequence[float]) -> float:
+    if len(a) != len(b):
+        return math.inf
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def _greedy_full(ctx: _Ctx, check: str) -> Completion:
+    greedy = ctx.params.replace(temperature=0.0)
+    g = _run(ctx, check, [_req(ctx, "p0", [0])], greedy)[0][0]
+    if g.token_ids is None or len(g.token_ids) < 4:
+        raise _fail(check, "a greedy sample needs 4+ tokens to test; raise max_tokens")
+    return g
+
+
+def _check_token_prefixes(ctx: _Ctx) -> None:
+    engine: Any = ctx.engine
+    greedy = ctx.params.replace(temperature=0.0)
+    g = _greedy_full(ctx, "token_prefixes")
+    assert g.token_ids is not None
+    if g.prompt_token_ids is None:
+        raise _fail("token_prefixes", "completions must say which prompt tokens they saw")
+    if g.finish_reason == "length" and engine.decode(g.token_ids) != g.text:
+        raise _fail("token_prefixes", f"decode(token_ids) {engine.decode(g.token_ids)!r} != text")
+    h = len(g.token_ids) // 2
+    head, rest = g.token_ids[:h], g.token_ids[h:]
+    # continue from the exact ids: as text prompt + token prefix, and as prompt token ids
+    reqs = [
+        _req(ctx, "p0", [0], prefix_token_ids=head),
+        GenerationRequest(
+            problem_id="p0", prompt_token_ids=g.prompt_token_ids, prefix_token_ids=head
+        ),
+    ]
+    for c in (r[0] for r in _run(ctx, "token_prefixes", reqs, greedy)):
+        if c.prompt_token_ids != g.prompt_token_ids + head:
+            raise _fail(
+                "token_prefixes",
+                "a continuation did not condition on exactly prompt ids + prefix ids "
+                f"(saw {c.prompt_token_ids}, want {g.prompt_token_ids + head})",
+            )
+        if tuple(c.token_ids or ())[: len(rest)] != rest:
+            raise _fail(
+                "token_prefixes",
+                f"greedy continuation from token ids gave {c.token_ids}, want {rest} first",
+            )
+        want = continuation_text(engine.decode, head, c.token_ids or ())
+        if c.text != want:
+            raise _fail("token_prefixes", f"continuation text {c.text!r}, want {want!r}")
+    # a sampled trace continued over chunks with the same seeds is reproducible
+    sampled = [_req(ctx, "p0", [0, 1], step=1)]
+    a = generate_chunked(ctx.engine, sampled, ctx.params, chunk_tokens=3)
+    b = generate_chunked(ctx.engine, sampled, ctx.params, chunk_tokens=3)
+    if [_key(c) for c in a[0]] != [_key(c) for c in b[0]]:
+        raise _fail("token_prefixes", "chunked sampling with the same seeds is not reproducible")
+
+
+def _check_chunked(ctx: _Ctx) -> None:
+    """Chunked generation equals one call (greedy, so seeds do not matter): a chunk boundary is
+    not a length finish, stop strings across chunks are found, min_tokens spans chunks."""
+    g = _greedy_full(ctx, "chunked")
+    greedy = ctx.params.replace(temperature=0.0)
+    stop = g.text[2:4]
+    variants = [greedy, greedy.replace(min_tokens=min(5, greedy.max_tokens))]
+    if stop.strip():
+        variants.append(greedy.replace(stop=(stop,)))
+        variants.append(greedy.replace(stop=(stop,), include_stop_str_in_output=True))
+    for params in variants:
+        one = _run(ctx, "chunked", [_req(ctx, "p0", [0])], params)[0][0]
+        for chunk in (1, 3):
+            got = generate_chunked(ctx.engine, [_req(ctx, "p0", [0])], params, chunk_tokens=chunk)
+            c = got[0][0]
+            if (c.token_ids, c.text, c.finish_reason) != (
+                one.token_ids,
+                one.text,
+                one.finish_reason,
+            ):
+                raise _fail(
+                    "chunked",
+                    f"chunks of {chunk} (stop={params.stop}, min_tokens={params.min_tokens}) gave "
+                    f"{c.text!r} ({c.finish_reason}), one call {one.text!r} ({one.finish_reason})",
+                )
+
+
+def _check_scoring(ctx: _Ctx) -> None:
+    engine: Any = ctx.engine
+    (comps,) = _run(ctx, "scoring", [_req(ctx, "p0", [0, 1])], ctx.params)
+    engine_mode = ctx.engine.info().get("logprob_mode")
+    req = _req(ctx, "p0", [0])
+    for c in comps:
+        ids = c.token_ids or ()
+        (whole,) = engine.score([req], [ids])
+        if len(whole) != len(ids):
+            raise _fail("scoring", f"{len(whole)} scores for {len(ids)} tokens")
+        want = c.target_logprobs
+        if want is None and engine_mode == "raw_logprobs":
+            want = c.token_logprobs
+        if want is not None and _maxdiff(whole, want) > 1e-4:
+            raise _fail(
+                "scoring",
+                f"scores differ from the generation's raw log-probabilities by {_maxdiff(whole, want):.2e}",
+            )
+        h = len(ids) // 2
+        split_req = _req(ctx, "p0", [0], prefix_token_ids=ids[:h])
+        (tail, empty) = engine.score([split_req, req], [ids[h:], ()])
+        if _maxdiff(tail, whole[h:]) > 1e-4 or tuple(empty) != ():
+            raise _fail("scoring", "scoring after a token prefix differs from scoring it whole")
+    try:
+        engine.score([req], [])
+    except ConfigError:
+        pass
+    else:
+        raise _fail("scoring", "score() accepted 1 request with 0 continuations")
+
+
+def _check_streaming(ctx: _Ctx) -> None:
+    reqs = [_req(ctx, "p0", [0, 1, 2]), _req(ctx, "p1", [4])]
+    base = _run(ctx, "streaming", reqs, ctx.params)
+    seen: dict[tuple[int, int], list[TokenEvent]] = {}
+
+    def record(ev: TokenEvent) -> bool:
+        seen.setdefault((ev.request, ev.slot), []).append(ev)
+        return False
+
+    out: Any = ctx.engine.generate(reqs, ctx.params, on_token=record)  # type: ignore[call-arg]
+    for pos, comps in enumerate(out):
+        for j, c in enumerate(comps):
+            evs = seen.get((pos, j), [])
+            if [e.token_id for e in evs] != list(c.token_ids or ()):
+                raise _fail("streaming", f"request {pos} slot {j}: streamed tokens != completion")
+            if [e.num_tokens for e in evs] != list(range(1, len(evs) + 1)) or [
+                e.finished for e in evs
+            ] != [False] * (len(evs) - 1) + [True]:
+                raise _fail("streaming", "token counts or the finished flag are wrong")
+            if any(e.index != c.index for e in evs):
+                raise _fail("streaming", "events carry the wrong sample index")
+    victim = next(
+        ((p, j) for p, r in enumerate(base) for j, c in enumerate(r) if c.num_tokens > 3), None
+    )
+    if victim is None:
+        raise _fail("streaming", "no sample of 4+ tokens to abort; raise max_tokens")
+    after: list[TokenEvent] = []
+
+    def abort(ev: TokenEvent) -> bool:
+        if (ev.request, ev.slot) == victim:
+            after.append(ev)
+            return ev.num_tokens == 3
+        return False
+
+    cut: Any = ctx.engine.generate(reqs, ctx.params, on_token=abort)  # type: ignore[call-arg]
+    if len(after) != 3:
+        raise _fail("streaming", f"the aborted trace got {len(after)} tokens after asking at 3")
+    for pos, comps in enumerate(cut):
+        for j, c in enumerate(comps):
+            ref = base[pos][j]
+            if (pos, j) == victim:
+                if c.finish_reason != "abort" or c.token_ids != (ref.token_ids or ())[:3]:
+                    raise _fail(
+                        "streaming", f"aborted trace: {c.finish_reason}, {c.num_tokens} tokens"
+                    )
+            elif not _same(c, ref) or c.finish_reason != ref.finish_reason:
+                raise _fail("streaming", f"aborting one trace changed request {pos} slot {j}")
+
+
+#: checks that run only when the engine declares the capability named with them
+_CAPABILITY_CHECKS = {
+    "logprob_modes": None,
+    "token_prefixes": "token_prefixes",
+    "chunked": "token_prefixes",
+    "scoring": "scoring",
+    "streaming": "streaming",
+}
+
+
 ENGINE_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "info": _check_info,
     "shapes": _check_shapes,
@@ -284,7 +521,19 @@ ENGINE_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "prefix": _check_prefix,
     "top_logprobs": _check_top_logprobs,
     "chat": _check_chat,
+    "logprob_modes": _check_logprob_modes,
+    "token_prefixes": _check_token_prefixes,
+    "chunked": _check_chunked,
+    "scoring": _check_scoring,
+    "streaming": _check_streaming,
 }
+
+
+def _declared(ctx: _Ctx, name: str) -> bool:
+    if name not in _CAPABILITY_CHECKS:
+        return True
+    cap = _CAPABILITY_CHECKS[name]
+    return bool(ctx.caps.logprob_modes) if cap is None else ctx.caps.has(cap)
 
 
 def check_engine(
@@ -309,7 +558,17 @@ def check_engine(
     ``stop``); ``max_tokens`` (a shorter budget is a prefix, ``finish_reason`` ``length``);
     ``prefix`` (greedy continuation from half of a greedy text reproduces the rest; with
     ``strict_prefix=False`` only that it generates: subword tokenizers may re-tokenize a prefix
-    differently); ``top_logprobs``; ``chat``. ``skip``/``only`` select checks by name.
+    differently); ``top_logprobs``; ``chat``. Then, for what ``engine.capabilities`` declares
+    (a check of an undeclared capability is not run, and not listed): ``logprob_modes`` (every
+    declared mode filled; proposal = target at temperature 1, 0 when greedy, different at
+    temperature 0.5); ``token_prefixes`` (a greedy trace continued from its exact token ids,
+    as prompt text + ids and as prompt ids + ids, conditions on exactly those ids and reproduces
+    the rest; chunked sampling with the same seeds is reproducible); ``chunked``
+    (:func:`~ttscale.engines.base.generate_chunked` equals one call, with stop strings and
+    ``min_tokens``); ``scoring`` (scores equal the generation's raw log-probabilities within
+    1e-4, whole or after a token prefix); ``streaming`` (every token streamed, then aborting one
+    trace mid-batch cuts it there and leaves the others unchanged). ``skip``/``only`` select
+    checks by name.
     """
     unknown = set(skip) | set(only or ())
     unknown -= set(ENGINE_CHECKS)
@@ -318,10 +577,14 @@ def check_engine(
             f"unknown engine checks {sorted(unknown)}; known: {sorted(ENGINE_CHECKS)}"
         )
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed, logprobs=0)
-    ctx = _Ctx(engine, prompt, messages, params, tol, strict_prefix)
+    try:
+        caps = capabilities_of(engine)
+    except ConfigError as e:
+        raise _fail("info", str(e)) from e
+    ctx = _Ctx(engine, prompt, messages, params, tol, strict_prefix, caps)
     ran = []
     for name, fn in ENGINE_CHECKS.items():
-        if name in skip or (only is not None and name not in only):
+        if name in skip or (only is not None and name not in only) or not _declared(ctx, name):
             continue
         fn(ctx)
         ran.append(name)

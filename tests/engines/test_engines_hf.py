@@ -38,12 +38,16 @@ def _forward_logprobs(engine: HFEngine, prompt_ids: list[int], gen: tuple[int, .
 
 
 def test_contract(hf: HFEngine) -> None:
-    assert len(check_engine(hf)) == 10
+    # the base contract (10 checks) and the 5 capability checks (HF declares them all)
+    assert len(check_engine(hf)) == 15
 
 
 def test_contract_processed_mode(tiny_model_dir: Path) -> None:
     eng = HFEngine(tiny_model_dir, batch_size=4, logprob_mode="processed_logprobs")
-    check_engine(eng, only=("shapes", "reproducible", "top_logprobs"))
+    check_engine(
+        eng,
+        only=("shapes", "reproducible", "top_logprobs", "logprob_modes", "scoring", "streaming"),
+    )
     assert eng.info()["logprob_mode"] == "processed_logprobs"
 
 

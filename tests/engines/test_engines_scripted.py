@@ -18,7 +18,8 @@ from ttscale.types import Completion, SamplingParams
 
 
 def test_toy_model_passes_contract() -> None:
-    assert len(check_engine(ScriptedEngine())) == 10
+    # the base contract (10 checks) and the 5 checks of what the toy model declares
+    assert len(check_engine(ScriptedEngine())) == 15
     check_engine(ScriptedEngine(logprob_mode="processed_logprobs"))
 
 
@@ -26,7 +27,8 @@ def test_seeded_responder_passes_contract() -> None:
     def respond(req: GenerationRequest, index: int, seed: int, params: SamplingParams) -> str:
         rng = np.random.default_rng(seed)
         full = "".join(rng.choice(list("abcde"), size=20))
-        return full[len(req.prefix) :] if params.temperature == 0 else full
+        done = req.prefix + "".join(map(chr, req.prefix_token_ids))
+        return full[len(done) :] if params.temperature == 0 else full
 
     # greedy must ignore the seed for the prefix check: a fixed text then
     def greedy_aware(req, index, seed, params):  # type: ignore[no-untyped-def]

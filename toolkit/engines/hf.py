@@ -6,6 +6,11 @@ per-(problem, index) seed and draws one uniform per step; the token is found by 
 CDF of the processed distribution. The forward pass is batched with a KV cache (prompt prefilled
 once per distinct prompt, then the cache rows are repeated for its samples), and log-probabilities
 come from the same logits that were sampled from, in float64.
+
+Capabilities: exact token prefixes (``prompt_token_ids``/``prefix_token_ids`` are fed as ids),
+``score`` (one forward pass over prompt + continuation per batch), both log-probability modes on
+every completion (``target_logprobs`` raw, ``proposal_logprobs`` processed), and streaming with
+per-trace abort (``on_token`` is checked per row at every decoding step).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from typing import Any
 
 from ttscale.engines._text import find_stop
 from ttscale.engines.base import (
+    LOGPROB_MODES,
     EngineCapabilities,
     GenerationError,
     GenerationRequest,
     ResultCallback,
-    generation_failure,
+    ResultCollector,
+    TokenCallback,
+    TokenEvent,
+    continuation_text,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
 from ttscale.types import Completion, FinishReason, SamplingParams
@@ -115,10 +124,12 @@ class _Row:
     slot: int
     index: int
     seed: int
-    prompt_len: int
+    prompt: list[int]
     generator: Any
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    target: list[float] = field(default_factory=list)
+    proposal: list[float] = field(default_factory=list)
     tops: list[dict[int, float]] = field(default_factory=list)
     checked: int = 0  # characters of decoded text already searched for stop strings
     done: bool = False
@@ -149,7 +160,9 @@ class HFEngine:
     """
 
     name = "hf"
-    capabilities = EngineCapabilities()
+    capabilities = EngineCapabilities(
+        token_prefixes=True, scoring=True, streaming=True, logprob_modes=frozenset(LOGPROB_MODES)
+    )
 
     def __init__(
         self,
@@ -233,6 +246,10 @@ class HFEngine:
         self.eos_token_ids = tuple(sorted(eos))
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        head = self.model.get_output_embeddings()
+        self._vocab = int(
+            head.weight.shape[0] if head is not None else self.model.config.vocab_size
+        )
         log.info(
             "HFEngine loaded %s on %s (%s) in %.1fs",
             self.model_name,
@@ -245,7 +262,24 @@ class HFEngine:
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         """Token ids the model conditions on: ``prompt + prefix`` (tokenised with special tokens,
         as vLLM does for text prompts), or the chat-templated ``messages`` plus ``prefix``
-        (tokenised without adding special tokens: the template writes them)."""
+        (tokenised without adding special tokens: the template writes them), or
+        ``prompt_token_ids`` as given plus the tokenised ``prefix``; then ``prefix_token_ids``."""
+        ids = self._context_ids(request)
+        bad = [
+            t
+            for t in request.prefix_token_ids + (request.prompt_token_ids or ())
+            if t >= self._vocab
+        ]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary ({self._vocab} ids)")
+        return ids + list(request.prefix_token_ids)
+
+    def _context_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            extra = []
+            if request.prefix:
+                extra = self.tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
+            return list(request.prompt_token_ids) + list(extra)
         if request.prompt is not None:
             return list(self.tokenizer(request.prompt + request.prefix)["input_ids"])
         if not getattr(self.tokenizer, "chat_template", None):
@@ -264,11 +298,10 @@ class HFEngine:
         params: SamplingParams,
         *,
         on_result: ResultCallback | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[list[Completion]]:
         torch = _import_torch()
-        results: list[list[Completion] | None] = [None] * len(requests)
-        slots: list[list[Completion | None]] = [[None] * len(r.indices) for r in requests]
-        remaining = [len(r.indices) for r in requests]
+        collector = ResultCollector(requests, on_result)
         prompts = [self.prompt_token_ids(r) for r in requests]
         rows = [
             (pos, j, idx, req.seed_for(j, params))
@@ -279,13 +312,9 @@ class HFEngine:
         rows.sort(key=lambda r: (len(prompts[r[0]]), tuple(prompts[r[0]]), r[0], r[1]))
 
         def finished(row: _Row) -> None:
-            slots[row.request][row.slot] = self._completion(requests[row.request], row, params)
-            remaining[row.request] -= 1
-            if remaining[row.request] == 0:
-                comps = [c for c in slots[row.request] if c is not None]
-                results[row.request] = comps
-                if on_result is not None:
-                    on_result(row.request, comps)
+            collector.put(
+                row.request, row.slot, self._completion(requests[row.request], row, params)
+            )
 
         try:
             with torch.inference_mode():
@@ -297,24 +326,26 @@ class HFEngine:
                             j,
                             idx,
                             seed,
-                            len(prompts[pos]),
+                            prompts[pos],
                             torch.Generator().manual_seed(seed),
                         )
                         for pos, j, idx, seed in rows[start : start + step]
                     ]
-                    self._decode_batch(batch, prompts, params, finished)
+                    self._decode_batch(batch, requests, prompts, params, finished, on_token)
         except GenerationError:
             raise
         except Exception as e:
-            raise generation_failure("hf", e, results, slots) from e
-        return [r for r in results if r is not None]
+            raise collector.failure(self.name, e) from e
+        return collector.results()
 
     def _decode_batch(
         self,
         batch: list[_Row],
+        requests: Sequence[GenerationRequest],
         prompts: list[list[int]],
         params: SamplingParams,
         finished: Callable[[_Row], None],
+        on_token: TokenCallback | None,
     ) -> None:
         torch = _import_torch()
         from transformers import DynamicCache
@@ -378,7 +409,9 @@ class HFEngine:
                 torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
             )
             reported = raw if self.logprob_mode == "raw_logprobs" else proc
-            chosen_lp = reported.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            proc_lp = proc.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+            chosen_lp = raw_lp if self.logprob_mode == "raw_logprobs" else proc_lp
             if k:
                 top_v, top_i = torch.topk(reported, k, dim=1)
                 top_v, top_i = top_v.tolist(), top_i.tolist()
@@ -389,6 +422,8 @@ class HFEngine:
                 tok = int(tok_list[b])
                 row.token_ids.append(tok)
                 row.logprobs.append(float(chosen_lp[b]))
+                row.target.append(float(raw_lp[b]))
+                row.proposal.append(float(proc_lp[b]))
                 if k:
                     top = dict(zip(top_i[b], top_v[b], strict=True))
                     top[tok] = float(chosen_lp[b])
@@ -397,9 +432,22 @@ class HFEngine:
                     row.finish = FinishReason.STOP.value
                     row.done = True
                 elif params.stop and t + 1 > params.min_tokens:
-                    self._check_stop(row, params)
+                    self._check_stop(row, requests[row.request], params)
                 if not row.done and t + 1 == params.max_tokens:
                     row.finish, row.done = FinishReason.LENGTH.value, True
+                if on_token is not None:
+                    event = TokenEvent(
+                        request=row.request,
+                        slot=row.slot,
+                        index=row.index,
+                        token_id=tok,
+                        num_tokens=t + 1,
+                        logprob=float(chosen_lp[b]) if params.logprobs is not None else None,
+                        top=row.tops[-1] if k else None,
+                        finished=row.done,
+                    )
+                    if on_token(event) and not row.done:
+                        row.finish, row.done = FinishReason.ABORT.value, True
                 if row.done:
                     finished(row)
                     active[b] = None
@@ -423,12 +471,19 @@ class HFEngine:
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
 
-    def _check_stop(self, row: _Row, params: SamplingParams) -> None:
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def _text(self, req: GenerationRequest, token_ids: Sequence[int]) -> str:
+        """Text of generated tokens, after the request's token prefix if it has one."""
+        return continuation_text(self.decode, req.prefix_token_ids, token_ids)
+
+    def _check_stop(self, row: _Row, req: GenerationRequest, params: SamplingParams) -> None:
         if params.min_tokens and len(row.token_ids) == params.min_tokens + 1:
             # first check: a stop string must end after the text of the first min_tokens tokens
-            head = row.token_ids[: params.min_tokens]
-            row.checked = len(self.tokenizer.decode(head, skip_special_tokens=True))
-        text = str(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
+            row.checked = len(self._text(req, row.token_ids[: params.min_tokens]))
+        text = self._text(req, row.token_ids)
         hit = find_stop(text, params.stop, start=row.checked)
         row.checked = len(text)
         if hit is None:
@@ -440,7 +495,7 @@ class HFEngine:
     def _completion(self, req: GenerationRequest, row: _Row, params: SamplingParams) -> Completion:
         text = row.text
         if text is None:
-            text = str(self.tokenizer.decode(row.token_ids, skip_special_tokens=True))
+            text = self._text(req, row.token_ids)
         want = params.logprobs is not None
         return Completion(
             problem_id=req.problem_id,
@@ -453,9 +508,70 @@ class HFEngine:
             num_tokens=len(row.token_ids),
             finish_reason=row.finish,
             seed=row.seed,
-            prompt_tokens=row.prompt_len,
+            prompt_tokens=len(row.prompt),
             stop_reason=row.stop_reason,
+            prompt_token_ids=tuple(row.prompt),
+            target_logprobs=tuple(row.target) if want else None,
+            proposal_logprobs=tuple(row.proposal) if want else None,
         )
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(
+        self, requests: Sequence[GenerationRequest], continuations: Sequence[Sequence[int]]
+    ) -> list[tuple[float, ...]]:
+        """Raw log-probabilities of each continuation after its request's context: one forward
+        pass over ``context + continuation`` per batch of ``batch_size`` requests (left-padded,
+        as the prefill of ``generate``), log-softmax in float64."""
+        if len(requests) != len(continuations):
+            raise ConfigError(
+                f"score got {len(requests)} requests but {len(continuations)} continuations"
+            )
+        torch = _import_torch()
+        conts = [[int(t) for t in c] for c in continuations]
+        for c in conts:
+            bad = [t for t in c if not 0 <= t < self._vocab]
+            if bad:
+                raise ConfigError(
+                    f"token id {bad[0]} is outside the vocabulary ({self._vocab} ids)"
+                )
+        contexts = [self.prompt_token_ids(r) for r in requests]
+        out: list[tuple[float, ...]] = [()] * len(requests)
+        todo = [i for i, c in enumerate(conts) if c]
+        step = self.batch_size or max(len(todo), 1)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(todo), step):
+                    part = todo[start : start + step]
+                    for i, lps in zip(part, self._score_batch(contexts, conts, part), strict=True):
+                        out[i] = lps
+        except (ConfigError, EngineError):
+            raise
+        except Exception as e:
+            raise EngineError(f"hf scoring failed: {e}".splitlines()[0]) from e
+        return out
+
+    def _score_batch(
+        self, contexts: list[list[int]], conts: list[list[int]], part: list[int]
+    ) -> list[tuple[float, ...]]:
+        torch = _import_torch()
+        full = [contexts[i] + conts[i] for i in part]
+        width = max(len(f) for f in full)
+        ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for b, f in enumerate(full):
+            ids[b, width - len(f) :] = torch.tensor(f)
+            mask[b, width - len(f) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        results = []
+        for b, i in enumerate(part):
+            n_ctx, n = len(contexts[i]), len(conts[i])
+            first = width - len(full[b]) + n_ctx - 1  # logits predicting the first continuation
+            lp = torch.log_softmax(logits[b, first : first + n].to(torch.float64), dim=-1)
+            target = torch.tensor(conts[i], device=lp.device).unsqueeze(1)
+            results.append(tuple(float(x) for x in lp.gather(1, target).squeeze(1).tolist()))
+        return results
 
     # -- provenance ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -12,6 +12,12 @@ Two modes:
   seeds, greedy decoding, prefix continuation and raw/processed log-probabilities behave exactly
   like a real engine's, at microseconds per token.
 
+Capabilities (:class:`~ttscale.engines.base.EngineCapabilities`): both modes honour token prefixes
+exactly (a token is a character) and stream with per-trace abort (``on_token``); the toy model
+also scores continuations exactly and returns both target (raw) and proposal (processed)
+log-probabilities. Scripted texts have no model behind them, so they neither score nor carry
+target/proposal log-probabilities.
+
 ``fail_after=K`` raises :class:`~ttscale.engines.base.GenerationError` once ``K`` samples have
 been produced over the engine's lifetime (after handing finished requests to ``on_result``), to
 test that samplers keep completed work.
@@ -30,11 +36,13 @@ import numpy as np
 from ttscale.engines._text import find_stop, render_plain_chat
 from ttscale.engines.base import (
     EngineCapabilities,
-    GenerationError,
     GenerationRequest,
     ResultCallback,
+    ResultCollector,
+    TokenCallback,
+    TokenEvent,
 )
-from ttscale.errors import ConfigError
+from ttscale.errors import ConfigError, EngineError
 from ttscale.types import Completion, FinishReason, SamplingParams
 from ttscale.validation import check_choice, check_int
 
@@ -131,7 +139,7 @@ class ScriptedEngine:
     """
 
     name = "scripted"
-    capabilities = EngineCapabilities()
+    capabilities = EngineCapabilities(token_prefixes=True, streaming=True)
 
     def __init__(
         self,
@@ -174,6 +182,13 @@ class ScriptedEngine:
         # vocabulary of the toy model: EOS then the alphabet; ids are ord(char)
         self._vocab_ids = np.array([EOS_TOKEN_ID, *(ord(c) for c in alphabet)], dtype=np.int64)
         self._next_logprobs = lru_cache(maxsize=65536)(self._next_logprobs_uncached)
+        if responses is None:
+            self.capabilities = EngineCapabilities(
+                token_prefixes=True,
+                scoring=True,
+                streaming=True,
+                logprob_modes=frozenset(_LOGPROB_MODES),
+            )
 
     # -- public API ------------------------------------------------------------------------
     def generate(
@@ -182,25 +197,58 @@ class ScriptedEngine:
         params: SamplingParams,
         *,
         on_result: ResultCallback | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[list[Completion]]:
-        results: list[list[Completion] | None] = [None] * len(requests)
+        """Samples one after another (each trace is independent, so streaming and aborting one
+        trace cannot change another)."""
+        collector = ResultCollector(requests, on_result)
         for pos, req in enumerate(requests):
             self.calls.append((req, params))
-            comps: list[Completion] = []
             for j, index in enumerate(req.indices):
                 if self.fail_after is not None and self.samples_generated >= self.fail_after:
-                    raise GenerationError(
+                    error = EngineError(
                         f"scripted failure after {self.samples_generated} samples "
-                        f"(fail_after={self.fail_after})",
-                        results,
-                        {pos: comps},
+                        f"(fail_after={self.fail_after})"
                     )
-                comps.append(self._sample(req, index, req.seed_for(j, params), params))
+                    raise collector.failure(self.name, error) from error
+                comp = self._sample(req, index, req.seed_for(j, params), params)
+                if on_token is not None:
+                    comp = self._stream(comp, pos, j, params, on_token)
                 self.samples_generated += 1
-            results[pos] = comps
-            if on_result is not None:
-                on_result(pos, comps)
-        return [r for r in results if r is not None]
+                collector.put(pos, j, comp)
+        return collector.results()
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of token ids: one character per token (``chr``), EOS skipped."""
+        return "".join(chr(t) for t in _check_ids(token_ids) if t != EOS_TOKEN_ID)
+
+    def score(
+        self, requests: Sequence[GenerationRequest], continuations: Sequence[Sequence[int]]
+    ) -> list[tuple[float, ...]]:
+        """Raw log-probabilities of each continuation under the toy model (exact: the same
+        numbers ``generate`` reports as ``target_logprobs``). Scripted texts cannot be scored."""
+        if self.responses is not None:
+            raise ConfigError(
+                "a ScriptedEngine with scripted responses cannot score: it has no model; "
+                "use ScriptedEngine() (the toy model)"
+            )
+        if len(requests) != len(continuations):
+            raise ConfigError(
+                f"score got {len(requests)} requests but {len(continuations)} continuations"
+            )
+        index = {int(t): i for i, t in enumerate(self._vocab_ids)}
+        out: list[tuple[float, ...]] = []
+        for req, cont in zip(requests, continuations, strict=True):
+            text = self.context(req)
+            lps: list[float] = []
+            for tok in _check_ids(cont):
+                if tok not in index:
+                    raise ConfigError(f"token id {tok} is not in the toy model's vocabulary")
+                lps.append(float(self._next_logprobs(text[-self.order :])[index[tok]]))
+                if tok != EOS_TOKEN_ID:
+                    text += chr(tok)
+            out.append(tuple(lps))
+        return out
 
     def info(self) -> dict[str, Any]:
         return {
@@ -214,19 +262,46 @@ class ScriptedEngine:
         pass
 
     def context(self, request: GenerationRequest) -> str:
-        """The text the model conditions on: prompt (or rendered messages) plus prefix."""
-        head = (
-            request.prompt if request.prompt is not None else self.chat_template(request.messages)
-        )
-        return head + request.prefix
+        """The text the model conditions on: prompt (or rendered messages, or decoded prompt
+        token ids), then the text prefix, then the decoded prefix token ids."""
+        if request.prompt_token_ids is not None:
+            head = self.decode(request.prompt_token_ids)
+        elif request.prompt is not None:
+            head = request.prompt
+        else:
+            head = self.chat_template(request.messages or ())
+        return head + request.prefix + self.decode(request.prefix_token_ids)
+
+    def _stream(
+        self, comp: Completion, pos: int, slot: int, params: SamplingParams, on_token: TokenCallback
+    ) -> Completion:
+        """Hand each token of ``comp`` to ``on_token``; cut the trace where it asks to abort."""
+        assert comp.token_ids is not None
+        n = comp.num_tokens
+        for t, tok in enumerate(comp.token_ids):
+            event = TokenEvent(
+                request=pos,
+                slot=slot,
+                index=comp.index,
+                token_id=tok,
+                num_tokens=t + 1,
+                logprob=comp.token_logprobs[t] if comp.token_logprobs is not None else None,
+                top=comp.top_logprobs[t] if comp.top_logprobs is not None else None,
+                finished=t + 1 == n,
+            )
+            if on_token(event) and t + 1 < n:
+                return _truncate(comp, t + 1, self.decode(comp.token_ids[: t + 1]))
+        return comp
 
     # -- one sample --------------------------------------------------------------------------
     def _sample(
         self, req: GenerationRequest, index: int, seed: int, params: SamplingParams
     ) -> Completion:
         context = self.context(req)
+        target: list[float] | None = None
+        proposal: list[float] | None = None
         if self.responses is None:
-            token_ids, lps, tops = self._toy_generate(context, seed, params)
+            token_ids, lps, tops, target, proposal = self._toy_generate(context, seed, params)
         else:
             # a scripted response ends with EOS, as a real model's would
             token_ids = [ord(c) for c in self._scripted_text(req, index, seed, params)]
@@ -235,7 +310,9 @@ class ScriptedEngine:
         if self.responses is not None:
             lps, tops = self._scripted_logprobs(token_ids, seed, params)
         else:
-            lps, tops = lps[: len(token_ids)], tops[: len(token_ids)]
+            n = len(token_ids)
+            lps, tops = lps[:n], tops[:n]
+            target, proposal = (target or [])[:n], (proposal or [])[:n]
         want_lp = params.logprobs is not None
         return Completion(
             problem_id=req.problem_id,
@@ -250,6 +327,9 @@ class ScriptedEngine:
             seed=seed,
             prompt_tokens=len(context),
             stop_reason=stop_reason,
+            prompt_token_ids=tuple(ord(c) for c in context),
+            target_logprobs=tuple(target) if want_lp and target is not None else None,
+            proposal_logprobs=tuple(proposal) if want_lp and proposal is not None else None,
         )
 
     def _scripted_text(
@@ -263,8 +343,9 @@ class ScriptedEngine:
                 raise ConfigError(f"ScriptedEngine has no scripted response for {req.problem_id!r}")
             entry = self.responses[req.problem_id]
             text = entry if isinstance(entry, str) else entry[index % len(entry)]
-            if req.prefix and text.startswith(req.prefix):
-                text = text[len(req.prefix) :]
+            done = req.prefix + self.decode(req.prefix_token_ids)
+            if done and text.startswith(done):
+                text = text[len(done) :]
         if not isinstance(text, str):
             raise ConfigError(f"a scripted response must be a string, got {type(text).__name__}")
         return text.replace("\x00", "")
@@ -304,13 +385,17 @@ class ScriptedEngine:
 
     def _toy_generate(
         self, context: str, seed: int, params: SamplingParams
-    ) -> tuple[list[int], list[float], list[dict[int, float]]]:
+    ) -> tuple[list[int], list[float], list[dict[int, float]], list[float], list[float]]:
+        """Tokens, reported log-probabilities, top alternatives, target (raw) and proposal
+        (processed) log-probabilities of one toy-model sample."""
         rng = np.random.default_rng(seed)
         k = params.logprobs or 0
         text = context
         token_ids: list[int] = []
         lps: list[float] = []
         tops: list[dict[int, float]] = []
+        target: list[float] = []
+        proposal: list[float] = []
         for t in range(params.max_tokens):
             raw = self._next_logprobs(text[-self.order :])
             suppress = (0,) if t < params.min_tokens else ()
@@ -324,6 +409,8 @@ class ScriptedEngine:
             tok = int(self._vocab_ids[choice])
             token_ids.append(tok)
             lps.append(float(reported[choice]))
+            target.append(float(raw[choice]))
+            proposal.append(float(proc[choice]))
             if k:
                 best = np.argsort(-reported, kind="stable")[:k]
                 top = {int(self._vocab_ids[b]): float(reported[b]) for b in best}
@@ -332,4 +419,42 @@ class ScriptedEngine:
             if tok == EOS_TOKEN_ID:
                 break
             text += chr(tok)
-        return token_ids, lps, tops
+        return token_ids, lps, tops, target, proposal
+
+
+def _check_ids(token_ids: Sequence[int]) -> list[int]:
+    ids = [int(t) for t in token_ids]
+    bad = [t for t in ids if not 0 <= t < 0x110000]
+    if bad:
+        raise ConfigError(
+            f"token id {bad[0]} is not a character (ScriptedEngine tokens are ord(c))"
+        )
+    return ids
+
+
+def _truncate(comp: Completion, n: int, text: str) -> Completion:
+    """``comp`` cut to its first ``n`` tokens, ended by an abort."""
+
+    def cut(xs: Sequence[Any] | None) -> tuple[Any, ...] | None:
+        return None if xs is None else tuple(xs[:n])
+
+    return Completion(
+        problem_id=comp.problem_id,
+        index=comp.index,
+        text=text,
+        token_ids=cut(comp.token_ids),
+        token_logprobs=cut(comp.token_logprobs),
+        top_logprobs=cut(comp.top_logprobs),
+        cumulative_logprob=(
+            math.fsum(comp.token_logprobs[:n]) if comp.token_logprobs is not None else None
+        ),
+        num_tokens=n,
+        finish_reason=FinishReason.ABORT.value,
+        seed=comp.seed,
+        prompt_tokens=comp.prompt_tokens,
+        stop_reason=None,
+        prompt_token_ids=comp.prompt_token_ids,
+        target_logprobs=cut(comp.target_logprobs),
+        proposal_logprobs=cut(comp.proposal_logprobs),
+        discarded_tokens=comp.discarded_tokens,
+    )
