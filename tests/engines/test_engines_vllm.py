@@ -18,7 +18,10 @@ pytestmark = pytest.mark.vllm
 
 
 def test_contract(vllm_engine) -> None:  # type: ignore[no-untyped-def]
-    assert len(check_engine(vllm_engine)) == 10
+    from ttscale.testing import ENGINE_CHECKS
+
+    # every check runs: vLLM declares every capability
+    assert check_engine(vllm_engine) == list(ENGINE_CHECKS)
     info = vllm_engine.info()
     assert info["engine"] == "vllm" and info["logprob_mode"] == "raw_logprobs"
     assert info["version"].startswith("0.")
@@ -296,6 +299,7 @@ def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> Non
                      logprobs_mode="processed_logprobs")  # fmt: skip
     try:
         assert eng.capabilities.logprob_modes == {"raw_logprobs", "processed_logprobs"}
+        check_engine(eng, only=("logprob_modes", "top_logprobs", "scoring", "streaming"))
         temp = 0.7
         params = SamplingParams(max_tokens=12, seed=4, temperature=temp)
         req = GenerationRequest("p", prompt="The dog", indices=(0, 1, 2))

@@ -402,6 +402,7 @@ class VLLMEngine:
         params: SamplingParams,
     ) -> Any:
         req = collector.requests[pos]
+        onehot = self._onehot(params)
 
         def handle(output: Any) -> None:
             if not output.finished:
@@ -412,7 +413,9 @@ class VLLMEngine:
             seen = list(output.prompt_token_ids or ids)
             for o in outs:
                 j = start + o.index
-                comp = _to_completion(o, req, j, req.seed_for(j, params), params, seen, self._raw)
+                comp = _to_completion(
+                    o, req, j, req.seed_for(j, params), params, seen, self._raw, onehot
+                )
                 self._finish(loop, collector, pos, j, comp, params)
 
         return handle
@@ -428,13 +431,14 @@ class VLLMEngine:
     ) -> Any:
         req = collector.requests[st.pos]
         want_lp = params.logprobs is not None
+        onehot = self._onehot(params)
 
         def handle(output: Any) -> str | None:
             (o,) = output.outputs
             if output.prompt_token_ids:
                 st.prompt = list(output.prompt_token_ids)
             new = [int(t) for t in o.token_ids]
-            lps, tops = _logprob_rows(o.logprobs, new) if want_lp else (None, None)
+            lps, tops = _logprob_rows(o.logprobs, new, onehot) if want_lp else (None, None)
             st.text += o.text or ""
             for k, tok in enumerate(new):
                 st.tokens.append(tok)
@@ -486,6 +490,10 @@ class VLLMEngine:
 
         return _DeltaHandler(handle, on_done)
 
+    def _onehot(self, params: SamplingParams) -> bool:
+        """Greedy decoding in processed mode: the proposal is a point mass (log-prob 0)."""
+        return not self._raw and params.temperature == 0.0
+
     def _finish(
         self,
         loop: _StepLoop,
@@ -500,9 +508,7 @@ class VLLMEngine:
         if self.logprob_mode != "processed_logprobs" or comp.token_logprobs is None:
             collector.put(pos, slot, comp)
             return
-        proposal = comp.token_logprobs
-        if params.temperature == 0.0:  # greedy: the proposal is a point mass
-            proposal = tuple(0.0 for _ in proposal)
+        proposal = comp.token_logprobs  # one-hot zeros for greedy decoding (``_onehot``)
         tokens = list(comp.token_ids or ())
         if not tokens:
             collector.put(pos, slot, replace(comp, target_logprobs=(), proposal_logprobs=()))
@@ -672,15 +678,23 @@ class _StepLoop:
 
 
 def _logprob_rows(
-    rows: Any, token_ids: Sequence[int]
+    rows: Any, token_ids: Sequence[int], onehot: bool = False
 ) -> tuple[list[float], list[dict[int, float]]] | tuple[None, None]:
-    """vLLM's per-position ``{token: Logprob}`` -> sampled-token log-probs and top maps."""
+    """vLLM's per-position ``{token: Logprob}`` -> sampled-token log-probs and top maps.
+
+    ``onehot``: the distribution is a point mass on the sampled token (greedy decoding in
+    ``processed_logprobs`` mode, where vLLM reports the untempered values instead).
+    """
     if rows is None:
         return None, None
     lps: list[float] = []
     tops: list[dict[int, float]] = []
     for t, tok in enumerate(token_ids):
         pos = rows[t] or {}
+        if onehot:
+            lps.append(0.0)
+            tops.append({int(k): 0.0 if int(k) == tok else -math.inf for k in pos} | {tok: 0.0})
+            continue
         entry = pos.get(tok)
         lps.append(float(entry.logprob) if entry is not None else -math.inf)
         tops.append({int(k): float(v.logprob) for k, v in pos.items()})
@@ -745,11 +759,14 @@ def _to_completion(
     params: SamplingParams,
     prompt_ids: Sequence[int],
     raw: bool,
+    onehot: bool = False,
 ) -> Completion:
     """One finished vLLM ``CompletionOutput`` -> :class:`Completion` (plain Python values only)."""
     token_ids = [int(t) for t in o.token_ids]
     lps, tops = (
-        _logprob_rows(o.logprobs, token_ids) if params.logprobs is not None else (None, None)
+        _logprob_rows(o.logprobs, token_ids, onehot)
+        if params.logprobs is not None
+        else (None, None)
     )
     return _make_completion(
         req,
