@@ -33,8 +33,10 @@ class FakeServer:
     """
 
     def __init__(self, script=(), by_prompt=None, delay: float = 0.0, shared=None,  # type: ignore[no-untyped-def]
-                 vllm_like: bool = True, stream_delay: float = 0.0) -> None:  # fmt: skip
+                 vllm_like: bool = True, stream_delay: float = 0.0,
+                 processed: bool = False) -> None:  # fmt: skip
         self.vllm_like = vllm_like
+        self.processed = processed
         self.stream_delay = stream_delay
         self.streams: list[dict] = []  # per stream: prompt, events sent, whether it completed
         self.tokenized: list[dict] = []
@@ -116,7 +118,7 @@ class FakeServer:
         if body.get("stream"):
             self._stream(h, body)
             return
-        payload = json.dumps(_ok_response(body)).encode()
+        payload = json.dumps(_ok_response(body, self.processed)).encode()
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
@@ -142,7 +144,7 @@ class FakeServer:
 
     def _stream(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         """One event per generated token, then ``[DONE]``; notes how far the client listened."""
-        (choice,) = _ok_response(body)["choices"]
+        (choice,) = _ok_response(body, self.processed)["choices"]
         record = {"prompt": body.get("prompt"), "sent": 0, "completed": False}
         with self.lock:
             self.streams.append(record)
@@ -202,8 +204,8 @@ def fake_tokenize(body: dict) -> list[int]:
     return ([1] if body.get("add_special_tokens", True) else []) + ids
 
 
-def _lp_block(ids: list[int], start: int, skip_first: bool = False) -> dict:
-    values = [fake_logprob(start + t, tok) for t, tok in enumerate(ids)]
+def _lp_block(ids: list[int], start: int, skip_first: bool = False, scale: float = 1.0) -> dict:
+    values: list = [fake_logprob(start + t, tok) * scale for t, tok in enumerate(ids)]
     tokens = [f"token_id:{tok}" for tok in ids]
     tops: list = [{name: v} for name, v in zip(tokens, values, strict=True)]
     if skip_first and values:
@@ -216,8 +218,10 @@ def _lp_block(ids: list[int], start: int, skip_first: bool = False) -> dict:
     }
 
 
-def _ok_response(body: dict) -> dict:
-    """Text ``s<seed+k>`` per choice; one token per character, token ids ``ord(char)``."""
+def _ok_response(body: dict, processed: bool = False) -> dict:
+    """Text ``s<seed+k>`` per choice; one token per character, token ids ``ord(char)``.
+    ``processed``: generated tokens report ``fake_logprob / temperature`` (a "proposal");
+    echoed prompt tokens always report the raw :func:`fake_logprob`."""
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         context = [int(t) for t in prompt]
@@ -235,7 +239,9 @@ def _ok_response(body: dict) -> dict:
     for k in range(body.get("n", 1)):
         text = f"s{body['seed'] + k}"
         ids = [ord(ch) for ch in text]
-        choice = {"index": k, "text": text, "logprobs": _lp_block(ids, len(context)),
+        temp = body.get("temperature") or 1.0
+        scale = 1.0 / temp if processed else 1.0
+        choice = {"index": k, "text": text, "logprobs": _lp_block(ids, len(context), scale=scale),
                   "finish_reason": "stop", "stop_reason": None}  # fmt: skip
         if body.get("return_token_ids"):
             choice.update(token_ids=ids, prompt_token_ids=context)

@@ -416,3 +416,29 @@ def test_real_server_token_prompts_scoring_and_streaming(vllm_server: str, vllm_
         for j, c in enumerate(cs):
             if (p, j) != victim:
                 assert got[p][j].token_ids == c.token_ids
+
+
+def test_processed_mode_adds_target_by_scoring(servers) -> None:  # type: ignore[no-untyped-def]
+    """A processed-mode server: completions carry the proposal as generated and the target
+    scored by echo, in plain and streamed calls; greedy proposals are one-hot."""
+    servers.append(FakeServer(processed=True))
+    eng = _engine(servers[0].url, token_prompts=True, logprob_mode="processed_logprobs",
+                  tokenizer=_CharTokenizer())  # fmt: skip
+    assert eng.capabilities.logprob_modes == {"raw_logprobs", "processed_logprobs"}
+    req = GenerationRequest("a", prompt_token_ids=(1, 70, 71), indices=(0, 1))
+    params = SamplingParams(seed=9, max_tokens=8, temperature=0.5, logprobs=1)
+    plain = eng.generate([req], params)[0]
+    streamed = eng.generate([req], params, on_token=lambda e: False)[0]
+    assert plain == streamed
+    for c in plain:
+        raw = [fake_logprob(3 + t, tok) for t, tok in enumerate(c.token_ids)]
+        assert c.target_logprobs == pytest.approx(raw)
+        assert c.proposal_logprobs == c.token_logprobs == pytest.approx([v / 0.5 for v in raw])
+    (g,) = eng.generate(
+        [GenerationRequest("g", prompt_token_ids=(1, 70))], params.replace(temperature=0.0)
+    )[0]
+    assert g.proposal_logprobs == g.token_logprobs == (0.0,) * g.num_tokens
+    assert g.target_logprobs == pytest.approx(
+        [fake_logprob(2 + t, k) for t, k in enumerate(g.token_ids)]
+    )
+    assert all(top[k] == 0.0 for top, k in zip(g.top_logprobs, g.token_ids, strict=True))

@@ -20,8 +20,11 @@ of the first server at construction) the engine declares ``token_prefixes`` (req
 ids go to ``/completions`` as token arrays), ``scoring`` (``echo`` + ``logprobs`` with
 ``max_tokens=0``: the server's prompt log-probabilities, untempered), ``streaming``
 (``stream=true``; the events carry token ids; an abort closes that request's connection, which a
-vLLM server turns into a request abort) and the server's ``logprob_mode``. Without it none of them
-is declared and requests with token ids are refused. ``decode`` needs the model's tokenizer
+vLLM server turns into a request abort) and the server's ``logprob_mode`` (as given; a vLLM
+server's ``--logprobs-mode``). In ``processed_logprobs`` mode each finished sample is also scored
+(one more echo request) for its raw ``target_logprobs``, so both modes are declared; greedy
+proposals are one-hot (0). Without ``token_prompts`` none of this is declared and requests with
+token ids are refused. ``decode`` needs the model's tokenizer
 locally (``tokenizer=``, else the ``root`` that vLLM's ``GET /v1/models`` reports).
 """
 
@@ -37,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ttscale.engines.base import (
@@ -261,11 +264,14 @@ class OpenAIEngine:
         elif not isinstance(token_prompts, bool):
             raise ConfigError(f"token_prompts must be True, False or 'auto', got {token_prompts!r}")
         self.token_prompts = token_prompts
+        # processed mode + scoring: the raw (target) log-probs come from scoring the tokens
+        self._both = token_prompts and logprob_mode == "processed_logprobs"
+        modes = {logprob_mode, "raw_logprobs"} if self._both else {logprob_mode}
         self.capabilities = EngineCapabilities(
             token_prefixes=token_prompts,
             scoring=token_prompts,
             streaming=token_prompts,
-            logprob_modes=frozenset({logprob_mode} if token_prompts else ()),
+            logprob_modes=frozenset(modes if token_prompts else ()),
         )
 
     # -- token prompts -----------------------------------------------------------------------------
@@ -542,7 +548,7 @@ class OpenAIEngine:
                     self._mode(),
                 )
             )
-        return out
+        return [self._with_target(c, params) for c in out]
 
     def _mode(self) -> str | None:
         """The log-probability mode completions carry as target/proposal (None: not declared)."""
@@ -650,7 +656,8 @@ class OpenAIEngine:
                 try:
                     if self._absorb(requests[tr.pos], tr, payload, params, on_token, mode):
                         tr.cancel.set()
-                        collector.put(tr.pos, tr.slot, tr.completion)
+                        assert tr.completion is not None
+                        collector.put(tr.pos, tr.slot, self._with_target(tr.completion, params))
                 except BaseException as e:  # a malformed event or on_token/on_result raised
                     error = e
                     for other in traces:
@@ -724,10 +731,13 @@ class OpenAIEngine:
             raise EngineError("the server streamed tokens without their log-probabilities")
         tr.text += choice.get("text") or ""
         finish = choice.get("finish_reason")
+        onehot = self._both and params.temperature == 0.0
         for t, tok in enumerate(new):
             tr.tokens.append(tok)
             value = float(lps[t]) if want_lp and lps[t] is not None else None
             top = _top_map(tops_raw[t] if t < len(tops_raw) else None, tok, value)
+            if onehot and value is not None:  # greedy proposal: a point mass
+                value, top = 0.0, {k: 0.0 if k == tok else -math.inf for k in top}
             if want_lp:
                 tr.lps.append(-math.inf if value is None else value)
                 tr.tops.append(top)
@@ -776,31 +786,63 @@ class OpenAIEngine:
             ctx = self.prompt_token_ids(req)
             if not ctx:
                 raise ConfigError(f"nothing to condition on for {req.problem_id!r}: empty prompt")
-            body = {
-                "model": self.model,
-                "prompt": ctx + cont,
-                "max_tokens": 0,
-                "echo": True,
-                "logprobs": 0,
-                "temperature": 0.0,
-                "return_tokens_as_token_ids": True,
-            }
-            (choice,) = self._post("/completions", body)["choices"]
-            lp = choice.get("logprobs") or {}
-            tokens = [_token_id(t) for t in lp.get("tokens") or []]
-            values = list(lp.get("token_logprobs") or [])
-            if tokens[: len(ctx) + len(cont)] != ctx + cont or len(values) < len(ctx) + len(cont):
-                raise EngineError("the server did not echo the scored tokens")
-            tail = values[len(ctx) : len(ctx) + len(cont)]
-            if any(v is None for v in tail):
-                raise EngineError("the server returned no log-probability for a scored token")
-            return tuple(float(v) for v in tail)
+            return self._score_ids(ctx, cont)
 
         if not requests:
             return []
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
             futures = [pool.submit(one, r, c) for r, c in zip(requests, conts, strict=True)]
             return [f.result() for f in futures]
+
+    def _score_ids(self, ctx: list[int], cont: list[int]) -> tuple[float, ...]:
+        """Prompt log-probabilities of ``cont`` after ``ctx`` (one echo request)."""
+        body = {
+            "model": self.model,
+            "prompt": ctx + cont,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 0,
+            "temperature": 0.0,
+            "return_tokens_as_token_ids": True,
+        }
+        (choice,) = self._post("/completions", body)["choices"]
+        lp = choice.get("logprobs") or {}
+        tokens = [_token_id(t) for t in lp.get("tokens") or []]
+        values = list(lp.get("token_logprobs") or [])
+        if tokens[: len(ctx) + len(cont)] != ctx + cont or len(values) < len(ctx) + len(cont):
+            raise EngineError("the server did not echo the scored tokens")
+        tail = values[len(ctx) : len(ctx) + len(cont)]
+        if any(v is None for v in tail):
+            raise EngineError("the server returned no log-probability for a scored token")
+        return tuple(float(v) for v in tail)
+
+    def _with_target(self, comp: Completion, params: SamplingParams) -> Completion:
+        """In ``processed_logprobs`` mode: add the raw (target) log-probabilities of the tokens,
+        scored after the prompt the server reported (one more request); greedy proposals are
+        one-hot (log-prob 0). Other modes: unchanged."""
+        if not self._both or comp.token_logprobs is None:
+            return comp
+        tokens = list(comp.token_ids or ())
+        if comp.prompt_token_ids is None:
+            raise EngineError("the server did not report the prompt token ids to score")
+        target = self._score_ids(list(comp.prompt_token_ids), tokens) if tokens else ()
+        if params.temperature != 0.0:
+            return replace(comp, target_logprobs=target)
+        zeros = tuple(0.0 for _ in tokens)
+        tops = comp.top_logprobs
+        if tops is not None:
+            tops = tuple(
+                {k: (0.0 if k == tok else -math.inf) for k in top} | {tok: 0.0}
+                for top, tok in zip(tops, tokens, strict=True)
+            )
+        return replace(
+            comp,
+            token_logprobs=zeros,
+            proposal_logprobs=zeros,
+            top_logprobs=tops,
+            cumulative_logprob=0.0,
+            target_logprobs=target,
+        )
 
     def server_version(self) -> str:
         """The first server's version from vLLM's ``GET /version`` (``"unknown"`` elsewhere)."""
