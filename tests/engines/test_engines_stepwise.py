@@ -524,3 +524,53 @@ def test_check_engine_runs_only_declared_capability_checks() -> None:
                        only=("token_prefixes", "scoring", "streaming", "logprob_modes"))  # fmt: skip
     # scripted texts: token prefixes and streaming, no model to score, no target/proposal
     assert ran == ["token_prefixes", "streaming"]
+
+
+def test_continuation_text_window_and_unfinished_characters() -> None:
+    # byte tokens: "é" is two UTF-8 bytes; a prefix ending after the first byte decodes to "\ufffd"
+    def decode(ids: Any) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    e1, e2 = "é".encode()
+    assert continuation_text(decode, [ord("a"), e1], [e2, ord("b")]) == "éb"
+    # only the last `window` prefix tokens are decoded
+    seen: list[int] = []
+
+    def counting(ids: Any) -> str:
+        seen.append(len(ids))
+        return decode(ids)
+
+    assert continuation_text(counting, list(b"x" * 1000), list(b"yz"), window=4) == "yz"
+    assert max(seen) == 6
+
+
+def test_hf_score_batches(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from ttscale.engines import hf as hf_module
+
+    eng = hf_module.HFEngine(tiny_model_dir)
+    reqs = [GenerationRequest("p", prompt=p) for p in ("ab", "c", "hello", "xyz", "q")]
+    conts = [
+        eng.tokenizer.convert_tokens_to_ids(list(c)) for c in ("abc", "", "abcd", "ab", "abcde")
+    ]
+    whole = eng.score(reqs, conts)
+    # room for 10 kept logit rows: [0, 2] keep 2 x (4 + 1); 3 and 4 would not fit beside them
+    monkeypatch.setattr(hf_module, "_SCORE_LOGITS_BYTES", 4 * eng._vocab * 10)
+    assert eng._score_batches(conts) == [[0, 2], [3], [4]]
+    split = eng.score(reqs, conts)
+    assert split[1] == () and [len(s) for s in split] == [3, 0, 4, 2, 5]
+    for a, b in zip(whole, split, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    eng.batch_size = 1
+    assert eng._score_batches(conts) == [[0], [2], [3], [4]]
+
+
+def test_engines_without_token_prefixes_refuse_token_ids() -> None:
+    from ttscale.engines.openai import OpenAIEngine
+
+    eng = OpenAIEngine("m", "http://127.0.0.1:1/v1")  # never contacted: refused up front
+    req = GenerationRequest("p", prompt="x", prefix_token_ids=(5, 6))
+    with pytest.raises(ConfigError, match="engine 'openai' cannot continue from token ids"):
+        eng.generate([req], SamplingParams())
+    with pytest.raises(ConfigError, match="cannot continue from token ids"):
+        eng.generate([GenerationRequest("p", prompt_token_ids=(1, 2))], SamplingParams())

@@ -30,6 +30,7 @@ __all__ = [
     "TokenEvent",
     "TokenPrefixEngine",
     "capabilities_of",
+    "check_request_support",
     "continuation_text",
     "generate_chunked",
     "require_capabilities",
@@ -147,6 +148,21 @@ def require_capabilities(engine: Any, *needed: str, by: str) -> None:
             f"{by} needs an engine that can {what} (capability {name!r}); engine {label!r} "
             f"does not declare it; use the {choices} engine"
         )
+
+
+def check_request_support(engine: Any, requests: Sequence[GenerationRequest]) -> None:
+    """For engines, at the top of ``generate``/``score``: a one-line :class:`ConfigError` for a
+    request the engine cannot honour exactly (token ids without capability ``token_prefixes``),
+    instead of a silently different context."""
+    if capabilities_of(engine).token_prefixes:
+        return
+    for req in requests:
+        if req.has_token_ids:
+            label = getattr(engine, "name", type(engine).__name__)
+            raise ConfigError(
+                f"engine {label!r} cannot continue from token ids (request for "
+                f"{req.problem_id!r}); use the hf, vllm or scripted engine, or a text prefix"
+            )
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -504,21 +520,27 @@ def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def continuation_text(
-    decode: Callable[[Sequence[int]], str], prefix_ids: Sequence[int], new_ids: Sequence[int]
+    decode: Callable[[Sequence[int]], str],
+    prefix_ids: Sequence[int],
+    new_ids: Sequence[int],
+    *,
+    window: int = 16,
 ) -> str:
-    """The text ``new_ids`` add after ``prefix_ids``: ``decode(prefix + new)`` minus
-    ``decode(prefix)``, so that texts of successive continuations concatenate to the text of the
-    whole trace (a tokenizer that drops a word's leading space at the start of a decode keeps it
-    here). If ``decode(prefix)`` ends in an unfinished character (``\\ufffd``) that ``new_ids``
-    complete, the completed character belongs to the new text. Falls back to ``decode(new)`` when
-    the decoded prefix is not a prefix of the whole.
+    """The text ``new_ids`` add after ``prefix_ids``: ``decode(tail + new)`` minus
+    ``decode(tail)``, ``tail`` being the last ``window`` prefix tokens (a decoder looks only a
+    few tokens back: a word's leading space, an unfinished multi-byte character), so that texts
+    of successive continuations concatenate to the text of the whole trace. If ``decode(tail)``
+    ends in an unfinished character (``\ufffd``) that ``new_ids`` complete, the completed
+    character belongs to the new text. Falls back to ``decode(new)`` when the decoded tail is not
+    a prefix of the whole.
     """
     if not prefix_ids:
         return decode(new_ids)
     if not new_ids:
         return ""
-    head = decode(prefix_ids)
-    full = decode([*prefix_ids, *new_ids])
+    tail = list(prefix_ids[-window:])
+    head = decode(tail)
+    full = decode([*tail, *new_ids])
     if full.startswith(head):
         return full[len(head) :]
     stable = head.rstrip("\ufffd")

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_SCORE_LOGITS_BYTES = 1 << 30  # kept float32 logits per scoring pass
 
 
 def _import_torch() -> Any:
@@ -520,8 +521,13 @@ class HFEngine:
         self, requests: Sequence[GenerationRequest], continuations: Sequence[Sequence[int]]
     ) -> list[tuple[float, ...]]:
         """Raw log-probabilities of each continuation after its request's context: one forward
-        pass over ``context + continuation`` per batch of ``batch_size`` requests (left-padded,
-        as the prefill of ``generate``), log-softmax in float64."""
+        pass over ``context + continuation`` per batch (left-padded, as the prefill of
+        ``generate``; logits only for the continuation's positions), log-softmax in float64.
+
+        A batch holds at most ``batch_size`` requests and about 1 GiB of kept logits
+        (``rows x longest continuation x vocabulary`` float32), so scoring long continuations
+        over a large vocabulary runs in several passes rather than running out of memory.
+        """
         if len(requests) != len(continuations):
             raise ConfigError(
                 f"score got {len(requests)} requests but {len(continuations)} continuations"
@@ -536,12 +542,9 @@ class HFEngine:
                 )
         contexts = [self.prompt_token_ids(r) for r in requests]
         out: list[tuple[float, ...]] = [()] * len(requests)
-        todo = [i for i, c in enumerate(conts) if c]
-        step = self.batch_size or max(len(todo), 1)
         try:
             with torch.inference_mode():
-                for start in range(0, len(todo), step):
-                    part = todo[start : start + step]
+                for part in self._score_batches(conts):
                     for i, lps in zip(part, self._score_batch(contexts, conts, part), strict=True):
                         out[i] = lps
         except (ConfigError, EngineError):
@@ -549,6 +552,26 @@ class HFEngine:
         except Exception as e:
             raise EngineError(f"hf scoring failed: {e}".splitlines()[0]) from e
         return out
+
+    def _score_batches(self, conts: list[list[int]]) -> list[list[int]]:
+        """Positions of the non-empty continuations, grouped into batches (see :meth:`score`)."""
+        budget = _SCORE_LOGITS_BYTES // (4 * self._vocab)  # kept logit rows per batch
+        limit = self.batch_size or len(conts)
+        batches: list[list[int]] = []
+        part: list[int] = []
+        longest = 0
+        for i, c in enumerate(conts):
+            if not c:
+                continue
+            grown = max(longest, len(c) + 1)
+            if part and (len(part) >= limit or (len(part) + 1) * grown > budget):
+                batches.append(part)
+                part, grown = [], len(c) + 1
+            part.append(i)
+            longest = grown
+        if part:
+            batches.append(part)
+        return batches
 
     def _score_batch(
         self, contexts: list[list[int]], conts: list[list[int]], part: list[int]
@@ -563,14 +586,25 @@ class HFEngine:
             mask[b, width - len(f) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        # left padding: every row ends at the last position, so the logits that predict the
+        # continuations are among the last (longest continuation + 1)
+        keep = max(len(conts[i]) for i in part) + 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        try:
+            logits = self.model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # models whose forward has no logits_to_keep
+            logits = self.model(**inputs).logits
+        kept = logits.shape[1]
         results = []
         for b, i in enumerate(part):
-            n_ctx, n = len(contexts[i]), len(conts[i])
-            first = width - len(full[b]) + n_ctx - 1  # logits predicting the first continuation
-            lp = torch.log_softmax(logits[b, first : first + n].to(torch.float64), dim=-1)
-            target = torch.tensor(conts[i], device=lp.device).unsqueeze(1)
-            results.append(tuple(float(x) for x in lp.gather(1, target).squeeze(1).tolist()))
+            n = len(conts[i])
+            rows = logits[b, kept - n - 1 : kept - 1]
+            target = torch.tensor(conts[i], device=rows.device).unsqueeze(1)
+            lps: list[float] = []
+            for s in range(0, n, 512):  # float64 log-softmax a slice at a time
+                lp = torch.log_softmax(rows[s : s + 512].to(torch.float64), dim=-1)
+                lps.extend(float(x) for x in lp.gather(1, target[s : s + 512]).squeeze(1).tolist())
+            results.append(tuple(lps))
         return results
 
     # -- provenance ------------------------------------------------------------------------------

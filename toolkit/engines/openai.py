@@ -306,8 +306,8 @@ class OpenAIEngine:
     def _require_tokens(self, req: GenerationRequest, what: str) -> None:
         if not self.token_prompts:
             raise ConfigError(
-                f"{what} for {req.problem_id!r} needs token prompts, which this openai engine "
-                "does not declare; pass token_prompts=True (a vLLM server) or 'auto' to probe"
+                f"engine 'openai' cannot continue from token ids ({what} for {req.problem_id!r}) "
+                "without token prompts; pass token_prompts=True (a vLLM server) or 'auto' to probe"
             )
 
     def prompt_token_ids(self, req: GenerationRequest) -> list[int]:
