@@ -372,7 +372,9 @@ def test_real_server_token_prompts_scoring_and_streaming(vllm_server: str, vllm_
     eng = OpenAIEngine("tiny", vllm_server, token_prompts="auto", max_concurrency=4)
     caps = eng.capabilities
     assert (caps.token_prefixes, caps.scoring, caps.streaming) == (True, True, True)
-    check_engine(eng)
+    from ttscale.testing import ENGINE_CHECKS
+
+    assert check_engine(eng) == list(ENGINE_CHECKS)  # every capability check, for real
     params = SamplingParams(max_tokens=14, seed=6, temperature=0.8, top_k=40, stop=("q",))
     reqs = [
         GenerationRequest("a", prompt="The cat", indices=(0, 1, 2)),
