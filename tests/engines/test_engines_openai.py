@@ -444,3 +444,17 @@ def test_processed_mode_adds_target_by_scoring(servers) -> None:  # type: ignore
         [fake_logprob(2 + t, k) for t, k in enumerate(g.token_ids)]
     )
     assert all(top[k] == 0.0 for top, k in zip(g.top_logprobs, g.token_ids, strict=True))
+
+
+def test_a_failed_stream_keeps_the_finished_samples(servers) -> None:  # type: ignore[no-untyped-def]
+    """A stream that fails for good (a 400 is not retried) fails the call with GenerationError;
+    samples that finished are in it, equal to a plain call's."""
+    servers.append(FakeServer())
+    eng = _engine(servers[0].url, token_prompts=True, tokenizer=_CharTokenizer(), max_concurrency=1)
+    reqs = [GenerationRequest("a", prompt_token_ids=(1, 70), indices=(0, 1, 2))]
+    plain = eng.generate(reqs, P)[0]
+    servers[0].script = ["ok", "status:400"]  # with one worker: sample 0 streams, sample 1 fails
+    with pytest.raises(GenerationError, match="HTTP 400") as err:
+        eng.generate(reqs, P, on_token=lambda e: False)
+    assert err.value.results == [None]
+    assert err.value.partial == {0: [plain[0]]}

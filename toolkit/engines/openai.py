@@ -258,7 +258,7 @@ class OpenAIEngine:
         self.stats = {"requests": 0, "retries": 0, "failures": 0}
         self._server_version: str | None = None
         self._tokenizer: Any = tokenizer
-        self._decoded: dict[tuple[int, ...], str] = {}
+        self._tokenized: dict[str, list[int]] = {}  # /tokenize answers (bounded, see _tokenize)
         if token_prompts == "auto":
             token_prompts = self.probe_token_prompts()
         elif not isinstance(token_prompts, bool):
@@ -330,21 +330,27 @@ class OpenAIEngine:
         return ids + list(req.prefix_token_ids)
 
     def _tokenize(self, body: dict[str, Any]) -> list[int]:
+        """The server's tokenisation (remembered: every sample of a problem shares its prompt)."""
+        key = json.dumps(body, sort_keys=True)
+        if key in self._tokenized:
+            return list(self._tokenized[key])
         data = self._post("/tokenize", {"model": self.model, **body}, root=True)
         tokens = data.get("tokens")
         if not isinstance(tokens, list):
             raise EngineError(f"{self._root}/tokenize returned no tokens")
-        return [int(t) for t in tokens]
+        ids = [int(t) for t in tokens]
+        with self._lock:
+            if len(self._tokenized) >= 4096:
+                self._tokenized.clear()
+            self._tokenized[key] = ids
+        return list(ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of token ids, special tokens skipped, with the model's tokenizer run locally
         (``tokenizer=``: a name or path for ``transformers.AutoTokenizer``, or an object with
         ``decode``; else the ``root`` of the served model from ``GET /v1/models``)."""
-        key = tuple(int(t) for t in token_ids)
-        if key not in self._decoded:
-            tok = self._load_tokenizer()
-            self._decoded[key] = str(tok.decode(list(key), skip_special_tokens=True))
-        return self._decoded[key]
+        tok = self._load_tokenizer()
+        return str(tok.decode([int(t) for t in token_ids], skip_special_tokens=True))
 
     def _load_tokenizer(self) -> Any:
         tok = self._tokenizer
@@ -701,6 +707,9 @@ class OpenAIEngine:
             return {}
 
         try:
+            if tr.cancel.is_set():  # the batch already failed: do not start
+                events.put((k, "end", None))
+                return
             path, body = self._body(req, params, 1, tr.seed, tokens=True)
             body["stream"] = True
             self._post(path, body, stream=read)
