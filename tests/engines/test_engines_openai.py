@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from fakeopenai import FakeServer
+from fakeopenai import FakeServer, fake_logprob, fake_tokenize
 
 from ttscale.engines import GenerationError, GenerationRequest, make_engine
 from ttscale.engines.openai import OpenAIEngine, parse_retry_after
@@ -48,8 +48,10 @@ def test_ok_roundtrip_and_token_ids(servers) -> None:  # type: ignore[no-untyped
     assert [c.text for c in comps] == [_want_text("p", 0), _want_text("p", 3)]
     c = comps[0]
     assert c.token_ids == tuple(ord(ch) for ch in c.text)
-    assert c.cumulative_logprob == pytest.approx(-0.25 * len(c.text))
-    assert c.prompt_tokens == 3 and c.seed == sample_seed(9, "p", 0)
+    # the fake's prompt "A" is BOS + "A" (2 tokens); generated token t sits at position 2 + t
+    want = sum(fake_logprob(2 + t, ord(ch)) for t, ch in enumerate(c.text))
+    assert c.cumulative_logprob == pytest.approx(want)
+    assert c.prompt_tokens == 2 and c.seed == sample_seed(9, "p", 0)
     body = servers[0].attempts[0][2]
     assert body["return_tokens_as_token_ids"] is True and body["n"] == 1
     assert body["prompt"] == "A" and body["logprobs"] == 0
@@ -219,6 +221,108 @@ def test_constructor_validation() -> None:
     assert isinstance(make_engine("openai", "m", base_urls=["http://x/v1"]), OpenAIEngine)
 
 
+# -- token prompts, scoring, streaming (issue 9) --------------------------------------------------
+
+
+class _CharTokenizer:
+    """Decodes the fake server's ids (``ord``; 0-3 are special)."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:  # type: ignore[no-untyped-def]
+        return "".join(chr(t) for t in ids if t > 3 or not skip_special_tokens)
+
+
+def test_without_token_prompts_nothing_is_declared_and_token_requests_are_refused(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer())
+    eng = _engine(servers[0].url)
+    caps = eng.capabilities
+    assert not (caps.token_prefixes or caps.scoring or caps.streaming or caps.logprob_modes)
+    req = GenerationRequest("p", prompt_token_ids=(1, 65))
+    with pytest.raises(ConfigError, match="token_prompts=True"):
+        eng.generate([req], P)
+    with pytest.raises(ConfigError, match="token_prompts=True"):
+        eng.score([GenerationRequest("p", prompt="A")], [(66,)])
+    with pytest.raises(ConfigError, match="streaming"):
+        eng.generate([GenerationRequest("p", prompt="A")], P, on_token=lambda e: False)
+    assert servers[0].attempts == []  # refused before sending anything
+    # the probe reads a server without /tokenize, token arrays and echo as "no"
+    servers.append(FakeServer(vllm_like=False))
+    assert not _engine(servers[1].url, token_prompts="auto").capabilities.scoring
+
+
+def test_token_prompts_scoring_and_streaming_on_fake_server(servers) -> None:  # type: ignore[no-untyped-def]
+    servers.append(FakeServer(stream_delay=0.02))
+    fake = servers[0]
+    eng = _engine(fake.url, token_prompts="auto", tokenizer=_CharTokenizer())
+    caps = eng.capabilities
+    assert (caps.token_prefixes, caps.scoring, caps.streaming) == (True, True, True)
+    assert caps.logprob_modes == {"raw_logprobs"}
+
+    # token ids go out as a token array, exactly; a text prompt is tokenised by the server first
+    reqs = [
+        GenerationRequest(
+            "a", prompt_token_ids=(1, 0, 70), prefix_token_ids=(2, 71), indices=(0, 1)
+        ),
+        GenerationRequest("b", prompt="Hi", prefix="!", prefix_token_ids=(3,)),
+        GenerationRequest(
+            "c", messages=[{"role": "user", "content": "Yo"}], prefix_token_ids=(72,)
+        ),
+    ]
+    contexts = [
+        [1, 0, 70, 2, 71],
+        [1, ord("H"), ord("i"), ord("!"), 3],
+        [*fake_tokenize({"messages": [{"role": "user", "content": "Yo"}]}), 72],
+    ]
+    fake.attempts.clear()
+    out = eng.generate(reqs, P)
+    sent = sorted(tuple(b["prompt"]) for _, _, b in fake.attempts)
+    assert sorted(map(tuple, contexts + contexts[:1])) == sent
+    flat = [(ctx, r, c) for ctx, r, cs in zip(contexts, reqs, out, strict=True) for c in cs]
+    for ctx, _, c in flat:
+        assert c.prompt_token_ids == tuple(ctx) and c.target_logprobs == c.token_logprobs
+        # the fake model's values: token t of the completion sits at position len(ctx) + t
+        want = [fake_logprob(len(ctx) + t, tok) for t, tok in enumerate(c.token_ids)]
+        assert c.token_logprobs == pytest.approx(want)
+
+    # scoring the generated tokens gives the generation's log-probs (echo, max_tokens=0)
+    scores = eng.score([r for _, r, _ in flat], [c.token_ids for _, _, c in flat])
+    for (_, _, c), s in zip(flat, scores, strict=True):
+        assert s == pytest.approx(c.target_logprobs, abs=1e-12)
+    echo = [b for _, _, b in fake.attempts if b.get("echo")]
+    assert echo and all(b["max_tokens"] == 0 and b["logprobs"] == 0 for b in echo)
+    assert eng.score([reqs[0]], [()]) == [()]
+
+    # streaming: the same completions as a plain call, token by token, on the caller's thread
+    import threading
+
+    threads, events = set(), []
+
+    def listen(e):  # type: ignore[no-untyped-def]
+        threads.add(threading.get_ident())
+        events.append(e)
+        return False
+
+    streamed = eng.generate(reqs, P, on_token=listen)
+    assert streamed == out and threads == {threading.get_ident()}
+    for pos, comps in enumerate(out):
+        for slot, c in enumerate(comps):
+            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
+            assert [e.token_id for e in evs] == list(c.token_ids)
+            assert [e.logprob for e in evs] == list(c.token_logprobs)
+            assert [e.finished for e in evs][-1] and not any(e.finished for e in evs[:-1])
+
+    # an abort stops that trace at the token it was asked on and closes its connection
+    fake.streams.clear()
+    got = eng.generate(
+        reqs, P, on_token=lambda e: e.request == 0 and e.slot == 1 and e.num_tokens == 2
+    )
+    cut, full = got[0][1], out[0][1]
+    assert cut.finish_reason == "abort" and cut.token_ids == full.token_ids[:2]
+    assert cut.text == full.text[:2] and cut.token_logprobs == full.token_logprobs[:2]
+    assert [got[0][0], got[1], got[2]] == [out[0][0], out[1], out[2]]
+    stopped = [s for s in fake.streams if not s["completed"]]
+    assert len(stopped) == 1 and stopped[0]["sent"] < len(full.token_ids)
+
+
 # -- a real vLLM OpenAI server -------------------------------------------------------------------
 
 
@@ -258,3 +362,99 @@ def test_info_without_version_endpoint(servers) -> None:  # type: ignore[no-unty
     servers.append(FakeServer())
     info = _engine(servers[0].url).info()
     assert info["version"] == "unknown" and info["logprob_mode"] == "raw_logprobs"
+
+
+@pytest.mark.vllm
+def test_real_server_token_prompts_scoring_and_streaming(vllm_server: str, vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """Against a real vLLM server: the probe finds token prompts; the contract holds; scoring
+    equals generation log-probs; token-id requests match the offline engine; streaming equals a
+    plain call and an abort stops one trace."""
+    eng = OpenAIEngine("tiny", vllm_server, token_prompts="auto", max_concurrency=4)
+    caps = eng.capabilities
+    assert (caps.token_prefixes, caps.scoring, caps.streaming) == (True, True, True)
+    from ttscale.testing import ENGINE_CHECKS
+
+    assert check_engine(eng) == list(ENGINE_CHECKS)  # every capability check, for real
+    params = SamplingParams(max_tokens=14, seed=6, temperature=0.8, top_k=40, stop=("q",))
+    reqs = [
+        GenerationRequest("a", prompt="The cat", indices=(0, 1, 2)),
+        GenerationRequest(
+            "b", messages=[{"role": "user", "content": "Hi"}], prefix_token_ids=(9, 1)
+        ),
+        GenerationRequest(
+            "c", prompt_token_ids=(1, 40, 41), prefix_token_ids=(0, 50), indices=(3,)
+        ),
+    ]
+    served = eng.generate(reqs, params)
+    offline = vllm_engine.generate(reqs, params)
+    for rs, ro in zip(served, offline, strict=True):
+        for s, o in zip(rs, ro, strict=True):
+            assert (s.token_ids, s.text, s.prompt_token_ids) == (
+                o.token_ids,
+                o.text,
+                o.prompt_token_ids,
+            )
+            assert s.token_logprobs == pytest.approx(o.token_logprobs, abs=1e-4)
+    flat = [(r, c) for r, cs in zip(reqs, served, strict=True) for c in cs]
+    scores = eng.score([r for r, _ in flat], [c.token_ids for _, c in flat])
+    for (_, c), s in zip(flat, scores, strict=True):
+        assert len(s) == c.num_tokens and s == pytest.approx(c.target_logprobs, abs=1e-4)
+    assert eng.decode(served[0][0].token_ids) == vllm_engine.decode(served[0][0].token_ids)
+
+    streamed = eng.generate(reqs, params, on_token=lambda e: False)
+    for rs, rt in zip(served, streamed, strict=True):
+        for s, t in zip(rs, rt, strict=True):
+            assert (t.token_ids, t.text, t.finish_reason) == (s.token_ids, s.text, s.finish_reason)
+            assert t.token_logprobs == pytest.approx(s.token_logprobs, abs=1e-6)
+    victim = next(
+        (p, j) for p, cs in enumerate(served) for j, c in enumerate(cs) if c.num_tokens > 3
+    )
+    got = eng.generate(
+        reqs, params, on_token=lambda e: (e.request, e.slot) == victim and e.num_tokens == 3
+    )
+    cut, full = got[victim[0]][victim[1]], served[victim[0]][victim[1]]
+    assert cut.finish_reason == "abort" and cut.token_ids == full.token_ids[:3]
+    for p, cs in enumerate(served):
+        for j, c in enumerate(cs):
+            if (p, j) != victim:
+                assert got[p][j].token_ids == c.token_ids
+
+
+def test_processed_mode_adds_target_by_scoring(servers) -> None:  # type: ignore[no-untyped-def]
+    """A processed-mode server: completions carry the proposal as generated and the target
+    scored by echo, in plain and streamed calls; greedy proposals are one-hot."""
+    servers.append(FakeServer(processed=True))
+    eng = _engine(servers[0].url, token_prompts=True, logprob_mode="processed_logprobs",
+                  tokenizer=_CharTokenizer())  # fmt: skip
+    assert eng.capabilities.logprob_modes == {"raw_logprobs", "processed_logprobs"}
+    req = GenerationRequest("a", prompt_token_ids=(1, 70, 71), indices=(0, 1))
+    params = SamplingParams(seed=9, max_tokens=8, temperature=0.5, logprobs=1)
+    plain = eng.generate([req], params)[0]
+    streamed = eng.generate([req], params, on_token=lambda e: False)[0]
+    assert plain == streamed
+    for c in plain:
+        raw = [fake_logprob(3 + t, tok) for t, tok in enumerate(c.token_ids)]
+        assert c.target_logprobs == pytest.approx(raw)
+        assert c.proposal_logprobs == c.token_logprobs == pytest.approx([v / 0.5 for v in raw])
+    (g,) = eng.generate(
+        [GenerationRequest("g", prompt_token_ids=(1, 70))], params.replace(temperature=0.0)
+    )[0]
+    assert g.proposal_logprobs == g.token_logprobs == (0.0,) * g.num_tokens
+    assert g.target_logprobs == pytest.approx(
+        [fake_logprob(2 + t, k) for t, k in enumerate(g.token_ids)]
+    )
+    assert all(top[k] == 0.0 for top, k in zip(g.top_logprobs, g.token_ids, strict=True))
+
+
+def test_a_failed_stream_keeps_the_finished_samples(servers) -> None:  # type: ignore[no-untyped-def]
+    """A stream that fails for good (a 400 is not retried) fails the call with GenerationError;
+    samples that finished are in it, equal to a plain call's."""
+    servers.append(FakeServer())
+    eng = _engine(servers[0].url, token_prompts=True, tokenizer=_CharTokenizer(), max_concurrency=1)
+    reqs = [GenerationRequest("a", prompt_token_ids=(1, 70), indices=(0, 1, 2))]
+    plain = eng.generate(reqs, P)[0]
+    servers[0].script = ["ok", "status:400"]  # with one worker: sample 0 streams, sample 1 fails
+    with pytest.raises(GenerationError, match="HTTP 400") as err:
+        eng.generate(reqs, P, on_token=lambda e: False)
+    assert err.value.results == [None]
+    assert err.value.partial == {0: [plain[0]]}

@@ -18,7 +18,10 @@ pytestmark = pytest.mark.vllm
 
 
 def test_contract(vllm_engine) -> None:  # type: ignore[no-untyped-def]
-    assert len(check_engine(vllm_engine)) == 10
+    from ttscale.testing import ENGINE_CHECKS
+
+    # every check runs: vLLM declares every capability
+    assert check_engine(vllm_engine) == list(ENGINE_CHECKS)
     info = vllm_engine.info()
     assert info["engine"] == "vllm" and info["logprob_mode"] == "raw_logprobs"
     assert info["version"].startswith("0.")
@@ -157,3 +160,169 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
     assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"]) == (
         "bfloat16", False, 5,
     )  # fmt: skip
+
+
+# -- step-wise capabilities (issue 9) -------------------------------------------------------------
+
+
+def _flat(reqs, comps):  # type: ignore[no-untyped-def]
+    return [(r, c) for r, cs in zip(reqs, comps, strict=True) for c in cs]
+
+
+def test_scoring_token_prefixes_step_seeds_and_chunks(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    from ttscale.engines import generate_chunked
+    from ttscale.errors import ConfigError
+    from ttscale.seeding import step_seed
+
+    caps = vllm_engine.capabilities
+    assert (caps.token_prefixes, caps.scoring, caps.streaming) == (True, True, True)
+    assert caps.logprob_modes == {"raw_logprobs"}
+
+    # scoring the tokens a raw-logprob generate call produced gives the same values (1e-4): the
+    # sampler path (temperature, top-k, min_tokens do not touch raw log-probs) against vLLM's
+    # prompt log-probabilities, for fanned-out samples, a chat prompt and a text prefix
+    params = SamplingParams(max_tokens=16, seed=5, temperature=0.7, top_k=30, min_tokens=2)
+    reqs = [
+        GenerationRequest("a", prompt="The cat sat", indices=(0, 1, 2)),
+        GenerationRequest("b", messages=[{"role": "user", "content": "Hi"}], indices=(4,)),
+        GenerationRequest("c", prompt="x", prefix="yz", indices=(0,)),
+    ]
+    flat = _flat(reqs, vllm_engine.generate(reqs, params))
+    scores = vllm_engine.score([r for r, _ in flat], [c.token_ids for _, c in flat])
+    for (req, c), s in zip(flat, scores, strict=True):
+        assert c.target_logprobs == c.token_logprobs and c.proposal_logprobs is None
+        assert c.prompt_token_ids == tuple(vllm_engine.prompt_token_ids(req))
+        assert len(s) == c.num_tokens > 0
+        np.testing.assert_allclose(s, c.target_logprobs, atol=1e-4)
+    assert vllm_engine.score([reqs[0]], [()]) == [()]
+
+    # token prefixes are exact: BOS (id 1, dropped by decoding) inside the prefix is kept
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    g = vllm_engine.generate([GenerationRequest("g", prompt="Hello")], greedy)[0][0]
+    cut = 5
+    cont = GenerationRequest(
+        "g", prompt_token_ids=g.prompt_token_ids, prefix_token_ids=g.token_ids[:cut]
+    )
+    c = vllm_engine.generate([cont], greedy)[0][0]
+    assert c.prompt_token_ids == g.prompt_token_ids + g.token_ids[:cut]
+    assert c.token_ids[: g.num_tokens - cut] == g.token_ids[cut:]
+    odd = GenerationRequest("g", prompt_token_ids=(1, 40, 1, 1), prefix_token_ids=(1, 9))
+    o = vllm_engine.generate([odd], greedy.replace(max_tokens=2))[0][0]
+    assert o.prompt_token_ids == (1, 40, 1, 1, 1, 9)
+
+    # step-aware seeds: step t draws with step_seed(run, p, i, t), unlike step 0
+    sp = SamplingParams(max_tokens=10, seed=11)
+    s0, s3 = (
+        vllm_engine.generate([GenerationRequest("q", prompt="Ab", indices=(0, 1), step=t)], sp)[0]
+        for t in (0, 3)
+    )
+    assert [c.seed for c in s3] == [step_seed(11, "q", i, 3) for i in (0, 1)]
+    assert [c.seed for c in s0] == [sample_seed(11, "q", i) for i in (0, 1)]
+    assert [c.token_ids for c in s0] != [c.token_ids for c in s3]
+
+    # a trace continued from token ids over several chunks with the same per-step seeds is
+    # reproducible, and its log-probs condition on exactly the generated tokens (= scoring them)
+    creqs = [GenerationRequest("k", prompt="Once", indices=(0, 1, 2))]
+    cparams = SamplingParams(max_tokens=14, seed=3, temperature=0.9)
+    one = generate_chunked(vllm_engine, creqs, cparams, chunk_tokens=4)
+    two = generate_chunked(vllm_engine, creqs, cparams, chunk_tokens=4)
+    assert one == two
+    rescored = vllm_engine.score([creqs[0]] * 3, [c.token_ids for c in one[0]])
+    for c, s in zip(one[0], rescored, strict=True):
+        np.testing.assert_allclose(s, c.token_logprobs, atol=1e-4)
+
+    # bad input: one-line ConfigErrors
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        vllm_engine.score([reqs[0]], [(5, 10**6)])
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        vllm_engine.generate([GenerationRequest("z", prompt_token_ids=(1, 10**6))], greedy)
+    with pytest.raises(ConfigError, match="2 requests but 1 continuations"):
+        vllm_engine.score(reqs[:2], [(5,)])
+
+
+def test_streaming_and_abort(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """Streaming through the step loop gives the samples of an ordinary call; an abort stops
+    one trace at the token it was asked on, and leaves every other trace unchanged."""
+    params = SamplingParams(max_tokens=14, seed=8, stop=("q",), logprobs=2)
+    reqs = [
+        GenerationRequest("a", prompt="The cat", indices=(0, 1, 2, 6)),
+        GenerationRequest("b", messages=[{"role": "user", "content": "Hi"}], indices=(1,)),
+    ]
+    plain = vllm_engine.generate(reqs, params)
+    events: list = []
+    streamed = vllm_engine.generate(reqs, params, on_token=lambda e: events.append(e) or False)
+    assert streamed == plain
+    for pos, comps in enumerate(plain):
+        for slot, c in enumerate(comps):
+            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
+            assert [e.token_id for e in evs] == list(c.token_ids)
+            assert [e.num_tokens for e in evs] == list(range(1, c.num_tokens + 1))
+            assert [e.logprob for e in evs] == list(c.token_logprobs)
+            assert [e.finished for e in evs] == [False] * (c.num_tokens - 1) + [True]
+            assert all(e.index == c.index and len(e.top) >= 2 for e in evs)
+
+    victim = next(
+        (p, s) for p, cs in enumerate(plain) for s, c in enumerate(cs) if c.num_tokens > 4
+    )
+    seen_after: list = []
+
+    def abort_at_3(e):  # type: ignore[no-untyped-def]
+        if (e.request, e.slot) == victim:
+            if e.num_tokens > 3:
+                seen_after.append(e)
+            return e.num_tokens == 3
+        return False
+
+    got = vllm_engine.generate(reqs, params, on_token=abort_at_3)
+    full = plain[victim[0]][victim[1]]
+    cut = got[victim[0]][victim[1]]
+    assert not seen_after
+    assert cut.finish_reason == "abort" and cut.token_ids == full.token_ids[:3]
+    assert cut.token_logprobs == full.token_logprobs[:3]
+    assert cut.text == vllm_engine.decode(full.token_ids[:3]) and full.text.startswith(cut.text)
+    for pos, comps in enumerate(plain):
+        for slot, c in enumerate(comps):
+            if (pos, slot) != victim:
+                assert got[pos][slot] == c
+
+
+def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> None:
+    """processed_logprobs: the proposal (tempered) and the target (raw) log-probs of the same
+    tokens, checked against a transformers forward pass."""
+    pytest.importorskip("vllm")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ttscale.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine(tiny_model_dir, dtype="float32", enforce_eager=True, seed=0,
+                     logprobs_mode="processed_logprobs")  # fmt: skip
+    try:
+        assert eng.capabilities.logprob_modes == {"raw_logprobs", "processed_logprobs"}
+        check_engine(eng, only=("logprob_modes", "top_logprobs", "scoring", "streaming"))
+        temp = 0.7
+        params = SamplingParams(max_tokens=12, seed=4, temperature=temp)
+        req = GenerationRequest("p", prompt="The dog", indices=(0, 1, 2))
+        comps = eng.generate([req], params)[0]
+        greedy = eng.generate([req], params.replace(temperature=0.0))[0][0]
+    finally:
+        eng.close()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    worst_t = worst_p = 0.0
+    for c in comps:
+        assert c.token_logprobs == c.proposal_logprobs
+        ids = torch.tensor([list(c.prompt_token_ids) + list(c.token_ids)])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0].double()
+        raw, tempered = torch.log_softmax(logits, -1), torch.log_softmax(logits / temp, -1)
+        n = len(c.prompt_token_ids)
+        for t, tok in enumerate(c.token_ids):
+            worst_t = max(worst_t, abs(c.target_logprobs[t] - raw[n - 1 + t, tok].item()))
+            worst_p = max(worst_p, abs(c.proposal_logprobs[t] - tempered[n - 1 + t, tok].item()))
+    assert worst_t < 1e-4 and worst_p < 1e-4
+    # tempering changed them: the two modes really differ
+    c = comps[0]
+    gaps = [abs(a - b) for a, b in zip(c.target_logprobs, c.proposal_logprobs, strict=True)]
+    assert max(gaps) > 0.05
+    assert greedy.proposal_logprobs == (0.0,) * greedy.num_tokens
+    assert all(v < 0 for v in greedy.target_logprobs)

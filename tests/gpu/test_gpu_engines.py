@@ -38,9 +38,10 @@ def test_hf_engine_on_cuda_matches_cpu_logprobs(tiny_model_dir: Path) -> None:
 def test_vllm_engine_on_cuda(tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
     from ttscale.engines.vllm import VLLMEngine
+    from ttscale.testing import ENGINE_CHECKS
 
     eng = VLLMEngine(tiny_model_dir, dtype="float32", gpu_memory_utilization=0.2)
     try:
-        assert len(check_engine(eng)) == 10
+        assert check_engine(eng) == list(ENGINE_CHECKS)  # capability checks included
     finally:
         eng.close()

@@ -2,22 +2,47 @@
 
 Seeds: vLLM V1 gives child ``j`` of an ``n``-sample request the seed ``seed + j``
 (``vllm/v1/engine/parallel_sampling.py``), which is our contract for consecutive sample indices
-(:func:`ttscale.seeding.sample_seed`). So each run of consecutive seeds in a request becomes one
-vLLM request with ``n = len(run)`` and the run's first seed; prefix caching shares the prompt's
-prefill between runs. Prompts are tokenised here (text prompts with special tokens, chat prompts
-rendered by the chat template without adding them), exactly as :class:`~ttscale.engines.hf.HFEngine`
-does, so both engines condition on the same token ids.
+(:func:`ttscale.seeding.sample_seed`, and :func:`~ttscale.seeding.step_seed` within a step). So
+each run of consecutive seeds in a request becomes one vLLM request with ``n = len(run)`` and the
+run's first seed; prefix caching shares the prompt's prefill between runs. Prompts are tokenised
+here (text prompts with special tokens, chat prompts rendered by the chat template without adding
+them), exactly as :class:`~ttscale.engines.hf.HFEngine` does, so both engines condition on the
+same token ids; token-id prompts and prefixes go to vLLM as they are (a tokens input), never
+through text.
+
+Capabilities (``engine.capabilities``): all of them.
+
+* ``token_prefixes``: ``prompt_token_ids``/``prefix_token_ids`` are sent as ids;
+  :attr:`~ttscale.types.Completion.prompt_token_ids` is what vLLM reports it conditioned on.
+* ``scoring``: :meth:`VLLMEngine.score` reads vLLM's *prompt* log-probabilities of
+  ``context + continuation`` (a plain log-softmax of the logits in every ``logprobs_mode``, so
+  untempered).
+* ``streaming``: the calls drive ``LLMEngine.step`` themselves (the engine core runs in this
+  process or behind vLLM's client); with ``on_token`` each sample is its own ``n=1`` request with
+  ``DELTA`` outputs, and an abort is ``LLMEngine.abort_request`` of that request between two
+  steps, which leaves the other requests of the batch untouched.
+* log-probability modes: vLLM's ``logprobs_mode`` is an engine-wide setting (one request cannot
+  return both). ``raw_logprobs`` (the default): completions carry the raw log-probabilities as
+  ``token_logprobs`` and ``target_logprobs``; only ``raw_logprobs`` is declared.
+  ``processed_logprobs``: completions carry vLLM's processed log-probabilities (after
+  ``min_tokens``, temperature, min-p, top-k, top-p) as ``token_logprobs`` and
+  ``proposal_logprobs`` (``0.0`` for greedy decoding), and each finished sample is scored (one
+  more prefill, in the same step loop, before ``on_result``) for its ``target_logprobs``; both
+  modes are declared.
 """
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +51,16 @@ from numpy.typing import NDArray
 
 from ttscale.engines.base import (
     EngineCapabilities,
-    GenerationError,
     GenerationRequest,
     ResultCallback,
     ResultCollector,
-    check_request_support,
+    TokenCallback,
+    TokenEvent,
+    continuation_text,
     seed_runs,
 )
 from ttscale.errors import ConfigError, EngineError, EngineUnavailable
-from ttscale.types import Completion, SamplingParams
+from ttscale.types import Completion, FinishReason, SamplingParams
 from ttscale.validation import check_choice, check_int
 
 __all__ = ["VLLMEngine"]
@@ -160,7 +186,6 @@ class VLLMEngine:
     """
 
     name = "vllm"
-    capabilities = EngineCapabilities()
 
     def __init__(
         self,
@@ -222,7 +247,15 @@ class VLLMEngine:
         self.device = _platform()
         self.logprob_mode = logprobs_mode
         self.n_fanout = n_fanout
+        self._raw = logprobs_mode == "raw_logprobs"
+        modes = {"raw_logprobs", logprobs_mode}
+        self.capabilities = EngineCapabilities(
+            token_prefixes=True, scoring=True, streaming=True, logprob_modes=frozenset(modes)
+        )
         self._vllm: Any = vllm
+        self._vocab: int | None = None
+        make_input = getattr(importlib.import_module("vllm.inputs"), "tokens_input", None)
+        self._tokens_input: Callable[[list[int]], Any] | None = make_input
         t0 = time.perf_counter()
         try:
             self.llm: Any = vllm.LLM(**kwargs)
@@ -237,21 +270,64 @@ class VLLMEngine:
         log.info("VLLMEngine started %s in %.1fs", self.model_name, time.perf_counter() - t0)
 
     # -- prompts ---------------------------------------------------------------------------------
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of ``prompt + prefix`` or of the chat-templated ``messages`` plus ``prefix``."""
-        if request.prompt is not None:
-            return list(self.tokenizer.encode(request.prompt + request.prefix))
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(
-                f"model {self.model_name} has no chat template; pass chat_template= or use prompt="
-            )
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in request.messages or ()], tokenize=False, add_generation_prompt=True
-        )
-        return list(self.tokenizer.encode(text + request.prefix, add_special_tokens=False))
+    def _vocab_size(self) -> int:
+        if self._vocab is None:
+            self._vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
+        return self._vocab
 
-    def _sampling_params(self, params: SamplingParams, n: int, seed: int) -> Any:
-        return self._vllm.SamplingParams(
+    def _check_ids(self, ids: Sequence[int], what: str, problem_id: str) -> None:
+        vocab = self._vocab_size()
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(
+                f"{what} of {problem_id!r} has token ids {bad[:3]} outside the vocabulary of "
+                f"{self.model_name} (0..{vocab - 1})"
+            )
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """The exact token ids generation continues after.
+
+        The prompt (``prompt`` text with special tokens, the chat-templated ``messages``, or
+        ``prompt_token_ids`` as given), then the text ``prefix`` (re-tokenised with the prompt
+        text; tokenised alone after ``prompt_token_ids``), then ``prefix_token_ids`` as given.
+        """
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            if request.prefix:
+                ids += self.tokenizer.encode(request.prefix, add_special_tokens=False)
+        elif request.prompt is not None:
+            ids = list(self.tokenizer.encode(request.prompt + request.prefix))
+        else:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ConfigError(
+                    f"model {self.model_name} has no chat template; pass chat_template= or use "
+                    "prompt="
+                )
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in request.messages or ()],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            ids = list(self.tokenizer.encode(text + request.prefix, add_special_tokens=False))
+        ids += request.prefix_token_ids
+        if request.has_token_ids:
+            self._check_ids(ids, "the prompt", request.problem_id)
+        return ids
+
+    def _input(self, ids: list[int]) -> Any:
+        """A token-ids prompt for ``LLMEngine.add_request`` (vLLM's rendered form when it has one)."""
+        if self._tokens_input is not None:
+            return self._tokens_input(ids)
+        return {"prompt_token_ids": ids}
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated token ids, special tokens skipped (as vLLM writes completions)."""
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def _sampling_params(
+        self, params: SamplingParams, n: int, seed: int, *, stream: bool = False
+    ) -> Any:
+        sp = self._vllm.SamplingParams(
             n=n,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -264,6 +340,20 @@ class VLLMEngine:
             seed=seed,
             logprobs=params.logprobs,
         )
+        sp.output_kind = self._output_kind("DELTA" if stream else "FINAL_ONLY")
+        return sp
+
+    def _output_kind(self, name: str) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+
+        return RequestOutputKind[name]
+
+    def _score_params(self) -> Any:
+        sp = self._vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
+        )
+        sp.output_kind = self._output_kind("FINAL_ONLY")
+        return sp
 
     # -- generation ------------------------------------------------------------------------------
     def generate(
@@ -272,65 +362,224 @@ class VLLMEngine:
         params: SamplingParams,
         *,
         on_result: ResultCallback | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[list[Completion]]:
-        check_request_support(self, requests)
+        """Generate; with ``on_token`` every token is streamed and a trace can be aborted.
+
+        Streaming sends one ``n=1`` request per sample (the same seeds as the fan-out, so the same
+        samples) with vLLM's ``DELTA`` outputs; an abort is ``LLMEngine.abort_request`` of that
+        request, between two engine steps, so the other traces are untouched.
+        """
         collector = ResultCollector(requests, on_result)
-        prompts: list[dict[str, Any]] = []
-        vparams: list[Any] = []
-        owners: list[tuple[int, int, int]] = []  # (request position, first slot, n)
-        for pos, req in enumerate(requests):
-            ids = self.prompt_token_ids(req)
-            seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
-            # vLLM refuses n > 1 with greedy decoding
-            fan = self.n_fanout and params.temperature > 0.0
-            runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
-            for start, n in runs:
-                prompts.append({"prompt_token_ids": ids})
-                vparams.append(self._sampling_params(params, n, seeds[start]))
-                owners.append((pos, start, n))
-
-        def deliver(k: int, output: Any) -> None:
-            pos, start, n = owners[k]
-            req = requests[pos]
-            outs = sorted(output.outputs, key=lambda o: o.index)
-            if len(outs) != n:
-                raise EngineError(f"vLLM returned {len(outs)} samples for n={n}")
-            n_prompt = len(output.prompt_token_ids or ())
-            for o in outs:
-                j = start + o.index
-                comp = _to_completion(o, req, j, req.seed_for(j, params), params, n_prompt)
-                collector.put(pos, j, comp)
-
+        loop = _StepLoop(self)
         try:
-            self._run(prompts, vparams, deliver)
-        except GenerationError:
+            for pos, req in enumerate(requests):
+                ids = self.prompt_token_ids(req)
+                seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
+                # vLLM refuses n > 1 with greedy decoding; streaming aborts one request per trace
+                fan = self.n_fanout and params.temperature > 0.0 and on_token is None
+                runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+                for start, n in runs:
+                    if on_token is None:
+                        sp = self._sampling_params(params, n, seeds[start])
+                        loop.add(
+                            ids,
+                            sp,
+                            self._final_handler(loop, collector, pos, start, n, ids, params),
+                        )
+                    else:
+                        sp = self._sampling_params(params, 1, seeds[start], stream=True)
+                        stream = _Stream(pos, start, req.indices[start])
+                        loop.add(
+                            ids,
+                            sp,
+                            self._delta_handler(loop, collector, stream, ids, params, on_token),
+                        )
+            loop.run()
+        except ConfigError:
+            loop.cancel()
             raise
         except Exception as e:
+            loop.cancel()
             raise collector.failure("vllm", e) from e
         return collector.results()
 
-    def _run(self, prompts: list[dict[str, Any]], vparams: list[Any], deliver: Any) -> None:
-        """Submit everything, then hand each request to ``deliver`` as soon as it finishes."""
-        if not prompts:
+    def _final_handler(
+        self,
+        loop: _StepLoop,
+        collector: ResultCollector,
+        pos: int,
+        start: int,
+        n: int,
+        ids: list[int],
+        params: SamplingParams,
+    ) -> Any:
+        req = collector.requests[pos]
+        onehot = self._onehot(params)
+
+        def handle(output: Any) -> None:
+            if not output.finished:
+                return
+            outs = sorted(output.outputs, key=lambda o: o.index)
+            if len(outs) != n:
+                raise EngineError(f"vLLM returned {len(outs)} samples for n={n}")
+            seen = list(output.prompt_token_ids or ids)
+            for o in outs:
+                j = start + o.index
+                comp = _to_completion(
+                    o, req, j, req.seed_for(j, params), params, seen, self._raw, onehot
+                )
+                self._finish(loop, collector, pos, j, comp, params)
+
+        return handle
+
+    def _delta_handler(
+        self,
+        loop: _StepLoop,
+        collector: ResultCollector,
+        st: _Stream,
+        ids: list[int],
+        params: SamplingParams,
+        on_token: TokenCallback,
+    ) -> Any:
+        req = collector.requests[st.pos]
+        want_lp = params.logprobs is not None
+        onehot = self._onehot(params)
+
+        def handle(output: Any) -> str | None:
+            (o,) = output.outputs
+            if output.prompt_token_ids:
+                st.prompt = list(output.prompt_token_ids)
+            new = [int(t) for t in o.token_ids]
+            lps, tops = _logprob_rows(o.logprobs, new, onehot) if want_lp else (None, None)
+            st.text += o.text or ""
+            for k, tok in enumerate(new):
+                st.tokens.append(tok)
+                if lps is not None and tops is not None:
+                    st.lps.append(lps[k])
+                    st.tops.append(tops[k])
+                last = bool(output.finished) and k == len(new) - 1
+                event = TokenEvent(
+                    request=st.pos,
+                    slot=st.slot,
+                    index=st.index,
+                    token_id=tok,
+                    num_tokens=len(st.tokens),
+                    logprob=lps[k] if lps is not None else None,
+                    top=tops[k] if tops is not None and params.logprobs else None,
+                    finished=last,
+                )
+                if on_token(event) and not last:
+                    st.discarded = len(new) - k - 1
+                    return "abort"
+            return None
+
+        def on_done(output: Any, aborted: bool) -> None:
+            o = output.outputs[0] if output is not None and output.outputs else None
+            prompt = st.prompt or ids
+            if aborted:
+                text = continuation_text(self.decode, req.prefix_token_ids, st.tokens)
+                finish, stop_reason = FinishReason.ABORT.value, None
+            else:
+                assert o is not None
+                text, finish, stop_reason = st.text, o.finish_reason or "abort", o.stop_reason
+            lps = st.lps if want_lp else None
+            comp = _make_completion(
+                req,
+                st.slot,
+                req.seed_for(st.slot, params),
+                params,
+                text=text,
+                token_ids=st.tokens,
+                token_lps=lps,
+                tops=st.tops if lps is not None else None,
+                finish_reason=finish,
+                stop_reason=stop_reason,
+                prompt_ids=prompt,
+                raw=self._raw,
+                discarded=st.discarded,
+            )
+            self._finish(loop, collector, st.pos, st.slot, comp, params)
+
+        return _DeltaHandler(handle, on_done)
+
+    def _onehot(self, params: SamplingParams) -> bool:
+        """Greedy decoding in processed mode: the proposal is a point mass (log-prob 0)."""
+        return not self._raw and params.temperature == 0.0
+
+    def _finish(
+        self,
+        loop: _StepLoop,
+        collector: ResultCollector,
+        pos: int,
+        slot: int,
+        comp: Completion,
+        params: SamplingParams,
+    ) -> None:
+        """Deliver a completion; in ``processed_logprobs`` mode first score its tokens for the
+        raw (target) log-probabilities, in one more vLLM request of the same loop."""
+        if self.logprob_mode != "processed_logprobs" or comp.token_logprobs is None:
+            collector.put(pos, slot, comp)
             return
-        llm = self.llm
-        if hasattr(llm, "enqueue") and hasattr(llm, "llm_engine"):
-            ids = llm.enqueue(prompts, vparams, use_tqdm=False)
-            # enqueue returns internal ids ("7-3f2a..."); outputs carry the external one ("7")
-            where = {str(rid).split("-", 1)[0]: k for k, rid in enumerate(ids)}
-            if len(where) != len(ids):
-                raise EngineError("vLLM returned ambiguous request ids")
-            engine = llm.llm_engine
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    rid = str(out.request_id).split("-", 1)[0]
-                    if getattr(out, "finished", False) and rid in where:
-                        deliver(where.pop(rid), out)
-            if where:
-                raise EngineError(f"vLLM finished without returning {len(where)} requests")
+        proposal = comp.token_logprobs  # one-hot zeros for greedy decoding (``_onehot``)
+        tokens = list(comp.token_ids or ())
+        if not tokens:
+            collector.put(pos, slot, replace(comp, target_logprobs=(), proposal_logprobs=()))
             return
-        for k, out in enumerate(llm.generate(prompts, vparams, use_tqdm=False)):
-            deliver(k, out)
+        prompt = list(comp.prompt_token_ids or ())
+
+        def scored(output: Any) -> None:
+            target = _prompt_logprobs(output, len(prompt), tokens)
+            collector.put(
+                pos, slot, replace(comp, target_logprobs=target, proposal_logprobs=proposal)
+            )
+
+        loop.add(prompt + tokens, self._score_params(), scored)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score(
+        self, requests: Sequence[GenerationRequest], continuations: Sequence[Sequence[int]]
+    ) -> list[tuple[float, ...]]:
+        """Raw (untempered) log-probabilities of each continuation after its request's context.
+
+        One vLLM request per continuation with ``prompt_logprobs=0`` on ``context +
+        continuation`` (vLLM computes prompt log-probabilities with a plain log-softmax of the
+        logits in every ``logprobs_mode``). vLLM does not read the prefix cache for such a
+        request, so each costs a full prefill of its context.
+        """
+        if len(requests) != len(continuations):
+            raise ConfigError(
+                f"score got {len(requests)} requests but {len(continuations)} continuations"
+            )
+        conts = [[int(t) for t in c] for c in continuations]
+        out: list[tuple[float, ...] | None] = [None] * len(requests)
+        loop = _StepLoop(self)
+        try:
+            for i, (req, cont) in enumerate(zip(requests, conts, strict=True)):
+                ctx = self.prompt_token_ids(req)
+                self._check_ids(cont, "the continuation", req.problem_id)
+                if not cont:
+                    out[i] = ()
+                    continue
+                if not ctx:
+                    raise ConfigError(
+                        f"nothing to condition on for {req.problem_id!r}: empty prompt"
+                    )
+
+                def scored(
+                    output: Any, i: int = i, n_ctx: int = len(ctx), cont: list[int] = cont
+                ) -> None:
+                    out[i] = _prompt_logprobs(output, n_ctx, cont)
+
+                loop.add(ctx + cont, self._score_params(), scored)
+            loop.run()
+        except ConfigError:
+            loop.cancel()
+            raise
+        except Exception as e:
+            loop.cancel()
+            raise EngineError(f"vllm scoring failed: {e}") from e
+        return [r if r is not None else () for r in out]
 
     # -- provenance ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -352,33 +601,193 @@ class VLLMEngine:
         return f"VLLMEngine({self.model_name!r}, logprobs_mode={self.logprob_mode!r})"
 
 
-def _to_completion(
-    o: Any, req: GenerationRequest, slot: int, seed: int, params: SamplingParams, n_prompt: int
+# -- the engine step loop ------------------------------------------------------------------------
+
+_REQUEST_IDS = itertools.count()
+
+
+@dataclass
+class _Stream:
+    """One streamed trace (an ``n=1`` vLLM request with ``DELTA`` outputs)."""
+
+    pos: int
+    slot: int
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    tops: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    prompt: list[int] | None = None
+    discarded: int = 0
+
+
+@dataclass(frozen=True)
+class _DeltaHandler:
+    """``handle(output)`` -> ``"abort"`` to stop the trace now, else ``None``; ``on_done(output,
+    aborted)`` once the trace ended (finished by vLLM or aborted)."""
+
+    handle: Callable[[Any], str | None]
+    on_done: Callable[[Any, bool], None]
+
+
+class _StepLoop:
+    """vLLM requests of one call, driven by ``LLMEngine.step`` until each was handled.
+
+    A handler is either a callable, called with the request's finished ``RequestOutput``, or a
+    :class:`_DeltaHandler`, called with every (delta) output. Handlers may add requests. Request
+    ids are our own (``ttscale-N``), so outputs of anything else in the engine are ignored.
+    """
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.engine = engine
+        self.core: Any = engine.llm.llm_engine
+        self.live: dict[str, Any] = {}
+
+    def add(self, ids: list[int], sp: Any, handler: Any) -> None:
+        rid = f"ttscale-{next(_REQUEST_IDS)}"
+        self.core.add_request(rid, self.engine._input(ids), sp)
+        self.live[rid] = handler
+
+    def run(self) -> None:
+        while self.live:
+            if not self.core.has_unfinished_requests():
+                raise EngineError(f"vLLM finished without returning {len(self.live)} requests")
+            for out in self.core.step():
+                rid = str(out.request_id)
+                handler = self.live.get(rid)
+                if handler is None:
+                    continue
+                if isinstance(handler, _DeltaHandler):
+                    if handler.handle(out) == "abort":
+                        del self.live[rid]
+                        if not out.finished:
+                            self.core.abort_request([rid])
+                        handler.on_done(out, True)
+                    elif out.finished:
+                        del self.live[rid]
+                        handler.on_done(out, False)
+                elif out.finished:
+                    del self.live[rid]
+                    handler(out)
+
+    def cancel(self) -> None:
+        """Abort what is still running (after an error), so no request outlives the call."""
+        if not self.live:
+            return
+        try:
+            self.core.abort_request(list(self.live))
+        except Exception:  # pragma: no cover - best effort after another error
+            log.debug("vLLM abort after a failure failed", exc_info=True)
+        self.live.clear()
+
+
+# -- conversions to plain Python values ----------------------------------------------------------
+
+
+def _logprob_rows(
+    rows: Any, token_ids: Sequence[int], onehot: bool = False
+) -> tuple[list[float], list[dict[int, float]]] | tuple[None, None]:
+    """vLLM's per-position ``{token: Logprob}`` -> sampled-token log-probs and top maps.
+
+    ``onehot``: the distribution is a point mass on the sampled token (greedy decoding in
+    ``processed_logprobs`` mode, where vLLM reports the untempered values instead).
+    """
+    if rows is None:
+        return None, None
+    lps: list[float] = []
+    tops: list[dict[int, float]] = []
+    for t, tok in enumerate(token_ids):
+        pos = rows[t] or {}
+        if onehot:
+            lps.append(0.0)
+            tops.append({int(k): 0.0 if int(k) == tok else -math.inf for k in pos} | {tok: 0.0})
+            continue
+        entry = pos.get(tok)
+        lps.append(float(entry.logprob) if entry is not None else -math.inf)
+        tops.append({int(k): float(v.logprob) for k, v in pos.items()})
+    return lps, tops
+
+
+def _prompt_logprobs(output: Any, n_ctx: int, tokens: Sequence[int]) -> tuple[float, ...]:
+    """Log-probabilities of ``tokens`` at prompt positions ``n_ctx, n_ctx + 1, ...``."""
+    rows = output.prompt_logprobs
+    if rows is None or len(rows) < n_ctx + len(tokens):
+        raise EngineError("vLLM returned no prompt log-probabilities")
+    out = []
+    for t, tok in enumerate(tokens):
+        entry = (rows[n_ctx + t] or {}).get(tok)
+        if entry is None:
+            raise EngineError(f"vLLM returned no log-probability for prompt token {tok}")
+        out.append(float(entry.logprob))
+    return tuple(out)
+
+
+def _make_completion(
+    req: GenerationRequest,
+    slot: int,
+    seed: int,
+    params: SamplingParams,
+    *,
+    text: str,
+    token_ids: Sequence[int],
+    token_lps: Sequence[float] | None,
+    tops: Sequence[dict[int, float]] | None,
+    finish_reason: str,
+    stop_reason: Any,
+    prompt_ids: Sequence[int],
+    raw: bool,
+    discarded: int = 0,
 ) -> Completion:
-    """One vLLM ``CompletionOutput`` -> :class:`Completion` (plain Python values only)."""
-    token_ids = [int(t) for t in o.token_ids]
-    token_lps: list[float] | None = None
-    tops: list[dict[int, float]] | None = None
-    if params.logprobs is not None and o.logprobs is not None:
-        token_lps, tops = [], []
-        for t, tok in enumerate(token_ids):
-            pos = o.logprobs[t] or {}
-            entry = pos.get(tok)
-            token_lps.append(float(entry.logprob) if entry is not None else -math.inf)
-            tops.append({int(k): float(v.logprob) for k, v in pos.items()})
+    lps = tuple(token_lps) if token_lps is not None else None
     return Completion(
         problem_id=req.problem_id,
         index=req.indices[slot],
-        text=o.text,
+        text=text,
         token_ids=tuple(token_ids),
-        token_logprobs=tuple(token_lps) if token_lps is not None else None,
+        token_logprobs=lps,
         top_logprobs=tuple(tops) if tops is not None and params.logprobs else None,
-        cumulative_logprob=math.fsum(token_lps) if token_lps is not None else None,
+        cumulative_logprob=math.fsum(lps) if lps is not None else None,
         num_tokens=len(token_ids),
-        finish_reason=o.finish_reason or "abort",
+        finish_reason=finish_reason,
         seed=seed,
-        prompt_tokens=n_prompt,
+        prompt_tokens=len(prompt_ids),
+        stop_reason=stop_reason if isinstance(stop_reason, (str, int)) else None,
+        prompt_token_ids=tuple(prompt_ids),
+        target_logprobs=lps if raw else None,
+        discarded_tokens=discarded,
+    )
+
+
+def _to_completion(
+    o: Any,
+    req: GenerationRequest,
+    slot: int,
+    seed: int,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    raw: bool,
+    onehot: bool = False,
+) -> Completion:
+    """One finished vLLM ``CompletionOutput`` -> :class:`Completion` (plain Python values only)."""
+    token_ids = [int(t) for t in o.token_ids]
+    lps, tops = (
+        _logprob_rows(o.logprobs, token_ids, onehot)
+        if params.logprobs is not None
+        else (None, None)
+    )
+    return _make_completion(
+        req,
+        slot,
+        seed,
+        params,
+        text=o.text,
+        token_ids=token_ids,
+        token_lps=lps,
+        tops=tops,
+        finish_reason=o.finish_reason or "abort",
         stop_reason=o.stop_reason,
+        prompt_ids=prompt_ids,
+        raw=raw,
     )
 
 
