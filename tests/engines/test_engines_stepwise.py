@@ -80,7 +80,8 @@ def test_capability_check_error_message() -> None:
         require_capabilities(scripted_texts, "token_prefixes", "scoring", by="SMCSampler")
     assert str(ei.value) == (
         "SMCSampler needs an engine that can score a given continuation (capability 'scoring'); "
-        "engine 'scripted' does not declare it; use the hf, vllm or scripted engine"
+        "engine 'scripted' does not declare it; use the hf, vllm, scripted or openai "
+        "(token_prompts=True) engine"
     )
     assert "\n" not in str(ei.value)
 
@@ -88,7 +89,7 @@ def test_capability_check_error_message() -> None:
         name = "mine"
 
     assert capabilities_of(Old()) == EngineCapabilities()
-    with pytest.raises(ConfigError, match=r"capability 'processed_logprobs'.*engine 'mine'.*hf or"):
+    with pytest.raises(ConfigError, match=r"capability 'processed_logprobs'.*engine 'mine'.*hf, scripted or vllm"):
         require_capabilities(Old(), "processed_logprobs", by="SMCSampler")
     with pytest.raises(ConfigError, match="unknown engine capability 'telepathy'"):
         require_capabilities(ScriptedEngine(), "telepathy", by="X")

@@ -102,11 +102,11 @@ class EngineCapabilities:
 #: Capability names accepted by :func:`require_capabilities` and ``EngineCapabilities.has``,
 #: with what each means (used in error messages) and the bundled engines that have it.
 _CAPABILITY_INFO: dict[str, tuple[str, tuple[str, ...]]] = {
-    "token_prefixes": ("continue exactly from token ids", ("hf", "vllm", "scripted")),
-    "scoring": ("score a given continuation", ("hf", "vllm", "scripted")),
-    "streaming": ("stream tokens and abort one trace", ("hf", "vllm", "scripted")),
-    "raw_logprobs": ("return target (raw) log-probabilities", ("hf", "vllm", "scripted")),
-    "processed_logprobs": ("return proposal (processed) log-probabilities", ("hf", "scripted")),
+    "token_prefixes": ("continue exactly from token ids", ("hf", "vllm", "scripted", "openai (token_prompts=True)")),
+    "scoring": ("score a given continuation", ("hf", "vllm", "scripted", "openai (token_prompts=True)")),
+    "streaming": ("stream tokens and abort one trace", ("hf", "vllm", "scripted", "openai")),
+    "raw_logprobs": ("return target (raw) log-probabilities", ("hf", "vllm", "scripted", "openai")),
+    "processed_logprobs": ("return proposal (processed) log-probabilities", ("hf", "scripted", "vllm (logprobs_mode='processed_logprobs')")),
 }
 CAPABILITY_NAMES: tuple[str, ...] = tuple(_CAPABILITY_INFO)
 
