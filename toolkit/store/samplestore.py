@@ -1074,7 +1074,15 @@ class SampleStore:
         from ttscale.store.pool import Pool
 
         cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text_hash", "scores"]
+        iid = self._manifest.get("iid") is not False
+        if not iid:
+            cols += ["log_weight", "fate"]
         t = self.table(cols)
+        if not iid:
+            # a weighted population is its final particles: pruned and resampled-away traces
+            # stay in the run (and its accounting) but are not part of the pool
+            fate = t.column("fate")
+            t = t.filter(pc.or_kleene(pc.is_null(fate), pc.equal(fate, "kept")))
         names = self.verifiers()
         chosen = self.choose_verdicts(verifier)
         verifier = chosen["name"]
@@ -1108,6 +1116,7 @@ class SampleStore:
             extra_scores=extra_scores,
             score_names=score_names,
             verifier=verifier,
+            iid=iid,
         )
         return pool.with_run_info(
             verdicts=chosen,
