@@ -346,7 +346,24 @@ class RepeatedSampler:
                 iid=True,
                 extra=self.extra_manifest,
             )
+        # validated and recorded now; the samples are drawn as the caller iterates
+        return self._sample(problems, budget, params, sink)
+
+    def _sample(
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
+    ) -> Iterator[SampleResult]:
+        stored = _stored_completions(sink, problems, budget) if sink is not None else {}
         session = self._session(sink, shard=None, claims=False)
+        remaining = {
+            p.id: sum(1 for i in range(budget) if (p.id, i) not in stored) for p in problems
+        }
+        session.show_progress(
+            self._show_progress(), remaining=remaining, samples=len(problems) * budget
+        )
         with session:
             chunk: list[Problem] = []
             size = 0
@@ -354,10 +371,10 @@ class RepeatedSampler:
                 chunk.append(p)
                 size += budget
                 if size >= self.batch_size:
-                    yield from self._sample_chunk(session, chunk, budget, params, sink)
+                    yield from self._sample_chunk(session, chunk, budget, params, stored)
                     chunk, size = [], 0
             if chunk:
-                yield from self._sample_chunk(session, chunk, budget, params, sink)
+                yield from self._sample_chunk(session, chunk, budget, params, stored)
 
     def _sample_chunk(
         self,
@@ -365,14 +382,8 @@ class RepeatedSampler:
         problems: list[Problem],
         budget: int,
         params: SamplingParams,
-        sink: SampleStore | None,
+        have: Mapping[tuple[str, int], Completion],
     ) -> Iterator[SampleResult]:
-        have: dict[tuple[str, int], Completion] = {}
-        if sink is not None:
-            for p in problems:
-                for s in sink.samples(p.id):
-                    if s.index < budget:
-                        have[s.key] = _completion_of(s)
         got: dict[tuple[str, int], Completion] = {}
         reqs = [r for p in problems for r in self._plan(p, budget, have)]
         group: list[GenerationRequest] = []
@@ -456,6 +467,20 @@ def _unique(problems: Sequence[Problem]) -> list[Problem]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
     return problems
+
+
+def _stored_completions(
+    sink: SampleStore, problems: Sequence[Problem], budget: int
+) -> dict[tuple[str, int], Completion]:
+    """The sink's samples ``0..budget-1`` of ``problems`` (one read of the run, or none)."""
+    want = {(p.id, i) for p in problems for i in range(budget)}
+    if not any(k in sink for k in want):
+        return {}
+    out: dict[tuple[str, int], Completion] = {}
+    for s in sink.samples():
+        if s.key in want:
+            out[s.key] = _completion_of(s)
+    return out
 
 
 def _completion_of(s: Sample) -> Completion:

@@ -94,6 +94,14 @@ def test_sink_receives_every_sample_and_resumes(tmp_path: Path) -> None:
     assert store.accounting()["generated_tokens"] == sum(r.generated_tokens for r in fresh)
 
 
+def test_sample_validates_before_iteration() -> None:
+    sampler = RepeatedSampler(ScriptedEngine(), PARAMS)
+    with pytest.raises(ConfigError, match="budget"):
+        sampler.sample(problems(1), 0, seed=0)  # not only once iterated
+    with pytest.raises(ConfigError, match="unique"):
+        sampler.sample([Problem("a", "q"), Problem("a", "r")], 2, seed=0)
+
+
 def test_run_needs_a_store_and_names_sample() -> None:
     with pytest.raises(ConfigError, match=r"use \.sample"):
         RepeatedSampler(ScriptedEngine(), PARAMS).run(problems(1))
