@@ -385,20 +385,14 @@ class RepeatedSampler:
         have: Mapping[tuple[str, int], Completion],
     ) -> Iterator[SampleResult]:
         got: dict[tuple[str, int], Completion] = {}
-        reqs = [r for p in problems for r in self._plan(p, budget, have)]
-        group: list[GenerationRequest] = []
-        size = 0
-        groups: list[list[GenerationRequest]] = []
-        for r in reqs:
-            if group and size + len(r.indices) > self.batch_size:
-                groups.append(group)
-                group, size = [], 0
-            group.append(r)
-            size += len(r.indices)
-        if group:
-            groups.append(group)
-        for g in groups:
-            for comps in session.generate(g, params):
+        missing = {p.id: sum(1 for i in range(budget) if (p.id, i) not in have) for p in problems}
+        for group in session.groups(
+            problems,
+            lambda p: self._plan(p, budget, have),
+            batch_size=self.batch_size,
+            expected=missing,
+        ):
+            for comps in session.generate(group, params):
                 for c in comps:
                     got[(c.problem_id, c.index)] = c
         for p in problems:
