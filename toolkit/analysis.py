@@ -581,8 +581,16 @@ def coverage_counts(
     """``(n, c)`` per problem for pass@k fits under a ``missing`` policy (see compute_curves).
 
     Problems without samples enter as ``n = max n, c = 0`` under ``"count"`` (pass@k = 0 at
-    every fitted ``k``); ``"drop"``/``"skip"`` leave them out.
+    every fitted ``k``); ``"drop"``/``"skip"`` leave them out. A weighted, non-iid pool raises
+    :class:`~ttscale.errors.NonIIDPoolError` (pass@k counts assume iid draws).
     """
+    if not pool.iid:
+        from ttscale.errors import NonIIDPoolError
+
+        raise NonIIDPoolError(
+            "the run's samples are a weighted population (SMC particles), not iid draws: "
+            "pass@k fits assume iid draws and are refused; `ttscale curve` reports weighted results"
+        )
     n_p, c = pool.n_per_problem, pool.correct_counts()
     if missing == "drop":
         keep = n_p >= pool.sample_shortfall()["requested"]

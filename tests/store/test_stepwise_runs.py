@@ -90,6 +90,22 @@ def test_weighted_pool_keeps_final_particles_and_refuses_iid_estimators(tmp_path
     assert rep.ess[0] == pytest.approx(1 / 0.34)
 
 
+def test_cli_fit_refuses_a_weighted_run(tmp_path: Path) -> None:
+    store = smc_run(tmp_path)
+    r = runner.invoke(app, ["fit", str(store.path)])
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: ") and "not iid draws" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_weighted_results_need_correctness(tmp_path: Path) -> None:
+    store = SampleStore.create(tmp_path / "u", {"model": "toy"})
+    store.append([Sample("A", 0, text="x", answer="1", log_weight=0.0, fate="kept")])
+    store.update_manifest(iid=False)
+    with pytest.raises(ConfigError, match="verify the run first"):
+        weighted_results(store.pool())
+
+
 def test_weighted_results_all_zero_weights_select_nothing(tmp_path: Path) -> None:
     store = SampleStore.create(tmp_path / "z", {"model": "toy"})
     store.append(

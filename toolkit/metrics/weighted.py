@@ -112,7 +112,7 @@ def weighted_results(
             "the pool has no particle log-weights; weighted results need a run made by a "
             "weighted sampler (its samples record log_weight)"
         )
-    if not pool.has_correctness:
+    if not pool.has_correctness():
         raise ConfigError("the pool has no correctness; verify the run first (`ttscale verify RUN`)")
     p = pool.num_problems
     solved = {m: np.zeros(p, dtype=np.float64) for m in WEIGHTED_METHODS}
