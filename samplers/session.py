@@ -12,7 +12,8 @@ needs besides that lives here, so a new sampler is a short file:
   hands it over (:attr:`SamplingSession.generated`), whether the policy keeps the trace or later
   prunes or resamples it away; the durable per-session record
   (``RUN/accounting/<session>.json``) is committed together with each shard, so a run killed at
-  any instant is accounted for exactly what it stored;
+  any instant is accounted for exactly what it stored (a policy that prunes or resamples
+  stores those traces too, with their fate, so the run's accounting covers them);
 * **salvage**: whatever an engine finished before it failed (or before Ctrl-C) is stored before
   the exception propagates; samples finished inside a request that did not complete count too;
 * **resume**: the store is keyed by ``(problem_id, index)`` and seeds are derived per key, so a
