@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from ttscale.engines.base import Engine, GenerationError, GenerationRequest, ResultCallback
+from ttscale.samplers.base import Candidate
 from ttscale.store import SampleStore
 from ttscale.store.claims import ProblemClaims
 from ttscale.types import Completion, Problem, Sample, SamplingParams
@@ -117,10 +118,12 @@ def start_run(
 class SamplingSession:
     """One sampler call's machinery around an engine (see the module docstring).
 
-    ``store=None`` samples in memory. ``progress``: show a bar (the caller decides, e.g. only on a
-    terminal). ``shard``: recorded in the accounting record. ``claims``: take turns per problem
-    with other workers on the same run directory (ignored without a store). ``to_sample`` turns
-    a completion into the stored :class:`Sample` (default :meth:`Sample.from_completion`).
+    ``store=None`` samples in memory. ``shard``: recorded in the accounting record. ``claims``:
+    take turns per problem with other workers on the same run directory (ignored without a
+    store). ``to_sample`` turns a completion into the stored :class:`Sample` (default
+    :meth:`Sample.from_completion`); a :class:`~ttscale.samplers.base.Candidate` handed to
+    :meth:`keep` is stored with its step, parent, log-weight and fate. :meth:`show_progress`
+    starts the progress bar (the caller decides, e.g. only on a terminal).
 
     Use as a context manager: leaving it normally writes the rest and raises a write error;
     leaving it with an exception (Ctrl-C included) stores every completed sample first and lets
@@ -195,15 +198,19 @@ class SamplingSession:
 
     # ---- writing -------------------------------------------------------------------------
 
-    def _on_flush(self, batch: list[Completion], store: SampleStore) -> None:
+    def _on_flush(self, batch: list[Completion | Candidate], store: SampleStore) -> None:
         # runs on the writer thread: store the shard, account it, release finished problems
         assert self._record is not None
-        counts = _counts(batch)
-        self._record.store_batch(store, [self.to_sample(c) for c in batch], counts)
+        comps = [c.completion if isinstance(c, Candidate) else c for c in batch]
+        counts = _counts(comps)
+        samples = [
+            c.to_sample(iid=False) if isinstance(c, Candidate) else self.to_sample(c) for c in batch
+        ]
+        self._record.store_batch(store, samples, counts)
         with self._out_lock:
             for k, v in counts.items():
                 self.stored[k] += v
-            for c in batch:
+            for c in comps:
                 left = self._outstanding.get(c.problem_id, 0) - 1
                 if left > 0:
                     self._outstanding[c.problem_id] = left
@@ -212,10 +219,13 @@ class SamplingSession:
                     if self._claims is not None:
                         self._claims.release(c.problem_id)
 
-    def keep(self, completions: Sequence[Completion]) -> None:
-        """Hand finished samples to the writer (no-op in memory)."""
-        if self._writer is not None and completions:
-            self._writer.add(completions)
+    def keep(self, items: Sequence[Completion | Candidate]) -> None:
+        """Hand finished samples (completions, or candidates with their fate) to the writer.
+
+        A no-op in memory. Tokens were already counted by :meth:`generate`.
+        """
+        if self._writer is not None and items:
+            self._writer.add(items)
 
     def flush(self) -> None:
         """Make every sample handed over so far durable (releases finished claims)."""
@@ -423,7 +433,7 @@ class _Writer:
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self.on_flush = on_flush
-        self._buf: list[Completion] = []
+        self._buf: list[Completion | Candidate] = []
         self._last = time.monotonic()
         self._lock = threading.Lock()
         self._pool = (
@@ -432,7 +442,7 @@ class _Writer:
         self._pending: list[Future[None]] = []
         self.store_seconds = 0.0  # time spent writing shards (off the engine's thread)
 
-    def add(self, completions: Sequence[Completion]) -> None:
+    def add(self, completions: Sequence[Completion | Candidate]) -> None:
         self._raise_failed()
         with self._lock:
             self._buf.extend(completions)
@@ -445,14 +455,14 @@ class _Writer:
             self._last = time.monotonic()
         self._submit(batch)
 
-    def _submit(self, batch: list[Completion]) -> None:
+    def _submit(self, batch: list[Completion | Candidate]) -> None:
         if self._pool is None:
             self._write(batch)
         else:
             self._pending = [f for f in self._pending if not f.done() or f.exception()]
             self._pending.append(self._pool.submit(self._write, batch))
 
-    def _write(self, batch: list[Completion]) -> None:
+    def _write(self, batch: list[Completion | Candidate]) -> None:
         t = time.perf_counter()
         self.on_flush(batch, self.store)
         self.store_seconds += time.perf_counter() - t

@@ -120,6 +120,21 @@ def test_session_counts_discarded_tokens_at_generation_time(tmp_path: Path) -> N
     assert session.stored["generated_tokens"] == comps[0].num_tokens
 
 
+def test_session_stores_candidates_with_their_fate(tmp_path: Path) -> None:
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    req = GenerationRequest(problem_id="p0", prompt="q: ", indices=(0, 1))
+    with SamplingSession(ScriptedEngine(), store) as session:
+        a, b = session.generate([req], PARAMS, store=False)[0]
+        session.keep(
+            [Candidate(a, step=1, log_weight=-0.25), Candidate(b, fate=Fate.PRUNED, pruned_at=3)]
+        )
+    rows = {s.index: s for s in SampleStore.open(store.path).samples()}
+    assert (rows[0].fate, rows[0].step, rows[0].log_weight) == ("kept", 1, -0.25)
+    assert (rows[1].fate, rows[1].pruned_at) == ("pruned", 3)
+    # the pruned trace's tokens are in the run's accounting too
+    assert store.accounting()["generated_tokens"] == a.num_tokens + b.num_tokens
+
+
 def test_candidate_validation() -> None:
     c = Completion(problem_id="p", index=0, text="x", num_tokens=1)
     assert Candidate(c, log_weight=float("nan")).log_weight == -math.inf
