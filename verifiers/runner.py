@@ -22,7 +22,7 @@ from ttscale.errors import ConfigError, StoreError
 from ttscale.store import SampleStore
 from ttscale.types import Sample
 
-__all__ = ["VerifyInterrupted", "default_verifier_spec", "verify_store"]
+__all__ = ["VerifyInterrupted", "default_verifier_spec", "model_lines", "verify_store"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def default_verifier_spec(benchmark: str | None) -> str:
     return "math"
 
 
-def _model_lines(verifier: Any) -> list[str]:
+def model_lines(verifier: Any) -> list[str]:
     """One line per model a verifier loaded (judge engines, reward models; ensemble members)."""
     from ttscale.engines import describe_engine
 
@@ -160,7 +160,7 @@ def verify_store(
         verifier = spec
         head = str(getattr(verifier, "name", None) or type(verifier).__name__)
         spec = head
-    for line in _model_lines(verifier):
+    for line in model_lines(verifier):
         if on_model is not None:
             on_model(line)
         else:
