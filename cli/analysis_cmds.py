@@ -261,6 +261,51 @@ def describe_verdicts(v: dict | None) -> str:
     return f"verdicts: {v['name']} = {spec}{fp} ({v.get('chosen_by')}){others}"
 
 
+def _refuse_weighted(
+    runs: list[Path],
+    pools: list[Any],
+    methods: list[str],
+    json_out: bool,
+    confidence: float,
+    n_boot: int,
+    seed: int,
+) -> None:
+    """A weighted (SMC) run: report weighted-vote/max-weight accuracy, refuse the k-sample curves."""
+    from ttscale.errors import NonIIDPoolError
+    from ttscale.metrics.weighted import WEIGHTED_METHODS, weighted_results
+
+    out: dict[str, Any] = {}
+    for run, pool in zip(runs, pools, strict=True):
+        if not pool.iid:
+            rep = weighted_results(pool, confidence=confidence, n_boot=n_boot, seed=seed)
+            out[str(run)] = rep.to_dict()
+    if json_out:
+        typer.echo(json.dumps(out if len(runs) > 1 else next(iter(out.values())), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        pct = round(confidence * 100)
+        t = Table(title=f"weighted results of the stored particles ({pct}% bootstrap CIs over problems)")
+        for col in ("run", "problems", *WEIGHTED_METHODS):
+            t.add_column(col, justify="left" if col == "run" else "right")
+        for name, d in out.items():
+            cells = [
+                f"{d['methods'][m]['mean']:.3f} [{d['methods'][m]['low']:.3f}, "
+                f"{d['methods'][m]['high']:.3f}]"
+                for m in WEIGHTED_METHODS
+            ]
+            t.add_row(Path(name).name, str(d["n_problems"]), *cells)
+        Console(highlight=False).print(t)
+    bad = ", ".join(str(r) for r, p in zip(runs, pools, strict=True) if not p.iid)
+    err = NonIIDPoolError(
+        f"{bad} holds a weighted population (SMC particles), not iid draws: "
+        f"{', '.join(methods)} at k samples are refused; the weighted results are reported instead"
+    )
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(1)
+
+
 def curve_notes(report) -> list[str]:  # type: ignore[no-untyped-def]
     """Lines saying which verdicts were used and what happened to short problems."""
     lines = [describe_verdicts(report.meta.get("verdicts"))]
@@ -379,6 +424,8 @@ def register(app: typer.Typer) -> None:
         pools = [store.pool(verifier) for store in stores]
         multi = len(runs) > 1
         names = run_labels([s.manifest for s in stores], runs) if multi else [(runs[0].name, {})]
+        if any(not pool.iid for pool in pools):
+            _refuse_weighted(runs, pools, method_list, json_out, confidence, n_boot, seed)
         # every run's inputs are checked before any curve is computed (a missing log-prob in
         # the last run must not cost the user the first runs' minutes)
         for run, store, pool in zip(runs, stores, pools, strict=True):

@@ -419,15 +419,6 @@ def _print_summary(console: Any, s: Any, info: Mapping[str, Any]) -> None:
     console.print(f"run: [bold]{s.path}[/bold]")
 
 
-def _power_ks(n: int) -> list[int]:
-    ks, k = [], 1
-    while k < n:
-        ks.append(k)
-        k *= 2
-    ks.append(n)
-    return ks
-
-
 def _verify_and_curve(
     res: SampleResult,
     *,
@@ -437,11 +428,25 @@ def _verify_and_curve(
     isolation: str = "auto",
 ) -> dict[str, Any]:
     """Verify with the benchmark's checker, then coverage and majority@k: table, JSON, plot."""
-    from ttscale.analysis import compute_curves, plot_curves
-    from ttscale.cli.verify_cmds import run_verify
+    from ttscale.cli.verify_cmds import report_interrupt
+    from ttscale.pipeline import verify_and_curve
+    from ttscale.verifiers.runner import VerifyInterrupted
 
-    vsum = run_verify(res.store.path, res.benchmark.verifier, isolation=isolation)
-    res.store.update_manifest(default_verifier=vsum["verifier"])
+    try:
+        out = verify_and_curve(
+            res.store,
+            res.benchmark.verifier,
+            n=res.summary.n,
+            ks=ks,
+            plot=plot or True,
+            label=res.benchmark.name,
+            isolation=isolation,
+            on_model=lambda line: typer.echo(line, err=True),
+        )
+    except VerifyInterrupted as e:
+        report_interrupt(e, res.store.path)
+        raise typer.Exit(130) from None
+    vsum = out.verify
     acc = vsum.get("accuracy")
     statuses = ", ".join(f"{k} {v:,}" for k, v in sorted((vsum.get("by_status") or {}).items()))
     console.print(
@@ -449,29 +454,10 @@ def _verify_and_curve(
         + (f": {acc:.1%} correct" if acc is not None else "")
         + (f" ({statuses})" if statuses else "")
     )
-    n = res.summary.n
-    ks = sorted({k for k in (ks or _power_ks(n)) if 1 <= k <= n})
-    report = compute_curves(res.store.pool(vsum["verifier"]), ("coverage", "majority"), ks)
-    _print_curve(console, report)
-    plot_path = plot or (res.store.path / "coverage.png")
-    model = "/".join(Path(str(res.store.manifest.get("model", ""))).parts[-2:])
-    plot_curves(
-        report,
-        plot_path,
-        title=f"{res.benchmark.name}, {model}: {report.n_problems} problems x n={n}",
-    )
-    d = report.to_dict()
-    d["run"] = str(res.store.path)
-    d["plot"] = str(plot_path)
-    (res.store.path / "curve.json").write_text(json.dumps(d, indent=2) + "\n")
-    console.print(f"plot: [bold]{plot_path}[/bold]")
+    _print_curve(console, out.report)
+    console.print(f"plot: [bold]{out.plot}[/bold]")
     console.print(f"run:  [bold]{res.store.path}[/bold]")
-    return {
-        "ks": ks,
-        "coverage": [float(x) for x in report.curves["coverage"].mean],
-        "majority": [float(x) for x in report.curves["majority"].mean],
-        "plot": str(plot_path),
-    }
+    return out.table()
 
 
 def _print_curve(console: Any, report: Any) -> None:

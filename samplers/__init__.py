@@ -1,5 +1,16 @@
 """ttscale.samplers: strategies that call an engine (repeated sampling, adaptive, SMC)."""
 
+from ttscale.samplers.base import Candidate, Fate, Sampler, SampleResult, StepInfo
 from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
+from ttscale.samplers.session import SamplingSession
 
-__all__ = ["RepeatedSampler", "SamplingSummary"]
+__all__ = [
+    "Candidate",
+    "Fate",
+    "RepeatedSampler",
+    "SampleResult",
+    "Sampler",
+    "SamplingSession",
+    "SamplingSummary",
+    "StepInfo",
+]

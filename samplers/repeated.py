@@ -5,10 +5,10 @@ would not:
 
 * **batches across problems**: one engine call holds requests for many problems, up to
   ``batch_size`` samples in all, so the engine's scheduler always has work;
-* **streams**: finished requests arrive through the engine's ``on_result`` callback, are
-  buffered and written as small shards (every ``flush_every`` samples or ``flush_seconds``),
-  by a background writer so the engine is not kept waiting on Parquet and ``fsync``; whatever
-  completed is flushed before any exception propagates;
+* **streams**: finished requests arrive through the engine's ``on_result`` callback and are
+  written as small shards by the session's background writer
+  (:mod:`ttscale.samplers.session`); whatever completed is flushed before any exception
+  propagates;
 * **resumes and extends**: only ``(problem, index)`` keys missing from the store are
   generated. Per-sample seeds (``sample_seed(run_seed, problem_id, index)``, derived by the
   engine from the request's explicit indices) make a resumed or extended run sample-for-sample
@@ -29,33 +29,23 @@ Several workers may share the work of one run directory, on one machine or many:
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
-import threading
-import time
-import uuid
-from collections import deque
-from collections.abc import Container, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ttscale.engines.base import Engine, GenerationError, GenerationRequest
+from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
+from ttscale.samplers.base import Candidate, SampleResult
+from ttscale.samplers.session import SamplingSession, start_run
 from ttscale.store import SampleStore
-from ttscale.store.claims import ProblemClaims
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 from ttscale.validation import check_int, check_number
 
 __all__ = ["RepeatedSampler", "SamplingSummary", "parse_shard", "plan_requests", "shard_problems"]
 
 log = logging.getLogger(__name__)
-
-_COUNT_KEYS = ("samples", "generated_tokens", "prompt_tokens")
-# how long a worker waits between looks at problems another worker has claimed
-_CLAIM_POLL_SECONDS = 0.25
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -169,170 +159,13 @@ def plan_requests(
     return out
 
 
-def _batches(requests: Sequence[GenerationRequest], batch_size: int) -> list[list[int]]:
-    """Positions of ``requests`` grouped into engine calls of at most ``batch_size`` samples."""
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for pos, r in enumerate(requests):
-        k = len(r.indices)
-        if cur and size + k > batch_size:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(pos)
-        size += k
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-class _Writer:
-    """Buffers finished samples and appends them to the store in shards, off the engine's thread.
-
-    ``add`` is called from the engine's callback: it only appends to a list and, when the buffer
-    is due, hands it to a single background thread (so shards are written in order, one at a
-    time). ``close`` writes the rest and waits; a write error is re-raised there or at the next
-    ``add``.
-    """
-
-    def __init__(
-        self,
-        store: SampleStore,
-        *,
-        flush_every: int,
-        flush_seconds: float,
-        background: bool,
-        on_flush: Any,
-    ) -> None:
-        self.store = store
-        self.flush_every = flush_every
-        self.flush_seconds = flush_seconds
-        self.on_flush = on_flush
-        self._buf: list[Completion] = []
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self._pool = (
-            ThreadPoolExecutor(1, thread_name_prefix="ttscale-writer") if background else None
-        )
-        self._pending: list[Future[None]] = []
-        self.store_seconds = 0.0  # time spent writing shards (off the engine's thread)
-
-    def add(self, completions: Sequence[Completion]) -> None:
-        self._raise_failed()
-        with self._lock:
-            self._buf.extend(completions)
-            due = len(self._buf) >= self.flush_every or (
-                time.monotonic() - self._last >= self.flush_seconds
-            )
-            if not due:
-                return
-            batch, self._buf = self._buf, []
-            self._last = time.monotonic()
-        self._submit(batch)
-
-    def _submit(self, batch: list[Completion]) -> None:
-        if self._pool is None:
-            self._write(batch)
-        else:
-            self._pending = [f for f in self._pending if not f.done() or f.exception()]
-            self._pending.append(self._pool.submit(self._write, batch))
-
-    def _write(self, batch: list[Completion]) -> None:
-        t = time.perf_counter()
-        self.on_flush(batch, self.store)
-        self.store_seconds += time.perf_counter() - t
-
-    def flush(self) -> None:
-        """Write what is buffered and wait until every shard so far is durable."""
-        with self._lock:
-            batch, self._buf = self._buf, []
-            self._last = time.monotonic()
-        if batch:
-            self._submit(batch)
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
-    def _raise_failed(self) -> None:
-        for f in self._pending:
-            if f.done() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
-
-    def close(self) -> None:
-        """Write what is buffered and wait for every pending shard (raises the first error)."""
-        with self._lock:
-            batch, self._buf = self._buf, []
-        if batch:
-            self._submit(batch)
-        first: BaseException | None = None
-        for f in self._pending:
-            try:
-                f.result()
-            except BaseException as e:  # keep waiting for the rest before raising
-                first = first or e
-        self._pending = []
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        if first is not None:
-            raise first
-
-
-class _Progress:
-    """A rich progress bar (problems, samples, tokens/s, ETA), or nothing."""
-
-    def __init__(self, enabled: bool, *, problems: int, samples: int, done_problems: int) -> None:
-        self.enabled = enabled
-        self._p: Any = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._p = Progress(
-            TextColumn("[bold]sampling"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("samples"),
-            TextColumn("{task.fields[problems]} problems"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._total_problems = problems
-        self._done_problems = done_problems
-        self._task = self._p.add_task(
-            "sampling", total=samples, problems=f"{done_problems}/{problems}", tps="-"
-        )
-        self._p.start()
-
-    def advance(self, samples: int, problems_done: int, tokens_per_s: float) -> None:
-        if self._p is None:
-            return
-        self._done_problems += problems_done
-        self._p.update(
-            self._task,
-            advance=samples,
-            problems=f"{self._done_problems}/{self._total_problems}",
-            tps=f"{tokens_per_s:,.0f}",
-        )
-
-    def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
-
-
 class RepeatedSampler:
     """Draw ``n`` samples per problem with ``engine`` and stream them into ``store``.
+
+    A short policy on :class:`~ttscale.samplers.session.SamplingSession` (which writes, accounts,
+    salvages and claims): plan the missing ``(problem, index)`` keys, batch them across problems,
+    keep every sample. :meth:`run` fills a store; :meth:`sample` is the
+    :class:`~ttscale.samplers.base.Sampler` protocol (in memory, ``store`` may be ``None``).
 
     ``batch_size``: samples per engine call (requests of many problems together); engines
     without a batch of their own decode each call's samples together (``HFEngine`` by default),
@@ -354,7 +187,7 @@ class RepeatedSampler:
         self,
         engine: Engine,
         params: SamplingParams,
-        store: SampleStore,
+        store: SampleStore | None = None,
         *,
         batch_size: int = 512,
         max_per_request: int | None = None,
@@ -385,7 +218,8 @@ class RepeatedSampler:
         self.extra_manifest = dict(manifest or {})
         self.engine_info = dict(engine.info())
         self.chat = self._detect_chat() if chat is None else bool(chat)
-        store.check_compatible({**self.extra_manifest, "sampling": params.to_dict()})
+        if store is not None:
+            store.check_compatible({**self.extra_manifest, "sampling": params.to_dict()})
 
     def _detect_chat(self) -> bool:
         """Whether the engine's model has a chat template (then send ``messages``)."""
@@ -417,19 +251,18 @@ class RepeatedSampler:
         """
         n = self.params.n if n is None else n
         check_int("n", n, min=1)
-        problems = list(problems)
-        ids = [p.id for p in problems]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
+        problems = _unique(problems)
         mine = shard_problems(problems, shard)
         store = self.store
+        if store is None:
+            raise ConfigError(
+                "RepeatedSampler.run needs a store (RepeatedSampler(engine, params, store)); "
+                "use .sample(problems, n) to sample in memory"
+            )
         store.write_problems(problems)
-        self._start_session(store, n)
-        session = _Session(store, self.engine_info.get("engine"), shard)
-
-        initial_missing = {p.id: len(_missing(store, p.id, n)) for p in mine}
-        todo = sum(initial_missing.values())
+        self._start(store, n)
+        missing = {p.id: len(_missing(store, p.id, n)) for p in mine}
+        todo = sum(missing.values())
         requested = len(mine) * n
         log.info(
             "sampling %d problems x n=%d into %s%s: %d stored, %d to generate",
@@ -440,194 +273,34 @@ class RepeatedSampler:
             requested - todo,
             todo,
         )
+        session = self._session(store, shard=shard, claims=claims)
+        session.show_progress(self._show_progress(), remaining=missing, samples=requested)
+        with session:
+            for group in session.groups(
+                [p for p in mine if missing[p.id] > 0],
+                lambda p: self._plan(p, n, store),
+                batch_size=self.batch_size,
+                expected=missing,
+            ):
+                session.generate(group, self.params)
 
-        t0 = time.perf_counter()
-        bar = _Progress(
-            (sys.stderr.isatty() if self.progress is None else self.progress) and todo > 0,
-            problems=len(mine),
-            samples=requested,
-            done_problems=sum(1 for v in initial_missing.values() if v == 0),
-        )
-        bar.advance(requested - todo, 0, 0.0)
-        state = dict.fromkeys(_COUNT_KEYS, 0)
-        claim = ProblemClaims(store.path) if claims else None
-        # per problem: samples planned in this session and not yet durable; its claim is released
-        # when that reaches 0, never earlier (another worker would regenerate them)
-        outstanding: dict[str, int] = {}
-        out_lock = threading.Lock()
-
-        def on_flush(batch: list[Completion], st: SampleStore) -> None:
-            # runs on the writer thread: store the shard, account it, release finished problems
-            session.store_batch(st, batch)
-            with out_lock:
-                state["samples"] += len(batch)
-                state["generated_tokens"] += sum(c.num_tokens for c in batch)
-                state["prompt_tokens"] += sum(c.prompt_tokens or 0 for c in batch)
-                for c in batch:
-                    left = outstanding.get(c.problem_id, 0) - 1
-                    if left > 0:
-                        outstanding[c.problem_id] = left
-                    else:
-                        outstanding.pop(c.problem_id, None)
-                        if claim is not None:
-                            claim.release(c.problem_id)
-
-        writer = _Writer(
-            store,
-            flush_every=self.flush_every,
-            flush_seconds=self.flush_seconds,
-            background=self.background_writes,
-            on_flush=on_flush,
-        )
-        tokens_seen = 0
-        cb_lock = threading.Lock()  # engines may call on_result from their own threads
-        remaining = dict(initial_missing)
-
-        def make_callback(group: list[GenerationRequest], seen: set[int]):
-            def on_result(pos: int, comps: list[Completion]) -> None:
-                nonlocal tokens_seen
-                with cb_lock:
-                    if pos in seen:
-                        return
-                    seen.add(pos)
-                    _check_completions(group[pos], comps)
-                    writer.add(comps)
-                    pid = group[pos].problem_id
-                    remaining[pid] -= len(comps)
-                    tokens_seen += sum(c.num_tokens for c in comps)
-                    rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.advance(len(comps), int(remaining[pid] == 0), rate)
-
-            return on_result
-
-        queue: deque[Problem] = deque(p for p in mine if initial_missing[p.id] > 0)
-        waiting: list[Problem] = []
-        planned: deque[GenerationRequest] = deque()
-        planned_size = 0
-
-        def plan_more() -> None:
-            """Claim queued problems and plan their missing samples, up to one engine batch."""
-            nonlocal planned_size
-            while queue and planned_size < self.batch_size:
-                claimed: list[Problem] = []
-                budget = planned_size
-                while queue and budget < self.batch_size:
-                    p = queue.popleft()
-                    if claim is not None and not claim.try_claim(p.id):
-                        waiting.append(p)  # another worker is on it; look again later
-                        continue
-                    claimed.append(p)
-                    budget += initial_missing[p.id]
-                if claim is not None and claimed:
-                    store.refresh()  # after claiming: see what other workers stored meanwhile
-                for p in claimed:
-                    reqs = plan_requests(
-                        [p],
-                        n,
-                        store,
-                        max_per_request=self.max_per_request,
-                        messages=self.chat,
-                        system_prompt=self.system_prompt,
-                    )
-                    k = sum(len(r.indices) for r in reqs)
-                    if remaining[p.id] > k:  # another worker stored some of them meanwhile
-                        with cb_lock:
-                            done = remaining[p.id] - k
-                            remaining[p.id] = k
-                            bar.advance(done, int(k == 0), 0.0)
-                    if k == 0:
-                        if claim is not None:
-                            claim.release(p.id)
-                        continue
-                    with out_lock:
-                        outstanding[p.id] = outstanding.get(p.id, 0) + k
-                    planned.extend(reqs)
-                    planned_size += k
-
-        def next_group() -> list[GenerationRequest]:
-            nonlocal planned_size
-            while True:
-                plan_more()
-                if planned:
-                    break
-                if not waiting:
-                    return []
-                # only problems other workers hold are left: make our own work durable (which
-                # releases our claims, so no two workers ever wait on each other), then wait
-                writer.flush()
-                log.info("waiting for %d problems other workers are sampling", len(waiting))
-                time.sleep(_CLAIM_POLL_SECONDS)
-                queue.extend(waiting)
-                waiting.clear()
-            group: list[GenerationRequest] = []
-            size = 0
-            while planned and (not group or size + len(planned[0].indices) <= self.batch_size):
-                r = planned.popleft()
-                group.append(r)
-                size += len(r.indices)
-            planned_size -= size
-            return group
-
-        try:
-            while group := next_group():
-                seen: set[int] = set()
-                callback = make_callback(group, seen)
-                try:
-                    results = self.engine.generate(group, self.params, on_result=callback)
-                except GenerationError as e:
-                    # engines hand finished requests to on_result; this catches any that did not
-                    for pos, comps in e.completed.items():
-                        callback(pos, comps)
-                    # samples finished inside requests that did not complete are valid too
-                    for pos, comps in getattr(e, "partial", {}).items():
-                        req = group[pos]
-                        good = [
-                            c
-                            for c in comps
-                            if c.problem_id == req.problem_id and c.index in req.indices
-                        ]
-                        writer.add(good)
-                    raise
-                if len(results) != len(group):
-                    raise GenerationError(
-                        f"engine {self.engine_info.get('engine')!r} returned {len(results)} "
-                        f"results for {len(group)} requests",
-                        [None] * len(group),
-                    )
-                for pos, comps in enumerate(results):
-                    callback(pos, comps)
-        except BaseException:
-            # keep every completed sample (Ctrl-C included); a write error must not hide the
-            # original exception
-            try:
-                writer.close()
-                session.write()
-            except Exception:
-                log.exception("could not store completed samples after a failure")
-            raise
-        finally:
-            bar.close()
-            if claim is not None:
-                claim.close()
-        writer.close()
-        session.write()
-
-        wall = time.perf_counter() - t0
+        wall = session.wall_seconds
         store.refresh()
         stored_mine = sum(n - len(_missing(store, p.id, n)) for p in mine)
+        done = session.stored
         summary = SamplingSummary(
             path=store.path,
             problems=len(mine),
             n=n,
             requested=requested,
-            skipped=max(0, stored_mine - state["samples"]),
-            generated=state["samples"],
+            skipped=max(0, stored_mine - done["samples"]),
+            generated=done["samples"],
             stored=len(store),
-            generated_tokens=state["generated_tokens"],
-            prompt_tokens=state["prompt_tokens"],
+            generated_tokens=done["generated_tokens"],
+            prompt_tokens=done["prompt_tokens"],
             wall_seconds=wall,
             accounting=store.accounting(),
-            store_seconds=writer.store_seconds,
+            store_seconds=session.store_seconds,
         )
         log.info(
             "sampled %d samples (%d tokens) in %.1fs: %.1f samples/s, %.0f tokens/s",
@@ -639,138 +312,186 @@ class RepeatedSampler:
         )
         return summary
 
-    def _start_session(self, store: SampleStore, n: int) -> None:
-        """Record engine, sampling settings and problems in the manifest (one locked update)."""
-        name = self.engine_info.get("engine")
-        num_problems = len(store.problems())
-        legacy_stored = len(store) if not store.sessions() else None
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        """The :class:`~ttscale.samplers.base.Sampler` protocol: ``budget`` samples per problem.
 
-        def start(m: dict[str, Any]) -> None:
-            engines_used = list(m.get("engines_used") or [])
-            if name and name not in engines_used:
-                if engines_used:
-                    log.warning(
-                        "run %s was sampled with engine %s and now continues with %s; samples "
-                        "of different engines are not identical for the same seeds",
-                        store.path,
-                        engines_used,
-                        name,
-                    )
-                engines_used.append(name)
-            old_n = int((m.get("sampling") or {}).get("n") or 0)
-            fields: dict[str, Any] = {
-                **self.extra_manifest,
-                "engine": self.engine_info,
-                "engines_used": engines_used,
-                "logprob_mode": self.engine_info.get("logprob_mode"),
-                "sampling": self.params.replace(n=max(n, old_n)).to_dict(),
-                "seed": self.params.seed,
-                "num_problems": num_problems,
-                "chat": self.chat,
-            }
-            for k, v in fields.items():
-                if isinstance(v, Mapping) and isinstance(m.get(k), dict):
-                    m[k] = {**m[k], **v}
-                else:
-                    m[k] = v
-            legacy = m.get("accounting")
-            if legacy_stored is not None and isinstance(legacy, dict):
-                m["accounting"] = _reconciled(store, legacy, legacy_stored)
+        Yields one :class:`SampleResult` per problem, in order, holding its ``budget`` candidates
+        (all kept, unweighted, iid). ``seed`` is the run seed (default ``params.seed``): sample
+        ``i`` of problem ``p`` is seeded by ``(seed, p, i)``, so a smaller budget gives a prefix
+        of a larger one. Requests of several problems share one engine call (``batch_size``
+        samples); results are yielded as each call finishes. ``sink``: a store that receives
+        every sample (the sampler's own ``store`` is not used); samples already in it are read
+        back instead of generated, so an interrupted ``sample`` resumes.
+        """
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        problems = _unique(problems)
+        if sink is not None:
+            sink.check_compatible({**self.extra_manifest, "sampling": params.to_dict()})
+            sink.write_problems(problems)
+            start_run(
+                sink,
+                engine_info=self.engine_info,
+                params=params,
+                n=budget,
+                chat=self.chat,
+                iid=True,
+                extra=self.extra_manifest,
+            )
+        # validated and recorded now; the samples are drawn as the caller iterates
+        return self._sample(problems, budget, params, sink)
 
-        store.modify_manifest(start)
-
-
-class _Session:
-    """One sampling session's accounting, in ``RUN/accounting/<session>.json`` (its own file).
-
-    Before a shard is renamed into place the record announces it as ``pending`` (with its
-    counts); after the rename the counts move to ``committed``. A reader counts a pending shard
-    only if it exists (:meth:`SampleStore.accounting`), so a session killed at any instant is
-    accounted for exactly the samples it stored, with no reconciliation guesswork, and workers
-    sharing a run never write each other's records.
-    """
-
-    def __init__(self, store: SampleStore, engine: Any, shard: tuple[int, int] | None) -> None:
-        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self.id = f"{stamp}-{host or 'host'}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.store = store
-        self.t0 = time.perf_counter()
-        self.committed = dict.fromkeys(_COUNT_KEYS, 0)
-        self.meta = {
-            "session": self.id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "engine": engine,
-            "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+    def _sample(
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
+    ) -> Iterator[SampleResult]:
+        stored = _stored_completions(sink, problems, budget) if sink is not None else {}
+        session = self._session(sink, shard=None, claims=False)
+        remaining = {
+            p.id: sum(1 for i in range(budget) if (p.id, i) not in stored) for p in problems
         }
-        self._lock = threading.Lock()
-        self.write()  # the session counts from its start, even if it is killed at once
+        session.show_progress(
+            self._show_progress(), remaining=remaining, samples=len(problems) * budget
+        )
+        with session:
+            chunk: list[Problem] = []
+            size = 0
+            for p in problems:
+                chunk.append(p)
+                size += budget
+                if size >= self.batch_size:
+                    yield from self._sample_chunk(session, chunk, budget, params, stored)
+                    chunk, size = [], 0
+            if chunk:
+                yield from self._sample_chunk(session, chunk, budget, params, stored)
 
-    def write(self, pending: Mapping[str, Any] | None = None) -> None:
-        with self._lock:
-            record = {
-                **self.meta,
-                "committed": dict(self.committed),
-                "pending": dict(pending) if pending else None,
-                "wall_seconds": round(time.perf_counter() - self.t0, 3),
-            }
-            self.store.write_session(self.id, record)
+    def _sample_chunk(
+        self,
+        session: SamplingSession,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        have: Mapping[tuple[str, int], Completion],
+    ) -> Iterator[SampleResult]:
+        got: dict[tuple[str, int], Completion] = {}
+        missing = {p.id: sum(1 for i in range(budget) if (p.id, i) not in have) for p in problems}
+        for group in session.groups(
+            problems,
+            lambda p: self._plan(p, budget, have),
+            batch_size=self.batch_size,
+            expected=missing,
+        ):
+            for comps in session.generate(group, params):
+                for c in comps:
+                    got[(c.problem_id, c.index)] = c
+        for p in problems:
+            cands = []
+            resumed = 0
+            for i in range(budget):
+                c = got.get((p.id, i))
+                if c is None:
+                    c = have[(p.id, i)]
+                    resumed += 1
+                cands.append(Candidate(c))
+            yield SampleResult(
+                problem=p,
+                candidates=tuple(cands),
+                generated_tokens=sum(c.completion.num_tokens for c in cands),
+                prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
+                iid=True,
+                resumed=resumed,
+            )
 
-    def store_batch(self, store: SampleStore, batch: Sequence[Completion]) -> int:
-        counts = {
-            "samples": len(batch),
-            "generated_tokens": sum(c.num_tokens for c in batch),
-            "prompt_tokens": sum(c.prompt_tokens or 0 for c in batch),
-        }
+    def _plan(
+        self, p: Problem, n: int, have: Container[tuple[str, int]]
+    ) -> list[GenerationRequest]:
+        return plan_requests(
+            [p],
+            n,
+            have,
+            max_per_request=self.max_per_request,
+            messages=self.chat,
+            system_prompt=self.system_prompt,
+        )
 
-        def announce(shard: str, rows: list[dict[str, Any]]) -> None:
-            self.write({"shard": shard, **counts})
+    def _session(
+        self, store: SampleStore | None, *, shard: tuple[int, int] | None, claims: bool
+    ) -> SamplingSession:
+        return SamplingSession(
+            self.engine,
+            store,
+            engine_info=self.engine_info,
+            flush_every=self.flush_every,
+            flush_seconds=self.flush_seconds,
+            background_writes=self.background_writes,
+            shard=shard,
+            claims=claims,
+        )
 
-        new = store.append((Sample.from_completion(c) for c in batch), before_commit=announce)
-        # (a batch already stored entirely by another worker writes no shard: counted directly)
-        with self._lock:
-            for k, v in counts.items():
-                self.committed[k] += v
-        self.write()
-        return new
+    def _show_progress(self) -> bool:
+        return sys.stderr.isatty() if self.progress is None else bool(self.progress)
+
+    def _start(self, store: SampleStore, n: int) -> None:
+        start_run(
+            store,
+            engine_info=self.engine_info,
+            params=self.params,
+            n=n,
+            chat=self.chat,
+            iid=True,
+            extra=self.extra_manifest,
+        )
+
+
+def _unique(problems: Sequence[Problem]) -> list[Problem]:
+    problems = list(problems)
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
+    return problems
+
+
+def _stored_completions(
+    sink: SampleStore, problems: Sequence[Problem], budget: int
+) -> dict[tuple[str, int], Completion]:
+    """The sink's samples ``0..budget-1`` of ``problems`` (one read of the run, or none)."""
+    want = {(p.id, i) for p in problems for i in range(budget)}
+    if not any(k in sink for k in want):
+        return {}
+    out: dict[tuple[str, int], Completion] = {}
+    for s in sink.samples():
+        if s.key in want:
+            out[s.key] = _completion_of(s)
+    return out
+
+
+def _completion_of(s: Sample) -> Completion:
+    """A stored sample as the completion it was made from (for results resumed from a sink)."""
+    return Completion(
+        problem_id=s.problem_id,
+        index=s.index,
+        text=s.text,
+        token_ids=s.token_ids,
+        token_logprobs=s.token_logprobs,
+        top_logprobs=s.top_logprobs,
+        cumulative_logprob=s.logprob,
+        num_tokens=s.num_tokens or 0,
+        finish_reason=s.finish_reason or "stop",
+        seed=s.seed,
+    )
 
 
 def _missing(store: SampleStore, problem_id: str, n: int) -> list[int]:
     return [i for i in range(n) if (problem_id, i) not in store]
-
-
-def _reconciled(store: SampleStore, acct: dict[str, Any], stored: int) -> dict[str, Any]:
-    """Account samples that reached the store after the last accounting update (old runs).
-
-    Runs made before sessions kept their own accounting files updated the manifest's accounting
-    after a shard was durable, so a process killed between the two left stored samples
-    unaccounted. Every accounted sample is stored, hence the unaccounted generated tokens are
-    exactly the stored tokens minus the accounted ones (prompt tokens and wall time of those
-    samples are not recoverable and stay uncounted).
-    """
-    if stored <= int(acct.get("samples", 0)):
-        return acct
-    t = store.table(["num_tokens"])
-    tokens = int(sum(x for x in t.column("num_tokens").to_pylist() if x is not None))
-    log.info(
-        "accounting %d samples stored after the last accounting update of %s",
-        stored - int(acct.get("samples", 0)),
-        store.path,
-    )
-    acct = dict(acct)
-    acct["samples"] = stored
-    acct["generated_tokens"] = max(int(acct.get("generated_tokens", 0)), tokens)
-    return acct
-
-
-def _check_completions(req: GenerationRequest, comps: Sequence[Completion]) -> None:
-    got = [(c.problem_id, c.index) for c in comps]
-    want = [(req.problem_id, i) for i in req.indices]
-    if got != want:
-        raise GenerationError(
-            f"engine returned samples {got[:3]}... for request {want[:3]}...; an engine must "
-            "return one completion per requested index, in order",
-            [],
-        )

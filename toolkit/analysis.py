@@ -219,6 +219,8 @@ def check_prerequisites(
     ``top_logprobs`` (deepconf: ``confidences``; skipped with ``check_confidences=False``, for a
     caller that checks them itself), ``scores`` (weighted, best_of_n: a finite ``score`` for every
     answered sample). The message says which ``ttscale sample`` flag provides what is missing.
+    A weighted, non-iid pool (``pool.iid`` false: SMC particles) refuses every method with
+    :class:`~ttscale.errors.NonIIDPoolError`: they estimate accuracy from k iid draws.
     """
     from ttscale.select.rules import DEPRECATED_NAMES, RULES, canonical_name
 
@@ -226,6 +228,14 @@ def check_prerequisites(
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     methods = [m if m == ORACLE else canonical_name(m, warn=False) for m in methods]
+    if not pool.iid and methods:
+        from ttscale.errors import NonIIDPoolError
+
+        raise NonIIDPoolError(
+            f"the run's samples are a weighted population (SMC particles), not iid draws: "
+            f"{', '.join(methods)} at k samples assume iid draws and are refused; use "
+            "ttscale.metrics.weighted.weighted_results (ttscale curve reports it)"
+        )
 
     def needing(what: str) -> list[str]:
         return [m for m in methods if m != ORACLE and what in RULES[m].inputs]
@@ -571,8 +581,16 @@ def coverage_counts(
     """``(n, c)`` per problem for pass@k fits under a ``missing`` policy (see compute_curves).
 
     Problems without samples enter as ``n = max n, c = 0`` under ``"count"`` (pass@k = 0 at
-    every fitted ``k``); ``"drop"``/``"skip"`` leave them out.
+    every fitted ``k``); ``"drop"``/``"skip"`` leave them out. A weighted, non-iid pool raises
+    :class:`~ttscale.errors.NonIIDPoolError` (pass@k counts assume iid draws).
     """
+    if not pool.iid:
+        from ttscale.errors import NonIIDPoolError
+
+        raise NonIIDPoolError(
+            "the run's samples are a weighted population (SMC particles), not iid draws: "
+            "pass@k fits assume iid draws and are refused; `ttscale curve` reports weighted results"
+        )
     n_p, c = pool.n_per_problem, pool.correct_counts()
     if missing == "drop":
         keep = n_p >= pool.sample_shortfall()["requested"]

@@ -2,6 +2,7 @@
 
     TtscaleError                 base of everything ttscale raises on purpose
     ├── ConfigError              a bad parameter or option (also a ValueError)
+    │   └── NonIIDPoolError      an iid-only estimator asked of a weighted (SMC) population
     ├── DataError                malformed input data: JSONL lines, benchmark files, store contents
     │   └── StoreError           a sample store that is missing, inconsistent or conflicting
     ├── EngineError              an inference engine failed or cannot be used
@@ -22,6 +23,7 @@ __all__ = [
     "DegenerateWeightsError",
     "EngineError",
     "EngineUnavailable",
+    "NonIIDPoolError",
     "SandboxError",
     "StoreError",
     "TtscaleError",
@@ -35,6 +37,10 @@ class TtscaleError(Exception):
 
 class ConfigError(TtscaleError, ValueError):
     """An invalid parameter value or option combination."""
+
+
+class NonIIDPoolError(ConfigError):
+    """An estimator that assumes iid samples (pass@k, majority@k, ...) on a weighted population."""
 
 
 class DataError(TtscaleError, ValueError):

@@ -1,5 +1,9 @@
 """Contract suites for user-provided components (like scikit-learn's ``check_estimator``).
 
+``check_sampler(make_sampler)`` and ``check_verifier(verifier, problem, candidates)`` do the
+same for samplers (seeded prefixes, accounting of discarded tokens, salvage, resume) and
+verifiers (one verdict per sample in order, bad candidates as statuses, JSON ``info()``).
+
 ``check_engine(engine)`` runs every check of the :class:`~ttscale.engines.Engine` contract
 against a live engine and raises :class:`EngineContractError` (an ``AssertionError``) naming the
 first check that fails. It needs an engine that samples (``temperature=1`` gives distinct
@@ -27,8 +31,19 @@ from ttscale.engines.base import (
 from ttscale.errors import ConfigError
 from ttscale.seeding import sample_seed
 from ttscale.types import Completion, SamplingParams
+from ttscale.validation import check_int
 
-__all__ = ["ENGINE_CHECKS", "EngineContractError", "check_engine"]
+__all__ = [
+    "BAD_CANDIDATES",
+    "ENGINE_CHECKS",
+    "SAMPLER_CHECKS",
+    "EngineContractError",
+    "SamplerContractError",
+    "VerifierContractError",
+    "check_engine",
+    "check_sampler",
+    "check_verifier",
+]
 
 
 class EngineContractError(AssertionError):
@@ -589,3 +604,305 @@ def check_engine(
         fn(ctx)
         ran.append(name)
     return ran
+
+
+# ---- samplers --------------------------------------------------------------------------------
+
+
+class SamplerContractError(AssertionError):
+    """A sampler broke its contract; the message names the check."""
+
+
+class _Recording:
+    """Wraps an engine: counts every generated token, and fails after ``fail_after`` samples.
+
+    Requests are passed on one index at a time (with their own seed), so a failure can stop
+    mid-request like a real engine's and hand back the samples finished so far as ``partial``.
+    """
+
+    def __init__(self, inner: Engine, fail_after: int | None = None) -> None:
+        self.inner = inner
+        self.fail_after = fail_after
+        self.samples = 0
+        self.tokens = 0
+        self.keys: list[tuple[str, int]] = []
+
+    def __getattr__(self, name: str) -> Any:  # capabilities, tokenizer, ... of the inner engine
+        return getattr(self.inner, name)
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        *,
+        on_result: Callable[[int, list[Completion]], None] | None = None,
+    ) -> list[list[Completion]]:
+        from dataclasses import replace
+
+        from ttscale.engines.base import GenerationError
+
+        results: list[list[Completion] | None] = [None] * len(requests)
+        for pos, req in enumerate(requests):
+            comps: list[Completion] = []
+            for j, index in enumerate(req.indices):
+                if self.fail_after is not None and self.samples >= self.fail_after:
+                    raise GenerationError(
+                        f"check_sampler: injected failure after {self.samples} samples",
+                        results,
+                        {pos: comps},
+                    )
+                one = replace(req, indices=(index,), seeds=(req.seed_for(j, params),))
+                (c,) = self.inner.generate([one], params)[0]
+                comps.append(c)
+                self.samples += 1
+                self.tokens += c.num_tokens
+                self.keys.append((c.problem_id, c.index))
+            results[pos] = comps
+            if on_result is not None:
+                on_result(pos, comps)
+        return [r for r in results if r is not None]
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.inner.info())
+
+    def close(self) -> None:
+        pass
+
+
+def _sfail(check: str, msg: str) -> SamplerContractError:
+    return SamplerContractError(f"check_sampler[{check}]: {msg}")
+
+
+def _cand_key(c: Any) -> tuple[Any, ...]:
+    comp = c.completion
+    return (comp.problem_id, comp.index, c.step, c.parent, comp.text, comp.token_ids, c.fate)
+
+
+SAMPLER_CHECKS = ("results", "reproducible", "prefix", "accounting", "sink", "salvage", "resume")
+
+
+def check_sampler(
+    make_sampler: Callable[[Engine], Any],
+    engine: Engine | None = None,
+    *,
+    problems: Sequence[Any] | None = None,
+    budget: int = 4,
+    seed: int = 1234,
+    skip: Collection[str] = (),
+) -> list[str]:
+    """Run the sampler contract suite; return the names of the checks run.
+
+    ``make_sampler(engine)`` builds the sampler under test around ``engine`` (the suite wraps
+    the engine to count tokens and inject failures); ``engine`` defaults to the scripted toy
+    model. Checks (``SAMPLER_CHECKS``):
+
+    * ``results``: one frozen :class:`~ttscale.samplers.SampleResult` per problem, in order,
+      with candidates of that problem and at least one kept;
+    * ``reproducible``: the same seed gives the same candidates, another seed others;
+    * ``prefix``: for iid results, the candidates of ``budget`` are the first ones of
+      ``2 * budget`` (seeds are per (problem, index));
+    * ``accounting``: ``generated_tokens`` summed over results equals the tokens the engine
+      generated, discarded traces included, and every generated trace is a candidate;
+    * ``sink``: a store passed as ``sink`` holds every candidate, and its accounting every token;
+    * ``salvage``: an engine failing part-way raises, and the sink keeps every sample the engine
+      finished before the failure (none lost);
+    * ``resume``: sampling again into that sink generates only what is missing and returns the
+      results of an uninterrupted run.
+    """
+    import tempfile
+
+    from ttscale.engines.base import GenerationError
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.samplers.base import SampleResult
+    from ttscale.store import SampleStore
+    from ttscale.types import Problem
+
+    unknown = set(skip) - set(SAMPLER_CHECKS)
+    if unknown:
+        raise ConfigError(
+            f"unknown sampler checks {sorted(unknown)}; known: {list(SAMPLER_CHECKS)}"
+        )
+    check_int("budget", budget, min=1)
+    base = engine if engine is not None else ScriptedEngine()
+    probs = list(problems or [Problem(id=f"q{i}", prompt=f"question {i}: ") for i in range(3)])
+
+    def run(eng: Engine, b: int, s: int, sink: Any = None) -> list[SampleResult]:
+        return list(make_sampler(eng).sample(probs, b, seed=s, sink=sink))
+
+    ran: list[str] = []
+    rec = _Recording(base)
+    first = run(rec, budget, seed)
+    if "results" not in skip:
+        if [r.problem_id for r in first] != [p.id for p in probs]:
+            raise _sfail("results", f"problems {[r.problem_id for r in first]}, expected "
+                                    f"{[p.id for p in probs]} in order")  # fmt: skip
+        for r in first:
+            if not isinstance(r, SampleResult):
+                raise _sfail("results", f"sample() yielded {type(r).__name__}, not SampleResult")
+            if not r.kept:
+                raise _sfail("results", f"problem {r.problem_id!r} has no kept candidate")
+            if any(c.completion.problem_id != r.problem_id for c in r.candidates):
+                raise _sfail("results", f"problem {r.problem_id!r} holds another's candidates")
+            try:
+                r.candidates = ()  # type: ignore[misc]
+            except AttributeError:
+                pass
+            else:
+                raise _sfail("results", "SampleResult is not frozen")
+        ran.append("results")
+    if "reproducible" not in skip:
+        again = run(_Recording(base), budget, seed)
+        if [[_cand_key(c) for c in r.candidates] for r in again] != [
+            [_cand_key(c) for c in r.candidates] for r in first
+        ]:
+            raise _sfail("reproducible", "two runs with the same seed drew different candidates")
+        other = run(_Recording(base), budget, seed + 1)
+        if [[c.text for c in r.candidates] for r in other] == [
+            [c.text for c in r.candidates] for r in first
+        ]:
+            raise _sfail("reproducible", "another seed drew the same candidates")
+        ran.append("reproducible")
+    if "prefix" not in skip:
+        if all(r.iid for r in first):
+            bigger = run(_Recording(base), 2 * budget, seed)
+            for small, big in zip(first, bigger, strict=True):
+                head = [_cand_key(c) for c in big.candidates][: len(small.candidates)]
+                if head != [_cand_key(c) for c in small.candidates]:
+                    raise _sfail(
+                        "prefix",
+                        f"problem {small.problem_id!r}: the candidates of budget {budget} are not "
+                        f"the first ones of budget {2 * budget}",
+                    )
+        ran.append("prefix")
+    if "accounting" not in skip:
+        spent = sum(r.generated_tokens for r in first)
+        if spent != rec.tokens:
+            raise _sfail("accounting", f"results count {spent} generated tokens, the engine "
+                                       f"generated {rec.tokens}")  # fmt: skip
+        held = sum(len(r.candidates) for r in first)
+        if held != rec.samples:
+            raise _sfail("accounting", f"the engine generated {rec.samples} traces but the "
+                                       f"results hold {held} candidates")  # fmt: skip
+        ran.append("accounting")
+    with tempfile.TemporaryDirectory(prefix="ttscale-check-sampler-") as tmp:
+        if "sink" not in skip:
+            store = SampleStore.create(f"{tmp}/sink", {"model": "check_sampler"})
+            rec = _Recording(base)
+            run(rec, budget, seed, store)
+            stored = store.keys()
+            if set(rec.keys) - stored:
+                raise _sfail(
+                    "sink", f"the sink misses samples {sorted(set(rec.keys) - stored)[:3]}"
+                )
+            acct = store.accounting().get("generated_tokens")
+            if acct != rec.tokens:
+                raise _sfail("sink", f"the sink accounts {acct} generated tokens, the engine "
+                                     f"generated {rec.tokens}")  # fmt: skip
+            ran.append("sink")
+        if "salvage" not in skip or "resume" not in skip:
+            store = SampleStore.create(f"{tmp}/salvage", {"model": "check_sampler"})
+            cut = max(1, rec.samples // 2) if rec.samples > 1 else 0
+            failing = _Recording(base, fail_after=cut)
+            try:
+                run(failing, budget, seed, store)
+            except GenerationError:
+                pass
+            else:
+                raise _sfail("salvage", "an engine failure did not propagate")
+            store.refresh()
+            lost = set(failing.keys) - store.keys()
+            if "salvage" not in skip:
+                if lost:
+                    raise _sfail("salvage", f"samples {sorted(lost)[:3]} finished before the "
+                                            "failure were not stored")  # fmt: skip
+                ran.append("salvage")
+            if "resume" not in skip:
+                healthy = _Recording(base)
+                resumed = run(healthy, budget, seed, store)
+                if [[_cand_key(c) for c in r.candidates] for r in resumed] != [
+                    [_cand_key(c) for c in r.candidates] for r in first
+                ]:
+                    raise _sfail("resume", "a resumed run differs from an uninterrupted one")
+                twice = set(healthy.keys) & set(failing.keys)
+                if twice:
+                    raise _sfail("resume", f"resuming generated stored samples again: "
+                                           f"{sorted(twice)[:3]}")  # fmt: skip
+                ran.append("resume")
+    return ran
+
+
+# ---- verifiers -------------------------------------------------------------------------------
+
+
+class VerifierContractError(AssertionError):
+    """A verifier broke its contract; the message names the check."""
+
+
+#: candidates no verifier may raise on (empty, whitespace, binary noise, huge, unbalanced)
+BAD_CANDIDATES = (
+    "",
+    "   \n\t",
+    "\x00\x01\x02\ufffd",
+    "}{)(][ \\boxed{ \\frac{",
+    "def f(:\n    return",
+    "9" * 5000,
+    "answer: " + "x" * 20000,
+)
+
+
+def check_verifier(
+    verifier: Any,
+    problem: Any,
+    candidates: Sequence[str],
+    *,
+    bad: Sequence[str] = BAD_CANDIDATES,
+) -> list[Any]:
+    """Run the verifier contract suite on ``problem``; return the verdicts of ``candidates``.
+
+    Checks: ``verify(problem, samples)`` returns one :class:`~ttscale.types.Verdict` per sample,
+    in order (same problem id and index, even with indices out of order); a bad candidate
+    (``bad``: empty, binary noise, unparsable, huge) is a verdict status, never an exception;
+    the same samples give the same verdicts again; ``info()`` is a JSON-serialisable mapping.
+    """
+    import json
+
+    from ttscale.types import Sample, Verdict, VerdictStatus
+
+    def vfail(msg: str) -> VerifierContractError:
+        return VerifierContractError(f"check_verifier: {msg}")
+
+    texts = [*candidates, *bad]
+    # indices deliberately not 0..k-1 in order: verdicts follow the samples, not the indices
+    idx = [3 * k + 1 for k in range(len(texts))][::-1]
+    samples = [
+        Sample(problem_id=problem.id, index=i, text=t) for i, t in zip(idx, texts, strict=True)
+    ]
+    try:
+        out = verifier.verify(problem, samples)
+    except Exception as e:
+        raise vfail(f"verify raised {type(e).__name__}: {e} (a bad candidate must be a "
+                    "verdict status)") from e  # fmt: skip
+    out = list(out)
+    if len(out) != len(samples):
+        raise vfail(f"{len(out)} verdicts for {len(samples)} samples")
+    for s, v in zip(samples, out, strict=True):
+        if not isinstance(v, Verdict):
+            raise vfail(f"verify returned {type(v).__name__}, not Verdict")
+        if (v.problem_id, v.index) != (s.problem_id, s.index):
+            raise vfail(f"verdict for {(v.problem_id, v.index)} where {s.key} was expected "
+                        "(one verdict per sample, in order)")  # fmt: skip
+        if not isinstance(v.status, VerdictStatus):
+            raise vfail(f"status {v.status!r} is not a VerdictStatus")
+    again = list(verifier.verify(problem, samples))
+    if [(v.status, v.answer, v.correct) for v in again] != [
+        (v.status, v.answer, v.correct) for v in out
+    ]:
+        raise vfail("the same samples got different verdicts on a second call")
+    info = verifier.info()
+    if not isinstance(info, Mapping):
+        raise vfail(f"info() returned {type(info).__name__}, not a mapping")
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError) as e:
+        raise vfail(f"info() is not JSON-serialisable ({e})") from e
+    return out[: len(candidates)]

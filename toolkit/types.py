@@ -233,6 +233,10 @@ class Completion:
         return self.cumulative_logprob / self.num_tokens
 
 
+#: what a step-wise sampler did with a trace (``Sample.fate``)
+SAMPLE_FATES = ("kept", "pruned", "resampled")
+
+
 @dataclass(frozen=True)
 class Sample:
     """A stored sample: a completion plus what verification added.
@@ -240,6 +244,11 @@ class Sample:
     ``answer`` is the extracted (canonical) answer, the voting key; ``None`` means no answer
     could be extracted (never the string ``"None"``). ``correct`` is ``None`` when unknown.
     ``scores`` holds named verifier/reward scores; ``meta`` anything else.
+
+    Step-wise samplers (pruning, SMC) also record ``step`` (the step that produced the trace),
+    ``parent`` (the index of the trace it continues), ``log_weight`` (natural log) and ``fate``
+    (``kept``, ``pruned`` at ``pruned_at`` tokens, or ``resampled`` away); ``None`` for iid
+    samples.
     """
 
     problem_id: str
@@ -257,11 +266,24 @@ class Sample:
     correct: bool | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    step: int | None = None
+    parent: int | None = None
+    log_weight: float | None = None
+    fate: str | None = None
+    pruned_at: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.problem_id, str) or not self.problem_id:
             raise ConfigError(f"problem_id must be a non-empty string, got {self.problem_id!r}")
         check_int("index", self.index, min=0)
+        check_int("step", self.step, min=0, allow_none=True)
+        check_int("parent", self.parent, min=0, allow_none=True)
+        check_int("pruned_at", self.pruned_at, min=0, allow_none=True)
+        if self.fate is not None and self.fate not in SAMPLE_FATES:
+            raise ConfigError(f"fate must be one of {list(SAMPLE_FATES)} or None, got {self.fate!r}")
+        if self.log_weight is not None:
+            w = float(self.log_weight)
+            object.__setattr__(self, "log_weight", -math.inf if math.isnan(w) else w)
         if self.answer is not None and not isinstance(self.answer, str):
             raise ConfigError(f"answer must be a string or None, got {self.answer!r}")
         if self.correct is not None and not isinstance(self.correct, bool):

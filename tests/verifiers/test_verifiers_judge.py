@@ -277,8 +277,8 @@ def test_factory_builds_a_judge_on_an_engine(tiny_model_dir) -> None:  # type: i
 def test_verify_names_the_judge_engine_and_model(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
     """`ttscale verify --verifier judge:...` prints the judge's engine line (issue 7)."""
     pytest.importorskip("torch")
-    from ttscale.cli.verify_cmds import _model_lines
     from ttscale.verifiers.base import make_verifier
+    from ttscale.verifiers.runner import model_lines as _model_lines
 
     j = make_verifier(f"judge:{tiny_model_dir}", engine_kind="hf", yes_token="Y", no_token="N")
     try:

@@ -439,8 +439,8 @@ def test_verify_names_the_reward_models_it_loads(models: dict[str, Path]) -> Non
     """`ttscale verify --verifier rm:...` prints one line per model it loaded (issue 7)."""
     import transformers
 
-    from ttscale.cli.verify_cmds import _model_lines
     from ttscale.verifiers.base import make_verifier
+    from ttscale.verifiers.runner import model_lines as _model_lines
 
     ens = make_verifier(f"ensemble:rm:{models['orm1']},rm:{models['orm2']}")
     assert _model_lines(ens) == [

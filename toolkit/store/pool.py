@@ -60,6 +60,10 @@ class Pool:
     unsampled: tuple[str, ...] = ()
     # samples per problem the run asked for (None: unknown, e.g. an imported file)
     requested_n: int | None = None
+    # (N,) float64 natural-log particle weights of a weighted (SMC) run, else None
+    log_weight: np.ndarray | None = None
+    # False for a weighted, non-iid population (SMC particles): k-sample estimators refuse it
+    iid: bool = True
 
     def __post_init__(self) -> None:
         n = self.index.shape[0]
@@ -73,6 +77,8 @@ class Pool:
         for k, v in self.scores.items():
             if v.shape[0] != n:
                 raise ConfigError(f"Pool.scores[{k!r}] must have {n} entries")
+        if self.log_weight is not None and self.log_weight.shape[0] != n:
+            raise ConfigError(f"Pool.log_weight must have {n} entries")
 
     # construction ----------------------------------------------------------------------------
 
@@ -155,8 +161,11 @@ class Pool:
         extra_scores: Mapping[str, np.ndarray] | None = None,
         score_names: Sequence[str] | None = None,
         verifier: str | None = None,
+        iid: bool = True,
     ) -> Pool:
-        """Build from a sample table sorted by (problem_id, index) (what SampleStore.table gives)."""
+        """Build from a sample table sorted by (problem_id, index) (what SampleStore.table gives).
+
+        ``iid=False`` marks a weighted population (its ``log_weight`` column is kept)."""
         n = table.num_rows
         pid = table.column("problem_id")
         if n:
@@ -216,6 +225,12 @@ class Pool:
             text_id=text_id,
             scores=scores,
             meta={"verifier": verifier},
+            log_weight=(
+                col("log_weight", np.float64, -np.inf)
+                if "log_weight" in table.column_names and not iid
+                else None
+            ),
+            iid=bool(iid),
         )
 
     def with_run_info(
@@ -270,6 +285,7 @@ class Pool:
             text_id=self.text_id[rows],
             scores={k: v[rows] for k, v in self.scores.items()},
             unsampled=(),
+            log_weight=None if self.log_weight is None else self.log_weight[rows],
         )
 
     def sample_shortfall(self) -> dict[str, Any]:

@@ -86,8 +86,18 @@ SAMPLE_SCHEMA = pa.schema(
         # 64-bit hash of the text alone: perplexity consistency counts identical texts once, and
         # reading this column is far cheaper than reading every text
         ("text_hash", pa.int64()),
+        # step-wise runs (pruning, SMC): which step made the trace, the trace it continues, its
+        # log-weight and what became of it; null for iid samples and in runs made before them
+        ("step", pa.int64()),
+        ("parent", pa.int64()),
+        ("log_weight", pa.float64()),
+        ("fate", pa.string()),
+        ("pruned_at", pa.int64()),
     ]
 )
+
+#: the step-wise columns (absent from older shards; read as null)
+STEP_COLUMNS = ("step", "parent", "log_weight", "fate", "pruned_at")
 
 VERDICT_SCHEMA = pa.schema(
     [
@@ -295,6 +305,11 @@ def _sample_row(s: Sample) -> dict[str, Any]:
         "correct": s.correct,
         "scores": list(s.scores.items()) if s.scores else None,
         "meta": _dumps(dict(s.meta)) if s.meta else None,
+        "step": s.step,
+        "parent": s.parent,
+        "log_weight": s.log_weight,
+        "fate": s.fate,
+        "pruned_at": s.pruned_at,
     }
     row["content_hash"] = _content_hash(row)
     row["text_hash"] = _text_hash(s.text)
@@ -323,6 +338,11 @@ def _row_to_sample(row: Mapping[str, Any]) -> Sample:
         correct=row.get("correct"),
         scores=dict(scores) if scores else {},
         meta=json.loads(meta) if meta else {},
+        step=row.get("step"),
+        parent=row.get("parent"),
+        log_weight=row.get("log_weight"),
+        fate=row.get("fate"),
+        pruned_at=row.get("pruned_at"),
     )
 
 
@@ -1054,7 +1074,15 @@ class SampleStore:
         from ttscale.store.pool import Pool
 
         cols = ["answer", "correct", "logprob", "mean_logprob", "num_tokens", "text_hash", "scores"]
+        iid = self._manifest.get("iid") is not False
+        if not iid:
+            cols += ["log_weight", "fate"]
         t = self.table(cols)
+        if not iid:
+            # a weighted population is its final particles: pruned and resampled-away traces
+            # stay in the run (and its accounting) but are not part of the pool
+            fate = t.column("fate")
+            t = t.filter(pc.or_kleene(pc.is_null(fate), pc.equal(fate, "kept")))
         names = self.verifiers()
         chosen = self.choose_verdicts(verifier)
         verifier = chosen["name"]
@@ -1088,6 +1116,7 @@ class SampleStore:
             extra_scores=extra_scores,
             score_names=score_names,
             verifier=verifier,
+            iid=iid,
         )
         return pool.with_run_info(
             verdicts=chosen,
