@@ -426,3 +426,118 @@ class _NoPrefix:
 
     def info(self) -> dict[str, str]:
         return {"engine": "noprefix"}
+
+
+def _path_texts(y: str) -> list[str]:
+    """The particle's text after each of its steps (one token each; EOS adds no text)."""
+    texts = [y[: k + 1] for k in range(len(y))]
+    return texts + [y] if len(y) < H else texts
+
+
+@pytest.mark.parametrize("shaping", ["max", "sum"])
+def test_fk_max_and_sum_targets(shaping: str) -> None:
+    # max targets p(y)·exp(λ max(0, max_t r_t)), sum targets p(y)·exp(λ Σ_t r_t) (6.4's final
+    # correction), with r_t the reward of the prefix after step t
+    lam = 2.0
+    lp = _log_p(_engine())
+    rs = {y: [reward(t) for t in _path_texts(y)] for y in lp}
+    phi = {y: lam * (max(0.0, *r) if shaping == "max" else math.fsum(r)) for y, r in rs.items()}
+    z = math.fsum(math.exp(lp[y] + phi[y]) for y in lp)
+    target = {y: math.exp(lp[y] + phi[y]) / z for y in lp}
+    s = _sampler(shaping, "systematic")
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(300)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    runs = [_weighted(_run(s, 512, seed)) for seed in range(6)]
+    pooled = {y: float(np.mean([m.get(y, 0.0) for m in runs])) for y in target}
+    assert _tv(pooled, target) < 0.05
+
+
+class _FakeVerifier:
+    name = "fake"
+
+    def __init__(self, make: object) -> None:
+        self.make = make
+        self.calls = 0
+
+    def verify(self, problem: Problem, samples: list) -> list:  # type: ignore[type-arg]
+        self.calls += 1
+        return [self.make(problem, s) for s in samples]  # type: ignore[operator]
+
+    def info(self) -> dict[str, str]:
+        return {"class": "fake"}
+
+
+def test_verifier_potential_reads_prm_judge_orm_verdicts() -> None:
+    from ttscale.samplers.potentials import VerifierPotential
+    from ttscale.types import Verdict
+
+    def prm(problem: Problem, s: object) -> Verdict:
+        text = s.text  # type: ignore[attr-defined]
+        if not text:
+            return Verdict(problem.id, s.index, "invalid", "fake")  # type: ignore[attr-defined]
+        p = 0.25 if "b" in text else 0.8
+        return Verdict(
+            problem.id,
+            s.index,
+            "scored",
+            "fake",
+            score=p,  # type: ignore[attr-defined]
+            meta={"prob": p, "logit": math.log(p / (1 - p))},
+        )
+
+    v = _FakeVerifier(prm)
+    texts, fin = ["a", "ab", ""], [False, True, False]
+    assert VerifierPotential(v).score(PROB, texts, fin) == pytest.approx(
+        [math.log(0.8), math.log(0.25), 0.0]
+    )
+    assert v.calls == 1  # one batched call for all prefixes
+    assert VerifierPotential(v, value="prob").score(PROB, texts, fin) == pytest.approx(
+        [0.8, 0.25, 0.0]
+    )
+    assert VerifierPotential(v, value="logit", missing=-math.inf).score(
+        PROB, texts, fin
+    ) == pytest.approx([math.log(4), math.log(1 / 3), -math.inf])
+
+    def judge(problem: Problem, s: object) -> Verdict:
+        return Verdict(problem.id, s.index, "scored", "j", score=3.0, meta={"p_yes": 0.6})  # type: ignore[attr-defined]
+
+    assert VerifierPotential(_FakeVerifier(judge)).score(PROB, ["x"], [True])[0] == pytest.approx(
+        math.log(0.6)
+    )
+
+    def exact(problem: Problem, s: object) -> Verdict:
+        ok = "a" in s.text  # type: ignore[attr-defined]
+        return Verdict(problem.id, s.index, "pass" if ok else "fail", "m", correct=ok)  # type: ignore[attr-defined]
+
+    got = VerifierPotential(_FakeVerifier(exact)).score(PROB, ["a", "b"], [True, True])
+    assert got[0] == 0.0 and got[1] == -math.inf
+    with pytest.raises(ConfigError):
+        VerifierPotential(object())
+
+
+def test_verifier_potential_drives_smc() -> None:
+    # an exact 0/1 verifier as the final potential: every kept particle with weight is accepted
+    from ttscale.samplers.potentials import VerifierPotential
+    from ttscale.types import Verdict
+
+    def exact(problem: Problem, s: object) -> Verdict:
+        ok = "b" not in s.text  # type: ignore[attr-defined]
+        return Verdict(problem.id, s.index, "pass" if ok else "fail", "m", correct=ok)  # type: ignore[attr-defined]
+
+    s = SMCSampler(
+        _engine(),
+        VerifierPotential(_FakeVerifier(exact)),
+        SamplingParams(temperature=TEMP, max_tokens=H),
+        step_stop=(),
+        tokens_per_step=1,
+        ess_threshold=1.0,
+        progress=False,
+    )
+    lp = _log_p(_engine())
+    z = math.fsum(math.exp(v) for y, v in lp.items() if "b" not in y)
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(200)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    res = _run(s, 8, 0)
+    assert all("b" not in c.text for c in res.kept if c.log_weight > -math.inf)
