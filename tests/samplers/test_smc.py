@@ -431,7 +431,7 @@ class _NoPrefix:
 def _path_texts(y: str) -> list[str]:
     """The particle's text after each of its steps (one token each; EOS adds no text)."""
     texts = [y[: k + 1] for k in range(len(y))]
-    return texts + [y] if len(y) < H else texts
+    return [*texts, y] if len(y) < H else texts
 
 
 @pytest.mark.parametrize("shaping", ["max", "sum"])
