@@ -97,6 +97,23 @@ def run_smc(
         logprobs=0,
     )
     stops = tuple(step_stop) if step_stop else ("\n",)
+    if out is not None and (out / "manifest.json").exists():
+        # fail before the engine loads on a run made with other SMC settings
+        from ttscale.samplers.smc import _check_same_smc
+
+        _check_same_smc(
+            SampleStore.open(out),
+            {
+                "particles": particles,
+                "shaping": fk,
+                "lambda": lam,
+                "resample": resample,
+                "ess_threshold": 1.0 if fk == "pf" else ess,
+                "step_stop": list(stops),
+                "tokens_per_step": tokens_per_step,
+                "max_steps": max_steps,
+            },
+        )
     out = out or _default_out(f"{benchmark}-smc")
     check_writable_dir(out, "--out")
     options = _parse_engine_opts(engine_opt or [])

@@ -299,10 +299,14 @@ class SMCSampler:
         self.correct_proposal = caps.has("raw_logprobs") and caps.has("processed_logprobs")
         if not plain and not self.correct_proposal:
             require_capabilities(engine, "raw_logprobs", "processed_logprobs", by="SMCSampler")
+        potential = as_potential(potential)
+        if getattr(potential, "uses_logprobs", False):
+            # a likelihood-tempering term needs log p of every prefix, from raw log-probs
+            require_capabilities(engine, "raw_logprobs", by="a likelihood-tempering potential")
         if isinstance(step_stop, str):
             step_stop = (step_stop,)
         self.engine = engine
-        self.potential = as_potential(potential)
+        self.potential = potential
         self.params = params.replace(logprobs=0 if params.logprobs is None else params.logprobs)
         self.shaping = shaping
         self.lam = float(lam)
@@ -368,6 +372,7 @@ class SMCSampler:
             raise ConfigError("problem ids must be unique")
         if sink is not None:
             extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
+            _check_same_smc(sink, extra["smc"])
             sink.check_compatible({**extra, "sampling": params.to_dict()})
             sink.write_problems(problems)
             start_run(
@@ -660,6 +665,25 @@ class SMCSampler:
 def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
     """The stored form of a particle after a step: the whole text so far, the step's tokens."""
     return replace(comp, index=index, text=part.text)
+
+
+def _check_same_smc(sink: SampleStore, smc: Mapping[str, Any]) -> None:
+    """A run directory holds one SMC configuration (candidate keys depend on all of it)."""
+    old = sink.manifest.get("smc")
+    if not isinstance(old, Mapping):
+        if len(sink):
+            raise ConfigError(
+                f"run directory {sink.path} holds samples that are not from SMC; use a new --out"
+            )
+        return
+    for key, value in smc.items():
+        if key == "select":  # how an answer is picked does not change the particles
+            continue
+        if key in old and old[key] != value:
+            raise ConfigError(
+                f"run directory {sink.path} was made with SMC {key} {old[key]!r}, not "
+                f"{value!r}; resume with the same settings or use a new --out"
+            )
 
 
 def _mark_done(sink: SampleStore, problem_id: str, n: int) -> None:

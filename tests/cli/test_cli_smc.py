@@ -115,3 +115,29 @@ def test_potential_registry_is_open() -> None:
         assert callable(pot)
     finally:
         POTENTIAL_SPECS.pop("test-pot")
+
+
+def test_resume_with_other_smc_settings_is_refused(tmp_path: Path, pot_module: str) -> None:
+    out = tmp_path / "run"
+    assert runner.invoke(app, [*_args(out, pot_module), "--no-verify"]).exit_code == 0
+    before = SampleStore.open(out).manifest
+    for flag, value, what in (
+        ("--particles", "8", "particles 4, not 8"),
+        ("--lambda", "3", "lambda 5.0"),
+    ):
+        args = [*_args(out, pot_module), "--no-verify", "--resume"]
+        args[args.index(flag) + 1] = value
+        r = runner.invoke(app, args)
+        # one line, before the engine is built
+        assert r.exit_code == 1 and r.stderr.strip().startswith("error: ") and what in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert SampleStore.open(out).manifest == before  # nothing recorded
+
+
+def test_tempering_needs_raw_logprobs() -> None:
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.errors import ConfigError
+    from ttscale.samplers import LikelihoodTempering, SMCSampler
+
+    with pytest.raises(ConfigError, match="raw_logprobs"):
+        SMCSampler(ScriptedEngine({"p": "x"}), LikelihoodTempering(2.0))
