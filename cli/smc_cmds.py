@@ -64,6 +64,7 @@ def run_smc(
     chat: bool | None = None,
     verify: bool = True,
     progress: bool = True,
+    plot_dir: Path | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
     """Resolve, check, build the engine and the potential, run SMC per problem, verify."""
@@ -116,6 +117,8 @@ def run_smc(
         )
     out = out or _default_out(f"{benchmark}-smc")
     check_writable_dir(out, "--out")
+    if plot_dir is not None:
+        check_writable_dir(plot_dir, "--plot-dir")
     options = _parse_engine_opts(engine_opt or [])
     choice = choose_engine(engine_kind, str(model))
     value = _VALUE_FOR_SHAPING.get(fk, "prob")
@@ -158,6 +161,12 @@ def run_smc(
         tokens = resumed = 0
         try:
             for res in sampler.sample(problems, particles, seed=params.seed, sink=store):
+                if plot_dir is not None:
+                    from ttscale.samplers.smc import plot_lineage
+
+                    plot_dir.mkdir(parents=True, exist_ok=True)
+                    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in res.problem_id)
+                    plot_lineage(res, plot_dir / f"{safe}.png")
                 if res.resumed:
                     resumed += 1  # its tokens were spent (and accounted) by an earlier call
                 else:
@@ -261,6 +270,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--verify/--no-verify", help="Verify with the benchmark's checker.")
         ] = True,
         progress: ProgressOpt = True,
+        plot_dir: Annotated[
+            Optional[Path],
+            typer.Option(
+                "--plot-dir", help="Write DIR/<problem>.png: ESS per step and particle lineage."
+            ),
+        ] = None,
     ) -> None:
         """Sequential Monte Carlo over reasoning steps, weighted by a potential (resumable).
 
@@ -297,5 +312,6 @@ def register(app: typer.Typer) -> None:
             chat=chat,
             verify=verify,
             progress=progress,
+            plot_dir=plot_dir,
             console=_console(),
         )

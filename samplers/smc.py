@@ -70,6 +70,8 @@ __all__ = [
     "SELECTIONS",
     "SMCSampler",
     "SMCState",
+    "lineage_figure",
+    "plot_lineage",
     "reweight",
     "select_answer",
 ]
@@ -731,3 +733,76 @@ def select_answer(
         return best_of_n(answers, lw, tie="first").answer  # type: ignore[return-value]
     w = log_normalize(lw).weights
     return weighted_vote(answers, w, tie="first").answer  # type: ignore[return-value]
+
+
+def lineage_figure(result: SampleResult) -> Any:
+    """A two-panel matplotlib ``Figure`` of one problem's SMC run.
+
+    Top: the ESS before resampling at each step (filled markers where the step resampled; the
+    ``N`` line for reference). Bottom: the particle lineage, one row per particle slot, one
+    column per step; a segment joins each particle-step to its parent; colours give the fate
+    (kept = the final population, extended = an ancestor, resampled = a dropped line).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cands = result.candidates
+    if not cands:
+        raise ConfigError(f"no particles to plot for problem {result.problem_id!r}")
+    n = len(result.info.get("final_indices") or ()) or max(sum(1 for c in cands if c.step == 0), 1)
+    by = {c.index: c for c in cands}
+    colours = {Fate.KEPT: "tab:green", Fate.EXTENDED: "0.55", Fate.RESAMPLED: "tab:red"}
+    fig, (ax_ess, ax_lin) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]}
+    )
+    ess = [s.ess for s in result.steps]
+    if ess:
+        steps = [s.step for s in result.steps]
+        ax_ess.plot(steps, ess, color="tab:blue", lw=1.2)
+        res = [(s.step, s.ess) for s in result.steps if s.resampled]
+        ax_ess.scatter(
+            [s for s, _ in res], [e for _, e in res], color="tab:blue", zorder=3, label="resampled"
+        )
+        ax_ess.axhline(n, color="0.7", lw=0.8, ls="--")
+        if res:
+            ax_ess.legend(loc="lower left", fontsize=8)
+    else:
+        ax_ess.text(0.5, 0.5, "no per-step diagnostics (resumed run)", ha="center", va="center",
+                    transform=ax_ess.transAxes)  # fmt: skip
+    ax_ess.set_ylabel("ESS")
+    ax_ess.set_ylim(0, n * 1.05)
+    for c in cands:
+        slot = c.index - c.step * n
+        if c.parent is not None and c.parent in by:
+            p = by[c.parent]
+            ax_lin.plot(
+                [p.step, c.step], [p.index - p.step * n, slot], color=colours[c.fate], lw=0.8,
+                alpha=0.8,
+            )  # fmt: skip
+        ax_lin.scatter([c.step], [slot], s=14, color=colours[c.fate], zorder=3)
+    for fate, col in colours.items():
+        ax_lin.scatter([], [], s=14, color=col, label=fate.value)
+    ax_lin.legend(loc="best", fontsize=8)
+    ax_lin.set_xlabel("step")
+    ax_lin.set_ylabel("particle slot")
+    log_ml = result.info.get("log_ml")
+    title = f"{result.problem_id}: {n} particles"
+    if isinstance(log_ml, float):
+        title += f", log Z estimate {log_ml:.3f}"
+    ax_ess.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lineage(result: SampleResult, path: str | Any) -> Any:
+    """Save :func:`lineage_figure` of ``result`` to ``path`` (PNG, SVG, ... by suffix)."""
+    import matplotlib.pyplot as plt
+
+    fig = lineage_figure(result)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

@@ -40,8 +40,10 @@ def _args(out: Path, pot: str, *extra: str) -> list[str]:
 
 def test_smc_run_lineage_resume_and_curve(tmp_path: Path, pot_module: str) -> None:
     out = tmp_path / "run"
-    r = runner.invoke(app, _args(out, pot_module))
+    r = runner.invoke(app, [*_args(out, pot_module), "--plot-dir", str(tmp_path / "plots")])
     assert r.exit_code == 0, r.stderr + r.stdout
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 3 and all((tmp_path / "plots" / p).stat().st_size > 1000 for p in pngs)
     assert "shaping difference, lambda 5" in r.stderr  # says what it chose
     store = SampleStore.open(out)
     m = store.manifest

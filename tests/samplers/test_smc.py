@@ -541,3 +541,15 @@ def test_verifier_potential_drives_smc() -> None:
     assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
     res = _run(s, 8, 0)
     assert all("b" not in c.text for c in res.kept if c.log_weight > -math.inf)
+
+
+def test_lineage_figure_draws_every_particle_step() -> None:
+    from ttscale.samplers.smc import lineage_figure
+
+    res = _run(_sampler("none", "multinomial"), 6, 3)
+    fig = lineage_figure(res)
+    ax_ess, ax_lin = fig.axes
+    # one marker per particle-step (+3 empty legend handles), one segment per parent link
+    assert len(ax_lin.collections) == len(res.candidates) + 3
+    assert len(ax_lin.lines) == sum(c.parent is not None for c in res.candidates)
+    assert list(ax_ess.lines[0].get_ydata()) == res.info["ess"]
