@@ -51,7 +51,7 @@ from ttscale.engines.base import (
 from ttscale.errors import ConfigError
 from ttscale.particles.logspace import ess as ess_of
 from ttscale.particles.logspace import log_normalize, logsumexp
-from ttscale.particles.resampling import RESAMPLERS, resample
+from ttscale.particles.resampling import RESAMPLERS, Resampler, resample
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import (
     SHAPINGS,
@@ -136,7 +136,7 @@ def reweight(
     increments: NDArray[np.float64],
     *,
     rng: SeedLike,
-    scheme: str = "systematic",
+    scheme: str | Resampler = "systematic",
     ess_threshold: float = 0.5,
     resample_finished: bool = True,
     replace_weights: bool = False,
@@ -148,8 +148,11 @@ def reweight(
     ``increments[i]`` is particle ``i``'s incremental log-weight ``α_t`` (ignored for particles
     already finished before this step: pass 0) — or, with ``replace_weights`` (Puri's particle
     filter), its new log-weight outright. Then ``ESS`` of the cumulative weights; if
-    ``ESS < ess_threshold·N`` (``ess_threshold=1`` resamples every step, ``0`` never) and
-    ``allow_resample``, ancestors are drawn with ``scheme`` and weights reset to
+    ``ESS < ess_threshold·N`` (``ess_threshold=1`` resamples every step, even at ESS = N;
+    ``0`` never) and
+    ``allow_resample``, ancestors are drawn with ``scheme`` (a name in
+    :data:`~ttscale.particles.resampling.RESAMPLERS`, or any ``(rng, weights, num) -> ancestors``
+    callable, e.g. a deterministic top-k selection for beam search) and weights reset to
     ``LSE(ℓ) − log N`` (of the resampled set when ``resample_finished`` is false). ``info``:
     ancestors (slot indices; identity when not resampled), ``ess`` (before resampling),
     ``log_ml_increment`` and ``extra["degenerate"]`` (every weight ``-inf``).
@@ -179,11 +182,11 @@ def reweight(
     new = replace(state, log_weights=lw, log_ml=log_ml)
     ancestors = np.arange(n, dtype=np.int64)
     resampled = False
-    if allow_resample and not degenerate and ess < ess_threshold * n:
+    if allow_resample and not degenerate and (ess_threshold >= 1.0 or ess < ess_threshold * n):
         g = as_generator(rng)
         if resample_finished:
             norm = log_normalize(lw)
-            ancestors = resample(scheme, g, norm.weights, n)
+            ancestors = _draw(scheme, g, norm.weights, n)
             new = new.take(ancestors)
             if not replace_weights:
                 new = replace(new, log_weights=np.full(n, after - math.log(n)))
@@ -192,7 +195,7 @@ def reweight(
             live = np.flatnonzero(~state.finished)
             if live.size and float(logsumexp(lw[live])) > -math.inf:
                 sub = lw[live]
-                pick = resample(scheme, g, log_normalize(sub).weights, live.size)
+                pick = _draw(scheme, g, log_normalize(sub).weights, live.size)
                 ancestors[live] = live[pick]
                 new = new.take(ancestors)
                 if not replace_weights:
@@ -209,6 +212,20 @@ def reweight(
         extra={"degenerate": degenerate},
     )
     return new, info
+
+
+def _draw(
+    scheme: str | Resampler, g: np.random.Generator, weights: NDArray[np.float64], num: int
+) -> NDArray[np.int64]:
+    if isinstance(scheme, str):
+        return resample(scheme, g, weights, num)
+    out = np.asarray(scheme(g, weights, num), dtype=np.int64).reshape(-1)
+    if out.size != num or np.any(out < 0) or np.any(out >= weights.size):
+        raise ConfigError(
+            f"resampler {getattr(scheme, '__name__', scheme)!r} returned {out.size} ancestors "
+            f"(need {num} indices in [0, {weights.size}))"
+        )
+    return out
 
 
 @dataclass
@@ -234,7 +251,8 @@ class SMCSampler:
     temperature 1 the engine must return both raw and processed log-probs (capabilities
     ``raw_logprobs`` and ``processed_logprobs``) for the proposal correction.
 
-    Resampling: ``resample`` scheme (multinomial, stratified, systematic, residual), when
+    Resampling: ``resample`` scheme (multinomial, stratified, systematic, residual, or a
+    callable ``(rng, weights, num) -> ancestors``: the hook for step-level search), when
     ``ESS < ess_threshold·N`` (``1.0`` = every step; ``pf`` always resamples every step).
     ``resample_finished``: whether finished particles take part (module docstring).
 
@@ -259,7 +277,7 @@ class SMCSampler:
         shaping: str = "none",
         lam: float = 1.0,
         pf_temperature: float = 1.0,
-        resample: str = "systematic",
+        resample: str | Resampler = "systematic",
         ess_threshold: float = 0.5,
         resample_finished: bool = True,
         step_stop: Sequence[str] = ("\n",),
@@ -276,7 +294,10 @@ class SMCSampler:
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
         check_choice("shaping", shaping, SHAPINGS)
-        check_choice("resample", resample, tuple(RESAMPLERS))
+        if isinstance(resample, str):
+            check_choice("resample", resample, tuple(RESAMPLERS))
+        elif not callable(resample):
+            raise ConfigError("resample must be a scheme name or a callable (rng, weights, num)")
         check_choice("select", select, SELECTIONS)
         check_number("lam", lam)
         check_number("ess_threshold", ess_threshold, low=0.0, high=1.0)
@@ -336,7 +357,9 @@ class SMCSampler:
             "shaping": self.shaping,
             "lambda": self.lam,
             "pf_temperature": self.pf_temperature,
-            "resample": self.scheme,
+            "resample": self.scheme
+            if isinstance(self.scheme, str)
+            else getattr(self.scheme, "__name__", "custom"),
             "ess_threshold": self.ess_threshold,
             "resample_finished": self.resample_finished,
             "step_stop": list(self.step_stop),

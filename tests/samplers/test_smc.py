@@ -553,3 +553,31 @@ def test_lineage_figure_draws_every_particle_step() -> None:
     assert len(ax_lin.collections) == len(res.candidates) + 3
     assert len(ax_lin.lines) == sum(c.parent is not None for c in res.candidates)
     assert list(ax_ess.lines[0].get_ydata()) == res.info["ess"]
+
+
+def test_custom_resampler_hook_and_dead_particles_never_drawn() -> None:
+    # a deterministic selector (the hook step-level search uses): every slot copies the best
+    def best(rng: object, weights: np.ndarray, num: int) -> np.ndarray:
+        return np.full(num, int(np.argmax(weights)))
+
+    st = SMCState.initial(4)
+    new, info = reweight(
+        st, np.array([-1.0, 0.5, -math.inf, 0.2]), rng=0, scheme=best, ess_threshold=1.0
+    )
+    assert info.ancestors == (1, 1, 1, 1)
+    assert np.allclose(new.log_weights, float(np.logaddexp.reduce([-1.0, 0.5, 0.2])) - math.log(4))
+    with pytest.raises(ConfigError, match="ancestors"):
+        reweight(st, np.zeros(4), rng=0, scheme=lambda r, w, n: [0], ess_threshold=1.0)
+    # float trap: zero-weight (-inf) particles at the end are never drawn, whatever the scheme
+    inc = np.array([-1e-300, 0.0, 0.0, -math.inf, -math.inf, -math.inf])
+    for scheme in ("multinomial", "stratified", "systematic", "residual"):
+        for seed in range(200):
+            _, info = reweight(SMCState.initial(6), inc, rng=seed, scheme=scheme, ess_threshold=1.0)
+            assert max(info.ancestors) <= 2, (scheme, seed, info.ancestors)
+    s = SMCSampler(
+        _engine(), log_potential, SamplingParams(temperature=TEMP, max_tokens=H),
+        resample=best, step_stop=(), tokens_per_step=1, ess_threshold=1.0, progress=False,
+    )  # fmt: skip
+    res = _run(s, 4, 0)
+    assert s.config()["resample"] == "best"
+    assert all(len(set(i.ancestors)) == 1 for i in res.steps if i.resampled)
