@@ -423,12 +423,9 @@ class SMCSampler:
         session = SamplingSession(
             self.engine, sink, engine_info=self.engine_info, flush_every=self.flush_every
         )
-        session.show_progress(
-            show,
-            remaining={p.id: 0 if p.id in done else budget for p in problems},
-            samples=len(problems) * budget,
-        )
-        with session:
+        # the session's bar counts samples; SMC's unit is the problem (steps vary), so its own
+        bar = _ProblemBar(show, total=len(problems), done=sum(p.id in done for p in problems))
+        with session, bar:
             for p in problems:
                 if sink is not None and p.id in done:
                     yield self._resumed(p, sink)
@@ -438,6 +435,7 @@ class SMCSampler:
                     session.keep(result.candidates)
                     session.flush()
                     _mark_done(sink, p.id, budget)
+                bar.advance(result)
                 yield result
 
     def run_problem(
@@ -685,6 +683,55 @@ class SMCSampler:
             resumed=len(cands),
             info={"log_ml": log_ml, "particle_steps": len(cands), "resumed": True},
         )
+
+
+class _ProblemBar:
+    """A rich progress bar over problems (particle-steps, tokens, mean ESS), or nothing."""
+
+    def __init__(self, enabled: bool, *, total: int, done: int) -> None:
+        self._p: Any = None
+        self.steps = self.tokens = 0
+        if not enabled or total == done:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("[bold]smc"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("problems"),
+            TextColumn("{task.fields[steps]} particle-steps, {task.fields[tokens]} tokens"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._p.add_task("smc", total=total, completed=done, steps="0", tokens="0")
+
+    def __enter__(self) -> _ProblemBar:
+        if self._p is not None:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    def advance(self, result: SampleResult) -> None:
+        self.steps += int(result.info.get("particle_steps", 0))
+        self.tokens += result.generated_tokens
+        if self._p is not None:
+            self._p.update(
+                self._task, advance=1, steps=f"{self.steps:,}", tokens=f"{self.tokens:,}"
+            )
 
 
 def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
