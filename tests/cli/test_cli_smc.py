@@ -143,3 +143,21 @@ def test_tempering_needs_raw_logprobs() -> None:
 
     with pytest.raises(ConfigError, match="raw_logprobs"):
         SMCSampler(ScriptedEngine({"p": "x"}), LikelihoodTempering(2.0))
+
+
+def test_curve_over_smc_runs_with_particles_and_tokens(tmp_path: Path, pot_module: str) -> None:
+    runs = []
+    for n in ("2", "8"):
+        out = tmp_path / f"run{n}"
+        args = _args(out, pot_module)
+        args[args.index("--particles") + 1] = n
+        assert runner.invoke(app, args).exit_code == 0
+        runs.append(str(out))
+    plot = tmp_path / "acc.png"
+    r = runner.invoke(app, ["curve", *runs, "--json", "--n-boot", "50", "--plot", str(plot)])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [d[x]["budget"]["particles"] for x in runs] == [2, 8]
+    # more particles spend more tokens
+    assert d[runs[1]]["budget"]["tokens_per_problem"] > d[runs[0]]["budget"]["tokens_per_problem"]
+    assert plot.stat().st_size > 1000 and f"plot: {plot}" in r.stderr
