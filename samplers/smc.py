@@ -17,7 +17,8 @@ Weights (natural log, float64). For particle ``i`` extended by step ``s_t``:
   ``LSE(ℓ_after) − LSE(ℓ_before)``.
 
 Finished particles (EOS, ``max_tokens`` in all, or ``max_steps``) are **absorbing**: kept, weight
-frozen, never extended. By default they **take part in resampling** (``resample_finished=True``:
+frozen, never extended. A particle whose weight is 0 (``-inf``) is not extended either (no
+later step can give it weight); it stays in the population until resampling drops it. By default they **take part in resampling** (``resample_finished=True``:
 an absorbing state is an identity move with incremental weight 0, so this is plain SMC and
 finished particles can be copied or dropped); with ``False`` only live particles are resampled,
 among themselves, their total weight kept (finished ones are untouched). Both are unbiased for
@@ -467,7 +468,8 @@ class SMCSampler:
         else:
             base = {"prompt": problem.prompt}
         for t in range(self.max_steps):
-            live = np.flatnonzero(~state.finished)
+            # a particle of weight 0 (-inf) can never regain weight: it is not extended
+            live = np.flatnonzero(~state.finished & (state.log_weights > -math.inf))
             if live.size == 0:
                 break
             reqs = [

@@ -269,6 +269,13 @@ def test_nan_potential_is_minus_inf_and_plus_inf_refused() -> None:
     )
     res = _run(s, 16, 0)
     assert all("a" not in c.text for c in res.kept if c.log_weight > -math.inf)
+    # never resampling: a dead particle (weight -inf after a NaN) stays but is never extended
+    s.ess_threshold = 0.0
+    res = _run(s, 16, 0)
+    parents = {c.parent for c in res.candidates}
+    dead = [c for c in res.candidates if "a" in c.text]
+    assert dead and all(c.index not in parents for c in dead)
+    assert all(c.log_weight == -math.inf for c in res.kept if "a" in c.text)
     bad = SMCSampler(
         _engine(),
         lambda p, t, f: [math.inf] * len(t),
