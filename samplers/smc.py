@@ -47,6 +47,7 @@ from ttscale.engines.base import (
     Engine,
     GenerationRequest,
     capabilities_of,
+    continuation_text,
     require_capabilities,
 )
 from ttscale.errors import ConfigError
@@ -456,6 +457,7 @@ class SMCSampler:
             include_stop_str_in_output=True,
             logprobs=params.logprobs if params.logprobs is not None else 0,
         )
+        decode = getattr(self.engine, "decode", None)
         state = SMCState.initial(n)
         parts = [_Particle() for _ in range(n)]
         cands: list[Candidate] = []
@@ -504,7 +506,10 @@ class SMCSampler:
                 prompt_tokens += comp.prompt_tokens or 0
                 pj = parts[j]
                 new_ids = tuple(comp.token_ids or ())
-                parts[j] = _Particle(pj.text + comp.text, pj.tokens + new_ids, pj.steps + 1)
+                # the text of exactly the tokens kept (an engine trims its text after a stop
+                # string that ends inside a token, but the next step continues from the token)
+                text = continuation_text(decode, pj.tokens, new_ids) if decode else comp.text
+                parts[j] = _Particle(pj.text + text, pj.tokens + new_ids, pj.steps + 1)
                 tgt = comp.target_logprobs
                 prop = comp.proposal_logprobs
                 if tgt is not None:

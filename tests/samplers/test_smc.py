@@ -588,3 +588,36 @@ def test_custom_resampler_hook_and_dead_particles_never_drawn() -> None:
     res = _run(s, 4, 0)
     assert s.config()["resample"] == "best"
     assert all(len(set(i.ancestors)) == 1 for i in res.steps if i.resampled)
+
+
+def test_particle_text_is_the_text_of_its_tokens() -> None:
+    # a stop string ending inside a multi-character token: the engine trims its text to "x\n",
+    # the particle keeps the token (text "x\ny") and continues after it, so its text is "x\nyz"
+    from ttscale.engines.base import EngineCapabilities
+    from ttscale.types import Completion
+
+    class Words:
+        name = "words"
+        capabilities = EngineCapabilities(token_prefixes=True)
+
+        def info(self) -> dict[str, str]:
+            return {"engine": "words"}
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join({1: "x\ny", 2: "z"}[int(t)] for t in ids)
+
+        def generate(self, requests, params, on_result=None):  # type: ignore[no-untyped-def]
+            out = []
+            for r in requests:
+                if not r.prefix_token_ids:
+                    c = Completion(r.problem_id, r.indices[0], "x\n", token_ids=(1,),
+                                   finish_reason="stop", stop_reason="\n")  # fmt: skip
+                else:
+                    c = Completion(r.problem_id, r.indices[0], "z", token_ids=(2,))
+                out.append([c])
+            return out
+
+    s = SMCSampler(Words(), lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=4),  # type: ignore[arg-type]
+                   step_stop=("\n",), progress=False)  # fmt: skip
+    res = _run(s, 2, 0)
+    assert [c.text for c in res.kept] == ["x\nyz", "x\nyz"]
