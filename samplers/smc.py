@@ -267,7 +267,11 @@ class SMCSampler:
     extensions. Stored runs (``sink``) keep every particle-step as a candidate with ``step``,
     ``parent``, cumulative ``log_weight`` at creation and ``fate`` (``kept`` for the final
     population with its final log-weight, ``extended`` for ancestors, ``resampled`` for dropped
-    lines); the run is marked ``iid=False``.
+    lines); the run is marked ``iid=False``. A problem's candidates are stored once it is done
+    (their fates are known only then) and it is recorded in ``manifest["smc_done"]``; a run
+    interrupted inside a problem reruns that problem from its start on resume (identically: the
+    seeds are per problem, candidate and step), and the tokens of the interrupted attempt are
+    not in the run's accounting.
     """
 
     def __init__(

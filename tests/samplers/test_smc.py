@@ -621,3 +621,20 @@ def test_particle_text_is_the_text_of_its_tokens() -> None:
                    step_stop=("\n",), progress=False)  # fmt: skip
     res = _run(s, 2, 0)
     assert [c.text for c in res.kept] == ["x\nyz", "x\nyz"]
+
+
+def test_sampler_contract_suite() -> None:
+    from ttscale.testing import check_sampler
+
+    def make(engine):  # type: ignore[no-untyped-def]
+        return SMCSampler(
+            engine, lambda p, t, f: [len(x) * 0.1 for x in t],
+            SamplingParams(temperature=0.9, max_tokens=12), step_stop=(" ",), tokens_per_step=4,
+            progress=False,
+        )  # fmt: skip
+
+    # SMC resumes per problem: a problem the engine failed in is rerun from its start, so the
+    # per-sample salvage/resume checks do not apply (its particle-steps are stored with their
+    # final fates only once the problem is done)
+    ran = check_sampler(make, skip=("salvage", "resume"))
+    assert ran == ["results", "reproducible", "prefix", "accounting", "sink"]
