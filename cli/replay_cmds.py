@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -94,3 +96,70 @@ def register(app: typer.Typer) -> None:
                 t = block["tokens"]
                 line += f"  tokens/problem {t['mean']:.1f} [{t['low']:.1f}, {t['high']:.1f}]"
             typer.echo(line)
+
+
+def sample_adaptive(
+    engine: Any,
+    params: Any,
+    store: Any,
+    problems: Sequence[Any],
+    budget: int,
+    rule: str,
+    bench: Any,
+    spec: Any,
+    manifest: Mapping[str, Any],
+) -> Any:
+    """``ttscale sample --adaptive RULE``: the adaptive sampler into ``store``, answers from the
+    benchmark's verifier; returns a :class:`~ttscale.samplers.repeated.SamplingSummary`."""
+    from ttscale.samplers.adaptive import AdaptiveSampler, verifier_answers
+    from ttscale.samplers.repeated import SamplingSummary
+    from ttscale.verifiers.base import close_verifier, make_verifier
+
+    verifier = make_verifier(bench.verifier)
+    try:
+        sampler = AdaptiveSampler(
+            engine,
+            params,
+            rule,
+            verifier_answers(verifier),
+            batch_size=spec.batch_size,
+            chat=spec.chat,
+            system_prompt=spec.system_prompt,
+            progress=None if spec.progress else False,
+            manifest=manifest,
+        )
+        typer.echo(
+            f"adaptive: rule {sampler.rule.spec}, budget {budget} per problem, answers from the "
+            f"{bench.verifier} verifier, ties to the first-seen answer",
+            err=True,
+        )
+        t0 = time.perf_counter()
+        results = list(sampler.sample(problems, budget, seed=params.seed, sink=store))
+        wall = time.perf_counter() - t0
+    finally:
+        close_verifier(verifier)
+    store.refresh()
+    decisions = sampler.decisions
+    resumed = sum(r.resumed for r in results)
+    drawn = sum(d.drawn for d in decisions)
+    stopped = sum(d.stopped for d in decisions)
+    used = sum(d.used for d in decisions)
+    typer.echo(
+        f"adaptive: {stopped} of {len(decisions)} problems stopped early; {used:,} samples used "
+        f"of {len(decisions) * budget:,} budgeted ({used / max(1, len(decisions)):.2f} per problem), "
+        f"{drawn:,} drawn; decisions in {store.path / 'adaptive.jsonl'}",
+        err=True,
+    )
+    return SamplingSummary(
+        path=store.path,
+        problems=len(problems),
+        n=budget,
+        requested=drawn,
+        skipped=resumed,
+        generated=drawn - resumed,
+        stored=len(store),
+        generated_tokens=sum(r.generated_tokens for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        wall_seconds=wall,
+        accounting=store.accounting(),
+    )
