@@ -128,8 +128,8 @@ def test_replay_hand_computed_pool() -> None:
         ["p0", "p1"],
         [6, 6],
         answer=list("aaaaba") + list("ababab"),
-        correct=[1, 1, 1, 1, 0, 1] + [0, 1, 0, 1, 0, 1],
-        num_tokens=[10, 20, 30, 40, 50, 60] + [1, 2, 3, 4, 5, 6],
+        correct=[1, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],  # p0 then p1
+        num_tokens=[10, 20, 30, 40, 50, 60, 1, 2, 3, 4, 5, 6],
     )
     rep = replay(pool, "beta:0.95", orders=None)
     p0, p1 = rep.problems
