@@ -115,7 +115,7 @@ class AdaptiveSampler:
     ``answer_fn`` gives the answers the rule reads (see :data:`AnswerFn`); ``confidence_fn`` the
     trace confidences of the ``deepconf`` rule (default :func:`deepconf_confidences`, which
     needs top log-probs). ``tie``: the final vote's tie rule at the budget (``first`` or
-    ``random``, seeded by ``(seed, problem)``). ``batch_size``: samples per engine call;
+    ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``: samples per engine call;
     ``round_size``: samples per problem and round (default the rule's step). Implements the
     :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
     :class:`AdaptiveDecision` per problem.
@@ -246,7 +246,7 @@ class AdaptiveSampler:
                     if hit is not None:
                         done[p.id] = self._decide(p, budget, hit[0], hit[1].answer, True, hit[1].reason, rounds[p.id], comps[p.id])
                     elif len(comps[p.id]) >= limit:
-                        rng = np.random.default_rng([params.seed or 0, problems.index(p)]) if self.tie == "random" else None
+                        rng = np.random.default_rng([params.seed or 0, problems.index(p), 0, 1]) if self.tie == "random" else None
                         ans, _ = final_vote(answers[p.id], cf, tie=self.tie, rng=rng)
                         done[p.id] = self._decide(p, budget, limit, ans, False, "budget", rounds[p.id], comps[p.id])
                     else:

@@ -188,3 +188,21 @@ def test_replay_of_an_imported_jsonl_pool(tmp_path: Path) -> None:
     rep = replay(store.pool(), "beta:0.95", orders=None)
     assert [p.used[0] for p in rep.problems] == [4, 5]
     assert [p.tokens for p in rep.problems] == [20.0, 25.0]
+
+
+def test_live_random_ties_match_the_index_order_replay() -> None:
+    def two(req, index, seed, params):  # type: ignore[no-untyped-def]
+        return "ab"[seed % 2]
+
+    problems = [Problem(id=f"t{i}", prompt="q") for i in range(30)]
+    live = AdaptiveSampler(ScriptedEngine(two), PARAMS, "fixed", last_char, tie="random")
+    list(live.sample(problems, 4, seed=3))
+    answers = []
+    for r in RepeatedSampler(ScriptedEngine(two), PARAMS).sample(problems, 4, seed=3):
+        answers += last_char(r.problem, r.completions)
+    pool = Pool.from_arrays([p.id for p in problems], [4] * 30, answer=answers)
+    rep = replay(pool, "fixed", orders=None, tie="random", seed=3)
+    assert [d.answer for d in live.decisions] == [p.answers[0] for p in rep.problems]
+    # ties happen (2-2 splits) and are broken both ways
+    tied = [i for i in range(30) if answers[4 * i : 4 * i + 4].count("a") == 2]
+    assert {live.decisions[i].answer for i in tied} == {"a", "b"}
