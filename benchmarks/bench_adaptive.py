@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RULES = [
     "esc:window=2", "esc:window=3", "esc:window=4", "esc:window=5", "esc:window=8",
-    "beta:0.7", "beta:0.8", "beta:0.9", "beta:0.95", "beta:0.99",
-    "dirichlet:0.9", "dirichlet:0.95",
-    "entropy:0.5", "entropy:0.75",
+    "beta:0.7", "beta:0.8", "beta:0.85", "beta:0.9", "beta:0.92", "beta:0.95", "beta:0.99",
+    "dirichlet:0.8", "dirichlet:0.85", "dirichlet:0.9", "dirichlet:0.95",
+    "entropy:0.5", "entropy:0.75", "entropy:0.85", "entropy:0.9",
     "majority:0.7", "majority:0.8", "majority:0.9",
-    "sprt:p1=0.7", "sprt:p1=0.8", "sprt:p1=0.9",
-    "msprt:alpha=0.05", "msprt:alpha=0.01",
+    "sprt:p1=0.7", "sprt:p1=0.8", "sprt:p1=0.9", "sprt:p1=0.9,alpha=0.2,beta=0.2",
+    "msprt:alpha=0.05", "msprt:alpha=0.01", "msprt:alpha=0.2",
 ]  # fmt: skip
 
 
