@@ -206,3 +206,27 @@ def test_live_random_ties_match_the_index_order_replay() -> None:
     # ties happen (2-2 splits) and are broken both ways
     tied = [i for i in range(30) if answers[4 * i : 4 * i + 4].count("a") == 2]
     assert {live.decisions[i].answer for i in tied} == {"a", "b"}
+
+
+def test_deepconf_live_equals_replay_with_stored_confidences(tmp_path: Path) -> None:
+    from ttscale.analysis import run_confidences
+
+    params = SamplingParams(n=16, max_tokens=20, logprobs=5)
+    store = SampleStore.create(tmp_path / "full", {"benchmark": "toy"})
+    rep_sampler = RepeatedSampler(ScriptedEngine(responder), params, store)
+    rep_sampler.run(PROBLEMS, 16)
+    store.refresh()
+    t = store.table(["text", "num_tokens"]).to_pylist()  # the order run_confidences uses
+    answers = [r["text"][-1] for r in t]
+    ids = list(dict.fromkeys(r["problem_id"] for r in t))
+    assert [(r["problem_id"], r["index"]) for r in t] == [(i, k) for i in ids for k in range(16)]
+    pool = Pool.from_arrays(ids, [16] * len(ids), answer=answers, num_tokens=[r["num_tokens"] for r in t])
+    confs = run_confidences(store)
+    assert np.isfinite(confs).all()
+    rule = "deepconf:0.9,warmup=4"
+    rep = replay(pool, rule, orders=None, confidences=confs)
+    live = AdaptiveSampler(ScriptedEngine(responder), params, rule, last_char)
+    list(live.sample(PROBLEMS, 16, seed=params.seed))
+    by_id = {p.problem_id: (p.used[0], p.answers[0]) for p in rep.problems}
+    assert [(d.used, d.answer) for d in live.decisions] == [by_id[p.id] for p in PROBLEMS]
+    assert any(d.stopped for d in live.decisions) and not all(d.stopped for d in live.decisions)
