@@ -34,6 +34,8 @@ RULES = [
     "sprt:p1=0.7", "sprt:p1=0.8", "sprt:p1=0.9", "sprt:p1=0.9,alpha=0.2,beta=0.2",
     "msprt:alpha=0.05", "msprt:alpha=0.01", "msprt:alpha=0.2",
 ]  # fmt: skip
+# DeepConf consensus needs top log-probs (--logprobs K > 0): the paper's warm-up 16, and shorter
+DEEPCONF_RULES = ["deepconf:0.95", "deepconf:0.95,warmup=4", "deepconf:0.9,warmup=4"]
 
 
 def ttscale(*args: str) -> str:
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy loss allowed (fraction)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ttscale-bench-adaptive"))
     ap.add_argument("--reuse", action="store_true", help="reuse WORKDIR/full if it exists")
+    ap.add_argument("--logprobs", type=int, default=20, help="top log-probs per token (0: no deepconf)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -67,7 +70,7 @@ def main() -> None:
 
     full = args.workdir / "full"
     common = ["--benchmark", "arith", "--limit", str(args.problems), "--n", str(args.n),
-              "--seed", str(args.seed), "--no-progress"]  # fmt: skip
+              "--seed", str(args.seed), "--no-progress", "--logprobs", str(args.logprobs)]  # fmt: skip
     t0 = time.perf_counter()
     if not (args.reuse and (full / "manifest.json").exists()):
         ttscale("sample", *common, "--out", str(full))
@@ -75,10 +78,17 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
     store = SampleStore.open(full)
     pool = store.pool("arith")
+    confs = None
+    rules = list(RULES)
+    if args.logprobs > 0:
+        from ttscale.analysis import run_confidences
+
+        confs = run_confidences(store)
+        rules += DEEPCONF_RULES
     rows = []
-    for rule in RULES:
+    for rule in rules:
         t = time.perf_counter()
-        rep = replay(pool, rule, orders=args.orders, seed=args.seed, max_samples=args.n)
+        rep = replay(pool, rule, orders=args.orders, seed=args.seed, max_samples=args.n, confidences=confs)
         d = rep.to_dict()
         d["replay_seconds"] = time.perf_counter() - t
         rows.append(d)
@@ -99,7 +109,9 @@ def main() -> None:
         ttscale("sample", *common, "--out", str(out), "--adaptive", best["rule"])
         live_s = time.perf_counter() - t
         decisions = [json.loads(x) for x in (out / "adaptive.jsonl").read_text().splitlines()]
-        idx = replay(pool, best["rule"], orders=None, max_samples=args.n).to_dict(per_problem=True)
+        idx = replay(pool, best["rule"], orders=None, max_samples=args.n, confidences=confs).to_dict(
+            per_problem=True
+        )
         agree = sum(
             (p["used"][0], p["answers"][0]) == (d["used"], d["answer"])
             for p, d in zip(idx["per_problem"], decisions, strict=True)
