@@ -139,7 +139,7 @@ def main() -> None:
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
     print(f"SC@{args.n} accuracy {sc:.4f} ({args.problems} problems, {args.orders} orders)\n")
-    print("| rule | accuracy % [95% CI] | Δ vs SC (pts) | samples/problem | tokens/problem | tokens vs SC [95% CI] |")
+    print("| rule | accuracy % [95% CI] | Δ vs SC, pts [paired 95% CI] | samples/problem | tokens/problem | tokens vs SC [95% CI] |")
     print("|---|---|---|---|---|---|")
     fixed = rows[0]
     print(f"| SC@{args.n} (fixed) | {fmt_ci(fixed['fixed']['accuracy'], 100)} | 0 | {args.n} | "
@@ -147,7 +147,7 @@ def main() -> None:
     for r in rows:
         mark = " **best**" if best is not None and r["rule"] == best["rule"] else ""
         print(f"| `{r['rule']}`{mark} | {fmt_ci(r['accuracy'], 100)} | "
-              f"{(r['accuracy']['mean'] - sc) * 100:+.2f} | {r['samples']['mean']:.2f} | "
+              f"{fmt_ci(r['accuracy_delta'], 100, 2)} | {r['samples']['mean']:.2f} | "
               f"{fmt_ci(r['tokens'], 1, 0)} | {fmt_ci(r['token_ratio'], 1, 3)} |")  # fmt: skip
     if live:
         print(f"\nlive `{live['rule']}`: {live['agree']}/{live['problems']} problems agree with the "

@@ -109,6 +109,8 @@ class ReplayReport:
                 "samples": {"mean": float(self.max_samples), "low": float(self.max_samples), "high": float(self.max_samples)},
                 "tokens": self._ci(self.column("fixed_tokens")) if self.has_tokens else None,
             },
+            # paired over problems: rule accuracy minus the fixed baseline's, same orders
+            "accuracy_delta": self._ci(self.column("correct") - self.column("fixed_correct")),
             "token_ratio": self.token_ratio(),
             "sample_ratio": (
                 float(np.mean(self.column("samples")) / self.max_samples) if self.problems else None

@@ -41,6 +41,7 @@ def test_replay_json_index_order(pool_run: Path) -> None:
     assert d["accuracy"]["mean"] == 0.5 and d["samples"]["mean"] == 5.0
     assert d["tokens"]["mean"] == 155.0 and d["fixed"]["tokens"]["mean"] == 210.0
     assert d["fixed"]["accuracy"]["mean"] == 0.5
+    assert d["accuracy_delta"] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # same answers
     assert d["token_ratio"]["mean"] == pytest.approx(310 / 420)
     for key in ("accuracy", "samples", "tokens"):
         assert set(d[key]) == {"mean", "low", "high"}

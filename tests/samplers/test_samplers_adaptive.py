@@ -230,3 +230,13 @@ def test_deepconf_live_equals_replay_with_stored_confidences(tmp_path: Path) -> 
     by_id = {p.problem_id: (p.used[0], p.answers[0]) for p in rep.problems}
     assert [(d.used, d.answer) for d in live.decisions] == [by_id[p.id] for p in PROBLEMS]
     assert any(d.stopped for d in live.decisions) and not all(d.stopped for d in live.decisions)
+
+
+def test_replay_accuracy_delta_is_paired() -> None:
+    # majority:0.6,min=2 stops p0 "aabbbb" at 2 with "a" (wrong; SC picks "b", right): -1;
+    # p1 "bbbbbb": both right: 0 -> mean -0.5
+    pool = Pool.from_arrays(["p0", "p1"], [6, 6], answer=list("aabbbb") + list("bbbbbb"),
+                            correct=[a == "b" for a in "aabbbbbbbbbb"])
+    d = replay(pool, "majority:0.6,min=2", orders=None).to_dict()
+    assert d["accuracy_delta"]["mean"] == -0.5
+    assert d["accuracy"]["mean"] == 0.5 and d["fixed"]["accuracy"]["mean"] == 1.0
