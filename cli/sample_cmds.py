@@ -192,6 +192,7 @@ class SampleSpec:
     shard: str | None = None
     command: str = "sample"  # the command to name in "continue with ..." after Ctrl-C
     outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
+    adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -286,6 +287,12 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     from ttscale.types import SamplingParams
 
     shard = parse_shard(spec.shard) if spec.shard is not None else None
+    if spec.adaptive is not None:
+        from ttscale.select.adaptive import parse_rule
+
+        parse_rule(spec.adaptive)  # a bad rule fails before anything loads
+        if shard is not None:
+            raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
     out = spec.out
     old: dict[str, Any] = {}
     if out is not None and (out / "manifest.json").exists():
@@ -368,7 +375,14 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             manifest=manifest,
         )
         try:
-            summary = sampler.run(problems, n=n, shard=shard)
+            if spec.adaptive is not None:
+                from ttscale.cli.replay_cmds import sample_adaptive
+
+                summary = sample_adaptive(
+                    engine, params, store, problems, n, spec.adaptive, bench, spec, manifest
+                )
+            else:
+                summary = sampler.run(problems, n=n, shard=shard)
         except KeyboardInterrupt:
             _report_interrupt(spec, out, mine, n)
             raise typer.Exit(130) from None
@@ -549,11 +563,20 @@ def register(app: typer.Typer) -> None:
         shard: ShardOpt = None,
         throttle: ThrottleOpt = 0.0,
         flush_every: FlushOpt = 256,
+        adaptive: Annotated[
+            Optional[str],
+            typer.Option(
+                "--adaptive",
+                help="Stop each problem early by a rule (esc:window=5, beta:0.95, dirichlet:0.95, "
+                "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
+            ),
+        ] = None,
     ) -> None:
         """Draw N samples per problem of a benchmark into a run directory (resumable).
 
         Several workers may share one run directory (each takes problems no other worker holds)
-        or split the problems with --shard i/N.
+        or split the problems with --shard i/N. With --adaptive RULE each problem stops on its
+        own once the rule says its answer is settled (RUN/adaptive.jsonl records where and why).
         """
         spec = SampleSpec(
             model=model,
@@ -576,6 +599,7 @@ def register(app: typer.Typer) -> None:
             throttle=throttle,
             flush_every=flush_every,
             shard=shard,
+            adaptive=adaptive,
         )
         run_sample(spec, console=_console())
 

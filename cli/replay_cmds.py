@@ -1,0 +1,165 @@
+"""``ttscale replay``: replay a level-1 adaptive rule exactly on a stored run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ttscale.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``replay`` to ``app``."""
+
+    @app.command("replay")
+    def replay_cmd(
+        run: Annotated[Path, typer.Argument(help="Run directory (sampled, verified, or imported).")],
+        rule: Annotated[
+            str,
+            typer.Option(
+                "--rule",
+                help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
+                "majority:0.8, deepconf:0.95, sprt:p1=0.8, msprt:alpha=0.05 (any with ,min=K).",
+            ),
+        ],
+        orders: Annotated[
+            Optional[int],
+            typer.Option("--orders", min=1, help="Average over N seeded random orders per problem."),
+        ] = None,
+        order: Annotated[
+            Optional[str],
+            typer.Option("--order", help="'index': replay in stored index order (the live order)."),
+        ] = None,
+        seed: Annotated[int, typer.Option(min=0, help="Seed of the orders and of random ties.")] = 0,
+        max_samples: Annotated[
+            Optional[int],
+            typer.Option("--max-samples", min=1, help="Budget per problem [fewest samples of any problem]."),
+        ] = None,
+        tie: Annotated[str, typer.Option(help="Final-vote ties: first|random|expected.")] = "first",
+        verifier: Annotated[
+            Optional[str], typer.Option(help="Whose verdicts give answers and correctness [the run's].")
+        ] = None,
+        deepconf_window: Annotated[
+            int, typer.Option(min=1, help="deepconf rule: sliding-window length in tokens.")
+        ] = 2048,
+        per_problem: Annotated[
+            bool, typer.Option("--per-problem", help="With --json: add each problem's outcome.")
+        ] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    ) -> None:
+        """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
+        against self-consistency at the same budget, with 95% CIs."""
+        from ttscale.replay import replay, summary_line
+        from ttscale.select.adaptive import parse_rule
+        from ttscale.store import SampleStore
+
+        if order is not None and order != "index":
+            raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
+        if order == "index" and orders is not None:
+            raise ConfigError("--order index and --orders N exclude each other; pass one")
+        parsed = parse_rule(rule)  # before reading the run
+        store = SampleStore.open(run)
+        pool = store.pool(verifier)
+        confs = None
+        if parsed.needs_confidences:
+            from ttscale.analysis import run_confidences
+
+            confs = run_confidences(store, window=deepconf_window)
+        n_orders = orders if orders is not None else (None if order == "index" else 1)
+        if orders is None and order is None:
+            typer.echo(
+                "note: replaying one seeded random order per problem; --order index replays the "
+                "live order, --orders N averages over N orders",
+                err=True,
+            )
+        report = replay(
+            pool, parsed, orders=n_orders, seed=seed, max_samples=max_samples, tie=tie, confidences=confs
+        )
+        if json_out:
+            typer.echo(json.dumps(report.to_dict(per_problem=per_problem), indent=2))
+            return
+        d = report.to_dict()
+        typer.echo(
+            f"{run}: {d['problems']} problems, budget {report.max_samples}, "
+            f"{'index order' if report.order == 'index' else f'{report.orders} random orders'}, tie {tie}"
+        )
+        typer.echo(summary_line(report))
+        for name, block in (("rule", d), ("fixed", d["fixed"])):
+            acc = block["accuracy"]
+            line = f"  {name:5s} accuracy {acc['mean']:.4f} [{acc['low']:.4f}, {acc['high']:.4f}]"
+            if block["tokens"] is not None:
+                t = block["tokens"]
+                line += f"  tokens/problem {t['mean']:.1f} [{t['low']:.1f}, {t['high']:.1f}]"
+            typer.echo(line)
+
+
+def sample_adaptive(
+    engine: Any,
+    params: Any,
+    store: Any,
+    problems: Sequence[Any],
+    budget: int,
+    rule: str,
+    bench: Any,
+    spec: Any,
+    manifest: Mapping[str, Any],
+) -> Any:
+    """``ttscale sample --adaptive RULE``: the adaptive sampler into ``store``, answers from the
+    benchmark's verifier; returns a :class:`~ttscale.samplers.repeated.SamplingSummary`."""
+    from ttscale.samplers.adaptive import AdaptiveSampler, verifier_answers
+    from ttscale.samplers.repeated import SamplingSummary
+    from ttscale.verifiers.base import close_verifier, make_verifier
+
+    verifier = make_verifier(bench.verifier)
+    try:
+        sampler = AdaptiveSampler(
+            engine,
+            params,
+            rule,
+            verifier_answers(verifier),
+            batch_size=spec.batch_size,
+            chat=spec.chat,
+            system_prompt=spec.system_prompt,
+            progress=None if spec.progress else False,
+            manifest=manifest,
+        )
+        typer.echo(
+            f"adaptive: rule {sampler.rule.spec}, budget {budget} per problem, answers from the "
+            f"{bench.verifier} verifier, ties to the first-seen answer",
+            err=True,
+        )
+        t0 = time.perf_counter()
+        results = list(sampler.sample(problems, budget, seed=params.seed, sink=store))
+        wall = time.perf_counter() - t0
+    finally:
+        close_verifier(verifier)
+    store.refresh()
+    decisions = sampler.decisions
+    resumed = sum(r.resumed for r in results)
+    drawn = sum(d.drawn for d in decisions)
+    stopped = sum(d.stopped for d in decisions)
+    used = sum(d.used for d in decisions)
+    typer.echo(
+        f"adaptive: {stopped} of {len(decisions)} problems stopped early; {used:,} samples used "
+        f"of {len(decisions) * budget:,} budgeted ({used / max(1, len(decisions)):.2f} per problem), "
+        f"{drawn:,} drawn; decisions in {store.path / 'adaptive.jsonl'}",
+        err=True,
+    )
+    return SamplingSummary(
+        path=store.path,
+        problems=len(problems),
+        n=budget,
+        requested=drawn,
+        skipped=resumed,
+        generated=drawn - resumed,
+        stored=len(store),
+        generated_tokens=sum(r.generated_tokens for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        wall_seconds=wall,
+        accounting=store.accounting(),
+    )

@@ -1,0 +1,337 @@
+"""Adaptive repeated sampling (level 1): each problem stops on its own once its answer is settled.
+
+Samples are drawn in rounds: every round asks each problem still running for its next
+``round_size`` samples (default: the rule's step, i.e. one sample, or one ESC window), and the
+requests of all running problems share engine calls of up to ``batch_size`` samples, so calls
+stay full while problems drop out. After a round the rule (:mod:`ttscale.select.adaptive`)
+is evaluated on every new prefix of each problem's answer stream, in index order; a problem
+stops at the first prefix where the rule says so, or at the budget.
+
+Answers are needed online and come from ``answer_fn`` (an extractor, or a verifier's canonical
+answer through :func:`verifier_answers`); correctness is never used to stop. Sample ``i`` of
+problem ``p`` is seeded by ``(seed, p, i)``, so a live run draws exactly the first samples of
+the fixed-``n`` run with the same seed, and the index-order replay
+(:func:`ttscale.replay.replay` with ``orders=None``) of that full run stops at the same sample
+with the same answer.
+
+Every generated token is counted: ``SampleResult.generated_tokens`` includes samples drawn in a
+round beyond the stopping point (only when ``round_size`` exceeds the rule's step), which are
+stored in the sink but are not candidates of the result. With a sink, the run directory gets
+``adaptive.jsonl`` (one line per problem: samples used and drawn, answer, stopped or not,
+why, tokens) and the manifest an ``adaptive`` entry with the rule and budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ttscale.engines.base import Engine, GenerationRequest
+from ttscale.errors import ConfigError
+from ttscale.samplers.base import Candidate, SampleResult
+from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, _unique, plan_requests
+from ttscale.samplers.session import start_run
+from ttscale.select.adaptive import StopRule, final_vote, first_stop, parse_rule
+from ttscale.store import SampleStore
+from ttscale.types import Completion, Problem, Sample, SamplingParams
+from ttscale.validation import check_int
+
+__all__ = ["AdaptiveDecision", "AdaptiveSampler", "AnswerFn", "verifier_answers"]
+
+log = logging.getLogger(__name__)
+
+#: ``answer_fn(problem, completions) -> answers``: one answer (``None``: no answer) per completion.
+AnswerFn = Callable[[Problem, Sequence[Completion]], Sequence[Hashable | None]]
+#: ``confidence_fn(completions) -> confidences``: one DeepConf trace confidence per completion.
+ConfidenceFn = Callable[[Sequence[Completion]], Sequence[float]]
+
+ADAPTIVE_FILE = "adaptive.jsonl"
+
+
+def verifier_answers(verifier: Any) -> AnswerFn:
+    """An :data:`AnswerFn` that takes each completion's canonical answer from ``verifier``
+    (``Verdict.answer``; the verdict's correctness is not used)."""
+
+    def fn(problem: Problem, comps: Sequence[Completion]) -> list[Hashable | None]:
+        verdicts = verifier.verify(problem, [Sample.from_completion(c) for c in comps])
+        return [v.answer for v in verdicts]
+
+    return fn
+
+
+def deepconf_confidences(window: int = 2048) -> ConfidenceFn:
+    """Trace confidences as ``ttscale curve`` and replay compute them (bottom-10% window mean)."""
+
+    def fn(comps: Sequence[Completion]) -> list[float]:
+        from ttscale.analysis import trace_confidences
+
+        tops = [None if c.top_logprobs is None else [dict(p) for p in c.top_logprobs] for c in comps]
+        return [float(x) for x in trace_confidences(tops, window=window)]
+
+    return fn
+
+
+@dataclass(frozen=True)
+class AdaptiveDecision:
+    """What happened to one problem: ``used`` samples decided it, ``drawn`` were generated (or
+    resumed), ``answer``, ``stopped`` early or not, ``reason``, ``rounds`` and the tokens of the
+    used and of all drawn samples."""
+
+    problem_id: str
+    rule: str
+    budget: int
+    used: int
+    drawn: int
+    answer: Hashable | None
+    stopped: bool
+    reason: str
+    rounds: int
+    used_tokens: int
+    generated_tokens: int
+
+
+class _Have:
+    """``(problem, index)`` keys a plan should skip: indices below ``start`` or above ``end``
+    and whatever the sink already holds."""
+
+    def __init__(self, start: int, end: int, stored: Mapping[tuple[str, int], Completion]) -> None:
+        self.start, self.end, self.stored = start, end, stored
+
+    def __contains__(self, key: object) -> bool:
+        i = int(key[1])  # type: ignore[index]
+        return bool(i < self.start or i >= self.end or key in self.stored)
+
+
+class AdaptiveSampler:
+    """Repeated sampling that stops each problem by ``rule`` (a :class:`StopRule` or its spec).
+
+    ``answer_fn`` gives the answers the rule reads (see :data:`AnswerFn`); ``confidence_fn`` the
+    trace confidences of the ``deepconf`` rule (default :func:`deepconf_confidences`, which
+    needs top log-probs). ``tie``: the final vote's tie rule at the budget (``first`` or
+    ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``: samples per engine call;
+    ``round_size``: samples per problem and round (default the rule's step). Implements the
+    :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
+    :class:`AdaptiveDecision` per problem.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        rule: StopRule | str,
+        answer_fn: AnswerFn,
+        *,
+        confidence_fn: ConfidenceFn | None = None,
+        tie: str = "first",
+        batch_size: int = 512,
+        round_size: int | None = None,
+        chat: bool | None = None,
+        system_prompt: str | None = None,
+        progress: bool | None = False,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.rule = parse_rule(rule) if isinstance(rule, str) else rule
+        if tie not in ("first", "random"):
+            raise ConfigError(f"a live adaptive run breaks ties first or random, got {tie!r}")
+        check_int("batch_size", batch_size, min=1)
+        check_int("round_size", round_size, min=1, allow_none=True)
+        self.round_size = round_size or self.rule.step
+        self.answer_fn = answer_fn
+        self.confidence_fn = confidence_fn or (
+            deepconf_confidences() if self.rule.needs_confidences else None
+        )
+        self.tie = tie
+        self.batch_size = batch_size
+        # the repeated sampler owns chat detection, prompts and the session settings
+        self._rep = RepeatedSampler(
+            engine,
+            params,
+            None,
+            batch_size=batch_size,
+            progress=progress,
+            chat=chat,
+            system_prompt=system_prompt,
+            manifest=manifest,
+        )
+        self.engine = engine
+        self.params = params
+        self.decisions: list[AdaptiveDecision] = []
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        """At most ``budget`` samples per problem, fewer where the rule stops (see the class)."""
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        self.rule.usable(budget)  # ESC: at least one window
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        unique = _unique(problems)
+        rep = self._rep
+        if sink is not None:
+            sink.check_compatible({**rep.extra_manifest, "sampling": params.to_dict()})
+            sink.write_problems(unique)
+            start_run(
+                sink,
+                engine_info=rep.engine_info,
+                params=params,
+                n=budget,
+                chat=rep.chat,
+                iid=True,
+                extra={**rep.extra_manifest, "adaptive": {"rule": self.rule.spec, "budget": budget, "tie": self.tie}},
+            )
+        return self._sample(unique, budget, params, sink)
+
+    def _sample(
+        self, problems: list[Problem], budget: int, params: SamplingParams, sink: SampleStore | None
+    ) -> Iterator[SampleResult]:
+        rule = self.rule
+        limit = rule.usable(budget)
+        stored = _stored_completions(sink, problems, limit) if sink is not None else {}
+        comps: dict[str, list[Completion]] = {p.id: [] for p in problems}
+        answers: dict[str, list[Hashable | None]] = {p.id: [] for p in problems}
+        confs: dict[str, list[float]] = {p.id: [] for p in problems}
+        checked: dict[str, int] = {p.id: 0 for p in problems}
+        rounds: dict[str, int] = {p.id: 0 for p in problems}
+        done: dict[str, AdaptiveDecision] = {}
+        by_id = {p.id: p for p in problems}
+        self.decisions = []
+        session = self._rep._session(sink, shard=None, claims=False)
+        session.show_progress(
+            self._rep._show_progress(), remaining={p.id: limit for p in problems}, samples=len(problems) * limit
+        )
+        emitted = 0
+        with session:
+            running = list(problems)
+            while running:
+                ends = {p.id: min(len(comps[p.id]) + self.round_size, limit) for p in running}
+                got: dict[tuple[str, int], Completion] = {}
+                for p in running:  # resumed samples first
+                    for i in range(len(comps[p.id]), ends[p.id]):
+                        if (p.id, i) in stored:
+                            got[(p.id, i)] = stored[(p.id, i)]
+                want = {p.id: ends[p.id] - len(comps[p.id]) for p in running}
+                todo = [p for p in running if any((p.id, i) not in got for i in range(len(comps[p.id]), ends[p.id]))]
+                for group in session.groups(
+                    todo,
+                    lambda p, ends=ends: self._plan(p, len(comps[p.id]), ends[p.id], stored),  # type: ignore[misc]
+                    batch_size=self.batch_size,
+                    expected=want,
+                ):
+                    for cs in session.generate(group, params):
+                        for c in cs:
+                            got[(c.problem_id, c.index)] = c
+                still: list[Problem] = []
+                for p in running:
+                    new = [got[(p.id, i)] for i in range(len(comps[p.id]), ends[p.id])]
+                    rounds[p.id] += 1
+                    comps[p.id].extend(new)
+                    answers[p.id].extend(self.answer_fn(p, new))
+                    if self.confidence_fn is not None:
+                        confs[p.id].extend(float(x) for x in self.confidence_fn(new))
+                    cf = confs[p.id] if rule.needs_confidences else None
+                    hit = first_stop(rule, answers[p.id], cf, checked[p.id], len(comps[p.id]))
+                    checked[p.id] = len(comps[p.id])
+                    if hit is not None:
+                        done[p.id] = self._decide(p, budget, hit[0], hit[1].answer, True, hit[1].reason, rounds[p.id], comps[p.id])
+                    elif len(comps[p.id]) >= limit:
+                        rng = np.random.default_rng([params.seed or 0, problems.index(p), 0, 1]) if self.tie == "random" else None
+                        ans, _ = final_vote(answers[p.id], cf, tie=self.tie, rng=rng)
+                        done[p.id] = self._decide(p, budget, limit, ans, False, "budget", rounds[p.id], comps[p.id])
+                    else:
+                        still.append(p)
+                running = still
+                # results in problem order, as soon as every earlier problem is decided
+                while emitted < len(problems) and problems[emitted].id in done:
+                    d = done[problems[emitted].id]
+                    self.decisions.append(d)
+                    yield self._result(by_id[d.problem_id], d, comps[d.problem_id], stored)
+                    emitted += 1
+        if sink is not None:
+            _write_decisions(sink, self.decisions)
+
+    def _plan(self, p: Problem, start: int, end: int, stored: Mapping[tuple[str, int], Completion]) -> list[GenerationRequest]:
+        return plan_requests(
+            [p],
+            end,
+            _Have(start, end, stored),
+            max_per_request=self._rep.max_per_request,
+            messages=self._rep.chat,
+            system_prompt=self._rep.system_prompt,
+        )
+
+    def _decide(
+        self,
+        p: Problem,
+        budget: int,
+        used: int,
+        answer: Hashable | None,
+        stopped: bool,
+        reason: str,
+        rounds: int,
+        comps: Sequence[Completion],
+    ) -> AdaptiveDecision:
+        return AdaptiveDecision(
+            problem_id=p.id,
+            rule=self.rule.spec,
+            budget=budget,
+            used=used,
+            drawn=len(comps),
+            answer=answer,
+            stopped=stopped,
+            reason=reason,
+            rounds=rounds,
+            used_tokens=sum(c.num_tokens for c in comps[:used]),
+            generated_tokens=sum(c.num_tokens for c in comps),
+        )
+
+    @staticmethod
+    def _result(
+        p: Problem, d: AdaptiveDecision, comps: Sequence[Completion], stored: Mapping[tuple[str, int], Completion]
+    ) -> SampleResult:
+        return SampleResult(
+            problem=p,
+            candidates=tuple(Candidate(c) for c in comps[: d.used]),
+            generated_tokens=d.generated_tokens,
+            prompt_tokens=sum(c.prompt_tokens or 0 for c in comps),
+            iid=True,
+            resumed=sum(1 for c in comps if (c.problem_id, c.index) in stored),
+        )
+
+
+def _write_decisions(sink: SampleStore, decisions: Sequence[AdaptiveDecision]) -> None:
+    """``RUN/adaptive.jsonl``: one line per problem (written atomically, replacing the last)."""
+    path = sink.path / ADAPTIVE_FILE
+    fd, tmp = tempfile.mkstemp(dir=sink.path, prefix=".adaptive-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for d in decisions:
+                row = asdict(d)
+                row["answer"] = None if d.answer is None else str(d.answer)
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_decisions(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
+    """The rows of a run's ``adaptive.jsonl`` (empty if the run has none)."""
+    from pathlib import Path
+
+    f = Path(path) / ADAPTIVE_FILE
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]

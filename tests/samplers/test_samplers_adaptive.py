@@ -1,0 +1,242 @@
+"""AdaptiveSampler (level 1) and exact replay: live = replay, token accounting, run records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ttscale.engines.scripted import ScriptedEngine
+from ttscale.errors import ConfigError
+from ttscale.replay import replay
+from ttscale.samplers import RepeatedSampler, Sampler
+from ttscale.samplers.adaptive import AdaptiveSampler, read_decisions
+from ttscale.store import SampleStore
+from ttscale.store.pool import Pool
+from ttscale.types import Problem, SamplingParams
+
+
+def responder(req, index, seed, params):  # type: ignore[no-untyped-def]
+    # a skewed answer distribution decided by the per-sample seed; varying lengths
+    h = seed % 10
+    ans = "a" if h < 8 else ("b" if h < 9 else "c")
+    return "x" * (seed % 7) + ans
+
+
+def last_char(problem, comps):  # type: ignore[no-untyped-def]
+    return [c.text[-1] if c.text else None for c in comps]
+
+
+PROBLEMS = [Problem(id=f"p{i}", prompt=f"q{i}") for i in range(12)]
+PARAMS = SamplingParams(n=16, max_tokens=20)
+
+
+def full_pool(budget: int = 16) -> tuple[Pool, dict[str, list[int]]]:
+    rep = RepeatedSampler(ScriptedEngine(responder), PARAMS)
+    results = list(rep.sample(PROBLEMS, budget, seed=3))
+    answers, tokens = [], []
+    for r in results:
+        answers += last_char(r.problem, r.completions)
+        tokens += [c.completion.num_tokens for c in r.candidates]
+    pool = Pool.from_arrays(
+        [p.id for p in PROBLEMS],
+        [budget] * len(PROBLEMS),
+        answer=answers,
+        correct=[a == "a" for a in answers],
+        num_tokens=tokens,
+    )
+    toks = {r.problem_id: [c.completion.num_tokens for c in r.candidates] for r in results}
+    return pool, toks
+
+
+@pytest.mark.parametrize("rule", ["beta:0.95", "esc:window=4", "majority:0.7", "sprt:p1=0.75", "entropy:0.75"])
+def test_live_equals_index_order_replay(rule: str) -> None:
+    pool, toks = full_pool()
+    rep = replay(pool, rule, orders=None, max_samples=16)
+    sampler = AdaptiveSampler(ScriptedEngine(responder), PARAMS, rule, last_char, batch_size=7)
+    assert isinstance(sampler, Sampler)
+    results = list(sampler.sample(PROBLEMS, 16, seed=3))
+    assert [r.problem_id for r in results] == [p.id for p in PROBLEMS]
+    for r, d, pr in zip(results, sampler.decisions, rep.problems, strict=True):
+        assert (d.used, d.answer) == (pr.used[0], pr.answers[0]), r.problem_id
+        assert len(r.candidates) == d.used
+        # the live samples are the fixed run's first samples, tokens and all
+        assert [c.completion.num_tokens for c in r.candidates] == toks[r.problem_id][: d.used]
+        assert r.generated_tokens == sum(toks[r.problem_id][: d.used]) == pr.tokens
+    # the rule saves samples on this skewed stream
+    assert sum(d.used for d in sampler.decisions) < 16 * len(PROBLEMS)
+
+
+def test_rounds_keep_calls_full_and_count_overdrawn_tokens() -> None:
+    engine = ScriptedEngine(responder)
+    sampler = AdaptiveSampler(engine, PARAMS, "beta:0.95", last_char, round_size=4, batch_size=1000)
+    results = list(sampler.sample(PROBLEMS, 16, seed=3))
+    pool, toks = full_pool()
+    rep = replay(pool, "beta:0.95", orders=None)
+    for r, d, pr in zip(results, sampler.decisions, rep.problems, strict=True):
+        assert d.used == pr.used[0]
+        # samples are drawn 4 at a time: drawn = used rounded up to a multiple of 4, and the
+        # overdrawn samples' tokens are counted
+        assert d.drawn == -(-d.used // 4) * 4
+        assert r.generated_tokens == sum(toks[r.problem_id][: d.drawn])
+        assert len(r.candidates) == d.used
+    # one engine call per round, holding exactly the problems still running (4 samples each)
+    n_calls = max(d.rounds for d in sampler.decisions)
+    running = [sum(1 for d in sampler.decisions if d.rounds > k) for k in range(n_calls)]
+    assert running[0] == len(PROBLEMS)
+    sizes = [sum(len(req.indices) for req in call) for call in _calls(engine)]
+    assert sizes == [4 * k for k in running]
+
+
+def _calls(engine: ScriptedEngine) -> list[list]:  # type: ignore[type-arg]
+    # ScriptedEngine.calls records (request, params) per request; group by the sample indices
+    # (each round asks every running problem for the same indices)
+    groups: dict[int, list] = {}  # type: ignore[type-arg]
+    for req, _ in engine.calls:
+        groups.setdefault(req.indices[0], []).append(req)
+    return [groups[k] for k in sorted(groups)]
+
+
+def test_sink_records_decisions_and_resumes(tmp_path: Path) -> None:
+    store = SampleStore.create(tmp_path / "run", {"benchmark": "toy"})
+    sampler = AdaptiveSampler(ScriptedEngine(responder), PARAMS, "esc:window=4", last_char)
+    results = list(sampler.sample(PROBLEMS, 16, seed=3, sink=store))
+    rows = read_decisions(store.path)
+    assert [r["problem_id"] for r in rows] == [p.id for p in PROBLEMS]
+    for row, r in zip(rows, results, strict=True):
+        assert row["rule"] == "esc:window=4" and row["used"] == len(r.candidates)
+        assert row["reason"] == "budget" or row["reason"].startswith(f"window {row['used'] // 4} ")
+    assert store.manifest["adaptive"] == {"rule": "esc:window=4", "budget": 16, "tie": "first"}
+    store.refresh()
+    assert len(store) == sum(r["drawn"] for r in rows)
+    assert store.accounting()["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
+    # a second session reads every sample back: nothing is generated, same decisions
+    engine = ScriptedEngine(responder)
+    again = AdaptiveSampler(engine, PARAMS, "esc:window=4", last_char)
+    res2 = list(again.sample(PROBLEMS, 16, seed=3, sink=SampleStore.open(store.path)))
+    assert engine.calls == []
+    assert [d.used for d in again.decisions] == [r["used"] for r in rows]
+    assert all(r.resumed == len(r.candidates) for r in res2)
+
+
+def test_replay_hand_computed_pool() -> None:
+    # p0: a a a a b ... (beta stops at 4, "a" correct); p1: a b a b a b (never settles; tie a/b
+    # at 6 -> first seen "a", wrong)
+    pool = Pool.from_arrays(
+        ["p0", "p1"],
+        [6, 6],
+        answer=list("aaaaba") + list("ababab"),
+        correct=[1, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],  # p0 then p1
+        num_tokens=[10, 20, 30, 40, 50, 60, 1, 2, 3, 4, 5, 6],
+    )
+    rep = replay(pool, "beta:0.95", orders=None)
+    p0, p1 = rep.problems
+    assert (p0.used, p0.answers, p0.correct, p0.tokens) == ((4,), ("a",), 1.0, 100.0)
+    assert (p1.used, p1.answers, p1.correct, p1.tokens) == ((6,), ("a",), 0.0, 21.0)
+    assert (p0.fixed_tokens, p1.fixed_tokens, p1.fixed_correct) == (210.0, 21.0, 0.0)
+    d = rep.to_dict()
+    assert d["accuracy"]["mean"] == 0.5 and d["samples"]["mean"] == 5.0
+    assert d["tokens"]["mean"] == pytest.approx(60.5) and d["fixed"]["tokens"]["mean"] == pytest.approx(115.5)
+    assert d["token_ratio"]["mean"] == pytest.approx(121 / 231)
+    # tie=expected averages the tied answers' correctness: (0 + 1) / 2
+    assert replay(pool, "beta:0.95", orders=None, tie="expected").problems[1].correct == 0.5
+    # --max-samples 4: p1 "abab" tie -> "a"
+    assert replay(pool, "fixed", orders=None, max_samples=4).problems[1].tokens == 10.0
+    with pytest.raises(ConfigError, match="exceeds"):
+        replay(pool, "beta", max_samples=7)
+
+
+def test_replay_random_orders_are_seeded_permutations() -> None:
+    pool, _ = full_pool()
+    a = replay(pool, "beta:0.95", orders=5, seed=1)
+    b = replay(pool, "beta:0.95", orders=5, seed=1)
+    c = replay(pool, "beta:0.95", orders=5, seed=2)
+    assert a.to_dict() == b.to_dict()
+    assert [p.used for p in a.problems] != [p.used for p in c.problems]
+    # each order is a replay of a permuted stream: check one by hand
+    from ttscale.select.adaptive import parse_rule, run_stream
+
+    lo, hi = int(pool.offsets[0]), int(pool.offsets[1])
+    codes = pool.answer[lo:hi]
+    perm = np.random.default_rng([1, 0, 2]).permutation(hi - lo)
+    stream = [str(pool.answer_values[c]) for c in codes[perm]]
+    assert a.problems[0].used[2] == run_stream(parse_rule("beta:0.95"), stream).used
+    # every order's fixed baseline uses the whole budget
+    assert all(p.fixed_tokens == pytest.approx(float(pool.num_tokens[int(pool.offsets[i]):int(pool.offsets[i + 1])].sum()))
+               for i, p in enumerate(a.problems))
+
+
+def test_replay_without_token_counts_reports_none() -> None:
+    pool = Pool.from_arrays(["p"], [4], answer=list("aaaa"), correct=[1, 1, 1, 1])
+    d = replay(pool, "beta", orders=None).to_dict()
+    assert d["tokens"] is None and d["token_ratio"]["mean"] is None and d["samples"]["mean"] == 4.0
+
+
+def test_replay_of_an_imported_jsonl_pool(tmp_path: Path) -> None:
+    from ttscale.store import import_jsonl
+
+    rows = [
+        {"problem_id": pid, "index": i, "answer": a, "correct": a == "a", "num_tokens": 5}
+        for pid, s in (("p0", "aaaab"), ("p1", "abcab"))
+        for i, a in enumerate(s)
+    ]
+    f = tmp_path / "pool.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    store, _ = import_jsonl(f, tmp_path / "run")
+    rep = replay(store.pool(), "beta:0.95", orders=None)
+    assert [p.used[0] for p in rep.problems] == [4, 5]
+    assert [p.tokens for p in rep.problems] == [20.0, 25.0]
+
+
+def test_live_random_ties_match_the_index_order_replay() -> None:
+    def two(req, index, seed, params):  # type: ignore[no-untyped-def]
+        return "ab"[seed % 2]
+
+    problems = [Problem(id=f"t{i}", prompt="q") for i in range(30)]
+    live = AdaptiveSampler(ScriptedEngine(two), PARAMS, "fixed", last_char, tie="random")
+    list(live.sample(problems, 4, seed=3))
+    answers = []
+    for r in RepeatedSampler(ScriptedEngine(two), PARAMS).sample(problems, 4, seed=3):
+        answers += last_char(r.problem, r.completions)
+    pool = Pool.from_arrays([p.id for p in problems], [4] * 30, answer=answers)
+    rep = replay(pool, "fixed", orders=None, tie="random", seed=3)
+    assert [d.answer for d in live.decisions] == [p.answers[0] for p in rep.problems]
+    # ties happen (2-2 splits) and are broken both ways
+    tied = [i for i in range(30) if answers[4 * i : 4 * i + 4].count("a") == 2]
+    assert {live.decisions[i].answer for i in tied} == {"a", "b"}
+
+
+def test_deepconf_live_equals_replay_with_stored_confidences(tmp_path: Path) -> None:
+    from ttscale.analysis import run_confidences
+
+    params = SamplingParams(n=16, max_tokens=20, logprobs=5)
+    store = SampleStore.create(tmp_path / "full", {"benchmark": "toy"})
+    rep_sampler = RepeatedSampler(ScriptedEngine(responder), params, store)
+    rep_sampler.run(PROBLEMS, 16)
+    store.refresh()
+    t = store.table(["text", "num_tokens"]).to_pylist()  # the order run_confidences uses
+    answers = [r["text"][-1] for r in t]
+    ids = list(dict.fromkeys(r["problem_id"] for r in t))
+    assert [(r["problem_id"], r["index"]) for r in t] == [(i, k) for i in ids for k in range(16)]
+    pool = Pool.from_arrays(ids, [16] * len(ids), answer=answers, num_tokens=[r["num_tokens"] for r in t])
+    confs = run_confidences(store)
+    assert np.isfinite(confs).all()
+    rule = "deepconf:0.9,warmup=4"
+    rep = replay(pool, rule, orders=None, confidences=confs)
+    live = AdaptiveSampler(ScriptedEngine(responder), params, rule, last_char)
+    list(live.sample(PROBLEMS, 16, seed=params.seed))
+    by_id = {p.problem_id: (p.used[0], p.answers[0]) for p in rep.problems}
+    assert [(d.used, d.answer) for d in live.decisions] == [by_id[p.id] for p in PROBLEMS]
+    assert any(d.stopped for d in live.decisions) and not all(d.stopped for d in live.decisions)
+
+
+def test_replay_accuracy_delta_is_paired() -> None:
+    # majority:0.6,min=2 stops p0 "aabbbb" at 2 with "a" (wrong; SC picks "b", right): -1;
+    # p1 "bbbbbb": both right: 0 -> mean -0.5
+    pool = Pool.from_arrays(["p0", "p1"], [6, 6], answer=list("aabbbb") + list("bbbbbb"),
+                            correct=[a == "b" for a in "aabbbbbbbbbb"])
+    d = replay(pool, "majority:0.6,min=2", orders=None).to_dict()
+    assert d["accuracy_delta"]["mean"] == -0.5
+    assert d["accuracy"]["mean"] == 0.5 and d["fixed"]["accuracy"]["mean"] == 1.0

@@ -1,0 +1,285 @@
+"""Exact offline replay of level-1 adaptive rules on a stored pool.
+
+For each problem the rule (:mod:`ttscale.select.adaptive`) reads the pool's answers in an order
+(the stored index order, or ``orders`` seeded random permutations, as the papers evaluate) and
+stops where it would have stopped live; the chosen answer is scored with the pool's
+correctness. The ``fixed`` baseline (self-consistency over the same ``max_samples`` samples, in
+the same orders) is computed alongside. Because seeds are per ``(problem, index)``, the
+index-order replay of a full run is exactly what a live adaptive run with the same seed does.
+
+Only answers, correctness and (for token counts) ``num_tokens`` are read, so an imported JSONL
+pool without text is enough; the ``deepconf`` rule also needs per-sample trace confidences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ttscale.errors import ConfigError
+from ttscale.metrics.stats import bootstrap_ci
+from ttscale.select.adaptive import StopRule, StreamOutcome, parse_rule, run_stream
+from ttscale.store.pool import Pool
+
+__all__ = ["ProblemReplay", "ReplayReport", "replay", "summary_line"]
+
+
+@dataclass(frozen=True)
+class ProblemReplay:
+    """One problem, averaged over orders: samples used, accuracy, tokens (NaN unknown), how
+    often the rule stopped early, and per order the samples used and answer chosen."""
+
+    problem_id: str
+    samples: float
+    correct: float
+    tokens: float
+    stopped: float
+    fixed_correct: float
+    fixed_tokens: float
+    used: tuple[int, ...]
+    answers: tuple[Hashable | None, ...]
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """Replay of one rule over a pool (see :func:`replay`)."""
+
+    rule: StopRule
+    order: str
+    orders: int
+    seed: int
+    max_samples: int
+    tie: str
+    problems: tuple[ProblemReplay, ...]
+    confidence: float = 0.95
+    n_boot: int = 1000
+
+    def _ci(self, values: NDArray[np.float64]) -> dict[str, float | None]:
+        if values.size == 0 or np.isnan(values).any():
+            return {"mean": None, "low": None, "high": None}
+        ci = bootstrap_ci(values, confidence=self.confidence, n_boot=self.n_boot, seed=self.seed)
+        return {"mean": float(ci.mean), "low": float(ci.low), "high": float(ci.high)}
+
+    def column(self, name: str) -> NDArray[np.float64]:
+        return np.array([getattr(p, name) for p in self.problems], dtype=np.float64)
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.problems) and not np.isnan(self.column("tokens")).any()
+
+    def token_ratio(self) -> dict[str, float | None]:
+        """Total rule tokens / total fixed tokens, with a bootstrap CI over problems."""
+        if not self.has_tokens:
+            return {"mean": None, "low": None, "high": None}
+        t, f = self.column("tokens"), self.column("fixed_tokens")
+        if f.sum() <= 0:
+            return {"mean": None, "low": None, "high": None}
+        rng = np.random.default_rng(self.seed)
+        idx = rng.integers(0, len(t), size=(self.n_boot, len(t)))
+        ratios = t[idx].sum(axis=1) / np.maximum(f[idx].sum(axis=1), 1e-300)
+        q = (1.0 - self.confidence) / 2.0
+        return {
+            "mean": float(t.sum() / f.sum()),
+            "low": float(np.quantile(ratios, q)),
+            "high": float(np.quantile(ratios, 1.0 - q)),
+        }
+
+    def to_dict(self, *, per_problem: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "rule": self.rule.spec,
+            "order": self.order,
+            "orders": self.orders,
+            "seed": self.seed,
+            "max_samples": self.max_samples,
+            "tie": self.tie,
+            "problems": len(self.problems),
+            "accuracy": self._ci(self.column("correct")),
+            "samples": self._ci(self.column("samples")),
+            "tokens": self._ci(self.column("tokens")) if self.has_tokens else None,
+            "stopped_early": float(np.mean(self.column("stopped"))) if self.problems else None,
+            "fixed": {
+                "rule": "fixed",
+                "accuracy": self._ci(self.column("fixed_correct")),
+                "samples": {"mean": float(self.max_samples), "low": float(self.max_samples), "high": float(self.max_samples)},
+                "tokens": self._ci(self.column("fixed_tokens")) if self.has_tokens else None,
+            },
+            # paired over problems: rule accuracy minus the fixed baseline's, same orders
+            "accuracy_delta": self._ci(self.column("correct") - self.column("fixed_correct")),
+            "token_ratio": self.token_ratio(),
+            "sample_ratio": (
+                float(np.mean(self.column("samples")) / self.max_samples) if self.problems else None
+            ),
+        }
+        if per_problem:
+            out["per_problem"] = [
+                {
+                    "problem_id": p.problem_id,
+                    "samples": p.samples,
+                    "correct": p.correct,
+                    "tokens": None if math.isnan(p.tokens) else p.tokens,
+                    "used": list(p.used),
+                    "answers": list(p.answers),
+                    "reasons": list(p.reasons),
+                }
+                for p in self.problems
+            ]
+        return out
+
+
+def _correct_of(
+    outcome: StreamOutcome, answers: Sequence[Hashable | None], correct: NDArray[np.float64], tie: str
+) -> float:
+    """Correctness of the chosen answer (mean over tied answers for ``tie="expected"``)."""
+    by_answer: dict[Hashable, float] = {}
+    for a, c in zip(answers, correct, strict=True):
+        if a is not None and a not in by_answer and not math.isnan(c):
+            by_answer[a] = float(c)
+    if tie == "expected" and not outcome.stopped and len(outcome.tied) > 1:
+        return float(np.mean([by_answer.get(a, 0.0) for a in outcome.tied]))
+    if outcome.answer is None:
+        return 0.0
+    return by_answer.get(outcome.answer, 0.0)
+
+
+def replay(
+    pool: Pool,
+    rule: StopRule | str,
+    *,
+    orders: int | None = None,
+    seed: int = 0,
+    max_samples: int | None = None,
+    tie: str = "first",
+    confidences: NDArray[np.float64] | Sequence[float] | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+) -> ReplayReport:
+    """Replay ``rule`` on every problem of ``pool``.
+
+    ``orders=None`` replays the samples in stored index order; ``orders=N`` averages over ``N``
+    random permutations of each problem's samples (permutation ``j`` of problem ``p`` is drawn
+    from ``seed``, ``p`` and ``j``, so a rule and its baseline see the same orders).
+    ``max_samples``: the budget (default: the fewest samples any problem has); problems must
+    hold at least that many. ``tie``: the final vote's tie rule at the budget (``first``,
+    ``random`` or ``expected``). ``confidences``: per-sample trace confidences in pool order
+    (for ``deepconf``). Problems the run lists without samples count as wrong with 0 samples.
+    """
+    rule = parse_rule(rule) if isinstance(rule, str) else rule
+    if tie not in ("first", "random", "expected"):
+        raise ConfigError(f"--tie must be first, random or expected, got {tie!r}")
+    if orders is not None and orders < 1:
+        raise ConfigError(f"--orders must be at least 1, got {orders}")
+    if pool.num_problems == 0:
+        raise ConfigError("the pool has no problems to replay")
+    counts = pool.n_per_problem
+    budget = int(counts.min()) if max_samples is None else int(max_samples)
+    if budget < 1:
+        raise ConfigError("a problem of the pool has no samples; pass --max-samples or drop it")
+    if budget > int(counts.min()):
+        short = str(pool.problem_ids[int(np.argmin(counts))])
+        raise ConfigError(
+            f"--max-samples {budget} exceeds the samples of problem {short!r} ({int(counts.min())}); "
+            "lower --max-samples"
+        )
+    rule.usable(budget)  # ESC: at least one window
+    conf_all: NDArray[np.float64] | None = None
+    if rule.needs_confidences:
+        if confidences is None:
+            raise ConfigError("the deepconf rule needs trace confidences (a run sampled with --logprobs)")
+        conf_all = np.asarray(confidences, dtype=np.float64)
+        if conf_all.shape != pool.answer.shape:
+            raise ConfigError("confidences must hold one value per pool sample")
+        if conf_all.size and np.isnan(conf_all).all():
+            raise ConfigError(
+                "the deepconf rule needs top log-probs, and this run has none; sample with "
+                "--logprobs K (K >= 1) or choose another rule"
+            )
+    fixed = parse_rule("fixed")
+    has_tokens = bool((pool.num_tokens >= 0).all())
+    values = pool.answer_values
+    out: list[ProblemReplay] = []
+    for p in range(pool.num_problems):
+        lo, hi = int(pool.offsets[p]), int(pool.offsets[p + 1])
+        # stored index order
+        sort = np.argsort(pool.index[lo:hi], kind="stable")
+        codes = pool.answer[lo:hi][sort]
+        corr = pool.correct[lo:hi][sort]
+        toks = pool.num_tokens[lo:hi][sort].astype(np.float64)
+        conf = None if conf_all is None else conf_all[lo:hi][sort]
+        n = hi - lo
+        if orders is None:
+            perms = [np.arange(n)]
+        else:
+            perms = [
+                np.random.default_rng([seed, p, j]).permutation(n) for j in range(orders)
+            ]
+        used: list[int] = []
+        answers_out: list[Hashable | None] = []
+        reasons: list[str] = []
+        cor: list[float] = []
+        tok: list[float] = []
+        stop: list[float] = []
+        fcor: list[float] = []
+        ftok: list[float] = []
+        for j, perm in enumerate(perms):
+            ans = [None if c < 0 else str(values[c]) for c in codes[perm]]
+            cperm = corr[perm]
+            cf = None if conf is None else [float(x) for x in conf[perm]]
+            rng = np.random.default_rng([seed, p, j, 1]) if tie == "random" else None
+            o = run_stream(rule, ans, cf, budget=budget, tie=tie, rng=rng)
+            f = run_stream(fixed, ans, None, budget=budget, tie=tie, rng=rng)
+            used.append(o.used)
+            answers_out.append(o.answer)
+            reasons.append(o.reason)
+            cor.append(_correct_of(o, ans, cperm, tie))
+            stop.append(float(o.stopped))
+            fcor.append(_correct_of(f, ans, cperm, tie))
+            tok.append(float(toks[perm][: o.used].sum()) if has_tokens else math.nan)
+            ftok.append(float(toks[perm][:budget].sum()) if has_tokens else math.nan)
+        out.append(
+            ProblemReplay(
+                problem_id=str(pool.problem_ids[p]),
+                samples=float(np.mean(used)),
+                correct=float(np.mean(cor)),
+                tokens=float(np.mean(tok)),
+                stopped=float(np.mean(stop)),
+                fixed_correct=float(np.mean(fcor)),
+                fixed_tokens=float(np.mean(ftok)),
+                used=tuple(used),
+                answers=tuple(answers_out),
+                reasons=tuple(reasons),
+            )
+        )
+    for pid in pool.unsampled:
+        out.append(ProblemReplay(str(pid), 0.0, 0.0, 0.0 if has_tokens else math.nan, 0.0, 0.0,
+                                 0.0 if has_tokens else math.nan, (), (), ()))
+    return ReplayReport(
+        rule=rule,
+        order="index" if orders is None else "random",
+        orders=1 if orders is None else orders,
+        seed=seed,
+        max_samples=budget,
+        tie=tie,
+        problems=tuple(out),
+        confidence=confidence,
+        n_boot=n_boot,
+    )
+
+
+def summary_line(report: ReplayReport) -> str:
+    """One human line: accuracy and tokens of the rule against the fixed baseline."""
+    d = report.to_dict()
+    acc, facc = d["accuracy"]["mean"], d["fixed"]["accuracy"]["mean"]
+    parts = [
+        f"{d['rule']}: accuracy {acc:.4f} (fixed@{report.max_samples} {facc:.4f})",
+        f"samples/problem {d['samples']['mean']:.2f}",
+    ]
+    if d["token_ratio"]["mean"] is not None:
+        r = d["token_ratio"]
+        parts.append(f"tokens {r['mean']:.3f}x of fixed [{r['low']:.3f}, {r['high']:.3f}]")
+    return ", ".join(parts)
