@@ -1,0 +1,379 @@
+"""Step-level search with a process reward: beam search, DVTS and best-of-N with step scores.
+
+Three named configurations of one loop (search-and-learn's and its_hub's search family). A
+*step* extends a partial solution to its next step boundary (a stop string, ``"\\n"`` by
+default, EOS, or ``step_tokens`` tokens) with one batched engine call on token prefixes; the
+potential (``score(problem, texts, finished)`` -> log-potentials, e.g. ``arith-prm``) scores
+every new partial solution. With ``budget = N`` and ``width = M``:
+
+* ``beam``: the first step draws ``N`` continuations of the prompt; after each step the finished
+  ones go to the pool and the best ``N // M`` unfinished ones (by potential; ties to the lower
+  candidate index) are kept (at most ``N`` minus the pool size), each expanded ``M`` ways; the
+  rest are pruned. Ends when nothing is left to expand or the pool holds ``N`` solutions.
+* ``dvts`` (diverse verifier tree search): ``N // M`` independent subtrees; the first step draws
+  ``M`` continuations per subtree; after each step each subtree keeps its single best
+  unfinished solution and expands it ``M`` ways. A subtree ends when it has nothing to expand.
+* ``bon`` (best-of-N with step scores): ``N`` independent step-wise solutions, nothing pruned;
+  every step scored, so the final pool is weighted by the process reward.
+
+Solutions that reach ``max_steps`` steps or ``max_tokens`` generated tokens join the pool as
+they are. **Result** (the :class:`~ttscale.samplers.base.Sampler` protocol): the pool as kept
+candidates whose ``log_weight`` is the potential of the finished solution (a log-reward, *not*
+an importance weight: rank or vote with it), the pruned partial solutions with fate
+``pruned``; ``generated_tokens`` counts every generated token (pruned branches included) and
+``steps[t].extra["particle_steps"]`` the continuations drawn at step ``t``. :attr:`timing`
+splits wall time into engine, potential and the sampler's own work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
+from ttscale.errors import ConfigError
+from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
+from ttscale.samplers.potentials import score_potential
+from ttscale.samplers.session import SamplingSession
+from ttscale.store import SampleStore
+from ttscale.types import Completion, FinishReason, Problem, SamplingParams
+from ttscale.validation import check_choice, check_int
+
+__all__ = ["SEARCH_CONFIGS", "SearchSampler", "particle_steps", "select_survivors"]
+
+log = logging.getLogger(__name__)
+
+#: The named search configurations.
+SEARCH_CONFIGS = ("beam", "dvts", "bon")
+
+
+def select_survivors(
+    search: str, scores: Sequence[float], groups: Sequence[int], keep: int
+) -> list[int]:
+    """Positions (ascending) of the unfinished solutions that survive a step.
+
+    ``scores``: the potentials of the step's unfinished solutions; ``groups``: their subtree
+    (DVTS); ``keep``: how many survive for ``beam``. ``beam`` keeps the ``keep`` best overall,
+    ``dvts`` the best of each group, ``bon`` everything. Ties go to the lower position; ``-inf``
+    and NaN rank last (NaN as ``-inf``).
+    """
+    check_choice("search", search, SEARCH_CONFIGS)
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    n = len(s)
+    if search == "bon":
+        return list(range(n))
+    order = sorted(range(n), key=lambda i: (-s[i], i))
+    if search == "beam":
+        return sorted(order[:keep])
+    best: dict[int, int] = {}
+    for i in order:
+        best.setdefault(int(groups[i]), i)
+    return sorted(best.values())
+
+
+@dataclass
+class _Node:
+    """A partial solution: its full text and generated token ids so far."""
+
+    index: int
+    parent: int | None
+    step: int
+    group: int
+    text: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    finished: bool
+    finish_reason: str
+    score: float = 0.0
+
+
+@dataclass
+class _State:
+    """One problem's search: its nodes, frontier, pool, step diagnostics and token count."""
+
+    problem: Problem
+    nodes: list[_Node] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=list)  # node indices to expand next
+    pool: list[int] = field(default_factory=list)  # finished node indices
+    pruned: list[int] = field(default_factory=list)
+    steps: list[StepInfo] = field(default_factory=list)
+    generated: int = 0
+    prompt_tokens: int = 0
+    step: int = 0
+    next_index: int = 0
+    done: bool = False
+
+
+class SearchSampler:
+    """Beam search, DVTS or best-of-N with step scores, on a step-wise engine (module docstring).
+
+    ``potential``: an object with ``score(problem, texts, finished)`` or such a callable;
+    ``params``: sampling settings (temperature, seed, ...); the step boundary replaces its
+    ``stop``/``max_tokens``: ``step_stop`` (default ``("\\n",)``, kept in the text),
+    ``step_tokens`` per step (default ``params.max_tokens``); ``max_steps`` and ``max_tokens``
+    bound a whole solution; ``width`` is ``M`` (must divide the budget for beam and DVTS);
+    ``batch_problems``: problems searched together (their steps share one engine call).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        potential: Any,
+        params: SamplingParams,
+        *,
+        search: str = "beam",
+        width: int = 4,
+        step_stop: Sequence[str] = ("\n",),
+        step_tokens: int | None = None,
+        max_steps: int = 16,
+        max_tokens: int = 256,
+        batch_problems: int = 16,
+    ) -> None:
+        check_choice("search", search, SEARCH_CONFIGS)
+        check_int("width", width, min=1)
+        check_int("max_steps", max_steps, min=1)
+        check_int("max_tokens", max_tokens, min=1)
+        check_int("step_tokens", step_tokens, min=1, allow_none=True)
+        check_int("batch_problems", batch_problems, min=1)
+        stop = tuple(step_stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ConfigError(f"step_stop must be non-empty strings, got {step_stop!r}")
+        self.engine = engine
+        self.potential = potential
+        self.search = search
+        self.width = 1 if search == "bon" else width
+        self.max_steps = max_steps
+        self.max_tokens = max_tokens
+        self.batch_problems = batch_problems
+        self.params = params.replace(
+            stop=stop,
+            include_stop_str_in_output=True,
+            max_tokens=step_tokens if step_tokens is not None else params.max_tokens,
+        )
+        self.token_prefixes = capabilities_of(engine).token_prefixes
+        #: seconds spent in the engine, in the potential, and in all (of the last ``sample`` run)
+        self.timing: dict[str, float] = {"engine": 0.0, "potential": 0.0, "total": 0.0}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "sampler": "search",
+            "search": self.search,
+            "width": self.width,
+            "max_steps": self.max_steps,
+            "max_tokens": self.max_tokens,
+            "step": {"stop": list(self.params.stop), "tokens": self.params.max_tokens},
+        }
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        """The :class:`~ttscale.samplers.base.Sampler` protocol: ``budget`` = ``N`` solutions
+        per step (beams / particles). Yields one result per problem, in order."""
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        if self.search != "bon" and budget % self.width:
+            raise ConfigError(
+                f"{self.search} needs a budget divisible by width {self.width}, got {budget}; "
+                f"use a multiple of {self.width} or change width"
+            )
+        if sink is not None:
+            raise ConfigError(
+                "step-level search samples in memory only for now; run it without a store"
+            )
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        return self._sample(list(problems), budget, params)
+
+    def _sample(
+        self, problems: list[Problem], budget: int, params: SamplingParams
+    ) -> Iterator[SampleResult]:
+        self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
+        with SamplingSession(self.engine) as session:
+            for start in range(0, len(problems), self.batch_problems):
+                t0 = time.perf_counter()
+                states = [_State(p) for p in problems[start : start + self.batch_problems]]
+                while not all(s.done for s in states):
+                    self._step(session, states, budget, params)
+                results = [self._result(s) for s in states]
+                self.timing["total"] += time.perf_counter() - t0
+                yield from results
+
+    # ---- one step for every unfinished problem ----------------------------------------------
+
+    def _step(
+        self, session: SamplingSession, states: list[_State], budget: int, params: SamplingParams
+    ) -> None:
+        requests: list[GenerationRequest] = []
+        owners: list[tuple[_State, int | None, int]] = []  # (state, parent node, group)
+        for st in states:
+            if st.done:
+                continue
+            if st.step == 0:
+                parents: list[tuple[int | None, int, int]] = []
+                if self.search == "dvts":
+                    parents = [(None, g, self.width) for g in range(budget // self.width)]
+                else:
+                    parents = [(None, 0, budget)]
+            else:
+                parents = [(i, st.nodes[i].group, self.width) for i in st.frontier]
+            for parent, group, m in parents:
+                # a node's candidate index is its position in st.nodes (children are appended
+                # in request order below)
+                first, st.next_index = st.next_index, st.next_index + m
+                requests.append(self._request(st, parent, tuple(range(first, first + m))))
+                owners.append((st, parent, group))
+        t0 = time.perf_counter()
+        results = session.generate(requests, params, store=False)
+        self.timing["engine"] += time.perf_counter() - t0
+        fresh: dict[int, list[int]] = {}
+        for (st, parent, group), comps in zip(owners, results, strict=True):
+            for c in comps:
+                st.nodes.append(self._child(st, parent, group, c))
+                fresh.setdefault(id(st), []).append(len(st.nodes) - 1)
+                st.generated += c.num_tokens + c.discarded_tokens
+                st.prompt_tokens += c.prompt_tokens or 0
+        for st in states:
+            if st.done:
+                continue
+            new = fresh.get(id(st), [])
+            t0 = time.perf_counter()
+            scores = score_potential(
+                self.potential,
+                st.problem,
+                [st.nodes[i].text for i in new],
+                [st.nodes[i].finished for i in new],
+            )
+            self.timing["potential"] += time.perf_counter() - t0
+            for i, s in zip(new, scores.tolist(), strict=True):
+                st.nodes[i].score = s
+            self._select(st, new, budget)
+
+    def _request(
+        self, st: _State, parent: int | None, indices: tuple[int, ...]
+    ) -> GenerationRequest:
+        p = st.problem
+        if parent is None:
+            return GenerationRequest(problem_id=p.id, prompt=p.prompt, indices=indices, step=0)
+        node = st.nodes[parent]
+        if self.token_prefixes:
+            return GenerationRequest(
+                problem_id=p.id,
+                prompt=p.prompt,
+                prefix_token_ids=node.token_ids,
+                indices=indices,
+                step=st.step,
+            )
+        return GenerationRequest(
+            problem_id=p.id, prompt=p.prompt, prefix=node.text, indices=indices, step=st.step
+        )
+
+    def _child(self, st: _State, parent: int | None, group: int, c: Completion) -> _Node:
+        base = st.nodes[parent] if parent is not None else None
+        ids = (base.token_ids if base else ()) + tuple(c.token_ids or ())
+        n = (base.num_tokens if base else 0) + c.num_tokens
+        eos = c.finish_reason == FinishReason.STOP.value and c.stop_reason is None
+        finished = (
+            eos
+            or c.finish_reason == FinishReason.ABORT.value
+            or st.step + 1 >= self.max_steps
+            or n >= self.max_tokens
+        )
+        return _Node(
+            index=c.index,
+            parent=parent,
+            step=st.step,
+            group=group,
+            text=(base.text if base else "") + c.text,
+            token_ids=ids,
+            num_tokens=n,
+            finished=finished,
+            finish_reason=c.finish_reason if eos or not finished else FinishReason.LENGTH.value,
+        )
+
+    def _select(self, st: _State, new: list[int], budget: int) -> None:
+        done = [i for i in new if st.nodes[i].finished]
+        open_ = [i for i in new if not st.nodes[i].finished]
+        st.pool.extend(done)
+        keep = budget // self.width
+        if self.search == "beam":
+            keep = min(keep, budget - len(st.pool))
+        if keep <= 0:
+            survivors: list[int] = []
+        else:
+            pos = select_survivors(
+                self.search,
+                [st.nodes[i].score for i in open_],
+                [st.nodes[i].group for i in open_],
+                keep,
+            )
+            survivors = [open_[j] for j in pos]
+        dropped = sorted(set(open_) - set(survivors))
+        st.pruned.extend(dropped)
+        st.frontier = survivors
+        st.steps.append(
+            StepInfo(
+                step=st.step,
+                ancestors=tuple(survivors),
+                extra={
+                    "particle_steps": len(new),
+                    "finished": len(done),
+                    "pruned": len(dropped),
+                    "best": max((st.nodes[i].score for i in new), default=-math.inf),
+                },
+            )
+        )
+        st.step += 1
+        if not survivors:
+            st.done = True
+
+    def _result(self, st: _State) -> SampleResult:
+        cands: list[Candidate] = []
+        pool = set(st.pool)
+        for i in sorted(pool | set(st.pruned)):
+            node = st.nodes[i]
+            comp = Completion(
+                problem_id=st.problem.id,
+                index=node.index,
+                text=node.text,
+                token_ids=node.token_ids,
+                num_tokens=node.num_tokens,
+                finish_reason=node.finish_reason if i in pool else FinishReason.PRUNED.value,
+            )
+            parent = st.nodes[node.parent].index if node.parent is not None else None
+            if i in pool:
+                cands.append(Candidate(comp, step=node.step, parent=parent, log_weight=node.score))
+            else:
+                cands.append(
+                    Candidate(
+                        comp,
+                        step=node.step,
+                        parent=parent,
+                        log_weight=node.score,
+                        fate=Fate.PRUNED,
+                        pruned_at=node.num_tokens,
+                    )
+                )
+        return SampleResult(
+            problem=st.problem,
+            candidates=tuple(cands),
+            generated_tokens=st.generated,
+            prompt_tokens=st.prompt_tokens,
+            iid=False,
+            steps=tuple(st.steps),
+        )
+
+
+def particle_steps(result: SampleResult) -> int:
+    """The continuations a step-wise result drew, over all its steps."""
+    return sum(int(s.extra.get("particle_steps", 0)) for s in result.steps)
