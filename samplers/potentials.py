@@ -11,8 +11,7 @@ Factories are imported lazily, so listing the specs loads no model.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -23,8 +22,8 @@ from ttscale.types import Problem
 __all__ = [
     "POTENTIAL_SPECS",
     "Potential",
-    "check_potential_spec",
     "make_potential",
+    "register_potential",
     "score_potential",
 ]
 
@@ -38,40 +37,37 @@ class Potential(Protocol):
     ) -> Sequence[float] | np.ndarray: ...
 
 
-#: spec head -> ("module:factory", what its argument is)
-POTENTIAL_SPECS: Mapping[str, tuple[str, str]] = {
-    "arith-prm": ("ttscale.verifiers.arith_prm:ArithProcessReward", "aggregation"),
-}
+#: ``head -> factory(arg, **options) -> potential`` (``--potential HEAD[:ARG]``)
+POTENTIAL_SPECS: dict[str, Callable[..., Any]] = {}
 
 POTENTIAL_HELP = "arith-prm, arith-prm:AGG (AGG = prod, min, last, mean)"
 
 
-def check_potential_spec(spec: str) -> tuple[str, str]:
-    """``(head, arg)`` of a valid spec; :class:`ConfigError` naming the accepted forms otherwise."""
+def register_potential(head: str, factory: Callable[..., Any]) -> None:
+    """Make ``--potential HEAD[:ARG]`` build ``factory(ARG, **options)``."""
+    if not head or ":" in head:
+        raise ConfigError(f"a potential spec head is a non-empty name without ':', got {head!r}")
+    POTENTIAL_SPECS[head.lower()] = factory
+
+
+def _arith_prm(arg: str, **options: Any) -> Any:
+    from ttscale.verifiers.arith_prm import arith_prm_potential
+
+    return arith_prm_potential(arg, **options)
+
+
+register_potential("arith-prm", _arith_prm)
+
+
+def make_potential(spec: str, **options: Any) -> Any:
+    """Build the potential named by ``spec`` (``options`` go to its factory)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"potential spec must be a non-empty string ({POTENTIAL_HELP})")
     head, _, arg = spec.strip().partition(":")
-    head, arg = head.strip().lower(), arg.strip()
+    head = head.strip().lower()
     if head not in POTENTIAL_SPECS:
         raise ConfigError(f"unknown potential {spec!r}; choose one of: {POTENTIAL_HELP}")
-    if head == "arith-prm" and arg:
-        from ttscale.validation import check_choice
-        from ttscale.verifiers.arith_prm import ARITH_PRM_AGGREGATIONS
-
-        check_choice("arith-prm aggregation", arg, ARITH_PRM_AGGREGATIONS)
-    return head, arg
-
-
-def make_potential(spec: str, **kw: Any) -> Any:
-    """Build the potential named by ``spec`` (``kw`` go to its constructor)."""
-    head, arg = check_potential_spec(spec)
-    path, arg_name = POTENTIAL_SPECS[head]
-    mod_name, _, attr = path.partition(":")
-    factory: Callable[..., Any] = getattr(importlib.import_module(mod_name), attr)
-    opts = dict(kw)
-    if arg:
-        opts[arg_name] = arg
-    return factory(**opts)
+    return POTENTIAL_SPECS[head](arg.strip(), **options)
 
 
 def score_potential(

@@ -48,14 +48,17 @@ from ttscale.validation import check_choice, check_number
 
 __all__ = [
     "ARITH_PRM_AGGREGATIONS",
+    "ARITH_PRM_VALUES",
     "ArithProcessReward",
     "ArithProgram",
+    "arith_prm_potential",
     "LineCheck",
     "check_lines",
     "parse_question",
 ]
 
 ARITH_PRM_AGGREGATIONS = ("prod", "min", "last", "mean")
+ARITH_PRM_VALUES = ("log_prob", "prob")
 
 _LINE_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*x×])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _FINAL_RE = re.compile(r"^\s*####\s*(-?\d+)\s*$")
@@ -210,16 +213,22 @@ class ArithProcessReward:
       ``score`` the aggregated reward, ``meta["step_scores"]`` and ``meta["wrong_steps"]``.
 
     ``aggregation``: ``prod`` (default), ``min``, ``last`` or ``mean``; ``wrong``: the score of
-    a wrong step, in ``[0, 1)``.
+    a wrong step, in ``[0, 1)``; ``value``: what ``score`` returns, ``"log_prob"`` (default,
+    ``log(reward)``: a log-potential) or ``"prob"`` (the reward itself: what Feynman-Kac shaping
+    and particle-filter weighting take as ``r_t``).
     """
 
     name = "arith-prm"
 
-    def __init__(self, *, aggregation: str = "prod", wrong: float = 0.0) -> None:
+    def __init__(
+        self, *, aggregation: str = "prod", wrong: float = 0.0, value: str = "log_prob"
+    ) -> None:
         check_choice("aggregation", aggregation, ARITH_PRM_AGGREGATIONS)
         check_number("wrong", wrong, low=0.0, high=1.0, high_open=True)
+        check_choice("value", value, ARITH_PRM_VALUES)
         self.aggregation = aggregation
         self.wrong = float(wrong)
+        self.value = value
 
     def info(self) -> dict[str, Any]:
         return {"class": "ArithProcessReward", "aggregation": self.aggregation, "wrong": self.wrong}
@@ -259,8 +268,11 @@ class ArithProcessReward:
     def score(
         self, problem: Problem, texts: Sequence[str], finished: Sequence[bool] | bool = False
     ) -> np.ndarray:
-        """The log-potential ``log(reward)`` of each text (``-inf`` where the reward is 0)."""
+        """The log-potential ``log(reward)`` of each text (``-inf`` where the reward is 0), or
+        the reward itself with ``value="prob"``."""
         r = self.reward(problem, texts, finished)
+        if self.value == "prob":
+            return r
         with np.errstate(divide="ignore"):
             return np.log(r)
 
@@ -295,6 +307,15 @@ class ArithProcessReward:
                 )
             )
         return out
+
+
+def arith_prm_potential(arg: str = "", *, value: str = "log_prob", **options: Any) -> Any:
+    """The ``--potential arith-prm[:AGG]`` factory: ``ArithProcessReward(aggregation=AGG,
+    value=value)``; other CLI options (engine settings) do not apply to it and are ignored."""
+    if arg:
+        check_choice("arith-prm aggregation", arg, ARITH_PRM_AGGREGATIONS)
+    wrong = float(options.get("wrong", 0.0))
+    return ArithProcessReward(aggregation=arg or "prod", wrong=wrong, value=value)
 
 
 def _finished_list(finished: Sequence[bool] | bool, n: int) -> list[bool]:

@@ -151,3 +151,13 @@ def test_potential_registry_and_bundled_solutions():
     assert make_potential("arith-prm:last").aggregation == "last"
     with pytest.raises(ConfigError, match="2 values for 1 texts"):
         score_potential(lambda p, t, f: [0.0, 1.0], PROBLEM, ["x"], [False])
+
+
+def test_prob_value_gives_the_reward_for_fk_shaping():
+    pot = make_potential("arith-prm", value="prob")
+    texts = [RIGHT, "12 + 7 = 20\n"]
+    assert pot.score(PROBLEM, texts, [True, False]).tolist() == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="value must be one of"):
+        make_potential("arith-prm", value="odds")
+    with pytest.raises(ConfigError, match="aggregation must be one of"):
+        make_potential("arith-prm:median")
