@@ -1,16 +1,33 @@
 """ttscale.samplers: strategies that call an engine (repeated sampling, adaptive, SMC)."""
 
 from ttscale.samplers.base import Candidate, Fate, Sampler, SampleResult, StepInfo
+from ttscale.samplers.potentials import (
+    LikelihoodTempering,
+    Potential,
+    SumPotential,
+    VerifierPotential,
+    make_potential,
+    register_potential,
+)
 from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
 from ttscale.samplers.session import SamplingSession
+from ttscale.samplers.smc import SMCSampler, select_answer
 
 __all__ = [
     "Candidate",
     "Fate",
+    "LikelihoodTempering",
+    "Potential",
     "RepeatedSampler",
+    "SMCSampler",
     "SampleResult",
     "Sampler",
     "SamplingSession",
     "SamplingSummary",
     "StepInfo",
+    "SumPotential",
+    "VerifierPotential",
+    "make_potential",
+    "register_potential",
+    "select_answer",
 ]

@@ -30,6 +30,7 @@ class Fate(str, enum.Enum):
     KEPT = "kept"  # part of the final pool
     PRUNED = "pruned"  # stopped early at ``pruned_at`` tokens by a pruning rule
     RESAMPLED = "resampled"  # dropped by a resampling step (its descendants replaced it)
+    EXTENDED = "extended"  # an intermediate particle a later step continued (an ancestor)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class SampleResult:
     ``candidates`` is every trace, in index order, whatever its fate; ``generated_tokens`` the
     tokens generated for them (discarded traces included); ``resumed`` how many candidates came
     from the sink rather than the engine (their tokens were spent by an earlier session and are
-    included in ``generated_tokens``); ``iid`` whether the kept candidates are independent draws
+    included in ``generated_tokens``); ``info`` the sampler's per-problem summary (SMC:
+    ``log_ml``, ``particle_steps``, ...); ``iid`` whether the kept candidates are independent draws
     (repeated sampling) or a weighted population (SMC), in which case ``log_weights`` says how to
     combine them.
     """
@@ -129,6 +131,7 @@ class SampleResult:
     iid: bool = True
     resumed: int = 0
     steps: tuple[StepInfo, ...] = ()
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))

@@ -39,7 +39,7 @@ import numpy as np
 from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
-from ttscale.samplers.potentials import score_potential
+from ttscale.samplers.potentials import as_potential, clean_log_potentials
 from ttscale.samplers.session import SamplingSession
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
@@ -146,7 +146,7 @@ class SearchSampler:
         if not all(isinstance(s, str) and s for s in stop):
             raise ConfigError(f"step_stop must be non-empty strings, got {step_stop!r}")
         self.engine = engine
-        self.potential = potential
+        self.potential = as_potential(potential)
         self.search = search
         self.width = 1 if search == "bon" else width
         self.max_steps = max_steps
@@ -248,12 +248,12 @@ class SearchSampler:
                 continue
             new = fresh.get(id(st), [])
             t0 = time.perf_counter()
-            scores = score_potential(
-                self.potential,
+            out = self.potential.score(
                 st.problem,
                 [st.nodes[i].text for i in new],
                 [st.nodes[i].finished for i in new],
             )
+            scores = clean_log_potentials(out, len(new), who=type(self.potential).__name__)
             self.timing["potential"] += time.perf_counter() - t0
             for i, s in zip(new, scores.tolist(), strict=True):
                 st.nodes[i].score = s

@@ -234,7 +234,7 @@ class Completion:
 
 
 #: what a step-wise sampler did with a trace (``Sample.fate``)
-SAMPLE_FATES = ("kept", "pruned", "resampled")
+SAMPLE_FATES = ("kept", "pruned", "resampled", "extended")
 
 
 @dataclass(frozen=True)

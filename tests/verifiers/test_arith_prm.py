@@ -9,7 +9,7 @@ import pytest
 
 from ttscale.errors import ConfigError
 from ttscale.evals.arith import generate_items, generate_problems
-from ttscale.samplers.potentials import make_potential, score_potential
+from ttscale.samplers.potentials import as_potential, clean_log_potentials, make_potential
 from ttscale.types import Problem, Sample, VerdictStatus
 from ttscale.verifiers.arith_prm import ArithProcessReward, check_lines, parse_question
 from ttscale.verifiers.base import check_spec, make_verifier
@@ -142,15 +142,17 @@ def test_potential_registry_and_bundled_solutions():
     probs = generate_problems(20, seed=3)
     texts = [p.meta["solution"] for p in probs]
     for p, t in zip(probs, texts, strict=True):
-        assert score_potential(pot, p, [t, t.replace("=", "= 1")], [True, True]).tolist() == [
+        assert as_potential(pot).score(p, [t, t.replace("=", "= 1")], [True, True]).tolist() == [
             0.0,
             -math.inf,
         ]
     with pytest.raises(ConfigError, match="unknown potential"):
         make_potential("prm")
     assert make_potential("arith-prm:last").aggregation == "last"
-    with pytest.raises(ConfigError, match="2 values for 1 texts"):
-        score_potential(lambda p, t, f: [0.0, 1.0], PROBLEM, ["x"], [False])
+    with pytest.raises(ConfigError, match="2 values for 1 particles"):
+        clean_log_potentials(
+            as_potential(lambda p, t, f: [0.0, 1.0]).score(PROBLEM, ["x"], [False]), 1
+        )
 
 
 def test_prob_value_gives_the_reward_for_fk_shaping():

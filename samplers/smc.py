@@ -1,0 +1,709 @@
+"""Sequential Monte Carlo over partial generations (ALGORITHMS.md 6.1-6.4): :class:`SMCSampler`.
+
+Particles are partial generations of one problem. Each step extends every live particle to its
+next step boundary (a stop string such as ``"\\n"``, EOS, or ``tokens_per_step`` tokens; one
+token per step works) with **one batched engine call on token prefixes**, scores the new
+prefixes with a potential, updates the weights and resamples when the schedule says so.
+
+Weights (natural log, float64). For particle ``i`` extended by step ``s_t``:
+
+* **incremental** log-weight ``α_t = [log γ_t(s_{1:t}) − log γ_{t−1}(s_{1:t−1})] + log p(s_t|·)
+  − log q(s_t|·)``: the potential's change (per ``shaping``, :mod:`ttscale.samplers.potentials`)
+  plus the **proposal correction** ``Σ target − Σ proposal`` over the step's tokens (raw minus
+  processed log-probs; zero when they agree, e.g. temperature 1 without filters);
+* **cumulative** log-weight ``ℓ_i += α_t``. After resampling every particle's ``ℓ`` is set to
+  ``LSE(ℓ) − log N`` (LLaMPPL's convention: the total is kept), so at any time
+  ``log_ml = LSE(ℓ) − log N`` is the running estimate of ``log Z`` and the per-step increment is
+  ``LSE(ℓ_after) − LSE(ℓ_before)``.
+
+Finished particles (EOS, ``max_tokens`` in all, or ``max_steps``) are **absorbing**: kept, weight
+frozen, never extended. By default they **take part in resampling** (``resample_finished=True``:
+an absorbing state is an identity move with incremental weight 0, so this is plain SMC and
+finished particles can be copied or dropped); with ``False`` only live particles are resampled,
+among themselves, their total weight kept (finished ones are untouched). Both are unbiased for
+``Z``; the tests check each.
+
+All weights ``-inf`` is a clear outcome: ``info["degenerate"]`` is true, ``log_ml`` is ``-inf``,
+the loop stops, no NaN appears.
+
+The pure part of a step is :func:`reweight`, ``(state, increments) -> (state, info)`` in the
+BlackJAX way; the sampler adds the engine call and the potential around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ttscale.engines.base import (
+    Engine,
+    GenerationRequest,
+    capabilities_of,
+    require_capabilities,
+)
+from ttscale.errors import ConfigError
+from ttscale.particles.logspace import ess as ess_of
+from ttscale.particles.logspace import log_normalize, logsumexp
+from ttscale.particles.resampling import RESAMPLERS, resample
+from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
+from ttscale.samplers.potentials import (
+    SHAPINGS,
+    as_potential,
+    evaluate,
+    fk_increments,
+    pf_log_weights,
+)
+from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.seeding import SeedLike, as_generator, problem_seed
+from ttscale.store import SampleStore
+from ttscale.types import Completion, FinishReason, Problem, SamplingParams
+from ttscale.validation import check_choice, check_int, check_number
+
+__all__ = [
+    "SELECTIONS",
+    "SMCSampler",
+    "SMCState",
+    "reweight",
+    "select_answer",
+]
+
+log = logging.getLogger(__name__)
+
+#: final-answer rules over a weighted population
+SELECTIONS = ("argmax", "sample", "vote")
+
+
+@dataclass(frozen=True)
+class SMCState:
+    """The population after a step (arrays of shape ``(N,)``, one entry per particle slot).
+
+    ``log_weights``: cumulative ``ℓ`` (see the module docstring); ``finished``: absorbing;
+    ``cand``: the candidate index each slot holds (its latest step's candidate); ``log_ml``: the
+    running ``log Ẑ``. ``r_prev``/``log_pi``: FK-steering statistics (carried ``r̃`` and the sum
+    of the particle's FK log-increments); ``log_g``: the last cumulative log-potential (shaping
+    ``none``); ``target_lp``: cumulative raw log-probability of each prefix.
+    """
+
+    log_weights: NDArray[np.float64]
+    finished: NDArray[np.bool_]
+    cand: NDArray[np.int64]
+    log_ml: float = 0.0
+    r_prev: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    log_pi: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    log_g: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    target_lp: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def initial(cls, n: int) -> SMCState:
+        z = np.zeros(n, dtype=np.float64)
+        return cls(
+            z.copy(),
+            np.zeros(n, bool),
+            np.full(n, -1, np.int64),
+            0.0,
+            z.copy(),
+            z.copy(),
+            z.copy(),
+            z.copy(),
+        )
+
+    def take(self, ancestors: NDArray[np.int64]) -> SMCState:
+        """The population rearranged by ``ancestors`` (weights untouched)."""
+        a = np.asarray(ancestors, dtype=np.int64)
+        return replace(
+            self,
+            log_weights=self.log_weights[a],
+            finished=self.finished[a],
+            cand=self.cand[a],
+            r_prev=self.r_prev[a],
+            log_pi=self.log_pi[a],
+            log_g=self.log_g[a],
+            target_lp=self.target_lp[a],
+        )
+
+
+def reweight(
+    state: SMCState,
+    increments: NDArray[np.float64],
+    *,
+    rng: SeedLike,
+    scheme: str = "systematic",
+    ess_threshold: float = 0.5,
+    resample_finished: bool = True,
+    replace_weights: bool = False,
+    step: int = 0,
+    allow_resample: bool = True,
+) -> tuple[SMCState, StepInfo]:
+    """The pure weighting and resampling part of one SMC step: ``(state, info)``.
+
+    ``increments[i]`` is particle ``i``'s incremental log-weight ``α_t`` (ignored for particles
+    already finished before this step: pass 0) — or, with ``replace_weights`` (Puri's particle
+    filter), its new log-weight outright. Then ``ESS`` of the cumulative weights; if
+    ``ESS < ess_threshold·N`` (``ess_threshold=1`` resamples every step, ``0`` never) and
+    ``allow_resample``, ancestors are drawn with ``scheme`` and weights reset to
+    ``LSE(ℓ) − log N`` (of the resampled set when ``resample_finished`` is false). ``info``:
+    ancestors (slot indices; identity when not resampled), ``ess`` (before resampling),
+    ``log_ml_increment`` and ``extra["degenerate"]`` (every weight ``-inf``).
+    """
+    n = state.log_weights.size
+    inc = np.asarray(increments, dtype=np.float64)
+    inc = np.where(np.isnan(inc), -np.inf, inc)
+    before = float(logsumexp(state.log_weights))
+    if replace_weights:
+        lw = inc.copy()
+    else:
+        with np.errstate(invalid="ignore"):
+            lw = state.log_weights + inc
+        lw = np.where(np.isnan(lw), -np.inf, lw)
+    after = float(logsumexp(lw))
+    if replace_weights:
+        d_log_ml = math.nan
+        log_ml = math.nan
+    elif after == -math.inf:
+        d_log_ml = -math.inf
+        log_ml = -math.inf
+    else:
+        d_log_ml = after - before if before > -math.inf else -math.inf
+        log_ml = after - math.log(n)
+    ess = ess_of(lw)
+    degenerate = after == -math.inf
+    new = replace(state, log_weights=lw, log_ml=log_ml)
+    ancestors = np.arange(n, dtype=np.int64)
+    resampled = False
+    if allow_resample and not degenerate and ess < ess_threshold * n:
+        g = as_generator(rng)
+        if resample_finished:
+            norm = log_normalize(lw)
+            ancestors = resample(scheme, g, norm.weights, n)
+            new = new.take(ancestors)
+            if not replace_weights:
+                new = replace(new, log_weights=np.full(n, after - math.log(n)))
+            resampled = True
+        else:
+            live = np.flatnonzero(~state.finished)
+            if live.size and float(logsumexp(lw[live])) > -math.inf:
+                sub = lw[live]
+                pick = resample(scheme, g, log_normalize(sub).weights, live.size)
+                ancestors[live] = live[pick]
+                new = new.take(ancestors)
+                if not replace_weights:
+                    w = new.log_weights.copy()
+                    w[live] = float(logsumexp(sub)) - math.log(live.size)
+                    new = replace(new, log_weights=w)
+                resampled = True
+    info = StepInfo(
+        step=step,
+        ancestors=tuple(int(a) for a in ancestors),
+        ess=ess,
+        log_ml_increment=d_log_ml,
+        resampled=resampled,
+        extra={"degenerate": degenerate},
+    )
+    return new, info
+
+
+@dataclass
+class _Particle:
+    text: str = ""
+    tokens: tuple[int, ...] = ()
+    steps: int = 0
+
+
+class SMCSampler:
+    """Sequential Monte Carlo with ``budget`` particles per problem (the ``Sampler`` protocol).
+
+    ``potential``: an object with ``score(problem, texts, finished)`` or such a callable
+    (:mod:`ttscale.samplers.potentials`); ``shaping`` how its values become weights
+    (:data:`~ttscale.samplers.potentials.SHAPINGS`: ``none`` = log-potentials, ``immediate`` /
+    ``difference`` / ``max`` / ``sum`` = FK steering of a reward with strength ``lam``, ``pf`` =
+    Puri et al.'s particle filter with softmax temperature ``pf_temperature``).
+
+    Steps: ``step_stop`` strings end a step (kept in the step's text; ``()`` for none),
+    ``tokens_per_step`` caps a step's tokens (``1`` = token-level SMC), ``params.max_tokens``
+    caps a particle's tokens in all, ``max_steps`` its steps. ``params`` are the proposal's
+    sampling settings (temperature, top-p, ...); with settings other than plain sampling at
+    temperature 1 the engine must return both raw and processed log-probs (capabilities
+    ``raw_logprobs`` and ``processed_logprobs``) for the proposal correction.
+
+    Resampling: ``resample`` scheme (multinomial, stratified, systematic, residual), when
+    ``ESS < ess_threshold·N`` (``1.0`` = every step; ``pf`` always resamples every step).
+    ``resample_finished``: whether finished particles take part (module docstring).
+
+    ``select``: the final answer rule used by :func:`select_answer` when ``answer_fn`` is given
+    (``argmax`` weight, a ``sample`` from the weights, weighted ``vote``); the answer goes into
+    ``result.info["answer"]``.
+
+    Budget accounting: ``result.generated_tokens`` counts every token the engine generated for
+    the problem (particles resampled away included); ``info["particle_steps"]`` the particle
+    extensions. Stored runs (``sink``) keep every particle-step as a candidate with ``step``,
+    ``parent``, cumulative ``log_weight`` at creation and ``fate`` (``kept`` for the final
+    population with its final log-weight, ``extended`` for ancestors, ``resampled`` for dropped
+    lines); the run is marked ``iid=False``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        potential: Any,
+        params: SamplingParams | None = None,
+        *,
+        shaping: str = "none",
+        lam: float = 1.0,
+        pf_temperature: float = 1.0,
+        resample: str = "systematic",
+        ess_threshold: float = 0.5,
+        resample_finished: bool = True,
+        step_stop: Sequence[str] = ("\n",),
+        tokens_per_step: int = 256,
+        max_steps: int = 64,
+        chat: bool = False,
+        select: str = "vote",
+        answer_fn: Callable[[str], str | None] | None = None,
+        progress: bool | None = None,
+        manifest: Mapping[str, Any] | None = None,
+        flush_every: int = 512,
+    ) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
+        check_choice("shaping", shaping, SHAPINGS)
+        check_choice("resample", resample, tuple(RESAMPLERS))
+        check_choice("select", select, SELECTIONS)
+        check_number("lam", lam)
+        check_number("ess_threshold", ess_threshold, low=0.0, high=1.0)
+        check_int("tokens_per_step", tokens_per_step, min=1)
+        check_int("max_steps", max_steps, min=1)
+        if params.temperature == 0.0:
+            raise ConfigError(
+                "SMC needs a stochastic proposal: temperature must be > 0 (greedy decoding has "
+                "no importance weights)"
+            )
+        if params.n != 1:
+            raise ConfigError("SMCSampler draws one continuation per particle: params.n must be 1")
+        require_capabilities(engine, "token_prefixes", by="SMCSampler")
+        plain = (
+            params.temperature == 1.0
+            and params.top_p == 1.0
+            and params.top_k == 0
+            and params.min_p == 0.0
+            and params.min_tokens == 0
+        )
+        caps = capabilities_of(engine)
+        self.correct_proposal = caps.has("raw_logprobs") and caps.has("processed_logprobs")
+        if not plain and not self.correct_proposal:
+            require_capabilities(engine, "raw_logprobs", "processed_logprobs", by="SMCSampler")
+        if isinstance(step_stop, str):
+            step_stop = (step_stop,)
+        self.engine = engine
+        self.potential = as_potential(potential)
+        self.params = params.replace(logprobs=0 if params.logprobs is None else params.logprobs)
+        self.shaping = shaping
+        self.lam = float(lam)
+        self.pf_temperature = float(pf_temperature)
+        check_number("pf_temperature", pf_temperature, low=0.0, low_open=True)
+        self.scheme = resample
+        self.ess_threshold = 1.0 if shaping == "pf" else float(ess_threshold)
+        self.resample_finished = bool(resample_finished)
+        self.step_stop = tuple(step_stop)
+        self.tokens_per_step = tokens_per_step
+        self.max_steps = max_steps
+        self.chat = bool(chat)
+        self.select = select
+        self.answer_fn = answer_fn
+        self.progress = progress
+        self.extra_manifest = dict(manifest or {})
+        self.flush_every = flush_every
+        self.engine_info = dict(engine.info())
+
+    # ---- configuration for the manifest ------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The SMC settings recorded in a run's manifest (``smc``)."""
+        return {
+            "shaping": self.shaping,
+            "lambda": self.lam,
+            "pf_temperature": self.pf_temperature,
+            "resample": self.scheme,
+            "ess_threshold": self.ess_threshold,
+            "resample_finished": self.resample_finished,
+            "step_stop": list(self.step_stop),
+            "tokens_per_step": self.tokens_per_step,
+            "max_steps": self.max_steps,
+            "select": self.select,
+            "proposal_correction": self.correct_proposal,
+            "potential": getattr(self.potential, "name", type(self.potential).__name__),
+        }
+
+    # ---- the Sampler protocol ----------------------------------------------------------------
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        """Run SMC with ``budget`` particles on each problem; one :class:`SampleResult` each.
+
+        ``seed``: the run seed (default ``params.seed``): particle ``j``'s extension at step
+        ``t`` is seeded by ``(seed, problem, candidate index t·N + j, t)`` and the resampling
+        generator by ``(seed, problem)``, so a run is reproducible. ``sink``: a store receiving
+        every particle-step; problems it already completed (``manifest["smc_done"]``) are read
+        back, the others (re)sampled, so an interrupted run resumes per problem.
+        """
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        problems = list(problems)
+        ids = [p.id for p in problems]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("problem ids must be unique")
+        if sink is not None:
+            extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
+            sink.check_compatible({**extra, "sampling": params.to_dict()})
+            sink.write_problems(problems)
+            start_run(
+                sink,
+                engine_info=self.engine_info,
+                params=params,
+                n=budget,
+                chat=self.chat,
+                iid=False,
+                extra=extra,
+            )
+        return self._sample(problems, budget, params, sink)
+
+    def _sample(
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
+    ) -> Iterator[SampleResult]:
+        done = set((sink.manifest.get("smc_done") or {}).get(str(budget), [])) if sink else set()
+        show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
+        session = SamplingSession(
+            self.engine, sink, engine_info=self.engine_info, flush_every=self.flush_every
+        )
+        session.show_progress(
+            show,
+            remaining={p.id: 0 if p.id in done else budget for p in problems},
+            samples=len(problems) * budget,
+        )
+        with session:
+            for p in problems:
+                if sink is not None and p.id in done:
+                    yield self._resumed(p, sink)
+                    continue
+                result = self.run_problem(p, budget, params, session)
+                if sink is not None:
+                    session.keep(result.candidates)
+                    session.flush()
+                    _mark_done(sink, p.id, budget)
+                yield result
+
+    def run_problem(
+        self,
+        problem: Problem,
+        n: int,
+        params: SamplingParams,
+        session: SamplingSession | None = None,
+    ) -> SampleResult:
+        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores)."""
+        session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
+        rng = np.random.default_rng(problem_seed(params.seed, problem.id) ^ 0x5EC)
+        step_params = params.replace(
+            n=1,
+            max_tokens=min(self.tokens_per_step, params.max_tokens),
+            stop=self.step_stop,
+            include_stop_str_in_output=True,
+            logprobs=params.logprobs if params.logprobs is not None else 0,
+        )
+        state = SMCState.initial(n)
+        parts = [_Particle() for _ in range(n)]
+        cands: list[Candidate] = []
+        infos: list[StepInfo] = []
+        tokens = prompt_tokens = particle_steps = 0
+        degenerate = False
+        base: dict[str, Any]
+        if self.chat:
+            base = {"messages": ({"role": "user", "content": problem.prompt},)}
+        else:
+            base = {"prompt": problem.prompt}
+        for t in range(self.max_steps):
+            live = np.flatnonzero(~state.finished)
+            if live.size == 0:
+                break
+            reqs = [
+                GenerationRequest(
+                    problem_id=problem.id,
+                    prefix_token_ids=parts[j].tokens,
+                    indices=(t * n + int(j),),
+                    step=t,
+                    **base,
+                )
+                for j in live
+            ]
+            # a step's token cap: tokens_per_step, less near the particle's length limit
+            caps = [
+                min(step_params.max_tokens, params.max_tokens - len(parts[j].tokens)) for j in live
+            ]
+            outs: list[Completion | None] = [None] * len(reqs)
+            for cap in sorted(set(caps), reverse=True):  # one batched call (per distinct cap)
+                pos = [k for k, c in enumerate(caps) if c == cap]
+                got = session.generate(
+                    [reqs[k] for k in pos], step_params.replace(max_tokens=cap), store=False
+                )
+                for k, g in zip(pos, got, strict=True):
+                    outs[k] = g[0]
+            particle_steps += len(live)
+            correction = np.zeros(n)
+            fin_now = state.finished.copy()
+            target_lp = state.target_lp.copy()
+            for j, comp in zip(live, outs, strict=True):
+                assert comp is not None
+                tokens += comp.num_tokens
+                prompt_tokens += comp.prompt_tokens or 0
+                pj = parts[j]
+                new_ids = tuple(comp.token_ids or ())
+                parts[j] = _Particle(pj.text + comp.text, pj.tokens + new_ids, pj.steps + 1)
+                tgt = comp.target_logprobs
+                prop = comp.proposal_logprobs
+                if tgt is not None:
+                    target_lp[j] += math.fsum(tgt)
+                if self.correct_proposal and tgt is not None and prop is not None:
+                    with np.errstate(invalid="ignore"):
+                        c = math.fsum(tgt) - math.fsum(prop)
+                    correction[j] = -math.inf if math.isnan(c) else c
+                eos = comp.finish_reason == FinishReason.STOP.value and not isinstance(
+                    comp.stop_reason, str
+                )
+                fin_now[j] = (
+                    eos
+                    or len(parts[j].tokens) >= params.max_tokens
+                    or parts[j].steps >= self.max_steps
+                    or comp.num_tokens == 0
+                )
+            texts = [parts[j].text for j in live]
+            values = evaluate(
+                self.potential, problem, texts, [bool(fin_now[j]) for j in live], target_lp[live]
+            )
+            inc = np.zeros(n)
+            r_prev, log_pi, log_g = state.r_prev.copy(), state.log_pi.copy(), state.log_g.copy()
+            if self.shaping == "pf":
+                inc = state.log_weights.copy()
+                inc[live] = pf_log_weights(values, temperature=self.pf_temperature)
+            elif self.shaping == "none":
+                with np.errstate(invalid="ignore"):
+                    d = values - log_g[live]
+                inc[live] = np.where(np.isnan(d), -np.inf, d)
+                log_g[live] = values
+            else:
+                w, tilde = fk_increments(
+                    self.shaping, self.lam, values, r_prev[live], log_pi[live], fin_now[live]
+                )
+                inc[live] = w
+                r_prev[live] = tilde
+                log_pi[live] = log_pi[live] + w
+            with np.errstate(invalid="ignore"):
+                inc[live] = inc[live] + (0.0 if self.shaping == "pf" else correction[live])
+            inc = np.where(np.isnan(inc), -np.inf, inc)
+            cand = state.cand.copy()
+            pre = replace(
+                state,
+                finished=fin_now,
+                r_prev=r_prev,
+                log_pi=log_pi,
+                log_g=log_g,
+                target_lp=target_lp,
+            )
+            with np.errstate(invalid="ignore"):
+                cum = inc if self.shaping == "pf" else state.log_weights + inc
+            for j, comp in zip(live, outs, strict=True):
+                assert comp is not None
+                idx = t * n + int(j)
+                parent = int(state.cand[j]) if state.cand[j] >= 0 else None
+                cands.append(
+                    Candidate(
+                        _particle_completion(comp, parts[j], idx),
+                        step=t,
+                        parent=parent,
+                        log_weight=float(cum[j]),
+                        fate=Fate.RESAMPLED,
+                    )
+                )
+                cand[j] = idx
+            pre = replace(pre, cand=cand)
+            state, info = reweight(
+                pre,
+                inc,
+                rng=rng,
+                scheme=self.scheme,
+                ess_threshold=self.ess_threshold,
+                resample_finished=self.resample_finished,
+                replace_weights=self.shaping == "pf",
+                step=t,
+                allow_resample=not bool(fin_now.all()),
+            )
+            infos.append(info)
+            parts = [parts[a] for a in info.ancestors]
+            if info.extra.get("degenerate"):
+                degenerate = True
+                break
+        return self._result(
+            problem,
+            state,
+            parts,
+            cands,
+            infos,
+            tokens,
+            prompt_tokens,
+            particle_steps,
+            degenerate,
+            params,
+        )
+
+    def _result(
+        self,
+        problem: Problem,
+        state: SMCState,
+        parts: list[_Particle],
+        cands: list[Candidate],
+        infos: list[StepInfo],
+        tokens: int,
+        prompt_tokens: int,
+        particle_steps: int,
+        degenerate: bool,
+        params: SamplingParams,
+    ) -> SampleResult:
+        # final population: unique candidates, the weights of slots holding one summed
+        final: dict[int, float] = {}
+        for c, w in zip(state.cand.tolist(), state.log_weights.tolist(), strict=True):
+            final[c] = float(np.logaddexp(final[c], w)) if c in final else float(w)
+        parents = {c.parent for c in cands if c.parent is not None}
+        out: list[Candidate] = []
+        for c in cands:
+            if c.index in final:
+                out.append(replace(c, fate=Fate.KEPT, log_weight=final[c.index]))
+            elif c.index in parents:
+                out.append(replace(c, fate=Fate.EXTENDED))
+            else:
+                out.append(c)
+        out.sort(key=lambda c: c.index)
+        info: dict[str, Any] = {
+            "log_ml": None if self.shaping == "pf" else float(state.log_ml),
+            "ess": [i.ess for i in infos],
+            "resampled": [i.step for i in infos if i.resampled],
+            "ancestors": [list(i.ancestors) for i in infos],
+            "particle_steps": particle_steps,
+            "steps": len(infos),
+            "degenerate": degenerate,
+            "final_indices": state.cand.tolist(),
+            "final_log_weights": state.log_weights.tolist(),
+        }
+        result = SampleResult(
+            problem=problem,
+            candidates=tuple(out),
+            generated_tokens=tokens,
+            prompt_tokens=prompt_tokens,
+            iid=False,
+            steps=tuple(infos),
+            info=info,
+        )
+        if self.answer_fn is not None:
+            info["answer"] = select_answer(
+                result, self.select, self.answer_fn, seed=problem_seed(params.seed, problem.id)
+            )
+        return result
+
+    def _resumed(self, problem: Problem, sink: SampleStore) -> SampleResult:
+        from ttscale.samplers.repeated import _completion_of
+
+        cands = []
+        tokens = 0
+        for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
+            tokens += s.num_tokens or 0
+            cands.append(
+                Candidate(
+                    _completion_of(s),
+                    step=s.step or 0,
+                    parent=s.parent,
+                    log_weight=s.log_weight,
+                    fate=Fate(s.fate or "kept"),
+                )
+            )
+        kept = [c for c in cands if c.fate is Fate.KEPT]
+        lw = [c.log_weight if c.log_weight is not None else -math.inf for c in kept]
+        log_ml = None
+        if self.shaping != "pf" and kept:
+            log_ml = float(logsumexp(lw)) - math.log(
+                sink.manifest.get("smc", {}).get("particles", len(kept))
+            )
+        return SampleResult(
+            problem=problem,
+            candidates=tuple(cands),
+            generated_tokens=tokens,
+            iid=False,
+            resumed=len(cands),
+            info={"log_ml": log_ml, "particle_steps": len(cands), "resumed": True},
+        )
+
+
+def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
+    """The stored form of a particle after a step: the whole text so far, the step's tokens."""
+    return replace(comp, index=index, text=part.text)
+
+
+def _mark_done(sink: SampleStore, problem_id: str, n: int) -> None:
+    def mark(m: dict[str, Any]) -> None:
+        done = dict(m.get("smc_done") or {})
+        ids = list(done.get(str(n), []))
+        if problem_id not in ids:
+            ids.append(problem_id)
+        done[str(n)] = ids
+        m["smc_done"] = done
+
+    sink.modify_manifest(mark)
+
+
+def select_answer(
+    result: SampleResult,
+    rule: str,
+    answer_fn: Callable[[str], str | None],
+    *,
+    seed: SeedLike = 0,
+) -> str | None:
+    """The final answer of a weighted population.
+
+    ``argmax``: the answer of the kept particle with the largest log-weight (first in index
+    order on ties); ``sample``: of a particle drawn from the normalised weights (seeded);
+    ``vote``: the answer with the largest total normalised weight
+    (:func:`ttscale.select.aggregate.weighted_vote`, ties to the answer seen first). Particles
+    without an answer do not vote; all weights ``-inf`` gives ``None``.
+    """
+    check_choice("rule", rule, SELECTIONS)
+    from ttscale.select.aggregate import best_of_n, weighted_vote
+
+    kept = result.kept
+    if not kept:
+        return None
+    lw = np.array([-math.inf if c.log_weight is None else c.log_weight for c in kept])
+    if float(logsumexp(lw)) == -math.inf:
+        return None
+    answers = [answer_fn(c.text) for c in kept]
+    if rule == "sample":
+        w = log_normalize(lw).weights
+        k = int(as_generator(seed).choice(len(kept), p=w))
+        return answers[k]
+    if rule == "argmax":
+        return best_of_n(answers, lw, tie="first").answer  # type: ignore[return-value]
+    w = log_normalize(lw).weights
+    return weighted_vote(answers, w, tie="first").answer  # type: ignore[return-value]

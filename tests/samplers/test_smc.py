@@ -1,0 +1,428 @@
+"""SMCSampler: exactness on an enumerable target, unbiased log_ml, FK/PF parity, float traps.
+
+The target is enumerated exactly: the toy model over the alphabet ``"ab"`` (plus EOS), at most
+3 tokens, one token per step; every terminal sequence ``y`` (chars then EOS, or 3 chars) has
+``p(y)`` from the engine's own scoring, and the target is ``p(y)·exp(φ(y))``. Proposals are drawn
+at temperature 0.7, so the proposal correction is exercised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from ttscale.engines.base import GenerationRequest
+from ttscale.engines.scripted import EOS_TOKEN_ID, ScriptedEngine
+from ttscale.errors import ConfigError
+from ttscale.samplers import Fate
+from ttscale.samplers.potentials import (
+    LikelihoodTempering,
+    SumPotential,
+    fk_increments,
+    pf_log_weights,
+)
+from ttscale.samplers.smc import SMCSampler, SMCState, reweight, select_answer
+from ttscale.types import Problem, SamplingParams
+
+ALPHA = "ab"
+H = 3  # tokens per particle in all
+PROB = Problem("p0", "q:")
+TEMP = 0.7
+
+
+def _engine() -> ScriptedEngine:
+    return ScriptedEngine(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3))
+
+
+def _terminals() -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for k in range(H):
+        for chars in itertools.product(ALPHA, repeat=k):
+            out.append(("".join(chars), (*map(ord, chars), EOS_TOKEN_ID)))
+    for chars in itertools.product(ALPHA, repeat=H):
+        out.append(("".join(chars), tuple(map(ord, chars))))
+    return out
+
+
+def _log_p(eng: ScriptedEngine) -> dict[str, float]:
+    terms = _terminals()
+    reqs = [GenerationRequest(problem_id=PROB.id, prompt=PROB.prompt) for _ in terms]
+    scores = eng.score(reqs, [ids for _, ids in terms])
+    return {text: math.fsum(s) for (text, _), s in zip(terms, scores, strict=True)}
+
+
+def reward(text: str) -> float:
+    """An FK reward of a prefix in [0, 1]."""
+    return (text.count("a") + 0.5 * text.endswith("b")) / H
+
+
+def log_potential(problem: Problem, texts: list[str], finished: list[bool]) -> list[float]:
+    """A prefix log-potential that depends on the text and on being finished."""
+    return [
+        0.9 * t.count("a") - 0.6 * t.count("b") + (0.4 if f else 0.0)
+        for t, f in zip(texts, finished, strict=True)
+    ]
+
+
+def _target(shaping: str, lam: float) -> dict[str, float]:
+    lp = _log_p(_engine())
+    if shaping == "none":
+        phi = {y: log_potential(PROB, [y], [True])[0] for y in lp}
+    else:  # immediate and difference both target p(y)·exp(λ r(y))
+        phi = {y: lam * reward(y) for y in lp}
+    logt = {y: lp[y] + phi[y] for y in lp}
+    return logt
+
+
+def _sampler(shaping: str, scheme: str, ess: float = 1.0, **kw: object) -> SMCSampler:
+    pot = log_potential if shaping == "none" else (lambda p, t, f: [reward(x) for x in t])
+    return SMCSampler(
+        _engine(),
+        pot,
+        SamplingParams(temperature=TEMP, max_tokens=H),
+        shaping=shaping,
+        lam=2.0,
+        resample=scheme,
+        ess_threshold=ess,
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _run(s: SMCSampler, n: int, seed: int):  # type: ignore[no-untyped-def]
+    return next(iter(s.sample([PROB], n, seed=seed)))
+
+
+def _weighted(res) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    kept = res.kept
+    lw = np.array([c.log_weight for c in kept])
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    out: dict[str, float] = {}
+    for c, wi in zip(kept, w, strict=True):
+        out[c.text] = out.get(c.text, 0.0) + float(wi)
+    return out
+
+
+def _tv(a: dict[str, float], b: dict[str, float]) -> float:
+    keys = set(a) | set(b)
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in keys)
+
+
+CASES = [
+    ("none", "multinomial", 1.0, True),
+    ("none", "stratified", 1.0, True),
+    ("none", "systematic", 0.5, True),
+    ("none", "residual", 1.0, True),
+    ("difference", "systematic", 1.0, True),
+    ("immediate", "multinomial", 1.0, True),
+    ("immediate", "residual", 0.7, False),
+    ("none", "systematic", 1.0, False),
+]
+
+
+@pytest.mark.parametrize(("shaping", "scheme", "ess", "resample_finished"), CASES)
+def test_log_ml_unbiased_for_z(
+    shaping: str, scheme: str, ess: float, resample_finished: bool
+) -> None:
+    logt = _target(shaping, 2.0)
+    z = math.fsum(math.exp(v) for v in logt.values())
+    s = _sampler(shaping, scheme, ess, resample_finished=resample_finished)
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(300)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    # unbiased: the mean of exp(log_ml) over independent runs is within 4 standard errors of Z
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    assert se < 0.1 * z  # the test has power: the SE is small against Z
+
+
+@pytest.mark.parametrize(
+    ("shaping", "scheme"),
+    [
+        ("none", "systematic"),
+        ("difference", "stratified"),
+        ("immediate", "multinomial"),
+        ("none", "residual"),
+    ],
+)
+def test_weighted_particles_converge_to_target(shaping: str, scheme: str) -> None:
+    logt = _target(shaping, 2.0)
+    z = math.fsum(math.exp(v) for v in logt.values())
+    target = {y: math.exp(v) / z for y, v in logt.items()}
+    s = _sampler(shaping, scheme)
+    runs = {n: [_weighted(_run(s, n, seed)) for seed in range(6)] for n in (8, 64, 512)}
+    tv = {n: float(np.mean([_tv(m, target) for m in ms])) for n, ms in runs.items()}
+    # Monte Carlo error shrinks like 1/sqrt(N): 8x the particles, ~2.8x smaller TV
+    assert tv[64] < 0.6 * tv[8] and tv[512] < 0.6 * tv[64], tv
+    # and it shrinks towards the target (no bias): the 6 runs at N=512 pooled are within 0.05
+    pooled = {y: float(np.mean([m.get(y, 0.0) for m in runs[512]])) for y in target}
+    assert _tv(pooled, target) < 0.05, (_tv(pooled, target), tv)
+
+
+def test_proposal_correction_is_needed() -> None:
+    # without the correction the particles target the tempered proposal, not p·exp(φ):
+    # the same runs with the correction disabled are far off
+    logt = _target("none", 0.0)
+    z = math.fsum(math.exp(v) for v in logt.values())
+    target = {y: math.exp(v) / z for y, v in logt.items()}
+    s = _sampler("none", "systematic")
+    s.params = s.params.replace(temperature=0.4)  # a proposal far from the target
+
+    def pooled_tv() -> float:
+        runs = [_weighted(_run(s, 512, seed)) for seed in range(6)]
+        return _tv({y: float(np.mean([m.get(y, 0.0) for m in runs])) for y in target}, target)
+
+    s.correct_proposal = False
+    tv_off = pooled_tv()
+    s.correct_proposal = True
+    tv_on = pooled_tv()
+    assert tv_on < 0.05 and tv_off > 3 * tv_on, (tv_on, tv_off)
+
+
+def test_likelihood_tempering_targets_p_beta() -> None:
+    beta = 2.0
+    lp = _log_p(_engine())
+    z = math.fsum(math.exp(beta * v) for v in lp.values())
+    s = SMCSampler(
+        _engine(),
+        SumPotential(LikelihoodTempering(beta), lambda p, t, f: [0.0] * len(t)),
+        SamplingParams(temperature=TEMP, max_tokens=H),
+        ess_threshold=1.0,
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+    )
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(300)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+
+
+def test_lineage_fates_accounting_and_absorbing() -> None:
+    s = _sampler("none", "multinomial")
+    res = _run(s, 6, 3)
+    by_index = {c.index: c for c in res.candidates}
+    kept = res.kept
+    assert kept and all(c.fate is Fate.KEPT for c in kept)
+    # every parent exists, belongs to the previous step and is marked extended
+    for c in res.candidates:
+        if c.parent is not None:
+            assert by_index[c.parent].step == c.step - 1
+            assert by_index[c.parent].fate is Fate.EXTENDED
+            assert c.text.startswith(by_index[c.parent].text)
+    # accounting: every generated token (resampled-away particles included), one per step
+    assert res.generated_tokens == sum(c.completion.num_tokens for c in res.candidates)
+    assert res.info["particle_steps"] == len(res.candidates) == res.generated_tokens
+    # final weights of the kept particles carry log_ml: LSE(l) - log N
+    lw = np.array([c.log_weight for c in kept])
+    assert math.isclose(
+        float(np.log(np.exp(lw).sum())) - math.log(6),
+        res.info["log_ml"],
+        rel_tol=1e-12,
+        abs_tol=1e-12,
+    )
+    # absorbing: a finished particle (EOS) is never a parent
+    for c in res.candidates:
+        if c.completion.finish_reason == "stop":
+            assert c.index not in {d.parent for d in res.candidates}
+    assert len(res.info["ess"]) == res.info["steps"] and all(
+        1 <= e <= 6 + 1e-9 for e in res.info["ess"]
+    )
+
+
+def test_reproducible_and_seed_dependent() -> None:
+    s = _sampler("difference", "systematic")
+    a, b, c = _run(s, 8, 11), _run(s, 8, 11), _run(s, 8, 12)
+    assert [x.text for x in a.candidates] == [x.text for x in b.candidates]
+    assert a.info["log_ml"] == b.info["log_ml"]
+    assert [x.text for x in a.candidates] != [x.text for x in c.candidates]
+
+
+def test_all_minus_inf_is_a_clear_outcome() -> None:
+    s = SMCSampler(
+        _engine(),
+        lambda p, t, f: [-math.inf] * len(t),
+        SamplingParams(max_tokens=H),
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+    )
+    res = _run(s, 4, 0)
+    assert res.info["degenerate"] is True
+    assert res.info["log_ml"] == -math.inf
+    assert res.info["steps"] == 1  # stopped at once
+    assert all(c.log_weight == -math.inf for c in res.kept)
+    assert not any(math.isnan(e) for e in res.info["ess"])
+
+
+def test_nan_potential_is_minus_inf_and_plus_inf_refused() -> None:
+    s = SMCSampler(
+        _engine(),
+        lambda p, t, f: [math.nan if "a" in x else 0.0 for x in t],
+        SamplingParams(max_tokens=H),
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+    )
+    res = _run(s, 16, 0)
+    assert all("a" not in c.text for c in res.kept if c.log_weight > -math.inf)
+    bad = SMCSampler(
+        _engine(),
+        lambda p, t, f: [math.inf] * len(t),
+        SamplingParams(max_tokens=H),
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"\+inf"):
+        _run(bad, 2, 0)
+
+
+def test_reweight_pure_step_vector() -> None:
+    # ALGORITHMS.md 6.2 vector: l = [-1.2, -0.3, -2.5, -0.3] -> ESS 2.910192, LSE - log N = -0.763079
+    st = SMCState.initial(4)
+    new, info = reweight(st, np.array([-1.2, -0.3, -2.5, -0.3]), rng=0, ess_threshold=0.5)
+    assert info.ess == pytest.approx(2.910192, abs=1e-6)
+    assert not info.resampled  # 2.91 >= 0.5 * 4
+    assert new.log_ml == pytest.approx(-0.763079, abs=1e-6)
+    # increment LSE(after) - LSE(before) from uniform start (LSE = log 4): -0.763079
+    assert info.log_ml_increment == pytest.approx(-0.763079, abs=1e-6)
+    new2, info2 = reweight(st, np.array([-1.2, -0.3, -2.5, -0.3]), rng=0, ess_threshold=1.0)
+    assert info2.resampled
+    # the reset keeps the total: every weight is LSE(l) - log N
+    assert np.allclose(new2.log_weights, -0.763079, atol=1e-6)
+    assert new2.log_ml == pytest.approx(-0.763079, abs=1e-6)
+
+
+def test_reweight_finished_excluded_from_resampling() -> None:
+    st = SMCState.initial(4)
+    st = SMCState(
+        np.zeros(4), np.array([True, False, False, True]), np.arange(4), 0.0, *(np.zeros(4),) * 4
+    )
+    new, info = reweight(
+        st, np.array([0.0, -50.0, 0.0, 0.0]), rng=1, ess_threshold=1.0, resample_finished=False
+    )
+    assert info.resampled
+    assert info.ancestors[0] == 0 and info.ancestors[3] == 3  # finished slots untouched
+    assert info.ancestors[1] == 2 and info.ancestors[2] == 2  # the live pair resampled
+    assert new.log_weights[0] == 0.0 and new.log_weights[3] == 0.0
+    # live total kept: LSE(-50, 0) - log 2 on both live slots
+    assert new.log_weights[1] == pytest.approx(float(np.logaddexp(-50.0, 0.0)) - math.log(2))
+
+
+def test_pf_parity_vector() -> None:
+    # ALGORITHMS.md 6.3: r = [0.9, 0.6, 0.2, 0.6]
+    lw = pf_log_weights([0.9, 0.6, 0.2, 0.6])
+    assert lw == pytest.approx([2.197225, 0.405465, -1.386294, 0.405465], abs=1e-6)
+    w = np.exp(lw - lw.max())
+    assert w / w.sum() == pytest.approx([0.734694, 0.122449, 0.020408, 0.122449], abs=1e-6)
+    lw2 = pf_log_weights([0.9, 0.6, 0.2, 0.6], temperature=0.5)
+    w2 = np.exp(lw2 - lw2.max())
+    assert w2 / w2.sum() == pytest.approx([0.946676, 0.026297, 0.000730, 0.026297], abs=1e-6)
+    assert pf_log_weights([1.0])[0] == pytest.approx(36.043653, abs=1e-6)
+    assert pf_log_weights([1.0], eps=1e-7)[0] == pytest.approx(16.118096, abs=1e-6)
+    assert pf_log_weights([0.0])[0] == pytest.approx(-36.043653, abs=1e-6)
+    assert pf_log_weights([0.5])[0] == 0.0
+    with pytest.raises(ConfigError):
+        pf_log_weights([1.2])
+
+
+def test_fk_parity_vector() -> None:
+    # ALGORITHMS.md 6.4: lam = 2, r_prev = 0, r = [0.2, 0.8, 0.5, 0.1]
+    lam, z, no = 2.0, np.zeros(4), np.zeros(4, bool)
+    r1 = np.array([0.2, 0.8, 0.5, 0.1])
+    for mode in ("immediate", "difference", "max", "sum"):
+        lw, _ = fk_increments(mode, lam, r1, z, z, no)
+        assert np.exp(lw) == pytest.approx([1.491825, 4.953032, 2.718282, 1.221403], abs=1e-6)
+    w = np.exp(lw) / np.exp(lw).sum()
+    assert w == pytest.approx([0.143658, 0.476962, 0.261762, 0.117617], abs=1e-6)
+    a = np.array([1, 1, 2, 0])
+    r_prev, log_pi = r1[a], lw[a]  # after ancestors [1, 1, 2, 0]
+    assert np.exp(log_pi) == pytest.approx([4.953032, 4.953032, 2.718282, 1.491825], abs=1e-6)
+    r2 = np.array([0.9, 0.7, 0.4, 0.3])
+    d, _ = fk_increments("difference", lam, r2, r_prev, log_pi, no)
+    assert np.exp(d) == pytest.approx([1.221403, 0.818731, 0.818731, 1.221403], abs=1e-6)
+    m, _ = fk_increments("max", lam, r2, r_prev, log_pi, no)
+    assert np.exp(m) == pytest.approx([6.049647, 4.953032, 2.718282, 1.822119], abs=1e-6)
+    fin, _ = fk_increments("immediate", lam, r2, r_prev, log_pi, np.ones(4, bool))
+    assert np.exp(fin) == pytest.approx([1.221403, 0.818731, 0.818731, 1.221403], abs=1e-6)
+    # a zero-weight particle stays zero at its final correction (never +inf or NaN)
+    dead, _ = fk_increments("sum", lam, r2, r_prev, np.full(4, -np.inf), np.ones(4, bool))
+    assert np.all(np.isneginf(dead))
+
+
+def test_pf_mode_runs_and_selects() -> None:
+    s = SMCSampler(
+        _engine(),
+        lambda p, t, f: [min(1.0, reward(x)) for x in t],
+        SamplingParams(max_tokens=H),
+        shaping="pf",
+        step_stop=(),
+        tokens_per_step=1,
+        progress=False,
+        answer_fn=lambda t: t[:1] or None,
+        select="argmax",
+    )
+    res = _run(s, 8, 0)
+    assert res.info["log_ml"] is None  # PF weights are not an importance-sampling estimate
+    assert all(i.resampled for i in res.steps[:-1])  # every step until all are finished
+    best = max(res.kept, key=lambda c: c.log_weight)
+    assert res.info["answer"] == (best.text[:1] or None)
+
+
+def test_select_answer_rules() -> None:
+    s = _sampler("none", "systematic")
+    res = _run(s, 32, 5)
+    fn = lambda t: t[:1] or None  # noqa: E731
+    kept = res.kept
+    tot: dict[str | None, float] = {}
+    for c in kept:
+        if fn(c.text) is not None:
+            tot[fn(c.text)] = tot.get(fn(c.text), 0.0) + math.exp(c.log_weight)
+    assert select_answer(res, "vote", fn) == max(tot, key=tot.__getitem__)
+    assert select_answer(res, "argmax", fn) == fn(max(kept, key=lambda c: c.log_weight).text)
+    assert select_answer(res, "sample", fn, seed=1) in tot
+
+
+def test_step_stop_newline_steps() -> None:
+    eng = ScriptedEngine(alphabet="ab\n", order=2, eos_logprob=math.log(0.05))
+    s = SMCSampler(
+        eng,
+        lambda p, t, f: [0.0] * len(t),
+        SamplingParams(max_tokens=30),
+        step_stop=("\n",),
+        tokens_per_step=10,
+        progress=False,
+    )
+    res = _run(s, 4, 2)
+    by = {c.index: c for c in res.candidates}
+    for c in res.candidates:
+        before = by[c.parent].text if c.parent is not None else ""
+        step_text = c.text[len(before) :]
+        # a step ends at its first newline (kept in the text), EOS, or 10 tokens
+        assert "\n" not in step_text[:-1]
+        assert c.completion.num_tokens <= 10
+    assert any(c.text.endswith("\n") for c in res.candidates)
+
+
+def test_bad_configuration() -> None:
+    with pytest.raises(ConfigError, match="temperature"):
+        SMCSampler(_engine(), log_potential, SamplingParams(temperature=0.0))
+    with pytest.raises(ConfigError, match=r"token_prefixes|continue exactly"):
+        SMCSampler(_NoPrefix(), log_potential)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="resample"):
+        SMCSampler(_engine(), log_potential, resample="bogus")
+    with pytest.raises(ConfigError, match="shaping"):
+        SMCSampler(_engine(), log_potential, shaping="bogus")
+    with pytest.raises(ConfigError, match="potential"):
+        SMCSampler(_engine(), 3)
+
+
+class _NoPrefix:
+    name = "noprefix"
+
+    def info(self) -> dict[str, str]:
+        return {"engine": "noprefix"}
