@@ -17,11 +17,13 @@ every new partial solution. With ``budget = N`` and ``width = M``:
   every step scored, so the final pool is weighted by the process reward.
 
 Solutions that reach ``max_steps`` steps or ``max_tokens`` generated tokens join the pool as
-they are. **Result** (the :class:`~ttscale.samplers.base.Sampler` protocol): the pool as kept
-candidates whose ``log_weight`` is the potential of the finished solution (a log-reward, *not*
-an importance weight: rank or vote with it), the pruned partial solutions with fate
-``pruned``; ``generated_tokens`` counts every generated token (pruned branches included) and
-``steps[t].extra["particle_steps"]`` the continuations drawn at step ``t``. :attr:`timing`
+they are. **Result** (the :class:`~ttscale.samplers.base.Sampler` protocol): every node of the
+search tree as a candidate (its whole text so far, its step's tokens, its parent): the pool
+``kept`` with ``log_weight`` = the potential of the finished solution (a log-reward, *not* an
+importance weight: rank or vote with it), pruned partial solutions ``pruned``, the rest
+``extended``; ``generated_tokens`` counts every generated token (pruned branches included),
+``steps[t].extra["particle_steps"]`` the continuations drawn at step ``t`` and
+``info["particle_steps"]`` their total. :attr:`timing`
 splits wall time into engine, potential and the sampler's own work.
 """
 
@@ -31,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,6 +93,7 @@ class _Node:
     num_tokens: int
     finished: bool
     finish_reason: str
+    step_completion: Completion  # the engine's completion of this node's step
     score: float = 0.0
 
 
@@ -299,6 +302,7 @@ class SearchSampler:
             num_tokens=n,
             finished=finished,
             finish_reason=c.finish_reason if eos or not finished else FinishReason.LENGTH.value,
+            step_completion=c,
         )
 
     def _select(self, st: _State, new: list[int], budget: int) -> None:
@@ -338,32 +342,21 @@ class SearchSampler:
             st.done = True
 
     def _result(self, st: _State) -> SampleResult:
+        # every node is a candidate: its whole text so far and its step's tokens (so the
+        # candidates' num_tokens sum to generated_tokens), like SMCSampler's particle-steps
+        pool, pruned = set(st.pool), set(st.pruned)
         cands: list[Candidate] = []
-        pool = set(st.pool)
-        for i in sorted(pool | set(st.pruned)):
-            node = st.nodes[i]
-            comp = Completion(
-                problem_id=st.problem.id,
-                index=node.index,
-                text=node.text,
-                token_ids=node.token_ids,
-                num_tokens=node.num_tokens,
-                finish_reason=node.finish_reason if i in pool else FinishReason.PRUNED.value,
-            )
+        for i, node in enumerate(st.nodes):
+            comp = replace(node.step_completion, text=node.text)
             parent = st.nodes[node.parent].index if node.parent is not None else None
+            common: dict[str, Any] = {"step": node.step, "parent": parent, "log_weight": node.score}
             if i in pool:
-                cands.append(Candidate(comp, step=node.step, parent=parent, log_weight=node.score))
+                cands.append(Candidate(replace(comp, finish_reason=node.finish_reason), **common))
+            elif i in pruned:
+                cands.append(Candidate(comp, fate=Fate.PRUNED, pruned_at=node.num_tokens, **common))
             else:
-                cands.append(
-                    Candidate(
-                        comp,
-                        step=node.step,
-                        parent=parent,
-                        log_weight=node.score,
-                        fate=Fate.PRUNED,
-                        pruned_at=node.num_tokens,
-                    )
-                )
+                cands.append(Candidate(comp, fate=Fate.EXTENDED, **common))
+        total_steps = sum(int(s.extra["particle_steps"]) for s in st.steps)
         return SampleResult(
             problem=st.problem,
             candidates=tuple(cands),
@@ -371,9 +364,11 @@ class SearchSampler:
             prompt_tokens=st.prompt_tokens,
             iid=False,
             steps=tuple(st.steps),
+            info={"particle_steps": total_steps, "search": self.search, "width": self.width},
         )
 
 
 def particle_steps(result: SampleResult) -> int:
-    """The continuations a step-wise result drew, over all its steps."""
-    return sum(int(s.extra.get("particle_steps", 0)) for s in result.steps)
+    """The continuations a step-wise result drew, over all its steps (``info["particle_steps"]``
+    of a search or SMC result)."""
+    return int(result.info.get("particle_steps", 0))

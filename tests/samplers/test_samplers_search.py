@@ -63,6 +63,10 @@ def test_beam_keeps_the_global_top_n_over_m_and_expands_each_m_ways():
     assert res.generated_tokens == 24
     assert particle_steps(res) == 8
     assert [s.ancestors for s in res.steps] == [(0, 1), ()]
+    # a0 and a1 were extended; every node is a candidate holding its step's tokens
+    assert sorted(c.index for c in res.candidates if c.fate is Fate.EXTENDED) == [0, 1]
+    assert sum(c.completion.num_tokens for c in res.candidates) == res.generated_tokens
+    assert res.info["particle_steps"] == 8
     assert res.log_weights == (0.0, 0.0, 0.0, 0.0) and not res.iid
 
 
