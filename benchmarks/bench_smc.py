@@ -9,12 +9,16 @@ One run, one engine, the same problems and seeds for every method. For each budg
 * ``bon-weighted``: ``N`` independent step-wise samples, answer = reward-weighted vote (weights =
   the process reward in [0, 1]);
 * ``majority``: the same ``N`` samples, unweighted majority vote (paired with ``bon-weighted``);
+* ``smc``: ``SMCSampler`` with ``N`` particles, the ``arith-prm`` log-potential (target: the
+  model conditioned on every line being right), systematic resampling at ESS < N/2; answer =
+  weighted vote of the final particles;
+* ``smc-fk``: the same with FK ``difference`` shaping of the reward (``--lam``, default 10).
 
 Accuracy is the expected credit of the vote (a tie shares its credit), with a 95% bootstrap CI
-over problems; tokens are every generated token per problem (pruned branches included) and
-particle-steps every step continuation drawn. The sampler's own overhead is its wall time minus
-the time in the engine call (through the session) and in the potential, as a fraction of its
-wall time.
+over problems; tokens are every generated token per problem (pruned or resampled branches
+included) and particle-steps every step continuation drawn. The sampler's own overhead is its
+wall time minus the time inside ``engine.generate`` and ``potential.score`` (measured by thin
+wrappers around both), as a fraction of its wall time and per engine call (step).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_smc.py --problems 100 --budgets 4,8,16,32
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -57,51 +60,112 @@ def _ci(x: np.ndarray, seed: int, reps: int = 2000) -> tuple[float, float]:
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def run_search(
-    engine: Any, problems: list[Any], search: str, n: int, args: argparse.Namespace
+class Timed:
+    """Wraps an engine (``generate``) or a potential (``score``) and adds up the seconds spent
+    in that call; every other attribute is the wrapped object's."""
+
+    def __init__(self, inner: Any, method: str) -> None:
+        self._inner = inner
+        self._method = method
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._inner, name)
+        if name != self._method:
+            return fn
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        return timed
+
+
+def _weights(log_weights: tuple[float, ...] | None) -> list[float]:
+    """Normalised weights ``exp(ℓ - max ℓ)``; all zero when every ``ℓ`` is ``-inf``."""
+    lw = np.asarray(log_weights or (), dtype=np.float64)
+    if lw.size == 0 or not np.isfinite(lw.max()):
+        return [0.0] * lw.size
+    return np.exp(lw - lw.max()).tolist()
+
+
+def run_method(
+    engine: Any, problems: list[Any], method: str, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
+    """One method at budget ``n``: per-problem vote credits, tokens, particle-steps, timing."""
     from ttscale.evals.arith import extract_arith_answer
     from ttscale.samplers.potentials import make_potential
     from ttscale.samplers.search import SearchSampler, particle_steps
     from ttscale.types import SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature, max_tokens=args.step_tokens, seed=args.seed, logprobs=None
-    )
-    width = 1 if search == "bon" else min(args.width, n)
-    s = SearchSampler(
-        engine,
-        make_potential("arith-prm"),
-        params,
-        search=search,
-        width=width,
-        max_steps=args.max_steps,
-        max_tokens=args.max_tokens,
-        batch_problems=args.batch_problems,
-    )
+    eng = Timed(engine, "generate")
+    width = 1
+    if method in ("smc", "smc-fk"):
+        from ttscale.samplers.smc import SMCSampler
+
+        fk = method == "smc-fk"
+        pot = Timed(make_potential("arith-prm", value="prob" if fk else "log_prob"), "score")
+        sampler: Any = SMCSampler(
+            eng,
+            pot,
+            SamplingParams(
+                temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+            ),
+            shaping="difference" if fk else "none",
+            lam=args.lam,
+            resample="systematic",
+            ess_threshold=0.5,
+            tokens_per_step=args.step_tokens,
+            max_steps=args.max_steps,
+            progress=False,
+        )
+    else:
+        pot = Timed(make_potential("arith-prm"), "score")
+        width = 1 if method == "bon" else min(args.width, n)
+        sampler = SearchSampler(
+            eng,
+            pot,
+            SamplingParams(
+                temperature=args.temperature, max_tokens=args.step_tokens, seed=args.seed
+            ),
+            search=method,
+            width=width,
+            max_steps=args.max_steps,
+            max_tokens=args.max_tokens,
+            batch_problems=args.batch_problems,
+        )
     t0 = time.perf_counter()
-    results = list(s.sample(problems, n, seed=args.seed))
+    results = list(sampler.sample(problems, n, seed=args.seed))
     wall = time.perf_counter() - t0
     rows: dict[str, list[float]] = {}
     tokens: list[int] = []
     psteps: list[int] = []
+    degenerate = 0
     for r in results:
         answers = [extract_arith_answer(c.text) for c in r.kept]
-        weights = [math.exp(w) for w in (r.log_weights or ())]
         ref = r.problem.reference
-        name = "bon-weighted" if search == "bon" else search
-        rows.setdefault(name, []).append(_vote(answers, weights, ref))
-        if search == "bon":
+        name = "bon-weighted" if method == "bon" else method
+        rows.setdefault(name, []).append(_vote(answers, _weights(r.log_weights), ref))
+        if method == "bon":
             rows.setdefault("majority", []).append(_vote(answers, None, ref))
         tokens.append(r.generated_tokens)
         psteps.append(particle_steps(r))
+        degenerate += bool(r.info.get("degenerate"))
     return {
         "rows": rows,
         "tokens": tokens,
         "particle_steps": psteps,
-        "timing": dict(s.timing),
         "wall": wall,
+        "engine_s": eng.seconds,
+        "engine_calls": eng.calls,
+        "potential_s": pot.seconds,
         "width": width,
+        "degenerate": degenerate,
     }
 
 
@@ -117,6 +181,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-problems", type=int, default=25)
+    ap.add_argument("--lam", type=float, default=10.0, help="FK strength of smc-fk")
+    ap.add_argument("--methods", default="beam,dvts,bon,smc,smc-fk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -137,14 +203,14 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "results": [],
     }
+    run_method(engine, problems[:2], "bon", 2, args)  # warm-up (first-call allocations)
     own_total = wall_total = 0.0
     for n in budgets:
-        for search in ("beam", "dvts", "bon"):
-            r = run_search(engine, problems, search, n, args)
-            t = r["timing"]
-            own = t["total"] - t["engine"] - t["potential"]
+        for method in args.methods.split(","):
+            r = run_method(engine, problems, method, n, args)
+            own = r["wall"] - r["engine_s"] - r["potential_s"]
             own_total += own
-            wall_total += t["total"]
+            wall_total += r["wall"]
             for name, credits in r["rows"].items():
                 x = np.asarray(credits, dtype=np.float64)
                 lo, hi = _ci(x, args.seed)
@@ -157,17 +223,22 @@ def main() -> None:
                     "tokens_per_problem": float(np.mean(r["tokens"])),
                     "particle_steps_per_problem": float(np.mean(r["particle_steps"])),
                     "wall_s": r["wall"],
-                    "engine_s": t["engine"],
-                    "potential_s": t["potential"],
+                    "engine_s": r["engine_s"],
+                    "engine_calls": r["engine_calls"],
+                    "potential_s": r["potential_s"],
                     "sampler_own_s": own,
-                    "sampler_own_fraction": own / t["total"] if t["total"] else 0.0,
+                    "sampler_own_fraction": own / r["wall"] if r["wall"] else 0.0,
+                    "sampler_own_ms_per_step": 1e3 * own / max(r["engine_calls"], 1),
+                    "degenerate": r["degenerate"],
                 }
                 out["results"].append(row)
                 print(
                     f"{name:13s} N={n:3d} acc={row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
                     f"tokens/problem={row['tokens_per_problem']:.0f} "
                     f"particle-steps/problem={row['particle_steps_per_problem']:.1f} "
-                    f"own={row['sampler_own_fraction']:.2%} wall={r['wall']:.1f}s",
+                    f"own={row['sampler_own_fraction']:.2%} "
+                    f"({row['sampler_own_ms_per_step']:.2f} ms/step) wall={r['wall']:.1f}s"
+                    + (f" degenerate={r['degenerate']}" if r["degenerate"] else ""),
                     flush=True,
                 )
     out["sampler_own_fraction_overall"] = own_total / wall_total if wall_total else 0.0
