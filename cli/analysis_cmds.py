@@ -261,6 +261,21 @@ def describe_verdicts(v: dict | None) -> str:
     return f"verdicts: {v['name']} = {spec}{fp} ({v.get('chosen_by')}){others}"
 
 
+def _weighted_budget(store: Any) -> dict[str, Any]:
+    """The budget an SMC run spent per problem: particles, generated tokens, particle-steps."""
+    m = store.manifest
+    smc = m.get("smc") or {}
+    particles = smc.get("particles") or (m.get("sampling") or {}).get("n")
+    t = store.table(["problem_id", "num_tokens"])
+    n_problems = max(len(set(t.column("problem_id").to_pylist())), 1)
+    tokens = sum(x or 0 for x in t.column("num_tokens").to_pylist())
+    return {
+        "particles": particles,
+        "tokens_per_problem": tokens / n_problems,
+        "particle_steps_per_problem": t.num_rows / n_problems,
+    }
+
+
 def _refuse_weighted(
     runs: list[Path],
     pools: list[Any],
@@ -269,16 +284,22 @@ def _refuse_weighted(
     confidence: float,
     n_boot: int,
     seed: int,
+    *,
+    stores: list[Any] | None = None,
+    refuse: bool = True,
 ) -> None:
-    """A weighted (SMC) run: report weighted-vote/max-weight accuracy, refuse the k-sample curves."""
+    """A weighted (SMC) run: report weighted-vote/max-weight accuracy at its budget (particles,
+    tokens per problem); refuse k-sample curves when they were asked for (``refuse``)."""
     from ttscale.errors import NonIIDPoolError
     from ttscale.metrics.weighted import WEIGHTED_METHODS, weighted_results
 
     out: dict[str, Any] = {}
-    for run, pool in zip(runs, pools, strict=True):
+    for i, (run, pool) in enumerate(zip(runs, pools, strict=True)):
         if not pool.iid:
             rep = weighted_results(pool, confidence=confidence, n_boot=n_boot, seed=seed)
             out[str(run)] = rep.to_dict()
+            if stores is not None:
+                out[str(run)]["budget"] = _weighted_budget(stores[i])
     if json_out:
         typer.echo(json.dumps(out if len(runs) > 1 else next(iter(out.values())), indent=2))
     else:
@@ -287,7 +308,8 @@ def _refuse_weighted(
 
         pct = round(confidence * 100)
         t = Table(title=f"weighted results of the stored particles ({pct}% bootstrap CIs over problems)")
-        for col in ("run", "problems", *WEIGHTED_METHODS):
+        budget_cols = ("particles", "tokens/problem") if stores is not None else ()
+        for col in ("run", "problems", *budget_cols, *WEIGHTED_METHODS):
             t.add_column(col, justify="left" if col == "run" else "right")
         for name, d in out.items():
             cells = [
@@ -295,8 +317,12 @@ def _refuse_weighted(
                 f"{d['methods'][m]['high']:.3f}]"
                 for m in WEIGHTED_METHODS
             ]
-            t.add_row(Path(name).name, str(d["n_problems"]), *cells)
+            b = d.get("budget")
+            extra = [str(b["particles"]), f"{b['tokens_per_problem']:,.0f}"] if b else []
+            t.add_row(Path(name).name, str(d["n_problems"]), *extra, *cells)
         Console(highlight=False).print(t)
+    if not refuse:
+        return
     bad = ", ".join(str(r) for r, p in zip(runs, pools, strict=True) if not p.iid)
     err = NonIIDPoolError(
         f"{bad} holds a weighted population (SMC particles), not iid draws: "
@@ -339,12 +365,14 @@ def register(app: typer.Typer) -> None:
             ),
         ],
         methods: Annotated[
-            str,
+            Optional[str],
             typer.Option(
                 help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
-                "deepconf (bon/ppl: deprecated names of best_of_n/max_probability)."
+                "deepconf (bon/ppl: deprecated names of best_of_n/max_probability) "
+                "[default: coverage,majority; a weighted (SMC) run reports its weighted results].",
+                show_default=False,
             ),
-        ] = "coverage,majority",
+        ] = None,
         k: Annotated[
             Optional[str], typer.Option("--k", help="Budgets, e.g. 1,2,4,8 (default: powers of 2).")
         ] = None,
@@ -415,7 +443,7 @@ def register(app: typer.Typer) -> None:
             check_writable_file(plot, "--plot")  # before the (possibly long) computation
         if missing not in MISSING_POLICIES:
             raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-        method_list = _method_list(methods)
+        method_list = _method_list(methods or "coverage,majority")
         if score_mapping is not None:
             typer.echo("note: --score-mapping is deprecated; use --score-map", err=True)
             score_map = score_mapping
@@ -425,7 +453,11 @@ def register(app: typer.Typer) -> None:
         multi = len(runs) > 1
         names = run_labels([s.manifest for s in stores], runs) if multi else [(runs[0].name, {})]
         if any(not pool.iid for pool in pools):
-            _refuse_weighted(runs, pools, method_list, json_out, confidence, n_boot, seed)
+            _refuse_weighted(
+                runs, pools, method_list, json_out, confidence, n_boot, seed,
+                stores=stores, refuse=methods is not None or not all(not p.iid for p in pools),
+            )
+            return
         # every run's inputs are checked before any curve is computed (a missing log-prob in
         # the last run must not cost the user the first runs' minutes)
         for run, store, pool in zip(runs, stores, pools, strict=True):

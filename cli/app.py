@@ -19,7 +19,7 @@ def fail(message: str) -> typer.Exit:
 
 # Commands in the order of the workflow: make samples, check them, analyse them, manage runs.
 _WORKFLOW_ORDER = (
-    "sample", "run", "demo", "verify", "curve", "fit", "verifier-utility",
+    "sample", "run", "smc", "demo", "verify", "curve", "fit", "verifier-utility",
     "import", "export", "info", "check", "merge", "bench",
 )  # fmt: skip
 
@@ -145,6 +145,7 @@ _COMMAND_MODULES = (
     "ttscale.cli.store_cmds",  # import, export, info, check, merge
     "ttscale.cli.analysis_cmds",  # curve, fit, verifier-utility
     "ttscale.cli.sample_cmds",  # sample, run, demo
+    "ttscale.cli.smc_cmds",  # smc
     "ttscale.cli.bench_cmds",  # bench list/show
     "ttscale.cli.verify_cmds",  # verify
 )

@@ -118,7 +118,10 @@ def test_weighted_results_all_zero_weights_select_nothing(tmp_path: Path) -> Non
 
 def test_cli_curve_on_a_weighted_run(tmp_path: Path) -> None:
     store = smc_run(tmp_path)
-    r = runner.invoke(app, ["curve", str(store.path), "--json", "--n-boot", "100"])
+    # k-sample methods asked for explicitly: the weighted results, then a one-line refusal
+    r = runner.invoke(
+        app, ["curve", str(store.path), "--methods", "coverage,majority", "--json", "--n-boot", "100"]
+    )
     assert r.exit_code == 1
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "refused" in err[0]
@@ -127,8 +130,16 @@ def test_cli_curve_on_a_weighted_run(tmp_path: Path) -> None:
     assert (
         d["methods"]["weighted_vote"]["mean"] == 1.0 and d["methods"]["max_weight"]["mean"] == 0.0
     )
-    r = runner.invoke(app, ["curve", str(store.path)])
+    r = runner.invoke(app, ["curve", str(store.path), "--methods", "coverage"])
     assert r.exit_code == 1 and "weighted_vote" in r.stdout and "max_weight" in r.stdout
+    # no methods asked for: the weighted results with the run's budget, exit 0
+    r = runner.invoke(app, ["curve", str(store.path), "--json", "--n-boot", "100"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["methods"]["weighted_vote"]["mean"] == 1.0
+    assert d["budget"]["particle_steps_per_problem"] == len(store) / 2
+    r = runner.invoke(app, ["curve", str(store.path)])
+    assert r.exit_code == 0 and "tokens/problem" in r.stdout and "weighted_vote" in r.stdout
 
 
 def test_repeated_runs_are_recorded_iid(tmp_path: Path) -> None:
