@@ -23,7 +23,9 @@ search tree as a candidate (its whole text so far, its step's tokens, its parent
 importance weight: rank or vote with it), pruned partial solutions ``pruned``, the rest
 ``extended``; ``generated_tokens`` counts every generated token (pruned branches included),
 ``steps[t].extra["particle_steps"]`` the continuations drawn at step ``t`` and
-``info["particle_steps"]`` their total. :attr:`timing`
+``info["particle_steps"]`` their total. With a ``sink`` store every node is stored (step,
+parent, log-weight, fate; the run is ``iid=False``) once its problem's search is over, and a
+resumed call reads finished problems back (``manifest["search_done"]``). :attr:`timing`
 splits wall time into engine, potential and the sampler's own work.
 """
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +44,7 @@ from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
-from ttscale.samplers.session import SamplingSession
+from ttscale.samplers.session import SamplingSession, start_run
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -122,7 +124,8 @@ class SearchSampler:
     ``stop``/``max_tokens``: ``step_stop`` (default ``("\\n",)``, kept in the text),
     ``step_tokens`` per step (default ``params.max_tokens``); ``max_steps`` and ``max_tokens``
     bound a whole solution; ``width`` is ``M`` (must divide the budget for beam and DVTS);
-    ``batch_problems``: problems searched together (their steps share one engine call).
+    ``batch_problems``: problems searched together (their steps share one engine call);
+    ``chat``: send the prompt as a user message; ``manifest``: fields for a stored run.
     """
 
     def __init__(
@@ -138,6 +141,8 @@ class SearchSampler:
         max_steps: int = 16,
         max_tokens: int = 256,
         batch_problems: int = 16,
+        chat: bool = False,
+        manifest: Mapping[str, Any] | None = None,
     ) -> None:
         check_choice("search", search, SEARCH_CONFIGS)
         check_int("width", width, min=1)
@@ -161,6 +166,9 @@ class SearchSampler:
             max_tokens=step_tokens if step_tokens is not None else params.max_tokens,
         )
         self.token_prefixes = capabilities_of(engine).token_prefixes
+        self.chat = bool(chat)
+        self.extra_manifest = dict(manifest or {})
+        self.engine_info = dict(engine.info())
         #: seconds spent in the engine, in the potential, and in all (of the last ``sample`` run)
         self.timing: dict[str, float] = {"engine": 0.0, "potential": 0.0, "total": 0.0}
 
@@ -191,26 +199,55 @@ class SearchSampler:
                 f"{self.search} needs a budget divisible by width {self.width}, got {budget}; "
                 f"use a multiple of {self.width} or change width"
             )
-        if sink is not None:
-            raise ConfigError(
-                "step-level search samples in memory only for now; run it without a store"
-            )
         params = self.params if seed is None else self.params.replace(seed=seed)
-        return self._sample(list(problems), budget, params)
+        problems = list(problems)
+        if len({p.id for p in problems}) != len(problems):
+            raise ConfigError("problem ids must be unique")
+        if sink is not None:
+            extra = {**self.extra_manifest, "search": {**self.info(), "budget": budget}}
+            sink.check_compatible({**extra, "sampling": params.to_dict()})
+            sink.write_problems(problems)
+            start_run(
+                sink,
+                engine_info=self.engine_info,
+                params=params,
+                n=budget,
+                chat=self.chat,
+                iid=False,
+                extra=extra,
+            )
+        return self._sample(problems, budget, params, sink)
 
     def _sample(
-        self, problems: list[Problem], budget: int, params: SamplingParams
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
         self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
-        with SamplingSession(self.engine) as session:
+        done = set((sink.manifest.get("search_done") or {}).get(str(budget), [])) if sink else set()
+        session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
+        with session:
             for start in range(0, len(problems), self.batch_problems):
                 t0 = time.perf_counter()
-                states = [_State(p) for p in problems[start : start + self.batch_problems]]
+                batch = problems[start : start + self.batch_problems]
+                states = [_State(p) for p in batch if p.id not in done]
                 while not all(s.done for s in states):
                     self._step(session, states, budget, params)
-                results = [self._result(s) for s in states]
+                fresh = {s.problem.id: self._result(s) for s in states}
+                if sink is not None and fresh:
+                    for res in fresh.values():
+                        session.keep(res.candidates)
+                    session.flush()
+                    _mark_done(sink, list(fresh), budget)
                 self.timing["total"] += time.perf_counter() - t0
-                yield from results
+                for p in batch:
+                    if p.id in fresh:
+                        yield fresh[p.id]
+                    else:
+                        assert sink is not None  # only problems stored in the sink are skipped
+                        yield _resumed(p, sink)
 
     # ---- one step for every unfinished problem ----------------------------------------------
 
@@ -266,19 +303,24 @@ class SearchSampler:
         self, st: _State, parent: int | None, indices: tuple[int, ...]
     ) -> GenerationRequest:
         p = st.problem
+        base: dict[str, Any]
+        if self.chat:
+            base = {"messages": ({"role": "user", "content": p.prompt},)}
+        else:
+            base = {"prompt": p.prompt}
         if parent is None:
-            return GenerationRequest(problem_id=p.id, prompt=p.prompt, indices=indices, step=0)
+            return GenerationRequest(problem_id=p.id, indices=indices, step=0, **base)
         node = st.nodes[parent]
         if self.token_prefixes:
             return GenerationRequest(
                 problem_id=p.id,
-                prompt=p.prompt,
                 prefix_token_ids=node.token_ids,
                 indices=indices,
                 step=st.step,
+                **base,
             )
         return GenerationRequest(
-            problem_id=p.id, prompt=p.prompt, prefix=node.text, indices=indices, step=st.step
+            problem_id=p.id, prefix=node.text, indices=indices, step=st.step, **base
         )
 
     def _child(self, st: _State, parent: int | None, group: int, c: Completion) -> _Node:
@@ -366,6 +408,48 @@ class SearchSampler:
             steps=tuple(st.steps),
             info={"particle_steps": total_steps, "search": self.search, "width": self.width},
         )
+
+
+def _mark_done(sink: SampleStore, problem_ids: list[str], budget: int) -> None:
+    """Record in the manifest that these problems' searches at ``budget`` are stored whole."""
+
+    def mark(m: dict[str, Any]) -> None:
+        done = dict(m.get("search_done") or {})
+        ids = list(done.get(str(budget), []))
+        ids.extend(i for i in problem_ids if i not in ids)
+        done[str(budget)] = ids
+        m["search_done"] = done
+
+    sink.modify_manifest(mark)
+
+
+def _resumed(problem: Problem, sink: SampleStore) -> SampleResult:
+    """A problem whose search a previous call stored, read back from the sink."""
+    from ttscale.samplers.repeated import _completion_of
+
+    cands: list[Candidate] = []
+    tokens = 0
+    for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
+        tokens += s.num_tokens or 0
+        fate = Fate(s.fate or Fate.KEPT.value)
+        cands.append(
+            Candidate(
+                _completion_of(s),
+                step=s.step or 0,
+                parent=s.parent,
+                log_weight=s.log_weight,
+                fate=fate,
+                pruned_at=s.pruned_at if fate is Fate.PRUNED else None,
+            )
+        )
+    return SampleResult(
+        problem=problem,
+        candidates=tuple(cands),
+        generated_tokens=tokens,
+        iid=False,
+        resumed=len(cands),
+        info={"particle_steps": len(cands), "resumed": True},
+    )
 
 
 def particle_steps(result: SampleResult) -> int:

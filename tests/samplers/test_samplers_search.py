@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from ttscale.engines.base import GenerationError
 from ttscale.engines.scripted import ScriptedEngine
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Fate, Sampler
@@ -164,3 +165,47 @@ def test_bad_settings_are_config_errors():
         list(s.sample([PROBLEM], 4, seed=0))
     with pytest.raises(ConfigError, match="search must be one of"):
         SearchSampler(ScriptedEngine(two_steps), scripted_potential, PARAMS, search="mcts")
+
+
+def test_sink_stores_every_node_and_resumes_per_problem(tmp_path):
+    from ttscale.store import SampleStore
+
+    probs = [PROBLEM, Problem(id="q", prompt="R\n", reference="0")]
+    fresh = list(
+        SearchSampler(
+            ScriptedEngine(two_steps),
+            scripted_potential,
+            PARAMS,
+            search="beam",
+            width=2,
+            batch_problems=1,
+        ).sample(probs, 4, seed=0)
+    )
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    # the engine fails on the second problem's first step: the first problem is stored whole
+    eng = ScriptedEngine(two_steps, fail_after=8)
+    s = SearchSampler(eng, scripted_potential, PARAMS, search="beam", width=2, batch_problems=1)
+    got = []
+    with pytest.raises(GenerationError):
+        for r in s.sample(probs, 4, seed=0, sink=store):
+            got.append(r)
+    store.refresh()
+    assert [r.problem_id for r in got] == ["p"]
+    assert store.manifest["iid"] is False and store.manifest["search_done"] == {"4": ["p"]}
+    stored = {x.index: (x.fate, x.parent, x.text) for x in store.samples("p")}
+    assert stored[0] == ("extended", None, "a0\n") and stored[2] == ("pruned", None, "a2\n")
+    assert stored[4] == ("kept", 0, "a0\nb4")
+    eng2 = ScriptedEngine(two_steps)
+    again = list(
+        SearchSampler(
+            eng2, scripted_potential, PARAMS, search="beam", width=2, batch_problems=1
+        ).sample(probs, 4, seed=0, sink=store)
+    )
+    assert [r.resumed for r in again] == [8, 0]
+    assert {q.problem_id for q, _ in eng2.calls} == {"q"}  # p was read back, not searched
+
+    def key(rs):
+        return [sorted((c.index, c.text, c.fate, c.log_weight) for c in r.candidates) for r in rs]
+
+    assert key(again) == key(fresh)
+    assert [r.generated_tokens for r in again] == [r.generated_tokens for r in fresh]
