@@ -276,6 +276,38 @@ def _weighted_budget(store: Any) -> dict[str, Any]:
     }
 
 
+def _plot_weighted(out: dict[str, Any], path: Path) -> None:
+    """Accuracy of each weighted rule against generated tokens per problem, one point per run
+    (labelled with its particles), with the bootstrap CIs as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ttscale.metrics.weighted import WEIGHTED_METHODS
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = sorted(out.items(), key=lambda kv: kv[1]["budget"]["tokens_per_problem"])
+    xs = [d["budget"]["tokens_per_problem"] for _, d in rows]
+    for m in WEIGHTED_METHODS:
+        ys = [d["methods"][m]["mean"] for _, d in rows]
+        lo = [y - d["methods"][m]["low"] for y, (_, d) in zip(ys, rows, strict=True)]
+        hi = [d["methods"][m]["high"] - y for y, (_, d) in zip(ys, rows, strict=True)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=m)
+    for x, (_, d) in zip(xs, rows, strict=True):
+        ax.annotate(f"N={d['budget']['particles']}", (x, 0.02), fontsize=7, ha="center")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
 def _refuse_weighted(
     runs: list[Path],
     pools: list[Any],
@@ -287,6 +319,7 @@ def _refuse_weighted(
     *,
     stores: list[Any] | None = None,
     refuse: bool = True,
+    plot: Path | None = None,
 ) -> None:
     """A weighted (SMC) run: report weighted-vote/max-weight accuracy at its budget (particles,
     tokens per problem); refuse k-sample curves when they were asked for (``refuse``)."""
@@ -321,6 +354,9 @@ def _refuse_weighted(
             extra = [str(b["particles"]), f"{b['tokens_per_problem']:,.0f}"] if b else []
             t.add_row(Path(name).name, str(d["n_problems"]), *extra, *cells)
         Console(highlight=False).print(t)
+    if plot is not None and stores is not None:
+        _plot_weighted(out, plot)
+        typer.echo(f"plot: {plot}", err=True)
     if not refuse:
         return
     bad = ", ".join(str(r) for r, p in zip(runs, pools, strict=True) if not p.iid)
@@ -456,6 +492,7 @@ def register(app: typer.Typer) -> None:
             _refuse_weighted(
                 runs, pools, method_list, json_out, confidence, n_boot, seed,
                 stores=stores, refuse=methods is not None or not all(not p.iid for p in pools),
+                plot=plot,
             )
             return
         # every run's inputs are checked before any curve is computed (a missing log-prob in

@@ -64,6 +64,7 @@ def run_smc(
     chat: bool | None = None,
     verify: bool = True,
     progress: bool = True,
+    plot_dir: Path | None = None,
     console: Any = None,
     search: str | None = None,
     width: int = 4,
@@ -88,6 +89,10 @@ def run_smc(
         from ttscale.samplers.search import SEARCH_CONFIGS
 
         check_choice("--search", search, SEARCH_CONFIGS)
+        if plot_dir is not None:
+            raise ConfigError(
+                "--plot-dir draws SMC's ESS and particle lineage; drop it with --search"
+            )
         if search != "bon" and particles % width:
             raise ConfigError(
                 f"--search {search} needs --particles divisible by --width {width}, got {particles}"
@@ -112,8 +117,27 @@ def run_smc(
         logprobs=0,
     )
     stops = tuple(step_stop) if step_stop else ("\n",)
+    if out is not None and (out / "manifest.json").exists():
+        # fail before the engine loads on a run made with other SMC settings
+        from ttscale.samplers.smc import _check_same_smc
+
+        _check_same_smc(
+            SampleStore.open(out),
+            {
+                "particles": particles,
+                "shaping": fk,
+                "lambda": lam,
+                "resample": resample,
+                "ess_threshold": 1.0 if fk == "pf" else ess,
+                "step_stop": list(stops),
+                "tokens_per_step": tokens_per_step,
+                "max_steps": max_steps,
+            },
+        )
     out = out or _default_out(f"{benchmark}-smc")
     check_writable_dir(out, "--out")
+    if plot_dir is not None:
+        check_writable_dir(plot_dir, "--plot-dir")
     options = _parse_engine_opts(engine_opt or [])
     choice = choose_engine(engine_kind, str(model))
     value = "log_prob" if search else _VALUE_FOR_SHAPING.get(fk, "prob")
@@ -181,6 +205,12 @@ def run_smc(
         tokens = resumed = 0
         try:
             for res in sampler.sample(problems, particles, seed=params.seed, sink=store):
+                if plot_dir is not None:
+                    from ttscale.samplers.smc import plot_lineage
+
+                    plot_dir.mkdir(parents=True, exist_ok=True)
+                    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in res.problem_id)
+                    plot_lineage(res, plot_dir / f"{safe}.png")
                 if res.resumed:
                     resumed += 1  # its tokens were spent (and accounted) by an earlier call
                 else:
@@ -300,6 +330,12 @@ def register(app: typer.Typer) -> None:
         width: Annotated[
             int, typer.Option("--width", "-M", min=1, help="M: expansions per kept beam.")
         ] = 4,
+        plot_dir: Annotated[
+            Optional[Path],
+            typer.Option(
+                "--plot-dir", help="Write DIR/<problem>.png: ESS per step and particle lineage."
+            ),
+        ] = None,
     ) -> None:
         """Sequential Monte Carlo over reasoning steps, weighted by a potential (resumable).
 
@@ -336,6 +372,7 @@ def register(app: typer.Typer) -> None:
             chat=chat,
             verify=verify,
             progress=progress,
+            plot_dir=plot_dir,
             console=_console(),
             search=search,
             width=width,

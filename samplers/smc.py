@@ -17,7 +17,8 @@ Weights (natural log, float64). For particle ``i`` extended by step ``s_t``:
   ``LSE(ℓ_after) − LSE(ℓ_before)``.
 
 Finished particles (EOS, ``max_tokens`` in all, or ``max_steps``) are **absorbing**: kept, weight
-frozen, never extended. By default they **take part in resampling** (``resample_finished=True``:
+frozen, never extended. A particle whose weight is 0 (``-inf``) is not extended either (no
+later step can give it weight); it stays in the population until resampling drops it. By default they **take part in resampling** (``resample_finished=True``:
 an absorbing state is an identity move with incremental weight 0, so this is plain SMC and
 finished particles can be copied or dropped); with ``False`` only live particles are resampled,
 among themselves, their total weight kept (finished ones are untouched). Both are unbiased for
@@ -51,7 +52,7 @@ from ttscale.engines.base import (
 from ttscale.errors import ConfigError
 from ttscale.particles.logspace import ess as ess_of
 from ttscale.particles.logspace import log_normalize, logsumexp
-from ttscale.particles.resampling import RESAMPLERS, resample
+from ttscale.particles.resampling import RESAMPLERS, Resampler, resample
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import (
     SHAPINGS,
@@ -70,6 +71,8 @@ __all__ = [
     "SELECTIONS",
     "SMCSampler",
     "SMCState",
+    "lineage_figure",
+    "plot_lineage",
     "reweight",
     "select_answer",
 ]
@@ -134,7 +137,7 @@ def reweight(
     increments: NDArray[np.float64],
     *,
     rng: SeedLike,
-    scheme: str = "systematic",
+    scheme: str | Resampler = "systematic",
     ess_threshold: float = 0.5,
     resample_finished: bool = True,
     replace_weights: bool = False,
@@ -146,8 +149,11 @@ def reweight(
     ``increments[i]`` is particle ``i``'s incremental log-weight ``α_t`` (ignored for particles
     already finished before this step: pass 0) — or, with ``replace_weights`` (Puri's particle
     filter), its new log-weight outright. Then ``ESS`` of the cumulative weights; if
-    ``ESS < ess_threshold·N`` (``ess_threshold=1`` resamples every step, ``0`` never) and
-    ``allow_resample``, ancestors are drawn with ``scheme`` and weights reset to
+    ``ESS < ess_threshold·N`` (``ess_threshold=1`` resamples every step, even at ESS = N;
+    ``0`` never) and
+    ``allow_resample``, ancestors are drawn with ``scheme`` (a name in
+    :data:`~ttscale.particles.resampling.RESAMPLERS`, or any ``(rng, weights, num) -> ancestors``
+    callable, e.g. a deterministic top-k selection for beam search) and weights reset to
     ``LSE(ℓ) − log N`` (of the resampled set when ``resample_finished`` is false). ``info``:
     ancestors (slot indices; identity when not resampled), ``ess`` (before resampling),
     ``log_ml_increment`` and ``extra["degenerate"]`` (every weight ``-inf``).
@@ -177,11 +183,11 @@ def reweight(
     new = replace(state, log_weights=lw, log_ml=log_ml)
     ancestors = np.arange(n, dtype=np.int64)
     resampled = False
-    if allow_resample and not degenerate and ess < ess_threshold * n:
+    if allow_resample and not degenerate and (ess_threshold >= 1.0 or ess < ess_threshold * n):
         g = as_generator(rng)
         if resample_finished:
             norm = log_normalize(lw)
-            ancestors = resample(scheme, g, norm.weights, n)
+            ancestors = _draw(scheme, g, norm.weights, n)
             new = new.take(ancestors)
             if not replace_weights:
                 new = replace(new, log_weights=np.full(n, after - math.log(n)))
@@ -190,7 +196,7 @@ def reweight(
             live = np.flatnonzero(~state.finished)
             if live.size and float(logsumexp(lw[live])) > -math.inf:
                 sub = lw[live]
-                pick = resample(scheme, g, log_normalize(sub).weights, live.size)
+                pick = _draw(scheme, g, log_normalize(sub).weights, live.size)
                 ancestors[live] = live[pick]
                 new = new.take(ancestors)
                 if not replace_weights:
@@ -207,6 +213,20 @@ def reweight(
         extra={"degenerate": degenerate},
     )
     return new, info
+
+
+def _draw(
+    scheme: str | Resampler, g: np.random.Generator, weights: NDArray[np.float64], num: int
+) -> NDArray[np.int64]:
+    if isinstance(scheme, str):
+        return resample(scheme, g, weights, num)
+    out = np.asarray(scheme(g, weights, num), dtype=np.int64).reshape(-1)
+    if out.size != num or np.any(out < 0) or np.any(out >= weights.size):
+        raise ConfigError(
+            f"resampler {getattr(scheme, '__name__', scheme)!r} returned {out.size} ancestors "
+            f"(need {num} indices in [0, {weights.size}))"
+        )
+    return out
 
 
 @dataclass
@@ -232,7 +252,8 @@ class SMCSampler:
     temperature 1 the engine must return both raw and processed log-probs (capabilities
     ``raw_logprobs`` and ``processed_logprobs``) for the proposal correction.
 
-    Resampling: ``resample`` scheme (multinomial, stratified, systematic, residual), when
+    Resampling: ``resample`` scheme (multinomial, stratified, systematic, residual, or a
+    callable ``(rng, weights, num) -> ancestors``: the hook for step-level search), when
     ``ESS < ess_threshold·N`` (``1.0`` = every step; ``pf`` always resamples every step).
     ``resample_finished``: whether finished particles take part (module docstring).
 
@@ -257,7 +278,7 @@ class SMCSampler:
         shaping: str = "none",
         lam: float = 1.0,
         pf_temperature: float = 1.0,
-        resample: str = "systematic",
+        resample: str | Resampler = "systematic",
         ess_threshold: float = 0.5,
         resample_finished: bool = True,
         step_stop: Sequence[str] = ("\n",),
@@ -274,7 +295,10 @@ class SMCSampler:
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
         check_choice("shaping", shaping, SHAPINGS)
-        check_choice("resample", resample, tuple(RESAMPLERS))
+        if isinstance(resample, str):
+            check_choice("resample", resample, tuple(RESAMPLERS))
+        elif not callable(resample):
+            raise ConfigError("resample must be a scheme name or a callable (rng, weights, num)")
         check_choice("select", select, SELECTIONS)
         check_number("lam", lam)
         check_number("ess_threshold", ess_threshold, low=0.0, high=1.0)
@@ -299,10 +323,14 @@ class SMCSampler:
         self.correct_proposal = caps.has("raw_logprobs") and caps.has("processed_logprobs")
         if not plain and not self.correct_proposal:
             require_capabilities(engine, "raw_logprobs", "processed_logprobs", by="SMCSampler")
+        potential = as_potential(potential)
+        if getattr(potential, "uses_logprobs", False):
+            # a likelihood-tempering term needs log p of every prefix, from raw log-probs
+            require_capabilities(engine, "raw_logprobs", by="a likelihood-tempering potential")
         if isinstance(step_stop, str):
             step_stop = (step_stop,)
         self.engine = engine
-        self.potential = as_potential(potential)
+        self.potential = potential
         self.params = params.replace(logprobs=0 if params.logprobs is None else params.logprobs)
         self.shaping = shaping
         self.lam = float(lam)
@@ -330,7 +358,9 @@ class SMCSampler:
             "shaping": self.shaping,
             "lambda": self.lam,
             "pf_temperature": self.pf_temperature,
-            "resample": self.scheme,
+            "resample": self.scheme
+            if isinstance(self.scheme, str)
+            else getattr(self.scheme, "__name__", "custom"),
             "ess_threshold": self.ess_threshold,
             "resample_finished": self.resample_finished,
             "step_stop": list(self.step_stop),
@@ -368,6 +398,7 @@ class SMCSampler:
             raise ConfigError("problem ids must be unique")
         if sink is not None:
             extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
+            _check_same_smc(sink, extra["smc"])
             sink.check_compatible({**extra, "sampling": params.to_dict()})
             sink.write_problems(problems)
             start_run(
@@ -393,12 +424,9 @@ class SMCSampler:
         session = SamplingSession(
             self.engine, sink, engine_info=self.engine_info, flush_every=self.flush_every
         )
-        session.show_progress(
-            show,
-            remaining={p.id: 0 if p.id in done else budget for p in problems},
-            samples=len(problems) * budget,
-        )
-        with session:
+        # the session's bar counts samples; SMC's unit is the problem (steps vary), so its own
+        bar = _ProblemBar(show, total=len(problems), done=sum(p.id in done for p in problems))
+        with session, bar:
             for p in problems:
                 if sink is not None and p.id in done:
                     yield self._resumed(p, sink)
@@ -408,6 +436,7 @@ class SMCSampler:
                     session.keep(result.candidates)
                     session.flush()
                     _mark_done(sink, p.id, budget)
+                bar.advance(result)
                 yield result
 
     def run_problem(
@@ -439,7 +468,8 @@ class SMCSampler:
         else:
             base = {"prompt": problem.prompt}
         for t in range(self.max_steps):
-            live = np.flatnonzero(~state.finished)
+            # a particle of weight 0 (-inf) can never regain weight: it is not extended
+            live = np.flatnonzero(~state.finished & (state.log_weights > -math.inf))
             if live.size == 0:
                 break
             reqs = [
@@ -657,9 +687,77 @@ class SMCSampler:
         )
 
 
+class _ProblemBar:
+    """A rich progress bar over problems (particle-steps, tokens, mean ESS), or nothing."""
+
+    def __init__(self, enabled: bool, *, total: int, done: int) -> None:
+        self._p: Any = None
+        self.steps = self.tokens = 0
+        if not enabled or total == done:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("[bold]smc"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("problems"),
+            TextColumn("{task.fields[steps]} particle-steps, {task.fields[tokens]} tokens"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._p.add_task("smc", total=total, completed=done, steps="0", tokens="0")
+
+    def __enter__(self) -> _ProblemBar:
+        if self._p is not None:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    def advance(self, result: SampleResult) -> None:
+        self.steps += int(result.info.get("particle_steps", 0))
+        self.tokens += result.generated_tokens
+        if self._p is not None:
+            self._p.update(
+                self._task, advance=1, steps=f"{self.steps:,}", tokens=f"{self.tokens:,}"
+            )
+
+
 def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
     """The stored form of a particle after a step: the whole text so far, the step's tokens."""
     return replace(comp, index=index, text=part.text)
+
+
+def _check_same_smc(sink: SampleStore, smc: Mapping[str, Any]) -> None:
+    """A run directory holds one SMC configuration (candidate keys depend on all of it)."""
+    old = sink.manifest.get("smc")
+    if not isinstance(old, Mapping):
+        if len(sink):
+            raise ConfigError(
+                f"run directory {sink.path} holds samples that are not from SMC; use a new --out"
+            )
+        return
+    for key, value in smc.items():
+        if key == "select":  # how an answer is picked does not change the particles
+            continue
+        if key in old and old[key] != value:
+            raise ConfigError(
+                f"run directory {sink.path} was made with SMC {key} {old[key]!r}, not "
+                f"{value!r}; resume with the same settings or use a new --out"
+            )
 
 
 def _mark_done(sink: SampleStore, problem_id: str, n: int) -> None:
@@ -707,3 +805,76 @@ def select_answer(
         return best_of_n(answers, lw, tie="first").answer  # type: ignore[return-value]
     w = log_normalize(lw).weights
     return weighted_vote(answers, w, tie="first").answer  # type: ignore[return-value]
+
+
+def lineage_figure(result: SampleResult) -> Any:
+    """A two-panel matplotlib ``Figure`` of one problem's SMC run.
+
+    Top: the ESS before resampling at each step (filled markers where the step resampled; the
+    ``N`` line for reference). Bottom: the particle lineage, one row per particle slot, one
+    column per step; a segment joins each particle-step to its parent; colours give the fate
+    (kept = the final population, extended = an ancestor, resampled = a dropped line).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    cands = result.candidates
+    if not cands:
+        raise ConfigError(f"no particles to plot for problem {result.problem_id!r}")
+    n = len(result.info.get("final_indices") or ()) or max(sum(1 for c in cands if c.step == 0), 1)
+    by = {c.index: c for c in cands}
+    colours = {Fate.KEPT: "tab:green", Fate.EXTENDED: "0.55", Fate.RESAMPLED: "tab:red"}
+    fig, (ax_ess, ax_lin) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [1, 2]}
+    )
+    ess = [s.ess for s in result.steps]
+    if ess:
+        steps = [s.step for s in result.steps]
+        ax_ess.plot(steps, ess, color="tab:blue", lw=1.2)
+        res = [(s.step, s.ess) for s in result.steps if s.resampled]
+        ax_ess.scatter(
+            [s for s, _ in res], [e for _, e in res], color="tab:blue", zorder=3, label="resampled"
+        )
+        ax_ess.axhline(n, color="0.7", lw=0.8, ls="--")
+        if res:
+            ax_ess.legend(loc="lower left", fontsize=8)
+    else:
+        ax_ess.text(0.5, 0.5, "no per-step diagnostics (resumed run)", ha="center", va="center",
+                    transform=ax_ess.transAxes)  # fmt: skip
+    ax_ess.set_ylabel("ESS")
+    ax_ess.set_ylim(0, n * 1.05)
+    for c in cands:
+        slot = c.index - c.step * n
+        if c.parent is not None and c.parent in by:
+            p = by[c.parent]
+            ax_lin.plot(
+                [p.step, c.step], [p.index - p.step * n, slot], color=colours[c.fate], lw=0.8,
+                alpha=0.8,
+            )  # fmt: skip
+        ax_lin.scatter([c.step], [slot], s=14, color=colours[c.fate], zorder=3)
+    for fate, col in colours.items():
+        ax_lin.scatter([], [], s=14, color=col, label=fate.value)
+    ax_lin.legend(loc="best", fontsize=8)
+    ax_lin.set_xlabel("step")
+    ax_lin.set_ylabel("particle slot")
+    log_ml = result.info.get("log_ml")
+    title = f"{result.problem_id}: {n} particles"
+    if isinstance(log_ml, float):
+        title += f", log Z estimate {log_ml:.3f}"
+    ax_ess.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lineage(result: SampleResult, path: str | Any) -> Any:
+    """Save :func:`lineage_figure` of ``result`` to ``path`` (PNG, SVG, ... by suffix)."""
+    import matplotlib.pyplot as plt
+
+    fig = lineage_figure(result)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path

@@ -40,8 +40,10 @@ def _args(out: Path, pot: str, *extra: str) -> list[str]:
 
 def test_smc_run_lineage_resume_and_curve(tmp_path: Path, pot_module: str) -> None:
     out = tmp_path / "run"
-    r = runner.invoke(app, _args(out, pot_module))
+    r = runner.invoke(app, [*_args(out, pot_module), "--plot-dir", str(tmp_path / "plots")])
     assert r.exit_code == 0, r.stderr + r.stdout
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 3 and all((tmp_path / "plots" / p).stat().st_size > 1000 for p in pngs)
     assert "shaping difference, lambda 5" in r.stderr  # says what it chose
     store = SampleStore.open(out)
     m = store.manifest
@@ -150,3 +152,47 @@ def test_search_needs_particles_divisible_by_width(tmp_path: Path) -> None:
     assert r.output.strip().splitlines()[-1] == (
         "error: --search dvts needs --particles divisible by --width 3, got 4"
     )
+
+
+def test_resume_with_other_smc_settings_is_refused(tmp_path: Path, pot_module: str) -> None:
+    out = tmp_path / "run"
+    assert runner.invoke(app, [*_args(out, pot_module), "--no-verify"]).exit_code == 0
+    before = SampleStore.open(out).manifest
+    for flag, value, what in (
+        ("--particles", "8", "particles 4, not 8"),
+        ("--lambda", "3", "lambda 5.0"),
+    ):
+        args = [*_args(out, pot_module), "--no-verify", "--resume"]
+        args[args.index(flag) + 1] = value
+        r = runner.invoke(app, args)
+        # one line, before the engine is built
+        assert r.exit_code == 1 and r.stderr.strip().startswith("error: ") and what in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert SampleStore.open(out).manifest == before  # nothing recorded
+
+
+def test_tempering_needs_raw_logprobs() -> None:
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.errors import ConfigError
+    from ttscale.samplers import LikelihoodTempering, SMCSampler
+
+    with pytest.raises(ConfigError, match="raw_logprobs"):
+        SMCSampler(ScriptedEngine({"p": "x"}), LikelihoodTempering(2.0))
+
+
+def test_curve_over_smc_runs_with_particles_and_tokens(tmp_path: Path, pot_module: str) -> None:
+    runs = []
+    for n in ("2", "8"):
+        out = tmp_path / f"run{n}"
+        args = _args(out, pot_module)
+        args[args.index("--particles") + 1] = n
+        assert runner.invoke(app, args).exit_code == 0
+        runs.append(str(out))
+    plot = tmp_path / "acc.png"
+    r = runner.invoke(app, ["curve", *runs, "--json", "--n-boot", "50", "--plot", str(plot)])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [d[x]["budget"]["particles"] for x in runs] == [2, 8]
+    # more particles spend more tokens
+    assert d[runs[1]]["budget"]["tokens_per_problem"] > d[runs[0]]["budget"]["tokens_per_problem"]
+    assert plot.stat().st_size > 1000 and f"plot: {plot}" in r.stderr

@@ -269,6 +269,13 @@ def test_nan_potential_is_minus_inf_and_plus_inf_refused() -> None:
     )
     res = _run(s, 16, 0)
     assert all("a" not in c.text for c in res.kept if c.log_weight > -math.inf)
+    # never resampling: a dead particle (weight -inf after a NaN) stays but is never extended
+    s.ess_threshold = 0.0
+    res = _run(s, 16, 0)
+    parents = {c.parent for c in res.candidates}
+    dead = [c for c in res.candidates if "a" in c.text]
+    assert dead and all(c.index not in parents for c in dead)
+    assert all(c.log_weight == -math.inf for c in res.kept if "a" in c.text)
     bad = SMCSampler(
         _engine(),
         lambda p, t, f: [math.inf] * len(t),
@@ -426,3 +433,158 @@ class _NoPrefix:
 
     def info(self) -> dict[str, str]:
         return {"engine": "noprefix"}
+
+
+def _path_texts(y: str) -> list[str]:
+    """The particle's text after each of its steps (one token each; EOS adds no text)."""
+    texts = [y[: k + 1] for k in range(len(y))]
+    return [*texts, y] if len(y) < H else texts
+
+
+@pytest.mark.parametrize("shaping", ["max", "sum"])
+def test_fk_max_and_sum_targets(shaping: str) -> None:
+    # max targets p(y)·exp(λ max(0, max_t r_t)), sum targets p(y)·exp(λ Σ_t r_t) (6.4's final
+    # correction), with r_t the reward of the prefix after step t
+    lam = 2.0
+    lp = _log_p(_engine())
+    rs = {y: [reward(t) for t in _path_texts(y)] for y in lp}
+    phi = {y: lam * (max(0.0, *r) if shaping == "max" else math.fsum(r)) for y, r in rs.items()}
+    z = math.fsum(math.exp(lp[y] + phi[y]) for y in lp)
+    target = {y: math.exp(lp[y] + phi[y]) / z for y in lp}
+    s = _sampler(shaping, "systematic")
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(300)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    runs = [_weighted(_run(s, 512, seed)) for seed in range(6)]
+    pooled = {y: float(np.mean([m.get(y, 0.0) for m in runs])) for y in target}
+    assert _tv(pooled, target) < 0.05
+
+
+class _FakeVerifier:
+    name = "fake"
+
+    def __init__(self, make: object) -> None:
+        self.make = make
+        self.calls = 0
+
+    def verify(self, problem: Problem, samples: list) -> list:  # type: ignore[type-arg]
+        self.calls += 1
+        return [self.make(problem, s) for s in samples]  # type: ignore[operator]
+
+    def info(self) -> dict[str, str]:
+        return {"class": "fake"}
+
+
+def test_verifier_potential_reads_prm_judge_orm_verdicts() -> None:
+    from ttscale.samplers.potentials import VerifierPotential
+    from ttscale.types import Verdict
+
+    def prm(problem: Problem, s: object) -> Verdict:
+        text = s.text  # type: ignore[attr-defined]
+        if not text:
+            return Verdict(problem.id, s.index, "invalid", "fake")  # type: ignore[attr-defined]
+        p = 0.25 if "b" in text else 0.8
+        return Verdict(
+            problem.id,
+            s.index,
+            "scored",
+            "fake",
+            score=p,  # type: ignore[attr-defined]
+            meta={"prob": p, "logit": math.log(p / (1 - p))},
+        )
+
+    v = _FakeVerifier(prm)
+    texts, fin = ["a", "ab", ""], [False, True, False]
+    assert VerifierPotential(v).score(PROB, texts, fin) == pytest.approx(
+        [math.log(0.8), math.log(0.25), 0.0]
+    )
+    assert v.calls == 1  # one batched call for all prefixes
+    assert VerifierPotential(v, value="prob").score(PROB, texts, fin) == pytest.approx(
+        [0.8, 0.25, 0.0]
+    )
+    assert VerifierPotential(v, value="logit", missing=-math.inf).score(
+        PROB, texts, fin
+    ) == pytest.approx([math.log(4), math.log(1 / 3), -math.inf])
+
+    def judge(problem: Problem, s: object) -> Verdict:
+        return Verdict(problem.id, s.index, "scored", "j", score=3.0, meta={"p_yes": 0.6})  # type: ignore[attr-defined]
+
+    assert VerifierPotential(_FakeVerifier(judge)).score(PROB, ["x"], [True])[0] == pytest.approx(
+        math.log(0.6)
+    )
+
+    def exact(problem: Problem, s: object) -> Verdict:
+        ok = "a" in s.text  # type: ignore[attr-defined]
+        return Verdict(problem.id, s.index, "pass" if ok else "fail", "m", correct=ok)  # type: ignore[attr-defined]
+
+    got = VerifierPotential(_FakeVerifier(exact)).score(PROB, ["a", "b"], [True, True])
+    assert got[0] == 0.0 and got[1] == -math.inf
+    with pytest.raises(ConfigError):
+        VerifierPotential(object())
+
+
+def test_verifier_potential_drives_smc() -> None:
+    # an exact 0/1 verifier as the final potential: every kept particle with weight is accepted
+    from ttscale.samplers.potentials import VerifierPotential
+    from ttscale.types import Verdict
+
+    def exact(problem: Problem, s: object) -> Verdict:
+        ok = "b" not in s.text  # type: ignore[attr-defined]
+        return Verdict(problem.id, s.index, "pass" if ok else "fail", "m", correct=ok)  # type: ignore[attr-defined]
+
+    s = SMCSampler(
+        _engine(),
+        VerifierPotential(_FakeVerifier(exact)),
+        SamplingParams(temperature=TEMP, max_tokens=H),
+        step_stop=(),
+        tokens_per_step=1,
+        ess_threshold=1.0,
+        progress=False,
+    )
+    lp = _log_p(_engine())
+    z = math.fsum(math.exp(v) for y, v in lp.items() if "b" not in y)
+    est = np.array([math.exp(_run(s, 4, seed).info["log_ml"]) for seed in range(200)])
+    se = est.std(ddof=1) / math.sqrt(est.size)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    res = _run(s, 8, 0)
+    assert all("b" not in c.text for c in res.kept if c.log_weight > -math.inf)
+
+
+def test_lineage_figure_draws_every_particle_step() -> None:
+    from ttscale.samplers.smc import lineage_figure
+
+    res = _run(_sampler("none", "multinomial"), 6, 3)
+    fig = lineage_figure(res)
+    ax_ess, ax_lin = fig.axes
+    # one marker per particle-step (+3 empty legend handles), one segment per parent link
+    assert len(ax_lin.collections) == len(res.candidates) + 3
+    assert len(ax_lin.lines) == sum(c.parent is not None for c in res.candidates)
+    assert list(ax_ess.lines[0].get_ydata()) == res.info["ess"]
+
+
+def test_custom_resampler_hook_and_dead_particles_never_drawn() -> None:
+    # a deterministic selector (the hook step-level search uses): every slot copies the best
+    def best(rng: object, weights: np.ndarray, num: int) -> np.ndarray:
+        return np.full(num, int(np.argmax(weights)))
+
+    st = SMCState.initial(4)
+    new, info = reweight(
+        st, np.array([-1.0, 0.5, -math.inf, 0.2]), rng=0, scheme=best, ess_threshold=1.0
+    )
+    assert info.ancestors == (1, 1, 1, 1)
+    assert np.allclose(new.log_weights, float(np.logaddexp.reduce([-1.0, 0.5, 0.2])) - math.log(4))
+    with pytest.raises(ConfigError, match="ancestors"):
+        reweight(st, np.zeros(4), rng=0, scheme=lambda r, w, n: [0], ess_threshold=1.0)
+    # float trap: zero-weight (-inf) particles at the end are never drawn, whatever the scheme
+    inc = np.array([-1e-300, 0.0, 0.0, -math.inf, -math.inf, -math.inf])
+    for scheme in ("multinomial", "stratified", "systematic", "residual"):
+        for seed in range(200):
+            _, info = reweight(SMCState.initial(6), inc, rng=seed, scheme=scheme, ess_threshold=1.0)
+            assert max(info.ancestors) <= 2, (scheme, seed, info.ancestors)
+    s = SMCSampler(
+        _engine(), log_potential, SamplingParams(temperature=TEMP, max_tokens=H),
+        resample=best, step_stop=(), tokens_per_step=1, ess_threshold=1.0, progress=False,
+    )  # fmt: skip
+    res = _run(s, 4, 0)
+    assert s.config()["resample"] == "best"
+    assert all(len(set(i.ancestors)) == 1 for i in res.steps if i.resampled)
