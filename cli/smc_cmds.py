@@ -117,7 +117,12 @@ def run_smc(
         logprobs=0,
     )
     stops = tuple(step_stop) if step_stop else ("\n",)
-    if out is not None and (out / "manifest.json").exists():
+    if search is not None and out is not None and (out / "manifest.json").exists():
+        if "smc" in SampleStore.open(out).manifest:
+            raise ConfigError(
+                f"run directory {out} holds an SMC run, not a search; use a new --out"
+            )
+    elif out is not None and (out / "manifest.json").exists():
         # fail before the engine loads on a run made with other SMC settings
         from ttscale.samplers.smc import _check_same_smc
 

@@ -205,6 +205,7 @@ class SearchSampler:
             raise ConfigError("problem ids must be unique")
         if sink is not None:
             extra = {**self.extra_manifest, "search": {**self.info(), "budget": budget}}
+            _check_same_search(sink, extra["search"])
             sink.check_compatible({**extra, "sampling": params.to_dict()})
             sink.write_problems(problems)
             start_run(
@@ -408,6 +409,24 @@ class SearchSampler:
             steps=tuple(st.steps),
             info={"particle_steps": total_steps, "search": self.search, "width": self.width},
         )
+
+
+def _check_same_search(sink: SampleStore, config: Mapping[str, Any]) -> None:
+    """A run directory holds one search configuration (candidate keys depend on all of it)."""
+    old = sink.manifest.get("search")
+    if not isinstance(old, Mapping):
+        if len(sink):
+            raise ConfigError(
+                f"run directory {sink.path} holds samples that are not from a search; "
+                "use a new --out"
+            )
+        return
+    for key, value in config.items():
+        if key in old and old[key] != value:
+            raise ConfigError(
+                f"run directory {sink.path} was made with search {key} {old[key]!r}, not "
+                f"{value!r}; resume with the same settings or use a new --out"
+            )
 
 
 def _mark_done(sink: SampleStore, problem_ids: list[str], budget: int) -> None:

@@ -139,6 +139,15 @@ def test_search_beam_runs_stores_the_tree_and_resumes(tmp_path: Path) -> None:
     r2 = runner.invoke(app, [*args, "--resume"])
     assert r2.exit_code == 0, r2.output
     assert "0 tokens generated in this call" in r2.output and len(SampleStore.open(out)) == n
+    # other search settings cannot resume this run, nor can SMC
+    i = args.index("--width")
+    r3 = runner.invoke(app, [*args[: i + 1], "4", *args[i + 2 :], "--resume"])
+    assert r3.exit_code == 1
+    assert r3.output.strip().splitlines()[-1].startswith("error: run directory")
+    assert "made with search width 2, not 4" in r3.output, r3.output
+    j = args.index("--search")
+    r4 = runner.invoke(app, [*args[:j], *args[j + 4 :], "--resume"])
+    assert r4.exit_code == 1 and "not from SMC" in r4.output, r4.output
 
 
 def test_search_needs_particles_divisible_by_width(tmp_path: Path) -> None:
