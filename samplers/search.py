@@ -274,8 +274,23 @@ class SearchSampler:
                 first, st.next_index = st.next_index, st.next_index + m
                 requests.append(self._request(st, parent, tuple(range(first, first + m))))
                 owners.append((st, parent, group))
+        # a step's token cap: step_tokens, less near a solution's max_tokens (one call per cap)
+        caps = [
+            min(
+                params.max_tokens,
+                self.max_tokens - (st.nodes[par].num_tokens if par is not None else 0),
+            )
+            for st, par, _ in owners
+        ]
+        results: list[list[Completion]] = [[] for _ in requests]
         t0 = time.perf_counter()
-        results = session.generate(requests, params, store=False)
+        for cap in sorted(set(caps), reverse=True):
+            pos = [k for k, c in enumerate(caps) if c == cap]
+            got = session.generate(
+                [requests[k] for k in pos], params.replace(max_tokens=cap), store=False
+            )
+            for k, g in zip(pos, got, strict=True):
+                results[k] = g
         self.timing["engine"] += time.perf_counter() - t0
         fresh: dict[int, list[int]] = {}
         for (st, parent, group), comps in zip(owners, results, strict=True):
@@ -331,6 +346,7 @@ class SearchSampler:
         eos = c.finish_reason == FinishReason.STOP.value and c.stop_reason is None
         finished = (
             eos
+            or c.num_tokens == 0
             or c.finish_reason == FinishReason.ABORT.value
             or st.step + 1 >= self.max_steps
             or n >= self.max_tokens

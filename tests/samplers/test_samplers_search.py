@@ -209,3 +209,17 @@ def test_sink_stores_every_node_and_resumes_per_problem(tmp_path):
 
     assert key(again) == key(fresh)
     assert [r.generated_tokens for r in again] == [r.generated_tokens for r in fresh]
+
+
+def test_a_solution_never_exceeds_max_tokens():
+    # each step would write 5 characters and a newline; max_tokens=10 allows 6 + 4
+    s = SearchSampler(
+        ScriptedEngine(lambda r, i, sd, p: "xxxxx\n"),
+        lambda p, t, f: [0.0] * len(t),
+        PARAMS,
+        search="bon",
+        max_tokens=10,
+    )
+    (res,) = list(s.sample([PROBLEM], 2, seed=0))
+    assert [c.text for c in res.kept] == ["xxxxx\nxxxx"] * 2
+    assert res.generated_tokens == 20
