@@ -47,6 +47,7 @@ from ttscale.engines.base import (
     Engine,
     GenerationRequest,
     capabilities_of,
+    continuation_text,
     require_capabilities,
 )
 from ttscale.errors import ConfigError
@@ -266,7 +267,11 @@ class SMCSampler:
     extensions. Stored runs (``sink``) keep every particle-step as a candidate with ``step``,
     ``parent``, cumulative ``log_weight`` at creation and ``fate`` (``kept`` for the final
     population with its final log-weight, ``extended`` for ancestors, ``resampled`` for dropped
-    lines); the run is marked ``iid=False``.
+    lines); the run is marked ``iid=False``. A problem's candidates are stored once it is done
+    (their fates are known only then) and it is recorded in ``manifest["smc_done"]``; a run
+    interrupted inside a problem reruns that problem from its start on resume (identically: the
+    seeds are per problem, candidate and step), and the tokens of the interrupted attempt are
+    not in the run's accounting.
     """
 
     def __init__(
@@ -456,6 +461,7 @@ class SMCSampler:
             include_stop_str_in_output=True,
             logprobs=params.logprobs if params.logprobs is not None else 0,
         )
+        decode = getattr(self.engine, "decode", None)
         state = SMCState.initial(n)
         parts = [_Particle() for _ in range(n)]
         cands: list[Candidate] = []
@@ -504,7 +510,10 @@ class SMCSampler:
                 prompt_tokens += comp.prompt_tokens or 0
                 pj = parts[j]
                 new_ids = tuple(comp.token_ids or ())
-                parts[j] = _Particle(pj.text + comp.text, pj.tokens + new_ids, pj.steps + 1)
+                # the text of exactly the tokens kept (an engine trims its text after a stop
+                # string that ends inside a token, but the next step continues from the token)
+                text = continuation_text(decode, pj.tokens, new_ids) if decode else comp.text
+                parts[j] = _Particle(pj.text + text, pj.tokens + new_ids, pj.steps + 1)
                 tgt = comp.target_logprobs
                 prop = comp.proposal_logprobs
                 if tgt is not None:
