@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
+from ttscale.engines.base import Engine, GenerationRequest, capabilities_of, continuation_text
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
@@ -356,13 +356,21 @@ class SearchSampler:
             parent=parent,
             step=st.step,
             group=group,
-            text=(base.text if base else "") + c.text,
+            text=(base.text if base else "") + self._step_text(base, c),
             token_ids=ids,
             num_tokens=n,
             finished=finished,
             finish_reason=c.finish_reason if eos or not finished else FinishReason.LENGTH.value,
             step_completion=c,
         )
+
+    def _step_text(self, base: _Node | None, c: Completion) -> str:
+        """The text of exactly the tokens a step kept: an engine trims its text after a stop
+        string that ends inside a token, but the next step continues after that token."""
+        decode = getattr(self.engine, "decode", None)
+        if not self.token_prefixes or decode is None or c.token_ids is None:
+            return c.text
+        return continuation_text(decode, base.token_ids if base else (), c.token_ids)
 
     def _select(self, st: _State, new: list[int], budget: int) -> None:
         done = [i for i in new if st.nodes[i].finished]

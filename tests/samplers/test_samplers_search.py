@@ -223,3 +223,35 @@ def test_a_solution_never_exceeds_max_tokens():
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["xxxxx\nxxxx"] * 2
     assert res.generated_tokens == 20
+
+
+def test_node_text_is_the_text_of_its_tokens():
+    # a stop string ending inside a multi-character token: the engine trims its text to "x\n",
+    # the node keeps the token (text "x\ny") and its child continues after it: "x\nyz"
+    from ttscale.engines.base import EngineCapabilities
+    from ttscale.types import Completion
+
+    class Words:
+        capabilities = EngineCapabilities(token_prefixes=True)
+
+        def info(self):
+            return {"engine": "words"}
+
+        def decode(self, ids):
+            return "".join({1: "x\ny", 2: "z"}[int(t)] for t in ids)
+
+        def generate(self, requests, params, on_result=None):
+            out = []
+            for r in requests:
+                if not r.prefix_token_ids:
+                    cs = [Completion(r.problem_id, i, "x\n", token_ids=(1,), num_tokens=1,
+                                     stop_reason="\n") for i in r.indices]  # fmt: skip
+                else:
+                    cs = [Completion(r.problem_id, i, "z", token_ids=(2,), num_tokens=1)
+                          for i in r.indices]  # fmt: skip
+                out.append(cs)
+            return out
+
+    s = SearchSampler(Words(), lambda p, t, f: [0.0] * len(t), PARAMS, search="bon")
+    (res,) = list(s.sample([PROBLEM], 2, seed=0))
+    assert [c.text for c in res.kept] == ["x\nyz", "x\nyz"]
