@@ -255,3 +255,20 @@ def test_node_text_is_the_text_of_its_tokens():
     s = SearchSampler(Words(), lambda p, t, f: [0.0] * len(t), PARAMS, search="bon")
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["x\nyz", "x\nyz"]
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts", "bon"])
+def test_search_passes_the_sampler_contract_suite(search):
+    from ttscale.testing import check_sampler
+
+    def make(engine):
+        # a reward that prefers texts with more vowels: partial solutions compete for real
+        def pot(problem, texts, finished):
+            return [float(sum(ch in "aeiou" for ch in t)) for t in texts]
+
+        return SearchSampler(
+            engine, pot, SamplingParams(max_tokens=4, seed=0), search=search, width=2, max_steps=3
+        )
+
+    ran = check_sampler(make, skip=("salvage", "resume"))
+    assert {"results", "reproducible", "accounting", "sink"} <= set(ran)
