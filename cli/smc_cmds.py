@@ -66,8 +66,15 @@ def run_smc(
     progress: bool = True,
     plot_dir: Path | None = None,
     console: Any = None,
+    search: str | None = None,
+    width: int = 4,
 ) -> dict[str, Any]:
-    """Resolve, check, build the engine and the potential, run SMC per problem, verify."""
+    """Resolve, check, build the engine and the potential, run SMC per problem, verify.
+
+    ``search`` (``beam``, ``dvts``, ``bon``) runs step-level search with ``--particles`` beams
+    and width ``width`` instead (:class:`~ttscale.samplers.search.SearchSampler`): the
+    potential's log-values rank the partial solutions, ``fk``/``resample``/``ess`` do not apply.
+    """
     from ttscale.engines import choose_engine, describe_engine, make_engine
     from ttscale.evals import get_benchmark
     from ttscale.paths import check_writable_dir
@@ -78,6 +85,18 @@ def run_smc(
     from ttscale.validation import check_choice
 
     check_choice("--fk", fk, SHAPINGS)
+    if search is not None:
+        from ttscale.samplers.search import SEARCH_CONFIGS
+
+        check_choice("--search", search, SEARCH_CONFIGS)
+        if plot_dir is not None:
+            raise ConfigError(
+                "--plot-dir draws SMC's ESS and particle lineage; drop it with --search"
+            )
+        if search != "bon" and particles % width:
+            raise ConfigError(
+                f"--search {search} needs --particles divisible by --width {width}, got {particles}"
+            )
     if out is not None and (out / "manifest.json").exists() and not resume:
         raise ConfigError(
             f"run directory {out} already exists; pass --resume to continue it, or choose a new --out"
@@ -98,7 +117,12 @@ def run_smc(
         logprobs=0,
     )
     stops = tuple(step_stop) if step_stop else ("\n",)
-    if out is not None and (out / "manifest.json").exists():
+    if search is not None and out is not None and (out / "manifest.json").exists():
+        if "smc" in SampleStore.open(out).manifest:
+            raise ConfigError(
+                f"run directory {out} holds an SMC run, not a search; use a new --out"
+            )
+    elif out is not None and (out / "manifest.json").exists():
         # fail before the engine loads on a run made with other SMC settings
         from ttscale.samplers.smc import _check_same_smc
 
@@ -121,13 +145,20 @@ def run_smc(
         check_writable_dir(plot_dir, "--plot-dir")
     options = _parse_engine_opts(engine_opt or [])
     choice = choose_engine(engine_kind, str(model))
-    value = _VALUE_FOR_SHAPING.get(fk, "prob")
+    value = "log_prob" if search else _VALUE_FOR_SHAPING.get(fk, "prob")
     pot = make_potential(potential, value=value, engine_kind=engine_kind)
-    typer.echo(
-        f"potential {potential}: {'log-potential' if fk == 'none' else 'reward in [0, 1]'} "
-        f"({value}), shaping {fk}" + (f", lambda {lam:g}" if fk not in ("none", "pf") else ""),
-        err=True,
-    )
+    if search:
+        typer.echo(
+            f"potential {potential}: log-potential (log_prob) ranks partial solutions; "
+            f"search {search}, N={particles}" + (f", M={width}" if search != "bon" else ""),
+            err=True,
+        )
+    else:
+        typer.echo(
+            f"potential {potential}: {'log-potential' if fk == 'none' else 'reward in [0, 1]'} "
+            f"({value}), shaping {fk}" + (f", lambda {lam:g}" if fk not in ("none", "pf") else ""),
+            err=True,
+        )
     engine = make_engine(choice.kind, model, **options)
     typer.echo(
         describe_engine(
@@ -137,21 +168,39 @@ def run_smc(
     )
     manifest = {"model": str(model), "benchmark": benchmark, "split": split, "limit": limit}
     try:
-        sampler = SMCSampler(
-            engine,
-            pot,
-            params,
-            shaping=fk,
-            lam=lam,
-            resample=resample,
-            ess_threshold=ess,
-            step_stop=stops,
-            tokens_per_step=tokens_per_step,
-            max_steps=max_steps,
-            chat=bool(chat),
-            progress=None if progress else False,
-            manifest=manifest,
-        )
+        sampler: Any
+        if search:
+            from ttscale.samplers.search import SearchSampler
+
+            sampler = SearchSampler(
+                engine,
+                pot,
+                params,
+                search=search,
+                width=width,
+                step_stop=stops,
+                step_tokens=tokens_per_step,
+                max_steps=max_steps,
+                max_tokens=params.max_tokens,
+                chat=bool(chat),
+                manifest=manifest,
+            )
+        else:
+            sampler = SMCSampler(
+                engine,
+                pot,
+                params,
+                shaping=fk,
+                lam=lam,
+                resample=resample,
+                ess_threshold=ess,
+                step_stop=stops,
+                tokens_per_step=tokens_per_step,
+                max_steps=max_steps,
+                chat=bool(chat),
+                progress=None if progress else False,
+                manifest=manifest,
+            )
         store = (
             SampleStore.open_or_create(out, manifest)
             if resume
@@ -192,7 +241,12 @@ def run_smc(
         "resumed_problems": resumed,
         "generated_tokens": tokens,
     }
-    if console is not None:
+    if console is not None and search:
+        console.print(
+            f"search {search}: {len(problems)} problems x {particles} beams ({resumed} resumed), "
+            f"{tokens:,} tokens generated in this call"
+        )
+    elif console is not None:
         console.print(
             f"SMC: {len(problems)} problems x {particles} particles ({resumed} resumed), "
             f"{tokens:,} tokens generated in this call, shaping {fk}, {resample} resampling at "
@@ -270,6 +324,17 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--verify/--no-verify", help="Verify with the benchmark's checker.")
         ] = True,
         progress: ProgressOpt = True,
+        search: Annotated[
+            Optional[str],
+            typer.Option(
+                "--search",
+                help="Step-level search instead of SMC: beam (keep the best N/M, expand each M "
+                "ways), dvts (N/M independent subtrees) or bon (best-of-N with step scores).",
+            ),
+        ] = None,
+        width: Annotated[
+            int, typer.Option("--width", "-M", min=1, help="M: expansions per kept beam.")
+        ] = 4,
         plot_dir: Annotated[
             Optional[Path],
             typer.Option(
@@ -314,4 +379,6 @@ def register(app: typer.Typer) -> None:
             progress=progress,
             plot_dir=plot_dir,
             console=_console(),
+            search=search,
+            width=width,
         )

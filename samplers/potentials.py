@@ -22,7 +22,7 @@ What a value *means* depends on the sampler's ``shaping`` (:data:`SHAPINGS`):
 Built in: :class:`VerifierPotential` (any verifier or reward model on the prefix: PRM step
 scores, a judge's P(yes), an ORM on the partial text), :class:`LikelihoodTempering`
 (``target = p(y)^β``) and :class:`SumPotential`. :data:`POTENTIAL_SPECS` maps CLI spec heads
-(``rm:PATH``, ``judge:MODEL``, ...) to factories; other modules may register more
+(``rm:PATH``, ``judge:MODEL``, ``arith-prm[:AGG]``, ...) to factories; other modules may register more
 (:func:`register_potential`).
 """
 
@@ -342,6 +342,17 @@ def _verifier_factory(head: str) -> Callable[..., Any]:
 
 register_potential("rm", _verifier_factory("rm"))
 register_potential("judge", _verifier_factory("judge"))
+
+
+def _arith_prm(arg: str, **options: Any) -> Any:
+    """``arith-prm[:AGG]``: the exact process reward of the bundled arith benchmark
+    (:mod:`ttscale.verifiers.arith_prm`); ``value="prob"`` gives the reward in [0, 1] (FK, pf)."""
+    from ttscale.verifiers.arith_prm import arith_prm_potential
+
+    return arith_prm_potential(arg, **options)
+
+
+register_potential("arith-prm", _arith_prm)
 
 
 def make_potential(spec: str, **options: Any) -> Any:

@@ -17,6 +17,8 @@ Specs (``ttscale verify --verifier SPEC``)::
     math              MathVerifier (answer extraction + math-verify equivalence)
     math:EXTRACTOR    MathVerifier(extractor=EXTRACTOR): auto, boxed, gsm8k, minerva, last_number, arith
     arith             MathVerifier(extractor="arith") for the bundled arithmetic benchmark
+    arith-prm[:AGG]   ArithProcessReward: exact per-line process reward for arith (a PRM;
+                      AGG = prod, min, last or mean aggregates the step scores)
     code              CodeVerifier (sandboxed execution of the problem's tests)
     code:visible      CodeVerifier(tests="visible"): the prompt's examples only (a weak verifier)
     code:plus=PATH    CodeVerifier(tests="plus", evalplus=PATH): EvalPlus's added tests from a
@@ -155,6 +157,7 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
 VERIFIER_SPECS: Mapping[str, str] = {
     "math": "ttscale.verifiers.math:MathVerifier",
     "arith": "ttscale.verifiers.math:MathVerifier",
+    "arith-prm": "ttscale.verifiers.arith_prm:ArithProcessReward",
     "code": "ttscale.verifiers.code:CodeVerifier",
     "rm": "ttscale.verifiers.reward:RewardModelVerifier",
     "judge": "ttscale.verifiers.judge:JudgeVerifier",
@@ -162,7 +165,7 @@ VERIFIER_SPECS: Mapping[str, str] = {
 }
 
 SPEC_HELP = (
-    "math, math:EXTRACTOR, arith, code, code:visible, code:plus=PATH, code:base=PATH, rm:PATH, "
+    "math, math:EXTRACTOR, arith, arith-prm[:AGG], code, code:visible, code:plus=PATH, code:base=PATH, rm:PATH, "
     "judge:MODEL, ensemble:A,B,..."
 )
 
@@ -188,6 +191,11 @@ def check_spec(spec: str) -> str:
         raise ConfigError(f"unknown verifier {spec!r}; choose one of: {SPEC_HELP}")
     if head == "arith" and arg:
         raise ConfigError(f"verifier 'arith' takes no argument, got {spec!r}")
+    if head == "arith-prm" and arg:
+        from ttscale.validation import check_choice
+        from ttscale.verifiers.arith_prm import ARITH_PRM_AGGREGATIONS
+
+        check_choice("arith-prm aggregation", arg, ARITH_PRM_AGGREGATIONS)
     if head == "math" and arg:
         from ttscale.validation import check_choice
         from ttscale.verifiers.math import EXTRACTORS
@@ -279,6 +287,8 @@ def make_verifier(spec: str, **kw: Any) -> Any:
         opts["extractor"] = "arith"
     elif head == "math" and arg:
         opts["extractor"] = arg
+    elif head == "arith-prm" and arg:
+        opts["aggregation"] = arg
     elif head == "code":
         suite, _, path = arg.partition("=")
         if suite.strip() in ("plus", "base"):

@@ -119,6 +119,50 @@ def test_potential_registry_is_open() -> None:
         POTENTIAL_SPECS.pop("test-pot")
 
 
+def test_search_beam_runs_stores_the_tree_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "beam"
+    args = [
+        "smc", "--engine", "scripted", "--model", "toy", "--benchmark", "arith", "--limit", "2",
+        "--particles", "4", "--potential", "arith-prm", "--search", "beam", "--width", "2",
+        "--tokens-per-step", "4", "--max-tokens", "12", "--out", str(out), "--no-verify",
+    ]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "search beam, N=4, M=2" in r.output
+    store = SampleStore.open(out)
+    m = store.manifest
+    assert m["iid"] is False and m["search"]["search"] == "beam" and m["search"]["width"] == 2
+    assert sorted(m["search_done"]["4"]) == sorted(store.problem_ids())
+    fates = {s.fate for s in store.samples()}
+    assert "kept" in fates and fates <= {"kept", "pruned", "extended"}
+    n = len(store)
+    r2 = runner.invoke(app, [*args, "--resume"])
+    assert r2.exit_code == 0, r2.output
+    assert "0 tokens generated in this call" in r2.output and len(SampleStore.open(out)) == n
+    # other search settings cannot resume this run, nor can SMC
+    i = args.index("--width")
+    r3 = runner.invoke(app, [*args[: i + 1], "4", *args[i + 2 :], "--resume"])
+    assert r3.exit_code == 1
+    assert r3.output.strip().splitlines()[-1].startswith("error: run directory")
+    assert "made with search width 2, not 4" in r3.output, r3.output
+    j = args.index("--search")
+    r4 = runner.invoke(app, [*args[:j], *args[j + 4 :], "--resume"])
+    assert r4.exit_code == 1 and "not from SMC" in r4.output, r4.output
+
+
+def test_search_needs_particles_divisible_by_width(tmp_path: Path) -> None:
+    args = [
+        "smc", "--engine", "scripted", "--model", "toy", "--benchmark", "arith", "--limit", "1",
+        "--particles", "4", "--potential", "arith-prm", "--search", "dvts", "--width", "3",
+        "--out", str(tmp_path / "x"),
+    ]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (
+        "error: --search dvts needs --particles divisible by --width 3, got 4"
+    )
+
+
 def test_resume_with_other_smc_settings_is_refused(tmp_path: Path, pot_module: str) -> None:
     out = tmp_path / "run"
     assert runner.invoke(app, [*_args(out, pot_module), "--no-verify"]).exit_code == 0

@@ -1,0 +1,501 @@
+"""Step-level search with a process reward: beam search, DVTS and best-of-N with step scores.
+
+Three named configurations of one loop (search-and-learn's and its_hub's search family). A
+*step* extends a partial solution to its next step boundary (a stop string, ``"\\n"`` by
+default, EOS, or ``step_tokens`` tokens) with one batched engine call on token prefixes; the
+potential (``score(problem, texts, finished)`` -> log-potentials, e.g. ``arith-prm``) scores
+every new partial solution. With ``budget = N`` and ``width = M``:
+
+* ``beam``: the first step draws ``N`` continuations of the prompt; after each step the finished
+  ones go to the pool and the best ``N // M`` unfinished ones (by potential; ties to the lower
+  candidate index) are kept (at most ``N`` minus the pool size), each expanded ``M`` ways; the
+  rest are pruned. Ends when nothing is left to expand or the pool holds ``N`` solutions.
+* ``dvts`` (diverse verifier tree search): ``N // M`` independent subtrees; the first step draws
+  ``M`` continuations per subtree; after each step each subtree keeps its single best
+  unfinished solution and expands it ``M`` ways. A subtree ends when it has nothing to expand.
+* ``bon`` (best-of-N with step scores): ``N`` independent step-wise solutions, nothing pruned;
+  every step scored, so the final pool is weighted by the process reward.
+
+Solutions that reach ``max_steps`` steps or ``max_tokens`` generated tokens join the pool as
+they are. **Result** (the :class:`~ttscale.samplers.base.Sampler` protocol): every node of the
+search tree as a candidate (its whole text so far, its step's tokens, its parent): the pool
+``kept`` with ``log_weight`` = the potential of the finished solution (a log-reward, *not* an
+importance weight: rank or vote with it), pruned partial solutions ``pruned``, the rest
+``extended``; ``generated_tokens`` counts every generated token (pruned branches included),
+``steps[t].extra["particle_steps"]`` the continuations drawn at step ``t`` and
+``info["particle_steps"]`` their total. With a ``sink`` store every node is stored (step,
+parent, log-weight, fate; the run is ``iid=False``) once its problem's search is over, and a
+resumed call reads finished problems back (``manifest["search_done"]``). :attr:`timing`
+splits wall time into engine, potential and the sampler's own work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ttscale.engines.base import Engine, GenerationRequest, capabilities_of, continuation_text
+from ttscale.errors import ConfigError
+from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
+from ttscale.samplers.potentials import as_potential, clean_log_potentials
+from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.store import SampleStore
+from ttscale.types import Completion, FinishReason, Problem, SamplingParams
+from ttscale.validation import check_choice, check_int
+
+__all__ = ["SEARCH_CONFIGS", "SearchSampler", "particle_steps", "select_survivors"]
+
+log = logging.getLogger(__name__)
+
+#: The named search configurations.
+SEARCH_CONFIGS = ("beam", "dvts", "bon")
+
+
+def select_survivors(
+    search: str, scores: Sequence[float], groups: Sequence[int], keep: int
+) -> list[int]:
+    """Positions (ascending) of the unfinished solutions that survive a step.
+
+    ``scores``: the potentials of the step's unfinished solutions; ``groups``: their subtree
+    (DVTS); ``keep``: how many survive for ``beam``. ``beam`` keeps the ``keep`` best overall,
+    ``dvts`` the best of each group, ``bon`` everything. Ties go to the lower position; ``-inf``
+    and NaN rank last (NaN as ``-inf``).
+    """
+    check_choice("search", search, SEARCH_CONFIGS)
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    n = len(s)
+    if search == "bon":
+        return list(range(n))
+    order = sorted(range(n), key=lambda i: (-s[i], i))
+    if search == "beam":
+        return sorted(order[:keep])
+    best: dict[int, int] = {}
+    for i in order:
+        best.setdefault(int(groups[i]), i)
+    return sorted(best.values())
+
+
+@dataclass
+class _Node:
+    """A partial solution: its full text and generated token ids so far."""
+
+    index: int
+    parent: int | None
+    step: int
+    group: int
+    text: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    finished: bool
+    finish_reason: str
+    step_completion: Completion  # the engine's completion of this node's step
+    score: float = 0.0
+
+
+@dataclass
+class _State:
+    """One problem's search: its nodes, frontier, pool, step diagnostics and token count."""
+
+    problem: Problem
+    nodes: list[_Node] = field(default_factory=list)
+    frontier: list[int] = field(default_factory=list)  # node indices to expand next
+    pool: list[int] = field(default_factory=list)  # finished node indices
+    pruned: list[int] = field(default_factory=list)
+    steps: list[StepInfo] = field(default_factory=list)
+    generated: int = 0
+    prompt_tokens: int = 0
+    step: int = 0
+    next_index: int = 0
+    done: bool = False
+
+
+class SearchSampler:
+    """Beam search, DVTS or best-of-N with step scores, on a step-wise engine (module docstring).
+
+    ``potential``: an object with ``score(problem, texts, finished)`` or such a callable;
+    ``params``: sampling settings (temperature, seed, ...); the step boundary replaces its
+    ``stop``/``max_tokens``: ``step_stop`` (default ``("\\n",)``, kept in the text),
+    ``step_tokens`` per step (default ``params.max_tokens``); ``max_steps`` and ``max_tokens``
+    bound a whole solution; ``width`` is ``M`` (must divide the budget for beam and DVTS);
+    ``batch_problems``: problems searched together (their steps share one engine call);
+    ``chat``: send the prompt as a user message; ``manifest``: fields for a stored run.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        potential: Any,
+        params: SamplingParams,
+        *,
+        search: str = "beam",
+        width: int = 4,
+        step_stop: Sequence[str] = ("\n",),
+        step_tokens: int | None = None,
+        max_steps: int = 16,
+        max_tokens: int = 256,
+        batch_problems: int = 16,
+        chat: bool = False,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_choice("search", search, SEARCH_CONFIGS)
+        check_int("width", width, min=1)
+        check_int("max_steps", max_steps, min=1)
+        check_int("max_tokens", max_tokens, min=1)
+        check_int("step_tokens", step_tokens, min=1, allow_none=True)
+        check_int("batch_problems", batch_problems, min=1)
+        stop = tuple(step_stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ConfigError(f"step_stop must be non-empty strings, got {step_stop!r}")
+        self.engine = engine
+        self.potential = as_potential(potential)
+        self.search = search
+        self.width = 1 if search == "bon" else width
+        self.max_steps = max_steps
+        self.max_tokens = max_tokens
+        self.batch_problems = batch_problems
+        self.params = params.replace(
+            stop=stop,
+            include_stop_str_in_output=True,
+            max_tokens=step_tokens if step_tokens is not None else params.max_tokens,
+        )
+        self.token_prefixes = capabilities_of(engine).token_prefixes
+        self.chat = bool(chat)
+        self.extra_manifest = dict(manifest or {})
+        self.engine_info = dict(engine.info())
+        #: seconds spent in the engine, in the potential, and in all (of the last ``sample`` run)
+        self.timing: dict[str, float] = {"engine": 0.0, "potential": 0.0, "total": 0.0}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "sampler": "search",
+            "search": self.search,
+            "width": self.width,
+            "max_steps": self.max_steps,
+            "max_tokens": self.max_tokens,
+            "step": {"stop": list(self.params.stop), "tokens": self.params.max_tokens},
+        }
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        """The :class:`~ttscale.samplers.base.Sampler` protocol: ``budget`` = ``N`` solutions
+        per step (beams / particles). Yields one result per problem, in order."""
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        if self.search != "bon" and budget % self.width:
+            raise ConfigError(
+                f"{self.search} needs a budget divisible by width {self.width}, got {budget}; "
+                f"use a multiple of {self.width} or change width"
+            )
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        problems = list(problems)
+        if len({p.id for p in problems}) != len(problems):
+            raise ConfigError("problem ids must be unique")
+        if sink is not None:
+            extra = {**self.extra_manifest, "search": {**self.info(), "budget": budget}}
+            _check_same_search(sink, extra["search"])
+            sink.check_compatible({**extra, "sampling": params.to_dict()})
+            sink.write_problems(problems)
+            start_run(
+                sink,
+                engine_info=self.engine_info,
+                params=params,
+                n=budget,
+                chat=self.chat,
+                iid=False,
+                extra=extra,
+            )
+        return self._sample(problems, budget, params, sink)
+
+    def _sample(
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
+    ) -> Iterator[SampleResult]:
+        self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
+        done = set((sink.manifest.get("search_done") or {}).get(str(budget), [])) if sink else set()
+        session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
+        with session:
+            for start in range(0, len(problems), self.batch_problems):
+                t0 = time.perf_counter()
+                batch = problems[start : start + self.batch_problems]
+                states = [_State(p) for p in batch if p.id not in done]
+                while not all(s.done for s in states):
+                    self._step(session, states, budget, params)
+                fresh = {s.problem.id: self._result(s) for s in states}
+                if sink is not None and fresh:
+                    for res in fresh.values():
+                        session.keep(res.candidates)
+                    session.flush()
+                    _mark_done(sink, list(fresh), budget)
+                self.timing["total"] += time.perf_counter() - t0
+                for p in batch:
+                    if p.id in fresh:
+                        yield fresh[p.id]
+                    else:
+                        assert sink is not None  # only problems stored in the sink are skipped
+                        yield _resumed(p, sink)
+
+    # ---- one step for every unfinished problem ----------------------------------------------
+
+    def _step(
+        self, session: SamplingSession, states: list[_State], budget: int, params: SamplingParams
+    ) -> None:
+        requests: list[GenerationRequest] = []
+        owners: list[tuple[_State, int | None, int]] = []  # (state, parent node, group)
+        for st in states:
+            if st.done:
+                continue
+            if st.step == 0:
+                parents: list[tuple[int | None, int, int]] = []
+                if self.search == "dvts":
+                    parents = [(None, g, self.width) for g in range(budget // self.width)]
+                else:
+                    parents = [(None, 0, budget)]
+            else:
+                parents = [(i, st.nodes[i].group, self.width) for i in st.frontier]
+            for parent, group, m in parents:
+                # a node's candidate index is its position in st.nodes (children are appended
+                # in request order below)
+                first, st.next_index = st.next_index, st.next_index + m
+                requests.append(self._request(st, parent, tuple(range(first, first + m))))
+                owners.append((st, parent, group))
+        # a step's token cap: step_tokens, less near a solution's max_tokens (one call per cap)
+        caps = [
+            min(
+                params.max_tokens,
+                self.max_tokens - (st.nodes[par].num_tokens if par is not None else 0),
+            )
+            for st, par, _ in owners
+        ]
+        results: list[list[Completion]] = [[] for _ in requests]
+        t0 = time.perf_counter()
+        for cap in sorted(set(caps), reverse=True):
+            pos = [k for k, c in enumerate(caps) if c == cap]
+            got = session.generate(
+                [requests[k] for k in pos], params.replace(max_tokens=cap), store=False
+            )
+            for k, g in zip(pos, got, strict=True):
+                results[k] = g
+        self.timing["engine"] += time.perf_counter() - t0
+        fresh: dict[int, list[int]] = {}
+        for (st, parent, group), comps in zip(owners, results, strict=True):
+            for c in comps:
+                st.nodes.append(self._child(st, parent, group, c))
+                fresh.setdefault(id(st), []).append(len(st.nodes) - 1)
+                st.generated += c.num_tokens + c.discarded_tokens
+                st.prompt_tokens += c.prompt_tokens or 0
+        for st in states:
+            if st.done:
+                continue
+            new = fresh.get(id(st), [])
+            t0 = time.perf_counter()
+            out = self.potential.score(
+                st.problem,
+                [st.nodes[i].text for i in new],
+                [st.nodes[i].finished for i in new],
+            )
+            scores = clean_log_potentials(out, len(new), who=type(self.potential).__name__)
+            self.timing["potential"] += time.perf_counter() - t0
+            for i, s in zip(new, scores.tolist(), strict=True):
+                st.nodes[i].score = s
+            self._select(st, new, budget)
+
+    def _request(
+        self, st: _State, parent: int | None, indices: tuple[int, ...]
+    ) -> GenerationRequest:
+        p = st.problem
+        base: dict[str, Any]
+        if self.chat:
+            base = {"messages": ({"role": "user", "content": p.prompt},)}
+        else:
+            base = {"prompt": p.prompt}
+        if parent is None:
+            return GenerationRequest(problem_id=p.id, indices=indices, step=0, **base)
+        node = st.nodes[parent]
+        if self.token_prefixes:
+            return GenerationRequest(
+                problem_id=p.id,
+                prefix_token_ids=node.token_ids,
+                indices=indices,
+                step=st.step,
+                **base,
+            )
+        return GenerationRequest(
+            problem_id=p.id, prefix=node.text, indices=indices, step=st.step, **base
+        )
+
+    def _child(self, st: _State, parent: int | None, group: int, c: Completion) -> _Node:
+        base = st.nodes[parent] if parent is not None else None
+        ids = (base.token_ids if base else ()) + tuple(c.token_ids or ())
+        n = (base.num_tokens if base else 0) + c.num_tokens
+        eos = c.finish_reason == FinishReason.STOP.value and c.stop_reason is None
+        finished = (
+            eos
+            or c.num_tokens == 0
+            or c.finish_reason == FinishReason.ABORT.value
+            or st.step + 1 >= self.max_steps
+            or n >= self.max_tokens
+        )
+        return _Node(
+            index=c.index,
+            parent=parent,
+            step=st.step,
+            group=group,
+            text=(base.text if base else "") + self._step_text(base, c),
+            token_ids=ids,
+            num_tokens=n,
+            finished=finished,
+            finish_reason=c.finish_reason if eos or not finished else FinishReason.LENGTH.value,
+            step_completion=c,
+        )
+
+    def _step_text(self, base: _Node | None, c: Completion) -> str:
+        """The text of exactly the tokens a step kept: an engine trims its text after a stop
+        string that ends inside a token, but the next step continues after that token."""
+        decode = getattr(self.engine, "decode", None)
+        if not self.token_prefixes or decode is None or c.token_ids is None:
+            return c.text
+        return continuation_text(decode, base.token_ids if base else (), c.token_ids)
+
+    def _select(self, st: _State, new: list[int], budget: int) -> None:
+        done = [i for i in new if st.nodes[i].finished]
+        open_ = [i for i in new if not st.nodes[i].finished]
+        st.pool.extend(done)
+        keep = budget // self.width
+        if self.search == "beam":
+            keep = min(keep, budget - len(st.pool))
+        if keep <= 0:
+            survivors: list[int] = []
+        else:
+            pos = select_survivors(
+                self.search,
+                [st.nodes[i].score for i in open_],
+                [st.nodes[i].group for i in open_],
+                keep,
+            )
+            survivors = [open_[j] for j in pos]
+        dropped = sorted(set(open_) - set(survivors))
+        st.pruned.extend(dropped)
+        st.frontier = survivors
+        st.steps.append(
+            StepInfo(
+                step=st.step,
+                ancestors=tuple(survivors),
+                extra={
+                    "particle_steps": len(new),
+                    "finished": len(done),
+                    "pruned": len(dropped),
+                    "best": max((st.nodes[i].score for i in new), default=-math.inf),
+                },
+            )
+        )
+        st.step += 1
+        if not survivors:
+            st.done = True
+
+    def _result(self, st: _State) -> SampleResult:
+        # every node is a candidate: its whole text so far and its step's tokens (so the
+        # candidates' num_tokens sum to generated_tokens), like SMCSampler's particle-steps
+        pool, pruned = set(st.pool), set(st.pruned)
+        cands: list[Candidate] = []
+        for i, node in enumerate(st.nodes):
+            comp = replace(node.step_completion, text=node.text)
+            parent = st.nodes[node.parent].index if node.parent is not None else None
+            common: dict[str, Any] = {"step": node.step, "parent": parent, "log_weight": node.score}
+            if i in pool:
+                cands.append(Candidate(replace(comp, finish_reason=node.finish_reason), **common))
+            elif i in pruned:
+                cands.append(Candidate(comp, fate=Fate.PRUNED, pruned_at=node.num_tokens, **common))
+            else:
+                cands.append(Candidate(comp, fate=Fate.EXTENDED, **common))
+        total_steps = sum(int(s.extra["particle_steps"]) for s in st.steps)
+        return SampleResult(
+            problem=st.problem,
+            candidates=tuple(cands),
+            generated_tokens=st.generated,
+            prompt_tokens=st.prompt_tokens,
+            iid=False,
+            steps=tuple(st.steps),
+            info={"particle_steps": total_steps, "search": self.search, "width": self.width},
+        )
+
+
+def _check_same_search(sink: SampleStore, config: Mapping[str, Any]) -> None:
+    """A run directory holds one search configuration (candidate keys depend on all of it)."""
+    old = sink.manifest.get("search")
+    if not isinstance(old, Mapping):
+        if len(sink):
+            raise ConfigError(
+                f"run directory {sink.path} holds samples that are not from a search; "
+                "use a new --out"
+            )
+        return
+    for key, value in config.items():
+        if key in old and old[key] != value:
+            raise ConfigError(
+                f"run directory {sink.path} was made with search {key} {old[key]!r}, not "
+                f"{value!r}; resume with the same settings or use a new --out"
+            )
+
+
+def _mark_done(sink: SampleStore, problem_ids: list[str], budget: int) -> None:
+    """Record in the manifest that these problems' searches at ``budget`` are stored whole."""
+
+    def mark(m: dict[str, Any]) -> None:
+        done = dict(m.get("search_done") or {})
+        ids = list(done.get(str(budget), []))
+        ids.extend(i for i in problem_ids if i not in ids)
+        done[str(budget)] = ids
+        m["search_done"] = done
+
+    sink.modify_manifest(mark)
+
+
+def _resumed(problem: Problem, sink: SampleStore) -> SampleResult:
+    """A problem whose search a previous call stored, read back from the sink."""
+    from ttscale.samplers.repeated import _completion_of
+
+    cands: list[Candidate] = []
+    tokens = 0
+    for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
+        tokens += s.num_tokens or 0
+        fate = Fate(s.fate or Fate.KEPT.value)
+        cands.append(
+            Candidate(
+                _completion_of(s),
+                step=s.step or 0,
+                parent=s.parent,
+                log_weight=s.log_weight,
+                fate=fate,
+                pruned_at=s.pruned_at if fate is Fate.PRUNED else None,
+            )
+        )
+    return SampleResult(
+        problem=problem,
+        candidates=tuple(cands),
+        generated_tokens=tokens,
+        iid=False,
+        resumed=len(cands),
+        info={"particle_steps": len(cands), "resumed": True},
+    )
+
+
+def particle_steps(result: SampleResult) -> int:
+    """The continuations a step-wise result drew, over all its steps (``info["particle_steps"]``
+    of a search or SMC result)."""
+    return int(result.info.get("particle_steps", 0))
