@@ -39,6 +39,7 @@ import math
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ import numpy as np
 
 from ttscale.engines.base import (
     Engine,
+    GenerationError,
     GenerationRequest,
     ScoringEngine,
     TokenEvent,
@@ -833,7 +835,6 @@ class PruningSampler:
                                 "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
                             }
                         )
-                    session.keep(list(res.candidates))
                     yield res
         if sink is not None:
             self._record(sink, records, thresholds)
@@ -850,9 +851,14 @@ class PruningSampler:
         got: dict[tuple[str, int], Completion] = {}
         warm_reqs = [r for p in problems for r in self._requests(p, range(warm_n))]
         if warm_reqs:
-            for comps in session.generate(warm_reqs, params, store=False):
-                for c in comps:
-                    got[(c.problem_id, c.index)] = c
+            # stored as each request finishes (salvage: an engine failure loses nothing finished)
+            with _salvage(session, {}):
+                for comps in session.generate(
+                    warm_reqs, params, store=False,
+                    on_result=lambda pos, comps: session.keep([Candidate(c) for c in comps]),
+                ):
+                    for c in comps:
+                        got[(c.problem_id, c.index)] = c
         thresholds: dict[str, float | None] = {}
         for p in problems:
             warm = [got[(p.id, i)] for i in range(warm_n)]
@@ -882,23 +888,29 @@ class PruningSampler:
                 monitors[key] = _Done()
                 return True
 
-            for comps in session.generate(
-                reqs, params, store=False, on_token=on_token, chunk_tokens=self.chunk_tokens
-            ):
-                for c in comps:
-                    got[(c.problem_id, c.index)] = c
+            def on_result(pos: int, comps: list[Completion]) -> None:
+                session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+
+            with _salvage(session, reasons):
+                for comps in session.generate(
+                    reqs,
+                    params,
+                    store=False,
+                    on_result=on_result,
+                    on_token=on_token,
+                    chunk_tokens=self.chunk_tokens,
+                ):
+                    for c in comps:
+                        got[(c.problem_id, c.index)] = c
         out = []
         for p in problems:
             cands = []
             why: dict[int, str] = {}
             for i in range(budget):
-                c = got[(p.id, i)]
-                hit = reasons.get((p.id, i))
-                if hit is not None and c.num_tokens == hit[0]:
-                    why[i] = hit[1]
-                    cands.append(Candidate(c, fate=Fate.PRUNED, pruned_at=hit[0]))
-                else:
-                    cands.append(Candidate(c))
+                cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
+                if cand.pruned_at is not None:
+                    why[i] = reasons[(p.id, i)][1]
+                cands.append(cand)
             res = SampleResult(
                 problem=p,
                 candidates=tuple(cands),
@@ -937,6 +949,28 @@ class PruningSampler:
             }
 
         sink.modify_manifest(put)
+
+
+@contextmanager
+def _salvage(
+    session: SamplingSession, reasons: Mapping[tuple[str, int], tuple[int, str]]
+) -> Iterator[None]:
+    """On an engine failure, store the finished samples of unfinished requests (those of
+    finished requests were stored by ``on_result``) before the error propagates."""
+    try:
+        yield
+    except GenerationError as e:
+        for comps in e.partial.values():
+            session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+        raise
+
+
+def _candidate(c: Completion, hit: tuple[int, str] | None) -> Candidate:
+    """A finished trace as a candidate: pruned at ``hit[0]`` tokens if the monitor stopped it
+    there (the engine ended it by the abort), else kept."""
+    if hit is not None and c.num_tokens == hit[0]:
+        return Candidate(c, fate=Fate.PRUNED, pruned_at=hit[0])
+    return Candidate(c)
 
 
 class _Done:

@@ -327,3 +327,20 @@ def test_run_directory_records_what_was_pruned_when_and_why(tmp_path: Any) -> No
     # of traces that were not pruned only (they are whole): none of them prunes
     with pytest.raises(ConfigError, match="do not resume"):
         next(iter(PruningSampler(eng, params, spec).sample(PROBLEMS, 10, seed=1, sink=run)))
+
+
+def test_pruning_sampler_passes_the_sampler_contract() -> None:
+    from ttscale.testing import check_sampler
+
+    params = SamplingParams(max_tokens=24, logprobs=3, seed=0)
+    # resume: pruning runs refuse a sink that holds samples (documented), so it is skipped
+    ran = check_sampler(
+        lambda eng: PruningSampler(eng, params, "lowprob:threshold=-3.7,min_tokens=3"),
+        budget=6, skip={"resume"},
+    )
+    assert "salvage" in ran and "accounting" in ran and "sink" in ran
+    ran = check_sampler(
+        lambda eng: PruningSampler(eng, params, "deepconf-online:eta=50,warmup=2,window=4"),
+        budget=6, skip={"resume"},
+    )
+    assert "salvage" in ran
