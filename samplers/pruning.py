@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,6 +66,7 @@ from ttscale.select.confidence import (
     token_confidence,
 )
 from ttscale.store import SampleStore
+from ttscale.store.pool import Pool
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 from ttscale.validation import check_int, check_number
 
@@ -568,14 +570,14 @@ def _as_completion(item: Sample | Completion) -> Completion:
 
 
 def replay_pruning(
-    source: SampleStore | Iterable[Sample | Completion],
+    source: SampleStore | str | os.PathLike[str] | Iterable[Sample | Completion],
     rule: PruneRule | str,
     *,
     max_samples: int | None = None,
 ) -> PruningReplay:
     """What ``rule`` would have pruned in a stored run, trace by trace, and the tokens saved.
 
-    ``source``: a run (:class:`SampleStore`) or samples/completions carrying per-token
+    ``source``: a run (:class:`SampleStore` or its path) or samples/completions carrying per-token
     log-probabilities (``token_logprobs`` for ``lowprob``, ``top_logprobs`` for
     ``deepconf-online``). Traces are replayed in index order per problem (indices
     ``0..max_samples-1`` when given): as in a live run, the first ``rule.warmup`` traces run in
@@ -589,6 +591,17 @@ def replay_pruning(
             "replay deepconf-online or lowprob"
         )
     check_int("max_samples", max_samples, min=1, allow_none=True)
+    if isinstance(source, (str, os.PathLike)):
+        source = SampleStore.open(source)
+    if isinstance(source, Pool):
+        raise ConfigError(
+            "a Pool holds no per-token log-probs; pass the run itself (SampleStore or its path)"
+        )
+    if isinstance(source, SampleStore) and source.manifest.get("pruning"):
+        raise ConfigError(
+            f"{source.path} was pruned live (its pruned traces are cut); replay a full run "
+            "made without --prune"
+        )
     items = source.samples() if isinstance(source, SampleStore) else source
     by_problem: dict[str, list[Completion]] = {}
     for it in items:

@@ -344,3 +344,21 @@ def test_pruning_sampler_passes_the_sampler_contract() -> None:
         budget=6, skip={"resume"},
     )
     assert "salvage" in ran
+
+
+def test_replay_from_a_stored_run_and_refusals(tmp_path: Any) -> None:
+    eng = ScriptedEngine()
+    params = SamplingParams(max_tokens=30, logprobs=3, seed=1)
+    store = SampleStore.create(tmp_path / "full", {"model": "toy"})
+    RepeatedSampler(eng, params, store, progress=False).run(PROBLEMS, 8)
+    spec = "lowprob:threshold=-3.2,min_tokens=5"
+    from_path = replay_pruning(str(store.path), spec, max_samples=6)
+    mem = list(RepeatedSampler(eng, params).sample(PROBLEMS, 6, seed=1))
+    want = replay_pruning([c.completion for r in mem for c in r.candidates], spec)
+    assert from_path.to_dict() == want.to_dict() and want.pruned > 0
+    with pytest.raises(ConfigError, match="a Pool holds no per-token log-probs"):
+        replay_pruning(store.pool(), spec)
+    pruned = SampleStore.create(tmp_path / "pruned", {"model": "toy"})
+    list(PruningSampler(eng, params, spec).sample(PROBLEMS, 4, seed=1, sink=pruned))
+    with pytest.raises(ConfigError, match="was pruned live"):
+        replay_pruning(SampleStore.open(pruned.path), spec)
