@@ -166,6 +166,49 @@ def main() -> None:
                   f"| {pruned} of {len(problems) * args.n} | {agreement} | {wall:.1f} |")
     engine.close()
 
+    # budget sweep by replay (cheap): SC@m and each rule on the first m traces, for the fewest
+    # tokens that reach SC@n accuracy within 0.5 points
+    target = sc_acc_a.mean() - 0.005
+    print()
+    print(f"Budget sweep by replay (first m traces of each problem); target: SC@{args.n} "
+          f"accuracy - 0.5 points = {target:.3f}")
+    print()
+    print("| method | m | accuracy [95% CI] | tokens/problem | tokens vs SC@n | reaches target |")
+    print("|---|---|---|---|---|---|")
+    best: tuple[float, str] | None = None
+    ms = [m for m in (4, 8, 16, 24, 32, 48, 64, 128) if m <= args.n]
+    for spec in ["sc", *args.rules]:
+        for m in ms:
+            acc, tok = [], []
+            if spec == "sc":
+                for p in problems:
+                    a, ok = checked[p.id]
+                    acc.append(majority_credit(a[:m], ok[:m]))
+                    tok.append(sum(c.num_tokens for c in sc_comps[p.id][:m]))
+            else:
+                rep = replay_pruning(all_sc, spec, max_samples=m)
+                by = {pp.problem_id: pp for pp in rep.problems}
+                for p in problems:
+                    a, ok = checked[p.id]
+                    keep = set(by[p.id].kept_indices)
+                    acc.append(majority_credit([x for i, x in enumerate(a) if i in keep],
+                                               [x for i, x in enumerate(ok) if i in keep]))
+                    tok.append(by[p.id].tokens)
+            acc_a = np.asarray(acc, dtype=np.float64)
+            am, alo, ahi = ci(acc_a)
+            tm = float(np.mean(tok))
+            ok_ = am >= target
+            if ok_ and (best is None or tm < best[0]):
+                best = (tm, f"{spec} at m={m}")
+            label = f"SC@{m}" if spec == "sc" else f"`{spec}`"
+            print(f"| {label} | {m} | {am:.3f} [{alo:.3f}, {ahi:.3f}] | {tm:,.1f} | "
+                  f"{tm / sc_tokens.mean():.3f} | {'yes' if ok_ else 'no'} |")
+    if best is not None:
+        print()
+        print(f"Fewest tokens reaching the target: {best[1]}, {best[0]:,.1f} tokens/problem = "
+              f"{best[0] / sc_tokens.mean():.3f} of SC@{args.n} "
+              f"({1 - best[0] / sc_tokens.mean():.1%} fewer)")
+
 
 if __name__ == "__main__":
     main()
