@@ -48,6 +48,7 @@ DEFAULT_RULES = [
     "deepconf-online:eta=10,warmup=16,window=8",
     "lowprob:threshold=-0.4,min_tokens=8",
     "lowprob:threshold=-0.6,min_tokens=8",
+    "lowprob:threshold=-0.3,min_tokens=8",
 ]
 
 
