@@ -130,6 +130,19 @@ class PruneRule(Protocol):
 # -- DeepConf online -----------------------------------------------------------------------------
 
 
+#: Relative tolerance of "strictly below": values within it of the threshold count as equal
+#: (kept). Engines compute log-probs in float32, whose last digits move with the batch a trace
+#: is decoded in (~1e-8 in a log-prob, ~1e-6 in a window mean); identical token windows (common
+#: in templated answers) then tie with the warm-up threshold, and without a tolerance a live run
+#: and its replay could decide such a tie differently.
+TIE_TOLERANCE = 1e-6
+
+
+def _below(value: float, threshold: float) -> bool:
+    """``value < threshold`` by more than :data:`TIE_TOLERANCE` (relative, at least absolute)."""
+    return value < threshold - TIE_TOLERANCE * max(1.0, abs(threshold))
+
+
 def _position_confidence(top: Mapping[int, float] | None) -> float | None:
     """DeepConf token confidence of one position (``None``: no alternatives, skipped)."""
     if not top:
@@ -164,9 +177,7 @@ class _GroupConfMonitor:
         if len(self.confs) < self.window:
             return None
         mean = self.total / self.window
-        if abs(mean - self.threshold) < 1e-9:  # at the boundary: the exact sum decides
-            mean = math.fsum(self.confs) / self.window
-        if mean < self.threshold:
+        if _below(mean, self.threshold):
             return (
                 f"group confidence {mean:.4f} < threshold {self.threshold:.4f} "
                 f"(window {self.window})"
@@ -182,7 +193,8 @@ class DeepConfOnline:
     percentile of the warm-up lowest group confidences; 90 = DeepConf-high); ``warmup``: full
     traces per problem that set the threshold (``N_init``); ``window``: group size ``w`` in tokens.
     Token confidences are unrounded (the reference's logits processor; its post-hoc filter of
-    finished traces is not applied: finished traces are kept).
+    finished traces is not applied: finished traces are kept). "Below" means below by more
+    than :data:`TIE_TOLERANCE` (float32 noise), so exact ties with the threshold are kept.
     """
 
     eta: float = 10.0
@@ -244,9 +256,7 @@ class _MeanLogprobMonitor:
         if n < self.min_tokens:
             return None
         mean = self.total / n
-        if abs(mean - self.threshold) < 1e-9:
-            mean = math.fsum(self.lps) / n
-        if mean < self.threshold:
+        if _below(mean, self.threshold):
             return f"mean log-prob {mean:.4f} < threshold {self.threshold:g} after {n} tokens"
         return None
 
@@ -254,7 +264,8 @@ class _MeanLogprobMonitor:
 @dataclass(frozen=True)
 class LowProb:
     """Stop a trace once the mean log-probability of its tokens so far is ``< threshold``
-    (natural log, so ``threshold < 0``), checked from the ``min_tokens``-th token on."""
+    (natural log, so ``threshold < 0``; by more than :data:`TIE_TOLERANCE`), checked from the
+    ``min_tokens``-th token on."""
 
     threshold: float
     min_tokens: int = 16
