@@ -642,7 +642,8 @@ class _AccountingRecord:
 def _counts(comps: Sequence[Completion]) -> dict[str, int]:
     return {
         "samples": len(comps),
-        "generated_tokens": sum(c.num_tokens for c in comps),
+        # tokens an engine generated past an abort or stop string count too (discarded_tokens)
+        "generated_tokens": sum(c.num_tokens + c.discarded_tokens for c in comps),
         "prompt_tokens": sum(c.prompt_tokens or 0 for c in comps),
     }
 

@@ -246,6 +246,18 @@ def test_chunked_fallback_prunes_like_replay_of_an_unpruned_chunked_run() -> Non
     assert any(c.completion.discarded_tokens > 0 for r in live for c in r.candidates)
 
 
+def test_chunked_discarded_tokens_reach_the_run_accounting(tmp_path: Any) -> None:
+    eng = _NoStreaming()
+    params = SamplingParams(max_tokens=30, logprobs=0, seed=2)
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    sampler = PruningSampler(eng, params, "lowprob:threshold=-3.2,min_tokens=5", chunk_tokens=7)
+    live = list(sampler.sample(PROBLEMS, 6, seed=2, sink=store))
+    total = sum(r.generated_tokens for r in live)
+    kept_tokens = sum(c.completion.num_tokens for r in live for c in r.candidates)
+    assert total > kept_tokens  # some tokens were generated past an abort inside a chunk
+    assert SampleStore.open(store.path).accounting()["generated_tokens"] == total
+
+
 def test_selfeval_prunes_at_the_checkpoint_by_p_no() -> None:
     eng = ScriptedEngine()
     params = SamplingParams(max_tokens=30, logprobs=0, seed=4)
