@@ -446,6 +446,14 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
         seed: Annotated[int, typer.Option(min=0, help="Seed of every random draw (subsets, bootstrap).")] = 0,
+        x_axis: Annotated[
+            str,
+            typer.Option(
+                "--x",
+                help="x axis: k (samples per problem) or tokens (generated tokens per problem; "
+                "pruning runs appear as points).",
+            ),
+        ] = "k",
         missing: Annotated[
             str,
             typer.Option(
@@ -488,6 +496,29 @@ def register(app: typer.Typer) -> None:
         pools = [store.pool(verifier) for store in stores]
         multi = len(runs) > 1
         names = run_labels([s.manifest for s in stores], runs) if multi else [(runs[0].name, {})]
+        if x_axis not in ("k", "tokens"):
+            raise ConfigError(f"--x must be k or tokens, got {x_axis!r}")
+        if x_axis == "tokens":
+            from ttscale.cli.curve_tokens import curve_tokens
+
+            def compute(pool: Any, label: str) -> Any:
+                conf = None
+                if "deepconf" in method_list:
+                    store = stores[[id(p) for p in pools].index(id(pool))]
+                    conf = run_confidences(store, window=deepconf_window)
+                check_prerequisites(pool, method_list, score=score, confidences=conf)
+                return compute_curves(
+                    pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
+                    deepconf_eta=deepconf_eta, confidence=confidence, n_boot=n_boot,
+                    n_draws=draws, rpc_draws=rpc_draws, rpc_fit=rpc_fit, tie=tie, seed=seed,
+                    fit=False, missing=missing,
+                )
+
+            curve_tokens(
+                runs, stores, pools, [label for label, _ in names], compute=compute, tie=tie,
+                confidence=confidence, n_boot=n_boot, seed=seed, plot=plot, json_out=json_out,
+            )
+            return
         if any(not pool.iid for pool in pools):
             _refuse_weighted(
                 runs, pools, method_list, json_out, confidence, n_boot, seed,

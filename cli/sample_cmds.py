@@ -158,6 +158,15 @@ ThrottleOpt = Annotated[
         help="Testing aid: delay each finished request by this many seconds.",
     ),
 ]
+PruneOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prune",
+        help="Stop traces mid-generation by a rule: deepconf-online:eta=10,warmup=16,window=2048, "
+        "lowprob:threshold=-1.5[,min_tokens=16] or selfeval:checkpoint=64,threshold=0.5 "
+        "(see README, 'Pruning traces mid-generation').",
+    ),
+]
 FlushOpt = Annotated[
     int,
     typer.Option(
@@ -193,6 +202,7 @@ class SampleSpec:
     command: str = "sample"  # the command to name in "continue with ..." after Ctrl-C
     outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
     adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
+    prune: str | None = None  # a pruning rule (samplers.pruning): level-2 adaptive compute
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -293,6 +303,9 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
         parse_rule(spec.adaptive)  # a bad rule fails before anything loads
         if shard is not None:
             raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
+    if spec.adaptive is not None and spec.prune is not None:
+        raise ConfigError("give --adaptive (stop each problem early) or --prune (stop traces), not both")
+    prune_rule = _check_prune(spec)
     out = spec.out
     old: dict[str, Any] = {}
     if out is not None and (out / "manifest.json").exists():
@@ -320,6 +333,11 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     base.update(old_sampling)
     base.update(spec.sampling)
     n = spec.n or (int(old["sampling"]["n"]) if old.get("sampling") else DEFAULT_N)
+    if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
+        base["logprobs"] = 20
+        typer.echo(
+            f"--prune {prune_rule.name} needs top log-probs: sampling with logprobs=20", err=True
+        )
     params = SamplingParams.from_dict({**base, "n": n})
     limit = spec.limit if spec.limit is not None else old.get("limit")
     problems = bench.load(split, limit=limit)
@@ -363,6 +381,13 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             if spec.resume
             else SampleStore.create(out, manifest)
         )
+        if prune_rule is not None:
+            summary = _run_pruning(spec, engine, params, store, problems, n, prune_rule, manifest)
+            info = dict(engine.info())
+            if console is not None:
+                _print_summary(console, summary, info)
+                _print_pruning(console, store)
+            return SampleResult(store, summary, bench, problems, info)
         sampler = RepeatedSampler(
             engine,
             params,
@@ -392,6 +417,82 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if console is not None:
         _print_summary(console, summary, info)
     return SampleResult(store, summary, bench, problems, info)
+
+
+def _check_prune(spec: SampleSpec) -> Any:
+    """The ``--prune`` rule (parsed before anything slow), or ``None``."""
+    if spec.prune is None:
+        return None
+    from ttscale.samplers.pruning import parse_prune_rule
+
+    rule = parse_prune_rule(spec.prune)
+    if spec.resume:
+        raise ConfigError("--prune runs do not resume; sample into a new --out")
+    if spec.shard is not None:
+        raise ConfigError("--prune does not take --shard; run one pruning worker per run directory")
+    return rule
+
+
+def _run_pruning(
+    spec: SampleSpec,
+    engine: Any,
+    params: Any,
+    store: Any,
+    problems: Sequence[Any],
+    n: int,
+    rule: Any,
+    manifest: Mapping[str, Any],
+) -> Any:
+    """``sample --prune``: a :class:`PruningSampler` run; returns a ``SamplingSummary``."""
+    from ttscale.samplers import RepeatedSampler
+    from ttscale.samplers.pruning import PruningSampler
+    from ttscale.samplers.repeated import SamplingSummary
+
+    chat = RepeatedSampler(engine, params, chat=spec.chat).chat  # the engine's template, if any
+    sampler = PruningSampler(
+        engine,
+        params,
+        rule,
+        batch_size=spec.batch_size,
+        chat=chat,
+        system_prompt=spec.system_prompt,
+        progress=None if spec.progress else False,
+        manifest=manifest,
+    )
+    typer.echo(f"pruning traces with {rule.spec()} ({sampler.mode})", err=True)
+    t0 = time.perf_counter()
+    traces = tokens = prompt = 0
+    try:
+        for res in sampler.sample(problems, n, seed=params.seed, sink=store):
+            traces += len(res.candidates)
+            tokens += res.generated_tokens
+            prompt += res.prompt_tokens
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: pruning runs do not resume; {store.path} is incomplete", err=True)
+        raise typer.Exit(130) from None
+    store.refresh()
+    return SamplingSummary(
+        path=store.path,
+        problems=len(problems),
+        n=n,
+        requested=len(problems) * n,
+        skipped=0,
+        generated=traces,
+        stored=len(store),
+        generated_tokens=tokens,
+        prompt_tokens=prompt,
+        wall_seconds=time.perf_counter() - t0,
+        accounting=store.accounting(),
+    )
+
+
+def _print_pruning(console: Any, store: Any) -> None:
+    info = store.manifest.get("pruning") or {}
+    console.print(
+        f"pruned [bold]{info.get('pruned', 0):,}[/bold] of {info.get('traces', 0):,} traces with "
+        f"{info.get('rule')} ({info.get('generated_tokens', 0):,} generated tokens, pruned "
+        f"traces included); what was pruned, when and why: {store.path / 'pruning.jsonl'}"
+    )
 
 
 def _report_interrupt(spec: SampleSpec, out: Path, problems: Sequence[Any], n: int) -> None:
@@ -571,6 +672,7 @@ def register(app: typer.Typer) -> None:
                 "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
             ),
         ] = None,
+        prune: PruneOpt = None,
     ) -> None:
         """Draw N samples per problem of a benchmark into a run directory (resumable).
 
@@ -600,6 +702,7 @@ def register(app: typer.Typer) -> None:
             flush_every=flush_every,
             shard=shard,
             adaptive=adaptive,
+            prune=prune,
         )
         run_sample(spec, console=_console())
 

@@ -9,6 +9,7 @@ from ttscale.samplers.potentials import (
     make_potential,
     register_potential,
 )
+from ttscale.samplers.pruning import PruningSampler, replay_pruning
 from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
 from ttscale.samplers.session import SamplingSession
 from ttscale.samplers.smc import SMCSampler, select_answer
@@ -18,6 +19,7 @@ __all__ = [
     "Fate",
     "LikelihoodTempering",
     "Potential",
+    "PruningSampler",
     "RepeatedSampler",
     "SMCSampler",
     "SampleResult",
@@ -30,4 +32,5 @@ __all__ = [
     "make_potential",
     "register_potential",
     "select_answer",
+    "replay_pruning",
 ]

@@ -41,7 +41,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from ttscale.engines.base import Engine, GenerationError, GenerationRequest, ResultCallback
+from ttscale.engines.base import (
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    ResultCallback,
+    TokenCallback,
+    capabilities_of,
+    generate_chunked,
+)
 from ttscale.samplers.base import Candidate
 from ttscale.store import SampleStore
 from ttscale.store.claims import ProblemClaims
@@ -316,8 +324,16 @@ class SamplingSession:
         *,
         store: bool = True,
         on_result: ResultCallback | None = None,
+        on_token: TokenCallback | None = None,
+        chunk_tokens: int | None = None,
     ) -> list[list[Completion]]:
         """``engine.generate`` with accounting, checks, writing and salvage.
+
+        ``on_token`` (see :data:`~ttscale.engines.base.TokenCallback`) streams every token and may
+        abort a trace: through the engine's own ``on_token`` when it declares ``streaming`` and
+        ``chunk_tokens`` is ``None``, otherwise through
+        :func:`~ttscale.engines.base.generate_chunked` in chunks of ``chunk_tokens`` (default 64;
+        needs ``token_prefixes``).
 
         Every completion is counted in :attr:`generated` as the engine hands it over and checked
         against its request (one completion per requested index, in order). ``store=True`` hands
@@ -354,7 +370,21 @@ class SamplingSession:
                 on_result(pos, comps)
 
         try:
-            results = self.engine.generate(group, params, on_result=callback)
+            if on_token is None:
+                results = self.engine.generate(group, params, on_result=callback)
+            elif chunk_tokens is None and capabilities_of(self.engine).streaming:
+                results = self.engine.generate(  # type: ignore[call-arg]
+                    group, params, on_result=callback, on_token=on_token
+                )
+            else:
+                results = generate_chunked(
+                    self.engine,
+                    group,
+                    params,
+                    chunk_tokens=chunk_tokens or 64,
+                    on_result=callback,
+                    on_token=on_token,
+                )
         except GenerationError as e:
             # engines hand finished requests to on_result; this catches any that did not
             for pos, comps in e.completed.items():
@@ -612,7 +642,8 @@ class _AccountingRecord:
 def _counts(comps: Sequence[Completion]) -> dict[str, int]:
     return {
         "samples": len(comps),
-        "generated_tokens": sum(c.num_tokens for c in comps),
+        # tokens an engine generated past an abort or stop string count too (discarded_tokens)
+        "generated_tokens": sum(c.num_tokens + c.discarded_tokens for c in comps),
         "prompt_tokens": sum(c.prompt_tokens or 0 for c in comps),
     }
 

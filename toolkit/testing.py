@@ -636,6 +636,7 @@ class _Recording:
         params: SamplingParams,
         *,
         on_result: Callable[[int, list[Completion]], None] | None = None,
+        on_token: Callable[[Any], bool | None] | None = None,
     ) -> list[list[Completion]]:
         from dataclasses import replace
 
@@ -652,10 +653,15 @@ class _Recording:
                         {pos: comps},
                     )
                 one = replace(req, indices=(index,), seeds=(req.seed_for(j, params),))
-                (c,) = self.inner.generate([one], params)[0]
+                kw: dict[str, Any] = {}
+                if on_token is not None:  # a streaming sampler: events keep the caller's positions
+                    kw["on_token"] = lambda ev, pos=pos, j=j: on_token(
+                        replace(ev, request=pos, slot=j)
+                    )
+                (c,) = self.inner.generate([one], params, **kw)[0]
                 comps.append(c)
                 self.samples += 1
-                self.tokens += c.num_tokens
+                self.tokens += c.num_tokens + c.discarded_tokens
                 self.keys.append((c.problem_id, c.index))
             results[pos] = comps
             if on_result is not None:

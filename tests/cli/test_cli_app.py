@@ -97,3 +97,15 @@ def test_run_takes_budgets_as_a_comma_list_and_checks_it_before_sampling(tmp_pat
         "error: --k must be a comma-separated list of integers, got '1,x'"
     )
     assert not (out / "samples").exists()  # nothing was sampled
+
+
+def test_adaptive_and_prune_are_exclusive(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["sample", "--engine", "scripted", "--model", "toy", "--benchmark", "arith",
+                            "--n", "4", "--out", str(out), "--adaptive", "beta:0.95",
+                            "--prune", "lowprob:threshold=-1"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1] == (
+        "error: give --adaptive (stop each problem early) or --prune (stop traces), not both"
+    )
+    assert not out.exists()

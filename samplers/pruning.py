@@ -1,0 +1,1013 @@
+"""Mid-generation trace pruning (level 2 of adaptive compute): stop traces that look hopeless.
+
+A :class:`PruneRule` watches every trace token by token through a :class:`TraceMonitor` and says
+at which token to stop it, and why. Three rules (ALGORITHMS.md sections 3 and 4.3):
+
+* :class:`DeepConfOnline` (``deepconf-online:eta=10,warmup=16,window=2048``): the first
+  ``warmup`` traces of a problem run in full; the threshold ``s`` is the ``100 - eta``-th
+  percentile of their lowest group confidences; every later trace is stopped at the first token
+  where the mean token confidence of its last ``window`` tokens is strictly below ``s`` (a trace
+  shorter than ``window`` is never stopped, as in the reference's logits processor);
+* :class:`LowProb` (``lowprob:threshold=-1.5,min_tokens=16``): stop a trace once the running
+  mean of its token log-probabilities is strictly below ``threshold`` (after ``min_tokens``);
+* :class:`SelfEval` (``selfeval:checkpoint=64,threshold=0.5``): Manvi et al.'s early pruning: at
+  the checkpoint, ask the model through the same engine (a scoring call) whether it would do
+  better starting over, and stop the trace if ``P(no)`` is below ``threshold``. The paper's
+  prompt, answer tokens, checkpoint and keep rule are unverified (ALGORITHMS.md 3), so all are
+  parameters.
+
+:class:`PruningSampler` is the live sampler (the :class:`~ttscale.samplers.base.Sampler`
+protocol, on the shared :class:`~ttscale.samplers.session.SamplingSession`): it streams tokens
+and aborts traces where the engine declares ``streaming``, and generates in chunks on token
+prefixes otherwise (:func:`~ttscale.engines.base.generate_chunked`). Every generated token is
+counted, pruned traces included; a pruned trace is kept in the result (and the run) with fate
+``pruned`` and the token count at which it was stopped, and the run directory's
+``pruning.jsonl`` says what was pruned, when and why.
+
+:func:`replay_pruning` runs the same monitors over stored traces (a run with per-token
+log-probabilities): what a live run would have pruned, at which token, and the tokens saved.
+Because seeds are per (problem, index) and aborting a trace does not change its earlier tokens,
+a live run on a streaming engine and the replay of the full run with the same seed agree trace
+by trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ttscale.engines.base import (
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    ScoringEngine,
+    TokenEvent,
+    TokenPrefixEngine,
+    capabilities_of,
+    require_capabilities,
+)
+from ttscale.errors import ConfigError
+from ttscale.samplers.base import Candidate, Fate, SampleResult
+from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.select.confidence import (
+    DEFAULT_WINDOW,
+    deepconf_threshold,
+    lowest_group_confidence,
+    token_confidence,
+)
+from ttscale.store import SampleStore
+from ttscale.store.pool import Pool
+from ttscale.types import Completion, Problem, Sample, SamplingParams
+from ttscale.validation import check_int, check_number
+
+__all__ = [
+    "PRUNE_RULES",
+    "DeepConfOnline",
+    "LowProb",
+    "PruneRule",
+    "PruningReplay",
+    "PruningSampler",
+    "ProblemPruning",
+    "SelfEval",
+    "TraceMonitor",
+    "TracePruning",
+    "parse_prune_rule",
+    "replay_pruning",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``scorer(token_ids) -> P(no)``: the self-evaluation score of a partial trace.
+Scorer = Callable[[Sequence[int]], float]
+
+
+class TraceMonitor(Protocol):
+    """Watches one trace; :meth:`observe` is called once per generated token, in order.
+
+    ``num_tokens`` is the 1-based count of the token, ``logprob`` its log-probability, ``top`` its
+    top-k alternatives (token -> log-prob), ``token_ids`` the trace so far (this token included).
+    Returns the reason to stop the trace at this token, or ``None`` to continue.
+    """
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None: ...
+
+
+class PruneRule(Protocol):
+    """A pruning rule: its spec, what it needs, and a monitor per trace.
+
+    ``warmup``: traces ``0..warmup-1`` of each problem run in full and set the problem's
+    threshold (:meth:`warmup_threshold`); ``needs``: ``"logprobs"`` (sampled-token log-probs),
+    ``"top_logprobs"`` (top-k alternatives) or ``"scoring"`` (a scoring engine).
+    """
+
+    name: str
+    warmup: int
+    needs: str
+
+    def spec(self) -> str: ...
+
+    def warmup_threshold(self, warmup: Sequence[Completion]) -> float | None: ...
+
+    def monitor(self, threshold: float | None, scorer: Scorer | None = None) -> TraceMonitor: ...
+
+
+# -- DeepConf online -----------------------------------------------------------------------------
+
+
+#: Relative tolerance of "strictly below": values within it of the threshold count as equal
+#: (kept). Engines compute log-probs in float32, whose last digits move with the batch a trace
+#: is decoded in (~1e-8 in a log-prob, ~1e-6 in a window mean); identical token windows (common
+#: in templated answers) then tie with the warm-up threshold, and without a tolerance a live run
+#: and its replay could decide such a tie differently.
+TIE_TOLERANCE = 1e-6
+
+
+def _below(value: float, threshold: float) -> bool:
+    """``value < threshold`` by more than :data:`TIE_TOLERANCE` (relative, at least absolute)."""
+    return value < threshold - TIE_TOLERANCE * max(1.0, abs(threshold))
+
+
+def _position_confidence(top: Mapping[int, float] | None) -> float | None:
+    """DeepConf token confidence of one position (``None``: no alternatives, skipped)."""
+    if not top:
+        return None
+    vals = [float(v) for v in top.values()]
+    return -math.fsum(vals) / len(vals)
+
+
+class _GroupConfMonitor:
+    """Stops a trace when the mean confidence of its last ``window`` tokens is ``< threshold``."""
+
+    def __init__(self, threshold: float, window: int) -> None:
+        self.threshold = threshold
+        self.window = window
+        self.confs: deque[float] = deque()
+        self.total = 0.0
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None:
+        c = _position_confidence(top)
+        if c is None:
+            return None
+        self.confs.append(c)
+        self.total += c
+        if len(self.confs) > self.window:
+            self.total -= self.confs.popleft()
+        if len(self.confs) < self.window:
+            return None
+        mean = self.total / self.window
+        if _below(mean, self.threshold):
+            return (
+                f"group confidence {mean:.4f} < threshold {self.threshold:.4f} "
+                f"(window {self.window})"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class DeepConfOnline:
+    """DeepConf online early stopping (ALGORITHMS.md 4.3).
+
+    ``eta``: percentage of traces to keep, in (0, 100) (10 = DeepConf-low, threshold at the 90th
+    percentile of the warm-up lowest group confidences; 90 = DeepConf-high); ``warmup``: full
+    traces per problem that set the threshold (``N_init``); ``window``: group size ``w`` in tokens.
+    Token confidences are unrounded (the reference's logits processor; its post-hoc filter of
+    finished traces is not applied: finished traces are kept). "Below" means below by more
+    than :data:`TIE_TOLERANCE` (float32 noise), so exact ties with the threshold are kept.
+    """
+
+    eta: float = 10.0
+    warmup: int = 16
+    window: int = DEFAULT_WINDOW
+    name = "deepconf-online"
+    needs = "top_logprobs"
+
+    def __post_init__(self) -> None:
+        eta = check_number("eta", self.eta, low=0.0, high=100.0, low_open=True, high_open=True)
+        object.__setattr__(self, "eta", eta)
+        check_int("warmup", self.warmup, min=1)
+        check_int("window", self.window, min=1)
+
+    def spec(self) -> str:
+        return f"{self.name}:eta={self.eta:g},warmup={self.warmup},window={self.window}"
+
+    def lowest_confidence(self, completion: Completion) -> float:
+        """``C_least`` of one finished trace (its top-k log-probs, unrounded)."""
+        if completion.top_logprobs is None:
+            raise ConfigError(
+                f"deepconf-online needs top log-probs (trace {completion.problem_id!r}/"
+                f"{completion.index}); sample with logprobs >= 1 (e.g. 20)"
+            )
+        return lowest_group_confidence(token_confidence(completion.top_logprobs), self.window)
+
+    def warmup_threshold(self, warmup: Sequence[Completion]) -> float:
+        """``Percentile_{100 - eta}`` of the warm-up traces' lowest group confidences."""
+        return deepconf_threshold([self.lowest_confidence(c) for c in warmup], self.eta)
+
+    def monitor(self, threshold: float | None, scorer: Scorer | None = None) -> TraceMonitor:
+        if threshold is None:
+            raise ConfigError("deepconf-online needs the warm-up threshold")
+        return _GroupConfMonitor(threshold, self.window)
+
+
+# -- low probability -----------------------------------------------------------------------------
+
+
+class _MeanLogprobMonitor:
+    def __init__(self, threshold: float, min_tokens: int) -> None:
+        self.threshold = threshold
+        self.min_tokens = min_tokens
+        self.lps: list[float] = []
+        self.total = 0.0
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None:
+        if logprob is None:
+            return None
+        self.lps.append(float(logprob))
+        self.total += float(logprob)
+        n = len(self.lps)
+        if n < self.min_tokens:
+            return None
+        mean = self.total / n
+        if _below(mean, self.threshold):
+            return f"mean log-prob {mean:.4f} < threshold {self.threshold:g} after {n} tokens"
+        return None
+
+
+@dataclass(frozen=True)
+class LowProb:
+    """Stop a trace once the mean log-probability of its tokens so far is ``< threshold``
+    (natural log, so ``threshold < 0``; by more than :data:`TIE_TOLERANCE`), checked from the
+    ``min_tokens``-th token on."""
+
+    threshold: float
+    min_tokens: int = 16
+    name = "lowprob"
+    needs = "logprobs"
+    warmup = 0
+
+    def __post_init__(self) -> None:
+        t = check_number("threshold", self.threshold, high=0.0, high_open=True, finite=True)
+        object.__setattr__(self, "threshold", t)
+        check_int("min_tokens", self.min_tokens, min=1)
+
+    def spec(self) -> str:
+        return f"{self.name}:threshold={self.threshold:g},min_tokens={self.min_tokens}"
+
+    def warmup_threshold(self, warmup: Sequence[Completion]) -> float | None:
+        return None
+
+    def monitor(self, threshold: float | None, scorer: Scorer | None = None) -> TraceMonitor:
+        return _MeanLogprobMonitor(self.threshold, self.min_tokens)
+
+
+# -- self-evaluation -----------------------------------------------------------------------------
+
+DEFAULT_SELF_EVAL_PROMPT = '\nWould you do better if you started over? ("Yes." or "No.")\n'
+
+
+class _SelfEvalMonitor:
+    def __init__(self, rule: SelfEval, scorer: Scorer) -> None:
+        self.rule = rule
+        self.scorer = scorer
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None:
+        r = self.rule
+        due = num_tokens == r.checkpoint or (
+            r.every > 0 and num_tokens > r.checkpoint and (num_tokens - r.checkpoint) % r.every == 0
+        )
+        if not due:
+            return None
+        p = self.scorer(token_ids)
+        if p < r.threshold:
+            return f"self-evaluation P(no)={p:.4f} < {r.threshold:g} at token {num_tokens}"
+        return None
+
+
+@dataclass(frozen=True)
+class SelfEval:
+    """Manvi et al.'s early pruning by generative self-evaluation (ALGORITHMS.md 3.3).
+
+    At token ``checkpoint`` (and every ``every`` tokens after it; 0 = only once) the partial
+    trace is followed by ``prompt`` and scored with the engine's ``score``: ``P(no)`` is the
+    probability of the first token of ``no`` (the model would *not* do better starting over),
+    as a two-way softmax against the first token of ``yes`` (``mode="softmax2"``) or as the raw
+    probability (``mode="raw"``). A trace with ``P(no) < threshold`` is stopped. A trace that
+    ends before the checkpoint is never pruned. All defaults are unverified (ALGORITHMS.md B.3).
+    """
+
+    checkpoint: int = 64
+    threshold: float = 0.5
+    every: int = 0
+    prompt: str = DEFAULT_SELF_EVAL_PROMPT
+    yes: str = " Yes"
+    no: str = " No"
+    mode: str = "softmax2"
+    name = "selfeval"
+    needs = "scoring"
+    warmup = 0
+
+    def __post_init__(self) -> None:
+        check_int("checkpoint", self.checkpoint, min=1)
+        check_int("every", self.every, min=0)
+        check_number("threshold", self.threshold, low=0.0, high=1.0)
+        if self.mode not in ("softmax2", "raw"):
+            raise ConfigError(f"selfeval mode must be softmax2 or raw, got {self.mode!r}")
+        if not self.yes or not self.no or self.yes == self.no:
+            raise ConfigError("selfeval needs two different, non-empty answers yes= and no=")
+
+    def spec(self) -> str:
+        return (
+            f"{self.name}:checkpoint={self.checkpoint},threshold={self.threshold:g},"
+            f"every={self.every},mode={self.mode}"
+        )
+
+    def warmup_threshold(self, warmup: Sequence[Completion]) -> float | None:
+        return None
+
+    def monitor(self, threshold: float | None, scorer: Scorer | None = None) -> TraceMonitor:
+        if scorer is None:
+            raise ConfigError("selfeval needs a scoring engine to evaluate partial traces")
+        return _SelfEvalMonitor(self, scorer)
+
+    def p_no(self, lp_no: float, lp_yes: float) -> float:
+        """``P(no)`` from the two answer tokens' log-probabilities."""
+        if self.mode == "raw":
+            return math.exp(lp_no)
+        return 1.0 / (1.0 + math.exp(lp_yes - lp_no))
+
+
+# -- rule specs ----------------------------------------------------------------------------------
+
+PRUNE_RULES: Mapping[str, type] = {
+    "deepconf-online": DeepConfOnline,
+    "lowprob": LowProb,
+    "selfeval": SelfEval,
+}
+
+_PARAM_TYPES: dict[str, dict[str, Callable[[str], Any]]] = {
+    "deepconf-online": {"eta": float, "warmup": int, "window": int},
+    "lowprob": {"threshold": float, "min_tokens": int},
+    "selfeval": {
+        "checkpoint": int,
+        "threshold": float,
+        "every": int,
+        "prompt": str,
+        "yes": str,
+        "no": str,
+        "mode": str,
+    },
+}
+
+
+def parse_prune_rule(text: str) -> PruneRule:
+    """``"deepconf-online:eta=10,warmup=16,window=2048"`` -> the rule (one-line ConfigError).
+
+    ``lowprob:-1.5`` is short for ``lowprob:threshold=-1.5``.
+    """
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    if name not in PRUNE_RULES:
+        raise ConfigError(
+            f"unknown pruning rule {name!r} in {text!r}; choose from {', '.join(PRUNE_RULES)} "
+            "(e.g. deepconf-online:eta=10,warmup=16,window=2048 or lowprob:threshold=-1.5)"
+        )
+    types = _PARAM_TYPES[name]
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if name == "lowprob" and not kwargs:
+                key, value = "threshold", part
+            else:
+                raise ConfigError(
+                    f"pruning rule {text!r}: {part!r} is not key=value; keys: {', '.join(types)}"
+                )
+        key = key.strip()
+        if key not in types:
+            raise ConfigError(
+                f"pruning rule {name!r} has no parameter {key!r}; keys: {', '.join(types)}"
+            )
+        try:
+            kwargs[key] = types[key](value.strip())
+        except ValueError:
+            raise ConfigError(
+                f"pruning rule {name!r}: {key}={value!r} is not a {types[key].__name__}"
+            ) from None
+    if name == "lowprob" and "threshold" not in kwargs:
+        raise ConfigError("lowprob needs a threshold (mean log-prob), e.g. lowprob:threshold=-1.5")
+    rule: PruneRule = PRUNE_RULES[name](**kwargs)
+    return rule
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TracePruning:
+    """What a rule did to one trace: stopped at ``pruned_at`` tokens (``None``: ran to its end)
+    with ``reason``; ``tokens`` it generated (live) or would generate (replay: ``pruned_at`` or
+    its full length), ``full_tokens`` its length unpruned (replay; ``None`` live)."""
+
+    problem_id: str
+    index: int
+    pruned_at: int | None
+    reason: str | None
+    tokens: int
+    full_tokens: int | None = None
+    warmup: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "problem_id": self.problem_id,
+            "index": self.index,
+            "pruned_at": self.pruned_at,
+            "reason": self.reason,
+            "tokens": self.tokens,
+            "full_tokens": self.full_tokens,
+            "warmup": self.warmup,
+        }
+
+
+@dataclass(frozen=True)
+class ProblemPruning:
+    """One problem under a rule: its threshold (DeepConf: from the warm-up) and every trace."""
+
+    problem_id: str
+    threshold: float | None
+    traces: tuple[TracePruning, ...]
+
+    @property
+    def pruned(self) -> tuple[TracePruning, ...]:
+        return tuple(t for t in self.traces if t.pruned_at is not None)
+
+    @property
+    def tokens(self) -> int:
+        return sum(t.tokens for t in self.traces)
+
+    @property
+    def full_tokens(self) -> int:
+        return sum(t.full_tokens if t.full_tokens is not None else t.tokens for t in self.traces)
+
+    @property
+    def kept_indices(self) -> tuple[int, ...]:
+        return tuple(t.index for t in self.traces if t.pruned_at is None)
+
+
+@dataclass(frozen=True)
+class PruningReplay:
+    """:func:`replay_pruning`'s result: per problem, and totals.
+
+    ``tokens``: tokens the rule would have generated; ``full_tokens``: tokens of the stored
+    traces (no pruning); ``saved_fraction = 1 - tokens / full_tokens``.
+    """
+
+    rule: str
+    problems: tuple[ProblemPruning, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.problems)
+
+    @property
+    def full_tokens(self) -> int:
+        return sum(p.full_tokens for p in self.problems)
+
+    @property
+    def saved_fraction(self) -> float:
+        full = self.full_tokens
+        return 1.0 - self.tokens / full if full else 0.0
+
+    @property
+    def pruned(self) -> int:
+        return sum(len(p.pruned) for p in self.problems)
+
+    def tokens_per_problem(self) -> np.ndarray:
+        return np.asarray([p.tokens for p in self.problems], dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "tokens": self.tokens,
+            "full_tokens": self.full_tokens,
+            "saved_fraction": self.saved_fraction,
+            "pruned": self.pruned,
+            "problems": [
+                {
+                    "problem_id": p.problem_id,
+                    "threshold": p.threshold,
+                    "tokens": p.tokens,
+                    "full_tokens": p.full_tokens,
+                    "traces": [t.to_dict() for t in p.traces],
+                }
+                for p in self.problems
+            ],
+        }
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def _run_monitor(
+    monitor: TraceMonitor,
+    token_ids: Sequence[int] | None,
+    logprobs: Sequence[float] | None,
+    tops: Sequence[Mapping[int, float]] | None,
+    n: int,
+) -> tuple[int | None, str | None]:
+    """Feed a finished trace to a monitor: ``(pruned_at, reason)``; the last token never prunes
+    (the engine ended the trace there, so an abort would change nothing)."""
+    ids = list(token_ids) if token_ids is not None else [0] * n
+    for t in range(n - 1):
+        reason = monitor.observe(
+            t + 1,
+            None if logprobs is None else logprobs[t],
+            None if tops is None else tops[t],
+            ids[: t + 1],
+        )
+        if reason is not None:
+            return t + 1, reason
+    return None, None
+
+
+def _as_completion(item: Sample | Completion) -> Completion:
+    if isinstance(item, Completion):
+        return item
+    return Completion(
+        problem_id=item.problem_id,
+        index=item.index,
+        text=item.text,
+        token_ids=item.token_ids,
+        token_logprobs=item.token_logprobs,
+        top_logprobs=item.top_logprobs,
+        cumulative_logprob=item.logprob,
+        num_tokens=item.num_tokens or 0,
+        finish_reason=item.finish_reason or "stop",
+        seed=item.seed,
+    )
+
+
+def replay_pruning(
+    source: SampleStore | str | os.PathLike[str] | Iterable[Sample | Completion],
+    rule: PruneRule | str,
+    *,
+    max_samples: int | None = None,
+) -> PruningReplay:
+    """What ``rule`` would have pruned in a stored run, trace by trace, and the tokens saved.
+
+    ``source``: a run (:class:`SampleStore` or its path) or samples/completions carrying per-token
+    log-probabilities (``token_logprobs`` for ``lowprob``, ``top_logprobs`` for
+    ``deepconf-online``). Traces are replayed in index order per problem (indices
+    ``0..max_samples-1`` when given): as in a live run, the first ``rule.warmup`` traces run in
+    full and set the threshold. ``selfeval`` needs the model and cannot be replayed.
+    """
+    if isinstance(rule, str):
+        rule = parse_prune_rule(rule)
+    if rule.needs == "scoring":
+        raise ConfigError(
+            f"{rule.name} asks the model mid-generation and cannot be replayed from a stored run; "
+            "replay deepconf-online or lowprob"
+        )
+    check_int("max_samples", max_samples, min=1, allow_none=True)
+    if isinstance(source, (str, os.PathLike)):
+        source = SampleStore.open(source)
+    if isinstance(source, Pool):
+        raise ConfigError(
+            "a Pool holds no per-token log-probs; pass the run itself (SampleStore or its path)"
+        )
+    if isinstance(source, SampleStore) and source.manifest.get("pruning"):
+        raise ConfigError(
+            f"{source.path} was pruned live (its pruned traces are cut); replay a full run "
+            "made without --prune"
+        )
+    items = source.samples() if isinstance(source, SampleStore) else source
+    by_problem: dict[str, list[Completion]] = {}
+    for it in items:
+        c = _as_completion(it)
+        if max_samples is not None and c.index >= max_samples:
+            continue
+        by_problem.setdefault(c.problem_id, []).append(c)
+    problems = []
+    for pid, comps in by_problem.items():
+        comps.sort(key=lambda c: c.index)
+        for c in comps:
+            _check_trace(rule, c)
+        warm = comps[: rule.warmup]
+        threshold = rule.warmup_threshold(warm) if rule.warmup else None
+        traces = [
+            TracePruning(pid, c.index, None, None, c.num_tokens, c.num_tokens, warmup=True)
+            for c in warm
+        ]
+        for c in comps[rule.warmup :]:
+            at, reason = _run_monitor(
+                rule.monitor(threshold),
+                c.token_ids,
+                c.token_logprobs,
+                c.top_logprobs,
+                c.num_tokens,
+            )
+            used = c.num_tokens if at is None else at
+            traces.append(TracePruning(pid, c.index, at, reason, used, c.num_tokens))
+        problems.append(ProblemPruning(pid, threshold, tuple(traces)))
+    return PruningReplay(rule.spec(), tuple(problems))
+
+
+def _check_trace(rule: PruneRule, c: Completion) -> None:
+    if rule.needs == "top_logprobs" and c.top_logprobs is None and c.num_tokens > 0:
+        raise ConfigError(
+            f"{rule.name} needs per-token top log-probs; sample {c.problem_id!r}/{c.index} has "
+            "none (sample with logprobs >= 1)"
+        )
+    if rule.needs == "logprobs" and c.token_logprobs is None and c.num_tokens > 0:
+        raise ConfigError(
+            f"{rule.name} needs per-token log-probs; sample {c.problem_id!r}/{c.index} has none"
+        )
+
+
+# -- live sampler --------------------------------------------------------------------------------
+
+
+def _first_token(engine: Any, text: str) -> int:
+    """The id of the first token of ``text`` (the self-evaluation answer tokens)."""
+    enc = getattr(engine, "encode", None)
+    tok = getattr(engine, "tokenizer", None)
+    if callable(enc):
+        ids = list(enc(text))
+    elif tok is not None and callable(getattr(tok, "encode", None)):
+        ids = list(tok.encode(text, add_special_tokens=False))
+    elif getattr(engine, "name", None) == "scripted":
+        ids = [ord(ch) for ch in text]
+    else:
+        raise ConfigError(
+            f"selfeval cannot tokenise {text!r} with engine {getattr(engine, 'name', '?')!r}"
+        )
+    if not ids:
+        raise ConfigError(f"selfeval answer {text!r} has no tokens")
+    return int(ids[0])
+
+
+class PruningSampler:
+    """Sample ``budget`` traces per problem, stopping traces mid-generation by ``rule``.
+
+    The :class:`~ttscale.samplers.base.Sampler` protocol (``budget`` = traces started per
+    problem). Traces ``0..warmup-1`` (DeepConf online) run in full first; the rest are watched
+    token by token: through the engine's ``on_token`` where it declares ``streaming``, in chunks
+    of ``chunk_tokens`` on token prefixes otherwise (``selfeval`` always uses chunks ending at its
+    checkpoints, so it never calls the engine from inside a generation). Seeds are per (problem,
+    index), so trace ``i`` is the same trace (cut where pruned) as in a fixed-n run with the same
+    seed on a streaming engine. Every trace is in the result: pruned ones with fate ``pruned``
+    and ``pruned_at``; ``generated_tokens`` counts them all (and tokens an engine generated past
+    an abort inside a chunk). ``sink`` stores every trace with its fate (a new run directory:
+    pruning runs do not resume) and writes ``pruning.jsonl`` (one line per trace: problem,
+    index, pruned_at, reason) and a ``pruning`` manifest entry (rule, thresholds, counts).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        rule: PruneRule | str,
+        *,
+        batch_size: int = 512,
+        chunk_tokens: int | None = None,
+        chat: bool = False,
+        system_prompt: str | None = None,
+        progress: bool | None = None,
+        manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
+        self.rule: PruneRule = parse_prune_rule(rule) if isinstance(rule, str) else rule
+        check_int("batch_size", batch_size, min=1)
+        check_int("chunk_tokens", chunk_tokens, min=1, allow_none=True)
+        by = f"pruning rule {self.rule.name}"
+        caps = capabilities_of(engine)
+        if self.rule.needs == "scoring":
+            require_capabilities(engine, "scoring", "token_prefixes", by=by)
+        elif not caps.streaming:
+            require_capabilities(engine, "token_prefixes", by=by)
+        if self.rule.needs == "top_logprobs" and not params.logprobs:
+            raise ConfigError(
+                f"{self.rule.name} needs top log-probs: sample with logprobs >= 1 "
+                "(SamplingParams(logprobs=20), as DeepConf does)"
+            )
+        if self.rule.needs == "logprobs" and params.logprobs is None:
+            raise ConfigError(f"{self.rule.name} needs log-probs: sample with logprobs=0 or more")
+        self.engine = engine
+        self.params = params
+        self.batch_size = batch_size
+        if isinstance(self.rule, SelfEval):
+            step = self.rule.every or self.rule.checkpoint
+            chunk_tokens = math.gcd(self.rule.checkpoint, step)
+        self.chunk_tokens = chunk_tokens
+        self.chat = chat
+        self.system_prompt = system_prompt
+        self.progress = progress
+        self.extra_manifest = dict(manifest or {})
+        self.engine_info = dict(engine.info())
+        self._answer_ids: tuple[int, int] | None = None
+        if isinstance(self.rule, SelfEval):
+            self._answer_ids = (_first_token(engine, self.rule.no), _first_token(engine, self.rule.yes))
+            if self._answer_ids[0] == self._answer_ids[1]:
+                raise ConfigError(
+                    f"selfeval answers {self.rule.no!r} and {self.rule.yes!r} begin with the same "
+                    "token; choose answers whose first tokens differ"
+                )
+
+    @property
+    def mode(self) -> str:
+        """``"streaming"`` or ``"chunked (N tokens)"``: how traces are watched."""
+        if self.chunk_tokens is None and capabilities_of(self.engine).streaming:
+            return "streaming"
+        return f"chunked ({self.chunk_tokens or 64} tokens)"
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        budget: int,
+        *,
+        seed: int | None = None,
+        sink: SampleStore | None = None,
+    ) -> Iterator[SampleResult]:
+        check_int("budget", budget, min=1)
+        check_int("seed", seed, min=0, allow_none=True)
+        params = self.params if seed is None else self.params.replace(seed=seed)
+        problems = list(problems)
+        ids = [p.id for p in problems]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("problem ids must be unique")
+        if sink is not None:
+            if len(sink) > 0:
+                raise ConfigError(
+                    f"pruning runs do not resume: {sink.path} already holds samples; "
+                    "use a new run directory"
+                )
+            extra = {**self.extra_manifest, "sampler": "pruning", "prune_rule": self.rule.spec()}
+            sink.check_compatible({**extra, "sampling": params.to_dict()})
+            sink.write_problems(problems)
+            start_run(
+                sink,
+                engine_info=self.engine_info,
+                params=params,
+                n=budget,
+                chat=self.chat,
+                iid=False,
+                extra=extra,
+            )
+        log.info("pruning with %s (%s), %d traces per problem", self.rule.spec(), self.mode, budget)
+        return self._sample(problems, budget, params, sink)
+
+    def _requests(self, p: Problem, indices: Sequence[int]) -> list[GenerationRequest]:
+        if not indices:
+            return []
+        kw: dict[str, Any]
+        if self.chat:
+            msgs: list[dict[str, str]] = []
+            if self.system_prompt:
+                msgs.append({"role": "system", "content": self.system_prompt})
+            msgs.append({"role": "user", "content": p.prompt})
+            kw = {"messages": msgs}
+        else:
+            kw = {"prompt": p.prompt}
+        return [GenerationRequest(problem_id=p.id, indices=tuple(indices), **kw)]
+
+    def _scorer(self, req: GenerationRequest) -> Scorer:
+        rule = self.rule
+        assert isinstance(rule, SelfEval) and self._answer_ids is not None
+        engine = self.engine
+        assert isinstance(engine, ScoringEngine) and isinstance(engine, TokenPrefixEngine)
+        no_id, yes_id = self._answer_ids
+
+        def score(token_ids: Sequence[int]) -> float:
+            partial = engine.decode(token_ids)
+            if req.messages is not None:
+                msgs = [
+                    *req.messages,
+                    {"role": "assistant", "content": req.prefix + partial},
+                    {"role": "user", "content": rule.prompt.strip()},
+                ]
+                q = GenerationRequest(problem_id=req.problem_id, messages=msgs)
+            else:
+                text = (req.prompt or "") + req.prefix + partial + rule.prompt
+                q = GenerationRequest(problem_id=req.problem_id, prompt=text)
+            (lp_no,), (lp_yes,) = engine.score([q, q], [[no_id], [yes_id]])
+            return rule.p_no(lp_no, lp_yes)
+
+        return score
+
+    def _sample(
+        self,
+        problems: list[Problem],
+        budget: int,
+        params: SamplingParams,
+        sink: SampleStore | None,
+    ) -> Iterator[SampleResult]:
+        session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
+        show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
+        session.show_progress(show, remaining={p.id: budget for p in problems}, samples=len(problems) * budget)
+        records: list[dict[str, Any]] = []
+        thresholds: dict[str, float | None] = {}
+        warm_n = min(self.rule.warmup, budget)
+        with session:
+            step = max(1, self.batch_size // budget)
+            for lo in range(0, len(problems), step):
+                chunk = problems[lo : lo + step]
+                results = self._sample_chunk(session, chunk, budget, warm_n, params)
+                for res, thr, why in results:
+                    thresholds[res.problem_id] = thr
+                    for c in res.candidates:
+                        records.append(
+                            {
+                                "problem_id": res.problem_id,
+                                "index": c.index,
+                                "warmup": c.index < warm_n,
+                                "pruned_at": c.pruned_at,
+                                "reason": why.get(c.index),
+                                "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
+                            }
+                        )
+                    yield res
+        if sink is not None:
+            self._record(sink, records, thresholds)
+
+    def _sample_chunk(
+        self,
+        session: SamplingSession,
+        problems: list[Problem],
+        budget: int,
+        warm_n: int,
+        params: SamplingParams,
+    ) -> list[tuple[SampleResult, float | None, dict[int, str]]]:
+        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem."""
+        got: dict[tuple[str, int], Completion] = {}
+        warm_reqs = [r for p in problems for r in self._requests(p, range(warm_n))]
+        if warm_reqs:
+            # stored as each request finishes (salvage: an engine failure loses nothing finished)
+            with _salvage(session, {}):
+                for comps in session.generate(
+                    warm_reqs, params, store=False,
+                    on_result=lambda pos, comps: session.keep([Candidate(c) for c in comps]),
+                ):
+                    for c in comps:
+                        got[(c.problem_id, c.index)] = c
+        thresholds: dict[str, float | None] = {}
+        for p in problems:
+            warm = [got[(p.id, i)] for i in range(warm_n)]
+            thresholds[p.id] = self.rule.warmup_threshold(warm) if warm_n else None
+        reqs = [r for p in problems for r in self._requests(p, range(warm_n, budget))]
+        reasons: dict[tuple[str, int], tuple[int, str]] = {}
+        if reqs:
+            monitors: dict[tuple[int, int], TraceMonitor] = {}
+            tokens: dict[tuple[int, int], list[int]] = {}
+
+            def on_token(ev: TokenEvent) -> bool:
+                key = (ev.request, ev.slot)
+                mon = monitors.get(key)
+                if mon is None:
+                    req = reqs[ev.request]
+                    scorer = self._scorer(req) if isinstance(self.rule, SelfEval) else None
+                    mon = self.rule.monitor(thresholds[req.problem_id], scorer)
+                    monitors[key] = mon
+                    tokens[key] = []
+                tokens[key].append(ev.token_id)
+                if ev.finished:
+                    return False
+                reason = mon.observe(ev.num_tokens, ev.logprob, ev.top, tokens[key])
+                if reason is None:
+                    return False
+                reasons[(reqs[ev.request].problem_id, ev.index)] = (ev.num_tokens, reason)
+                monitors[key] = _Done()
+                return True
+
+            def on_result(pos: int, comps: list[Completion]) -> None:
+                session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+
+            with _salvage(session, reasons):
+                for comps in session.generate(
+                    reqs,
+                    params,
+                    store=False,
+                    on_result=on_result,
+                    on_token=on_token,
+                    chunk_tokens=self.chunk_tokens,
+                ):
+                    for c in comps:
+                        got[(c.problem_id, c.index)] = c
+        out = []
+        for p in problems:
+            cands = []
+            why: dict[int, str] = {}
+            for i in range(budget):
+                cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
+                if cand.pruned_at is not None:
+                    why[i] = reasons[(p.id, i)][1]
+                cands.append(cand)
+            res = SampleResult(
+                problem=p,
+                candidates=tuple(cands),
+                generated_tokens=sum(
+                    c.completion.num_tokens + c.completion.discarded_tokens for c in cands
+                ),
+                prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
+                iid=False,
+            )
+            out.append((res, thresholds[p.id], why))
+        return out
+
+    def _record(
+        self,
+        sink: SampleStore,
+        records: list[dict[str, Any]],
+        thresholds: Mapping[str, float | None],
+    ) -> None:
+        path = sink.path / "pruning.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        tmp.replace(path)
+        pruned = [r for r in records if r["pruned_at"] is not None]
+
+        def put(m: dict[str, Any]) -> None:
+            m["pruning"] = {
+                "rule": self.rule.spec(),
+                "mode": self.mode,
+                "traces": len(records),
+                "pruned": len(pruned),
+                "generated_tokens": sum(int(r["tokens"]) for r in records),
+                "thresholds": {k: v for k, v in thresholds.items() if v is not None},
+                "log": "pruning.jsonl",
+            }
+
+        sink.modify_manifest(put)
+
+
+@contextmanager
+def _salvage(
+    session: SamplingSession, reasons: Mapping[tuple[str, int], tuple[int, str]]
+) -> Iterator[None]:
+    """On an engine failure, store the finished samples of unfinished requests (those of
+    finished requests were stored by ``on_result``) before the error propagates."""
+    try:
+        yield
+    except GenerationError as e:
+        for comps in e.partial.values():
+            session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+        raise
+
+
+def _candidate(c: Completion, hit: tuple[int, str] | None) -> Candidate:
+    """A finished trace as a candidate: pruned at ``hit[0]`` tokens if the monitor stopped it
+    there (the engine ended it by the abort), else kept."""
+    if hit is not None and c.num_tokens == hit[0]:
+        return Candidate(c, fate=Fate.PRUNED, pruned_at=hit[0])
+    return Candidate(c)
+
+
+class _Done:
+    """A monitor for a trace already stopped (the engine may still hand over its last token)."""
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None:
+        return None
+
+
+
