@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--rule",
                 help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
-                "majority:0.8, deepconf:0.95, sprt:p1=0.8, msprt:alpha=0.05 (any with ,min=K).",
+                "majority:0.8, deepconf:0.95, sprt:p1=0.8, msprt:alpha=0.05 (any with ,min=K); or a "
+                "trace-pruning rule replayed from stored log-probs: deepconf-online:eta=10, "
+                "lowprob:threshold=-1.5.",
             ),
         ],
         orders: Annotated[
@@ -62,6 +64,9 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
         if order == "index" and orders is not None:
             raise ConfigError("--order index and --orders N exclude each other; pass one")
+        if rule.strip().partition(":")[0].strip() in _TRACE_RULES:
+            _replay_trace_rule(run, rule, orders, max_samples, verifier, seed, json_out)
+            return
         parsed = parse_rule(rule)  # before reading the run
         store = SampleStore.open(run)
         pool = store.pool(verifier)
@@ -96,6 +101,42 @@ def register(app: typer.Typer) -> None:
                 t = block["tokens"]
                 line += f"  tokens/problem {t['mean']:.1f} [{t['low']:.1f}, {t['high']:.1f}]"
             typer.echo(line)
+
+
+# level-2 rules (trace pruning); replayed from per-token log-probs, in stored index order
+_TRACE_RULES = ("deepconf-online", "lowprob", "selfeval")
+
+
+def _replay_trace_rule(
+    run: Path, rule: str, orders: int | None, max_samples: int | None, verifier: str | None,
+    seed: int, json_out: bool,
+) -> None:
+    from ttscale.replay import replay_trace_rule
+    from ttscale.samplers.pruning import parse_prune_rule
+    from ttscale.store import SampleStore
+
+    parse_prune_rule(rule)  # before reading the run
+    if orders is not None:
+        raise ConfigError(
+            f"{rule.split(':')[0]} is a trace-pruning rule: its warm-up traces are the first ones "
+            "in index order, so it replays in stored order only; drop --orders"
+        )
+    d = replay_trace_rule(
+        SampleStore.open(run), rule, max_samples=max_samples, verifier=verifier, seed=seed
+    )
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(
+        f"{run}: {d['problems']} problems, trace-pruning rule {d['rule']} replayed in index order: "
+        f"{d['pruned']} traces pruned, {d['saved_fraction']:.1%} of the tokens saved"
+    )
+    for name, block in (("rule", d), ("fixed", d["fixed"])):
+        acc, t = block["accuracy"], block["tokens"]
+        typer.echo(
+            f"  {name:5s} accuracy {acc['mean']:.4f} [{acc['low']:.4f}, {acc['high']:.4f}]"
+            f"  tokens/problem {t['mean']:.1f} [{t['low']:.1f}, {t['high']:.1f}]"
+        )
 
 
 def sample_adaptive(

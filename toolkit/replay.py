@@ -283,3 +283,67 @@ def summary_line(report: ReplayReport) -> str:
         r = d["token_ratio"]
         parts.append(f"tokens {r['mean']:.3f}x of fixed [{r['low']:.3f}, {r['high']:.3f}]")
     return ", ".join(parts)
+
+
+def replay_trace_rule(
+    store: Any,
+    rule: str,
+    *,
+    max_samples: int | None = None,
+    verifier: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Replay a level-2 (trace pruning) rule on a stored run, in stored index order, against
+    self-consistency over the same traces.
+
+    :func:`ttscale.samplers.pruning.replay_pruning` decides which traces the rule would have
+    stopped and when (the first warm-up traces run in full); a pruned trace has no answer, so
+    the rule's answer is the majority (first-seen tie) of the kept traces' answers, and the
+    baseline's that of every trace. Accuracy and tokens per problem get 95% percentile-bootstrap
+    CIs over problems (seeded). Returns a JSON-serialisable dict shaped like
+    :meth:`ReplayReport.to_dict` (``accuracy``, ``tokens`` and ``fixed``), plus ``pruned`` and
+    ``saved_fraction``.
+    """
+    from ttscale.samplers.pruning import replay_pruning
+    from ttscale.select.adaptive import final_vote
+
+    rep = replay_pruning(store, rule, max_samples=max_samples)
+    pool = store.pool(verifier)
+    rows = {str(pid): i for i, pid in enumerate(pool.problem_ids)}
+    acc_rule, acc_fixed, tok_rule, tok_fixed = [], [], [], []
+    for prob in rep.problems:
+        p = rows[prob.problem_id]
+        lo = int(pool.offsets[p])
+        at = {int(i): lo + j for j, i in enumerate(pool.index[lo : int(pool.offsets[p + 1])])}
+
+        def vote_correct(indices: list[int], at: dict[int, int] = at) -> float:
+            # majority of the answered traces, first-seen tie; correct if a trace with it is
+            rows_ = [at[i] for i in indices if i in at]
+            codes = [int(pool.answer[r]) for r in rows_]
+            chosen, _ = final_vote([c if c >= 0 else None for c in codes], tie="first")
+            if chosen is None:
+                return 0.0
+            right = [pool.correct[r] for r, c in zip(rows_, codes, strict=True) if c == chosen]
+            return float(np.nan_to_num(right[-1], nan=0.0) > 0.5)
+
+        order = [t.index for t in prob.traces]
+        kept = set(prob.kept_indices)
+        acc_rule.append(vote_correct([i for i in order if i in kept]))
+        acc_fixed.append(vote_correct(order))
+        tok_rule.append(prob.tokens)
+        tok_fixed.append(prob.full_tokens)
+
+    def block(acc: list[float], tok: list[int]) -> dict[str, Any]:
+        a = bootstrap_ci(np.asarray(acc, dtype=np.float64), seed=seed)
+        t = bootstrap_ci(np.asarray(tok, dtype=np.float64), seed=seed)
+        return {
+            "accuracy": {"mean": float(a.mean), "low": float(a.low), "high": float(a.high)},
+            "tokens": {"mean": float(t.mean), "low": float(t.low), "high": float(t.high)},
+        }
+
+    out = {"rule": rep.rule, "level": 2, "order": "index", "problems": len(rep.problems)}
+    out.update(block(acc_rule, tok_rule))
+    out["fixed"] = block(acc_fixed, tok_fixed)
+    out["pruned"] = rep.pruned
+    out["saved_fraction"] = rep.saved_fraction
+    return out

@@ -48,3 +48,45 @@ def test_sample_prune_bad_input_is_one_line_and_builds_nothing(tmp_path: Path) -
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
         assert not out.exists()
+
+
+def test_replay_command_replays_a_trace_rule_against_sc(tmp_path: Path) -> None:
+    # `ttscale replay --rule lowprob:...` on an unpruned, verified run: which traces the rule
+    # stops (replay_pruning), the kept traces' majority vs all traces' majority, tokens per problem
+    full = tmp_path / "full"
+    assert runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--out", str(full)]).exit_code == 0
+    assert runner.invoke(app, ["verify", str(full)]).exit_code == 0
+    r = runner.invoke(app, ["replay", str(full), "--rule", RULE, "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    rep = replay_pruning(SampleStore.open(full), RULE)
+    assert d["pruned"] == rep.pruned > 0 and d["level"] == 2
+    assert d["tokens"]["mean"] * d["problems"] == rep.tokens
+    assert d["fixed"]["tokens"]["mean"] * d["problems"] == rep.full_tokens
+    # independent majority votes (first-seen ties) from the stored verdicts
+    pool = SampleStore.open(full).pool()
+    kept = {(p.problem_id, t.index) for p in rep.problems for t in p.traces if t.pruned_at is None}
+
+    def vote(pairs):  # list of (answer code, correct) in index order
+        counts: dict[int, int] = {}
+        for a, _ in pairs:
+            if a >= 0:
+                counts[a] = counts.get(a, 0) + 1
+        if not counts:
+            return 0.0
+        top = max(counts.values())
+        winner = next(a for a, _ in pairs if a >= 0 and counts[a] == top)
+        return float([c for a, c in pairs if a == winner][-1] > 0.5)
+
+    acc_rule, acc_sc = [], []
+    for p in range(pool.num_problems):
+        lo, hi = int(pool.offsets[p]), int(pool.offsets[p + 1])
+        pid = str(pool.problem_ids[p])
+        pairs = [(int(pool.answer[i]), float(pool.correct[i]), int(pool.index[i])) for i in range(lo, hi)]
+        acc_sc.append(vote([(a, c) for a, c, _ in pairs]))
+        acc_rule.append(vote([(a, c) for a, c, i in pairs if (pid, i) in kept]))
+    assert d["accuracy"]["mean"] == sum(acc_rule) / len(acc_rule)
+    assert d["fixed"]["accuracy"]["mean"] == sum(acc_sc) / len(acc_sc)
+    # trace rules replay in stored order only
+    r = runner.invoke(app, ["replay", str(full), "--rule", RULE, "--orders", "3"])
+    assert r.exit_code == 1 and "drop --orders" in r.output

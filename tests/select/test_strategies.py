@@ -34,7 +34,7 @@ def test_rpc_strategy_prunes_and_selects_as_in_the_worked_example() -> None:
     assert conf[7] == pytest.approx(0.668065, abs=1e-6)
     assert conf[12] == pytest.approx(0.331935, abs=1e-6) and conf[3] == 0.0
     # majority at level 3 on the same paths: 7 (4 votes of 8)
-    _, sc = parse_strategy("majority:tie=first")
+    _, sc = parse_strategy("majority:tie=first", level=3)
     assert sc.select(ANSWERS).answer == 7 and sc.spec() == "majority:tie=first"
 
 
@@ -48,16 +48,21 @@ def test_levels_and_names() -> None:
 
 
 def test_a_name_at_two_levels_needs_a_level() -> None:
-    register_strategy(Strategy("majority", 1, "test", "majority:0.8", lambda spec: spec), replace=True)
-    try:
-        with pytest.raises(ConfigError, match="exists at levels 1, 3"):
-            get_strategy("majority")
-        assert get_strategy("majority", level=1).level == 1
-        assert get_strategy("majority", level=3).level == 3
-    finally:
-        from ttscale.select import strategies as mod
+    # "majority" is a level-1 stopping rule (leader's share) and a level-3 selection rule
+    with pytest.raises(ConfigError, match="exists at levels 1, 3"):
+        get_strategy("majority")
+    assert get_strategy("majority", level=1).level == 1
+    assert get_strategy("majority", level=3).level == 3
 
-        del mod._REGISTRY[(1, "majority")]
+
+def test_level_one_holds_the_stopping_rules() -> None:
+    from ttscale.select.adaptive import RULE_NAMES, parse_rule
+
+    assert [s.name for s in strategies(1)] == list(RULE_NAMES)
+    s, rule = parse_strategy("beta:0.9", level=1)
+    assert rule == parse_rule("beta:0.9") and s.level == 1
+    for st in strategies(1):
+        assert st.build(st.example) == parse_rule(st.example)  # every example parses
 
 
 @pytest.mark.parametrize(
@@ -65,7 +70,7 @@ def test_a_name_at_two_levels_needs_a_level() -> None:
     [
         ("nope", "unknown strategy 'nope'"),
         ("rpc:fit", "is not one of"),
-        ("majority:fit=fast", "fit= applies to rpc only"),
+        ("pc:fit=fast", "fit= applies to rpc only"),
         ("lowprob:threshold=x", "is not a float"),
     ],
 )
@@ -78,3 +83,16 @@ def test_missing_input_is_named() -> None:
     _, rpc = parse_strategy("rpc")
     with pytest.raises(ConfigError, match="needs mean_logprobs"):
         rpc.select(ANSWERS)
+
+
+def test_register_a_user_strategy() -> None:
+    mine = Strategy("my-rule", 2, "a user's pruning rule", "my-rule:x=1", lambda spec: spec.upper())
+    register_strategy(mine)
+    try:
+        assert parse_strategy("my-rule:x=1") == (mine, "MY-RULE:X=1")
+        with pytest.raises(ConfigError, match="a level-2 strategy named 'my-rule' exists"):
+            register_strategy(mine)
+    finally:
+        from ttscale.select import strategies as mod
+
+        del mod._REGISTRY[(2, "my-rule")]

@@ -193,6 +193,21 @@ def _load_builtin() -> None:
     ]
     for name, desc, example in level2:
         register_strategy(Strategy(name, 2, desc, example, parse_prune_rule))
+    from ttscale.select.adaptive import parse_rule
+
+    level1 = [
+        ("fixed", "no early stop: every sample of the budget (self-consistency)", "fixed"),
+        ("esc", "ESC: stop when a window of samples agrees", "esc:window=5"),
+        ("beta", "Adaptive-Consistency: Beta posterior that the leader stays ahead", "beta:0.95"),
+        ("dirichlet", "Adaptive-Consistency: Dirichlet posterior of the leader", "dirichlet:0.95"),
+        ("entropy", "Adaptive-Consistency: normalised answer entropy below a threshold", "entropy:0.75"),
+        ("majority", "Adaptive-Consistency: the leader's share above a threshold", "majority:0.8"),
+        ("deepconf", "DeepConf consensus: confidence-weighted share above tau", "deepconf:0.95"),
+        ("sprt", "ConSol: sequential probability ratio test, leader vs runner-up", "sprt:p1=0.8"),
+        ("msprt", "ConSol: mixture SPRT (Beta prior), leader vs runner-up", "msprt:alpha=0.05"),
+    ]
+    for name, desc, example in level1:
+        register_strategy(Strategy(name, 1, desc, example, parse_rule))
     for rule in RULES.values():
         example = "rpc:fit=reference" if rule.name == "rpc" else rule.name
         register_strategy(Strategy(rule.name, 3, rule.description, example, _selection_builder(rule)))
