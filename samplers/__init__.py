@@ -1,5 +1,6 @@
 """ttscale.samplers: strategies that call an engine (repeated sampling, adaptive, SMC)."""
 
+from ttscale.samplers.adaptive import AdaptiveSampler
 from ttscale.samplers.base import Candidate, Fate, Sampler, SampleResult, StepInfo
 from ttscale.samplers.potentials import (
     LikelihoodTempering,
@@ -11,10 +12,12 @@ from ttscale.samplers.potentials import (
 )
 from ttscale.samplers.pruning import PruningSampler, replay_pruning
 from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
+from ttscale.samplers.search import SearchSampler
 from ttscale.samplers.session import SamplingSession
 from ttscale.samplers.smc import SMCSampler, select_answer
 
 __all__ = [
+    "AdaptiveSampler",
     "Candidate",
     "Fate",
     "LikelihoodTempering",
@@ -26,6 +29,7 @@ __all__ = [
     "Sampler",
     "SamplingSession",
     "SamplingSummary",
+    "SearchSampler",
     "StepInfo",
     "SumPotential",
     "VerifierPotential",
