@@ -36,8 +36,8 @@ import numpy as np
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, SampleResult
-from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, _unique, plan_requests
-from ttscale.samplers.session import start_run
+from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, plan_requests
+from ttscale.samplers.session import open_sink, unique_problems
 from ttscale.select.adaptive import StopRule, final_vote, first_stop, parse_rule
 from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, Sample, SamplingParams
@@ -177,18 +177,12 @@ class AdaptiveSampler:
         check_int("seed", seed, min=0, allow_none=True)
         self.rule.usable(budget)  # ESC: at least one window
         params = self.params if seed is None else self.params.replace(seed=seed)
-        unique = _unique(problems)
+        unique = unique_problems(problems)
         rep = self._rep
         if sink is not None:
-            sink.check_compatible({**rep.extra_manifest, "sampling": params.to_dict()})
-            sink.write_problems(unique)
-            start_run(
-                sink,
-                engine_info=rep.engine_info,
-                params=params,
-                n=budget,
-                chat=rep.chat,
-                iid=True,
+            open_sink(
+                sink, unique, engine_info=rep.engine_info, params=params, n=budget, chat=rep.chat,
+                iid=True, compatible=rep.extra_manifest,
                 extra={**rep.extra_manifest, "adaptive": {"rule": self.rule.spec, "budget": budget, "tie": self.tie}},
             )
         return self._sample(unique, budget, params, sink)

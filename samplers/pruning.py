@@ -58,7 +58,7 @@ from ttscale.engines.base import (
 )
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult
-from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.select.confidence import (
     DEFAULT_WINDOW,
     deepconf_threshold,
@@ -765,10 +765,7 @@ class PruningSampler:
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
         params = self.params if seed is None else self.params.replace(seed=seed)
-        problems = list(problems)
-        ids = [p.id for p in problems]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("problem ids must be unique")
+        problems = unique_problems(problems)
         if sink is not None:
             if len(sink) > 0:
                 raise ConfigError(
@@ -776,19 +773,12 @@ class PruningSampler:
                     "use a new run directory"
                 )
             extra = {**self.extra_manifest, "sampler": "pruning", "prune_rule": self.rule.spec()}
-            sink.check_compatible({**extra, "sampling": params.to_dict()})
-            sink.write_problems(problems)
-            start_run(
-                sink,
-                engine_info=self.engine_info,
-                params=params,
-                n=budget,
-                chat=self.chat,
-                iid=False,
-                extra=extra,
+            open_sink(
+                sink, problems, engine_info=self.engine_info, params=params, n=budget,
+                chat=self.chat, iid=False, extra=extra,
             )
         log.info("pruning with %s (%s), %d traces per problem", self.rule.spec(), self.mode, budget)
-        return self._sample(problems, budget, params, sink)
+        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
 
     def _requests(self, p: Problem, indices: Sequence[int]) -> list[GenerationRequest]:
         if not indices:

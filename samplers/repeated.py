@@ -38,7 +38,7 @@ from typing import Any
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, SampleResult
-from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.samplers.session import SamplingSession, open_sink, start_run, unique_problems
 from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 from ttscale.validation import check_int, check_number
@@ -251,7 +251,7 @@ class RepeatedSampler:
         """
         n = self.params.n if n is None else n
         check_int("n", n, min=1)
-        problems = _unique(problems)
+        problems = unique_problems(problems)
         mine = shard_problems(problems, shard)
         store = self.store
         if store is None:
@@ -333,21 +333,14 @@ class RepeatedSampler:
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
         params = self.params if seed is None else self.params.replace(seed=seed)
-        problems = _unique(problems)
+        problems = unique_problems(problems)
         if sink is not None:
-            sink.check_compatible({**self.extra_manifest, "sampling": params.to_dict()})
-            sink.write_problems(problems)
-            start_run(
-                sink,
-                engine_info=self.engine_info,
-                params=params,
-                n=budget,
-                chat=self.chat,
-                iid=True,
-                extra=self.extra_manifest,
+            open_sink(
+                sink, problems, engine_info=self.engine_info, params=params, n=budget,
+                chat=self.chat, iid=True, extra=self.extra_manifest,
             )
         # validated and recorded now; the samples are drawn as the caller iterates
-        return self._sample(problems, budget, params, sink)
+        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
 
     def _sample(
         self,
@@ -452,15 +445,6 @@ class RepeatedSampler:
             iid=True,
             extra=self.extra_manifest,
         )
-
-
-def _unique(problems: Sequence[Problem]) -> list[Problem]:
-    problems = list(problems)
-    ids = [p.id for p in problems]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
-    return problems
 
 
 def _stored_completions(

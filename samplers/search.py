@@ -44,7 +44,7 @@ from ttscale.engines.base import Engine, GenerationRequest, capabilities_of, con
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
-from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -200,24 +200,15 @@ class SearchSampler:
                 f"use a multiple of {self.width} or change width"
             )
         params = self.params if seed is None else self.params.replace(seed=seed)
-        problems = list(problems)
-        if len({p.id for p in problems}) != len(problems):
-            raise ConfigError("problem ids must be unique")
+        problems = unique_problems(problems)
         if sink is not None:
             extra = {**self.extra_manifest, "search": {**self.info(), "budget": budget}}
             _check_same_search(sink, extra["search"])
-            sink.check_compatible({**extra, "sampling": params.to_dict()})
-            sink.write_problems(problems)
-            start_run(
-                sink,
-                engine_info=self.engine_info,
-                params=params,
-                n=budget,
-                chat=self.chat,
-                iid=False,
-                extra=extra,
+            open_sink(
+                sink, problems, engine_info=self.engine_info, params=params, n=budget,
+                chat=self.chat, iid=False, extra=extra,
             )
-        return self._sample(problems, budget, params, sink)
+        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
 
     def _sample(
         self,

@@ -50,6 +50,7 @@ from ttscale.engines.base import (
     capabilities_of,
     generate_chunked,
 )
+from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate
 from ttscale.store import SampleStore
 from ttscale.store.claims import ProblemClaims
@@ -66,6 +67,39 @@ _CLAIM_POLL_SECONDS = 0.25
 #: ``to_sample(completion) -> Sample``: how a policy stores one finished completion (the step,
 #: parent, log-weight and fate of a step-wise trace go here).
 ToSample = Callable[[Completion], Sample]
+
+
+def unique_problems(problems: Sequence[Problem]) -> list[Problem]:
+    """``problems`` as a list; a :class:`ConfigError` naming the first id that appears twice."""
+    problems = list(problems)
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ConfigError(f"problem ids must be unique, {dup!r} appears twice")
+    return problems
+
+
+def open_sink(
+    sink: SampleStore,
+    problems: Sequence[Problem],
+    *,
+    engine_info: Mapping[str, Any],
+    params: SamplingParams,
+    n: int,
+    chat: bool,
+    iid: bool,
+    extra: Mapping[str, Any] | None = None,
+    compatible: Mapping[str, Any] | None = None,
+) -> None:
+    """What every sampler does with its sink before drawing: refuse a run made with other settings
+    (``compatible``, default ``extra``, plus the sampling parameters), record the problems, and
+    :func:`start_run`."""
+    base = dict(extra or {}) if compatible is None else dict(compatible)
+    sink.check_compatible({**base, "sampling": params.to_dict()})
+    sink.write_problems(problems)
+    start_run(
+        sink, engine_info=engine_info, params=params, n=n, chat=chat, iid=iid, extra=extra
+    )
 
 
 def start_run(

@@ -62,7 +62,7 @@ from ttscale.samplers.potentials import (
     fk_increments,
     pf_log_weights,
 )
-from ttscale.samplers.session import SamplingSession, start_run
+from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
@@ -397,25 +397,15 @@ class SMCSampler:
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
         params = self.params if seed is None else self.params.replace(seed=seed)
-        problems = list(problems)
-        ids = [p.id for p in problems]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("problem ids must be unique")
+        problems = unique_problems(problems)
         if sink is not None:
             extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
             _check_same_smc(sink, extra["smc"])
-            sink.check_compatible({**extra, "sampling": params.to_dict()})
-            sink.write_problems(problems)
-            start_run(
-                sink,
-                engine_info=self.engine_info,
-                params=params,
-                n=budget,
-                chat=self.chat,
-                iid=False,
-                extra=extra,
+            open_sink(
+                sink, problems, engine_info=self.engine_info, params=params, n=budget,
+                chat=self.chat, iid=False, extra=extra,
             )
-        return self._sample(problems, budget, params, sink)
+        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
 
     def _sample(
         self,
