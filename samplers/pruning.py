@@ -563,23 +563,6 @@ def _run_monitor(
     return None, None
 
 
-def _as_completion(item: Sample | Completion) -> Completion:
-    if isinstance(item, Completion):
-        return item
-    return Completion(
-        problem_id=item.problem_id,
-        index=item.index,
-        text=item.text,
-        token_ids=item.token_ids,
-        token_logprobs=item.token_logprobs,
-        top_logprobs=item.top_logprobs,
-        cumulative_logprob=item.logprob,
-        num_tokens=item.num_tokens or 0,
-        finish_reason=item.finish_reason or "stop",
-        seed=item.seed,
-    )
-
-
 def replay_pruning(
     source: SampleStore | str | os.PathLike[str] | Iterable[Sample | Completion],
     rule: PruneRule | str,
@@ -616,7 +599,7 @@ def replay_pruning(
     items = source.samples() if isinstance(source, SampleStore) else source
     by_problem: dict[str, list[Completion]] = {}
     for it in items:
-        c = _as_completion(it)
+        c = it if isinstance(it, Completion) else Sample.to_completion(it)
         if max_samples is not None and c.index >= max_samples:
             continue
         by_problem.setdefault(c.problem_id, []).append(c)

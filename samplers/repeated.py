@@ -40,7 +40,7 @@ from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, SampleResult
 from ttscale.samplers.session import SamplingSession, open_sink, start_run, unique_problems
 from ttscale.store import SampleStore
-from ttscale.types import Completion, Problem, Sample, SamplingParams
+from ttscale.types import Completion, Problem, SamplingParams
 from ttscale.validation import check_int, check_number
 
 __all__ = ["RepeatedSampler", "SamplingSummary", "parse_shard", "plan_requests", "shard_problems"]
@@ -457,24 +457,8 @@ def _stored_completions(
     out: dict[tuple[str, int], Completion] = {}
     for s in sink.samples():
         if s.key in want:
-            out[s.key] = _completion_of(s)
+            out[s.key] = s.to_completion()
     return out
-
-
-def _completion_of(s: Sample) -> Completion:
-    """A stored sample as the completion it was made from (for results resumed from a sink)."""
-    return Completion(
-        problem_id=s.problem_id,
-        index=s.index,
-        text=s.text,
-        token_ids=s.token_ids,
-        token_logprobs=s.token_logprobs,
-        top_logprobs=s.top_logprobs,
-        cumulative_logprob=s.logprob,
-        num_tokens=s.num_tokens or 0,
-        finish_reason=s.finish_reason or "stop",
-        seed=s.seed,
-    )
 
 
 def _missing(store: SampleStore, problem_id: str, n: int) -> list[int]:

@@ -459,8 +459,6 @@ def _mark_done(sink: SampleStore, problem_ids: list[str], budget: int) -> None:
 
 def _resumed(problem: Problem, sink: SampleStore) -> SampleResult:
     """A problem whose search a previous call stored, read back from the sink."""
-    from ttscale.samplers.repeated import _completion_of
-
     cands: list[Candidate] = []
     tokens = 0
     for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
@@ -468,7 +466,7 @@ def _resumed(problem: Problem, sink: SampleStore) -> SampleResult:
         fate = Fate(s.fate or Fate.KEPT.value)
         cands.append(
             Candidate(
-                _completion_of(s),
+                s.to_completion(),
                 step=s.step or 0,
                 parent=s.parent,
                 log_weight=s.log_weight,

@@ -654,7 +654,6 @@ class SMCSampler:
         return result
 
     def _resumed(self, problem: Problem, sink: SampleStore) -> SampleResult:
-        from ttscale.samplers.repeated import _completion_of
 
         cands = []
         tokens = 0
@@ -662,7 +661,7 @@ class SMCSampler:
             tokens += s.num_tokens or 0
             cands.append(
                 Candidate(
-                    _completion_of(s),
+                    s.to_completion(),
                     step=s.step or 0,
                     parent=s.parent,
                     log_weight=s.log_weight,

@@ -328,6 +328,22 @@ class Sample:
             **extra,
         )
 
+    def to_completion(self) -> Completion:
+        """The completion this sample was made from (text, tokens, log-probs; finish ``stop``
+        when none was recorded), e.g. for a sampler's results resumed from a stored run."""
+        return Completion(
+            problem_id=self.problem_id,
+            index=self.index,
+            text=self.text,
+            token_ids=self.token_ids,
+            token_logprobs=self.token_logprobs,
+            top_logprobs=self.top_logprobs,
+            cumulative_logprob=self.logprob,
+            num_tokens=self.num_tokens or 0,
+            finish_reason=self.finish_reason or "stop",
+            seed=self.seed,
+        )
+
     @property
     def key(self) -> tuple[str, int]:
         return (self.problem_id, self.index)
