@@ -761,7 +761,7 @@ class PruningSampler:
                 chat=self.chat, iid=False, extra=extra,
             )
         log.info("pruning with %s (%s), %d traces per problem", self.rule.spec(), self.mode, budget)
-        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
+        return self._sample(problems, budget, params, sink)
 
     def _requests(self, p: Problem, indices: Sequence[int]) -> list[GenerationRequest]:
         if not indices:
@@ -803,7 +803,7 @@ class PruningSampler:
 
     def _sample(
         self,
-        problems: list[Problem],
+        problems: Sequence[Problem],
         budget: int,
         params: SamplingParams,
         sink: SampleStore | None,
@@ -839,7 +839,7 @@ class PruningSampler:
     def _sample_chunk(
         self,
         session: SamplingSession,
-        problems: list[Problem],
+        problems: Sequence[Problem],
         budget: int,
         warm_n: int,
         params: SamplingParams,

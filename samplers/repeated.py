@@ -340,11 +340,11 @@ class RepeatedSampler:
                 chat=self.chat, iid=True, extra=self.extra_manifest,
             )
         # validated and recorded now; the samples are drawn as the caller iterates
-        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
+        return self._sample(problems, budget, params, sink)
 
     def _sample(
         self,
-        problems: list[Problem],
+        problems: Sequence[Problem],
         budget: int,
         params: SamplingParams,
         sink: SampleStore | None,

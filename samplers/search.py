@@ -208,11 +208,11 @@ class SearchSampler:
                 sink, problems, engine_info=self.engine_info, params=params, n=budget,
                 chat=self.chat, iid=False, extra=extra,
             )
-        return self._sample(list(problems), budget, params, sink)  # a list (mypy keeps the Sequence)
+        return self._sample(problems, budget, params, sink)
 
     def _sample(
         self,
-        problems: list[Problem],
+        problems: Sequence[Problem],
         budget: int,
         params: SamplingParams,
         sink: SampleStore | None,
