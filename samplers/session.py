@@ -574,28 +574,8 @@ class _Progress:
         self._p: Any = None
         if not enabled:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._p = Progress(
-            TextColumn("[bold]sampling"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("samples"),
-            TextColumn("{task.fields[problems]} problems"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
+        self._p = rich_progress(
+            "sampling", "samples", "{task.fields[problems]} problems", "{task.fields[tps]} tok/s"
         )
         self._total_problems = problems
         self._done_problems = done_problems
@@ -618,6 +598,32 @@ class _Progress:
     def close(self) -> None:
         if self._p is not None:
             self._p.stop()
+
+
+def rich_progress(label: str, unit: str, *fields: str) -> Any:
+    """A stderr progress bar every sampler shares: ``label``, bar, ``done/total unit``, the
+    extra ``fields`` (rich format strings over ``task.fields``), elapsed time and ETA."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
 
 
 class _AccountingRecord:

@@ -62,7 +62,7 @@ from ttscale.samplers.potentials import (
     fk_increments,
     pf_log_weights,
 )
-from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
+from ttscale.samplers.session import SamplingSession, open_sink, rich_progress, unique_problems
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
@@ -693,26 +693,8 @@ class _ProblemBar:
         self.steps = self.tokens = 0
         if not enabled or total == done:
             return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._p = Progress(
-            TextColumn("[bold]smc"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("problems"),
-            TextColumn("{task.fields[steps]} particle-steps, {task.fields[tokens]} tokens"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
+        self._p = rich_progress(
+            "smc", "problems", "{task.fields[steps]} particle-steps, {task.fields[tokens]} tokens"
         )
         self._task = self._p.add_task("smc", total=total, completed=done, steps="0", tokens="0")
 
