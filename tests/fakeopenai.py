@@ -145,7 +145,7 @@ class FakeServer:
     def _stream(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         """One event per generated token, then ``[DONE]``; notes how far the client listened."""
         (choice,) = _ok_response(body, self.processed)["choices"]
-        record = {"prompt": body.get("prompt"), "sent": 0, "completed": False}
+        record = {"prompt": body.get("prompt"), "sent": 0, "completed": False, "ended": False}
         with self.lock:
             self.streams.append(record)
         h.send_response(200)
@@ -178,7 +178,20 @@ class FakeServer:
             record["completed"] = True
         except OSError:
             pass  # the client went away (an abort)
+        finally:
+            record["ended"] = True
         h.close_connection = True
+
+    def wait_streams_ended(self, timeout: float = 10.0) -> None:
+        """Waits until every stream's handler has returned: a client can read a stream's last
+        token and return before the server thread has written ``[DONE]`` (slow under load)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(s["ended"] for s in self.streams):
+                    return
+            time.sleep(0.01)
+        raise AssertionError("a fake stream handler did not end within the timeout")
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -319,6 +319,7 @@ def test_token_prompts_scoring_and_streaming_on_fake_server(servers) -> None:  #
     assert cut.finish_reason == "abort" and cut.token_ids == full.token_ids[:2]
     assert cut.text == full.text[:2] and cut.token_logprobs == full.token_logprobs[:2]
     assert [got[0][0], got[1], got[2]] == [out[0][0], out[1], out[2]]
+    fake.wait_streams_ended()
     stopped = [s for s in fake.streams if not s["completed"]]
     assert len(stopped) == 1 and stopped[0]["sent"] < len(full.token_ids)
 

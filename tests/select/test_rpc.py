@@ -132,8 +132,11 @@ def test_reference_fit_reaches_the_authors_optimum_on_the_minimal_case() -> None
     p = np.exp(MINIMAL)
     mix = fit_weibull_mixture(p)  # the default is the reference fit
     assert mix.fit == "reference" and mix.converged
-    assert mix.nll == pytest.approx(AUTHORS_NLL, abs=1e-9)
-    np.testing.assert_allclose([mix.w1, mix.k1, mix.lam1, mix.k2, mix.lam2], AUTHORS_THETA, rtol=1e-9)
+    # The same optimiser (L-BFGS-B on finite differences) stops a few 1e-6 (relative) apart in
+    # the parameters with other numpy/BLAS builds under the same scipy (1.4e-6 and 3.95e-6 seen
+    # with scipy 1.17.1); the objective is flat there, so the NLL agrees far more tightly.
+    assert mix.nll == pytest.approx(AUTHORS_NLL, abs=1e-8)
+    np.testing.assert_allclose([mix.w1, mix.k1, mix.lam1, mix.k2, mix.lam2], AUTHORS_THETA, rtol=5e-5)
     # the authors keep paths 0, 1, 5, 6, 7 (the earlier fit also pruned path 5)
     want = _authors_prune(p, AUTHORS_THETA)
     assert want == [False, False, True, True, True, False, False, False]
