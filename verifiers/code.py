@@ -73,7 +73,9 @@ from ttscale.verifiers.sandbox import (
     Limits,
     Program,
     Sandbox,
+    literal_eval,
     normalize_output,
+    parse_python,
     resolve_isolation,
 )
 
@@ -202,7 +204,7 @@ def doctest_cases(prompt: str, entry_point: str | None = None) -> list[str]:
 
     def add(expr: str, expected: str) -> None:
         try:
-            ast.parse(f"({expr}\n)", mode="eval")
+            parse_python(f"({expr}\n)", mode="eval")
         except SyntaxError:
             return
         key = expr.strip() + "\0" + expected
@@ -258,7 +260,7 @@ def _inline_examples(line: str, entry: str) -> list[tuple[str, str]]:
         rest = line[end:].strip().lstrip("#").strip()
         pos = end
         try:
-            names = {n.id for n in ast.walk(ast.parse(call, mode="eval")) if isinstance(n, ast.Name)}
+            names = {n.id for n in ast.walk(parse_python(call, mode="eval")) if isinstance(n, ast.Name)}
         except SyntaxError:
             continue
         if names - {entry}:  # prose such as ``is_happy(a) => False``, not a runnable example
@@ -269,7 +271,7 @@ def _inline_examples(line: str, entry: str) -> list[tuple[str, str]]:
                 value = value.split(" #")[0].strip()
                 for cand in (value, value.rstrip(".")):
                     try:
-                        ast.literal_eval(cand)
+                        literal_eval(cand)
                     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                         continue
                     out.append((call, cand))

@@ -89,6 +89,24 @@ from typing import Any
 from ttscale.errors import ConfigError, SandboxError
 from ttscale.validation import check_int, check_number
 
+# CPython 3.11 keeps the AST constructor's recursion depth in per-interpreter state: two
+# threads inside ``ast.parse`` at once (the GIL can switch during object construction) raise
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905). The
+# verifiers parse frames and test cases from worker threads, so every parse goes through this.
+_AST_LOCK = threading.Lock()
+
+
+def parse_python(source: str, mode: str = "exec") -> ast.AST:
+    """``ast.parse`` serialised across threads (see ``_AST_LOCK``)."""
+    with _AST_LOCK:
+        return ast.parse(source, mode=mode)
+
+
+def literal_eval(source: str) -> Any:
+    """``ast.literal_eval`` serialised across threads (see ``_AST_LOCK``)."""
+    return ast.literal_eval(parse_python(source.lstrip(" \t"), mode="eval"))
+
+
 __all__ = [
     "CaseResult",
     "ExecOutcome",
@@ -783,7 +801,7 @@ class _Driver:
             self.tampered = "unexpected frame"
             return None
         try:
-            value = ast.literal_eval(payload.decode("utf-8"))
+            value = literal_eval(payload.decode("utf-8"))
         except (ValueError, SyntaxError, MemoryError, RecursionError, UnicodeDecodeError):
             self.tampered = "undecodable frame"
             return None
