@@ -374,3 +374,35 @@ def test_merge_keeps_an_agreed_default_and_drops_a_disputed_one(two_sets: Path, 
     assert merged.manifest.get("default_verifier") is None
     r = invoke("curve", tmp_path / "m2", "--k", "1")
     assert r.exit_code == 1 and "--set-default" in r.output
+
+
+def test_tokens_axis_import_check_and_verifier_utility(two_sets: Path, tmp_path: Path) -> None:
+    run, prm = two_sets, _prm_set(two_sets)
+    want = stored_verdicts(run, "arith")
+    # curve --x tokens: the default's numbers, and it says which set
+    r = invoke("curve", run, "--x", "tokens", "--k", "1,6", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["runs"][0]["methods"]["coverage"]["mean"] == pytest.approx(
+        [coverage(want, 1), coverage(want, 6)], abs=1e-12
+    )
+    assert [v["name"] for v in d["verdicts"]] == ["arith"]
+    r = invoke("curve", run, "--x", "tokens", "--k", "1,6")
+    assert r.exit_code == 0 and "verdicts: arith = arith" in r.output
+    # export then import: the imported run carries the default's answers and correctness
+    f = tmp_path / "e.jsonl"
+    assert invoke("export", run, "--out", f).exit_code == 0
+    r = invoke("import", f, "--out", tmp_path / "imp")
+    assert r.exit_code == 0, r.output
+    imp = SampleStore.open(tmp_path / "imp")
+    assert imp.manifest["imported_verdicts"]["name"] == "arith" and imp.verifiers() == []
+    d = json.loads(invoke("curve", tmp_path / "imp", "--k", "1,6", "--json").stdout)
+    assert d["methods"]["coverage"]["mean"] == pytest.approx([coverage(want, 1), coverage(want, 6)], abs=1e-12)
+    assert d["verdicts"]["name"] is None  # the stored answers, said so
+    # check sees a healthy run
+    r = invoke("check", run)
+    assert r.exit_code == 0, r.output
+    # verifier-utility reads the two sets it is named; the default stays what analyses use
+    r = invoke("verifier-utility", "--run", run, "--weak", prm, "--strong", "arith", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(invoke("curve", run, "--k", "1", "--json").stdout)["verdicts"]["name"] == "arith"
