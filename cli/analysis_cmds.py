@@ -335,6 +335,7 @@ def _refuse_weighted(
             out[str(run)] = rep.to_dict()
             if stores is not None:
                 out[str(run)]["budget"] = _weighted_budget(stores[i])
+            out[str(run)]["verdicts"] = pool.meta.get("verdicts")
     if json_out:
         typer.echo(json.dumps(out if len(runs) > 1 else next(iter(out.values())), indent=2))
     else:
@@ -356,6 +357,8 @@ def _refuse_weighted(
             extra = [str(b["particles"]), f"{b['tokens_per_problem']:,.0f}"] if b else []
             t.add_row(Path(name).name, str(d["n_problems"]), *extra, *cells)
         Console(highlight=False).print(t)
+        for name, d in out.items():
+            typer.echo(f"{Path(name).name}: {describe_verdicts(d.get('verdicts'))}")
     if plot is not None and stores is not None:
         _plot_weighted(out, plot)
         typer.echo(f"plot: {plot}", err=True)

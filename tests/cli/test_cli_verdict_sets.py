@@ -406,3 +406,63 @@ def test_tokens_axis_import_check_and_verifier_utility(two_sets: Path, tmp_path:
     r = invoke("verifier-utility", "--run", run, "--weak", prm, "--strong", "arith", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(invoke("curve", run, "--k", "1", "--json").stdout)["verdicts"]["name"] == "arith"
+
+
+POT = """
+def score(problem, texts, finished):
+    # reward in [0, 1]: the share of digits in the partial text
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]
+"""
+
+
+def _weighted(run: Path, v: dict[tuple[str, int], dict]) -> tuple[float, float]:
+    """Weighted-vote and highest-weight accuracy over the kept particles, from the shards."""
+    parts = [pq.read_table(f).to_pylist() for f in sorted((run / "samples").glob("part-*.parquet"))]
+    kept: dict[str, list[tuple[int, float]]] = {}
+    for r in (x for p in parts for x in p):
+        if r["fate"] in (None, "kept"):
+            kept.setdefault(r["problem_id"], []).append((r["index"], r["log_weight"]))
+    vote, best = [], []
+    for pid, rows in sorted(kept.items()):
+        rows.sort()
+        voters = [(i, lw) for i, lw in rows if np.isfinite(lw) and v[(pid, i)]["answer"] is not None]
+        right = {v[(pid, i)]["answer"] for i, _ in rows if v[(pid, i)]["correct"]}
+        if not voters:
+            vote.append(0.0)
+            best.append(0.0)
+            continue
+        top = max(lw for _, lw in voters)
+        totals: dict[str, float] = {}
+        for i, lw in voters:  # insertion order = first seen in index order (ties go to it)
+            a = v[(pid, i)]["answer"]
+            totals[a] = totals.get(a, 0.0) + float(np.exp(lw - top))
+        pick = max(totals, key=lambda a: totals[a])
+        vote.append(float(pick in right))
+        first_best = next(i for i, lw in voters if lw == top)
+        best.append(float(v[(pid, first_best)]["answer"] in right))
+    return float(np.mean(vote)), float(np.mean(best))
+
+
+def test_an_smc_run_with_two_verdict_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "vs_pot_mod.py").write_text(POT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "smc"
+    table = _texts(np.random.default_rng(7))
+    r = invoke("smc", "--engine", "scripted", "--model", "toy", "--benchmark", "arith", "--limit", LIMIT,
+               "--particles", N, "--potential", "py:vs_pot_mod:score", "--fk", "difference",
+               "--lambda", 5, "--tokens-per-step", 8, "--max-tokens", 400,
+               "--engine-opt", "responses=" + json.dumps(table), "--out", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert invoke("verify", out, "--verifier", "arith-prm:last").exit_code == 0
+    prm = _prm_set(out)
+    assert SampleStore.open(out).manifest["default_verifier"] == "arith"
+    want, other = _weighted(out, stored_verdicts(out, "arith")), _weighted(out, stored_verdicts(out, prm))
+    assert want != other  # the two sets disagree on this run
+    d = json.loads(invoke("curve", out, "--json", "--n-boot", "20").stdout)
+    assert d["verdicts"]["name"] == "arith"
+    got = (d["methods"]["weighted_vote"]["mean"], d["methods"]["max_weight"]["mean"])
+    assert got == pytest.approx(want, abs=1e-12)
+    r = invoke("curve", out, "--n-boot", "20")
+    assert r.exit_code == 0 and "verdicts: arith = arith" in r.output
