@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 help="Use this verdict set's answers and correctness (default: the one analyses "
-                "use: the run's default verifier, else the latest)."
+                "use: the run's default verdict set)."
             ),
         ] = None,
         no_verdicts: Annotated[
