@@ -1168,6 +1168,12 @@ class SampleStore:
         so concurrent ``verify --shard`` workers agree. Returns ``{"name", "previous",
         "changed", "set_by"}`` (``name`` ``None`` when still undecided).
         """
+        m = self._read_manifest()
+        cur = m.get("default_verifier")
+        if isinstance(cur, str) and cur:  # recorded: nothing to write (the usual case)
+            self._manifest = m
+            by = m.get("default_verifier_set_by")
+            return {"name": cur, "previous": cur, "changed": False, "set_by": by}
         out: dict[str, Any] = {}
 
         def settle(m: dict[str, Any]) -> None:
