@@ -82,7 +82,10 @@ def curve_tokens(
             ],
             "points": [p.to_dict() for p in points],
             # which verdict set scored each run (pruning points included), and why
-            "verdicts": [{"label": lb, **(pl.meta.get("verdicts") or {})} for lb, pl in zip(labels, pools, strict=True)],
+            "verdicts": [
+                {"label": lb, **(pl.meta.get("verdicts") or {})}
+                for lb, pl in zip(labels, pools, strict=True)
+            ],
         }
         if plot is not None:
             out["plot"] = str(plot)

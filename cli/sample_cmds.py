@@ -571,7 +571,8 @@ def _verify_and_curve(
     )
     d = vsum.get("default") or {}
     was = f", was {d['previous']}" if d.get("changed") and d.get("previous") else ""
-    console.print(f"default verdict set of the run: [bold]{d.get('name')}[/bold] (set by run{was})")
+    if d.get("name"):
+        console.print(f"default verdict set of the run: [bold]{d['name']}[/bold] (set by run{was})")
     _print_curve(console, out.report)
     console.print(f"plot: [bold]{out.plot}[/bold]")
     console.print(f"run:  [bold]{res.store.path}[/bold]")
