@@ -466,3 +466,18 @@ def test_an_smc_run_with_two_verdict_sets(
     assert got == pytest.approx(want, abs=1e-12)
     r = invoke("curve", out, "--n-boot", "20")
     assert r.exit_code == 0 and "verdicts: arith = arith" in r.output
+
+
+def test_settle_default_verdicts(sampled: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sampled, run)
+    st = SampleStore.open(run)
+    # a set without verdicts (claimed, then interrupted before its first shard) decides nothing
+    assert st.settle_default_verdicts("arith") == {"name": None, "previous": None, "changed": False,
+                                                   "set_by": None}  # fmt: skip
+    assert invoke("verify", run).exit_code == 0
+    # recorded: returned as is, and the manifest is not rewritten
+    before = (run / "manifest.json").stat().st_mtime_ns
+    got = SampleStore.open(run).settle_default_verdicts("other")
+    assert got["name"] == "arith" and got["changed"] is False
+    assert (run / "manifest.json").stat().st_mtime_ns == before
