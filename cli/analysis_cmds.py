@@ -252,7 +252,9 @@ class _ProgressBars:
 
 
 def describe_verdicts(v: dict | None) -> str:
-    """``"math = math:last_number (config 1a2b..., latest written; also: boxed)"``."""
+    """``"math = math:last_number (config 1a2b..., the run's default; other verdict sets: boxed)"``."""
+    if v and v.get("undecided"):
+        return f"verdicts: none chosen ({v['undecided']})"
     if not v or v.get("name") is None:
         return "verdicts: none (answers and correctness stored with the samples)"
     spec = v.get("spec") or "configuration not recorded"
@@ -333,6 +335,7 @@ def _refuse_weighted(
             out[str(run)] = rep.to_dict()
             if stores is not None:
                 out[str(run)]["budget"] = _weighted_budget(stores[i])
+            out[str(run)]["verdicts"] = pool.meta.get("verdicts")
     if json_out:
         typer.echo(json.dumps(out if len(runs) > 1 else next(iter(out.values())), indent=2))
     else:
@@ -354,6 +357,8 @@ def _refuse_weighted(
             extra = [str(b["particles"]), f"{b['tokens_per_problem']:,.0f}"] if b else []
             t.add_row(Path(name).name, str(d["n_problems"]), *extra, *cells)
         Console(highlight=False).print(t)
+        for name, d in out.items():
+            typer.echo(f"{Path(name).name}: {describe_verdicts(d.get('verdicts'))}")
     if plot is not None and stores is not None:
         _plot_weighted(out, plot)
         typer.echo(f"plot: {plot}", err=True)
@@ -413,8 +418,17 @@ def register(app: typer.Typer) -> None:
             Optional[str], typer.Option("--k", help="Budgets, e.g. 1,2,4,8 (default: powers of 2).")
         ] = None,
         verifier: Annotated[
-            Optional[str], typer.Option(help="Whose answers/correctness to use (default: latest).")
+            Optional[str],
+            typer.Option(help="Whose answers/correctness to use (default: each run's default verdict set)."),
         ] = None,
+        allow_mixed_verifiers: Annotated[
+            bool,
+            typer.Option(
+                "--allow-mixed-verifiers",
+                help="Overlay runs scored by different verifiers, each run's verdict set named in "
+                "the table and legend (refused otherwise).",
+            ),
+        ] = False,
         score: Annotated[Optional[str], typer.Option(help="Score used by weighted/best_of_n.")] = None,
         score_map: Annotated[
             str, typer.Option(help="identity|sigmoid|exp: map scores to vote weights.")
@@ -496,6 +510,10 @@ def register(app: typer.Typer) -> None:
         pools = [store.pool(verifier) for store in stores]
         multi = len(runs) > 1
         names = run_labels([s.manifest for s in stores], runs) if multi else [(runs[0].name, {})]
+        if multi:
+            from ttscale.cli.verify_cmds import overlay_verdict_labels
+
+            names = overlay_verdict_labels(runs, pools, names, allow_mixed=allow_mixed_verifiers)
         if x_axis not in ("k", "tokens"):
             raise ConfigError(f"--x must be k or tokens, got {x_axis!r}")
         if x_axis == "tokens":
@@ -623,7 +641,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         verifier: Annotated[
             Optional[str],
-            typer.Option(help="Whose correctness to fit (default: the run's default verifier, else the latest)."),
+            typer.Option(help="Whose correctness to fit (default: the run's default verdict set)."),
         ] = None,
         n_boot: Annotated[
             int, typer.Option(min=10, help="Bootstrap replicates (over problems) for the CIs.")

@@ -81,6 +81,11 @@ def curve_tokens(
                 for label, report, toks in curves
             ],
             "points": [p.to_dict() for p in points],
+            # which verdict set scored each run (pruning points included), and why
+            "verdicts": [
+                {"label": lb, **(pl.meta.get("verdicts") or {})}
+                for lb, pl in zip(labels, pools, strict=True)
+            ],
         }
         if plot is not None:
             out["plot"] = str(plot)
@@ -115,6 +120,10 @@ def curve_tokens(
                 f"{p.accuracy:.3f} [{p.accuracy_low:.3f}, {p.accuracy_high:.3f}]",
             )
         console.print(t)
+    from ttscale.cli.analysis_cmds import describe_verdicts
+
+    for label, pool in zip(labels, pools, strict=True):
+        typer.echo(f"{label}: {describe_verdicts(pool.meta.get('verdicts'))}")
     typer.echo(
         "tokens: per problem; fixed-n methods at k cost k x the mean tokens of a sample; "
         "pruning runs count every trace, pruned ones included"

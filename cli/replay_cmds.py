@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
         against self-consistency at the same budget, with 95% CIs."""
+        from ttscale.cli.analysis_cmds import describe_verdicts
         from ttscale.replay import replay, summary_line
         from ttscale.select.adaptive import parse_rule
         from ttscale.store import SampleStore
@@ -86,9 +87,11 @@ def register(app: typer.Typer) -> None:
             pool, parsed, orders=n_orders, seed=seed, max_samples=max_samples, tie=tie, confidences=confs
         )
         if json_out:
-            typer.echo(json.dumps(report.to_dict(per_problem=per_problem), indent=2))
+            out = report.to_dict(per_problem=per_problem)
+            typer.echo(json.dumps({**out, "verdicts": pool.meta.get("verdicts")}, indent=2))
             return
         d = report.to_dict()
+        typer.echo(describe_verdicts(pool.meta.get("verdicts")))
         typer.echo(
             f"{run}: {d['problems']} problems, budget {report.max_samples}, "
             f"{'index order' if report.order == 'index' else f'{report.orders} random orders'}, tie {tie}"
@@ -111,6 +114,7 @@ def _replay_trace_rule(
     run: Path, rule: str, orders: int | None, max_samples: int | None, verifier: str | None,
     seed: int, json_out: bool,
 ) -> None:
+    from ttscale.cli.analysis_cmds import describe_verdicts
     from ttscale.replay import replay_trace_rule
     from ttscale.samplers.pruning import parse_prune_rule
     from ttscale.store import SampleStore
@@ -127,6 +131,7 @@ def _replay_trace_rule(
     if json_out:
         typer.echo(json.dumps(d, indent=2))
         return
+    typer.echo(describe_verdicts(d.get("verdicts")))
     typer.echo(
         f"{run}: {d['problems']} problems, trace-pruning rule {d['rule']} replayed in index order: "
         f"{d['pruned']} traces pruned, {d['saved_fraction']:.1%} of the tokens saved"

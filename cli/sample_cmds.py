@@ -569,6 +569,10 @@ def _verify_and_curve(
         + (f": {acc:.1%} correct" if acc is not None else "")
         + (f" ({statuses})" if statuses else "")
     )
+    d = vsum.get("default") or {}
+    was = f", was {d['previous']}" if d.get("changed") and d.get("previous") else ""
+    if d.get("name"):
+        console.print(f"default verdict set of the run: [bold]{d['name']}[/bold] (set by run{was})")
     _print_curve(console, out.report)
     console.print(f"plot: [bold]{out.plot}[/bold]")
     console.print(f"run:  [bold]{res.store.path}[/bold]")

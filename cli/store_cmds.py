@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 help="Use this verdict set's answers and correctness (default: the one analyses "
-                "use: the run's default verifier, else the latest)."
+                "use: the run's default verdict set)."
             ),
         ] = None,
         no_verdicts: Annotated[
@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
             m["verified_by"] = store.verifiers()
-            m["analysis_verdicts"] = store.choose_verdicts()
+            m["analysis_verdicts"] = store.choose_verdicts(strict=False)
             typer.echo(json.dumps(m, indent=2, sort_keys=True))
             return
         t = Table(title=str(store.path), show_header=False)
@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
         t.add_row("verifiers", "; ".join(names) or "none")
         from ttscale.cli.analysis_cmds import describe_verdicts
 
-        t.add_row("analyses use", describe_verdicts(store.choose_verdicts()).removeprefix("verdicts: "))
+        t.add_row("analyses use", describe_verdicts(store.choose_verdicts(strict=False)).removeprefix("verdicts: "))
         if isinstance(m.get("accounting"), dict):
             t.add_row("accounting", ", ".join(f"{k}={v}" for k, v in m["accounting"].items()))
         Console().print(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -101,6 +102,15 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(help="Verify only shard i of N of the problems, e.g. 0/4 (N workers)."),
         ] = None,
+        set_default: Annotated[
+            bool,
+            typer.Option(
+                "--set-default",
+                help="Make this verdict set the run's default, the one curve, fit, replay, info "
+                "and export use (the first set verified on a run becomes its default). "
+                "--verifier NAME of a set that already has every verdict just records it.",
+            ),
+        ] = False,
     ) -> None:
         """Verify a run's samples; verdicts, answers and scores are added to the run (resumable)."""
         import json
@@ -109,17 +119,28 @@ def register(app: typer.Typer) -> None:
 
         from ttscale.samplers.repeated import parse_shard
 
+        console = Console(highlight=False)
+        if set_default and not force and shard is None and verifier is not None:
+            done = _record_default_only(run, verifier, name)
+            if done is not None:
+                if json_out:
+                    typer.echo(json.dumps(done, sort_keys=True))
+                    return
+                console.print(
+                    describe_default(run, done["default"])
+                    + f"; nothing re-verified (all {done['verified']:,} samples have verdicts in it)"
+                )
+                return
         summary = run_verify(
             run, verifier, workers=workers, timeout=timeout, extractor=extractor, name=name,
             force=force, batch=batch, cache=cache, isolation=isolation.value,
-            shard=parse_shard(shard) if shard is not None else None,
+            shard=parse_shard(shard) if shard is not None else None, set_default=set_default,
         )  # fmt: skip
         if json_out:
             typer.echo(json.dumps(summary, sort_keys=True))
             return
         acc = summary["accuracy"]
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(summary["by_status"].items()))
-        console = Console(highlight=False)
         if summary["verdict_set"] == "replaced":
             console.print(
                 f"replaced the verdict set [bold]{summary['verifier']}[/bold] "
@@ -132,3 +153,97 @@ def register(app: typer.Typer) -> None:
             + f") ({summary['skipped']} already done); {summary['verified']} verdicts: "
             f"{statuses}" + (f"; accuracy {acc:.4f}" if acc is not None else "")
         )
+        console.print(describe_default(run, summary["default"], verified=summary["verifier"]))
+
+
+def _record_default_only(run: Path, verifier: str, name: str | None) -> dict[str, Any] | None:
+    """``verify RUN --verifier SET --set-default`` where SET is a verdict set that already holds
+    a verdict for every stored sample: record it as the default without building a verifier
+    (a reward model or judge need not load to change which set analyses use). ``None`` when
+    there is verifying to do."""
+    from ttscale.store import SampleStore
+
+    if name is not None and name != verifier:
+        return None  # --verifier is a spec to verify with under --name
+    store = SampleStore.open(run)
+    if verifier not in store.verifiers():
+        return None
+    verified = store.verified_keys(verifier)
+    if not verified or store.keys() - verified:
+        return None  # new samples to verify first (with the spec given)
+    from ttscale.paths import check_writable_dir
+
+    check_writable_dir(store.path, "run directory")
+    rec = store.verdict_record(verifier) or {}
+    return {
+        "run": str(run), "verifier": verifier, "spec": rec.get("spec"),
+        "fingerprint": rec.get("fingerprint"), "new": 0, "verified": len(verified),
+        "default": store.set_default_verdicts(verifier, by="--set-default"),
+    }  # fmt: skip
+
+
+def describe_default(run: Path, d: dict[str, Any], *, verified: str | None = None) -> str:
+    """One line on the run's default verdict set after ``verify`` (what analyses will use)."""
+    if d.get("name") is None and d.get("undecided"):
+        return (
+            f"the run records no default verdict set and has several: analyses ask for one; "
+            f"record it with `ttscale verify {run} --verifier NAME --set-default`"
+        )
+    if d.get("name") is None:
+        return f"{run} has no verdicts yet, so no default verdict set"
+    if d.get("changed"):
+        was = f", was {d['previous']}" if d.get("previous") else ""
+        return (
+            f"default verdict set of {run}: {d['name']} (set by {d.get('set_by')}{was}); "
+            "analyses use it"
+        )
+    hint = (
+        f"; analyses use it, not {verified} (change with --set-default)"
+        if verified is not None and verified != d["name"]
+        else "; analyses use it"
+    )
+    return f"default verdict set of {run}: {d['name']} (unchanged){hint}"
+
+
+def verdict_set_label(v: Mapping[str, Any] | None) -> str:
+    """How an overlay names a run's verdict set: its spec (``name = spec`` when named apart)."""
+    if not v or v.get("name") is None:
+        return "answers stored with the samples"
+    name, spec = str(v["name"]), v.get("spec")
+    if not spec:
+        return f"{name} (configuration not recorded)"
+    return spec if spec == name or spec.startswith(name + ":") else f"{name} = {spec}"
+
+
+def overlay_verdict_labels(
+    runs: Sequence[Path],
+    pools: Sequence[Any],
+    names: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    allow_mixed: bool,
+) -> list[tuple[str, dict[str, Any]]]:
+    """An overlay's run labels, checked for one verifier across the runs.
+
+    Runs scored by different verifier configurations (canonical specs) are refused in one line;
+    with ``allow_mixed`` every label names its run's verdict set (table, JSON and plot legend)
+    and ``differs`` gains ``"verdicts"``.
+    """
+    from ttscale.errors import ConfigError
+
+    sets = [p.meta.get("verdicts") for p in pools]
+    labels = [verdict_set_label(v) for v in sets]
+    kinds = {(v or {}).get("spec") or labels[i] for i, v in enumerate(sets)}
+    if len(kinds) <= 1:
+        return list(names)
+    if not allow_mixed:
+        each = "; ".join(f"{run}: {label}" for run, label in zip(runs, labels, strict=True))
+        raise ConfigError(
+            f"the runs are scored by different verifiers ({each}), so their accuracies are not "
+            "comparable: score them with one (`ttscale verify RUN --verifier SPEC --set-default`), "
+            "pick one set in every run with --verifier NAME, or pass --allow-mixed-verifiers to "
+            "overlay them with each run's set named"
+        )
+    return [
+        (f"{label} (verdicts {vl})", {**differs, "verdicts": vl})
+        for (label, differs), vl in zip(names, labels, strict=True)
+    ]

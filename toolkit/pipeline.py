@@ -95,8 +95,10 @@ def verify_and_curve(
         n = int((store.manifest.get("sampling") or {}).get("n") or 0)
         if n < 1:
             raise ConfigError(f"run {store.path} records no sampling.n; pass n=")
-    vsum = verify_store(store, verifier, isolation=isolation, on_model=on_model)
-    store.update_manifest(default_verifier=vsum["verifier"])
+    # the set this run is scored with becomes its default: what later analyses use
+    vsum = verify_store(
+        store, verifier, isolation=isolation, on_model=on_model, set_default=True, set_default_by="run"
+    )
     chosen = sorted({k for k in (ks or power_ks(n)) if 1 <= k <= n})
     report = compute_curves(store.pool(vsum["verifier"]), ("coverage", "majority"), chosen)
     plot_path: Path | None = None

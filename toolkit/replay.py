@@ -346,4 +346,5 @@ def replay_trace_rule(
     out["fixed"] = block(acc_fixed, tok_fixed)
     out["pruned"] = rep.pruned
     out["saved_fraction"] = rep.saved_fraction
+    out["verdicts"] = pool.meta.get("verdicts")  # which verdict set gave correctness, and why
     return out

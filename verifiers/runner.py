@@ -100,6 +100,8 @@ def verify_store(
     isolation: str = "auto",
     shard: tuple[int, int] | None = None,
     on_model: Callable[[str], None] | None = None,
+    set_default: bool = False,
+    set_default_by: str = "--set-default",
 ) -> dict[str, Any]:
     """Verify every not-yet-verified sample of a stored run; store the verdicts; return a summary.
 
@@ -115,8 +117,14 @@ def verify_store(
     so N workers can verify one run together. ``on_batch(written)`` follows progress;
     ``on_model(line)`` receives one line per model the verifier loaded (judges, reward models).
 
+    The run's default verdict set (the one analyses use, :meth:`SampleStore.choose_verdicts`):
+    ``set_default`` makes this set the default once it is verified (``set_default_by`` is
+    recorded as who set it); otherwise the first set verified on a run becomes its default and
+    a recorded default is never changed (:meth:`SampleStore.settle_default_verdicts`).
+
     The summary: ``verifier`` (verdict-set name), ``spec``, ``fingerprint``, ``new``,
-    ``skipped``, ``verified``, ``by_status``, ``accuracy`` (``None`` for score-only verifiers).
+    ``skipped``, ``verified``, ``by_status``, ``accuracy`` (``None`` for score-only verifiers),
+    ``default`` (the run's default set afterwards: ``name``, ``previous``, ``changed``, ``set_by``).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -234,15 +242,20 @@ def verify_store(
                     flush()
             flush()
         except KeyboardInterrupt:
-            shard_arg = f" --shard {shard[0]}/{shard[1]}" if shard else ""
+            if written:  # the first set verified on a run is its default, even cut short
+                store.settle_default_verdicts(vname)
+            args = f" --name {name}" if name else ""
+            args += f" --shard {shard[0]}/{shard[1]}" if shard else ""
+            args += " --set-default" if set_default else ""
             raise VerifyInterrupted(
-                vname,
-                written,
-                len(done) + written,
-                f"ttscale verify {run_path} --verifier {spec}{shard_arg}",
+                vname, written, len(done) + written, f"ttscale verify {run_path} --verifier {spec}{args}"
             ) from None
         info = dict(verifier.info()) if callable(getattr(verifier, "info", None)) else {}
         store.update_verdict_record(vname, info)
+        if set_default and store.verified_keys(vname):
+            default = store.set_default_verdicts(vname, by=set_default_by)
+        else:
+            default = store.settle_default_verdicts(vname)
     finally:
         if owned:
             close_verifier(verifier)
@@ -267,4 +280,5 @@ def verify_store(
         "by_status": by_status,
         # accuracy only for verifiers that judge correctness (not for score-only ones)
         "accuracy": (n_correct / len(correct)) if any(c is not None for c in correct) else None,
+        "default": default,
     }

@@ -234,22 +234,23 @@ def test_curve_info_export_name_the_verdict_set(tmp_path):
     run = str(store.path)
     assert runner.invoke(app, ["verify", run, "--verifier", "math:last_number"]).exit_code == 0
     assert runner.invoke(app, ["verify", run, "--verifier", "math:boxed", "--name", "boxed"]).exit_code == 0
-    # the latest written set is used, and said so, with its configuration
+    # the run's default (the first set verified) is used, not the latest written; said so,
+    # with its configuration
     r = runner.invoke(app, ["curve", run, "--k", "1", "--json"])
     d = json.loads(r.output)
-    assert d["verdicts"]["name"] == "boxed" and d["verdicts"]["spec"] == "math:boxed"
-    assert d["verdicts"]["chosen_by"] == "latest written" and d["verdicts"]["others"] == ["math"]
-    assert d["methods"]["coverage"]["mean"] == [0.0]
-    r = runner.invoke(app, ["curve", run, "--k", "1", "--verifier", "math", "--json"])
-    d = json.loads(r.output)
-    assert d["verdicts"]["spec"] == "math:last_number" and d["verdicts"]["chosen_by"] == "--verifier"
+    assert d["verdicts"]["name"] == "math" and d["verdicts"]["spec"] == "math:last_number"
+    assert d["verdicts"]["chosen_by"].startswith("the run's default") and d["verdicts"]["others"] == ["boxed"]
     # coverage at k=1 = mean over problems of c/n = (1/3 + 1/2) / 2
     assert d["methods"]["coverage"]["mean"][0] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    r = runner.invoke(app, ["curve", run, "--k", "1", "--verifier", "boxed", "--json"])
+    d = json.loads(r.output)
+    assert d["verdicts"]["spec"] == "math:boxed" and d["verdicts"]["chosen_by"] == "--verifier"
+    assert d["methods"]["coverage"]["mean"] == [0.0]
     r = runner.invoke(app, ["info", run], env={"COLUMNS": "400"})
     assert "math = math:last_number, config" in r.output and "boxed = math:boxed" in r.output
     row = next(x for x in r.output.splitlines() if "analyses use" in x)
-    assert "boxed = math:boxed" in row and "latest written" in row
+    assert "math = math:last_number" in row and "the run's default" in row
     d = json.loads(runner.invoke(app, ["info", run, "--json"]).output)
-    assert d["analysis_verdicts"]["name"] == "boxed"
+    assert d["analysis_verdicts"]["name"] == "math"
     r = runner.invoke(app, ["export", run, "--out", str(tmp_path / "e.jsonl")])
-    assert r.exit_code == 0 and "verdicts: boxed = math:boxed" in r.output
+    assert r.exit_code == 0 and "verdicts: math = math:last_number" in r.output

@@ -343,7 +343,7 @@ def export_jsonl(
 
     The answers, correctness and score of a verdict set replace the stored ones: ``verifier``
     names it, else the one analyses use (:meth:`SampleStore.choose_verdicts`: the run's
-    default, else the latest); ``use_verdicts=False`` exports the samples as stored. So export
+    recorded default); ``use_verdicts=False`` exports the samples as stored. So export
     then import gives a run that ``curve`` reads as this one. ``manifest_out`` writes the run
     metadata sidecar (see the module docstring).
     """

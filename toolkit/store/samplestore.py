@@ -1066,10 +1066,10 @@ class SampleStore:
     def pool(self, verifier: str | None = None, *, score_names: Sequence[str] | None = None):
         """The columnar analysis view (:class:`ttscale.store.pool.Pool`) of this run.
 
-        ``verifier`` chooses whose answers/correctness to use: ``None`` = the manifest's
-        ``default_verifier`` if set, else the most recently written verifier, else the answers and
-        correctness stored with the samples. Scores of every verifier are attached as
-        ``scores["<verifier>"]``.
+        ``verifier`` chooses whose answers/correctness to use: ``None`` = the run's recorded
+        default verdict set (:meth:`choose_verdicts` says the whole rule; a run with several
+        sets and no default raises :class:`ConfigError`). ``pool.meta["verdicts"]`` says which
+        set was used and why. Scores of every verifier are attached as ``scores["<verifier>"]``.
         """
         from ttscale.store.pool import Pool
 
@@ -1124,33 +1124,134 @@ class SampleStore:
             requested_n=_requested_n(self._manifest),
         )
 
-    def choose_verdicts(self, verifier: str | None = None) -> dict[str, Any]:
-        """Which verdict set an analysis uses, and why (one rule for curve, export, info).
+    # the default verdict set ---------------------------------------------------------------
 
-        ``verifier`` given: that set (a :class:`ConfigError` if absent). Otherwise the
-        manifest's ``default_verifier`` (set by ``ttscale run``) when it exists, else the set
-        written most recently (shard names carry a nanosecond stamp), else none: the answers and
-        correctness stored with the samples. Returns ``{"name", "chosen_by", "spec",
-        "fingerprint", "others"}`` (``spec``/``fingerprint`` ``None`` when not recorded).
+    def default_verdicts(self) -> str | None:
+        """The run's recorded default verdict set (manifest ``default_verifier``), if any."""
+        d = self._manifest.get("default_verifier")
+        return d if isinstance(d, str) and d else None
+
+    def _has_verdicts(self, name: str) -> bool:
+        return bool(self._shards(f"verdicts/{name}"))
+
+    def set_default_verdicts(self, name: str, *, by: str = "set_default_verdicts") -> dict[str, Any]:
+        """Make verdict set ``name`` the one analyses use; returns what changed.
+
+        ``by`` says who set it (``"run"``, ``"--set-default"``, ...) and is recorded as the
+        manifest's ``default_verifier_set_by``. The set must hold verdicts. Returns ``{"name",
+        "previous", "changed", "set_by"}``.
         """
-        names = self.verifiers()
+        self._check_verdict_name(name)
+        if not self._has_verdicts(name):
+            have = [n for n in self.verifiers() if self._has_verdicts(n)]
+            raise ConfigError(
+                f"run {self.path} has no verdicts in set {name!r} (sets with verdicts: "
+                f"{', '.join(have) or 'none'}); verify with it first (`ttscale verify {self.path} "
+                f"--verifier SPEC --name {name} --set-default`)"
+            )
+        previous: list[str | None] = []
+
+        def record(m: dict[str, Any]) -> None:
+            previous.append(m.get("default_verifier"))
+            m["default_verifier"], m["default_verifier_set_by"] = name, by
+
+        self.modify_manifest(record)
+        return {"name": name, "previous": previous[0], "changed": previous[0] != name, "set_by": by}
+
+    def settle_default_verdicts(self, verified: str) -> dict[str, Any]:
+        """After verdict set ``verified`` was written: record a default if the run has none.
+
+        The first verdict set verified on a run becomes its default. A run verified before
+        defaults were recorded keeps what its analyses used: its only earlier set becomes the
+        default; with several earlier sets none is chosen (analyses then ask for
+        ``--set-default``). A recorded default is never changed here. Atomic under the run lock,
+        so concurrent ``verify --shard`` workers agree. Returns ``{"name", "previous",
+        "changed", "set_by"}`` (``name`` ``None`` when still undecided).
+        """
+        m = self._read_manifest()
+        cur = m.get("default_verifier")
+        if isinstance(cur, str) and cur:  # recorded: nothing to write (the usual case)
+            self._manifest = m
+            by = m.get("default_verifier_set_by")
+            return {"name": cur, "previous": cur, "changed": False, "set_by": by}
+        out: dict[str, Any] = {}
+
+        def settle(m: dict[str, Any]) -> None:
+            cur = m.get("default_verifier")
+            out.update(previous=cur, set_by=m.get("default_verifier_set_by"), changed=False)
+            if isinstance(cur, str) and cur:
+                out["name"] = cur
+                return
+            earlier = [n for n in self.verifiers() if n != verified and self._has_verdicts(n)]
+            if not self._has_verdicts(verified) and not earlier:
+                out["name"] = None
+                return
+            if not earlier:
+                name, by = verified, "verify as the first set verified on the run"
+            elif len(earlier) == 1:
+                name, by = earlier[0], f"verify as the run's only set before {verified}"
+            else:
+                out.update(name=None, undecided=True)
+                return
+            m["default_verifier"], m["default_verifier_set_by"] = name, by
+            out.update(name=name, set_by=by, changed=True)
+
+        self.modify_manifest(settle)
+        return out
+
+    def choose_verdicts(self, verifier: str | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """Which verdict set an analysis uses, and why (one rule for every analysis).
+
+        ``verifier`` given: that set (a :class:`ConfigError` if absent). Otherwise the run's
+        recorded default (:meth:`set_default_verdicts`; set by ``ttscale verify`` on first use,
+        by ``ttscale run``, or by ``verify --set-default``); never "the latest written". A run
+        without a recorded default (made before defaults were recorded) uses its only verdict
+        set, or, with none, the answers and correctness stored with the samples. With several
+        sets and no default, or a default whose set holds no verdicts, the choice is the user's:
+        a :class:`ConfigError` naming ``--set-default`` (with ``strict=False`` the result has
+        ``name`` ``None`` and the reason in ``undecided``, for ``ttscale info``).
+
+        Returns ``{"name", "chosen_by", "spec", "fingerprint", "others"}`` (``spec`` and
+        ``fingerprint`` ``None`` when not recorded; ``others``: the run's other sets).
+        """
+        names = [n for n in self.verifiers() if self._has_verdicts(n)]
+        fix = (
+            f"pick one with --verifier NAME, or record the run's default with `ttscale verify "
+            f"{self.path} --verifier NAME --set-default`"
+        )
+        undecided = None
+        name: str | None = None
         if verifier is not None:
             if verifier not in names:
                 raise ConfigError(
                     f"run {self.path} has no verdicts from verifier {verifier!r}; "
                     f"known: {names or 'none'} (run `ttscale verify` first)"
                 )
-            name: str | None = verifier
-            how = "--verifier"
+            name, how = verifier, "--verifier"
         else:
-            default = self._manifest.get("default_verifier")
-            if default in names:
-                name, how = default, "the run's default verifier"
+            default = self.default_verdicts()
+            if default is not None and default in names:
+                by = self._manifest.get("default_verifier_set_by")
+                name, how = default, "the run's default" + (f", set by {by}" if by else "")
+            elif default is not None and names:
+                undecided = (
+                    f"run {self.path} records default verdict set {default!r}, which holds no "
+                    f"verdicts (sets with verdicts: {', '.join(names)}); {fix}"
+                )
+            elif len(names) == 1:
+                name, how = names[0], "the run's only verdict set; no default recorded"
             elif names:
-                latest = {n: max((f.name for f in self._shards(f"verdicts/{n}")), default="") for n in names}
-                name, how = max(names, key=lambda n: (latest[n], n)), "latest written"
+                undecided = (
+                    f"run {self.path} has {len(names)} verdict sets ({', '.join(names)}) and no "
+                    f"recorded default; {fix}"
+                )
             else:
-                name, how = None, "no verdicts: answers/correctness stored with the samples"
+                how = "no verdicts: answers/correctness stored with the samples"
+        if undecided is not None:
+            if strict:
+                raise ConfigError(undecided)
+            return {"name": None, "chosen_by": None, "undecided": undecided, "spec": None,
+                    "fingerprint": None, "others": names}  # fmt: skip
         rec = self.verdict_record(name) if name is not None else None
         return {
             "name": name,
@@ -1249,6 +1350,13 @@ def merge_runs(
         skip = ("format", "format_version", "created", "ttscale_version", "git_sha", "accounting")
         m = {k: v for k, v in srcs[0].manifest.items() if k not in skip}
         target = SampleStore.create(outp, {**m, "merged_from": [str(r) for r in runs]})
+    # the default verdict set: kept where every run that records one agrees, else dropped, so
+    # analyses of the merged run ask which set to use instead of taking one run's choice
+    defaults = {
+        d: st.manifest.get("default_verifier_set_by")
+        for st in ([target] if target is not None else []) + srcs
+        if (d := st.default_verdicts()) is not None
+    }
     added = {str(st.path): target.merge_from(st) for st in srcs}
     ns = [int((st.manifest.get("sampling") or {}).get("n") or 0) for st in srcs]
 
@@ -1256,6 +1364,16 @@ def merge_runs(
         if isinstance(m.get("sampling"), dict) and ns:
             m["sampling"]["n"] = max([int(m["sampling"].get("n") or 0), *ns])
         m["num_problems"] = len(prompts)
+        if len(defaults) == 1:
+            ((m["default_verifier"], m["default_verifier_set_by"]),) = defaults.items()
+        elif defaults:
+            m.pop("default_verifier", None)
+            m.pop("default_verifier_set_by", None)
+            log.warning(
+                "the merged runs record different default verdict sets (%s); %s records none: "
+                "choose with `ttscale verify %s --verifier NAME --set-default`",
+                ", ".join(sorted(defaults)), outp, outp,
+            )
 
     target.modify_manifest(widen)
     return target, added
