@@ -270,7 +270,6 @@ def test_prerequisites_are_checked_before_anything_is_computed():
     msg = str(e.value)
     # one line naming both missing inputs and the `ttscale sample` flag that provides each
     assert "\n" not in msg
-    # the deprecated name "ppl" is reported by its canonical name
     assert "max_probability, rpc need per-sample log-probs, missing for 96 of 96 answered samples" in msg
     assert "--logprobs 0" in msg
     assert "deepconf needs per-token top log-probs" in msg and "--logprobs 20" in msg
@@ -568,15 +567,20 @@ def test_cli_curve_table_with_many_methods_keeps_every_column_readable(tmp_path)
     assert "CIs left out to fit 80 columns; see --json" in r.output
 
 
-def test_cli_curve_renames_old_method_keys_with_a_note(tmp_path):
+def test_cli_curve_refuses_unknown_method_keys_in_one_line(tmp_path):
     rows = [{"problem_id": f"p{p}", "answer": a, "correct": a == "42", "mean_logprob": lp}
             for p in range(3)
             for a, lp in (("42", -0.2), ("7", -0.1), ("42", -0.3), ("9", -0.4))]
     run = _import(tmp_path, rows)
+    # "ppl": the name max_probability had before the rule registry; one name per rule now
     r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,ppl", "--k", "1,4", "--json",
                             "--n-boot", "20"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().startswith("error: unknown method(s) ['ppl']; choose from coverage")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,max_probability", "--k", "1,4",
+                            "--json", "--n-boot", "20"])
     assert r.exit_code == 0, r.output
-    assert r.stderr.strip() == "note: method 'ppl' is deprecated; using 'max_probability'"
     d = json.loads(r.stdout)
     assert list(d["methods"]) == ["coverage", "max_probability"]
     # k = 4: the whole pool; the best path (-0.1) answers 7, wrong -> 0. k = 1: 2 of 4 correct.

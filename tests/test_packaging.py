@@ -76,54 +76,33 @@ def test_public_names_resolve():
     assert hasattr(ttscale.select.rpc, "weibull_prune")
 
 
-OLD_MODULE_PATHS = {
-    "ttscale.aggregate": "ttscale.select.aggregate",
-    "ttscale.confidence": "ttscale.select.confidence",
-    "ttscale.ensemble": "ttscale.select.ensemble",
-    "ttscale.rpc": "ttscale.select.rpc",
-    "ttscale.stopping": "ttscale.select.stopping",
-    "ttscale.yesno": "ttscale.select.yesno",
-    "ttscale.stats": "ttscale.metrics.stats",
-    "ttscale.scaling": "ttscale.metrics.scaling",
-    "ttscale.pool": "ttscale.store.pool",
-    "ttscale.jsonio": "ttscale.store.jsonio",
-    "ttscale.logspace": "ttscale.particles.logspace",
-    "ttscale.resampling": "ttscale.particles.resampling",
-}
+# Module paths from before the layout was grouped into sub-packages. Nothing was released with
+# them, so they are gone: one import path per module.
+FLAT_MODULE_PATHS = (
+    "aggregate", "confidence", "ensemble", "rpc", "stopping", "yesno", "stats", "scaling", "pool",
+    "jsonio", "logspace", "resampling",
+)
 
 
-def test_module_paths_from_the_flat_layout_still_import_as_the_same_module():
-    import importlib
-
-    for old, new in OLD_MODULE_PATHS.items():
-        assert importlib.import_module(old) is importlib.import_module(new), old
-    from ttscale import aggregate, scaling
-    from ttscale.select import aggregate as new_aggregate
-
-    assert aggregate is new_aggregate
-    assert scaling.fit_power_law is importlib.import_module("ttscale.metrics.scaling").fit_power_law
-    # `ttscale.metrics` and `ttscale.store` are packages now, with their old names re-exported
-    from ttscale.metrics import coverage_curve, pass_at_k, selection_at_k  # noqa: F401
-    from ttscale.store import SampleStore
-
-    assert SampleStore.__module__ == "ttscale.store.samplestore"
-
-
-def test_old_module_path_patches_the_real_module(monkeypatch):
-    import ttscale.aggregate as old
-    import ttscale.select.aggregate as new
-
-    monkeypatch.setattr(old, "TIE_RULES", ("patched",))
-    assert new.TIE_RULES == ("patched",)
-
-
-def test_unknown_submodule_still_fails_cleanly():
+def test_each_module_has_one_import_path():
     import importlib
 
     import pytest
 
+    import ttscale
+
+    for short in FLAT_MODULE_PATHS:
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"ttscale.{short}")
+        with pytest.raises(AttributeError):
+            getattr(ttscale, short)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("ttscale.no_such_module")
+    # the sub-packages re-export their main names
+    from ttscale.metrics import coverage_curve, pass_at_k, selection_at_k  # noqa: F401
+    from ttscale.store import SampleStore
+
+    assert SampleStore.__module__ == "ttscale.store.samplestore"
 
 
 def test_verifiers_do_not_import_benchmarks():

@@ -223,7 +223,7 @@ def test_closed_forms_match_brute_force(pool: tuple) -> None:
         bon = selection_at_k([labels], [correct], ks, method="best_of_n", scores=[scores], tie=tie,
                              strategy="closed-form")  # type: ignore[arg-type]
         for j, kv in enumerate(ks):
-            assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "bon", tie), abs=1e-12)
+            assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "best_of_n", tie), abs=1e-12)
     first = selection_at_k([labels], [correct], ks, tie="first", strategy="enumerate")
     for j, kv in enumerate(ks):
         assert first.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "majority", "first"), abs=1e-12)
