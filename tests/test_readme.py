@@ -281,3 +281,29 @@ def test_trailing_comment_literals_are_checked() -> None:
     assert [_matches(values[i], c) for i, c in enumerate(checks)] == [True, True, False]
     assert Block(0, 1, "# requires: gpu (CUDA vLLM)\nimport x\n").requires == "gpu (CUDA vLLM)"
     assert readme_blocks("a\n```python\nx = 1\n```\n```bash\nls\n```\n") == [Block(0, 3, "x = 1\n")]
+
+
+# --- the docs the README points to ---------------------------------------------------------
+
+ROOT = README.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_links_resolve_and_sections_cited_exist(page: Path) -> None:
+    text = page.read_text()
+    # the project's own docs only: the design notes these pages came from are not in the repo
+    assert "ALGORITHMS.md" not in text and "DESIGN.md" not in text
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        assert (page.parent / target).exists(), f"{page.name}: link to missing {target}"
+    algorithms = (ROOT / "docs" / "algorithms.md").read_text()
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", algorithms, re.M))
+    for section in re.findall(r"algorithms\.md\)? §(\d+(?:\.\d+)?)", text):
+        assert section in headings, f"{page.name} cites docs/algorithms.md §{section}"
+
+
+def test_the_readme_links_every_docs_page() -> None:
+    text = README.read_text()
+    assert DOCS and all(f"](docs/{p.name})" in text for p in DOCS)
