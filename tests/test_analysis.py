@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _vector_pool() -> Pool:
-    # ALGORITHMS.md 1.2: answers [A, A, B, C], gold A; RM scores [0.9, 0.2, 0.7, 0.4] with
+    # docs/algorithms.md 1.2: answers [A, A, B, C], gold A; RM scores [0.9, 0.2, 0.7, 0.4] with
     # correctness [F, T, T, F] for best-of-N (a second problem)
     return Pool.from_arrays(
         ["maj", "bon"],
@@ -198,7 +198,7 @@ def test_cli_curve_json_plot_and_fit(tmp_path):
 
 
 def test_cli_verifier_utility_matches_the_notebook_vector():
-    # ALGORITHMS.md 7.2: V_fp = -1, exact mode U(1..5) and K* = 2
+    # docs/algorithms.md 7.2: V_fp = -1, exact mode U(1..5) and K* = 2
     r = runner.invoke(app, ["verifier-utility", "--v-fp", "-1", "--max-k", "5", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -307,7 +307,7 @@ def test_power_law_goodness_of_fit_matches_a_hand_computation():
     k = 2.0 ** np.arange(11)
     c = np.array([0.30, 0.42, 0.53, 0.62, 0.70, 0.76, 0.81, 0.85, 0.88, 0.905, 0.925])
     f = fit_power_law(k, c, "loglog")
-    # ALGORITHMS.md 1.2: loglog gives a = -1.1105590, b = -0.3911933; residuals from those
+    # docs/algorithms.md 1.2: loglog gives a = -1.1105590, b = -0.3911933; residuals from those
     pred = np.exp(-1.1105590 * k ** -0.3911933)
     res = c - pred
     assert f.rmse == pytest.approx(np.sqrt(np.mean(res**2)), rel=1e-5)
@@ -342,7 +342,7 @@ def test_compare_fit_methods_says_when_they_disagree_and_which_to_trust():
     k = 2.0 ** np.arange(11)
     c = np.array([0.30, 0.42, 0.53, 0.62, 0.70, 0.76, 0.81, 0.85, 0.88, 0.905, 0.925])
     cmp_ = compare_fit_methods(k, c, target=0.99)
-    # ALGORITHMS.md 1.2 parameters of both fits; their largest coverage gap over the observed k
+    # docs/algorithms.md 1.2 parameters of both fits; their largest coverage gap over the observed k
     # and the two target budgets
     ll = lambda x: np.exp(-1.1105590 * x ** -0.3911933)  # noqa: E731
     nl = lambda x: np.exp(-1.1831219 * x ** -0.4253843)  # noqa: E731

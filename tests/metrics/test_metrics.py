@@ -1,4 +1,4 @@
-"""pass@k, coverage and selection@k (ALGORITHMS.md 1.1, 1.2) against exact values and brute force."""
+"""pass@k, coverage and selection@k (docs/algorithms.md 1.1, 1.2) against exact values and brute force."""
 
 from __future__ import annotations
 

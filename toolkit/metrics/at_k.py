@@ -3,7 +3,7 @@
 ``pass@k = 1 − C(n−c, k)/C(n, k)`` (Chen et al. 2021) is the chance that a uniformly random size-``k``
 subset of a problem's ``n`` samples holds one of its ``c`` correct ones; coverage@k is its mean over
 problems. ``selection@k`` generalises it to any selection rule ``S`` (majority vote, best-of-N,
-PC, RPC, ...): ``E_{T ⊂ pool, |T| = k}[credit(S(T))]``, averaged over problems (ALGORITHMS.md 1.2).
+PC, RPC, ...): ``E_{T ⊂ pool, |T| = k}[credit(S(T))]``, averaged over problems (docs/algorithms.md 1.2).
 
 Pools may be ragged: per-sample arrays are a ``(problems, samples)`` matrix with an optional
 ``mask`` (True = sample present), a sequence of 1-d arrays (one per problem), or flat arrays with

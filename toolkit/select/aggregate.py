@@ -5,7 +5,7 @@ is sample ``i``'s cluster, ``-1`` = no answer); the answer-level functions clust
 (:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`, whose
 ``method`` is the rule's name in the registry :data:`ttscale.select.rules.RULES`.
 
-Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
+Conventions (docs/algorithms.md sections 0, 2, 4.2, 9.1):
 
 * A sample without an answer (``None`` or a blank string, :func:`ttscale.select.answers.is_no_answer`)
   never votes and is never selected, but it is still a sample of the budget. If no sample has an

@@ -1,4 +1,4 @@
-"""Reward-model / verifier ensembles: per-member z-normalisation and score aggregation (ALGORITHMS.md 8).
+"""Reward-model / verifier ensembles: per-member z-normalisation and score aggregation (docs/algorithms.md 8).
 
 A score matrix ``R[m, j]`` holds member ``m``'s score of candidate ``j``. Members are put on one
 scale first (z-scores against a reference set), then combined per candidate by an aggregator

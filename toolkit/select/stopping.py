@@ -1,4 +1,4 @@
-"""Early-stopping rules for repeated sampling with voting (ALGORITHMS.md 5).
+"""Early-stopping rules for repeated sampling with voting (docs/algorithms.md 5).
 
 * ESC (Li et al. 2024): draw samples in windows of ``w``; stop at the first window whose answers
   are all identical and return that answer; otherwise majority-vote at the budget ``L``. Plus the
