@@ -307,3 +307,36 @@ def test_links_resolve_and_sections_cited_exist(page: Path) -> None:
 def test_the_readme_links_every_docs_page() -> None:
     text = README.read_text()
     assert DOCS and all(f"](docs/{p.name})" in text for p in DOCS)
+
+
+def _algorithms_headings() -> set[str]:
+    text = (ROOT / "docs" / "algorithms.md").read_text()
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", text, re.M))
+
+
+def test_code_cites_the_docs_in_the_repository() -> None:
+    """Every file of the repository cites docs/ pages (never the design notes they came from),
+    and every section of docs/algorithms.md it cites exists."""
+    import subprocess
+
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    headings = _algorithms_headings()
+    wrong = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".toml", ".cfg", ".txt") or name == "tests/test_readme.py":
+            continue
+        text = path.read_text(errors="replace")
+        for old in ("ALGORITHMS.md", "DESIGN.md", "STYLE.md"):
+            if old in text:
+                wrong.append(f"{name} cites {old}: cite docs/ instead")
+        for m in re.finditer(r"docs/algorithms\.md\)?,?\s*(?:sections?\s*|§\s*)?([\d][\d.,/\s§-]*)",
+                             text):
+            for section in re.findall(r"\d+(?:\.\d+)?", m.group(1)):
+                if section not in headings:
+                    wrong.append(f"{name} cites docs/algorithms.md {section}: no such section")
+    assert not wrong, "\n".join(wrong)
