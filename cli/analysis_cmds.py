@@ -53,19 +53,8 @@ _SHORT = _ShortLabels()
 
 
 def _method_list(text: str) -> list[str]:
-    """``--methods`` -> canonical names; a deprecated name is renamed with a note on stderr."""
-    from ttscale.select.rules import DEPRECATED_NAMES
-
-    out = []
-    for m in (x.strip() for x in text.split(",")):
-        if not m:
-            continue
-        new = DEPRECATED_NAMES.get(m)
-        if new is not None:
-            typer.echo(f"note: method {m!r} is deprecated; using {new!r}", err=True)
-            m = new
-        out.append(m)
-    return out
+    """``--methods`` -> the method names (checked against the registry by compute_curves)."""
+    return [m for m in (x.strip() for x in text.split(",")) if m]
 
 
 def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-def]
@@ -409,7 +398,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
-                "deepconf (bon/ppl: deprecated names of best_of_n/max_probability) "
+                "deepconf "
                 "[default: coverage,majority; a weighted (SMC) run reports its weighted results].",
                 show_default=False,
             ),
@@ -433,9 +422,6 @@ def register(app: typer.Typer) -> None:
         score_map: Annotated[
             str, typer.Option(help="identity|sigmoid|exp: map scores to vote weights.")
         ] = "identity",
-        score_mapping: Annotated[
-            Optional[str], typer.Option(hidden=True, help="Deprecated name of --score-map.")
-        ] = None,
         fit: Annotated[bool, typer.Option("--fit", help="Fit c(k) = exp(a k^b) to coverage.")] = False,
         plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot here.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -502,9 +488,6 @@ def register(app: typer.Typer) -> None:
         if missing not in MISSING_POLICIES:
             raise ConfigError(f"--missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
         method_list = _method_list(methods or "coverage,majority")
-        if score_mapping is not None:
-            typer.echo("note: --score-mapping is deprecated; use --score-map", err=True)
-            score_map = score_mapping
         ks = _int_list(k, "--k")
         stores = [SampleStore.open(run) for run in runs]
         pools = [store.pool(verifier) for store in stores]

@@ -13,7 +13,7 @@ What a value *means* depends on the sampler's ``shaping`` (:data:`SHAPINGS`):
 
 * ``"none"``: the value is ``log G_t(s_{1:t})``, the cumulative log-potential of the prefix; the
   intermediate target is ``γ_t = p·G_t`` and the final target ``p(y)·G(y)`` (twisted-SMC form,
-  ALGORITHMS.md 6.1/6.6);
+  docs/algorithms.md 6.1/6.6);
 * ``"immediate"``, ``"difference"``, ``"max"``, ``"sum"``: the value is a reward ``r_t`` turned
   into potentials by Feynman-Kac steering with strength ``λ`` (:func:`fk_increments`, 6.4);
 * ``"pf"``: the value is a probability ``r_t`` in ``[0, 1]`` (a PRM's P(correct)) and the
@@ -246,7 +246,7 @@ class VerifierPotential:
         close_verifier(self.verifier)
 
 
-# ---- Feynman-Kac shaping (ALGORITHMS.md 6.4) -------------------------------------------------
+# ---- Feynman-Kac shaping (docs/algorithms.md 6.4) -------------------------------------------------
 
 
 def fk_increments(
@@ -301,7 +301,7 @@ def fk_increments(
 def pf_log_weights(
     r: ArrayLike, *, temperature: float = 1.0, eps: float = float(np.finfo(float).eps)
 ) -> NDArray[np.float64]:
-    """Puri et al.'s particle-filter weights (ALGORITHMS.md 6.3): ``logit(clip(r, eps, 1−eps))/τ``.
+    """Puri et al.'s particle-filter weights (docs/algorithms.md 6.3): ``logit(clip(r, eps, 1−eps))/τ``.
 
     Not accumulated: a particle's log-weight is *replaced* by this value each time it is scored
     (finished particles keep their last). ``eps`` defaults to numpy's float eps (the original

@@ -1,7 +1,7 @@
 """Mid-generation trace pruning (level 2 of adaptive compute): stop traces that look hopeless.
 
 A :class:`PruneRule` watches every trace token by token through a :class:`TraceMonitor` and says
-at which token to stop it, and why. Three rules (ALGORITHMS.md sections 3 and 4.3):
+at which token to stop it, and why. Three rules (docs/algorithms.md sections 3 and 4.3):
 
 * :class:`DeepConfOnline` (``deepconf-online:eta=10,warmup=16,window=2048``): the first
   ``warmup`` traces of a problem run in full; the threshold ``s`` is the ``100 - eta``-th
@@ -13,7 +13,7 @@ at which token to stop it, and why. Three rules (ALGORITHMS.md sections 3 and 4.
 * :class:`SelfEval` (``selfeval:checkpoint=64,threshold=0.5``): Manvi et al.'s early pruning: at
   the checkpoint, ask the model through the same engine (a scoring call) whether it would do
   better starting over, and stop the trace if ``P(no)`` is below ``threshold``. The paper's
-  prompt, answer tokens, checkpoint and keep rule are unverified (ALGORITHMS.md 3), so all are
+  prompt, answer tokens, checkpoint and keep rule are unverified (docs/algorithms.md 3), so all are
   parameters.
 
 :class:`PruningSampler` is the live sampler (the :class:`~ttscale.samplers.base.Sampler`
@@ -187,7 +187,7 @@ class _GroupConfMonitor:
 
 @dataclass(frozen=True)
 class DeepConfOnline:
-    """DeepConf online early stopping (ALGORITHMS.md 4.3).
+    """DeepConf online early stopping (docs/algorithms.md 4.3).
 
     ``eta``: percentage of traces to keep, in (0, 100) (10 = DeepConf-low, threshold at the 90th
     percentile of the warm-up lowest group confidences; 90 = DeepConf-high); ``warmup``: full
@@ -319,14 +319,14 @@ class _SelfEvalMonitor:
 
 @dataclass(frozen=True)
 class SelfEval:
-    """Manvi et al.'s early pruning by generative self-evaluation (ALGORITHMS.md 3.3).
+    """Manvi et al.'s early pruning by generative self-evaluation (docs/algorithms.md 3.3).
 
     At token ``checkpoint`` (and every ``every`` tokens after it; 0 = only once) the partial
     trace is followed by ``prompt`` and scored with the engine's ``score``: ``P(no)`` is the
     probability of the first token of ``no`` (the model would *not* do better starting over),
     as a two-way softmax against the first token of ``yes`` (``mode="softmax2"``) or as the raw
     probability (``mode="raw"``). A trace with ``P(no) < threshold`` is stopped. A trace that
-    ends before the checkpoint is never pruned. All defaults are unverified (ALGORITHMS.md B.3).
+    ends before the checkpoint is never pruned. All defaults are unverified (docs/algorithms.md, Appendix B.3).
     """
 
     checkpoint: int = 64

@@ -1,4 +1,4 @@
-"""Sequential Monte Carlo over partial generations (ALGORITHMS.md 6.1-6.4): :class:`SMCSampler`.
+"""Sequential Monte Carlo over partial generations (docs/algorithms.md 6.1-6.4): :class:`SMCSampler`.
 
 Particles are partial generations of one problem. Each step extends every live particle to its
 next step boundary (a stop string such as ``"\\n"``, EOS, or ``tokens_per_step`` tokens; one

@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _vector_pool() -> Pool:
-    # ALGORITHMS.md 1.2: answers [A, A, B, C], gold A; RM scores [0.9, 0.2, 0.7, 0.4] with
+    # docs/algorithms.md 1.2: answers [A, A, B, C], gold A; RM scores [0.9, 0.2, 0.7, 0.4] with
     # correctness [F, T, T, F] for best-of-N (a second problem)
     return Pool.from_arrays(
         ["maj", "bon"],
@@ -198,7 +198,7 @@ def test_cli_curve_json_plot_and_fit(tmp_path):
 
 
 def test_cli_verifier_utility_matches_the_notebook_vector():
-    # ALGORITHMS.md 7.2: V_fp = -1, exact mode U(1..5) and K* = 2
+    # docs/algorithms.md 7.2: V_fp = -1, exact mode U(1..5) and K* = 2
     r = runner.invoke(app, ["verifier-utility", "--v-fp", "-1", "--max-k", "5", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -270,7 +270,6 @@ def test_prerequisites_are_checked_before_anything_is_computed():
     msg = str(e.value)
     # one line naming both missing inputs and the `ttscale sample` flag that provides each
     assert "\n" not in msg
-    # the deprecated name "ppl" is reported by its canonical name
     assert "max_probability, rpc need per-sample log-probs, missing for 96 of 96 answered samples" in msg
     assert "--logprobs 0" in msg
     assert "deepconf needs per-token top log-probs" in msg and "--logprobs 20" in msg
@@ -308,7 +307,7 @@ def test_power_law_goodness_of_fit_matches_a_hand_computation():
     k = 2.0 ** np.arange(11)
     c = np.array([0.30, 0.42, 0.53, 0.62, 0.70, 0.76, 0.81, 0.85, 0.88, 0.905, 0.925])
     f = fit_power_law(k, c, "loglog")
-    # ALGORITHMS.md 1.2: loglog gives a = -1.1105590, b = -0.3911933; residuals from those
+    # docs/algorithms.md 1.2: loglog gives a = -1.1105590, b = -0.3911933; residuals from those
     pred = np.exp(-1.1105590 * k ** -0.3911933)
     res = c - pred
     assert f.rmse == pytest.approx(np.sqrt(np.mean(res**2)), rel=1e-5)
@@ -343,7 +342,7 @@ def test_compare_fit_methods_says_when_they_disagree_and_which_to_trust():
     k = 2.0 ** np.arange(11)
     c = np.array([0.30, 0.42, 0.53, 0.62, 0.70, 0.76, 0.81, 0.85, 0.88, 0.905, 0.925])
     cmp_ = compare_fit_methods(k, c, target=0.99)
-    # ALGORITHMS.md 1.2 parameters of both fits; their largest coverage gap over the observed k
+    # docs/algorithms.md 1.2 parameters of both fits; their largest coverage gap over the observed k
     # and the two target budgets
     ll = lambda x: np.exp(-1.1105590 * x ** -0.3911933)  # noqa: E731
     nl = lambda x: np.exp(-1.1831219 * x ** -0.4253843)  # noqa: E731
@@ -568,15 +567,20 @@ def test_cli_curve_table_with_many_methods_keeps_every_column_readable(tmp_path)
     assert "CIs left out to fit 80 columns; see --json" in r.output
 
 
-def test_cli_curve_renames_old_method_keys_with_a_note(tmp_path):
+def test_cli_curve_refuses_unknown_method_keys_in_one_line(tmp_path):
     rows = [{"problem_id": f"p{p}", "answer": a, "correct": a == "42", "mean_logprob": lp}
             for p in range(3)
             for a, lp in (("42", -0.2), ("7", -0.1), ("42", -0.3), ("9", -0.4))]
     run = _import(tmp_path, rows)
+    # "ppl": the name max_probability had before the rule registry; one name per rule now
     r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,ppl", "--k", "1,4", "--json",
                             "--n-boot", "20"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().startswith("error: unknown method(s) ['ppl']; choose from coverage")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = runner.invoke(app, ["curve", str(run), "--methods", "coverage,max_probability", "--k", "1,4",
+                            "--json", "--n-boot", "20"])
     assert r.exit_code == 0, r.output
-    assert r.stderr.strip() == "note: method 'ppl' is deprecated; using 'max_probability'"
     d = json.loads(r.stdout)
     assert list(d["methods"]) == ["coverage", "max_probability"]
     # k = 4: the whole pool; the best path (-0.1) answers 7, wrong -> 0. k = 1: 2 of 4 correct.

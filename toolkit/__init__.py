@@ -41,63 +41,6 @@ _LAZY: dict[str, str] = {
 }
 
 
-# Module paths from before the layout was grouped into sub-packages. They stay importable
-# (``import ttscale.aggregate``, ``from ttscale import scaling``) and resolve to the very same
-# module object, so monkeypatching either name patches both.
-_MOVED_MODULES: dict[str, str] = {
-    "aggregate": "select.aggregate",
-    "confidence": "select.confidence",
-    "ensemble": "select.ensemble",
-    "rpc": "select.rpc",
-    "stopping": "select.stopping",
-    "yesno": "select.yesno",
-    "stats": "metrics.stats",
-    "scaling": "metrics.scaling",
-    "pool": "store.pool",
-    "jsonio": "store.jsonio",
-    "logspace": "particles.logspace",
-    "resampling": "particles.resampling",
-}
-
-
-class _MovedModuleFinder:
-    """Resolve ``ttscale.<old>`` to ``ttscale.<new>`` (see ``_MOVED_MODULES``)."""
-
-    @staticmethod
-    def find_spec(fullname: str, path: object = None, target: object = None) -> object:
-        prefix, _, short = fullname.partition(".")
-        if prefix != "ttscale" or short not in _MOVED_MODULES:
-            return None
-        import importlib.util
-
-        loader = _MovedModuleLoader(_MOVED_MODULES[short])
-        return importlib.util.spec_from_loader(fullname, loader)  # type: ignore[arg-type]
-
-
-class _MovedModuleLoader:
-    def __init__(self, target: str) -> None:
-        self.target = target
-
-    def create_module(self, spec: object) -> None:
-        return None  # the default module object; exec_module swaps in the real one
-
-    def exec_module(self, module: object) -> None:
-        import importlib
-        import sys
-
-        # importlib returns whatever sys.modules holds under the name after exec_module
-        sys.modules[module.__name__] = importlib.import_module(f"ttscale.{self.target}")  # type: ignore[attr-defined]
-
-
-def _install_moved_module_finder() -> None:
-    import sys
-
-    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-        sys.meta_path.append(_MovedModuleFinder())  # type: ignore[arg-type]
-
-
-_install_moved_module_finder()
-
 _SUBPACKAGES = frozenset(
     {"engines", "store", "select", "metrics", "particles", "analysis", "testing", "seeding"}
 )
@@ -106,7 +49,7 @@ _SUBPACKAGES = frozenset(
 def __getattr__(name: str) -> object:
     import importlib
 
-    if name in _MOVED_MODULES or name in _SUBPACKAGES:
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"ttscale.{name}")
     module = _LAZY.get(name)
     if module is None:

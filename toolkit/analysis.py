@@ -20,17 +20,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_int_seed
-from ttscale.select.rules import (
-    DEPRECATED_NAMES,
-    ORACLE,
-    ORACLE_DESCRIPTION,
-    ORACLE_LABEL,
-    RULES,
-    canonical_name,
-)
+from ttscale.select.rules import ORACLE, ORACLE_DESCRIPTION, ORACLE_LABEL, RULES
 from ttscale.store.pool import Pool
 from ttscale.validation import check_choice
 
@@ -54,7 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Curve names -> description: the oracle (``coverage``) and every selection rule of
-#: :data:`ttscale.select.rules.RULES`, under the rule's canonical name.
+#: :data:`ttscale.select.rules.RULES`, under the rule's name.
 METHODS: dict[str, str] = {
     ORACLE: ORACLE_DESCRIPTION,
     **{r.name: r.description for r in RULES.values()},
@@ -222,12 +214,9 @@ def check_prerequisites(
     A weighted, non-iid pool (``pool.iid`` false: SMC particles) refuses every method with
     :class:`~ttscale.errors.NonIIDPoolError`: they estimate accuracy from k iid draws.
     """
-    from ttscale.select.rules import DEPRECATED_NAMES, RULES, canonical_name
-
-    unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    methods = [m if m == ORACLE else canonical_name(m, warn=False) for m in methods]
     if not pool.iid and methods:
         from ttscale.errors import NonIIDPoolError
 
@@ -325,19 +314,16 @@ def compute_curves(
     fit_method: str = "loglog",
     missing: str = "count",
     progress: ProgressFn | None = None,
-    score_mapping: str | None = None,
 ) -> CurveReport:
     """Accuracy of each method at each budget ``k`` on ``pool``, with bootstrap CIs.
 
     ``methods`` are keys of :data:`METHODS`: ``"coverage"`` (the oracle) and selection-rule names
-    of :data:`ttscale.select.rules.RULES` (the older ``"bon"``/``"ppl"`` work with a
-    ``DeprecationWarning``; the report is keyed by the canonical names). ``score`` names the pool
-    score used by ``weighted``/``best_of_n`` (default: the only score, if there is exactly one).
+    of :data:`ttscale.select.rules.RULES`. ``score`` names the pool score used by
+    ``weighted``/``best_of_n`` (default: the only score, if there is exactly one).
     ``confidences`` are per-sample DeepConf trace confidences (see :func:`trace_confidences`) for
     ``deepconf``. ``score_map`` maps the score to vote weights for ``weighted``
-    (:func:`ttscale.select.aggregate.map_scores`; ``score_mapping=`` is its deprecated former
-    name). Every stochastic step is seeded by ``seed`` (``None | int | Generator``; the int seed
-    used is reported in the report's ``meta``).
+    (:func:`ttscale.select.aggregate.map_scores`). Every stochastic step is seeded by ``seed``
+    (``None | int | Generator``; the int seed used is reported in the report's ``meta``).
 
     ``missing`` says what a problem with fewer samples than requested (:attr:`Pool.requested_n`,
     else the largest count) does, including a problem of the run with no sample at all
@@ -364,19 +350,15 @@ def compute_curves(
     from ttscale.metrics.stats import bootstrap_ci
     from ttscale.select.rpc import RPC_FITS
 
-    score_map = renamed_keyword(
-        "compute_curves", "score_mapping", "score_map", score_mapping, score_map, "identity"
-    )
     seed = as_int_seed(seed)
 
-    unknown = [m for m in methods if m not in METHODS and m not in DEPRECATED_NAMES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not methods:
         raise ConfigError("no methods given")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"missing must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
-    methods = [m if m == ORACLE else canonical_name(m, stacklevel=2) for m in methods]
     if rpc_fit not in RPC_FITS:
         raise ConfigError(f"rpc fit must be one of {', '.join(RPC_FITS)}, got {rpc_fit!r}")
     if pool.num_problems == 0:

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from ttscale._deprecation import renamed_keyword, warn_deprecated
 from ttscale.errors import ConfigError, VerifierError
 from ttscale.select.answers import is_no_answer
 from ttscale.select.ensemble import ENSEMBLE_METHODS, aggregate_ensemble, znormalize
@@ -101,11 +100,7 @@ class EnsembleVerifier:
         order: str = "cost",
         margin: float | None = None,
         name: str = "ensemble",
-        aggregate: str | None = None,
     ) -> None:
-        aggregation = renamed_keyword(
-            "EnsembleVerifier", "aggregate", "aggregation", aggregate, aggregation, "mean"
-        )
         members = list(members)
         if not members:
             raise ConfigError("an ensemble needs at least one member verifier")
@@ -339,12 +334,6 @@ class EnsembleVerifier:
             )
         return Verdict(status=VerdictStatus.SCORED, score=float(score), meta=meta, **base)
 
-    @property
-    def aggregate(self) -> str:
-        """Deprecated name of :attr:`aggregation`."""
-        warn_deprecated("EnsembleVerifier.aggregate is deprecated; use .aggregation")
-        return self.aggregation
-
     def info(self) -> dict[str, Any]:
         """Provenance: members (in running order) with their info, the rule, and call counts."""
         members = []
@@ -358,7 +347,7 @@ class EnsembleVerifier:
             "verifier": "ensemble",
             "name": self.name,
             "members": members,
-            "aggregate": self.aggregation,  # key kept: it names stored verdicts' verifier config
+            "aggregation": self.aggregation,
             "lam": self.lam,
             "normalize": self.normalize,
             "reference_scores": self._reference is not None,

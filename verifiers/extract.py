@@ -3,7 +3,7 @@
 Every extractor maps a response text to the raw answer string, or ``None`` when the
 response contains no answer of that form (never a sentinel such as ``"[invalid]"``).
 Normalisers map an answer string to a canonical form. The extractors follow the reference
-harnesses (ALGORITHMS.md §10.1-10.3) where those are right and fix their known pitfalls:
+harnesses (docs/algorithms.md §10.1-10.3) where those are right and fix their known pitfalls:
 
 * ``The answer is (...).``: lm-eval's trailing ``.`` is a wildcard, so "The answer is 72"
   at the end of a text gives ``"7"``; :func:`answer_is` gives ``"72"``.

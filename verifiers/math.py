@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ttscale._deprecation import UNSET, renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 from ttscale.verifiers.extract import (
@@ -162,11 +161,7 @@ class MathVerifier:
         cache_path: str | Path | None = None,
         memory_mb: int | None = 4096,
         name: str | None = None,
-        memory_limit_mb: int | None = UNSET,
     ) -> None:
-        memory_mb = renamed_keyword(
-            "MathVerifier", "memory_limit_mb", "memory_mb", memory_limit_mb, memory_mb, 4096, unset=UNSET
-        )
         if extractor not in EXTRACTORS:
             raise ConfigError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
         self.extractor = extractor

@@ -35,7 +35,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ttscale._deprecation import UNSET, renamed_keyword
 from ttscale.errors import VerifierError
 from ttscale.validation import check_int, check_number
 from ttscale.verifiers.extract import _unify_minus, normalize_final_answer, normalize_number
@@ -372,11 +371,7 @@ class MathChecker:
         cache_size: int = 100_000,
         cache_path: str | Path | None = None,
         memory_mb: int | None = 4096,
-        memory_limit_mb: int | None = UNSET,
     ) -> None:
-        memory_mb = renamed_keyword(
-            "MathChecker", "memory_limit_mb", "memory_mb", memory_limit_mb, memory_mb, 4096, unset=UNSET
-        )
         check_int("workers", workers, min=0)
         check_number("timeout", timeout, low=0.0, low_open=True, unit="seconds")
         check_int("float_rounding", float_rounding, min=0)

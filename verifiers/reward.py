@@ -72,23 +72,18 @@ def aggregate_step_scores(
     prm_aggregation: str = "last",
     *,
     eps: float = 1e-6,
-    how: str | None = None,
 ) -> float:
     """Aggregate one solution's PRM step probabilities ``s_1..s_T`` (each in ``[0, 1]``).
 
     ``last``: ``s_T``; ``min``: ``min_t s_t``; ``prod``: ``exp(sum_t log max(s_t, eps))`` (log space,
     every step clipped away from 0 so long solutions do not underflow). No steps -> NaN. The
-    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution). ``how=`` is the
-    deprecated former name of ``prm_aggregation``.
+    maths is :func:`ttscale.select.aggregate.prm_aggregate`'s (one solution).
     """
-    from ttscale._deprecation import renamed_keyword
     from ttscale.select.aggregate import prm_aggregate
 
-    how = renamed_keyword(
-        "aggregate_step_scores", "how", "prm_aggregation", how, prm_aggregation, "last"
-    )
-    check_choice("prm_aggregation", how, PRM_AGGREGATIONS)
-    return float(prm_aggregate([np.asarray(step_scores, dtype=np.float64)], how, eps=eps)[0])  # type: ignore[arg-type]
+    check_choice("prm_aggregation", prm_aggregation, PRM_AGGREGATIONS)
+    steps = [np.asarray(step_scores, dtype=np.float64)]
+    return float(prm_aggregate(steps, prm_aggregation, eps=eps)[0])  # type: ignore[arg-type]
 
 
 def log_odds_from_logits(logits: np.ndarray, positive_label: int = -1) -> np.ndarray:

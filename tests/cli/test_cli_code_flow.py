@@ -49,7 +49,7 @@ def test_full_and_visible_code_verdicts_feed_verifier_utility(tmp_path):
     weak = {(v.problem_id, v.index): v.correct for v in store.verdicts("code-visible")}
     tp = sum(1 for k, ok in weak.items() if ok and full[k])
     fp = sum(1 for k, ok in weak.items() if ok and not full[k])
-    # closed form of ALGORITHMS.md 7.3 with n = 2 samples per problem, averaged over problems
+    # closed form of docs/algorithms.md 7.3 with n = 2 samples per problem, averaged over problems
     per_problem = []
     for p in problems:
         m_tp = sum(1 for i in (0, 1) if weak[(p.id, i)] and full[(p.id, i)])

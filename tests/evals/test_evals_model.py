@@ -88,7 +88,7 @@ def test_greedy_answers_easy_problems() -> None:
 
 
 def test_pass_at_k_vectors() -> None:
-    # ALGORITHMS.md section 1.1
+    # docs/algorithms.md section 1.1
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     assert pass_at_k(10, 3, 5) == pytest.approx(0.9166666667)
     assert pass_at_k(10, 0, 5) == 0.0

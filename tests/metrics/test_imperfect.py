@@ -152,7 +152,7 @@ def test_analytical_output_echoes_the_model_and_the_mode():
     assert d["source"] == "analytical" and d["mode"] == "exact"
     assert d["model"] == {"r": [0.87, 0.13], "priors": [0.58, 0.42], "c": 1.0, "s": 0.6,
                           "v_fp": -1.0, "v_correct": 1.0}
-    # ALGORITHMS.md 7.2: V_fp = -1, notebook U(1..3) = 0.449, 0.488433, 0.463704
+    # docs/algorithms.md 7.2: V_fp = -1, notebook U(1..3) = 0.449, 0.488433, 0.463704
     r = runner.invoke(app, ["verifier-utility", "--max-k", "3", "--mode", "notebook"])
     assert r.exit_code == 0
     assert "two-type model, mode notebook" in r.output

@@ -1,4 +1,4 @@
-"""pass@k, coverage and selection@k (ALGORITHMS.md 1.1, 1.2) against exact values and brute force."""
+"""pass@k, coverage and selection@k (docs/algorithms.md 1.1, 1.2) against exact values and brute force."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def test_closed_forms_match_brute_force(pool: tuple) -> None:
         bon = selection_at_k([labels], [correct], ks, method="best_of_n", scores=[scores], tie=tie,
                              strategy="closed-form")  # type: ignore[arg-type]
         for j, kv in enumerate(ks):
-            assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "bon", tie), abs=1e-12)
+            assert bon.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "best_of_n", tie), abs=1e-12)
     first = selection_at_k([labels], [correct], ks, tie="first", strategy="enumerate")
     for j, kv in enumerate(ks):
         assert first.mean[j] == pytest.approx(_brute(labels, correct, scores, kv, "majority", "first"), abs=1e-12)

@@ -1,4 +1,4 @@
-"""Coverage power law (ALGORITHMS.md 1.2) and imperfect-verifier models (section 7)."""
+"""Coverage power law (docs/algorithms.md 1.2) and imperfect-verifier models (section 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bootstrap intervals, paired comparisons, Wilson intervals and ECE (ALGORITHMS.md 2.6, 2.7)."""
+"""Bootstrap intervals, paired comparisons, Wilson intervals and ECE (docs/algorithms.md 2.6, 2.7)."""
 
 from __future__ import annotations
 

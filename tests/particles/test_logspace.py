@@ -1,4 +1,4 @@
-"""Log-space weights and resampling schemes (ALGORITHMS.md 0, 6.2)."""
+"""Log-space weights and resampling schemes (docs/algorithms.md 0, 6.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mid-generation trace pruning: hand-computed decisions, ALGORITHMS.md vectors, token
+"""Mid-generation trace pruning: hand-computed decisions, docs/algorithms.md vectors, token
 accounting, live = replay, the run directory's record."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_lowprob_stops_at_the_first_token_whose_running_mean_is_below() -> None:
     assert rep.problems[0].traces[0].pruned_at is None and rep.saved_fraction == 0.0
 
 
-# ALGORITHMS.md 4.4: top-3 log-probs at six positions
+# docs/algorithms.md 4.4: top-3 log-probs at six positions
 _TOPS = [[-0.01, -5.2, -6.0], [-0.3, -1.5, -3.0], [-1.2, -1.3, -1.4],
          [-0.05, -4.0, -5.5], [-0.7, -0.9, -2.5], [-0.02, -6.0, -7.1]]
 

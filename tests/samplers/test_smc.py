@@ -289,7 +289,7 @@ def test_nan_potential_is_minus_inf_and_plus_inf_refused() -> None:
 
 
 def test_reweight_pure_step_vector() -> None:
-    # ALGORITHMS.md 6.2 vector: l = [-1.2, -0.3, -2.5, -0.3] -> ESS 2.910192, LSE - log N = -0.763079
+    # docs/algorithms.md 6.2 vector: l = [-1.2, -0.3, -2.5, -0.3] -> ESS 2.910192, LSE - log N = -0.763079
     st = SMCState.initial(4)
     new, info = reweight(st, np.array([-1.2, -0.3, -2.5, -0.3]), rng=0, ess_threshold=0.5)
     assert info.ess == pytest.approx(2.910192, abs=1e-6)
@@ -321,7 +321,7 @@ def test_reweight_finished_excluded_from_resampling() -> None:
 
 
 def test_pf_parity_vector() -> None:
-    # ALGORITHMS.md 6.3: r = [0.9, 0.6, 0.2, 0.6]
+    # docs/algorithms.md 6.3: r = [0.9, 0.6, 0.2, 0.6]
     lw = pf_log_weights([0.9, 0.6, 0.2, 0.6])
     assert lw == pytest.approx([2.197225, 0.405465, -1.386294, 0.405465], abs=1e-6)
     w = np.exp(lw - lw.max())
@@ -338,7 +338,7 @@ def test_pf_parity_vector() -> None:
 
 
 def test_fk_parity_vector() -> None:
-    # ALGORITHMS.md 6.4: lam = 2, r_prev = 0, r = [0.2, 0.8, 0.5, 0.1]
+    # docs/algorithms.md 6.4: lam = 2, r_prev = 0, r = [0.2, 0.8, 0.5, 0.1]
     lam, z, no = 2.0, np.zeros(4), np.zeros(4, bool)
     r1 = np.array([0.2, 0.8, 0.5, 0.1])
     for mode in ("immediate", "difference", "max", "sum"):

@@ -1,4 +1,4 @@
-"""Level-1 stopping rules (ttscale.select.adaptive): ALGORITHMS.md 5 vectors and hand-computed
+"""Level-1 stopping rules (ttscale.select.adaptive): docs/algorithms.md 5 vectors and hand-computed
 stopping points on small answer streams."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def stops(spec: str, stream: str, confs: list[float] | None = None) -> tuple[int
     return o.used, o.answer, o.stopped
 
 
-# ---- ALGORITHMS.md 5.2 test vectors, through the rule objects ---------------------------------
+# ---- docs/algorithms.md 5.2 test vectors, through the rule objects ---------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Aggregators: ALGORITHMS.md 2.7 (RPC/PC/SC/PPL), 4.4 (DeepConf offline), 9.1 (weighted/BoN/PRM)."""
+"""Aggregators: docs/algorithms.md 2.7 (RPC/PC/SC/PPL), 4.4 (DeepConf offline), 9.1 (weighted/BoN/PRM)."""
 
 from __future__ import annotations
 

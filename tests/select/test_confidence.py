@@ -1,4 +1,4 @@
-"""DeepConf confidence measures (ALGORITHMS.md 4.1, 4.3, 4.4)."""
+"""DeepConf confidence measures (docs/algorithms.md 4.1, 4.3, 4.4)."""
 
 from __future__ import annotations
 

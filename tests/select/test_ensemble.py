@@ -1,4 +1,4 @@
-"""Reward-model ensembles: z-normalisation, aggregators, best-of-N (ALGORITHMS.md 8)."""
+"""Reward-model ensembles: z-normalisation, aggregators, best-of-N (docs/algorithms.md 8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reasoning pruning: Weibull-mixture fit and pruning rule (ALGORITHMS.md 2.5, 2.7)."""
+"""Reasoning pruning: Weibull-mixture fit and pruning rule (docs/algorithms.md 2.5, 2.7)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import numpy as np
 import pytest
@@ -12,13 +11,7 @@ from ttscale.analysis import METHODS, compute_curves
 from ttscale.errors import ConfigError
 from ttscale.metrics import selection_at_k
 from ttscale.select.aggregate import TIE_RULES, max_probability_labels
-from ttscale.select.rules import (
-    DEPRECATED_NAMES,
-    ORACLE,
-    RULES,
-    canonical_name,
-    get_rule,
-)
+from ttscale.select.rules import ORACLE, RULES, get_rule
 from ttscale.store.pool import Pool
 
 ANS = [12, 12, 7, 7, 7, 3, None, 12]
@@ -54,18 +47,16 @@ def test_rule_options_are_recorded_not_folded_into_the_name() -> None:
     assert d.method == "deepconf" and d.options == {"eta": 50.0, "weighted": True}
 
 
-def test_deprecated_names_resolve_with_a_warning_and_unknown_names_fail() -> None:
-    assert DEPRECATED_NAMES == {"bon": "best_of_n", "ppl": "max_probability"}
-    with pytest.warns(DeprecationWarning, match="'bon' is deprecated; use 'best_of_n'"):
-        assert get_rule("bon") is RULES["best_of_n"]
-    with pytest.warns(DeprecationWarning, match="'ppl'"):
-        assert canonical_name("ppl") == "max_probability"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert canonical_name("ppl", warn=False) == "max_probability"
-        assert canonical_name("rpc") == "rpc"
-    with pytest.raises(ConfigError, match="unknown selection rule 'vote'; choose from majority"):
-        get_rule("vote")
+@pytest.mark.parametrize("name", ["vote", "bon", "ppl"])  # bon/ppl: names from before the registry
+def test_one_name_per_rule_and_unknown_names_fail(name: str) -> None:
+    assert get_rule("rpc") is RULES["rpc"]
+    with pytest.raises(ConfigError, match=f"unknown selection rule '{name}'; choose from majority"):
+        get_rule(name)
+    with pytest.raises(ConfigError, match=f"method must be one of .* got '{name}'"):
+        selection_at_k(LAB, COR, [1], method=name, scores=SC)
+    pool = Pool.from_arrays(["a"], [2], answer=["x", "y"], correct=[1, 0], scores={"rm": [0.1, 0.2]})
+    with pytest.raises(ConfigError, match=rf"unknown method\(s\) \['{name}'\]"):
+        compute_curves(pool, [name], [1], score="rm", n_boot=10)
 
 
 def test_coverage_is_the_oracle_not_a_rule() -> None:
@@ -119,36 +110,19 @@ def test_max_probability_at_k_is_the_ppl_rule_on_every_subset() -> None:
     assert got.rule == "max_probability"
 
 
-def test_old_selection_at_k_names_warn_and_give_the_same_numbers() -> None:
-    new = selection_at_k(LAB, COR, [1, 3], method="best_of_n", scores=SC)
-    with pytest.warns(DeprecationWarning, match="'bon'") as rec:
-        old = selection_at_k(LAB, COR, [1, 3], method="bon", scores=SC)
-    assert rec[0].filename == __file__  # the warning points at the caller's line
-    np.testing.assert_array_equal(old.mean, new.mean)
-    assert old.rule == "best_of_n"
-    with pytest.warns(DeprecationWarning, match="'ppl'"):
-        ppl = selection_at_k(LAB, COR, [1, 3], method="ppl", scores=SC)
-    assert ppl.rule == "max_probability"
+def test_deepconf_has_no_selection_at_k() -> None:
     with pytest.raises(ConfigError, match="or a callable, got 'deepconf'"):
         selection_at_k(LAB, COR, [1], method="deepconf", scores=SC)
 
 
-def test_compute_curves_accepts_old_keys_and_reports_canonical_ones() -> None:
+def test_compute_curves_best_of_n_and_max_probability_by_hand() -> None:
     pool = Pool.from_arrays(
         ["a", "b"], [4, 4], answer=["x", "x", "y", "z", "u", "v", "v", "w"],
         correct=[1, 1, 0, 0, 0, 1, 1, 0], scores={"rm": [0.1, 0.2, 0.9, 0.3, 0.9, 0.2, 0.7, 0.4]},
         mean_logprob=[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8],
     )
-    with pytest.warns(DeprecationWarning) as rec:
-        old = compute_curves(pool, ["bon", "ppl"], [1, 2], score="rm", n_boot=20)
-    assert sorted(str(w.message) for w in rec) == [
-        "selection rule 'bon' is deprecated; use 'best_of_n'",
-        "selection rule 'ppl' is deprecated; use 'max_probability'",
-    ]
     new = compute_curves(pool, ["best_of_n", "max_probability"], [1, 2], score="rm", n_boot=20)
-    assert list(old.curves) == ["best_of_n", "max_probability"]
-    for name in new.curves:
-        np.testing.assert_array_equal(old.curves[name].per_problem, new.curves[name].per_problem)
+    assert list(new.curves) == ["best_of_n", "max_probability"]
     # k = 1: best-of-1 is a random sample; problem a has 2/4 correct, b 2/4
     np.testing.assert_allclose(new.curves["best_of_n"].per_problem[:, 0], [0.5, 0.5])
     # k = 2 by hand, max_probability: log-probs fall with the index, so each pair picks its first

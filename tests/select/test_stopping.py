@@ -1,4 +1,4 @@
-"""ESC and Adaptive-Consistency stopping rules (ALGORITHMS.md 5)."""
+"""ESC and Adaptive-Consistency stopping rules (docs/algorithms.md 5)."""
 
 from __future__ import annotations
 

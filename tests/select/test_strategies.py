@@ -16,7 +16,7 @@ from ttscale.select.strategies import (
     strategies,
 )
 
-# ALGORITHMS.md 2.7: answers, text ids and mean log-probs of eight paths
+# docs/algorithms.md 2.7: answers, text ids and mean log-probs of eight paths
 ANSWERS = [12, 12, 7, 7, 7, 3, 7, 12]
 TEXTS = ["t0", "t0", "t2", "t3", "t4", "t5", "t6", "t7"]
 ELL = [-0.05, -0.05, -0.40, -0.45, -0.50, -1.20, -2.30, -0.90]

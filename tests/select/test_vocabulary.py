@@ -86,44 +86,38 @@ def test_esc_skips_missing_answers_unless_asked_to_count_them() -> None:
         esc_run(tail, window=3, no_answer="drop")  # type: ignore[arg-type]
 
 
-# --- one name per parameter (old names warn) -------------------------------------------------
+# --- one name per parameter (the former names are gone) -------------------------------------
 
 
-def test_score_map_is_the_one_name_and_mapping_still_works() -> None:
+def test_score_map_is_the_one_name() -> None:
     s = np.array([-1.0, 0.5, 2.0])
-    new = map_scores(s, score_map="sigmoid")
-    np.testing.assert_allclose(new, 1.0 / (1.0 + np.exp(-s)))
-    with pytest.warns(DeprecationWarning, match="map_scores: mapping= is deprecated; use score_map="):
-        np.testing.assert_array_equal(map_scores(s, mapping="sigmoid"), new)
-    with pytest.warns(DeprecationWarning, match="weighted_vote: mapping="):
-        old = weighted_vote(["a", "b", "b"], [3.0, 1.0, 1.0], mapping="exp")
-    assert old.answer == "a" and old.options["score_map"] == "exp"
-    with pytest.raises(ConfigError, match="give score_map= only"):
-        map_scores(s, score_map="exp", mapping="sigmoid")
+    np.testing.assert_allclose(map_scores(s, score_map="sigmoid"), 1.0 / (1.0 + np.exp(-s)))
+    # exp weights e^0, e^-2, e^-2 (shifted by the max): "a" 1.0 beats "b" 2e^-2 = 0.27
+    res = weighted_vote(["a", "b", "b"], [3.0, 1.0, 1.0], score_map="exp")
+    assert res.answer == "a" and res.options["score_map"] == "exp"
+    with pytest.raises(TypeError, match="mapping"):
+        map_scores(s, mapping="sigmoid")  # type: ignore[call-arg]
 
 
 def test_prm_aggregation_is_the_one_name() -> None:
     steps = [[0.9, 0.5], [0.8, 0.7]]
     np.testing.assert_allclose(prm_aggregate(steps, prm_aggregation="min"), [0.5, 0.7])
-    with pytest.warns(DeprecationWarning, match="prm_aggregate: how= is deprecated"):
-        np.testing.assert_allclose(prm_aggregate(steps, how="min"), [0.5, 0.7])
+    with pytest.raises(TypeError, match="how"):
+        prm_aggregate(steps, how="min")  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="prm_aggregation must be one of last, min, prod, got 'avg'"):
         prm_aggregate(steps, "avg")  # type: ignore[arg-type]
     from ttscale.verifiers.reward import aggregate_step_scores
 
-    with pytest.warns(DeprecationWarning, match="aggregate_step_scores: how="):
-        assert aggregate_step_scores([0.9, 0.5], how="min") == 0.5
-    assert aggregate_step_scores([0.9, 0.5], prm_aggregation="last") == 0.5
+    assert aggregate_step_scores([0.9, 0.5], prm_aggregation="min") == 0.5
+    assert aggregate_step_scores([0.9, 0.6], prm_aggregation="last") == 0.6
 
 
 def test_ensemble_aggregation_is_the_one_name() -> None:
     r = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, -2.0]])
     np.testing.assert_allclose(aggregate_ensemble(r, aggregation="min"), [1.0, 0.0, -2.0])
-    with pytest.warns(DeprecationWarning, match="aggregate_ensemble: method="):
-        np.testing.assert_allclose(aggregate_ensemble(r, method="min"), [1.0, 0.0, -2.0])
-    with pytest.warns(DeprecationWarning, match="ensemble_best_of_n: method="):
-        # per-candidate min [1, 1.5, -1] picks 1 (the mean [1, 1.5, 2] would pick 2)
-        assert ensemble_best_of_n([[1, 1.5, 5], [1, 1.5, -1]], method="min", normalize=False) == 1
+    # per-candidate min [1, 1.5, -1] picks 1 (the mean [1, 1.5, 2] would pick 2)
+    assert ensemble_best_of_n([[1, 1.5, 5], [1, 1.5, -1]], "min", normalize=False) == 1
+    assert ensemble_best_of_n([[1, 1.5, 5], [1, 1.5, -1]], normalize=False) == 2
     from ttscale.verifiers.ensemble import EnsembleVerifier
 
     class Member:
@@ -132,11 +126,9 @@ def test_ensemble_aggregation_is_the_one_name() -> None:
         def verify(self, problem, samples):  # type: ignore[no-untyped-def]
             return []
 
-    with pytest.warns(DeprecationWarning, match="EnsembleVerifier: aggregate="):
-        ens = EnsembleVerifier([Member()], aggregate="median")
-    assert ens.aggregation == "median" and ens.info()["aggregate"] == "median"
-    with pytest.warns(DeprecationWarning, match=r"\.aggregate is deprecated"):
-        assert ens.aggregate == "median"
+    ens = EnsembleVerifier([Member()], aggregation="median")
+    assert ens.aggregation == "median" and ens.info()["aggregation"] == "median"
+    assert not hasattr(ens, "aggregate")
 
 
 def test_memory_mb_is_the_one_name() -> None:
@@ -145,27 +137,19 @@ def test_memory_mb_is_the_one_name() -> None:
 
     assert MathChecker(memory_mb=300).memory_mb == 300
     assert MathChecker(memory_mb=None).memory_mb is None  # None = no limit, still expressible
-    with pytest.warns(DeprecationWarning, match="MathChecker: memory_limit_mb= is deprecated"):
-        assert MathChecker(memory_limit_mb=None).memory_mb is None
-    with pytest.warns(DeprecationWarning, match="MathVerifier: memory_limit_mb="):
-        assert MathVerifier(memory_limit_mb=512).checker.memory_mb == 512
+    assert MathVerifier(memory_mb=512).checker.memory_mb == 512
 
 
 def test_estimator_is_the_word_for_how_a_number_is_computed() -> None:
     # dirichlet: two categories with counts (3, 1): P(p0 > p1) = 1 - I_0.5(4, 2) = 0.8125 (by hand:
     # I_0.5(4, 2) = P(Bin(5, 0.5) >= 4) = 6/32)
     assert dirichlet_top_probability([3, 1], estimator="quad") == pytest.approx(26 / 32, abs=1e-8)
-    with pytest.warns(DeprecationWarning, match="dirichlet_top_probability: method="):
-        assert dirichlet_top_probability([3, 1], method="quad") == pytest.approx(26 / 32, abs=1e-8)
-    with pytest.warns(DeprecationWarning, match="should_stop: method="):
-        should_stop(["a", "b", "c", "a"], "dirichlet", method="quad")
-    with pytest.warns(DeprecationWarning, match="esc_affected_probability: method="):
-        old = esc_affected_probability([0.6, 0.4], 5, method="exact")
-    assert old == pytest.approx(0.4**5)
+    # counts (2, 1, 1) after four answers: P(leader is the mode) < 0.95 -> go on
+    assert not should_stop(["a", "b", "c", "a"], "dirichlet", estimator="quad").stop
+    assert esc_affected_probability([0.6, 0.4], 5, estimator="exact") == pytest.approx(0.4**5)
     res = selection_at_k([[0, 0, 1]], [[1, 1, 0]], [1, 2])
     assert res.estimator == ("closed-form", "closed-form") and res.rule == "majority"
-    with pytest.warns(DeprecationWarning, match=r"SelectionResult\.method is the estimator"):
-        assert res.method == res.estimator
+    assert not hasattr(res, "method")
 
 
 # --- one seed type ------------------------------------------------------------------------
@@ -194,11 +178,9 @@ def test_compute_curves_takes_any_seed_like_and_reports_the_int() -> None:
     via_int = compute_curves(pool, ["majority"], [3], n_boot=50, seed=used)
     assert via_gen.meta["seed"] == used
     np.testing.assert_array_equal(via_gen.curves["majority"].low, via_int.curves["majority"].low)
-    with pytest.warns(DeprecationWarning, match="compute_curves: score_mapping="):
-        compute_curves(pool, ["majority"], [3], n_boot=10, score_mapping="identity")
 
 
-def test_cli_score_mapping_is_renamed_with_a_note(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_score_map(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
     from ttscale.cli.app import app
@@ -211,9 +193,11 @@ def test_cli_score_mapping_is_renamed_with_a_note(tmp_path) -> None:  # type: ig
     assert runner.invoke(app, ["import", str(src), "--out", str(tmp_path / "run")]).exit_code == 0
     args = ["curve", str(tmp_path / "run"), "--methods", "weighted", "--k", "3", "--json"]
     new = runner.invoke(app, [*args, "--score-map", "sigmoid"])
-    old = runner.invoke(app, [*args, "--score-mapping", "sigmoid"])
-    assert new.exit_code == 0 and old.exit_code == 0, old.output
-    assert old.stderr.strip() == "note: --score-mapping is deprecated; use --score-map"
+    assert new.exit_code == 0, new.output
     # k = 3, sigmoid weights: "1" gets s(0.2) + s(0.1) = 1.075 > "2" s(3.0) = 0.953 -> correct
     assert json.loads(new.stdout)["methods"]["weighted"]["mean"] == [1.0]
-    assert json.loads(old.stdout)["methods"] == json.loads(new.stdout)["methods"]
+    # identity weights: "2" 3.0 > "1" 0.3 -> wrong
+    ident = runner.invoke(app, [*args, "--score-map", "identity"])
+    assert json.loads(ident.stdout)["methods"]["weighted"]["mean"] == [0.0]
+    old = runner.invoke(app, [*args, "--score-mapping", "sigmoid"])
+    assert old.exit_code != 0 and "--score-mapping" in old.output

@@ -1,4 +1,4 @@
-"""Yes/no probability from next-token log-probs (ALGORITHMS.md 9.2)."""
+"""Yes/no probability from next-token log-probs (docs/algorithms.md 9.2)."""
 
 from __future__ import annotations
 

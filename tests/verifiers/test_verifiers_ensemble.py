@@ -201,7 +201,7 @@ def test_configuration_errors() -> None:
 def test_info_lists_members_and_cost() -> None:
     ens = EnsembleVerifier([Fixed("a", [1.0], cost=2), Fixed("b", [1.0], cost=3)], aggregation="min")
     info = ens.info()
-    assert [m["name"] for m in info["members"]] == ["a", "b"] and info["aggregate"] == "min"
+    assert [m["name"] for m in info["members"]] == ["a", "b"] and info["aggregation"] == "min"
     assert ens.cost == 5.0 and info["members"][0]["info"] == {"fixed": True}
 
 

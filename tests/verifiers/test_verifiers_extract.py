@@ -1,4 +1,4 @@
-"""Answer extractors and normalisers: ALGORITHMS.md §10.1-10.3 vectors, and the reference pitfalls fixed.
+"""Answer extractors and normalisers: docs/algorithms.md §10.1-10.3 vectors, and the reference pitfalls fixed.
 
 Where the reference harness is right we match its vector; where the vector records a known
 pitfall of the reference, the test states the correct output and why.

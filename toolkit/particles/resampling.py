@@ -1,4 +1,4 @@
-"""Resampling schemes for particle methods: pure functions, generator first (ALGORITHMS.md 6.2).
+"""Resampling schemes for particle methods: pure functions, generator first (docs/algorithms.md 6.2).
 
 Each ``scheme(rng, weights, num) -> ancestors`` takes normalised (or merely non-negative) weights
 of shape ``(N,)`` and returns ``num`` ancestor indices (int64). All share one inverse-CDF rule:

@@ -9,7 +9,7 @@ of the same answer stream stop at the same sample with the same answer.
 Rules (``parse_rule`` specs; a bare number is the rule's main parameter)::
 
     fixed                      never stop: self-consistency at the budget
-    esc:window=5               ESC (ALGORITHMS.md 5.1): stop at the first unanimous window
+    esc:window=5               ESC (docs/algorithms.md 5.1): stop at the first unanimous window
     beta:0.95                  Adaptive-Consistency criteria (5.2) on the answers so far
     dirichlet:0.95[,top_k=5]
     entropy:0.75

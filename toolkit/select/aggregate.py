@@ -5,7 +5,7 @@ is sample ``i``'s cluster, ``-1`` = no answer); the answer-level functions clust
 (:func:`cluster_answers`) and call them. All return one type, :class:`AggregateResult`, whose
 ``method`` is the rule's name in the registry :data:`ttscale.select.rules.RULES`.
 
-Conventions (ALGORITHMS.md sections 0, 2, 4.2, 9.1):
+Conventions (docs/algorithms.md sections 0, 2, 4.2, 9.1):
 
 * A sample without an answer (``None`` or a blank string, :func:`ttscale.select.answers.is_no_answer`)
   never votes and is never selected, but it is still a sample of the budget. If no sample has an
@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError, DataError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.answers import is_no_answer
@@ -385,34 +384,31 @@ def map_scores(
     scores: ArrayLike,
     score_map: ScoreMapping = "identity",
     temperature: float = 1.0,
-    *,
-    mapping: ScoreMapping | None = None,
 ) -> NDArray[np.float64]:
     """Map raw scores to non-negative vote weights (float64, same shape).
 
     ``identity`` (scores must already be ``≥ 0``), ``sigmoid`` (``1/(1+e^{−s})``, for logits), or
     ``exp`` (``exp((s − max s)/T)``: proportional to ``exp(s/T)``, shifted by the common factor
     ``exp(−max s/T)`` so it cannot overflow; ranking and normalised confidence are unchanged).
-    NaN entries stay NaN. (``mapping=`` is the deprecated former name of ``score_map``.)
+    NaN entries stay NaN.
     """
-    mapping = renamed_keyword("map_scores", "mapping", "score_map", mapping, score_map, "identity")
     s = np.asarray(scores, dtype=np.float64)
-    if mapping == "identity":
+    if score_map == "identity":
         if np.any(s < 0):
             raise ConfigError(
                 f"weighted voting needs non-negative scores, got min {np.nanmin(s)}; "
                 "use score_map='sigmoid' or score_map='exp' for logits"
             )
         return s
-    if mapping == "sigmoid":
+    if score_map == "sigmoid":
         e = np.exp(-np.abs(s))  # never overflows
         return np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    if mapping == "exp":
+    if score_map == "exp":
         check_number("temperature", temperature, low=0.0, low_open=True, finite=True)
         finite = s[np.isfinite(s)]
         shift = float(finite.max()) if finite.size else 0.0
         return np.exp((s - shift) / temperature)
-    raise ConfigError(f"score_map must be one of {', '.join(SCORE_MAPPINGS)}, got {mapping!r}")
+    raise ConfigError(f"score_map must be one of {', '.join(SCORE_MAPPINGS)}, got {score_map!r}")
 
 
 def weighted_vote_labels(
@@ -424,17 +420,12 @@ def weighted_vote_labels(
     n_clusters: int | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
-    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
     """Reward-weighted vote ``argmax_a Σ_i 1{a_i = a}·w_i``, ``w = map_scores(scores, score_map, T)``.
 
     Scores of samples without an answer are ignored (may be NaN); answered samples need finite
-    scores. Confidence = cluster weight / total weight. (``mapping=``: deprecated name of
-    ``score_map``.)
+    scores. Confidence = cluster weight / total weight.
     """
-    score_map = renamed_keyword(
-        "weighted_vote_labels", "mapping", "score_map", mapping, score_map, "identity"
-    )
     lab, L = _as_labels(labels, n_clusters)
     s = _as_values("scores", scores, lab.size)
     answered = lab >= 0
@@ -631,10 +622,8 @@ def weighted_vote(
     equivalence: Equivalence | None = None,
     tie: TieRule = "expected",
     seed: SeedLike = None,
-    mapping: ScoreMapping | None = None,
 ) -> AggregateResult:
     """Reward-weighted majority vote. See :func:`weighted_vote_labels`."""
-    score_map = renamed_keyword("weighted_vote", "mapping", "score_map", mapping, score_map, "identity")
     cl = cluster_answers(answers, equivalence)
     res = weighted_vote_labels(
         cl.labels, scores, score_map=score_map, temperature=temperature,
@@ -790,16 +779,14 @@ def prm_aggregate(
     prm_aggregation: PrmAggregation = "last",
     *,
     eps: float = 1e-12,
-    how: PrmAggregation | None = None,
 ) -> NDArray[np.float64]:
     """One score per solution from its PRM step scores; shape ``(n_solutions,)``, float64.
 
     ``last`` (default), ``min`` (Math-Shepherd), or ``prod`` computed as ``exp(Σ log max(s_t, eps))``
     (steps must lie in ``[0, 1]``; clipping keeps long solutions away from ``log 0``). A solution
-    without steps scores NaN. (``how=`` is the deprecated former name of ``prm_aggregation``.)
+    without steps scores NaN.
     """
-    how = renamed_keyword("prm_aggregate", "how", "prm_aggregation", how, prm_aggregation, "last")
-    check_choice("prm_aggregation", how, PRM_AGGREGATIONS)
+    check_choice("prm_aggregation", prm_aggregation, PRM_AGGREGATIONS)
     check_number("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True)
     out = np.full(len(step_scores), np.nan)
     for i, steps in enumerate(step_scores):
@@ -808,9 +795,9 @@ def prm_aggregate(
             continue
         if not np.all(np.isfinite(s)):
             raise DataError(f"step scores of solution {i} must be finite, got {s.tolist()}")
-        if how == "last":
+        if prm_aggregation == "last":
             out[i] = s[-1]
-        elif how == "min":
+        elif prm_aggregation == "min":
             out[i] = s.min()
         else:
             if s.min() < 0 or s.max() > 1:

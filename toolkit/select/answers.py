@@ -8,7 +8,7 @@ never makes an ESC window unanimous, and never moves a stopping rule. Every aggr
 pool that curves are computed from (:class:`ttscale.store.pool.Pool`, code ``-1``) use
 :func:`is_no_answer`, so a sample is answered or not in the same way everywhere.
 
-ESC's reference code maps a missing answer to a sentinel that *does* vote (ALGORITHMS.md 5.1);
+ESC's reference code maps a missing answer to a sentinel that *does* vote (docs/algorithms.md 5.1);
 that behaviour is the explicit option ``no_answer="vote"`` of :func:`ttscale.select.stopping.esc_run`.
 """
 

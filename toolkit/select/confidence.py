@@ -1,4 +1,4 @@
-"""DeepConf confidence measures over token log-probabilities (Fu et al. 2025; ALGORITHMS.md section 4).
+"""DeepConf confidence measures over token log-probabilities (Fu et al. 2025; docs/algorithms.md section 4).
 
 Token confidence ``C_i = −(1/k)·Σ_j log P_i(j)`` over the top-``k`` log-probabilities returned at
 position ``i`` (higher = more peaked = more confident). Trace-level measures average ``C`` over

@@ -1,4 +1,4 @@
-"""Reward-model / verifier ensembles: per-member z-normalisation and score aggregation (ALGORITHMS.md 8).
+"""Reward-model / verifier ensembles: per-member z-normalisation and score aggregation (docs/algorithms.md 8).
 
 A score matrix ``R[m, j]`` holds member ``m``'s score of candidate ``j``. Members are put on one
 scale first (z-scores against a reference set), then combined per candidate by an aggregator
@@ -12,7 +12,6 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.validation import check_choice, choices
 
@@ -62,25 +61,22 @@ def aggregate_ensemble(
     aggregation: EnsembleMethod = "mean",
     *,
     lam: float = 1.0,
-    method: EnsembleMethod | None = None,
 ) -> NDArray[np.float64]:
     """Combine member scores per candidate, shape ``(candidates,)``.
 
     ``mean``, ``median``, ``min`` (worst-case), ``mean_minus_std`` (``mean − λ·std``, ``ddof=0``)
     and ``mean_minus_var`` (``mean − λ·var``). Columns are candidates, rows members; a 1-d input
     is one member. Normalise first (:func:`znormalize`) unless members share a scale.
-    ``method=`` is the deprecated former name of ``aggregation``.
     """
-    method = renamed_keyword("aggregate_ensemble", "method", "aggregation", method, aggregation, "mean")
-    check_choice("aggregation", method, ENSEMBLE_METHODS)
+    check_choice("aggregation", aggregation, ENSEMBLE_METHODS)
     r = _as_matrix(scores)
-    if method == "mean":
+    if aggregation == "mean":
         return r.mean(axis=0)
-    if method == "median":
+    if aggregation == "median":
         return np.median(r, axis=0)
-    if method == "min":
+    if aggregation == "min":
         return r.min(axis=0)
-    if method == "mean_minus_std":
+    if aggregation == "mean_minus_std":
         return r.mean(axis=0) - lam * r.std(axis=0)
     return r.mean(axis=0) - lam * r.var(axis=0)  # mean_minus_var
 
@@ -103,15 +99,10 @@ def ensemble_best_of_n(
     lam: float = 1.0,
     normalize: bool = True,
     reference: ArrayLike | None = None,
-    method: EnsembleMethod | None = None,
 ) -> int:
     """Best-of-N over candidates scored by an ensemble: ``argmax_j A(z(R)[:, j])`` (first on ties).
 
     ``normalize=True`` z-scores each member against ``reference`` (default: ``scores``) first.
-    ``method=`` is the deprecated former name of ``aggregation``.
     """
-    aggregation = renamed_keyword(
-        "ensemble_best_of_n", "method", "aggregation", method, aggregation, "mean"
-    )
     r = znormalize(scores, reference) if normalize else _as_matrix(scores)
     return argmax_first(aggregate_ensemble(r, aggregation, lam=lam))

@@ -3,7 +3,7 @@
 Each sampled path ``i`` has a length-normalised probability ``p_i = exp(mean token log-prob)``.
 A two-component Weibull mixture is fitted to ``p`` by maximum likelihood; paths that are more
 likely to come from the low-probability component *and* lie below the mean probability are pruned
-(ALGORITHMS.md section 2.5).
+(docs/algorithms.md section 2.5).
 
 Two fits are available (``fit=``):
 

@@ -15,9 +15,6 @@ A selection rule turns one problem's samples into one answer. Every place that n
 * ``deepconf``: deepconf_vote / deepconf_vote_labels; top-k log-probs (selection@k through a
   ``Selector``, see :func:`ttscale.analysis.compute_curves`).
 
-Names from before the registry (``bon`` for ``best_of_n``, ``ppl`` for ``max_probability``) still
-resolve, with a ``DeprecationWarning`` (:func:`get_rule`).
-
 Coverage (pass@k) is not a selection rule: it credits a subset when *any* of its samples is
 correct, i.e. it selects with the reference answer. It is the oracle upper bound of every rule and
 is named :data:`ORACLE` (``"coverage"``) wherever it appears next to the rules.
@@ -30,19 +27,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from ttscale._deprecation import warn_deprecated
 from ttscale.errors import ConfigError
 from ttscale.select import aggregate as agg
 
 __all__ = [
-    "DEPRECATED_NAMES",
     "ORACLE",
     "ORACLE_DESCRIPTION",
     "ORACLE_LABEL",
     "RULES",
     "Input",
     "Rule",
-    "canonical_name",
     "get_rule",
     "rule_names",
 ]
@@ -129,37 +123,18 @@ _RULE_LIST = (
     ),
 )
 
-#: Every selection rule by canonical name, in a stable display order.
+#: Every selection rule by name, in a stable display order.
 RULES: Mapping[str, Rule] = MappingProxyType({r.name: r for r in _RULE_LIST})
-
-#: Names from before the registry -> canonical name. They resolve with a DeprecationWarning.
-DEPRECATED_NAMES: Mapping[str, str] = MappingProxyType({"bon": "best_of_n", "ppl": "max_probability"})
 
 
 def rule_names() -> tuple[str, ...]:
-    """The canonical rule names, in display order."""
+    """The rule names, in display order."""
     return tuple(RULES)
 
 
-def canonical_name(name: str, *, warn: bool = True, stacklevel: int = 1) -> str:
-    """The canonical name of rule ``name`` (a canonical or a deprecated name).
-
-    A deprecated name gives a ``DeprecationWarning`` (unless ``warn=False``, for callers that
-    report the rename themselves, such as the CLI) attributed ``stacklevel`` frames above the
-    caller (1: the caller itself); an unknown one a :class:`ConfigError`.
-    """
-    if name in RULES:
-        return name
-    new = DEPRECATED_NAMES.get(name)
-    if new is None:
-        raise ConfigError(
-            f"unknown selection rule {name!r}; choose from {', '.join(RULES)}"
-        )
-    if warn:
-        warn_deprecated(f"selection rule {name!r} is deprecated; use {new!r}", stacklevel=stacklevel + 1)
-    return new
-
-
 def get_rule(name: str) -> Rule:
-    """The :class:`Rule` named ``name`` (deprecated names warn, unknown names raise ConfigError)."""
-    return RULES[canonical_name(name, stacklevel=2)]
+    """The :class:`Rule` named ``name`` (an unknown name raises :class:`ConfigError`)."""
+    rule = RULES.get(name)
+    if rule is None:
+        raise ConfigError(f"unknown selection rule {name!r}; choose from {', '.join(RULES)}")
+    return rule

@@ -1,4 +1,4 @@
-"""Early-stopping rules for repeated sampling with voting (ALGORITHMS.md 5).
+"""Early-stopping rules for repeated sampling with voting (docs/algorithms.md 5).
 
 * ESC (Li et al. 2024): draw samples in windows of ``w``; stop at the first window whose answers
   are all identical and return that answer; otherwise majority-vote at the budget ``L``. Plus the
@@ -24,7 +24,6 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ttscale._deprecation import renamed_keyword
 from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_generator
 from ttscale.select.answers import NO_ANSWER_POLICIES, NoAnswerPolicy, answered, is_no_answer
@@ -160,7 +159,6 @@ def esc_affected_probability(
     window: int = 5,
     *,
     estimator: Literal["normal", "exact"] = "normal",
-    method: Literal["normal", "exact"] | None = None,
 ) -> float:
     """Probability that a unanimous window shows an answer other than ``p[0]`` (ESC's risk estimate).
 
@@ -168,16 +166,12 @@ def esc_affected_probability(
     reference's normal approximation ``Σ (1 − Φ((w − w·p_a)/sqrt(w·p_a·(1 − p_a))))`` (entries with
     ``p_a ∈ {0, 1}`` use the exact value). ``p[0]`` should be the answer the full budget would pick.
     Average over questions for the reference's "proportion of performance affected".
-    ``method=`` is the deprecated former name of ``estimator``.
     """
-    method = renamed_keyword(
-        "esc_affected_probability", "method", "estimator", method, estimator, "normal"
-    )
     arr = _distribution(p)[1:]
     w = _check_int("window", window, 1)
-    if method == "exact":
+    if estimator == "exact":
         return float(np.sum(arr**w))
-    check_choice("estimator", method, ("normal", "exact"))
+    check_choice("estimator", estimator, ("normal", "exact"))
     nd = NormalDist()
     total = 0.0
     for pa in arr:
@@ -220,7 +214,6 @@ def dirichlet_top_probability(
     estimator: Literal["quad", "mc"] = "quad",
     n_draws: int = 200_000,
     seed: SeedLike = None,
-    method: Literal["quad", "mc"] | None = None,
 ) -> float:
     """``P(p_0 > p_j ∀ j ≥ 1)`` under ``p ~ Dir(counts + 1)``; ``counts[0]`` is the leading answer.
 
@@ -228,17 +221,14 @@ def dirichlet_top_probability(
     independent, the probability is ``∫_0^∞ f_0(x) Π_{j≥1} F_j(x) dx`` (Gamma pdf ``f``, cdf ``F``),
     one 1-d integral for any number of categories (absolute error ~1e-8). ``estimator="mc"``:
     share of ``n_draws`` seeded Dirichlet draws whose first coordinate is the largest (standard error
-    ``≤ 0.5/sqrt(n_draws)``). ``method=`` is the deprecated former name of ``estimator``.
+    ``≤ 0.5/sqrt(n_draws)``).
     """
-    method = renamed_keyword(
-        "dirichlet_top_probability", "method", "estimator", method, estimator, "quad"
-    )
-    check_choice("estimator", method, ("quad", "mc"))
+    check_choice("estimator", estimator, ("quad", "mc"))
     v = np.asarray(counts, dtype=np.float64).ravel()
     if v.size < 2 or np.any(v < 0) or np.any(~np.isfinite(v)):
         raise ConfigError("dirichlet_top_probability needs >= 2 non-negative counts")
     alpha = v + 1.0
-    if method == "quad":
+    if estimator == "quad":
         from scipy.integrate import quad
         from scipy.stats import gamma
 
@@ -306,7 +296,6 @@ def should_stop(
     estimator: Literal["quad", "mc"] = "quad",
     n_draws: int = 200_000,
     seed: SeedLike = None,
-    method: Literal["quad", "mc"] | None = None,
 ) -> StopDecision:
     """Adaptive-Consistency stopping rule over all answers so far.
 
@@ -319,9 +308,8 @@ def should_stop(
     * ``random`` (0.1): stop with probability ``t`` (baseline; uses ``seed``).
 
     ``None`` and blank answers are ignored; with no valid answer the rule never stops.
-    ``estimator`` (``method=``, deprecated) is :func:`dirichlet_top_probability`'s.
+    ``estimator`` is :func:`dirichlet_top_probability`'s.
     """
-    estimator = renamed_keyword("should_stop", "method", "estimator", method, estimator, "quad")
     check_choice("criterion", criterion, choices(Criterion))
     t = CRITERION_DEFAULTS[criterion] if threshold is None else float(threshold)
     pairs = answer_counts(answers)

@@ -7,7 +7,7 @@
   :mod:`ttscale.samplers.pruning`; ``ttscale sample --prune SPEC``;
 * level 3, **selection after the fact**: every rule of :data:`ttscale.select.rules.RULES`,
   among them ``rpc`` (reasoning pruning of low-probability paths, then perplexity consistency;
-  ALGORITHMS.md 2.5).
+  docs/algorithms.md 2.5).
 
 A strategy is written ``name[:key=value,...]`` as on the command line. A name may exist at two
 levels (``deepconf``: level-3 confidence-filtered vote; a level-1 consensus rule may use the same
@@ -134,7 +134,7 @@ class SelectionStrategy:
 
     def pruned(self, mean_logprobs: ArrayLike) -> NDArray[np.bool_]:
         """RPC only: the reasoning-pruning mask (``True`` = path pruned) over paths with mean
-        log-probs ``mean_logprobs`` (ALGORITHMS.md 2.5; NaN = no log-prob, never pruned)."""
+        log-probs ``mean_logprobs`` (docs/algorithms.md 2.5; NaN = no log-prob, never pruned)."""
         if self.rule.name != "rpc":
             raise ConfigError(f"strategy {self.rule.name!r} does not prune reasoning paths")
         from ttscale.select.rpc import weibull_prune

@@ -1,4 +1,4 @@
-"""Yes/no scoring from next-token log-probabilities (LLM judges, rerankers; ALGORITHMS.md 9.2).
+"""Yes/no scoring from next-token log-probabilities (LLM judges, rerankers; docs/algorithms.md 9.2).
 
 ``P(yes) = softmax([z_no, z_yes])[1] = sigmoid(z_yes − z_no)``: the probability of "yes" restricted
 to the two answer tokens. Full-vocabulary log-probs give the same value, because the log-partition
