@@ -1050,6 +1050,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo", cls=_Command)
     def demo_cmd(
+        ctx: typer.Context,
         out: OutOpt = None,
         engine: EngineOpt = EngineKind.auto,
         limit: Annotated[
@@ -1081,7 +1082,8 @@ def register(app: typer.Typer) -> None:
             },
             limit=limit,
             progress=progress,
-            command="run",  # demo has no --resume; `run` continues its run
+            command="run",  # demo has no --resume; `run` (taking demo's options) continues it
+            given=_given_words(ctx),
         )
         res = run_sample(spec, console=console)
         table = _verify_and_curve(res, console=console, ks=None, plot=None)

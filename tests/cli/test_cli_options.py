@@ -347,16 +347,26 @@ def test_replay_rule_error_names_the_pruning_rules(tmp_path: Path) -> None:
 
 
 class _Interrupting:
-    """An engine that raises KeyboardInterrupt (Ctrl-C) on its ``after``-th call."""
+    """An engine that raises KeyboardInterrupt (Ctrl-C) on its ``after``-th call, or once it
+    has delivered ``results`` requests' results."""
 
-    def __init__(self, inner: Any, after: int) -> None:
+    def __init__(self, inner: Any, after: int, results: int | None = None) -> None:
         self.inner, self.after, self.count = inner, after, 0
+        self.results, self.delivered = results, 0
 
-    def generate(self, requests: Any, params: Any, **kw: Any) -> Any:
+    def generate(self, requests: Any, params: Any, *, on_result: Any = None, **kw: Any) -> Any:
         self.count += 1
         if self.count >= self.after:
             raise KeyboardInterrupt
-        return self.inner.generate(requests, params, **kw)
+
+        def counted(pos: int, comps: Any) -> None:
+            if on_result is not None:
+                on_result(pos, comps)
+            self.delivered += 1
+            if self.results is not None and self.delivered >= self.results:
+                raise KeyboardInterrupt
+
+        return self.inner.generate(requests, params, on_result=counted, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -401,5 +411,32 @@ def test_smc_ctrl_c_hint_continues_the_run(
     args = [*SMC, "--limit", "3", "--particles", "4", "--fk", "pf", "--seed", "4", "--no-verify"]
     hint = _interrupt_then_continue(monkeypatch, args, tmp_path / "cut", after=5)
     assert "--potential arith-prm" in hint and "--fk pf" in hint
+    assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+
+
+def test_demo_ctrl_c_hint_continues_with_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ttscale.cli.sample_cmds as sc
+
+    monkeypatch.setattr(sc, "_bundled_model", lambda: "toy")  # the scripted engine's model
+    args = ["demo", "--engine", "scripted", "--limit", "4", "--n", "4", "--seed", "2",
+            "--no-progress"]  # fmt: skip
+    import ttscale.engines as engines_mod
+
+    real = engines_mod.make_engine
+    with monkeypatch.context() as m:
+        m.setattr(
+            engines_mod, "make_engine", lambda *a, **kw: _Interrupting(real(*a, **kw), 9, 2)
+        )
+        r = invoke(*args, "--out", tmp_path / "cut")
+    assert r.exit_code == 130, r.output
+    hint = r.stderr.strip().splitlines()[-1].split("continue with: ")[1]
+    assert hint == shlex.join(["ttscale", "run", "--engine", "scripted", "--limit", "4",
+                               "--n", "4", "--seed", "2", "--no-progress",
+                               "--out", str(tmp_path / "cut"), "--resume"])  # fmt: skip
+    again = runner.invoke(app, shlex.split(hint)[1:])
+    assert again.exit_code == 0, again.output
     assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
     assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
