@@ -219,7 +219,6 @@ class EngineOptions:
     chat: ChatOpt = None
     progress: ProgressOpt = True
     shard: ShardOpt = None
-    throttle: ThrottleOpt = 0.0
     given: tuple[str, ...] = ()  # not an option: what was typed (for the Ctrl-C hint)
 
     def spec(self, **fields: Any) -> SampleSpec:
@@ -241,7 +240,6 @@ class EngineOptions:
             "batch_size": self.batch_size,
             "chat": self.chat,
             "progress": self.progress,
-            "throttle": self.throttle,
             "shard": self.shard,
             "given": self.given,
         }  # fmt: skip
@@ -254,6 +252,7 @@ class SampleOptions(EngineOptions):
 
     n: NOpt = None
     system_prompt: SystemOpt = None
+    throttle: ThrottleOpt = 0.0
     flush_every: FlushOpt = 256
     adaptive: AdaptiveOpt = None
     prune: PruneOpt = None
@@ -262,6 +261,7 @@ class SampleOptions(EngineOptions):
         own = {
             "n": self.n,
             "system_prompt": self.system_prompt,
+            "throttle": self.throttle,
             "flush_every": self.flush_every,
             "adaptive": self.adaptive,
             "prune": self.prune,
