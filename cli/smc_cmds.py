@@ -68,7 +68,10 @@ class SMCSettings:
             if self.width is not None:
                 raise ConfigError("--width is the expansions per beam of --search beam|dvts; SMC "
                                   "has none: drop --width or add --search")  # fmt: skip
-            check_choice("--fk", self.fk or "difference", SHAPINGS)
+            from ttscale.particles.resampling import RESAMPLERS
+
+            check_choice("--fk", self.value("fk"), SHAPINGS)
+            check_choice("--resample", self.value("resample"), tuple(RESAMPLERS))
             return
         if self.search == "bon":
             raise ConfigError(

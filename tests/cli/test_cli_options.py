@@ -440,3 +440,12 @@ def test_demo_ctrl_c_hint_continues_with_run(
     assert again.exit_code == 0, again.output
     assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
     assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+
+
+def test_smc_bad_resample_scheme_fails_before_the_engine(
+    tmp_path: Path, engines: list[tuple[Any, dict[str, Any]]]
+) -> None:
+    out = tmp_path / "x"
+    r = invoke(*SMC, "--limit", "1", "--particles", "2", "--resample", "coin", "--out", out)
+    one_line_error(r, "--resample must be one of")
+    assert not engines and not out.exists()
