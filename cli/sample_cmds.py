@@ -272,10 +272,11 @@ class SampleOptions(EngineOptions):
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def with_options(cls: type[EngineOptions]) -> Callable[[_F], _F]:
+def with_options(cls: type[EngineOptions], *, own_first: bool = False) -> Callable[[_F], _F]:
     """Give a command the options of the dataclass ``cls`` (each field an ``Annotated`` Typer
     option, but ``given``); the command receives them as one ``cls`` instance in its first
-    parameter, with ``given``: the options as typed on the command line."""
+    parameter, with ``given``: the options as typed on the command line. ``own_first``: list
+    the command's own options before the shared ones in its help."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = [f for f in dataclasses.fields(cls) if f.name != "given"]
     names = [f.name for f in fields]
@@ -300,7 +301,7 @@ def with_options(cls: type[EngineOptions]) -> Callable[[_F], _F]:
             opts = cls(**{k: kw.pop(k) for k in names}, given=given)
             return fn(opts, **kw)
 
-        all_params = [*shared, *own, context]
+        all_params = [*own, *shared, context] if own_first else [*shared, *own, context]
         command.__signature__ = inspect.Signature(all_params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in all_params}
         return typing.cast(_F, command)

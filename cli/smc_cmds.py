@@ -271,7 +271,7 @@ def register(app: typer.Typer) -> None:
     """Add ``smc`` to ``app``."""
 
     @app.command("smc", cls=_Command)
-    @with_options(EngineOptions)
+    @with_options(EngineOptions, own_first=True)
     def smc_cmd(
         opts: EngineOptions,
         particles: Annotated[
