@@ -88,7 +88,7 @@ def main() -> None:
         env.pop("OMP_NUM_THREADS", None)
     common = ["--n", str(args.n)]
     commands = {
-        "demo": ["demo", "--problems", str(args.problems), *common],
+        "demo": ["demo", "--limit", str(args.problems), *common],
         "sample": ["sample", "--model", model, "--benchmark", "arith",
                    "--limit", str(args.problems), "--max-tokens", "96", *common],
     }  # fmt: skip

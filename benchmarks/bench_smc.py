@@ -126,7 +126,7 @@ def run_method(
         )
     else:
         pot = Timed(make_potential("arith-prm"), "score")
-        width = 1 if method == "bon" else min(args.width, n)
+        width = 1 if method == "best_of_n" else min(args.width, n)
         sampler = SearchSampler(
             eng,
             pot,
@@ -149,9 +149,9 @@ def run_method(
     for r in results:
         answers = [extract_arith_answer(c.text) for c in r.kept]
         ref = r.problem.reference
-        name = "bon-weighted" if method == "bon" else method
+        name = "bon-weighted" if method == "best_of_n" else method
         rows.setdefault(name, []).append(_vote(answers, _weights(r.log_weights), ref))
-        if method == "bon":
+        if method == "best_of_n":
             rows.setdefault("majority", []).append(_vote(answers, None, ref))
         tokens.append(r.generated_tokens)
         psteps.append(particle_steps(r))
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batch-problems", type=int, default=25)
     ap.add_argument("--lam", type=float, default=10.0, help="FK strength of smc-fk")
-    ap.add_argument("--methods", default="beam,dvts,bon,smc,smc-fk")
+    ap.add_argument("--methods", default="beam,dvts,best_of_n,smc,smc-fk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -203,7 +203,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "results": [],
     }
-    run_method(engine, problems[:2], "bon", 2, args)  # warm-up (first-call allocations)
+    run_method(engine, problems[:2], "best_of_n", 2, args)  # warm-up (first-call allocations)
     own_total = wall_total = 0.0
     for n in budgets:
         for method in args.methods.split(","):

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttscale.errors import ConfigError
+from ttscale.select import DEFAULT_TIE
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -438,7 +439,7 @@ def register(app: typer.Typer) -> None:
                 "(the authors' optimiser, ~10 ms a fit)."
             ),
         ] = "fast",
-        tie: Annotated[str, typer.Option(help="expected|first|random tie rule.")] = "expected",
+        tie: Annotated[str, typer.Option(help="expected|first|random tie rule.")] = DEFAULT_TIE,
         deepconf_eta: Annotated[
             float, typer.Option(min=0.0, max=100.0, help="DeepConf: percent of traces kept.")
         ] = 10.0,

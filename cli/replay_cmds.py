@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttscale.errors import ConfigError
+from ttscale.select import DEFAULT_TIE
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
             Optional[int],
             typer.Option("--max-samples", min=1, help="Budget per problem [fewest samples of any problem]."),
         ] = None,
-        tie: Annotated[str, typer.Option(help="Final-vote ties: first|random|expected.")] = "first",
+        tie: Annotated[str, typer.Option(help="Final-vote ties: first|random|expected.")] = DEFAULT_TIE,
         verifier: Annotated[
             Optional[str], typer.Option(help="Whose verdicts give answers and correctness [the run's].")
         ] = None,
@@ -57,6 +58,7 @@ def register(app: typer.Typer) -> None:
         """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
         against self-consistency at the same budget, with 95% CIs."""
         from ttscale.cli.analysis_cmds import describe_verdicts
+        from ttscale.cli.sample_cmds import check_rule_name
         from ttscale.replay import replay, summary_line
         from ttscale.select.adaptive import parse_rule
         from ttscale.store import SampleStore
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
         if order == "index" and orders is not None:
             raise ConfigError("--order index and --orders N exclude each other; pass one")
+        check_rule_name(rule, "--rule")  # an unknown rule: one line naming both kinds
         if rule.strip().partition(":")[0].strip() in _TRACE_RULES:
             _replay_trace_rule(run, rule, orders, max_samples, verifier, seed, json_out)
             return

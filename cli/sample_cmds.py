@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import enum
+import functools
+import inspect
 import json
+import shlex
 import time
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 import typer.core
@@ -176,9 +181,166 @@ FlushOpt = Annotated[
 ]
 
 
+AdaptiveOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--adaptive",
+        help="Stop each problem early by a rule (esc:window=5, beta:0.95, dirichlet:0.95, "
+        "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The options of every sampling command (``sample``, ``run``, ``smc``), defined once.
+
+    A command decorated with :func:`with_options` gets these as Typer options and receives them
+    as one object, so an option means the same in every command and is written once.
+    """
+
+    model: ModelOpt = None
+    benchmark: BenchOpt = None
+    out: OutOpt = None
+    engine: EngineOpt = EngineKind.auto
+    base_url: BaseUrlOpt = None
+    engine_opt: EngineOptOpt = None
+    temperature: TempOpt = None
+    top_p: TopPOpt = None
+    top_k: TopKOpt = None
+    max_tokens: MaxTokOpt = None
+    seed: SeedOpt = None
+    stop: StopOpt = None
+    logprobs: LogprobsOpt = None
+    limit: LimitOpt = None
+    split: SplitOpt = None
+    resume: ResumeOpt = False
+    batch_size: BatchOpt = DEFAULT_BATCH
+    chat: ChatOpt = None
+    progress: ProgressOpt = True
+    shard: ShardOpt = None
+    given: tuple[str, ...] = ()  # not an option: what was typed (for the Ctrl-C hint)
+
+    def spec(self, **fields: Any) -> SampleSpec:
+        """The :class:`SampleSpec` these options ask for; ``fields`` override or add to it."""
+        base: dict[str, Any] = {
+            "model": self.model,
+            "benchmark": self.benchmark,
+            "out": self.out,
+            "engine": self.engine,
+            "base_url": tuple(self.base_url or ()),
+            "engine_opt": tuple(self.engine_opt or ()),
+            "sampling": _explicit_sampling(
+                self.temperature, self.top_p, self.top_k, self.max_tokens, self.seed, self.stop,
+                self.logprobs,
+            ),
+            "limit": self.limit,
+            "split": self.split,
+            "resume": self.resume,
+            "batch_size": self.batch_size,
+            "chat": self.chat,
+            "progress": self.progress,
+            "shard": self.shard,
+            "given": self.given,
+        }  # fmt: skip
+        return SampleSpec(**{**base, **fields})
+
+
+@dataclass(frozen=True)
+class SampleOptions(EngineOptions):
+    """:class:`EngineOptions` plus what ``sample`` and ``run`` share beyond ``smc``."""
+
+    n: NOpt = None
+    system_prompt: SystemOpt = None
+    throttle: ThrottleOpt = 0.0
+    flush_every: FlushOpt = 256
+    adaptive: AdaptiveOpt = None
+    prune: PruneOpt = None
+
+    def spec(self, **fields: Any) -> SampleSpec:
+        own = {
+            "n": self.n,
+            "system_prompt": self.system_prompt,
+            "throttle": self.throttle,
+            "flush_every": self.flush_every,
+            "adaptive": self.adaptive,
+            "prune": self.prune,
+        }
+        return super().spec(**{**own, **fields})
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def with_options(cls: type[EngineOptions], *, own_first: bool = False) -> Callable[[_F], _F]:
+    """Give a command the options of the dataclass ``cls`` (each field an ``Annotated`` Typer
+    option, but ``given``); the command receives them as one ``cls`` instance in its first
+    parameter, with ``given``: the options as typed on the command line. ``own_first``: list
+    the command's own options before the shared ones in its help."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = [f for f in dataclasses.fields(cls) if f.name != "given"]
+    names = [f.name for f in fields]
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=hints[f.name])
+        for f in fields
+    ]  # fmt: skip
+    # Typer passes the click context to a parameter annotated with typer.Context
+    context = inspect.Parameter("_ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+
+    def decorate(fn: _F) -> _F:
+        params = list(inspect.signature(fn, eval_str=True).parameters.values())
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params[1:]]
+        clash = set(names) & {p.name for p in own}
+        if clash:
+            raise TypeError(f"{fn.__name__} redefines shared options {sorted(clash)}")
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            given = _given_words(kw.pop("_ctx"))
+            opts = cls(**{k: kw.pop(k) for k in names}, given=given)
+            return fn(opts, **kw)
+
+        all_params = [*own, *shared, context] if own_first else [*shared, *own, context]
+        command.__signature__ = inspect.Signature(all_params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in all_params}
+        return typing.cast(_F, command)
+
+    return decorate
+
+
+def _given_words(ctx: Any) -> tuple[str, ...]:
+    """Every option given on the command line (or by environment), as words to type again;
+    ``--out``, ``--resume`` and testing aids (hidden options) left out."""
+    words: list[str] = []
+    for p in ctx.command.params:
+        if getattr(p, "param_type_name", "") != "option" or p.hidden or p.name in ("out", "resume"):
+            continue
+        source = ctx.get_parameter_source(p.name)
+        if getattr(source, "name", "") not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        words += _option_words(p, ctx.params.get(p.name))
+    return tuple(words)
+
+
+def _option_words(p: Any, value: Any) -> list[str]:
+    """``--name value`` (repeated for a multiple option, one word for a flag) as typed."""
+    longest = max(p.opts, key=len)
+    if p.is_flag:
+        if value:
+            return [longest]
+        return [max(p.secondary_opts, key=len)] if p.secondary_opts else []
+    values = value if p.multiple else [value]
+    words: list[str] = []
+    for v in values or ():
+        if v is not None:
+            words += [longest, str(v.value if isinstance(v, enum.Enum) else v)]
+    return words
+
+
 @dataclass
 class SampleSpec:
-    """Everything ``ttscale sample`` was asked for, before defaults are resolved."""
+    """Everything a sampling command was asked for, before defaults are resolved."""
 
     model: str | None = None
     benchmark: str | None = None
@@ -203,6 +365,7 @@ class SampleSpec:
     outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
     adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
     prune: str | None = None  # a pruning rule (samplers.pruning): level-2 adaptive compute
+    given: Sequence[str] = ()  # the options as typed, for the Ctrl-C hint (with_options)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -281,31 +444,73 @@ class SampleResult:
     engine_info: Mapping[str, Any]
 
 
-def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
-    """Resolve defaults, check everything cheap, then build the engine and sample.
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What a sampling command resolved from its options, the benchmark and a resumed run.
+
+    ``sampling``: the sampling settings before ``n`` (benchmark defaults, then the resumed
+    run's, then the command line's); ``problems``: the run's problems, ``mine`` this worker's
+    (``--shard``); ``old``: the manifest of the run being resumed (``{}`` for a new run);
+    ``manifest``: the fields every run records (model, benchmark, split, limit).
+    """
+
+    bench: Any
+    model: str
+    model_note: str
+    split: str
+    limit: int | None
+    problems: list[Any]
+    mine: list[Any]
+    shard: tuple[int, int] | None
+    sampling: dict[str, Any]
+    n: int
+    out: Path
+    old: Mapping[str, Any]
+    manifest: dict[str, Any]
+    engine_options: dict[str, Any]
+    choice: Any
+
+    def build_engine(self, *, call_batch: int | None = None) -> Any:
+        """Build the engine (the slow part) and say on stderr which one, for which model."""
+        from ttscale.engines import describe_engine, make_engine
+
+        engine = make_engine(self.choice.kind, self.model, **self.engine_options)
+        typer.echo(
+            describe_engine(
+                engine.info(),
+                model=self.model,
+                model_note=self.model_note,
+                reason=self.choice.reason,
+                call_batch=call_batch,
+            ),
+            err=True,
+        )
+        return engine
+
+
+def resolve_run(
+    spec: SampleSpec,
+    *,
+    default_n: int = DEFAULT_N,
+    out_prefix: str | None = None,
+    resume_sampling: bool = True,
+) -> ResolvedRun:
+    """The one resolution path of ``sample``, ``run`` and ``smc``: benchmark defaults, resume
+    settings, problems and shard, output checks and the engine choice, all before anything slow.
 
     Defaults, lowest first: ``SamplingParams`` defaults, the benchmark's (max_tokens, stop), the
-    run's manifest when resuming, then what was given on the command line. Bad input fails before
-    the (slow) engine is built and before a run directory is created.
+    run's manifest when resuming (its model, benchmark, split, limit and sampling), then what was
+    given on the command line. Nothing is created: a command that fails here leaves no trace.
+    ``resume_sampling=False``: the resumed run's sampling is not merged in (step-wise samplers
+    record their per-step settings there and check their own).
     """
-    from ttscale.engines import choose_engine, describe_engine, make_engine
+    from ttscale.engines import choose_engine
     from ttscale.evals import get_benchmark
     from ttscale.paths import check_writable_dir, check_writable_file
-    from ttscale.samplers import RepeatedSampler
     from ttscale.samplers.repeated import parse_shard, shard_problems
     from ttscale.store import SampleStore
-    from ttscale.types import SamplingParams
 
     shard = parse_shard(spec.shard) if spec.shard is not None else None
-    if spec.adaptive is not None:
-        from ttscale.select.adaptive import parse_rule
-
-        parse_rule(spec.adaptive)  # a bad rule fails before anything loads
-        if shard is not None:
-            raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
-    if spec.adaptive is not None and spec.prune is not None:
-        raise ConfigError("give --adaptive (stop each problem early) or --prune (stop traces), not both")
-    prune_rule = _check_prune(spec)
     out = spec.out
     old: dict[str, Any] = {}
     if out is not None and (out / "manifest.json").exists():
@@ -314,7 +519,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
                 f"run directory {out} already exists; pass --resume to continue or extend it, "
                 "or choose a new --out"
             )
-        old = SampleStore.open(out).manifest
+        old = dict(SampleStore.open(out).manifest)
     bench_name = spec.benchmark or old.get("benchmark")
     if not bench_name:
         raise ConfigError("--benchmark is required (see `ttscale bench list`)")
@@ -329,31 +534,21 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
 
     base: dict[str, Any] = {"max_tokens": bench.max_tokens, "stop": tuple(bench.stop)}
     old_sampling = dict(old.get("sampling") or {})
-    old_sampling.pop("n", None)
-    base.update(old_sampling)
+    old_n = old_sampling.pop("n", None)
+    if resume_sampling:
+        base.update(old_sampling)
     base.update(spec.sampling)
-    n = spec.n or (int(old["sampling"]["n"]) if old.get("sampling") else DEFAULT_N)
-    if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
-        base["logprobs"] = 20
-        typer.echo(
-            f"--prune {prune_rule.name} needs top log-probs: sampling with logprobs=20", err=True
-        )
-    params = SamplingParams.from_dict({**base, "n": n})
+    n = spec.n or (int(old_n) if old_n else default_n)
     limit = spec.limit if spec.limit is not None else old.get("limit")
     problems = bench.load(split, limit=limit)
     if not problems:
         raise ConfigError(f"benchmark {bench_name!r} split {split!r} has no problems")
-
-    manifest = {"model": str(model), "benchmark": bench_name, "split": split, "limit": limit}
-    if old:
-        # fail now, before minutes of engine start-up, on a run made with other settings
-        SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
     mine = shard_problems(problems, shard)
     if not mine:
         raise ConfigError(f"shard {spec.shard} of {len(problems)} problems is empty; use fewer shards")
     # every output must be writable before the engine loads (minutes, for a large model)
     if out is None:
-        out = _default_out(f"{bench_name}")
+        out = _default_out(out_prefix or bench_name)
     check_writable_dir(out, "--out")
     for extra in spec.outputs:
         check_writable_file(extra, "--plot")
@@ -364,15 +559,45 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             raise ConfigError("--base-url applies to --engine openai only")
         options["base_urls"] = list(spec.base_url)
     choice = choose_engine(spec.engine.value, str(model))
-    engine = make_engine(choice.kind, model, **options)
-    line = describe_engine(
-        engine.info(),
-        model=str(model),
-        model_note=model_note,
-        reason=choice.reason,
-        call_batch=spec.batch_size,
-    )
-    typer.echo(line, err=True)
+    manifest = {"model": str(model), "benchmark": bench_name, "split": split, "limit": limit}
+    return ResolvedRun(
+        bench=bench, model=str(model), model_note=model_note, split=split, limit=limit,
+        problems=list(problems), mine=list(mine), shard=shard, sampling=base, n=n, out=out,
+        old=old, manifest=manifest, engine_options=options, choice=choice,
+    )  # fmt: skip
+
+
+def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
+    """Resolve (:func:`resolve_run`), check everything cheap, then build the engine and sample.
+
+    Bad input fails before the (slow) engine is built and before a run directory is created.
+    """
+    from ttscale.samplers import RepeatedSampler
+    from ttscale.store import SampleStore
+    from ttscale.types import SamplingParams
+
+    if spec.adaptive is not None:
+        check_rule_name(spec.adaptive, "--adaptive")
+        from ttscale.select.adaptive import parse_rule
+
+        parse_rule(spec.adaptive)  # a bad rule fails before anything loads
+        if spec.shard is not None:
+            raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
+    if spec.adaptive is not None and spec.prune is not None:
+        raise ConfigError("give --adaptive (stop each problem early) or --prune (stop traces), not both")
+    prune_rule = _check_prune(spec)
+    r = resolve_run(spec)
+    base, n, out, problems, manifest = r.sampling, r.n, r.out, r.problems, r.manifest
+    if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
+        base["logprobs"] = 20
+        typer.echo(
+            f"--prune {prune_rule.name} needs top log-probs: sampling with logprobs=20", err=True
+        )
+    params = SamplingParams.from_dict({**base, "n": n})
+    if r.old:
+        # fail now, before minutes of engine start-up, on a run made with other settings
+        SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
+    engine = r.build_engine(call_batch=spec.batch_size)
     try:
         if spec.throttle > 0:
             engine = _Throttled(engine, spec.throttle)
@@ -387,7 +612,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             if console is not None:
                 _print_summary(console, summary, info)
                 _print_pruning(console, store)
-            return SampleResult(store, summary, bench, problems, info)
+            return SampleResult(store, summary, r.bench, problems, info)
         sampler = RepeatedSampler(
             engine,
             params,
@@ -404,19 +629,19 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
                 from ttscale.cli.replay_cmds import sample_adaptive
 
                 summary = sample_adaptive(
-                    engine, params, store, problems, n, spec.adaptive, bench, spec, manifest
+                    engine, params, store, problems, n, spec.adaptive, r.bench, spec, manifest
                 )
             else:
-                summary = sampler.run(problems, n=n, shard=shard)
+                summary = sampler.run(problems, n=n, shard=r.shard)
         except KeyboardInterrupt:
-            _report_interrupt(spec, out, mine, n)
+            _report_interrupt(spec, out, r.mine, n)
             raise typer.Exit(130) from None
         info = dict(engine.info())
     finally:
         engine.close()
     if console is not None:
         _print_summary(console, summary, info)
-    return SampleResult(store, summary, bench, problems, info)
+    return SampleResult(store, summary, r.bench, problems, info)
 
 
 def _check_prune(spec: SampleSpec) -> Any:
@@ -425,6 +650,7 @@ def _check_prune(spec: SampleSpec) -> Any:
         return None
     from ttscale.samplers.pruning import parse_prune_rule
 
+    check_rule_name(spec.prune, "--prune")
     rule = parse_prune_rule(spec.prune)
     if spec.resume:
         raise ConfigError("--prune runs do not resume; sample into a new --out")
@@ -495,6 +721,39 @@ def _print_pruning(console: Any, store: Any) -> None:
     )
 
 
+def check_rule_name(spec: str, option: str) -> None:
+    """One line for a rule given to the wrong option or unknown: every rule, with its option.
+
+    ``option``: ``--adaptive`` (stopping rules), ``--prune`` (pruning rules) or ``--rule``
+    (``replay``, which takes both).
+    """
+    from ttscale.samplers.pruning import PRUNE_RULES
+    from ttscale.select.adaptive import RULE_NAMES
+
+    name = str(spec).strip().partition(":")[0].strip().lower()
+    if option == "--adaptive" and name in PRUNE_RULES:
+        raise ConfigError(
+            f"{name} is a pruning rule (it stops traces mid-generation): give it as --prune {spec}"
+        )
+    if option == "--prune" and name in RULE_NAMES:
+        raise ConfigError(
+            f"{name} is a stopping rule (it stops sampling a problem early): give it as "
+            f"--adaptive {spec}"
+        )
+    if name not in RULE_NAMES and name not in PRUNE_RULES:
+        kind = {"--adaptive": "adaptive ", "--prune": "pruning "}.get(option, "")
+        stopping = f"stopping rules (--adaptive): {', '.join(RULE_NAMES)}"
+        pruning = f"pruning rules (--prune): {', '.join(PRUNE_RULES)}"
+        both = f"{pruning}; {stopping}" if option == "--prune" else f"{stopping}; {pruning}"
+        raise ConfigError(f"unknown {kind}rule {name!r} in {option} {spec!r}; {both}")
+
+
+def resume_command(command: str, out: Path, given: Sequence[str] = ()) -> str:
+    """The command that continues a run: the options ``given`` (as typed; see
+    :func:`with_options`), then ``--out OUT --resume``, shell-quoted."""
+    return shlex.join(["ttscale", command, *given, "--out", str(out), "--resume"])
+
+
 def _report_interrupt(spec: SampleSpec, out: Path, problems: Sequence[Any], n: int) -> None:
     """After Ctrl-C: what is stored (the sampler flushed every finished sample) and how to go on."""
     from ttscale.store import SampleStore
@@ -511,11 +770,8 @@ def _report_interrupt(spec: SampleSpec, out: Path, problems: Sequence[Any], n: i
         )
     except Exception as e:  # report the interrupt even if the run cannot be read back
         saved = f"the samples finished so far are stored in {out} (cannot count them: {e})"
-    shard = f" --shard {spec.shard}" if spec.shard else ""
-    typer.echo(
-        f"interrupted: {saved}; continue with: ttscale {spec.command} --out {out} --resume{shard}",
-        err=True,
-    )
+    hint = resume_command(spec.command, out, spec.given)
+    typer.echo(f"interrupted: {saved}; continue with: {hint}", err=True)
 
 
 def _print_summary(console: Any, s: Any, info: Mapping[str, Any]) -> None:
@@ -541,31 +797,71 @@ def _verify_and_curve(
     ks: Sequence[int] | None,
     plot: Path | None,
     isolation: str = "auto",
+    verifier: str | None = None,
+    methods: Sequence[str] | None = None,
+    spec: SampleSpec | None = None,
 ) -> dict[str, Any]:
-    """Verify with the benchmark's checker, then coverage and majority@k: table, JSON, plot."""
+    """Verify (the benchmark's checker unless ``verifier``), then the curves: table, JSON, plot.
+
+    A fixed-n run gets coverage@k and majority@k (or ``methods``) here; an adaptive or pruned
+    run is reported by ``ttscale curve`` itself (its own accuracy at its own cost is that
+    command's business); a ``--shard`` worker verifies its shard and leaves the curve for when
+    every shard is in.
+    """
     from ttscale.cli.verify_cmds import report_interrupt
     from ttscale.pipeline import verify_and_curve
-    from ttscale.verifiers.runner import VerifyInterrupted
+    from ttscale.verifiers.runner import VerifyInterrupted, verify_store
 
+    shard = spec.shard if spec is not None else None
+    live_kind = spec is not None and (spec.adaptive is not None or spec.prune is not None)
+    vspec = verifier or res.benchmark.verifier
+    partial = shard is not None and not _all_sampled(res.store, res.summary.n)
     try:
+        if partial or live_kind:
+            from ttscale.samplers.repeated import parse_shard
+
+            vsum = verify_store(
+                res.store, vspec, isolation=isolation,
+                shard=parse_shard(shard) if partial and shard is not None else None,
+                on_model=lambda line: typer.echo(line, err=True),
+                set_default=True, set_default_by="run",
+            )  # fmt: skip
+            _print_verified(console, vsum)
+            if partial:
+                console.print(
+                    f"shard {shard} is sampled and verified; the curve needs every shard: once "
+                    f"they are all in, [bold]ttscale curve {res.store.path}[/bold]"
+                )
+            else:
+                _curve_command(res.store.path, ks=ks, plot=plot, methods=methods)
+                console.print(f"run:  [bold]{res.store.path}[/bold]")
+            return {}
         out = verify_and_curve(
             res.store,
-            res.benchmark.verifier,
+            vspec,
             n=res.summary.n,
             ks=ks,
             plot=plot or True,
             label=res.benchmark.name,
             isolation=isolation,
             on_model=lambda line: typer.echo(line, err=True),
+            methods=methods,
         )
+        _print_verified(console, out.verify)
     except VerifyInterrupted as e:
         report_interrupt(e, res.store.path)
         raise typer.Exit(130) from None
-    vsum = out.verify
+    _print_curve(console, out.report)
+    console.print(f"plot: [bold]{out.plot}[/bold]")
+    console.print(f"run:  [bold]{res.store.path}[/bold]")
+    return out.table()
+
+
+def _print_verified(console: Any, vsum: Mapping[str, Any]) -> None:
     acc = vsum.get("accuracy")
     statuses = ", ".join(f"{k} {v:,}" for k, v in sorted((vsum.get("by_status") or {}).items()))
     console.print(
-        f"verified {vsum.get('verified', 0):,} samples with [bold]{vsum['verifier']}[/bold]"
+        f"verified {vsum.get('verified', 0):,} samples with [bold]{verifier_label(vsum)}[/bold]"
         + (f": {acc:.1%} correct" if acc is not None else "")
         + (f" ({statuses})" if statuses else "")
     )
@@ -573,10 +869,35 @@ def _verify_and_curve(
     was = f", was {d['previous']}" if d.get("changed") and d.get("previous") else ""
     if d.get("name"):
         console.print(f"default verdict set of the run: [bold]{d['name']}[/bold] (set by run{was})")
-    _print_curve(console, out.report)
-    console.print(f"plot: [bold]{out.plot}[/bold]")
-    console.print(f"run:  [bold]{res.store.path}[/bold]")
-    return out.table()
+
+
+def verifier_label(vsum: Mapping[str, Any]) -> str:
+    """The verifier as the user wrote it (``arith-prm:last``), not its verdict-set name."""
+    return str(vsum.get("requested_spec") or vsum.get("spec") or vsum["verifier"])
+
+
+def _all_sampled(store: Any, n: int) -> bool:
+    """Whether every problem of the run holds its ``n`` samples (all shards are in)."""
+    counts = store.counts()
+    ids = store.problem_ids()
+    return bool(ids) and all(counts.get(pid, 0) >= n for pid in ids)
+
+
+def _curve_command(
+    run: Path, *, ks: Sequence[int] | None, plot: Path | None, methods: Sequence[str] | None
+) -> None:
+    """Report a run the way ``ttscale curve RUN`` does (one code path for its run kind)."""
+    import typer.main
+
+    from ttscale.cli.app import app
+
+    args = [str(run), "--plot", str(plot or Path(run) / "coverage.png")]
+    if ks:
+        args += ["--k", ",".join(map(str, ks))]
+    if methods:
+        args += ["--methods", ",".join(methods)]
+    curve = typer.main.get_command(app).commands["curve"]  # type: ignore[attr-defined]
+    curve.main(args, prog_name="ttscale curve", standalone_mode=False)
 
 
 def _print_curve(console: Any, report: Any) -> None:
@@ -639,100 +960,43 @@ def _console() -> Any:
 # -- commands -----------------------------------------------------------------------------------
 
 
+VerifierOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--verifier",
+        help="Verifier spec, as for `ttscale verify` (math, arith, arith-prm:last, rm:PATH, ...) "
+        "[the benchmark's].",
+    ),
+]
+MethodsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--methods",
+        help="Comma-separated, as for `ttscale curve`: coverage,majority,weighted,best_of_n,"
+        "max_probability,pc,rpc,deepconf [coverage,majority].",
+        show_default=False,
+    ),
+]
+
+
 def register(app: typer.Typer) -> None:
     """Add ``sample``, ``run`` and ``demo`` to ``app``."""
 
     @app.command("sample", cls=_Command)
-    def sample_cmd(
-        model: ModelOpt = None,
-        benchmark: BenchOpt = None,
-        n: NOpt = None,
-        out: OutOpt = None,
-        engine: EngineOpt = EngineKind.auto,
-        base_url: BaseUrlOpt = None,
-        engine_opt: EngineOptOpt = None,
-        temperature: TempOpt = None,
-        top_p: TopPOpt = None,
-        top_k: TopKOpt = None,
-        max_tokens: MaxTokOpt = None,
-        seed: SeedOpt = None,
-        stop: StopOpt = None,
-        logprobs: LogprobsOpt = None,
-        limit: LimitOpt = None,
-        split: SplitOpt = None,
-        resume: ResumeOpt = False,
-        batch_size: BatchOpt = DEFAULT_BATCH,
-        chat: ChatOpt = None,
-        system_prompt: SystemOpt = None,
-        progress: ProgressOpt = True,
-        shard: ShardOpt = None,
-        throttle: ThrottleOpt = 0.0,
-        flush_every: FlushOpt = 256,
-        adaptive: Annotated[
-            Optional[str],
-            typer.Option(
-                "--adaptive",
-                help="Stop each problem early by a rule (esc:window=5, beta:0.95, dirichlet:0.95, "
-                "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
-            ),
-        ] = None,
-        prune: PruneOpt = None,
-    ) -> None:
+    @with_options(SampleOptions)
+    def sample_cmd(opts: SampleOptions) -> None:
         """Draw N samples per problem of a benchmark into a run directory (resumable).
 
         Several workers may share one run directory (each takes problems no other worker holds)
         or split the problems with --shard i/N. With --adaptive RULE each problem stops on its
         own once the rule says its answer is settled (RUN/adaptive.jsonl records where and why).
         """
-        spec = SampleSpec(
-            model=model,
-            benchmark=benchmark,
-            n=n,
-            out=out,
-            engine=engine,
-            base_url=base_url or (),
-            engine_opt=engine_opt or (),
-            sampling=_explicit_sampling(
-                temperature, top_p, top_k, max_tokens, seed, stop, logprobs
-            ),
-            limit=limit,
-            split=split,
-            resume=resume,
-            batch_size=batch_size,
-            chat=chat,
-            system_prompt=system_prompt,
-            progress=progress,
-            throttle=throttle,
-            flush_every=flush_every,
-            shard=shard,
-            adaptive=adaptive,
-            prune=prune,
-        )
-        run_sample(spec, console=_console())
+        run_sample(opts.spec(), console=_console())
 
     @app.command("run", cls=_Command)
+    @with_options(SampleOptions)
     def run_cmd(
-        model: ModelOpt = None,
-        benchmark: BenchOpt = None,
-        n: NOpt = None,
-        out: OutOpt = None,
-        engine: EngineOpt = EngineKind.auto,
-        base_url: BaseUrlOpt = None,
-        engine_opt: EngineOptOpt = None,
-        temperature: TempOpt = None,
-        top_p: TopPOpt = None,
-        top_k: TopKOpt = None,
-        max_tokens: MaxTokOpt = None,
-        seed: SeedOpt = None,
-        stop: StopOpt = None,
-        logprobs: LogprobsOpt = None,
-        limit: LimitOpt = None,
-        split: SplitOpt = None,
-        resume: ResumeOpt = False,
-        batch_size: BatchOpt = DEFAULT_BATCH,
-        chat: ChatOpt = None,
-        system_prompt: SystemOpt = None,
-        progress: ProgressOpt = True,
+        opts: SampleOptions,
         k: Annotated[
             Optional[str],
             typer.Option("--k", help="Budgets for the curve, e.g. 1,2,4,8 (default: powers of 2)."),
@@ -740,61 +1004,62 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[
             Optional[Path], typer.Option("--plot", help="Plot file [RUN/coverage.png].")
         ] = None,
-        throttle: ThrottleOpt = 0.0,
-        flush_every: FlushOpt = 256,
         isolation: IsolationOpt = IsolationChoice.auto,
+        verifier: VerifierOpt = None,
+        methods: MethodsOpt = None,
     ) -> None:
-        """Sample, verify with the benchmark's checker, and print/plot coverage vs k.
+        """Sample, verify (the benchmark's checker, or --verifier), and print/plot the curves.
 
         Without --model/--benchmark it runs the bundled model on the bundled arith benchmark;
-        any other benchmark needs --model.
+        any other benchmark needs --model. An --adaptive or --prune run is reported as
+        `ttscale curve RUN` reports it; a --shard worker verifies its shard, and the curve
+        follows once every shard is in.
         """
-        if model is None and not resume:
+        from ttscale.cli.analysis_cmds import _int_list, _method_list
+
+        benchmark = opts.benchmark
+        if opts.model is None and not opts.resume:
             # the bundled default: the small arith model on the arith benchmark (run_sample
             # refuses any other benchmark without --model)
             benchmark = benchmark or "arith"
-        spec = SampleSpec(
-            model=model,
-            benchmark=benchmark,
-            n=n,
-            out=out,
-            engine=engine,
-            base_url=base_url or (),
-            engine_opt=engine_opt or (),
-            sampling=_explicit_sampling(
-                temperature, top_p, top_k, max_tokens, seed, stop, logprobs
-            ),
-            limit=limit,
-            split=split,
-            resume=resume,
-            batch_size=batch_size,
-            chat=chat,
-            system_prompt=system_prompt,
-            progress=progress,
-            throttle=throttle,
-            flush_every=flush_every,
-        )
-        from ttscale.cli.analysis_cmds import _int_list
-
         ks = _int_list(k, "--k")  # a bad list fails now, not after sampling
-        spec.command = "run"
-        spec.outputs = (plot,) if plot is not None else ()
-        if benchmark is not None:
+        method_list = _method_list(methods) if methods is not None else None
+        if method_list is not None:
+            from ttscale.analysis import METHODS
+
+            unknown = [m for m in method_list if m not in METHODS]
+            if unknown or not method_list:
+                raise ConfigError(
+                    f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}"
+                )
+        spec = opts.spec(
+            benchmark=benchmark, command="run", outputs=(plot,) if plot is not None else ()
+        )
+        if verifier is not None:
+            from ttscale.verifiers.base import check_spec
+
+            check_spec(verifier)  # a typo fails before sampling, not after it
+        vspec = verifier or (default_verifier_spec(benchmark) if benchmark else None)
+        if vspec is not None:
             from ttscale.verifiers.base import split_spec
             from ttscale.verifiers.sandbox import resolve_isolation
 
-            if split_spec(default_verifier_spec(benchmark))[0] == "code":
+            if split_spec(vspec)[0] == "code":
                 resolve_isolation(isolation.value)  # fail before sampling, not after it
         console = _console()
         res = run_sample(spec, console=console)
-        _verify_and_curve(res, console=console, ks=ks, plot=plot, isolation=isolation.value)
+        _verify_and_curve(
+            res, console=console, ks=ks, plot=plot, isolation=isolation.value,
+            verifier=verifier, methods=method_list, spec=spec,
+        )  # fmt: skip
 
     @app.command("demo", cls=_Command)
     def demo_cmd(
+        ctx: typer.Context,
         out: OutOpt = None,
         engine: EngineOpt = EngineKind.auto,
-        problems: Annotated[
-            int, typer.Option("--problems", min=1, help="Number of arith test problems.")
+        limit: Annotated[
+            int, typer.Option("--limit", min=1, help="Use the first P arith test problems.")
         ] = DEMO_PROBLEMS,
         n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples per problem.")] = DEMO_N,
         seed: SeedOpt = None,
@@ -809,7 +1074,7 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         console = _console()
         model = _bundled_model()
-        console.print(f"ttscale demo: bundled model {model} on {problems} arith problems x n={n}")
+        console.print(f"ttscale demo: bundled model {model} on {limit} arith problems x n={n}")
         spec = SampleSpec(
             model=str(model),
             benchmark="arith",
@@ -820,8 +1085,10 @@ def register(app: typer.Typer) -> None:
                 "max_tokens": DEMO_MAX_TOKENS,
                 **({"seed": seed} if seed is not None else {}),
             },
-            limit=problems,
+            limit=limit,
             progress=progress,
+            command="run",  # demo has no --resume; `run` (taking demo's options) continues it
+            given=_given_words(ctx),
         )
         res = run_sample(spec, console=console)
         table = _verify_and_curve(res, console=console, ks=None, plot=None)

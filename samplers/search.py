@@ -13,7 +13,7 @@ every new partial solution. With ``budget = N`` and ``width = M``:
 * ``dvts`` (diverse verifier tree search): ``N // M`` independent subtrees; the first step draws
   ``M`` continuations per subtree; after each step each subtree keeps its single best
   unfinished solution and expands it ``M`` ways. A subtree ends when it has nothing to expand.
-* ``bon`` (best-of-N with step scores): ``N`` independent step-wise solutions, nothing pruned;
+* ``best_of_n`` (best-of-N with step scores): ``N`` independent step-wise solutions, nothing pruned;
   every step scored, so the final pool is weighted by the process reward.
 
 Solutions that reach ``max_steps`` steps or ``max_tokens`` generated tokens join the pool as
@@ -54,7 +54,7 @@ __all__ = ["SEARCH_CONFIGS", "SearchSampler", "particle_steps", "select_survivor
 log = logging.getLogger(__name__)
 
 #: The named search configurations.
-SEARCH_CONFIGS = ("beam", "dvts", "bon")
+SEARCH_CONFIGS = ("beam", "dvts", "best_of_n")
 
 
 def select_survivors(
@@ -64,14 +64,14 @@ def select_survivors(
 
     ``scores``: the potentials of the step's unfinished solutions; ``groups``: their subtree
     (DVTS); ``keep``: how many survive for ``beam``. ``beam`` keeps the ``keep`` best overall,
-    ``dvts`` the best of each group, ``bon`` everything. Ties go to the lower position; ``-inf``
+    ``dvts`` the best of each group, ``best_of_n`` everything. Ties go to the lower position; ``-inf``
     and NaN rank last (NaN as ``-inf``).
     """
     check_choice("search", search, SEARCH_CONFIGS)
     s = np.asarray(scores, dtype=np.float64)
     s = np.where(np.isnan(s), -np.inf, s)
     n = len(s)
-    if search == "bon":
+    if search == "best_of_n":
         return list(range(n))
     order = sorted(range(n), key=lambda i: (-s[i], i))
     if search == "beam":
@@ -156,12 +156,14 @@ class SearchSampler:
         self.engine = engine
         self.potential = as_potential(potential)
         self.search = search
-        self.width = 1 if search == "bon" else width
+        self.width = 1 if search == "best_of_n" else width
         self.max_steps = max_steps
         self.max_tokens = max_tokens
         self.batch_problems = batch_problems
+        # ``params.stop`` ends a whole solution; a step ends at either kind of stop
+        self.final_stop = tuple(x for x in params.stop if x not in stop)
         self.params = params.replace(
-            stop=stop,
+            stop=stop + self.final_stop,
             include_stop_str_in_output=True,
             max_tokens=step_tokens if step_tokens is not None else params.max_tokens,
         )
@@ -194,7 +196,7 @@ class SearchSampler:
         per step (beams / particles). Yields one result per problem, in order."""
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
-        if self.search != "bon" and budget % self.width:
+        if self.search != "best_of_n" and budget % self.width:
             raise ConfigError(
                 f"{self.search} needs a budget divisible by width {self.width}, got {budget}; "
                 f"use a multiple of {self.width} or change width"
@@ -339,6 +341,7 @@ class SearchSampler:
             eos
             or c.num_tokens == 0
             or c.finish_reason == FinishReason.ABORT.value
+            or (isinstance(c.stop_reason, str) and c.stop_reason in self.final_stop)
             or st.step + 1 >= self.max_steps
             or n >= self.max_tokens
         )

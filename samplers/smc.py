@@ -295,6 +295,7 @@ class SMCSampler:
         progress: bool | None = None,
         manifest: Mapping[str, Any] | None = None,
         flush_every: int = 512,
+        batch_size: int | None = None,
     ) -> None:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -309,6 +310,7 @@ class SMCSampler:
         check_number("ess_threshold", ess_threshold, low=0.0, high=1.0)
         check_int("tokens_per_step", tokens_per_step, min=1)
         check_int("max_steps", max_steps, min=1)
+        check_int("batch_size", batch_size, min=1, allow_none=True)
         if params.temperature == 0.0:
             raise ConfigError(
                 "SMC needs a stochastic proposal: temperature must be > 0 (greedy decoding has "
@@ -353,6 +355,8 @@ class SMCSampler:
         self.progress = progress
         self.extra_manifest = dict(manifest or {})
         self.flush_every = flush_every
+        #: most particles extended in one engine call (``None``: a step's live particles at once)
+        self.batch_size = batch_size
         self.engine_info = dict(engine.info())
 
     # ---- configuration for the manifest ------------------------------------------------------
@@ -444,10 +448,12 @@ class SMCSampler:
         """SMC with ``n`` particles on one problem (in memory unless ``session`` stores)."""
         session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
         rng = np.random.default_rng(problem_seed(params.seed, problem.id) ^ 0x5EC)
+        # ``params.stop`` ends a particle's solution; a step ends at either kind of stop
+        final_stop = tuple(x for x in params.stop if x not in self.step_stop)
         step_params = params.replace(
             n=1,
             max_tokens=min(self.tokens_per_step, params.max_tokens),
-            stop=self.step_stop,
+            stop=self.step_stop + final_stop,
             include_stop_str_in_output=True,
             logprobs=params.logprobs if params.logprobs is not None else 0,
         )
@@ -484,12 +490,15 @@ class SMCSampler:
             ]
             outs: list[Completion | None] = [None] * len(reqs)
             for cap in sorted(set(caps), reverse=True):  # one batched call (per distinct cap)
-                pos = [k for k, c in enumerate(caps) if c == cap]
-                got = session.generate(
-                    [reqs[k] for k in pos], step_params.replace(max_tokens=cap), store=False
-                )
-                for k, g in zip(pos, got, strict=True):
-                    outs[k] = g[0]
+                same = [k for k, c in enumerate(caps) if c == cap]
+                size = self.batch_size or len(same)
+                for lo in range(0, len(same), size):
+                    pos = same[lo : lo + size]
+                    got = session.generate(
+                        [reqs[k] for k in pos], step_params.replace(max_tokens=cap), store=False
+                    )
+                    for k, g in zip(pos, got, strict=True):
+                        outs[k] = g[0]
             particle_steps += len(live)
             correction = np.zeros(n)
             fin_now = state.finished.copy()
@@ -517,6 +526,7 @@ class SMCSampler:
                 )
                 fin_now[j] = (
                     eos
+                    or (isinstance(comp.stop_reason, str) and comp.stop_reason in final_stop)
                     or len(parts[j].tokens) >= params.max_tokens
                     or parts[j].steps >= self.max_steps
                     or comp.num_tokens == 0

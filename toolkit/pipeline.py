@@ -46,11 +46,12 @@ class PipelineResult:
     sampling: Any = None
 
     def table(self) -> dict[str, Any]:
-        """Mean coverage@k and majority@k per k (what ``ttscale demo`` summarises)."""
+        """Each method's mean per k (coverage and majority by default: what ``ttscale demo``
+        summarises), with ``ks`` and ``plot``."""
+        means = {name: [float(x) for x in c.mean] for name, c in self.report.curves.items()}
         return {
             "ks": list(self.ks),
-            "coverage": [float(x) for x in self.report.curves["coverage"].mean],
-            "majority": [float(x) for x in self.report.curves["majority"].mean],
+            **means,
             "plot": str(self.plot) if self.plot is not None else None,
         }
 
@@ -75,8 +76,10 @@ def verify_and_curve(
     label: str | None = None,
     isolation: str = "auto",
     on_model: Callable[[str], None] | None = None,
+    methods: Sequence[str] | None = None,
 ) -> PipelineResult:
-    """Verify a run, then coverage@k and majority@k with bootstrap CIs, a plot and ``curve.json``.
+    """Verify a run, then coverage@k and majority@k (or ``methods``, names as for ``ttscale
+    curve``) with bootstrap CIs, a plot and ``curve.json``.
 
     ``store``: a :class:`~ttscale.store.SampleStore` or run directory. ``verifier``: a spec or a
     verifier object (default: the run's benchmark's). ``n``: samples per problem the curves go
@@ -85,7 +88,7 @@ def verify_and_curve(
     ``RUN/coverage.png`` or ``False`` for none; its title starts with ``label`` (default: the
     run's benchmark). ``on_model`` receives the lines describing models the verifier loaded.
     """
-    from ttscale.analysis import compute_curves, plot_curves
+    from ttscale.analysis import check_prerequisites, compute_curves, plot_curves, run_confidences
     from ttscale.store import SampleStore
     from ttscale.verifiers.runner import verify_store
 
@@ -100,7 +103,11 @@ def verify_and_curve(
         store, verifier, isolation=isolation, on_model=on_model, set_default=True, set_default_by="run"
     )
     chosen = sorted({k for k in (ks or power_ks(n)) if 1 <= k <= n})
-    report = compute_curves(store.pool(vsum["verifier"]), ("coverage", "majority"), chosen)
+    names = tuple(methods or ("coverage", "majority"))
+    pool = store.pool(vsum["verifier"])
+    confs = run_confidences(store) if "deepconf" in names else None
+    check_prerequisites(pool, names, confidences=confs)
+    report = compute_curves(pool, names, chosen, confidences=confs)
     plot_path: Path | None = None
     if plot is not False:
         plot_path = store.path / "coverage.png" if plot is True else Path(plot)
@@ -111,6 +118,8 @@ def verify_and_curve(
         )
     d = report.to_dict()
     d["run"] = str(store.path)
+    # the verifier as it was asked for (``arith-prm:last``), not only its verdict-set name
+    d["verifier"] = vsum.get("requested_spec") or vsum.get("spec") or vsum["verifier"]
     d["plot"] = str(plot_path) if plot_path is not None else None
     curve_json = store.path / "curve.json"
     curve_json.write_text(json.dumps(d, indent=2) + "\n")

@@ -165,7 +165,11 @@ def test_ctrl_c_during_sampling_reports_what_is_stored_and_how_to_resume(
     stored = len(SampleStore.open(out))
     assert stored == 12  # every finished sample was flushed before the interrupt propagated
     assert lines[0].startswith(f"interrupted: 12 of 24 requested samples are stored in {out}")
-    assert lines[0].endswith(f"continue with: ttscale sample --out {out} --resume --shard 0/1")
+    # the complete command: the run does not record the engine, the batch size or the shard
+    hint = lines[0].split("; continue with: ")[1]
+    assert hint.startswith("ttscale sample ") and hint.endswith(f" --out {out} --resume")
+    for given in ("--engine scripted", "--batch-size 4", "--shard 0/1", "--model toy", "--n 4"):
+        assert f" {given} " in hint, hint
     assert SampleStore.open(out).manifest["accounting"]["samples"] == 12
 
     monkeypatch.undo()

@@ -33,7 +33,8 @@ def pool_run(tmp_path: Path) -> Path:
 
 
 def test_replay_json_index_order(pool_run: Path) -> None:
-    r = invoke("replay", str(pool_run), "--rule", "beta:0.95", "--order", "index", "--json")
+    r = invoke("replay", str(pool_run), "--rule", "beta:0.95", "--order", "index", "--tie", "first",
+               "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["rule"] == "beta:threshold=0.95" and d["order"] == "index" and d["max_samples"] == 6
@@ -63,7 +64,7 @@ def test_replay_orders_and_text_output(pool_run: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "msg"),
     [
-        (["--rule", "nope"], "error: unknown adaptive rule 'nope'"),
+        (["--rule", "nope"], "error: unknown rule 'nope' in --rule 'nope'"),
         (["--rule", "beta", "--order", "random"], "error: --order takes only 'index'"),
         (["--rule", "beta", "--order", "index", "--orders", "3"], "exclude each other"),
         (["--rule", "beta", "--max-samples", "9"], "exceeds the samples"),

@@ -233,7 +233,7 @@ def test_demo_wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     out = tmp_path / "demo"
     r = invoke(
-        "demo", "--engine", "scripted", "--problems", "4", "--n", "8", "--out", str(out),
+        "demo", "--engine", "scripted", "--limit", "4", "--n", "8", "--out", str(out),
         "--no-progress",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -269,7 +269,7 @@ def test_demo_on_the_bundled_model(tmp_path: Path) -> None:
     if not (Path(default_model_path()) / "config.json").is_file():
         pytest.skip("the bundled model is not built (python -m ttscale.evals.train_arith)")
     out = tmp_path / "demo"
-    r = invoke("demo", "--problems", "6", "--n", "4", "--out", str(out), "--no-progress")
+    r = invoke("demo", "--limit", "6", "--n", "4", "--out", str(out), "--no-progress")
     assert r.exit_code == 0, r.output
     assert "engine: hf (transformers" in r.stderr and (out / "coverage.png").exists()
     curve = json.loads((out / "curve.json").read_text())

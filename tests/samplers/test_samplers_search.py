@@ -49,7 +49,7 @@ def test_select_survivors_rules():
     assert select_survivors("dvts", [0.8, 0.9, 0.5, 0.3], [0, 0, 1, 1], 2) == [1, 2]
     assert select_survivors("beam", [1.0, 1.0, 1.0], [0, 0, 0], 2) == [0, 1]
     assert select_survivors("beam", [float("nan"), -math.inf, 0.0], [0, 0, 0], 1) == [2]
-    assert select_survivors("bon", [0.1, 0.2], [0, 1], 1) == [0, 1]
+    assert select_survivors("best_of_n", [0.1, 0.2], [0, 1], 1) == [0, 1]
 
 
 def test_beam_keeps_the_global_top_n_over_m_and_expands_each_m_ways():
@@ -89,7 +89,7 @@ def test_bon_keeps_every_trace_with_its_final_score():
         # finished texts score by their last digit: b4 -> 4, ...
         return [float(t[-1]) if f else 0.0 for t, f in zip(texts, finished, strict=True)]
 
-    _, res = run("bon", potential=pot)
+    _, res = run("best_of_n", potential=pot)
     assert {c.index: (c.text, c.parent) for c in res.kept} == {
         4: ("a0\nb4", 0),
         5: ("a1\nb5", 1),
@@ -128,7 +128,7 @@ def test_max_steps_ends_every_solution():
         ScriptedEngine(lambda r, i, sd, p: "x\n"),
         lambda p, t, f: [0.0] * len(t),
         PARAMS,
-        search="bon",
+        search="best_of_n",
         max_steps=3,
     )
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
@@ -152,7 +152,7 @@ def test_arith_prm_beam_keeps_only_correct_lines():
     # each step half the children are wrong (-inf); the 2 survivors are the right ones
     assert {c.text for c in res.kept} == {"".join(right), "12 + 7 = 19\n19 - 5 = 14\n#### 15"}
     assert sorted(res.log_weights) == [-math.inf, -math.inf, 0.0, 0.0]
-    s_bon = SearchSampler(ScriptedEngine(resp), pot, PARAMS, search="bon")
+    s_bon = SearchSampler(ScriptedEngine(resp), pot, PARAMS, search="best_of_n")
     (r2,) = list(s_bon.sample([prob], 4, seed=0))
     # independent traces: index 0, 2 write right lines at step 0; their children (4, 6 then
     # 8, 10) keep their parity, so exactly 2 of 4 are right end to end
@@ -217,7 +217,7 @@ def test_a_solution_never_exceeds_max_tokens():
         ScriptedEngine(lambda r, i, sd, p: "xxxxx\n"),
         lambda p, t, f: [0.0] * len(t),
         PARAMS,
-        search="bon",
+        search="best_of_n",
         max_tokens=10,
     )
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
@@ -252,12 +252,12 @@ def test_node_text_is_the_text_of_its_tokens():
                 out.append(cs)
             return out
 
-    s = SearchSampler(Words(), lambda p, t, f: [0.0] * len(t), PARAMS, search="bon")
+    s = SearchSampler(Words(), lambda p, t, f: [0.0] * len(t), PARAMS, search="best_of_n")
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["x\nyz", "x\nyz"]
 
 
-@pytest.mark.parametrize("search", ["beam", "dvts", "bon"])
+@pytest.mark.parametrize("search", ["beam", "dvts", "best_of_n"])
 def test_search_passes_the_sampler_contract_suite(search):
     from ttscale.testing import check_sampler
 

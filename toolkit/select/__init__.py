@@ -9,3 +9,8 @@
 - ``yesno``: P(yes) scoring for LLM judges and yes/no rerankers;
 - ``stopping``: early-stopping rules over a stream of answers (ESC, Adaptive-Consistency).
 """
+
+#: The tie rule of every command that takes ``--tie`` (``curve``, ``replay``): ``expected``, the
+#: exact expectation over a uniformly random choice among the tied answers (no order assumed).
+#: Kept here, free of numpy, because the CLI reads it when it builds its options.
+DEFAULT_TIE = "expected"
