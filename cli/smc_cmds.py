@@ -124,10 +124,9 @@ def run_smc(
             )
     elif out is not None and (out / "manifest.json").exists():
         # fail before the engine loads on a run made with other SMC settings
-        from ttscale.samplers.smc import _check_same_smc
+        from ttscale.samplers.stepwise import StepRun
 
-        _check_same_smc(
-            SampleStore.open(out),
+        StepRun(SampleStore.open(out), "smc", particles, "SMC").check_same(
             {
                 "particles": particles,
                 "shaping": fk,
@@ -216,10 +215,10 @@ def run_smc(
                     plot_dir.mkdir(parents=True, exist_ok=True)
                     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in res.problem_id)
                     plot_lineage(res, plot_dir / f"{safe}.png")
-                if res.resumed:
+                if res.info.get("resumed"):
                     resumed += 1  # its tokens were spent (and accounted) by an earlier call
-                else:
-                    tokens += res.generated_tokens
+                else:  # less the steps a resumed problem replayed from its journal
+                    tokens += res.generated_tokens - int(res.info.get("replayed_tokens", 0))
                 if res.info.get("log_ml") is not None:
                     log_ml.append(float(res.info["log_ml"]))
         except KeyboardInterrupt:

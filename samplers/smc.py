@@ -63,9 +63,10 @@ from ttscale.samplers.potentials import (
     pf_log_weights,
 )
 from ttscale.samplers.session import SamplingSession, open_sink, rich_progress, unique_problems
+from ttscale.samplers.stepwise import StepRun, ends_trace, extend
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
-from ttscale.types import Completion, FinishReason, Problem, SamplingParams
+from ttscale.types import Completion, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int, check_number
 
 __all__ = [
@@ -268,10 +269,13 @@ class SMCSampler:
     ``parent``, cumulative ``log_weight`` at creation and ``fate`` (``kept`` for the final
     population with its final log-weight, ``extended`` for ancestors, ``resampled`` for dropped
     lines); the run is marked ``iid=False``. A problem's candidates are stored once it is done
-    (their fates are known only then) and it is recorded in ``manifest["smc_done"]``; a run
-    interrupted inside a problem reruns that problem from its start on resume (identically: the
-    seeds are per problem, candidate and step), and the tokens of the interrupted attempt are
-    not in the run's accounting.
+    (their fates are known only then, so they go in one shard) and it is recorded in
+    ``manifest["smc_done"]``; a problem with stored samples counts as done, so a run killed
+    between the two is read back, not rerun or counted twice. A problem that fails part-way
+    (engine error, Ctrl-C) has its finished particle-steps journaled; a resume replays them
+    (seeds are per problem, candidate and step, so the replay is the uninterrupted run) and
+    generates only the rest; their tokens reach the run's accounting once, with the problem
+    (:mod:`ttscale.samplers.stepwise`).
     """
 
     def __init__(
@@ -391,8 +395,8 @@ class SMCSampler:
         ``seed``: the run seed (default ``params.seed``): particle ``j``'s extension at step
         ``t`` is seeded by ``(seed, problem, candidate index t·N + j, t)`` and the resampling
         generator by ``(seed, problem)``, so a run is reproducible. ``sink``: a store receiving
-        every particle-step; problems it already completed (``manifest["smc_done"]``) are read
-        back, the others (re)sampled, so an interrupted run resumes per problem.
+        every particle-step; problems it already stored are read back, a problem left unfinished
+        resumes from its journaled steps, the others are sampled.
         """
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
@@ -400,7 +404,8 @@ class SMCSampler:
         problems = unique_problems(problems)
         if sink is not None:
             extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
-            _check_same_smc(sink, extra["smc"])
+            # how an answer is picked does not change the particles
+            StepRun(sink, "smc", budget, "SMC").check_same(extra["smc"], ignore=("select",))
             open_sink(
                 sink, problems, engine_info=self.engine_info, params=params, n=budget,
                 chat=self.chat, iid=False, extra=extra,
@@ -414,7 +419,8 @@ class SMCSampler:
         params: SamplingParams,
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
-        done = set((sink.manifest.get("smc_done") or {}).get(str(budget), [])) if sink else set()
+        run = StepRun(sink, "smc", budget, "SMC") if sink is not None else None
+        done = run.done() if run is not None else set()
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
         session = SamplingSession(
             self.engine, sink, engine_info=self.engine_info, flush_every=self.flush_every
@@ -423,14 +429,25 @@ class SMCSampler:
         bar = _ProblemBar(show, total=len(problems), done=sum(p.id in done for p in problems))
         with session, bar:
             for p in problems:
-                if sink is not None and p.id in done:
-                    yield self._resumed(p, sink)
+                if run is None:
+                    result = self.run_problem(p, budget, params, session)
+                elif p.id in done:
+                    yield self._resumed(p, run)
                     continue
-                result = self.run_problem(p, budget, params, session)
-                if sink is not None:
+                else:
+                    replay = run.journal(p.id)
+                    seen: dict[tuple[str, int], Completion] = {}
+                    try:
+                        result = self.run_problem(
+                            p, budget, params, session, replay=replay, seen=seen
+                        )
+                    except BaseException:
+                        # keep what the engine finished for this problem: a resume replays it
+                        run.salvage(p.id, {**replay, **seen}.values())
+                        raise
                     session.keep(result.candidates)
                     session.flush()
-                    _mark_done(sink, p.id, budget)
+                    run.mark_done([p.id])
                 bar.advance(result)
                 yield result
 
@@ -440,9 +457,17 @@ class SMCSampler:
         n: int,
         params: SamplingParams,
         session: SamplingSession | None = None,
+        *,
+        replay: Mapping[tuple[str, int], Completion] | None = None,
+        seen: dict[tuple[str, int], Completion] | None = None,
     ) -> SampleResult:
-        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores)."""
+        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores).
+
+        ``replay``: particle-steps an interrupted attempt finished (taken instead of generated);
+        ``seen`` receives every particle-step the engine hands over (for salvage).
+        """
         session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
+        replay = replay or {}
         rng = np.random.default_rng(problem_seed(params.seed, problem.id) ^ 0x5EC)
         step_params = params.replace(
             n=1,
@@ -456,7 +481,7 @@ class SMCSampler:
         parts = [_Particle() for _ in range(n)]
         cands: list[Candidate] = []
         infos: list[StepInfo] = []
-        tokens = prompt_tokens = particle_steps = 0
+        tokens = prompt_tokens = particle_steps = replayed = replayed_tokens = 0
         degenerate = False
         base: dict[str, Any]
         if self.chat:
@@ -482,20 +507,19 @@ class SMCSampler:
             caps = [
                 min(step_params.max_tokens, params.max_tokens - len(parts[j].tokens)) for j in live
             ]
-            outs: list[Completion | None] = [None] * len(reqs)
-            for cap in sorted(set(caps), reverse=True):  # one batched call (per distinct cap)
-                pos = [k for k, c in enumerate(caps) if c == cap]
-                got = session.generate(
-                    [reqs[k] for k in pos], step_params.replace(max_tokens=cap), store=False
-                )
-                for k, g in zip(pos, got, strict=True):
-                    outs[k] = g[0]
+            outs = [
+                g[0]
+                for g in extend(session, reqs, step_params, caps, replay=replay, seen=seen)
+            ]
+            for comp in outs:
+                if (problem.id, comp.index) in replay:
+                    replayed += 1
+                    replayed_tokens += comp.num_tokens
             particle_steps += len(live)
             correction = np.zeros(n)
             fin_now = state.finished.copy()
             target_lp = state.target_lp.copy()
             for j, comp in zip(live, outs, strict=True):
-                assert comp is not None
                 tokens += comp.num_tokens
                 prompt_tokens += comp.prompt_tokens or 0
                 pj = parts[j]
@@ -512,14 +536,10 @@ class SMCSampler:
                     with np.errstate(invalid="ignore"):
                         c = math.fsum(tgt) - math.fsum(prop)
                     correction[j] = -math.inf if math.isnan(c) else c
-                eos = comp.finish_reason == FinishReason.STOP.value and not isinstance(
-                    comp.stop_reason, str
-                )
                 fin_now[j] = (
-                    eos
+                    ends_trace(comp)
                     or len(parts[j].tokens) >= params.max_tokens
                     or parts[j].steps >= self.max_steps
-                    or comp.num_tokens == 0
                 )
             texts = [parts[j].text for j in live]
             values = evaluate(
@@ -557,7 +577,6 @@ class SMCSampler:
             with np.errstate(invalid="ignore"):
                 cum = inc if self.shaping == "pf" else state.log_weights + inc
             for j, comp in zip(live, outs, strict=True):
-                assert comp is not None
                 idx = t * n + int(j)
                 parent = int(state.cand[j]) if state.cand[j] >= 0 else None
                 cands.append(
@@ -598,6 +617,7 @@ class SMCSampler:
             particle_steps,
             degenerate,
             params,
+            (replayed, replayed_tokens),
         )
 
     def _result(
@@ -612,6 +632,7 @@ class SMCSampler:
         particle_steps: int,
         degenerate: bool,
         params: SamplingParams,
+        replayed: tuple[int, int] = (0, 0),
     ) -> SampleResult:
         # final population: unique candidates, the weights of slots holding one summed
         final: dict[int, float] = {}
@@ -638,12 +659,15 @@ class SMCSampler:
             "final_indices": state.cand.tolist(),
             "final_log_weights": state.log_weights.tolist(),
         }
+        if replayed[0]:  # particle-steps an interrupted attempt generated, replayed from its journal
+            info["replayed_tokens"] = replayed[1]
         result = SampleResult(
             problem=problem,
             candidates=tuple(out),
             generated_tokens=tokens,
             prompt_tokens=prompt_tokens,
             iid=False,
+            resumed=replayed[0],
             steps=tuple(infos),
             info=info,
         )
@@ -653,28 +677,13 @@ class SMCSampler:
             )
         return result
 
-    def _resumed(self, problem: Problem, sink: SampleStore) -> SampleResult:
-
-        cands = []
-        tokens = 0
-        for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
-            tokens += s.num_tokens or 0
-            cands.append(
-                Candidate(
-                    s.to_completion(),
-                    step=s.step or 0,
-                    parent=s.parent,
-                    log_weight=s.log_weight,
-                    fate=Fate(s.fate or "kept"),
-                )
-            )
+    def _resumed(self, problem: Problem, run: StepRun) -> SampleResult:
+        cands, tokens = run.stored(problem.id)
         kept = [c for c in cands if c.fate is Fate.KEPT]
         lw = [c.log_weight if c.log_weight is not None else -math.inf for c in kept]
         log_ml = None
         if self.shaping != "pf" and kept:
-            log_ml = float(logsumexp(lw)) - math.log(
-                sink.manifest.get("smc", {}).get("particles", len(kept))
-            )
+            log_ml = float(logsumexp(lw)) - math.log(run.budget)
         return SampleResult(
             problem=problem,
             candidates=tuple(cands),
@@ -719,37 +728,6 @@ class _ProblemBar:
 def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
     """The stored form of a particle after a step: the whole text so far, the step's tokens."""
     return replace(comp, index=index, text=part.text)
-
-
-def _check_same_smc(sink: SampleStore, smc: Mapping[str, Any]) -> None:
-    """A run directory holds one SMC configuration (candidate keys depend on all of it)."""
-    old = sink.manifest.get("smc")
-    if not isinstance(old, Mapping):
-        if len(sink):
-            raise ConfigError(
-                f"run directory {sink.path} holds samples that are not from SMC; use a new --out"
-            )
-        return
-    for key, value in smc.items():
-        if key == "select":  # how an answer is picked does not change the particles
-            continue
-        if key in old and old[key] != value:
-            raise ConfigError(
-                f"run directory {sink.path} was made with SMC {key} {old[key]!r}, not "
-                f"{value!r}; resume with the same settings or use a new --out"
-            )
-
-
-def _mark_done(sink: SampleStore, problem_id: str, n: int) -> None:
-    def mark(m: dict[str, Any]) -> None:
-        done = dict(m.get("smc_done") or {})
-        ids = list(done.get(str(n), []))
-        if problem_id not in ids:
-            ids.append(problem_id)
-        done[str(n)] = ids
-        m["smc_done"] = done
-
-    sink.modify_manifest(mark)
 
 
 def select_answer(

@@ -711,7 +711,8 @@ def check_sampler(
       generated, discarded traces included, and every generated trace is a candidate;
     * ``sink``: a store passed as ``sink`` holds every candidate, and its accounting every token;
     * ``salvage``: an engine failing part-way raises, and the sink keeps every sample the engine
-      finished before the failure (none lost);
+      finished before the failure (none lost; a step-wise sampler may keep the steps of a problem
+      left unfinished in its journal, :func:`ttscale.samplers.stepwise.salvaged_keys`);
     * ``resume``: sampling again into that sink generates only what is missing and returns the
       results of an uninterrupted run.
     """
@@ -816,7 +817,11 @@ def check_sampler(
             else:
                 raise _sfail("salvage", "an engine failure did not propagate")
             store.refresh()
-            lost = set(failing.keys) - store.keys()
+            # a step-wise sampler journals the steps of a problem it was inside (its candidates'
+            # fates are known only once the problem is done); a resume replays them
+            from ttscale.samplers.stepwise import salvaged_keys
+
+            lost = set(failing.keys) - store.keys() - salvaged_keys(store)
             if "salvage" not in skip:
                 if lost:
                     raise _sfail("salvage", f"samples {sorted(lost)[:3]} finished before the "
