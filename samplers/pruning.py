@@ -830,7 +830,8 @@ class PruningSampler:
         session = SamplingSession(self.engine, sink, engine_info=self.engine_info, shard=shard)
         journal = _TraceLog(sink) if sink is not None else None
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
-        left = {p.id: budget - len(_stored(sink, p.id, budget)) for p in problems}
+        stored = _stored(sink, {p.id for p in problems}, budget)
+        left = {p.id: budget - len(stored.get(p.id, ())) for p in problems}
         session.show_progress(show, remaining=left, samples=len(problems) * budget)
         thresholds: dict[str, float | None] = {}
         warm_n = min(self.rule.warmup, budget)
@@ -838,7 +839,9 @@ class PruningSampler:
             step = max(1, self.batch_size // budget)
             for lo in range(0, len(problems), step):
                 chunk = problems[lo : lo + step]
-                results = self._sample_chunk(session, chunk, budget, warm_n, params, journal)
+                results = self._sample_chunk(
+                    session, chunk, budget, warm_n, params, journal, stored
+                )
                 for res, thr, _why in results:
                     thresholds[res.problem_id] = thr
                     yield res
@@ -853,11 +856,13 @@ class PruningSampler:
         warm_n: int,
         params: SamplingParams,
         journal: _TraceLog | None = None,
+        stored: Mapping[str, list[Candidate]] | None = None,
     ) -> list[tuple[SampleResult, float | None, dict[int, str]]]:
-        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem."""
+        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem;
+        ``stored``: a resumed run's traces per problem (read back, not generated again)."""
         got: dict[tuple[str, int], Completion] = {}
-        # a resumed run's stored traces: read back, not generated again
-        have = {(p.id, c.index): c for p in problems for c in _stored(session.store, p.id, budget)}
+        stored = stored or {}
+        have = {(p.id, c.index): c for p in problems for c in stored.get(p.id, ())}
         prior = journal.records if journal is not None else {}
 
         def keep(cands: list[Candidate], reasons: Mapping[tuple[str, int], tuple[int, str]]) -> None:
@@ -988,17 +993,21 @@ class PruningSampler:
         sink.modify_manifest(put)
 
 
-def _stored(store: SampleStore | None, problem_id: str, budget: int) -> list[Candidate]:
-    """The traces of ``problem_id`` (indices below ``budget``) a run already holds."""
-    if store is None or not store.indices(problem_id):
-        return []
-    out = []
-    for s in store.samples(problem_id):
-        if s.index < budget:
+def _stored(
+    store: SampleStore | None, problem_ids: set[str], budget: int
+) -> dict[str, list[Candidate]]:
+    """The traces (indices below ``budget``) a run already holds, per problem (one read)."""
+    out: dict[str, list[Candidate]] = {}
+    if store is None or not len(store):
+        return out
+    for s in store.samples():
+        if s.problem_id in problem_ids and s.index < budget:
             fate = Fate(s.fate or Fate.KEPT.value)
             pruned = s.pruned_at if fate is Fate.PRUNED else None
-            out.append(Candidate(s.to_completion(), fate=fate, pruned_at=pruned))
-    return sorted(out, key=lambda c: c.index)
+            out.setdefault(s.problem_id, []).append(
+                Candidate(s.to_completion(), fate=fate, pruned_at=pruned)
+            )
+    return out
 
 
 class _TraceLog:

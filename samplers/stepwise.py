@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate
 from ttscale.samplers.session import SamplingSession
 from ttscale.store import SampleStore
-from ttscale.types import Completion, FinishReason, SamplingParams
+from ttscale.types import Completion, FinishReason, Sample, SamplingParams
 
 __all__ = ["StepRun", "ends_trace", "extend", "salvaged_keys"]
 
@@ -136,7 +136,7 @@ def _generate(
 # ---- stored runs -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepRun:
     """A step-wise sampler's run directory at one budget: ``kind`` is its manifest key
     (``smc``, ``search``), ``what`` how messages name it."""
@@ -145,6 +145,7 @@ class StepRun:
     kind: str
     budget: int
     what: str
+    _samples: dict[str, list[Sample]] | None = field(default=None, repr=False)
 
     def check_same(self, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
         """A run directory holds one configuration (candidate keys depend on all of it)."""
@@ -194,9 +195,13 @@ class StepRun:
 
     def stored(self, problem_id: str) -> tuple[list[Candidate], int]:
         """A stored problem's candidates (index order) and the tokens they hold."""
+        if self._samples is None:  # one read of the run for every problem resumed from it
+            self._samples = {}
+            for row in self.sink.samples():
+                self._samples.setdefault(row.problem_id, []).append(row)
         cands: list[Candidate] = []
         tokens = 0
-        for s in sorted(self.sink.samples(problem_id), key=lambda s: s.index):
+        for s in sorted(self._samples.get(problem_id, []), key=lambda s: s.index):
             tokens += s.num_tokens or 0
             fate = Fate(s.fate or Fate.KEPT.value)
             cands.append(
