@@ -72,7 +72,8 @@ def extend(
 ) -> list[list[Completion]]:
     """One step: the completions of ``requests`` (one list per request, in index order).
 
-    ``caps[k]``: request ``k``'s token cap (its ``max_tokens``). Samples found in ``replay``
+    ``caps[k]``: request ``k``'s token cap (sent as its ``max_tokens``: one engine call for
+    the whole step, whatever the caps). Samples found in ``replay``
     (a resumed problem's journal) are taken from it, not generated; the rest go to the engine
     in one call. Every completion the engine hands over is put in ``seen`` as it arrives (and,
     on a :class:`GenerationError`, the samples finished inside unfinished requests too) so the
@@ -113,24 +114,28 @@ def _generate(
             for c in comps:
                 seen[(c.problem_id, c.index)] = c
 
-    results: list[list[Completion]] = [[] for _ in requests]
-    for cap in sorted(set(caps), reverse=True):  # one call per distinct cap
-        pos = [k for k, c in enumerate(caps) if c == cap]
-        group = [requests[k] for k in pos]
-        try:
-            got = session.generate(
-                group,
-                params.replace(max_tokens=cap),
-                store=False,
-                on_result=lambda _p, comps: record(comps),
+    # one call: a request below the step's cap carries its own max_tokens
+    capped = [
+        r if cap >= params.max_tokens else replace(r, max_tokens=cap)
+        for r, cap in zip(requests, caps, strict=True)
+    ]
+    try:
+        got = session.generate(
+            capped, params, store=False, on_result=lambda _p, comps: record(comps)
+        )
+    except GenerationError as e:
+        for comps in e.partial.values():
+            record(comps)
+        raise
+    for r, comps in zip(capped, got, strict=True):
+        cap = r.params_for(params).max_tokens
+        if any(c.num_tokens > cap for c in comps):
+            raise ConfigError(
+                f"engine {session.engine_info.get('engine')!r} generated more than a request's "
+                f"max_tokens={cap}; a step-wise sampler needs engines that honour "
+                "GenerationRequest.max_tokens"
             )
-        except GenerationError as e:
-            for comps in e.partial.values():
-                record(comps)
-            raise
-        for k, g in zip(pos, got, strict=True):
-            results[k] = g
-    return results
+    return got
 
 
 # ---- stored runs -----------------------------------------------------------------------------

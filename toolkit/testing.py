@@ -262,6 +262,21 @@ def _check_max_tokens(ctx: _Ctx) -> None:
         raise _fail("max_tokens", "a shorter max_tokens changed the tokens sampled")
     if not full.text.startswith(c.text.rstrip("\ufffd")):
         raise _fail("max_tokens", f"{c.text!r} is not a prefix of {full.text!r}")
+    # a request's own max_tokens caps that request only, in a call shared with another
+    own, other = _run(
+        ctx,
+        "max_tokens",
+        [_req(ctx, "p0", [full.index], max_tokens=m), _req(ctx, "p0", [full.index])],
+        ctx.params,
+    )
+    o = own[0]
+    if o.num_tokens > m or (full.num_tokens > m and o.finish_reason != "length"):
+        raise _fail(
+            "max_tokens",
+            f"a request's own max_tokens={m} gave {o.num_tokens} tokens ({o.finish_reason!r})",
+        )
+    if full.num_tokens > m and other[0].num_tokens <= m:
+        raise _fail("max_tokens", "one request's max_tokens capped another request in the call")
 
 
 def _check_prefix(ctx: _Ctx) -> None:

@@ -741,3 +741,28 @@ def test_failure_inside_a_problem_is_journaled_and_resumed_step_for_step(tmp_pat
     assert run.accounting()["generated_tokens"] == total
     assert len(run) == sum(len(r.candidates) for r in full)
     assert not salvaged_keys(run)  # the journal goes once the problem is stored
+
+
+def test_one_engine_call_per_step_with_per_request_token_caps() -> None:
+    # particles of different lengths near max_tokens share one call: each request carries its
+    # own cap (GenerationRequest.max_tokens) instead of one call per distinct cap
+    eng = ScriptedEngine()
+    calls: list[list[GenerationRequest]] = []
+    inner = eng.generate
+
+    def counting(requests, params, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(requests))
+        return inner(requests, params, **kw)
+
+    eng.generate = counting  # type: ignore[method-assign]
+    s = SMCSampler(eng, lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=9),
+                   step_stop=(" ",), tokens_per_step=4, progress=False)  # fmt: skip
+    (res,) = list(s.sample([PROB], 8, seed=3))
+    assert len(calls) == res.info["steps"]
+    # a call where a capped particle goes with others (before: one call per distinct cap)
+    assert any(len({r.max_tokens for r in call}) >= 2 for call in calls)
+    for call in calls:
+        for r in call:
+            assert r.max_tokens is None or r.max_tokens == 9 - len(r.prefix_token_ids) < 4
+    assert all(c.completion.num_tokens <= 4 for c in res.candidates)
+    assert all(len(c.text) <= 9 for c in res.kept)  # one character per toy token
