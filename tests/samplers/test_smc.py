@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -306,9 +307,7 @@ def test_reweight_pure_step_vector() -> None:
 
 def test_reweight_finished_excluded_from_resampling() -> None:
     st = SMCState.initial(4)
-    st = SMCState(
-        np.zeros(4), np.array([True, False, False, True]), np.arange(4), 0.0, *(np.zeros(4),) * 4
-    )
+    st = replace(st, finished=np.array([True, False, False, True]), cand=np.arange(4))
     new, info = reweight(
         st, np.array([0.0, -50.0, 0.0, 0.0]), rng=1, ess_threshold=1.0, resample_finished=False
     )
@@ -766,3 +765,43 @@ def test_one_engine_call_per_step_with_per_request_token_caps() -> None:
             assert r.max_tokens is None or r.max_tokens == 9 - len(r.prefix_token_ids) < 4
     assert all(c.completion.num_tokens <= 4 for c in res.candidates)
     assert all(len(c.text) <= 9 for c in res.kept)  # one character per toy token
+
+
+def test_shaping_objects_own_their_statistics_and_state_holds_the_particles() -> None:
+    from ttscale.samplers.smc import FKSteering, LogPotential, make_shaping
+
+    # a user-written shaping (the log-potential one, by hand) runs the same SMC as "none"
+    class MyShaping:
+        name = "mine"
+        replaces_weights = False
+
+        def initial(self, n):  # type: ignore[no-untyped-def]
+            return {"last": np.zeros(n)}
+
+        def step(self, values, stats, finished):  # type: ignore[no-untyped-def]
+            return values - stats["last"], {"last": values}
+
+    a = _run(_sampler("none", "systematic", 0.5), 6, 2)
+    s = _sampler("none", "systematic", 0.5)
+    s2 = SMCSampler(s.engine, log_potential, s.params, shaping=MyShaping(), ess_threshold=0.5,  # type: ignore[arg-type]
+                    step_stop=(), tokens_per_step=1, progress=False)  # fmt: skip
+    b = _run(s2, 6, 2)
+    assert [(c.index, c.text, c.fate, c.log_weight) for c in a.candidates] == [
+        (c.index, c.text, c.fate, c.log_weight) for c in b.candidates
+    ]
+    assert s2.config()["shaping"] == "mine"
+    assert isinstance(make_shaping("none"), LogPotential)
+    assert make_shaping("max", lam=2.0) == FKSteering("max", 2.0)
+    with pytest.raises(ConfigError, match="shaping"):
+        SMCSampler(s.engine, log_potential, s.params, shaping=object())  # type: ignore[arg-type]
+    # resampling gathers every field at once: particles, weights, shaping statistics
+    st = SMCState.initial(3, FKSteering("sum", 1.0))
+    texts = np.empty(3, object)
+    texts[:] = ["x", "y", "z"]
+    toks = np.empty(3, object)
+    toks[:] = [(1,), (2,), (3,)]
+    st = replace(st, texts=texts, tokens=toks, stats={"r_prev": np.array([0.1, 0.2, 0.3]),
+                                                       "log_pi": np.zeros(3)})  # fmt: skip
+    g = st.take(np.array([2, 2, 0]))
+    assert list(g.texts) == ["z", "z", "x"] and list(g.tokens) == [(3,), (3,), (1,)]
+    assert g.stats["r_prev"].tolist() == [0.3, 0.3, 0.1]
