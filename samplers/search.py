@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from ttscale.engines.base import Engine, GenerationRequest, capabilities_of, continuation_text
+from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
-from ttscale.samplers.stepwise import StepRun, ends_trace, extend
+from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -324,25 +324,16 @@ class SearchSampler:
     def _request(
         self, st: _State, parent: int | None, indices: tuple[int, ...]
     ) -> GenerationRequest:
-        p = st.problem
-        base: dict[str, Any]
-        if self.chat:
-            base = {"messages": ({"role": "user", "content": p.prompt},)}
-        else:
-            base = {"prompt": p.prompt}
         if parent is None:
-            return GenerationRequest(problem_id=p.id, indices=indices, step=0, **base)
+            return step_request(st.problem, chat=self.chat, indices=indices, step=0)
         node = st.nodes[parent]
         if self.token_prefixes:
-            return GenerationRequest(
-                problem_id=p.id,
-                prefix_token_ids=node.token_ids,
-                indices=indices,
-                step=st.step,
-                **base,
-            )
-        return GenerationRequest(
-            problem_id=p.id, prefix=node.text, indices=indices, step=st.step, **base
+            return step_request(
+                st.problem, chat=self.chat, indices=indices, step=st.step,
+                prefix_ids=node.token_ids,
+            )  # fmt: skip
+        return step_request(
+            st.problem, chat=self.chat, indices=indices, step=st.step, prefix_text=node.text
         )
 
     def _child(self, st: _State, parent: int | None, group: int, c: Completion) -> _Node:
@@ -369,12 +360,8 @@ class SearchSampler:
         )
 
     def _step_text(self, base: _Node | None, c: Completion) -> str:
-        """The text of exactly the tokens a step kept: an engine trims its text after a stop
-        string that ends inside a token, but the next step continues after that token."""
-        decode = getattr(self.engine, "decode", None)
-        if not self.token_prefixes or decode is None or c.token_ids is None:
-            return c.text
-        return continuation_text(decode, base.token_ids if base else (), c.token_ids)
+        decode = getattr(self.engine, "decode", None) if self.token_prefixes else None
+        return step_text(decode, base.token_ids if base else (), c)
 
     def _select(self, st: _State, new: list[int], budget: int) -> None:
         done = [i for i in new if st.nodes[i].finished]

@@ -45,9 +45,7 @@ from numpy.typing import NDArray
 
 from ttscale.engines.base import (
     Engine,
-    GenerationRequest,
     capabilities_of,
-    continuation_text,
     require_capabilities,
 )
 from ttscale.errors import ConfigError
@@ -63,7 +61,7 @@ from ttscale.samplers.potentials import (
     pf_log_weights,
 )
 from ttscale.samplers.session import SamplingSession, open_sink, rich_progress, unique_problems
-from ttscale.samplers.stepwise import StepRun, ends_trace, extend
+from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, SamplingParams
@@ -613,23 +611,18 @@ class SMCSampler:
         infos: list[StepInfo] = []
         tokens = prompt_tokens = particle_steps = replayed = replayed_tokens = 0
         degenerate = False
-        base: dict[str, Any]
-        if self.chat:
-            base = {"messages": ({"role": "user", "content": problem.prompt},)}
-        else:
-            base = {"prompt": problem.prompt}
         for t in range(self.max_steps):
             # a particle of weight 0 (-inf) can never regain weight: it is not extended
             live = np.flatnonzero(~state.finished & (state.log_weights > -math.inf))
             if live.size == 0:
                 break
             reqs = [
-                GenerationRequest(
-                    problem_id=problem.id,
-                    prefix_token_ids=state.tokens[j],
+                step_request(
+                    problem,
+                    chat=self.chat,
                     indices=(t * n + int(j),),
                     step=t,
-                    **base,
+                    prefix_ids=state.tokens[j],
                 )
                 for j in live
             ]
@@ -726,12 +719,8 @@ class SMCSampler:
         finished = state.finished.copy()
         correction = np.zeros(len(live))
         for k, (j, comp) in enumerate(zip(live, outs, strict=True)):
-            new_ids = tuple(comp.token_ids or ())
-            # the text of exactly the tokens kept (an engine trims its text after a stop
-            # string that ends inside a token, but the next step continues from the token)
-            text = continuation_text(decode, toks[j], new_ids) if decode else comp.text
-            texts[j] = texts[j] + text
-            toks[j] = toks[j] + new_ids
+            texts[j] = texts[j] + step_text(decode, toks[j], comp)
+            toks[j] = toks[j] + tuple(comp.token_ids or ())
             steps[j] += 1
             tgt, prop = comp.target_logprobs, comp.proposal_logprobs
             if tgt is not None:

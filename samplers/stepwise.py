@@ -17,8 +17,9 @@ store in one shard, once it is done, and:
   journaled tokens reach the run's accounting once, with the problem's shard (the interrupted
   session never stored them), so every generated token is counted exactly once.
 
-:func:`extend` is the one step extender: it sends a step's requests (per-request token caps),
-replays journaled completions, records what the engine hands over for salvage, and
+:func:`extend` is the one step extender: it sends a step's requests (:func:`step_request`,
+one call with per-request token caps), replays journaled completions and records what the
+engine hands over for salvage; :func:`step_text` is the text a step adds and
 :func:`ends_trace` says what ends a trace.
 """
 
@@ -28,19 +29,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ttscale.engines.base import GenerationError, GenerationRequest
+from ttscale.engines.base import GenerationError, GenerationRequest, continuation_text
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate
 from ttscale.samplers.session import SamplingSession
 from ttscale.store import SampleStore
-from ttscale.types import Completion, FinishReason, Sample, SamplingParams
+from ttscale.types import Completion, FinishReason, Problem, Sample, SamplingParams
 
-__all__ = ["StepRun", "ends_trace", "extend", "salvaged_keys"]
+__all__ = ["StepRun", "ends_trace", "extend", "salvaged_keys", "step_request", "step_text"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,44 @@ def ends_trace(c: Completion) -> bool:
     if c.finish_reason == FinishReason.ABORT.value or c.num_tokens == 0:
         return True
     return c.finish_reason == FinishReason.STOP.value and not isinstance(c.stop_reason, str)
+
+
+def step_request(
+    problem: Problem,
+    *,
+    chat: bool,
+    indices: tuple[int, ...],
+    step: int,
+    prefix_ids: Sequence[int] | None = None,
+    prefix_text: str = "",
+) -> GenerationRequest:
+    """The request that extends a partial trace by one step: the prompt (as a user message with
+    ``chat``), then the trace so far as exact token ids (``prefix_ids``: an engine with
+    ``token_prefixes``) or as text (``prefix_text``, re-tokenised by the engine)."""
+    base: dict[str, Any]
+    if chat:
+        base = {"messages": ({"role": "user", "content": problem.prompt},)}
+    else:
+        base = {"prompt": problem.prompt}
+    if prefix_ids is not None:
+        return GenerationRequest(
+            problem_id=problem.id, prefix_token_ids=tuple(prefix_ids), indices=indices,
+            step=step, **base,
+        )  # fmt: skip
+    return GenerationRequest(
+        problem_id=problem.id, prefix=prefix_text, indices=indices, step=step, **base
+    )
+
+
+def step_text(
+    decode: Callable[[Sequence[int]], str] | None, prefix_ids: Sequence[int], c: Completion
+) -> str:
+    """The text of exactly the tokens a step kept: an engine trims its text after a stop string
+    that ends inside a token, but the next step continues after that token (without ``decode``
+    or token ids: the engine's text)."""
+    if decode is None or c.token_ids is None:
+        return c.text
+    return continuation_text(decode, prefix_ids, c.token_ids)
 
 
 def extend(
