@@ -223,7 +223,8 @@ def run_smc(
                     log_ml.append(float(res.info["log_ml"]))
         except KeyboardInterrupt:
             typer.echo(
-                f"interrupted: finished problems are stored in {out}; continue with "
+                f"interrupted: finished problems are stored in {out} (the one left part-way "
+                f"is journaled); continue with "
                 f"`ttscale smc ... --out {out} --resume`",
                 err=True,
             )

@@ -219,7 +219,9 @@ class SearchSampler:
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
         self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
-        run = StepRun(sink, "search", budget, "search") if sink is not None else None
+        run = (
+            StepRun(sink, "search", budget, "search", self.engine_info) if sink is not None else None
+        )
         done = run.done() if run is not None else set()
         session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
         with session:

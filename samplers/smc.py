@@ -547,7 +547,9 @@ class SMCSampler:
         params: SamplingParams,
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
-        run = StepRun(sink, "smc", budget, "SMC") if sink is not None else None
+        run = (
+            StepRun(sink, "smc", budget, "SMC", self.engine_info) if sink is not None else None
+        )
         done = run.done() if run is not None else set()
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
         session = SamplingSession(

@@ -189,6 +189,8 @@ class StepRun:
     kind: str
     budget: int
     what: str
+    #: the engine's ``info()``: a journal is replayed only by the engine and model that made it
+    engine_info: Mapping[str, Any] = field(default_factory=dict)
     _samples: dict[str, list[Sample]] | None = field(default=None, repr=False)
 
     def check_same(self, config: Mapping[str, Any], *, ignore: Iterable[str] = ()) -> None:
@@ -278,6 +280,14 @@ class StepRun:
                 f"the journal {path} of an interrupted problem is damaged ({e}); delete it to "
                 "rerun that problem from its start"
             ) from e
+        made_by = data.get("engine") or {}
+        ours = _engine_key(self.engine_info)
+        if made_by != ours:
+            log.warning(
+                "the journal of problem %r was made by engine %s, not %s: rerunning the problem "
+                "from its start", problem_id, made_by, ours,
+            )  # fmt: skip
+            return {}
         comps = [_completion(d) for d in data.get("completions", [])]
         if comps:
             log.info("resuming problem %r from %d journaled steps", problem_id, len(comps))
@@ -291,7 +301,11 @@ class StepRun:
         path = self._journal_path(problem_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        body = {"problem_id": problem_id, "completions": [_plain(c) for c in items]}
+        body = {
+            "problem_id": problem_id,
+            "engine": _engine_key(self.engine_info),
+            "completions": [_plain(c) for c in items],
+        }
         tmp.write_text(json.dumps(body))
         tmp.replace(path)
         log.info("journaled %d finished steps of problem %r for resume", len(items), problem_id)
@@ -306,6 +320,10 @@ def salvaged_keys(store: SampleStore) -> set[tuple[str, int]]:
         for d in json.loads(f.read_text()).get("completions", []):
             out.add((str(d["problem_id"]), int(d["index"])))
     return out
+
+
+def _engine_key(info: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: info.get(k) for k in ("engine", "model", "logprob_mode")}
 
 
 def _plain(c: Completion) -> dict[str, Any]:

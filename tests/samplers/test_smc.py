@@ -805,3 +805,22 @@ def test_shaping_objects_own_their_statistics_and_state_holds_the_particles() ->
     g = st.take(np.array([2, 2, 0]))
     assert list(g.texts) == ["z", "z", "x"] and list(g.tokens) == [(3,), (3,), (1,)]
     assert g.stats["r_prev"].tolist() == [0.3, 0.3, 0.1]
+
+
+def test_a_journal_is_replayed_only_by_the_engine_that_made_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ttscale.engines.base import GenerationError
+    from ttscale.samplers.stepwise import StepRun
+    from ttscale.store import SampleStore
+
+    params = SamplingParams(temperature=TEMP, max_tokens=4)
+    kw: dict[str, object] = {"step_stop": (), "tokens_per_step": 1, "progress": False}
+    failing = ScriptedEngine(alphabet=ALPHA, order=2, fail_after=5)
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    with pytest.raises(GenerationError):
+        list(SMCSampler(failing, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=store))  # type: ignore[arg-type]
+    same = StepRun(store, "smc", 4, "SMC", _engine().info())
+    assert len(same.journal(PROB.id)) == 5
+    other = ScriptedEngine(alphabet=ALPHA, order=3)
+    assert StepRun(store, "smc", 4, "SMC", other.info()).journal(PROB.id) == {}
+    (res,) = list(SMCSampler(other, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=SampleStore.open(store.path)))  # type: ignore[arg-type]
+    assert res.resumed == 0  # rerun from its start with the new model
