@@ -824,3 +824,35 @@ def test_a_journal_is_replayed_only_by_the_engine_that_made_it(tmp_path) -> None
     assert StepRun(store, "smc", 4, "SMC", other.info()).journal(PROB.id) == {}
     (res,) = list(SMCSampler(other, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=SampleStore.open(store.path)))  # type: ignore[arg-type]
     assert res.resumed == 0  # rerun from its start with the new model
+
+
+def test_per_request_caps_on_a_real_model(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    # HF: particles with different remaining budgets share each step's call, each capped by its
+    # own max_tokens; no particle ever holds more than max_tokens tokens
+    pytest.importorskip("torch")
+    from ttscale.engines.hf import HFEngine
+
+    eng = HFEngine(tiny_model_dir, batch_size=8)
+    calls: list[list[GenerationRequest]] = []
+    inner = eng.generate
+
+    def counting(requests, params, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(requests))
+        return inner(requests, params, **kw)
+
+    eng.generate = counting  # type: ignore[method-assign]
+    s = SMCSampler(eng, lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=7, seed=2),
+                   step_stop=(), tokens_per_step=3, progress=False)  # fmt: skip
+    (res,) = list(s.sample([Problem("p", "1 + 2 =")], 4, seed=2))
+    assert len(calls) == res.info["steps"]
+    assert {r.max_tokens for call in calls for r in call} - {None} == {1}  # 3 + 3 + 1
+    by = {c.index: c for c in res.candidates}
+    for c in res.kept:
+        ids: tuple[int, ...] = ()
+        node = c
+        while True:
+            ids = tuple(node.completion.token_ids or ()) + ids
+            if node.parent is None:
+                break
+            node = by[node.parent]
+        assert len(ids) <= 7 and c.text == eng.decode(ids)
