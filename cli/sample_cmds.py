@@ -607,7 +607,9 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             else SampleStore.create(out, manifest)
         )
         if prune_rule is not None:
-            summary = _run_pruning(spec, engine, params, store, problems, n, prune_rule, manifest)
+            summary = _run_pruning(
+                spec, engine, params, store, problems, n, prune_rule, manifest, r.shard
+            )
             info = dict(engine.info())
             if console is not None:
                 _print_summary(console, summary, info)
@@ -651,12 +653,7 @@ def _check_prune(spec: SampleSpec) -> Any:
     from ttscale.samplers.pruning import parse_prune_rule
 
     check_rule_name(spec.prune, "--prune")
-    rule = parse_prune_rule(spec.prune)
-    if spec.resume:
-        raise ConfigError("--prune runs do not resume; sample into a new --out")
-    if spec.shard is not None:
-        raise ConfigError("--prune does not take --shard; run one pruning worker per run directory")
-    return rule
+    return parse_prune_rule(spec.prune)
 
 
 def _run_pruning(
@@ -668,6 +665,7 @@ def _run_pruning(
     n: int,
     rule: Any,
     manifest: Mapping[str, Any],
+    shard: tuple[int, int] | None = None,
 ) -> Any:
     """``sample --prune``: a :class:`PruningSampler` run; returns a ``SamplingSummary``."""
     from ttscale.samplers import RepeatedSampler
@@ -687,22 +685,24 @@ def _run_pruning(
     )
     typer.echo(f"pruning traces with {rule.spec()} ({sampler.mode})", err=True)
     t0 = time.perf_counter()
-    traces = tokens = prompt = 0
+    traces = tokens = prompt = skipped = 0
     try:
-        for res in sampler.sample(problems, n, seed=params.seed, sink=store):
-            traces += len(res.candidates)
-            tokens += res.generated_tokens
+        for res in sampler.sample(problems, n, seed=params.seed, sink=store, shard=shard):
+            traces += len(res.candidates) - res.resumed
+            skipped += res.resumed
+            # stored traces read back on resume were accounted by the call that drew them
+            tokens += res.generated_tokens - int(res.info.get("resumed_tokens", 0))
             prompt += res.prompt_tokens
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: pruning runs do not resume; {store.path} is incomplete", err=True)
+        _report_interrupt(spec, Path(store.path), problems, n)
         raise typer.Exit(130) from None
     store.refresh()
     return SamplingSummary(
         path=store.path,
         problems=len(problems),
         n=n,
-        requested=len(problems) * n,
-        skipped=0,
+        requested=traces + skipped,
+        skipped=skipped,
         generated=traces,
         stored=len(store),
         generated_tokens=tokens,

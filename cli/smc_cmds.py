@@ -132,10 +132,9 @@ def run_smc(spec: SampleSpec, smc: SMCSettings, *, console: Any = None) -> dict[
         raise ConfigError(f"run directory {out} holds an SMC run, not a search; use a new --out")
     if search is None and r.old:
         # fail before the engine loads on a run made with other SMC settings
-        from ttscale.samplers.smc import _check_same_smc
+        from ttscale.samplers.stepwise import StepRun
 
-        _check_same_smc(
-            SampleStore.open(out),
+        StepRun(SampleStore.open(out), "smc", smc.particles, "SMC").check_same(
             {
                 "particles": smc.particles,
                 "shaping": fk,
@@ -218,16 +217,16 @@ def run_smc(spec: SampleSpec, smc: SMCSettings, *, console: Any = None) -> dict[
                     smc.plot_dir.mkdir(parents=True, exist_ok=True)
                     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in res.problem_id)
                     plot_lineage(res, smc.plot_dir / f"{safe}.png")
-                if res.resumed:
+                if res.info.get("resumed"):
                     resumed += 1  # its tokens were spent (and accounted) by an earlier call
-                else:
-                    tokens += res.generated_tokens
+                else:  # less the steps a resumed problem replayed from its journal
+                    tokens += res.generated_tokens - int(res.info.get("replayed_tokens", 0))
                 if res.info.get("log_ml") is not None:
                     log_ml.append(float(res.info["log_ml"]))
         except KeyboardInterrupt:
             typer.echo(
-                f"interrupted: finished problems are stored in {out}; continue with: "
-                f"{resume_command('smc', out, spec.given)}",
+                f"interrupted: finished problems are stored in {out} (the one left part-way "
+                f"is journaled); continue with: {resume_command('smc', out, spec.given)}",
                 err=True,
             )
             raise typer.Exit(130) from None

@@ -38,6 +38,8 @@ import logging
 import math
 import os
 import sys
+import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -673,9 +675,11 @@ class PruningSampler:
     index), so trace ``i`` is the same trace (cut where pruned) as in a fixed-n run with the same
     seed on a streaming engine. Every trace is in the result: pruned ones with fate ``pruned``
     and ``pruned_at``; ``generated_tokens`` counts them all (and tokens an engine generated past
-    an abort inside a chunk). ``sink`` stores every trace with its fate (a new run directory:
-    pruning runs do not resume) and writes ``pruning.jsonl`` (one line per trace: problem,
-    index, pruned_at, reason) and a ``pruning`` manifest entry (rule, thresholds, counts).
+    an abort inside a chunk). ``sink`` stores every trace with its fate and writes
+    ``pruning.jsonl`` (one line per trace: problem, index, pruned_at, reason) and a ``pruning``
+    manifest entry (rule, thresholds, counts). A run resumes per trace (only missing traces are
+    generated; the stored warm-up sets the same threshold) and splits into shards like
+    :class:`~ttscale.samplers.RepeatedSampler`'s.
     """
 
     def __init__(
@@ -744,16 +748,30 @@ class PruningSampler:
         *,
         seed: int | None = None,
         sink: SampleStore | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[SampleResult]:
+        """The :class:`~ttscale.samplers.base.Sampler` protocol. With a ``sink`` that already
+        holds traces of this rule (a resumed run), only the missing traces are generated: the
+        stored warm-up traces set the threshold again (their log-probs are stored exactly), the
+        stored traces are read back with their fate (``resumed``). ``shard=(i, N)``: sample
+        only shard ``i`` of ``N`` of the problems
+        (:func:`~ttscale.samplers.repeated.shard_problems`; all are recorded in the run)."""
+        from ttscale.samplers.repeated import shard_problems
+
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
         params = self.params if seed is None else self.params.replace(seed=seed)
         problems = unique_problems(problems)
+        mine = shard_problems(problems, shard)
         if sink is not None:
-            if len(sink) > 0:
+            old = sink.manifest.get("prune_rule")
+            if len(sink) > 0 and old != self.rule.spec():
                 raise ConfigError(
-                    f"pruning runs do not resume: {sink.path} already holds samples; "
-                    "use a new run directory"
+                    f"run directory {sink.path} was made with pruning rule {old!r}, not "
+                    f"{self.rule.spec()!r}; resume with the same rule or use a new --out"
+                    if old
+                    else f"run directory {sink.path} holds traces sampled without pruning; "
+                    "use a new --out"
                 )
             extra = {**self.extra_manifest, "sampler": "pruning", "prune_rule": self.rule.spec()}
             open_sink(
@@ -761,7 +779,7 @@ class PruningSampler:
                 chat=self.chat, iid=False, extra=extra,
             )
         log.info("pruning with %s (%s), %d traces per problem", self.rule.spec(), self.mode, budget)
-        return self._sample(problems, budget, params, sink)
+        return self._sample(mine, budget, params, sink, shard)
 
     def _requests(self, p: Problem, indices: Sequence[int]) -> list[GenerationRequest]:
         if not indices:
@@ -807,34 +825,28 @@ class PruningSampler:
         budget: int,
         params: SamplingParams,
         sink: SampleStore | None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[SampleResult]:
-        session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
+        session = SamplingSession(self.engine, sink, engine_info=self.engine_info, shard=shard)
+        journal = _TraceLog(sink) if sink is not None else None
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
-        session.show_progress(show, remaining={p.id: budget for p in problems}, samples=len(problems) * budget)
-        records: list[dict[str, Any]] = []
+        stored = _stored(sink, {p.id for p in problems}, budget)
+        left = {p.id: budget - len(stored.get(p.id, ())) for p in problems}
+        session.show_progress(show, remaining=left, samples=len(problems) * budget)
         thresholds: dict[str, float | None] = {}
         warm_n = min(self.rule.warmup, budget)
         with session:
             step = max(1, self.batch_size // budget)
             for lo in range(0, len(problems), step):
                 chunk = problems[lo : lo + step]
-                results = self._sample_chunk(session, chunk, budget, warm_n, params)
-                for res, thr, why in results:
+                results = self._sample_chunk(
+                    session, chunk, budget, warm_n, params, journal, stored
+                )
+                for res, thr, _why in results:
                     thresholds[res.problem_id] = thr
-                    for c in res.candidates:
-                        records.append(
-                            {
-                                "problem_id": res.problem_id,
-                                "index": c.index,
-                                "warmup": c.index < warm_n,
-                                "pruned_at": c.pruned_at,
-                                "reason": why.get(c.index),
-                                "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
-                            }
-                        )
                     yield res
         if sink is not None:
-            self._record(sink, records, thresholds)
+            self._record(sink, thresholds)
 
     def _sample_chunk(
         self,
@@ -843,24 +855,43 @@ class PruningSampler:
         budget: int,
         warm_n: int,
         params: SamplingParams,
+        journal: _TraceLog | None = None,
+        stored: Mapping[str, list[Candidate]] | None = None,
     ) -> list[tuple[SampleResult, float | None, dict[int, str]]]:
-        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem."""
+        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem;
+        ``stored``: a resumed run's traces per problem (read back, not generated again)."""
         got: dict[tuple[str, int], Completion] = {}
-        warm_reqs = [r for p in problems for r in self._requests(p, range(warm_n))]
+        stored = stored or {}
+        have = {(p.id, c.index): c for p in problems for c in stored.get(p.id, ())}
+        prior = journal.records if journal is not None else {}
+
+        def keep(cands: list[Candidate], reasons: Mapping[tuple[str, int], tuple[int, str]]) -> None:
+            # the log line first: a stored trace always has its reason (and discarded tokens)
+            if journal is not None:
+                journal.add(cands, warm_n, reasons)
+            session.keep(cands)
+
+        def missing(p: Problem, indices: Iterable[int]) -> list[int]:
+            return [i for i in indices if (p.id, i) not in have]
+
+        warm_reqs = [r for p in problems for r in self._requests(p, missing(p, range(warm_n)))]
         if warm_reqs:
             # stored as each request finishes (salvage: an engine failure loses nothing finished)
-            with _salvage(session, {}):
+            with _salvage(keep, {}):
                 for comps in session.generate(
                     warm_reqs, params, store=False,
-                    on_result=lambda pos, comps: session.keep([Candidate(c) for c in comps]),
+                    on_result=lambda pos, comps: keep([Candidate(c) for c in comps], {}),
                 ):
                     for c in comps:
                         got[(c.problem_id, c.index)] = c
         thresholds: dict[str, float | None] = {}
         for p in problems:
-            warm = [got[(p.id, i)] for i in range(warm_n)]
+            warm = [
+                got[(p.id, i)] if (p.id, i) in got else have[(p.id, i)].completion
+                for i in range(warm_n)
+            ]
             thresholds[p.id] = self.rule.warmup_threshold(warm) if warm_n else None
-        reqs = [r for p in problems for r in self._requests(p, range(warm_n, budget))]
+        reqs = [r for p in problems for r in self._requests(p, missing(p, range(warm_n, budget)))]
         reasons: dict[tuple[str, int], tuple[int, str]] = {}
         if reqs:
             monitors: dict[tuple[int, int], TraceMonitor] = {}
@@ -886,9 +917,9 @@ class PruningSampler:
                 return True
 
             def on_result(pos: int, comps: list[Completion]) -> None:
-                session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+                keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps], reasons)
 
-            with _salvage(session, reasons):
+            with _salvage(keep, reasons):
                 for comps in session.generate(
                     reqs,
                     params,
@@ -903,54 +934,138 @@ class PruningSampler:
         for p in problems:
             cands = []
             why: dict[int, str] = {}
+            spent = resumed = resumed_tokens = 0
             for i in range(budget):
-                cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
-                if cand.pruned_at is not None:
-                    why[i] = reasons[(p.id, i)][1]
+                if (p.id, i) in have:
+                    cand = have[(p.id, i)]
+                    rec = prior.get((p.id, i), {})
+                    resumed += 1
+                    # discarded tokens are not a sample column: the trace log has them
+                    resumed_tokens += int(rec.get("tokens", cand.completion.num_tokens))
+                    if rec.get("reason"):
+                        why[i] = rec["reason"]
+                else:
+                    cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
+                    spent += cand.completion.num_tokens + cand.completion.discarded_tokens
+                    if cand.pruned_at is not None:
+                        why[i] = reasons[(p.id, i)][1]
                 cands.append(cand)
             res = SampleResult(
                 problem=p,
                 candidates=tuple(cands),
-                generated_tokens=sum(
-                    c.completion.num_tokens + c.completion.discarded_tokens for c in cands
-                ),
+                generated_tokens=spent + resumed_tokens,
                 prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
                 iid=False,
+                resumed=resumed,
+                # stored traces read back: their tokens were spent by an earlier call
+                info={"resumed_tokens": resumed_tokens} if resumed else {},
             )
             out.append((res, thresholds[p.id], why))
         return out
 
-    def _record(
-        self,
-        sink: SampleStore,
-        records: list[dict[str, Any]],
-        thresholds: Mapping[str, float | None],
-    ) -> None:
-        path = sink.path / "pruning.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        tmp.replace(path)
-        pruned = [r for r in records if r["pruned_at"] is not None]
+    def _record(self, sink: SampleStore, thresholds: Mapping[str, float | None]) -> None:
+        """``pruning.jsonl`` (one line per stored trace, from every worker's trace log) and the
+        manifest's ``pruning`` entry, rewritten under the run lock (workers on shards each call
+        it when they finish; the last one leaves the whole run's record)."""
 
         def put(m: dict[str, Any]) -> None:
+            sink.refresh()
+            stored = sink.keys()
+            records = [r for k, r in sorted(_TraceLog.read(sink).items()) if k in stored]
+            path = sink.path / "pruning.jsonl"
+            tmp = path.with_suffix(f".jsonl.{os.getpid()}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+            tmp.replace(path)
+            old = dict((m.get("pruning") or {}).get("thresholds") or {})
+            old.update({k: v for k, v in thresholds.items() if v is not None})
             m["pruning"] = {
                 "rule": self.rule.spec(),
                 "mode": self.mode,
                 "traces": len(records),
-                "pruned": len(pruned),
+                "pruned": sum(r["pruned_at"] is not None for r in records),
                 "generated_tokens": sum(int(r["tokens"]) for r in records),
-                "thresholds": {k: v for k, v in thresholds.items() if v is not None},
+                "thresholds": old,
                 "log": "pruning.jsonl",
             }
 
         sink.modify_manifest(put)
 
 
+def _stored(
+    store: SampleStore | None, problem_ids: set[str], budget: int
+) -> dict[str, list[Candidate]]:
+    """The traces (indices below ``budget``) a run already holds, per problem (one read)."""
+    out: dict[str, list[Candidate]] = {}
+    if store is None or not len(store):
+        return out
+    for s in store.samples():
+        if s.problem_id in problem_ids and s.index < budget:
+            fate = Fate(s.fate or Fate.KEPT.value)
+            pruned = s.pruned_at if fate is Fate.PRUNED else None
+            out.setdefault(s.problem_id, []).append(
+                Candidate(s.to_completion(), fate=fate, pruned_at=pruned)
+            )
+    return out
+
+
+class _TraceLog:
+    """This session's trace log, ``RUN/pruning/<session>.jsonl``: one line per trace (problem,
+    index, warm-up, pruned_at, reason, tokens generated), written before the trace is handed to
+    the store, so every stored trace has its line whenever the run is killed."""
+
+    def __init__(self, sink: SampleStore) -> None:
+        self.records = _TraceLog.read(sink)
+        d = sink.path / "pruning"
+        d.mkdir(exist_ok=True)
+        self.path = d / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+        self._lock = threading.Lock()  # engines may hand results over from their own threads
+
+    @staticmethod
+    def read(sink: SampleStore) -> dict[tuple[str, int], dict[str, Any]]:
+        out: dict[tuple[str, int], dict[str, Any]] = {}
+        d = sink.path / "pruning"
+        for f in sorted(d.glob("*.jsonl")) if d.is_dir() else []:
+            for line in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill: its trace is not stored, it is redone
+                out[(str(r["problem_id"]), int(r["index"]))] = r
+        return out
+
+    def add(
+        self,
+        cands: Sequence[Candidate],
+        warm_n: int,
+        reasons: Mapping[tuple[str, int], tuple[int, str]],
+    ) -> None:
+        lines = []
+        for c in cands:
+            hit = reasons.get((c.completion.problem_id, c.index))
+            lines.append(
+                json.dumps(
+                    {
+                        "problem_id": c.completion.problem_id,
+                        "index": c.index,
+                        "warmup": c.index < warm_n,
+                        "pruned_at": c.pruned_at,
+                        "reason": hit[1] if hit is not None and c.pruned_at is not None else None,
+                        "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
+                    }
+                )
+            )
+        with self._lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(x + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+
 @contextmanager
 def _salvage(
-    session: SamplingSession, reasons: Mapping[tuple[str, int], tuple[int, str]]
+    keep: Callable[[list[Candidate], Mapping[tuple[str, int], tuple[int, str]]], None],
+    reasons: Mapping[tuple[str, int], tuple[int, str]],
 ) -> Iterator[None]:
     """On an engine failure, store the finished samples of unfinished requests (those of
     finished requests were stored by ``on_result``) before the error propagates."""
@@ -958,7 +1073,7 @@ def _salvage(
         yield
     except GenerationError as e:
         for comps in e.partial.values():
-            session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
+            keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps], reasons)
         raise
 
 

@@ -40,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from ttscale.engines.base import Engine, GenerationRequest, capabilities_of, continuation_text
+from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
+from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -205,7 +206,7 @@ class SearchSampler:
         problems = unique_problems(problems)
         if sink is not None:
             extra = {**self.extra_manifest, "search": {**self.info(), "budget": budget}}
-            _check_same_search(sink, extra["search"])
+            StepRun(sink, "search", budget, "search").check_same(extra["search"])
             open_sink(
                 sink, problems, engine_info=self.engine_info, params=params, n=budget,
                 chat=self.chat, iid=False, extra=extra,
@@ -220,33 +221,56 @@ class SearchSampler:
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
         self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
-        done = set((sink.manifest.get("search_done") or {}).get(str(budget), [])) if sink else set()
+        run = (
+            StepRun(sink, "search", budget, "search", self.engine_info) if sink is not None else None
+        )
+        done = run.done() if run is not None else set()
         session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
         with session:
             for start in range(0, len(problems), self.batch_problems):
                 t0 = time.perf_counter()
                 batch = problems[start : start + self.batch_problems]
                 states = [_State(p) for p in batch if p.id not in done]
-                while not all(s.done for s in states):
-                    self._step(session, states, budget, params)
-                fresh = {s.problem.id: self._result(s) for s in states}
-                if sink is not None and fresh:
+                replay: dict[tuple[str, int], Completion] = {}
+                if run is not None:
+                    for st in states:
+                        replay.update(run.journal(st.problem.id))
+                seen: dict[tuple[str, int], Completion] = {}
+                try:
+                    while not all(s.done for s in states):
+                        self._step(session, states, budget, params, replay, seen)
+                except BaseException:
+                    if run is not None:  # keep what the engine finished: a resume replays it
+                        for st in states:
+                            run.salvage(
+                                st.problem.id,
+                                [c for k, c in {**replay, **seen}.items() if k[0] == st.problem.id],
+                            )
+                    raise
+                fresh = {s.problem.id: self._result(s, replay) for s in states}
+                if run is not None and fresh:
                     for res in fresh.values():
                         session.keep(res.candidates)
                     session.flush()
-                    _mark_done(sink, list(fresh), budget)
+                    run.mark_done(list(fresh))
                 self.timing["total"] += time.perf_counter() - t0
                 for p in batch:
                     if p.id in fresh:
                         yield fresh[p.id]
                     else:
-                        assert sink is not None  # only problems stored in the sink are skipped
-                        yield _resumed(p, sink)
+                        assert run is not None  # only problems stored in the sink are skipped
+                        yield _resumed(p, run)
 
     # ---- one step for every unfinished problem ----------------------------------------------
 
     def _step(
-        self, session: SamplingSession, states: list[_State], budget: int, params: SamplingParams
+        self,
+        session: SamplingSession,
+        states: list[_State],
+        budget: int,
+        params: SamplingParams,
+        replay: Mapping[tuple[str, int], Completion],
+        seen: dict[tuple[str, int], Completion],
     ) -> None:
         requests: list[GenerationRequest] = []
         owners: list[tuple[_State, int | None, int]] = []  # (state, parent node, group)
@@ -275,15 +299,8 @@ class SearchSampler:
             )
             for st, par, _ in owners
         ]
-        results: list[list[Completion]] = [[] for _ in requests]
         t0 = time.perf_counter()
-        for cap in sorted(set(caps), reverse=True):
-            pos = [k for k, c in enumerate(caps) if c == cap]
-            got = session.generate(
-                [requests[k] for k in pos], params.replace(max_tokens=cap), store=False
-            )
-            for k, g in zip(pos, got, strict=True):
-                results[k] = g
+        results = extend(session, requests, params, caps, replay=replay, seen=seen)
         self.timing["engine"] += time.perf_counter() - t0
         fresh: dict[int, list[int]] = {}
         for (st, parent, group), comps in zip(owners, results, strict=True):
@@ -311,37 +328,25 @@ class SearchSampler:
     def _request(
         self, st: _State, parent: int | None, indices: tuple[int, ...]
     ) -> GenerationRequest:
-        p = st.problem
-        base: dict[str, Any]
-        if self.chat:
-            base = {"messages": ({"role": "user", "content": p.prompt},)}
-        else:
-            base = {"prompt": p.prompt}
         if parent is None:
-            return GenerationRequest(problem_id=p.id, indices=indices, step=0, **base)
+            return step_request(st.problem, chat=self.chat, indices=indices, step=0)
         node = st.nodes[parent]
         if self.token_prefixes:
-            return GenerationRequest(
-                problem_id=p.id,
-                prefix_token_ids=node.token_ids,
-                indices=indices,
-                step=st.step,
-                **base,
-            )
-        return GenerationRequest(
-            problem_id=p.id, prefix=node.text, indices=indices, step=st.step, **base
+            return step_request(
+                st.problem, chat=self.chat, indices=indices, step=st.step,
+                prefix_ids=node.token_ids,
+            )  # fmt: skip
+        return step_request(
+            st.problem, chat=self.chat, indices=indices, step=st.step, prefix_text=node.text
         )
 
     def _child(self, st: _State, parent: int | None, group: int, c: Completion) -> _Node:
         base = st.nodes[parent] if parent is not None else None
         ids = (base.token_ids if base else ()) + tuple(c.token_ids or ())
         n = (base.num_tokens if base else 0) + c.num_tokens
-        eos = c.finish_reason == FinishReason.STOP.value and c.stop_reason is None
+        eos = ends_trace(c, self.final_stop)
         finished = (
             eos
-            or c.num_tokens == 0
-            or c.finish_reason == FinishReason.ABORT.value
-            or (isinstance(c.stop_reason, str) and c.stop_reason in self.final_stop)
             or st.step + 1 >= self.max_steps
             or n >= self.max_tokens
         )
@@ -359,12 +364,8 @@ class SearchSampler:
         )
 
     def _step_text(self, base: _Node | None, c: Completion) -> str:
-        """The text of exactly the tokens a step kept: an engine trims its text after a stop
-        string that ends inside a token, but the next step continues after that token."""
-        decode = getattr(self.engine, "decode", None)
-        if not self.token_prefixes or decode is None or c.token_ids is None:
-            return c.text
-        return continuation_text(decode, base.token_ids if base else (), c.token_ids)
+        decode = getattr(self.engine, "decode", None) if self.token_prefixes else None
+        return step_text(decode, base.token_ids if base else (), c)
 
     def _select(self, st: _State, new: list[int], budget: int) -> None:
         done = [i for i in new if st.nodes[i].finished]
@@ -402,7 +403,7 @@ class SearchSampler:
         if not survivors:
             st.done = True
 
-    def _result(self, st: _State) -> SampleResult:
+    def _result(self, st: _State, replay: Mapping[tuple[str, int], Completion]) -> SampleResult:
         # every node is a candidate: its whole text so far and its step's tokens (so the
         # candidates' num_tokens sum to generated_tokens), like SMCSampler's particle-steps
         pool, pruned = set(st.pool), set(st.pruned)
@@ -418,65 +419,27 @@ class SearchSampler:
             else:
                 cands.append(Candidate(comp, fate=Fate.EXTENDED, **common))
         total_steps = sum(int(s.extra["particle_steps"]) for s in st.steps)
+        info: dict[str, Any] = {
+            "particle_steps": total_steps, "search": self.search, "width": self.width
+        }
+        again = [n.step_completion for n in st.nodes if (st.problem.id, n.index) in replay]
+        if again:  # nodes an interrupted attempt generated, replayed from its journal
+            info["replayed_tokens"] = sum(c.num_tokens + c.discarded_tokens for c in again)
         return SampleResult(
             problem=st.problem,
             candidates=tuple(cands),
             generated_tokens=st.generated,
             prompt_tokens=st.prompt_tokens,
             iid=False,
+            resumed=len(again),
             steps=tuple(st.steps),
-            info={"particle_steps": total_steps, "search": self.search, "width": self.width},
+            info=info,
         )
 
 
-def _check_same_search(sink: SampleStore, config: Mapping[str, Any]) -> None:
-    """A run directory holds one search configuration (candidate keys depend on all of it)."""
-    old = sink.manifest.get("search")
-    if not isinstance(old, Mapping):
-        if len(sink):
-            raise ConfigError(
-                f"run directory {sink.path} holds samples that are not from a search; "
-                "use a new --out"
-            )
-        return
-    for key, value in config.items():
-        if key in old and old[key] != value:
-            raise ConfigError(
-                f"run directory {sink.path} was made with search {key} {old[key]!r}, not "
-                f"{value!r}; resume with the same settings or use a new --out"
-            )
-
-
-def _mark_done(sink: SampleStore, problem_ids: list[str], budget: int) -> None:
-    """Record in the manifest that these problems' searches at ``budget`` are stored whole."""
-
-    def mark(m: dict[str, Any]) -> None:
-        done = dict(m.get("search_done") or {})
-        ids = list(done.get(str(budget), []))
-        ids.extend(i for i in problem_ids if i not in ids)
-        done[str(budget)] = ids
-        m["search_done"] = done
-
-    sink.modify_manifest(mark)
-
-
-def _resumed(problem: Problem, sink: SampleStore) -> SampleResult:
+def _resumed(problem: Problem, run: StepRun) -> SampleResult:
     """A problem whose search a previous call stored, read back from the sink."""
-    cands: list[Candidate] = []
-    tokens = 0
-    for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
-        tokens += s.num_tokens or 0
-        fate = Fate(s.fate or Fate.KEPT.value)
-        cands.append(
-            Candidate(
-                s.to_completion(),
-                step=s.step or 0,
-                parent=s.parent,
-                log_weight=s.log_weight,
-                fate=fate,
-                pruned_at=s.pruned_at if fate is Fate.PRUNED else None,
-            )
-        )
+    cands, tokens = run.stored(problem.id)
     return SampleResult(
         problem=problem,
         candidates=tuple(cands),

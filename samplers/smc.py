@@ -38,16 +38,14 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ttscale.engines.base import (
     Engine,
-    GenerationRequest,
     capabilities_of,
-    continuation_text,
     require_capabilities,
 )
 from ttscale.errors import ConfigError
@@ -63,16 +61,22 @@ from ttscale.samplers.potentials import (
     pf_log_weights,
 )
 from ttscale.samplers.session import SamplingSession, open_sink, rich_progress, unique_problems
+from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
-from ttscale.types import Completion, FinishReason, Problem, SamplingParams
+from ttscale.types import Completion, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int, check_number
 
 __all__ = [
     "SELECTIONS",
     "SMCSampler",
     "SMCState",
+    "FKSteering",
+    "LogPotential",
+    "ParticleFilter",
+    "Shaping",
     "lineage_figure",
+    "make_shaping",
     "plot_lineage",
     "reweight",
     "select_answer",
@@ -86,51 +90,174 @@ SELECTIONS = ("argmax", "sample", "vote")
 
 @dataclass(frozen=True)
 class SMCState:
-    """The population after a step (arrays of shape ``(N,)``, one entry per particle slot).
+    """The population after a step: one entry per particle slot (arrays of shape ``(N,)``).
 
     ``log_weights``: cumulative ``ℓ`` (see the module docstring); ``finished``: absorbing;
     ``cand``: the candidate index each slot holds (its latest step's candidate); ``log_ml``: the
-    running ``log Ẑ``. ``r_prev``/``log_pi``: FK-steering statistics (carried ``r̃`` and the sum
-    of the particle's FK log-increments); ``log_g``: the last cumulative log-potential (shaping
-    ``none``); ``target_lp``: cumulative raw log-probability of each prefix.
+    running ``log Ẑ``; ``stats``: the shaping's own per-particle statistics (:class:`Shaping`);
+    ``target_lp``: cumulative raw log-probability of each prefix; the particles themselves:
+    ``texts`` (text so far), ``tokens`` (token ids so far, tuples) and ``steps`` (steps taken).
+    A step is ``state -> state``; resampling is one index gather of every field (:meth:`take`).
     """
 
     log_weights: NDArray[np.float64]
     finished: NDArray[np.bool_]
     cand: NDArray[np.int64]
     log_ml: float = 0.0
-    r_prev: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
-    log_pi: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
-    log_g: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    stats: Mapping[str, NDArray[np.float64]] = field(default_factory=dict)
     target_lp: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    texts: NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
+    tokens: NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, object))
+    steps: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @classmethod
-    def initial(cls, n: int) -> SMCState:
-        z = np.zeros(n, dtype=np.float64)
+    def initial(cls, n: int, shaping: Shaping | None = None) -> SMCState:
+        """``n`` empty particles of weight 1 (``ℓ = 0``), with ``shaping``'s statistics."""
+        texts = np.empty(n, dtype=object)
+        texts[:] = ""
+        tokens = np.empty(n, dtype=object)
+        tokens[:] = [() for _ in range(n)]
         return cls(
-            z.copy(),
+            np.zeros(n, dtype=np.float64),
             np.zeros(n, bool),
             np.full(n, -1, np.int64),
             0.0,
-            z.copy(),
-            z.copy(),
-            z.copy(),
-            z.copy(),
+            dict(shaping.initial(n)) if shaping is not None else {},
+            np.zeros(n, dtype=np.float64),
+            texts,
+            tokens,
+            np.zeros(n, np.int64),
         )
 
     def take(self, ancestors: NDArray[np.int64]) -> SMCState:
-        """The population rearranged by ``ancestors`` (weights untouched)."""
+        """The population rearranged by ``ancestors`` (weights untouched): one gather."""
         a = np.asarray(ancestors, dtype=np.int64)
+        n = self.log_weights.size
+
+        def g(x: NDArray[Any]) -> NDArray[Any]:
+            return x[a] if x.size == n else x  # an empty optional field stays empty
+
         return replace(
             self,
             log_weights=self.log_weights[a],
             finished=self.finished[a],
             cand=self.cand[a],
-            r_prev=self.r_prev[a],
-            log_pi=self.log_pi[a],
-            log_g=self.log_g[a],
-            target_lp=self.target_lp[a],
+            stats={k: g(v) for k, v in self.stats.items()},
+            target_lp=g(self.target_lp),
+            texts=g(self.texts),
+            tokens=g(self.tokens),
+            steps=g(self.steps),
         )
+
+
+# ---- shaping: how potential values become incremental weights ---------------------------------
+
+
+class Shaping(Protocol):
+    """How a potential's values become incremental log-weights (``shaping``), with the
+    per-particle statistics it carries between steps (resampled with the particles).
+
+    ``step(values, stats, finished)`` gets the values of the particles just extended, their
+    statistics and whether each is now finished, and returns their incremental log-weights and
+    new statistics. ``replaces_weights``: the value *is* the new log-weight (Puri's particle
+    filter: no proposal correction, no ``log Ẑ``).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def replaces_weights(self) -> bool: ...
+
+    def initial(self, n: int) -> Mapping[str, NDArray[np.float64]]: ...
+
+    def step(
+        self,
+        values: NDArray[np.float64],
+        stats: Mapping[str, NDArray[np.float64]],
+        finished: NDArray[np.bool_],
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[np.float64]]]: ...
+
+
+@dataclass(frozen=True)
+class LogPotential:
+    """``none``: values are cumulative log-potentials ``log G_t``; the increment is
+    ``log G_t − log G_{t−1}`` (statistic ``log_g``, the last value)."""
+
+    name = "none"
+    replaces_weights = False
+
+    def initial(self, n: int) -> dict[str, NDArray[np.float64]]:
+        return {"log_g": np.zeros(n)}
+
+    def step(
+        self,
+        values: NDArray[np.float64],
+        stats: Mapping[str, NDArray[np.float64]],
+        finished: NDArray[np.bool_],
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[np.float64]]]:
+        with np.errstate(invalid="ignore"):
+            d = values - stats["log_g"]
+        return np.where(np.isnan(d), -np.inf, d), {"log_g": np.asarray(values, np.float64)}
+
+
+@dataclass(frozen=True)
+class FKSteering:
+    """Feynman-Kac steering of a reward with strength ``lam`` (``immediate``, ``difference``,
+    ``max``, ``sum``; :func:`~ttscale.samplers.potentials.fk_increments`); statistics ``r_prev``
+    (the carried ``r̃``) and ``log_pi`` (the sum of the particle's FK log-increments)."""
+
+    name: str
+    lam: float = 1.0
+    replaces_weights = False
+
+    def __post_init__(self) -> None:
+        check_choice("shaping", self.name, ("immediate", "difference", "max", "sum"))
+
+    def initial(self, n: int) -> dict[str, NDArray[np.float64]]:
+        return {"r_prev": np.zeros(n), "log_pi": np.zeros(n)}
+
+    def step(
+        self,
+        values: NDArray[np.float64],
+        stats: Mapping[str, NDArray[np.float64]],
+        finished: NDArray[np.bool_],
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[np.float64]]]:
+        w, tilde = fk_increments(
+            self.name, self.lam, values, stats["r_prev"], stats["log_pi"], finished
+        )
+        return w, {"r_prev": tilde, "log_pi": stats["log_pi"] + w}
+
+
+@dataclass(frozen=True)
+class ParticleFilter:
+    """``pf``: Puri et al.'s particle filter: a particle's log-weight is replaced by
+    ``logit(r)/temperature`` (:func:`~ttscale.samplers.potentials.pf_log_weights`)."""
+
+    temperature: float = 1.0
+    name = "pf"
+    replaces_weights = True
+
+    def initial(self, n: int) -> dict[str, NDArray[np.float64]]:
+        return {}
+
+    def step(
+        self,
+        values: NDArray[np.float64],
+        stats: Mapping[str, NDArray[np.float64]],
+        finished: NDArray[np.bool_],
+    ) -> tuple[NDArray[np.float64], dict[str, NDArray[np.float64]]]:
+        return pf_log_weights(values, temperature=self.temperature), {}
+
+
+def make_shaping(name: str, *, lam: float = 1.0, pf_temperature: float = 1.0) -> Shaping:
+    """The :class:`Shaping` named ``name`` (one of :data:`SHAPINGS`)."""
+    check_choice("shaping", name, SHAPINGS)
+    if name == "none":
+        return LogPotential()
+    if name == "pf":
+        return ParticleFilter(pf_temperature)
+    return FKSteering(name, lam)
 
 
 def reweight(
@@ -230,13 +357,6 @@ def _draw(
     return out
 
 
-@dataclass
-class _Particle:
-    text: str = ""
-    tokens: tuple[int, ...] = ()
-    steps: int = 0
-
-
 class SMCSampler:
     """Sequential Monte Carlo with ``budget`` particles per problem (the ``Sampler`` protocol).
 
@@ -268,10 +388,13 @@ class SMCSampler:
     ``parent``, cumulative ``log_weight`` at creation and ``fate`` (``kept`` for the final
     population with its final log-weight, ``extended`` for ancestors, ``resampled`` for dropped
     lines); the run is marked ``iid=False``. A problem's candidates are stored once it is done
-    (their fates are known only then) and it is recorded in ``manifest["smc_done"]``; a run
-    interrupted inside a problem reruns that problem from its start on resume (identically: the
-    seeds are per problem, candidate and step), and the tokens of the interrupted attempt are
-    not in the run's accounting.
+    (their fates are known only then, so they go in one shard) and it is recorded in
+    ``manifest["smc_done"]``; a problem with stored samples counts as done, so a run killed
+    between the two is read back, not rerun or counted twice. A problem that fails part-way
+    (engine error, Ctrl-C) has its finished particle-steps journaled; a resume replays them
+    (seeds are per problem, candidate and step, so the replay is the uninterrupted run) and
+    generates only the rest; their tokens reach the run's accounting once, with the problem
+    (:mod:`ttscale.samplers.stepwise`).
     """
 
     def __init__(
@@ -280,7 +403,7 @@ class SMCSampler:
         potential: Any,
         params: SamplingParams | None = None,
         *,
-        shaping: str = "none",
+        shaping: str | Shaping = "none",
         lam: float = 1.0,
         pf_temperature: float = 1.0,
         resample: str | Resampler = "systematic",
@@ -300,7 +423,10 @@ class SMCSampler:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be SamplingParams, got {type(params).__name__}")
-        check_choice("shaping", shaping, SHAPINGS)
+        if isinstance(shaping, str):
+            check_choice("shaping", shaping, SHAPINGS)
+        elif not callable(getattr(shaping, "step", None)):
+            raise ConfigError("shaping must be a name in SHAPINGS or a Shaping object (step, initial)")
         if isinstance(resample, str):
             check_choice("resample", resample, tuple(RESAMPLERS))
         elif not callable(resample):
@@ -339,12 +465,18 @@ class SMCSampler:
         self.engine = engine
         self.potential = potential
         self.params = params.replace(logprobs=0 if params.logprobs is None else params.logprobs)
-        self.shaping = shaping
         self.lam = float(lam)
         self.pf_temperature = float(pf_temperature)
         check_number("pf_temperature", pf_temperature, low=0.0, low_open=True)
+        #: the shaping object (owns its statistics); ``shaping`` is its name
+        self.shaper: Shaping = (
+            make_shaping(shaping, lam=self.lam, pf_temperature=self.pf_temperature)
+            if isinstance(shaping, str)
+            else shaping
+        )
+        self.shaping = self.shaper.name
         self.scheme = resample
-        self.ess_threshold = 1.0 if shaping == "pf" else float(ess_threshold)
+        self.ess_threshold = 1.0 if self.shaper.replaces_weights else float(ess_threshold)
         self.resample_finished = bool(resample_finished)
         self.step_stop = tuple(step_stop)
         self.tokens_per_step = tokens_per_step
@@ -395,8 +527,8 @@ class SMCSampler:
         ``seed``: the run seed (default ``params.seed``): particle ``j``'s extension at step
         ``t`` is seeded by ``(seed, problem, candidate index t·N + j, t)`` and the resampling
         generator by ``(seed, problem)``, so a run is reproducible. ``sink``: a store receiving
-        every particle-step; problems it already completed (``manifest["smc_done"]``) are read
-        back, the others (re)sampled, so an interrupted run resumes per problem.
+        every particle-step; problems it already stored are read back, a problem left unfinished
+        resumes from its journaled steps, the others are sampled.
         """
         check_int("budget", budget, min=1)
         check_int("seed", seed, min=0, allow_none=True)
@@ -404,7 +536,8 @@ class SMCSampler:
         problems = unique_problems(problems)
         if sink is not None:
             extra = {**self.extra_manifest, "smc": {**self.config(), "particles": budget}}
-            _check_same_smc(sink, extra["smc"])
+            # how an answer is picked does not change the particles
+            StepRun(sink, "smc", budget, "SMC").check_same(extra["smc"], ignore=("select",))
             open_sink(
                 sink, problems, engine_info=self.engine_info, params=params, n=budget,
                 chat=self.chat, iid=False, extra=extra,
@@ -418,7 +551,10 @@ class SMCSampler:
         params: SamplingParams,
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
-        done = set((sink.manifest.get("smc_done") or {}).get(str(budget), [])) if sink else set()
+        run = (
+            StepRun(sink, "smc", budget, "SMC", self.engine_info) if sink is not None else None
+        )
+        done = run.done() if run is not None else set()
         show = sys.stderr.isatty() if self.progress is None else bool(self.progress)
         session = SamplingSession(
             self.engine, sink, engine_info=self.engine_info, flush_every=self.flush_every
@@ -427,14 +563,25 @@ class SMCSampler:
         bar = _ProblemBar(show, total=len(problems), done=sum(p.id in done for p in problems))
         with session, bar:
             for p in problems:
-                if sink is not None and p.id in done:
-                    yield self._resumed(p, sink)
+                if run is None:
+                    result = self.run_problem(p, budget, params, session)
+                elif p.id in done:
+                    yield self._resumed(p, run)
                     continue
-                result = self.run_problem(p, budget, params, session)
-                if sink is not None:
+                else:
+                    replay = run.journal(p.id)
+                    seen: dict[tuple[str, int], Completion] = {}
+                    try:
+                        result = self.run_problem(
+                            p, budget, params, session, replay=replay, seen=seen
+                        )
+                    except BaseException:
+                        # keep what the engine finished for this problem: a resume replays it
+                        run.salvage(p.id, {**replay, **seen}.values())
+                        raise
                     session.keep(result.candidates)
                     session.flush()
-                    _mark_done(sink, p.id, budget)
+                    run.mark_done([p.id])
                 bar.advance(result)
                 yield result
 
@@ -444,9 +591,17 @@ class SMCSampler:
         n: int,
         params: SamplingParams,
         session: SamplingSession | None = None,
+        *,
+        replay: Mapping[tuple[str, int], Completion] | None = None,
+        seen: dict[tuple[str, int], Completion] | None = None,
     ) -> SampleResult:
-        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores)."""
+        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores).
+
+        ``replay``: particle-steps an interrupted attempt finished (taken instead of generated);
+        ``seen`` receives every particle-step the engine hands over (for salvage).
+        """
         session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
+        replay = replay or {}
         rng = np.random.default_rng(problem_seed(params.seed, problem.id) ^ 0x5EC)
         # ``params.stop`` ends a particle's solution; a step ends at either kind of stop
         final_stop = tuple(x for x in params.stop if x not in self.step_stop)
@@ -458,121 +613,73 @@ class SMCSampler:
             logprobs=params.logprobs if params.logprobs is not None else 0,
         )
         decode = getattr(self.engine, "decode", None)
-        state = SMCState.initial(n)
-        parts = [_Particle() for _ in range(n)]
+        shaper = self.shaper
+        state = SMCState.initial(n, shaper)
         cands: list[Candidate] = []
         infos: list[StepInfo] = []
-        tokens = prompt_tokens = particle_steps = 0
+        tokens = prompt_tokens = particle_steps = replayed = replayed_tokens = 0
         degenerate = False
-        base: dict[str, Any]
-        if self.chat:
-            base = {"messages": ({"role": "user", "content": problem.prompt},)}
-        else:
-            base = {"prompt": problem.prompt}
         for t in range(self.max_steps):
             # a particle of weight 0 (-inf) can never regain weight: it is not extended
             live = np.flatnonzero(~state.finished & (state.log_weights > -math.inf))
             if live.size == 0:
                 break
             reqs = [
-                GenerationRequest(
-                    problem_id=problem.id,
-                    prefix_token_ids=parts[j].tokens,
+                step_request(
+                    problem,
+                    chat=self.chat,
                     indices=(t * n + int(j),),
                     step=t,
-                    **base,
+                    prefix_ids=state.tokens[j],
                 )
                 for j in live
             ]
             # a step's token cap: tokens_per_step, less near the particle's length limit
             caps = [
-                min(step_params.max_tokens, params.max_tokens - len(parts[j].tokens)) for j in live
+                min(step_params.max_tokens, params.max_tokens - len(state.tokens[j])) for j in live
             ]
-            outs: list[Completion | None] = [None] * len(reqs)
-            for cap in sorted(set(caps), reverse=True):  # one batched call (per distinct cap)
-                same = [k for k, c in enumerate(caps) if c == cap]
-                size = self.batch_size or len(same)
-                for lo in range(0, len(same), size):
-                    pos = same[lo : lo + size]
-                    got = session.generate(
-                        [reqs[k] for k in pos], step_params.replace(max_tokens=cap), store=False
-                    )
-                    for k, g in zip(pos, got, strict=True):
-                        outs[k] = g[0]
+            outs = [
+                g[0]
+                for g in extend(
+                    session, reqs, step_params, caps, replay=replay, seen=seen,
+                    batch_size=self.batch_size,
+                )
+            ]
+            for comp in outs:
+                if (problem.id, comp.index) in replay:
+                    replayed += 1
+                    replayed_tokens += comp.num_tokens
             particle_steps += len(live)
-            correction = np.zeros(n)
-            fin_now = state.finished.copy()
-            target_lp = state.target_lp.copy()
-            for j, comp in zip(live, outs, strict=True):
-                assert comp is not None
-                tokens += comp.num_tokens
-                prompt_tokens += comp.prompt_tokens or 0
-                pj = parts[j]
-                new_ids = tuple(comp.token_ids or ())
-                # the text of exactly the tokens kept (an engine trims its text after a stop
-                # string that ends inside a token, but the next step continues from the token)
-                text = continuation_text(decode, pj.tokens, new_ids) if decode else comp.text
-                parts[j] = _Particle(pj.text + text, pj.tokens + new_ids, pj.steps + 1)
-                tgt = comp.target_logprobs
-                prop = comp.proposal_logprobs
-                if tgt is not None:
-                    target_lp[j] += math.fsum(tgt)
-                if self.correct_proposal and tgt is not None and prop is not None:
-                    with np.errstate(invalid="ignore"):
-                        c = math.fsum(tgt) - math.fsum(prop)
-                    correction[j] = -math.inf if math.isnan(c) else c
-                eos = comp.finish_reason == FinishReason.STOP.value and not isinstance(
-                    comp.stop_reason, str
-                )
-                fin_now[j] = (
-                    eos
-                    or (isinstance(comp.stop_reason, str) and comp.stop_reason in final_stop)
-                    or len(parts[j].tokens) >= params.max_tokens
-                    or parts[j].steps >= self.max_steps
-                    or comp.num_tokens == 0
-                )
-            texts = [parts[j].text for j in live]
+            tokens += sum(c.num_tokens for c in outs)
+            prompt_tokens += sum(c.prompt_tokens or 0 for c in outs)
+            pre, correction = self._extended(state, live, outs, params, decode, final_stop)
+            fin = pre.finished[live]
             values = evaluate(
-                self.potential, problem, texts, [bool(fin_now[j]) for j in live], target_lp[live]
+                self.potential, problem, list(pre.texts[live]), fin.tolist(), pre.target_lp[live]
             )
-            inc = np.zeros(n)
-            r_prev, log_pi, log_g = state.r_prev.copy(), state.log_pi.copy(), state.log_g.copy()
-            if self.shaping == "pf":
+            inc_live, stats_live = shaper.step(
+                values, {k: v[live] for k, v in state.stats.items()}, fin
+            )
+            stats = {k: v.copy() for k, v in state.stats.items()}
+            for k, v in stats_live.items():
+                stats[k][live] = v
+            if shaper.replaces_weights:  # the new log-weight outright; others keep theirs
                 inc = state.log_weights.copy()
-                inc[live] = pf_log_weights(values, temperature=self.pf_temperature)
-            elif self.shaping == "none":
-                with np.errstate(invalid="ignore"):
-                    d = values - log_g[live]
-                inc[live] = np.where(np.isnan(d), -np.inf, d)
-                log_g[live] = values
+                inc[live] = inc_live
+                cum = inc
             else:
-                w, tilde = fk_increments(
-                    self.shaping, self.lam, values, r_prev[live], log_pi[live], fin_now[live]
-                )
-                inc[live] = w
-                r_prev[live] = tilde
-                log_pi[live] = log_pi[live] + w
-            with np.errstate(invalid="ignore"):
-                inc[live] = inc[live] + (0.0 if self.shaping == "pf" else correction[live])
-            inc = np.where(np.isnan(inc), -np.inf, inc)
+                inc = np.zeros(n)
+                with np.errstate(invalid="ignore"):
+                    inc[live] = inc_live + correction
+                    inc = np.where(np.isnan(inc), -np.inf, inc)
+                    cum = state.log_weights + inc
             cand = state.cand.copy()
-            pre = replace(
-                state,
-                finished=fin_now,
-                r_prev=r_prev,
-                log_pi=log_pi,
-                log_g=log_g,
-                target_lp=target_lp,
-            )
-            with np.errstate(invalid="ignore"):
-                cum = inc if self.shaping == "pf" else state.log_weights + inc
             for j, comp in zip(live, outs, strict=True):
-                assert comp is not None
                 idx = t * n + int(j)
                 parent = int(state.cand[j]) if state.cand[j] >= 0 else None
                 cands.append(
                     Candidate(
-                        _particle_completion(comp, parts[j], idx),
+                        replace(comp, index=idx, text=str(pre.texts[j])),
                         step=t,
                         parent=parent,
                         log_weight=float(cum[j]),
@@ -580,27 +687,24 @@ class SMCSampler:
                     )
                 )
                 cand[j] = idx
-            pre = replace(pre, cand=cand)
             state, info = reweight(
-                pre,
+                replace(pre, cand=cand, stats=stats),
                 inc,
                 rng=rng,
                 scheme=self.scheme,
                 ess_threshold=self.ess_threshold,
                 resample_finished=self.resample_finished,
-                replace_weights=self.shaping == "pf",
+                replace_weights=shaper.replaces_weights,
                 step=t,
-                allow_resample=not bool(fin_now.all()),
+                allow_resample=not bool(pre.finished.all()),
             )
             infos.append(info)
-            parts = [parts[a] for a in info.ancestors]
             if info.extra.get("degenerate"):
                 degenerate = True
                 break
         return self._result(
             problem,
             state,
-            parts,
             cands,
             infos,
             tokens,
@@ -608,13 +712,50 @@ class SMCSampler:
             particle_steps,
             degenerate,
             params,
+            (replayed, replayed_tokens),
         )
+
+    def _extended(
+        self,
+        state: SMCState,
+        live: NDArray[np.int64],
+        outs: Sequence[Completion],
+        params: SamplingParams,
+        decode: Callable[[Sequence[int]], str] | None,
+        final_stop: Sequence[str] = (),
+    ) -> tuple[SMCState, NDArray[np.float64]]:
+        """The population with the ``live`` particles extended by their step ``outs`` (texts,
+        tokens, steps, raw log-probability, finished), and the steps' proposal corrections.
+        A step that ended at one of ``final_stop`` (the user's ``stop``) ends its particle."""
+        texts, toks = state.texts.copy(), state.tokens.copy()
+        steps, target_lp = state.steps.copy(), state.target_lp.copy()
+        finished = state.finished.copy()
+        correction = np.zeros(len(live))
+        for k, (j, comp) in enumerate(zip(live, outs, strict=True)):
+            texts[j] = texts[j] + step_text(decode, toks[j], comp)
+            toks[j] = toks[j] + tuple(comp.token_ids or ())
+            steps[j] += 1
+            tgt, prop = comp.target_logprobs, comp.proposal_logprobs
+            if tgt is not None:
+                target_lp[j] += math.fsum(tgt)
+            if self.correct_proposal and tgt is not None and prop is not None:
+                with np.errstate(invalid="ignore"):
+                    c = math.fsum(tgt) - math.fsum(prop)
+                correction[k] = -math.inf if math.isnan(c) else c
+            finished[j] = (
+                ends_trace(comp, final_stop)
+                or len(toks[j]) >= params.max_tokens
+                or steps[j] >= self.max_steps
+            )
+        new = replace(
+            state, texts=texts, tokens=toks, steps=steps, target_lp=target_lp, finished=finished
+        )
+        return new, correction
 
     def _result(
         self,
         problem: Problem,
         state: SMCState,
-        parts: list[_Particle],
         cands: list[Candidate],
         infos: list[StepInfo],
         tokens: int,
@@ -622,6 +763,7 @@ class SMCSampler:
         particle_steps: int,
         degenerate: bool,
         params: SamplingParams,
+        replayed: tuple[int, int] = (0, 0),
     ) -> SampleResult:
         # final population: unique candidates, the weights of slots holding one summed
         final: dict[int, float] = {}
@@ -638,7 +780,7 @@ class SMCSampler:
                 out.append(c)
         out.sort(key=lambda c: c.index)
         info: dict[str, Any] = {
-            "log_ml": None if self.shaping == "pf" else float(state.log_ml),
+            "log_ml": None if self.shaper.replaces_weights else float(state.log_ml),
             "ess": [i.ess for i in infos],
             "resampled": [i.step for i in infos if i.resampled],
             "ancestors": [list(i.ancestors) for i in infos],
@@ -648,12 +790,15 @@ class SMCSampler:
             "final_indices": state.cand.tolist(),
             "final_log_weights": state.log_weights.tolist(),
         }
+        if replayed[0]:  # particle-steps an interrupted attempt generated, replayed from its journal
+            info["replayed_tokens"] = replayed[1]
         result = SampleResult(
             problem=problem,
             candidates=tuple(out),
             generated_tokens=tokens,
             prompt_tokens=prompt_tokens,
             iid=False,
+            resumed=replayed[0],
             steps=tuple(infos),
             info=info,
         )
@@ -663,28 +808,13 @@ class SMCSampler:
             )
         return result
 
-    def _resumed(self, problem: Problem, sink: SampleStore) -> SampleResult:
-
-        cands = []
-        tokens = 0
-        for s in sorted(sink.samples(problem.id), key=lambda s: s.index):
-            tokens += s.num_tokens or 0
-            cands.append(
-                Candidate(
-                    s.to_completion(),
-                    step=s.step or 0,
-                    parent=s.parent,
-                    log_weight=s.log_weight,
-                    fate=Fate(s.fate or "kept"),
-                )
-            )
+    def _resumed(self, problem: Problem, run: StepRun) -> SampleResult:
+        cands, tokens = run.stored(problem.id)
         kept = [c for c in cands if c.fate is Fate.KEPT]
         lw = [c.log_weight if c.log_weight is not None else -math.inf for c in kept]
         log_ml = None
-        if self.shaping != "pf" and kept:
-            log_ml = float(logsumexp(lw)) - math.log(
-                sink.manifest.get("smc", {}).get("particles", len(kept))
-            )
+        if not self.shaper.replaces_weights and kept:
+            log_ml = float(logsumexp(lw)) - math.log(run.budget)
         return SampleResult(
             problem=problem,
             candidates=tuple(cands),
@@ -724,42 +854,6 @@ class _ProblemBar:
             self._p.update(
                 self._task, advance=1, steps=f"{self.steps:,}", tokens=f"{self.tokens:,}"
             )
-
-
-def _particle_completion(comp: Completion, part: _Particle, index: int) -> Completion:
-    """The stored form of a particle after a step: the whole text so far, the step's tokens."""
-    return replace(comp, index=index, text=part.text)
-
-
-def _check_same_smc(sink: SampleStore, smc: Mapping[str, Any]) -> None:
-    """A run directory holds one SMC configuration (candidate keys depend on all of it)."""
-    old = sink.manifest.get("smc")
-    if not isinstance(old, Mapping):
-        if len(sink):
-            raise ConfigError(
-                f"run directory {sink.path} holds samples that are not from SMC; use a new --out"
-            )
-        return
-    for key, value in smc.items():
-        if key == "select":  # how an answer is picked does not change the particles
-            continue
-        if key in old and old[key] != value:
-            raise ConfigError(
-                f"run directory {sink.path} was made with SMC {key} {old[key]!r}, not "
-                f"{value!r}; resume with the same settings or use a new --out"
-            )
-
-
-def _mark_done(sink: SampleStore, problem_id: str, n: int) -> None:
-    def mark(m: dict[str, Any]) -> None:
-        done = dict(m.get("smc_done") or {})
-        ids = list(done.get(str(n), []))
-        if problem_id not in ids:
-            ids.append(problem_id)
-        done[str(n)] = ids
-        m["smc_done"] = done
-
-    sink.modify_manifest(mark)
 
 
 def select_answer(

@@ -262,6 +262,21 @@ def _check_max_tokens(ctx: _Ctx) -> None:
         raise _fail("max_tokens", "a shorter max_tokens changed the tokens sampled")
     if not full.text.startswith(c.text.rstrip("\ufffd")):
         raise _fail("max_tokens", f"{c.text!r} is not a prefix of {full.text!r}")
+    # a request's own max_tokens caps that request only, in a call shared with another
+    own, other = _run(
+        ctx,
+        "max_tokens",
+        [_req(ctx, "p0", [full.index], max_tokens=m), _req(ctx, "p0", [full.index])],
+        ctx.params,
+    )
+    o = own[0]
+    if o.num_tokens > m or (full.num_tokens > m and o.finish_reason != "length"):
+        raise _fail(
+            "max_tokens",
+            f"a request's own max_tokens={m} gave {o.num_tokens} tokens ({o.finish_reason!r})",
+        )
+    if full.num_tokens > m and other[0].num_tokens <= m:
+        raise _fail("max_tokens", "one request's max_tokens capped another request in the call")
 
 
 def _check_prefix(ctx: _Ctx) -> None:
@@ -711,7 +726,8 @@ def check_sampler(
       generated, discarded traces included, and every generated trace is a candidate;
     * ``sink``: a store passed as ``sink`` holds every candidate, and its accounting every token;
     * ``salvage``: an engine failing part-way raises, and the sink keeps every sample the engine
-      finished before the failure (none lost);
+      finished before the failure (none lost; a step-wise sampler may keep the steps of a problem
+      left unfinished in its journal, :func:`ttscale.samplers.stepwise.salvaged_keys`);
     * ``resume``: sampling again into that sink generates only what is missing and returns the
       results of an uninterrupted run.
     """
@@ -816,7 +832,11 @@ def check_sampler(
             else:
                 raise _sfail("salvage", "an engine failure did not propagate")
             store.refresh()
-            lost = set(failing.keys) - store.keys()
+            # a step-wise sampler journals the steps of a problem it was inside (its candidates'
+            # fates are known only once the problem is done); a resume replays them
+            from ttscale.samplers.stepwise import salvaged_keys
+
+            lost = set(failing.keys) - store.keys() - salvaged_keys(store)
             if "salvage" not in skip:
                 if lost:
                     raise _sfail("salvage", f"samples {sorted(lost)[:3]} finished before the "

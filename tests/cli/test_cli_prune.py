@@ -40,7 +40,6 @@ def test_sample_prune_bad_input_is_one_line_and_builds_nothing(tmp_path: Path) -
     for extra, needle in [
         (["--prune", "deepconf-online:eta=abc"], "eta='abc' is not a float"),
         (["--prune", "nope"], "unknown pruning rule 'nope'"),
-        (["--prune", RULE, "--shard", "0/2"], "--prune does not take --shard"),
     ]:
         out = tmp_path / "x"
         r = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, *extra, "--out", str(out)])
@@ -48,6 +47,28 @@ def test_sample_prune_bad_input_is_one_line_and_builds_nothing(tmp_path: Path) -
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
         assert not out.exists()
+
+
+def test_sample_prune_shards_and_resumes_like_the_others(tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    assert runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--prune", RULE, "--out", str(one)]).exit_code == 0
+    two = tmp_path / "two"
+    for i, extra in enumerate([[], ["--resume"]]):
+        r = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--prune", RULE, "--shard", f"{i}/2",
+                                "--out", str(two), *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+    a, b = SampleStore.open(one), SampleStore.open(two)
+    assert {s.key: (s.text, s.pruned_at) for s in a.samples()} == {
+        s.key: (s.text, s.pruned_at) for s in b.samples()
+    }
+    assert a.accounting()["generated_tokens"] == b.accounting()["generated_tokens"]
+    assert a.manifest["pruning"]["pruned"] == b.manifest["pruning"]["pruned"]
+    log = (two / "pruning.jsonl").read_text().splitlines()
+    assert sorted(log) == sorted((one / "pruning.jsonl").read_text().splitlines())
+    # resuming a finished run generates nothing
+    r = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--prune", RULE, "--out", str(two), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert SampleStore.open(two).accounting()["generated_tokens"] == a.accounting()["generated_tokens"]
 
 
 def test_replay_command_replays_a_trace_rule_against_sc(tmp_path: Path) -> None:

@@ -76,11 +76,13 @@ def test_smc_run_lineage_resume_and_curve(tmp_path: Path, pot_module: str) -> No
     assert math.isclose(d["budget"]["tokens_per_problem"], acct["generated_tokens"] / 3)
 
 
-def test_smc_resumes_a_problem_left_unfinished(tmp_path: Path, pot_module: str) -> None:
+def test_smc_reads_back_a_problem_stored_but_not_marked_done(tmp_path: Path, pot_module: str) -> None:
+    # a run killed between storing a problem's particles and recording it done
     out = tmp_path / "run"
     assert runner.invoke(app, [*_args(out, pot_module), "--no-verify"]).exit_code == 0
     full = {(s.problem_id, s.index): s.text for s in SampleStore.open(out).samples()}
     store = SampleStore.open(out)
+    acct = store.accounting()["generated_tokens"]
     last = sorted(store.problem_ids())[-1]
 
     def unmark(m: dict) -> None:  # type: ignore[type-arg]
@@ -89,9 +91,11 @@ def test_smc_resumes_a_problem_left_unfinished(tmp_path: Path, pot_module: str) 
     store.modify_manifest(unmark)
     r = runner.invoke(app, [*_args(out, pot_module), "--resume", "--no-verify"])
     assert r.exit_code == 0, r.stderr
-    assert "(2 resumed)" in r.stdout
-    again = {(s.problem_id, s.index): s.text for s in SampleStore.open(out).samples()}
-    assert again == full  # the rerun problem is sample-for-sample identical
+    assert "(3 resumed)" in r.stdout and "0 tokens generated" in r.stdout  # not rerun
+    again = SampleStore.open(out)
+    assert {(s.problem_id, s.index): s.text for s in again.samples()} == full
+    assert again.accounting()["generated_tokens"] == acct  # not counted twice
+    assert last in again.manifest["smc_done"]["4"]
 
 
 def test_smc_bad_input_is_one_line(tmp_path: Path, pot_module: str) -> None:

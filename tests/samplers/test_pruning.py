@@ -337,25 +337,32 @@ def test_run_directory_records_what_was_pruned_when_and_why(tmp_path: Any) -> No
     assert run.pool().num_samples == 30 - m["pruning"]["pruned"]
     # replay from the stored run: pruned traces are stored cut, so replay the live decisions
     # of traces that were not pruned only (they are whole): none of them prunes
-    with pytest.raises(ConfigError, match="do not resume"):
-        next(iter(PruningSampler(eng, params, spec).sample(PROBLEMS, 10, seed=1, sink=run)))
+    # resuming a finished run generates nothing and reads every trace back with its fate
+    eng2 = ScriptedEngine()
+    again = list(PruningSampler(eng2, params, spec).sample(PROBLEMS, 10, seed=1, sink=run))
+    assert not eng2.calls
+    assert [[(c.index, c.text, c.fate, c.pruned_at) for c in r.candidates] for r in again] == [
+        [(c.index, c.text, c.fate, c.pruned_at) for c in r.candidates] for r in live
+    ]
+    assert [r.generated_tokens for r in again] == [r.generated_tokens for r in live]
+    with pytest.raises(ConfigError, match="made with pruning rule"):
+        next(iter(PruningSampler(eng, params, "lowprob:-2").sample(PROBLEMS, 10, seed=1, sink=run)))
 
 
 def test_pruning_sampler_passes_the_sampler_contract() -> None:
     from ttscale.testing import check_sampler
 
     params = SamplingParams(max_tokens=24, logprobs=3, seed=0)
-    # resume: pruning runs refuse a sink that holds samples (documented), so it is skipped
     ran = check_sampler(
-        lambda eng: PruningSampler(eng, params, "lowprob:threshold=-3.7,min_tokens=3"),
-        budget=6, skip={"resume"},
+        lambda eng: PruningSampler(eng, params, "lowprob:threshold=-3.7,min_tokens=3"), budget=6
     )
-    assert "salvage" in ran and "accounting" in ran and "sink" in ran
+    assert {"salvage", "resume", "accounting", "sink"} <= set(ran)
+    # a resume sets the same threshold from the stored warm-up traces
     ran = check_sampler(
         lambda eng: PruningSampler(eng, params, "deepconf-online:eta=50,warmup=2,window=4"),
-        budget=6, skip={"resume"},
+        budget=6,
     )
-    assert "salvage" in ran
+    assert {"salvage", "resume"} <= set(ran)
 
 
 def test_replay_from_a_stored_run_and_refusals(tmp_path: Any) -> None:
@@ -407,3 +414,58 @@ def test_ties_within_float32_noise_are_kept() -> None:
         assert (mon.observe(1, None, {1: -(2.0 - delta)}, [1]) is not None) is stopped
         mon = LowProb(-2.0, min_tokens=1).monitor(None)
         assert (mon.observe(1, -(2.0 + 2 * delta), None, [1]) is not None) is stopped
+
+
+def _keys(results: Any) -> list[list[tuple[Any, ...]]]:
+    return [[(c.index, c.text, c.fate, c.pruned_at) for c in r.candidates] for r in results]
+
+
+@pytest.mark.parametrize("fail_after", [6, 19])  # inside a warm-up; among the watched traces
+def test_pruning_run_resumes_after_a_failure_exactly(tmp_path: Any, fail_after: int) -> None:
+    from ttscale.engines.base import GenerationError
+
+    params = SamplingParams(max_tokens=40, logprobs=3, seed=1)
+    spec = "deepconf-online:eta=50,warmup=4,window=6"
+    full = list(PruningSampler(ScriptedEngine(), params, spec).sample(PROBLEMS, 10, seed=1))
+    total = sum(r.generated_tokens for r in full)
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    failing = ScriptedEngine(fail_after=fail_after)
+    with pytest.raises(GenerationError):
+        list(PruningSampler(failing, params, spec).sample(PROBLEMS, 10, seed=1, sink=store))
+    first = SampleStore.open(store.path)
+    assert len(first) == fail_after  # every trace finished before the failure is stored
+    before = first.keys()
+    eng = ScriptedEngine()
+    again = list(
+        PruningSampler(eng, params, spec).sample(PROBLEMS, 10, seed=1, sink=first)
+    )
+    asked = {(r.problem_id, i) for r, _ in eng.calls for i in r.indices}
+    assert not asked & before  # nothing stored is generated again
+    assert _keys(again) == _keys(full)
+    assert [r.generated_tokens for r in again] == [r.generated_tokens for r in full]
+    run = SampleStore.open(store.path)
+    assert len(run) == 30 and run.accounting()["generated_tokens"] == total
+    lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and run.manifest["pruning"]["generated_tokens"] == total
+    assert run.manifest["pruning"]["pruned"] == sum(c.pruned_at is not None
+                                                    for r in full for c in r.candidates) > 0
+
+
+def test_pruning_shards_merge_into_the_whole_run(tmp_path: Any) -> None:
+    params = SamplingParams(max_tokens=40, logprobs=3, seed=1)
+    spec = "lowprob:threshold=-3.2,min_tokens=5"
+    full = list(PruningSampler(ScriptedEngine(), params, spec).sample(PROBLEMS, 8, seed=1))
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    got: dict[str, Any] = {}
+    for i in range(2):  # two workers on one run directory, one shard each
+        s = PruningSampler(ScriptedEngine(), params, spec)
+        for r in s.sample(PROBLEMS, 8, seed=1, sink=SampleStore.open(store.path), shard=(i, 2)):
+            got[r.problem_id] = r
+    assert sorted(got) == [p.id for p in PROBLEMS]
+    assert _keys([got[p.id] for p in PROBLEMS]) == _keys(full)
+    run = SampleStore.open(store.path)
+    total = sum(r.generated_tokens for r in full)
+    assert len(run) == 24 and run.accounting()["generated_tokens"] == total
+    assert run.manifest["pruning"]["traces"] == 24
+    assert run.manifest["pruning"]["generated_tokens"] == total
+    assert {a["shard"] for a in run.sessions().values()} == {"0/2", "1/2"}

@@ -270,5 +270,47 @@ def test_search_passes_the_sampler_contract_suite(search):
             engine, pot, SamplingParams(max_tokens=4, seed=0), search=search, width=2, max_steps=3
         )
 
-    ran = check_sampler(make, skip=("salvage", "resume"))
-    assert {"results", "reproducible", "accounting", "sink"} <= set(ran)
+    ran = check_sampler(make)
+    assert {"results", "reproducible", "accounting", "sink", "salvage", "resume"} <= set(ran)
+
+
+@pytest.mark.parametrize("stop_reason", [None, 7])
+def test_a_stop_token_ends_a_solution_in_search_and_smc(stop_reason):
+    # vLLM reports stop_reason None for EOS and the token id (an int) for another stop token of
+    # the model's generation config: both end the trace; a stop string (a str) ends the step
+    from ttscale.engines.base import EngineCapabilities
+    from ttscale.samplers.smc import SMCSampler
+    from ttscale.types import Completion
+
+    class Ends:
+        name = "ends"
+        capabilities = EngineCapabilities(token_prefixes=True)
+
+        def info(self):
+            return {"engine": "ends"}
+
+        def decode(self, ids):
+            return "".join({1: "x\n", 2: "y"}[int(t)] for t in ids)
+
+        def generate(self, requests, params, on_result=None):
+            out = []
+            for r in requests:
+                if not r.prefix_token_ids:  # step 1 ends at the stop string "\n"
+                    out.append([Completion(r.problem_id, i, "x\n", token_ids=(1,),
+                                           finish_reason="stop", stop_reason="\n")
+                                for i in r.indices])
+                else:  # step 2 ends with a stop token
+                    out.append([Completion(r.problem_id, i, "y", token_ids=(2,),
+                                           finish_reason="stop", stop_reason=stop_reason)
+                                for i in r.indices])
+            return out
+
+    s = SearchSampler(Ends(), lambda p, t, f: [0.0] * len(t), PARAMS, search="bon", max_steps=8)
+    (res,) = list(s.sample([PROBLEM], 2, seed=0))
+    assert [c.text for c in res.kept] == ["x\ny", "x\ny"]
+    assert {c.step for c in res.kept} == {1}
+    smc = SMCSampler(Ends(), lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=8),
+                     step_stop=("\n",), max_steps=8, progress=False)
+    (res,) = list(smc.sample([PROBLEM], 2, seed=0))
+    assert [c.text for c in res.kept] == ["x\ny", "x\ny"]
+    assert res.info["steps"] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -306,9 +307,7 @@ def test_reweight_pure_step_vector() -> None:
 
 def test_reweight_finished_excluded_from_resampling() -> None:
     st = SMCState.initial(4)
-    st = SMCState(
-        np.zeros(4), np.array([True, False, False, True]), np.arange(4), 0.0, *(np.zeros(4),) * 4
-    )
+    st = replace(st, finished=np.array([True, False, False, True]), cand=np.arange(4))
     new, info = reweight(
         st, np.array([0.0, -50.0, 0.0, 0.0]), rng=1, ess_threshold=1.0, resample_finished=False
     )
@@ -633,11 +632,9 @@ def test_sampler_contract_suite() -> None:
             progress=False,
         )  # fmt: skip
 
-    # SMC resumes per problem: a problem the engine failed in is rerun from its start, so the
-    # per-sample salvage/resume checks do not apply (its particle-steps are stored with their
-    # final fates only once the problem is done)
-    ran = check_sampler(make, skip=("salvage", "resume"))
-    assert ran == ["results", "reproducible", "prefix", "accounting", "sink"]
+    # a problem the engine failed in is journaled and resumed from its finished steps
+    ran = check_sampler(make)
+    assert ran == ["results", "reproducible", "prefix", "accounting", "sink", "salvage", "resume"]
 
 
 def test_sink_resume_reads_back_the_same_population(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -658,3 +655,204 @@ def test_sink_resume_reads_back_the_same_population(tmp_path) -> None:  # type: 
         assert b.info["log_ml"] == pytest.approx(a.info["log_ml"], abs=1e-12)
         assert b.generated_tokens == a.generated_tokens
     assert store.manifest["iid"] is False
+
+
+def _two_problem_run() -> tuple[SMCSampler, list[Problem]]:
+    # the issue's reproduction: alphabet "ab", N=4, temperature 0.7, one token per step
+    s = SMCSampler(
+        _engine(), log_potential, SamplingParams(temperature=TEMP, max_tokens=4),
+        step_stop=(), tokens_per_step=1, progress=False,
+    )  # fmt: skip
+    return s, [PROB, Problem("p1", "r:")]
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_killed_between_storing_and_marking_done_resumes_without_double_counting(
+    tmp_path, monkeypatch, which: int  # type: ignore[no-untyped-def]
+) -> None:
+    from ttscale.samplers.stepwise import StepRun
+    from ttscale.store import SampleStore
+
+    s, probs = _two_problem_run()
+    full = list(s.sample(probs, 4, seed=1))
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    mark = StepRun.mark_done
+    calls = {"n": 0}
+
+    def killed(self, ids):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == which:
+            raise KeyboardInterrupt  # after problem `which`'s particles are stored
+        mark(self, ids)
+
+    monkeypatch.setattr(StepRun, "mark_done", killed)
+    with pytest.raises(KeyboardInterrupt):
+        list(s.sample(probs, 4, seed=1, sink=store))
+    monkeypatch.setattr(StepRun, "mark_done", mark)
+    resumed = list(s.sample(probs, 4, seed=1, sink=SampleStore.open(store.path)))
+    run = SampleStore.open(store.path)
+    # every particle-step stored once, every generated token accounted once
+    assert len(run) == sum(len(r.candidates) for r in full)
+    assert run.accounting()["samples"] == len(run)
+    assert run.accounting()["generated_tokens"] == sum(r.generated_tokens for r in full)
+    # the stored-but-unmarked problem is read back, not rerun
+    assert resumed[which - 1].resumed == len(full[which - 1].candidates)
+    for a, b in zip(full, resumed, strict=True):
+        assert [(c.index, c.text, c.fate, c.parent) for c in a.candidates] == [
+            (c.index, c.text, c.fate, c.parent) for c in b.candidates
+        ]
+    assert sorted(run.manifest["smc_done"]["4"]) == ["p0", "p1"]
+
+
+def test_failure_inside_a_problem_is_journaled_and_resumed_step_for_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ttscale.engines.base import GenerationError
+    from ttscale.samplers.stepwise import salvaged_keys
+    from ttscale.store import SampleStore
+
+    s, probs = _two_problem_run()
+    full = list(s.sample(probs, 4, seed=1))
+    total = sum(r.generated_tokens for r in full)
+    # fail inside the second problem, after some of its particle-steps
+    cut = len(full[0].candidates) + len(full[1].candidates) // 2
+    failing = SMCSampler(
+        ScriptedEngine(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3), fail_after=cut),
+        log_potential, SamplingParams(temperature=TEMP, max_tokens=4),
+        step_stop=(), tokens_per_step=1, progress=False,
+    )  # fmt: skip
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    with pytest.raises(GenerationError):
+        list(failing.sample(probs, 4, seed=1, sink=store))
+    journaled = salvaged_keys(store)
+    assert journaled and {pid for pid, _ in journaled} == {"p1"}
+    # the interrupted attempt's tokens are not in the accounting until the problem is stored
+    assert SampleStore.open(store.path).accounting()["generated_tokens"] == full[0].generated_tokens
+    s2, _ = _two_problem_run()
+    resumed = list(s2.sample(probs, 4, seed=1, sink=SampleStore.open(store.path)))
+    asked = {(r.problem_id, i) for r, _ in s2.engine.calls for i in r.indices}  # type: ignore[attr-defined]
+    assert not asked & journaled  # nothing the failed attempt finished is generated again
+    assert resumed[1].resumed == len(journaled)
+    for a, b in zip(full, resumed, strict=True):
+        assert [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in a.candidates] == [
+            (c.index, c.text, c.fate, c.parent, c.log_weight) for c in b.candidates
+        ]
+        assert b.info["log_ml"] == pytest.approx(a.info["log_ml"], abs=1e-12)
+    run = SampleStore.open(store.path)
+    assert run.accounting()["generated_tokens"] == total
+    assert len(run) == sum(len(r.candidates) for r in full)
+    assert not salvaged_keys(run)  # the journal goes once the problem is stored
+
+
+def test_one_engine_call_per_step_with_per_request_token_caps() -> None:
+    # particles of different lengths near max_tokens share one call: each request carries its
+    # own cap (GenerationRequest.max_tokens) instead of one call per distinct cap
+    eng = ScriptedEngine()
+    calls: list[list[GenerationRequest]] = []
+    inner = eng.generate
+
+    def counting(requests, params, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(requests))
+        return inner(requests, params, **kw)
+
+    eng.generate = counting  # type: ignore[method-assign]
+    s = SMCSampler(eng, lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=9),
+                   step_stop=(" ",), tokens_per_step=4, progress=False)  # fmt: skip
+    (res,) = list(s.sample([PROB], 8, seed=3))
+    assert len(calls) == res.info["steps"]
+    # a call where a capped particle goes with others (before: one call per distinct cap)
+    assert any(len({r.max_tokens for r in call}) >= 2 for call in calls)
+    for call in calls:
+        for r in call:
+            assert r.max_tokens is None or r.max_tokens == 9 - len(r.prefix_token_ids) < 4
+    assert all(c.completion.num_tokens <= 4 for c in res.candidates)
+    assert all(len(c.text) <= 9 for c in res.kept)  # one character per toy token
+
+
+def test_shaping_objects_own_their_statistics_and_state_holds_the_particles() -> None:
+    from ttscale.samplers.smc import FKSteering, LogPotential, make_shaping
+
+    # a user-written shaping (the log-potential one, by hand) runs the same SMC as "none"
+    class MyShaping:
+        name = "mine"
+        replaces_weights = False
+
+        def initial(self, n):  # type: ignore[no-untyped-def]
+            return {"last": np.zeros(n)}
+
+        def step(self, values, stats, finished):  # type: ignore[no-untyped-def]
+            return values - stats["last"], {"last": values}
+
+    a = _run(_sampler("none", "systematic", 0.5), 6, 2)
+    s = _sampler("none", "systematic", 0.5)
+    s2 = SMCSampler(s.engine, log_potential, s.params, shaping=MyShaping(), ess_threshold=0.5,  # type: ignore[arg-type]
+                    step_stop=(), tokens_per_step=1, progress=False)  # fmt: skip
+    b = _run(s2, 6, 2)
+    assert [(c.index, c.text, c.fate, c.log_weight) for c in a.candidates] == [
+        (c.index, c.text, c.fate, c.log_weight) for c in b.candidates
+    ]
+    assert s2.config()["shaping"] == "mine"
+    assert isinstance(make_shaping("none"), LogPotential)
+    assert make_shaping("max", lam=2.0) == FKSteering("max", 2.0)
+    with pytest.raises(ConfigError, match="shaping"):
+        SMCSampler(s.engine, log_potential, s.params, shaping=object())  # type: ignore[arg-type]
+    # resampling gathers every field at once: particles, weights, shaping statistics
+    st = SMCState.initial(3, FKSteering("sum", 1.0))
+    texts = np.empty(3, object)
+    texts[:] = ["x", "y", "z"]
+    toks = np.empty(3, object)
+    toks[:] = [(1,), (2,), (3,)]
+    st = replace(st, texts=texts, tokens=toks, stats={"r_prev": np.array([0.1, 0.2, 0.3]),
+                                                       "log_pi": np.zeros(3)})  # fmt: skip
+    g = st.take(np.array([2, 2, 0]))
+    assert list(g.texts) == ["z", "z", "x"] and list(g.tokens) == [(3,), (3,), (1,)]
+    assert g.stats["r_prev"].tolist() == [0.3, 0.3, 0.1]
+
+
+def test_a_journal_is_replayed_only_by_the_engine_that_made_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ttscale.engines.base import GenerationError
+    from ttscale.samplers.stepwise import StepRun
+    from ttscale.store import SampleStore
+
+    params = SamplingParams(temperature=TEMP, max_tokens=4)
+    kw: dict[str, object] = {"step_stop": (), "tokens_per_step": 1, "progress": False}
+    failing = ScriptedEngine(alphabet=ALPHA, order=2, fail_after=5)
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    with pytest.raises(GenerationError):
+        list(SMCSampler(failing, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=store))  # type: ignore[arg-type]
+    same = StepRun(store, "smc", 4, "SMC", _engine().info())
+    assert len(same.journal(PROB.id)) == 5
+    other = ScriptedEngine(alphabet=ALPHA, order=3)
+    assert StepRun(store, "smc", 4, "SMC", other.info()).journal(PROB.id) == {}
+    (res,) = list(SMCSampler(other, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=SampleStore.open(store.path)))  # type: ignore[arg-type]
+    assert res.resumed == 0  # rerun from its start with the new model
+
+
+def test_per_request_caps_on_a_real_model(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    # HF: particles with different remaining budgets share each step's call, each capped by its
+    # own max_tokens; no particle ever holds more than max_tokens tokens
+    pytest.importorskip("torch")
+    from ttscale.engines.hf import HFEngine
+
+    eng = HFEngine(tiny_model_dir, batch_size=8)
+    calls: list[list[GenerationRequest]] = []
+    inner = eng.generate
+
+    def counting(requests, params, **kw):  # type: ignore[no-untyped-def]
+        calls.append(list(requests))
+        return inner(requests, params, **kw)
+
+    eng.generate = counting  # type: ignore[method-assign]
+    s = SMCSampler(eng, lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=7, seed=2),
+                   step_stop=(), tokens_per_step=3, progress=False)  # fmt: skip
+    (res,) = list(s.sample([Problem("p", "1 + 2 =")], 4, seed=2))
+    assert len(calls) == res.info["steps"]
+    assert {r.max_tokens for call in calls for r in call} - {None} == {1}  # 3 + 3 + 1
+    by = {c.index: c for c in res.candidates}
+    for c in res.kept:
+        ids: tuple[int, ...] = ()
+        node = c
+        while True:
+            ids = tuple(node.completion.token_ids or ()) + ids
+            if node.parent is None:
+                break
+            node = by[node.parent]
+        assert len(ids) <= 7 and c.text == eng.decode(ids)

@@ -189,6 +189,8 @@ class GenerationRequest:
     decoded prefix, so the texts of successive calls concatenate to the text of the whole trace.
     ``seeds`` overrides the derived per-sample seeds, which are
     ``step_seed(params.seed, problem_id, index, step)`` (step 0 is today's ``sample_seed``).
+    ``max_tokens``: this request's token cap in place of ``params.max_tokens`` (a step-wise
+    sampler's particles near their length limit share one call with the others).
     """
 
     problem_id: str
@@ -201,6 +203,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     prefix_token_ids: tuple[int, ...] = ()
     step: int = 0
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
@@ -220,6 +223,12 @@ class GenerationRequest:
             raise ConfigError(f"token ids must be >= 0 (request for {self.problem_id!r})")
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
             raise ConfigError(f"step must be an int >= 0, got {self.step!r}")
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ConfigError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
         object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
         if not self.indices:
             raise ConfigError("a GenerationRequest needs at least one sample index")
@@ -236,6 +245,12 @@ class GenerationRequest:
     def has_token_ids(self) -> bool:
         """Whether the request needs capability ``token_prefixes``."""
         return self.prompt_token_ids is not None or bool(self.prefix_token_ids)
+
+    def params_for(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with this request's ``max_tokens``, if it has one."""
+        if self.max_tokens is None or self.max_tokens == params.max_tokens:
+            return params
+        return params.replace(max_tokens=self.max_tokens)
 
     def seed_for(self, position: int, params: SamplingParams) -> int:
         """The seed of the ``position``-th requested sample."""
@@ -611,6 +626,11 @@ def generate_chunked(
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ConfigError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    if any(r.max_tokens is not None for r in requests):
+        raise ConfigError(
+            "chunked generation takes one token cap per call (params.max_tokens); "
+            "drop the requests' own max_tokens"
+        )
     require_capabilities(engine, "token_prefixes", by="chunked generation")
     decode = engine.decode if isinstance(engine, TokenPrefixEngine) else None
     if decode is None:

@@ -392,7 +392,8 @@ class HFEngine:
         active: list[_Row | None] = list(batch)
         eos = set(self.eos_token_ids)
         k = min(params.logprobs or 0, logits.shape[-1])
-        for t in range(params.max_tokens):
+        caps = {r.request: requests[r.request].params_for(params).max_tokens for r in batch}
+        for t in range(max(caps.values())):
             raw = torch.log_softmax(logits.to(torch.float64), dim=1)
             suppress = self.eos_token_ids if t < params.min_tokens else ()
             proc = process_logprobs_torch(raw, params, suppress)
@@ -434,7 +435,7 @@ class HFEngine:
                     row.done = True
                 elif params.stop and t + 1 > params.min_tokens:
                     self._check_stop(row, requests[row.request], params)
-                if not row.done and t + 1 == params.max_tokens:
+                if not row.done and t + 1 == caps[row.request]:  # the request's own cap
                     row.finish, row.done = FinishReason.LENGTH.value, True
                 if on_token is not None:
                     event = TokenEvent(

@@ -392,7 +392,7 @@ class OpenAIEngine:
         (streaming), even for chat messages."""
         body: dict[str, Any] = {
             "model": self.model,
-            "max_tokens": params.max_tokens,
+            "max_tokens": req.params_for(params).max_tokens,  # the request's own, if any
             "temperature": params.temperature,
             "top_p": params.top_p,
             "n": n,

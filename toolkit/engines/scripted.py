@@ -202,7 +202,9 @@ class ScriptedEngine:
         """Samples one after another (each trace is independent, so streaming and aborting one
         trace cannot change another)."""
         collector = ResultCollector(requests, on_result)
+        base = params
         for pos, req in enumerate(requests):
+            params = req.params_for(base)  # the request's own max_tokens, if any
             self.calls.append((req, params))
             for j, index in enumerate(req.indices):
                 if self.fail_after is not None and self.samples_generated >= self.fail_after:

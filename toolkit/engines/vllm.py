@@ -379,16 +379,17 @@ class VLLMEngine:
                 # vLLM refuses n > 1 with greedy decoding; streaming aborts one request per trace
                 fan = self.n_fanout and params.temperature > 0.0 and on_token is None
                 runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+                rp = req.params_for(params)  # the request's own max_tokens, if any
                 for start, n in runs:
                     if on_token is None:
-                        sp = self._sampling_params(params, n, seeds[start])
+                        sp = self._sampling_params(rp, n, seeds[start])
                         loop.add(
                             ids,
                             sp,
                             self._final_handler(loop, collector, pos, start, n, ids, params),
                         )
                     else:
-                        sp = self._sampling_params(params, 1, seeds[start], stream=True)
+                        sp = self._sampling_params(rp, 1, seeds[start], stream=True)
                         stream = _Stream(pos, start, req.indices[start])
                         loop.add(
                             ids,
