@@ -305,7 +305,7 @@ def test_a_stop_token_ends_a_solution_in_search_and_smc(stop_reason):
                                 for i in r.indices])
             return out
 
-    s = SearchSampler(Ends(), lambda p, t, f: [0.0] * len(t), PARAMS, search="bon", max_steps=8)
+    s = SearchSampler(Ends(), lambda p, t, f: [0.0] * len(t), PARAMS, search="best_of_n", max_steps=8)
     (res,) = list(s.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["x\ny", "x\ny"]
     assert {c.step for c in res.kept} == {1}
