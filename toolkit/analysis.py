@@ -232,9 +232,9 @@ def check_prerequisites(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            f"the run's samples are a weighted population (SMC particles), not iid draws: "
+            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
             f"{', '.join(methods)} at k samples assume iid draws and are refused; use "
-            "ttscale.metrics.weighted.weighted_results (ttscale curve reports it)"
+            "ttscale.runkinds.run_points (ttscale curve reports it)"
         )
 
     def needing(what: str) -> list[str]:
@@ -588,8 +588,9 @@ def coverage_counts(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are a weighted population (SMC particles), not iid draws: "
-            "pass@k fits assume iid draws and are refused; `ttscale curve` reports weighted results"
+            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
+            "accuracy at its own cost"
         )
     n_p, c = pool.n_per_problem, pool.correct_counts()
     if missing == "drop":
@@ -749,11 +750,11 @@ def curves_figure(
                     labels.append(lab)
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                    frameon=False)
-        fig.suptitle(title or f"{len(runs)} runs, {pct}% bootstrap CIs", fontsize=11)
+        fig.suptitle(f"{title or f'{len(runs)} runs'}; bands: {pct}% bootstrap CIs", fontsize=11)
     else:
         ax = axes[0][0]
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-        ax.set_title(title or f"{first.n_problems} problems, {pct}% bootstrap CIs")
+        ax.set_title(f"{title or f'{first.n_problems} problems'}; bands: {pct}% bootstrap CIs")
     fig.tight_layout()
     return fig
 

@@ -653,7 +653,7 @@ class SampleStore:
         f = self.path / "problems.parquet"
         if not f.exists():
             return []
-        return sorted(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        return sorted(read_parquet(self.path, f, columns=["id"]).column("id").to_pylist())
 
     # samples ---------------------------------------------------------------------------------
 
