@@ -391,6 +391,10 @@ def register(app: typer.Typer) -> None:
         from ttscale.runkinds import kind_refusal, run_kind
 
         kinds = [run_kind(s.manifest) for s in stores]
+        if multi and len(set(kinds)) > 1:
+            # runs of several kinds: manifest fields mean different things per kind (a search
+            # run's max_tokens is a step's), so each run goes by its folder name
+            names = [(label, {}) for label, _ in run_labels([{}] * len(runs), runs)]
         if x_axis == "tokens" or any(kd != "fixed" for kd in kinds):
             from ttscale.cli.curve_tokens import curve_mixed
 

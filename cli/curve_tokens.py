@@ -202,7 +202,6 @@ def _plot(
 
     tokens = x_axis == "tokens"
     colors = plt.get_cmap("tab10")
-    markers = ("*", "D", "s", "^", "v", "P", "X", "o")
     fig, ax = plt.subplots(figsize=(8.2, 4.8), dpi=120)
     i = 0
     xs: list[float] = []
@@ -219,21 +218,39 @@ def _plot(
             ax.fill_between(x, mc.low, mc.high, color=col, alpha=0.15, lw=0)
             xs += list(x)
             i += 1
-    for j, p in enumerate(points):
-        col = colors(i % 10)
+    # points: one colour (and one legend entry) per run, one marker per method
+    method_marker = {"majority": "o", "weighted_vote": "D", "max_weight": "s"}
+    run_color: dict[str, Any] = {}
+    for p in points:
+        if p.label not in run_color:
+            run_color[p.label] = colors(i % 10)
+            i += 1
+        col = run_color[p.label]
         x, (xlo, xhi) = (p.tokens[0], p.tokens[1:]) if tokens else (p.samples[0], p.samples[1:])
         y, ylo, yhi = p.accuracy
+        first = sum(q.label == p.label for q in points[: points.index(p)]) == 0
         ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]],
-                    color=col, marker=markers[j % len(markers)], ms=9, ls="none", capsize=3,
-                    label=f"{p.label}: {KIND_LABELS[p.kind]} {p.method}")  # fmt: skip
+                    color=col, marker=method_marker.get(p.method, "*"), ms=8, ls="none", capsize=3,
+                    mfc="white" if p.method == "max_weight" else col, mew=1.5,
+                    label=f"{p.label} ({KIND_LABELS[p.kind]})" if first else None)  # fmt: skip
         xs += [xlo, xhi, x]
-        i += 1
+    from matplotlib.lines import Line2D
+
+    shown = sorted({p.method for p in points}, key=list(method_marker).index)
+    handles, labels = ax.get_legend_handles_labels()
+    for m in shown if len(shown) > 1 else ():  # which marker is which method
+        handles.append(Line2D([], [], color="grey", marker=method_marker[m], ls="none",
+                              mfc="white" if m == "max_weight" else "grey"))  # fmt: skip
+        labels.append(f"marker: {m}")
     ax.set_xscale("log", base=2 if not tokens else 10)
     pos = [v for v in xs if v > 0]
     if pos:
         lo, hi = min(pos), max(pos)
-        if hi / lo < 10:  # a narrow range gets no decade ticks: label a few in between
+        # a range of a decade or two gets at most one decade tick: label values in between
+        if hi / lo < 10:
             ax.xaxis.set_major_locator(LogLocator(base=2 if not tokens else 10, subs=(1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        elif tokens and hi / lo < 1000:
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.set_xlim(lo / 1.25, hi * 1.25)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
@@ -241,7 +258,7 @@ def _plot(
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     pct = round(confidence * 100)
     what = f": runs differ in {', '.join(d.rsplit('.', 1)[-1] for d in differ)}" if differ else ""
     ax.set_title(

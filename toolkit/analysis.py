@@ -228,6 +228,14 @@ def check_prerequisites(
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     methods = [m if m == ORACLE else canonical_name(m, warn=False) for m in methods]
+    if pool.meta.get("run_kind") == "adaptive" and methods:
+        # iid draws, but each problem stopped after an answer-dependent number of them: a
+        # k-sample estimate over that prefix is biased (and cut at the smallest n)
+        raise ConfigError(
+            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            f"samples, so {', '.join(methods)} at k samples do not apply; "
+            "ttscale.runkinds.run_points (ttscale curve) reports its accuracy at its own cost"
+        )
     if not pool.iid and methods:
         from ttscale.errors import NonIIDPoolError
 
@@ -591,6 +599,11 @@ def coverage_counts(
             "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
             "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
             "accuracy at its own cost"
+        )
+    if pool.meta.get("run_kind") == "adaptive":
+        raise ConfigError(
+            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            "samples, so pass@k fits do not apply; `ttscale curve` reports its accuracy at its own cost"
         )
     n_p, c = pool.n_per_problem, pool.correct_counts()
     if missing == "drop":

@@ -176,6 +176,13 @@ def replay(
         raise ConfigError(f"--orders must be at least 1, got {orders}")
     if pool.num_problems == 0:
         raise ConfigError("the pool has no problems to replay")
+    if pool.meta.get("run_kind") == "adaptive":
+        raise ConfigError(
+            "the pool comes from a run that was itself adaptive: its problems hold the samples "
+            "its rule drew, not a common budget; use replay_on_adaptive_run (ttscale replay does)"
+        )
+    if not pool.iid:
+        raise ConfigError("replay needs iid draws; this pool is not (SMC, search or pruned traces)")
     counts = pool.n_per_problem
     budget = int(counts.min()) if max_samples is None else int(max_samples)
     if budget < 1:

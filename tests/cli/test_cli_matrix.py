@@ -288,6 +288,8 @@ def test_merge_check_verify(runs: dict[str, Path], kind: str, tmp_path: Path) ->
     n = len(SampleStore.open(run))
     ok("merge", tmp_path / "m", run)
     assert len(SampleStore.open(tmp_path / "m")) == n
+    if kind == "adaptive":  # the stopping record travels with the samples
+        assert (tmp_path / "m" / "adaptive.jsonl").read_text() == (run / "adaptive.jsonl").read_text()
     b = json.loads(ok("curve", tmp_path / "m", "--json", "--n-boot", "10").stdout)
     if kind in FIXED_KINDS:
         assert b["methods"]["coverage"]["mean"] == pytest.approx(fixed_expected(run)["coverage"], abs=1e-12)
@@ -372,3 +374,17 @@ def test_unwritable_targets_fail_before_any_work(
     refused("verifier-utility", "--run", runs["fixed"], "--weak", "arith", "--strong", "arith",
             "--plot", "/proc/ttscale-x.png", needles=("--plot", "not writable"))  # fmt: skip
     assert called == []
+
+
+def test_python_api_refuses_k_sample_estimators_on_an_adaptive_pool(runs: dict[str, Path]) -> None:
+    from ttscale.analysis import compute_curves, coverage_counts
+    from ttscale.errors import ConfigError
+    from ttscale.replay import replay
+
+    pool = SampleStore.open(runs["adaptive"]).pool()
+    assert pool.iid and pool.meta["run_kind"] == "adaptive"
+    for call in (lambda: compute_curves(pool, ["coverage"], [1]), lambda: coverage_counts(pool),
+                 lambda: replay(pool, "beta:0.9")):  # fmt: skip
+        with pytest.raises(ConfigError, match="adaptive"):
+            call()
+    assert SampleStore.open(runs["fixed"]).pool().meta["run_kind"] == "fixed"

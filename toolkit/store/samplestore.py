@@ -1118,11 +1118,17 @@ class SampleStore:
             verifier=verifier,
             iid=iid,
         )
-        return pool.with_run_info(
+        import dataclasses
+
+        from ttscale.runkinds import run_kind
+
+        pool = pool.with_run_info(
             verdicts=chosen,
             unsampled=sorted(set(self.problem_ids()) - set(pool.problem_ids.tolist())),
             requested_n=_requested_n(self._manifest),
         )
+        # what made the samples (an adaptive run's are iid draws, but an answer-dependent prefix)
+        return dataclasses.replace(pool, meta={**pool.meta, "run_kind": run_kind(self._manifest)})
 
     def choose_verdicts(self, verifier: str | None = None) -> dict[str, Any]:
         """Which verdict set an analysis uses, and why (one rule for curve, export, info).
