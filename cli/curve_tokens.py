@@ -104,7 +104,7 @@ def curve_mixed(
     from rich.table import Table
     from rich.text import Text
 
-    from ttscale.cli.analysis_cmds import _SHORT, curve_notes
+    from ttscale.cli.analysis_cmds import _SHORT, _fit_line, curve_notes
 
     console = Console(highlight=False)
     pct = round(confidence * 100)
@@ -170,7 +170,8 @@ def curve_mixed(
         "counted; SMC/search: particles, every particle-step's tokens counted"
     )
     for c in curves:
-        for line in curve_notes(c["report"]):
+        lines = curve_notes(c["report"]) + ([_fit_line(c["report"])] if c["report"].fit is not None else [])
+        for line in lines:
             console.print(Text(f"{c['label']}: {line}" if multi else line))
     from ttscale.cli.analysis_cmds import describe_verdicts
 
