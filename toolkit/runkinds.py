@@ -36,6 +36,7 @@ from ttscale.store.pool import Pool
 __all__ = [
     "KIND_LABELS",
     "RunPoint",
+    "describe_kind",
     "kind_refusal",
     "run_kind",
     "run_points",
