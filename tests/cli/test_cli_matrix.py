@@ -31,7 +31,7 @@ ADAPTIVE_RULE = "beta:0.8"
 PRUNE_RULE = "lowprob:threshold=-0.3,min_tokens=4"
 
 FIXED_KINDS = ("fixed", "extended", "imported", "merged")
-POINT_KINDS = ("adaptive", "pruned", "smc", "search")
+POINT_KINDS = ("adaptive", "pruned", "smc", "search", "search-dvts")  # search: beam, then DVTS
 KINDS = FIXED_KINDS + POINT_KINDS
 
 
@@ -68,6 +68,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ok("verify", out["pruned"])
     ok("smc", *HF, *STEP, "--out", out["smc"])
     ok("smc", *HF, *STEP, "--search", "beam", "--width", "2", "--out", out["search"])
+    ok("smc", *HF, *STEP, "--search", "dvts", "--width", "2", "--out", out["search-dvts"])
     ok("export", out["fixed"], "--out", root / "fixed.jsonl")
     ok("import", root / "fixed.jsonl", "--out", out["imported"])
     for i in range(2):
@@ -167,7 +168,7 @@ def check_points(points: list[dict[str, Any]], run: Path, kind: str) -> None:
     methods = {p["method"]: p for p in points}
     assert set(methods) == set(want) - {"samples", "tokens"}
     for m, p in methods.items():
-        assert p["kind"] == kind
+        assert p["kind"] == kind.partition("-")[0]
         assert p["accuracy"]["mean"] == pytest.approx(want[m], abs=1e-12)
         assert p["accuracy"]["low"] <= p["accuracy"]["mean"] <= p["accuracy"]["high"]
         assert p["samples"]["mean"] == pytest.approx(want["samples"])
@@ -233,7 +234,7 @@ def test_fit(runs: dict[str, Path], kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_replay(runs: dict[str, Path], kind: str) -> None:
     run = runs[kind]
-    if kind in ("pruned", "smc", "search"):
+    if kind in ("pruned", "smc", "search", "search-dvts"):
         refused("replay", run, "--rule", "beta:0.9", needles=("does not apply", f"ttscale curve {run}"))
         return
     if kind == "adaptive":
@@ -264,7 +265,8 @@ def test_info(runs: dict[str, Path], kind: str) -> None:
         return
     check_points(d["own_result"], run, kind)
     text = ok("info", run).stdout
-    rule = {"adaptive": "beta:threshold=0.8", "pruned": PRUNE_RULE, "smc": "SMC", "search": "beam"}[kind]
+    rule = {"adaptive": "beta:threshold=0.8", "pruned": PRUNE_RULE, "smc": "SMC", "search": "beam",
+            "search-dvts": "dvts"}[kind]
     assert rule in text and "result (" in text
 
 
