@@ -61,19 +61,18 @@ def _method_list(text: str) -> list[str]:
 def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-def]
     """A rich table: one row per k, one column per method.
 
-    Up to three methods show ``mean [low, high]``; more show ``mean ±half-width`` to fit a terminal
-    (the exact, asymmetric bounds are in ``--json``), and only the mean where even that is too wide.
+    Cells show ``mean [low, high]`` (one interval style in every table), or only the mean where
+    the table would not fit the terminal (the bounds are in ``--json``).
     """
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     pct = round(report.confidence * 100)
-    wide = len(report.curves) <= 3
     k_width = len(str(int(report.ks.max())))
-    fmt = _cell_format(list(report.curves), k_width + 3, console.width, "wide" if wide else "pm")
+    fmt = _cell_format(list(report.curves), k_width + 3, console.width, "wide")
     wide = fmt == "wide"
-    t = Table(title=f"accuracy at budget k ({report.n_problems} problems, {pct}% bootstrap CI)")
+    t = Table(title=f"accuracy at budget k ({report.n_problems} problems, [{pct}% bootstrap CI])")
     t.add_column("k", justify="right", style="bold", min_width=k_width)
     for name, c in report.curves.items():
         head = _SHORT.get(name, name) + (" (oracle)" if c.oracle else "")
@@ -86,9 +85,7 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
                 row.append("-")
                 continue
             mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
-            row.append(f"{m:.3f}{mark} [{lo:.3f}, {hi:.3f}]" if wide else f"{m:.3f}{mark} ±{(hi - lo) / 2:.3f}")
-            if fmt == "mean":
-                row[-1] = f"{m:.3f}{mark}"
+            row.append(f"{m:.3f}{mark} [{lo:.3f}, {hi:.3f}]" if wide else f"{m:.3f}{mark}")
         t.add_row(*row)
     console.print(t)
     if any(e.startswith("mc") for c in report.curves.values() for e in c.estimator):
@@ -112,8 +109,8 @@ def print_curve_table(report, console=None) -> None:  # type: ignore[no-untyped-
 def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-untyped-def]
     """Several runs in one rich table: a section of rows (one per k) per run, one column per method.
 
-    Cells show ``mean ±half-width`` (the exact, asymmetric bounds are in ``--json``), or only the
-    mean where that is too wide for the terminal.
+    Cells show ``mean [low, high]``, or only the mean where that is too wide for the terminal
+    (the bounds are in ``--json``).
     """
     from rich.console import Console
     from rich.table import Table
@@ -125,8 +122,8 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
     for r in reports:
         methods += [m for m in r.curves if m not in methods]
     k_width = max(len(str(int(r.ks.max()))) for r in reports)
-    fmt = _cell_format(methods, max(map(len, labels)) + k_width + 6, console.width, "pm")
-    t = Table(title=f"accuracy at budget k ({len(reports)} runs, {pct}% bootstrap CI)")
+    fmt = _cell_format(methods, max(map(len, labels)) + k_width + 6, console.width, "wide")
+    t = Table(title=f"accuracy at budget k ({len(reports)} runs, [{pct}% bootstrap CI])")
     t.add_column("run", no_wrap=True)
     t.add_column("k", justify="right", style="bold", min_width=k_width)
     for name in methods:
@@ -144,8 +141,8 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
                     continue
                 mark = "*" if c.estimator and c.estimator[j].startswith("mc") else ""
                 mc = mc or bool(mark)
-                hw = f" ±{(c.high[j] - c.low[j]) / 2:.3f}" if fmt == "pm" else ""
-                row.append(f"{c.mean[j]:.3f}{mark}{hw}")
+                ci = f" [{c.low[j]:.3f}, {c.high[j]:.3f}]" if fmt == "wide" else ""
+                row.append(f"{c.mean[j]:.3f}{mark}{ci}")
             t.add_row(*row)
     console.print(t)
     if mc:
@@ -157,15 +154,15 @@ def print_runs_table(labels, reports, console=None) -> None:  # type: ignore[no-
             console.print(Text(f"{label}: {_fit_line(report)}"))
 
 
-_CELL_WIDTH = {"wide": len("0.000* [0.000, 0.000]"), "pm": len("0.000* ±0.000"), "mean": len("0.000*")}
+_CELL_WIDTH = {"wide": len("0.000* [0.000, 0.000]"), "mean": len("0.000*")}
 
 
 def _cell_format(methods: list[str], other_width: int, width: int, preferred: str) -> str:
-    """The richest cell format (``wide`` > ``pm`` > ``mean``) whose table fits ``width`` columns.
+    """The richest cell format (``wide`` > ``mean``) whose table fits ``width`` columns.
 
     ``other_width``: the width the non-method columns take, borders and padding included.
     """
-    order = ["wide", "pm", "mean"]
+    order = ["wide", "mean"]
     for fmt in order[order.index(preferred):]:
         cols = sum(max(len(_SHORT.get(m, m)), _CELL_WIDTH[fmt]) + 3 for m in methods)
         if other_width + cols + 1 <= width:
@@ -251,116 +248,6 @@ def describe_verdicts(v: dict | None) -> str:
     fp = f", config {v['fingerprint']}" if v.get("fingerprint") else ""
     others = f"; other verdict sets: {', '.join(v['others'])}" if v.get("others") else ""
     return f"verdicts: {v['name']} = {spec}{fp} ({v.get('chosen_by')}){others}"
-
-
-def _weighted_budget(store: Any) -> dict[str, Any]:
-    """The budget an SMC run spent per problem: particles, generated tokens, particle-steps."""
-    m = store.manifest
-    smc = m.get("smc") or {}
-    particles = smc.get("particles") or (m.get("sampling") or {}).get("n")
-    t = store.table(["problem_id", "num_tokens"])
-    n_problems = max(len(set(t.column("problem_id").to_pylist())), 1)
-    tokens = sum(x or 0 for x in t.column("num_tokens").to_pylist())
-    return {
-        "particles": particles,
-        "tokens_per_problem": tokens / n_problems,
-        "particle_steps_per_problem": t.num_rows / n_problems,
-    }
-
-
-def _plot_weighted(out: dict[str, Any], path: Path) -> None:
-    """Accuracy of each weighted rule against generated tokens per problem, one point per run
-    (labelled with its particles), with the bootstrap CIs as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from ttscale.metrics.weighted import WEIGHTED_METHODS
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = sorted(out.items(), key=lambda kv: kv[1]["budget"]["tokens_per_problem"])
-    xs = [d["budget"]["tokens_per_problem"] for _, d in rows]
-    for m in WEIGHTED_METHODS:
-        ys = [d["methods"][m]["mean"] for _, d in rows]
-        lo = [y - d["methods"][m]["low"] for y, (_, d) in zip(ys, rows, strict=True)]
-        hi = [d["methods"][m]["high"] - y for y, (_, d) in zip(ys, rows, strict=True)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=m)
-    for x, (_, d) in zip(xs, rows, strict=True):
-        ax.annotate(f"N={d['budget']['particles']}", (x, 0.02), fontsize=7, ha="center")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("generated tokens per problem")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
-
-
-def _refuse_weighted(
-    runs: list[Path],
-    pools: list[Any],
-    methods: list[str],
-    json_out: bool,
-    confidence: float,
-    n_boot: int,
-    seed: int,
-    *,
-    stores: list[Any] | None = None,
-    refuse: bool = True,
-    plot: Path | None = None,
-) -> None:
-    """A weighted (SMC) run: report weighted-vote/max-weight accuracy at its budget (particles,
-    tokens per problem); refuse k-sample curves when they were asked for (``refuse``)."""
-    from ttscale.errors import NonIIDPoolError
-    from ttscale.metrics.weighted import WEIGHTED_METHODS, weighted_results
-
-    out: dict[str, Any] = {}
-    for i, (run, pool) in enumerate(zip(runs, pools, strict=True)):
-        if not pool.iid:
-            rep = weighted_results(pool, confidence=confidence, n_boot=n_boot, seed=seed)
-            out[str(run)] = rep.to_dict()
-            if stores is not None:
-                out[str(run)]["budget"] = _weighted_budget(stores[i])
-            out[str(run)]["verdicts"] = pool.meta.get("verdicts")
-    if json_out:
-        typer.echo(json.dumps(out if len(runs) > 1 else next(iter(out.values())), indent=2))
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        pct = round(confidence * 100)
-        t = Table(title=f"weighted results of the stored particles ({pct}% bootstrap CIs over problems)")
-        budget_cols = ("particles", "tokens/problem") if stores is not None else ()
-        for col in ("run", "problems", *budget_cols, *WEIGHTED_METHODS):
-            t.add_column(col, justify="left" if col == "run" else "right")
-        for name, d in out.items():
-            cells = [
-                f"{d['methods'][m]['mean']:.3f} [{d['methods'][m]['low']:.3f}, "
-                f"{d['methods'][m]['high']:.3f}]"
-                for m in WEIGHTED_METHODS
-            ]
-            b = d.get("budget")
-            extra = [str(b["particles"]), f"{b['tokens_per_problem']:,.0f}"] if b else []
-            t.add_row(Path(name).name, str(d["n_problems"]), *extra, *cells)
-        Console(highlight=False).print(t)
-        for name, d in out.items():
-            typer.echo(f"{Path(name).name}: {describe_verdicts(d.get('verdicts'))}")
-    if plot is not None and stores is not None:
-        _plot_weighted(out, plot)
-        typer.echo(f"plot: {plot}", err=True)
-    if not refuse:
-        return
-    bad = ", ".join(str(r) for r, p in zip(runs, pools, strict=True) if not p.iid)
-    err = NonIIDPoolError(
-        f"{bad} holds a weighted population (SMC particles), not iid draws: "
-        f"{', '.join(methods)} at k samples are refused; the weighted results are reported instead"
-    )
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
 
 
 def curve_notes(report) -> list[str]:  # type: ignore[no-untyped-def]
@@ -500,8 +387,23 @@ def register(app: typer.Typer) -> None:
             names = overlay_verdict_labels(runs, pools, names, allow_mixed=allow_mixed_verifiers)
         if x_axis not in ("k", "tokens"):
             raise ConfigError(f"--x must be k or tokens, got {x_axis!r}")
-        if x_axis == "tokens":
-            from ttscale.cli.curve_tokens import curve_tokens
+        from ttscale.runkinds import kind_refusal, run_kind
+
+        kinds = [run_kind(s.manifest) for s in stores]
+        if multi and len(set(kinds)) > 1:
+            # runs of several kinds: manifest fields mean different things per kind (a search
+            # run's max_tokens is a step's), so each run goes by its folder name
+            names = [(label, {}) for label, _ in run_labels([{}] * len(runs), runs)]
+        if x_axis == "tokens" or any(kd != "fixed" for kd in kinds):
+            from ttscale.cli.curve_tokens import curve_mixed
+
+            if all(kd != "fixed" for kd in kinds):
+                # k-sample options mean nothing for a run that is one point
+                asked = [o for o, v in (("--methods", methods), ("--k", k), ("--fit", fit or None)) if v]
+                if asked:
+                    bad = next(r for r, kd in zip(runs, kinds, strict=True) if kd != "fixed")
+                    what = f"{', '.join(asked)} (k-sample curves)"
+                    raise ConfigError(kind_refusal(kinds[runs.index(bad)], what, bad))
 
             def compute(pool: Any, label: str) -> Any:
                 conf = None
@@ -513,19 +415,12 @@ def register(app: typer.Typer) -> None:
                     pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
                     deepconf_eta=deepconf_eta, confidence=confidence, n_boot=n_boot,
                     n_draws=draws, rpc_draws=rpc_draws, rpc_fit=rpc_fit, tie=tie, seed=seed,
-                    fit=False, missing=missing,
+                    fit=fit, missing=missing,
                 )
 
-            curve_tokens(
-                runs, stores, pools, [label for label, _ in names], compute=compute, tie=tie,
+            curve_mixed(
+                runs, stores, pools, names, compute=compute, x_axis=x_axis, tie=tie,
                 confidence=confidence, n_boot=n_boot, seed=seed, plot=plot, json_out=json_out,
-            )
-            return
-        if any(not pool.iid for pool in pools):
-            _refuse_weighted(
-                runs, pools, method_list, json_out, confidence, n_boot, seed,
-                stores=stores, refuse=methods is not None or not all(not p.iid for p in pools),
-                plot=plot,
             )
             return
         # every run's inputs are checked before any curve is computed (a missing log-prob in
@@ -577,9 +472,10 @@ def register(app: typer.Typer) -> None:
                 reports.append(report)
         if plot is not None:
             if multi:
+                diff = sorted({f.rsplit(".", 1)[-1] for _, d in names for f in d})
                 plot_curves(
                     {label: r for (label, _), r in zip(names, reports, strict=True)}, plot,
-                    title=f"{len(runs)} runs",
+                    title=f"{len(runs)} runs" + (f" differing in {', '.join(diff)}" if diff else ""),
                 )
             else:
                 run, report = runs[0], reports[0]
@@ -648,9 +544,14 @@ def register(app: typer.Typer) -> None:
 
         from ttscale.analysis import coverage_counts, default_ks
         from ttscale.metrics.scaling import bootstrap_power_law, compare_fit_methods
+        from ttscale.runkinds import kind_refusal, run_kind
         from ttscale.store import SampleStore
 
-        pool = SampleStore.open(run).pool(verifier)
+        store = SampleStore.open(run)
+        kind = run_kind(store.manifest)
+        if kind != "fixed":
+            raise ConfigError(kind_refusal(kind, "a power-law fit of coverage over k", run))
+        pool = store.pool(verifier)
         if not pool.has_correctness():
             raise ConfigError("the run has no correctness labels; run `ttscale verify RUN` first")
         # problems of the run without samples are unsolved (as `curve`'s default --missing count)
@@ -906,6 +807,16 @@ def _empirical_utility_cli(
 
     if not weak or not strong:
         raise ConfigError("--run needs --weak and --strong verifier names (see `ttscale info RUN`)")
+    from ttscale.runkinds import kind_refusal, run_kind
+    from ttscale.store import SampleStore
+
+    kind = run_kind(SampleStore.open(run).manifest)
+    if kind != "fixed":  # resampling until the weak verifier accepts draws iid samples
+        raise ConfigError(kind_refusal(kind, "the utility of resampling until --weak accepts", run))
+    if plot is not None:
+        from ttscale.paths import check_writable_file
+
+        check_writable_file(plot, "--plot")  # before the whole computation
     if empty not in ("drop", "zero", "error"):
         raise ConfigError(f"--empty must be drop, zero or error, got {empty!r}")
     rep = verifier_utility(

@@ -68,11 +68,27 @@ def register(app: typer.Typer) -> None:
         if order == "index" and orders is not None:
             raise ConfigError("--order index and --orders N exclude each other; pass one")
         check_rule_name(rule, "--rule")  # an unknown rule: one line naming both kinds
-        if rule.strip().partition(":")[0].strip() in _TRACE_RULES:
+        from ttscale.runkinds import kind_refusal, run_kind
+
+        trace_rule = rule.strip().partition(":")[0].strip() in _TRACE_RULES
+        store = SampleStore.open(run)
+        kind = run_kind(store.manifest)
+        if kind in ("pruned", "smc", "search"):
+            raise ConfigError(kind_refusal(kind, "replaying a rule on its samples", run))
+        if kind == "adaptive":
+            if trace_rule:
+                raise ConfigError(
+                    f"{run} was itself adaptive: it drew only the samples its own rule asked for, so "
+                    "a trace-pruning rule cannot be replayed against the full run; replay it on a "
+                    "fixed-n run (`ttscale sample --n N`)"
+                )
+            _replay_adaptive_run(store, run, rule, orders, max_samples, tie, verifier, seed,
+                                 deepconf_window, json_out)  # fmt: skip
+            return
+        if trace_rule:
             _replay_trace_rule(run, rule, orders, max_samples, verifier, seed, json_out)
             return
         parsed = parse_rule(rule)  # before reading the run
-        store = SampleStore.open(run)
         pool = store.pool(verifier)
         confs = None
         if parsed.needs_confidences:
@@ -107,6 +123,68 @@ def register(app: typer.Typer) -> None:
                 t = block["tokens"]
                 line += f"  tokens/problem {t['mean']:.1f} [{t['low']:.1f}, {t['high']:.1f}]"
             typer.echo(line)
+
+
+def _replay_adaptive_run(
+    store: Any, run: Path, rule: str, orders: int | None, max_samples: int | None, tie: str,
+    verifier: str | None, seed: int, deepconf_window: int, json_out: bool,
+) -> None:
+    """``replay`` on a run made with ``--adaptive``: its own result, and the given rule where it
+    can be replayed (see :func:`ttscale.replay.replay_on_adaptive_run`)."""
+    from ttscale.replay import replay_on_adaptive_run
+    from ttscale.runkinds import run_points
+    from ttscale.select.adaptive import parse_rule
+
+    parsed = parse_rule(rule)
+    a = store.manifest.get("adaptive") or {}
+    budget = int(a.get("budget") or 0)
+    if orders is not None:
+        raise ConfigError(
+            f"{run} was itself adaptive ({a.get('rule')}): its samples are the prefix its own rule "
+            "chose, so random orders (--orders) cannot be replayed; drop --orders (index order)"
+        )
+    if max_samples is not None and max_samples != budget:
+        raise ConfigError(
+            f"{run} was itself adaptive with budget {budget} per problem: --max-samples "
+            f"{max_samples} cannot be replayed; drop --max-samples"
+        )
+    pool = store.pool(verifier)
+    confs = None
+    if parsed.needs_confidences:
+        from ttscale.analysis import run_confidences
+
+        confs = run_confidences(store, window=deepconf_window)
+    d = replay_on_adaptive_run(pool, parsed, budget=budget, tie=tie, confidences=confs, seed=seed)
+    own = run_points(store, pool, label=run.name, seed=seed)[0]
+    d["run"] = {"rule": a.get("rule"), "budget": budget, **own.to_dict()}
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+
+    def ci(b: dict[str, Any], f: str = ".4f") -> str:
+        return "n/a" if b["mean"] is None else f"{b['mean']:{f}} [{b['low']:{f}}, {b['high']:{f}}]"
+
+    r = d["run"]
+    typer.echo(
+        f"{run} was itself adaptive ({a.get('rule')}, budget {budget}): its own result: accuracy "
+        f"{ci(r['accuracy'])}, samples/problem {ci(r['samples'], '.2f')}, tokens/problem "
+        f"{ci(r['tokens'], '.1f')}"
+    )
+    typer.echo(
+        f"{d['rule']} replayed in index order on {d['replayed']} of {d['problems']} problems: "
+        f"accuracy {ci(d['accuracy'])}, samples/problem {ci(d['samples'], '.2f')}"
+        + (f", tokens/problem {ci(d['tokens'], '.1f')}" if d["tokens"] else "")
+    )
+    u = d["undecided"]
+    if u["count"]:
+        typer.echo(
+            f"not replayable on {u['count']} problems ({', '.join(u['ids'][:10])}"
+            f"{' ...' if u['count'] > 10 else ''}): the rule would need samples the run did not draw"
+        )
+    typer.echo(
+        "cannot replay on this run: random orders, and fixed@budget (problems stopped early hold "
+        "fewer samples); for those, replay on a fixed-n run (`ttscale sample --n N`)"
+    )
 
 
 # level-2 rules (trace pruning); replayed from per-token log-probs, in stored index order

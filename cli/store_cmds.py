@@ -30,8 +30,10 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ttscale.errors import DataError
+        from ttscale.paths import check_writable_dir
         from ttscale.store.jsonio import import_jsonl, sidecar_path
 
+        check_writable_dir(out, "--out")  # before reading (and validating) the samples
         manifest = {k: v for k, v in {"model": model, "benchmark": benchmark}.items() if v}
         if metadata is not None and not metadata.is_file():
             raise DataError(f"no such metadata file: {metadata}")
@@ -84,6 +86,7 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             check_writable_file(out, "--out", parents=False)  # before reading the run
         store = SampleStore.open(run)
+        store.problem_ids()  # a damaged problems.parquet is reported now, not exported around
         chosen = None if no_verdicts else store.choose_verdicts(verifier)
         said = describe_verdicts(chosen) if chosen else "verdicts: none (--no-verdicts)"
         if out is None:
@@ -110,12 +113,23 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from ttscale.errors import StoreError
+        from ttscale.runkinds import describe_kind
         from ttscale.store import SampleStore
 
         store = SampleStore.open(run)
         m = store.manifest
         counts = store.counts()
+        try:
+            recorded: str = f"{len(store.problem_ids())} (problems.parquet)"
+            damage = None
+        except StoreError as err:  # info shows the damage; the analyses refuse in one line
+            recorded, damage = f"unreadable: {err}", str(err)
+        own = _own_result(store) if damage is None else {"kind": describe_kind(m), "points": None, "why": damage}
         if json_out:
+            m["recorded_problems"] = recorded
+            m["run_kind"] = own["kind"]
+            m["own_result"] = own["points"] if own["points"] is not None else own["why"]
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
             m["verified_by"] = store.verifiers()
@@ -133,8 +147,21 @@ def register(app: typer.Typer) -> None:
             t.add_row("engine", ", ".join(f"{k}={v}" for k, v in e.items()))
         if isinstance(m.get("sampling"), dict):
             t.add_row("sampling", ", ".join(f"{k}={v}" for k, v in m["sampling"].items()))
+        t.add_row("run kind", own["kind"])
+        if own["points"] is not None:
+            for p in own["points"]:
+                a, sm, tk = p["accuracy"], p["samples"], p["tokens"]
+                t.add_row(
+                    f"result ({p['method']})",
+                    f"accuracy {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] at "
+                    f"{sm['mean']:.2f} [{sm['low']:.2f}, {sm['high']:.2f}] samples and "
+                    f"{tk['mean']:,.1f} [{tk['low']:,.1f}, {tk['high']:,.1f}] tokens per problem "
+                    f"({round(p['confidence'] * 100)}% CIs)",
+                )
+        elif own["why"]:
+            t.add_row("result", own["why"])
         n = list(counts.values())
-        t.add_row("problems", str(len(n)))
+        t.add_row("problems", f"{len(n)} with samples; recorded: {recorded}")
         t.add_row(
             "samples",
             f"{sum(n)} (per problem: min {min(n)}, max {max(n)})" if n else "0",
@@ -229,9 +256,12 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
+        from ttscale.paths import check_writable_dir
         from ttscale.store import merge_runs
 
+        check_writable_dir(out, "merge target")  # before reading and checking every run
         merged, added = merge_runs(out, runs)
+        _merge_adaptive_decisions(merged.path, runs)
         c = Console(highlight=False, soft_wrap=True)
         for src, n in added.items():
             c.print(f"merged {src}: {n:,} new samples")
@@ -239,3 +269,39 @@ def register(app: typer.Typer) -> None:
             f"run [bold]{merged.path}[/bold]: {len(merged):,} samples, "
             f"{len(merged.counts())} problems with samples, {len(merged.problems())} recorded"
         )
+
+
+def _own_result(store: object) -> dict:
+    """The run's kind and, for a non-fixed run, its accuracy at its own cost (or why not)."""
+    from ttscale.errors import ConfigError
+    from ttscale.runkinds import describe_kind, run_kind, run_points
+
+    m = store.manifest  # type: ignore[attr-defined]
+    out: dict = {"kind": describe_kind(m), "points": None, "why": None}
+    if run_kind(m) == "fixed":
+        out["why"] = f"a curve over k: `ttscale curve {store.path}`"  # type: ignore[attr-defined]
+        return out
+    try:
+        pts = run_points(store, store.pool(), label=store.path.name)  # type: ignore[attr-defined]
+    except ConfigError as e:
+        out["why"] = str(e)
+        return out
+    out["points"] = [p.to_dict() for p in pts]
+    return out
+
+
+def _merge_adaptive_decisions(out: Path, runs: list[Path]) -> None:
+    """The merged run of adaptive shards keeps each problem's stopping record (``adaptive.jsonl``:
+    the samples its rule used), one line per problem; an existing record wins for its problems."""
+    import json
+
+    from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
+
+    rows = {d["problem_id"]: d for d in read_decisions(out)}
+    new = {d["problem_id"]: d for r in runs for d in read_decisions(r) if d["problem_id"] not in rows}
+    if not new:
+        return
+    rows.update(new)
+    tmp = out / f".{ADAPTIVE_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
+    tmp.replace(out / ADAPTIVE_FILE)

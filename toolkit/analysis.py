@@ -217,13 +217,21 @@ def check_prerequisites(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if pool.meta.get("run_kind") == "adaptive" and methods:
+        # iid draws, but each problem stopped after an answer-dependent number of them: a
+        # k-sample estimate over that prefix is biased (and cut at the smallest n)
+        raise ConfigError(
+            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            f"samples, so {', '.join(methods)} at k samples do not apply; "
+            "ttscale.runkinds.run_points (ttscale curve) reports its accuracy at its own cost"
+        )
     if not pool.iid and methods:
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            f"the run's samples are a weighted population (SMC particles), not iid draws: "
+            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
             f"{', '.join(methods)} at k samples assume iid draws and are refused; use "
-            "ttscale.metrics.weighted.weighted_results (ttscale curve reports it)"
+            "ttscale.runkinds.run_points (ttscale curve reports it)"
         )
 
     def needing(what: str) -> list[str]:
@@ -570,8 +578,14 @@ def coverage_counts(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are a weighted population (SMC particles), not iid draws: "
-            "pass@k fits assume iid draws and are refused; `ttscale curve` reports weighted results"
+            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
+            "accuracy at its own cost"
+        )
+    if pool.meta.get("run_kind") == "adaptive":
+        raise ConfigError(
+            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            "samples, so pass@k fits do not apply; `ttscale curve` reports its accuracy at its own cost"
         )
     n_p, c = pool.n_per_problem, pool.correct_counts()
     if missing == "drop":
@@ -731,11 +745,11 @@ def curves_figure(
                     labels.append(lab)
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
                    frameon=False)
-        fig.suptitle(title or f"{len(runs)} runs, {pct}% bootstrap CIs", fontsize=11)
+        fig.suptitle(f"{title or f'{len(runs)} runs'}; bands: {pct}% bootstrap CIs", fontsize=11)
     else:
         ax = axes[0][0]
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-        ax.set_title(title or f"{first.n_problems} problems, {pct}% bootstrap CIs")
+        ax.set_title(f"{title or f'{first.n_problems} problems'}; bands: {pct}% bootstrap CIs")
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ from ttscale.metrics.stats import bootstrap_ci
 from ttscale.select.adaptive import StopRule, StreamOutcome, parse_rule, run_stream
 from ttscale.store.pool import Pool
 
-__all__ = ["ProblemReplay", "ReplayReport", "replay", "summary_line"]
+__all__ = ["ProblemReplay", "ReplayReport", "replay", "replay_on_adaptive_run", "summary_line"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,13 @@ def replay(
         raise ConfigError(f"--orders must be at least 1, got {orders}")
     if pool.num_problems == 0:
         raise ConfigError("the pool has no problems to replay")
+    if pool.meta.get("run_kind") == "adaptive":
+        raise ConfigError(
+            "the pool comes from a run that was itself adaptive: its problems hold the samples "
+            "its rule drew, not a common budget; use replay_on_adaptive_run (ttscale replay does)"
+        )
+    if not pool.iid:
+        raise ConfigError("replay needs iid draws; this pool is not (SMC, search or pruned traces)")
     counts = pool.n_per_problem
     budget = int(counts.min()) if max_samples is None else int(max_samples)
     if budget < 1:
@@ -348,3 +355,80 @@ def replay_trace_rule(
     out["saved_fraction"] = rep.saved_fraction
     out["verdicts"] = pool.meta.get("verdicts")  # which verdict set gave correctness, and why
     return out
+
+
+def replay_on_adaptive_run(
+    pool: Pool,
+    rule: StopRule | str,
+    *,
+    budget: int,
+    tie: str = "first",
+    confidences: NDArray[np.float64] | Sequence[float] | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Replay ``rule`` on a run that was itself adaptive (budget ``budget`` per problem).
+
+    Such a run holds, per problem, only the samples its own rule drew, in index order (seeds are
+    per ``(problem, index)``, so they are the first samples a fixed run would hold). A rule
+    replays exactly on a problem where it stops within those samples, or where the run drew the
+    whole budget; on the others it would need samples the run never drew, so the problem is
+    reported as not replayable (``undecided``) rather than guessed. Random orders and the fixed
+    baseline at the budget need the whole budget drawn everywhere, so they are not offered.
+    Returns the JSON of ``ttscale replay`` on such a run: accuracy, samples and tokens per
+    problem over the replayable problems, with bootstrap CIs.
+    """
+    rule = parse_rule(rule) if isinstance(rule, str) else rule
+    if tie not in ("first", "random", "expected"):
+        raise ConfigError(f"--tie must be first, random or expected, got {tie!r}")
+    rule.usable(budget)
+    conf_all = None if confidences is None else np.asarray(confidences, dtype=np.float64)
+    if rule.needs_confidences and (conf_all is None or (conf_all.size and np.isnan(conf_all).all())):
+        raise ConfigError("the deepconf rule needs top log-probs, and this run has none; choose another rule")
+    values = pool.answer_values
+    has_tokens = bool((pool.num_tokens >= 0).all())
+    cor: list[float] = []
+    used: list[float] = []
+    tok: list[float] = []
+    undecided: list[str] = [str(x) for x in pool.unsampled]  # the run never reached them
+    for p in range(pool.num_problems):
+        lo, hi = int(pool.offsets[p]), int(pool.offsets[p + 1])
+        sort = np.argsort(pool.index[lo:hi], kind="stable")
+        ans = [None if c < 0 else str(values[c]) for c in pool.answer[lo:hi][sort]]
+        corr = pool.correct[lo:hi][sort]
+        toks = pool.num_tokens[lo:hi][sort].astype(np.float64)
+        cf = None if conf_all is None else [float(x) for x in conf_all[lo:hi][sort]]
+        rng = np.random.default_rng([seed, p, 0, 1]) if tie == "random" else None
+        o = run_stream(rule, ans, cf, budget=budget, tie=tie, rng=rng)
+        if not o.stopped and len(ans) < budget:
+            undecided.append(str(pool.problem_ids[p]))
+            continue
+        cor.append(_correct_of(o, ans, corr, tie))
+        used.append(float(o.used))
+        tok.append(float(toks[: o.used].sum()) if has_tokens else math.nan)
+
+    def ci(v: list[float]) -> dict[str, float | None]:
+        a = np.asarray(v, dtype=np.float64)
+        if a.size == 0 or np.isnan(a).any():
+            return {"mean": None, "low": None, "high": None}
+        c = bootstrap_ci(a, confidence=confidence, n_boot=n_boot, seed=seed)
+        return {"mean": float(c.mean), "low": float(c.low), "high": float(c.high)}
+
+    return {
+        "rule": rule.spec,
+        "order": "index",
+        "max_samples": budget,
+        "tie": tie,
+        "problems": pool.num_problems + len(pool.unsampled),
+        "replayed": len(cor),
+        "undecided": {"count": len(undecided), "ids": undecided},
+        "accuracy": ci(cor),
+        "samples": ci(used),
+        "tokens": ci(tok) if has_tokens else None,
+        "not_replayable": [
+            "problems where the rule needs samples the run did not draw (undecided)",
+            "random orders (--orders): the stored samples are the prefix the run's own rule chose",
+            f"the fixed baseline at {budget} samples: problems stopped early hold fewer",
+        ],
+    }

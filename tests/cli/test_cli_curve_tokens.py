@@ -1,4 +1,4 @@
-"""``ttscale curve --x tokens``: fixed-n curves at k x mean tokens, pruning runs as points."""
+"""``ttscale curve --x tokens``: fixed-n curves at k x mean tokens, other run kinds as points."""
 
 from __future__ import annotations
 
@@ -66,10 +66,27 @@ def test_tokens_axis_refusals_are_one_line(tmp_path: Path) -> None:
     no_tokens = _store(tmp_path / "nt", [("A", 0, "1", True, None), ("B", 0, "5", True, None)])
     smc = _store(tmp_path / "smc", [("A", 0, "1", True, 3, "kept", None)], {"iid": False})
     for run, needle in [(no_tokens, "needs every sample's token count"),
-                        (smc, "weighted population")]:
+                        (smc, "records no particle log-weights")]:
         r = runner.invoke(app, ["curve", str(run), "--x", "tokens"])
         assert r.exit_code == 1, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
     r = runner.invoke(app, ["curve", str(no_tokens), "--x", "samples"])
     assert r.exit_code == 1 and "--x must be k or tokens" in r.output
+
+
+def test_token_point_of_an_unverified_run_asks_for_verify(tmp_path: Path) -> None:
+    # the check read `pool.has_correctness` (a method, always true): an unverified pruning run
+    # scored 0.000 instead of asking for `ttscale verify`
+    from ttscale.errors import ConfigError
+    from ttscale.metrics.tokens import run_token_point
+
+    pr = _store(tmp_path / "pr", [("A", 0, "1", None, 10, "kept", None), ("B", 0, "5", None, 40, "kept", None)],
+                {"iid": False, "pruning": {"rule": "lowprob:threshold=-1,min_tokens=1"}})  # fmt: skip
+    pool = SampleStore.open(pr).pool()
+    with pytest.raises(ConfigError, match="verify it first"):
+        run_token_point(pool, [10.0, 40.0], label="pr")
+    r = runner.invoke(app, ["curve", str(pr), "--x", "tokens"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        f"error: {pr} has no correctness labels: verify it first (`ttscale verify {pr}`)"
+    ]

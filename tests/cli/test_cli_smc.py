@@ -71,9 +71,9 @@ def test_smc_run_lineage_resume_and_curve(tmp_path: Path, pot_module: str) -> No
     # weighted results with the budget
     r = runner.invoke(app, ["curve", str(out), "--json", "--n-boot", "50"])
     assert r.exit_code == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert d["iid"] is False and d["n_problems"] == 3 and d["budget"]["particles"] == 4
-    assert math.isclose(d["budget"]["tokens_per_problem"], acct["generated_tokens"] / 3)
+    (pt, _) = json.loads(r.stdout)["points"]
+    assert pt["kind"] == "smc" and pt["problems"] == 3 and pt["samples"]["mean"] == 4
+    assert math.isclose(pt["tokens"]["mean"], acct["generated_tokens"] / 3)
 
 
 def test_smc_reads_back_a_problem_stored_but_not_marked_done(tmp_path: Path, pot_module: str) -> None:
@@ -204,8 +204,8 @@ def test_curve_over_smc_runs_with_particles_and_tokens(tmp_path: Path, pot_modul
     plot = tmp_path / "acc.png"
     r = runner.invoke(app, ["curve", *runs, "--json", "--n-boot", "50", "--plot", str(plot)])
     assert r.exit_code == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert [d[x]["budget"]["particles"] for x in runs] == [2, 8]
+    pts = [p for p in json.loads(r.stdout)["points"] if p["method"] == "weighted_vote"]
+    assert [p["run"] for p in pts] == runs and [p["particles"] for p in pts] == [2, 8]
     # more particles spend more tokens
-    assert d[runs[1]]["budget"]["tokens_per_problem"] > d[runs[0]]["budget"]["tokens_per_problem"]
-    assert plot.stat().st_size > 1000 and f"plot: {plot}" in r.stderr
+    assert pts[1]["tokens"]["mean"] > pts[0]["tokens"]["mean"]
+    assert plot.stat().st_size > 1000

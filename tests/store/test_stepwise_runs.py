@@ -118,26 +118,26 @@ def test_weighted_results_all_zero_weights_select_nothing(tmp_path: Path) -> Non
 
 def test_cli_curve_on_a_weighted_run(tmp_path: Path) -> None:
     store = smc_run(tmp_path)
-    # k-sample methods asked for explicitly: the weighted results, then a one-line refusal
+    # k-sample methods asked for explicitly: one line saying why not and what to run, nothing else
     r = runner.invoke(
         app, ["curve", str(store.path), "--methods", "coverage,majority", "--json", "--n-boot", "100"]
     )
-    assert r.exit_code == 1
+    assert r.exit_code == 1 and r.stdout == ""
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: ") and "refused" in err[0]
-    d = json.loads(r.stdout)
-    assert d["iid"] is False and d["n_problems"] == 2
-    assert (
-        d["methods"]["weighted_vote"]["mean"] == 1.0 and d["methods"]["max_weight"]["mean"] == 0.0
-    )
-    r = runner.invoke(app, ["curve", str(store.path), "--methods", "coverage"])
-    assert r.exit_code == 1 and "weighted_vote" in r.stdout and "max_weight" in r.stdout
-    # no methods asked for: the weighted results with the run's budget, exit 0
+    assert len(err) == 1 and err[0].startswith("error: ") and "does not apply" in err[0]
+    assert f"`ttscale curve {store.path}`" in err[0]
+    # no methods asked for: the weighted results at the run's cost, exit 0
     r = runner.invoke(app, ["curve", str(store.path), "--json", "--n-boot", "100"])
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["methods"]["weighted_vote"]["mean"] == 1.0
-    assert d["budget"]["particle_steps_per_problem"] == len(store) / 2
+    assert d["runs"] == [] and {p["method"]: p["accuracy"]["mean"] for p in d["points"]} == {
+        "weighted_vote": 1.0, "max_weight": 0.0,
+    }
+    # no particle count recorded: the final particles per problem (3 and 3); no token counts
+    # stored: the tokens are unknown, not 0
+    for p in d["points"]:
+        assert p["kind"] == "smc" and p["problems"] == 2 and p["samples"]["mean"] == 3.0
+        assert p["tokens"]["mean"] is None
     r = runner.invoke(app, ["curve", str(store.path)])
     assert r.exit_code == 0 and "tokens/problem" in r.stdout and "weighted_vote" in r.stdout
 

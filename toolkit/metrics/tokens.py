@@ -105,7 +105,7 @@ def run_token_point(
         raise ConfigError(
             f"tokens_per_problem needs one value per problem ({pool.num_problems}), got {toks.shape}"
         )
-    if not pool.has_correctness:
+    if not pool.has_correctness():  # a method: the bare attribute is always true
         raise ConfigError("the run has no correctness labels; verify it first (ttscale verify)")
     correct = np.zeros(pool.num_problems, dtype=np.float64)
     for p in range(pool.num_problems):

@@ -59,6 +59,12 @@ _KNOWN = {
     "finish_reason",
     "seed",
     "meta",
+    # step-wise samplers (SMC, search, pruning): lineage, weight and what became of the trace
+    "step",
+    "parent",
+    "log_weight",
+    "fate",
+    "pruned_at",
 }
 
 _CHUNK = 50_000  # samples per shard on import
@@ -67,6 +73,9 @@ _CHUNK = 50_000  # samples per shard on import
 _SIDECAR_KEYS = (
     "model", "benchmark", "sampling", "seed", "engine", "engines_used", "logprob_mode", "chat",
     "num_problems", "split", "limit",
+    # what kind of run it is: without these an SMC, search, pruning or adaptive run would come
+    # back as a fixed-n run, and its particles or cut traces be read as iid draws
+    "iid", "smc", "search", "pruning", "adaptive",
 )  # fmt: skip
 
 
@@ -178,6 +187,16 @@ def _parse(obj: Any, lineno: int, auto_index: int) -> Sample:
     if "meta" in obj and not isinstance(obj["meta"], (dict, type(None))):
         meta["meta"] = obj["meta"]
     meta.update({k: v for k, v in obj.items() if k not in _KNOWN})
+    fate = obj.get("fate")
+    if fate is not None and not isinstance(fate, str):
+        raise DataError(f"line {lineno}: 'fate' must be a string or null, got {fate!r}")
+    step_kw = {
+        "step": _num(obj.get("step"), "step", lineno, integer=True),
+        "parent": _num(obj.get("parent"), "parent", lineno, integer=True),
+        "log_weight": _num(obj.get("log_weight"), "log_weight", lineno),
+        "fate": fate,
+        "pruned_at": _num(obj.get("pruned_at"), "pruned_at", lineno, integer=True),
+    }
     fr = obj.get("finish_reason")
     if fr is not None and not isinstance(fr, str):
         raise DataError(f"line {lineno}: 'finish_reason' must be a string")
@@ -198,6 +217,7 @@ def _parse(obj: Any, lineno: int, auto_index: int) -> Sample:
             correct=correct,
             scores=scores,
             meta=meta,
+            **step_kw,
         )
     except ConfigError as e:
         raise DataError(f"line {lineno}: {e}") from e
@@ -294,6 +314,15 @@ def import_jsonl(
         store.update_manifest(**absent)
     if problems:
         store.write_problems(problems)
+    decisions = side.get("adaptive_decisions")
+    if isinstance(decisions, list) and decisions:
+        from ttscale.samplers.adaptive import ADAPTIVE_FILE
+
+        dest = store.path / ADAPTIVE_FILE
+        if not dest.exists():  # an existing run keeps its own record
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            tmp.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions), encoding="utf-8")
+            tmp.replace(dest)
     new = 0
     batch: list[Sample] = []
     for s in read_samples_jsonl(path):
@@ -311,7 +340,8 @@ def sample_to_json(s: Sample) -> dict[str, Any]:
     d: dict[str, Any] = {"problem_id": s.problem_id, "index": s.index, "text": s.text}
     d["answer"] = s.answer
     d["correct"] = s.correct
-    for k in ("logprob", "mean_logprob", "num_tokens", "finish_reason", "seed"):
+    for k in ("logprob", "mean_logprob", "num_tokens", "finish_reason", "seed", "step", "parent",
+              "log_weight", "fate", "pruned_at"):
         v = getattr(s, k)
         if v is not None:
             d[k] = v
@@ -365,6 +395,10 @@ def export_jsonl(
                 for p in st.problems()
             ],
         }
+        from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
+
+        if (st.path / ADAPTIVE_FILE).is_file():  # an adaptive run's per-problem stopping record
+            side["adaptive_decisions"] = read_decisions(st.path)
         mp = Path(manifest_out)
         tmp = mp.with_name(f".{mp.name}.tmp")
         tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")

@@ -653,7 +653,7 @@ class SampleStore:
         f = self.path / "problems.parquet"
         if not f.exists():
             return []
-        return sorted(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        return sorted(read_parquet(self.path, f, columns=["id"]).column("id").to_pylist())
 
     # samples ---------------------------------------------------------------------------------
 
@@ -1118,11 +1118,17 @@ class SampleStore:
             verifier=verifier,
             iid=iid,
         )
-        return pool.with_run_info(
+        import dataclasses
+
+        from ttscale.runkinds import run_kind
+
+        pool = pool.with_run_info(
             verdicts=chosen,
             unsampled=sorted(set(self.problem_ids()) - set(pool.problem_ids.tolist())),
             requested_n=_requested_n(self._manifest),
         )
+        # what made the samples (an adaptive run's are iid draws, but an answer-dependent prefix)
+        return dataclasses.replace(pool, meta={**pool.meta, "run_kind": run_kind(self._manifest)})
 
     # the default verdict set ---------------------------------------------------------------
 
