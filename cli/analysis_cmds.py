@@ -384,7 +384,10 @@ def register(app: typer.Typer) -> None:
         if multi:
             from ttscale.cli.verify_cmds import overlay_verdict_labels
 
-            names = overlay_verdict_labels(runs, pools, names, allow_mixed=allow_mixed_verifiers)
+            names = overlay_verdict_labels(
+                runs, pools, names, allow_mixed=allow_mixed_verifiers,
+                manifests=[s.manifest for s in stores],
+            )  # fmt: skip
         if x_axis not in ("k", "tokens"):
             raise ConfigError(f"--x must be k or tokens, got {x_axis!r}")
         from ttscale.runkinds import kind_refusal, run_kind

@@ -221,18 +221,29 @@ def overlay_verdict_labels(
     names: Sequence[tuple[str, dict[str, Any]]],
     *,
     allow_mixed: bool,
+    manifests: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """An overlay's run labels, checked for one verifier across the runs.
 
     Runs scored by different verifier configurations (canonical specs) are refused in one line;
     with ``allow_mixed`` every label names its run's verdict set (table, JSON and plot legend)
-    and ``differs`` gains ``"verdicts"``.
+    and ``differs`` gains ``"verdicts"``. An imported run whose labels came from a verdict set of
+    its source run (the export's sidecar, ``imported_verdicts`` in ``manifests``) counts as that
+    set; a run without correctness labels is left to the command's own "verify it first".
     """
     from ttscale.errors import ConfigError
 
-    sets = [p.meta.get("verdicts") for p in pools]
+    imported = [(m or {}).get("imported_verdicts") for m in (manifests or [{}] * len(pools))]
+    sets = [
+        imp if imp and not (p.meta.get("verdicts") or {}).get("name") else p.meta.get("verdicts")
+        for p, imp in zip(pools, imported, strict=True)
+    ]
     labels = [verdict_set_label(v) for v in sets]
-    kinds = {(v or {}).get("spec") or labels[i] for i, v in enumerate(sets)}
+    kinds = {
+        (v or {}).get("spec") or labels[i]
+        for i, v in enumerate(sets)
+        if pools[i].has_correctness()
+    }
     if len(kinds) <= 1:
         return list(names)
     if not allow_mixed:
