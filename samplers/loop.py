@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
-from ttscale.engines.base import GenerationRequest
+from ttscale.engines.base import GenerationRequest, TokenCallback, TokenEvent
 from ttscale.engines.loop import EngineLoop, LoopFailure, open_loop
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate
@@ -72,10 +72,20 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Submit:
-    """Queue ``requests``; the answer is one ticket per request."""
+    """Queue ``requests``; the answer is one ticket per request.
+
+    ``store``: store each completion as it arrives (``False``: the program stores it later with
+    :class:`Keep`); ``stored_as(completion)``: what to store instead of the completion (e.g. a
+    :class:`~ttscale.samplers.base.Candidate` with its fate), called as it arrives, so an engine
+    failure later loses nothing; ``on_token``: stream every token of these requests and abort a
+    trace by returning ``True`` (:data:`~ttscale.engines.base.TokenCallback`; ``event.request``
+    is the position in ``requests``).
+    """
 
     requests: tuple[GenerationRequest, ...]
     store: bool = True
+    stored_as: Callable[[Completion], Completion | Candidate] | None = None
+    on_token: TokenCallback | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", tuple(self.requests))
@@ -137,12 +147,17 @@ Program = Generator[Command, Any, R]
 
 
 def generate(
-    requests: Sequence[GenerationRequest], *, store: bool = True
+    requests: Sequence[GenerationRequest],
+    *,
+    store: bool = True,
+    stored_as: Callable[[Completion], Completion | Candidate] | None = None,
+    on_token: TokenCallback | None = None,
 ) -> Generator[Command, Any, list[list[Completion]]]:
-    """Submit ``requests`` and wait for all of them: one list of completions per request."""
+    """Submit ``requests`` and wait for all of them: one list of completions per request (the
+    keywords as for :class:`Submit`)."""
     if not requests:
         return []
-    tickets = yield Submit(tuple(requests), store=store)
+    tickets = yield Submit(tuple(requests), store=store, stored_as=stored_as, on_token=on_token)
     got = yield Wait(tickets, all=True)
     return [got[t] for t in tickets]
 
@@ -152,7 +167,14 @@ class _Ticket:
     prog: _Prog
     request: GenerationRequest
     store: bool
+    stored_as: Callable[[Completion], Completion | Candidate] | None = None
+    on_token: TokenCallback | None = None
     engine: int | None = None  # the engine loop's ticket once submitted
+
+    def keep(self, session: SamplingSession, comps: list[Completion], *, check: bool = True) -> None:
+        session.received(self.request, comps, store=self.store and self.stored_as is None, check=check)
+        if self.store and self.stored_as is not None:
+            session.keep([self.stored_as(c) for c in comps])
 
 
 @dataclass
@@ -260,9 +282,9 @@ class Scheduler(Generic[R]):
                     for et, comps in e.by_ticket.items():
                         t = self._by_engine.get(et)
                         if t is not None and comps:
-                            req = self._tickets[t].request
-                            good = [c for c in comps if c.problem_id == req.problem_id]
-                            self.session.received(req, good, store=self._tickets[t].store, check=False)
+                            tk = self._tickets[t]
+                            good = [c for c in comps if c.problem_id == tk.request.problem_id]
+                            tk.keep(self.session, good, check=False)
                     raise
                 self._drain(ready, loop)
         finally:
@@ -299,7 +321,10 @@ class Scheduler(Generic[R]):
                     self._abort(p, tuple(p.outstanding), loop)
                 return
             if isinstance(cmd, Submit):
-                value = tuple(self._submit(p, r, cmd.store) for r in cmd.requests)
+                value = tuple(
+                    self._submit(p, r, cmd, _at(cmd.on_token, k))
+                    for k, r in enumerate(cmd.requests)
+                )
             elif isinstance(cmd, Wait):
                 want = self._wanted(p, cmd)
                 got = {t: p.finished[t] for t in want if t in p.finished}
@@ -340,10 +365,12 @@ class Scheduler(Generic[R]):
             p.outstanding.discard(t)
         return got
 
-    def _submit(self, p: _Prog, request: GenerationRequest, store: bool) -> int:
+    def _submit(
+        self, p: _Prog, request: GenerationRequest, cmd: Submit, on_token: TokenCallback | None
+    ) -> int:
         t = self._next_ticket
         self._next_ticket += 1
-        self._tickets[t] = _Ticket(p, request, store)
+        self._tickets[t] = _Ticket(p, request, cmd.store, cmd.stored_as, on_token)
         p.outstanding.add(t)
         self._pending.append(t)
         self._pending_size += len(request.indices)
@@ -384,7 +411,11 @@ class Scheduler(Generic[R]):
             self._pending.popleft()
             self._pending_size -= n
             tk = self._tickets[t]
-            tk.engine = loop.submit(tk.request)
+            tk.engine = (
+                loop.submit(tk.request)
+                if tk.on_token is None
+                else loop.submit(tk.request, on_token=tk.on_token)
+            )
             self._by_engine[tk.engine] = t
             self._in_flight += n
 
@@ -396,7 +427,7 @@ class Scheduler(Generic[R]):
             return
         tk = self._tickets.pop(t)
         self._in_flight -= len(tk.request.indices)
-        self.session.received(tk.request, comps, store=tk.store)
+        tk.keep(self.session, comps)
         p = tk.prog
         p.finished[t] = comps
         cmd = p.waiting
@@ -407,3 +438,15 @@ class Scheduler(Generic[R]):
         if got and (not cmd.all or len(got) == len(want)):
             p.waiting = None
             ready.append((p, self._hand_over(p, got)))
+
+
+def _at(on_token: TokenCallback | None, k: int) -> TokenCallback | None:
+    """``on_token`` for the ``k``-th request of a Submit (events say ``request=k``)."""
+    if on_token is None:
+        return None
+    f = on_token
+
+    def cb(ev: TokenEvent) -> bool | None:
+        return f(replace(ev, request=k))
+
+    return cb

@@ -17,9 +17,10 @@ at which token to stop it, and why. Three rules (ALGORITHMS.md sections 3 and 4.
   parameters.
 
 :class:`PruningSampler` is the live sampler (the :class:`~ttscale.samplers.base.Sampler`
-protocol, on the shared :class:`~ttscale.samplers.session.SamplingSession`): it streams tokens
-and aborts traces where the engine declares ``streaming``, and generates in chunks on token
-prefixes otherwise (:func:`~ttscale.engines.base.generate_chunked`). Every generated token is
+protocol; each problem is a program on the engine loop, :mod:`ttscale.samplers.loop`, so a
+problem's watched traces start as soon as its own warm-up is done, with no barrier across
+problems): it streams tokens and aborts traces where the engine declares ``streaming``, and
+generates in chunks on token prefixes otherwise (:func:`~ttscale.engines.base.generate_chunked`). Every generated token is
 counted, pruned traces included; a pruned trace is kept in the result (and the run) with fate
 ``pruned`` and the token count at which it was stopped, and the run directory's
 ``pruning.jsonl`` says what was pruned, when and why.
@@ -40,7 +41,6 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,7 +48,6 @@ import numpy as np
 
 from ttscale.engines.base import (
     Engine,
-    GenerationError,
     GenerationRequest,
     ScoringEngine,
     TokenEvent,
@@ -56,8 +55,10 @@ from ttscale.engines.base import (
     capabilities_of,
     require_capabilities,
 )
+from ttscale.engines.loop import BatchLoop, EngineLoop
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult
+from ttscale.samplers.loop import Program, Scheduler, generate
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.select.confidence import (
     DEFAULT_WINDOW,
@@ -814,54 +815,49 @@ class PruningSampler:
         records: list[dict[str, Any]] = []
         thresholds: dict[str, float | None] = {}
         warm_n = min(self.rule.warmup, budget)
+        # streaming engines watch tokens in their own loop; the others (and selfeval, which
+        # scores between chunks) go through the batch loop in chunks on token prefixes
+        loop: EngineLoop | None = None
+        if self.mode != "streaming":
+            loop = BatchLoop(self.engine, params, chunk_tokens=self.chunk_tokens or 64)
         with session:
-            step = max(1, self.batch_size // budget)
-            for lo in range(0, len(problems), step):
-                chunk = problems[lo : lo + step]
-                results = self._sample_chunk(session, chunk, budget, warm_n, params)
-                for res, thr, why in results:
-                    thresholds[res.problem_id] = thr
-                    for c in res.candidates:
-                        records.append(
-                            {
-                                "problem_id": res.problem_id,
-                                "index": c.index,
-                                "warmup": c.index < warm_n,
-                                "pruned_at": c.pruned_at,
-                                "reason": why.get(c.index),
-                                "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
-                            }
-                        )
-                    yield res
+            sched: Scheduler[tuple[SampleResult, float | None, dict[int, str]]] = Scheduler(
+                session, params, max_sequences=self.batch_size, loop=loop
+            )
+            for res, thr, why in sched.run(
+                self.program(p, budget, warm_n) for p in problems
+            ):
+                thresholds[res.problem_id] = thr
+                for c in res.candidates:
+                    records.append(
+                        {
+                            "problem_id": res.problem_id,
+                            "index": c.index,
+                            "warmup": c.index < warm_n,
+                            "pruned_at": c.pruned_at,
+                            "reason": why.get(c.index),
+                            "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
+                        }
+                    )
+                yield res
         if sink is not None:
             self._record(sink, records, thresholds)
 
-    def _sample_chunk(
-        self,
-        session: SamplingSession,
-        problems: Sequence[Problem],
-        budget: int,
-        warm_n: int,
-        params: SamplingParams,
-    ) -> list[tuple[SampleResult, float | None, dict[int, str]]]:
-        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem."""
-        got: dict[tuple[str, int], Completion] = {}
-        warm_reqs = [r for p in problems for r in self._requests(p, range(warm_n))]
-        if warm_reqs:
-            # stored as each request finishes (salvage: an engine failure loses nothing finished)
-            with _salvage(session, {}):
-                for comps in session.generate(
-                    warm_reqs, params, store=False,
-                    on_result=lambda pos, comps: session.keep([Candidate(c) for c in comps]),
-                ):
-                    for c in comps:
-                        got[(c.problem_id, c.index)] = c
-        thresholds: dict[str, float | None] = {}
-        for p in problems:
-            warm = [got[(p.id, i)] for i in range(warm_n)]
-            thresholds[p.id] = self.rule.warmup_threshold(warm) if warm_n else None
-        reqs = [r for p in problems for r in self._requests(p, range(warm_n, budget))]
-        reasons: dict[tuple[str, int], tuple[int, str]] = {}
+    def program(
+        self, p: Problem, budget: int, warm_n: int
+    ) -> Program[tuple[SampleResult, float | None, dict[int, str]]]:
+        """Problem ``p``'s program (:mod:`ttscale.samplers.loop`): the warm-up traces in full,
+        then the rest watched token by token; returns ``(result, threshold, {index: reason})``.
+        Every trace is stored with its fate as it arrives."""
+        got: dict[int, Completion] = {}
+        if warm_n:
+            warm_reqs = self._requests(p, range(warm_n))
+            for comps in (yield from generate(warm_reqs, stored_as=Candidate)):
+                for c in comps:
+                    got[c.index] = c
+        threshold = self.rule.warmup_threshold([got[i] for i in range(warm_n)]) if warm_n else None
+        reqs = self._requests(p, range(warm_n, budget))
+        reasons: dict[int, tuple[int, str]] = {}
         if reqs:
             monitors: dict[tuple[int, int], TraceMonitor] = {}
             tokens: dict[tuple[int, int], list[int]] = {}
@@ -872,7 +868,7 @@ class PruningSampler:
                 if mon is None:
                     req = reqs[ev.request]
                     scorer = self._scorer(req) if isinstance(self.rule, SelfEval) else None
-                    mon = self.rule.monitor(thresholds[req.problem_id], scorer)
+                    mon = self.rule.monitor(threshold, scorer)
                     monitors[key] = mon
                     tokens[key] = []
                 tokens[key].append(ev.token_id)
@@ -881,44 +877,36 @@ class PruningSampler:
                 reason = mon.observe(ev.num_tokens, ev.logprob, ev.top, tokens[key])
                 if reason is None:
                     return False
-                reasons[(reqs[ev.request].problem_id, ev.index)] = (ev.num_tokens, reason)
+                reasons[ev.index] = (ev.num_tokens, reason)
                 monitors[key] = _Done()
                 return True
 
-            def on_result(pos: int, comps: list[Completion]) -> None:
-                session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
-
-            with _salvage(session, reasons):
-                for comps in session.generate(
+            for comps in (
+                yield from generate(
                     reqs,
-                    params,
-                    store=False,
-                    on_result=on_result,
+                    stored_as=lambda c: _candidate(c, reasons.get(c.index)),
                     on_token=on_token,
-                    chunk_tokens=self.chunk_tokens,
-                ):
-                    for c in comps:
-                        got[(c.problem_id, c.index)] = c
-        out = []
-        for p in problems:
-            cands = []
-            why: dict[int, str] = {}
-            for i in range(budget):
-                cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
-                if cand.pruned_at is not None:
-                    why[i] = reasons[(p.id, i)][1]
-                cands.append(cand)
-            res = SampleResult(
-                problem=p,
-                candidates=tuple(cands),
-                generated_tokens=sum(
-                    c.completion.num_tokens + c.completion.discarded_tokens for c in cands
-                ),
-                prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
-                iid=False,
-            )
-            out.append((res, thresholds[p.id], why))
-        return out
+                )
+            ):
+                for c in comps:
+                    got[c.index] = c
+        cands = []
+        why: dict[int, str] = {}
+        for i in range(budget):
+            cand = _candidate(got[i], reasons.get(i))
+            if cand.pruned_at is not None:
+                why[i] = reasons[i][1]
+            cands.append(cand)
+        res = SampleResult(
+            problem=p,
+            candidates=tuple(cands),
+            generated_tokens=sum(
+                c.completion.num_tokens + c.completion.discarded_tokens for c in cands
+            ),
+            prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
+            iid=False,
+        )
+        return res, threshold, why
 
     def _record(
         self,
@@ -946,20 +934,6 @@ class PruningSampler:
             }
 
         sink.modify_manifest(put)
-
-
-@contextmanager
-def _salvage(
-    session: SamplingSession, reasons: Mapping[tuple[str, int], tuple[int, str]]
-) -> Iterator[None]:
-    """On an engine failure, store the finished samples of unfinished requests (those of
-    finished requests were stored by ``on_result``) before the error propagates."""
-    try:
-        yield
-    except GenerationError as e:
-        for comps in e.partial.values():
-            session.keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps])
-        raise
 
 
 def _candidate(c: Completion, hit: tuple[int, str] | None) -> Candidate:

@@ -135,8 +135,8 @@ class _BatchOnly:
     def __init__(self, inner: ScriptedEngine) -> None:
         self.inner = inner
 
-    def generate(self, requests, params, *, on_result=None):  # type: ignore[no-untyped-def]
-        return self.inner.generate(requests, params, on_result=on_result)
+    def generate(self, requests, params, *, on_result=None, **kw):  # type: ignore[no-untyped-def]
+        return self.inner.generate(requests, params, on_result=on_result, **kw)
 
     def info(self) -> dict[str, object]:
         return self.inner.info()
@@ -261,3 +261,27 @@ def test_the_readme_custom_sampler_runs() -> None:
         assert spent >= sum(c.num_tokens for c in comps[: first.index + 1])
     # what the programs say they spent is what the session counted
     assert sum(s for _, s in results) == session.generated["generated_tokens"]  # type: ignore[attr-defined]
+
+
+def test_pruning_results_do_not_depend_on_concurrency() -> None:
+    from ttscale.samplers import PruningSampler
+
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=0, logprobs=0)
+    rule = "lowprob:threshold=-3.5,min_tokens=4"
+
+    def run(engine: object, batch: int) -> list[tuple[object, ...]]:
+        s = PruningSampler(engine, params, rule, batch_size=batch, progress=False)  # type: ignore[arg-type]
+        return [
+            (r.problem_id, r.generated_tokens, c.index, c.fate, c.pruned_at, c.completion.token_ids)
+            for r in s.sample(PROBLEMS, 6, seed=2)
+            for c in r.candidates
+        ]
+
+    ref = run(ScriptedEngine(), 1)
+    assert any(x[4] is not None for x in ref) and any(x[4] is None for x in ref)
+    for batch in (4, 512):
+        assert run(ScriptedEngine(), batch) == ref
+        # an engine with batch generate only: the same traces, watched through on_token
+        batch_only = _BatchOnly(ScriptedEngine())
+        batch_only.capabilities = batch_only.inner.capabilities  # type: ignore[attr-defined]
+        assert run(batch_only, batch) == ref

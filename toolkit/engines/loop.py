@@ -11,9 +11,11 @@ all problems in flight.
 
 Contract, checked for every bundled engine by the tests:
 
-* ``submit(request) -> ticket``: queue one :class:`GenerationRequest` (seeds as in
-  ``generate``: ``request.seed_for``), so a request's samples are the same whatever else is in
-  flight and whenever it is submitted;
+* ``submit(request, on_token=None) -> ticket``: queue one :class:`GenerationRequest` (seeds as
+  in ``generate``: ``request.seed_for``), so a request's samples are the same whatever else is
+  in flight and whenever it is submitted; ``on_token`` streams its tokens and may abort one of
+  its traces, as ``generate(..., on_token=)`` does (:data:`~ttscale.engines.base.TokenCallback`;
+  ``event.request`` is ``0``);
 * ``poll(on_result)``: advance the engine until at least one submitted request has finished
   (nothing happens when none is in flight) and call ``on_result(ticket, completions)`` for each
   finished one (completions in ``indices`` order, as ``generate`` returns them); a failure
@@ -30,9 +32,18 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol, runtime_checkable
 
-from ttscale.engines.base import Engine, GenerationError, GenerationRequest
+from ttscale.engines.base import (
+    Engine,
+    GenerationError,
+    GenerationRequest,
+    TokenCallback,
+    TokenEvent,
+    capabilities_of,
+    generate_chunked,
+)
 from ttscale.types import Completion, SamplingParams
 
 __all__ = ["BatchLoop", "EngineLoop", "LoopFailure", "LoopResult", "open_loop"]
@@ -62,7 +73,7 @@ class EngineLoop(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def submit(self, request: GenerationRequest) -> int: ...
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int: ...
 
     def poll(self, on_result: LoopResult) -> None: ...
 
@@ -92,29 +103,47 @@ class BatchLoop:
     """The fallback for engines that only have batch ``generate``: the requests submitted since
     the last poll go to the engine in one call, in submission order (so an engine that batches
     its calls, like HF, decodes them together). ``abort`` of a request not yet polled drops it
-    (no tokens); a poll delivers every request of its call."""
+    (no tokens); a poll delivers every request of its call. Requests with ``on_token`` go in a
+    call of their own: with the engine's ``on_token`` where it declares ``streaming`` and
+    ``chunk_tokens`` is ``None``, else through :func:`~ttscale.engines.base.generate_chunked` in
+    chunks of ``chunk_tokens`` (default 64)."""
 
-    def __init__(self, engine: Engine, params: SamplingParams) -> None:
+    def __init__(
+        self, engine: Engine, params: SamplingParams, *, chunk_tokens: int | None = None
+    ) -> None:
         self.engine = engine
         self.params = params
+        self.chunk_tokens = chunk_tokens
         self._ids = itertools.count()
-        self._queue: dict[int, GenerationRequest] = {}
+        self._queue: dict[int, tuple[GenerationRequest, TokenCallback | None]] = {}
 
     @property
     def in_flight(self) -> int:
-        return sum(len(r.indices) for r in self._queue.values())
+        return sum(len(r.indices) for r, _ in self._queue.values())
 
-    def submit(self, request: GenerationRequest) -> int:
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
         t = next(self._ids)
-        self._queue[t] = request
+        self._queue[t] = (request, on_token)
         return t
 
     def poll(self, on_result: LoopResult) -> None:
         if not self._queue:
             return
-        tickets = list(self._queue)
-        reqs = [self._queue[t] for t in tickets]
+        queue = dict(self._queue)
         self._queue.clear()
+        plain = [t for t, (_, cb) in queue.items() if cb is None]
+        streamed = [t for t, (_, cb) in queue.items() if cb is not None]
+        for tickets in (plain, streamed):
+            if tickets:
+                self._call(tickets, [queue[t][0] for t in tickets], [queue[t][1] for t in tickets], on_result)
+
+    def _call(
+        self,
+        tickets: list[int],
+        reqs: list[GenerationRequest],
+        callbacks: list[TokenCallback | None],
+        on_result: LoopResult,
+    ) -> None:
         delivered: set[int] = set()
 
         def cb(pos: int, comps: list[Completion]) -> None:
@@ -122,8 +151,22 @@ class BatchLoop:
                 delivered.add(pos)
                 on_result(tickets[pos], list(comps))
 
+        def route(ev: TokenEvent) -> bool | None:
+            f = callbacks[ev.request]
+            return None if f is None else f(replace(ev, request=0))
+
         try:
-            results = self.engine.generate(reqs, self.params, on_result=cb)
+            if callbacks[0] is None:
+                results = self.engine.generate(reqs, self.params, on_result=cb)
+            elif self.chunk_tokens is None and capabilities_of(self.engine).streaming:
+                results = self.engine.generate(  # type: ignore[call-arg]
+                    reqs, self.params, on_result=cb, on_token=route
+                )
+            else:
+                results = generate_chunked(
+                    self.engine, reqs, self.params, chunk_tokens=self.chunk_tokens or 64,
+                    on_result=cb, on_token=route,
+                )
         except GenerationError as e:
             for pos, comps in e.completed.items():
                 cb(pos, comps)

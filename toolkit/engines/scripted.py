@@ -487,7 +487,7 @@ class _ScriptedLoop:
     def in_flight(self) -> int:
         return sum(len(r.indices) for r, _, _ in self._live.values())
 
-    def submit(self, request: GenerationRequest) -> int:
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
         t = self._next
         self._next += 1
         eng = self.engine
@@ -502,7 +502,10 @@ class _ScriptedLoop:
                 if self._failed is None:
                     self._failed = (t, comps, error)
                 return t
-            comps.append(eng._sample(request, index, request.seed_for(j, self.params), self.params))
+            comp = eng._sample(request, index, request.seed_for(j, self.params), self.params)
+            if on_token is not None:  # the trace as the callback cuts it (tokens are per trace)
+                comp = eng._stream(comp, 0, j, self.params, on_token)
+            comps.append(comp)
             eng.samples_generated += 1
         self._live[t] = (request, comps, [0] * len(comps))
         return t

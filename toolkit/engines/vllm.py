@@ -748,7 +748,7 @@ class _VLLMLoop:
     def in_flight(self) -> int:
         return sum(len(r.indices) for r, _, _ in self._live.values())
 
-    def submit(self, request: GenerationRequest) -> int:
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
         eng, params = self.engine, self.params
         t = self._next
         self._next += 1
@@ -759,12 +759,18 @@ class _VLLMLoop:
             self._done.append((t, comps))
 
         collector = ResultCollector([request], finished)
-        fan = eng.n_fanout and params.temperature > 0.0
+        # streamed traces are one n=1 request each (an abort stops one trace), as in generate
+        fan = eng.n_fanout and params.temperature > 0.0 and on_token is None
         runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
         rids = []
         for start, n in runs:
-            sp = eng._sampling_params(params, n, seeds[start])
-            handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
+            if on_token is None:
+                sp = eng._sampling_params(params, n, seeds[start])
+                handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
+            else:
+                sp = eng._sampling_params(params, 1, seeds[start], stream=True)
+                stream = _Stream(0, start, request.indices[start])
+                handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
             rids.append(self.steps.add(ids, sp, handler))
         self._live[t] = (request, rids, collector)
         return t
