@@ -20,8 +20,9 @@ Every generated token is counted: ``SampleResult.generated_tokens`` includes sam
 finished beyond the stopping point (only when ``round_size`` exceeds the rule's step or
 ``ahead`` is set), which are stored in the sink but are not candidates of the result, and the
 tokens of samples aborted in flight (``AdaptiveDecision.aborted_tokens``; they have no sample to
-store). Kept samples and decisions never depend on timing; with ``ahead=0`` (the default) and
-``round_size`` the rule's step, neither do the tokens spent. With a sink, the run directory gets
+store). Kept samples and decisions never depend on timing; with ``ahead=0`` and ``round_size`` the
+rule's step, neither do the tokens spent (the default draws ahead into the engine's spare room:
+on vLLM that is what makes live adaptive faster than SC, ``benchmarks/RESULTS.md``). With a sink, the run directory gets
 ``adaptive.jsonl`` (one line per problem: samples used and drawn, answer, stopped or not,
 why, tokens) and the manifest an ``adaptive`` entry with the rule and budget.
 """
@@ -125,10 +126,11 @@ class AdaptiveSampler:
     ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``:
     samples in the engine at once (all problems together); ``round_size``: samples a problem
     keeps in flight beyond those the rule has read (default the rule's step); ``ahead``: more
-    samples it draws ahead of that (default ``0``: none, so ``drawn`` and the tokens spent do not
-    depend on timing; ``None``: its share of the engine's spare room, so a few undecided
-    problems still fill the engine, at the price of samples drawn beyond the stop; the kept
-    samples and the decision are the same either way). Implements the
+    samples it draws ahead of that (default ``None``: its share of the engine's spare room, so a
+    few undecided problems still keep the engine busy, at the price of samples drawn beyond the
+    stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
+    timing, but a problem's samples come one round at a time; the kept samples and the
+    decisions are the same either way). Implements the
     :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
     :class:`AdaptiveDecision` per problem.
     """
@@ -144,7 +146,7 @@ class AdaptiveSampler:
         tie: str = "first",
         batch_size: int = 512,
         round_size: int | None = None,
-        ahead: int | None = 0,
+        ahead: int | None = None,
         chat: bool | None = None,
         system_prompt: str | None = None,
         progress: bool | None = False,
@@ -361,7 +363,7 @@ class AdaptiveSampler:
             generated_tokens=d.generated_tokens,
             prompt_tokens=sum(c.prompt_tokens or 0 for c in drawn),
             iid=True,
-            resumed=sum(1 for c in drawn if (c.problem_id, c.index) in stored),
+            resumed=sum(1 for c in used if (c.problem_id, c.index) in stored),
         )
 
 

@@ -326,8 +326,10 @@ class RepeatedSampler:
         Yields one :class:`SampleResult` per problem, in order, holding its ``budget`` candidates
         (all kept, unweighted, iid). ``seed`` is the run seed (default ``params.seed``): sample
         ``i`` of problem ``p`` is seeded by ``(seed, p, i)``, so a smaller budget gives a prefix
-        of a larger one. Requests of several problems share one engine call (``batch_size``
-        samples); results are yielded as each call finishes. ``sink``: a store that receives
+        of a larger one. Each problem is a program on the engine loop
+        (:mod:`ttscale.samplers.loop`): requests of many problems are in the engine together (at
+        most ``batch_size`` samples), a problem's result is yielded as soon as it and every
+        earlier one are done, and the next problems' requests join the engine as slots free up. ``sink``: a store that receives
         every sample (the sampler's own ``store`` is not used); samples already in it are read
         back instead of generated, so an interrupted ``sample`` resumes.
         """
