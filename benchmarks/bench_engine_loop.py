@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import resolve_model
+from _common import ROOT, resolve_model
 
 
 def _engine(kind: str, model: str, args: argparse.Namespace) -> Any:
@@ -205,8 +205,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ttscale-bench-loop-"))
     model = resolve_model(args.model, tmp)
-    commit = subprocess.run(["git", "-C", str(Path(ttscale.__file__).resolve().parents[1]), "rev-parse",
-                             "--short", "HEAD"], capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     out: dict[str, Any] = {
         "command": "python benchmarks/bench_engine_loop.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
