@@ -218,7 +218,8 @@ class AdaptiveSampler:
             sched: Scheduler[tuple[SampleResult, AdaptiveDecision]] = Scheduler(
                 session, params, max_sequences=self.batch_size
             )
-            programs = (self.program(p, k, budget, params, stored) for k, p in enumerate(problems))
+            # a list, so the scheduler shares the engine's spare room among all problems
+            programs = [self.program(p, k, budget, params, stored) for k, p in enumerate(problems)]
             for res, d in sched.run(programs):
                 self.decisions.append(d)
                 yield res

@@ -22,7 +22,8 @@ What a program may ask for (``answer = yield Command``):
 * :class:`Keep` ``(items)`` -> ``None``: store completions or candidates (with their fate) that
   were submitted with ``store=False``;
 * :class:`Spare` ``()`` -> ``int``: how many more samples the engine could take now, per program
-  in flight (``0`` when the engine is full); a program may draw ahead with it.
+  in flight or still to come (when ``run`` is given a list; ``0`` when the engine is full); a
+  program may draw ahead with it.
 
 ``yield from generate(requests)`` is Submit followed by Wait-for-all, returning one list of
 completions per request.
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
@@ -221,6 +222,8 @@ class Scheduler(Generic[R]):
         self._pending_size = 0
         self._in_flight = 0
         self._active: list[_Prog] = []
+        self._expected: int | None = None
+        self._admitted = 0
         #: engine polls made (how many times the scheduler waited on the engine)
         self.polls = 0
 
@@ -231,6 +234,9 @@ class Scheduler(Generic[R]):
         earlier one are done. Closing the iterator early (or an error) cancels what is still in
         the engine."""
         loop = self._loop or open_loop(self.session.engine, self.params)
+        # how many programs will share the engine (for Spare), when the caller's list says so
+        self._expected = len(programs) if isinstance(programs, Sized) else None
+        self._admitted = 0
         source = iter(programs)
         exhausted = False
         ready: deque[tuple[_Prog, Any]] = deque()
@@ -258,6 +264,7 @@ class Scheduler(Generic[R]):
                         break
                     p = _Prog(count, gen)
                     count += 1
+                    self._admitted = count
                     self._active.append(p)
                     self._advance(p, None, loop, ready)
                     self._drain(ready, loop)
@@ -340,7 +347,10 @@ class Scheduler(Generic[R]):
                 value = None
             elif isinstance(cmd, Spare):
                 busy = self._in_flight + self._pending_size
-                value = max(0, self.max_sequences - busy) // max(1, len(self._active))
+                # shared by the programs in flight and those still to come (when known), so
+                # the first programs admitted do not take the whole engine
+                sharing = len(self._active) + max(0, (self._expected or 0) - self._admitted)
+                value = max(0, self.max_sequences - busy) // max(1, sharing)
             else:
                 raise ConfigError(
                     f"a program yielded {type(cmd).__name__}; it may yield Submit, Wait, Abort, "
