@@ -1,11 +1,13 @@
 """Adaptive repeated sampling (level 1): each problem stops on its own once its answer is settled.
 
-Samples are drawn in rounds: every round asks each problem still running for its next
-``round_size`` samples (default: the rule's step, i.e. one sample, or one ESC window), and the
-requests of all running problems share engine calls of up to ``batch_size`` samples, so calls
-stay full while problems drop out. After a round the rule (:mod:`ttscale.select.adaptive`)
-is evaluated on every new prefix of each problem's answer stream, in index order; a problem
-stops at the first prefix where the rule says so, or at the budget.
+Each problem is a program on the engine loop (:mod:`ttscale.samplers.loop`), with no round
+barrier: a problem keeps its next ``round_size`` samples (default: the rule's step, i.e. one
+sample, or one ESC window) in flight, plus ``ahead`` more if asked, and asks for more as soon as
+the rule has read the ones before; the requests of all running problems share the engine (at
+most ``batch_size`` samples at once), so it stays busy while problems drop out. The rule
+(:mod:`ttscale.select.adaptive`) reads each problem's answers in index order as the samples
+arrive; a problem stops at the first prefix where the rule says so (samples still in flight are
+aborted), or at the budget.
 
 Answers are needed online and come from ``answer_fn`` (an extractor, or a verifier's canonical
 answer through :func:`verifier_answers`); correctness is never used to stop. Sample ``i`` of
@@ -14,9 +16,13 @@ the fixed-``n`` run with the same seed, and the index-order replay
 (:func:`ttscale.replay.replay` with ``orders=None``) of that full run stops at the same sample
 with the same answer.
 
-Every generated token is counted: ``SampleResult.generated_tokens`` includes samples drawn in a
-round beyond the stopping point (only when ``round_size`` exceeds the rule's step), which are
-stored in the sink but are not candidates of the result. With a sink, the run directory gets
+Every generated token is counted: ``SampleResult.generated_tokens`` includes samples that
+finished beyond the stopping point (only when ``round_size`` exceeds the rule's step or
+``ahead`` is set), which are stored in the sink but are not candidates of the result, and the
+tokens of samples aborted in flight (``AdaptiveDecision.aborted_tokens``; they have no sample to
+store). Kept samples and decisions never depend on timing; with ``ahead=0`` and ``round_size`` the
+rule's step, neither do the tokens spent (the default draws ahead into the engine's spare room:
+on vLLM that is what makes live adaptive faster than SC, ``benchmarks/RESULTS.md``). With a sink, the run directory gets
 ``adaptive.jsonl`` (one line per problem: samples used and drawn, answer, stopped or not,
 why, tokens) and the manifest an ``adaptive`` entry with the rule and budget.
 """
@@ -36,6 +42,7 @@ import numpy as np
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, SampleResult
+from ttscale.samplers.loop import Abort, Program, Scheduler, Spare, Submit, Wait
 from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, plan_requests
 from ttscale.samplers.session import open_sink, unique_problems
 from ttscale.select.adaptive import StopRule, final_vote, first_stop, parse_rule
@@ -95,6 +102,7 @@ class AdaptiveDecision:
     rounds: int
     used_tokens: int
     generated_tokens: int
+    aborted_tokens: int = 0
 
 
 class _Have:
@@ -115,8 +123,14 @@ class AdaptiveSampler:
     ``answer_fn`` gives the answers the rule reads (see :data:`AnswerFn`); ``confidence_fn`` the
     trace confidences of the ``deepconf`` rule (default :func:`deepconf_confidences`, which
     needs top log-probs). ``tie``: the final vote's tie rule at the budget (``first`` or
-    ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``: samples per engine call;
-    ``round_size``: samples per problem and round (default the rule's step). Implements the
+    ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``:
+    samples in the engine at once (all problems together); ``round_size``: samples a problem
+    keeps in flight beyond those the rule has read (default the rule's step); ``ahead``: more
+    samples it draws ahead of that (default ``None``: its share of the engine's spare room, so a
+    few undecided problems still keep the engine busy, at the price of samples drawn beyond the
+    stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
+    timing, but a problem's samples come one round at a time; the kept samples and the
+    decisions are the same either way). Implements the
     :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
     :class:`AdaptiveDecision` per problem.
     """
@@ -132,6 +146,7 @@ class AdaptiveSampler:
         tie: str = "first",
         batch_size: int = 512,
         round_size: int | None = None,
+        ahead: int | None = None,
         chat: bool | None = None,
         system_prompt: str | None = None,
         progress: bool | None = False,
@@ -142,6 +157,8 @@ class AdaptiveSampler:
             raise ConfigError(f"a live adaptive run breaks ties first or random, got {tie!r}")
         check_int("batch_size", batch_size, min=1)
         check_int("round_size", round_size, min=1, allow_none=True)
+        check_int("ahead", ahead, min=0, allow_none=True)
+        self.ahead = ahead
         self.round_size = round_size or self.rule.step
         self.answer_fn = answer_fn
         self.confidence_fn = confidence_fn or (
@@ -190,70 +207,113 @@ class AdaptiveSampler:
     def _sample(
         self, problems: list[Problem], budget: int, params: SamplingParams, sink: SampleStore | None
     ) -> Iterator[SampleResult]:
-        rule = self.rule
-        limit = rule.usable(budget)
+        limit = self.rule.usable(budget)
         stored = _stored_completions(sink, problems, limit) if sink is not None else {}
-        comps: dict[str, list[Completion]] = {p.id: [] for p in problems}
-        answers: dict[str, list[Hashable | None]] = {p.id: [] for p in problems}
-        confs: dict[str, list[float]] = {p.id: [] for p in problems}
-        checked: dict[str, int] = {p.id: 0 for p in problems}
-        rounds: dict[str, int] = {p.id: 0 for p in problems}
-        done: dict[str, AdaptiveDecision] = {}
-        by_id = {p.id: p for p in problems}
         self.decisions = []
         session = self._rep._session(sink, shard=None, claims=False)
         session.show_progress(
             self._rep._show_progress(), remaining={p.id: limit for p in problems}, samples=len(problems) * limit
         )
-        emitted = 0
         with session:
-            running = list(problems)
-            while running:
-                ends = {p.id: min(len(comps[p.id]) + self.round_size, limit) for p in running}
-                got: dict[tuple[str, int], Completion] = {}
-                for p in running:  # resumed samples first
-                    for i in range(len(comps[p.id]), ends[p.id]):
-                        if (p.id, i) in stored:
-                            got[(p.id, i)] = stored[(p.id, i)]
-                want = {p.id: ends[p.id] - len(comps[p.id]) for p in running}
-                todo = [p for p in running if any((p.id, i) not in got for i in range(len(comps[p.id]), ends[p.id]))]
-                for group in session.groups(
-                    todo,
-                    lambda p, ends=ends: self._plan(p, len(comps[p.id]), ends[p.id], stored),  # type: ignore[misc]
-                    batch_size=self.batch_size,
-                    expected=want,
-                ):
-                    for cs in session.generate(group, params):
-                        for c in cs:
-                            got[(c.problem_id, c.index)] = c
-                still: list[Problem] = []
-                for p in running:
-                    new = [got[(p.id, i)] for i in range(len(comps[p.id]), ends[p.id])]
-                    rounds[p.id] += 1
-                    comps[p.id].extend(new)
-                    answers[p.id].extend(self.answer_fn(p, new))
-                    if self.confidence_fn is not None:
-                        confs[p.id].extend(float(x) for x in self.confidence_fn(new))
-                    cf = confs[p.id] if rule.needs_confidences else None
-                    hit = first_stop(rule, answers[p.id], cf, checked[p.id], len(comps[p.id]))
-                    checked[p.id] = len(comps[p.id])
-                    if hit is not None:
-                        done[p.id] = self._decide(p, budget, hit[0], hit[1].answer, True, hit[1].reason, rounds[p.id], comps[p.id])
-                    elif len(comps[p.id]) >= limit:
-                        rng = np.random.default_rng([params.seed or 0, problems.index(p), 0, 1]) if self.tie == "random" else None
-                        ans, _ = final_vote(answers[p.id], cf, tie=self.tie, rng=rng)
-                        done[p.id] = self._decide(p, budget, limit, ans, False, "budget", rounds[p.id], comps[p.id])
-                    else:
-                        still.append(p)
-                running = still
-                # results in problem order, as soon as every earlier problem is decided
-                while emitted < len(problems) and problems[emitted].id in done:
-                    d = done[problems[emitted].id]
-                    self.decisions.append(d)
-                    yield self._result(by_id[d.problem_id], d, comps[d.problem_id], stored)
-                    emitted += 1
+            sched: Scheduler[tuple[SampleResult, AdaptiveDecision]] = Scheduler(
+                session, params, max_sequences=self.batch_size
+            )
+            # a list, so the scheduler shares the engine's spare room among all problems
+            programs = [self.program(p, k, budget, params, stored) for k, p in enumerate(problems)]
+            for res, d in sched.run(programs):
+                self.decisions.append(d)
+                yield res
         if sink is not None:
             _write_decisions(sink, self.decisions)
+
+    def program(
+        self,
+        p: Problem,
+        position: int,
+        budget: int,
+        params: SamplingParams,
+        stored: Mapping[tuple[str, int], Completion],
+    ) -> Program[tuple[SampleResult, AdaptiveDecision]]:
+        """Problem ``p``'s program (:mod:`ttscale.samplers.loop`; ``position``: its place in the
+        run, which seeds a random tie): keep ``round_size`` samples beyond the decided prefix in
+        flight (plus ``ahead``, or the engine's spare room when ``ahead`` is ``None``), read
+        answers in index order as the samples arrive, stop at the first prefix where the rule
+        says so and abort the samples still in flight."""
+        rule = self.rule
+        limit = rule.usable(budget)
+        comps: dict[int, Completion] = {}
+        answers: list[Hashable | None] = []
+        confs: list[float] = []
+        decided = 0  # samples 0..decided-1 have been read by the rule
+        submitted = 0
+        live: set[int] = set()
+        rounds = 0
+        aborted = 0
+        hit = None
+        while hit is None and decided < limit:
+            ahead = self.ahead if self.ahead is not None else (yield Spare())
+            end = min(limit, decided + self.round_size + ahead)
+            if end > submitted and submitted - decided < self.round_size + ahead:
+                for i in range(submitted, end):
+                    if (p.id, i) in stored:
+                        comps[i] = stored[(p.id, i)]
+                # the samples the rule reads next go as one request; those drawn ahead one by
+                # one, so each comes back (or is aborted) on its own
+                need = min(end, max(submitted, decided + self.round_size))
+                reqs = self._plan(p, submitted, need, stored) + [
+                    r for i in range(need, end) for r in self._plan(p, i, i + 1, stored)
+                ]
+                if reqs:
+                    live.update((yield Submit(tuple(reqs))))
+                    rounds += 1
+                submitted = end
+            if decided not in comps:
+                got = yield Wait(tuple(sorted(live)))
+                for t, cs in got.items():
+                    live.discard(t)
+                    for c in cs:
+                        comps[c.index] = c
+            start = decided
+            while decided < submitted and decided in comps:
+                decided += 1
+            if decided == start:
+                continue
+            new = [comps[i] for i in range(start, decided)]
+            answers.extend(self.answer_fn(p, new))
+            if self.confidence_fn is not None:
+                confs.extend(float(x) for x in self.confidence_fn(new))
+            cf = confs if rule.needs_confidences else None
+            hit = first_stop(rule, answers, cf, start, decided)
+        if live:
+            # the rule has decided: samples still in flight are no longer wanted
+            res = yield Abort(tuple(sorted(live)))
+            aborted = res.tokens
+            for cs in res.finished.values():
+                for c in cs:
+                    comps[c.index] = c
+        drawn = [comps[i] for i in sorted(comps)]
+        if hit is not None:
+            used, answer, stopped, reason = hit[0], hit[1].answer, True, hit[1].reason
+        else:
+            cf = confs if rule.needs_confidences else None
+            rng = np.random.default_rng([params.seed or 0, position, 0, 1]) if self.tie == "random" else None
+            answer, _ = final_vote(answers, cf, tie=self.tie, rng=rng)
+            used, stopped, reason = limit, False, "budget"
+        d = AdaptiveDecision(
+            problem_id=p.id,
+            rule=rule.spec,
+            budget=budget,
+            used=used,
+            drawn=len(drawn),
+            answer=answer,
+            stopped=stopped,
+            reason=reason,
+            rounds=rounds,
+            used_tokens=sum(comps[i].num_tokens for i in range(used)),
+            generated_tokens=sum(c.num_tokens for c in drawn) + aborted,
+            aborted_tokens=aborted,
+        )
+        return self._result(p, d, [comps[i] for i in range(used)], drawn, stored), d
 
     def _plan(self, p: Problem, start: int, end: int, stored: Mapping[tuple[str, int], Completion]) -> list[GenerationRequest]:
         return plan_requests(
@@ -292,15 +352,19 @@ class AdaptiveSampler:
 
     @staticmethod
     def _result(
-        p: Problem, d: AdaptiveDecision, comps: Sequence[Completion], stored: Mapping[tuple[str, int], Completion]
+        p: Problem,
+        d: AdaptiveDecision,
+        used: Sequence[Completion],
+        drawn: Sequence[Completion],
+        stored: Mapping[tuple[str, int], Completion],
     ) -> SampleResult:
         return SampleResult(
             problem=p,
-            candidates=tuple(Candidate(c) for c in comps[: d.used]),
+            candidates=tuple(Candidate(c) for c in used),
             generated_tokens=d.generated_tokens,
-            prompt_tokens=sum(c.prompt_tokens or 0 for c in comps),
+            prompt_tokens=sum(c.prompt_tokens or 0 for c in drawn),
             iid=True,
-            resumed=sum(1 for c in comps if (c.problem_id, c.index) in stored),
+            resumed=sum(1 for c in used if (c.problem_id, c.index) in stored),
         )
 
 

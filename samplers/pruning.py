@@ -17,9 +17,10 @@ at which token to stop it, and why. Three rules (docs/algorithms.md sections 3 a
   parameters.
 
 :class:`PruningSampler` is the live sampler (the :class:`~ttscale.samplers.base.Sampler`
-protocol, on the shared :class:`~ttscale.samplers.session.SamplingSession`): it streams tokens
-and aborts traces where the engine declares ``streaming``, and generates in chunks on token
-prefixes otherwise (:func:`~ttscale.engines.base.generate_chunked`). Every generated token is
+protocol; each problem is a program on the engine loop, :mod:`ttscale.samplers.loop`, so a
+problem's watched traces start as soon as its own warm-up is done, with no barrier across
+problems): it streams tokens and aborts traces where the engine declares ``streaming``, and
+generates in chunks on token prefixes otherwise (:func:`~ttscale.engines.base.generate_chunked`). Every generated token is
 counted, pruned traces included; a pruned trace is kept in the result (and the run) with fate
 ``pruned`` and the token count at which it was stopped, and the run directory's
 ``pruning.jsonl`` says what was pruned, when and why.
@@ -42,7 +43,6 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,7 +50,6 @@ import numpy as np
 
 from ttscale.engines.base import (
     Engine,
-    GenerationError,
     GenerationRequest,
     ScoringEngine,
     TokenEvent,
@@ -58,8 +57,10 @@ from ttscale.engines.base import (
     capabilities_of,
     require_capabilities,
 )
+from ttscale.engines.loop import BatchLoop, EngineLoop
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult
+from ttscale.samplers.loop import Program, Scheduler, generate
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.select.confidence import (
     DEFAULT_WINDOW,
@@ -835,64 +836,59 @@ class PruningSampler:
         session.show_progress(show, remaining=left, samples=len(problems) * budget)
         thresholds: dict[str, float | None] = {}
         warm_n = min(self.rule.warmup, budget)
+        # streaming engines watch tokens in their own loop; the others (and selfeval, which
+        # scores between chunks) go through the batch loop in chunks on token prefixes
+        loop: EngineLoop | None = None
+        if self.mode != "streaming":
+            loop = BatchLoop(self.engine, params, chunk_tokens=self.chunk_tokens or 64)
         with session:
-            step = max(1, self.batch_size // budget)
-            for lo in range(0, len(problems), step):
-                chunk = problems[lo : lo + step]
-                results = self._sample_chunk(
-                    session, chunk, budget, warm_n, params, journal, stored
-                )
-                for res, thr, _why in results:
-                    thresholds[res.problem_id] = thr
-                    yield res
+            sched: Scheduler[tuple[SampleResult, float | None, dict[int, str]]] = Scheduler(
+                session, params, max_sequences=self.batch_size, loop=loop
+            )
+            for res, thr, _why in sched.run(
+                self.program(p, budget, warm_n, journal, stored.get(p.id, ())) for p in problems
+            ):
+                thresholds[res.problem_id] = thr
+                yield res
         if sink is not None:
             self._record(sink, thresholds)
 
-    def _sample_chunk(
+    def program(
         self,
-        session: SamplingSession,
-        problems: Sequence[Problem],
+        p: Problem,
         budget: int,
         warm_n: int,
-        params: SamplingParams,
         journal: _TraceLog | None = None,
-        stored: Mapping[str, list[Candidate]] | None = None,
-    ) -> list[tuple[SampleResult, float | None, dict[int, str]]]:
-        """Sample ``problems``: ``(result, threshold, {index: reason pruned})`` per problem;
-        ``stored``: a resumed run's traces per problem (read back, not generated again)."""
-        got: dict[tuple[str, int], Completion] = {}
-        stored = stored or {}
-        have = {(p.id, c.index): c for p in problems for c in stored.get(p.id, ())}
+        stored: Sequence[Candidate] = (),
+    ) -> Program[tuple[SampleResult, float | None, dict[int, str]]]:
+        """Problem ``p``'s program (:mod:`ttscale.samplers.loop`): the warm-up traces in full,
+        then the rest watched token by token; returns ``(result, threshold, {index: reason})``.
+        Every trace is stored with its fate as it arrives, its line in the trace log
+        (``journal``) written first; ``stored``: the traces a resumed run already holds (read
+        back with their fate, not generated again)."""
+        got: dict[int, Completion] = {}
+        have = {c.index: c for c in stored}
         prior = journal.records if journal is not None else {}
+        reasons: dict[int, tuple[int, str]] = {}
 
-        def keep(cands: list[Candidate], reasons: Mapping[tuple[str, int], tuple[int, str]]) -> None:
-            # the log line first: a stored trace always has its reason (and discarded tokens)
-            if journal is not None:
-                journal.add(cands, warm_n, reasons)
-            session.keep(cands)
+        def store(c: Completion) -> Candidate:
+            cand = _candidate(c, reasons.get(c.index))
+            if journal is not None:  # the log line first: a stored trace always has its reason
+                hit = reasons.get(c.index)
+                journal.add(cand, warm_n, hit[1] if hit is not None else None)
+            return cand
 
-        def missing(p: Problem, indices: Iterable[int]) -> list[int]:
-            return [i for i in indices if (p.id, i) not in have]
+        def missing(indices: Iterable[int]) -> list[int]:
+            return [i for i in indices if i not in have]
 
-        warm_reqs = [r for p in problems for r in self._requests(p, missing(p, range(warm_n)))]
-        if warm_reqs:
-            # stored as each request finishes (salvage: an engine failure loses nothing finished)
-            with _salvage(keep, {}):
-                for comps in session.generate(
-                    warm_reqs, params, store=False,
-                    on_result=lambda pos, comps: keep([Candidate(c) for c in comps], {}),
-                ):
-                    for c in comps:
-                        got[(c.problem_id, c.index)] = c
-        thresholds: dict[str, float | None] = {}
-        for p in problems:
-            warm = [
-                got[(p.id, i)] if (p.id, i) in got else have[(p.id, i)].completion
-                for i in range(warm_n)
-            ]
-            thresholds[p.id] = self.rule.warmup_threshold(warm) if warm_n else None
-        reqs = [r for p in problems for r in self._requests(p, missing(p, range(warm_n, budget)))]
-        reasons: dict[tuple[str, int], tuple[int, str]] = {}
+        if warm_n:
+            warm_reqs = self._requests(p, missing(range(warm_n)))
+            for comps in (yield from generate(warm_reqs, stored_as=store)):
+                for c in comps:
+                    got[c.index] = c
+        warm = [got[i] if i in got else have[i].completion for i in range(warm_n)]
+        threshold = self.rule.warmup_threshold(warm) if warm_n else None
+        reqs = self._requests(p, missing(range(warm_n, budget)))
         if reqs:
             monitors: dict[tuple[int, int], TraceMonitor] = {}
             tokens: dict[tuple[int, int], list[int]] = {}
@@ -903,7 +899,7 @@ class PruningSampler:
                 if mon is None:
                     req = reqs[ev.request]
                     scorer = self._scorer(req) if isinstance(self.rule, SelfEval) else None
-                    mon = self.rule.monitor(thresholds[req.problem_id], scorer)
+                    mon = self.rule.monitor(threshold, scorer)
                     monitors[key] = mon
                     tokens[key] = []
                 tokens[key].append(ev.token_id)
@@ -912,56 +908,48 @@ class PruningSampler:
                 reason = mon.observe(ev.num_tokens, ev.logprob, ev.top, tokens[key])
                 if reason is None:
                     return False
-                reasons[(reqs[ev.request].problem_id, ev.index)] = (ev.num_tokens, reason)
+                reasons[ev.index] = (ev.num_tokens, reason)
                 monitors[key] = _Done()
                 return True
 
-            def on_result(pos: int, comps: list[Completion]) -> None:
-                keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps], reasons)
-
-            with _salvage(keep, reasons):
-                for comps in session.generate(
+            for comps in (
+                yield from generate(
                     reqs,
-                    params,
-                    store=False,
-                    on_result=on_result,
+                    stored_as=lambda c: _candidate(c, reasons.get(c.index)),
                     on_token=on_token,
-                    chunk_tokens=self.chunk_tokens,
-                ):
-                    for c in comps:
-                        got[(c.problem_id, c.index)] = c
-        out = []
-        for p in problems:
-            cands = []
-            why: dict[int, str] = {}
-            spent = resumed = resumed_tokens = 0
-            for i in range(budget):
-                if (p.id, i) in have:
-                    cand = have[(p.id, i)]
-                    rec = prior.get((p.id, i), {})
-                    resumed += 1
-                    # discarded tokens are not a sample column: the trace log has them
-                    resumed_tokens += int(rec.get("tokens", cand.completion.num_tokens))
-                    if rec.get("reason"):
-                        why[i] = rec["reason"]
-                else:
-                    cand = _candidate(got[(p.id, i)], reasons.get((p.id, i)))
-                    spent += cand.completion.num_tokens + cand.completion.discarded_tokens
-                    if cand.pruned_at is not None:
-                        why[i] = reasons[(p.id, i)][1]
-                cands.append(cand)
-            res = SampleResult(
-                problem=p,
-                candidates=tuple(cands),
-                generated_tokens=spent + resumed_tokens,
-                prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
-                iid=False,
-                resumed=resumed,
-                # stored traces read back: their tokens were spent by an earlier call
-                info={"resumed_tokens": resumed_tokens} if resumed else {},
-            )
-            out.append((res, thresholds[p.id], why))
-        return out
+                )
+            ):
+                for c in comps:
+                    got[c.index] = c
+        cands = []
+        why: dict[int, str] = {}
+        spent = resumed = resumed_tokens = 0
+        for i in range(budget):
+            if i in have:
+                cand = have[i]
+                rec = prior.get((p.id, i), {})
+                resumed += 1
+                # discarded tokens are not a sample column: the trace log has them
+                resumed_tokens += int(rec.get("tokens", cand.completion.num_tokens))
+                if rec.get("reason"):
+                    why[i] = rec["reason"]
+            else:
+                cand = _candidate(got[i], reasons.get(i))
+                spent += cand.completion.num_tokens + cand.completion.discarded_tokens
+                if cand.pruned_at is not None:
+                    why[i] = reasons[i][1]
+            cands.append(cand)
+        res = SampleResult(
+            problem=p,
+            candidates=tuple(cands),
+            generated_tokens=spent + resumed_tokens,
+            prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
+            iid=False,
+            resumed=resumed,
+            # stored traces read back: their tokens were spent by an earlier call
+            info={"resumed_tokens": resumed_tokens} if resumed else {},
+        )
+        return res, threshold, why
 
     def _record(self, sink: SampleStore, thresholds: Mapping[str, float | None]) -> None:
         """``pruning.jsonl`` (one line per stored trace, from every worker's trace log) and the
@@ -1035,46 +1023,22 @@ class _TraceLog:
                 out[(str(r["problem_id"]), int(r["index"]))] = r
         return out
 
-    def add(
-        self,
-        cands: Sequence[Candidate],
-        warm_n: int,
-        reasons: Mapping[tuple[str, int], tuple[int, str]],
-    ) -> None:
-        lines = []
-        for c in cands:
-            hit = reasons.get((c.completion.problem_id, c.index))
-            lines.append(
-                json.dumps(
-                    {
-                        "problem_id": c.completion.problem_id,
-                        "index": c.index,
-                        "warmup": c.index < warm_n,
-                        "pruned_at": c.pruned_at,
-                        "reason": hit[1] if hit is not None and c.pruned_at is not None else None,
-                        "tokens": c.completion.num_tokens + c.completion.discarded_tokens,
-                    }
-                )
-            )
+    def add(self, cand: Candidate, warm_n: int, reason: str | None) -> None:
+        c = cand.completion
+        line = json.dumps(
+            {
+                "problem_id": c.problem_id,
+                "index": cand.index,
+                "warmup": cand.index < warm_n,
+                "pruned_at": cand.pruned_at,
+                "reason": reason if cand.pruned_at is not None else None,
+                "tokens": c.num_tokens + c.discarded_tokens,
+            }
+        )
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(x + "\n" for x in lines))
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-@contextmanager
-def _salvage(
-    keep: Callable[[list[Candidate], Mapping[tuple[str, int], tuple[int, str]]], None],
-    reasons: Mapping[tuple[str, int], tuple[int, str]],
-) -> Iterator[None]:
-    """On an engine failure, store the finished samples of unfinished requests (those of
-    finished requests were stored by ``on_result``) before the error propagates."""
-    try:
-        yield
-    except GenerationError as e:
-        for comps in e.partial.values():
-            keep([_candidate(c, reasons.get((c.problem_id, c.index))) for c in comps], reasons)
-        raise
 
 
 def _candidate(c: Completion, hit: tuple[int, str] | None) -> Candidate:

@@ -38,6 +38,7 @@ from typing import Any
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, SampleResult
+from ttscale.samplers.loop import Program, Scheduler, generate
 from ttscale.samplers.session import SamplingSession, open_sink, start_run, unique_problems
 from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, SamplingParams
@@ -325,8 +326,10 @@ class RepeatedSampler:
         Yields one :class:`SampleResult` per problem, in order, holding its ``budget`` candidates
         (all kept, unweighted, iid). ``seed`` is the run seed (default ``params.seed``): sample
         ``i`` of problem ``p`` is seeded by ``(seed, p, i)``, so a smaller budget gives a prefix
-        of a larger one. Requests of several problems share one engine call (``batch_size``
-        samples); results are yielded as each call finishes. ``sink``: a store that receives
+        of a larger one. Each problem is a program on the engine loop
+        (:mod:`ttscale.samplers.loop`): requests of many problems are in the engine together (at
+        most ``batch_size`` samples), a problem's result is yielded as soon as it and every
+        earlier one are done, and the next problems' requests join the engine as slots free up. ``sink``: a store that receives
         every sample (the sampler's own ``store`` is not used); samples already in it are read
         back instead of generated, so an interrupted ``sample`` resumes.
         """
@@ -358,53 +361,36 @@ class RepeatedSampler:
             self._show_progress(), remaining=remaining, samples=len(problems) * budget
         )
         with session:
-            chunk: list[Problem] = []
-            size = 0
-            for p in problems:
-                chunk.append(p)
-                size += budget
-                if size >= self.batch_size:
-                    yield from self._sample_chunk(session, chunk, budget, params, stored)
-                    chunk, size = [], 0
-            if chunk:
-                yield from self._sample_chunk(session, chunk, budget, params, stored)
-
-    def _sample_chunk(
-        self,
-        session: SamplingSession,
-        problems: list[Problem],
-        budget: int,
-        params: SamplingParams,
-        have: Mapping[tuple[str, int], Completion],
-    ) -> Iterator[SampleResult]:
-        got: dict[tuple[str, int], Completion] = {}
-        missing = {p.id: sum(1 for i in range(budget) if (p.id, i) not in have) for p in problems}
-        for group in session.groups(
-            problems,
-            lambda p: self._plan(p, budget, have),
-            batch_size=self.batch_size,
-            expected=missing,
-        ):
-            for comps in session.generate(group, params):
-                for c in comps:
-                    got[(c.problem_id, c.index)] = c
-        for p in problems:
-            cands = []
-            resumed = 0
-            for i in range(budget):
-                c = got.get((p.id, i))
-                if c is None:
-                    c = have[(p.id, i)]
-                    resumed += 1
-                cands.append(Candidate(c))
-            yield SampleResult(
-                problem=p,
-                candidates=tuple(cands),
-                generated_tokens=sum(c.completion.num_tokens for c in cands),
-                prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
-                iid=True,
-                resumed=resumed,
+            sched: Scheduler[SampleResult] = Scheduler(
+                session, params, max_sequences=self.batch_size
             )
+            yield from sched.run(self.program(p, budget, stored) for p in problems)
+
+    def program(
+        self, p: Problem, budget: int, have: Mapping[tuple[str, int], Completion]
+    ) -> Program[SampleResult]:
+        """Problem ``p``'s program (:mod:`ttscale.samplers.loop`): ask for the samples
+        ``0..budget-1`` not in ``have`` (resumed), wait for them, return the result."""
+        got: dict[int, Completion] = {}
+        for comps in (yield from generate(self._plan(p, budget, have))):
+            for c in comps:
+                got[c.index] = c
+        cands = []
+        resumed = 0
+        for i in range(budget):
+            c = got.get(i)
+            if c is None:
+                c = have[(p.id, i)]
+                resumed += 1
+            cands.append(Candidate(c))
+        return SampleResult(
+            problem=p,
+            candidates=tuple(cands),
+            generated_tokens=sum(c.completion.num_tokens for c in cands),
+            prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands),
+            iid=True,
+            resumed=resumed,
+        )
 
     def _plan(
         self, p: Problem, n: int, have: Container[tuple[str, int]]

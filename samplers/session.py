@@ -349,6 +349,44 @@ class SamplingSession:
             planned_size -= size
             yield group
 
+    # ---- continuous generation (the scheduler's side) ---------------------------------------
+
+    def received(
+        self,
+        request: GenerationRequest,
+        comps: Sequence[Completion],
+        *,
+        store: bool = True,
+        check: bool = True,
+    ) -> None:
+        """Completions of ``request`` handed over by an engine loop: checked against the
+        request, counted in :attr:`generated`, stored unless ``store=False`` (a policy that
+        decides later stores through :meth:`keep`) and shown in the progress bar. ``check=False``
+        for the finished samples of a request that failed part-way (some of its indices)."""
+        if check:
+            _check_completions(request, comps)
+        with self._lock:
+            for k, v in _counts(comps).items():
+                self.generated[k] += v
+            if store:
+                self.keep(comps)
+            pid = request.problem_id
+            left = self._remaining.get(pid)
+            if left is not None:
+                self._remaining[pid] = left - len(comps)
+            rate = self.generated["generated_tokens"] / max(self.wall_seconds, 1e-9)
+            self._bar.advance(len(comps), int(left is not None and left - len(comps) == 0), rate)
+
+    def discarded(self, tokens: int) -> None:
+        """Count ``tokens`` an engine generated for traces aborted before they finished (they
+        have no completion to store; they count in :attr:`generated` and in the run's accounting
+        record all the same)."""
+        with self._lock:
+            self.generated["generated_tokens"] += int(tokens)
+        if self._record is not None and tokens:
+            # durable with the next shard's record update (or at the session's end)
+            self._record.add_discarded(int(tokens))
+
     # ---- generation ------------------------------------------------------------------------
 
     def generate(
@@ -663,6 +701,11 @@ class _AccountingRecord:
                 "wall_seconds": round(time.perf_counter() - self.t0, 3),
             }
             self.store.write_session(self.id, record)
+
+    def add_discarded(self, tokens: int) -> None:
+        """Tokens of aborted traces: no sample to store, generated all the same."""
+        with self._lock:
+            self.committed["generated_tokens"] += tokens
 
     def store_batch(
         self, store: SampleStore, samples: Sequence[Sample], counts: Mapping[str, int]

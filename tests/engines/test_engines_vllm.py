@@ -286,6 +286,66 @@ def test_streaming_and_abort(vllm_engine) -> None:  # type: ignore[no-untyped-de
                 assert got[pos][slot] == c
 
 
+def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """Requests join the running engine at different times and come back as generate's."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=5, logprobs=0)
+    reqs = [
+        GenerationRequest("a", prompt="Abc", indices=(0, 1, 2)),
+        GenerationRequest("b", prompt="The cat", indices=(4,)),
+        GenerationRequest("a", prompt="Abc", indices=(7, 3), step=1),
+    ]
+    want = vllm_engine.generate(reqs, params)
+    loop = vllm_engine.open_loop(params)
+    got: dict[int, list] = {}  # type: ignore[type-arg]
+    t0 = loop.submit(reqs[0])
+    loop.steps.step()  # the first request is running before the others arrive
+    tickets = [t0, *(loop.submit(r) for r in reqs[1:])]
+    assert loop.in_flight == 6
+    while loop.in_flight:
+        loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    for t, w in zip(tickets, want, strict=True):
+        assert [c.token_ids for c in got[t]] == [c.token_ids for c in w]
+        assert [(c.index, c.seed, c.text) for c in got[t]] == [(c.index, c.seed, c.text) for c in w]
+    loop.close()
+
+
+def test_engine_loop_abort_frees_the_slots_and_counts_tokens(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(temperature=1.0, max_tokens=64, min_tokens=64, seed=5)
+    core = vllm_engine.llm.llm_engine
+    loop = vllm_engine.open_loop(params)
+    one = loop.submit(GenerationRequest("a", prompt="Abc"))
+    fan = loop.submit(GenerationRequest("b", prompt="Xyz", indices=(0, 1, 2)))
+    for _ in range(5):
+        loop.steps.step()
+    # every step generated one token per trace (no EOS before min_tokens): 5 and 3 x 5
+    assert loop.abort(one) == 5
+    assert loop.in_flight == 3 and core.get_num_unfinished_requests() == 3
+    assert loop.abort(fan) == 15
+    assert loop.in_flight == 0 and not core.has_unfinished_requests()
+    got: dict[int, list] = {}  # type: ignore[type-arg]
+    loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    assert got == {}
+
+
+def test_repeated_sampler_on_the_loop_does_not_depend_on_concurrency(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    from ttscale.samplers import RepeatedSampler
+    from ttscale.types import Problem
+
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=3)
+    problems = [Problem(id=f"p{k}", prompt=f"Question {k}:") for k in range(4)]
+
+    def run(batch: int) -> list[tuple[str, int, tuple[int, ...] | None]]:
+        s = RepeatedSampler(vllm_engine, params, progress=False, batch_size=batch)
+        return [
+            (r.problem_id, c.index, c.completion.token_ids)
+            for r in s.sample(problems, 3)
+            for c in r.candidates
+        ]
+
+    assert run(1) == run(5) == run(512)
+
+
+# (after the tests on the shared engine: a second engine in one process breaks the first)
 def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> None:
     """processed_logprobs: the proposal (tempered) and the target (raw) log-probs of the same
     tokens, checked against a transformers forward pass."""
@@ -326,3 +386,4 @@ def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> Non
     assert max(gaps) > 0.05
     assert greedy.proposal_logprobs == (0.0,) * greedy.num_tokens
     assert all(v < 0 for v in greedy.target_logprobs)
+

@@ -55,7 +55,8 @@ def full_pool(budget: int = 16) -> tuple[Pool, dict[str, list[int]]]:
 def test_live_equals_index_order_replay(rule: str) -> None:
     pool, toks = full_pool()
     rep = replay(pool, rule, orders=None, max_samples=16)
-    sampler = AdaptiveSampler(ScriptedEngine(responder), PARAMS, rule, last_char, batch_size=7)
+    # ahead=0: no sample drawn beyond the stop, so the tokens spent are the replay's too
+    sampler = AdaptiveSampler(ScriptedEngine(responder), PARAMS, rule, last_char, batch_size=7, ahead=0)
     assert isinstance(sampler, Sampler)
     results = list(sampler.sample(PROBLEMS, 16, seed=3))
     assert [r.problem_id for r in results] == [p.id for p in PROBLEMS]
@@ -71,7 +72,9 @@ def test_live_equals_index_order_replay(rule: str) -> None:
 
 def test_rounds_keep_calls_full_and_count_overdrawn_tokens() -> None:
     engine = ScriptedEngine(responder)
-    sampler = AdaptiveSampler(engine, PARAMS, "beta:0.95", last_char, round_size=4, batch_size=1000)
+    sampler = AdaptiveSampler(
+        engine, PARAMS, "beta:0.95", last_char, round_size=4, batch_size=1000, ahead=0
+    )
     results = list(sampler.sample(PROBLEMS, 16, seed=3))
     pool, toks = full_pool()
     rep = replay(pool, "beta:0.95", orders=None)

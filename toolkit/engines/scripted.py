@@ -220,6 +220,15 @@ class ScriptedEngine:
                 collector.put(pos, j, comp)
         return collector.results()
 
+    def open_loop(self, params: SamplingParams, *, tokens_per_poll: int = 4) -> _ScriptedLoop:
+        """Continuous generation (:mod:`ttscale.engines.loop`), simulated: every poll advances
+        each request in flight by ``tokens_per_poll`` tokens, and a request finishes once its
+        longest sample is complete, so short requests overtake long ones as on a real engine
+        (the order requests come back in depends on what else is in flight; their samples do
+        not)."""
+        check_int("tokens_per_poll", tokens_per_poll, min=1)
+        return _ScriptedLoop(self, params, tokens_per_poll)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of token ids: one character per token (``chr``), EOS skipped."""
         return "".join(chr(t) for t in _check_ids(token_ids) if t != EOS_TOKEN_ID)
@@ -460,3 +469,76 @@ def _truncate(comp: Completion, n: int, text: str) -> Completion:
         proposal_logprobs=cut(comp.proposal_logprobs),
         discarded_tokens=comp.discarded_tokens,
     )
+
+
+class _ScriptedLoop:
+    """:meth:`ScriptedEngine.open_loop`: the :class:`~ttscale.engines.loop.EngineLoop` contract."""
+
+    def __init__(self, engine: ScriptedEngine, params: SamplingParams, step: int) -> None:
+        self.engine = engine
+        self.params = params
+        self.step = step
+        self._next = 0
+        # ticket -> (request, completions, tokens generated so far per sample)
+        self._live: dict[int, tuple[GenerationRequest, list[Completion], list[int]]] = {}
+        self._failed: tuple[int, list[Completion], EngineError] | None = None
+        #: how many polls advanced the engine (tests read it)
+        self.polls = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(r.indices) for r, _, _ in self._live.values())
+
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        t = self._next
+        self._next += 1
+        eng = self.engine
+        eng.calls.append((request, self.params))
+        comps: list[Completion] = []
+        for j, index in enumerate(request.indices):
+            if eng.fail_after is not None and eng.samples_generated >= eng.fail_after:
+                error = EngineError(
+                    f"scripted failure after {eng.samples_generated} samples "
+                    f"(fail_after={eng.fail_after})"
+                )
+                if self._failed is None:
+                    self._failed = (t, comps, error)
+                return t
+            comp = eng._sample(request, index, request.seed_for(j, self.params), self.params)
+            if on_token is not None:  # the trace as the callback cuts it (tokens are per trace)
+                comp = eng._stream(comp, 0, j, self.params, on_token)
+            comps.append(comp)
+            eng.samples_generated += 1
+        self._live[t] = (request, comps, [0] * len(comps))
+        return t
+
+    def poll(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+        from ttscale.engines.loop import LoopFailure
+
+        if self._failed is not None:
+            t, part, error = self._failed
+            self._failed = None
+            raise LoopFailure(f"scripted generation failed: {error}", {t: part}) from error
+        while self._live:
+            self.polls += 1
+            done = []
+            for t, (_, comps, made) in self._live.items():
+                for j, c in enumerate(comps):
+                    made[j] = min(made[j] + self.step, max(1, c.num_tokens + c.discarded_tokens))
+                if all(made[j] >= max(1, c.num_tokens + c.discarded_tokens) for j, c in enumerate(comps)):
+                    done.append(t)
+            for t in done:
+                _, comps, _ = self._live.pop(t)
+                on_result(t, comps)
+            if done:
+                return
+
+    def abort(self, ticket: int) -> int:
+        entry = self._live.pop(ticket, None)
+        if entry is None:
+            return 0
+        _, comps, made = entry
+        return sum(min(m, c.num_tokens + c.discarded_tokens) for m, c in zip(made, comps, strict=True))
+
+    def close(self) -> None:
+        self._live.clear()

@@ -405,6 +405,14 @@ class VLLMEngine:
             raise collector.failure("vllm", e) from e
         return collector.results()
 
+    def open_loop(self, params: SamplingParams) -> _VLLMLoop:
+        """Continuous generation (:mod:`ttscale.engines.loop`): each submitted request is added
+        to the running ``LLMEngine`` at once (runs of consecutive seeds as one ``n``-sample vLLM
+        request, as in :meth:`generate`; prefix caching, on by default, shares the prompt's
+        prefill and a continued prefix), comes back from the step that finishes it, and an abort
+        is ``LLMEngine.abort_request``, which frees its slots before the next step."""
+        return _VLLMLoop(self, params)
+
     def _final_handler(
         self,
         loop: _StepLoop,
@@ -644,32 +652,49 @@ class _StepLoop:
         self.core: Any = engine.llm.llm_engine
         self.live: dict[str, Any] = {}
 
-    def add(self, ids: list[int], sp: Any, handler: Any) -> None:
+    def add(self, ids: list[int], sp: Any, handler: Any) -> str:
         rid = f"ttscale-{next(_REQUEST_IDS)}"
         self.core.add_request(rid, self.engine._input(ids), sp)
         self.live[rid] = handler
+        return rid
 
     def run(self) -> None:
         while self.live:
-            if not self.core.has_unfinished_requests():
-                raise EngineError(f"vLLM finished without returning {len(self.live)} requests")
-            for out in self.core.step():
-                rid = str(out.request_id)
-                handler = self.live.get(rid)
-                if handler is None:
-                    continue
-                if isinstance(handler, _DeltaHandler):
-                    if handler.handle(out) == "abort":
-                        del self.live[rid]
-                        if not out.finished:
-                            self.core.abort_request([rid])
-                        handler.on_done(out, True)
-                    elif out.finished:
-                        del self.live[rid]
-                        handler.on_done(out, False)
+            self.step()
+
+    def step(self) -> None:
+        """One ``LLMEngine.step``: hand every output of our requests to its handler."""
+        if not self.core.has_unfinished_requests():
+            raise EngineError(f"vLLM finished without returning {len(self.live)} requests")
+        for out in self.core.step():
+            rid = str(out.request_id)
+            handler = self.live.get(rid)
+            if handler is None:
+                continue
+            if isinstance(handler, _DeltaHandler):
+                if handler.handle(out) == "abort":
+                    del self.live[rid]
+                    if not out.finished:
+                        self.core.abort_request([rid])
+                    handler.on_done(out, True)
                 elif out.finished:
                     del self.live[rid]
-                    handler(out)
+                    handler.on_done(out, False)
+            elif out.finished:
+                del self.live[rid]
+                handler(out)
+
+    def abort(self, rids: Sequence[str]) -> int:
+        """Abort our requests ``rids`` now (their KV-cache slots are freed at once); returns the
+        tokens vLLM had generated for them (samples of a fan-out that already ended included)."""
+        rids = [r for r in rids if r in self.live]
+        if not rids:
+            return 0
+        tokens = sum(_tokens_so_far(self.core, r) for r in rids)
+        for r in rids:
+            del self.live[r]
+        self.core.abort_request(rids)
+        return tokens
 
     def cancel(self) -> None:
         """Abort what is still running (after an error), so no request outlives the call."""
@@ -680,6 +705,107 @@ class _StepLoop:
         except Exception:  # pragma: no cover - best effort after another error
             log.debug("vLLM abort after a failure failed", exc_info=True)
         self.live.clear()
+
+
+def _tokens_so_far(core: Any, rid: str) -> int:
+    """Tokens generated so far for our request ``rid`` (all samples of a fan-out), read from
+    vLLM's output processor; 0 (with a warning) if this vLLM keeps them elsewhere."""
+    try:
+        op = core.output_processor
+        total = 0
+        for iid in op.external_req_ids.get(rid, ()):
+            st = op.request_states.get(iid)
+            if st is not None and st.detokenizer is not None:
+                total += int(st.detokenizer.num_output_tokens())
+        for parent in op.parent_requests.values():
+            if getattr(parent, "external_req_id", None) == rid:
+                total += _aggregated_tokens(parent)
+        return total
+    except AttributeError:  # pragma: no cover - a vLLM with another output processor
+        log.warning("cannot count the tokens of aborted vLLM request %s with this vLLM", rid)
+        return 0
+
+
+def _aggregated_tokens(parent: Any) -> int:
+    """Tokens of the fan-out children that already ended (held by the parent until all do)."""
+    outs = getattr(parent, "output_aggregator", None) or ()
+    return sum(len(o.token_ids) for o in outs if o is not None)
+
+
+class _VLLMLoop:
+    """:meth:`VLLMEngine.open_loop`: requests join the running engine as they are submitted, each
+    :meth:`poll` runs engine steps until one of them has finished, and :meth:`abort` removes a
+    request from the engine between two steps."""
+
+    def __init__(self, engine: VLLMEngine, params: SamplingParams) -> None:
+        self.engine = engine
+        self.params = params
+        self.steps = _StepLoop(engine)
+        self._next = 0
+        self._live: dict[int, tuple[GenerationRequest, list[str], ResultCollector]] = {}
+        self._done: list[tuple[int, list[Completion]]] = []
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(r.indices) for r, _, _ in self._live.values())
+
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        eng, params = self.engine, self.params
+        t = self._next
+        self._next += 1
+        ids = eng.prompt_token_ids(request)
+        seeds = [request.seed_for(j, params) for j in range(len(request.indices))]
+
+        def finished(pos: int, comps: list[Completion], t: int = t) -> None:
+            self._done.append((t, comps))
+
+        collector = ResultCollector([request], finished)
+        # streamed traces are one n=1 request each (an abort stops one trace), as in generate
+        fan = eng.n_fanout and params.temperature > 0.0 and on_token is None
+        runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+        rids = []
+        for start, n in runs:
+            if on_token is None:
+                sp = eng._sampling_params(params, n, seeds[start])
+                handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
+            else:
+                sp = eng._sampling_params(params, 1, seeds[start], stream=True)
+                stream = _Stream(0, start, request.indices[start])
+                handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
+            rids.append(self.steps.add(ids, sp, handler))
+        self._live[t] = (request, rids, collector)
+        return t
+
+    def poll(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+        from ttscale.engines.loop import LoopFailure
+
+        try:
+            while not self._done and self._live:
+                self.steps.step()
+        except Exception as e:
+            partial = {
+                t: [c for c in col._slots[0] if c is not None] for t, (_, _, col) in self._live.items()
+            }
+            self.close()
+            raise LoopFailure(f"vllm generation failed: {e}", partial) from e
+        done, self._done = self._done, []
+        for t, comps in done:
+            if self._live.pop(t, None) is not None:
+                on_result(t, comps)
+
+    def abort(self, ticket: int) -> int:
+        entry = self._live.pop(ticket, None)
+        if entry is None:
+            return 0
+        _, rids, collector = entry
+        # samples of the request that already ended (a fan-out run that finished before another)
+        ended = sum(c.num_tokens + c.discarded_tokens for c in collector._slots[0] if c is not None)
+        return ended + self.steps.abort(rids)
+
+    def close(self) -> None:
+        self.steps.cancel()
+        self._live.clear()
+        self._done.clear()
 
 
 # -- conversions to plain Python values ----------------------------------------------------------

@@ -1,0 +1,236 @@
+"""The engine loop (issue 16): samplers' tokens/s against RepeatedSampler, and live adaptive wall
+time against SC@64.
+
+Part A, per engine (vLLM CPU build, transformers), bundled model, ``arith``: ``--problems`` x
+``--n`` samples drawn by each sampler in the same process, on the same problems, with rules
+that never stop or prune, so every sampler generates exactly the same tokens (checked);
+tokens/s relative to ``RepeatedSampler`` in the same repeat (the order alternates between
+repeats), medians over ``--repeats``.
+
+Part B (``--live-problems`` > 0, first engine): live adaptive ``beta:0.92`` (``ahead=0`` and,
+where the sampler has it, ``ahead=None``) against SC@``--live-n`` (RepeatedSampler) on the same
+problems: wall time, samples and tokens, and whether the adaptive answers equal the index-order
+replay of the SC run (live = replay).
+
+    OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_engine_loop.py \\
+        --engines vllm,hf --problems 32 --n 8 --repeats 3 --live-problems 50 --live-n 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, resolve_model
+
+
+def _engine(kind: str, model: str, args: argparse.Namespace) -> Any:
+    from ttscale.engines import make_engine
+
+    opts: dict[str, Any] = {}
+    if kind == "vllm":
+        # as in bench_sampler_overhead: a KV cache that fits a shared machine, eager float32
+        opts.update(
+            kv_cache_memory_bytes=args.vllm_kv_mib * 2**20,
+            dtype="float32",
+            enforce_eager=True,
+            enable_chunked_prefill=False,
+        )
+    return make_engine(kind, model, **opts)
+
+
+def _answers() -> Any:
+    from ttscale.samplers.adaptive import verifier_answers
+    from ttscale.verifiers import MathVerifier
+
+    return verifier_answers(MathVerifier(extractor="arith"))
+
+
+def _timed(sampler: Any, problems: list[Any], budget: int, seed: int) -> tuple[float, int, int, list[Any]]:
+    t = time.perf_counter()
+    results = list(sampler.sample(problems, budget, seed=seed))
+    wall = time.perf_counter() - t
+    tokens = sum(r.generated_tokens for r in results)
+    samples = sum(len(r.candidates) for r in results)
+    return wall, tokens, samples, results
+
+
+def part_a(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ttscale.evals import load_problems
+    from ttscale.samplers import AdaptiveSampler, PruningSampler, RepeatedSampler
+    from ttscale.types import SamplingParams
+
+    problems = load_problems("arith", limit=args.problems)
+    # logprobs for every sampler: the pruning rule reads them, and the work must be the same
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, logprobs=0)
+    answers = _answers()
+    make: dict[str, Any] = {
+        "repeated": lambda: RepeatedSampler(engine, params, progress=False),
+        "adaptive (fixed: never stops)": lambda: AdaptiveSampler(engine, params, "fixed", answers),
+    }
+    if "ahead" in inspect.signature(AdaptiveSampler).parameters:
+        make["adaptive ahead=auto (fixed)"] = lambda: AdaptiveSampler(
+            engine, params, "fixed", answers, ahead=None
+        )
+    make |= {
+        "pruning (lowprob:-1e9: never prunes)": lambda: PruningSampler(
+            engine, params, "lowprob:threshold=-1000000000,min_tokens=1", progress=False
+        ),
+    }
+    # warm-up (kernels, caches), another seed
+    list(RepeatedSampler(engine, params, progress=False).sample(problems[:2], 2, seed=args.seed + 1))
+    rows: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        names = list(make) if r % 2 == 0 else list(reversed(make))
+        got: dict[str, tuple[float, int]] = {}
+        for name in names:
+            wall, tokens, _, _ = _timed(make[name](), problems, args.n, args.seed)
+            got[name] = (wall, tokens)
+        base_wall, base_tokens = got["repeated"]
+        row: dict[str, Any] = {"repeat": r}
+        for name, (wall, tokens) in got.items():
+            if tokens != base_tokens:
+                raise SystemExit(f"{name} generated {tokens} tokens, repeated {base_tokens}")
+            row[name] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall,
+                         "ratio": (tokens / wall) / (base_tokens / base_wall)}  # fmt: skip
+        rows.append(row)
+        print(f"  {kind} repeat {r}: " + ", ".join(
+            f"{n.split(' (')[0]} {row[n]['tps']:,.0f} tok/s ({row[n]['ratio']:.2f})" for n in make
+        ), flush=True)  # fmt: skip
+    return {
+        "engine": kind,
+        "problems": len(problems),
+        "n": args.n,
+        "tokens": rows[0]["repeated"]["tokens"],
+        "median_ratio": {n: statistics.median(row[n]["ratio"] for row in rows) for n in make},
+        "median_tps": {n: statistics.median(row[n]["tps"] for row in rows) for n in make},
+        "repeats": rows,
+    }
+
+
+def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ttscale.evals import load_problems
+    from ttscale.samplers import AdaptiveSampler, RepeatedSampler
+    from ttscale.select.adaptive import parse_rule, run_stream
+    from ttscale.types import SamplingParams
+
+    problems = load_problems("arith", limit=args.live_problems)
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed)
+    answers = _answers()
+    has_ahead = "ahead" in inspect.signature(AdaptiveSampler).parameters
+    arms: dict[str, Any] = {"sc": lambda: RepeatedSampler(engine, params, progress=False)}
+    arms["adaptive ahead=0"] = lambda: AdaptiveSampler(
+        engine, params, args.rule, answers, **({"ahead": 0} if has_ahead else {})
+    )
+    if has_ahead:
+        arms["adaptive ahead=auto"] = lambda: AdaptiveSampler(
+            engine, params, args.rule, answers, ahead=None
+        )
+    rows: list[dict[str, Any]] = []
+    sc_results: list[Any] = []
+    for r in range(args.live_repeats):
+        names = list(arms) if r % 2 == 0 else list(reversed(arms))
+        row: dict[str, Any] = {"repeat": r}
+        for name in names:
+            s = arms[name]()
+            wall, tokens, samples, results = _timed(s, problems, args.live_n, args.seed)
+            row[name] = {"wall_s": wall, "tokens": tokens, "samples": samples}
+            if name == "sc":
+                sc_results = results
+            else:
+                row[name]["decisions"] = [(d.used, str(d.answer)) for d in s.decisions]
+        for name in arms:
+            row[name]["wall_ratio"] = row[name]["wall_s"] / row["sc"]["wall_s"]
+            row[name]["token_ratio"] = row[name]["tokens"] / row["sc"]["tokens"]
+            row[name]["sample_ratio"] = row[name]["samples"] / row["sc"]["samples"]
+        rows.append(row)
+        print(f"  {kind} live repeat {r}: " + ", ".join(
+            f"{n} {row[n]['wall_s']:.1f}s ({row[n]['wall_ratio']:.2f}x wall, "
+            f"{row[n]['token_ratio']:.2f}x tokens)" for n in arms
+        ), flush=True)  # fmt: skip
+    # live = replay: the index-order replay of the SC run decides every problem the same way
+    rule = parse_rule(args.rule)
+    replayed = []
+    for res in sc_results:
+        ans = answers(res.problem, res.completions)
+        out = run_stream(rule, ans)
+        replayed.append((out.used, str(out.answer)))
+    agree = {
+        n: all(row[n]["decisions"] == replayed for row in rows) for n in arms if n != "sc"
+    }
+    return {
+        "engine": kind,
+        "rule": args.rule,
+        "problems": len(problems),
+        "n": args.live_n,
+        "live_equals_replay": agree,
+        "median_wall_ratio": {n: statistics.median(row[n]["wall_ratio"] for row in rows) for n in arms},
+        "median_wall_s": {n: statistics.median(row[n]["wall_s"] for row in rows) for n in arms},
+        "token_ratio": {n: rows[0][n]["token_ratio"] for n in arms},
+        "sample_ratio": {n: rows[0][n]["sample_ratio"] for n in arms},
+        "repeats": [{k: {kk: vv for kk, vv in v.items() if kk != "decisions"} if isinstance(v, dict) else v
+                     for k, v in row.items()} for row in rows],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="vllm,hf")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--problems", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--live-problems", type=int, default=50)
+    ap.add_argument("--live-n", type=int, default=64)
+    ap.add_argument("--live-repeats", type=int, default=1)
+    ap.add_argument("--rule", default="beta:0.92")
+    ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--vllm-kv-mib", type=int, default=1024)
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    import ttscale
+
+    tmp = Path(tempfile.mkdtemp(prefix="ttscale-bench-loop-"))
+    model = resolve_model(args.model, tmp)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    out: dict[str, Any] = {
+        "command": "python benchmarks/bench_engine_loop.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)
+        ),
+        "ttscale": str(Path(ttscale.__file__).resolve().parent),
+        "commit": commit,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS')}; shared with other jobs",
+        "parts": [],
+    }
+    for i, kind in enumerate(k.strip() for k in args.engines.split(",") if k.strip()):
+        engine = _engine(kind, model, args)
+        try:
+            if not args.skip_a:
+                out["parts"].append({"part": "A", **part_a(kind, engine, args)})
+            if i == 0 and args.live_problems > 0:
+                out["parts"].append({"part": "B", **part_b(kind, engine, args)})
+        finally:
+            engine.close()
+    text = json.dumps(out, indent=1, default=str)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
