@@ -915,7 +915,7 @@ class PruningSampler:
             for comps in (
                 yield from generate(
                     reqs,
-                    stored_as=lambda c: _candidate(c, reasons.get(c.index)),
+                    stored_as=store,
                     on_token=on_token,
                 )
             ):

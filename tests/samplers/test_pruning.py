@@ -433,8 +433,14 @@ def test_pruning_run_resumes_after_a_failure_exactly(tmp_path: Any, fail_after: 
     with pytest.raises(GenerationError):
         list(PruningSampler(failing, params, spec).sample(PROBLEMS, 10, seed=1, sink=store))
     first = SampleStore.open(store.path)
-    assert len(first) == fail_after  # every trace finished before the failure is stored
+    assert 0 < len(first) <= fail_after  # what finished before the failure is stored
     before = first.keys()
+    # traces in flight when the engine failed are lost with it; the tokens they had generated
+    # were spent all the same, so the accounting holds them on top of the stored traces' tokens
+    logged = sum(json.loads(x)["tokens"] for f in (first.path / "pruning").glob("*.jsonl")
+                 for x in f.read_text().splitlines())  # fmt: skip
+    lost = first.accounting()["generated_tokens"] - logged
+    assert lost >= 0
     eng = ScriptedEngine()
     again = list(
         PruningSampler(eng, params, spec).sample(PROBLEMS, 10, seed=1, sink=first)
@@ -444,7 +450,7 @@ def test_pruning_run_resumes_after_a_failure_exactly(tmp_path: Any, fail_after: 
     assert _keys(again) == _keys(full)
     assert [r.generated_tokens for r in again] == [r.generated_tokens for r in full]
     run = SampleStore.open(store.path)
-    assert len(run) == 30 and run.accounting()["generated_tokens"] == total
+    assert len(run) == 30 and run.accounting()["generated_tokens"] == total + lost
     lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
     assert len(lines) == 30 and run.manifest["pruning"]["generated_tokens"] == total
     assert run.manifest["pruning"]["pruned"] == sum(c.pruned_at is not None
