@@ -464,8 +464,9 @@ def test_an_smc_run_with_two_verdict_sets(
     want, other = _weighted(out, stored_verdicts(out, "arith")), _weighted(out, stored_verdicts(out, prm))
     assert want != other  # the two sets disagree on this run
     d = json.loads(invoke("curve", out, "--json", "--n-boot", "20").stdout)
-    assert d["verdicts"]["name"] == "arith"
-    got = (d["methods"]["weighted_vote"]["mean"], d["methods"]["max_weight"]["mean"])
+    assert [v["name"] for v in d["verdicts"]] == ["arith"]
+    methods = {p["method"]: p for p in d["points"]}  # an SMC run is one point per rule
+    got = (methods["weighted_vote"]["accuracy"]["mean"], methods["max_weight"]["accuracy"]["mean"])
     assert got == pytest.approx(want, abs=1e-12)
     r = invoke("curve", out, "--n-boot", "20")
     assert r.exit_code == 0 and "verdicts: arith = arith" in r.output
