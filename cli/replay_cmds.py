@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
     def replay_cmd(
         run: Annotated[Path, typer.Argument(help="Run directory (sampled, verified, or imported).")],
         rule: Annotated[
-            str,
+            Optional[str],
             typer.Option(
                 "--rule",
                 help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
@@ -28,7 +28,27 @@ def register(app: typer.Typer) -> None:
                 "trace-pruning rule replayed from stored log-probs: deepconf-online:eta=10, "
                 "lowprob:threshold=-1.5.",
             ),
-        ],
+        ] = None,
+        allocate: Annotated[
+            Optional[str],
+            typer.Option("--allocate", help="Allocate --budget-total over the problems by a policy: "
+                         "uniform, greedy[:lookahead=1], gape[:a=1] (ttscale.select.allocation)."),
+        ] = None,
+        budget_total: Annotated[
+            Optional[float],
+            typer.Option("--budget-total", help="--allocate: total samples (or tokens, --tokens) for the dataset."),
+        ] = None,
+        tokens: Annotated[
+            bool, typer.Option("--tokens", help="--allocate: --budget-total counts generated tokens.")
+        ] = False,
+        stop_rule: Annotated[
+            Optional[str],
+            typer.Option("--stop-rule", help="--allocate: a stopping rule that closes a problem early (beta:0.95, ...)."),
+        ] = None,
+        round_size: Annotated[
+            Optional[int],
+            typer.Option("--round-size", min=1, help="--allocate: problems served per round [policy's]."),
+        ] = None,
         orders: Annotated[
             Optional[int],
             typer.Option("--orders", min=1, help="Average over N seeded random orders per problem."),
@@ -55,11 +75,23 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     ) -> None:
         """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
-        against self-consistency at the same budget, with 95% CIs."""
+        against self-consistency at the same budget, with 95% CIs. With --allocate POLICY
+        --budget-total N: a dataset budget allocated across the problems, against uniform SC."""
         from ttscale.replay import replay, summary_line
         from ttscale.select.adaptive import parse_rule
         from ttscale.store import SampleStore
 
+        if allocate is not None:
+            if rule is not None:
+                raise ConfigError("--rule and --allocate exclude each other; a stopping rule joins an allocation as --stop-rule RULE")
+            from ttscale.cli.allocation_cmds import replay_allocate
+
+            replay_allocate(run, allocate, budget_total, tokens=tokens, stop=stop_rule, orders=orders, order=order,
+                            seed=seed, max_samples=max_samples, verifier=verifier, round_size=round_size,
+                            per_problem=per_problem, json_out=json_out)
+            return
+        if rule is None:
+            raise ConfigError("pass --rule RULE (a stopping rule) or --allocate POLICY --budget-total N")
         if order is not None and order != "index":
             raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
         if order == "index" and orders is not None:

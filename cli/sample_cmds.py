@@ -203,6 +203,10 @@ class SampleSpec:
     outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
     adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
     prune: str | None = None  # a pruning rule (samplers.pruning): level-2 adaptive compute
+    allocate: str | None = None  # allocation policy across problems (ttscale.select.allocation)
+    budget_total: float | None = None  # --allocate: dataset budget in samples (or tokens)
+    budget_tokens: bool = False  # --allocate: the budget counts generated tokens
+    stop_rule: str | None = None  # --allocate: a stopping rule closing problems early
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -305,6 +309,10 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
     if spec.adaptive is not None and spec.prune is not None:
         raise ConfigError("give --adaptive (stop each problem early) or --prune (stop traces), not both")
+    if spec.allocate is not None:
+        from ttscale.cli.allocation_cmds import check_sample_allocate
+
+        check_sample_allocate(spec, shard)  # a bad policy fails before anything loads
     prune_rule = _check_prune(spec)
     out = spec.out
     old: dict[str, Any] = {}
@@ -400,7 +408,14 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             manifest=manifest,
         )
         try:
-            if spec.adaptive is not None:
+            if spec.allocate is not None:
+                from ttscale.cli.allocation_cmds import sample_allocate
+
+                summary = sample_allocate(
+                    engine, params, store, problems, n, spec.allocate, spec.budget_total,
+                    spec.budget_tokens, spec.stop_rule, bench, spec, manifest,
+                )
+            elif spec.adaptive is not None:
                 from ttscale.cli.replay_cmds import sample_adaptive
 
                 summary = sample_adaptive(
@@ -673,6 +688,22 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         prune: PruneOpt = None,
+        allocate: Annotated[
+            Optional[str],
+            typer.Option("--allocate", help="Spend --budget-total over the problems by a policy "
+                         "(uniform, greedy, gape); N is the per-problem cap."),
+        ] = None,
+        budget_total: Annotated[
+            Optional[float],
+            typer.Option("--budget-total", help="--allocate: total samples (or tokens, --tokens) for the dataset."),
+        ] = None,
+        budget_tokens: Annotated[
+            bool, typer.Option("--tokens", help="--allocate: --budget-total counts generated tokens.")
+        ] = False,
+        stop_rule: Annotated[
+            Optional[str],
+            typer.Option("--stop-rule", help="--allocate: a stopping rule that closes a problem early."),
+        ] = None,
     ) -> None:
         """Draw N samples per problem of a benchmark into a run directory (resumable).
 
@@ -703,6 +734,10 @@ def register(app: typer.Typer) -> None:
             shard=shard,
             adaptive=adaptive,
             prune=prune,
+            allocate=allocate,
+            budget_total=budget_total,
+            budget_tokens=budget_tokens,
+            stop_rule=stop_rule,
         )
         run_sample(spec, console=_console())
 

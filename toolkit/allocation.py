@@ -103,7 +103,7 @@ def streams_of(pool: Pool, *, orders: int | None, seed: int = 0, max_samples: in
         for j in range(n_orders):
             # the permutations of ttscale.replay.replay: order j of problem p from (seed, p, j)
             perm = np.arange(n) if orders is None else np.random.default_rng([seed, p, j]).permutation(n)
-            ans = [None if c < 0 else str(values[c]) for c in codes[perm][:cap]]
+            ans: list[Hashable | None] = [None if c < 0 else str(values[c]) for c in codes[perm][:cap]]
             tk = [int(t) if has_tokens else 0 for t in toks[perm][:cap]]
             per_order[j].append((ans, by_answer, tk))
     return Streams(

@@ -1,0 +1,106 @@
+"""``--allocate`` in ``ttscale replay``, ``curve`` and ``sample`` (issue 18)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ttscale.cli.app import app
+from ttscale.store import import_jsonl
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def pool_run(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(24):
+        pr = rng.dirichlet([0.6] * 4)
+        for i in range(10):
+            a = int(rng.choice(4, p=pr))
+            rows.append({"problem_id": f"p{p}", "index": i, "answer": str(a), "correct": a == 0,
+                         "num_tokens": int(rng.integers(5, 60))})
+    f = tmp_path / "pool.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    import_jsonl(f, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_replay_uniform_equals_the_fixed_rule(pool_run: Path) -> None:
+    r = invoke("replay", str(pool_run), "--allocate", "uniform", "--budget-total", str(4 * 24),
+               "--orders", "5", "--json", "--per-problem")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    f = json.loads(invoke("replay", str(pool_run), "--rule", "fixed", "--max-samples", "4", "--orders", "5",
+                          "--json", "--per-problem").stdout)
+    assert d["accuracy"] == f["accuracy"]
+    assert [p["samples"] for p in d["per_problem"]] == [[4] * 5] * 24
+    assert d["samples_total"] == 96 and d["full"]["policy"] == "SC@10"
+
+
+def test_replay_greedy_text_and_tokens(pool_run: Path) -> None:
+    r = invoke("replay", str(pool_run), "--allocate", "greedy", "--budget-total", "2000", "--tokens",
+               "--order", "index", "--stop-rule", "beta:0.9")
+    assert r.exit_code == 0, r.output
+    assert "total budget 2,000 tokens" in r.output and "vs uniform at the same budget" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--allocate", "greedy"], "needs --budget-total"),
+        (["--allocate", "bogus", "--budget-total", "5"], "unknown allocation policy"),
+        (["--allocate", "uniform", "--budget-total", "5", "--rule", "beta"], "exclude each other"),
+        (["--allocate", "uniform", "--budget-total", "5", "--stop-rule", "esc:3"], "esc"),
+        ([], "pass --rule RULE"),
+    ],
+)
+def test_allocation_errors_are_one_line(pool_run: Path, args: list[str], msg: str) -> None:
+    r = invoke("replay", str(pool_run), *args)
+    assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) <= 2  # the order note at most, then the error
+
+
+def test_curve_allocate_table_json_and_plot(pool_run: Path, tmp_path: Path) -> None:
+    r = invoke("curve", str(pool_run), "--allocate", "greedy;gape:a=0.5", "--json", "--n-boot", "50")
+    assert r.exit_code == 0, r.output
+    cur = json.loads(r.stdout)
+    assert cur["budgets"] == [24.0, 48.0, 72.0, 96.0, 144.0, 192.0, 240.0]
+    assert list(cur["curves"]) == ["uniform", "greedy:lookahead=1", "gape:a=0.5"]
+    r = invoke("curve", str(pool_run), "--allocate", "greedy", "--x", "tokens", "--plot", str(tmp_path / "c.png"),
+               "--n-boot", "50")
+    assert r.exit_code == 0, r.output
+    assert "budget (tokens)" in r.output and (tmp_path / "c.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_live_allocation_equals_replay_on_the_bundled_model(tmp_path: Path) -> None:
+    """A live allocation run and the index-order replay of the fixed run agree problem by problem."""
+    from ttscale.evals import default_model_path
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built")
+    full, live = tmp_path / "full", tmp_path / "live"
+    common = ["--benchmark", "arith", "--limit", "8", "--n", "12", "--no-progress", "--seed", "5"]
+    r = invoke("sample", *common, "--out", str(full))
+    assert r.exit_code == 0, r.output
+    assert invoke("verify", str(full), "--verifier", "arith").exit_code == 0
+    for policy, extra in (("greedy", ["--budget-total", "40"]), ("gape", ["--budget-total", "3000", "--tokens"])):
+        out = live / policy
+        r = invoke("sample", *common, "--out", str(out), "--allocate", policy, *extra)
+        assert r.exit_code == 0, r.output
+        rows = [json.loads(x) for x in (out / "allocation.jsonl").read_text().splitlines()]
+        args = ["replay", str(full), "--allocate", policy, *extra, "--order", "index", "--json", "--per-problem"]
+        rep = json.loads(invoke(*args).stdout)["per_problem"]
+        assert [(p["problem_id"], p["samples"][0], p["answers"][0], p["tokens"][0]) for p in rep] == [
+            (x["problem_id"], x["samples"], x["answer"], x["tokens"]) for x in rows
+        ]
