@@ -240,3 +240,48 @@ def check_sample_allocate(spec: Any, shard: Any) -> None:
         raise ConfigError("--allocate decides over all problems at once; drop --shard")
     if spec.adaptive is not None or spec.prune is not None:
         raise ConfigError("--allocate takes a per-problem stopping rule as --stop-rule; drop --adaptive/--prune")
+
+
+def replay_calibrate(
+    run: Path, k: int, *, target: str, rule: str | None, allocate: str | None, orders: int | None,
+    order: str | None, seed: int, max_samples: int | None, verifier: str | None, json_out: bool,
+) -> None:
+    """``ttscale replay RUN --calibrate K [--target within:0.5|tokens:0.1] [--rule R] [--allocate P]``."""
+    from ttscale.calibrate import DEFAULT_FAMILIES, calibrate, parse_target
+    from ttscale.select.adaptive import parse_rule
+    from ttscale.select.allocation import parse_policy
+    from ttscale.store import SampleStore
+
+    tgt = parse_target(target)
+    rules: dict[str, list[str]] | None = None
+    policies: list[str] = []
+    if rule is not None:
+        parts = _split_policies(rule)
+        if len(parts) == 1 and parts[0].strip().lower() in DEFAULT_FAMILIES:
+            rules = {parts[0].strip().lower(): DEFAULT_FAMILIES[parts[0].strip().lower()]}
+        else:
+            specs = [parse_rule(x).spec for x in parts]
+            rules = {parse_rule(parts[0]).name: specs}
+    if allocate is not None:
+        policies = [parse_policy(x).spec for x in _split_policies(allocate)]
+    if rules is None and not policies:
+        rules, policies = dict(DEFAULT_FAMILIES), ["uniform", "greedy", "gape"]
+    n_orders = _n_orders(orders, order)
+    pool = SampleStore.open(run).pool(verifier)
+    d = calibrate(pool, k=k, target=tgt, rules=rules or {}, policies=policies, orders=n_orders, seed=seed,
+                  max_samples=max_samples)
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{run}: {k}-fold calibration (seed {seed}) for {d['target']}, {d['problems']} problems, "
+                    f"held-out folds pooled; SC@{d['max_samples']} accuracy {_fmt(d['sc_full'], digits=3)}")
+    for col in ("family", "chosen on the other folds", "held-out accuracy", "Δ vs SC (points)", f"{d['cost']} ratio"):
+        t.add_column(col)
+    for fam, f in d["families"].items():
+        chosen = sorted(set(f["chosen"]), key=f["chosen"].index)
+        t.add_row(fam, "; ".join(chosen), _fmt(f["held_out_accuracy"], digits=3),
+                  _fmt(f["delta_vs_sc_full_points"], digits=2), _fmt(f["cost_ratio"], digits=3))
+    Console().print(t)

@@ -45,6 +45,16 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option("--stop-rule", help="--allocate: a stopping rule that closes a problem early (beta:0.95, ...)."),
         ] = None,
+        calibrate: Annotated[
+            Optional[int],
+            typer.Option("--calibrate", min=2, help="K-fold (seeded) choice of each rule's/policy's parameter "
+                         "on K-1 folds for --target, reporting the held-out folds."),
+        ] = None,
+        target: Annotated[
+            str,
+            typer.Option("--target", help="--calibrate: within:X (points of SC at the full budget) or "
+                         "tokens:R (at most R x its tokens)."),
+        ] = "within:0.5",
         round_size: Annotated[
             Optional[int],
             typer.Option("--round-size", min=1, help="--allocate: problems served per round [policy's]."),
@@ -81,6 +91,13 @@ def register(app: typer.Typer) -> None:
         from ttscale.select.adaptive import parse_rule
         from ttscale.store import SampleStore
 
+        if calibrate is not None:
+            from ttscale.cli.allocation_cmds import replay_calibrate
+
+            replay_calibrate(run, calibrate, target=target, rule=rule, allocate=allocate, orders=orders,
+                             order=order, seed=seed, max_samples=max_samples, verifier=verifier,
+                             json_out=json_out)
+            return
         if allocate is not None:
             if rule is not None:
                 raise ConfigError("--rule and --allocate exclude each other; a stopping rule joins an allocation as --stop-rule RULE")
