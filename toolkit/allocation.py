@@ -265,11 +265,13 @@ def replay_allocation(
     round_size: int | None = None,
     confidence: float = 0.95,
     n_boot: int = 1000,
+    baseline: bool = True,
 ) -> AllocationReport:
     """Replay ``policy`` with a total budget of ``budget_total`` samples (or generated tokens,
     ``tokens=True``) over the problems of ``source`` (a pool, or streams from
     :func:`streams_of`), against uniform SC at the same budget and SC@cap (see the module
-    docstring). ``stop``: a stopping rule closing a problem early (per-problem cap)."""
+    docstring). ``stop``: a stopping rule closing a problem early (per-problem cap).
+    ``baseline=False`` skips the uniform run (its fields then repeat the policy's)."""
     pol = parse_policy(policy) if isinstance(policy, str) else policy
     rule = parse_rule(stop) if isinstance(stop, str) else stop
     if rule is not None and rule.needs_confidences:
@@ -282,7 +284,7 @@ def replay_allocation(
     if not budget_total > 0:
         raise ConfigError(f"--budget-total must be positive, got {budget_total}")
     corr, used, toks, states = _run(streams, pol, budget_total, tokens, rule, round_size)
-    if pol.name == "uniform" and rule is None:
+    if (pol.name == "uniform" and rule is None) or not baseline:
         ucorr, uused, utoks = corr, used, toks
     else:
         ucorr, uused, utoks, _ = _run(streams, parse_policy("uniform"), budget_total, tokens, None, None)

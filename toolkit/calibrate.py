@@ -164,14 +164,15 @@ def calibrate(
             per_problem = [m * mean_tok for m in mults]
             accs, costs = [], []
             for b in per_problem:
-                rep = replay_allocation(tr, spec, b * len(train_rows), tokens=unit_tokens, n_boot=10)
+                rep = replay_allocation(tr, spec, b * len(train_rows), tokens=unit_tokens, n_boot=10, baseline=False)
                 accs.append(float(rep.correct.mean()))
                 costs.append(float(rep.tokens.mean(axis=1).sum()) if tokens else float(rep.samples.mean(axis=1).sum()))
             i = _choose(tgt, np.array(accs), np.array(costs), float(sc_acc[train_rows].mean()),
                         float(sc_cost[train_rows].sum()))
             b = per_problem[i]
             chosen.append(f"{spec} budget {b:g} {'tokens' if unit_tokens else 'samples'}/problem")
-            rep = replay_allocation(streams.subset(test_rows), spec, b * len(test_rows), tokens=unit_tokens, n_boot=10)
+            rep = replay_allocation(streams.subset(test_rows), spec, b * len(test_rows), tokens=unit_tokens, n_boot=10,
+                                    baseline=False)
             held_acc[test_rows] = rep.correct.mean(axis=1)
             held_cost[test_rows] = rep.tokens.mean(axis=1) if tokens else rep.samples.mean(axis=1)
         families[spec] = _summary(chosen, held_acc, held_cost, sc_acc, sc_cost, confidence, n_boot, seed)

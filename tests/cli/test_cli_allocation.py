@@ -104,3 +104,18 @@ def test_live_allocation_equals_replay_on_the_bundled_model(tmp_path: Path) -> N
         assert [(p["problem_id"], p["samples"][0], p["answers"][0], p["tokens"][0]) for p in rep] == [
             (x["problem_id"], x["samples"], x["answer"], x["tokens"]) for x in rows
         ]
+
+
+def test_replay_calibrate(pool_run: Path) -> None:
+    r = invoke("replay", str(pool_run), "--calibrate", "3", "--rule", "beta", "--allocate", "greedy",
+               "--target", "within:1", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert set(d["families"]) == {"beta", "greedy:lookahead=1"} and len(d["folds"]) == 24
+    assert all(len(f["chosen"]) == 3 for f in d["families"].values())
+    r = invoke("replay", str(pool_run), "--calibrate", "3", "--rule", "majority:0.6;majority:0.8",
+               "--target", "tokens:0.3")
+    assert r.exit_code == 0, r.output
+    assert "held-out" in r.output and "majority" in r.output
+    r = invoke("replay", str(pool_run), "--calibrate", "3", "--target", "tokens:2")
+    assert r.exit_code == 1 and "0 < R <= 1" in r.output

@@ -11,7 +11,7 @@ from ttscale.errors import ConfigError
 from ttscale.store.pool import Pool
 
 
-def pool(seed: int = 0, P: int = 30, n: int = 10) -> Pool:
+def pool(seed: int = 0, P: int = 24, n: int = 8) -> Pool:
     rng = np.random.default_rng(seed)
     answers, correct, toks = [], [], []
     for _ in range(P):
@@ -40,7 +40,7 @@ def scramble(streams: Streams, rows: np.ndarray, seed: int) -> Streams:
 
 @pytest.mark.parametrize("target", ["within:0.5", "tokens:0.4"])
 def test_calibration_never_sees_the_held_out_fold(target: str) -> None:
-    s = streams_of(pool(), orders=2, seed=0)
+    s = streams_of(pool(), orders=1, seed=0)
     rules = {"beta": ["beta:0.6", "beta:0.8", "beta:0.95"], "majority": ["majority:0.5", "majority:0.7"]}
     base = calibrate(s, k=3, target=target, rules=rules, policies=["greedy"], seed=4, n_boot=50)
     folds = np.array(base["folds"])
@@ -73,7 +73,7 @@ def test_folds_and_choice() -> None:
 
 def test_held_out_folds_cover_every_problem_once() -> None:
     d = calibrate(pool(), k=5, rules={"beta": ["beta:0.7", "beta:0.9"]}, seed=0, n_boot=50)
-    assert len(d["families"]["beta"]["chosen"]) == 5 and d["problems"] == 30
+    assert len(d["families"]["beta"]["chosen"]) == 5 and d["problems"] == 24
     # held-out accuracy pools the folds: equal to the mean of the chosen rule per fold
     from ttscale.calibrate import _rule_outcomes
 
@@ -81,5 +81,5 @@ def test_held_out_folds_cover_every_problem_once() -> None:
     acc, _ = _rule_outcomes(s, ["beta:threshold=0.7", "beta:threshold=0.9"], True)
     folds = np.array(d["folds"])
     want = np.mean([acc[["beta:threshold=0.7", "beta:threshold=0.9"].index(d["families"]["beta"]["chosen"][folds[i]]), i]
-                    for i in range(30)])
+                    for i in range(24)])
     assert d["families"]["beta"]["held_out_accuracy"]["mean"] == pytest.approx(want)

@@ -90,16 +90,26 @@ class AllocationState:
     stop_answer: Hashable | None = None
     stopped: bool = False
 
+    _top: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
+
     @property
     def samples(self) -> int:
         return len(self.answers)
 
+    def add(self, answer: Hashable | None, tokens: int) -> None:
+        self.answers.append(answer)
+        self.tokens.append(int(tokens))
+        self._top = None
+
     def top_counts(self) -> tuple[int, int, int]:
-        """``(leader, runner-up, rest)`` counts of the answered samples."""
-        pairs = answer_counts(self.answers)
-        v1 = pairs[0][1] if pairs else 0
-        v2 = pairs[1][1] if len(pairs) > 1 else 0
-        return v1, v2, sum(c for _, c in pairs[2:])
+        """``(leader, runner-up, rest)`` counts of the answered samples (cached until the next
+        sample: a policy ranks every open problem every round)."""
+        if self._top is None:
+            counts = sorted((c for _, c in answer_counts(self.answers)), reverse=True)
+            v1 = counts[0] if counts else 0
+            v2 = counts[1] if len(counts) > 1 else 0
+            self._top = (v1, v2, sum(counts[2:]))
+        return self._top
 
     def answer(self) -> tuple[Hashable | None, tuple[Hashable, ...]]:
         """The problem's answer (a stopping rule's, else the first-seen plurality) and the
@@ -208,6 +218,7 @@ def close_if_done(state: AllocationState, cap: int, stop: StopRule | None, check
             # samples drawn past the stopping point in the same round are not candidates
             del state.answers[k:]
             del state.tokens[k:]
+            state._top = None
             state.closed, state.stopped, state.stop_answer = True, True, d.answer
             state.reason = d.reason
             return k
@@ -308,8 +319,7 @@ def allocate(
             raise ConfigError(f"draw returned {len(got)} samples for {len(chosen)} problems")
         for i, (ans, ntok) in zip(chosen, got, strict=True):
             s = states[i]
-            s.answers.append(ans)
-            s.tokens.append(int(ntok))
+            s.add(ans, int(ntok))
             spent_samples += 1
             spent_tokens += int(ntok)
             checked[i] = close_if_done(s, caps[i], stop, checked[i])
