@@ -127,9 +127,7 @@ def calibrate(
     streams = pool if isinstance(pool, Streams) else streams_of(pool, orders=orders, seed=seed, max_samples=max_samples)
     P = streams.n_problems
     folds = fold_ids(P, k, seed)
-    if rules is None and not policies:
-        rules = DEFAULT_FAMILIES
-    rules = dict(rules or {})
+    families_in: dict[str, Sequence[str]] = dict(DEFAULT_FAMILIES if rules is None and not policies else rules or {})
     tokens = streams.has_tokens
     # SC@cap per problem (mean over orders): the reference of every target
     sc = replay_allocation(streams, "uniform", P * streams.cap, n_boot=10)
@@ -137,7 +135,7 @@ def calibrate(
     sc_cost = sc.full_tokens.mean(axis=1) if tokens else np.full(P, float(streams.cap))
 
     families: dict[str, Any] = {}
-    for fam, specs in rules.items():
+    for fam, specs in families_in.items():
         if any(parse_rule(s).needs_confidences for s in specs):
             raise ConfigError("deepconf needs trace confidences, which calibration does not read; leave it out")
         specs = [parse_rule(s).spec for s in specs]
