@@ -119,3 +119,36 @@ def test_replay_calibrate(pool_run: Path) -> None:
     assert "held-out" in r.output and "majority" in r.output
     r = invoke("replay", str(pool_run), "--calibrate", "3", "--target", "tokens:2")
     assert r.exit_code == 1 and "0 < R <= 1" in r.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--allocate", "greedy"], "needs --budget-total"),
+        (["--allocate", "nope", "--budget-total", "9"], "unknown allocation policy"),
+        (["--allocate", "greedy", "--budget-total", "9", "--stop-rule", "bogus"], "unknown adaptive rule"),
+        (["--allocate", "greedy", "--budget-total", "9", "--adaptive", "beta"], "--stop-rule"),
+        (["--allocate", "greedy", "--budget-total", "9", "--shard", "1/2"], "drop --shard"),
+    ],
+)
+def test_sample_allocate_bad_input_fails_before_loading(tmp_path: Path, extra: list[str], message: str) -> None:
+    from tests.cli.test_cli_sample import SCRIPTED
+
+    out = tmp_path / "run"
+    r = invoke("sample", *SCRIPTED, "--limit", "2", "--out", str(out), *extra)
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert not out.exists()
+
+
+def test_sample_allocate_with_the_scripted_engine(tmp_path: Path) -> None:
+    from tests.cli.test_cli_sample import SCRIPTED
+
+    out = tmp_path / "run"
+    r = invoke("sample", *SCRIPTED, "--limit", "4", "--n", "6", "--out", str(out), "--allocate", "greedy",
+               "--budget-total", "10")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "allocation.jsonl").read_text().splitlines()]
+    assert sum(x["samples"] for x in rows) == 10 and all(x["samples"] <= 6 for x in rows)
+    assert "allocate: policy greedy:lookahead=1" in r.output
