@@ -1,12 +1,13 @@
 """Replay speed of the level-1 rules (issue 18): ``dirichlet`` against the other rules, before
-(quadrature per count vector, the old path) and after (closed form) in the same run.
+(quadrature per count vector, the old path) and after (beta-bound shortcut + closed form) in
+the same run.
 
 A synthetic pool (``--problems`` x ``--n`` samples; each problem's answers drawn from a seeded
 Dirichlet(0.5, ...) over 6 answers, as scattered as hard problems) is replayed with ``--orders``
 seeded random orders; each timing is the median of ``--reps`` runs. Both dirichlet paths must
 give the same decisions (checked).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_replay_rules.py --problems 300 --n 40 --orders 10
+    OMP_NUM_THREADS=1 python benchmarks/bench_replay_rules.py --problems 100 --n 40 --orders 5
 """
 
 from __future__ import annotations
@@ -58,15 +59,18 @@ def main() -> None:
         rows.append((rule, t))
         if rule == "dirichlet:0.95":
             fast_used = used
-    # the old path: scipy quadrature per distinct count vector (still cached per vector)
-    new = adaptive._dirichlet
+    # the old path: scipy quadrature per distinct count vector (still cached per vector) and no
+    # beta-bound shortcut; and the closed form alone, without the shortcut
+    new, shortcut = adaptive._dirichlet, adaptive._dirichlet_cannot_stop
     old = adaptive.lru_cache(maxsize=65536)(lambda counts: dirichlet_top_probability(list(counts)))
-    adaptive._dirichlet = old  # type: ignore[assignment]
+    adaptive._dirichlet_cannot_stop = lambda rule, answers: False  # type: ignore[assignment]
     try:
+        t_closed, closed_used = timed("dirichlet:0.95")
+        adaptive._dirichlet = old  # type: ignore[assignment]
         t_old, old_used = timed("dirichlet:0.95")
     finally:
-        adaptive._dirichlet = new
-    assert old_used == fast_used, "the closed form changed a decision"
+        adaptive._dirichlet, adaptive._dirichlet_cannot_stop = new, shortcut
+    assert old_used == fast_used == closed_used, "a faster path changed a decision"
     base = statistics.median(t for r, t in rows if r in ("beta:0.95", "majority:0.8", "entropy:0.75"))
     print(f"machine: {platform.processor() or platform.machine()}, {args.problems} problems x "
           f"{args.n} samples x {args.orders} orders, median of {args.reps}")
@@ -74,7 +78,8 @@ def main() -> None:
     print("|---|---|---|")
     for rule, t in rows:
         print(f"| {rule} | {t:.2f} | {t / base:.2f}x |")
-    print(f"| dirichlet:0.95 (old quadrature) | {t_old:.2f} | {t_old / base:.2f}x |")
+    print(f"| dirichlet:0.95, closed form without the beta-bound shortcut | {t_closed:.2f} | {t_closed / base:.2f}x |")
+    print(f"| dirichlet:0.95 before (quadrature, no shortcut) | {t_old:.2f} | {t_old / base:.2f}x |")
     print(f"decisions identical: yes; speed-up of dirichlet {t_old / dict(rows)['dirichlet:0.95']:.1f}x")
 
 

@@ -243,3 +243,18 @@ def test_majority_threshold_decides() -> None:
     assert stops("majority:1,votes=4", "aaaab") == (4, "a", True)
     with pytest.raises(ConfigError, match="votes=K"):
         parse_rule("majority:1")
+
+
+def test_dirichlet_shortcut_changes_no_stopping_point() -> None:
+    # first_stop skips prefixes where the beta bound proves the rule cannot stop; the stopping
+    # points must equal a prefix-by-prefix check of the exact rule
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    rule = parse_rule("dirichlet:0.9")
+    for _ in range(60):
+        p = rng.dirichlet([0.8] * 4)
+        stream = [str(x) for x in rng.choice(4, size=30, p=p)]
+        exact = next((k for k in range(1, 31) if rule.check(stream[:k]).stop), None)
+        o = run_stream(rule, stream)
+        assert (o.used if o.stopped else None) == exact
