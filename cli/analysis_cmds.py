@@ -358,8 +358,32 @@ def register(app: typer.Typer) -> None:
                 show_default=False,
             ),
         ] = None,
+        allocate: Annotated[
+            Optional[str],
+            typer.Option("--allocate", help="Accuracy against the dataset budget (1x to the full pool) "
+                         "for allocation policies next to uniform SC, e.g. 'greedy;gape:a=0.5' "
+                         "(--x tokens: token budgets)."),
+        ] = None,
+        stop_rule: Annotated[
+            Optional[str], typer.Option("--stop-rule", help="--allocate: a stopping rule closing problems early.")
+        ] = None,
+        orders: Annotated[
+            Optional[int], typer.Option("--orders", min=1, help="--allocate: seeded random orders per problem [1].")
+        ] = None,
+        max_samples: Annotated[
+            Optional[int], typer.Option("--max-samples", min=1, help="--allocate: per-problem cap [fewest samples].")
+        ] = None,
     ) -> None:
         """Coverage and selection accuracy at each budget k, with CIs, fit and plot."""
+        if allocate is not None:
+            from ttscale.cli.allocation_cmds import curve_allocate
+
+            if x_axis not in ("k", "tokens"):
+                raise ConfigError(f"--x must be k or tokens, got {x_axis!r}")
+            curve_allocate(runs, allocate, tokens=x_axis == "tokens", stop=stop_rule, orders=orders,
+                           seed=seed, max_samples=max_samples, verifier=verifier, plot=plot,
+                           json_out=json_out, confidence=confidence, n_boot=n_boot)
+            return
         from ttscale.analysis import (
             MISSING_POLICIES,
             check_prerequisites,

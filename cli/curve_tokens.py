@@ -170,7 +170,7 @@ def curve_mixed(
     if not wide:
         console.print(f"[dim]CIs left out to fit {console.width} columns; see --json or a wider terminal[/dim]")
     console.print(
-        "fixed-n: k samples per problem at k x the mean tokens of a sample; adaptive: the answer "
+        "fixed-n: k samples per problem at k x the mean tokens of a sample; adaptive, allocated: the answer "
         "it chose at the samples it drew; pruned: majority over kept traces, every trace started "
         "counted; SMC/search: particles, every particle-step's tokens counted"
     )

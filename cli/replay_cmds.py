@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
     def replay_cmd(
         run: Annotated[Path, typer.Argument(help="Run directory (sampled, verified, or imported).")],
         rule: Annotated[
-            str,
+            Optional[str],
             typer.Option(
                 "--rule",
                 help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
@@ -29,7 +29,37 @@ def register(app: typer.Typer) -> None:
                 "trace-pruning rule replayed from stored log-probs: deepconf-online:eta=10, "
                 "lowprob:threshold=-1.5.",
             ),
-        ],
+        ] = None,
+        allocate: Annotated[
+            Optional[str],
+            typer.Option("--allocate", help="Allocate --budget-total over the problems by a policy: "
+                         "uniform, greedy[:lookahead=1], gape[:a=1] (ttscale.select.allocation)."),
+        ] = None,
+        budget_total: Annotated[
+            Optional[float],
+            typer.Option("--budget-total", help="--allocate: total samples (or tokens, --tokens) for the dataset."),
+        ] = None,
+        tokens: Annotated[
+            bool, typer.Option("--tokens", help="--allocate: --budget-total counts generated tokens.")
+        ] = False,
+        stop_rule: Annotated[
+            Optional[str],
+            typer.Option("--stop-rule", help="--allocate: a stopping rule that closes a problem early (beta:0.95, ...)."),
+        ] = None,
+        calibrate: Annotated[
+            Optional[int],
+            typer.Option("--calibrate", min=2, help="K-fold (seeded) choice of each rule's/policy's parameter "
+                         "on K-1 folds for --target, reporting the held-out folds."),
+        ] = None,
+        target: Annotated[
+            str,
+            typer.Option("--target", help="--calibrate: within:X (points of SC at the full budget) or "
+                         "tokens:R (at most R x its tokens)."),
+        ] = "within:0.5",
+        round_size: Annotated[
+            Optional[int],
+            typer.Option("--round-size", min=1, help="--allocate: problems served per round [policy's]."),
+        ] = None,
         orders: Annotated[
             Optional[int],
             typer.Option("--orders", min=1, help="Average over N seeded random orders per problem."),
@@ -56,25 +86,46 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     ) -> None:
         """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
-        against self-consistency at the same budget, with 95% CIs."""
+        against self-consistency at the same budget, with 95% CIs. With --allocate POLICY
+        --budget-total N: a dataset budget allocated across the problems, against uniform SC."""
         from ttscale.cli.analysis_cmds import describe_verdicts
         from ttscale.cli.sample_cmds import check_rule_name
         from ttscale.replay import replay, summary_line
+        from ttscale.runkinds import kind_refusal, run_kind
         from ttscale.select.adaptive import parse_rule
         from ttscale.store import SampleStore
 
+        kind = run_kind(SampleStore.open(run).manifest)
+        if kind in ("pruned", "smc", "search", "allocated") or (
+            kind == "adaptive" and (calibrate is not None or allocate is not None)
+        ):
+            what = "--calibrate" if calibrate is not None else "--allocate" if allocate else "replaying a rule on its samples"
+            raise ConfigError(kind_refusal(kind, what, run))
+        if calibrate is not None:
+            from ttscale.cli.allocation_cmds import replay_calibrate
+
+            replay_calibrate(run, calibrate, target=target, rule=rule, allocate=allocate, orders=orders,
+                             order=order, seed=seed, max_samples=max_samples, verifier=verifier,
+                             json_out=json_out)
+            return
+        if allocate is not None:
+            if rule is not None:
+                raise ConfigError("--rule and --allocate exclude each other; a stopping rule joins an allocation as --stop-rule RULE")
+            from ttscale.cli.allocation_cmds import replay_allocate
+
+            replay_allocate(run, allocate, budget_total, tokens=tokens, stop=stop_rule, orders=orders, order=order,
+                            seed=seed, max_samples=max_samples, verifier=verifier, round_size=round_size,
+                            per_problem=per_problem, json_out=json_out)
+            return
+        if rule is None:
+            raise ConfigError("pass --rule RULE (a stopping rule) or --allocate POLICY --budget-total N")
         if order is not None and order != "index":
             raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
         if order == "index" and orders is not None:
             raise ConfigError("--order index and --orders N exclude each other; pass one")
         check_rule_name(rule, "--rule")  # an unknown rule: one line naming both kinds
-        from ttscale.runkinds import kind_refusal, run_kind
-
         trace_rule = rule.strip().partition(":")[0].strip() in _TRACE_RULES
         store = SampleStore.open(run)
-        kind = run_kind(store.manifest)
-        if kind in ("pruned", "smc", "search"):
-            raise ConfigError(kind_refusal(kind, "replaying a rule on its samples", run))
         if kind == "adaptive":
             if trace_rule:
                 raise ConfigError(

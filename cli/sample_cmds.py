@@ -191,6 +191,29 @@ AdaptiveOpt = Annotated[
 ]
 
 
+AllocateOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--allocate",
+        help="Spend --budget-total over the problems by a policy (uniform, greedy, gape); N is "
+        "the per-problem cap.",
+    ),
+]
+BudgetTotalOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--budget-total", help="--allocate: total samples (or tokens, --tokens) for the dataset."
+    ),
+]
+BudgetTokensOpt = Annotated[
+    bool, typer.Option("--tokens", help="--allocate: --budget-total counts generated tokens.")
+]
+StopRuleOpt = Annotated[
+    Optional[str],
+    typer.Option("--stop-rule", help="--allocate: a stopping rule that closes a problem early."),
+]
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """The options of every sampling command (``sample``, ``run``, ``smc``), defined once.
@@ -256,9 +279,17 @@ class SampleOptions(EngineOptions):
     flush_every: FlushOpt = 256
     adaptive: AdaptiveOpt = None
     prune: PruneOpt = None
+    allocate: AllocateOpt = None
+    budget_total: BudgetTotalOpt = None
+    budget_tokens: BudgetTokensOpt = False
+    stop_rule: StopRuleOpt = None
 
     def spec(self, **fields: Any) -> SampleSpec:
         own = {
+            "allocate": self.allocate,
+            "budget_total": self.budget_total,
+            "budget_tokens": self.budget_tokens,
+            "stop_rule": self.stop_rule,
             "n": self.n,
             "system_prompt": self.system_prompt,
             "throttle": self.throttle,
@@ -366,6 +397,10 @@ class SampleSpec:
     adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
     prune: str | None = None  # a pruning rule (samplers.pruning): level-2 adaptive compute
     given: Sequence[str] = ()  # the options as typed, for the Ctrl-C hint (with_options)
+    allocate: str | None = None  # allocation policy across problems (ttscale.select.allocation)
+    budget_total: float | None = None  # --allocate: dataset budget in samples (or tokens)
+    budget_tokens: bool = False  # --allocate: the budget counts generated tokens
+    stop_rule: str | None = None  # --allocate: a stopping rule closing problems early
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -585,6 +620,12 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
     if spec.adaptive is not None and spec.prune is not None:
         raise ConfigError("give --adaptive (stop each problem early) or --prune (stop traces), not both")
+    if spec.allocate is not None:
+        from ttscale.cli.allocation_cmds import check_sample_allocate
+        from ttscale.samplers.repeated import parse_shard
+
+        # a bad policy fails before anything loads
+        check_sample_allocate(spec, parse_shard(spec.shard) if spec.shard is not None else None)
     prune_rule = _check_prune(spec)
     r = resolve_run(spec)
     base, n, out, problems, manifest = r.sampling, r.n, r.out, r.problems, r.manifest
@@ -627,7 +668,14 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             manifest=manifest,
         )
         try:
-            if spec.adaptive is not None:
+            if spec.allocate is not None:
+                from ttscale.cli.allocation_cmds import sample_allocate
+
+                summary = sample_allocate(
+                    engine, params, store, problems, n, spec.allocate, spec.budget_total,
+                    spec.budget_tokens, spec.stop_rule, r.bench, spec, manifest,
+                )
+            elif spec.adaptive is not None:
                 from ttscale.cli.replay_cmds import sample_adaptive
 
                 summary = sample_adaptive(
@@ -813,7 +861,9 @@ def _verify_and_curve(
     from ttscale.verifiers.runner import VerifyInterrupted, verify_store
 
     shard = spec.shard if spec is not None else None
-    live_kind = spec is not None and (spec.adaptive is not None or spec.prune is not None)
+    live_kind = spec is not None and (
+        spec.adaptive is not None or spec.prune is not None or spec.allocate is not None
+    )
     vspec = verifier or res.benchmark.verifier
     partial = shard is not None and not _all_sampled(res.store, res.summary.n)
     try:

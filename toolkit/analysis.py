@@ -217,11 +217,11 @@ def check_prerequisites(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if pool.meta.get("run_kind") == "adaptive" and methods:
+    if pool.meta.get("run_kind") in ("adaptive", "allocated") and methods:
         # iid draws, but each problem stopped after an answer-dependent number of them: a
         # k-sample estimate over that prefix is biased (and cut at the smallest n)
         raise ConfigError(
-            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            f"the run is {pool.meta.get('run_kind')}: each problem stopped after an answer-dependent number of "
             f"samples, so {', '.join(methods)} at k samples do not apply; "
             "ttscale.runkinds.run_points (ttscale curve) reports its accuracy at its own cost"
         )
@@ -582,9 +582,9 @@ def coverage_counts(
             "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
             "accuracy at its own cost"
         )
-    if pool.meta.get("run_kind") == "adaptive":
+    if pool.meta.get("run_kind") in ("adaptive", "allocated"):
         raise ConfigError(
-            "the run is adaptive: each problem stopped after an answer-dependent number of "
+            f"the run is {pool.meta.get('run_kind')}: each problem stopped after an answer-dependent number of "
             "samples, so pass@k fits do not apply; `ttscale curve` reports its accuracy at its own cost"
         )
     n_p, c = pool.n_per_problem, pool.correct_counts()

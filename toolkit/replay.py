@@ -77,7 +77,18 @@ class ReplayReport:
         """Total rule tokens / total fixed tokens, with a bootstrap CI over problems."""
         if not self.has_tokens:
             return {"mean": None, "low": None, "high": None}
-        t, f = self.column("tokens"), self.column("fixed_tokens")
+        return self._ratio(self.column("tokens"), self.column("fixed_tokens"))
+
+    def sample_ratio(self) -> dict[str, float | None]:
+        """Total rule samples / total fixed samples (the cap per problem), with a bootstrap CI
+        over problems like :meth:`token_ratio`."""
+        if not self.problems:
+            return {"mean": None, "low": None, "high": None}
+        # problems the run lists without samples used 0 of 0
+        fixed = np.array([float(self.max_samples) if p.used else 0.0 for p in self.problems])
+        return self._ratio(self.column("samples"), fixed)
+
+    def _ratio(self, t: NDArray[np.float64], f: NDArray[np.float64]) -> dict[str, float | None]:
         if f.sum() <= 0:
             return {"mean": None, "low": None, "high": None}
         rng = np.random.default_rng(self.seed)
@@ -112,9 +123,7 @@ class ReplayReport:
             # paired over problems: rule accuracy minus the fixed baseline's, same orders
             "accuracy_delta": self._ci(self.column("correct") - self.column("fixed_correct")),
             "token_ratio": self.token_ratio(),
-            "sample_ratio": (
-                float(np.mean(self.column("samples")) / self.max_samples) if self.problems else None
-            ),
+            "sample_ratio": self.sample_ratio(),
         }
         if per_problem:
             out["per_problem"] = [
@@ -158,6 +167,7 @@ def replay(
     confidences: NDArray[np.float64] | Sequence[float] | None = None,
     confidence: float = 0.95,
     n_boot: int = 1000,
+    require_correctness: bool = True,
 ) -> ReplayReport:
     """Replay ``rule`` on every problem of ``pool``.
 
@@ -168,6 +178,8 @@ def replay(
     hold at least that many. ``tie``: the final vote's tie rule at the budget (``first``,
     ``random`` or ``expected``). ``confidences``: per-sample trace confidences in pool order
     (for ``deepconf``). Problems the run lists without samples count as wrong with 0 samples.
+    A pool without any correctness is refused (its accuracy would read 0 [0, 0]) unless
+    ``require_correctness=False`` (only the decisions are wanted).
     """
     rule = parse_rule(rule) if isinstance(rule, str) else rule
     if tie not in ("first", "random", "expected"):
@@ -181,6 +193,11 @@ def replay(
             "the pool comes from a run that was itself adaptive: its problems hold the samples "
             "its rule drew, not a common budget; use replay_on_adaptive_run (ttscale replay does)"
         )
+    if pool.meta.get("run_kind") == "allocated":
+        raise ConfigError(
+            "the pool comes from an allocated run: each problem holds the samples a policy gave "
+            "it from a dataset budget, not a common budget; replay on a fixed-n run"
+        )
     if not pool.iid:
         raise ConfigError("replay needs iid draws; this pool is not (SMC, search or pruned traces)")
     counts = pool.n_per_problem
@@ -193,7 +210,14 @@ def replay(
             f"--max-samples {budget} exceeds the samples of problem {short!r} ({int(counts.min())}); "
             "lower --max-samples"
         )
-    rule.usable(budget)  # ESC: at least one window
+    if require_correctness and pool.num_samples and not pool.has_correctness():
+        raise ConfigError(
+            "the pool has no correctness (every sample's correct is null); verify it first "
+            "(ttscale verify RUN) or fill the correct field of the imported samples"
+        )
+    # ESC uses whole windows only: the fixed baseline ends at the same cap, so a window that
+    # does not divide the budget is never counted as savings
+    budget = rule.usable(budget)
     conf_all: NDArray[np.float64] | None = None
     if rule.needs_confidences:
         if confidences is None:

@@ -10,6 +10,9 @@ problem-bootstrap CI (the same resamples for the three, so they keep their joint
   one the run chose (``adaptive.jsonl``), over the samples it used, scored with the analysed
   verdict set; cost = every sample drawn and every token generated. Its samples are a prefix
   whose length depends on the answers, so a k-sample curve over them is biased: refused.
+* **allocated** (``sample --allocate POLICY --budget-total N``): a dataset budget spread over
+  the problems by a policy that reads the answers; as adaptive, the answer the run chose
+  (``allocation.jsonl``) over the samples the problem got, at every sample and token drawn.
 * **pruned** (``sample --prune RULE``): majority over the kept traces; cost = every trace
   started (pruned ones included) and every token generated.
 * **smc** / **search** (``ttscale smc``, ``--search``): weighted vote and highest weight over
@@ -46,6 +49,7 @@ __all__ = [
 KIND_LABELS = {
     "fixed": "fixed-n",
     "adaptive": "adaptive",
+    "allocated": "allocated",
     "pruned": "pruned",
     "smc": "SMC",
     "search": "search",
@@ -53,7 +57,8 @@ KIND_LABELS = {
 
 
 def run_kind(manifest: Mapping[str, Any]) -> str:
-    """``"fixed"``, ``"adaptive"``, ``"pruned"``, ``"smc"`` or ``"search"`` from a run's manifest.
+    """``"fixed"``, ``"adaptive"``, ``"allocated"``, ``"pruned"``, ``"smc"`` or ``"search"``
+    from a run's manifest.
 
     A non-iid run that names neither pruning nor search is a weighted population (SMC).
     """
@@ -66,6 +71,8 @@ def run_kind(manifest: Mapping[str, Any]) -> str:
         return "smc"
     if manifest.get("adaptive"):
         return "adaptive"
+    if manifest.get("allocation"):
+        return "allocated"
     return "fixed"
 
 
@@ -75,6 +82,12 @@ def describe_kind(manifest: Mapping[str, Any]) -> str:
     if kind == "adaptive":
         a = manifest.get("adaptive") or {}
         return f"adaptive ({a.get('rule')}, budget {a.get('budget')} per problem)"
+    if kind == "allocated":
+        a = manifest.get("allocation") or {}
+        return (
+            f"allocated ({a.get('policy')}, {a.get('budget_total'):,.0f} {a.get('unit')} over the "
+            f"problems, at most {a.get('max_samples')} each)"
+        )
     if kind == "pruned":
         return f"pruned ({(manifest.get('pruning') or {}).get('rule')})"
     if kind == "smc":
@@ -102,6 +115,8 @@ def kind_refusal(kind: str, what: str, run: Any) -> str:
     why = {
         "adaptive": "an adaptive run stopped each problem after an answer-dependent number of "
         "samples, so its samples are not k iid draws",
+        "allocated": "an allocated run gave each problem an answer-dependent number of samples "
+        "from a dataset budget, so its samples are not k iid draws",
         "pruned": "a pruning run's traces were cut mid-generation and only the kept ones vote, "
         "so they are not k iid draws",
         "smc": "an SMC run holds a weighted population of particles, not iid draws",
@@ -248,10 +263,15 @@ def run_points(
         correct["majority"] = c
         detail["rule"] = (store.manifest.get("pruning") or {}).get("rule")
         detail["tie"] = tie
-    else:  # adaptive
-        from ttscale.samplers.adaptive import read_decisions
+    else:  # adaptive, allocated: the answer the run chose over the samples it used
+        if kind == "adaptive":
+            from ttscale.samplers.adaptive import read_decisions
 
-        dec = {d["problem_id"]: d for d in read_decisions(store.path)}
+            dec = {d["problem_id"]: d for d in read_decisions(store.path)}
+        else:
+            from ttscale.samplers.allocation import read_allocation
+
+            dec = {d["problem_id"]: {**d, "used": d.get("samples")} for d in read_allocation(store.path)}
         c = np.zeros(P)
         used = np.zeros(P)
         values = pool.answer_values
@@ -270,8 +290,12 @@ def run_points(
             else:  # no record, or the verdicts canonicalise answers otherwise: the live vote
                 c[p] = _majority_first(ans, cor, "first", seed)
         correct["majority"] = c
-        a = store.manifest.get("adaptive") or {}
-        detail["rule"], detail["budget"] = a.get("rule"), a.get("budget")
+        if kind == "adaptive":
+            a = store.manifest.get("adaptive") or {}
+            detail["rule"], detail["budget"] = a.get("rule"), a.get("budget")
+        else:
+            a = store.manifest.get("allocation") or {}
+            detail["policy"], detail["budget_total"] = a.get("policy"), a.get("budget_total")
         u_ci = bootstrap_ci(used, confidence=confidence, n_boot=n_boot, seed=seed)
         detail["samples_used"] = {"mean": float(u_ci.mean), "low": float(u_ci.low), "high": float(u_ci.high)}
     out = []

@@ -204,7 +204,7 @@ def test_live_random_ties_match_the_index_order_replay() -> None:
     for r in RepeatedSampler(ScriptedEngine(two), PARAMS).sample(problems, 4, seed=3):
         answers += last_char(r.problem, r.completions)
     pool = Pool.from_arrays([p.id for p in problems], [4] * 30, answer=answers)
-    rep = replay(pool, "fixed", orders=None, tie="random", seed=3)
+    rep = replay(pool, "fixed", orders=None, tie="random", seed=3, require_correctness=False)
     assert [d.answer for d in live.decisions] == [p.answers[0] for p in rep.problems]
     # ties happen (2-2 splits) and are broken both ways
     tied = [i for i in range(30) if answers[4 * i : 4 * i + 4].count("a") == 2]
@@ -227,7 +227,7 @@ def test_deepconf_live_equals_replay_with_stored_confidences(tmp_path: Path) -> 
     confs = run_confidences(store)
     assert np.isfinite(confs).all()
     rule = "deepconf:0.9,warmup=4"
-    rep = replay(pool, rule, orders=None, confidences=confs)
+    rep = replay(pool, rule, orders=None, confidences=confs, require_correctness=False)
     live = AdaptiveSampler(ScriptedEngine(responder), params, rule, last_char)
     list(live.sample(PROBLEMS, 16, seed=params.seed))
     by_id = {p.problem_id: (p.used[0], p.answers[0]) for p in rep.problems}
@@ -243,3 +243,63 @@ def test_replay_accuracy_delta_is_paired() -> None:
     d = replay(pool, "majority:0.6,min=2", orders=None).to_dict()
     assert d["accuracy_delta"]["mean"] == -0.5
     assert d["accuracy"]["mean"] == 0.5 and d["fixed"]["accuracy"]["mean"] == 1.0
+
+
+# ---- fixes found on the real pools (issue 18) ---------------------------------------------------
+
+
+def test_replay_refuses_a_pool_without_correctness(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ttscale.cli.app import app
+    from ttscale.store import import_jsonl
+
+    rows = [{"problem_id": "p", "index": i, "answer": "a", "correct": None} for i in range(4)]
+    f = tmp_path / "pool.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    store, _ = import_jsonl(f, tmp_path / "run")
+    with pytest.raises(ConfigError, match="verify"):
+        replay(store.pool(), "beta", orders=None)
+    r = CliRunner().invoke(app, ["replay", str(tmp_path / "run"), "--rule", "beta", "--order", "index"])
+    assert r.exit_code == 1 and "ttscale verify RUN" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_esc_and_its_baseline_end_at_the_same_cap() -> None:
+    # 12 samples, window 5: ESC can use 10; on a stream where no window is unanimous the rule
+    # and SC both use 10 samples and the same tokens (ratio 1, not 0.83)
+    stream = list("abababababab")
+    pool = Pool.from_arrays(["p"], [12], answer=stream, correct=[a == "a" for a in stream],
+                            num_tokens=list(range(1, 13)))
+    rep = replay(pool, "esc:window=5", orders=3, seed=0)
+    assert rep.max_samples == 10
+    d = rep.to_dict()
+    assert d["token_ratio"]["mean"] == pytest.approx(1.0)
+    assert d["sample_ratio"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert d["accuracy_delta"]["mean"] == 0.0
+    assert d["fixed"]["samples"]["mean"] == 10.0
+
+
+def test_sample_ratio_has_a_bootstrap_ci() -> None:
+    pool, _ = full_pool()
+    rep = replay(pool, "beta:0.95", orders=4, seed=0)
+    r = rep.to_dict()["sample_ratio"]
+    used = rep.column("samples")
+    assert r["mean"] == pytest.approx(used.sum() / (16 * len(used)))
+    # same resampling as the token ratio: problems drawn with replacement, seeded
+    idx = np.random.default_rng(0).integers(0, len(used), size=(1000, len(used)))
+    ratios = used[idx].sum(axis=1) / (16.0 * len(used))
+    assert (r["low"], r["high"]) == pytest.approx((np.quantile(ratios, 0.025), np.quantile(ratios, 0.975)))
+    assert r["low"] < r["mean"] < r["high"]
+
+
+def test_dirichlet_closed_form_matches_quadrature() -> None:
+    from ttscale.select.stopping import dirichlet_top_probability, dirichlet_top_probability_exact
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        k = int(rng.integers(2, 6))
+        counts = sorted((int(x) for x in rng.integers(0, 25, size=k)), reverse=True)
+        assert dirichlet_top_probability_exact(counts) == pytest.approx(
+            dirichlet_top_probability(counts), abs=1e-9
+        )

@@ -153,7 +153,7 @@ def test_spec_round_trip(spec: str) -> None:
 def test_spec_values() -> None:
     assert parse_rule("esc:3").params == {"window": 3.0}
     assert parse_rule("beta").params == {"threshold": 0.95}
-    assert parse_rule(" Majority:0.7 ").params == {"threshold": 0.7}
+    assert parse_rule(" Majority:0.7 ").params == {"threshold": 0.7, "votes": 0}
 
 
 @pytest.mark.parametrize(
@@ -179,3 +179,82 @@ def test_spec_errors(spec: str, msg: str) -> None:
 def test_esc_budget_below_one_window() -> None:
     with pytest.raises(ConfigError, match="budget of at least 5"):
         run_stream(parse_rule("esc:5"), list("aaa"))
+
+
+# ---- ConSol's tests as the authors' code sets them (issue 18) ---------------------------------
+
+
+def _consol_sprt(v1: int, v2: int) -> bool:
+    # independent transcription of ConSol's SprtConfidenceModel.test (p0 = 0.5, both bounds)
+    p1, alpha, beta = 0.5001, 0.05, 1 - 0.05 - 0.000024
+    llr = v1 * math.log(p1 / 0.5) + v2 * math.log((1 - p1) / 0.5)
+    return llr >= math.log((1 - beta) / alpha) or llr <= math.log(beta / (1 - alpha))
+
+
+@pytest.mark.parametrize("spec", ["consol-sprt", "consol-msprt"])
+def test_consol_presets_stop_three_votes_ahead(spec: str) -> None:
+    # exact enumeration of every (leader, runner-up) count with up to 200 samples: stop iff the
+    # leader is 3 votes ahead (a third answer changes nothing: only the top two are tested)
+    rule = parse_rule(spec)
+    for n in range(1, 201):
+        for v2 in range(0, n // 2 + 1):
+            v1 = n - v2
+            d = rule.check(["a"] * v1 + ["b"] * v2 + ["c"] * min(v2, 1))
+            assert d.stop is (v1 - v2 >= 3), (spec, v1, v2, d.score)
+            if spec == "consol-sprt":
+                assert d.stop is _consol_sprt(v1, v2)
+    assert stops(spec, "abab" + "a" * 10) == (7, "a", True)
+
+
+def test_consol_presets_spell_the_authors_parameters() -> None:
+    assert parse_rule("consol-sprt").spec == "sprt:p1=0.5001,alpha=0.05,beta=0.949976,h0=1"
+    assert parse_rule("consol-msprt").spec == (
+        "msprt:alpha=0.05,a=1000000,b=1000000,beta=0.94994,truncate=1,h0=1"
+    )
+    # a preset takes overrides like any rule, and the spec parses back to the same rule
+    r = parse_rule("consol-sprt:min=4")
+    assert r.params["min"] == 4 and parse_rule(r.spec) == r
+    # our defaults are not ConSol's: they need 7 unanimous votes
+    assert stops("sprt", "a" * 10)[0] == 7
+
+
+def test_truncated_msprt_against_quadrature() -> None:
+    # Lambda = int_{0.5}^1 (2p)^v1 (2(1-p))^v2 prior(p) dp / P_prior(p > 0.5), by quadrature
+    from scipy.integrate import quad
+    from scipy.stats import beta as beta_dist
+
+    for a, b, v1, v2 in [(2.0, 3.0, 5, 2), (1.0, 1.0, 4, 0), (50.0, 50.0, 9, 3)]:
+        num = quad(lambda p, v1=v1, v2=v2, a=a, b=b: (2 * p) ** v1 * (2 * (1 - p)) ** v2 * beta_dist.pdf(p, a, b), 0.5, 1)[0]
+        want = math.log(num / beta_dist.sf(0.5, a, b))
+        assert msprt_log_ratio(v1, v2, a, b, truncate=True) == pytest.approx(want, rel=1e-7)
+    # Wald's bound with a beta term: msprt:beta=0.5 stops where Lambda >= (1 - 0.5)/0.05 = 10
+    # (uniform prior, unanimous: 2^v1/(v1+1): v1=6 -> 9.14, v1=7 -> 16)
+    assert stops("msprt:alpha=0.05,beta=0.5", "a" * 10) == (7, "a", True)
+
+
+def test_majority_threshold_decides() -> None:
+    # t = 0.8 waits for ceil(1/0.2) = 5 answers; t = 0.6 for ceil(2.5) = 3; t = 0.95 for 20
+    assert stops("majority:0.8", "a" * 10) == (5, "a", True)
+    assert stops("majority:0.6", "a" * 10) == (3, "a", True)
+    assert stops("majority:0.95", "a" * 30) == (20, "a", True)
+    assert stops("majority:0.8,votes=2", "a" * 10) == (2, "a", True)
+    # missing answers do not count towards the votes
+    assert run_stream(parse_rule("majority:0.6"), [None, "a", None, "a", "a"]).used == 5
+    assert stops("majority:1,votes=4", "aaaab") == (4, "a", True)
+    with pytest.raises(ConfigError, match="votes=K"):
+        parse_rule("majority:1")
+
+
+def test_dirichlet_shortcut_changes_no_stopping_point() -> None:
+    # first_stop skips prefixes where the beta bound proves the rule cannot stop; the stopping
+    # points must equal a prefix-by-prefix check of the exact rule
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    rule = parse_rule("dirichlet:0.9")
+    for _ in range(60):
+        p = rng.dirichlet([0.8] * 4)
+        stream = [str(x) for x in rng.choice(4, size=30, p=p)]
+        exact = next((k for k in range(1, 31) if rule.check(stream[:k]).stop), None)
+        o = run_stream(rule, stream)
+        assert (o.used if o.stopped else None) == exact

@@ -36,6 +36,7 @@ __all__ = [
     "answer_counts",
     "beta_stop_probability",
     "dirichlet_top_probability",
+    "dirichlet_top_probability_exact",
     "esc_affected_probability",
     "esc_expected_cost",
     "esc_run",
@@ -253,6 +254,53 @@ def dirichlet_top_probability(
         hits += int(np.sum(np.argmax(x, axis=1) == 0))
         done += m
     return hits / draws
+
+
+def dirichlet_top_probability_exact(counts: Sequence[int]) -> float:
+    """:func:`dirichlet_top_probability` in closed form for integer counts (``estimator="quad"``
+    to ~1e-12, about a hundred times faster; the replay of the ``dirichlet`` rule uses it).
+
+    With ``G_i ~ Gamma(c_i + 1)`` the probability is ``P(G_j < G_0 ∀ j ≥ 1)``. For an integer
+    shape ``α``, ``P(G > x) = e^{-x} Σ_{m<α} x^m/m!``, so expanding ``Π_j (1 − P(G_j > x))``
+    over the subsets ``S`` of the other answers gives
+    ``Σ_S (−1)^{|S|} E[Π_{j∈S} P(G_j > G_0)]`` and each term integrates exactly:
+    ``Σ_M r_M/M! · Γ(α_0 + M) / (Γ(α_0)·(1 + |S|)^{α_0 + M})`` with ``r_M`` the multinomial
+    sums of the polynomial ``Π_{j∈S} Σ_{m<α_j} x^m/m!`` scaled by ``M!``. Each term lies in
+    [0, 1] and there are at most ``2^(k−1)`` of them, so the cancellation error stays ~1e-15.
+    Counts above 400 fall back to quadrature (the scaled coefficients would overflow).
+    """
+    from itertools import combinations
+
+    from scipy.special import gammaln
+
+    v = [int(c) for c in counts]
+    if len(v) < 2 or any(c < 0 for c in v):
+        raise ConfigError("dirichlet_top_probability_exact needs >= 2 non-negative integer counts")
+    if sum(v) > 400:
+        return dirichlet_top_probability(v)
+    a0 = v[0] + 1
+    others = [c + 1 for c in v[1:]]
+    total = 0.0
+    for size in range(len(others) + 1):
+        for subset in combinations(others, size):
+            # r_M = M! · [x^M] Π_{j∈S} Σ_{m<α_j} x^m/m!, built by binomial convolution
+            r = np.ones(1)
+            for alpha in subset:
+                deg = len(r) - 1 + alpha - 1
+                new = np.zeros(deg + 1)
+                m_idx = np.arange(alpha)
+                for i, ri in enumerate(r):
+                    M = i + m_idx
+                    # C(M, m) = M!/(i! m!): r_i/i! · 1/m! rescaled by M!
+                    new[M] += ri * np.exp(gammaln(M + 1) - gammaln(i + 1) - gammaln(m_idx + 1))
+                r = new
+            M = np.arange(len(r))
+            with np.errstate(divide="ignore"):
+                logs = (np.log(r) + gammaln(a0 + M) - gammaln(M + 1) - gammaln(a0)
+                        - (a0 + M) * math.log(1.0 + size))
+            term = float(np.exp(logs).sum())
+            total += -term if size % 2 else term
+    return float(min(max(total, 0.0), 1.0))
 
 
 def normalized_answer_entropy(counts: Sequence[int]) -> float:

@@ -203,8 +203,11 @@ def _load_builtin() -> None:
         ("entropy", "Adaptive-Consistency: normalised answer entropy below a threshold", "entropy:0.75"),
         ("majority", "Adaptive-Consistency: the leader's share above a threshold", "majority:0.8"),
         ("deepconf", "DeepConf consensus: confidence-weighted share above tau", "deepconf:0.95"),
-        ("sprt", "ConSol: sequential probability ratio test, leader vs runner-up", "sprt:p1=0.8"),
-        ("msprt", "ConSol: mixture SPRT (Beta prior), leader vs runner-up", "msprt:alpha=0.05"),
+        ("sprt", "Wald SPRT of leader vs runner-up (ConSol's test, our defaults)", "sprt:p1=0.8"),
+        ("msprt", "mixture SPRT (Beta prior) of leader vs runner-up (our defaults)", "msprt:alpha=0.05"),
+        ("consol-sprt", "ConSol's SPRT exactly (p1=0.5001): stops 3 votes ahead", "consol-sprt"),
+        ("consol-msprt", "ConSol's mSPRT exactly (truncated Beta(1e6,1e6)): stops 3 votes ahead",
+         "consol-msprt"),
     ]
     for name, desc, example in level1:
         register_strategy(Strategy(name, 1, desc, example, parse_rule))
