@@ -58,7 +58,7 @@ class PacedScripted:
                 inner = loop.poll
 
                 def poll(on_result: Any, max_steps: int | None = None) -> None:
-                    time.sleep(0.005)
+                    time.sleep(0.005 * (max_steps or 1))  # 5 ms per engine step
                     inner(on_result, max_steps=max_steps)
 
                 loop.poll = poll  # type: ignore[method-assign]

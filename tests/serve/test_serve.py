@@ -154,6 +154,14 @@ def test_max_total_tokens_stops_early(client: openai.OpenAI) -> None:
     assert tt["tokens"] >= 100 and tt["samples"] < 64
 
 
+def test_deadline_stops_early(client: openai.OpenAI) -> None:
+    # the paced engine needs ~5 ms per poll: the first samples arrive after the deadline
+    r = client.completions.create(model="sc8", prompt="d", extra_body={"ttscale": {"budget": 64, "deadline_s": 0.001}})
+    tt = r.model_extra["ttscale"]
+    assert tt["stopped"] == "deadline" and 0 < tt["samples"] < 64
+    assert r.usage.completion_tokens == tt["tokens"] >= tt["aborted_tokens"] > 0
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

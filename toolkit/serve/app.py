@@ -214,9 +214,7 @@ class _Service:
         params = self.sampling(body, spec, chat=chat)
         ctx = self.context(body, chat=chat)
         pid = problem_id_of(ctx)
-        if spec.strategy == "none" and n > spec.budget:
-            spec = StrategySpec(**{**spec.to_dict(), "budget": n})
-        if spec.strategy == "none":
+        if spec.strategy == "none":  # pass-through: n plain samples
             spec = StrategySpec(**{**spec.to_dict(), "budget": n})
         return _Prepared(spec, preset, params, ctx, pid, n, chat)
 
@@ -409,7 +407,12 @@ def build_app(config: ServeConfig, engine: Engine) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model, "in_flight": svc.in_flight}
+        w = svc.worker
+        return {
+            "status": "ok", "model": config.model, "in_flight": svc.in_flight,
+            "engine": {"polls": w.polls, "samples_in_flight_per_poll": w.batch_samples / max(1, w.polls),
+                       "in_flight": w.engine_in_flight()},
+        }
 
     @app.get("/metrics")
     async def metrics() -> Response:
