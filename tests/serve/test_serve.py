@@ -238,7 +238,9 @@ def test_disconnect_aborts_engine_work(served: Served) -> None:
     ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        assert next(lines).startswith(": ttscale")  # a keep-alive while the strategy runs
+        assert next(lines) == ": ttscale started"
+        assert next(lines) == ""
+        assert next(lines) == ": ttscale running"  # a keep-alive while the strategy runs
         assert svc.worker.engine_in_flight() > 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < 20 and (svc.in_flight or svc.worker.engine_in_flight()):

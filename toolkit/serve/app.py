@@ -543,6 +543,8 @@ def build_app(config: ServeConfig, engine: Engine) -> Any:
                 return f"data: {json.dumps(d)}\n\n"
 
             try:
+                # headers go out at once, and a client sees the request was taken
+                yield ": ttscale started\n\n"
                 if chat:
                     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
