@@ -29,7 +29,7 @@ def serve(
     preset: Annotated[list[str] | None, typer.Option("--preset", help="NAME=SPEC: a strategy served as model NAME (SPEC: key=value;... or JSON).")] = None,
     default: Annotated[str | None, typer.Option("--default", help="The strategy of requests that name none (SPEC as --preset, or a preset NAME).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; another than loopback needs --api-key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TTSCALE_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
     max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1, help="Requests in flight; beyond it 429.")] = 64,
     max_sequences: Annotated[int, typer.Option("--max-sequences", min=1, help="Samples in the engine at once (all requests).")] = 256,
