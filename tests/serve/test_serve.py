@@ -252,3 +252,30 @@ def test_disconnect_aborts_engine_work(served: Served) -> None:
     assert 0 < spent < 4 * 4000
     m = httpx.get(served.url + "/metrics").text
     assert 'endpoint="completions",status="499",strategy="repeated"' in m
+
+
+def test_chat_messages_go_through_the_template() -> None:
+    """With an engine that has a chat template, the request's messages (system turn included)
+    are what the model conditions on: the library with the same messages gives the same samples."""
+    from conftest import PacedScripted, responder, start, stop
+
+    from ttscale.samplers.session import SamplingSession
+    from ttscale.serve.app import ServeConfig
+    from ttscale.types import SamplingParams
+
+    engine = PacedScripted(lambda req, i, seed, p: f"{req.messages[-1]['content']}|{seed}|{responder(req, i, seed, p)}")
+    s = start(ServeConfig(model="m", params=SamplingParams(max_tokens=8192), chat=True), engine)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+5?"}]
+        r = client.chat.completions.create(model="m", messages=msgs, seed=8, n=2)
+    finally:
+        stop(s)
+    from ttscale.engines.base import GenerationRequest
+
+    pid = problem_id_of({"messages": msgs})
+    req = GenerationRequest(problem_id=pid, messages=msgs, indices=(0, 1))
+    with SamplingSession(engine, None) as session:
+        comps = session.generate([req], SamplingParams(max_tokens=8192, seed=8))[0]
+    assert [c.message.content for c in r.choices] == [c.text for c in comps]
+    assert engine.calls[0][0].messages == msgs
