@@ -175,6 +175,7 @@ def test_deadline_stops_early(client: openai.OpenAI) -> None:
         ({"ttscale": {"verifier": "code"}}, "ttscale.verifier"),
         ({"ttscale": {"rule": "best_of_n"}}, "ttscale.rule"),
         ({"ttscale": {"colour": "red"}}, "ttscale.colour"),
+        ({"model": "scripted", "ttscale": {"budget": 4}}, "ttscale.budget"),
         ({"temperature": -1}, "temperature"),
         ({"seed": -3}, "seed"),
     ],
@@ -279,3 +280,22 @@ def test_chat_messages_go_through_the_template() -> None:
         comps = session.generate([req], SamplingParams(max_tokens=8192, seed=8))[0]
     assert [c.message.content for c in r.choices] == [c.text for c in comps]
     assert engine.calls[0][0].messages == msgs
+
+
+def test_engine_failure_is_a_500_and_the_server_lives_on() -> None:
+    from conftest import PacedScripted, responder, start, stop
+
+    from ttscale.serve.app import ServeConfig
+    from ttscale.types import SamplingParams
+
+    s = start(ServeConfig(model="m", params=SamplingParams(max_tokens=8192), chat=False),
+              PacedScripted(responder, fail_after=3))
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="m", prompt="q", extra_body={"ttscale": {"strategy": "repeated", "budget": 8}})
+        assert "scripted failure" in e.value.body["message"]  # type: ignore[index]
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"
+        assert s.service.in_flight == 0
+    finally:
+        stop(s)

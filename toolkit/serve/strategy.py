@@ -261,6 +261,12 @@ def resolve(
         merged.update(layer)
     if merged["strategy"] != default.strategy and not any("rule" in layer for layer in layers):
         merged["rule"] = DEFAULT_RULES[merged["strategy"]]
+    if merged["strategy"] == "none" and any("budget" in layer for layer in layers[1 if preset else 0:]):
+        raise RequestError(
+            "ttscale.budget has no effect on the bare model (strategy 'none': n plain samples); "
+            "name a strategy or a preset",
+            param="ttscale.budget",
+        )
     spec = StrategySpec(**merged)
     check_rule(spec)
     return spec, preset
