@@ -20,7 +20,7 @@ def fail(message: str) -> typer.Exit:
 # Commands in the order of the workflow: make samples, check them, analyse them, manage runs.
 _WORKFLOW_ORDER = (
     "sample", "run", "smc", "demo", "verify", "curve", "replay", "fit", "verifier-utility",
-    "import", "export", "info", "check", "merge", "bench",
+    "import", "export", "info", "check", "merge", "bench", "serve",
 )  # fmt: skip
 
 
@@ -149,6 +149,7 @@ _COMMAND_MODULES = (
     "ttscale.cli.bench_cmds",  # bench list/show
     "ttscale.cli.verify_cmds",  # verify
     "ttscale.cli.replay_cmds",  # replay
+    "ttscale.cli.serve_cmds",  # serve
 )
 
 for _name in _COMMAND_MODULES:

@@ -245,6 +245,11 @@ class Scheduler(Generic[R]):
         count = 0
         try:
             while True:
+                # a live source (ttscale.serve's inbox) may ask to cancel programs in flight
+                cancelled = getattr(source, "cancelled", None)
+                if cancelled is not None:
+                    for pos in cancelled():
+                        self._cancel(pos, loop)
                 for p in [p for p in self._active if p.done]:
                     self._active.remove(p)
                     results[p.pos] = p.result
@@ -261,6 +266,8 @@ class Scheduler(Generic[R]):
                         gen = next(source)
                     except StopIteration:
                         exhausted = True
+                        break
+                    if gen is None:  # a live source has nothing to admit now
                         break
                     p = _Prog(count, gen)
                     count += 1
@@ -281,6 +288,9 @@ class Scheduler(Generic[R]):
                             f"programs {stuck[:5]} wait for nothing: a Wait names no ticket "
                             "that is outstanding"
                         )
+                    idle = getattr(source, "wait_idle", None)
+                    if idle is not None and not self._active:
+                        idle()  # a live source: sleep until a program (or a cancel) arrives
                     continue
                 self.polls += 1
                 try:
@@ -306,6 +316,17 @@ class Scheduler(Generic[R]):
             tk = self._tickets.pop(t)
             if tk.engine is not None:
                 self.session.discarded(loop.abort(tk.engine))
+
+    def _cancel(self, pos: int, loop: EngineLoop) -> None:
+        """Stop program ``pos`` now (its client went away): its requests leave the engine (the
+        tokens generated for them are counted) and its result is ``None``."""
+        for p in self._active:
+            if p.pos == pos and not p.done:
+                if p.outstanding:
+                    self._abort(p, tuple(p.outstanding), loop)
+                p.gen.close()
+                p.waiting, p.done, p.result = None, True, None
+                return
 
     # ---- programs --------------------------------------------------------------------------
 

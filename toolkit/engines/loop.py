@@ -17,7 +17,9 @@ Contract, checked for every bundled engine by the tests:
   its traces, as ``generate(..., on_token=)`` does (:data:`~ttscale.engines.base.TokenCallback`;
   ``event.request`` is ``0``);
 * ``poll(on_result)``: advance the engine until at least one submitted request has finished
-  (nothing happens when none is in flight) and call ``on_result(ticket, completions)`` for each
+  (nothing happens when none is in flight; a loop may take ``max_steps=K``, as vLLM's and
+  Scripted's do, to return after K engine steps even if none finished, so a caller can act on
+  cancels between steps) and call ``on_result(ticket, completions)`` for each
   finished one (completions in ``indices`` order, as ``generate`` returns them); a failure
   raises :class:`LoopFailure` after every finished request was handed over, carrying the
   finished samples of unfinished ones;

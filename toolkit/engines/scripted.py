@@ -512,14 +512,18 @@ class _ScriptedLoop:
         self._live[t] = (request, comps, [0] * len(comps))
         return t
 
-    def poll(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+    def poll(
+        self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
+    ) -> None:
         from ttscale.engines.loop import LoopFailure
 
         if self._failed is not None:
             t, part, error = self._failed
             self._failed = None
             raise LoopFailure(f"scripted generation failed: {error}", {t: part}) from error
-        while self._live:
+        steps = 0
+        while self._live and (max_steps is None or steps < max_steps):
+            steps += 1
             self.polls += 1
             done = []
             for t, (_, comps, made) in self._live.items():

@@ -776,12 +776,18 @@ class _VLLMLoop:
         self._live[t] = (request, rids, collector)
         return t
 
-    def poll(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+    def poll(
+        self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
+    ) -> None:
         from ttscale.engines.loop import LoopFailure
 
+        steps = 0
         try:
-            while not self._done and self._live:
+            # max_steps: return after that many engine steps even if nothing finished, so a
+            # caller (ttscale.serve) can act on cancels while long requests run
+            while not self._done and self._live and (max_steps is None or steps < max_steps):
                 self.steps.step()
+                steps += 1
         except Exception as e:
             partial = {
                 t: [c for c in col._slots[0] if c is not None] for t, (_, _, col) in self._live.items()
