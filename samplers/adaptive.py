@@ -35,6 +35,7 @@ import os
 import tempfile
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -370,8 +371,14 @@ class AdaptiveSampler:
 
 def _write_decisions(sink: SampleStore, decisions: Sequence[AdaptiveDecision]) -> None:
     """``RUN/adaptive.jsonl``: one line per problem (written atomically, replacing the last)."""
-    path = sink.path / ADAPTIVE_FILE
-    fd, tmp = tempfile.mkstemp(dir=sink.path, prefix=".adaptive-", suffix=".tmp")
+    write_decision_rows(sink, ADAPTIVE_FILE, decisions)
+
+
+def write_decision_rows(sink: SampleStore, name: str, decisions: Sequence[Any]) -> None:
+    """``RUN/<name>``: one JSON line per decision dataclass (its ``answer`` as a string), written
+    atomically (a temp file renamed over the last)."""
+    path = sink.path / name
+    fd, tmp = tempfile.mkstemp(dir=sink.path, prefix=f".{Path(name).stem}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for d in decisions:
@@ -385,11 +392,14 @@ def _write_decisions(sink: SampleStore, decisions: Sequence[AdaptiveDecision]) -
         raise
 
 
-def read_decisions(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
-    """The rows of a run's ``adaptive.jsonl`` (empty if the run has none)."""
-    from pathlib import Path
-
-    f = Path(path) / ADAPTIVE_FILE
+def read_decision_rows(path: os.PathLike[str] | str, name: str) -> list[dict[str, Any]]:
+    """The rows of ``RUN/<name>`` written by :func:`write_decision_rows` (empty if absent)."""
+    f = Path(path) / name
     if not f.is_file():
         return []
     return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_decisions(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
+    """The rows of a run's ``adaptive.jsonl`` (empty if the run has none)."""
+    return read_decision_rows(path, ADAPTIVE_FILE)

@@ -19,16 +19,14 @@ of being drawn again, and the policy, seeing the same answers, makes the same ch
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError
-from ttscale.samplers.adaptive import AnswerFn, _Have
+from ttscale.samplers.adaptive import AnswerFn, _Have, read_decision_rows, write_decision_rows
 from ttscale.samplers.base import Candidate, SampleResult
 from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, plan_requests
 from ttscale.samplers.session import open_sink, unique_problems
@@ -203,26 +201,9 @@ class AllocationSampler:
 
 def _write_decisions(sink: SampleStore, decisions: Sequence[AllocationDecision]) -> None:
     """``RUN/allocation.jsonl``: one line per problem (written atomically, replacing the last)."""
-    path = sink.path / ALLOCATION_FILE
-    fd, tmp = tempfile.mkstemp(dir=sink.path, prefix=".allocation-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for d in decisions:
-                row = asdict(d)
-                row["answer"] = None if d.answer is None else str(d.answer)
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_decision_rows(sink, ALLOCATION_FILE, decisions)
 
 
 def read_allocation(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
     """The rows of a run's ``allocation.jsonl`` (empty if the run has none)."""
-    from pathlib import Path
-
-    f = Path(path) / ALLOCATION_FILE
-    if not f.is_file():
-        return []
-    return [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_decision_rows(path, ALLOCATION_FILE)
