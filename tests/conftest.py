@@ -71,6 +71,15 @@ def _start_server() -> None:
     _STATE["server"] = (proc, f"http://127.0.0.1:{port}", log_path, log)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that builds a second in-process vLLM engine (``own_vllm_engine``) runs after every
+    # other test: closing it tears down vLLM's process-wide parallel state, which the session
+    # engine (``vllm_engine``) needs for its step loop from then on.
+    own = [i for i in items if i.get_closest_marker("own_vllm_engine")]
+    if own:
+        items[:] = [i for i in items if not i.get_closest_marker("own_vllm_engine")] + own
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return

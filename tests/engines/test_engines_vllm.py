@@ -345,7 +345,8 @@ def test_repeated_sampler_on_the_loop_does_not_depend_on_concurrency(vllm_engine
     assert run(1) == run(5) == run(512)
 
 
-# (after the tests on the shared engine: a second engine in one process breaks the first)
+# (runs after every other test: a second engine in one process breaks the first; tests/conftest.py)
+@pytest.mark.own_vllm_engine
 def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> None:
     """processed_logprobs: the proposal (tempered) and the target (raw) log-probs of the same
     tokens, checked against a transformers forward pass."""

@@ -391,6 +391,7 @@ def test_info_describes_the_model(models: dict[str, Path]) -> None:
 # needs head_dim >= 32, hence the wider model.
 
 
+@pytest.mark.own_vllm_engine
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize("kind", ["orm", "prm"])
