@@ -731,6 +731,11 @@ def check_rule_name(spec: str, option: str) -> None:
     from ttscale.select.adaptive import RULE_NAMES
 
     name = str(spec).strip().partition(":")[0].strip().lower()
+    if name.startswith("short-") and option != "--rule":
+        raise ConfigError(
+            f"{spec} runs live through the Python API (ttscale.samplers.shortmk.ShortMKSampler); "
+            f"on the command line replay it on a fixed-n run: ttscale replay RUN --rule {spec}"
+        )
     if option == "--adaptive" and name in PRUNE_RULES:
         raise ConfigError(
             f"{name} is a pruning rule (it stops traces mid-generation): give it as --prune {spec}"
