@@ -286,7 +286,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
-                "deepconf,self_certainty,self_certainty_borda "
+                "deepconf,self_certainty,self_certainty_borda,cisc,cisc_score "
                 "[default: coverage,majority; a weighted (SMC) run reports its weighted results].",
                 show_default=False,
             ),
@@ -330,6 +330,11 @@ def register(app: typer.Typer) -> None:
         deepconf_eta: Annotated[
             float, typer.Option(min=0.0, max=100.0, help="DeepConf: percent of traces kept.")
         ] = 10.0,
+        cisc_temperature: Annotated[
+            float,
+            typer.Option(min=0.0, help="cisc, cisc_score: softmax temperature T over the confidences "
+                         "(ours; the paper tunes it per model)."),
+        ] = 1.0,
         deepconf_window: Annotated[
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
@@ -416,7 +421,7 @@ def register(app: typer.Typer) -> None:
                 check_prerequisites(pool, method_list, score=score, confidences=conf)
                 return compute_curves(
                     pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
-                    certainties=_certainties(store, method_list),
+                    certainties=_certainties(store, method_list), cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta, confidence=confidence, n_boot=n_boot,
                     n_draws=draws, rpc_draws=rpc_draws, rpc_fit=rpc_fit, tie=tie, seed=seed,
                     fit=fit, missing=missing,
@@ -462,6 +467,7 @@ def register(app: typer.Typer) -> None:
                     score_map=score_map,
                     confidences=conf,
                     certainties=_certainties(store, method_list),
+                    cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta,
                     confidence=confidence,
                     n_boot=n_boot,

@@ -315,6 +315,7 @@ def compute_curves(
     deepconf_eta: float = 10.0,
     certainties: NDArray[np.float64] | None = None,
     borda_power: float = 0.5,
+    cisc_temperature: float = 1.0,
     confidence: float = 0.95,
     n_boot: int = 1000,
     n_draws: int = 1000,
@@ -482,6 +483,20 @@ def compute_curves(
                         "deepconf needs per-token top log-probs; sample with --logprobs 20"
                     )
                 kw = {"method": _deepconf_selector(pool, confidences, deepconf_eta)}
+            elif m in ("cisc", "cisc_score"):
+                from ttscale.select.aggregate import map_scores
+
+                if m == "cisc":
+                    _require(pool, pool.mean_logprob, m, "mean log-probs")
+                    raw = np.exp(pool.mean_logprob)  # length-normalised response probability
+                else:
+                    assert score_arr is not None
+                    _require(pool, score_arr, m, f"score {score!r}")
+                    raw = score_arr
+                # softmax(c / T) per question = exp(c / T) up to a per-question factor that
+                # does not change the vote
+                c = np.where(pool.answer >= 0, raw, 0.0)
+                kw = {"method": "weighted", "scores": map_scores(c, "exp", cisc_temperature)}
             elif m in ("self_certainty", "self_certainty_borda"):
                 if certainties is None:
                     raise ConfigError(
@@ -518,7 +533,7 @@ def compute_curves(
         ci = _ci(per, confidence=confidence, n_boot=n_boot, seed=mseed, bootstrap_ci=bootstrap_ci)
         curves[m] = MethodCurve(
             m, k_arr, ci[0], ci[1], ci[2], per, est, draws,
-            oracle=oracle if m in ("weighted", "best_of_n") else None,
+            oracle=oracle if m in ("weighted", "best_of_n", "cisc_score") else None,
         )  # fmt: skip
 
     fit_res = None
