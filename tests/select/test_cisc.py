@@ -63,3 +63,42 @@ def test_curve_cisc_matches_the_library(tmp_path: Path) -> None:
                 # tie "expected": the chance a uniform tie-break picks the right answer
                 acc.append(sum(s for t, s in zip(res.tied, res.tie_shares, strict=True) if res.answers[t] == "1"))
             assert d[method]["mean"][0] == pytest.approx(np.mean(acc)), (method, temp)
+
+
+@pytest.mark.slow
+def test_cisc_with_p_true_from_the_yes_no_judge_on_the_bundled_model(tmp_path: Path) -> None:
+    """P(True): the bundled model judges its own traces through the yes/no judge; CISC reads the
+    judge's P(yes) as each trace's confidence (cisc_score --score NAME)."""
+    from ttscale.engines.hf import HFEngine
+    from ttscale.evals import default_model_path
+    from ttscale.store import SampleStore
+    from ttscale.verifiers.judge import JudgeVerifier
+    from ttscale.verifiers.runner import verify_store
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built")
+    runner = CliRunner()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["sample", "--engine", "hf", "--benchmark", "arith", "--limit", "6", "--n", "4",
+                            "--seed", "3", "--no-progress", "--out", str(run)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["verify", str(run), "--verifier", "arith"]).exit_code == 0
+    # the arith model never ranks "Y"/"N" in its top 20: all 380 tokens, so P(yes) is exact
+    engine = HFEngine(default_model_path(), device="cpu", threads=1)
+    judge = JudgeVerifier(engine, yes_token="Y", no_token="N", top_logprobs=380, name="ptrue")
+    verify_store(run, judge, name="ptrue")
+    pool = SampleStore.open(run).pool("arith")
+    p_true = pool.scores["ptrue"]
+    assert np.isfinite(p_true).all() and ((p_true > 0) & (p_true < 1)).all()
+    r = runner.invoke(app, ["curve", str(run), "--methods", "cisc_score", "--score", "ptrue", "--verifier", "arith",
+                            "--k", "4", "--json", "--n-boot", "10", "--cisc-temperature", "0.1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)["methods"]["cisc_score"]["mean"][0]
+    acc = []
+    for p in range(pool.num_problems):
+        lo, hi = int(pool.offsets[p]), int(pool.offsets[p + 1])
+        ans = [None if a < 0 else int(a) for a in pool.answer[lo:hi]]
+        res = cisc_vote(ans, p_true[lo:hi], temperature=0.1)
+        right = {int(a): float(c) for a, c in zip(pool.answer[lo:hi], pool.correct[lo:hi], strict=True) if a >= 0}
+        acc.append(sum(s for t, s in zip(res.tied, res.tie_shares, strict=True) if right[res.answers[t]] == 1.0))
+    assert got == pytest.approx(np.mean(acc))
