@@ -105,3 +105,40 @@ def test_exact_and_topk_on_the_bundled_model() -> None:
     print(f"self-certainty top-20 vs exact on the bundled model: max rel error {max(rel):.4f}, "
           f"mean {np.mean(rel):.4f}, Spearman {rho:.3f}, over {len(rel)} traces")
     assert max(rel) < 0.5 and rho > 0.5
+
+
+@pytest.mark.slow
+def test_run_certainties_exact_and_approximate_on_a_stored_run(tmp_path: Path) -> None:
+    """A run of the bundled model: the exact values (a forward pass over the stored tokens) bound
+    the top-20 approximation from above, sample by sample, in the same (pool) order."""
+    from typer.testing import CliRunner
+
+    from ttscale.cli.app import app
+    from ttscale.engines.hf import HFEngine
+    from ttscale.evals import default_model_path
+    from ttscale.select.certainty import run_certainties
+    from ttscale.store import SampleStore
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built")
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["sample", "--engine", "hf", "--benchmark", "arith", "--limit", "3", "--n", "3",
+                                 "--logprobs", "20", "--seed", "1", "--no-progress", "--out", str(run)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    store = SampleStore.open(run)
+    approx, v = run_certainties(store)
+    engine = HFEngine(default_model_path(), device="cpu", threads=1)
+    exact, v2 = run_certainties(store, engine=engine)
+    assert v == v2 == 380 and approx.shape == exact.shape == (9,)
+    assert (approx <= exact + 1e-9).all() and (exact > 0).all()
+    # pool order: the pool's k-th sample is the k-th value
+    from ttscale.engines import GenerationRequest
+
+    pool = store.pool()
+    prompts = {p.id: p.prompt for p in store.problems()}
+    by_key = {(s.problem_id, s.index): s for s in store.samples()}
+    for k in (0, 4, 8):
+        pid = str(pool.problem_ids[int(np.searchsorted(pool.offsets, k, side="right") - 1)])
+        smp = by_key[(pid, int(pool.index[k]))]
+        (want,) = exact_self_certainty(engine, [GenerationRequest(problem_id=pid, prompt=prompts[pid])], [smp.token_ids])
+        assert exact[k] == pytest.approx(want, rel=1e-9)

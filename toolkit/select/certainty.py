@@ -231,12 +231,21 @@ def self_certainty_best(answers: Sequence[Hashable | None], certainties: Any, **
     return dataclasses.replace(agg.best_of_n(answers, certainties, **kw), method="self_certainty")
 
 
-def run_certainties(store: Any, vocab_size: int | None = None) -> tuple[NDArray[np.float64], int]:
-    """Per-sample self-certainty of a stored run (pool order) by the top-k approximation, and the
-    vocabulary size used: ``vocab_size``, else the ``vocab_size`` of the run's model's
-    ``config.json`` when the model is a local folder. NaN for samples without top log-probs."""
+def run_certainties(
+    store: Any, vocab_size: int | None = None, *, engine: Any = None
+) -> tuple[NDArray[np.float64], int]:
+    """Per-sample self-certainty of a stored run (pool order) and the vocabulary size used.
+
+    With ``engine`` (an :class:`~ttscale.engines.hf.HFEngine` on the run's model): exact, from a
+    forward pass over each sample's prompt and stored ``token_ids`` (:func:`exact_self_certainty`;
+    plain-prompt runs). Otherwise the top-k approximation (:data:`TOPK_APPROXIMATION`) from the
+    stored top log-probs, with ``vocab_size``, else the ``vocab_size`` of the run's model's
+    ``config.json`` when the model is a local folder; NaN for samples without top log-probs."""
     import json
     from pathlib import Path
+
+    if engine is not None:
+        return _run_certainties_exact(store, engine)
 
     if vocab_size is None:
         model = ((store.manifest.get("engine") or {}).get("model")) or store.manifest.get("model")
@@ -257,3 +266,19 @@ def run_certainties(store: Any, vocab_size: int | None = None) -> tuple[NDArray[
         if x:
             out[i] = self_certainty_topk([dict(p) for p in x], vocab_size)
     return out, vocab_size
+
+
+def _run_certainties_exact(store: Any, engine: Any) -> tuple[NDArray[np.float64], int]:
+    from ttscale.engines.base import GenerationRequest
+
+    if store.manifest.get("chat"):
+        raise ConfigError("exact self-certainty of a chat run is not supported; use the top-k approximation")
+    prompts = {p.id: p.prompt for p in store.problems()}
+    t = store.table(["token_ids"])
+    pids = t.column("problem_id").to_pylist()
+    ids = t.column("token_ids").to_pylist()
+    if any(x is None for x in ids):
+        raise ConfigError("exact self-certainty needs the stored token ids of every sample")
+    reqs = [GenerationRequest(problem_id=str(pid), prompt=prompts[str(pid)]) for pid in pids]
+    out = np.asarray(exact_self_certainty(engine, reqs, ids), dtype=np.float64)
+    return out, int(engine.model.config.vocab_size)
