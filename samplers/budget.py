@@ -21,8 +21,8 @@ The delimiter is a stop string for every segment, so an answer that contains it 
 there. Segments continue the text (``prefix``), so a continuation may be tokenised differently
 from how it was generated; tokens counted are the generated ones only (cues and delimiters
 appended by the sampler are prompt text). What was checked: the procedure against the paper's
-description (section 3.1: suppress the end-of-thinking token and append "Wait" to think longer,
-append the delimiter and "Final Answer:" to stop); not checked against their code or numbers.
+description (suppress the end-of-thinking token and append "Wait" to think longer, append the
+delimiter and "Final Answer:" to stop); not checked against their code or numbers.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ the paper's confidence extractions are offered:
 The per-question normalisation does not change which answer wins, so the vote is the existing
 weighted vote with ``exp`` score mapping at temperature ``T`` (:func:`cisc_weights` is the
 normalised form). ``T`` matters: small ``T`` approaches best-of-N by confidence, large ``T``
-plain self-consistency. What was checked: the formula against the paper's text (section 3,
-softmax over the question's confidences with a temperature). Not checked: the paper tunes ``T``
+plain self-consistency. What was checked: the formula against the paper's abstract and
+summaries of it (softmax over the question's confidences with a temperature). Not checked: the paper tunes ``T``
 per model and confidence method on held-out questions and its tuned values were not available
 here, so the default ``T = 1.0`` is ours (``--cisc-temperature`` sets it); the paper's P(True)
 prompt wording was not available either (the judge's prompt is a setting).

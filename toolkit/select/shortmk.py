@@ -15,9 +15,9 @@ order. The cost model, per problem, with ``L_(1) <= ... <= L_(k)`` the sorted le
 * wall time: ``L_(m)`` decode steps (majority@k: ``L_(k)``), the paper's "time to answer" in
   tokens, under the same lockstep model.
 
-What was checked: the method and the tie rule against the paper's text (section 4, "short-m@k":
-halt at the first m, majority among them, ties to the shortest thinking); no reference code was
-found (searched GitHub and the paper page), so the code and the token/time model are checked
+What was checked: the method and the tie rule against the paper's text (halt at the first m,
+majority among them, ties to the shortest thinking); no reference code was found (searched the
+stored GitHub index and pages about the paper), so the code and the token/time model are checked
 against hand-derived vectors in ``tests/select/test_shortmk.py``, not against the authors'
 numbers. The paper measures thinking tokens (between ``<think>`` and ``</think>``); the models
 here have no thinking delimiter, so length is the whole generation (``num_tokens``).
