@@ -44,7 +44,7 @@ from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, SamplingParams
 from ttscale.validation import check_int
 
-__all__ = ["BudgetForcing", "BudgetForcingSampler", "ForcedTrace"]
+__all__ = ["BudgetForcing", "BudgetForcingSampler", "ForcedTrace", "parse_budget_forcing"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,35 @@ class BudgetForcing:
             raise ConfigError(
                 f"min_thinking {self.min_thinking} exceeds max_thinking {self.max_thinking}"
             )
+
+
+_SPEC_KEYS = {
+    "think_end": str, "min": int, "max": int, "wait": str, "max_waits": int, "answer_prefix": str,
+    "answer_tokens": int,
+}  # fmt: skip
+_FIELD = {"min": "min_thinking", "max": "max_thinking"}
+
+
+def parse_budget_forcing(text: str) -> BudgetForcing:
+    """``think_end=</think>,min=256,max=1024[,wait=Wait,max_waits=8,answer_prefix=...,
+    answer_tokens=64]`` -> :class:`BudgetForcing`; ``\n`` and ``\t`` in values are newlines and
+    tabs (``think_end=\n####``); a value cannot hold a comma. One-line :class:`ConfigError`."""
+    kwargs: dict[str, Any] = {}
+    for part in (x for x in str(text).split(",") if x.strip()):
+        key, eq, value = part.partition("=")  # values verbatim: answer_prefix may be a space
+        key = key.strip()
+        if not eq or key not in _SPEC_KEYS:
+            raise ConfigError(
+                f"budget forcing {text!r}: {part!r} is not one of {', '.join(k + '=...' for k in _SPEC_KEYS)}"
+            )
+        value = value.replace("\\n", "\n").replace("\\t", "\t")
+        try:
+            kwargs[_FIELD.get(key, key)] = _SPEC_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(f"budget forcing: {key}={value!r} is not an integer") from None
+    if "think_end" not in kwargs:
+        raise ConfigError("budget forcing needs the end-of-thinking delimiter: think_end=...")
+    return BudgetForcing(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,41 @@ def test_budget_forcing_on_the_bundled_model_with_a_synthetic_delimiter() -> Non
         for c in r.candidates:
             assert "\n#### " in c.completion.text
     assert sum(r.generated_tokens for r in res) == sum(t.thinking_tokens + t.answer_tokens for t in s.traces)
+
+
+def test_parse_budget_forcing() -> None:
+    from ttscale.samplers.budget import parse_budget_forcing
+
+    f = parse_budget_forcing(r"think_end=\n####,min=24,max=40,answer_prefix= ,answer_tokens=8")
+    assert (f.think_end, f.min_thinking, f.max_thinking, f.answer_prefix, f.answer_tokens) == ("\n####", 24, 40, " ", 8)
+    with pytest.raises(ConfigError, match="think_end="):
+        parse_budget_forcing("min=3")
+    with pytest.raises(ConfigError, match="not one of"):
+        parse_budget_forcing("think_end=x,minimum=3")
+    with pytest.raises(ConfigError, match="not an integer"):
+        parse_budget_forcing("think_end=x,min=a")
+
+
+@pytest.mark.slow
+def test_sample_budget_forcing_cli_on_the_bundled_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ttscale.cli.app import app
+    from ttscale.evals import default_model_path
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built")
+    runner = CliRunner()
+    out = tmp_path / "bf"
+    spec = r"think_end=\n####,min=24,max=40,max_waits=3,answer_prefix= ,answer_tokens=8"
+    r = runner.invoke(app, ["sample", "--engine", "hf", "--benchmark", "arith", "--limit", "3", "--n", "4", "--seed", "1",
+                            "--no-progress", "--out", str(out), "--budget-forcing", spec])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "budget_forcing.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(x["thinking_tokens"] <= 40 for x in rows)
+    store = SampleStore.open(out)
+    assert len(store) == 12 and store.manifest["budget_forcing"]["max_thinking"] == 40
+    assert store.accounting()["generated_tokens"] == sum(x["thinking_tokens"] + x["answer_tokens"] for x in rows)
+    r = runner.invoke(app, ["sample", "--engine", "hf", "--benchmark", "arith", "--n", "4", "--out", str(tmp_path / "x"),
+                            "--budget-forcing", spec, "--prune", "lowprob:-1"])  # fmt: skip
+    assert r.exit_code == 1 and "drop --prune" in r.output
