@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -286,7 +286,7 @@ def register(app: typer.Typer) -> None:
             Optional[str],
             typer.Option(
                 help="Comma-separated: coverage,majority,weighted,best_of_n,max_probability,pc,rpc,"
-                "deepconf "
+                "deepconf,self_certainty,self_certainty_borda,cisc,cisc_score "
                 "[default: coverage,majority; a weighted (SMC) run reports its weighted results].",
                 show_default=False,
             ),
@@ -330,6 +330,11 @@ def register(app: typer.Typer) -> None:
         deepconf_eta: Annotated[
             float, typer.Option(min=0.0, max=100.0, help="DeepConf: percent of traces kept.")
         ] = 10.0,
+        cisc_temperature: Annotated[
+            float,
+            typer.Option(min=0.0, help="cisc, cisc_score: softmax temperature T over the confidences "
+                         "(ours; the paper tunes it per model)."),
+        ] = 1.0,
         deepconf_window: Annotated[
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
@@ -434,12 +439,13 @@ def register(app: typer.Typer) -> None:
 
             def compute(pool: Any, label: str) -> Any:
                 conf = None
-                if "deepconf" in method_list:
-                    store = stores[[id(p) for p in pools].index(id(pool))]
+                store = stores[[id(p) for p in pools].index(id(pool))]
+                if _top_methods(method_list):
                     conf = run_confidences(store, window=deepconf_window)
                 check_prerequisites(pool, method_list, score=score, confidences=conf)
                 return compute_curves(
                     pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
+                    certainties=_certainties(store, method_list), cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta, confidence=confidence, n_boot=n_boot,
                     n_draws=draws, rpc_draws=rpc_draws, rpc_fit=rpc_fit, tie=tie, seed=seed,
                     fit=fit, missing=missing,
@@ -455,7 +461,7 @@ def register(app: typer.Typer) -> None:
         for run, store, pool in zip(runs, stores, pools, strict=True):
             where = f"{run}: " if multi else ""
             # a run with no top log-probs at all is reported now; others once computed below
-            no_top = "deepconf" in method_list and not _has_top_logprobs(store)
+            no_top = bool(_top_methods(method_list)) and not _has_top_logprobs(store)
             try:
                 check_prerequisites(pool, method_list, score=score, check_confidences=no_top)
                 if ks and pool.num_problems and max(ks) > int(pool.n_per_problem.max()):
@@ -466,7 +472,7 @@ def register(app: typer.Typer) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{where}{e}") from None
         confs = [
-            run_confidences(store, window=deepconf_window) if "deepconf" in method_list else None
+            run_confidences(store, window=deepconf_window) if _top_methods(method_list) else None
             for store in stores
         ]
         for run, pool, conf in zip(runs, pools, confs, strict=True):
@@ -476,7 +482,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"{run}: {e}" if multi else str(e)) from None
         reports = []
         with _ProgressBars(progress) as bars:
-            for (label, _), pool, conf in zip(names, pools, confs, strict=True):
+            for (label, _), store, pool, conf in zip(names, stores, pools, confs, strict=True):
                 report = compute_curves(
                     pool,
                     method_list,
@@ -484,6 +490,8 @@ def register(app: typer.Typer) -> None:
                     score=score,
                     score_map=score_map,
                     confidences=conf,
+                    certainties=_certainties(store, method_list),
+                    cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta,
                     confidence=confidence,
                     n_boot=n_boot,
@@ -958,3 +966,21 @@ def math_ceil(x: float) -> int:
     import math
 
     return max(1, math.ceil(x))
+
+
+def _top_methods(methods: Sequence[str]) -> list[str]:
+    """The methods that read per-token top log-probs (DeepConf, self-certainty)."""
+    from ttscale.select.rules import RULES
+
+    return [m for m in methods if m in RULES and "top_logprobs" in RULES[m].inputs]
+
+
+def _certainties(store: Any, methods: Sequence[str]) -> Any:
+    """Per-sample self-certainties (top-k approximation) when a self-certainty method is asked."""
+    if not any(m.startswith("self_certainty") for m in methods):
+        return None
+    from ttscale.select.certainty import TOPK_APPROXIMATION, run_certainties
+
+    cert, vocab = run_certainties(store)
+    typer.echo(f"self-certainty: {TOPK_APPROXIMATION}, vocabulary {vocab}", err=True)
+    return cert

@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
                 help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
                 "majority:0.8, deepconf:0.95, sprt:p1=0.8, msprt:alpha=0.05 (any with ,min=K); or a "
                 "trace-pruning rule replayed from stored log-probs: deepconf-online:eta=10, "
-                "lowprob:threshold=-1.5.",
+                "lowprob:threshold=-1.5; or short-m@k (short-1@k, short-3@k, short-M@K): stop "
+                "at the first m of k traces to finish (by length), majority among them.",
             ),
         ] = None,
         allocate: Annotated[
@@ -123,6 +124,11 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--order takes only 'index' (random orders: --orders N), got {order!r}")
         if order == "index" and orders is not None:
             raise ConfigError("--order index and --orders N exclude each other; pass one")
+        from ttscale.select.shortmk import is_short_spec
+
+        if is_short_spec(rule):
+            _replay_short(run, rule, orders, order, max_samples, verifier, seed, json_out)
+            return
         check_rule_name(rule, "--rule")  # an unknown rule: one line naming both kinds
         trace_rule = rule.strip().partition(":")[0].strip() in _TRACE_RULES
         store = SampleStore.open(run)
@@ -235,6 +241,49 @@ def _replay_adaptive_run(
     typer.echo(
         "cannot replay on this run: random orders, and fixed@budget (problems stopped early hold "
         "fewer samples); for those, replay on a fixed-n run (`ttscale sample --n N`)"
+    )
+
+
+def _replay_short(
+    run: Path, rule: str, orders: int | None, order: str | None, max_samples: int | None,
+    verifier: str | None, seed: int, json_out: bool,
+) -> None:
+    """``replay --rule short-m@k`` on a fixed-n run (:func:`ttscale.select.shortmk.replay_short`)."""
+    from ttscale.cli.analysis_cmds import describe_verdicts
+    from ttscale.runkinds import kind_refusal, run_kind
+    from ttscale.select.shortmk import parse_short, replay_short
+    from ttscale.store import SampleStore
+
+    parsed = parse_short(rule)  # before reading the run
+    store = SampleStore.open(run)
+    kind = run_kind(store.manifest)
+    if kind != "fixed":
+        raise ConfigError(kind_refusal(kind, "replaying short-m@k (it needs all k traces of a problem)", run))
+    pool = store.pool(verifier)
+    d = replay_short(pool, parsed, max_samples=max_samples, orders=orders, seed=seed)
+    d["verdicts"] = pool.meta.get("verdicts")
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+
+    def ci(b: dict[str, Any], f: str) -> str:
+        return f"{b['mean']:{f}} [{b['low']:{f}}, {b['high']:{f}}]"
+
+    typer.echo(describe_verdicts(d.get("verdicts")))
+    where = "the first k traces in index order" if orders is None else f"{orders} random draws of k"
+    typer.echo(
+        f"{run}: {d['problems']} problems, {d['rule']} with k = {d['k']} ({where}); finish order "
+        f"by generated length; cost model: {d['cost_model']}"
+    )
+    for name, b in (("rule", d), (d["fixed"]["rule"], d["fixed"])):
+        typer.echo(
+            f"  {name:11s} accuracy {ci(b['accuracy'], '.4f')}  tokens/problem {ci(b['tokens'], '.1f')}"
+            f"  wall steps/problem {ci(b['wall_steps'], '.1f')}"
+        )
+    typer.echo(
+        f"  tokens {d['token_ratio']:.3f}x and wall time {d['wall_ratio']:.3f}x of majority@{d['k']}"
+        if d["token_ratio"] is not None and d["wall_ratio"] is not None
+        else "  (no tokens in this run)"
     )
 
 

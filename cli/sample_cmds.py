@@ -172,6 +172,14 @@ PruneOpt = Annotated[
         "(see README, 'Pruning traces mid-generation').",
     ),
 ]
+BudgetOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--budget-forcing",
+        help="s1 budget forcing: think_end=</think>,min=256,max=1024[,wait=Wait,answer_prefix=...,"
+        "answer_tokens=64] (\\n in values is a newline; see README).",
+    ),
+]
 FlushOpt = Annotated[
     int,
     typer.Option(
@@ -283,6 +291,7 @@ class SampleOptions(EngineOptions):
     budget_total: BudgetTotalOpt = None
     budget_tokens: BudgetTokensOpt = False
     stop_rule: StopRuleOpt = None
+    budget_forcing: BudgetOpt = None
 
     def spec(self, **fields: Any) -> SampleSpec:
         own = {
@@ -296,6 +305,7 @@ class SampleOptions(EngineOptions):
             "flush_every": self.flush_every,
             "adaptive": self.adaptive,
             "prune": self.prune,
+            "budget_forcing": self.budget_forcing,
         }
         return super().spec(**{**own, **fields})
 
@@ -396,6 +406,7 @@ class SampleSpec:
     outputs: Sequence[Path] = ()  # further files the command writes (checked before sampling)
     adaptive: str | None = None  # level-1 stopping rule (ttscale.select.adaptive spec)
     prune: str | None = None  # a pruning rule (samplers.pruning): level-2 adaptive compute
+    budget_forcing: str | None = None  # s1 budget forcing settings (samplers.budget spec)
     given: Sequence[str] = ()  # the options as typed, for the Ctrl-C hint (with_options)
     allocate: str | None = None  # allocation policy across problems (ttscale.select.allocation)
     budget_total: float | None = None  # --allocate: dataset budget in samples (or tokens)
@@ -627,6 +638,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
         # a bad policy fails before anything loads
         check_sample_allocate(spec, parse_shard(spec.shard) if spec.shard is not None else None)
     prune_rule = _check_prune(spec)
+    forcing = _check_budget_forcing(spec)
     r = resolve_run(spec)
     base, n, out, problems, manifest = r.sampling, r.n, r.out, r.problems, r.manifest
     if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
@@ -647,6 +659,12 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
             if spec.resume
             else SampleStore.create(out, manifest)
         )
+        if forcing is not None:
+            summary = _run_budget_forcing(engine, params, store, problems, n, forcing, spec)
+            info = dict(engine.info())
+            if console is not None:
+                _print_summary(console, summary, info)
+            return SampleResult(store, summary, r.bench, problems, info)
         if prune_rule is not None:
             summary = _run_pruning(
                 spec, engine, params, store, problems, n, prune_rule, manifest, r.shard
@@ -692,6 +710,52 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if console is not None:
         _print_summary(console, summary, info)
     return SampleResult(store, summary, r.bench, problems, info)
+
+
+def _check_budget_forcing(spec: SampleSpec) -> Any:
+    """The ``--budget-forcing`` settings (parsed before anything slow), or ``None``."""
+    if spec.budget_forcing is None:
+        return None
+    from ttscale.samplers.budget import parse_budget_forcing
+
+    forcing = parse_budget_forcing(spec.budget_forcing)
+    clash = [o for o, v in (("--adaptive", spec.adaptive), ("--prune", spec.prune), ("--shard", spec.shard),
+                            ("--resume", spec.resume or None), ("--chat", spec.chat or None)) if v]  # fmt: skip
+    if clash:
+        raise ConfigError(f"--budget-forcing runs alone on plain prompts into a new run: drop {', '.join(clash)}")
+    return forcing
+
+
+def _run_budget_forcing(
+    engine: Any, params: Any, store: Any, problems: Sequence[Any], n: int, forcing: Any, spec: SampleSpec
+) -> Any:
+    """``sample --budget-forcing``: a :class:`BudgetForcingSampler` run into ``store``."""
+    from ttscale.samplers.budget import BUDGET_FILE, BudgetForcingSampler
+    from ttscale.samplers.repeated import SamplingSummary
+
+    sampler = BudgetForcingSampler(engine, params, forcing, batch_size=spec.batch_size)
+    typer.echo(
+        f"budget forcing: think_end={forcing.think_end!r}, thinking {forcing.min_thinking}.."
+        f"{forcing.max_thinking} tokens (cue {forcing.wait!r}, at most {forcing.max_waits}), answer "
+        f"{forcing.answer_tokens} tokens after {forcing.answer_prefix!r}",
+        err=True,
+    )
+    t0 = time.perf_counter()
+    results = list(sampler.sample(problems, n, seed=params.seed, sink=store))
+    wall = time.perf_counter() - t0
+    store.refresh()
+    tr = sampler.traces
+    typer.echo(
+        f"budget forcing: {sum(t.waits > 0 for t in tr)} of {len(tr)} traces got a cue, "
+        f"{sum(t.forced_end for t in tr)} were cut at the maximum; per trace: {store.path / BUDGET_FILE}",
+        err=True,
+    )
+    return SamplingSummary(
+        path=store.path, problems=len(problems), n=n, requested=len(tr), skipped=0, generated=len(tr),
+        stored=len(store), generated_tokens=sum(r.generated_tokens for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results), wall_seconds=wall,
+        accounting=store.accounting(),
+    )  # fmt: skip
 
 
 def _check_prune(spec: SampleSpec) -> Any:
@@ -779,6 +843,11 @@ def check_rule_name(spec: str, option: str) -> None:
     from ttscale.select.adaptive import RULE_NAMES
 
     name = str(spec).strip().partition(":")[0].strip().lower()
+    if name.startswith("short-") and option != "--rule":
+        raise ConfigError(
+            f"{spec} runs live through the Python API (ttscale.samplers.shortmk.ShortMKSampler); "
+            f"on the command line replay it on a fixed-n run: ttscale replay RUN --rule {spec}"
+        )
     if option == "--adaptive" and name in PRUNE_RULES:
         raise ConfigError(
             f"{name} is a pruning rule (it stops traces mid-generation): give it as --prune {spec}"

@@ -373,12 +373,104 @@ class SelfEval:
         return 1.0 / (1.0 + math.exp(lp_yes - lp_no))
 
 
+class _TopGroup:
+    """One problem's traces under :class:`SelfEvalTop`: their checkpoint scores, and once every
+    watched trace has reported a score or finished, the losers (the bottom of the ranking)."""
+
+    def __init__(self, rule: SelfEvalTop, n: int) -> None:
+        self.rule = rule
+        self.n = n
+        self.scores: dict[int, float] = {}  # trace index -> P(no) at the checkpoint
+        self.finished: set[int] = set()
+        self.losers: dict[int, str] | None = None
+
+    def report(self, index: int, p_no: float) -> None:
+        self.scores[index] = p_no
+        self.settle()
+
+    def finish(self, index: int) -> None:
+        self.finished.add(index)
+        self.settle()
+
+    def settle(self) -> None:
+        if self.losers is not None or len(self.finished | set(self.scores)) < self.n:
+            return
+        self.losers = self.rule.losers(self.scores)
+
+
+class _TopMonitor:
+    def __init__(self, group: _TopGroup, index: int, scorer: Scorer) -> None:
+        self.group, self.index, self.scorer = group, index, scorer
+
+    def observe(
+        self,
+        num_tokens: int,
+        logprob: float | None,
+        top: Mapping[int, float] | None,
+        token_ids: Sequence[int],
+    ) -> str | None:
+        g = self.group
+        if num_tokens == g.rule.checkpoint:
+            g.report(self.index, self.scorer(token_ids))
+        # decided once every trace reached the checkpoint (or ended): losers stop at their next
+        # token, so every pruned trace is cut at checkpoint + 1 whatever order traces report in
+        if num_tokens > g.rule.checkpoint and g.losers is not None:
+            return g.losers.get(self.index)
+        return None
+
+
+@dataclass(frozen=True)
+class SelfEvalTop(SelfEval):
+    """Manvi et al.'s keep-top-fraction pruning: every trace of a problem that reaches token
+    ``checkpoint`` is scored by self-evaluation (``P(no)``, as :class:`SelfEval`: the model
+    would not do better starting over), and once all have reached it (or ended) only the top
+    ``keep`` fraction (``ceil(keep * scored)``, at least one; ties to the lower index) continue;
+    the others stop at their next token. Traces that end by the checkpoint are kept unscored.
+    ``selfeval-top:checkpoint=64,keep=0.5`` (the threshold rule is ``selfeval``). What was
+    checked: the rule as the paper describes it (score all partial samples, keep the best
+    fraction); the paper's prompt, checkpoint and fraction are unverified (docs/algorithms.md
+    3.3), so all are parameters. A resumed run ranks only the traces it generates again."""
+
+    keep: float = 0.5
+    name = "selfeval-top"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("keep", self.keep, low=0.0, high=1.0, low_open=True)
+        if self.every:
+            raise ConfigError("selfeval-top scores once, at the checkpoint: drop every=")
+
+    def spec(self) -> str:
+        return f"{self.name}:checkpoint={self.checkpoint},keep={self.keep:g},mode={self.mode}"
+
+    def losers(self, scores: Mapping[int, float]) -> dict[int, str]:
+        """The traces (index -> reason) below the kept top fraction of ``scores`` (P(no))."""
+        ranked = sorted(scores, key=lambda i: (-scores[i], i))
+        n_keep = max(1, math.ceil(self.keep * len(ranked) - 1e-9))
+        return {
+            i: (
+                f"self-evaluation P(no)={scores[i]:.4f} ranked {r + 1} of {len(ranked)} at token "
+                f"{self.checkpoint}; the top {n_keep} continue (keep={self.keep:g})"
+            )
+            for r, i in enumerate(ranked)
+            if r >= n_keep
+        }
+
+    def group(self, n: int) -> _TopGroup:
+        """The shared state of one problem's ``n`` watched traces."""
+        return _TopGroup(self, n)
+
+    def monitor(self, threshold: float | None, scorer: Scorer | None = None) -> TraceMonitor:
+        raise ConfigError("selfeval-top ranks a problem's traces together: use group(n).monitor")
+
+
 # -- rule specs ----------------------------------------------------------------------------------
 
 PRUNE_RULES: Mapping[str, type] = {
     "deepconf-online": DeepConfOnline,
     "lowprob": LowProb,
     "selfeval": SelfEval,
+    "selfeval-top": SelfEvalTop,
 }
 
 _PARAM_TYPES: dict[str, dict[str, Callable[[str], Any]]] = {
@@ -388,6 +480,14 @@ _PARAM_TYPES: dict[str, dict[str, Callable[[str], Any]]] = {
         "checkpoint": int,
         "threshold": float,
         "every": int,
+        "prompt": str,
+        "yes": str,
+        "no": str,
+        "mode": str,
+    },
+    "selfeval-top": {
+        "checkpoint": int,
+        "keep": float,
         "prompt": str,
         "yes": str,
         "no": str,
@@ -892,6 +992,12 @@ class PruningSampler:
         if reqs:
             monitors: dict[tuple[int, int], TraceMonitor] = {}
             tokens: dict[tuple[int, int], list[int]] = {}
+            # keep-top ranks this problem's watched traces together
+            group = (
+                self.rule.group(sum(len(r.indices) for r in reqs))
+                if isinstance(self.rule, SelfEvalTop)
+                else None
+            )
 
             def on_token(ev: TokenEvent) -> bool:
                 key = (ev.request, ev.slot)
@@ -899,11 +1005,17 @@ class PruningSampler:
                 if mon is None:
                     req = reqs[ev.request]
                     scorer = self._scorer(req) if isinstance(self.rule, SelfEval) else None
-                    mon = self.rule.monitor(threshold, scorer)
+                    if group is not None:
+                        assert scorer is not None
+                        mon = _TopMonitor(group, ev.index, scorer)
+                    else:
+                        mon = self.rule.monitor(threshold, scorer)
                     monitors[key] = mon
                     tokens[key] = []
                 tokens[key].append(ev.token_id)
                 if ev.finished:
+                    if group is not None:
+                        group.finish(ev.index)
                     return False
                 reason = mon.observe(ev.num_tokens, ev.logprob, ev.top, tokens[key])
                 if reason is None:

@@ -248,7 +248,8 @@ def check_prerequisites(
                 f"{', '.join(lp)} need{'s' if len(lp) == 1 else ''} per-sample log-probs, missing "
                 f"for {miss} of {n_ans} answered samples; {_LOGPROB_FIX}"
             )
-    if needing("top_logprobs") and check_confidences:
+    top = needing("top_logprobs")
+    if top and check_confidences:
         if confidences is None:
             miss = n_ans
         else:
@@ -260,7 +261,8 @@ def check_prerequisites(
             )
         if miss:
             problems.append(
-                f"deepconf needs per-token top log-probs, missing for {miss} of {n_ans} answered "
+                f"{', '.join(top)} need{'s' if len(top) == 1 else ''} per-token top log-probs, "
+                f"missing for {miss} of {n_ans} answered "
                 f"samples; {_TOP_LOGPROB_FIX}"
             )
     sc = needing("scores")
@@ -311,6 +313,9 @@ def compute_curves(
     score_map: str = "identity",
     confidences: NDArray[np.float64] | None = None,
     deepconf_eta: float = 10.0,
+    certainties: NDArray[np.float64] | None = None,
+    borda_power: float = 0.5,
+    cisc_temperature: float = 1.0,
     confidence: float = 0.95,
     n_boot: int = 1000,
     n_draws: int = 1000,
@@ -478,6 +483,33 @@ def compute_curves(
                         "deepconf needs per-token top log-probs; sample with --logprobs 20"
                     )
                 kw = {"method": _deepconf_selector(pool, confidences, deepconf_eta)}
+            elif m in ("cisc", "cisc_score"):
+                from ttscale.select.aggregate import map_scores
+
+                if m == "cisc":
+                    _require(pool, pool.mean_logprob, m, "mean log-probs")
+                    raw = np.exp(pool.mean_logprob)  # length-normalised response probability
+                else:
+                    assert score_arr is not None
+                    _require(pool, score_arr, m, f"score {score!r}")
+                    raw = score_arr
+                # softmax(c / T) per question = exp(c / T) up to a per-question factor that
+                # does not change the vote
+                c = np.where(pool.answer >= 0, raw, 0.0)
+                kw = {"method": "weighted", "scores": map_scores(c, "exp", cisc_temperature)}
+            elif m in ("self_certainty", "self_certainty_borda"):
+                if certainties is None:
+                    raise ConfigError(
+                        f"{m} needs per-sample self-certainties (ttscale.select.certainty."
+                        "run_certainties: top log-probs, sample with --logprobs 20)"
+                    )
+                cert = np.asarray(certainties, dtype=np.float64)
+                _require(pool, cert, m, "top log-probs (self-certainty)")
+                kw = (
+                    {"method": "best_of_n", "scores": cert}
+                    if m == "self_certainty"
+                    else {"method": _borda_selector(pool, cert, borda_power)}
+                )
             draws_m = rpc_draws if m == "rpc" else n_draws
             res = selection_at_k(
                 pool.answer,
@@ -501,7 +533,7 @@ def compute_curves(
         ci = _ci(per, confidence=confidence, n_boot=n_boot, seed=mseed, bootstrap_ci=bootstrap_ci)
         curves[m] = MethodCurve(
             m, k_arr, ci[0], ci[1], ci[2], per, est, draws,
-            oracle=oracle if m in ("weighted", "best_of_n") else None,
+            oracle=oracle if m in ("weighted", "best_of_n", "cisc_score") else None,
         )  # fmt: skip
 
     fit_res = None
@@ -562,6 +594,23 @@ def _deepconf_selector(pool: Pool, conf: NDArray[np.float64], eta: float) -> Any
         return deepconf_vote_labels(local[p][sub], conf[off + sub], eta=eta)
 
     select.__name__ = f"deepconf(eta={eta:g})"
+    return select
+
+
+def _borda_selector(pool: Pool, cert: NDArray[np.float64], power: float) -> Any:
+    from ttscale.select.certainty import self_certainty_borda_labels
+
+    local: list[NDArray[np.int64]] = []
+    for p in range(pool.num_problems):
+        a = pool.answer[pool.offsets[p] : pool.offsets[p + 1]]
+        _, inv = np.unique(a, return_inverse=True)
+        local.append(inv.astype(np.int64) - (1 if bool((a < 0).any()) else 0))
+
+    def select(p: int, sub: NDArray[np.int64]) -> Any:
+        # the ranks are taken within the k traces drawn, as for a run of k
+        return self_certainty_borda_labels(local[p][sub], cert[pool.offsets[p] + sub], power=power)
+
+    select.__name__ = f"self_certainty_borda(power={power:g})"
     return select
 
 

@@ -111,3 +111,26 @@ def test_replay_command_replays_a_trace_rule_against_sc(tmp_path: Path) -> None:
     # trace rules replay in stored order only
     r = runner.invoke(app, ["replay", str(full), "--rule", RULE, "--orders", "3"])
     assert r.exit_code == 1 and "drop --orders" in r.output
+
+
+def test_sample_prune_selfeval_top_on_the_bundled_model(tmp_path: Path) -> None:
+    """Keep-top-fraction: per problem, half of the traces that reached the checkpoint go on."""
+    from ttscale.evals import default_model_path
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        import pytest
+
+        pytest.skip("the bundled model is not built")
+    out = tmp_path / "top"
+    r = runner.invoke(app, ["sample", "--engine", "hf", "--benchmark", "arith", "--limit", "3", "--n", "4",
+                            "--seed", "1", "--no-progress", "--out", str(out),
+                            "--prune", "selfeval-top:checkpoint=6,keep=0.5,yes=Y,no=N"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "pruning.jsonl").read_text().splitlines()]
+    by: dict[str, list[dict[str, object]]] = {}
+    for row in rows:
+        by.setdefault(str(row["problem_id"]), []).append(row)
+    for trs in by.values():
+        cut = [t for t in trs if t["pruned_at"] is not None]
+        assert len(cut) <= 2 and all(t["pruned_at"] == 7 and "ranked" in str(t["reason"]) for t in cut)
+    assert sum(t["pruned_at"] is not None for t in rows) > 0

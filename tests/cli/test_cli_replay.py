@@ -107,3 +107,36 @@ def test_live_equals_replay_on_the_bundled_model(tmp_path: Path) -> None:
             (x["problem_id"], x["used"], x["answer"]) for x in rows
         ]
         assert [p["tokens"] for p in rep] == [x["used_tokens"] for x in rows]
+
+
+def test_replay_short_m_at_k_by_hand(pool_run: Path) -> None:
+    # lengths 10, 20, ..., 60 in index order, so traces finish in index order
+    r = invoke("replay", str(pool_run), "--rule", "short-1@k", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    # both problems answer "a" first: p0 right, p1 wrong; majority@6: p0 "a", p1 tie -> "a"
+    assert d["k"] == 6 and d["accuracy"]["mean"] == 0.5 and d["fixed"]["accuracy"]["mean"] == 0.5
+    assert d["tokens"]["mean"] == 10 + 5 * 10 and d["fixed"]["tokens"]["mean"] == 210
+    assert d["wall_steps"]["mean"] == 10 and d["fixed"]["wall_steps"]["mean"] == 60
+    d = json.loads(invoke("replay", str(pool_run), "--rule", "short-3@k", "--json").stdout)
+    assert d["tokens"]["mean"] == 10 + 20 + 30 + 3 * 30 and d["accuracy"]["mean"] == 0.5
+    r = invoke("replay", str(pool_run), "--rule", "short-3@k")
+    assert r.exit_code == 0 and "short-3@k with k = 6" in r.output and "majority@6" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--rule", "short-3@x"], "bad short-m@k rule"),
+        (["--rule", "short-7@k"], "at least 7"),
+    ],
+)
+def test_replay_short_errors_are_one_line(pool_run: Path, args: list[str], msg: str) -> None:
+    r = invoke("replay", str(pool_run), *args)
+    assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output
+
+
+def test_sample_adaptive_short_points_to_replay(tmp_path: Path) -> None:
+    r = invoke("sample", "--benchmark", "arith", "--n", "4", "--out", str(tmp_path / "o"),
+               "--adaptive", "short-3@k")  # fmt: skip
+    assert r.exit_code == 1 and "ttscale replay RUN --rule short-3@k" in r.output

@@ -475,3 +475,37 @@ def test_pruning_shards_merge_into_the_whole_run(tmp_path: Any) -> None:
     assert run.manifest["pruning"]["traces"] == 24
     assert run.manifest["pruning"]["generated_tokens"] == total
     assert {a["shard"] for a in run.sessions().values()} == {"0/2", "1/2"}
+
+
+def test_selfeval_top_keeps_the_top_fraction_by_p_no() -> None:
+    from ttscale.samplers.pruning import SelfEvalTop
+
+    eng = ScriptedEngine()
+    params = SamplingParams(max_tokens=30, logprobs=0, seed=4)
+    rule = parse_prune_rule("selfeval-top:checkpoint=8,keep=0.5,prompt=,yes=y,no=n")
+    assert isinstance(rule, SelfEvalTop) and rule.spec() == "selfeval-top:checkpoint=8,keep=0.5,mode=softmax2"
+    live = list(PruningSampler(eng, params, rule).sample(PROBLEMS, 6, seed=4))
+    idx = {ch: 1 + eng.alphabet.index(ch) for ch in "ny"}
+    pruned_any = False
+    for res in live:
+        scored = {}
+        for c in res.candidates:
+            comp = c.completion
+            if comp.num_tokens <= 8 and c.pruned_at is None:
+                continue  # ended by the checkpoint: never scored
+            ctx = res.problem.prompt + eng.decode((comp.token_ids or ())[:8])
+            lp = eng._next_logprobs(ctx[-eng.order:])
+            scored[c.index] = 1 / (1 + math.exp(lp[idx["y"]] - lp[idx["n"]]))
+        ranked = sorted(scored, key=lambda i: (-scored[i], i))
+        losers = set(ranked[max(1, math.ceil(0.5 * len(ranked))):])
+        got = {c.index for c in res.candidates if c.pruned_at is not None}
+        # a loser that ended at token 9 anyway cannot be cut
+        ended = {c.index for c in res.candidates if c.pruned_at is None and c.completion.num_tokens == 9}
+        assert got == losers - ended, res.problem_id
+        assert all(c.pruned_at == 9 for c in res.candidates if c.pruned_at is not None)
+        pruned_any |= bool(got)
+    assert pruned_any
+    with pytest.raises(ConfigError, match="keep"):
+        parse_prune_rule("selfeval-top:keep=0")
+    with pytest.raises(ConfigError, match="drop every"):
+        SelfEvalTop(every=4)

@@ -13,7 +13,11 @@ A selection rule turns one problem's samples into one answer. Every place that n
 * ``pc``: perplexity_consistency / perplexity_consistency_labels; mean log-probs (texts);
 * ``rpc``: rpc / rpc_labels; mean log-probs (texts);
 * ``deepconf``: deepconf_vote / deepconf_vote_labels; top-k log-probs (selection@k through a
-  ``Selector``, see :func:`ttscale.analysis.compute_curves`).
+  ``Selector``, see :func:`ttscale.analysis.compute_curves`);
+* ``self_certainty`` / ``self_certainty_borda``: best-of-N / Borda vote by self-certainty
+  (:mod:`ttscale.select.certainty`); top-k log-probs and the model's vocabulary size;
+* ``cisc`` / ``cisc_score``: CISC (:mod:`ttscale.select.cisc`), confidence = response
+  probability (mean log-probs) / a score such as the yes/no judge's P(True).
 
 Coverage (pass@k) is not a selection rule: it credits a subset when *any* of its samples is
 correct, i.e. it selects with the reference answer. It is the oracle upper bound of every rule and
@@ -29,6 +33,8 @@ from typing import Literal, get_args
 
 from ttscale.errors import ConfigError
 from ttscale.select import aggregate as agg
+from ttscale.select import certainty as sc
+from ttscale.select import cisc
 
 __all__ = [
     "ORACLE",
@@ -120,6 +126,28 @@ _RULE_LIST = (
         "deepconf", agg.deepconf_vote, agg.deepconf_vote_labels, ("answers", "top_logprobs"),
         "DeepConf confidence-filtered weighted vote (needs top logprobs)", "DeepConf",
         at_k=False,
+    ),
+    Rule(
+        "self_certainty", sc.self_certainty_best, sc.self_certainty_best_labels,
+        ("answers", "top_logprobs"),
+        "best-of-N by self-certainty (Kang et al.; top-k approximation from stored top logprobs)",
+        "self-certainty", closed_form_ties=("expected", "first"), at_k=False,
+    ),
+    Rule(
+        "self_certainty_borda", sc.self_certainty_borda, sc.self_certainty_borda_labels,
+        ("answers", "top_logprobs"),
+        "Borda vote ranked by self-certainty, weight (N-r+1)^0.5 (Kang et al.; needs top logprobs)",
+        "self-certainty Borda", at_k=False,
+    ),
+    Rule(
+        "cisc", cisc.cisc_sequence_vote, cisc.cisc_sequence_vote_labels, ("answers", "mean_logprobs"),
+        "CISC: vote weighted by softmax(response probability / T) (Taubenfeld et al.)", "CISC",
+        at_k=False,
+    ),
+    Rule(
+        "cisc_score", cisc.cisc_score_vote, cisc.cisc_score_vote_labels, ("answers", "scores"),
+        "CISC with a score as confidence, e.g. the yes/no judge's P(True) (needs a score)",
+        "CISC (score)", at_k=False,
     ),
 )
 
