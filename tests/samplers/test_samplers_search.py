@@ -314,3 +314,33 @@ def test_a_stop_token_ends_a_solution_in_search_and_smc(stop_reason):
     (res,) = list(smc.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["x\ny", "x\ny"]
     assert res.info["steps"] == 2
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts", "best_of_n"])
+def test_results_do_not_depend_on_problems_in_flight(search):
+    # every problem's search shares the engine loop; steps come back in an order that depends
+    # on what else is in flight, but seeds are per (problem, node, step) and selection per
+    # problem: one problem at a time and all at once give the same trees
+    probs = [Problem(id=f"q{k}", prompt=f"{k}:") for k in range(5)]
+
+    def potential(problem, texts, finished):
+        return [t.count("a") - 0.3 * len(t) + 0.01 * len(problem.prompt) for t in texts]
+
+    def go(**kw):
+        eng = ScriptedEngine(alphabet="ab ", order=2, eos_logprob=math.log(0.15))
+        s = SearchSampler(
+            eng, potential, SamplingParams(temperature=0.8, max_tokens=4, seed=3), search=search,
+            width=2, step_stop=(" ",), max_steps=4, max_tokens=10, **kw,
+        )  # fmt: skip
+        return list(s.sample(probs, 4, seed=3))
+
+    def key(r):
+        return [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in r.candidates]
+
+    one = go(batch_problems=1)
+    assert len({len(r.candidates) for r in one}) > 1  # the problems' trees differ in size
+    for many in (go(), go(batch_problems=3, max_sequences=5)):
+        assert [r.problem_id for r in many] == [p.id for p in probs]
+        assert [key(r) for r in many] == [key(r) for r in one]
+        assert [r.generated_tokens for r in many] == [r.generated_tokens for r in one]
+        assert [particle_steps(r) for r in many] == [particle_steps(r) for r in one]

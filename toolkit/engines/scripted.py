@@ -493,7 +493,7 @@ class _ScriptedLoop:
         t = self._next
         self._next += 1
         eng = self.engine
-        eng.calls.append((request, self.params))
+        eng.calls.append((request, request.params_for(self.params)))
         comps: list[Completion] = []
         for j, index in enumerate(request.indices):
             if eng.fail_after is not None and eng.samples_generated >= eng.fail_after:
@@ -504,9 +504,10 @@ class _ScriptedLoop:
                 if self._failed is None:
                     self._failed = (t, comps, error)
                 return t
-            comp = eng._sample(request, index, request.seed_for(j, self.params), self.params)
+            params = request.params_for(self.params)  # the request's own max_tokens, if any
+            comp = eng._sample(request, index, request.seed_for(j, self.params), params)
             if on_token is not None:  # the trace as the callback cuts it (tokens are per trace)
-                comp = eng._stream(comp, 0, j, self.params, on_token)
+                comp = eng._stream(comp, 0, j, params, on_token)
             comps.append(comp)
             eng.samples_generated += 1
         self._live[t] = (request, comps, [0] * len(comps))

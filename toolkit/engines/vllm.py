@@ -763,13 +763,14 @@ class _VLLMLoop:
         # streamed traces are one n=1 request each (an abort stops one trace), as in generate
         fan = eng.n_fanout and params.temperature > 0.0 and on_token is None
         runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+        rp = request.params_for(params)  # the request's own max_tokens, if any
         rids = []
         for start, n in runs:
             if on_token is None:
-                sp = eng._sampling_params(params, n, seeds[start])
+                sp = eng._sampling_params(rp, n, seeds[start])
                 handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
             else:
-                sp = eng._sampling_params(params, 1, seeds[start], stream=True)
+                sp = eng._sampling_params(rp, 1, seeds[start], stream=True)
                 stream = _Stream(0, start, request.indices[start])
                 handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
             rids.append(self.steps.add(ids, sp, handler))
