@@ -49,6 +49,10 @@ def _engine(kind: str, model: str, args: argparse.Namespace) -> Any:
             enforce_eager=True,
             enable_chunked_prefill=False,
         )
+        if args.vllm_block_size:
+            # vLLM CPU's default KV block is 128 tokens: a step-wise sampler's prefix (prompt +
+            # steps so far) shorter than a block never hits the prefix cache
+            opts["block_size"] = args.vllm_block_size
     return make_engine(kind, model, **opts)
 
 
@@ -264,6 +268,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4, help="beam/DVTS width (part S)")
     ap.add_argument("--max-steps", type=int, default=16, help="steps per solution (part S)")
     ap.add_argument("--vllm-kv-mib", type=int, default=1024)
+    ap.add_argument("--vllm-block-size", type=int, default=None,
+                    help="vLLM KV block size (CPU: a multiple of 32; default vLLM's, 128 on CPU)")  # fmt: skip
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

