@@ -294,6 +294,8 @@ def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type
         GenerationRequest("a", prompt="Abc", indices=(0, 1, 2)),
         GenerationRequest("b", prompt="The cat", indices=(4,)),
         GenerationRequest("a", prompt="Abc", indices=(7, 3), step=1),
+        # the first request's samples capped at 3 tokens by the request's own max_tokens
+        GenerationRequest("a", prompt="Abc", indices=(0, 1, 2), max_tokens=3),
     ]
     want = vllm_engine.generate(reqs, params)
     loop = vllm_engine.open_loop(params)
@@ -301,12 +303,16 @@ def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type
     t0 = loop.submit(reqs[0])
     loop.steps.step()  # the first request is running before the others arrive
     tickets = [t0, *(loop.submit(r) for r in reqs[1:])]
-    assert loop.in_flight == 6
+    assert loop.in_flight == 9
     while loop.in_flight:
         loop.poll(lambda t, comps: got.__setitem__(t, comps))
     for t, w in zip(tickets, want, strict=True):
         assert [c.token_ids for c in got[t]] == [c.token_ids for c in w]
         assert [(c.index, c.seed, c.text) for c in got[t]] == [(c.index, c.seed, c.text) for c in w]
+    # the loop honours a request's max_tokens (it once ran every request to params.max_tokens)
+    full, capped = got[tickets[0]], got[tickets[3]]
+    assert any(c.num_tokens > 3 for c in full)
+    assert [c.token_ids for c in capped] == [c.token_ids[:3] for c in full]  # type: ignore[index]
     loop.close()
 
 
