@@ -7,6 +7,10 @@ that never stop or prune, so every sampler generates exactly the same tokens (ch
 tokens/s relative to ``RepeatedSampler`` in the same repeat (the order alternates between
 repeats), medians over ``--repeats``.
 
+Part S (``--stepwise``): SMC (zero potential, steps at ``\\n``), beam and DVTS tokens/s against
+``RepeatedSampler`` in the same repeat, on the same problems (their tokens differ; each is
+reported).
+
 Part B (``--live-problems`` > 0, first engine): live adaptive ``beta:0.92`` (``ahead=0`` and,
 where the sampler has it, ``ahead=None``) against SC@``--live-n`` (RepeatedSampler) on the same
 problems: wall time, samples and tokens, and whether the adaptive answers equal the index-order
@@ -45,6 +49,10 @@ def _engine(kind: str, model: str, args: argparse.Namespace) -> Any:
             enforce_eager=True,
             enable_chunked_prefill=False,
         )
+        if args.vllm_block_size:
+            # vLLM CPU's default KV block is 128 tokens: a step-wise sampler's prefix (prompt +
+            # steps so far) shorter than a block never hits the prefix cache
+            opts["block_size"] = args.vllm_block_size
     return make_engine(kind, model, **opts)
 
 
@@ -111,6 +119,65 @@ def part_a(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         "problems": len(problems),
         "n": args.n,
         "tokens": rows[0]["repeated"]["tokens"],
+        "median_ratio": {n: statistics.median(row[n]["ratio"] for row in rows) for n in make},
+        "median_tps": {n: statistics.median(row[n]["tps"] for row in rows) for n in make},
+        "repeats": rows,
+    }
+
+
+def part_s(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Step-wise samplers (SMC with a zero potential, beam, DVTS; steps at ``\\n``) against
+    ``RepeatedSampler`` in the same repeat: tokens/s ratios. They do not generate the same
+    tokens as repeated sampling (steps are seeded per step, beam/DVTS prune), so each row
+    reports its own token count; the ratio is of tokens per second."""
+    from ttscale.evals import load_problems
+    from ttscale.samplers import RepeatedSampler
+    from ttscale.samplers.search import SearchSampler
+    from ttscale.samplers.smc import SMCSampler
+    from ttscale.types import SamplingParams
+
+    problems = load_problems("arith", limit=args.problems)
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed)
+
+    def zero(problem: Any, texts: Any, finished: Any) -> list[float]:
+        return [0.0] * len(texts)
+
+    def search(kind_: str) -> Any:
+        return SearchSampler(engine, zero, params, search=kind_, width=args.width,
+                             max_tokens=args.max_tokens, max_steps=args.max_steps)  # fmt: skip
+
+    make: dict[str, Any] = {
+        "repeated": lambda: RepeatedSampler(engine, params, progress=False),
+        "smc (zero potential, steps at \\n)": lambda: SMCSampler(
+            engine, zero, params, step_stop=("\n",), tokens_per_step=args.max_tokens,
+            max_steps=args.max_steps, progress=False,
+        ),
+        f"beam (width {args.width})": lambda: search("beam"),
+        f"dvts (width {args.width})": lambda: search("dvts"),
+    }
+    list(RepeatedSampler(engine, params, progress=False).sample(problems[:2], 2, seed=args.seed + 1))
+    rows: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        names = list(make) if r % 2 == 0 else list(reversed(make))
+        got: dict[str, tuple[float, int]] = {}
+        for name in names:
+            wall, tokens, _, _ = _timed(make[name](), problems, args.n, args.seed)
+            got[name] = (wall, tokens)
+        base_wall, base_tokens = got["repeated"]
+        row: dict[str, Any] = {"repeat": r}
+        for name, (wall, tokens) in got.items():
+            row[name] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall,
+                         "ratio": (tokens / wall) / (base_tokens / base_wall)}  # fmt: skip
+        rows.append(row)
+        print(f"  {kind} step-wise repeat {r}: " + ", ".join(
+            f"{n.split(' (')[0]} {row[n]['tps']:,.0f} tok/s ({row[n]['ratio']:.2f}, "
+            f"{row[n]['wall_s']:.1f}s)" for n in make
+        ), flush=True)  # fmt: skip
+    return {
+        "engine": kind,
+        "problems": len(problems),
+        "n": args.n,
+        "tokens": {n: rows[0][n]["tokens"] for n in make},
         "median_ratio": {n: statistics.median(row[n]["ratio"] for row in rows) for n in make},
         "median_tps": {n: statistics.median(row[n]["tps"] for row in rows) for n in make},
         "repeats": rows,
@@ -196,7 +263,13 @@ def main() -> None:
     ap.add_argument("--live-repeats", type=int, default=1)
     ap.add_argument("--rule", default="beta:0.92")
     ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--stepwise", action="store_true",
+                    help="part S: SMC, beam and DVTS against RepeatedSampler")  # fmt: skip
+    ap.add_argument("--width", type=int, default=4, help="beam/DVTS width (part S)")
+    ap.add_argument("--max-steps", type=int, default=16, help="steps per solution (part S)")
     ap.add_argument("--vllm-kv-mib", type=int, default=1024)
+    ap.add_argument("--vllm-block-size", type=int, default=None,
+                    help="vLLM KV block size (CPU: a multiple of 32; default vLLM's, 128 on CPU)")  # fmt: skip
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -222,6 +295,8 @@ def main() -> None:
         try:
             if not args.skip_a:
                 out["parts"].append({"part": "A", **part_a(kind, engine, args)})
+            if args.stepwise:
+                out["parts"].append({"part": "S", **part_s(kind, engine, args)})
             if i == 0 and args.live_problems > 0:
                 out["parts"].append({"part": "B", **part_b(kind, engine, args)})
         finally:

@@ -80,13 +80,17 @@ class Submit:
     :class:`~ttscale.samplers.base.Candidate` with its fate), called as it arrives, so an engine
     failure later loses nothing; ``on_token``: stream every token of these requests and abort a
     trace by returning ``True`` (:data:`~ttscale.engines.base.TokenCallback`; ``event.request``
-    is the position in ``requests``).
+    is the position in ``requests``); ``observe(completions)``: called with every completion of
+    these requests the engine hands over, as it arrives, before the program gets it -- also for
+    the samples an engine that fails had finished, which no Wait hands over (a step-wise
+    sampler journals them for resume).
     """
 
     requests: tuple[GenerationRequest, ...]
     store: bool = True
     stored_as: Callable[[Completion], Completion | Candidate] | None = None
     on_token: TokenCallback | None = None
+    observe: Callable[[list[Completion]], None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", tuple(self.requests))
@@ -153,12 +157,15 @@ def generate(
     store: bool = True,
     stored_as: Callable[[Completion], Completion | Candidate] | None = None,
     on_token: TokenCallback | None = None,
+    observe: Callable[[list[Completion]], None] | None = None,
 ) -> Generator[Command, Any, list[list[Completion]]]:
     """Submit ``requests`` and wait for all of them: one list of completions per request (the
     keywords as for :class:`Submit`)."""
     if not requests:
         return []
-    tickets = yield Submit(tuple(requests), store=store, stored_as=stored_as, on_token=on_token)
+    tickets = yield Submit(
+        tuple(requests), store=store, stored_as=stored_as, on_token=on_token, observe=observe
+    )
     got = yield Wait(tickets, all=True)
     return [got[t] for t in tickets]
 
@@ -170,10 +177,13 @@ class _Ticket:
     store: bool
     stored_as: Callable[[Completion], Completion | Candidate] | None = None
     on_token: TokenCallback | None = None
+    observe: Callable[[list[Completion]], None] | None = None
     engine: int | None = None  # the engine loop's ticket once submitted
 
     def keep(self, session: SamplingSession, comps: list[Completion], *, check: bool = True) -> None:
         session.received(self.request, comps, store=self.store and self.stored_as is None, check=check)
+        if self.observe is not None:
+            self.observe(comps)
         if self.store and self.stored_as is not None:
             session.keep([self.stored_as(c) for c in comps])
 
@@ -401,7 +411,7 @@ class Scheduler(Generic[R]):
     ) -> int:
         t = self._next_ticket
         self._next_ticket += 1
-        self._tickets[t] = _Ticket(p, request, cmd.store, cmd.stored_as, on_token)
+        self._tickets[t] = _Ticket(p, request, cmd.store, cmd.stored_as, on_token, cmd.observe)
         p.outstanding.add(t)
         self._pending.append(t)
         self._pending_size += len(request.indices)

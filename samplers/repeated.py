@@ -277,13 +277,24 @@ class RepeatedSampler:
         session = self._session(store, shard=shard, claims=claims)
         session.show_progress(self._show_progress(), remaining=missing, samples=requested)
         with session:
-            for group in session.groups(
-                [p for p in mine if missing[p.id] > 0],
-                lambda p: self._plan(p, n, store),
-                batch_size=self.batch_size,
-                expected=missing,
-            ):
-                session.generate(group, self.params)
+            queue = [p for p in mine if missing[p.id] > 0]
+            while queue:
+                # one pass over the problems left: each one this worker claims is a program on
+                # the engine loop (its requests join the engine as slots free up); those other
+                # workers hold are offered again once this pass's work is durable
+                waiting: list[Problem] = []
+                sched: Scheduler[None] = Scheduler(
+                    session, self.params, max_sequences=self.batch_size
+                )
+                claimed = session.claimed(
+                    queue, lambda p: self._plan(p, n, store), batch_size=self.batch_size,
+                    expected=missing, waiting=waiting,
+                )  # fmt: skip
+                for _ in sched.run(_store_all(reqs) for _, reqs in claimed):
+                    pass
+                if waiting:
+                    session.wait_for_others(waiting)
+                queue = waiting
 
         wall = session.wall_seconds
         store.refresh()
@@ -431,6 +442,12 @@ class RepeatedSampler:
             iid=True,
             extra=self.extra_manifest,
         )
+
+
+def _store_all(requests: list[GenerationRequest]) -> Program[None]:
+    """A claimed problem's program in :meth:`RepeatedSampler.run`: its missing samples, stored
+    by the session as they arrive."""
+    yield from generate(requests)
 
 
 def _stored_completions(

@@ -2,7 +2,8 @@
 
 Three named configurations of one loop (search-and-learn's and its_hub's search family). A
 *step* extends a partial solution to its next step boundary (a stop string, ``"\\n"`` by
-default, EOS, or ``step_tokens`` tokens) with one batched engine call on token prefixes; the
+default, EOS, or ``step_tokens`` tokens) with requests on token prefixes that share the engine
+with every other problem in flight (a program per problem on the engine loop); the
 potential (``score(problem, texts, finished)`` -> log-potentials, e.g. ``arith-prm``) scores
 every new partial solution. With ``budget = N`` and ``width = M``:
 
@@ -43,6 +44,7 @@ import numpy as np
 from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
+from ttscale.samplers.loop import Program, Scheduler
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
 from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
@@ -125,7 +127,12 @@ class SearchSampler:
     ``stop``/``max_tokens``: ``step_stop`` (default ``("\\n",)``, kept in the text),
     ``step_tokens`` per step (default ``params.max_tokens``); ``max_steps`` and ``max_tokens``
     bound a whole solution; ``width`` is ``M`` (must divide the budget for beam and DVTS);
-    ``batch_problems``: problems searched together (their steps share one engine call);
+    ``batch_problems``: problems searched at once (default ``None``: as many as keep
+    ``max_sequences`` nodes queued); each problem is a program on the engine loop
+    (:mod:`ttscale.samplers.loop`), so the steps of every problem in flight share the engine
+    (vLLM: one continuous stream; batch-only engines: what is pending goes in one call) and a
+    problem never waits for another's step; ``max_sequences``: most nodes in the engine at once.
+    Results do not depend on either (seeds per problem, node and step);
     ``chat``: send the prompt as a user message; ``manifest``: fields for a stored run.
     """
 
@@ -141,7 +148,8 @@ class SearchSampler:
         step_tokens: int | None = None,
         max_steps: int = 16,
         max_tokens: int = 256,
-        batch_problems: int = 16,
+        batch_problems: int | None = None,
+        max_sequences: int = 512,
         chat: bool = False,
         manifest: Mapping[str, Any] | None = None,
     ) -> None:
@@ -150,7 +158,8 @@ class SearchSampler:
         check_int("max_steps", max_steps, min=1)
         check_int("max_tokens", max_tokens, min=1)
         check_int("step_tokens", step_tokens, min=1, allow_none=True)
-        check_int("batch_problems", batch_problems, min=1)
+        check_int("batch_problems", batch_problems, min=1, allow_none=True)
+        check_int("max_sequences", max_sequences, min=1)
         stop = tuple(step_stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ConfigError(f"step_stop must be non-empty strings, got {step_stop!r}")
@@ -161,6 +170,7 @@ class SearchSampler:
         self.max_steps = max_steps
         self.max_tokens = max_tokens
         self.batch_problems = batch_problems
+        self.max_sequences = max_sequences
         # ``params.stop`` ends a whole solution; a step ends at either kind of stop
         self.final_stop = tuple(x for x in params.stop if x not in stop)
         self.params = params.replace(
@@ -221,62 +231,84 @@ class SearchSampler:
         sink: SampleStore | None,
     ) -> Iterator[SampleResult]:
         self.timing = {"engine": 0.0, "potential": 0.0, "total": 0.0}
+        own = [0.0]  # the sampler's own work per step (the rest of the wall time is the engine's)
         run = (
             StepRun(sink, "search", budget, "search", self.engine_info) if sink is not None else None
         )
         done = run.done() if run is not None else set()
         session = SamplingSession(self.engine, sink, engine_info=self.engine_info)
-        with session:
-            for start in range(0, len(problems), self.batch_problems):
-                t0 = time.perf_counter()
-                batch = problems[start : start + self.batch_problems]
-                states = [_State(p) for p in batch if p.id not in done]
-                replay: dict[tuple[str, int], Completion] = {}
-                if run is not None:
-                    for st in states:
-                        replay.update(run.journal(st.problem.id))
-                seen: dict[tuple[str, int], Completion] = {}
+        # problems started and not yet stored: their journal and what the engine handed over
+        started: dict[str, tuple[Mapping[tuple[str, int], Completion], dict[Any, Completion]]] = {}
+        t0 = time.perf_counter()
+        try:
+            with session:
+                sched: Scheduler[SampleResult] = Scheduler(
+                    session, params, max_sequences=self.max_sequences,
+                    max_problems=self.batch_problems,
+                )  # fmt: skip
+                programs = [
+                    self._problem(p, budget, params, session, run, done, started, own)
+                    for p in problems
+                ]
                 try:
-                    while not all(s.done for s in states):
-                        self._step(session, states, budget, params, replay, seen)
+                    yield from sched.run(programs)
                 except BaseException:
-                    if run is not None:  # keep what the engine finished: a resume replays it
-                        for st in states:
-                            run.salvage(
-                                st.problem.id,
-                                [c for k, c in {**replay, **seen}.items() if k[0] == st.problem.id],
-                            )
+                    # keep what the engine finished for the problems in flight: a resume replays it
+                    if run is not None:
+                        for pid, (replay, seen) in started.items():
+                            run.salvage(pid, {**replay, **seen}.values())
                     raise
-                fresh = {s.problem.id: self._result(s, replay) for s in states}
-                if run is not None and fresh:
-                    for res in fresh.values():
-                        session.keep(res.candidates)
-                    session.flush()
-                    run.mark_done(list(fresh))
-                self.timing["total"] += time.perf_counter() - t0
-                for p in batch:
-                    if p.id in fresh:
-                        yield fresh[p.id]
-                    else:
-                        assert run is not None  # only problems stored in the sink are skipped
-                        yield _resumed(p, run)
+        finally:
+            total = time.perf_counter() - t0
+            self.timing["total"] = total
+            self.timing["engine"] = max(0.0, total - self.timing["potential"] - own[0])
 
-    # ---- one step for every unfinished problem ----------------------------------------------
-
-    def _step(
+    def _problem(
         self,
-        session: SamplingSession,
-        states: list[_State],
+        problem: Problem,
         budget: int,
         params: SamplingParams,
-        replay: Mapping[tuple[str, int], Completion],
-        seen: dict[tuple[str, int], Completion],
-    ) -> None:
-        requests: list[GenerationRequest] = []
-        owners: list[tuple[_State, int | None, int]] = []  # (state, parent node, group)
-        for st in states:
-            if st.done:
-                continue
+        session: SamplingSession,
+        run: StepRun | None,
+        done: set[str],
+        started: dict[str, tuple[Mapping[tuple[str, int], Completion], dict[Any, Completion]]],
+        own: list[float],
+    ) -> Program[SampleResult]:
+        """One problem of a run: read back if stored, else :meth:`program` (resuming from its
+        journal), its nodes stored in one shard and the problem marked done."""
+        if run is None:
+            return (yield from self.program(problem, budget, params, own=own))
+        if problem.id in done:
+            return _resumed(problem, run)
+        replay = run.journal(problem.id)
+        seen: dict[tuple[str, int], Completion] = {}
+        started[problem.id] = (replay, seen)
+        result = yield from self.program(problem, budget, params, replay=replay, seen=seen, own=own)
+        session.keep(result.candidates)
+        session.flush()
+        run.mark_done([problem.id])
+        del started[problem.id]
+        return result
+
+    def program(
+        self,
+        problem: Problem,
+        budget: int,
+        params: SamplingParams,
+        *,
+        replay: Mapping[tuple[str, int], Completion] | None = None,
+        seen: dict[tuple[str, int], Completion] | None = None,
+        own: list[float] | None = None,
+    ) -> Program[SampleResult]:
+        """The search of one problem, as a program on the engine loop
+        (:mod:`ttscale.samplers.loop`; its scheduler's params are ``params``, the step's): each
+        step submits the frontier's expansions and waits for all of them, then scores and
+        selects this problem's nodes alone, so problems in flight share the engine and none
+        waits for another's step. ``replay``: nodes an interrupted attempt generated (taken,
+        not generated); ``seen`` receives every node the engine hands over (for salvage)."""
+        replay = replay or {}
+        st = _State(problem)
+        while not st.done:
             if st.step == 0:
                 parents: list[tuple[int | None, int, int]] = []
                 if self.search == "dvts":
@@ -285,34 +317,32 @@ class SearchSampler:
                     parents = [(None, 0, budget)]
             else:
                 parents = [(i, st.nodes[i].group, self.width) for i in st.frontier]
-            for parent, group, m in parents:
+            requests: list[GenerationRequest] = []
+            for parent, _group, m in parents:
                 # a node's candidate index is its position in st.nodes (children are appended
                 # in request order below)
                 first, st.next_index = st.next_index, st.next_index + m
                 requests.append(self._request(st, parent, tuple(range(first, first + m))))
-                owners.append((st, parent, group))
-        # a step's token cap: step_tokens, less near a solution's max_tokens (one call per cap)
-        caps = [
-            min(
-                params.max_tokens,
-                self.max_tokens - (st.nodes[par].num_tokens if par is not None else 0),
-            )
-            for st, par, _ in owners
-        ]
-        t0 = time.perf_counter()
-        results = extend(session, requests, params, caps, replay=replay, seen=seen)
-        self.timing["engine"] += time.perf_counter() - t0
-        fresh: dict[int, list[int]] = {}
-        for (st, parent, group), comps in zip(owners, results, strict=True):
-            for c in comps:
-                st.nodes.append(self._child(st, parent, group, c))
-                fresh.setdefault(id(st), []).append(len(st.nodes) - 1)
-                st.generated += c.num_tokens + c.discarded_tokens
-                st.prompt_tokens += c.prompt_tokens or 0
-        for st in states:
-            if st.done:
-                continue
-            new = fresh.get(id(st), [])
+            # a step's token cap: step_tokens, less near a solution's max_tokens
+            caps = [
+                min(
+                    params.max_tokens,
+                    self.max_tokens - (st.nodes[par].num_tokens if par is not None else 0),
+                )
+                for par, _, _ in parents
+            ]
+            results = yield from extend(
+                requests, params, caps, replay=replay, seen=seen,
+                engine=self.engine_info.get("engine"),
+            )  # fmt: skip
+            t_own = time.perf_counter()
+            new: list[int] = []
+            for (parent, group, _m), comps in zip(parents, results, strict=True):
+                for c in comps:
+                    st.nodes.append(self._child(st, parent, group, c))
+                    new.append(len(st.nodes) - 1)
+                    st.generated += c.num_tokens + c.discarded_tokens
+                    st.prompt_tokens += c.prompt_tokens or 0
             t0 = time.perf_counter()
             out = self.potential.score(
                 st.problem,
@@ -320,10 +350,14 @@ class SearchSampler:
                 [st.nodes[i].finished for i in new],
             )
             scores = clean_log_potentials(out, len(new), who=type(self.potential).__name__)
-            self.timing["potential"] += time.perf_counter() - t0
-            for i, s in zip(new, scores.tolist(), strict=True):
-                st.nodes[i].score = s
+            t_pot = time.perf_counter() - t0
+            self.timing["potential"] += t_pot
+            for i, sc in zip(new, scores.tolist(), strict=True):
+                st.nodes[i].score = sc
             self._select(st, new, budget)
+            if own is not None:
+                own[0] += time.perf_counter() - t_own - t_pot
+        return self._result(st, replay)
 
     def _request(
         self, st: _State, parent: int | None, indices: tuple[int, ...]

@@ -276,78 +276,62 @@ class SamplingSession:
 
     # ---- scheduling with claims ------------------------------------------------------------
 
-    def groups(
+    def claimed(
         self,
         problems: Sequence[Problem],
         plan: Callable[[Problem], list[GenerationRequest]],
         *,
         batch_size: int,
         expected: Mapping[str, int],
-    ) -> Iterator[list[GenerationRequest]]:
-        """Engine calls of at most ``batch_size`` samples over ``problems``, claimed one by one.
+        waiting: list[Problem],
+    ) -> Iterator[tuple[Problem, list[GenerationRequest]]]:
+        """The problems of ``problems`` this worker claims, one by one, each with the requests of
+        its missing samples (claimed in groups of about ``batch_size`` samples, by
+        ``expected[problem.id]``: how many were missing when the session began).
 
         ``plan(problem)`` gives the requests of the samples still missing (asked after the claim,
-        so what another worker stored meanwhile is skipped); ``expected[problem.id]`` is how many
-        that was when the session began (it sizes the batches before planning). A worker whose
-        remaining problems are all claimed by others makes its own work durable (releasing its
-        claims, so no two workers wait on each other) and waits for them.
+        so what another worker stored meanwhile is skipped); a problem with none left is released
+        at once and not yielded. Problems another worker holds go to ``waiting``: the caller
+        makes its own work durable (releasing its claims, so no two workers wait on each other),
+        waits and offers them again. Never blocks, so a caller that runs the yielded problems
+        while asking for more (the engine loop) keeps its engine busy.
         """
         claim = self._claims
         queue: deque[Problem] = deque(problems)
-        waiting: list[Problem] = []
-        planned: deque[GenerationRequest] = deque()
-        planned_size = 0
+        while queue:
+            group: list[Problem] = []
+            budget = 0
+            while queue and budget < batch_size:
+                p = queue.popleft()
+                if claim is not None and not claim.try_claim(p.id):
+                    waiting.append(p)  # another worker is on it; look again later
+                    continue
+                group.append(p)
+                budget += expected[p.id]
+            if claim is not None and group and self.store is not None:
+                self.store.refresh()  # after claiming: see what other workers stored meanwhile
+            for p in group:
+                reqs = plan(p)
+                k = sum(len(r.indices) for r in reqs)
+                with self._lock:
+                    left = self._remaining.get(p.id, k)
+                    if left > k:  # another worker stored some of them meanwhile
+                        self._remaining[p.id] = k
+                        self._bar.advance(left - k, int(k == 0), 0.0)
+                if k == 0:
+                    if claim is not None:
+                        claim.release(p.id)
+                    continue
+                with self._out_lock:
+                    self._outstanding[p.id] = self._outstanding.get(p.id, 0) + k
+                yield p, reqs
 
-        def plan_more() -> None:
-            nonlocal planned_size
-            while queue and planned_size < batch_size:
-                claimed: list[Problem] = []
-                budget = planned_size
-                while queue and budget < batch_size:
-                    p = queue.popleft()
-                    if claim is not None and not claim.try_claim(p.id):
-                        waiting.append(p)  # another worker is on it; look again later
-                        continue
-                    claimed.append(p)
-                    budget += expected[p.id]
-                if claim is not None and claimed and self.store is not None:
-                    self.store.refresh()  # after claiming: see what other workers stored meanwhile
-                for p in claimed:
-                    reqs = plan(p)
-                    k = sum(len(r.indices) for r in reqs)
-                    with self._lock:
-                        left = self._remaining.get(p.id, k)
-                        if left > k:  # another worker stored some of them meanwhile
-                            self._remaining[p.id] = k
-                            self._bar.advance(left - k, int(k == 0), 0.0)
-                    if k == 0:
-                        if claim is not None:
-                            claim.release(p.id)
-                        continue
-                    with self._out_lock:
-                        self._outstanding[p.id] = self._outstanding.get(p.id, 0) + k
-                    planned.extend(reqs)
-                    planned_size += k
-
-        while True:
-            plan_more()
-            if not planned:
-                if not waiting:
-                    return
-                self.flush()
-                log.info("waiting for %d problems other workers are sampling", len(waiting))
-                time.sleep(_CLAIM_POLL_SECONDS)
-                queue.extend(waiting)
-                waiting.clear()
-                continue
-            group: list[GenerationRequest] = []
-            size = 0
-            while planned and (not group or size + len(planned[0].indices) <= batch_size):
-                r = planned.popleft()
-                group.append(r)
-                size += len(r.indices)
-            planned_size -= size
-            yield group
+    def wait_for_others(self, waiting: Sequence[Problem]) -> None:
+        """Make this worker's samples durable (releasing its claims) and wait a moment for the
+        ``waiting`` problems other workers are sampling."""
+        self.flush()
+        log.info("waiting for %d problems other workers are sampling", len(waiting))
+        time.sleep(_CLAIM_POLL_SECONDS)
 
     # ---- continuous generation (the scheduler's side) ---------------------------------------
 

@@ -2,8 +2,10 @@
 
 Particles are partial generations of one problem. Each step extends every live particle to its
 next step boundary (a stop string such as ``"\\n"``, EOS, or ``tokens_per_step`` tokens; one
-token per step works) with **one batched engine call on token prefixes**, scores the new
-prefixes with a potential, updates the weights and resamples when the schedule says so.
+token per step works) with requests on token prefixes that **share the engine with every other
+problem in flight** (each problem is a program on the engine loop, :mod:`ttscale.samplers.loop`),
+scores the new prefixes with a potential, updates the weights and resamples when the schedule
+says so.
 
 Weights (natural log, float64). For particle ``i`` extended by step ``s_t``:
 
@@ -53,6 +55,7 @@ from ttscale.particles.logspace import ess as ess_of
 from ttscale.particles.logspace import log_normalize, logsumexp
 from ttscale.particles.resampling import RESAMPLERS, Resampler, resample
 from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
+from ttscale.samplers.loop import Program, Scheduler
 from ttscale.samplers.potentials import (
     SHAPINGS,
     as_potential,
@@ -382,6 +385,13 @@ class SMCSampler:
     (``argmax`` weight, a ``sample`` from the weights, weighted ``vote``); the answer goes into
     ``result.info["answer"]``.
 
+    Engine: each problem is a program on the engine loop (:mod:`ttscale.samplers.loop`), so
+    the particles of every problem in flight share the engine (vLLM: one continuous stream of
+    requests; batch-only engines: what is pending goes in one call); resampling stays per
+    problem. ``batch_size``: most particle-steps in the engine at once (default 512);
+    ``max_problems``: problems in flight (default: as many as keep it full). Results do not
+    depend on either (seeds per problem, candidate and step; resampling per problem).
+
     Budget accounting: ``result.generated_tokens`` counts every token the engine generated for
     the problem (particles resampled away included); ``info["particle_steps"]`` the particle
     extensions. Stored runs (``sink``) keep every particle-step as a candidate with ``step``,
@@ -419,6 +429,7 @@ class SMCSampler:
         manifest: Mapping[str, Any] | None = None,
         flush_every: int = 512,
         batch_size: int | None = None,
+        max_problems: int | None = None,
     ) -> None:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -437,6 +448,7 @@ class SMCSampler:
         check_int("tokens_per_step", tokens_per_step, min=1)
         check_int("max_steps", max_steps, min=1)
         check_int("batch_size", batch_size, min=1, allow_none=True)
+        check_int("max_problems", max_problems, min=1, allow_none=True)
         if params.temperature == 0.0:
             raise ConfigError(
                 "SMC needs a stochastic proposal: temperature must be > 0 (greedy decoding has "
@@ -487,8 +499,10 @@ class SMCSampler:
         self.progress = progress
         self.extra_manifest = dict(manifest or {})
         self.flush_every = flush_every
-        #: most particles extended in one engine call (``None``: a step's live particles at once)
+        #: most particle-steps in the engine at once, all problems together (``None``: 512)
         self.batch_size = batch_size
+        #: problems in flight at once (``None``: as many as keep ``batch_size`` steps queued)
+        self.max_problems = max_problems
         self.engine_info = dict(engine.info())
 
     # ---- configuration for the manifest ------------------------------------------------------
@@ -561,29 +575,63 @@ class SMCSampler:
         )
         # the session's bar counts samples; SMC's unit is the problem (steps vary), so its own
         bar = _ProblemBar(show, total=len(problems), done=sum(p.id in done for p in problems))
+        # problems started and not yet stored: their journal and what the engine handed over
+        started: dict[str, tuple[Mapping[tuple[str, int], Completion], dict[Any, Completion]]] = {}
         with session, bar:
-            for p in problems:
-                if run is None:
-                    result = self.run_problem(p, budget, params, session)
-                elif p.id in done:
-                    yield self._resumed(p, run)
-                    continue
-                else:
-                    replay = run.journal(p.id)
-                    seen: dict[tuple[str, int], Completion] = {}
-                    try:
-                        result = self.run_problem(
-                            p, budget, params, session, replay=replay, seen=seen
-                        )
-                    except BaseException:
-                        # keep what the engine finished for this problem: a resume replays it
-                        run.salvage(p.id, {**replay, **seen}.values())
-                        raise
-                    session.keep(result.candidates)
-                    session.flush()
-                    run.mark_done([p.id])
-                bar.advance(result)
-                yield result
+            sched: Scheduler[SampleResult] = Scheduler(
+                session, self.step_params(params), max_sequences=self.batch_size or 512,
+                max_problems=self.max_problems,
+            )  # fmt: skip
+            programs = [self._problem(p, budget, params, session, run, done, started) for p in problems]
+            try:
+                for result in sched.run(programs):
+                    if not result.info.get("resumed"):
+                        bar.advance(result)
+                    yield result
+            except BaseException:
+                # keep what the engine finished for the problems in flight: a resume replays it
+                if run is not None:
+                    for pid, (replay, seen) in started.items():
+                        run.salvage(pid, {**replay, **seen}.values())
+                raise
+
+    def _problem(
+        self,
+        problem: Problem,
+        budget: int,
+        params: SamplingParams,
+        session: SamplingSession,
+        run: StepRun | None,
+        done: set[str],
+        started: dict[str, tuple[Mapping[tuple[str, int], Completion], dict[Any, Completion]]],
+    ) -> Program[SampleResult]:
+        """One problem of a run: read back if stored, else :meth:`program` (resuming from its
+        journal), its particle-steps stored in one shard and the problem marked done."""
+        if run is None:
+            return (yield from self.program(problem, budget, params))
+        if problem.id in done:
+            return self._resumed(problem, run)
+        replay = run.journal(problem.id)
+        seen: dict[tuple[str, int], Completion] = {}
+        started[problem.id] = (replay, seen)
+        result = yield from self.program(problem, budget, params, replay=replay, seen=seen)
+        session.keep(result.candidates)
+        session.flush()
+        run.mark_done([problem.id])
+        del started[problem.id]
+        return result
+
+    def step_params(self, params: SamplingParams) -> SamplingParams:
+        """The sampling settings of every particle-step request of a run with ``params``."""
+        # ``params.stop`` ends a particle's solution; a step ends at either kind of stop
+        final_stop = tuple(x for x in params.stop if x not in self.step_stop)
+        return params.replace(
+            n=1,
+            max_tokens=min(self.tokens_per_step, params.max_tokens),
+            stop=self.step_stop + final_stop,
+            include_stop_str_in_output=True,
+            logprobs=params.logprobs if params.logprobs is not None else 0,
+        )
 
     def run_problem(
         self,
@@ -595,23 +643,37 @@ class SMCSampler:
         replay: Mapping[tuple[str, int], Completion] | None = None,
         seen: dict[tuple[str, int], Completion] | None = None,
     ) -> SampleResult:
-        """SMC with ``n`` particles on one problem (in memory unless ``session`` stores).
+        """SMC with ``n`` particles on one problem alone (in memory unless ``session`` stores;
+        :meth:`program` is the same on a shared engine loop)."""
+        session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
+        sched: Scheduler[SampleResult] = Scheduler(
+            session, self.step_params(params), max_sequences=self.batch_size or 512
+        )
+        (result,) = sched.run([self.program(problem, n, params, replay=replay, seen=seen)])
+        return result
+
+    def program(
+        self,
+        problem: Problem,
+        n: int,
+        params: SamplingParams,
+        *,
+        replay: Mapping[tuple[str, int], Completion] | None = None,
+        seen: dict[tuple[str, int], Completion] | None = None,
+    ) -> Program[SampleResult]:
+        """SMC with ``n`` particles on one problem, as a program on the engine loop
+        (:mod:`ttscale.samplers.loop`; its scheduler's params are :meth:`step_params`): each
+        step submits the live particles' extensions and waits for all of them, then weighs and
+        resamples this problem's population alone, so problems in flight share the engine's
+        calls and none waits for another's step.
 
         ``replay``: particle-steps an interrupted attempt finished (taken instead of generated);
         ``seen`` receives every particle-step the engine hands over (for salvage).
         """
-        session = session or SamplingSession(self.engine, None, engine_info=self.engine_info)
         replay = replay or {}
         rng = np.random.default_rng(problem_seed(params.seed, problem.id) ^ 0x5EC)
-        # ``params.stop`` ends a particle's solution; a step ends at either kind of stop
         final_stop = tuple(x for x in params.stop if x not in self.step_stop)
-        step_params = params.replace(
-            n=1,
-            max_tokens=min(self.tokens_per_step, params.max_tokens),
-            stop=self.step_stop + final_stop,
-            include_stop_str_in_output=True,
-            logprobs=params.logprobs if params.logprobs is not None else 0,
-        )
+        step_params = self.step_params(params)
         decode = getattr(self.engine, "decode", None)
         shaper = self.shaper
         state = SMCState.initial(n, shaper)
@@ -638,13 +700,11 @@ class SMCSampler:
             caps = [
                 min(step_params.max_tokens, params.max_tokens - len(state.tokens[j])) for j in live
             ]
-            outs = [
-                g[0]
-                for g in extend(
-                    session, reqs, step_params, caps, replay=replay, seen=seen,
-                    batch_size=self.batch_size,
-                )
-            ]
+            steps = yield from extend(
+                reqs, step_params, caps, replay=replay, seen=seen,
+                engine=self.engine_info.get("engine"),
+            )  # fmt: skip
+            outs = [g[0] for g in steps]
             for comp in outs:
                 if (problem.id, comp.index) in replay:
                     replayed += 1

@@ -17,9 +17,10 @@ store in one shard, once it is done, and:
   journaled tokens reach the run's accounting once, with the problem's shard (the interrupted
   session never stored them), so every generated token is counted exactly once.
 
-:func:`extend` is the one step extender: it sends a step's requests (:func:`step_request`,
-one call with per-request token caps), replays journaled completions and records what the
-engine hands over for salvage; :func:`step_text` is the text a step adds and
+:func:`extend` is the one step extender, a piece of a per-problem program on the engine loop
+(:mod:`ttscale.samplers.loop`), so every problem in flight shares the engine: it submits a
+step's requests (:func:`step_request`, with per-request token caps) and waits for them, replays
+journaled completions and records what the engine hands over for salvage; :func:`step_text` is the text a step adds and
 :func:`ends_trace` says what ends a trace.
 """
 
@@ -29,15 +30,15 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ttscale.engines.base import GenerationError, GenerationRequest, continuation_text
+from ttscale.engines.base import GenerationRequest, continuation_text
 from ttscale.errors import ConfigError
 from ttscale.samplers.base import Candidate, Fate
-from ttscale.samplers.session import SamplingSession
+from ttscale.samplers.loop import Command, generate
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, Sample, SamplingParams
 
@@ -104,23 +105,24 @@ def step_text(
 
 
 def extend(
-    session: SamplingSession,
     requests: Sequence[GenerationRequest],
     params: SamplingParams,
     caps: Sequence[int],
     *,
     replay: Mapping[tuple[str, int], Completion] | None = None,
     seen: dict[tuple[str, int], Completion] | None = None,
-    batch_size: int | None = None,
-) -> list[list[Completion]]:
-    """One step: the completions of ``requests`` (one list per request, in index order).
+    engine: str | None = None,
+) -> Generator[Command, Any, list[list[Completion]]]:
+    """One step, as part of a program on the engine loop (:mod:`ttscale.samplers.loop`; use
+    ``yield from``): the completions of ``requests`` (one list per request, in index order).
 
-    ``caps[k]``: request ``k``'s token cap (sent as its ``max_tokens``: one engine call for
-    the whole step, whatever the caps). Samples found in ``replay``
-    (a resumed problem's journal) are taken from it, not generated; the rest go to the engine
-    in one call. Every completion the engine hands over is put in ``seen`` as it arrives (and,
-    on a :class:`GenerationError`, the samples finished inside unfinished requests too) so the
-    caller can salvage them. ``batch_size`` caps the requests of one engine call (default: all).
+    ``caps[k]``: request ``k``'s token cap (sent as its ``max_tokens``, so requests of any cap
+    share the engine). Samples found in ``replay`` (a resumed problem's journal) are taken from
+    it, not generated; the rest are submitted together (not stored: a step-wise sampler stores
+    its candidates once their fates are known) and waited for. Every completion the engine hands
+    over is put in ``seen`` as it arrives -- also those an engine that fails had finished -- so
+    the caller can salvage them. ``engine`` names the engine in the error raised when it
+    ignores a request's ``max_tokens``.
     """
     replay = replay or {}
     out: list[dict[int, Completion]] = [{} for _ in requests]
@@ -135,52 +137,28 @@ def extend(
             else:
                 out[k][i] = hit
         if missing:
-            todo.append(replace(req, indices=tuple(missing)))
+            cap = caps[k]
+            r = replace(req, indices=tuple(missing))
+            # a request below the step's cap carries its own max_tokens
+            todo.append(r if cap >= params.max_tokens else replace(r, max_tokens=cap))
             where.append(k)
-    size = batch_size or max(len(todo), 1)
-    for lo in range(0, len(todo), size):
-        part = where[lo : lo + size]
-        got = _generate(session, todo[lo : lo + size], params, [caps[k] for k in part], seen)
-        for k, comps in zip(part, got, strict=True):
-            for c in comps:
-                out[k][c.index] = c
-    return [[o[i] for i in req.indices] for o, req in zip(out, requests, strict=True)]
 
-
-def _generate(
-    session: SamplingSession,
-    requests: list[GenerationRequest],
-    params: SamplingParams,
-    caps: list[int],
-    seen: dict[tuple[str, int], Completion] | None,
-) -> list[list[Completion]]:
     def record(comps: Iterable[Completion]) -> None:
         if seen is not None:
             for c in comps:
                 seen[(c.problem_id, c.index)] = c
 
-    # one call: a request below the step's cap carries its own max_tokens
-    capped = [
-        r if cap >= params.max_tokens else replace(r, max_tokens=cap)
-        for r, cap in zip(requests, caps, strict=True)
-    ]
-    try:
-        got = session.generate(
-            capped, params, store=False, on_result=lambda _p, comps: record(comps)
-        )
-    except GenerationError as e:
-        for comps in e.partial.values():
-            record(comps)
-        raise
-    for r, comps in zip(capped, got, strict=True):
+    got = yield from generate(todo, store=False, observe=record)
+    for k, r, comps in zip(where, todo, got, strict=True):
         cap = r.params_for(params).max_tokens
         if any(c.num_tokens > cap for c in comps):
             raise ConfigError(
-                f"engine {session.engine_info.get('engine')!r} generated more than a request's "
-                f"max_tokens={cap}; a step-wise sampler needs engines that honour "
-                "GenerationRequest.max_tokens"
+                f"engine {engine!r} generated more than a request's max_tokens={cap}; a "
+                "step-wise sampler needs engines that honour GenerationRequest.max_tokens"
             )
-    return got
+        for c in comps:
+            out[k][c.index] = c
+    return [[o[i] for i in req.indices] for o, req in zip(out, requests, strict=True)]
 
 
 # ---- stored runs -----------------------------------------------------------------------------

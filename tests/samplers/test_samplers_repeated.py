@@ -155,12 +155,19 @@ def test_extend_keeps_first_samples_identical(tmp_path: Path) -> None:
     assert rows(fresh) == extended
 
 
+class _BatchOnly(ScriptedEngine):
+    """The scripted engine without its own engine loop: the scheduler coalesces what is pending
+    into ``generate`` calls, which hand over every sample made before a failure."""
+
+    open_loop = None
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_failure_mid_run_keeps_completed_samples(tmp_path: Path, background: bool) -> None:
     probs = problems(10)
     store = new_store(tmp_path)
     # fails while drawing the 5th sample of the 5th problem: four problems are complete
-    eng = ScriptedEngine(fail_after=4 * 8 + 4)
+    eng = _BatchOnly(fail_after=4 * 8 + 4)
     sampler = RepeatedSampler(
         eng,
         PARAMS,
@@ -189,6 +196,35 @@ def test_failure_mid_run_keeps_completed_samples(tmp_path: Path, background: boo
     assert acct2["samples"] == 80 and acct2["sessions"] == 2
     assert acct2["generated_tokens"] == full.manifest["accounting"]["generated_tokens"]
     assert acct2["wall_seconds"] >= acct["wall_seconds"]
+
+
+def test_failure_on_a_continuous_engine_loses_nothing_finished_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    # run() feeds the engine loop: on an engine with its own loop (requests join and leave
+    # as they finish) a failure loses the samples still in flight -- their tokens are counted
+    # as discarded -- and keeps every finished one; the resume completes the run exactly
+    probs = problems(10)
+    store = new_store(tmp_path)
+    eng = ScriptedEngine(fail_after=4 * 8 + 4)
+    sampler = RepeatedSampler(eng, PARAMS, store, batch_size=24, progress=False)
+    with pytest.raises(GenerationError):
+        sampler.run(probs)
+    kept = {s.key for s in store.samples()}
+    made = [(r.problem_id, i) for r, _ in eng.calls for i in r.indices][: 4 * 8 + 4]
+    assert kept and kept <= set(made)
+    acct = store.manifest["accounting"]
+    assert acct["samples"] == len(kept)
+    stored_tokens = sum(s.num_tokens for s in store.samples())
+    discarded = acct["generated_tokens"] - stored_tokens
+    assert discarded >= 0
+    RepeatedSampler(ScriptedEngine(), PARAMS, store, progress=False).run(probs)
+    full = new_store(tmp_path, "full")
+    RepeatedSampler(ScriptedEngine(), PARAMS, full, progress=False).run(probs)
+    assert rows(store) == rows(full)
+    acct2 = store.manifest["accounting"]
+    assert acct2["samples"] == 80
+    assert acct2["generated_tokens"] == full.manifest["accounting"]["generated_tokens"] + discarded
 
 
 def test_partial_samples_of_a_failed_request_are_kept(tmp_path: Path) -> None:

@@ -314,3 +314,68 @@ def test_a_stop_token_ends_a_solution_in_search_and_smc(stop_reason):
     (res,) = list(smc.sample([PROBLEM], 2, seed=0))
     assert [c.text for c in res.kept] == ["x\ny", "x\ny"]
     assert res.info["steps"] == 2
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts", "best_of_n"])
+def test_results_do_not_depend_on_problems_in_flight(search):
+    # every problem's search shares the engine loop; steps come back in an order that depends
+    # on what else is in flight, but seeds are per (problem, node, step) and selection per
+    # problem: one problem at a time and all at once give the same trees
+    probs = [Problem(id=f"q{k}", prompt=f"{k}:") for k in range(5)]
+
+    def potential(problem, texts, finished):
+        return [t.count("a") - 0.3 * len(t) + 0.01 * len(problem.prompt) for t in texts]
+
+    def go(**kw):
+        eng = ScriptedEngine(alphabet="ab ", order=2, eos_logprob=math.log(0.15))
+        s = SearchSampler(
+            eng, potential, SamplingParams(temperature=0.8, max_tokens=4, seed=3), search=search,
+            width=2, step_stop=(" ",), max_steps=4, max_tokens=10, **kw,
+        )  # fmt: skip
+        return list(s.sample(probs, 4, seed=3))
+
+    def key(r):
+        return [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in r.candidates]
+
+    one = go(batch_problems=1)
+    assert len({len(r.candidates) for r in one}) > 1  # the problems' trees differ in size
+    for many in (go(), go(batch_problems=3, max_sequences=5)):
+        assert [r.problem_id for r in many] == [p.id for p in probs]
+        assert [key(r) for r in many] == [key(r) for r in one]
+        assert [r.generated_tokens for r in many] == [r.generated_tokens for r in one]
+        assert [particle_steps(r) for r in many] == [particle_steps(r) for r in one]
+
+
+def test_failure_with_problems_in_flight_journals_each_and_resumes_exactly(tmp_path):
+    # both problems in flight when the engine fails: each one's finished nodes are journaled,
+    # the resume generates only the rest, and the trees, tokens and accounting equal a run
+    # that never failed (plus the tokens of requests lost in flight, counted as discarded)
+    from ttscale.samplers.stepwise import salvaged_keys
+    from ttscale.store import SampleStore
+
+    probs = [PROBLEM, Problem(id="q", prompt="R\n", reference="0")]
+
+    def sampler(eng):
+        return SearchSampler(eng, scripted_potential, PARAMS, search="beam", width=2)
+
+    fresh = list(sampler(ScriptedEngine(two_steps)).sample(probs, 4, seed=0))
+    store = SampleStore.create(tmp_path / "run", {"model": "toy"})
+    with pytest.raises(GenerationError):
+        list(sampler(ScriptedEngine(two_steps, fail_after=10)).sample(probs, 4, seed=0, sink=store))
+    journaled = salvaged_keys(store)
+    assert {pid for pid, _ in journaled} == {"p", "q"}
+    lost = SampleStore.open(store.path).accounting()["generated_tokens"]
+    eng2 = ScriptedEngine(two_steps)
+    again = list(sampler(eng2).sample(probs, 4, seed=0, sink=SampleStore.open(store.path)))
+    asked = {(r.problem_id, i) for r, _ in eng2.calls for i in r.indices}
+    assert not asked & journaled
+    assert sum(r.resumed for r in again) == len(journaled)
+
+    def key(rs):
+        return [sorted((c.index, c.text, c.fate, c.log_weight) for c in r.candidates) for r in rs]
+
+    assert key(again) == key(fresh)
+    assert [r.generated_tokens for r in again] == [r.generated_tokens for r in fresh]
+    run = SampleStore.open(store.path)
+    assert run.accounting()["generated_tokens"] == sum(r.generated_tokens for r in fresh) + lost
+    assert not salvaged_keys(run)

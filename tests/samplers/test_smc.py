@@ -704,7 +704,10 @@ def test_killed_between_storing_and_marking_done_resumes_without_double_counting
     assert sorted(run.manifest["smc_done"]["4"]) == ["p0", "p1"]
 
 
-def test_failure_inside_a_problem_is_journaled_and_resumed_step_for_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("in_flight", [1, None])
+def test_failure_inside_a_problem_is_journaled_and_resumed_step_for_step(tmp_path, in_flight) -> None:  # type: ignore[no-untyped-def]
+    # in_flight=1: the problems run one after another and the failure hits the second alone;
+    # None: both are in flight, the failure hits both, and both resume from their journals
     from ttscale.engines.base import GenerationError
     from ttscale.samplers.stepwise import salvaged_keys
     from ttscale.store import SampleStore
@@ -717,35 +720,58 @@ def test_failure_inside_a_problem_is_journaled_and_resumed_step_for_step(tmp_pat
     failing = SMCSampler(
         ScriptedEngine(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3), fail_after=cut),
         log_potential, SamplingParams(temperature=TEMP, max_tokens=4),
-        step_stop=(), tokens_per_step=1, progress=False,
+        step_stop=(), tokens_per_step=1, progress=False, max_problems=in_flight,
     )  # fmt: skip
     store = SampleStore.create(tmp_path / "run", {"model": "toy"})
     with pytest.raises(GenerationError):
         list(failing.sample(probs, 4, seed=1, sink=store))
     journaled = salvaged_keys(store)
-    assert journaled and {pid for pid, _ in journaled} == {"p1"}
-    # the interrupted attempt's tokens are not in the accounting until the problem is stored
-    assert SampleStore.open(store.path).accounting()["generated_tokens"] == full[0].generated_tokens
+    if in_flight == 1:
+        assert journaled and {pid for pid, _ in journaled} == {"p1"}
+        # the interrupted attempt's tokens are not in the accounting until the problem is stored
+        assert SampleStore.open(store.path).accounting()["generated_tokens"] == full[0].generated_tokens
+    else:
+        assert {pid for pid, _ in journaled} == {"p0", "p1"}
+        # the engine generated `cut` particle-steps: those handed over are journaled, those
+        # still in flight when it failed are lost, their tokens counted as discarded (at most
+        # their whole length), since the loop hands over only finished requests
+        made = [(r.problem_id, i) for r, _ in failing.engine.calls for i in r.indices][:cut]  # type: ignore[attr-defined]
+        assert journaled <= set(made) and journaled
+        length = {(r.problem_id, c.index): c.completion.num_tokens for r in full for c in r.candidates}
+        lost = SampleStore.open(store.path).accounting()["generated_tokens"]
+        assert lost <= sum(length[k] for k in set(made) - journaled)
     s2, _ = _two_problem_run()
     resumed = list(s2.sample(probs, 4, seed=1, sink=SampleStore.open(store.path)))
     asked = {(r.problem_id, i) for r, _ in s2.engine.calls for i in r.indices}  # type: ignore[attr-defined]
     assert not asked & journaled  # nothing the failed attempt finished is generated again
-    assert resumed[1].resumed == len(journaled)
+    if in_flight == 1:
+        assert resumed[1].resumed == len(journaled)
+    else:
+        assert [r.resumed for r in resumed] == [
+            sum(pid == r.problem_id for pid, _ in journaled) for r in resumed
+        ]
     for a, b in zip(full, resumed, strict=True):
         assert [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in a.candidates] == [
             (c.index, c.text, c.fate, c.parent, c.log_weight) for c in b.candidates
         ]
         assert b.info["log_ml"] == pytest.approx(a.info["log_ml"], abs=1e-12)
     run = SampleStore.open(store.path)
-    assert run.accounting()["generated_tokens"] == total
+    assert run.accounting()["generated_tokens"] == total + (0 if in_flight == 1 else lost)
     assert len(run) == sum(len(r.candidates) for r in full)
     assert not salvaged_keys(run)  # the journal goes once the problem is stored
 
 
+class _BatchOnly(ScriptedEngine):
+    """The scripted engine without its own engine loop (the scheduler coalesces into calls)."""
+
+    open_loop = None
+
+
 def test_one_engine_call_per_step_with_per_request_token_caps() -> None:
     # particles of different lengths near max_tokens share one call: each request carries its
-    # own cap (GenerationRequest.max_tokens) instead of one call per distinct cap
-    eng = ScriptedEngine()
+    # own cap (GenerationRequest.max_tokens) instead of one call per distinct cap. An engine
+    # with batch generate only (the engine loop coalesces what is pending into one call)
+    eng = _BatchOnly()
     calls: list[list[GenerationRequest]] = []
     inner = eng.generate
 
@@ -765,6 +791,13 @@ def test_one_engine_call_per_step_with_per_request_token_caps() -> None:
             assert r.max_tokens is None or r.max_tokens == 9 - len(r.prefix_token_ids) < 4
     assert all(c.completion.num_tokens <= 4 for c in res.candidates)
     assert all(len(c.text) <= 9 for c in res.kept)  # one character per toy token
+    # the continuous loop honours each request's cap too: the same particles
+    s2 = SMCSampler(ScriptedEngine(), lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=9),
+                    step_stop=(" ",), tokens_per_step=4, progress=False)  # fmt: skip
+    (res2,) = list(s2.sample([PROB], 8, seed=3))
+    assert [(c.index, c.text, c.log_weight) for c in res2.candidates] == [
+        (c.index, c.text, c.log_weight) for c in res.candidates
+    ]
 
 
 def test_shaping_objects_own_their_statistics_and_state_holds_the_particles() -> None:
@@ -814,7 +847,9 @@ def test_a_journal_is_replayed_only_by_the_engine_that_made_it(tmp_path) -> None
 
     params = SamplingParams(temperature=TEMP, max_tokens=4)
     kw: dict[str, object] = {"step_stop": (), "tokens_per_step": 1, "progress": False}
-    failing = ScriptedEngine(alphabet=ALPHA, order=2, fail_after=5)
+    # batch generate only: every sample made before the failure is handed over (on the
+    # continuous loop a request still in flight when the engine fails is lost)
+    failing = _BatchOnly(alphabet=ALPHA, order=2, fail_after=5)
     store = SampleStore.create(tmp_path / "run", {"model": "toy"})
     with pytest.raises(GenerationError):
         list(SMCSampler(failing, log_potential, params, **kw).sample([PROB], 4, seed=1, sink=store))  # type: ignore[arg-type]
@@ -856,3 +891,31 @@ def test_per_request_caps_on_a_real_model(tiny_model_dir) -> None:  # type: igno
                 break
             node = by[node.parent]
         assert len(ids) <= 7 and c.text == eng.decode(ids)
+
+
+@pytest.mark.parametrize("ess_threshold", [0.5, 1.0])
+def test_results_do_not_depend_on_problems_in_flight(ess_threshold: float) -> None:
+    # every problem's particles share the engine loop; requests come back in an order that
+    # depends on what else is in flight, but seeds are per (problem, candidate, step) and
+    # resampling per problem: one problem at a time and all at once give the same run
+    probs = [Problem(f"q{k}", f"{k}:") for k in range(5)]
+
+    def run(**kw: object) -> list:  # type: ignore[type-arg]
+        s = SMCSampler(
+            ScriptedEngine(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3)), log_potential,
+            SamplingParams(temperature=TEMP, max_tokens=6), ess_threshold=ess_threshold, step_stop=(),
+            tokens_per_step=2, progress=False, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return list(s.sample(probs, 4, seed=7))
+
+    one = run(max_problems=1)
+    for many in (run(), run(max_problems=3, batch_size=5)):
+        assert [r.problem_id for r in many] == [p.id for p in probs]
+        for a, b in zip(one, many, strict=True):
+            assert [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in a.candidates] == [
+                (c.index, c.text, c.fate, c.parent, c.log_weight) for c in b.candidates
+            ]
+            assert a.info["final_log_weights"] == b.info["final_log_weights"]
+            assert a.info["ancestors"] == b.info["ancestors"]
+            assert a.generated_tokens == b.generated_tokens
+            assert a.info["log_ml"] == b.info["log_ml"]

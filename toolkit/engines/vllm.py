@@ -146,7 +146,10 @@ def _cpu_defaults() -> dict[str, Any]:
     so without ``VLLM_CPU_KVCACHE_SPACE`` the cache is bounded to 1 GiB; float32 (vLLM on CPU
     otherwise runs a float32 model in bfloat16, unlike transformers, so the two engines would
     sample different tokens); and eager mode (``torch.compile`` costs 40 s or more on a small
-    CPU machine and gains little there). Explicit arguments win. The engine core also runs in
+    CPU machine and gains little there); KV blocks of 32 tokens, not the CPU build's 128 (the
+    prefix cache reuses whole blocks only, so with 128 a step-wise sampler's prompt and steps so
+    far, usually shorter, were prefilled again at every step: SMC on ``arith`` ran at 0.5x
+    repeated sampling's tokens/s, 0.7x with 32; benchmarks/RESULTS.md). Explicit arguments win. The engine core also runs in
     this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): spawning it took 30-80 s more
     to start on a 2-core machine than the whole in-process start-up (about 8 s), and the spawned
     core left a leaked shared-memory warning at exit.
@@ -158,6 +161,7 @@ def _cpu_defaults() -> dict[str, Any]:
         "enable_chunked_prefill": False,
         "dtype": "float32",
         "enforce_eager": True,
+        "block_size": 32,
     }
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         out["kv_cache_memory_bytes"] = 1 << 30
@@ -763,13 +767,14 @@ class _VLLMLoop:
         # streamed traces are one n=1 request each (an abort stops one trace), as in generate
         fan = eng.n_fanout and params.temperature > 0.0 and on_token is None
         runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+        rp = request.params_for(params)  # the request's own max_tokens, if any
         rids = []
         for start, n in runs:
             if on_token is None:
-                sp = eng._sampling_params(params, n, seeds[start])
+                sp = eng._sampling_params(rp, n, seeds[start])
                 handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
             else:
-                sp = eng._sampling_params(params, 1, seeds[start], stream=True)
+                sp = eng._sampling_params(rp, 1, seeds[start], stream=True)
                 stream = _Stream(0, start, request.indices[start])
                 handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
             rids.append(self.steps.add(ids, sp, handler))
