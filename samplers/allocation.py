@@ -148,17 +148,14 @@ class AllocationSampler:
                     got[key] = stored[key]
                 else:
                     todo.append(p)
-            if todo:
-                for group in session.groups(
-                    todo,
-                    lambda p: self._plan(p, len(comps[p.id]), stored),
-                    batch_size=self.batch_size,
-                    expected={p.id: 1 for p in todo},
-                ):
-                    self.engine_calls += 1
-                    for cs in session.generate(group, params):
-                        for c in cs:
-                            got[(c.problem_id, c.index)] = c
+            # one sample per chosen problem, at most batch_size of them in one engine call (the
+            # session claims nothing: an allocation decides over all problems at once)
+            reqs = [r for p in todo for r in self._plan(p, len(comps[p.id]), stored)]
+            for lo in range(0, len(reqs), self.batch_size):
+                self.engine_calls += 1
+                for cs in session.generate(reqs[lo : lo + self.batch_size], params):
+                    for c in cs:
+                        got[(c.problem_id, c.index)] = c
             out: list[tuple[Hashable | None, int]] = []
             for p in picked:
                 c = got[(p.id, len(comps[p.id]))]

@@ -20,7 +20,7 @@ needs besides that lives here, so a new sampler is a short file:
   policy asks :meth:`SampleStore.__contains__` what is missing and a resumed run is
   sample-for-sample identical to an uninterrupted one;
 * **claims**: without a shard, workers sharing a run directory take turns per problem
-  (:mod:`ttscale.store.claims`); :meth:`SamplingSession.groups` claims problems, plans their
+  (:mod:`ttscale.store.claims`); :meth:`SamplingSession.claimed` claims problems, plans their
   requests and releases a claim only once all of its samples are durable.
 
 Without a store (in-memory sampling) the session still counts, checks and salvages; it writes
