@@ -136,6 +136,10 @@ class _Service:
             kw["logprobs"] = max(base.logprobs or 0, 20)
         if spec.strategy == "adaptive" and spec.rule.partition(":")[0].strip().lower() == "deepconf":
             kw["logprobs"] = max(base.logprobs or 0, 20)
+        if spec.strategy == "pruning":
+            # deepconf-online watches top log-probs, lowprob the sampled token's log-prob
+            head = spec.rule.partition(":")[0].strip()
+            kw["logprobs"] = max(base.logprobs or 0, 20) if head == "deepconf-online" else (base.logprobs or 0)
         try:
             return base.replace(**kw)
         except ConfigError as e:
@@ -216,7 +220,15 @@ class _Service:
         pid = problem_id_of(ctx)
         if spec.strategy == "none":  # pass-through: n plain samples
             spec = StrategySpec(**{**spec.to_dict(), "budget": n})
-        return _Prepared(spec, preset, params, ctx, pid, n, chat)
+        sampler = None
+        if spec.strategy == "pruning":
+            from ttscale.samplers.pruning import PruningSampler
+
+            try:
+                sampler = PruningSampler(self.engine, params, spec.rule, progress=False)
+            except ConfigError as e:  # e.g. an engine that cannot stream or cut traces
+                raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
+        return _Prepared(spec, preset, params, ctx, pid, n, chat, sampler)
 
     def job(self, prep: _Prepared, done: Any) -> Job:
         spec = prep.spec
@@ -225,6 +237,10 @@ class _Service:
             sampler = self.adaptive(spec.rule, spec.verifier, prep.params)
             problem = Problem(id=prep.pid, prompt=prep.pid)
             inner = sampler.program(problem, 0, spec.budget, prep.params, {})
+        elif spec.strategy == "pruning":
+            pruner = prep.sampler
+            problem = Problem(id=prep.pid, prompt=prep.pid)
+            inner = pruner.program(problem, spec.budget, min(pruner.rule.warmup, spec.budget))
         else:
             inner = _repeated_program(prep.pid, spec.budget, prep.pid)
         return Job(
@@ -240,10 +256,18 @@ class _Service:
         """The choices and the ``ttscale`` object of a finished request."""
         spec = prep.spec
         problem = Problem(id=prep.pid, prompt=prep.pid)
+        # pruning: the traces the rule stopped, by index (none known when a limit stopped the
+        # request: its program ended before it could say)
+        pruned_at: dict[int, int] = {}
         if spec.strategy == "adaptive" and out.result is not None:
             res, decision = out.result
             cands = [c.completion for c in res.candidates]
             why = decision.reason
+        elif spec.strategy == "pruning" and out.result is not None:
+            res, _threshold, _reasons = out.result
+            cands = [c.completion for c in res.candidates]
+            pruned_at.update({c.index: c.pruned_at for c in res.candidates if c.pruned_at is not None})
+            why = "budget"
         else:
             cands = sorted(out.completions, key=lambda c: c.index) if out.result is None else list(out.result)
             why = out.stopped or "budget"
@@ -254,7 +278,11 @@ class _Service:
         verdicts = verifier.verify(problem, [Sample.from_completion(c) for c in cands]) if cands else []
         answers: list[Hashable | None] = [v.answer for v in verdicts]
         scores = [v.score for v in verdicts]
-        order, selected_scores = self._rank(spec, cands, answers, scores, prep)
+        voting = answers
+        if spec.strategy == "pruning":
+            # the vote is over the traces the rule kept (a pruned trace's text is cut short)
+            voting = [None if c.index in pruned_at else a for c, a in zip(cands, answers, strict=True)]
+        order, selected_scores = self._rank(spec, cands, voting, scores, prep)
         if spec.strategy == "adaptive" and out.result is not None:
             want = out.result[1].answer
             first = [i for i in order if answers[i] == want]
@@ -262,7 +290,7 @@ class _Service:
         if not order and cands:
             order = [0]  # no candidate has an answer: the first one's text
         picked = order[: prep.n]
-        dist = Counter(str(a) for a in answers if a is not None and str(a).strip())
+        dist = Counter(str(a) for a in voting if a is not None and str(a).strip())
         info: dict[str, Any] = {
             "strategy": spec.strategy,
             "preset": prep.preset or None,
@@ -282,12 +310,17 @@ class _Service:
             },
             "wall_seconds": round(out.wall_seconds, 4),
         }
+        if spec.strategy == "pruning":
+            info["pruned"] = len(pruned_at)
         if spec.return_candidates:
             info["candidates"] = [
                 {"index": c.index, "text": c.text, "answer": a, "score": s, "finish_reason": c.finish_reason,
                  "tokens": c.num_tokens + c.discarded_tokens}
                 for c, a, s in zip(cands, answers, scores, strict=True)
             ]
+            if spec.strategy == "pruning":
+                for row in info["candidates"]:
+                    row["pruned_at"] = pruned_at.get(row["index"])
         choices = [(cands[i], answers[i]) for i in picked]
         return {"choices": choices, "ttscale": info, "generated": generated,
                 "prompt_tokens": _prompt_tokens(out.completions), "samples": len(out.completions)}
@@ -371,6 +404,8 @@ class _Prepared:
     pid: str
     n: int
     chat: bool
+    #: the strategy's sampler, where one is made per request (pruning)
+    sampler: Any = None
 
 
 def _finish_reason(c: Completion) -> str:

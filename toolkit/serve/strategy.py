@@ -10,7 +10,10 @@ Strategies: ``repeated`` (``budget`` independent samples, then the selection rul
 :data:`ttscale.select.rules.RULES`, e.g. ``majority``, ``rpc``, ``best_of_n``, with options as
 ``ttscale select`` takes them: ``majority:tie=first``), ``adaptive`` (stop each request by the
 adaptive rule ``rule`` of :mod:`ttscale.select.adaptive`, e.g. ``beta:0.95``, ``esc:window=5``,
-at most ``budget`` samples), and ``none`` (the bare model: plain pass-through, ``n`` samples).
+at most ``budget`` samples), ``pruning`` (``budget`` traces, stopped mid-generation by the
+pruning rule ``rule`` of :mod:`ttscale.samplers.pruning`, ``deepconf-online`` or ``lowprob``;
+the answer is the majority over the traces it kept) and ``none`` (the bare model: plain
+pass-through, ``n`` samples).
 """
 
 from __future__ import annotations
@@ -34,15 +37,20 @@ __all__ = [
 ]
 
 #: strategies the server runs on its scheduler
-STRATEGIES = ("repeated", "adaptive", "none")
+STRATEGIES = ("repeated", "adaptive", "pruning", "none")
 #: strategies of the library that the server does not run yet (a clear 400, not a silent swap)
-NOT_SERVED = ("smc", "beam", "dvts", "pruning", "search")
+NOT_SERVED = ("smc", "beam", "dvts", "best_of_n", "search")
 #: verifier heads a request may name; the others read files, load models or run code, so only
 #: a preset (set by whoever started the server) may use them
 REQUEST_VERIFIERS = ("math", "arith")
 MAX_BUDGET = 1024
 #: the rule a strategy gets when no layer names one
-DEFAULT_RULES = {"repeated": "majority", "adaptive": "beta:0.95", "none": "majority"}
+DEFAULT_RULES = {
+    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "none": "majority",
+}
+#: pruning rules a server runs: selfeval scores each trace with extra engine calls from inside
+#: the engine loop, which the server's one engine thread cannot make
+SERVED_PRUNE_RULES = ("deepconf-online", "lowprob")
 
 
 class RequestError(Exception):
@@ -210,6 +218,16 @@ def check_rule(spec: StrategySpec) -> None:
             from ttscale.select.adaptive import parse_rule
 
             parse_rule(spec.rule).usable(spec.budget)
+        elif spec.strategy == "pruning":
+            from ttscale.samplers.pruning import parse_prune_rule
+
+            head = spec.rule.partition(":")[0].strip()
+            if head not in SERVED_PRUNE_RULES:
+                raise ConfigError(
+                    f"the server runs the pruning rules {', '.join(SERVED_PRUNE_RULES)}"
+                    + (" (selfeval needs engine calls the server cannot make)" if head.startswith("selfeval") else "")
+                )
+            parse_prune_rule(spec.rule)
     except ConfigError as e:
         raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
     if spec.strategy != "none":
