@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -105,6 +106,7 @@ class _Service:
         self.metrics = _Metrics()
         self._verifiers: dict[str, Any] = {}
         self._adaptive: dict[tuple[str, str], Any] = {}
+        self._potentials: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -228,11 +230,48 @@ class _Service:
                 sampler = PruningSampler(self.engine, params, spec.rule, progress=False)
             except ConfigError as e:  # e.g. an engine that cannot stream or cut traces
                 raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
+        if spec.strategy == "smc":
+            sampler = self.smc(spec, params)
+            params = sampler.params.replace(seed=params.seed)
         return _Prepared(spec, preset, params, ctx, pid, n, chat, sampler)
+
+    def smc(self, spec: StrategySpec, params: SamplingParams) -> Any:
+        """The SMC sampler of a request: ``ttscale smc``'s defaults (FK steering, difference
+        shaping, lambda 10, systematic resampling at ESS < 0.5, steps end at newlines), the
+        potential read as a reward in [0, 1]."""
+        from ttscale.samplers.potentials import make_potential
+        from ttscale.samplers.smc import SMCSampler
+
+        assert spec.potential is not None
+        key = (spec.potential, "prob")
+        with self._lock:
+            pot = self._potentials.get(key)
+        if pot is None:
+            try:
+                pot = make_potential(spec.potential, value="prob")
+            except ConfigError as e:
+                raise RequestError(f"bad ttscale.potential {spec.potential!r}: {e}", param="ttscale.potential") from None
+            with self._lock:
+                pot = self._potentials.setdefault(key, pot)
+        try:
+            return SMCSampler(
+                self.engine, pot, params, shaping="difference", lam=10.0, resample="systematic",
+                ess_threshold=0.5, step_stop=("\n",), select=spec.rule, progress=False,
+            )
+        except ConfigError as e:
+            plain = params.temperature == 1.0 and params.top_p == 1.0
+            if "temperature" in str(e) or ("logprobs" in str(e) and not plain):
+                # the proposal correction for other settings needs raw and processed log-probs
+                raise RequestError(
+                    f"smc with temperature {params.temperature:g}, top_p {params.top_p:g} on this "
+                    f"engine: {e}; send temperature 1 and top_p 1", param="temperature",
+                ) from None
+            raise RequestError(f"smc: {e}", param="ttscale.strategy") from None
 
     def job(self, prep: _Prepared, done: Any) -> Job:
         spec = prep.spec
         inner: Program[Any]
+        lane_params = prep.params
         if spec.strategy == "adaptive":
             sampler = self.adaptive(spec.rule, spec.verifier, prep.params)
             problem = Problem(id=prep.pid, prompt=prep.pid)
@@ -241,12 +280,16 @@ class _Service:
             pruner = prep.sampler
             problem = Problem(id=prep.pid, prompt=prep.pid)
             inner = pruner.program(problem, spec.budget, min(pruner.rule.warmup, spec.budget))
+        elif spec.strategy == "smc":
+            # the potential reads the problem's text; the worker still sends the request's context
+            inner = prep.sampler.program(Problem(id=prep.pid, prompt=_problem_text(prep.context)), spec.budget, prep.params)
+            lane_params = prep.sampler.step_params(prep.params)
         else:
             inner = _repeated_program(prep.pid, spec.budget, prep.pid)
         return Job(
             inner=inner,
             context=prep.context,
-            lane=self.worker.lane(prep.params),
+            lane=self.worker.lane(lane_params),
             seed=prep.params.seed,
             budget=Budget(spec.max_total_tokens, spec.deadline_s),
             done=done,
@@ -263,6 +306,12 @@ class _Service:
             res, decision = out.result
             cands = [c.completion for c in res.candidates]
             why = decision.reason
+        elif spec.strategy == "smc":
+            # the final population (smc takes no limits: its program always ends)
+            kept = out.result.kept
+            cands = [c.completion for c in kept]
+            log_w = [-math.inf if c.log_weight is None else float(c.log_weight) for c in kept]
+            why = "degenerate" if out.result.info.get("degenerate") else "budget"
         elif spec.strategy == "pruning" and out.result is not None:
             res, _threshold, _reasons = out.result
             cands = [c.completion for c in res.candidates]
@@ -282,7 +331,10 @@ class _Service:
         if spec.strategy == "pruning":
             # the vote is over the traces the rule kept (a pruned trace's text is cut short)
             voting = [None if c.index in pruned_at else a for c, a in zip(cands, answers, strict=True)]
-        order, selected_scores = self._rank(spec, cands, voting, scores, prep)
+        if spec.strategy == "smc":
+            order, selected_scores = _rank_weighted(answers, log_w, spec.rule)
+        else:
+            order, selected_scores = self._rank(spec, cands, voting, scores, prep)
         if spec.strategy == "adaptive" and out.result is not None:
             want = out.result[1].answer
             first = [i for i in order if answers[i] == want]
@@ -312,6 +364,9 @@ class _Service:
         }
         if spec.strategy == "pruning":
             info["pruned"] = len(pruned_at)
+        if spec.strategy == "smc":
+            info["smc"] = {**prep.sampler.config(), "log_ml": out.result.info.get("log_ml"),
+                           "steps": out.result.info.get("steps"), "resampled": out.result.info.get("resampled")}
         if spec.return_candidates:
             info["candidates"] = [
                 {"index": c.index, "text": c.text, "answer": a, "score": s, "finish_reason": c.finish_reason,
@@ -321,6 +376,9 @@ class _Service:
             if spec.strategy == "pruning":
                 for row in info["candidates"]:
                     row["pruned_at"] = pruned_at.get(row["index"])
+            if spec.strategy == "smc":
+                for row, lw in zip(info["candidates"], log_w, strict=True):
+                    row["log_weight"] = lw
         choices = [(cands[i], answers[i]) for i in picked]
         return {"choices": choices, "ttscale": info, "generated": generated,
                 "prompt_tokens": _prompt_tokens(out.completions), "samples": len(out.completions)}
@@ -389,6 +447,39 @@ class _Service:
             out.append(i)
             score_of[i] = float(sc[c])
         return out, score_of
+
+
+def _problem_text(context: Mapping[str, Any]) -> str:
+    """The problem's text in a request's context: the prompt, or the last user message."""
+    if context.get("prompt") is not None:
+        return str(context["prompt"])
+    users = [m["content"] for m in context.get("messages") or () if m.get("role") == "user"]
+    return str(users[-1]) if users else ""
+
+
+def _rank_weighted(
+    answers: Sequence[Hashable | None], log_weights: Sequence[float], rule: str
+) -> tuple[list[int], dict[int, float]]:
+    """A weighted population's answers best first (one position each: its heaviest particle)
+    and each one's score, as :func:`ttscale.samplers.smc.select_answer` picks the first:
+    ``vote``: total normalised weight; ``argmax``: the largest log-weight; ties to the answer
+    seen first. Particles without an answer do not count."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if not lw.size or not np.isfinite(lw).any():
+        return [], {}
+    w = np.exp(lw - np.max(lw[np.isfinite(lw)]))
+    w = w / w.sum()
+    best: dict[Hashable, int] = {}
+    score: dict[Hashable, float] = {}
+    for i, a in enumerate(answers):
+        if a is None or not str(a).strip():
+            continue
+        if a not in best or lw[i] > lw[best[a]]:
+            best[a] = i
+        score[a] = score.get(a, 0.0) + float(w[i]) if rule == "vote" else max(score.get(a, -math.inf), float(lw[i]))
+    first = {a: k for k, a in enumerate(best)}  # dicts keep first appearance order
+    ranked = sorted(best, key=lambda a: (-score[a], first[a]))
+    return [best[a] for a in ranked], {best[a]: score[a] for a in ranked}
 
 
 def _prompt_tokens(comps: Sequence[Completion]) -> int:

@@ -12,7 +12,9 @@ Strategies: ``repeated`` (``budget`` independent samples, then the selection rul
 adaptive rule ``rule`` of :mod:`ttscale.select.adaptive`, e.g. ``beta:0.95``, ``esc:window=5``,
 at most ``budget`` samples), ``pruning`` (``budget`` traces, stopped mid-generation by the
 pruning rule ``rule`` of :mod:`ttscale.samplers.pruning`, ``deepconf-online`` or ``lowprob``;
-the answer is the majority over the traces it kept) and ``none`` (the bare model: plain
+the answer is the majority over the traces it kept), ``smc`` (``budget`` particles weighted by
+the potential ``potential``, FK steering as ``ttscale smc`` runs it by default; ``rule``: ``vote``,
+the largest total weight, or ``argmax``, the heaviest particle) and ``none`` (the bare model: plain
 pass-through, ``n`` samples).
 """
 
@@ -37,16 +39,21 @@ __all__ = [
 ]
 
 #: strategies the server runs on its scheduler
-STRATEGIES = ("repeated", "adaptive", "pruning", "none")
+STRATEGIES = ("repeated", "adaptive", "pruning", "smc", "none")
 #: strategies of the library that the server does not run yet (a clear 400, not a silent swap)
-NOT_SERVED = ("smc", "beam", "dvts", "best_of_n", "search")
+NOT_SERVED = ("beam", "dvts", "best_of_n", "search")
 #: verifier heads a request may name; the others read files, load models or run code, so only
 #: a preset (set by whoever started the server) may use them
 REQUEST_VERIFIERS = ("math", "arith")
+#: potential heads a request may name (the others load models, call servers or import code)
+REQUEST_POTENTIALS = ("arith-prm",)
+#: how SMC picks its answer from the weighted final population (ttscale.samplers.smc.select_answer)
+SMC_RULES = ("vote", "argmax")
 MAX_BUDGET = 1024
 #: the rule a strategy gets when no layer names one
 DEFAULT_RULES = {
-    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "none": "majority",
+    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "smc": "vote",
+    "none": "majority",
 }
 #: pruning rules a server runs: selfeval scores each trace with extra engine calls from inside
 #: the engine loop, which the server's one engine thread cannot make
@@ -88,6 +95,8 @@ class StrategySpec:
     rule: str = "majority"
     budget: int = 8
     verifier: str = "math"
+    #: the SMC potential spec (``arith-prm``; paths and code only from a preset)
+    potential: str | None = None
     return_candidates: bool = False
     max_total_tokens: int | None = None
     deadline_s: float | None = None
@@ -151,11 +160,21 @@ def _check_field(name: str, v: Any, *, from_request: bool) -> Any:
         if not (math.isfinite(x) and x > 0):
             raise RequestError(f"ttscale.deadline_s must be > 0, got {v!r}", param="ttscale.deadline_s")
         return x
+    if name == "potential" and v is None:
+        return None
     if name == "return_candidates":
         return _as_bool("ttscale.return_candidates", v)
     if not isinstance(v, str) or not v.strip():
         raise RequestError(f"ttscale.{name} must be a non-empty string, got {v!r}", param=f"ttscale.{name}")
     v = v.strip()
+    if name == "potential" and from_request:
+        head = v.partition(":")[0].strip().lower()
+        if head not in REQUEST_POTENTIALS:
+            raise RequestError(
+                f"potential {v!r} may only be set by a server preset (a request may name "
+                f"{', '.join(REQUEST_POTENTIALS)})",
+                param="ttscale.potential",
+            )
     if name == "verifier" and from_request:
         head = v.partition(":")[0].strip().lower()
         if head not in REQUEST_VERIFIERS:
@@ -228,8 +247,25 @@ def check_rule(spec: StrategySpec) -> None:
                     + (" (selfeval needs engine calls the server cannot make)" if head.startswith("selfeval") else "")
                 )
             parse_prune_rule(spec.rule)
+        elif spec.strategy == "smc" and spec.rule not in SMC_RULES:
+            raise ConfigError(f"smc picks its answer by {' or '.join(SMC_RULES)}")
     except ConfigError as e:
         raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
+    if spec.strategy == "smc" and spec.potential is None:
+        raise RequestError(
+            f"strategy 'smc' needs a potential (a request may name {', '.join(REQUEST_POTENTIALS)}; "
+            "others through a preset)",
+            param="ttscale.potential",
+        )
+    if spec.strategy == "smc":
+        # a population cut part-way has no answer yet: stopping SMC early is not served
+        for name in ("max_total_tokens", "deadline_s"):
+            if getattr(spec, name) is not None:
+                raise RequestError(
+                    f"ttscale.{name} is not served with strategy 'smc' (a population cut part-way "
+                    "has no answer); lower the budget instead",
+                    param=f"ttscale.{name}",
+                )
     if spec.strategy != "none":
         from ttscale.verifiers.base import check_spec
 
@@ -279,6 +315,15 @@ def resolve(
         merged.update(layer)
     if merged["strategy"] != default.strategy and not any("rule" in layer for layer in layers):
         merged["rule"] = DEFAULT_RULES[merged["strategy"]]
+    last_rule = max((i for i, layer in enumerate(layers) if "rule" in layer), default=-1)
+    if last_rule >= 0:
+        # a layer after the last one naming a rule changed the strategy (e.g. a request over a
+        # preset): that rule was for another strategy, so the new strategy's default applies
+        before = default.strategy
+        for layer in layers[: last_rule + 1]:
+            before = layer.get("strategy", before)
+        if before != merged["strategy"]:
+            merged["rule"] = DEFAULT_RULES[merged["strategy"]]
     if merged["strategy"] == "none" and any("budget" in layer for layer in layers[1 if preset else 0:]):
         raise RequestError(
             "ttscale.budget has no effect on the bare model (strategy 'none': n plain samples); "
