@@ -14,7 +14,7 @@ from ttscale.cli.app import app
         (["--host", "0.0.0.0"], "is not a loopback address: give --api-key"),
         (["--preset", "sc"], "--preset must look like NAME=SPEC"),
         (["--preset", "sc=strategy=mcts"], "unknown strategy 'mcts'"),
-        (["--preset", "sc=strategy=beam"], "strategy 'beam' is not served yet"),
+        (["--preset", "sc=strategy=search"], "unknown strategy 'search'"),
         (["--preset", "sc=strategy=smc"], "strategy 'smc' needs a potential"),
         (["--preset", "sc=rule=nosuch"], "bad ttscale.rule 'nosuch'"),
         (["--preset", "sc=budget=0"], "ttscale.budget must be in [1, 1024]"),

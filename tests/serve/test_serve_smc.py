@@ -1,7 +1,8 @@
-"""``ttscale serve`` with ``strategy: smc``, through the official ``openai`` client, on a scripted
+"""``ttscale serve`` with ``strategy: smc`` and the step-level searches, through the official ``openai`` client, on a scripted
 engine whose traces take two steps (a line, then an answer that depends on the step's seed). The
-expected population, weights and answer come from :class:`SMCSampler` run directly on the same
-engine with the same seed, budget and settings."""
+expected population, weights and answer come from :class:`SMCSampler` / :class:`SearchSampler`
+run directly on the same engine with the same seed, budget and settings, the answer picked by
+the library's :func:`~ttscale.samplers.smc.select_answer`."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def served() -> Iterator[Served]:
     presets = dict(
         [
             parse_preset(f"smc8=strategy=smc;budget=8;potential={POTENTIAL}"),
+            parse_preset(f"beam8=strategy=beam;budget=8;potential={POTENTIAL}"),
             parse_preset("sc=strategy=repeated;budget=4"),
         ]
     )
@@ -136,3 +138,47 @@ def test_bad_smc_fields_are_400(client: openai.OpenAI, extra: dict[str, Any], pa
         temperature = extra.pop("temperature", None)
         client.completions.create(model=model, prompt="x", temperature=temperature, extra_body=extra)
     assert e.value.body["param"] == param  # type: ignore[index]
+
+
+def direct_search(served: Served, prompt: str, search: str, seed: int, budget: int) -> Any:
+    from ttscale.samplers.potentials import make_potential
+    from ttscale.samplers.search import SearchSampler
+    from ttscale.types import SamplingParams
+
+    sampler = SearchSampler(
+        served.engine, make_potential(POTENTIAL, value="log_prob"), SamplingParams(max_tokens=8192, seed=0),
+        search=search, width=4, step_stop=("\n",), step_tokens=256, max_steps=64, max_tokens=8192,
+    )
+    (res,) = list(sampler.sample([Problem(id=problem_id_of({"prompt": prompt}), prompt=prompt)], budget, seed=seed))
+    return res
+
+
+@pytest.mark.parametrize("search", ["beam", "dvts", "best_of_n"])
+@pytest.mark.parametrize("rule", ["vote", "argmax"])
+def test_search_matches_library(served: Served, client: openai.OpenAI, search: str, rule: str) -> None:
+    from ttscale.samplers.smc import select_answer
+
+    r = client.completions.create(
+        model="beam8", prompt="S?", seed=2, n=3,
+        extra_body={"ttscale": {"strategy": search, "rule": rule, "return_candidates": True}},
+    )
+    res = direct_search(served, "S?", search, 2, 8)
+    want = select_answer(res, rule, lambda t: (m.group(1) if (m := re.search(r"\\boxed\{(\d)\}", t)) else None))
+    tt = r.model_extra["ttscale"]
+    assert tt["strategy"] == search and tt["search"]["search"] == search and tt["search"]["width"] == res.info["width"]
+    assert tt["selected"]["answer"] == want
+    assert r.choices[0].text.endswith(f"\\boxed{{{want}}}")
+    got = [re.search(r"\\boxed\{(\d)\}", c.text).group(1) for c in r.choices]  # type: ignore[union-attr]
+    assert len(set(got)) == len(got)
+    assert r.usage.completion_tokens == tt["tokens"] == res.generated_tokens
+    assert tt["search"]["pruned"] == sum(c.pruned_at is not None for c in res.candidates)
+    if search != "best_of_n":
+        assert tt["search"]["pruned"] > 0  # the search dropped branches whose tokens still count
+    kept = [(c.index, c.text, c.log_weight) for c in res.kept]
+    assert [(c["index"], c["text"], c["log_weight"]) for c in tt["candidates"]] == kept
+
+
+def test_search_bad_budget_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="beam8", prompt="x", extra_body={"ttscale": {"budget": 6}})
+    assert e.value.body["param"] == "ttscale.budget"  # type: ignore[index]

@@ -29,8 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError, TtscaleError
+from ttscale.samplers.base import Fate
 from ttscale.samplers.loop import Program, generate
-from ttscale.serve.strategy import RequestError, StrategySpec, resolve
+from ttscale.serve.strategy import SEARCH_WIDTH, SEARCHES, RequestError, StrategySpec, resolve
 from ttscale.serve.worker import Budget, Job, Outcome, Worker
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 
@@ -233,26 +234,17 @@ class _Service:
         if spec.strategy == "smc":
             sampler = self.smc(spec, params)
             params = sampler.params.replace(seed=params.seed)
+        if spec.strategy in SEARCHES:
+            sampler = self.search(spec, params)
         return _Prepared(spec, preset, params, ctx, pid, n, chat, sampler)
 
     def smc(self, spec: StrategySpec, params: SamplingParams) -> Any:
         """The SMC sampler of a request: ``ttscale smc``'s defaults (FK steering, difference
         shaping, lambda 10, systematic resampling at ESS < 0.5, steps end at newlines), the
         potential read as a reward in [0, 1]."""
-        from ttscale.samplers.potentials import make_potential
         from ttscale.samplers.smc import SMCSampler
 
-        assert spec.potential is not None
-        key = (spec.potential, "prob")
-        with self._lock:
-            pot = self._potentials.get(key)
-        if pot is None:
-            try:
-                pot = make_potential(spec.potential, value="prob")
-            except ConfigError as e:
-                raise RequestError(f"bad ttscale.potential {spec.potential!r}: {e}", param="ttscale.potential") from None
-            with self._lock:
-                pot = self._potentials.setdefault(key, pot)
+        pot = self.potential(spec, "prob")
         try:
             return SMCSampler(
                 self.engine, pot, params, shaping="difference", lam=10.0, resample="systematic",
@@ -267,6 +259,38 @@ class _Service:
                     f"engine: {e}; send temperature 1 and top_p 1", param="temperature",
                 ) from None
             raise RequestError(f"smc: {e}", param="ttscale.strategy") from None
+
+    def potential(self, spec: StrategySpec, value: str) -> Any:
+        """The request's potential (one per spec and reading, shared by requests)."""
+        from ttscale.samplers.potentials import make_potential
+
+        assert spec.potential is not None
+        key = (spec.potential, value)
+        with self._lock:
+            pot = self._potentials.get(key)
+        if pot is None:
+            try:
+                pot = make_potential(spec.potential, value=value)
+            except ConfigError as e:
+                raise RequestError(f"bad ttscale.potential {spec.potential!r}: {e}", param="ttscale.potential") from None
+            with self._lock:
+                pot = self._potentials.setdefault(key, pot)
+        return pot
+
+    def search(self, spec: StrategySpec, params: SamplingParams) -> Any:
+        """The step-level search of a request, with ``ttscale smc --search``'s defaults (width
+        4, steps end at newlines, at most 256 tokens a step and 64 steps); the potential ranks
+        partial solutions as a log-potential."""
+        from ttscale.samplers.search import SearchSampler
+
+        try:
+            return SearchSampler(
+                self.engine, self.potential(spec, "log_prob"), params, search=spec.strategy,
+                width=SEARCH_WIDTH, step_stop=("\n",), step_tokens=256, max_steps=64,
+                max_tokens=params.max_tokens,
+            )
+        except ConfigError as e:
+            raise RequestError(f"{spec.strategy}: {e}", param="ttscale.strategy") from None
 
     def job(self, prep: _Prepared, done: Any) -> Job:
         spec = prep.spec
@@ -284,6 +308,9 @@ class _Service:
             # the potential reads the problem's text; the worker still sends the request's context
             inner = prep.sampler.program(Problem(id=prep.pid, prompt=_problem_text(prep.context)), spec.budget, prep.params)
             lane_params = prep.sampler.step_params(prep.params)
+        elif spec.strategy in SEARCHES:
+            lane_params = prep.sampler.params.replace(seed=prep.params.seed)
+            inner = prep.sampler.program(Problem(id=prep.pid, prompt=_problem_text(prep.context)), spec.budget, lane_params)
         else:
             inner = _repeated_program(prep.pid, spec.budget, prep.pid)
         return Job(
@@ -306,8 +333,8 @@ class _Service:
             res, decision = out.result
             cands = [c.completion for c in res.candidates]
             why = decision.reason
-        elif spec.strategy == "smc":
-            # the final population (smc takes no limits: its program always ends)
+        elif spec.strategy == "smc" or spec.strategy in SEARCHES:
+            # the final population / pool (these take no limits: their programs always end)
             kept = out.result.kept
             cands = [c.completion for c in kept]
             log_w = [-math.inf if c.log_weight is None else float(c.log_weight) for c in kept]
@@ -331,7 +358,7 @@ class _Service:
         if spec.strategy == "pruning":
             # the vote is over the traces the rule kept (a pruned trace's text is cut short)
             voting = [None if c.index in pruned_at else a for c, a in zip(cands, answers, strict=True)]
-        if spec.strategy == "smc":
+        if spec.strategy == "smc" or spec.strategy in SEARCHES:
             order, selected_scores = _rank_weighted(answers, log_w, spec.rule)
         else:
             order, selected_scores = self._rank(spec, cands, voting, scores, prep)
@@ -367,6 +394,9 @@ class _Service:
         if spec.strategy == "smc":
             info["smc"] = {**prep.sampler.config(), "log_ml": out.result.info.get("log_ml"),
                            "steps": out.result.info.get("steps"), "resampled": out.result.info.get("resampled")}
+        if spec.strategy in SEARCHES:
+            info["search"] = {**prep.sampler.info(), "steps": len(out.result.steps),
+                              "pruned": sum(c.fate is Fate.PRUNED for c in out.result.candidates)}
         if spec.return_candidates:
             info["candidates"] = [
                 {"index": c.index, "text": c.text, "answer": a, "score": s, "finish_reason": c.finish_reason,
@@ -376,7 +406,7 @@ class _Service:
             if spec.strategy == "pruning":
                 for row in info["candidates"]:
                     row["pruned_at"] = pruned_at.get(row["index"])
-            if spec.strategy == "smc":
+            if spec.strategy == "smc" or spec.strategy in SEARCHES:
                 for row, lw in zip(info["candidates"], log_w, strict=True):
                     row["log_weight"] = lw
         choices = [(cands[i], answers[i]) for i in picked]

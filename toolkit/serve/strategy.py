@@ -14,7 +14,10 @@ at most ``budget`` samples), ``pruning`` (``budget`` traces, stopped mid-generat
 pruning rule ``rule`` of :mod:`ttscale.samplers.pruning`, ``deepconf-online`` or ``lowprob``;
 the answer is the majority over the traces it kept), ``smc`` (``budget`` particles weighted by
 the potential ``potential``, FK steering as ``ttscale smc`` runs it by default; ``rule``: ``vote``,
-the largest total weight, or ``argmax``, the heaviest particle) and ``none`` (the bare model: plain
+the largest total weight, or ``argmax``, the heaviest particle), ``beam``, ``dvts`` and
+``best_of_n`` (step-level search of :mod:`ttscale.samplers.search` with width
+:data:`SEARCH_WIDTH`, ranked by the potential; ``rule`` as for ``smc``, over the final pool) and
+``none`` (the bare model: plain
 pass-through, ``n`` samples).
 """
 
@@ -39,9 +42,13 @@ __all__ = [
 ]
 
 #: strategies the server runs on its scheduler
-STRATEGIES = ("repeated", "adaptive", "pruning", "smc", "none")
+#: step-level searches (ttscale.samplers.search), each a strategy of its own
+SEARCHES = ("beam", "dvts", "best_of_n")
+#: the search width M (beams per kept node, DVTS subtree size), as ``ttscale smc --search``'s default
+SEARCH_WIDTH = 4
+STRATEGIES = ("repeated", "adaptive", "pruning", "smc", *SEARCHES, "none")
 #: strategies of the library that the server does not run yet (a clear 400, not a silent swap)
-NOT_SERVED = ("beam", "dvts", "best_of_n", "search")
+NOT_SERVED: tuple[str, ...] = ()
 #: verifier heads a request may name; the others read files, load models or run code, so only
 #: a preset (set by whoever started the server) may use them
 REQUEST_VERIFIERS = ("math", "arith")
@@ -53,7 +60,7 @@ MAX_BUDGET = 1024
 #: the rule a strategy gets when no layer names one
 DEFAULT_RULES = {
     "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "smc": "vote",
-    "none": "majority",
+    "beam": "vote", "dvts": "vote", "best_of_n": "vote", "none": "majority",
 }
 #: pruning rules a server runs: selfeval scores each trace with extra engine calls from inside
 #: the engine loop, which the server's one engine thread cannot make
@@ -247,25 +254,30 @@ def check_rule(spec: StrategySpec) -> None:
                     + (" (selfeval needs engine calls the server cannot make)" if head.startswith("selfeval") else "")
                 )
             parse_prune_rule(spec.rule)
-        elif spec.strategy == "smc" and spec.rule not in SMC_RULES:
-            raise ConfigError(f"smc picks its answer by {' or '.join(SMC_RULES)}")
+        elif (spec.strategy == "smc" or spec.strategy in SEARCHES) and spec.rule not in SMC_RULES:
+            raise ConfigError(f"{spec.strategy} picks its answer by {' or '.join(SMC_RULES)}")
     except ConfigError as e:
         raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
-    if spec.strategy == "smc" and spec.potential is None:
+    if (spec.strategy == "smc" or spec.strategy in SEARCHES) and spec.potential is None:
         raise RequestError(
-            f"strategy 'smc' needs a potential (a request may name {', '.join(REQUEST_POTENTIALS)}; "
+            f"strategy {spec.strategy!r} needs a potential (a request may name {', '.join(REQUEST_POTENTIALS)}; "
             "others through a preset)",
             param="ttscale.potential",
         )
-    if spec.strategy == "smc":
-        # a population cut part-way has no answer yet: stopping SMC early is not served
+    if spec.strategy == "smc" or spec.strategy in SEARCHES:
+        # a population or search cut part-way has no answer yet: stopping them early is not served
         for name in ("max_total_tokens", "deadline_s"):
             if getattr(spec, name) is not None:
                 raise RequestError(
-                    f"ttscale.{name} is not served with strategy 'smc' (a population cut part-way "
-                    "has no answer); lower the budget instead",
+                    f"ttscale.{name} is not served with strategy {spec.strategy!r} (a population or "
+                    "search cut part-way has no answer); lower the budget instead",
                     param=f"ttscale.{name}",
                 )
+    if spec.strategy in ("beam", "dvts") and spec.budget % SEARCH_WIDTH:
+        raise RequestError(
+            f"{spec.strategy} needs a budget divisible by its width {SEARCH_WIDTH}, got {spec.budget}",
+            param="ttscale.budget",
+        )
     if spec.strategy != "none":
         from ttscale.verifiers.base import check_spec
 
