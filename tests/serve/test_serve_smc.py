@@ -182,3 +182,17 @@ def test_search_bad_budget_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="beam8", prompt="x", extra_body={"ttscale": {"budget": 6}})
     assert e.value.body["param"] == "ttscale.budget"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("model", ["smc8", "beam8"])
+def test_stepwise_chat_streams_the_selected_answer(client: openai.OpenAI, model: str) -> None:
+    msg = [{"role": "user", "content": "S?"}]
+    plain = client.chat.completions.create(model=model, messages=msg, seed=6)  # type: ignore[arg-type]
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=msg, seed=6, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and "\\boxed{" in text
+    assert chunks[-1].usage == plain.usage and plain.usage is not None and plain.usage.completion_tokens > 0
