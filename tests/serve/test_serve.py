@@ -166,7 +166,7 @@ def test_deadline_stops_early(client: openai.OpenAI) -> None:
     ("extra", "param"),
     [
         ({"ttscale": {"strategy": "mcts"}}, "ttscale.strategy"),
-        ({"ttscale": {"strategy": "smc"}}, "ttscale.strategy"),
+        ({"ttscale": {"strategy": "beam"}}, "ttscale.potential"),
         ({"ttscale": {"budget": 0}}, "ttscale.budget"),
         ({"ttscale_budget": "many"}, "ttscale.budget"),
         ({"ttscale": {"rule": "nosuchrule"}}, "ttscale.rule"),

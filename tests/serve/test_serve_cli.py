@@ -14,7 +14,8 @@ from ttscale.cli.app import app
         (["--host", "0.0.0.0"], "is not a loopback address: give --api-key"),
         (["--preset", "sc"], "--preset must look like NAME=SPEC"),
         (["--preset", "sc=strategy=mcts"], "unknown strategy 'mcts'"),
-        (["--preset", "sc=strategy=smc"], "strategy 'smc' is not served yet"),
+        (["--preset", "sc=strategy=search"], "unknown strategy 'search'"),
+        (["--preset", "sc=strategy=smc"], "strategy 'smc' needs a potential"),
         (["--preset", "sc=rule=nosuch"], "bad ttscale.rule 'nosuch'"),
         (["--preset", "sc=budget=0"], "ttscale.budget must be in [1, 1024]"),
         (["--preset", "sc=budget=8", "--preset", "sc=budget=4"], "--preset sc is given twice"),
@@ -71,3 +72,21 @@ def test_serve_command_runs_and_stops(tmp_path: object) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "serving 'scripted' on http://127.0.0.1:" in out
+
+
+@pytest.mark.parametrize(
+    ("body", "rule"),
+    [
+        ({"model": "ad", "ttscale": {"strategy": "repeated"}}, "majority"),  # the preset's rule was for adaptive
+        ({"model": "ad", "ttscale": {"strategy": "smc", "potential": "arith-prm"}}, "vote"),
+        ({"model": "ad", "ttscale": {"strategy": "repeated", "rule": "rpc"}}, "rpc"),
+        ({"model": "ad", "ttscale": {"rule": "esc:window=3"}}, "esc:window=3"),
+        ({"model": "ad", "ttscale_strategy": "pruning"}, "deepconf-online"),
+    ],
+)
+def test_a_request_changing_the_strategy_gets_its_default_rule(body: dict[str, object], rule: str) -> None:
+    from ttscale.serve.strategy import StrategySpec, parse_preset, resolve
+
+    presets = dict([parse_preset("ad=strategy=adaptive;rule=beta:0.9;budget=16")])
+    spec, preset = resolve(body, {}, presets, StrategySpec(), "m")
+    assert preset == "ad" and spec.rule == rule and spec.budget == 16

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,8 +29,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError, TtscaleError
+from ttscale.samplers.base import Fate
 from ttscale.samplers.loop import Program, generate
-from ttscale.serve.strategy import RequestError, StrategySpec, resolve
+from ttscale.serve.strategy import SEARCH_WIDTH, SEARCHES, RequestError, StrategySpec, resolve
 from ttscale.serve.worker import Budget, Job, Outcome, Worker
 from ttscale.types import Completion, Problem, Sample, SamplingParams
 
@@ -105,6 +107,7 @@ class _Service:
         self.metrics = _Metrics()
         self._verifiers: dict[str, Any] = {}
         self._adaptive: dict[tuple[str, str], Any] = {}
+        self._potentials: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -136,6 +139,10 @@ class _Service:
             kw["logprobs"] = max(base.logprobs or 0, 20)
         if spec.strategy == "adaptive" and spec.rule.partition(":")[0].strip().lower() == "deepconf":
             kw["logprobs"] = max(base.logprobs or 0, 20)
+        if spec.strategy == "pruning":
+            # deepconf-online watches top log-probs, lowprob the sampled token's log-prob
+            head = spec.rule.partition(":")[0].strip()
+            kw["logprobs"] = max(base.logprobs or 0, 20) if head == "deepconf-online" else (base.logprobs or 0)
         try:
             return base.replace(**kw)
         except ConfigError as e:
@@ -216,21 +223,100 @@ class _Service:
         pid = problem_id_of(ctx)
         if spec.strategy == "none":  # pass-through: n plain samples
             spec = StrategySpec(**{**spec.to_dict(), "budget": n})
-        return _Prepared(spec, preset, params, ctx, pid, n, chat)
+        sampler = None
+        if spec.strategy == "pruning":
+            from ttscale.samplers.pruning import PruningSampler
+
+            try:
+                sampler = PruningSampler(self.engine, params, spec.rule, progress=False)
+            except ConfigError as e:  # e.g. an engine that cannot stream or cut traces
+                raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
+        if spec.strategy == "smc":
+            sampler = self.smc(spec, params)
+            params = sampler.params.replace(seed=params.seed)
+        if spec.strategy in SEARCHES:
+            sampler = self.search(spec, params)
+        return _Prepared(spec, preset, params, ctx, pid, n, chat, sampler)
+
+    def smc(self, spec: StrategySpec, params: SamplingParams) -> Any:
+        """The SMC sampler of a request: ``ttscale smc``'s defaults (FK steering, difference
+        shaping, lambda 10, systematic resampling at ESS < 0.5, steps end at newlines), the
+        potential read as a reward in [0, 1]."""
+        from ttscale.samplers.smc import SMCSampler
+
+        pot = self.potential(spec, "prob")
+        try:
+            return SMCSampler(
+                self.engine, pot, params, shaping="difference", lam=10.0, resample="systematic",
+                ess_threshold=0.5, step_stop=("\n",), select=spec.rule, progress=False,
+            )
+        except ConfigError as e:
+            plain = params.temperature == 1.0 and params.top_p == 1.0
+            if "temperature" in str(e) or ("logprobs" in str(e) and not plain):
+                # the proposal correction for other settings needs raw and processed log-probs
+                raise RequestError(
+                    f"smc with temperature {params.temperature:g}, top_p {params.top_p:g} on this "
+                    f"engine: {e}; send temperature 1 and top_p 1", param="temperature",
+                ) from None
+            raise RequestError(f"smc: {e}", param="ttscale.strategy") from None
+
+    def potential(self, spec: StrategySpec, value: str) -> Any:
+        """The request's potential (one per spec and reading, shared by requests)."""
+        from ttscale.samplers.potentials import make_potential
+
+        assert spec.potential is not None
+        key = (spec.potential, value)
+        with self._lock:
+            pot = self._potentials.get(key)
+        if pot is None:
+            try:
+                pot = make_potential(spec.potential, value=value)
+            except ConfigError as e:
+                raise RequestError(f"bad ttscale.potential {spec.potential!r}: {e}", param="ttscale.potential") from None
+            with self._lock:
+                pot = self._potentials.setdefault(key, pot)
+        return pot
+
+    def search(self, spec: StrategySpec, params: SamplingParams) -> Any:
+        """The step-level search of a request, with ``ttscale smc --search``'s defaults (width
+        4, steps end at newlines, at most 256 tokens a step and 64 steps); the potential ranks
+        partial solutions as a log-potential."""
+        from ttscale.samplers.search import SearchSampler
+
+        try:
+            return SearchSampler(
+                self.engine, self.potential(spec, "log_prob"), params, search=spec.strategy,
+                width=SEARCH_WIDTH, step_stop=("\n",), step_tokens=256, max_steps=64,
+                max_tokens=params.max_tokens,
+            )
+        except ConfigError as e:
+            raise RequestError(f"{spec.strategy}: {e}", param="ttscale.strategy") from None
 
     def job(self, prep: _Prepared, done: Any) -> Job:
         spec = prep.spec
         inner: Program[Any]
+        lane_params = prep.params
         if spec.strategy == "adaptive":
             sampler = self.adaptive(spec.rule, spec.verifier, prep.params)
             problem = Problem(id=prep.pid, prompt=prep.pid)
             inner = sampler.program(problem, 0, spec.budget, prep.params, {})
+        elif spec.strategy == "pruning":
+            pruner = prep.sampler
+            problem = Problem(id=prep.pid, prompt=prep.pid)
+            inner = pruner.program(problem, spec.budget, min(pruner.rule.warmup, spec.budget))
+        elif spec.strategy == "smc":
+            # the potential reads the problem's text; the worker still sends the request's context
+            inner = prep.sampler.program(Problem(id=prep.pid, prompt=_problem_text(prep.context)), spec.budget, prep.params)
+            lane_params = prep.sampler.step_params(prep.params)
+        elif spec.strategy in SEARCHES:
+            lane_params = prep.sampler.params.replace(seed=prep.params.seed)
+            inner = prep.sampler.program(Problem(id=prep.pid, prompt=_problem_text(prep.context)), spec.budget, lane_params)
         else:
             inner = _repeated_program(prep.pid, spec.budget, prep.pid)
         return Job(
             inner=inner,
             context=prep.context,
-            lane=self.worker.lane(prep.params),
+            lane=self.worker.lane(lane_params),
             seed=prep.params.seed,
             budget=Budget(spec.max_total_tokens, spec.deadline_s),
             done=done,
@@ -240,10 +326,24 @@ class _Service:
         """The choices and the ``ttscale`` object of a finished request."""
         spec = prep.spec
         problem = Problem(id=prep.pid, prompt=prep.pid)
+        # pruning: the traces the rule stopped, by index (none known when a limit stopped the
+        # request: its program ended before it could say)
+        pruned_at: dict[int, int] = {}
         if spec.strategy == "adaptive" and out.result is not None:
             res, decision = out.result
             cands = [c.completion for c in res.candidates]
             why = decision.reason
+        elif spec.strategy == "smc" or spec.strategy in SEARCHES:
+            # the final population / pool (these take no limits: their programs always end)
+            kept = out.result.kept
+            cands = [c.completion for c in kept]
+            log_w = [-math.inf if c.log_weight is None else float(c.log_weight) for c in kept]
+            why = "degenerate" if out.result.info.get("degenerate") else "budget"
+        elif spec.strategy == "pruning" and out.result is not None:
+            res, _threshold, _reasons = out.result
+            cands = [c.completion for c in res.candidates]
+            pruned_at.update({c.index: c.pruned_at for c in res.candidates if c.pruned_at is not None})
+            why = "budget"
         else:
             cands = sorted(out.completions, key=lambda c: c.index) if out.result is None else list(out.result)
             why = out.stopped or "budget"
@@ -254,7 +354,14 @@ class _Service:
         verdicts = verifier.verify(problem, [Sample.from_completion(c) for c in cands]) if cands else []
         answers: list[Hashable | None] = [v.answer for v in verdicts]
         scores = [v.score for v in verdicts]
-        order, selected_scores = self._rank(spec, cands, answers, scores, prep)
+        voting = answers
+        if spec.strategy == "pruning":
+            # the vote is over the traces the rule kept (a pruned trace's text is cut short)
+            voting = [None if c.index in pruned_at else a for c, a in zip(cands, answers, strict=True)]
+        if spec.strategy == "smc" or spec.strategy in SEARCHES:
+            order, selected_scores = _rank_weighted(answers, log_w, spec.rule)
+        else:
+            order, selected_scores = self._rank(spec, cands, voting, scores, prep)
         if spec.strategy == "adaptive" and out.result is not None:
             want = out.result[1].answer
             first = [i for i in order if answers[i] == want]
@@ -262,7 +369,7 @@ class _Service:
         if not order and cands:
             order = [0]  # no candidate has an answer: the first one's text
         picked = order[: prep.n]
-        dist = Counter(str(a) for a in answers if a is not None and str(a).strip())
+        dist = Counter(str(a) for a in voting if a is not None and str(a).strip())
         info: dict[str, Any] = {
             "strategy": spec.strategy,
             "preset": prep.preset or None,
@@ -282,12 +389,26 @@ class _Service:
             },
             "wall_seconds": round(out.wall_seconds, 4),
         }
+        if spec.strategy == "pruning":
+            info["pruned"] = len(pruned_at)
+        if spec.strategy == "smc":
+            info["smc"] = {**prep.sampler.config(), "log_ml": out.result.info.get("log_ml"),
+                           "steps": out.result.info.get("steps"), "resampled": out.result.info.get("resampled")}
+        if spec.strategy in SEARCHES:
+            info["search"] = {**prep.sampler.info(), "steps": len(out.result.steps),
+                              "pruned": sum(c.fate is Fate.PRUNED for c in out.result.candidates)}
         if spec.return_candidates:
             info["candidates"] = [
                 {"index": c.index, "text": c.text, "answer": a, "score": s, "finish_reason": c.finish_reason,
                  "tokens": c.num_tokens + c.discarded_tokens}
                 for c, a, s in zip(cands, answers, scores, strict=True)
             ]
+            if spec.strategy == "pruning":
+                for row in info["candidates"]:
+                    row["pruned_at"] = pruned_at.get(row["index"])
+            if spec.strategy == "smc" or spec.strategy in SEARCHES:
+                for row, lw in zip(info["candidates"], log_w, strict=True):
+                    row["log_weight"] = lw
         choices = [(cands[i], answers[i]) for i in picked]
         return {"choices": choices, "ttscale": info, "generated": generated,
                 "prompt_tokens": _prompt_tokens(out.completions), "samples": len(out.completions)}
@@ -358,6 +479,39 @@ class _Service:
         return out, score_of
 
 
+def _problem_text(context: Mapping[str, Any]) -> str:
+    """The problem's text in a request's context: the prompt, or the last user message."""
+    if context.get("prompt") is not None:
+        return str(context["prompt"])
+    users = [m["content"] for m in context.get("messages") or () if m.get("role") == "user"]
+    return str(users[-1]) if users else ""
+
+
+def _rank_weighted(
+    answers: Sequence[Hashable | None], log_weights: Sequence[float], rule: str
+) -> tuple[list[int], dict[int, float]]:
+    """A weighted population's answers best first (one position each: its heaviest particle)
+    and each one's score, as :func:`ttscale.samplers.smc.select_answer` picks the first:
+    ``vote``: total normalised weight; ``argmax``: the largest log-weight; ties to the answer
+    seen first. Particles without an answer do not count."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    if not lw.size or not np.isfinite(lw).any():
+        return [], {}
+    w = np.exp(lw - np.max(lw[np.isfinite(lw)]))
+    w = w / w.sum()
+    best: dict[Hashable, int] = {}
+    score: dict[Hashable, float] = {}
+    for i, a in enumerate(answers):
+        if a is None or not str(a).strip():
+            continue
+        if a not in best or lw[i] > lw[best[a]]:
+            best[a] = i
+        score[a] = score.get(a, 0.0) + float(w[i]) if rule == "vote" else max(score.get(a, -math.inf), float(lw[i]))
+    first = {a: k for k, a in enumerate(best)}  # dicts keep first appearance order
+    ranked = sorted(best, key=lambda a: (-score[a], first[a]))
+    return [best[a] for a in ranked], {best[a]: score[a] for a in ranked}
+
+
 def _prompt_tokens(comps: Sequence[Completion]) -> int:
     return max((c.prompt_tokens or 0 for c in comps), default=0)
 
@@ -371,6 +525,8 @@ class _Prepared:
     pid: str
     n: int
     chat: bool
+    #: the strategy's sampler, where one is made per request (pruning)
+    sampler: Any = None
 
 
 def _finish_reason(c: Completion) -> str:

@@ -10,7 +10,15 @@ Strategies: ``repeated`` (``budget`` independent samples, then the selection rul
 :data:`ttscale.select.rules.RULES`, e.g. ``majority``, ``rpc``, ``best_of_n``, with options as
 ``ttscale select`` takes them: ``majority:tie=first``), ``adaptive`` (stop each request by the
 adaptive rule ``rule`` of :mod:`ttscale.select.adaptive`, e.g. ``beta:0.95``, ``esc:window=5``,
-at most ``budget`` samples), and ``none`` (the bare model: plain pass-through, ``n`` samples).
+at most ``budget`` samples), ``pruning`` (``budget`` traces, stopped mid-generation by the
+pruning rule ``rule`` of :mod:`ttscale.samplers.pruning`, ``deepconf-online`` or ``lowprob``;
+the answer is the majority over the traces it kept), ``smc`` (``budget`` particles weighted by
+the potential ``potential``, FK steering as ``ttscale smc`` runs it by default; ``rule``: ``vote``,
+the largest total weight, or ``argmax``, the heaviest particle), ``beam``, ``dvts`` and
+``best_of_n`` (step-level search of :mod:`ttscale.samplers.search` with width
+:data:`SEARCH_WIDTH`, ranked by the potential; ``rule`` as for ``smc``, over the final pool) and
+``none`` (the bare model: plain
+pass-through, ``n`` samples).
 """
 
 from __future__ import annotations
@@ -34,15 +42,29 @@ __all__ = [
 ]
 
 #: strategies the server runs on its scheduler
-STRATEGIES = ("repeated", "adaptive", "none")
+#: step-level searches (ttscale.samplers.search), each a strategy of its own
+SEARCHES = ("beam", "dvts", "best_of_n")
+#: the search width M (beams per kept node, DVTS subtree size), as ``ttscale smc --search``'s default
+SEARCH_WIDTH = 4
+STRATEGIES = ("repeated", "adaptive", "pruning", "smc", *SEARCHES, "none")
 #: strategies of the library that the server does not run yet (a clear 400, not a silent swap)
-NOT_SERVED = ("smc", "beam", "dvts", "pruning", "search")
+NOT_SERVED: tuple[str, ...] = ()
 #: verifier heads a request may name; the others read files, load models or run code, so only
 #: a preset (set by whoever started the server) may use them
 REQUEST_VERIFIERS = ("math", "arith")
+#: potential heads a request may name (the others load models, call servers or import code)
+REQUEST_POTENTIALS = ("arith-prm",)
+#: how SMC picks its answer from the weighted final population (ttscale.samplers.smc.select_answer)
+SMC_RULES = ("vote", "argmax")
 MAX_BUDGET = 1024
 #: the rule a strategy gets when no layer names one
-DEFAULT_RULES = {"repeated": "majority", "adaptive": "beta:0.95", "none": "majority"}
+DEFAULT_RULES = {
+    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "smc": "vote",
+    "beam": "vote", "dvts": "vote", "best_of_n": "vote", "none": "majority",
+}
+#: pruning rules a server runs: selfeval scores each trace with extra engine calls from inside
+#: the engine loop, which the server's one engine thread cannot make
+SERVED_PRUNE_RULES = ("deepconf-online", "lowprob")
 
 
 class RequestError(Exception):
@@ -80,6 +102,8 @@ class StrategySpec:
     rule: str = "majority"
     budget: int = 8
     verifier: str = "math"
+    #: the SMC potential spec (``arith-prm``; paths and code only from a preset)
+    potential: str | None = None
     return_candidates: bool = False
     max_total_tokens: int | None = None
     deadline_s: float | None = None
@@ -143,11 +167,21 @@ def _check_field(name: str, v: Any, *, from_request: bool) -> Any:
         if not (math.isfinite(x) and x > 0):
             raise RequestError(f"ttscale.deadline_s must be > 0, got {v!r}", param="ttscale.deadline_s")
         return x
+    if name == "potential" and v is None:
+        return None
     if name == "return_candidates":
         return _as_bool("ttscale.return_candidates", v)
     if not isinstance(v, str) or not v.strip():
         raise RequestError(f"ttscale.{name} must be a non-empty string, got {v!r}", param=f"ttscale.{name}")
     v = v.strip()
+    if name == "potential" and from_request:
+        head = v.partition(":")[0].strip().lower()
+        if head not in REQUEST_POTENTIALS:
+            raise RequestError(
+                f"potential {v!r} may only be set by a server preset (a request may name "
+                f"{', '.join(REQUEST_POTENTIALS)})",
+                param="ttscale.potential",
+            )
     if name == "verifier" and from_request:
         head = v.partition(":")[0].strip().lower()
         if head not in REQUEST_VERIFIERS:
@@ -210,8 +244,40 @@ def check_rule(spec: StrategySpec) -> None:
             from ttscale.select.adaptive import parse_rule
 
             parse_rule(spec.rule).usable(spec.budget)
+        elif spec.strategy == "pruning":
+            from ttscale.samplers.pruning import parse_prune_rule
+
+            head = spec.rule.partition(":")[0].strip()
+            if head not in SERVED_PRUNE_RULES:
+                raise ConfigError(
+                    f"the server runs the pruning rules {', '.join(SERVED_PRUNE_RULES)}"
+                    + (" (selfeval needs engine calls the server cannot make)" if head.startswith("selfeval") else "")
+                )
+            parse_prune_rule(spec.rule)
+        elif (spec.strategy == "smc" or spec.strategy in SEARCHES) and spec.rule not in SMC_RULES:
+            raise ConfigError(f"{spec.strategy} picks its answer by {' or '.join(SMC_RULES)}")
     except ConfigError as e:
         raise RequestError(f"bad ttscale.rule {spec.rule!r}: {e}", param="ttscale.rule") from None
+    if (spec.strategy == "smc" or spec.strategy in SEARCHES) and spec.potential is None:
+        raise RequestError(
+            f"strategy {spec.strategy!r} needs a potential (a request may name {', '.join(REQUEST_POTENTIALS)}; "
+            "others through a preset)",
+            param="ttscale.potential",
+        )
+    if spec.strategy == "smc" or spec.strategy in SEARCHES:
+        # a population or search cut part-way has no answer yet: stopping them early is not served
+        for name in ("max_total_tokens", "deadline_s"):
+            if getattr(spec, name) is not None:
+                raise RequestError(
+                    f"ttscale.{name} is not served with strategy {spec.strategy!r} (a population or "
+                    "search cut part-way has no answer); lower the budget instead",
+                    param=f"ttscale.{name}",
+                )
+    if spec.strategy in ("beam", "dvts") and spec.budget % SEARCH_WIDTH:
+        raise RequestError(
+            f"{spec.strategy} needs a budget divisible by its width {SEARCH_WIDTH}, got {spec.budget}",
+            param="ttscale.budget",
+        )
     if spec.strategy != "none":
         from ttscale.verifiers.base import check_spec
 
@@ -261,6 +327,15 @@ def resolve(
         merged.update(layer)
     if merged["strategy"] != default.strategy and not any("rule" in layer for layer in layers):
         merged["rule"] = DEFAULT_RULES[merged["strategy"]]
+    last_rule = max((i for i, layer in enumerate(layers) if "rule" in layer), default=-1)
+    if last_rule >= 0:
+        # a layer after the last one naming a rule changed the strategy (e.g. a request over a
+        # preset): that rule was for another strategy, so the new strategy's default applies
+        before = default.strategy
+        for layer in layers[: last_rule + 1]:
+            before = layer.get("strategy", before)
+        if before != merged["strategy"]:
+            merged["rule"] = DEFAULT_RULES[merged["strategy"]]
     if merged["strategy"] == "none" and any("budget" in layer for layer in layers[1 if preset else 0:]):
         raise RequestError(
             "ttscale.budget has no effect on the bare model (strategy 'none': n plain samples); "

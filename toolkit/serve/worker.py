@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttscale.engines.base import Engine, GenerationRequest
+from ttscale.engines.base import Engine, GenerationRequest, TokenCallback
 from ttscale.engines.loop import EngineLoop, LoopResult, open_loop
 from ttscale.samplers.loop import Abort, Program, Scheduler, Submit, Wait
 from ttscale.samplers.session import SamplingSession
@@ -79,9 +79,10 @@ class LaneLoop:
     def in_flight(self) -> int:
         return sum(loop.in_flight for loop in self._loops.values())
 
-    def submit(self, request: GenerationRequest) -> int:
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
         lane = int(request.meta.get(_LANE, 0))
-        inner = self._loop(lane).submit(request)
+        loop = self._loop(lane)
+        inner = loop.submit(request) if on_token is None else loop.submit(request, on_token=on_token)
         t = self._next
         self._next += 1
         self._tickets[t] = (lane, inner)
@@ -196,7 +197,9 @@ class Job:
                     return
                 if isinstance(cmd, Submit):
                     reqs = tuple(self._rewrite(r) for r in cmd.requests)
-                    value = yield Submit(reqs, store=cmd.store)
+                    # the command as the program gave it (on_token: a pruning rule watches
+                    # its traces), with the request's context and seeds
+                    value = yield dataclasses.replace(cmd, requests=reqs)
                     held.update(value)
                 elif isinstance(cmd, Wait):
                     want = tuple(sorted(held)) if cmd.tickets is None else cmd.tickets
@@ -406,8 +409,8 @@ class _CountingLoop:
     def in_flight(self) -> int:
         return self.inner.in_flight
 
-    def submit(self, request: GenerationRequest) -> int:
-        return self.inner.submit(request)
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        return self.inner.submit(request, on_token)
 
     def poll(self, on_result: LoopResult) -> None:
         self.worker.polls += 1
