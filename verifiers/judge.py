@@ -204,6 +204,11 @@ class JudgeVerifier:
         base = dict(
             problem_id=problem.id, index=sample.index, verifier=self.name, answer=sample.answer
         )
+        # what judging this sample cost the judge's engine (``ttscale serve`` adds it to usage)
+        cost = {
+            "judge_generated_tokens": 0 if completion is None else int(completion.num_tokens),
+            "judge_prompt_tokens": 0 if completion is None else int(completion.prompt_tokens or 0),
+        }
         table = self._top_table(completion)
         if table is None:
             self.missing_counts["no_logprobs"] += 1
@@ -211,6 +216,7 @@ class JudgeVerifier:
                 status=VerdictStatus.ERROR,
                 score=math.nan,
                 detail="judge engine returned no top log-probabilities for the first token",
+                meta=cost,
                 **base,
             )
         lp_yes = float(table.get(self.yes_token_id, -math.inf))
@@ -223,6 +229,7 @@ class JudgeVerifier:
             # -inf (absent from the top-k) is stored as None: JSON has no infinity.
             "lp_yes": lp_yes if math.isfinite(lp_yes) else None,
             "lp_no": lp_no if math.isfinite(lp_no) else None,
+            **cost,
         }
         yes_missing, no_missing = lp_yes == -math.inf, lp_no == -math.inf
         if yes_missing and no_missing:

@@ -299,3 +299,34 @@ def test_engine_failure_is_a_500_and_the_server_lives_on() -> None:
         assert s.service.in_flight == 0
     finally:
         stop(s)
+
+
+def test_a_judge_verifiers_tokens_are_in_usage(
+    served: Served, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model-based verifier (a judge preset) spends tokens of its own: usage counts them on top
+    of the candidates' tokens, and the ttscale object says how many."""
+    from ttscale.types import Completion
+    from ttscale.verifiers.judge import JudgeVerifier
+
+    class JudgeEngine:  # one yes/no token per candidate, after a 7-token judge prompt
+        name = "judge-table"
+
+        def generate(self, requests: Any, params: Any) -> list[list[Completion]]:
+            return [[Completion(problem_id=r.problem_id, index=i, text="y", token_ids=(1,),
+                                token_logprobs=(-0.1,), top_logprobs=({1: -0.1, 2: -2.4},),
+                                num_tokens=1, prompt_tokens=7) for i in r.indices]
+                    for r in requests]  # fmt: skip
+
+        def info(self) -> dict[str, Any]:
+            return {"engine": self.name}
+
+    judge = JudgeVerifier(JudgeEngine(), yes_token_id=1, no_token_id=2, name="judge")
+    monkeypatch.setattr(served.service, "verifier", lambda spec: judge)
+    ctx = {"prompt": "What is 3 + 4?"}
+    r = client.chat.completions.create(model="sc8", messages=MSG, seed=11)
+    tt = r.model_extra["ttscale"]
+    sampled = sum(c.num_tokens for c in direct_run(served, ctx, 11, 8))
+    assert tt["tokens"] == sampled and tt["verifier_tokens"] == {"generated": 8, "prompt": 56}
+    assert r.usage.completion_tokens == sampled + 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens

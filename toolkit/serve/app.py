@@ -354,6 +354,11 @@ class _Service:
         verdicts = verifier.verify(problem, [Sample.from_completion(c) for c in cands]) if cands else []
         answers: list[Hashable | None] = [v.answer for v in verdicts]
         scores = [v.score for v in verdicts]
+        # a model-based verifier's own tokens (a judge preset) are part of the request's usage
+        vtok = {
+            "generated": sum(int(v.meta.get("judge_generated_tokens", 0)) for v in verdicts),
+            "prompt": sum(int(v.meta.get("judge_prompt_tokens", 0)) for v in verdicts),
+        }
         voting = answers
         if spec.strategy == "pruning":
             # the vote is over the traces the rule kept (a pruned trace's text is cut short)
@@ -388,6 +393,7 @@ class _Service:
                 "score": selected_scores.get(picked[0]),
             },
             "wall_seconds": round(out.wall_seconds, 4),
+            "verifier_tokens": vtok,
         }
         if spec.strategy == "pruning":
             info["pruned"] = len(pruned_at)
@@ -410,8 +416,9 @@ class _Service:
                 for row, lw in zip(info["candidates"], log_w, strict=True):
                     row["log_weight"] = lw
         choices = [(cands[i], answers[i]) for i in picked]
-        return {"choices": choices, "ttscale": info, "generated": generated,
-                "prompt_tokens": _prompt_tokens(out.completions), "samples": len(out.completions)}
+        return {"choices": choices, "ttscale": info, "generated": generated + vtok["generated"],
+                "prompt_tokens": _prompt_tokens(out.completions) + vtok["prompt"],
+                "samples": len(out.completions)}
 
     def _plain(self, prep: _Prepared, cands: list[Completion], generated: int, out: Outcome) -> dict[str, Any]:
         info = {
