@@ -47,7 +47,14 @@ from ttscale.samplers.base import Candidate, Fate, SampleResult, StepInfo
 from ttscale.samplers.loop import Program, Scheduler
 from ttscale.samplers.potentials import as_potential, clean_log_potentials
 from ttscale.samplers.session import SamplingSession, open_sink, unique_problems
-from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
+from ttscale.samplers.stepwise import (
+    StepRun,
+    ends_trace,
+    extend,
+    step_request,
+    step_text,
+    stored_problem,
+)
 from ttscale.store import SampleStore
 from ttscale.types import Completion, FinishReason, Problem, SamplingParams
 from ttscale.validation import check_choice, check_int
@@ -276,19 +283,15 @@ class SearchSampler:
     ) -> Program[SampleResult]:
         """One problem of a run: read back if stored, else :meth:`program` (resuming from its
         journal), its nodes stored in one shard and the problem marked done."""
-        if run is None:
-            return (yield from self.program(problem, budget, params, own=own))
-        if problem.id in done:
-            return _resumed(problem, run)
-        replay = run.journal(problem.id)
-        seen: dict[tuple[str, int], Completion] = {}
-        started[problem.id] = (replay, seen)
-        result = yield from self.program(problem, budget, params, replay=replay, seen=seen, own=own)
-        session.keep(result.candidates)
-        session.flush()
-        run.mark_done([problem.id])
-        del started[problem.id]
-        return result
+        return (
+            yield from stored_problem(
+                problem, session, run, done, started,
+                lambda replay, seen: self.program(
+                    problem, budget, params, replay=replay, seen=seen, own=own
+                ),
+                lambda: _resumed(problem, run),
+            )
+        )  # fmt: skip
 
     def program(
         self,

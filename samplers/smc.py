@@ -64,7 +64,14 @@ from ttscale.samplers.potentials import (
     pf_log_weights,
 )
 from ttscale.samplers.session import SamplingSession, open_sink, rich_progress, unique_problems
-from ttscale.samplers.stepwise import StepRun, ends_trace, extend, step_request, step_text
+from ttscale.samplers.stepwise import (
+    StepRun,
+    ends_trace,
+    extend,
+    step_request,
+    step_text,
+    stored_problem,
+)
 from ttscale.seeding import SeedLike, as_generator, problem_seed
 from ttscale.store import SampleStore
 from ttscale.types import Completion, Problem, SamplingParams
@@ -607,19 +614,13 @@ class SMCSampler:
     ) -> Program[SampleResult]:
         """One problem of a run: read back if stored, else :meth:`program` (resuming from its
         journal), its particle-steps stored in one shard and the problem marked done."""
-        if run is None:
-            return (yield from self.program(problem, budget, params))
-        if problem.id in done:
-            return self._resumed(problem, run)
-        replay = run.journal(problem.id)
-        seen: dict[tuple[str, int], Completion] = {}
-        started[problem.id] = (replay, seen)
-        result = yield from self.program(problem, budget, params, replay=replay, seen=seen)
-        session.keep(result.candidates)
-        session.flush()
-        run.mark_done([problem.id])
-        del started[problem.id]
-        return result
+        return (
+            yield from stored_problem(
+                problem, session, run, done, started,
+                lambda replay, seen: self.program(problem, budget, params, replay=replay, seen=seen),
+                lambda: self._resumed(problem, run),
+            )
+        )  # fmt: skip
 
     def step_params(self, params: SamplingParams) -> SamplingParams:
         """The sampling settings of every particle-step request of a run with ``params``."""

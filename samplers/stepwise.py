@@ -295,6 +295,42 @@ class StepRun:
         log.info("journaled %d finished steps of problem %r for resume", len(items), problem_id)
 
 
+#: what a step-wise problem program is started with: the journal to replay and the dict that
+#: receives every particle-step the engine hands over (both None for an in-memory run)
+StartProgram = Callable[
+    [Mapping[tuple[str, int], Completion] | None, dict[tuple[str, int], Completion] | None],
+    Generator[Command, Any, Any],
+]
+
+
+def stored_problem(
+    problem: Problem,
+    session: Any,
+    run: StepRun | None,
+    done: set[str],
+    started: dict[str, tuple[Mapping[tuple[str, int], Completion], dict[Any, Completion]]],
+    start: StartProgram,
+    resumed: Callable[[], Any],
+) -> Generator[Command, Any, Any]:
+    """The one stored-run path of a step-wise problem (SMC and search): read back if the run
+    holds it (``resumed()``), else ``start(replay, seen)`` resuming from its journal, its
+    candidates stored in one shard and the problem marked done. ``started`` holds the journal
+    and the salvage dict of every problem in flight, so a failure can journal them all."""
+    if run is None:
+        return (yield from start(None, None))
+    if problem.id in done:
+        return resumed()
+    replay = run.journal(problem.id)
+    seen: dict[tuple[str, int], Completion] = {}
+    started[problem.id] = (replay, seen)
+    result = yield from start(replay, seen)
+    session.keep(result.candidates)
+    session.flush()
+    run.mark_done([problem.id])
+    del started[problem.id]
+    return result
+
+
 def salvaged_keys(store: SampleStore) -> set[tuple[str, int]]:
     """``(problem_id, index)`` of every journaled step in a run (kept for resume, not yet in its
     samples: a step-wise problem that failed part-way)."""
