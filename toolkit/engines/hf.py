@@ -60,18 +60,27 @@ def _import_torch() -> Any:
 
 
 def process_logprobs_torch(
-    logprobs: Any, params: SamplingParams, suppress: Sequence[int] = ()
+    logprobs: Any,
+    params: SamplingParams,
+    suppress: Sequence[int] = (),
+    rows: Sequence[bool] | None = None,
 ) -> Any:
     """Batched sampling distribution in log space: ``(B, V)`` float64 -> ``(B, V)``, ``-inf`` removed.
 
     Same maths and order as :func:`ttscale.engines.scripted.process_logprobs` (vLLM's order):
     suppress -> temperature -> min-p -> top-k -> top-p, renormalising after each filter;
-    ``temperature == 0`` is a one-hot on the argmax.
+    ``temperature == 0`` is a one-hot on the argmax. ``rows``: suppress only in the rows marked
+    ``True`` (rows of one batch at different steps of ``min_tokens``); every operation is per
+    row, so a row's result does not depend on the others.
     """
     torch = _import_torch()
     lp = logprobs.clone()
     if len(suppress):
-        lp[:, list(suppress)] = -math.inf
+        if rows is None:
+            lp[:, list(suppress)] = -math.inf
+        elif any(rows):
+            which = torch.tensor([b for b, r in enumerate(rows) if r], device=lp.device)
+            lp[which.unsqueeze(1), torch.tensor(list(suppress), device=lp.device)] = -math.inf
     if params.temperature == 0.0:
         out = torch.full_like(lp, -math.inf)
         out.scatter_(1, lp.argmax(dim=1, keepdim=True), 0.0)
@@ -121,12 +130,16 @@ def _cpu_threads(torch: Any, model: Any, threads: int | None) -> int:
 class _Row:
     """One sample being generated."""
 
-    request: int
+    request: int  # generate: its request's position; the loop: its ticket
     slot: int
     index: int
     seed: int
     prompt: list[int]
     generator: Any
+    req: GenerationRequest
+    cap: int  # the request's own max_tokens
+    on_token: TokenCallback | None = None
+    event_request: int = 0  # TokenEvent.request of its events
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     target: list[float] = field(default_factory=list)
@@ -137,6 +150,233 @@ class _Row:
     text: str | None = None
     finish: str = FinishReason.LENGTH.value
     stop_reason: str | None = None
+
+
+class _Batch:
+    """Rows decoded together, for ``generate`` (one batch at a time) and the engine loop (one
+    batch that rows join and leave between steps).
+
+    State: the rows (``None`` where a row finished or was aborted: it stays, its outputs
+    ignored, until compacted), their KV cache (``DynamicCache``; each row's tokens right-aligned,
+    left-padded with masked zeros), the attention mask, each row's next position id, and the
+    logits of each row's next token (sampled by the next :meth:`step`).
+    """
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine = engine
+        self.rows: list[_Row | None] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.next_pos: Any = None
+        self.logits: Any = None
+
+    @property
+    def live(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.next_pos, self.logits = [], None, None, None, None
+
+    def admit(self, rows: Sequence[_Row]) -> None:
+        """Prefill ``rows``' prompts (each distinct prompt once; its cache rows are repeated for
+        its samples) and add the rows to the batch."""
+        torch = _import_torch()
+        from transformers import DynamicCache
+
+        eng, dev = self.engine, self.engine.device
+        distinct: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            distinct.setdefault(tuple(r.prompt), len(distinct))
+        uniq = list(distinct)
+        width = max(len(p) for p in uniq)
+        ids = torch.full((len(uniq), width), eng._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, p in enumerate(uniq):
+            if not p:
+                raise ConfigError("empty prompt: the tokenizer produced no tokens")
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        prefill = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "past_key_values": DynamicCache(),
+            "use_cache": True,
+        }
+        try:  # only the last position's logits are needed: skip the (L, V) prompt logits
+            out = eng.model(**prefill, logits_to_keep=1)
+        except TypeError:  # models whose forward has no logits_to_keep
+            out = eng.model(**prefill)
+        cache = out.past_key_values
+        expand = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=dev)
+        cache.batch_select_indices(expand)
+        logits = out.logits[:, -1, :].index_select(0, expand)
+        mask = mask.index_select(0, expand)
+        if self.cache is None or not self.live:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            self.next_pos, self.logits = mask.sum(dim=1), logits
+            return
+        self._merge(list(rows), cache, mask, logits)
+
+    def _keep(self) -> tuple[Any, int]:
+        """Indices of the live rows and the first column any of them uses."""
+        torch = _import_torch()
+        keep = torch.tensor(
+            [b for b, r in enumerate(self.rows) if r is not None], device=self.mask.device
+        )
+        used = self.mask.index_select(0, keep).sum(dim=1)
+        return keep, int(self.mask.shape[1] - int(used.max()))
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
+        """Add prefilled ``rows`` to the running batch in one copy of the cache: finished rows
+        and padding columns no live row uses are dropped, then the shorter side is left-padded
+        along the sequence axis and the two are stacked on the batch axis."""
+        torch = _import_torch()
+        from transformers.cache_utils import DynamicLayer
+
+        keep, start = self._keep()
+        n_old, n_new = len(keep), len(rows)
+        w_old, w_new = self.mask.shape[1] - start, mask.shape[1]
+        width = max(w_old, w_new)
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            if type(old) is not DynamicLayer or type(new) is not DynamicLayer:
+                raise EngineError(
+                    f"the hf engine loop needs a plain KV cache; {type(old).__name__} layers "
+                    "cannot join a running batch (use generate, or another engine)"
+                )
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)
+                out = a.new_zeros((n_old + n_new, *a.shape[1:2], width, *a.shape[3:]))
+                out[:n_old, :, width - w_old :] = a.index_select(0, keep)[:, :, start:]
+                out[n_old:, :, width - w_new :] = b
+                setattr(old, name, out)
+        m = self.mask.new_zeros((n_old + n_new, width))
+        m[:n_old, width - w_old :] = self.mask.index_select(0, keep)[:, start:]
+        m[n_old:, width - w_new :] = mask
+        self.mask = m
+        self.next_pos = torch.cat([self.next_pos.index_select(0, keep), mask.sum(dim=1)])
+        self.logits = torch.cat([self.logits.index_select(0, keep), logits])
+        self.rows = [r for r in self.rows if r is not None]
+        self.rows.extend(rows)
+
+    def _compact(self, tokens: Any) -> Any:
+        """Drop finished rows and the padding columns no live row uses; ``tokens`` (one per row)
+        is selected alike and returned."""
+        keep, start = self._keep()
+        self.cache.batch_select_indices(keep)
+        if start:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+        self.mask = self.mask.index_select(0, keep)[:, start:]
+        self.next_pos = self.next_pos.index_select(0, keep)
+        self.rows = [r for r in self.rows if r is not None]
+        return tokens.index_select(0, keep)
+
+    def drop(self, which: Callable[[_Row], bool]) -> None:
+        """Remove the rows ``which`` selects (aborted by the caller) before the next step."""
+        for b, r in enumerate(self.rows):
+            if r is not None and which(r):
+                self.rows[b] = None
+        if not self.live:
+            self.clear()
+
+    def step(self, params: SamplingParams, finished: Callable[[_Row], None]) -> None:
+        """Sample one token for every row from its pending logits, then run the model on them.
+
+        Each row draws one uniform from its own generator and inverts the CDF of its processed
+        distribution, so its tokens depend only on its seed and its logits; a row at step ``t``
+        (its tokens so far) follows ``min_tokens``, stop strings and its request's cap as
+        ``generate`` does. Rows that end are handed to ``finished`` and leave the batch.
+        """
+        torch = _import_torch()
+        eng, dev, rows = self.engine, self.engine.device, self.rows
+        raw = torch.log_softmax(self.logits.to(torch.float64), dim=1)
+        early = None
+        if params.min_tokens:
+            early = [r is not None and len(r.token_ids) < params.min_tokens for r in rows]
+        proc = process_logprobs_torch(raw, params, eng.eos_token_ids if early else (), early)
+        u = torch.cat(
+            [
+                torch.rand(1, generator=r.generator, dtype=torch.float64)
+                if r is not None
+                else torch.zeros(1, dtype=torch.float64)
+                for r in rows
+            ]
+        )
+        cdf = proc.exp().cumsum(dim=1)
+        target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+        reported = raw if eng.logprob_mode == "raw_logprobs" else proc
+        raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        proc_lp = proc.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        chosen_lp = raw_lp if eng.logprob_mode == "raw_logprobs" else proc_lp
+        k = min(params.logprobs or 0, raw.shape[-1])
+        if k:
+            top_v, top_i = torch.topk(reported, k, dim=1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+        eos = eng.eos_token_ids
+        tok_list = tokens.tolist()
+        for b, row in enumerate(rows):
+            if row is None:
+                continue
+            t = len(row.token_ids)
+            tok = int(tok_list[b])
+            row.token_ids.append(tok)
+            row.logprobs.append(float(chosen_lp[b]))
+            row.target.append(float(raw_lp[b]))
+            row.proposal.append(float(proc_lp[b]))
+            if k:
+                top = dict(zip(top_i[b], top_v[b], strict=True))
+                top[tok] = float(chosen_lp[b])
+                row.tops.append(top)
+            if tok in eos and t >= params.min_tokens:
+                row.finish = FinishReason.STOP.value
+                row.done = True
+            elif params.stop and t + 1 > params.min_tokens:
+                eng._check_stop(row, row.req, params)
+            if not row.done and t + 1 == row.cap:  # the request's own cap
+                row.finish, row.done = FinishReason.LENGTH.value, True
+            if row.on_token is not None:
+                event = TokenEvent(
+                    request=row.event_request,
+                    slot=row.slot,
+                    index=row.index,
+                    token_id=tok,
+                    num_tokens=t + 1,
+                    logprob=float(chosen_lp[b]) if params.logprobs is not None else None,
+                    top=row.tops[-1] if k else None,
+                    finished=row.done,
+                )
+                if row.on_token(event) and not row.done:
+                    row.finish, row.done = FinishReason.ABORT.value, True
+            if row.done:
+                rows[b] = None
+                finished(row)
+        live = self.live
+        if not live:
+            self.clear()
+            return
+        # a finished row stays (its outputs ignored) until a quarter of the rows are finished:
+        # compacting the cache copies every live row's keys and values, which at every step
+        # would cost more than the dead rows
+        if 4 * (len(rows) - live) >= len(rows):
+            tokens = self._compact(tokens)
+        self.mask = torch.cat(
+            [self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=dev)], 1
+        )
+        out = eng.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=self.next_pos.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :]
+        self.next_pos = self.next_pos + 1
 
 
 class HFEngine:
@@ -304,6 +544,7 @@ class HFEngine:
         torch = _import_torch()
         collector = ResultCollector(requests, on_result)
         prompts = [self.prompt_token_ids(r) for r in requests]
+        caps = [r.params_for(params).max_tokens for r in requests]
         rows = [
             (pos, j, idx, req.seed_for(j, params))
             for pos, req in enumerate(requests)
@@ -329,10 +570,14 @@ class HFEngine:
                             seed,
                             prompts[pos],
                             torch.Generator().manual_seed(seed),
+                            requests[pos],
+                            caps[pos],
+                            on_token,
+                            pos,
                         )
                         for pos, j, idx, seed in rows[start : start + step]
                     ]
-                    self._decode_batch(batch, requests, prompts, params, finished, on_token)
+                    self._decode_batch(batch, params, finished)
         except GenerationError:
             raise
         except Exception as e:
@@ -340,138 +585,23 @@ class HFEngine:
         return collector.results()
 
     def _decode_batch(
-        self,
-        batch: list[_Row],
-        requests: Sequence[GenerationRequest],
-        prompts: list[list[int]],
-        params: SamplingParams,
-        finished: Callable[[_Row], None],
-        on_token: TokenCallback | None,
+        self, rows: list[_Row], params: SamplingParams, finished: Callable[[_Row], None]
     ) -> None:
-        torch = _import_torch()
-        from transformers import DynamicCache
+        """Decode ``rows`` together until every one has ended."""
+        batch = _Batch(self)
+        batch.admit(rows)
+        while batch.live:
+            batch.step(params, finished)
 
-        dev = self.device
-        # prefill each distinct prompt once, then repeat its cache rows for its samples
-        distinct: dict[int, int] = {}
-        for first in batch:
-            distinct.setdefault(first.request, len(distinct))
-        uniq = list(distinct)
-        width = max(len(prompts[p]) for p in uniq)
-        ids = torch.full((len(uniq), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(uniq), width), dtype=torch.long)
-        for i, p in enumerate(uniq):
-            n = len(prompts[p])
-            if n == 0:
-                raise ConfigError("empty prompt: the tokenizer produced no tokens")
-            ids[i, width - n :] = torch.tensor(prompts[p])
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        prefill = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "past_key_values": cache,
-            "use_cache": True,
-        }
-        try:  # only the last position's logits are needed: skip the (L, V) prompt logits
-            out = self.model(**prefill, logits_to_keep=1)
-        except TypeError:  # models whose forward has no logits_to_keep
-            out = self.model(**prefill)
-        cache = out.past_key_values
-        expand = torch.tensor([distinct[r.request] for r in batch], device=dev)
-        cache.batch_select_indices(expand)
-        logits = out.logits[:, -1, :].index_select(0, expand)
-        mask = mask.index_select(0, expand)
-        next_pos = mask.sum(dim=1)
-        # rows aligned with the cache; a finished row becomes None and stays (its outputs are
-        # ignored) until a quarter of the rows are finished: compacting the cache copies every
-        # live row's keys and values, which at every step would cost more than the dead rows
-        active: list[_Row | None] = list(batch)
-        eos = set(self.eos_token_ids)
-        k = min(params.logprobs or 0, logits.shape[-1])
-        caps = {r.request: requests[r.request].params_for(params).max_tokens for r in batch}
-        for t in range(max(caps.values())):
-            raw = torch.log_softmax(logits.to(torch.float64), dim=1)
-            suppress = self.eos_token_ids if t < params.min_tokens else ()
-            proc = process_logprobs_torch(raw, params, suppress)
-            u = torch.cat(
-                [
-                    torch.rand(1, generator=r.generator, dtype=torch.float64)
-                    if r is not None
-                    else torch.zeros(1, dtype=torch.float64)
-                    for r in active
-                ]
-            )
-            cdf = proc.exp().cumsum(dim=1)
-            target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
-            tokens = (
-                torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-            )
-            reported = raw if self.logprob_mode == "raw_logprobs" else proc
-            raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-            proc_lp = proc.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-            chosen_lp = raw_lp if self.logprob_mode == "raw_logprobs" else proc_lp
-            if k:
-                top_v, top_i = torch.topk(reported, k, dim=1)
-                top_v, top_i = top_v.tolist(), top_i.tolist()
-            tok_list = tokens.tolist()
-            for b, row in enumerate(active):
-                if row is None:
-                    continue
-                tok = int(tok_list[b])
-                row.token_ids.append(tok)
-                row.logprobs.append(float(chosen_lp[b]))
-                row.target.append(float(raw_lp[b]))
-                row.proposal.append(float(proc_lp[b]))
-                if k:
-                    top = dict(zip(top_i[b], top_v[b], strict=True))
-                    top[tok] = float(chosen_lp[b])
-                    row.tops.append(top)
-                if tok in eos and t >= params.min_tokens:
-                    row.finish = FinishReason.STOP.value
-                    row.done = True
-                elif params.stop and t + 1 > params.min_tokens:
-                    self._check_stop(row, requests[row.request], params)
-                if not row.done and t + 1 == caps[row.request]:  # the request's own cap
-                    row.finish, row.done = FinishReason.LENGTH.value, True
-                if on_token is not None:
-                    event = TokenEvent(
-                        request=row.request,
-                        slot=row.slot,
-                        index=row.index,
-                        token_id=tok,
-                        num_tokens=t + 1,
-                        logprob=float(chosen_lp[b]) if params.logprobs is not None else None,
-                        top=row.tops[-1] if k else None,
-                        finished=row.done,
-                    )
-                    if on_token(event) and not row.done:
-                        row.finish, row.done = FinishReason.ABORT.value, True
-                if row.done:
-                    finished(row)
-                    active[b] = None
-            keep = [b for b, r in enumerate(active) if r is not None]
-            if not keep:
-                return
-            if 4 * (len(active) - len(keep)) >= len(active):
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
-                active = [active[b] for b in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], 1)
-            out = self.model(
-                input_ids=tokens.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            next_pos = next_pos + 1
+    def open_loop(self, params: SamplingParams) -> _HFLoop:
+        """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
+        request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
+        prefilled together, each distinct prompt once, and merged into the running cache), rows
+        leave it as they end, and a request comes back as soon as its last sample ended. A
+        sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
+        the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
+        together; further samples wait in a queue."""
+        return _HFLoop(self, params)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
@@ -627,3 +757,132 @@ class HFEngine:
 
     def __repr__(self) -> str:
         return f"HFEngine({self.model_name!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+
+@dataclass
+class _Ticket:
+    """A request submitted to the loop: its rows (queued, running or ended) and its results."""
+
+    request: GenerationRequest
+    rows: list[_Row]
+    collector: ResultCollector
+
+
+class _HFLoop:
+    """:meth:`HFEngine.open_loop`: the :class:`~ttscale.engines.loop.EngineLoop` contract on one
+    running :class:`_Batch`. ``poll`` admits the queued samples (as many as ``batch_size``
+    allows), then decodes steps until a request has finished (or ``max_steps`` steps);
+    ``abort`` takes a request's rows out of the batch at once."""
+
+    def __init__(self, engine: HFEngine, params: SamplingParams) -> None:
+        self.engine = engine
+        self.params = params
+        self._batch = _Batch(engine)
+        self._next = 0
+        self._live: dict[int, _Ticket] = {}
+        self._queue: list[_Row] = []  # samples not yet in the batch, in submission order
+        self._done: list[tuple[int, list[Completion]]] = []
+        #: decoding steps and prefill groups so far (tests and benchmarks read them)
+        self.steps = 0
+        self.admissions = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(tk.request.indices) for tk in self._live.values())
+
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        torch = _import_torch()
+        eng, params = self.engine, self.params
+        prompt = eng.prompt_token_ids(request)
+        if not prompt:
+            raise ConfigError("empty prompt: the tokenizer produced no tokens")
+        t = self._next
+        self._next += 1
+
+        def finished(pos: int, comps: list[Completion], t: int = t) -> None:
+            self._done.append((t, comps))
+
+        cap = request.params_for(params).max_tokens
+        rows = [
+            _Row(
+                t,
+                j,
+                idx,
+                seed,
+                prompt,
+                torch.Generator().manual_seed(seed),
+                request,
+                cap,
+                on_token,
+                0,
+            )
+            for j, idx in enumerate(request.indices)
+            for seed in (request.seed_for(j, params),)
+        ]
+        self._live[t] = _Ticket(request, rows, ResultCollector([request], finished))
+        self._queue.extend(rows)
+        return t
+
+    def _finished(self, row: _Row) -> None:
+        tk = self._live.get(row.request)
+        if tk is not None:
+            tk.collector.put(0, row.slot, self.engine._completion(row.req, row, self.params))
+
+    def _admit(self) -> None:
+        room = len(self._queue)
+        if self.engine.batch_size is not None:
+            room = min(room, self.engine.batch_size - self._batch.live)
+        if room <= 0:
+            return
+        rows, self._queue = self._queue[:room], self._queue[room:]
+        self._batch.admit(rows)
+        self.admissions += 1
+
+    def poll(
+        self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
+    ) -> None:
+        from ttscale.engines.loop import LoopFailure
+
+        torch = _import_torch()
+        steps = 0
+        try:
+            with torch.inference_mode():
+                # max_steps: return after that many steps even if nothing finished, so a caller
+                # (ttscale.serve) can act on cancels while long requests run
+                while not self._done and self._live and (max_steps is None or steps < max_steps):
+                    self._admit()
+                    self._batch.step(self.params, self._finished)
+                    steps += 1
+                    self.steps += 1
+        except Exception as e:
+            partial = {
+                t: [c for c in tk.collector._slots[0] if c is not None]
+                for t, tk in self._live.items()
+                if t not in {d for d, _ in self._done}
+            }
+            self._hand_over(on_result)
+            self.close()
+            raise LoopFailure(f"hf generation failed: {e}".splitlines()[0], partial) from e
+        self._hand_over(on_result)
+
+    def _hand_over(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+        done, self._done = self._done, []
+        for t, comps in done:
+            if self._live.pop(t, None) is not None:
+                on_result(t, comps)
+
+    def abort(self, ticket: int) -> int:
+        tk = self._live.pop(ticket, None)
+        if tk is None:
+            return 0
+        self._queue = [r for r in self._queue if r.request != ticket]
+        self._batch.drop(lambda r: r.request == ticket)
+        self._done = [(t, c) for t, c in self._done if t != ticket]
+        # every token generated for it, samples that had already ended included
+        return sum(len(r.token_ids) for r in tk.rows)
+
+    def close(self) -> None:
+        self._batch.clear()
+        self._queue.clear()
+        self._live.clear()
+        self._done.clear()
