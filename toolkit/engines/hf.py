@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,63 @@ class _Row:
     stop_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """A finished row's KV cache: ``tokens`` real tokens in ``mask.shape[0]`` columns (masked
+    columns may sit between them), one ``(heads, columns, dim)`` tensor per layer."""
+
+    tokens: int
+    mask: Any
+    keys: list[Any]  # per layer ``(rows, heads, columns, dim)``: row ``row`` from column ``first``
+    values: list[Any]
+    row: int = 0
+    first: int = 0
+
+    def kv(self, name: str, layer: int) -> Any:
+        return getattr(self, name)[layer][self.row, :, self.first :]
+
+
+class _PrefixStore:
+    """KV caches of rows that ended at a stop string or a token cap, by their token sequence
+    (prompt and generated tokens fed so far), so a request that continues one (a step-wise
+    sampler's next step: the same prompt and prefix plus the step's last token) prefills only
+    what follows. The oldest are dropped once they hold more columns than the running batch
+    (at least ``minimum``)."""
+
+    def __init__(self, minimum: int = 4096) -> None:
+        self.minimum = minimum
+        self._items: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
+        self._columns = 0
+        #: prompts that extended a stored prefix, and the prompt tokens they did not prefill
+        self.hits = 0
+        self.saved_tokens = 0
+
+    def put(self, key: tuple[int, ...], prefix: _Prefix, budget: int) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._columns -= old.mask.shape[0]
+        self._items[key] = prefix
+        self._columns += prefix.mask.shape[0]
+        while self._columns > max(self.minimum, budget) and len(self._items) > 1:
+            _, gone = self._items.popitem(last=False)
+            self._columns -= gone.mask.shape[0]
+
+    def find(self, prompt: tuple[int, ...], longest_tail: int = 4) -> _Prefix | None:
+        """The stored prefix that ``prompt`` extends by 1 to ``longest_tail`` tokens."""
+        for cut in range(1, min(longest_tail, len(prompt) - 1) + 1):
+            hit = self._items.get(prompt[:-cut])
+            if hit is not None:
+                self._items.move_to_end(prompt[:-cut])
+                self.hits += 1
+                self.saved_tokens += hit.tokens
+                return hit
+        return None
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._columns = 0
+
+
 class _Batch:
     """Rows decoded together, for ``generate`` (one batch at a time) and the engine loop (one
     batch that rows join and leave between steps).
@@ -162,8 +220,10 @@ class _Batch:
     logits of each row's next token (sampled by the next :meth:`step`).
     """
 
-    def __init__(self, engine: HFEngine) -> None:
+    def __init__(self, engine: HFEngine, prefixes: _PrefixStore | None = None) -> None:
         self.engine = engine
+        #: where rows that end at a stop string or a cap leave their KV cache (the loop's)
+        self.prefixes = prefixes
         self.rows: list[_Row | None] = []
         self.cache: Any = None
         self.mask: Any = None
@@ -179,7 +239,33 @@ class _Batch:
 
     def admit(self, rows: Sequence[_Row]) -> None:
         """Prefill ``rows``' prompts (each distinct prompt once; its cache rows are repeated for
-        its samples) and add the rows to the batch."""
+        its samples) and add the rows to the batch. With :attr:`prefixes`, a prompt that extends
+        a stored prefix prefills only the tokens after it."""
+        fresh: list[_Row] = []
+        reused: list[_Row] = []
+        past: dict[tuple[int, ...], _Prefix] = {}
+        for r in rows:
+            key = tuple(r.prompt)
+            hit = past.get(key) or (self.prefixes.find(key) if self.prefixes else None)
+            if hit is None:
+                fresh.append(r)
+            else:
+                past[key] = hit
+                reused.append(r)
+        for group in (fresh, reused):
+            if group:
+                cache, mask, logits = self._prefill(group, past)
+                if self.cache is None or not self.live:
+                    self.rows, self.cache, self.mask = list(group), cache, mask
+                    self.next_pos, self.logits = mask.sum(dim=1), logits
+                else:
+                    self._merge(list(group), cache, mask, logits)
+
+    def _prefill(
+        self, rows: Sequence[_Row], past: dict[tuple[int, ...], _Prefix]
+    ) -> tuple[Any, Any, Any]:
+        """One forward over the distinct prompts of ``rows`` (after their stored prefix, where
+        ``past`` has one): their cache, attention mask and next-token logits, one per row."""
         torch = _import_torch()
         from transformers import DynamicCache
 
@@ -188,21 +274,45 @@ class _Batch:
         for r in rows:
             distinct.setdefault(tuple(r.prompt), len(distinct))
         uniq = list(distinct)
-        width = max(len(p) for p in uniq)
+        if any(not p for p in uniq):
+            raise ConfigError("empty prompt: the tokenizer produced no tokens")
+        pre = [past.get(p) for p in uniq]
+        tails = [p[x.tokens :] if x is not None else p for p, x in zip(uniq, pre, strict=True)]
+        done = [x.tokens if x is not None else 0 for x in pre]
+        width = max(len(t) for t in tails)
+        pw = max((x.mask.shape[0] for x in pre if x is not None), default=0)
         ids = torch.full((len(uniq), width), eng._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(uniq), width), dtype=torch.long)
-        for i, p in enumerate(uniq):
-            if not p:
-                raise ConfigError("empty prompt: the tokenizer produced no tokens")
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        mask = torch.zeros((len(uniq), pw + width), dtype=torch.long)
+        positions = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, t in enumerate(tails):
+            ids[i, width - len(t) :] = torch.tensor(t)
+            mask[i, pw + width - len(t) :] = 1
+            positions[i, width - len(t) :] = torch.arange(done[i], done[i] + len(t))
+        cache = DynamicCache()
+        if pw:
+            # the stored prefixes, right-aligned (left-padded with masked zeros), then the rest
+            layers = []
+            for layer in range(len(next(x for x in pre if x is not None).keys)):
+                kv = []
+                for name in ("keys", "values"):
+                    ref = getattr(next(x for x in pre if x is not None), name)[layer]
+                    out = ref.new_zeros((len(uniq), ref.shape[1], pw, ref.shape[3]))
+                    for i, x in enumerate(pre):
+                        if x is not None:
+                            n = x.mask.shape[0]
+                            out[i, :, pw - n :] = x.kv(name, layer)
+                    kv.append(out)
+                layers.append((kv[0], kv[1]))
+            cache = DynamicCache(ddp_cache_data=layers)
+            for i, x in enumerate(pre):
+                if x is not None:
+                    mask[i, pw - x.mask.shape[0] : pw] = x.mask
+        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
         prefill = {
             "input_ids": ids,
             "attention_mask": mask,
             "position_ids": positions,
-            "past_key_values": DynamicCache(),
+            "past_key_values": cache,
             "use_cache": True,
         }
         try:  # only the last position's logits are needed: skip the (L, V) prompt logits
@@ -212,13 +322,7 @@ class _Batch:
         cache = out.past_key_values
         expand = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=dev)
         cache.batch_select_indices(expand)
-        logits = out.logits[:, -1, :].index_select(0, expand)
-        mask = mask.index_select(0, expand)
-        if self.cache is None or not self.live:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            self.next_pos, self.logits = mask.sum(dim=1), logits
-            return
-        self._merge(list(rows), cache, mask, logits)
+        return cache, mask.index_select(0, expand), out.logits[:, -1, :].index_select(0, expand)
 
     def _keep(self) -> tuple[Any, int]:
         """Indices of the live rows and the first column any of them uses."""
@@ -226,8 +330,10 @@ class _Batch:
         keep = torch.tensor(
             [b for b, r in enumerate(self.rows) if r is not None], device=self.mask.device
         )
-        used = self.mask.index_select(0, keep).sum(dim=1)
-        return keep, int(self.mask.shape[1] - int(used.max()))
+        # a row's tokens start at its first unmasked column (a row that extended a stored
+        # prefix may have masked columns between the prefix and the rest of its prompt)
+        first = self.mask.index_select(0, keep).argmax(dim=1)
+        return keep, int(first.min())
 
     def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
         """Add prefilled ``rows`` to the running batch in one copy of the cache: finished rows
@@ -283,6 +389,23 @@ class _Batch:
         if not self.live:
             self.clear()
 
+    def _store(self, ended: list[tuple[int, _Row]]) -> None:
+        """Keep the caches of ``ended`` rows (what was fed: the prompt and every generated token
+        but the last) in :attr:`prefixes`."""
+        torch = _import_torch()
+        assert self.prefixes is not None
+        idx = torch.tensor([b for b, _ in ended], device=self.mask.device)
+        masks = self.mask.index_select(0, idx)
+        first = masks.argmax(dim=1).tolist()
+        keys = [layer.keys.index_select(0, idx) for layer in self.cache.layers]
+        values = [layer.values.index_select(0, idx) for layer in self.cache.layers]
+        budget = int(self.mask.numel())
+        for i, (_, row) in enumerate(ended):
+            f = first[i]
+            fed = tuple(row.prompt) + tuple(row.token_ids[:-1])
+            prefix = _Prefix(len(fed), masks[i, f:], keys, values, i, f)
+            self.prefixes.put(fed, prefix, budget)
+
     def step(self, params: SamplingParams, finished: Callable[[_Row], None]) -> None:
         """Sample one token for every row from its pending logits, then run the model on them.
 
@@ -319,6 +442,7 @@ class _Batch:
             top_v, top_i = top_v.tolist(), top_i.tolist()
         eos = eng.eos_token_ids
         tok_list = tokens.tolist()
+        ended: list[tuple[int, _Row]] = []  # rows that may be continued: their caches are kept
         for b, row in enumerate(rows):
             if row is None:
                 continue
@@ -354,7 +478,13 @@ class _Batch:
                     row.finish, row.done = FinishReason.ABORT.value, True
             if row.done:
                 rows[b] = None
+                if self.prefixes is not None and row.finish != FinishReason.ABORT.value and (
+                    row.stop_reason is not None or tok not in eos
+                ):
+                    ended.append((b, row))
                 finished(row)
+        if ended:
+            self._store(ended)
         live = self.live
         if not live:
             self.clear()
@@ -593,15 +723,21 @@ class HFEngine:
         while batch.live:
             batch.step(params, finished)
 
-    def open_loop(self, params: SamplingParams) -> _HFLoop:
+    def open_loop(self, params: SamplingParams, *, prefix_reuse: bool = True) -> _HFLoop:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
         prefilled together, each distinct prompt once, and merged into the running cache), rows
         leave it as they end, and a request comes back as soon as its last sample ended. A
         sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
         the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
-        together; further samples wait in a queue."""
-        return _HFLoop(self, params)
+        together; further samples wait in a queue.
+
+        ``prefix_reuse``: a row that ends at a stop string or a token cap leaves its KV cache
+        behind (the oldest dropped once they hold more tokens than the running batch), and a
+        request whose prompt continues one by up to 4 tokens (a step-wise sampler's next step)
+        prefills only those tokens. Its logits then come from the cache built step by step
+        rather than from one prefill: the same float32 effects as batch composition."""
+        return _HFLoop(self, params, prefix_reuse)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
@@ -774,10 +910,12 @@ class _HFLoop:
     allows), then decodes steps until a request has finished (or ``max_steps`` steps);
     ``abort`` takes a request's rows out of the batch at once."""
 
-    def __init__(self, engine: HFEngine, params: SamplingParams) -> None:
+    def __init__(self, engine: HFEngine, params: SamplingParams, prefix_reuse: bool = True) -> None:
         self.engine = engine
         self.params = params
-        self._batch = _Batch(engine)
+        #: finished rows' caches that later requests may extend (``None``: no reuse)
+        self.prefixes = _PrefixStore() if prefix_reuse else None
+        self._batch = _Batch(engine, self.prefixes)
         self._next = 0
         self._live: dict[int, _Ticket] = {}
         self._queue: list[_Row] = []  # samples not yet in the batch, in submission order
@@ -802,7 +940,11 @@ class _HFLoop:
         def finished(pos: int, comps: list[Completion], t: int = t) -> None:
             self._done.append((t, comps))
 
-        cap = request.params_for(params).max_tokens
+        # the request's own cap (checked as params_for checks it, without a SamplingParams
+        # per request: step-wise samplers submit thousands)
+        cap = request.max_tokens or params.max_tokens
+        if cap < params.min_tokens:
+            raise ConfigError(f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({cap})")
         rows = [
             _Row(
                 t,
@@ -883,6 +1025,8 @@ class _HFLoop:
 
     def close(self) -> None:
         self._batch.clear()
+        if self.prefixes is not None:
+            self.prefixes.clear()
         self._queue.clear()
         self._live.clear()
         self._done.clear()
