@@ -10,6 +10,7 @@ same results through the loop as through batch ``generate`` calls (the fallback 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,60 @@ def test_samplers_give_the_same_results_through_the_loop(bundled: HFEngine, name
         assert any(c.pruned_at is not None for r in got for c in r.candidates)
     if name == "smc":
         assert any(c.parent is not None for r in got for c in r.candidates)
+
+
+def test_a_continued_step_extends_the_stored_prefix(hf: HFEngine) -> None:
+    """A step-wise continuation (prompt + the previous step's tokens) prefills only the new
+    tokens, from the cache the previous step left, and draws what generate draws."""
+    params = SamplingParams(temperature=1.0, max_tokens=30, seed=8, logprobs=1)
+    first = GenerationRequest("a", prompt="Once upon", indices=(0, 1), max_tokens=6)
+    loop = hf.open_loop(params)
+    got: dict[int, list[Completion]] = {}
+    t = loop.submit(first)
+    _drain(loop, got)
+    assert loop.prefixes is not None and loop.prefixes.hits == 0
+    steps = [
+        GenerationRequest(
+            "a", prompt="Once upon", prefix_token_ids=c.token_ids or (), indices=(c.index,), step=1
+        )
+        for c in got[t]
+    ]
+    # a resampled child: the same prefix twice (one stored cache serves both)
+    steps.append(replace(steps[0], indices=(5,)))
+    want = hf.generate(steps, params)
+    tickets = [loop.submit(r) for r in steps]
+    _drain(loop, got)
+    assert loop.prefixes.hits == 2  # one lookup per distinct prompt
+    assert loop.prefixes.saved_tokens == 2 * (len(hf.prompt_token_ids(first)) + 5)
+    for tk, w in zip(tickets, want, strict=True):
+        for g, c in zip(got[tk], w, strict=True):
+            _same(g, c)
+    # without reuse: no store, the same samples
+    plain = hf.open_loop(params, prefix_reuse=False)
+    assert plain.prefixes is None
+    again: dict[int, list[Completion]] = {}
+    tickets = [plain.submit(r) for r in steps]
+    _drain(plain, again)
+    for tk, w in zip(tickets, want, strict=True):
+        for g, c in zip(again[tk], w, strict=True):
+            _same(g, c)
+
+
+def test_the_prefix_store_keeps_at_most_the_batchs_worth() -> None:
+    from ttscale.engines.hf import _Prefix, _PrefixStore
+
+    store = _PrefixStore(minimum=10)
+    kv = [torch.zeros((1, 1, 4, 1))]
+
+    def item(n: int) -> _Prefix:
+        return _Prefix(n, torch.ones(n, dtype=torch.long), kv, kv)
+
+    for k in range(4):
+        store.put((k, 1, 2, 3), item(4), budget=0)
+    # 10 columns at most: the two oldest are gone; a prompt extends a kept one by 1-4 tokens
+    assert store.find((0, 1, 2, 3, 9)) is None and store.find((1, 1, 2, 3, 9)) is None
+    assert store.find((3, 1, 2, 3, 9, 9, 9, 9)) is not None
+    assert store.find((3, 1, 2, 3, 9, 9, 9, 9, 9)) is None  # 5 tokens past it: not looked up
+    assert store.find((3, 1, 2, 3)) is None  # the prefix itself: nothing left to prefill
+    store.put((7,) * 12, item(12), budget=30)  # a larger batch allows more
+    assert store.find((2, 1, 2, 3, 0)) is not None and store.hits == 2

@@ -7,6 +7,10 @@ CDF of the processed distribution. The forward pass is batched with a KV cache (
 once per distinct prompt, then the cache rows are repeated for its samples), and log-probabilities
 come from the same logits that were sampled from, in float64.
 
+:meth:`HFEngine.open_loop` runs the same decoding step on one running batch that requests join
+and leave between steps (:mod:`ttscale.engines.loop`), with the prefix caches of finished steps
+kept for the requests that continue them.
+
 Capabilities: exact token prefixes (``prompt_token_ids``/``prefix_token_ids`` are fed as ids),
 ``score`` (one forward pass over prompt + continuation per batch), both log-probability modes on
 every completion (``target_logprobs`` raw, ``proposal_logprobs`` processed), and streaming with

@@ -3,10 +3,11 @@
 
 :func:`open_loop` gives every engine this interface. An engine with a loop of its own has
 ``open_loop(params) -> EngineLoop`` (vLLM: requests go into the running ``LLMEngine`` as they
-arrive and come back as they finish; Scripted: the same contract, simulated token by token for
-tests); any other engine gets :class:`BatchLoop`, which coalesces the requests submitted since
-the last poll into one ``generate`` call (HF decodes them as one batch; OpenAI sends them as
-concurrent HTTP calls within its ``max_concurrency``). The scheduler (:mod:`ttscale.samplers.loop`) drives one loop for
+arrive and come back as they finish; HF: samples join one running batch between decoding steps
+and leave it as they end; Scripted: the same contract, simulated token by token for tests); any
+other engine gets :class:`BatchLoop`, which coalesces the requests submitted since the last poll
+into one ``generate`` call (OpenAI sends them as concurrent HTTP calls within its
+``max_concurrency``). The scheduler (:mod:`ttscale.samplers.loop`) drives one loop for
 all problems in flight.
 
 Contract, checked for every bundled engine by the tests:
