@@ -24,7 +24,7 @@ from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_int_seed
 from ttscale.select.rules import ORACLE, ORACLE_DESCRIPTION, ORACLE_LABEL, RULES
 from ttscale.store.pool import Pool
-from ttscale.validation import check_choice
+from ttscale.validation import check_choice, check_number
 
 __all__ = [
     "METHODS",
@@ -314,6 +314,7 @@ def compute_curves(
     confidences: NDArray[np.float64] | None = None,
     deepconf_eta: float = 10.0,
     certainties: NDArray[np.float64] | None = None,
+    certainty_source: Mapping[str, Any] | None = None,
     borda_power: float = 0.5,
     cisc_temperature: float = 1.0,
     confidence: float = 0.95,
@@ -355,6 +356,13 @@ def compute_curves(
     The choice is recorded in ``meta["rpc_fit"]`` when RPC is computed. At ``k = 1`` every
     method is exact (each rule picks the single sample).
 
+    ``certainties`` are per-sample self-certainties for ``self_certainty`` and
+    ``self_certainty_borda`` (:func:`ttscale.select.certainty.pool_certainties`: exact where the
+    run stores them, else the top-k approximation); ``certainty_source`` says which
+    (``RunCertainties.to_dict()``) and is recorded in ``meta["self_certainty"]``, with
+    ``meta["borda_power"]``: ``self_certainty_borda`` gives rank ``r`` of ``k`` the weight
+    ``(k - r + 1) ** borda_power`` (default 0.5, the authors').
+
     Every method's inputs are checked (:func:`check_prerequisites`) before anything is computed.
     ``progress(task, done, total)`` is told how each method advances over the problems (task =
     the method's name) and how the fit's bootstrap advances (task ``"fit bootstrap"``).
@@ -376,6 +384,7 @@ def compute_curves(
         raise ConfigError(f"rpc fit must be one of {', '.join(RPC_FITS)}, got {rpc_fit!r}")
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
+    check_number("borda_power", borda_power, low=0.0, finite=True)
     shortfall: dict[str, Any] = {**pool.sample_shortfall(), "policy": missing}
     if missing == "drop":
         keep = pool.n_per_problem >= shortfall["requested"]
@@ -553,8 +562,21 @@ def compute_curves(
             "tie": tie, "score": score, "seed": seed, "verifier": pool.meta.get("verifier"),
             "verdicts": pool.meta.get("verdicts"), "missing_samples": shortfall,
             **({"rpc_fit": rpc_fit} if "rpc" in methods else {}),
+            **(_certainty_meta(methods, certainty_source, borda_power)),
         },
     )  # fmt: skip
+
+
+def _certainty_meta(methods: Sequence[str], source: Mapping[str, Any] | None, power: float) -> dict[str, Any]:
+    """What the self-certainty methods read (exact or the top-k approximation, and from where)
+    and the Borda power: recorded so that no output hides which values it used."""
+    if not any(m in ("self_certainty", "self_certainty_borda") for m in methods):
+        return {}
+    src = dict(source) if source is not None else {"how": "not stated (certainties passed by the caller)"}
+    out: dict[str, Any] = {"self_certainty": src}
+    if "self_certainty_borda" in methods:
+        out["borda_power"] = power
+    return out
 
 
 def _ci(
