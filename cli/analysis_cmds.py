@@ -457,8 +457,9 @@ def register(app: typer.Typer) -> None:
                 store = stores[[id(p) for p in pools].index(id(pool))]
                 if _top_methods(method_list):
                     conf = run_confidences(store, window=deepconf_window)
-                check_prerequisites(pool, method_list, score=score, confidences=conf)
                 cert = _certainties(store, pool, method_list)
+                check_prerequisites(pool, method_list, score=score, confidences=conf,
+                                    certainties=None if cert is None else cert.values)  # fmt: skip
                 return compute_curves(
                     pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
                     certainties=None if cert is None else cert.values,
@@ -493,15 +494,16 @@ def register(app: typer.Typer) -> None:
             run_confidences(store, window=deepconf_window) if _top_methods(method_list) else None
             for store in stores
         ]
-        for run, pool, conf in zip(runs, pools, confs, strict=True):
+        certs = [_certainties(store, pool, method_list) for store, pool in zip(stores, pools, strict=True)]
+        for run, pool, conf, cert in zip(runs, pools, confs, certs, strict=True):
             try:
-                check_prerequisites(pool, method_list, score=score, confidences=conf)
+                check_prerequisites(pool, method_list, score=score, confidences=conf,
+                                    certainties=None if cert is None else cert.values)  # fmt: skip
             except ConfigError as e:
                 raise ConfigError(f"{run}: {e}" if multi else str(e)) from None
         reports = []
         with _ProgressBars(progress) as bars:
-            for (label, _), store, pool, conf in zip(names, stores, pools, confs, strict=True):
-                cert = _certainties(store, pool, method_list)
+            for (label, _), pool, conf, cert in zip(names, pools, confs, certs, strict=True):
                 report = compute_curves(
                     pool,
                     method_list,
@@ -990,10 +992,12 @@ def math_ceil(x: float) -> int:
 
 
 def _top_methods(methods: Sequence[str]) -> list[str]:
-    """The methods that read per-token top log-probs (DeepConf, self-certainty)."""
+    """The methods that read DeepConf trace confidences from per-token top log-probs (the
+    self-certainty methods read their own values: :func:`_certainties`)."""
     from ttscale.select.rules import RULES
 
-    return [m for m in methods if m in RULES and "top_logprobs" in RULES[m].inputs]
+    return [m for m in methods if m in RULES and "top_logprobs" in RULES[m].inputs
+            and not m.startswith("self_certainty")]  # fmt: skip
 
 
 def _certainties(store: Any, pool: Any, methods: Sequence[str]) -> Any:

@@ -196,6 +196,9 @@ _LOGPROB_FIX = (
 _TOP_LOGPROB_FIX = "sample with `ttscale sample --logprobs 20` (top-20 log-probs per token)"
 
 
+_CERTAINTY_METHODS = ("self_certainty", "self_certainty_borda")
+
+
 def check_prerequisites(
     pool: Pool,
     methods: Sequence[str],
@@ -203,6 +206,7 @@ def check_prerequisites(
     score: str | None = None,
     confidences: NDArray[np.float64] | None = None,
     check_confidences: bool = True,
+    certainties: NDArray[np.float64] | None = None,
 ) -> None:
     """Raise one :class:`ConfigError` naming every method whose inputs the run lacks, before any work.
 
@@ -210,7 +214,10 @@ def check_prerequisites(
     (:data:`ttscale.select.rules.RULES`): ``mean_logprobs`` (max_probability, pc, rpc),
     ``top_logprobs`` (deepconf: ``confidences``; skipped with ``check_confidences=False``, for a
     caller that checks them itself), ``scores`` (weighted, best_of_n: a finite ``score`` for every
-    answered sample). The message says which ``ttscale sample`` flag provides what is missing.
+    answered sample). The self-certainty methods read ``certainties`` when given (exact or
+    approximate, :func:`ttscale.select.certainty.pool_certainties`); else, like deepconf, the
+    ``confidences`` stand for the top log-probs they come from. The message says which
+    ``ttscale sample`` flag (or command) provides what is missing.
     A weighted, non-iid pool (``pool.iid`` false: SMC particles) refuses every method with
     :class:`~ttscale.errors.NonIIDPoolError`: they estimate accuracy from k iid draws.
     """
@@ -249,6 +256,18 @@ def check_prerequisites(
                 f"for {miss} of {n_ans} answered samples; {_LOGPROB_FIX}"
             )
     top = needing("top_logprobs")
+    if certainties is not None:
+        sc_methods = [m for m in top if m in _CERTAINTY_METHODS]
+        top = [m for m in top if m not in _CERTAINTY_METHODS]
+        cert = np.asarray(certainties, dtype=np.float64)
+        miss = int((~np.isfinite(cert[answered])).sum()) if cert.shape == (pool.num_samples,) else n_ans
+        if sc_methods and miss:
+            problems.append(
+                f"{', '.join(sc_methods)} need{'s' if len(sc_methods) == 1 else ''} per-token top "
+                f"log-probs (the top-k approximation) or exact self-certainties, missing for {miss} "
+                f"of {n_ans} answered samples; {_TOP_LOGPROB_FIX}, or store exact ones with "
+                "`ttscale certainty RUN --model PATH` (or `sample --engine hf --self-certainty`)"
+            )
     if top and check_confidences:
         if confidences is None:
             miss = n_ans
@@ -444,7 +463,7 @@ def compute_curves(
         if score not in pool.scores:
             raise ConfigError(f"no score named {score!r} in the run; it has: {names or 'none'}")
         score_arr = pool.scores[score]
-    check_prerequisites(pool, methods, score=score, confidences=confidences)
+    check_prerequisites(pool, methods, score=score, confidences=confidences, certainties=certainties)
     if fit and (k_arr <= coverage_counts(pool, missing)[0].min()).sum() < 2:  # as _fit_coverage
         raise ConfigError("a power-law fit needs at least two k values within every problem's n")
     oracle = _oracle_reason(pool, score, score_arr) if score_arr is not None else None

@@ -371,6 +371,11 @@ def pool_certainties(
             return RunCertainties(vals, EXACT, f"stored at sampling ({eng} engine, the run's model)")
         if got or _sampled_exact(store):
             why.append(f"{missing} of {len(keys)} samples have no value stored at sampling")
+    tops = store.table(["top_logprobs"]).column("top_logprobs")
+    if tops.null_count == len(tops):
+        # nothing to approximate from: NaN values, which the prerequisite check names
+        src = "no exact values and no stored top log-probs"
+        return RunCertainties(np.full(len(keys), np.nan), TOPK_APPROXIMATION, src, None, "; ".join(why) or None)
     approx, vocab = run_certainties(store, vocab_size)
     by_key = dict(zip(_store_keys(store), approx.tolist(), strict=True))
     vals = np.array([by_key.get(k, np.nan) for k in keys], dtype=np.float64)
