@@ -1076,6 +1076,9 @@ def _print_curve(console: Any, report: Any) -> None:
     for name, c in report.curves.items():
         t.add_row(names.get(name, name), *(f"{v:.3f}" if v == v else "-" for v in c.mean))
     console.print(t)
+    sc = report.meta.get("self_certainty")
+    if sc:  # which values the self-certainty rows read (exact or the top-k approximation)
+        console.print(f"self-certainty: {'exact' if sc.get('exact') else 'top-k approximation'}, {sc.get('source')}")
 
 
 def _bundled_model_path() -> Path:

@@ -172,3 +172,18 @@ def test_sample_self_certainty_stores_the_decode_loops_exact_values(tmp_path: Pa
     # resuming without the option would leave some samples without a value: refused
     r = runner.invoke(app, ["sample", "--engine", "hf", "--resume", "--n", "4", "--no-progress", "--out", str(run)])
     assert r.exit_code == 1 and "--self-certainty" in r.output
+
+
+@pytest.mark.slow
+def test_run_reports_which_self_certainty_it_used(tmp_path: Path) -> None:
+    """``ttscale run --methods ...self_certainty`` (the pipeline path) reads the exact values a
+    --self-certainty run stores and says so in its table and curve.json."""
+    _model()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["run", "--engine", "hf", "--benchmark", "arith", "--limit", "2", "--n", "2",
+                            "--logprobs", "20", "--seed", "1", "--no-progress", "--self-certainty",
+                            "--methods", "majority,self_certainty", "--out", str(run)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "self-certainty: exact, stored at sampling" in " ".join(r.output.split())
+    meta = json.loads((run / "curve.json").read_text())["meta"]
+    assert meta["self_certainty"]["exact"] is True and "borda_power" not in meta

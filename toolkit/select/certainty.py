@@ -8,12 +8,22 @@ over its tokens (higher = more certain). It is used
 * for best-of-N (:func:`certainty_best_of_n`: the trace with the highest self-certainty), and
 * for Borda voting (:func:`borda_vote`): traces ranked by self-certainty, rank ``r`` (1 = most
   certain) of ``N`` gives its answer ``(N - r + 1) ** power`` votes; the answer with the most
-  votes wins, ties to the first-seen answer (the reference's ``power`` default is 0.5).
+  votes wins, ties to the first-seen answer. ``power`` defaults to 0.5, the reference's default
+  (checked in ``src/voting_from_list.py`` of github.com/backprop07/Self-Certainty, commit
+  68d3fea: ``confidence_with_file(..., power=0.5)`` and ``--power`` default 0.5); ``curve
+  --borda-power`` and ``compute_curves(borda_power=)`` set it (0 = majority vote; large values
+  approach best-of-N).
 
-Two ways to compute it:
+How it is computed:
 
 * **exact** (:func:`self_certainty`, from full log-prob rows; :func:`exact_self_certainty` runs
   the forward pass on an :class:`~ttscale.engines.hf.HFEngine`): every ``log p_ij``;
+* **exact, stored per sample**: ``ttscale certainty RUN`` (:func:`score_certainties`, a scoring
+  pass on an hf model whose tokenizer is the run's) writes score set :data:`SCORE_NAME` under
+  ``RUN/scores/``; ``sample --engine hf --self-certainty`` stores the decode loop's own value as
+  each sample's ``scores["self_certainty"]``. :func:`pool_certainties` is the one place that
+  chooses for ``curve``/``ttscale run``: those exact values when every sample has one, else the
+  approximation below, and says which (:class:`RunCertainties`);
 * **top-k approximation** (:func:`self_certainty_topk`, method name
   :data:`TOPK_APPROXIMATION`), for engines that return only the top-k log-probs per position:
   the listed ``k`` log-probs are exact and the rest of the mass ``R = 1 - sum(top)`` is spread
@@ -455,6 +465,12 @@ def score_certainties(
         raise ConfigError("exact self-certainty needs the whole next-token distribution: score with the hf engine")
     if store.manifest.get("chat"):
         raise ConfigError("exact self-certainty of a chat run is not supported yet; curve uses the top-k approximation")
+    from ttscale.runkinds import run_kind
+
+    kind = run_kind(store.manifest)
+    if kind in ("smc", "search"):
+        # each row's token_ids are one step's own tokens after its parent's text, not a trace
+        raise ConfigError(f"exact self-certainty of a {kind} run is not supported: its rows are steps, not traces")
     samples = list(store.samples())
     if any(s.token_ids is None for s in samples):
         raise ConfigError("exact self-certainty needs the stored token ids of every sample (this run has none)")
