@@ -129,6 +129,9 @@ def test_certainty_command_stores_exact_values_and_curve_uses_them(tmp_path: Pat
     t = SampleStore.open(run).score_table("self_certainty")
     assert t.num_rows == 16 and t.column("score").to_pylist() == pytest.approx([got[k] for k in sorted(got)], rel=1e-9)
 
+    info = json.loads(runner.invoke(app, ["info", str(run), "--json"]).stdout)
+    assert info["score_sets_stored"] == {"self_certainty": 16}
+
     # curve now reads the exact values, says so, and equals an independent computation
     d = _curve(run, "--k", "4")
     sc = d["meta"]["self_certainty"]
