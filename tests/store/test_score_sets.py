@@ -55,3 +55,22 @@ def test_a_score_set_is_never_named_like_a_verdict_set(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid score set name"):
         s.claim_score_set("../x", {"kind": "x"})
     assert np.isfinite(SampleStore.open(s.path).pool().correct).all()
+
+
+def test_check_finds_and_repairs_a_damaged_score_shard(tmp_path: Path) -> None:
+    from ttscale.store.check import check_run
+
+    s = _store(tmp_path)
+    s.claim_score_set("self_certainty", {"kind": "self_certainty"})
+    s.add_scores("self_certainty", [("p1", 0, 1.0, None)])
+    s.add_scores("self_certainty", [("p1", 1, 2.0, None)])
+    bad = sorted((s.path / "scores" / "self_certainty").glob("part-*.parquet"))[1]
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="--repair"):
+        s.score_table("self_certainty")
+    rep = check_run(s.path)
+    assert [d.kind for d in rep.damage] == ["scores"]
+    assert any("ttscale certainty" in step for step in rep.next_steps)
+    check_run(s.path, repair=True)
+    # the readable shard stays; the lost sample is the one the next pass scores again
+    assert SampleStore.open(s.path).scored_keys("self_certainty") == {("p1", 0)}
