@@ -180,6 +180,14 @@ BudgetOpt = Annotated[
         "answer_tokens=64] (\\n in values is a newline; see README).",
     ),
 ]
+SelfCertaintyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--self-certainty",
+        help="Store each sample's exact self-certainty (full next-token distributions; hf "
+        "engine, fixed-n and --adaptive runs) as its score 'self_certainty' for curve.",
+    ),
+]
 FlushOpt = Annotated[
     int,
     typer.Option(
@@ -292,9 +300,11 @@ class SampleOptions(EngineOptions):
     budget_tokens: BudgetTokensOpt = False
     stop_rule: StopRuleOpt = None
     budget_forcing: BudgetOpt = None
+    self_certainty: SelfCertaintyOpt = False
 
     def spec(self, **fields: Any) -> SampleSpec:
         own = {
+            "self_certainty": self.self_certainty,
             "allocate": self.allocate,
             "budget_total": self.budget_total,
             "budget_tokens": self.budget_tokens,
@@ -412,6 +422,7 @@ class SampleSpec:
     budget_total: float | None = None  # --allocate: dataset budget in samples (or tokens)
     budget_tokens: bool = False  # --allocate: the budget counts generated tokens
     stop_rule: str | None = None  # --allocate: a stopping rule closing problems early
+    self_certainty: bool = False  # exact self-certainty per sample (hf engine)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -650,6 +661,7 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if r.old:
         # fail now, before minutes of engine start-up, on a run made with other settings
         SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
+    _check_self_certainty(spec, r)
     engine = r.build_engine(call_batch=spec.batch_size)
     try:
         if spec.throttle > 0:
@@ -710,6 +722,32 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if console is not None:
         _print_summary(console, summary, info)
     return SampleResult(store, summary, r.bench, problems, info)
+
+
+def _check_self_certainty(spec: SampleSpec, r: ResolvedRun) -> None:
+    """``--self-certainty``: refused (one line, naming the fix) where the engine cannot see the
+    whole next-token distribution or the run kind builds traces from several generations; a
+    resumed run keeps the choice it was made with, so no run holds exact values for only some
+    samples."""
+    fix = "or sample without it and score the run afterwards with `ttscale certainty RUN --model PATH`"
+    old = bool((r.old.get("engine") or {}).get("self_certainty")) if r.old else None
+    if old is not None and r.old.get("engine") and old != spec.self_certainty:
+        raise ConfigError(
+            f"run {r.out} was sampled {'with' if old else 'without'} --self-certainty; resume it "
+            f"the same way (`ttscale certainty {r.out} --model PATH` scores a run afterwards)"
+        )
+    if not spec.self_certainty:
+        return
+    if r.choice.kind != "hf":
+        raise ConfigError(
+            f"--self-certainty needs the whole next-token distribution, which the {r.choice.kind} "
+            f"engine does not give: use --engine hf, {fix}"
+        )
+    other = [o for o, v in (("--prune", spec.prune), ("--budget-forcing", spec.budget_forcing),
+                            ("--allocate", spec.allocate)) if v is not None]  # fmt: skip
+    if other:
+        raise ConfigError(f"--self-certainty is stored for fixed-n and --adaptive runs, not with {other[0]}; {fix}")
+    r.engine_options["self_certainty"] = True
 
 
 def _check_budget_forcing(spec: SampleSpec) -> Any:
@@ -1038,6 +1076,9 @@ def _print_curve(console: Any, report: Any) -> None:
     for name, c in report.curves.items():
         t.add_row(names.get(name, name), *(f"{v:.3f}" if v == v else "-" for v in c.mean))
     console.print(t)
+    sc = report.meta.get("self_certainty")
+    if sc:  # which values the self-certainty rows read (exact or the top-k approximation)
+        console.print(f"self-certainty: {'exact' if sc.get('exact') else 'top-k approximation'}, {sc.get('source')}")
 
 
 def _bundled_model_path() -> Path:

@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
             m["verified_by"] = store.verifiers()
+            m["score_sets_stored"] = {n: len(store.scored_keys(n)) for n in store.score_sets()}
             m["analysis_verdicts"] = store.choose_verdicts(strict=False)
             typer.echo(json.dumps(m, indent=2, sort_keys=True))
             return
@@ -177,6 +178,13 @@ def register(app: typer.Typer) -> None:
                 extra.append(f"isolation: {d['isolation']}")
             names.append(f"{v} = {', '.join(extra)}")
         t.add_row("verifiers", "; ".join(names) or "none")
+        sets = []
+        for name in store.score_sets():  # per-sample scores added after sampling (ttscale certainty)
+            cfg = (store.score_set_record(name) or {}).get("config") or {}
+            sets.append(f"{name} ({len(store.scored_keys(name))} samples; {cfg.get('how', 'how not recorded')}, "
+                        f"model {cfg.get('model')})")  # fmt: skip
+        if sets:
+            t.add_row("score sets", "; ".join(sets))
         from ttscale.cli.analysis_cmds import describe_verdicts
 
         t.add_row("analyses use", describe_verdicts(store.choose_verdicts(strict=False)).removeprefix("verdicts: "))
