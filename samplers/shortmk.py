@@ -174,7 +174,10 @@ class ShortMKSampler:
         self.engine = engine
         self.params = params
         self.decisions: list[ShortDecision] = []
+        # decided in a stored run, row not yet written (programs run without a sink, as the
+        # server's, record nothing)
         self._fresh: list[ShortDecision] = []
+        self._recording = False
 
     def manifest_entry(self, budget: int) -> dict[str, Any]:
         """The manifest's ``shortmk`` entry of a run with ``budget`` traces per problem."""
@@ -237,6 +240,7 @@ class ShortMKSampler:
             for p in problems
         ]
         self._fresh = []  # decided by a program (in any order), row not yet written
+        self._recording = sink is not None
         last = time.monotonic()
         try:
             with session:
@@ -251,6 +255,7 @@ class ShortMKSampler:
                         last = time.monotonic()
                     yield res
         finally:
+            self._recording = False
             if sink is not None and self._fresh:
                 # leaving the session stored every finished sample (Ctrl-C included)
                 _append_rows(sink, self._take_fresh())
@@ -336,7 +341,8 @@ class ShortMKSampler:
             finish_order=tuple(comps[i].index for i in finish_order([c.num_tokens for c in comps])),
             resumed=resumed,
         )
-        self._fresh.append(d)
+        if self._recording:
+            self._fresh.append(d)
         resumed_tokens = sum(c.num_tokens for c in comps if stored is not None and (p.id, c.index) in stored)
         res_ = SampleResult(
             problem=p,
