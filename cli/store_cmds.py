@@ -296,12 +296,12 @@ def _merge_adaptive_decisions(out: Path, runs: list[Path]) -> None:
     existing record wins for its problems."""
     import json
 
-    from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decision_rows
-    from ttscale.samplers.shortmk import SHORTMK_FILE
+    from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
+    from ttscale.samplers.shortmk import SHORTMK_FILE, read_short_decisions
 
-    for name in (ADAPTIVE_FILE, SHORTMK_FILE):
-        rows = {d["problem_id"]: d for d in read_decision_rows(out, name)}
-        new = {d["problem_id"]: d for r in runs for d in read_decision_rows(r, name) if d["problem_id"] not in rows}
+    for name, read in ((ADAPTIVE_FILE, read_decisions), (SHORTMK_FILE, read_short_decisions)):
+        rows = {d["problem_id"]: d for d in read(out)}
+        new = {d["problem_id"]: d for r in runs for d in read(r) if d["problem_id"] not in rows}
         if not new:
             continue
         rows.update(new)

@@ -46,7 +46,7 @@ from typing import Any
 
 from ttscale.engines.base import Engine, GenerationRequest, capabilities_of
 from ttscale.errors import ConfigError
-from ttscale.samplers.adaptive import AnswerFn, read_decision_rows, write_decision_rows
+from ttscale.samplers.adaptive import AnswerFn, write_decision_rows
 from ttscale.samplers.base import Candidate, SampleResult
 from ttscale.samplers.loop import Abort, Program, Scheduler, Submit, Wait
 from ttscale.samplers.repeated import RepeatedSampler, _stored_completions, plan_requests
@@ -103,17 +103,35 @@ class ShortDecision:
 
 
 def read_short_decisions(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
-    """The rows of a run's ``shortmk.jsonl``, one per problem (the last written wins)."""
-    rows = {r["problem_id"]: r for r in read_decision_rows(path, SHORTMK_FILE)}
+    """The rows of a run's ``shortmk.jsonl``, one per problem (the last written wins). A line
+    cut short by a kill during an append is skipped (its problem runs again on resume)."""
+    f = Path(path) / SHORTMK_FILE
+    if not f.is_file():
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: skipping a decision row cut short (its problem is decided again)", f)
+            continue
+        if isinstance(r, dict) and "problem_id" in r:
+            rows[r["problem_id"]] = r
     return list(rows.values())
 
 
 def _append_rows(sink: SampleStore, decisions: Sequence[ShortDecision]) -> None:
-    with open(Path(sink.path) / SHORTMK_FILE, "a", encoding="utf-8") as f:
+    path = Path(sink.path) / SHORTMK_FILE
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line a kill cut short stays a line of its own
+                f.write(b"\n")
         for d in decisions:
             row = asdict(d)
             row["answer"] = None if d.answer is None else str(d.answer)
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write((json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 

@@ -5,6 +5,7 @@ seed (the index-order replay's choice) on the scripted engine."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -103,12 +104,13 @@ def _run_whole(tmp_path: Path) -> Path:
     return store.path
 
 
-@pytest.mark.parametrize("rows_lost", [False, True])
-def test_killed_run_resumes_without_losing_or_duplicating(tmp_path: Path, rows_lost: bool) -> None:
+@pytest.mark.parametrize("rows", ["kept", "lost", "cut"])
+def test_killed_run_resumes_without_losing_or_duplicating(tmp_path: Path, rows: str) -> None:
     """Ctrl-C while deciding the 4th problem, then ``resume``: the same choices as a run never
     killed; decided problems are taken from their rows (nothing generated again), the others
-    from their stored traces plus the traces still missing. ``rows_lost``: a kill that left
-    no decision rows (e.g. SIGKILL before the first was written). ``batch_size=K``: one
+    from their stored traces plus the traces still missing. ``lost``: a kill that left
+    no decision rows (e.g. SIGKILL before the first was written); ``cut``: a kill in the middle
+    of appending a row left half a line. ``batch_size=K``: one
     problem's traces at a time, so the last problems are not started at the kill."""
     whole = SampleStore.create(tmp_path / "whole", {"benchmark": "toy"})
     ref = ShortMKSampler(ScriptedEngine(_script), PARAMS, "short-3@k", _last, batch_size=K)
@@ -124,14 +126,20 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path: Path, rows_l
         list(killed.sample(PROBLEMS, K, seed=0, sink=store))
     before = read_short_decisions(store.path)
     assert 0 < len(before) < len(PROBLEMS)  # decided problems' rows were written at the kill
+    rows_lost = rows == "lost"
     if rows_lost:
         (store.path / SHORTMK_FILE).unlink()
+    if rows == "cut":
+        with open(store.path / SHORTMK_FILE, "a", encoding="utf-8") as f:
+            f.write('{"aborted": 3, "problem_id": "p5", "chos')
     kept = _stored(store.path)
     assert kept  # the finished traces of the killed session are stored
     engine = ScriptedEngine(_script)
     again = ShortMKSampler(engine, PARAMS, "short-3@k", _last, batch_size=K)
     list(again.sample(PROBLEMS, K, seed=0, sink=SampleStore.open(store.path)))
-    # the same decisions as the run never killed
+    # one clean row per problem, the same decisions as the run never killed
+    lines = (store.path / SHORTMK_FILE).read_text().splitlines()
+    assert [json.loads(x)["problem_id"] for x in lines] == [p.id for p in PROBLEMS]
     got = {r["problem_id"]: r for r in read_short_decisions(store.path)}
     for r in read_short_decisions(whole.path):
         assert (got[r["problem_id"]]["chosen"], got[r["problem_id"]]["answer"]) == (r["chosen"], r["answer"])
