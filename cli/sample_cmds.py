@@ -202,7 +202,9 @@ AdaptiveOpt = Annotated[
     typer.Option(
         "--adaptive",
         help="Stop each problem early by a rule (esc:window=5, beta:0.95, dirichlet:0.95, "
-        "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
+        "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget. Or "
+        "short-m@k (short-1@k, short-3@k, short-M@K): N traces side by side, stop at the first m "
+        "to finish, majority among them (RUN/shortmk.jsonl).",
     ),
 ]
 
@@ -630,14 +632,20 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     Bad input fails before the (slow) engine is built and before a run directory is created.
     """
     from ttscale.samplers import RepeatedSampler
+    from ttscale.select.shortmk import is_short_spec, parse_short
     from ttscale.store import SampleStore
     from ttscale.types import SamplingParams
 
+    short = spec.adaptive is not None and is_short_spec(spec.adaptive)
     if spec.adaptive is not None:
         check_rule_name(spec.adaptive, "--adaptive")
         from ttscale.select.adaptive import parse_rule
 
-        parse_rule(spec.adaptive)  # a bad rule fails before anything loads
+        # a bad rule fails before anything loads
+        if short:
+            parse_short(spec.adaptive)
+        else:
+            parse_rule(spec.adaptive)
         if spec.shard is not None:
             raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
     if spec.adaptive is not None and spec.prune is not None:
@@ -652,6 +660,8 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     forcing = _check_budget_forcing(spec)
     r = resolve_run(spec)
     base, n, out, problems, manifest = r.sampling, r.n, r.out, r.problems, r.manifest
+    if short:
+        parse_short(str(spec.adaptive)).size(n)  # k of the budget --n: at least m
     if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
         base["logprobs"] = 20
         typer.echo(
@@ -661,6 +671,10 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if r.old:
         # fail now, before minutes of engine start-up, on a run made with other settings
         SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
+        if short:
+            from ttscale.samplers.shortmk import check_short_run
+
+            check_short_run(out, r.old, len(SampleStore.open(out)), parse_short(str(spec.adaptive)), n)
     _check_self_certainty(spec, r)
     engine = r.build_engine(call_batch=spec.batch_size)
     try:
@@ -704,6 +718,12 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
                 summary = sample_allocate(
                     engine, params, store, problems, n, spec.allocate, spec.budget_total,
                     spec.budget_tokens, spec.stop_rule, r.bench, spec, manifest,
+                )
+            elif short:
+                from ttscale.cli.replay_cmds import sample_shortmk
+
+                summary = sample_shortmk(
+                    engine, params, store, problems, n, str(spec.adaptive), r.bench, spec, manifest
                 )
             elif spec.adaptive is not None:
                 from ttscale.cli.replay_cmds import sample_adaptive
@@ -881,11 +901,13 @@ def check_rule_name(spec: str, option: str) -> None:
     from ttscale.select.adaptive import RULE_NAMES
 
     name = str(spec).strip().partition(":")[0].strip().lower()
-    if name.startswith("short-") and option != "--rule":
-        raise ConfigError(
-            f"{spec} runs live through the Python API (ttscale.samplers.shortmk.ShortMKSampler); "
-            f"on the command line replay it on a fixed-n run: ttscale replay RUN --rule {spec}"
-        )
+    if name.startswith("short-"):
+        if option == "--prune":
+            raise ConfigError(
+                f"{spec} is a stopping rule (it stops a problem at its first m finished traces): "
+                f"give it as --adaptive {spec}"
+            )
+        return  # parse_short says what is wrong with it, if anything
     if option == "--adaptive" and name in PRUNE_RULES:
         raise ConfigError(
             f"{name} is a pruning rule (it stops traces mid-generation): give it as --prune {spec}"
@@ -897,7 +919,7 @@ def check_rule_name(spec: str, option: str) -> None:
         )
     if name not in RULE_NAMES and name not in PRUNE_RULES:
         kind = {"--adaptive": "adaptive ", "--prune": "pruning "}.get(option, "")
-        stopping = f"stopping rules (--adaptive): {', '.join(RULE_NAMES)}"
+        stopping = f"stopping rules (--adaptive): {', '.join(RULE_NAMES)}, short-M@k"
         pruning = f"pruning rules (--prune): {', '.join(PRUNE_RULES)}"
         both = f"{pruning}; {stopping}" if option == "--prune" else f"{stopping}; {pruning}"
         raise ConfigError(f"unknown {kind}rule {name!r} in {option} {spec!r}; {both}")

@@ -300,16 +300,19 @@ def _own_result(store: object) -> dict:
 
 def _merge_adaptive_decisions(out: Path, runs: list[Path]) -> None:
     """The merged run of adaptive shards keeps each problem's stopping record (``adaptive.jsonl``:
-    the samples its rule used), one line per problem; an existing record wins for its problems."""
+    the samples its rule used; a short-m@k run's ``shortmk.jsonl``), one line per problem; an
+    existing record wins for its problems."""
     import json
 
     from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
+    from ttscale.samplers.shortmk import SHORTMK_FILE, read_short_decisions
 
-    rows = {d["problem_id"]: d for d in read_decisions(out)}
-    new = {d["problem_id"]: d for r in runs for d in read_decisions(r) if d["problem_id"] not in rows}
-    if not new:
-        return
-    rows.update(new)
-    tmp = out / f".{ADAPTIVE_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
-    tmp.replace(out / ADAPTIVE_FILE)
+    for name, read in ((ADAPTIVE_FILE, read_decisions), (SHORTMK_FILE, read_short_decisions)):
+        rows = {d["problem_id"]: d for d in read(out)}
+        new = {d["problem_id"]: d for r in runs for d in read(r) if d["problem_id"] not in rows}
+        if not new:
+            continue
+        rows.update(new)
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
+        tmp.replace(out / name)

@@ -236,7 +236,7 @@ def check_prerequisites(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "the run's samples are not iid draws (SMC particles, search beams, pruned or short-m@k traces): "
             f"{', '.join(methods)} at k samples assume iid draws and are refused; use "
             "ttscale.runkinds.run_points (ttscale curve reports it)"
         )
@@ -668,7 +668,7 @@ def coverage_counts(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "the run's samples are not iid draws (SMC particles, search beams, pruned or short-m@k traces): "
             "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
             "accuracy at its own cost"
         )
