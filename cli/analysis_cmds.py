@@ -251,8 +251,18 @@ def describe_verdicts(v: dict | None) -> str:
 
 
 def curve_notes(report) -> list[str]:  # type: ignore[no-untyped-def]
-    """Lines saying which verdicts were used and what happened to short problems."""
+    """Lines saying which verdicts were used, what happened to short problems and which
+    self-certainty values (exact or approximate) the self-certainty methods read."""
     lines = [describe_verdicts(report.meta.get("verdicts"))]
+    sc = report.meta.get("self_certainty")
+    if sc:
+        what = "exact" if sc.get("exact") else "top-k approximation"
+        line = f"self-certainty: {what}, {sc.get('source') or sc.get('how')}"
+        if sc.get("why"):
+            line += f" ({sc['why']})"
+        if "borda_power" in report.meta:
+            line += f"; Borda power {report.meta['borda_power']:g}"
+        lines.append(line)
     ms = report.meta.get("missing_samples") or {}
     short, none = int(ms.get("short", 0)), int(ms.get("unsampled", 0))
     if short or none:
@@ -335,6 +345,11 @@ def register(app: typer.Typer) -> None:
             typer.Option(min=0.0, help="cisc, cisc_score: softmax temperature T over the confidences "
                          "(ours; the paper tunes it per model)."),
         ] = 1.0,
+        borda_power: Annotated[
+            float,
+            typer.Option(min=0.0, help="self_certainty_borda: rank r of k gets (k - r + 1)^P votes "
+                         "(the authors' default 0.5; 0 = majority, large = best-of-N)."),
+        ] = 0.5,
         deepconf_window: Annotated[
             int, typer.Option(min=1, help="DeepConf: sliding-window length in tokens.")
         ] = 2048,
@@ -442,10 +457,14 @@ def register(app: typer.Typer) -> None:
                 store = stores[[id(p) for p in pools].index(id(pool))]
                 if _top_methods(method_list):
                     conf = run_confidences(store, window=deepconf_window)
-                check_prerequisites(pool, method_list, score=score, confidences=conf)
+                cert = _certainties(store, pool, method_list)
+                check_prerequisites(pool, method_list, score=score, confidences=conf,
+                                    certainties=None if cert is None else cert.values)  # fmt: skip
                 return compute_curves(
                     pool, method_list, ks, score=score, score_map=score_map, confidences=conf,
-                    certainties=_certainties(store, method_list), cisc_temperature=cisc_temperature,
+                    certainties=None if cert is None else cert.values,
+                    certainty_source=None if cert is None else cert.to_dict(),
+                    borda_power=borda_power, cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta, confidence=confidence, n_boot=n_boot,
                     n_draws=draws, rpc_draws=rpc_draws, rpc_fit=rpc_fit, tie=tie, seed=seed,
                     fit=fit, missing=missing,
@@ -475,14 +494,16 @@ def register(app: typer.Typer) -> None:
             run_confidences(store, window=deepconf_window) if _top_methods(method_list) else None
             for store in stores
         ]
-        for run, pool, conf in zip(runs, pools, confs, strict=True):
+        certs = [_certainties(store, pool, method_list) for store, pool in zip(stores, pools, strict=True)]
+        for run, pool, conf, cert in zip(runs, pools, confs, certs, strict=True):
             try:
-                check_prerequisites(pool, method_list, score=score, confidences=conf)
+                check_prerequisites(pool, method_list, score=score, confidences=conf,
+                                    certainties=None if cert is None else cert.values)  # fmt: skip
             except ConfigError as e:
                 raise ConfigError(f"{run}: {e}" if multi else str(e)) from None
         reports = []
         with _ProgressBars(progress) as bars:
-            for (label, _), store, pool, conf in zip(names, stores, pools, confs, strict=True):
+            for (label, _), pool, conf, cert in zip(names, pools, confs, certs, strict=True):
                 report = compute_curves(
                     pool,
                     method_list,
@@ -490,7 +511,9 @@ def register(app: typer.Typer) -> None:
                     score=score,
                     score_map=score_map,
                     confidences=conf,
-                    certainties=_certainties(store, method_list),
+                    certainties=None if cert is None else cert.values,
+                    certainty_source=None if cert is None else cert.to_dict(),
+                    borda_power=borda_power,
                     cisc_temperature=cisc_temperature,
                     deepconf_eta=deepconf_eta,
                     confidence=confidence,
@@ -969,18 +992,22 @@ def math_ceil(x: float) -> int:
 
 
 def _top_methods(methods: Sequence[str]) -> list[str]:
-    """The methods that read per-token top log-probs (DeepConf, self-certainty)."""
+    """The methods that read DeepConf trace confidences from per-token top log-probs (the
+    self-certainty methods read their own values: :func:`_certainties`)."""
     from ttscale.select.rules import RULES
 
-    return [m for m in methods if m in RULES and "top_logprobs" in RULES[m].inputs]
+    return [m for m in methods if m in RULES and "top_logprobs" in RULES[m].inputs
+            and not m.startswith("self_certainty")]  # fmt: skip
 
 
-def _certainties(store: Any, methods: Sequence[str]) -> Any:
-    """Per-sample self-certainties (top-k approximation) when a self-certainty method is asked."""
+def _certainties(store: Any, pool: Any, methods: Sequence[str]) -> Any:
+    """Per-sample self-certainties when a self-certainty method is asked: exact where the run
+    stores them for every sample, else the top-k approximation; which one is said on stderr
+    now and in the table's notes / the JSON's ``meta.self_certainty``."""
     if not any(m.startswith("self_certainty") for m in methods):
         return None
-    from ttscale.select.certainty import TOPK_APPROXIMATION, run_certainties
+    from ttscale.select.certainty import pool_certainties
 
-    cert, vocab = run_certainties(store)
-    typer.echo(f"self-certainty: {TOPK_APPROXIMATION}, vocabulary {vocab}", err=True)
+    cert = pool_certainties(store, pool)
+    typer.echo(cert.describe(), err=True)
     return cert

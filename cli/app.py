@@ -19,7 +19,7 @@ def fail(message: str) -> typer.Exit:
 
 # Commands in the order of the workflow: make samples, check them, analyse them, manage runs.
 _WORKFLOW_ORDER = (
-    "sample", "run", "smc", "demo", "verify", "curve", "replay", "fit", "verifier-utility",
+    "sample", "run", "smc", "demo", "verify", "certainty", "curve", "replay", "fit", "verifier-utility",
     "import", "export", "info", "check", "merge", "bench", "serve",
 )  # fmt: skip
 
@@ -148,6 +148,7 @@ _COMMAND_MODULES = (
     "ttscale.cli.smc_cmds",  # smc
     "ttscale.cli.bench_cmds",  # bench list/show
     "ttscale.cli.verify_cmds",  # verify
+    "ttscale.cli.certainty_cmds",  # certainty
     "ttscale.cli.replay_cmds",  # replay
     "ttscale.cli.serve_cmds",  # serve
 )

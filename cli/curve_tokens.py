@@ -172,7 +172,9 @@ def curve_mixed(
     console.print(
         "fixed-n: k samples per problem at k x the mean tokens of a sample; adaptive, allocated: the answer "
         "it chose at the samples it drew; pruned: majority over kept traces, every trace started "
-        "counted; SMC/search: particles, every particle-step's tokens counted"
+        "counted; short-m@k: majority over the first m traces to finish, the k traces started and "
+        "their tokens (aborted ones' included) counted; SMC/search: particles, every particle-step's "
+        "tokens counted"
     )
     for c in curves:
         lines = curve_notes(c["report"]) + ([_fit_line(c["report"])] if c["report"].fit is not None else [])

@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         from ttscale.store import SampleStore
 
         kind = run_kind(SampleStore.open(run).manifest)
-        if kind in ("pruned", "smc", "search", "allocated") or (
+        if kind in ("pruned", "shortmk", "smc", "search", "allocated") or (
             kind == "adaptive" and (calibrate is not None or allocate is not None)
         ):
             what = "--calibrate" if calibrate is not None else "--allocate" if allocate else "replaying a rule on its samples"
@@ -387,6 +387,70 @@ def sample_adaptive(
         generated=drawn - resumed,
         stored=len(store),
         generated_tokens=sum(r.generated_tokens for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        wall_seconds=wall,
+        accounting=store.accounting(),
+    )
+
+
+def sample_shortmk(
+    engine: Any,
+    params: Any,
+    store: Any,
+    problems: Sequence[Any],
+    budget: int,
+    rule: str,
+    bench: Any,
+    spec: Any,
+    manifest: Mapping[str, Any],
+) -> Any:
+    """``ttscale sample --adaptive short-3@k``: short-m@k live into ``store`` (a run of kind
+    ``shortmk``), answers from the benchmark's verifier; returns a
+    :class:`~ttscale.samplers.repeated.SamplingSummary`."""
+    from ttscale.samplers.adaptive import verifier_answers
+    from ttscale.samplers.repeated import SamplingSummary
+    from ttscale.samplers.shortmk import SHORTMK_FILE, ShortMKSampler
+    from ttscale.verifiers.base import close_verifier, make_verifier
+
+    verifier = make_verifier(bench.verifier)
+    try:
+        sampler = ShortMKSampler(
+            engine, params, rule, verifier_answers(verifier), batch_size=spec.batch_size,
+            flush_every=spec.flush_every, chat=spec.chat, system_prompt=spec.system_prompt,
+            progress=None if spec.progress else False, manifest=manifest,
+        )  # fmt: skip
+        k = sampler.rule.size(budget)
+        typer.echo(
+            f"short-m@k: {sampler.rule.spec}, {k} traces per problem side by side, stopped when the "
+            f"first {sampler.rule.m} finish (the others aborted, their tokens counted); majority "
+            f"among them, ties to the shortest; answers from the {bench.verifier} verifier",
+            err=True,
+        )
+        t0 = time.perf_counter()
+        results = list(sampler.sample(problems, budget, seed=params.seed, sink=store))
+        wall = time.perf_counter() - t0
+    finally:
+        close_verifier(verifier)
+    store.refresh()
+    ds = sampler.decisions
+    finished = sum(d.finished for d in ds)
+    resumed = sum(d.resumed for d in ds)
+    aborted = sum(d.aborted for d in ds)
+    typer.echo(
+        f"short-m@k: {finished:,} traces finished and {aborted:,} aborted over {len(ds)} problems "
+        f"({sum(d.aborted_tokens for d in ds):,} tokens of aborted traces); decisions in "
+        f"{store.path / SHORTMK_FILE}",
+        err=True,
+    )
+    return SamplingSummary(
+        path=store.path,
+        problems=len(problems),
+        n=k,
+        requested=finished,
+        skipped=resumed,
+        generated=finished - resumed,
+        stored=len(store),
+        generated_tokens=sum(r.generated_tokens - int(r.info.get("resumed_tokens", 0)) for r in results),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         wall_seconds=wall,
         accounting=store.accounting(),

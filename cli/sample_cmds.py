@@ -180,6 +180,14 @@ BudgetOpt = Annotated[
         "answer_tokens=64] (\\n in values is a newline; see README).",
     ),
 ]
+SelfCertaintyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--self-certainty",
+        help="Store each sample's exact self-certainty (full next-token distributions; hf "
+        "engine, fixed-n and --adaptive runs) as its score 'self_certainty' for curve.",
+    ),
+]
 FlushOpt = Annotated[
     int,
     typer.Option(
@@ -194,7 +202,9 @@ AdaptiveOpt = Annotated[
     typer.Option(
         "--adaptive",
         help="Stop each problem early by a rule (esc:window=5, beta:0.95, dirichlet:0.95, "
-        "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget.",
+        "entropy:0.75, majority:0.8, deepconf:0.95, sprt, msprt); N is the budget. Or "
+        "short-m@k (short-1@k, short-3@k, short-M@K): N traces side by side, stop at the first m "
+        "to finish, majority among them (RUN/shortmk.jsonl).",
     ),
 ]
 
@@ -292,9 +302,11 @@ class SampleOptions(EngineOptions):
     budget_tokens: BudgetTokensOpt = False
     stop_rule: StopRuleOpt = None
     budget_forcing: BudgetOpt = None
+    self_certainty: SelfCertaintyOpt = False
 
     def spec(self, **fields: Any) -> SampleSpec:
         own = {
+            "self_certainty": self.self_certainty,
             "allocate": self.allocate,
             "budget_total": self.budget_total,
             "budget_tokens": self.budget_tokens,
@@ -412,6 +424,7 @@ class SampleSpec:
     budget_total: float | None = None  # --allocate: dataset budget in samples (or tokens)
     budget_tokens: bool = False  # --allocate: the budget counts generated tokens
     stop_rule: str | None = None  # --allocate: a stopping rule closing problems early
+    self_certainty: bool = False  # exact self-certainty per sample (hf engine)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -619,14 +632,20 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     Bad input fails before the (slow) engine is built and before a run directory is created.
     """
     from ttscale.samplers import RepeatedSampler
+    from ttscale.select.shortmk import is_short_spec, parse_short
     from ttscale.store import SampleStore
     from ttscale.types import SamplingParams
 
+    short = spec.adaptive is not None and is_short_spec(spec.adaptive)
     if spec.adaptive is not None:
         check_rule_name(spec.adaptive, "--adaptive")
         from ttscale.select.adaptive import parse_rule
 
-        parse_rule(spec.adaptive)  # a bad rule fails before anything loads
+        # a bad rule fails before anything loads
+        if short:
+            parse_short(spec.adaptive)
+        else:
+            parse_rule(spec.adaptive)
         if spec.shard is not None:
             raise ConfigError("--adaptive runs one worker over all problems; drop --shard")
     if spec.adaptive is not None and spec.prune is not None:
@@ -641,6 +660,8 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     forcing = _check_budget_forcing(spec)
     r = resolve_run(spec)
     base, n, out, problems, manifest = r.sampling, r.n, r.out, r.problems, r.manifest
+    if short:
+        parse_short(str(spec.adaptive)).size(n)  # k of the budget --n: at least m
     if prune_rule is not None and prune_rule.needs == "top_logprobs" and "logprobs" not in base:
         base["logprobs"] = 20
         typer.echo(
@@ -650,6 +671,11 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if r.old:
         # fail now, before minutes of engine start-up, on a run made with other settings
         SampleStore.open(out).check_compatible({**manifest, "sampling": params.to_dict()})
+        if short:
+            from ttscale.samplers.shortmk import check_short_run
+
+            check_short_run(out, r.old, len(SampleStore.open(out)), parse_short(str(spec.adaptive)), n)
+    _check_self_certainty(spec, r)
     engine = r.build_engine(call_batch=spec.batch_size)
     try:
         if spec.throttle > 0:
@@ -693,6 +719,12 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
                     engine, params, store, problems, n, spec.allocate, spec.budget_total,
                     spec.budget_tokens, spec.stop_rule, r.bench, spec, manifest,
                 )
+            elif short:
+                from ttscale.cli.replay_cmds import sample_shortmk
+
+                summary = sample_shortmk(
+                    engine, params, store, problems, n, str(spec.adaptive), r.bench, spec, manifest
+                )
             elif spec.adaptive is not None:
                 from ttscale.cli.replay_cmds import sample_adaptive
 
@@ -710,6 +742,32 @@ def run_sample(spec: SampleSpec, *, console: Any = None) -> SampleResult:
     if console is not None:
         _print_summary(console, summary, info)
     return SampleResult(store, summary, r.bench, problems, info)
+
+
+def _check_self_certainty(spec: SampleSpec, r: ResolvedRun) -> None:
+    """``--self-certainty``: refused (one line, naming the fix) where the engine cannot see the
+    whole next-token distribution or the run kind builds traces from several generations; a
+    resumed run keeps the choice it was made with, so no run holds exact values for only some
+    samples."""
+    fix = "or sample without it and score the run afterwards with `ttscale certainty RUN --model PATH`"
+    old = bool((r.old.get("engine") or {}).get("self_certainty")) if r.old else None
+    if old is not None and r.old.get("engine") and old != spec.self_certainty:
+        raise ConfigError(
+            f"run {r.out} was sampled {'with' if old else 'without'} --self-certainty; resume it "
+            f"the same way (`ttscale certainty {r.out} --model PATH` scores a run afterwards)"
+        )
+    if not spec.self_certainty:
+        return
+    if r.choice.kind != "hf":
+        raise ConfigError(
+            f"--self-certainty needs the whole next-token distribution, which the {r.choice.kind} "
+            f"engine does not give: use --engine hf, {fix}"
+        )
+    other = [o for o, v in (("--prune", spec.prune), ("--budget-forcing", spec.budget_forcing),
+                            ("--allocate", spec.allocate)) if v is not None]  # fmt: skip
+    if other:
+        raise ConfigError(f"--self-certainty is stored for fixed-n and --adaptive runs, not with {other[0]}; {fix}")
+    r.engine_options["self_certainty"] = True
 
 
 def _check_budget_forcing(spec: SampleSpec) -> Any:
@@ -843,11 +901,13 @@ def check_rule_name(spec: str, option: str) -> None:
     from ttscale.select.adaptive import RULE_NAMES
 
     name = str(spec).strip().partition(":")[0].strip().lower()
-    if name.startswith("short-") and option != "--rule":
-        raise ConfigError(
-            f"{spec} runs live through the Python API (ttscale.samplers.shortmk.ShortMKSampler); "
-            f"on the command line replay it on a fixed-n run: ttscale replay RUN --rule {spec}"
-        )
+    if name.startswith("short-"):
+        if option == "--prune":
+            raise ConfigError(
+                f"{spec} is a stopping rule (it stops a problem at its first m finished traces): "
+                f"give it as --adaptive {spec}"
+            )
+        return  # parse_short says what is wrong with it, if anything
     if option == "--adaptive" and name in PRUNE_RULES:
         raise ConfigError(
             f"{name} is a pruning rule (it stops traces mid-generation): give it as --prune {spec}"
@@ -859,7 +919,7 @@ def check_rule_name(spec: str, option: str) -> None:
         )
     if name not in RULE_NAMES and name not in PRUNE_RULES:
         kind = {"--adaptive": "adaptive ", "--prune": "pruning "}.get(option, "")
-        stopping = f"stopping rules (--adaptive): {', '.join(RULE_NAMES)}"
+        stopping = f"stopping rules (--adaptive): {', '.join(RULE_NAMES)}, short-M@k"
         pruning = f"pruning rules (--prune): {', '.join(PRUNE_RULES)}"
         both = f"{pruning}; {stopping}" if option == "--prune" else f"{stopping}; {pruning}"
         raise ConfigError(f"unknown {kind}rule {name!r} in {option} {spec!r}; {both}")
@@ -1038,6 +1098,9 @@ def _print_curve(console: Any, report: Any) -> None:
     for name, c in report.curves.items():
         t.add_row(names.get(name, name), *(f"{v:.3f}" if v == v else "-" for v in c.mean))
     console.print(t)
+    sc = report.meta.get("self_certainty")
+    if sc:  # which values the self-certainty rows read (exact or the top-k approximation)
+        console.print(f"self-certainty: {'exact' if sc.get('exact') else 'top-k approximation'}, {sc.get('source')}")
 
 
 def _bundled_model_path() -> Path:

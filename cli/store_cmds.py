@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
             m["samples"] = sum(counts.values())
             m["problems"] = len(counts)
             m["verified_by"] = store.verifiers()
+            m["score_sets_stored"] = {n: len(store.scored_keys(n)) for n in store.score_sets()}
             m["analysis_verdicts"] = store.choose_verdicts(strict=False)
             typer.echo(json.dumps(m, indent=2, sort_keys=True))
             return
@@ -177,6 +178,13 @@ def register(app: typer.Typer) -> None:
                 extra.append(f"isolation: {d['isolation']}")
             names.append(f"{v} = {', '.join(extra)}")
         t.add_row("verifiers", "; ".join(names) or "none")
+        sets = []
+        for name in store.score_sets():  # per-sample scores added after sampling (ttscale certainty)
+            cfg = (store.score_set_record(name) or {}).get("config") or {}
+            sets.append(f"{name} ({len(store.scored_keys(name))} samples; {cfg.get('how', 'how not recorded')}, "
+                        f"model {cfg.get('model')})")  # fmt: skip
+        if sets:
+            t.add_row("score sets", "; ".join(sets))
         from ttscale.cli.analysis_cmds import describe_verdicts
 
         t.add_row("analyses use", describe_verdicts(store.choose_verdicts(strict=False)).removeprefix("verdicts: "))
@@ -292,16 +300,19 @@ def _own_result(store: object) -> dict:
 
 def _merge_adaptive_decisions(out: Path, runs: list[Path]) -> None:
     """The merged run of adaptive shards keeps each problem's stopping record (``adaptive.jsonl``:
-    the samples its rule used), one line per problem; an existing record wins for its problems."""
+    the samples its rule used; a short-m@k run's ``shortmk.jsonl``), one line per problem; an
+    existing record wins for its problems."""
     import json
 
     from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
+    from ttscale.samplers.shortmk import SHORTMK_FILE, read_short_decisions
 
-    rows = {d["problem_id"]: d for d in read_decisions(out)}
-    new = {d["problem_id"]: d for r in runs for d in read_decisions(r) if d["problem_id"] not in rows}
-    if not new:
-        return
-    rows.update(new)
-    tmp = out / f".{ADAPTIVE_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
-    tmp.replace(out / ADAPTIVE_FILE)
+    for name, read in ((ADAPTIVE_FILE, read_decisions), (SHORTMK_FILE, read_short_decisions)):
+        rows = {d["problem_id"]: d for d in read(out)}
+        new = {d["problem_id"]: d for r in runs for d in read(r) if d["problem_id"] not in rows}
+        if not new:
+            continue
+        rows.update(new)
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
+        tmp.replace(out / name)

@@ -14,6 +14,7 @@ from ttscale.samplers.pruning import PruningSampler, replay_pruning
 from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
 from ttscale.samplers.search import SearchSampler
 from ttscale.samplers.session import SamplingSession
+from ttscale.samplers.shortmk import ShortMKSampler
 from ttscale.samplers.smc import SMCSampler, select_answer
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SamplingSession",
     "SamplingSummary",
     "SearchSampler",
+    "ShortMKSampler",
     "StepInfo",
     "SumPotential",
     "VerifierPotential",

@@ -24,7 +24,7 @@ from ttscale.errors import ConfigError
 from ttscale.seeding import SeedLike, as_int_seed
 from ttscale.select.rules import ORACLE, ORACLE_DESCRIPTION, ORACLE_LABEL, RULES
 from ttscale.store.pool import Pool
-from ttscale.validation import check_choice
+from ttscale.validation import check_choice, check_number
 
 __all__ = [
     "METHODS",
@@ -196,6 +196,9 @@ _LOGPROB_FIX = (
 _TOP_LOGPROB_FIX = "sample with `ttscale sample --logprobs 20` (top-20 log-probs per token)"
 
 
+_CERTAINTY_METHODS = ("self_certainty", "self_certainty_borda")
+
+
 def check_prerequisites(
     pool: Pool,
     methods: Sequence[str],
@@ -203,6 +206,7 @@ def check_prerequisites(
     score: str | None = None,
     confidences: NDArray[np.float64] | None = None,
     check_confidences: bool = True,
+    certainties: NDArray[np.float64] | None = None,
 ) -> None:
     """Raise one :class:`ConfigError` naming every method whose inputs the run lacks, before any work.
 
@@ -210,7 +214,10 @@ def check_prerequisites(
     (:data:`ttscale.select.rules.RULES`): ``mean_logprobs`` (max_probability, pc, rpc),
     ``top_logprobs`` (deepconf: ``confidences``; skipped with ``check_confidences=False``, for a
     caller that checks them itself), ``scores`` (weighted, best_of_n: a finite ``score`` for every
-    answered sample). The message says which ``ttscale sample`` flag provides what is missing.
+    answered sample). The self-certainty methods read ``certainties`` when given (exact or
+    approximate, :func:`ttscale.select.certainty.pool_certainties`); else, like deepconf, the
+    ``confidences`` stand for the top log-probs they come from. The message says which
+    ``ttscale sample`` flag (or command) provides what is missing.
     A weighted, non-iid pool (``pool.iid`` false: SMC particles) refuses every method with
     :class:`~ttscale.errors.NonIIDPoolError`: they estimate accuracy from k iid draws.
     """
@@ -229,7 +236,7 @@ def check_prerequisites(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "the run's samples are not iid draws (SMC particles, search beams, pruned or short-m@k traces): "
             f"{', '.join(methods)} at k samples assume iid draws and are refused; use "
             "ttscale.runkinds.run_points (ttscale curve reports it)"
         )
@@ -249,6 +256,18 @@ def check_prerequisites(
                 f"for {miss} of {n_ans} answered samples; {_LOGPROB_FIX}"
             )
     top = needing("top_logprobs")
+    if certainties is not None:
+        sc_methods = [m for m in top if m in _CERTAINTY_METHODS]
+        top = [m for m in top if m not in _CERTAINTY_METHODS]
+        cert = np.asarray(certainties, dtype=np.float64)
+        miss = int((~np.isfinite(cert[answered])).sum()) if cert.shape == (pool.num_samples,) else n_ans
+        if sc_methods and miss:
+            problems.append(
+                f"{', '.join(sc_methods)} need{'s' if len(sc_methods) == 1 else ''} per-token top "
+                f"log-probs (the top-k approximation) or exact self-certainties, missing for {miss} "
+                f"of {n_ans} answered samples; {_TOP_LOGPROB_FIX}, or store exact ones with "
+                "`ttscale certainty RUN --model PATH` (or `sample --engine hf --self-certainty`)"
+            )
     if top and check_confidences:
         if confidences is None:
             miss = n_ans
@@ -314,6 +333,7 @@ def compute_curves(
     confidences: NDArray[np.float64] | None = None,
     deepconf_eta: float = 10.0,
     certainties: NDArray[np.float64] | None = None,
+    certainty_source: Mapping[str, Any] | None = None,
     borda_power: float = 0.5,
     cisc_temperature: float = 1.0,
     confidence: float = 0.95,
@@ -355,6 +375,13 @@ def compute_curves(
     The choice is recorded in ``meta["rpc_fit"]`` when RPC is computed. At ``k = 1`` every
     method is exact (each rule picks the single sample).
 
+    ``certainties`` are per-sample self-certainties for ``self_certainty`` and
+    ``self_certainty_borda`` (:func:`ttscale.select.certainty.pool_certainties`: exact where the
+    run stores them, else the top-k approximation); ``certainty_source`` says which
+    (``RunCertainties.to_dict()``) and is recorded in ``meta["self_certainty"]``, with
+    ``meta["borda_power"]``: ``self_certainty_borda`` gives rank ``r`` of ``k`` the weight
+    ``(k - r + 1) ** borda_power`` (default 0.5, the authors').
+
     Every method's inputs are checked (:func:`check_prerequisites`) before anything is computed.
     ``progress(task, done, total)`` is told how each method advances over the problems (task =
     the method's name) and how the fit's bootstrap advances (task ``"fit bootstrap"``).
@@ -376,6 +403,7 @@ def compute_curves(
         raise ConfigError(f"rpc fit must be one of {', '.join(RPC_FITS)}, got {rpc_fit!r}")
     if pool.num_problems == 0:
         raise ConfigError("the run has no samples; nothing to analyse")
+    check_number("borda_power", borda_power, low=0.0, finite=True)
     shortfall: dict[str, Any] = {**pool.sample_shortfall(), "policy": missing}
     if missing == "drop":
         keep = pool.n_per_problem >= shortfall["requested"]
@@ -435,7 +463,7 @@ def compute_curves(
         if score not in pool.scores:
             raise ConfigError(f"no score named {score!r} in the run; it has: {names or 'none'}")
         score_arr = pool.scores[score]
-    check_prerequisites(pool, methods, score=score, confidences=confidences)
+    check_prerequisites(pool, methods, score=score, confidences=confidences, certainties=certainties)
     if fit and (k_arr <= coverage_counts(pool, missing)[0].min()).sum() < 2:  # as _fit_coverage
         raise ConfigError("a power-law fit needs at least two k values within every problem's n")
     oracle = _oracle_reason(pool, score, score_arr) if score_arr is not None else None
@@ -553,8 +581,21 @@ def compute_curves(
             "tie": tie, "score": score, "seed": seed, "verifier": pool.meta.get("verifier"),
             "verdicts": pool.meta.get("verdicts"), "missing_samples": shortfall,
             **({"rpc_fit": rpc_fit} if "rpc" in methods else {}),
+            **(_certainty_meta(methods, certainty_source, borda_power)),
         },
     )  # fmt: skip
+
+
+def _certainty_meta(methods: Sequence[str], source: Mapping[str, Any] | None, power: float) -> dict[str, Any]:
+    """What the self-certainty methods read (exact or the top-k approximation, and from where)
+    and the Borda power: recorded so that no output hides which values it used."""
+    if not any(m in ("self_certainty", "self_certainty_borda") for m in methods):
+        return {}
+    src = dict(source) if source is not None else {"how": "not stated (certainties passed by the caller)"}
+    out: dict[str, Any] = {"self_certainty": src}
+    if "self_certainty_borda" in methods:
+        out["borda_power"] = power
+    return out
 
 
 def _ci(
@@ -627,7 +668,7 @@ def coverage_counts(
         from ttscale.errors import NonIIDPoolError
 
         raise NonIIDPoolError(
-            "the run's samples are not iid draws (SMC particles, search beams or pruned traces): "
+            "the run's samples are not iid draws (SMC particles, search beams, pruned or short-m@k traces): "
             "pass@k fits assume iid draws and are refused; `ttscale curve` reports the run's "
             "accuracy at its own cost"
         )

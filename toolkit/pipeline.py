@@ -106,8 +106,18 @@ def verify_and_curve(
     names = tuple(methods or ("coverage", "majority"))
     pool = store.pool(vsum["verifier"])
     confs = run_confidences(store) if "deepconf" in names else None
-    check_prerequisites(pool, names, confidences=confs)
-    report = compute_curves(pool, names, chosen, confidences=confs)
+    cert = None
+    if any(m.startswith("self_certainty") for m in names):
+        from ttscale.select.certainty import pool_certainties
+
+        # exact where the run stores it, else the top-k approximation; the report says which
+        cert = pool_certainties(store, pool)
+    certainties = None if cert is None else cert.values
+    check_prerequisites(pool, names, confidences=confs, certainties=certainties)
+    report = compute_curves(
+        pool, names, chosen, confidences=confs, certainties=certainties,
+        certainty_source=None if cert is None else cert.to_dict(),
+    )  # fmt: skip
     plot_path: Path | None = None
     if plot is not False:
         plot_path = store.path / "coverage.png" if plot is True else Path(plot)

@@ -15,6 +15,11 @@ problem-bootstrap CI (the same resamples for the three, so they keep their joint
   (``allocation.jsonl``) over the samples the problem got, at every sample and token drawn.
 * **pruned** (``sample --prune RULE``): majority over the kept traces; cost = every trace
   started (pruned ones included) and every token generated.
+* **shortmk** (``sample --adaptive short-3@k``, :mod:`ttscale.samplers.shortmk`): the run
+  stored the traces that finished first; the answer is short-m@k's over the ``m`` traces the
+  run chose (``shortmk.jsonl``: majority among them, ties to the shortest), scored with the
+  analysed verdict set; cost = the ``k`` traces started and every token generated, the aborted
+  traces' included (from the decision rows; unknown without them).
 * **smc** / **search** (``ttscale smc``, ``--search``): weighted vote and highest weight over
   the final particles (:mod:`ttscale.metrics.weighted`); cost = particles and every token of
   every particle-step.
@@ -51,17 +56,20 @@ KIND_LABELS = {
     "adaptive": "adaptive",
     "allocated": "allocated",
     "pruned": "pruned",
+    "shortmk": "short-m@k",
     "smc": "SMC",
     "search": "search",
 }
 
 
 def run_kind(manifest: Mapping[str, Any]) -> str:
-    """``"fixed"``, ``"adaptive"``, ``"allocated"``, ``"pruned"``, ``"smc"`` or ``"search"``
-    from a run's manifest.
+    """``"fixed"``, ``"adaptive"``, ``"allocated"``, ``"pruned"``, ``"shortmk"``, ``"smc"`` or
+    ``"search"`` from a run's manifest.
 
     A non-iid run that names neither pruning nor search is a weighted population (SMC).
     """
+    if manifest.get("shortmk"):
+        return "shortmk"
     iid = manifest.get("iid") is not False
     if not iid:
         if manifest.get("pruning"):
@@ -90,6 +98,9 @@ def describe_kind(manifest: Mapping[str, Any]) -> str:
         )
     if kind == "pruned":
         return f"pruned ({(manifest.get('pruning') or {}).get('rule')})"
+    if kind == "shortmk":
+        s = manifest.get("shortmk") or {}
+        return f"short-m@k ({s.get('rule')}, k = {s.get('k')} traces per problem)"
     if kind == "smc":
         return f"SMC ({_particles(manifest)} particles)"
     if kind == "search":
@@ -119,6 +130,8 @@ def kind_refusal(kind: str, what: str, run: Any) -> str:
         "from a dataset budget, so its samples are not k iid draws",
         "pruned": "a pruning run's traces were cut mid-generation and only the kept ones vote, "
         "so they are not k iid draws",
+        "shortmk": "a short-m@k run stored only the traces that finished first (the shortest of "
+        "each problem's k), so they are not k iid draws",
         "smc": "an SMC run holds a weighted population of particles, not iid draws",
         "search": "a search run holds the beams a reward-guided search kept, not iid draws",
     }[kind]
@@ -203,6 +216,50 @@ def _majority_first(answers: NDArray[np.int64], correct: NDArray[np.float64], ti
     return float(res.credit(per_cluster))
 
 
+def _shortmk_point(
+    store: Any, pool: Pool, ids: list[str], stored_tokens: NDArray[np.float64], detail: dict[str, Any]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """A short-m@k run's credit, traces started and tokens per problem (see the module
+    docstring): the chosen traces of each decision row vote (analysed answers; ties to the
+    shortest, their order in the row); a problem without a row is decided again from its stored
+    traces by length (what the live run did), its aborted tokens unknown (NaN)."""
+    from ttscale.samplers.shortmk import read_short_decisions
+    from ttscale.select.shortmk import short_mk
+
+    entry = store.manifest.get("shortmk") or {}
+    k, m = int(entry.get("k") or 0), int(entry.get("m") or 1)
+    rows = {r["problem_id"]: r for r in read_short_decisions(store.path)}
+    P = len(ids)
+    c, samples, toks = np.zeros(P), np.zeros(P), stored_tokens.copy()
+    values = pool.answer_values
+    missing = 0
+    for p in range(pool.num_problems):
+        lo, hi = int(pool.offsets[p]), int(pool.offsets[p + 1])
+        idx = [int(i) for i in pool.index[lo:hi]]
+        pos = {i: j for j, i in enumerate(idx)}
+        ans = [None if int(a) < 0 else str(values[int(a)]) for a in pool.answer[lo:hi]]
+        row = rows.get(ids[p])
+        if row is not None and all(int(i) in pos for i in row["chosen"]):
+            chosen = [pos[int(i)] for i in row["chosen"]]
+            toks[p] += float(row["aborted_tokens"])
+            o = short_mk([ans[j] for j in chosen], list(range(len(chosen))), len(chosen))
+        else:  # no record (or not of these traces): the m shortest stored, as the live run chose
+            missing += 1
+            toks[p] = np.nan
+            o = short_mk(ans, [int(x) for x in pool.num_tokens[lo:hi]], min(m, hi - lo))
+            chosen = list(o.chosen)
+        if o.answer is not None:
+            c[p] = float(any(ans[j] == o.answer and pool.correct[lo + j] == 1.0 for j in chosen))
+        samples[p] = float(k or hi - lo)
+    detail.update(rule=entry.get("rule"), k=k, m=m, budget=entry.get("budget"))
+    if missing:
+        detail["note"] = (
+            f"{missing} problems have no decision row (shortmk.jsonl): decided again from their "
+            "stored traces by length; their aborted traces' tokens are unknown"
+        )
+    return c, samples, toks
+
+
 def run_points(
     store: Any,
     pool: Pool,
@@ -214,7 +271,7 @@ def run_points(
     seed: int = 0,
 ) -> list[RunPoint]:
     """The accuracy a non-fixed run reached at its own cost (see the module docstring): one
-    point for an adaptive or pruned run, two (weighted vote, highest weight) for SMC/search.
+    point for an adaptive, allocated, pruned or short-m@k run, two (weighted vote, highest weight) for SMC/search.
 
     ``pool`` is ``store.pool(...)`` (the verdict set to score with). ``tie`` is the tie rule
     of a pruned run's majority vote (an adaptive run's answer is the one it chose live).
@@ -263,6 +320,9 @@ def run_points(
         correct["majority"] = c
         detail["rule"] = (store.manifest.get("pruning") or {}).get("rule")
         detail["tie"] = tie
+    elif kind == "shortmk":
+        c, samples, toks = _shortmk_point(store, pool, ids, toks, detail)
+        correct["majority"] = c
     else:  # adaptive, allocated: the answer the run chose over the samples it used
         if kind == "adaptive":
             from ttscale.samplers.adaptive import read_decisions

@@ -159,6 +159,10 @@ class Completion:
     * ``discarded_tokens``: tokens the engine generated for this sample that are not in
       ``token_ids`` (the rest of a chunk after an abort in chunked generation); counted in the
       compute spent, never in the text.
+    * ``self_certainty``: the exact self-certainty of the generated tokens (mean ``KL(U || p_i)``
+      over the full raw next-token distributions, :mod:`ttscale.select.certainty`), from engines
+      that see every distribution and were asked for it (``HFEngine(self_certainty=True)``);
+      stored as the sample's ``scores["self_certainty"]``.
     """
 
     problem_id: str
@@ -177,6 +181,7 @@ class Completion:
     target_logprobs: tuple[float, ...] | None = None
     proposal_logprobs: tuple[float, ...] | None = None
     discarded_tokens: int = 0
+    self_certainty: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.problem_id, str) or not self.problem_id:
@@ -313,6 +318,8 @@ class Sample:
 
     @classmethod
     def from_completion(cls, c: Completion, **extra: Any) -> Sample:
+        if c.self_certainty is not None:
+            extra["scores"] = {**dict(extra.get("scores") or {}), "self_certainty": c.self_certainty}
         return cls(
             problem_id=c.problem_id,
             index=c.index,

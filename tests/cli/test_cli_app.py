@@ -62,7 +62,7 @@ def test_usage_lines_name_arguments_in_capitals(args, usage):
 def test_commands_are_listed_in_workflow_order():
     r = runner.invoke(app, ["--help"])
     listed = re.findall(r"^  ([a-z-]+) ", r.output.split("Commands:")[1], flags=re.M)
-    assert listed == ["sample", "run", "smc", "demo", "verify", "curve", "replay", "fit", "verifier-utility",
+    assert listed == ["sample", "run", "smc", "demo", "verify", "certainty", "curve", "replay", "fit", "verifier-utility",
                       "import", "export", "info", "check", "merge", "bench", "serve"]
 
 

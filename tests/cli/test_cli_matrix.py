@@ -29,9 +29,10 @@ HF = ["--engine", "hf", "--benchmark", "arith", "--no-progress", "--limit", "3",
 STEP = ["--particles", "4", "--potential", "arith-prm", "--tokens-per-step", "4", "--max-tokens", "40"]
 ADAPTIVE_RULE = "beta:0.8"
 PRUNE_RULE = "lowprob:threshold=-0.3,min_tokens=4"
+SHORT_RULE = "short-3@k"
 
 FIXED_KINDS = ("fixed", "extended", "imported", "merged")
-POINT_KINDS = ("adaptive", "pruned", "smc", "search", "search-dvts")  # search: beam, then DVTS
+POINT_KINDS = ("adaptive", "pruned", "shortmk", "smc", "search", "search-dvts")  # search: beam, then DVTS
 KINDS = FIXED_KINDS + POINT_KINDS
 
 
@@ -66,6 +67,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ok("verify", out["adaptive"])
     ok("sample", *HF, "--n", "4", "--prune", PRUNE_RULE, "--out", out["pruned"])
     ok("verify", out["pruned"])
+    ok("sample", *HF, "--n", "4", "--adaptive", SHORT_RULE, "--out", out["shortmk"])
+    ok("verify", out["shortmk"])
     ok("smc", *HF, *STEP, "--out", out["smc"])
     ok("smc", *HF, *STEP, "--search", "beam", "--width", "2", "--out", out["search"])
     ok("smc", *HF, *STEP, "--search", "dvts", "--width", "2", "--out", out["search-dvts"])
@@ -145,6 +148,18 @@ def point_expected(run: Path, kind: str) -> dict[str, float]:
         acc = np.mean([vote([x for x in r if x["fate"] in (None, "kept")], "expected")
                        for r in per.values()])  # fmt: skip
         return {"majority": acc, "samples": sum(map(len, per.values())) / P, "tokens": tokens}
+    if kind == "shortmk":
+        rows = {
+            json.loads(ln)["problem_id"]: json.loads(ln)
+            for ln in (run / "shortmk.jsonl").read_text().splitlines()
+        }
+        # majority among the traces the run chose, ties to the shortest (the first of them in
+        # finish order); cost: the k traces started and every token, the aborted ones' included
+        acc = np.mean([vote([{x["index"]: x for x in r}[i] for i in rows[p]["chosen"]], "first")
+                       for p, r in per.items()])  # fmt: skip
+        assert all(len(r) == rows[p]["finished"] >= 3 for p, r in per.items())
+        aborted = sum(r["aborted_tokens"] for r in rows.values()) / P
+        return {"majority": acc, "samples": 4.0, "tokens": tokens + aborted}
     wv, mw = [], []
     for r in per.values():
         kept = [x for x in r if x["fate"] in (None, "kept")]
@@ -237,8 +252,10 @@ def test_fit(runs: dict[str, Path], kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_replay(runs: dict[str, Path], kind: str) -> None:
     run = runs[kind]
-    if kind in ("pruned", "smc", "search", "search-dvts"):
+    if kind in ("pruned", "shortmk", "smc", "search", "search-dvts"):
         refused("replay", run, "--rule", "beta:0.9", needles=("does not apply", f"ttscale curve {run}"))
+        if kind == "shortmk":
+            refused("replay", run, "--rule", SHORT_RULE, needles=("does not apply", "first"))
         return
     if kind == "adaptive":
         # its own rule replayed in index order reproduces the live run on every problem
@@ -268,8 +285,8 @@ def test_info(runs: dict[str, Path], kind: str) -> None:
         return
     check_points(d["own_result"], run, kind)
     text = ok("info", run).stdout
-    rule = {"adaptive": "beta:threshold=0.8", "pruned": PRUNE_RULE, "smc": "SMC", "search": "beam",
-            "search-dvts": "dvts"}[kind]
+    rule = {"adaptive": "beta:threshold=0.8", "pruned": PRUNE_RULE, "shortmk": "short-3@k, k = 4",
+            "smc": "SMC", "search": "beam", "search-dvts": "dvts"}[kind]
     assert rule in text and "result (" in text
 
 
@@ -293,8 +310,9 @@ def test_merge_check_verify(runs: dict[str, Path], kind: str, tmp_path: Path) ->
     n = len(SampleStore.open(run))
     ok("merge", tmp_path / "m", run)
     assert len(SampleStore.open(tmp_path / "m")) == n
-    if kind == "adaptive":  # the stopping record travels with the samples
-        assert (tmp_path / "m" / "adaptive.jsonl").read_text() == (run / "adaptive.jsonl").read_text()
+    if kind in ("adaptive", "shortmk"):  # the stopping record travels with the samples
+        name = f"{kind}.jsonl"
+        assert (tmp_path / "m" / name).read_text() == (run / name).read_text()
     b = json.loads(ok("curve", tmp_path / "m", "--json", "--n-boot", "10").stdout)
     if kind in FIXED_KINDS:
         assert b["methods"]["coverage"]["mean"] == pytest.approx(fixed_expected(run)["coverage"], abs=1e-12)
@@ -397,3 +415,15 @@ def test_python_api_refuses_k_sample_estimators_on_an_adaptive_pool(runs: dict[s
         with pytest.raises(ConfigError, match="adaptive"):
             call()
     assert SampleStore.open(runs["fixed"]).pool().meta["run_kind"] == "fixed"
+
+
+def test_python_api_refuses_k_sample_estimators_on_a_short_m_at_k_pool(runs: dict[str, Path]) -> None:
+    from ttscale.analysis import compute_curves
+    from ttscale.errors import ConfigError
+    from ttscale.select.shortmk import replay_short
+
+    pool = SampleStore.open(runs["shortmk"]).pool()
+    assert not pool.iid and pool.meta["run_kind"] == "shortmk"
+    for call in (lambda: compute_curves(pool, ["majority"], [1]), lambda: replay_short(pool, SHORT_RULE)):
+        with pytest.raises(ConfigError, match=r"short-m@k|not"):
+            call()

@@ -134,9 +134,3 @@ def test_replay_short_m_at_k_by_hand(pool_run: Path) -> None:
 def test_replay_short_errors_are_one_line(pool_run: Path, args: list[str], msg: str) -> None:
     r = invoke("replay", str(pool_run), *args)
     assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output
-
-
-def test_sample_adaptive_short_points_to_replay(tmp_path: Path) -> None:
-    r = invoke("sample", "--benchmark", "arith", "--n", "4", "--out", str(tmp_path / "o"),
-               "--adaptive", "short-3@k")  # fmt: skip
-    assert r.exit_code == 1 and "ttscale replay RUN --rule short-3@k" in r.output

@@ -59,6 +59,9 @@ def _same(got: Completion, want: Completion) -> None:
         assert (a is None) == (b is None)
         if a is not None and b is not None:
             assert a == pytest.approx(b, abs=1e-5)
+    assert (got.self_certainty is None) == (want.self_certainty is None)
+    if got.self_certainty is not None:
+        assert got.self_certainty == pytest.approx(want.self_certainty, abs=1e-6)
     assert (got.top_logprobs is None) == (want.top_logprobs is None)
     for ta, tb in zip(got.top_logprobs or (), want.top_logprobs or (), strict=True):
         assert ta.keys() == tb.keys()
@@ -92,6 +95,7 @@ def test_loop_returns_what_generate_returns(hf: HFEngine, mode: str, kw: dict[st
     """Requests join the running batch at different times and come back as generate's."""
     params = SamplingParams(max_tokens=16, seed=5, **kw)
     hf.logprob_mode = mode
+    hf.self_certainty = mode == "processed_logprobs"  # the loop's completions carry it too
     try:
         want = hf.generate(REQS, params)
         loop = hf.open_loop(params)
@@ -107,6 +111,7 @@ def test_loop_returns_what_generate_returns(hf: HFEngine, mode: str, kw: dict[st
         _drain(loop, got)
     finally:
         hf.logprob_mode = "raw_logprobs"
+        hf.self_certainty = False
     for t, w in zip(tickets, want, strict=True):
         assert len(got[t]) == len(w)
         for g, c in zip(got[t], w, strict=True):

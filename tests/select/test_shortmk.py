@@ -4,6 +4,7 @@ the live program on the engine loop against the replay of the fixed-k run with t
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import pytest
 from ttscale.engines import GenerationRequest, ScriptedEngine
 from ttscale.errors import ConfigError
 from ttscale.samplers import RepeatedSampler
-from ttscale.samplers.shortmk import ShortMKSampler
+from ttscale.samplers.shortmk import ShortMKSampler, read_short_decisions
 from ttscale.select.shortmk import ShortMK, finish_order, parse_short, replay_short, short_mk
+from ttscale.store import SampleStore
 from ttscale.store.pool import Pool
 from ttscale.types import Completion, Problem, SamplingParams
 
@@ -153,19 +155,14 @@ def test_live_equals_replay_of_the_fixed_run_and_counts_aborted_tokens(rule: str
         assert d.finished + d.aborted == k
 
 
-def test_live_refuses_a_sink_and_a_too_small_budget(tmp_path: object) -> None:
-    from ttscale.store import SampleStore
-
+def test_live_refuses_a_too_small_budget() -> None:
     s = ShortMKSampler(ScriptedEngine(_script), PARAMS, "short-3@k", _last)
     with pytest.raises(ConfigError, match="at least 3"):
         list(s.sample(PROBLEMS, 2))
-    store = SampleStore.create(tmp_path / "run", {"model": "toy"})  # type: ignore[operator]
-    with pytest.raises(ConfigError, match="not stored yet"):
-        s.sample(PROBLEMS, 8, sink=store)
 
 
 @pytest.mark.slow
-def test_live_equals_replay_on_the_tiny_model_in_vllm(vllm_engine: object) -> None:
+def test_live_equals_replay_on_the_tiny_model_in_vllm(vllm_engine: object, tmp_path: Path) -> None:
     """On vLLM a problem's k traces decode side by side: the first m to finish are the m
     shortest, so the live choice is the index-order replay's of the fixed-k run (same seed)."""
     params = SamplingParams(temperature=1.0, max_tokens=48, seed=11, stop=("9",))
@@ -173,7 +170,8 @@ def test_live_equals_replay_on_the_tiny_model_in_vllm(vllm_engine: object) -> No
     k = 6
     full = list(RepeatedSampler(vllm_engine, params, progress=False).sample(probs, k))  # type: ignore[arg-type]
     s = ShortMKSampler(vllm_engine, params, "short-3@k", _last)  # type: ignore[arg-type]
-    live = list(s.sample(probs, k))
+    sink = SampleStore.create(tmp_path / "run", {"model": "tiny"})
+    live = list(s.sample(probs, k, sink=sink))
     lengths = [[c.completion.num_tokens for c in f.candidates] for f in full]
     assert any(len(set(x)) > 1 for x in lengths)  # the traces differ in length
     for res, d, f in zip(live, s.decisions, full, strict=True):
@@ -183,3 +181,10 @@ def test_live_equals_replay_on_the_tiny_model_in_vllm(vllm_engine: object) -> No
         assert [c.completion.token_ids for c in res.candidates] == [comps[i].token_ids for i in o.chosen]
         assert res.generated_tokens <= o.full_tokens
     assert any(d.aborted_tokens for d in s.decisions)  # traces were stopped early
+    # the stored run: its rows are the live decisions, its traces the fixed run's of their seeds
+    rows = read_short_decisions(sink.path)
+    assert [(tuple(r["chosen"]), r["answer"]) for r in rows] == [(d.chosen, d.answer) for d in s.decisions]
+    fixed = {(c.completion.problem_id, c.completion.index): c.completion.token_ids for f in full for c in f.candidates}
+    stored = list(SampleStore.open(sink.path).samples())
+    assert len(stored) == sum(r["finished"] for r in rows)
+    assert all(list(x.token_ids or []) == list(fixed[x.key]) for x in stored)

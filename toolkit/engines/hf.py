@@ -150,6 +150,7 @@ class _Row:
     target: list[float] = field(default_factory=list)
     proposal: list[float] = field(default_factory=list)
     tops: list[dict[int, float]] = field(default_factory=list)
+    certainty: list[float] = field(default_factory=list)  # per-position KL(U || p), if asked
     checked: int = 0  # characters of decoded text already searched for stop strings
     done: bool = False
     text: str | None = None
@@ -421,6 +422,9 @@ class _Batch:
         torch = _import_torch()
         eng, dev, rows = self.engine, self.engine.device, self.rows
         raw = torch.log_softmax(self.logits.to(torch.float64), dim=1)
+        # exact self-certainty needs the whole distribution, which only this loop has:
+        # KL(U || p) = -log V - mean_j log p_j over the logits' V entries (raw, untempered)
+        cert = (-math.log(raw.shape[1]) - raw.mean(dim=1)).tolist() if eng.self_certainty else None
         early = None
         if params.min_tokens:
             early = [r is not None and len(r.token_ids) < params.min_tokens for r in rows]
@@ -456,6 +460,8 @@ class _Batch:
             row.logprobs.append(float(chosen_lp[b]))
             row.target.append(float(raw_lp[b]))
             row.proposal.append(float(proc_lp[b]))
+            if cert is not None:
+                row.certainty.append(float(cert[b]))
             if k:
                 top = dict(zip(top_i[b], top_v[b], strict=True))
                 top[tok] = float(chosen_lp[b])
@@ -529,6 +535,9 @@ class HFEngine:
     busy machine OpenMP threads that outnumber free cores are many times slower). Threads are
     a process-wide torch setting. ``logprob_mode``: ``"raw_logprobs"`` (the model's distribution,
     vLLM's default) or ``"processed_logprobs"`` (after temperature, min-p, top-k, top-p).
+    ``self_certainty``: give every completion its exact self-certainty, from the full raw
+    distribution of each generated token (:attr:`Completion.self_certainty`; a mean over the
+    vocabulary per decoded token, small next to the forward pass).
     ``chat_template`` overrides the tokenizer's template for ``messages`` requests.
     Samples are reproducible per seed; batch composition can move float32 logits by ~1e-6, which
     in rare near-ties can change a sampled token.
@@ -549,6 +558,7 @@ class HFEngine:
         dtype: str = "auto",
         batch_size: int | None = None,
         logprob_mode: str = "raw_logprobs",
+        self_certainty: bool = False,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         threads: int | None = None,
@@ -591,6 +601,7 @@ class HFEngine:
         self.dtype = dtype
         self.batch_size = batch_size
         self.logprob_mode = logprob_mode
+        self.self_certainty = bool(self_certainty)
         self._transformers_version = transformers.__version__
         self._torch_version = torch.__version__
         t0 = time.perf_counter()
@@ -785,6 +796,7 @@ class HFEngine:
             prompt_token_ids=tuple(row.prompt),
             target_logprobs=tuple(row.target) if want else None,
             proposal_logprobs=tuple(row.proposal) if want else None,
+            self_certainty=math.fsum(row.certainty) / len(row.certainty) if row.certainty else None,
         )
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -890,6 +902,7 @@ class HFEngine:
             "threads": self.threads,
             "batch_size": self.batch_size,
             "logprob_mode": self.logprob_mode,
+            **({"self_certainty": True} if self.self_certainty else {}),
         }
 
     def close(self) -> None:

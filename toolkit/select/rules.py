@@ -15,7 +15,8 @@ A selection rule turns one problem's samples into one answer. Every place that n
 * ``deepconf``: deepconf_vote / deepconf_vote_labels; top-k log-probs (selection@k through a
   ``Selector``, see :func:`ttscale.analysis.compute_curves`);
 * ``self_certainty`` / ``self_certainty_borda``: best-of-N / Borda vote by self-certainty
-  (:mod:`ttscale.select.certainty`); top-k log-probs and the model's vocabulary size;
+  (:mod:`ttscale.select.certainty`); the exact values a run stores (``ttscale certainty``,
+  ``sample --self-certainty``), else top-k log-probs and the model's vocabulary size;
 * ``cisc`` / ``cisc_score``: CISC (:mod:`ttscale.select.cisc`), confidence = response
   probability (mean log-probs) / a score such as the yes/no judge's P(True).
 
@@ -130,13 +131,13 @@ _RULE_LIST = (
     Rule(
         "self_certainty", sc.self_certainty_best, sc.self_certainty_best_labels,
         ("answers", "top_logprobs"),
-        "best-of-N by self-certainty (Kang et al.; top-k approximation from stored top logprobs)",
+        "best-of-N by self-certainty (Kang et al.; exact where stored, else top-k approximation)",
         "self-certainty", closed_form_ties=("expected", "first"), at_k=False,
     ),
     Rule(
         "self_certainty_borda", sc.self_certainty_borda, sc.self_certainty_borda_labels,
         ("answers", "top_logprobs"),
-        "Borda vote ranked by self-certainty, weight (N-r+1)^0.5 (Kang et al.; needs top logprobs)",
+        "Borda vote ranked by self-certainty, weight (N-r+1)^p, p=0.5 (Kang et al.; --borda-power)",
         "self-certainty Borda", at_k=False,
     ),
     Rule(

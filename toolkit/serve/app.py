@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from numpy.typing import NDArray
 
 from ttscale.engines.base import Engine, GenerationRequest
 from ttscale.errors import ConfigError, TtscaleError
@@ -107,6 +108,8 @@ class _Service:
         self.metrics = _Metrics()
         self._verifiers: dict[str, Any] = {}
         self._adaptive: dict[tuple[str, str], Any] = {}
+        self._shortmk: dict[tuple[str, str], Any] = {}
+        self._vocab: int | None = None
         self._potentials: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -135,8 +138,12 @@ class _Service:
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise RequestError(f"seed must be an integer >= 0, got {seed!r}", param="seed")
             kw["seed"] = seed
-        if spec.strategy == "repeated" and spec.rule.partition(":")[0].strip() == "deepconf":
+        head = spec.rule.partition(":")[0].strip()
+        if spec.strategy == "repeated" and head in ("deepconf", *_CERTAINTY_RULES):
+            # DeepConf's trace confidence and self-certainty read the top-20 log-probs
             kw["logprobs"] = max(base.logprobs or 0, 20)
+        if spec.strategy == "repeated" and head == "cisc" and base.logprobs is None:
+            kw["logprobs"] = 0  # CISC's confidence is the response probability (mean log-prob)
         if spec.strategy == "adaptive" and spec.rule.partition(":")[0].strip().lower() == "deepconf":
             kw["logprobs"] = max(base.logprobs or 0, 20)
         if spec.strategy == "pruning":
@@ -203,6 +210,56 @@ class _Service:
             with self._lock:
                 self._adaptive[key] = s
         return s
+
+    def shortmk(self, rule: str, verifier: str, params: SamplingParams) -> Any:
+        """The short-m@k sampler of ``rule`` answering with ``verifier`` (shared by requests)."""
+        from ttscale.samplers.adaptive import verifier_answers
+        from ttscale.samplers.shortmk import ShortMKSampler
+
+        key = (rule, verifier)
+        with self._lock:
+            s = self._shortmk.get(key)
+        if s is None:
+            s = ShortMKSampler(
+                self.engine, params, rule, verifier_answers(self.verifier(verifier)), chat=False,
+                batch_size=self.config.max_sequences, progress=False, manifest={"engine": "serve"},
+            )  # fmt: skip
+            with self._lock:
+                s = self._shortmk.setdefault(key, s)
+        return s
+
+    def vocab_size(self, rule: str) -> int:
+        """The model's vocabulary size (self-certainty's ``V``): the engine's ``vocab_size``,
+        vLLM's model config, or a transformers model's ``config.vocab_size`` (as
+        :func:`ttscale.select.certainty.run_certainties` reads it from ``config.json``)."""
+        if self._vocab is None:
+            e = self.engine
+            v = getattr(e, "vocab_size", None)
+            v = v() if callable(v) else v
+            if v is None and callable(getattr(e, "_vocab_size", None)):
+                v = e._vocab_size()  # vLLM
+            if v is None:
+                v = getattr(getattr(getattr(e, "model", None), "config", None), "vocab_size", None)
+            if not isinstance(v, int) or v < 2:
+                raise RequestError(
+                    f"rule {rule!r} needs the model's vocabulary size, and engine "
+                    f"{type(e).__name__} does not give it; use another rule", param="ttscale.rule",
+                )  # fmt: skip
+            self._vocab = int(v)
+        return self._vocab
+
+    def certainties(self, rule: str, cands: Sequence[Completion]) -> NDArray[np.float64]:
+        """Each candidate's self-certainty from its top-20 log-probs (the top-k approximation
+        of :func:`ttscale.select.certainty.self_certainty_topk`; NaN without log-probs), as the
+        library computes it for a stored run."""
+        from ttscale.select.certainty import self_certainty_topk
+
+        v = self.vocab_size(rule)
+        return np.asarray(
+            [np.nan if not c.top_logprobs else self_certainty_topk([dict(p) for p in c.top_logprobs], v)
+             for c in cands],
+            dtype=np.float64,
+        )  # fmt: skip
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -300,6 +357,9 @@ class _Service:
             sampler = self.adaptive(spec.rule, spec.verifier, prep.params)
             problem = Problem(id=prep.pid, prompt=prep.pid)
             inner = sampler.program(problem, 0, spec.budget, prep.params, {})
+        elif spec.strategy == "shortmk":
+            short = self.shortmk(spec.rule, spec.verifier, prep.params)
+            inner = short.program(Problem(id=prep.pid, prompt=prep.pid), short.rule.size(spec.budget))
         elif spec.strategy == "pruning":
             pruner = prep.sampler
             problem = Problem(id=prep.pid, prompt=prep.pid)
@@ -333,6 +393,11 @@ class _Service:
             res, decision = out.result
             cands = [c.completion for c in res.candidates]
             why = decision.reason
+        elif spec.strategy == "shortmk" and out.result is not None:
+            # the first m to finish, in finish order (the vote's tie goes to the shortest)
+            res, decision = out.result
+            cands = [c.completion for c in res.candidates]
+            why = f"first {decision.m} of {decision.k} finished"
         elif spec.strategy == "smc" or spec.strategy in SEARCHES:
             # the final population / pool (these take no limits: their programs always end)
             kept = out.result.kept
@@ -367,7 +432,7 @@ class _Service:
             order, selected_scores = _rank_weighted(answers, log_w, spec.rule)
         else:
             order, selected_scores = self._rank(spec, cands, voting, scores, prep)
-        if spec.strategy == "adaptive" and out.result is not None:
+        if spec.strategy in ("adaptive", "shortmk") and out.result is not None:
             want = out.result[1].answer
             first = [i for i in order if answers[i] == want]
             order = first[:1] + [i for i in order if i not in first[:1]]
@@ -397,6 +462,11 @@ class _Service:
         }
         if spec.strategy == "pruning":
             info["pruned"] = len(pruned_at)
+        if spec.strategy == "shortmk" and out.result is not None:
+            d = out.result[1]
+            info["shortmk"] = {"rule": d.rule, "k": d.k, "m": d.m, "chosen": list(d.chosen),
+                               "finish_order": list(d.finish_order), "finished": d.finished,
+                               "aborted": d.aborted, "aborted_tokens": d.aborted_tokens}  # fmt: skip
         if spec.strategy == "smc":
             info["smc"] = {**prep.sampler.config(), "log_ml": out.result.info.get("log_ml"),
                            "steps": out.result.info.get("steps"), "resampled": out.result.info.get("resampled")}
@@ -455,7 +525,9 @@ class _Service:
             inputs["mean_logprobs"] = np.asarray(
                 [np.nan if c.mean_logprob is None else c.mean_logprob for c in cands], dtype=np.float64
             )
-        if "top_logprobs" in needs:
+        if "top_logprobs" in needs and strat.name in _CERTAINTY_RULES:
+            inputs["top_logprobs"] = self.certainties(strat.name, cands)
+        elif "top_logprobs" in needs:
             from ttscale.samplers.adaptive import deepconf_confidences
 
             inputs["top_logprobs"] = np.asarray(deepconf_confidences()(cands), dtype=np.float64)
@@ -484,6 +556,10 @@ class _Service:
             out.append(i)
             score_of[i] = float(sc[c])
         return out, score_of
+
+
+#: selection rules ranked by self-certainty (their ``top_logprobs`` input is the certainties)
+_CERTAINTY_RULES = ("self_certainty", "self_certainty_borda")
 
 
 def _problem_text(context: Mapping[str, Any]) -> str:

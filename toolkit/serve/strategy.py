@@ -16,7 +16,10 @@ the answer is the majority over the traces it kept), ``smc`` (``budget`` particl
 the potential ``potential``, FK steering as ``ttscale smc`` runs it by default; ``rule``: ``vote``,
 the largest total weight, or ``argmax``, the heaviest particle), ``beam``, ``dvts`` and
 ``best_of_n`` (step-level search of :mod:`ttscale.samplers.search` with width
-:data:`SEARCH_WIDTH`, ranked by the potential; ``rule`` as for ``smc``, over the final pool) and
+:data:`SEARCH_WIDTH`, ranked by the potential; ``rule`` as for ``smc``, over the final pool),
+``shortmk`` (short-m@k, :mod:`ttscale.samplers.shortmk`: ``budget`` traces side by side, the
+request stops when the first ``m`` finish, majority among them, ties to the shortest; ``rule``
+``short-3@k``, ``short-1@k`` or ``short-M@K``) and
 ``none`` (the bare model: plain
 pass-through, ``n`` samples).
 """
@@ -46,7 +49,7 @@ __all__ = [
 SEARCHES = ("beam", "dvts", "best_of_n")
 #: the search width M (beams per kept node, DVTS subtree size), as ``ttscale smc --search``'s default
 SEARCH_WIDTH = 4
-STRATEGIES = ("repeated", "adaptive", "pruning", "smc", *SEARCHES, "none")
+STRATEGIES = ("repeated", "adaptive", "pruning", "shortmk", "smc", *SEARCHES, "none")
 #: strategies of the library that the server does not run yet (a clear 400, not a silent swap)
 NOT_SERVED: tuple[str, ...] = ()
 #: verifier heads a request may name; the others read files, load models or run code, so only
@@ -59,7 +62,7 @@ SMC_RULES = ("vote", "argmax")
 MAX_BUDGET = 1024
 #: the rule a strategy gets when no layer names one
 DEFAULT_RULES = {
-    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "smc": "vote",
+    "repeated": "majority", "adaptive": "beta:0.95", "pruning": "deepconf-online", "shortmk": "short-3@k", "smc": "vote",
     "beam": "vote", "dvts": "vote", "best_of_n": "vote", "none": "majority",
 }
 #: pruning rules a server runs: selfeval scores each trace with extra engine calls from inside
@@ -244,6 +247,10 @@ def check_rule(spec: StrategySpec) -> None:
             from ttscale.select.adaptive import parse_rule
 
             parse_rule(spec.rule).usable(spec.budget)
+        elif spec.strategy == "shortmk":
+            from ttscale.select.shortmk import parse_short
+
+            parse_short(spec.rule).size(spec.budget)
         elif spec.strategy == "pruning":
             from ttscale.samplers.pruning import parse_prune_rule
 

@@ -31,6 +31,7 @@ from ttscale.store.samplestore import (
     MANIFEST_BACKUP,
     PROBLEM_SCHEMA,
     SAMPLE_SCHEMA,
+    SCORE_SCHEMA,
     VERDICT_SCHEMA,
     _brief,
 )
@@ -47,7 +48,7 @@ class Damage:
     """One damaged file: what it is, why it is unreadable, and what brings its content back."""
 
     path: Path
-    kind: str  # manifest | problems | samples | verdicts | accounting | conflict
+    kind: str  # manifest | problems | samples | verdicts | scores | accounting | conflict
     reason: str
     fix: str
     moved_to: Path | None = None  # where --repair put it (None: not moved)
@@ -188,6 +189,16 @@ def check_run(run: str | os.PathLike[str], *, repair: bool = False) -> CheckRepo
             found(f, "verdicts", why,
                   f"`ttscale verify RUN` with verifier {f.parent.name} re-checks its samples")  # fmt: skip
             steps.append(f"ttscale verify {run}")
+
+    # score sets (ttscale certainty): a lost shard is recomputed by the next pass
+    sdir = run / "scores"
+    for f in sorted(sdir.glob("[!.]*/part-*.parquet")) if sdir.is_dir() else []:
+        files += 1
+        why, _ = _parquet_problem(f, SCORE_SCHEMA)
+        if why is not None:
+            found(f, "scores", why,
+                  f"`ttscale certainty RUN --name {f.parent.name}` scores its samples again")  # fmt: skip
+            steps.append(f"ttscale certainty {run} --name {f.parent.name}")
 
     # per-session accounting
     adir = run / "accounting"

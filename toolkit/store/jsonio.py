@@ -75,7 +75,7 @@ _SIDECAR_KEYS = (
     "num_problems", "split", "limit",
     # what kind of run it is: without these an SMC, search, pruning or adaptive run would come
     # back as a fixed-n run, and its particles or cut traces be read as iid draws
-    "iid", "smc", "search", "pruning", "adaptive",
+    "iid", "smc", "search", "pruning", "adaptive", "shortmk",
 )  # fmt: skip
 
 
@@ -314,15 +314,17 @@ def import_jsonl(
         store.update_manifest(**absent)
     if problems:
         store.write_problems(problems)
-    decisions = side.get("adaptive_decisions")
-    if isinstance(decisions, list) and decisions:
-        from ttscale.samplers.adaptive import ADAPTIVE_FILE
+    from ttscale.samplers.adaptive import ADAPTIVE_FILE
+    from ttscale.samplers.shortmk import SHORTMK_FILE
 
-        dest = store.path / ADAPTIVE_FILE
-        if not dest.exists():  # an existing run keeps its own record
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            tmp.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions), encoding="utf-8")
-            tmp.replace(dest)
+    for key, name in (("adaptive_decisions", ADAPTIVE_FILE), ("shortmk_decisions", SHORTMK_FILE)):
+        decisions = side.get(key)
+        if isinstance(decisions, list) and decisions:
+            dest = store.path / name
+            if not dest.exists():  # an existing run keeps its own record
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                tmp.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions), encoding="utf-8")
+                tmp.replace(dest)
     new = 0
     batch: list[Sample] = []
     for s in read_samples_jsonl(path):
@@ -399,6 +401,10 @@ def export_jsonl(
 
         if (st.path / ADAPTIVE_FILE).is_file():  # an adaptive run's per-problem stopping record
             side["adaptive_decisions"] = read_decisions(st.path)
+        from ttscale.samplers.shortmk import SHORTMK_FILE, read_short_decisions
+
+        if (st.path / SHORTMK_FILE).is_file():  # a short-m@k run's choices and aborted tokens
+            side["shortmk_decisions"] = read_short_decisions(st.path)
         mp = Path(manifest_out)
         tmp = mp.with_name(f".{mp.name}.tmp")
         tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")

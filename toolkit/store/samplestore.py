@@ -9,6 +9,9 @@ Layout of a run directory::
       problems.parquet           id, prompt, reference (JSON), meta (JSON)
       samples/part-*.parquet     one row per (problem_id, index)
       verdicts/<verifier>/part-*.parquet   one row per (problem_id, index) checked by that verifier
+      scores/<set>/part-*.parquet          per-sample scores computed after sampling (e.g. exact
+                                 self-certainty from a scoring pass); the set's record (how,
+                                 with which model) is the manifest's ``score_sets``
       accounting/<session>.json  tokens/samples/time of one sampling session (one writer each)
       manifest.backup.json       the last good manifest (``ttscale check --repair`` restores it)
       claims.lock                advisory per-problem claims of concurrent workers (ttscale.store.claims)
@@ -55,7 +58,7 @@ import pyarrow.parquet as pq
 from ttscale.errors import ConfigError, StoreError
 from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
-__all__ = ["SAMPLE_SCHEMA", "VERDICT_SCHEMA", "SampleStore", "merge_runs"]
+__all__ = ["SAMPLE_SCHEMA", "SCORE_SCHEMA", "VERDICT_SCHEMA", "SampleStore", "merge_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,15 @@ VERDICT_SCHEMA = pa.schema(
         ("correct", pa.bool_()),
         ("score", pa.float64()),
         ("detail", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("problem_id", pa.string()),
+        ("index", pa.int64()),
+        ("score", pa.float64()),
         ("meta", pa.string()),
     ]
 )
@@ -1061,6 +1073,112 @@ class SampleStore:
             zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(), strict=True)
         )
 
+    # score sets: per-sample scores computed after sampling -------------------------------------
+
+    def score_sets(self) -> list[str]:
+        """Names of the score sets stored in this run (folders under ``scores/``)."""
+        d = self.path / "scores"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def score_set_record(self, name: str) -> dict[str, Any] | None:
+        """The manifest's record of score set ``name`` (what computed it, and how), if any."""
+        recs = self._manifest.get("score_sets")
+        rec = recs.get(name) if isinstance(recs, dict) else None
+        return json.loads(_dumps(rec)) if isinstance(rec, dict) else None
+
+    def claim_score_set(self, name: str, config: Mapping[str, Any], *, replace: bool = False) -> str:
+        """Bind score set ``name`` to ``config`` (what computes its scores) before writing it.
+
+        Like :meth:`claim_verdicts`: returns ``"new"``, ``"same"`` (the set holds scores of this
+        configuration; they are kept and only missing samples need scoring) or ``"replaced"``
+        (``replace``: the old shards move to ``scores/.replaced/``, never deleted). A set made by
+        another configuration raises :class:`StoreError` otherwise. ``config`` is recorded with
+        its fingerprint under the manifest's ``score_sets``.
+        """
+        self._check_score_name(name)
+        cfg = json.loads(_dumps(dict(config)))
+        fp = hashlib.sha256(_dumps(cfg).encode()).hexdigest()[:16]
+        rec = self.score_set_record(name)
+        has = bool(self._shards(f"scores/{name}"))
+        same = rec is not None and rec.get("fingerprint") == fp
+        if same or not has:
+            status = "same" if same and has else "new"
+        elif not replace:
+            was = (rec or {}).get("config") or "a configuration that was never recorded"
+            raise StoreError(
+                f"score set {name!r} in {self.path} was made by {_dumps(was)}, not {_dumps(cfg)}; "
+                "pass --force to replace it (the old scores are kept under scores/.replaced) or "
+                "--name NAME to store these apart"
+            )
+        else:
+            src = self.path / "scores" / name
+            dest = self.path / "scores" / ".replaced" / f"{name}.{time.time_ns()}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+            log.warning("moved the old scores of %r aside to %s", name, dest.relative_to(self.path))
+            status = "replaced"
+        created = (rec or {}).get("created") if status == "same" else None
+
+        def record(m: dict[str, Any]) -> None:
+            recs = dict(m.get("score_sets") or {})
+            recs[name] = {"config": cfg, "fingerprint": fp, "created": created or _now()}
+            m["score_sets"] = recs
+
+        self.modify_manifest(record)
+        return status
+
+    def _check_score_name(self, name: str) -> None:
+        if not name or "/" in name or name.startswith(".") or not name.isprintable():
+            raise ConfigError(f"invalid score set name {name!r}")
+        if name in self.verifiers():
+            raise ConfigError(
+                f"{name!r} is a verdict set of {self.path}; give the score set another --name"
+            )
+
+    def add_scores(
+        self, name: str, rows: Iterable[tuple[str, int, float, Mapping[str, Any] | None]],
+        *, fingerprint: str | None = None,
+    ) -> int:
+        """Store ``(problem_id, index, score, meta)`` rows of score set ``name`` as one new shard
+        (atomically: a killed writer leaves none of it); returns how many were written. A key
+        scored again overwrites the earlier score on read (the latest shard wins).
+        ``fingerprint`` (the set's, from :meth:`claim_score_set`) guards against writing into a
+        set that another configuration has claimed meanwhile."""
+        self._check_score_name(name)
+        if fingerprint is not None:
+            rec = self.score_set_record(name) or {}
+            if rec.get("fingerprint") != fingerprint:
+                raise StoreError(
+                    f"score set {name!r} in {self.path} belongs to another configuration; use "
+                    "--name NAME to store these apart"
+                )
+        out = [
+            {"problem_id": str(pid), "index": int(idx), "score": float(v),
+             "meta": _dumps(dict(meta)) if meta else None}
+            for pid, idx, v, meta in rows
+        ]  # fmt: skip
+        if not out:
+            return 0
+        d = self.path / "scores" / name
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write_table(d / _shard_name(), pa.Table.from_pylist(out, schema=SCORE_SCHEMA))
+        return len(out)
+
+    def score_table(self, name: str) -> pa.Table:
+        """Score set ``name``: one row per scored ``(problem_id, index)``, sorted by key."""
+        shards = self._shards(f"scores/{name}")
+        if not shards:
+            return SCORE_SCHEMA.empty_table()
+        t = pa.concat_tables([read_parquet(self.path, f, schema=SCORE_SCHEMA) for f in shards])
+        return _sort_dedupe(t, what="scores", hash_col=None)
+
+    def scored_keys(self, name: str) -> set[tuple[str, int]]:
+        """The ``(problem_id, index)`` keys score set ``name`` holds a score for."""
+        t = self.score_table(name)
+        return set(zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(), strict=True))
+
     # analysis view ---------------------------------------------------------------------------
 
     def pool(self, verifier: str | None = None, *, score_names: Sequence[str] | None = None):
@@ -1069,7 +1187,8 @@ class SampleStore:
         ``verifier`` chooses whose answers/correctness to use: ``None`` = the run's recorded
         default verdict set (:meth:`choose_verdicts` says the whole rule; a run with several
         sets and no default raises :class:`ConfigError`). ``pool.meta["verdicts"]`` says which
-        set was used and why. Scores of every verifier are attached as ``scores["<verifier>"]``.
+        set was used and why. Scores of every verifier are attached as ``scores["<verifier>"]``,
+        and those of every score set (``scores/<set>/``) as ``scores["<set>"]``.
         """
         from ttscale.store.pool import Pool
 
@@ -1109,6 +1228,19 @@ class SampleStore:
                 has = pc.is_valid(joined.column("status"))
                 answer = pc.if_else(has, joined.column("answer"), answer)
                 correct = pc.if_else(has, joined.column("correct"), correct)
+        for name in self.score_sets():
+            # a score set (e.g. exact self-certainty from `ttscale certainty`) is a per-sample
+            # score like a verifier's; its name is never a verdict set's (claim_score_set)
+            st = self.score_table(name)
+            if st.num_rows == 0 or name in extra_scores:
+                continue
+            joined = t.select(["problem_id", "index"]).join(
+                st, keys=["problem_id", "index"], join_type="left outer"
+            )
+            joined = joined.take(
+                pc.sort_indices(joined, sort_keys=[("problem_id", "ascending"), ("index", "ascending")])
+            )
+            extra_scores[name] = joined.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
         pool = Pool.from_arrow(
             t,
             answer=answer,
