@@ -1,0 +1,179 @@
+"""Every path that copies a run carries its score sets (``RUN/scores/<set>/``, e.g. the exact
+self-certainty of ``ttscale certainty``): ``export``/``import`` round-trip the values to the bit
+with their record, so ``curve`` still says "exact"; ``merge`` keeps every value and refuses,
+before writing anything, a set name that means two configurations; and ``merge`` carries a
+pruning run's trace logs."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ttscale.cli.app import app
+from ttscale.errors import StoreError
+from ttscale.select.certainty import EXACT, pool_certainties
+from ttscale.store import SampleStore, merge_runs
+from ttscale.types import Problem, Sample
+
+runner = CliRunner()
+CFG = {"kind": "self_certainty", "how": EXACT, "model": "/models/m", "dtype": "float32",
+       "vocab_size": 50, "positions": "generated"}  # fmt: skip
+PIDS = ("p0", "p1", "p2")
+
+
+def _bits(x: float | None) -> bytes | None:
+    return None if x is None else struct.pack("<d", x)
+
+
+def _run(path: Path, indices: range, *, seed: int, cfg: dict | None = CFG, nan_at: tuple | None = None) -> dict:
+    """A run of 3 problems with answers, top log-probs (so the approximation exists too) and
+    a score set ``self_certainty`` of arbitrary float64 values; returns the values by key."""
+    rng = np.random.default_rng(seed)
+    st = SampleStore.create(path, {"model": "m", "benchmark": "b", "sampling": {"n": max(indices) + 1, "seed": 0}})
+    st.write_problems([Problem(id=p, prompt=f"q{p}", reference="1") for p in PIDS])
+    smp = []
+    for p in PIDS:
+        for i in indices:
+            # tokens 1..3 with two listed log-probs each: the top-k approximation is defined
+            top = tuple({1: -0.1 - 0.1 * j, 2: -3.0} for j in range(3))
+            ans = None if (p, i) == nan_at else str(i % 3)  # no value, no answer: never chosen
+            smp.append(Sample(problem_id=p, index=i, text=f"{p}-{i}", answer=ans, correct=i % 3 == 1,
+                              token_ids=(1, 1, 2), token_logprobs=(-0.1, -0.2, -0.3), top_logprobs=top,
+                              num_tokens=3, seed=i))  # fmt: skip
+    st.append(smp)
+    vals: dict[tuple[str, int], float | None] = {}
+    if cfg is not None:
+        st.claim_score_set("self_certainty", cfg)
+        for s in smp:
+            # full-precision values (53 random mantissa bits) so that any rounding shows
+            vals[s.key] = float(rng.random() * 7.0 + 1e-9 * rng.random())
+        if nan_at is not None:
+            vals[nan_at] = None  # a sample without tokens: no value
+        rows = [(p, i, float("nan") if v is None else v, {"tokens": 3}) for (p, i), v in vals.items()]
+        fp = st.score_set_record("self_certainty")["fingerprint"]
+        st.add_scores("self_certainty", rows, fingerprint=fp)
+    return vals
+
+
+def _stored(run: Path, name: str = "self_certainty") -> dict:
+    t = SampleStore.open(run).score_table(name)
+    return dict(zip(zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(), strict=True),
+                    t.column("score").to_pylist(), strict=True))  # fmt: skip
+
+
+def _curve(run: Path) -> dict:
+    r = runner.invoke(app, ["curve", str(run), "--methods", "self_certainty,self_certainty_borda", "--k", "1,4",
+                            "--n-boot", "10", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_export_import_round_trip_keeps_exact_values_to_the_bit(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    vals = _run(src, range(4), seed=1, nan_at=("p1", 2))
+    out = tmp_path / "x.jsonl"
+    r = runner.invoke(app, ["export", str(src), "--out", str(out), "--no-verdicts"])
+    assert r.exit_code == 0, r.output
+    # strict JSON on every line (a NaN is written as null), each sample with its value
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+             for x in out.read_text().splitlines()]  # fmt: skip
+    assert all("self_certainty" in d["score_sets"] for d in lines)
+    r = runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")])
+    assert r.exit_code == 0, r.output
+    back = SampleStore.open(tmp_path / "back")
+    got = _stored(tmp_path / "back")
+    assert got.keys() == vals.keys()
+    assert {k: _bits(v) for k, v in got.items()} == {k: _bits(v) for k, v in vals.items()}
+    assert back.score_set_record("self_certainty") == SampleStore.open(src).score_set_record("self_certainty")
+    assert json.loads(back.score_table("self_certainty").column("meta")[0].as_py()) == {"tokens": 3}
+    # curve reads the imported run's exact values, as it reads the original's
+    a, b = _curve(src), _curve(tmp_path / "back")
+    assert b["meta"]["self_certainty"]["exact"] is True and "score set 'self_certainty'" in b["meta"]["self_certainty"]["source"]
+    assert a["methods"] == b["methods"]
+    # an export made before score sets travelled (no "score_sets" on its lines) still imports,
+    # and curve then says it uses the approximation: the check above can fail
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in d.items() if k != "score_sets"}) + "\n" for d in lines))
+    (tmp_path / "old.jsonl.manifest.json").write_text((tmp_path / "x.jsonl.manifest.json").read_text())
+    assert runner.invoke(app, ["import", str(old), "--out", str(tmp_path / "old")]).exit_code == 0
+    st = SampleStore.open(tmp_path / "old")
+    assert st.score_sets() == [] and "self_certainty" not in st.manifest.get("score_sets", {})
+    assert not pool_certainties(st, st.pool(), vocab_size=50).exact
+    # importing again is a no-op; into a run holding the set from another configuration: refused
+    assert runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")]).exit_code == 0
+    assert len(SampleStore.open(tmp_path / "back").score_table("self_certainty")) == 12
+    other = tmp_path / "other"
+    _run(other, range(4), seed=1, cfg={**CFG, "model": "/models/another"})
+    before = sorted(p.name for p in (other / "scores" / "self_certainty").iterdir())
+    r = runner.invoke(app, ["import", str(out), "--out", str(other)])
+    assert r.exit_code == 1 and "score set 'self_certainty'" in r.output and "new run" in r.output
+    assert sorted(p.name for p in (other / "scores" / "self_certainty").iterdir()) == before
+
+
+def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    va = _run(a, range(0, 4), seed=2)
+    vb = _run(b, range(4, 8), seed=3)
+    r = runner.invoke(app, ["merge", str(tmp_path / "m"), str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    got = _stored(tmp_path / "m")
+    assert {k: _bits(v) for k, v in got.items()} == {k: _bits(v) for k, v in {**va, **vb}.items()}
+    m = SampleStore.open(tmp_path / "m")
+    assert m.score_set_record("self_certainty")["fingerprint"] == SampleStore.open(a).score_set_record("self_certainty")["fingerprint"]
+    assert pool_certainties(m, m.pool()).exact
+    # merging again adds no value twice (and no other)
+    merge_runs(tmp_path / "m", [a, b])
+    assert _stored(tmp_path / "m") == got
+
+    # the same set name made by another model: refused in one line before anything is written
+    c = tmp_path / "c"
+    _run(c, range(8, 10), seed=4, cfg={**CFG, "model": "/models/another"})
+    r = runner.invoke(app, ["merge", str(tmp_path / "m2"), str(a), str(c)])
+    assert r.exit_code == 1 and "score set 'self_certainty'" in r.output and "--name" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m2").exists()
+    with pytest.raises(StoreError, match="nothing was merged"):
+        merge_runs(tmp_path / "m", [c])
+    assert len(SampleStore.open(tmp_path / "m")) == 24  # the target is untouched
+    # a run without the set merges in: the set is kept, incomplete, and the merge says so
+    d = tmp_path / "d"
+    _run(d, range(8, 10), seed=5, cfg=None)
+    merged, _ = merge_runs(tmp_path / "m", [d])
+    assert _stored(tmp_path / "m") == got
+    cert = pool_certainties(merged, merged.pool(), vocab_size=50)
+    assert not cert.exact and "lacks 6 of 30" in str(cert.why)
+
+
+def test_merge_copies_pruning_trace_logs(tmp_path: Path) -> None:
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.samplers.pruning import PruningSampler
+    from ttscale.types import SamplingParams
+
+    problems = [Problem(id=f"t{i}", prompt=f"{i}+{i}=", reference=str(2 * i)) for i in range(4)]
+    params = SamplingParams(max_tokens=40, logprobs=3, seed=1)
+    spec = "deepconf-online:eta=50,warmup=2,window=4"
+
+    def run(path: Path, shard: tuple[int, int] | None) -> Path:
+        sink = SampleStore.create(path, {"model": "toy", "sampling": {"n": 6, "seed": 1}})
+        for _ in PruningSampler(ScriptedEngine(), params, spec).sample(problems, 6, seed=1, sink=sink, shard=shard):
+            pass
+        return path
+
+    whole = run(tmp_path / "whole", None)
+    shards = [run(tmp_path / f"s{i}", (i, 2)) for i in range(2)]
+    assert SampleStore.open(whole).manifest["pruning"]["pruned"] > 0  # something to record
+    merged, _ = merge_runs(tmp_path / "m", shards)
+    want = (whole / "pruning.jsonl").read_text().splitlines()
+    got = (merged.path / "pruning.jsonl").read_text().splitlines()
+    key = lambda x: (json.loads(x)["problem_id"], json.loads(x)["index"])  # noqa: E731
+    assert sorted(got, key=key) == sorted(want, key=key) and len(got) == len(merged)
+    w, g = SampleStore.open(whole).manifest["pruning"], merged.manifest["pruning"]
+    for field in ("rule", "traces", "pruned", "generated_tokens", "thresholds"):
+        assert g[field] == w[field], field
+    assert len(list((merged.path / "pruning").glob("*.jsonl"))) == len(shards)
+    merge_runs(tmp_path / "m", shards)  # again: nothing doubled
+    assert (merged.path / "pruning.jsonl").read_text().splitlines() == got
