@@ -105,8 +105,9 @@ def test_export_import_round_trip_keeps_exact_values_to_the_bit(tmp_path: Path) 
     assert st.score_sets() == [] and "self_certainty" not in st.manifest.get("score_sets", {})
     assert not pool_certainties(st, st.pool(), vocab_size=50).exact
     # importing again is a no-op; into a run holding the set from another configuration: refused
+    shards = sorted((tmp_path / "back" / "scores" / "self_certainty").iterdir())
     assert runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")]).exit_code == 0
-    assert len(SampleStore.open(tmp_path / "back").score_table("self_certainty")) == 12
+    assert sorted((tmp_path / "back" / "scores" / "self_certainty").iterdir()) == shards
     other = tmp_path / "other"
     _run(other, range(4), seed=1, cfg={**CFG, "model": "/models/another"})
     before = sorted(p.name for p in (other / "scores" / "self_certainty").iterdir())
@@ -126,9 +127,11 @@ def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path) 
     m = SampleStore.open(tmp_path / "m")
     assert m.score_set_record("self_certainty")["fingerprint"] == SampleStore.open(a).score_set_record("self_certainty")["fingerprint"]
     assert pool_certainties(m, m.pool()).exact
-    # merging again adds no value twice (and no other)
+    # merging again adds no value twice (and no other), nor a shard
+    shards = sorted((tmp_path / "m" / "scores" / "self_certainty").iterdir())
     merge_runs(tmp_path / "m", [a, b])
     assert _stored(tmp_path / "m") == got
+    assert sorted((tmp_path / "m" / "scores" / "self_certainty").iterdir()) == shards
 
     # the same set name made by another model: refused in one line before anything is written
     c = tmp_path / "c"

@@ -940,11 +940,25 @@ class SampleStore:
         """Store the rows of a score table (:meth:`score_table` of another run) in set ``name``
         as they are: values, nulls and metadata unchanged. Returns how many were written."""
         self._check_score_name(name)
+        table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+        if table.num_rows and self._shards(f"scores/{name}"):
+            # rows stored here already, bit for bit, are not written again (merging or importing
+            # again adds no shard)
+            def rows(t: pa.Table) -> list[tuple[Any, ...]]:
+                sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64).view(np.int64)
+                valid = t.column("score").is_valid().to_numpy(zero_copy_only=False)
+                return list(zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(),
+                                np.where(valid, sc, 0).tolist(), valid.tolist(),
+                                t.column("meta").to_pylist(), strict=True))  # fmt: skip
+
+            have = set(rows(self.score_table(name)))
+            keep = [r not in have for r in rows(table)]
+            table = table.filter(pa.array(keep, type=pa.bool_()))
         if table.num_rows == 0:
             return 0
         d = self.path / "scores" / name
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_table(d / _shard_name(), table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA))
+        _atomic_write_table(d / _shard_name(), table)
         return table.num_rows
 
     def _merge_accounting(self, o: SampleStore) -> None:
