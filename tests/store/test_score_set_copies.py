@@ -151,32 +151,53 @@ def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path) 
     assert not cert.exact and "lacks 6 of 30" in str(cert.why)
 
 
-def test_merge_copies_pruning_trace_logs(tmp_path: Path) -> None:
+def _pruning_run(path: Path, shard: tuple[int, int] | None) -> Path:
+    """A pruning run on the scripted engine (DeepConf online: warm-up traces set a threshold,
+    later traces are cut below it), whole or one shard of two."""
     from ttscale.engines.scripted import ScriptedEngine
     from ttscale.samplers.pruning import PruningSampler
     from ttscale.types import SamplingParams
 
     problems = [Problem(id=f"t{i}", prompt=f"{i}+{i}=", reference=str(2 * i)) for i in range(4)]
     params = SamplingParams(max_tokens=40, logprobs=3, seed=1)
-    spec = "deepconf-online:eta=50,warmup=2,window=4"
+    sink = SampleStore.create(path, {"model": "toy", "sampling": {"n": 6, "seed": 1}})
+    sampler = PruningSampler(ScriptedEngine(), params, "deepconf-online:eta=50,warmup=2,window=4")
+    for _ in sampler.sample(problems, 6, seed=1, sink=sink, shard=shard):
+        pass
+    return path
 
-    def run(path: Path, shard: tuple[int, int] | None) -> Path:
-        sink = SampleStore.create(path, {"model": "toy", "sampling": {"n": 6, "seed": 1}})
-        for _ in PruningSampler(ScriptedEngine(), params, spec).sample(problems, 6, seed=1, sink=sink, shard=shard):
-            pass
-        return path
 
-    whole = run(tmp_path / "whole", None)
-    shards = [run(tmp_path / f"s{i}", (i, 2)) for i in range(2)]
+def _by_key(lines: list[str]) -> list[str]:
+    return sorted(lines, key=lambda x: (json.loads(x)["problem_id"], json.loads(x)["index"]))
+
+
+def test_merge_copies_pruning_trace_logs(tmp_path: Path) -> None:
+    whole = _pruning_run(tmp_path / "whole", None)
+    shards = [_pruning_run(tmp_path / f"s{i}", (i, 2)) for i in range(2)]
     assert SampleStore.open(whole).manifest["pruning"]["pruned"] > 0  # something to record
     merged, _ = merge_runs(tmp_path / "m", shards)
     want = (whole / "pruning.jsonl").read_text().splitlines()
     got = (merged.path / "pruning.jsonl").read_text().splitlines()
-    key = lambda x: (json.loads(x)["problem_id"], json.loads(x)["index"])  # noqa: E731
-    assert sorted(got, key=key) == sorted(want, key=key) and len(got) == len(merged)
+    assert _by_key(got) == _by_key(want) and len(got) == len(merged)
     w, g = SampleStore.open(whole).manifest["pruning"], merged.manifest["pruning"]
     for field in ("rule", "traces", "pruned", "generated_tokens", "thresholds"):
         assert g[field] == w[field], field
     assert len(list((merged.path / "pruning").glob("*.jsonl"))) == len(shards)
     merge_runs(tmp_path / "m", shards)  # again: nothing doubled
     assert (merged.path / "pruning.jsonl").read_text().splitlines() == got
+
+
+def test_export_import_carries_the_pruning_trace_log(tmp_path: Path) -> None:
+    run = _pruning_run(tmp_path / "run", None)
+    out = tmp_path / "p.jsonl"
+    assert runner.invoke(app, ["export", str(run), "--out", str(out), "--no-verdicts"]).exit_code == 0
+    assert runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")]).exit_code == 0
+    back = SampleStore.open(tmp_path / "back")
+    def records(f: Path) -> list[dict]:
+        return [json.loads(x) for x in f.read_text().splitlines()]
+
+    assert records(back.path / "pruning.jsonl") == records(run / "pruning.jsonl")
+    assert back.manifest["pruning"] == SampleStore.open(run).manifest["pruning"]
+    # kept as a session log too: a merge (or a resumed pruning run) rebuilds the same record
+    merged, _ = merge_runs(tmp_path / "m", [back.path])
+    assert records(merged.path / "pruning.jsonl") == records(run / "pruning.jsonl")

@@ -372,6 +372,18 @@ def import_jsonl(
             tmp = dest.with_name(f".{dest.name}.tmp")
             tmp.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions), encoding="utf-8")
             tmp.replace(dest)
+    log_lines = side.get("pruning_log")
+    if isinstance(log_lines, list) and log_lines and not (store.path / "pruning.jsonl").exists():
+        # as the run's session log too, so a resumed pruning run rebuilds pruning.jsonl with them
+        import hashlib
+
+        text = "".join(json.dumps(r) + "\n" for r in log_lines if isinstance(r, dict))
+        tag = hashlib.blake2b(str(side_file).encode(), digest_size=6).hexdigest()
+        (store.path / "pruning").mkdir(exist_ok=True)
+        for dest in (store.path / "pruning" / f"imported-{tag}.jsonl", store.path / "pruning.jsonl"):
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(dest)
     for n, rec in sorted(set_recs.items()):
         store.adopt_score_set(n, rec, source=str(side_file))
     new = 0
@@ -497,6 +509,10 @@ def export_jsonl(
 
         if (st.path / ADAPTIVE_FILE).is_file():  # an adaptive run's per-problem stopping record
             side["adaptive_decisions"] = read_decisions(st.path)
+        if (st.path / "pruning.jsonl").is_file():  # a pruning run's trace log: what was cut, why
+            from ttscale.store.samplestore import read_trace_log
+
+            side["pruning_log"] = read_trace_log(st.path / "pruning.jsonl")
         mp = Path(manifest_out)
         tmp = mp.with_name(f".{mp.name}.tmp")
         tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")

@@ -1655,7 +1655,7 @@ def merge_runs(
     return target, added
 
 
-def _read_trace_log(path: Path) -> list[dict[str, Any]]:
+def read_trace_log(path: Path) -> list[dict[str, Any]]:
     """The lines of a pruning trace log (``pruning.jsonl`` or ``pruning/<session>.jsonl``); a
     line cut by a kill is skipped (its trace was never stored: the sampler redoes it)."""
     out = []
@@ -1683,13 +1683,13 @@ def _merge_pruning_logs(target: SampleStore, srcs: Sequence[SampleStore]) -> Non
         if not logs and (st.path / "pruning.jsonl").is_file():
             logs = [st.path / "pruning.jsonl"]
         for f in logs:
-            lines = [json.dumps(r) for r in _read_trace_log(f)]
+            lines = [json.dumps(r) for r in read_trace_log(f)]
             if f.parent == st.path:  # the run's whole record, under a name of its own here
                 tag = hashlib.blake2b(str(st.path.resolve()).encode(), digest_size=6).hexdigest()
                 out = dest / f"merged-{tag}.jsonl"
             else:
                 out = dest / f.name
-            old = _read_trace_log(out) if out.is_file() else []
+            old = read_trace_log(out) if out.is_file() else []
             have = {json.dumps(r) for r in old}
             new = [x for x in lines if x not in have]
             if not new:
@@ -1702,7 +1702,7 @@ def _merge_pruning_logs(target: SampleStore, srcs: Sequence[SampleStore]) -> Non
         return
     records: dict[tuple[str, int], dict[str, Any]] = {}
     for f in sorted(dest.glob("*.jsonl")):
-        for r in _read_trace_log(f):
+        for r in read_trace_log(f):
             records[(str(r["problem_id"]), int(r["index"]))] = r
     target.refresh()
     stored = target.keys()
