@@ -116,7 +116,7 @@ def test_export_import_round_trip_keeps_exact_values_to_the_bit(tmp_path: Path) 
     assert sorted(p.name for p in (other / "scores" / "self_certainty").iterdir()) == before
 
 
-def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path) -> None:
+def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     va = _run(a, range(0, 4), seed=2)
     vb = _run(b, range(4, 8), seed=3)
@@ -145,7 +145,11 @@ def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path) 
     # a run without the set merges in: the set is kept, incomplete, and the merge says so
     d = tmp_path / "d"
     _run(d, range(8, 10), seed=5, cfg=None)
-    merged, _ = merge_runs(tmp_path / "m", [d])
+    with caplog.at_level("WARNING", logger="ttscale.store.samplestore"):
+        merged, _ = merge_runs(tmp_path / "m", [d])
+    said = [r.getMessage() for r in caplog.records if "score set" in r.getMessage()]
+    assert len(said) == 1 and "'self_certainty'" in said[0] and "24 of 30" in said[0]
+    assert "ttscale certainty" in said[0]
     assert _stored(tmp_path / "m") == got
     cert = pool_certainties(merged, merged.pool(), vocab_size=50)
     assert not cert.exact and "lacks 6 of 30" in str(cert.why)
@@ -185,6 +189,8 @@ def test_merge_copies_pruning_trace_logs(tmp_path: Path) -> None:
     assert len(list((merged.path / "pruning").glob("*.jsonl"))) == len(shards)
     merge_runs(tmp_path / "m", shards)  # again: nothing doubled
     assert (merged.path / "pruning.jsonl").read_text().splitlines() == got
+    r = runner.invoke(app, ["check", str(merged.path)])
+    assert r.exit_code == 0 and "no damage" in r.output
 
 
 def test_export_import_carries_the_pruning_trace_log(tmp_path: Path) -> None:
