@@ -46,15 +46,15 @@ def _run(path: Path, indices: range, *, seed: int, cfg: dict | None = CFG, nan_a
                               token_ids=(1, 1, 2), token_logprobs=(-0.1, -0.2, -0.3), top_logprobs=top,
                               num_tokens=3, seed=i))  # fmt: skip
     st.append(smp)
-    vals: dict[tuple[str, int], float | None] = {}
+    vals: dict[tuple[str, int], float] = {}
     if cfg is not None:
         st.claim_score_set("self_certainty", cfg)
         for s in smp:
             # full-precision values (53 random mantissa bits) so that any rounding shows
             vals[s.key] = float(rng.random() * 7.0 + 1e-9 * rng.random())
         if nan_at is not None:
-            vals[nan_at] = None  # a sample without tokens: no value
-        rows = [(p, i, float("nan") if v is None else v, {"tokens": 3}) for (p, i), v in vals.items()]
+            vals[nan_at] = float("nan")  # a sample without tokens: `ttscale certainty` stores NaN
+        rows = [(p, i, v, {"tokens": 3}) for (p, i), v in vals.items()]
         fp = st.score_set_record("self_certainty")["fingerprint"]
         st.add_scores("self_certainty", rows, fingerprint=fp)
     return vals
@@ -83,6 +83,8 @@ def test_export_import_round_trip_keeps_exact_values_to_the_bit(tmp_path: Path) 
     lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
              for x in out.read_text().splitlines()]  # fmt: skip
     assert all("self_certainty" in d["score_sets"] for d in lines)
+    nan_line = next(d for d in lines if (d["problem_id"], d["index"]) == ("p1", 2))
+    assert nan_line["score_sets"]["self_certainty"] == {"score": None, "meta": {"tokens": 3}}
     r = runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")])
     assert r.exit_code == 0, r.output
     back = SampleStore.open(tmp_path / "back")

@@ -239,7 +239,7 @@ def _parse_score_sets(obj: Mapping[str, Any], lineno: int) -> ScoreSetValues:
         raise DataError(f"line {lineno}: 'score_sets' must be an object of set name -> value")
     out: ScoreSetValues = {}
     for name, v in raw.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        if not name or "/" in name or name.startswith(".") or not name.isprintable():
             raise DataError(f"line {lineno}: invalid score set name {name!r} in 'score_sets'")
         meta = None
         if isinstance(v, dict):  # {"score": x, "meta": {...}}
@@ -395,7 +395,9 @@ def import_jsonl(
             rows = pa.table(
                 {"problem_id": [s.problem_id for s, v in batch if n in v],
                  "index": [s.index for s, v in batch if n in v],
-                 "score": [v[n][0] for _, v in batch if n in v],
+                 # null is how export writes NaN (strict JSON has none): NaN again here, as
+                 # `ttscale certainty` stores it, so the round trip keeps every value's bits
+                 "score": [math.nan if v[n][0] is None else v[n][0] for _, v in batch if n in v],
                  "meta": [_dump_meta(v[n][1]) for _, v in batch if n in v]},
                 schema=SCORE_SCHEMA,
             )  # fmt: skip
