@@ -18,7 +18,7 @@ from ttscale.cli.app import app
 from ttscale.errors import StoreError
 from ttscale.select.certainty import EXACT, pool_certainties
 from ttscale.store import SampleStore, merge_runs
-from ttscale.types import Problem, Sample
+from ttscale.types import Problem, Sample, Verdict, VerdictStatus
 
 runner = CliRunner()
 CFG = {"kind": "self_certainty", "how": EXACT, "model": "/models/m", "dtype": "float32",
@@ -144,6 +144,15 @@ def test_merge_keeps_every_value_and_refuses_two_configurations(tmp_path: Path, 
     with pytest.raises(StoreError, match="nothing was merged"):
         merge_runs(tmp_path / "m", [c])
     assert len(SampleStore.open(tmp_path / "m")) == 24  # the target is untouched
+    # nor may a score set's name be another run's verdict set
+    e = tmp_path / "e"
+    _run(e, range(8, 10), seed=6, cfg=None)
+    SampleStore.open(e).add_verdicts([Verdict(problem_id="p0", index=8, status=VerdictStatus.PASS,
+                                              verifier="self_certainty", answer="2", correct=True)],
+                                     verifier="self_certainty")  # fmt: skip
+    with pytest.raises(StoreError, match="verdict set"):
+        merge_runs(tmp_path / "m", [e])
+    assert len(SampleStore.open(tmp_path / "m")) == 24
     # a run without the set merges in: the set is kept, incomplete, and the merge says so
     d = tmp_path / "d"
     _run(d, range(8, 10), seed=5, cfg=None)
