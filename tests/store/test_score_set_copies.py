@@ -106,6 +106,15 @@ def test_export_import_round_trip_keeps_exact_values_to_the_bit(tmp_path: Path) 
     st = SampleStore.open(tmp_path / "old")
     assert st.score_sets() == [] and "self_certainty" not in st.manifest.get("score_sets", {})
     assert not pool_certainties(st, st.pool(), vocab_size=50).exact
+    # a sidecar whose record was edited (its fingerprint no longer its configuration's): refused
+    # before anything is written
+    side = json.loads((tmp_path / "x.jsonl.manifest.json").read_text())
+    side["manifest"]["score_sets"]["self_certainty"]["config"]["model"] = "/models/edited"
+    (tmp_path / "old.jsonl.manifest.json").write_text(json.dumps(side))
+    (tmp_path / "old.jsonl").write_text(out.read_text())
+    r = runner.invoke(app, ["import", str(tmp_path / "old.jsonl"), "--out", str(tmp_path / "edited")])
+    assert r.exit_code == 1 and "does not match its configuration" in r.output
+    assert not (tmp_path / "edited" / "manifest.json").exists()
     # importing again is a no-op; into a run holding the set from another configuration: refused
     shards = sorted((tmp_path / "back" / "scores" / "self_certainty").iterdir())
     assert runner.invoke(app, ["import", str(out), "--out", str(tmp_path / "back")]).exit_code == 0

@@ -34,7 +34,7 @@ from typing import IO, Any
 import pyarrow as pa
 
 from ttscale.errors import ConfigError, DataError
-from ttscale.store.samplestore import SCORE_SCHEMA, SampleStore
+from ttscale.store.samplestore import SCORE_SCHEMA, SampleStore, check_score_record
 from ttscale.types import Sample
 
 __all__ = [
@@ -349,6 +349,8 @@ def import_jsonl(
     recorded = (side.get("manifest") or {}).get("score_sets")
     set_recs = {n: recorded[n] for n in set_names
                 if isinstance(recorded, dict) and isinstance(recorded.get(n), dict)}  # fmt: skip
+    for n, rec in set_recs.items():
+        check_score_record(n, rec, side_file)
     existed = (Path(out) / "manifest.json").exists()
     if existed:  # checked before anything is written
         old = SampleStore.open(out)

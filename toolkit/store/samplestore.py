@@ -881,8 +881,11 @@ class SampleStore:
                     f"{name!r} is a score set of {other.path} but a verdict set of {self.path}; "
                     "re-score one of them under another --name before merging"
                 )
+            rec = other.score_set_record(name)
+            if rec is not None:
+                check_score_record(name, rec, other.path)
             if other._shards(f"scores/{name}"):
-                self._check_adopt(name, other.score_set_record(name), other.path)
+                self._check_adopt(name, rec, other.path)
         for name in other.verifiers():
             if name in self.score_sets():
                 raise StoreError(
@@ -909,12 +912,7 @@ class SampleStore:
         ``fingerprint``, ``created``), before copying its rows here (merge, import). A set this
         run holds already must have the same fingerprint (:class:`StoreError` otherwise)."""
         self._check_score_name(name)
-        cfg = rec.get("config")
-        if not isinstance(cfg, Mapping) or rec.get("fingerprint") != _score_fingerprint(cfg):
-            raise StoreError(
-                f"the record of score set {name!r} does not match its configuration (edited or "
-                "damaged); score that run again with `ttscale certainty RUN --model PATH --force`"
-            )
+        cfg = check_score_record(name, rec, source)
         self._check_adopt(name, rec, source)
         entry = {"config": json.loads(_dumps(dict(cfg))), "fingerprint": rec["fingerprint"],
                  "created": rec.get("created") or _now()}  # fmt: skip
@@ -1501,6 +1499,19 @@ class SampleStore:
         }
 
 
+def check_score_record(name: str, rec: Mapping[str, Any], where: object) -> Mapping[str, Any]:
+    """The ``config`` of score set ``name``'s record ``rec`` (from run or file ``where``); a
+    record whose fingerprint is not its configuration's (edited, damaged) is a
+    :class:`StoreError`, raised before a copy of the set writes anything."""
+    cfg = rec.get("config")
+    if not isinstance(cfg, Mapping) or rec.get("fingerprint") != _score_fingerprint(cfg):
+        raise StoreError(
+            f"the record of score set {name!r} in {where} does not match its configuration (edited "
+            "or damaged); score that run again with `ttscale certainty RUN --model PATH --force`"
+        )
+    return cfg
+
+
 def _score_fingerprint(config: Mapping[str, Any]) -> str:
     """A score set's fingerprint: 16 hex digits of SHA-256 over its configuration's JSON."""
     return hashlib.sha256(_dumps(json.loads(_dumps(dict(config)))).encode()).hexdigest()[:16]
@@ -1605,6 +1616,8 @@ def merge_runs(
             if not st._shards(f"scores/{name}"):
                 continue
             srec = st.score_set_record(name)
+            if srec is not None:
+                check_score_record(name, srec, st.path)
             sfp = (srec or {}).get("fingerprint")
             scfg = _dumps(srec.get("config")) if srec else "an unrecorded configuration"
             sprev_fp, sprev_cfg, sprev_path = scored_by.setdefault(name, (sfp, scfg, st.path))
