@@ -330,7 +330,7 @@ def test_token_prompts_scoring_and_streaming_on_fake_server(servers) -> None:  #
 @pytest.mark.vllm
 def test_real_server_contract(vllm_server: str) -> None:
     eng = OpenAIEngine("tiny", vllm_server, max_concurrency=4)
-    assert len(check_engine(eng)) == 10
+    assert len(check_engine(eng)) == 11
     fan = OpenAIEngine("tiny", [vllm_server], n_fanout=True)
     check_engine(fan, only=("shapes", "reproducible", "distinct", "explicit_seeds"))
 
