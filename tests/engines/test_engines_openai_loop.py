@@ -104,7 +104,7 @@ def test_the_loop_returns_what_generate_returns(fake) -> None:  # type: ignore[n
         plain = [loop.submit(r) for r in reqs]
         tokens: dict[tuple[int, int], list[int]] = {}
 
-        def record(ev, k):  # type: ignore[no-untyped-def]
+        def record(ev, k, tokens=tokens):  # type: ignore[no-untyped-def]
             tokens.setdefault((k, ev.slot), []).append(ev.token_id)
             return False
 
@@ -305,7 +305,7 @@ def test_samplers_give_the_same_samples_through_the_loop_and_the_batch_fallback(
             _sig(list(pru.sample(PROBLEMS, 6, seed=3))),
         ]
     assert runs["loop"] == runs["batch"]
-    _, adaptive, decisions, pruned = runs["loop"]
+    _, _, decisions, pruned = runs["loop"]
     assert any(stopped for _, _, stopped in decisions) and any(used > 6 for used, _, _ in decisions)
     fates = [c[4] for r in pruned for c in r[2]]
     assert "pruned" in fates and any(f != "pruned" for f in fates), fates
