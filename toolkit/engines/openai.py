@@ -10,6 +10,11 @@ errors fail at once. A request that fails for good stops new work: requests alre
 finish and are delivered (``on_result``), then :class:`~ttscale.engines.base.GenerationError`
 carries every completed request and the finished samples of unfinished ones.
 
+:meth:`OpenAIEngine.open_loop` takes work continuously (:mod:`ttscale.engines.loop`): the same
+calls, sent as requests are submitted from one asyncio thread (one ``httpx.AsyncClient`` for
+the engine's loops, ``max_concurrency`` calls in flight over all of them), with the same retry
+policy; an abort closes the request's connections at once.
+
 Token ids come from vLLM's ``return_tokens_as_token_ids`` (``"token_id:123"`` strings); servers
 that do not support it return token strings, and ``token_ids`` is then ``None``.
 
