@@ -195,6 +195,7 @@ class _Attempts:
         self.max_retries = engine.max_retries if retries is None else retries
         self.attempt = 0
         self.server: int | None = None
+        self.url = ""
         httpx = engine._httpx
         #: what :meth:`failed` handles (anything else propagates at once)
         self.retried: tuple[type[BaseException], ...] = (
@@ -211,7 +212,8 @@ class _Attempts:
         base = eng.base_urls[self.server]
         with eng._lock:
             eng.stats["requests"] += 1
-        return (base.removesuffix("/v1") if self.root else base) + self.path
+        self.url = (base.removesuffix("/v1") if self.root else base) + self.path
+        return self.url
 
     def end(self) -> None:
         eng = self.engine
@@ -222,8 +224,7 @@ class _Attempts:
     def failed(self, e: BaseException) -> float:
         """The delay before the next attempt after ``e``; raises :class:`EngineError` when ``e``
         is not retried (a stream that handed out events) or the attempts are used up."""
-        eng = self.engine
-        url = eng.base_urls[self.server or 0] + self.path
+        eng, url = self.engine, self.url
         if isinstance(e, _Started):
             raise EngineError(f"stream from {url} failed after its first tokens: {e}") from e
         last = e if isinstance(e, _Retryable) else _Retryable(f"{type(e).__name__} talking to {url}: {e}")
@@ -327,14 +328,12 @@ class OpenAIEngine:
         hdrs = {"Content-Type": "application/json", **dict(headers or {})}
         if api_key:
             hdrs["Authorization"] = f"Bearer {api_key}"
-        self._client = httpx.Client(
-            headers=hdrs,
-            timeout=httpx.Timeout(self.timeout),
-            limits=httpx.Limits(max_connections=max_concurrency * len(urls) + 4),
-            transport=transport,
-        )
-        self._transport = transport
         self._limits = httpx.Limits(max_connections=max_concurrency * len(urls) + 4)
+        self._client = httpx.Client(
+            headers=hdrs, timeout=httpx.Timeout(self.timeout), limits=self._limits,
+            transport=transport,
+        )  # fmt: skip
+        self._transport = transport  # for the engine loop's async client (see open_loop)
         self._headers = hdrs
         # the engine loop's event-loop thread and async client, shared by every open loop
         self._runtime: _Runtime | None = None
@@ -593,8 +592,9 @@ class OpenAIEngine:
         stream: Callable[[Any], Any] | None = None,
     ) -> dict:
         """:meth:`_post` on an ``httpx.AsyncClient`` (the engine loop): the same retry policy
-        (:class:`_Attempts`); cancelling the task closes the connection at once, which a vLLM
-        server turns into a request abort. ``stream``: an async reader of the response."""
+        (:class:`_Attempts`); cancelling it (:class:`_Handle`) closes the connection at once,
+        which a vLLM server turns into a request abort. ``stream``: an async reader of the
+        response."""
         plan = _Attempts(self, path, False, None)
         while True:
             url = plan.begin()
