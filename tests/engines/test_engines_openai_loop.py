@@ -295,7 +295,10 @@ def test_samplers_give_the_same_samples_through_the_loop_and_the_batch_fallback(
     runs: dict[str, list[Any]] = {}
     for name, eng in (("loop", loop_eng), ("batch", batch_eng)):
         rep = RepeatedSampler(eng, params, progress=False, batch_size=6)
-        ada = AdaptiveSampler(eng, params, "beta:0.8", _parity, batch_size=6)
+        ada = AdaptiveSampler(eng, params, "beta:0.8", _parity, batch_size=6, ahead=0)
+        # drawing ahead: what was drawn beyond the stop depends on timing, so its tokens may
+        # differ; the kept samples and the decisions do not
+        ahead = AdaptiveSampler(eng, params, "beta:0.8", _parity, batch_size=6, ahead=None)
         # the fake's mean log-prob is -0.25 .. -0.29: this rule prunes some traces mid-stream
         pru = PruningSampler(eng, params, "lowprob:threshold=-0.27,min_tokens=3", progress=False)
         runs[name] = [
@@ -303,9 +306,12 @@ def test_samplers_give_the_same_samples_through_the_loop_and_the_batch_fallback(
             _sig(list(ada.sample(PROBLEMS, 12, seed=2))),
             [(d.used, d.answer, d.stopped) for d in ada.decisions],
             _sig(list(pru.sample(PROBLEMS, 6, seed=3))),
+            [x[:1] + x[2:] for x in _sig(list(ahead.sample(PROBLEMS, 12, seed=2)))],
+            [(d.used, d.answer, d.stopped) for d in ahead.decisions],
         ]
     assert runs["loop"] == runs["batch"]
-    _, _, decisions, pruned = runs["loop"]
+    _, _, decisions, pruned, _, ahead_decisions = runs["loop"]
+    assert ahead_decisions == decisions
     assert any(stopped for _, _, stopped in decisions) and any(used > 6 for used, _, _ in decisions)
     fates = [c[4] for r in pruned for c in r[2]]
     assert "pruned" in fates and any(f != "pruned" for f in fates), fates
