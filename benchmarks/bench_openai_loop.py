@@ -8,8 +8,9 @@ float32, eager, ``--server-block-size``-token KV blocks, prefix caching on) and 
 ``bench_engine_loop``'s part A (repeated, adaptive and pruning samplers with rules that never
 stop or prune, so every sampler generates the same tokens, checked) and, with ``--stepwise``,
 part S (SMC with a zero potential, beam, DVTS) through two engines on the same server: the
-``OpenAIEngine`` and the same engine without its loop. Ratios are tokens/s relative to
-``RepeatedSampler`` in the same repeat, medians over ``--repeats``.
+``OpenAIEngine`` ("after") and the same engine without its loop ("before"), every arm of both
+interleaved within a repeat. Ratios are tokens/s relative to ``RepeatedSampler`` on the same
+engine in the same repeat, and after over before per sampler; medians over ``--repeats``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_openai_loop.py --problems 32 --n 8 --repeats 3 \\
         --stepwise
@@ -23,6 +24,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +33,99 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, resolve_model
-from bench_engine_loop import part_a, part_s
+from bench_engine_loop import _answers, _timed
+
+
+def _arms(engine: Any, args: argparse.Namespace, stepwise: bool) -> dict[str, Any]:
+    """The samplers of ``bench_engine_loop``'s part A (or, ``stepwise``, part S) on ``engine``."""
+    from ttscale.samplers import AdaptiveSampler, PruningSampler, RepeatedSampler
+    from ttscale.samplers.search import SearchSampler
+    from ttscale.samplers.smc import SMCSampler
+    from ttscale.types import SamplingParams
+
+    if not stepwise:
+        # logprobs for every sampler: the pruning rule reads them, and the work must be the same
+        params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, logprobs=0)
+        answers = _answers()
+        return {
+            "repeated": lambda: RepeatedSampler(engine, params, progress=False),
+            "adaptive ahead=0 (fixed)": lambda: AdaptiveSampler(
+                engine, params, "fixed", answers, ahead=0
+            ),
+            "adaptive ahead=auto (fixed)": lambda: AdaptiveSampler(
+                engine, params, "fixed", answers, ahead=None
+            ),
+            "pruning (lowprob:-1e9: never prunes)": lambda: PruningSampler(
+                engine, params, "lowprob:threshold=-1000000000,min_tokens=1", progress=False
+            ),
+        }
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed)
+
+    def zero(problem: Any, texts: Any, finished: Any) -> list[float]:
+        return [0.0] * len(texts)
+
+    def search(kind: str) -> Any:
+        return SearchSampler(engine, zero, params, search=kind, width=args.width,
+                             max_tokens=args.max_tokens, max_steps=args.max_steps)  # fmt: skip
+
+    return {
+        "repeated": lambda: RepeatedSampler(engine, params, progress=False),
+        "smc (zero potential, steps at \\n)": lambda: SMCSampler(
+            engine, zero, params, step_stop=("\n",), tokens_per_step=args.max_tokens,
+            max_steps=args.max_steps, progress=False,
+        ),
+        f"beam (width {args.width})": lambda: search("beam"),
+        f"dvts (width {args.width})": lambda: search("dvts"),
+    }
+
+
+def part(engines: dict[str, Any], args: argparse.Namespace, stepwise: bool) -> dict[str, Any]:
+    """Every sampler on every engine, interleaved within each repeat (the order alternates
+    between repeats): tokens/s relative to ``RepeatedSampler`` on the same engine in the same
+    repeat, and each arm's tokens/s after relative to before."""
+    from ttscale.evals import load_problems
+
+    problems = load_problems("arith", limit=args.problems)
+    arms = {(mode, name): make for mode, eng in engines.items()
+            for name, make in _arms(eng, args, stepwise).items()}  # fmt: skip
+    for eng in engines.values():  # warm-up (server caches, connections), another seed
+        list(_arms(eng, args, False)["repeated"]().sample(problems[:2], 2, seed=args.seed + 1))
+    rows: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        order = list(arms) if r % 2 == 0 else list(reversed(arms))
+        got = {}
+        for key in order:
+            wall, tokens, _, _ = _timed(arms[key](), problems, args.n, args.seed)
+            got[key] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall}
+        for (mode, name), x in got.items():
+            base = got[(mode, "repeated")]
+            if not stepwise and x["tokens"] != base["tokens"]:
+                raise SystemExit(f"{mode} {name}: {x['tokens']} tokens, repeated {base['tokens']}")
+            x["ratio"] = x["tps"] / base["tps"]
+        rows.append({"repeat": r, **{f"{m} | {n}": v for (m, n), v in got.items()}})
+        for mode in engines:
+            print(f"  {'S' if stepwise else 'A'} repeat {r} {mode}: " + ", ".join(
+                f"{n.split(' (')[0]} {got[(mode, n)]['tps']:,.0f} tok/s ({got[(mode, n)]['ratio']:.2f})"
+                for (m, n) in arms if m == mode
+            ), flush=True)  # fmt: skip
+    keys = [f"{m} | {n}" for m, n in arms]
+    modes = list(engines)
+    names = [n for m, n in arms if m == modes[0]]
+    return {
+        "part": "S" if stepwise else "A",
+        "problems": len(problems),
+        "n": args.n,
+        "tokens": {k: rows[0][k]["tokens"] for k in keys},
+        "median_ratio": {k: statistics.median(row[k]["ratio"] for row in rows) for k in keys},
+        "median_tps": {k: statistics.median(row[k]["tps"] for row in rows) for k in keys},
+        "median_after_over_before_tps": {
+            n: statistics.median(
+                row[f"{modes[1]} | {n}"]["tps"] / row[f"{modes[0]} | {n}"]["tps"] for row in rows
+            )
+            for n in names
+        },
+        "repeats": rows,
+    }
 
 
 def _free_port() -> int:
@@ -122,19 +216,19 @@ def main() -> None:
     }
     proc, url = _start_server(model, args, tmp / "vllm-server.log")
     print(f"vLLM server at {url} (log {tmp / 'vllm-server.log'})", flush=True)
+    engines = {
+        label: cls("bundled", url, max_concurrency=args.concurrency, token_prompts=True,
+                   tokenizer=model, timeout=600.0)
+        for label, cls in (("before", BatchOnly), ("after", OpenAIEngine))
+    }
     try:
-        for label, cls in (("openai before (batch fallback)", BatchOnly),
-                           ("openai after (open_loop)", OpenAIEngine)):  # fmt: skip
-            engine = cls("bundled", url, max_concurrency=args.concurrency, token_prompts=True,
-                         tokenizer=model, timeout=600.0)  # fmt: skip
-            try:
-                if not args.skip_a:
-                    out["parts"].append({"part": "A", **part_a(label, engine, args)})
-                if args.stepwise:
-                    out["parts"].append({"part": "S", **part_s(label, engine, args)})
-            finally:
-                engine.close()
+        if not args.skip_a:
+            out["parts"].append(part(engines, args, stepwise=False))
+        if args.stepwise:
+            out["parts"].append(part(engines, args, stepwise=True))
     finally:
+        for eng in engines.values():
+            eng.close()
         _stop(proc)
     text = json.dumps(out, indent=1, default=str)
     print(text)

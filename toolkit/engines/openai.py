@@ -328,7 +328,10 @@ class OpenAIEngine:
         hdrs = {"Content-Type": "application/json", **dict(headers or {})}
         if api_key:
             hdrs["Authorization"] = f"Bearer {api_key}"
-        self._limits = httpx.Limits(max_connections=max_concurrency * len(urls) + 4)
+        # every connection may stay open between calls (httpx keeps 20 by default): with more
+        # calls in flight than that, the rest would be closed and opened again for each call
+        conns = max_concurrency * len(urls) + 4
+        self._limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
         self._client = httpx.Client(
             headers=hdrs, timeout=httpx.Timeout(self.timeout), limits=self._limits,
             transport=transport,
