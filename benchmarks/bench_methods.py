@@ -24,9 +24,12 @@ SmolLM2-135M-Instruct on GSM8K; see RESULTS.md for the commands). On it:
 Accuracy and tokens per problem get 95% percentile-bootstrap CIs over problems.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_methods.py --problems 200 --n 16 \\
-        --prune selfeval-top:checkpoint=12,keep=0.5 \\
+        --prune selfeval-top:checkpoint=12,keep=0.5,yes=Y,no=N \\
         --budget-forcing 'think_end=\\n####,max=12,answer_prefix= ,answer_tokens=8'
     OMP_NUM_THREADS=1 python benchmarks/bench_methods.py --run runs/smollm2-arith
+
+(the arith model's tokenizer is character-level: " Yes" and " No" share a first token, so the
+self-evaluation answers are Y/N; RESULTS.md has the commands that made the SmolLM2 pool.)
 """
 
 from __future__ import annotations
