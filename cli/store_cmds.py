@@ -44,6 +44,10 @@ def register(app: typer.Typer) -> None:
             f"imported [bold]{new}[/bold] new samples into [bold]{store.path}[/bold] "
             f"({len(store)} samples, {len(store.counts())} problems)"
         )
+        for name in store.score_sets():
+            rec = store.score_set_record(name)
+            how = f"recorded: {(rec.get('config') or {}).get('how', 'how not recorded')}" if rec else "no record"
+            console.print(f"score set {name}: {len(store.scored_keys(name))} values ({how})")
         if side.is_file():
             m = store.manifest
             kept = [k for k in ("model", "benchmark", "sampling", "engine", "logprob_mode") if k in m]
@@ -100,7 +104,8 @@ def register(app: typer.Typer) -> None:
                 store, f, verifier=verifier, use_verdicts=not no_verdicts, manifest_out=side
             )
         tmp.replace(out)
-        typer.echo(f"exported {n} samples to {out} (metadata: {side.name}); {said}", err=True)
+        sets = f"; score sets: {', '.join(store.score_sets())}" if store.score_sets() else ""
+        typer.echo(f"exported {n} samples to {out} (metadata: {side.name}); {said}{sets}", err=True)
 
     @app.command("info")
     def info_cmd(
@@ -259,8 +264,9 @@ def register(app: typer.Typer) -> None:
         """Merge runs made with the same settings (e.g. --shard workers) into one run directory.
 
         Samples are keyed by (problem, index): copies of one key with the same content collapse,
-        different content is a conflict, reported before anything is written. Verdicts and the
-        sessions' token accounting are merged too; merging again is a no-op.
+        different content is a conflict, reported before anything is written. Verdicts, score
+        sets (e.g. exact self-certainty), pruning trace logs and the sessions' token accounting
+        are merged too; merging again is a no-op.
         """
         from rich.console import Console
 

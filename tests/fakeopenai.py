@@ -11,6 +11,7 @@ takes token-id prompts, ``return_token_ids``, ``echo`` with ``max_tokens=0``, ``
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -28,14 +29,19 @@ class FakeServer:
     """An OpenAI-style completions server whose misbehaviour is scripted per HTTP request.
 
     Actions: ``ok``; ``status:CODE`` (error response); ``429:SECONDS`` (with Retry-After);
-    ``hang:SECONDS`` (sleep, then answer); ``drop`` (close the socket without answering).
-    ``script`` is consumed in arrival order; ``by_prompt[prompt]`` takes precedence.
+    ``hang:SECONDS`` (sleep, then answer); ``drop`` (close the socket without answering);
+    ``gate`` (hold the answer until ``gate`` is set, or the client goes away: counted in
+    ``disconnects``). ``script`` is consumed in arrival order; ``by_prompt[prompt]`` takes
+    precedence. ``stream_hold=K``: a stream holds after its first K events the same way.
     """
 
     def __init__(self, script=(), by_prompt=None, delay: float = 0.0, shared=None,  # type: ignore[no-untyped-def]
                  vllm_like: bool = True, stream_delay: float = 0.0,
-                 processed: bool = False) -> None:  # fmt: skip
+                 processed: bool = False, stream_hold: int | None = None) -> None:  # fmt: skip
         self.vllm_like = vllm_like
+        self.gate = threading.Event()
+        self.disconnects = 0
+        self.stream_hold = stream_hold
         self.processed = processed
         self.stream_delay = stream_delay
         self.streams: list[dict] = []  # per stream: prompt, events sent, whether it completed
@@ -69,16 +75,24 @@ class FakeServer:
                     server.shared["max_inflight"] = max(
                         server.shared["max_inflight"], server.shared["inflight"]
                     )
+                self.counted = True
                 try:
                     server._handle(self, action, body)
                 finally:
-                    with server.lock:
-                        server.shared["inflight"] -= 1
+                    server._answered(self)
 
         self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def _answered(self, h: BaseHTTPRequestHandler) -> None:
+        """A request stops counting as in flight just before its answer goes out: the client
+        cannot send its next request before then, so ``max_inflight`` never over-counts."""
+        if getattr(h, "counted", False):
+            h.counted = False  # type: ignore[attr-defined]
+            with self.lock:
+                self.shared["inflight"] -= 1
 
     def _next(self, body: dict) -> str:
         with self.lock:
@@ -100,6 +114,8 @@ class FakeServer:
             return
         if kind == "hang":
             time.sleep(float(arg))
+        if kind == "gate" and self._hold(h):
+            return
         if kind in ("status", "429"):
             code = 429 if kind == "429" else int(arg)
             h.send_response(code)
@@ -107,6 +123,7 @@ class FakeServer:
                 h.send_header("Retry-After", arg)
             payload = json.dumps({"error": {"message": f"scripted {code}"}}).encode()
             h.send_header("Content-Length", str(len(payload)))
+            self._answered(h)
             h.end_headers()
             h.wfile.write(payload)
             return
@@ -122,6 +139,7 @@ class FakeServer:
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))
+        self._answered(h)
         h.end_headers()
         h.wfile.write(payload)
 
@@ -145,7 +163,8 @@ class FakeServer:
     def _stream(self, h: BaseHTTPRequestHandler, body: dict) -> None:
         """One event per generated token, then ``[DONE]``; notes how far the client listened."""
         (choice,) = _ok_response(body, self.processed)["choices"]
-        record = {"prompt": body.get("prompt"), "sent": 0, "completed": False, "ended": False}
+        record = {"prompt": body.get("prompt"), "sent": 0, "completed": False, "ended": False,
+                  "disconnected": False}  # fmt: skip
         with self.lock:
             self.streams.append(record)
         h.send_response(200)
@@ -171,6 +190,9 @@ class FakeServer:
                 h.wfile.write(f"data: {json.dumps({'choices': [event]})}\n\n".encode())
                 h.wfile.flush()
                 record["sent"] = t + 1
+                if t + 1 == self.stream_hold and self._hold(h):
+                    record["disconnected"] = True
+                    return
                 if self.stream_delay:
                     time.sleep(self.stream_delay)
             h.wfile.write(b"data: [DONE]\n\n")
@@ -181,6 +203,32 @@ class FakeServer:
         finally:
             record["ended"] = True
         h.close_connection = True
+
+    def _hold(self, h: BaseHTTPRequestHandler) -> bool:
+        """Wait for ``gate`` (at most 30 s); True if the client closed the connection first."""
+        conn = h.connection
+        deadline = time.monotonic() + 30
+        while not self.gate.is_set() and time.monotonic() < deadline:
+            readable, _, _ = select.select([conn], [], [], 0.01)
+            if readable:
+                try:
+                    data = conn.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    data = b""
+                if not data:  # end of stream: the client went away
+                    with self.lock:
+                        self.disconnects += 1
+                    h.close_connection = True
+                    return True
+        return False
+
+    def wait_for(self, what, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+        """Waits (bounded) until ``what()`` holds: a count at the server, not a timing."""
+        deadline = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > deadline:
+                raise AssertionError("the fake server did not reach the expected state in time")
+            time.sleep(0.005)
 
     def wait_streams_ended(self, timeout: float = 10.0) -> None:
         """Waits until every stream's handler has returned: a client can read a stream's last

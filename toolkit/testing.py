@@ -530,6 +530,60 @@ def _check_streaming(ctx: _Ctx) -> None:
                 raise _fail("streaming", f"aborting one trace changed request {pos} slot {j}")
 
 
+def _check_loop(ctx: _Ctx) -> None:
+    """The engine loop (:func:`~ttscale.engines.loop.open_loop`: the engine's own or the batch
+    fallback) hands over what ``generate`` returns, once per request; an aborted request is
+    never handed over; with ``streaming``, a streamed request's tokens are its completions'."""
+    from ttscale.engines.loop import open_loop
+
+    reqs = [_req(ctx, "p0", [0, 1]), _req(ctx, "p1", [3]), _req(ctx, "p2", [0, 2])]
+    want = _run(ctx, "loop", reqs, ctx.params)
+    loop = open_loop(ctx.engine, ctx.params)
+    got: dict[int, list[Completion]] = {}
+
+    def on_result(t: int, comps: list[Completion]) -> None:
+        if t in got:
+            raise _fail("loop", f"ticket {t} handed over twice")
+        got[t] = list(comps)
+
+    def drain() -> None:
+        for _ in range(100_000):
+            if not loop.in_flight:
+                return
+            loop.poll(on_result)
+        raise _fail("loop", "poll made no progress")
+
+    try:
+        loop.poll(on_result)  # nothing in flight: returns at once
+        tickets = [loop.submit(r) for r in reqs]
+        gone = loop.submit(_req(ctx, "p3", [0, 1]))
+        if loop.in_flight != 7:
+            raise _fail("loop", f"in_flight is {loop.in_flight} with 7 samples submitted")
+        tokens = loop.abort(gone)
+        if not isinstance(tokens, int) or tokens < 0 or loop.in_flight != 5:
+            raise _fail("loop", f"abort returned {tokens!r}, in_flight {loop.in_flight} (want 5)")
+        drain()
+        if sorted(got) != sorted(tickets):
+            raise _fail("loop", f"handed over tickets {sorted(got)}, submitted {tickets} (+{gone} aborted)")
+        for t, w in zip(tickets, want, strict=True):
+            if [(*_key(c), c.finish_reason) for c in got[t]] != [(*_key(c), c.finish_reason) for c in w]:
+                raise _fail("loop", f"ticket {t}: the loop's samples differ from generate's")
+        if ctx.caps.streaming:
+            seen: dict[int, list[int]] = {}
+
+            def record(ev: TokenEvent) -> bool:
+                seen.setdefault(ev.slot, []).append(ev.token_id)
+                return False
+
+            t = loop.submit(reqs[0], on_token=record)
+            drain()
+            for j, (c, w) in enumerate(zip(got[t], want[0], strict=True)):
+                if not _same(c, w) or seen.get(j) != list(c.token_ids or ()):
+                    raise _fail("loop", f"streamed sample {j}: tokens or completion differ")
+    finally:
+        loop.close()
+
+
 #: checks that run only when the engine declares the capability named with them
 _CAPABILITY_CHECKS = {
     "logprob_modes": None,
@@ -556,6 +610,7 @@ ENGINE_CHECKS: dict[str, Callable[[_Ctx], None]] = {
     "chunked": _check_chunked,
     "scoring": _check_scoring,
     "streaming": _check_streaming,
+    "loop": _check_loop,
 }
 
 
@@ -597,8 +652,10 @@ def check_engine(
     (:func:`~ttscale.engines.base.generate_chunked` equals one call, with stop strings and
     ``min_tokens``); ``scoring`` (scores equal the generation's raw log-probabilities within
     1e-4, whole or after a token prefix); ``streaming`` (every token streamed, then aborting one
-    trace mid-batch cuts it there and leaves the others unchanged). ``skip``/``only`` select
-    checks by name.
+    trace mid-batch cuts it there and leaves the others unchanged). Last, ``loop``: the engine
+    loop (:func:`~ttscale.engines.loop.open_loop`) hands over what ``generate`` returns and
+    drops an aborted request (streamed too, where declared). ``skip``/``only`` select checks by
+    name.
     """
     unknown = set(skip) | set(only or ())
     unknown -= set(ENGINE_CHECKS)

@@ -38,8 +38,8 @@ def _forward_logprobs(engine: HFEngine, prompt_ids: list[int], gen: tuple[int, .
 
 
 def test_contract(hf: HFEngine) -> None:
-    # the base contract (10 checks) and the 5 capability checks (HF declares them all)
-    assert len(check_engine(hf)) == 15
+    # the base contract (10 checks), the 5 capability checks (HF declares them all), the loop
+    assert len(check_engine(hf)) == 16
 
 
 def test_contract_processed_mode(tiny_model_dir: Path) -> None:

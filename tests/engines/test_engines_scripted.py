@@ -18,8 +18,8 @@ from ttscale.types import Completion, SamplingParams
 
 
 def test_toy_model_passes_contract() -> None:
-    # the base contract (10 checks) and the 5 checks of what the toy model declares
-    assert len(check_engine(ScriptedEngine())) == 15
+    # the base contract (10 checks), the 5 checks of what the toy model declares and the loop
+    assert len(check_engine(ScriptedEngine())) == 16
     check_engine(ScriptedEngine(logprob_mode="processed_logprobs"))
 
 

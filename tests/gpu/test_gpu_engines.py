@@ -21,8 +21,8 @@ def test_hf_engine_on_cuda_matches_cpu_logprobs(tiny_model_dir: Path) -> None:
     from ttscale.engines.hf import HFEngine
 
     gpu = HFEngine(tiny_model_dir, device="cuda", dtype="float32", batch_size=8)
-    # the base contract and the 5 capability checks (scoring = generation, abort, chunks, ...)
-    assert len(check_engine(gpu)) == 15
+    # the base contract, the 5 capability checks (scoring = generation, abort, chunks, ...), loop
+    assert len(check_engine(gpu)) == 16
     cpu = HFEngine(tiny_model_dir, device="cpu")
     req = GenerationRequest("p", prompt="Hello", indices=(0, 1, 2, 3))
     params = SamplingParams(max_tokens=24, seed=1)

@@ -4,10 +4,11 @@
 :func:`open_loop` gives every engine this interface. An engine with a loop of its own has
 ``open_loop(params) -> EngineLoop`` (vLLM: requests go into the running ``LLMEngine`` as they
 arrive and come back as they finish; HF: samples join one running batch between decoding steps
-and leave it as they end; Scripted: the same contract, simulated token by token for tests); any
-other engine gets :class:`BatchLoop`, which coalesces the requests submitted since the last poll
-into one ``generate`` call (OpenAI sends them as concurrent HTTP calls within its
-``max_concurrency``). The scheduler (:mod:`ttscale.samplers.loop`) drives one loop for
+and leave it as they end; OpenAI: each request's HTTP calls go out as it arrives, within
+``max_concurrency``, and it comes back when they have answered; Scripted: the same contract,
+simulated token by token for tests); any other engine gets :class:`BatchLoop`, which coalesces
+the requests submitted since the last poll into one ``generate`` call. The scheduler
+(:mod:`ttscale.samplers.loop`) drives one loop for
 all problems in flight.
 
 Contract, checked for every bundled engine by the tests:
@@ -20,7 +21,7 @@ Contract, checked for every bundled engine by the tests:
 * ``poll(on_result)``: advance the engine until at least one submitted request has finished
   (nothing happens when none is in flight; a loop may take ``max_steps=K``, as vLLM's and
   Scripted's do, to return after K engine steps even if none finished, so a caller can act on
-  cancels between steps) and call ``on_result(ticket, completions)`` for each
+  cancels between steps; OpenAI's waits K x 5 ms) and call ``on_result(ticket, completions)`` for each
   finished one (completions in ``indices`` order, as ``generate`` returns them); a failure
   raises :class:`LoopFailure` after every finished request was handed over, carrying the
   finished samples of unfinished ones;

@@ -10,6 +10,11 @@ errors fail at once. A request that fails for good stops new work: requests alre
 finish and are delivered (``on_result``), then :class:`~ttscale.engines.base.GenerationError`
 carries every completed request and the finished samples of unfinished ones.
 
+:meth:`OpenAIEngine.open_loop` takes work continuously (:mod:`ttscale.engines.loop`): the same
+calls, sent as requests are submitted from one asyncio thread (one ``httpx.AsyncClient`` for
+the engine's loops, ``max_concurrency`` calls in flight over all of them), with the same retry
+policy; an abort closes the request's connections at once.
+
 Token ids come from vLLM's ``return_tokens_as_token_ids`` (``"token_id:123"`` strings); servers
 that do not support it return token strings, and ``token_ids`` is then ``None``.
 
@@ -30,7 +35,9 @@ locally (``tokenizer=``, else the ``root`` that vLLM's ``GET /v1/models`` report
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import functools
 import json
 import logging
 import math
@@ -53,6 +60,7 @@ from ttscale.engines.base import (
     continuation_text,
     seed_runs,
 )
+from ttscale.engines.loop import BatchLoop, EngineLoop, LoopFailure, LoopResult
 from ttscale.errors import ConfigError, EngineError
 from ttscale.types import Completion, SamplingParams
 from ttscale.validation import check_int, check_number
@@ -174,6 +182,81 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _Attempts:
+    """The retry policy of one POST, shared by the blocking (:meth:`OpenAIEngine._post`) and the
+    async (:meth:`OpenAIEngine._apost`) paths: which server each attempt goes to (least busy
+    first; a retry prefers another), the busy counts and stats, which failures are retried, and
+    the backoff before the next attempt (``Retry-After`` honoured)."""
+
+    def __init__(self, engine: OpenAIEngine, path: str, root: bool, retries: int | None) -> None:
+        self.engine = engine
+        self.path = path
+        self.root = root
+        self.max_retries = engine.max_retries if retries is None else retries
+        self.attempt = 0
+        self.server: int | None = None
+        self.url = ""
+        httpx = engine._httpx
+        #: what :meth:`failed` handles (anything else propagates at once)
+        self.retried: tuple[type[BaseException], ...] = (
+            _Started,
+            _Retryable,
+            httpx.TimeoutException,
+            httpx.TransportError,
+        )
+
+    def begin(self) -> str:
+        """Pick the server of the next attempt (counted busy until :meth:`end`): its URL."""
+        eng = self.engine
+        self.server = eng._pick(avoid=self.server if len(eng.base_urls) > 1 else None)
+        base = eng.base_urls[self.server]
+        with eng._lock:
+            eng.stats["requests"] += 1
+        self.url = (base.removesuffix("/v1") if self.root else base) + self.path
+        return self.url
+
+    def end(self) -> None:
+        eng = self.engine
+        if self.server is not None:
+            with eng._lock:
+                eng._busy[self.server] -= 1
+
+    def failed(self, e: BaseException) -> float:
+        """The delay before the next attempt after ``e``; raises :class:`EngineError` when ``e``
+        is not retried (a stream that handed out events) or the attempts are used up."""
+        eng, url = self.engine, self.url
+        if isinstance(e, _Started):
+            raise EngineError(f"stream from {url} failed after its first tokens: {e}") from e
+        last = e if isinstance(e, _Retryable) else _Retryable(f"{type(e).__name__} talking to {url}: {e}")
+        if self.attempt >= self.max_retries:
+            with eng._lock:
+                eng.stats["failures"] += 1
+            raise EngineError(f"gave up after {self.max_retries + 1} attempts: {last}") from e
+        delay = eng._delay(self.attempt, last.retry_after)
+        self.attempt += 1
+        with eng._lock:
+            eng.stats["retries"] += 1
+        log.warning("%s; retry %d/%d in %.2fs", last, self.attempt, self.max_retries, delay)
+        return delay
+
+
+def _json_of(resp: Any, url: str) -> dict:
+    try:
+        return resp.json()  # type: ignore[no-any-return]
+    except ValueError as e:
+        raise _Retryable(f"invalid JSON from {url}: {_snippet(resp.text)}") from e
+
+
+def _sse_choices(line: str) -> list[Mapping[str, Any]] | None:
+    """The choices of one server-sent-events line (``[]`` for other lines; ``None`` at the end)."""
+    if not line.startswith("data:"):
+        return []
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    return list(json.loads(data).get("choices") or [])
+
+
 class OpenAIEngine:
     """An OpenAI-compatible server (or several) behind the Engine protocol.
 
@@ -245,12 +328,20 @@ class OpenAIEngine:
         hdrs = {"Content-Type": "application/json", **dict(headers or {})}
         if api_key:
             hdrs["Authorization"] = f"Bearer {api_key}"
+        # every connection may stay open between calls (httpx keeps 20 by default): with more
+        # calls in flight than that, the rest would be closed and opened again for each call
+        conns = max_concurrency * len(urls) + 4
+        self._limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
         self._client = httpx.Client(
-            headers=hdrs,
-            timeout=httpx.Timeout(self.timeout),
-            limits=httpx.Limits(max_connections=max_concurrency * len(urls) + 4),
+            headers=hdrs, timeout=httpx.Timeout(self.timeout), limits=self._limits,
             transport=transport,
-        )
+        )  # fmt: skip
+        self._transport = transport  # for the engine loop's async client (see open_loop)
+        self._headers = hdrs
+        # the engine loop's event-loop thread and async client, shared by every open loop
+        self._runtime: _Runtime | None = None
+        self._runtime_users = 0
+        self._runtime_lock = threading.Lock()
         self._lock = threading.Lock()
         self._busy = [0] * len(self.base_urls)
         self._turn = 0
@@ -475,47 +566,57 @@ class OpenAIEngine:
         """POST with retries. ``root``: ``path`` is under the server root, not ``/v1``.
         ``stream``: read the response with it (a streamed body); retried only while it has
         handed out nothing (it raises :class:`_Started` around a failure after that)."""
-        httpx = self._httpx
-        last = None
-        server: int | None = None
-        max_retries = self.max_retries if retries is None else retries
-        for attempt in range(max_retries + 1):
-            server = self._pick(avoid=server if len(self.base_urls) > 1 else None)
-            base = self.base_urls[server]
-            url = (base.removesuffix("/v1") if root else base) + path
+        plan = _Attempts(self, path, root, retries)
+        while True:
+            url = plan.begin()
             try:
-                with self._lock:
-                    self.stats["requests"] += 1
-                if stream is not None:
-                    with self._client.stream("POST", url, json=body) as resp:
-                        if resp.status_code >= 400:
-                            resp.read()
-                        self._check_status(resp, url)
-                        return stream(resp)
-                resp = self._client.post(url, json=body)
-                self._check_status(resp, url)
                 try:
-                    return resp.json()
-                except ValueError as e:
-                    raise _Retryable(f"invalid JSON from {url}: {_snippet(resp.text)}") from e
-            except _Started as e:
-                raise EngineError(f"stream from {url} failed after its first tokens: {e}") from e
-            except _Retryable as e:
-                last = e
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = _Retryable(f"{type(e).__name__} talking to {url}: {e}")
-            finally:
-                with self._lock:
-                    self._busy[server] -= 1
-            if attempt < max_retries:
-                delay = self._delay(attempt, last.retry_after)
-                with self._lock:
-                    self.stats["retries"] += 1
-                log.warning("%s; retry %d/%d in %.2fs", last, attempt + 1, max_retries, delay)
-                time.sleep(delay)
-        with self._lock:
-            self.stats["failures"] += 1
-        raise EngineError(f"gave up after {max_retries + 1} attempts: {last}")
+                    if stream is not None:
+                        with self._client.stream("POST", url, json=body) as resp:
+                            if resp.status_code >= 400:
+                                resp.read()
+                            self._check_status(resp, url)
+                            return stream(resp)
+                    resp = self._client.post(url, json=body)
+                    self._check_status(resp, url)
+                    return _json_of(resp, url)
+                finally:
+                    plan.end()
+            except plan.retried as e:
+                delay = plan.failed(e)
+            time.sleep(delay)
+
+    async def _apost(
+        self,
+        client: Any,
+        path: str,
+        body: dict,
+        *,
+        stream: Callable[[Any], Any] | None = None,
+    ) -> dict:
+        """:meth:`_post` on an ``httpx.AsyncClient`` (the engine loop): the same retry policy
+        (:class:`_Attempts`); cancelling it (:class:`_Handle`) closes the connection at once,
+        which a vLLM server turns into a request abort. ``stream``: an async reader of the
+        response."""
+        plan = _Attempts(self, path, False, None)
+        while True:
+            url = plan.begin()
+            try:
+                try:
+                    if stream is not None:
+                        async with client.stream("POST", url, json=body) as resp:
+                            if resp.status_code >= 400:
+                                await resp.aread()
+                            self._check_status(resp, url)
+                            return await stream(resp)  # type: ignore[no-any-return]
+                    resp = await client.post(url, json=body)
+                    self._check_status(resp, url)
+                    return _json_of(resp, url)
+                finally:
+                    plan.end()
+            except plan.retried as e:
+                delay = plan.failed(e)
+            await asyncio.sleep(delay)
 
     @staticmethod
     def _check_status(resp: Any, url: str) -> None:
@@ -531,7 +632,12 @@ class OpenAIEngine:
         self, req: GenerationRequest, call: _Call, params: SamplingParams
     ) -> list[Completion]:
         path, body = self._body(req, params, call.n, call.seed)
-        data = self._post(path, body)
+        return self._parse_call(req, call, params, self._post(path, body))
+
+    def _parse_call(
+        self, req: GenerationRequest, call: _Call, params: SamplingParams, data: dict
+    ) -> list[Completion]:
+        """The completions of one answered call (:meth:`_call`; the engine loop's calls)."""
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != call.n:
             raise EngineError(f"server returned {len(choices)} choices for n={call.n}")
@@ -556,6 +662,25 @@ class OpenAIEngine:
             )
         return [self._with_target(c, params) for c in out]
 
+    def _calls(self, pos: int, req: GenerationRequest, params: SamplingParams) -> list[_Call]:
+        """The HTTP calls of one request: one per sample, or (``n_fanout``) per seed run."""
+        seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
+        fan = self.n_fanout and params.temperature > 0.0
+        runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
+        return [_Call(pos, start, n, seeds[start]) for start, n in runs]
+
+    def _check_requests(
+        self, requests: Sequence[GenerationRequest], on_token: TokenCallback | None
+    ) -> None:
+        for req in requests:
+            if req.has_token_ids:
+                self._require_tokens(req, "a request with token ids")
+        if on_token is not None and not self.capabilities.streaming:
+            raise ConfigError(
+                "streaming (on_token=) needs token prompts on the openai engine; pass "
+                "token_prompts=True (a vLLM server) or use generate_chunked"
+            )
+
     def _mode(self) -> str | None:
         """The log-probability mode completions carry as target/proposal (None: not declared)."""
         return self.logprob_mode if self.token_prompts else None
@@ -573,23 +698,11 @@ class OpenAIEngine:
         ``stream=true`` request whose tokens are handed to ``on_token`` on the caller's thread;
         an abort closes that request's connection. A stream is retried only until its first
         event arrives."""
-        for req in requests:
-            if req.has_token_ids:
-                self._require_tokens(req, "a request with token ids")
+        self._check_requests(requests, on_token)
         if on_token is not None:
-            if not self.capabilities.streaming:
-                raise ConfigError(
-                    "streaming (on_token=) needs token prompts on the openai engine; pass "
-                    "token_prompts=True (a vLLM server) or use generate_chunked"
-                )
             return self._generate_streamed(requests, params, on_result, on_token)
         collector = ResultCollector(requests, on_result)
-        calls: list[_Call] = []
-        for pos, req in enumerate(requests):
-            seeds = [req.seed_for(j, params) for j in range(len(req.indices))]
-            fan = self.n_fanout and params.temperature > 0.0
-            runs = seed_runs(seeds) if fan else [(j, 1) for j in range(len(seeds))]
-            calls.extend(_Call(pos, start, n, seeds[start]) for start, n in runs)
+        calls = [c for pos, req in enumerate(requests) for c in self._calls(pos, req, params)]
         if not calls:
             return []
         error: BaseException | None = None
@@ -692,12 +805,10 @@ class OpenAIEngine:
                 for line in resp.iter_lines():
                     if tr.cancel.is_set():
                         return {}  # leaving the block closes the connection: the server aborts
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    choices = _sse_choices(line)
+                    if choices is None:
                         break
-                    for choice in json.loads(data).get("choices") or []:
+                    for choice in choices:
                         events.put((k, "chunk", choice))
                         started = True
             except Exception as e:
@@ -876,7 +987,45 @@ class OpenAIEngine:
             "chat": self.chat,
         }
 
+    # -- the engine loop --------------------------------------------------------------------------
+    def open_loop(self, params: SamplingParams) -> EngineLoop:
+        """Continuous generation (:mod:`ttscale.engines.loop`): each submitted request's HTTP
+        calls (as :meth:`generate` makes them: one per sample, or per seed run with
+        ``n_fanout``; ``stream=true`` per sample with ``on_token``) go out at once, at most
+        ``max_concurrency`` in flight over every open loop of this engine (the rest queue), and
+        a request comes back from the poll after its last call answered; the samples are the
+        ones :meth:`generate` returns. ``abort`` cancels a request's calls at once: a queued
+        call never starts, a call in flight closes its connection (a vLLM server aborts the
+        request) and its retries stop. The calls run on one asyncio thread with one
+        ``httpx.AsyncClient`` (one connection pool) shared by the engine's loops. An engine
+        built with a test ``transport=`` that is not async gets the batch fallback."""
+        if self._transport is not None and not isinstance(
+            self._transport, self._httpx.AsyncBaseTransport
+        ):
+            return BatchLoop(self, params)
+        return _OpenAILoop(self, params)
+
+    def _acquire_runtime(self) -> _Runtime:
+        with self._runtime_lock:
+            if self._runtime is None:
+                self._runtime = _Runtime(self)
+            self._runtime_users += 1
+            return self._runtime
+
+    def _release_runtime(self) -> None:
+        with self._runtime_lock:
+            self._runtime_users -= 1
+            rt = self._runtime if self._runtime_users <= 0 else None
+            if rt is not None:
+                self._runtime, self._runtime_users = None, 0
+        if rt is not None:
+            rt.close()
+
     def close(self) -> None:
+        with self._runtime_lock:
+            rt, self._runtime, self._runtime_users = self._runtime, None, 0
+        if rt is not None:
+            rt.close()
         self._client.close()
 
     def __repr__(self) -> str:
@@ -968,3 +1117,311 @@ def _parse_choice(
         target_logprobs=token_lps if mode == "raw_logprobs" else None,
         proposal_logprobs=token_lps if mode == "processed_logprobs" else None,
     )
+
+
+# -- the engine loop -----------------------------------------------------------------------------
+
+
+class _Runtime:
+    """One event-loop thread with one ``httpx.AsyncClient`` and the semaphore that holds every
+    open loop of an engine to ``max_concurrency`` calls in flight."""
+
+    def __init__(self, engine: OpenAIEngine) -> None:
+        httpx = engine._httpx
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="ttscale-openai-loop", daemon=True
+        )
+        self.thread.start()
+
+        async def setup() -> tuple[Any, asyncio.Semaphore]:
+            client = httpx.AsyncClient(
+                headers=engine._headers,
+                timeout=httpx.Timeout(engine.timeout),
+                limits=engine._limits,
+                transport=engine._transport,
+            )
+            return client, asyncio.Semaphore(engine.max_concurrency)
+
+        self.client, self.slots = self.run(setup()).result()
+
+    def run(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        """Cancel every call still running, close the client's connections, join the thread."""
+
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.aclose()
+
+        try:
+            self.run(shutdown()).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+class _Handle:
+    """Cancels one call of a loop. On the loop thread, through an anyio cancel scope: httpx's
+    clean-up of a cancelled request is shielded from anyio cancellation, but a plain
+    ``task.cancel()`` that lands in it leaves the connection taken in the pool (seen with
+    httpcore 1.0: later calls then fail with ``PoolTimeout``)."""
+
+    def __init__(self) -> None:
+        self.scope: Any = None
+        self.cancelled = False
+        self.future: Future[None] | None = None
+
+    def cancel(self) -> None:  # on the loop thread
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+@dataclass
+class _Ticket:
+    """One submitted request in an :class:`_OpenAILoop`."""
+
+    request: GenerationRequest
+    on_token: TokenCallback | None
+    collector: ResultCollector
+    calls: list[_Call]
+    traces: list[_StreamTrace]
+    handles: list[_Handle] = field(default_factory=list)
+    #: tokens each stream has received so far (counted on the loop thread; for abort)
+    received: list[int] = field(default_factory=list)
+
+
+#: how long ``poll(max_steps=K)`` waits for a request to finish: K times this
+_STEP_SECONDS = 0.005
+
+
+class _OpenAILoop:
+    """:meth:`OpenAIEngine.open_loop`: the :class:`~ttscale.engines.loop.EngineLoop` contract
+    over asyncio HTTP calls. The calls run on the engine's loop thread and put what they get
+    (a call's completions, a stream's events, its end or its error) on a queue; :meth:`poll`
+    takes them on the caller's thread, where streamed tokens go to ``on_token`` and finished
+    requests to ``on_result``."""
+
+    def __init__(self, engine: OpenAIEngine, params: SamplingParams) -> None:
+        self.engine = engine
+        self.params = params
+        self._rt: _Runtime | None = None
+        self._next = 0
+        self._live: dict[int, _Ticket] = {}
+        self._events: queue.Queue[tuple[int, int, str, Any]] = queue.Queue()
+        self._finished: list[tuple[int, list[Completion]]] = []
+        self._failure: tuple[int, BaseException] | None = None
+        self._mode = engine._mode()
+        self._handles: list[_Handle] = []  # every call not known to have ended (for close)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(tk.request.indices) for tk in self._live.values())
+
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        eng, params = self.engine, self.params
+        eng._check_requests([request], on_token)
+        if self._rt is None:
+            self._rt = eng._acquire_runtime()
+        t = self._next
+        self._next += 1
+
+        def finished(pos: int, comps: list[Completion], t: int = t) -> None:
+            self._finished.append((t, comps))
+
+        collector = ResultCollector([request], finished)
+        if on_token is None:
+            tk = _Ticket(request, None, collector, eng._calls(0, request, params), [])
+            works = [
+                functools.partial(self._call, t, k, request, c) for k, c in enumerate(tk.calls)
+            ]
+        else:
+            traces = [
+                _StreamTrace(0, j, idx, request.seed_for(j, params))
+                for j, idx in enumerate(request.indices)
+            ]
+            tk = _Ticket(request, on_token, collector, [], traces, received=[0] * len(traces))
+            works = [functools.partial(self._stream, t, k, tk) for k in range(len(traces))]
+        self._live[t] = tk
+        if len(self._handles) > 4 * self.engine.max_concurrency + 64:  # forget ended calls
+            self._handles = [h for h in self._handles if h.future is None or not h.future.done()]
+        for k, work in enumerate(works):
+            h = _Handle()
+            tk.handles.append(h)
+            self._handles.append(h)
+            h.future = self._rt.run(self._guard(h, t, k, work))
+        return t
+
+    def _cancel(self, tk: _Ticket, k: int | None = None) -> None:
+        """Cancel the ticket's calls (``k``: that one) on the loop thread."""
+        rt = self._rt
+        if rt is None:
+            return
+        for h in tk.handles if k is None else [tk.handles[k]]:
+            rt.loop.call_soon_threadsafe(h.cancel)
+
+    # -- on the loop thread -------------------------------------------------------------------
+    async def _guard(self, h: _Handle, t: int, k: int, work: Callable[[], Any]) -> None:
+        """Run one call under its handle's cancel scope; a failure becomes an ``error`` event
+        (a cancelled call puts nothing)."""
+        import anyio
+
+        if h.cancelled:  # aborted before it started
+            return
+        with anyio.CancelScope() as scope:
+            h.scope = scope
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                self._events.put((t, k, "error", e))
+
+    async def _call(self, t: int, k: int, req: GenerationRequest, call: _Call) -> None:
+        eng, params, rt = self.engine, self.params, self._rt
+        assert rt is not None
+        async with rt.slots:
+            # a token-id request is tokenised by the server (a blocking call): off the loop
+            if req.has_token_ids:
+                path, body = await asyncio.to_thread(eng._body, req, params, call.n, call.seed)
+            else:
+                path, body = eng._body(req, params, call.n, call.seed)
+            data = await eng._apost(rt.client, path, body)
+        if eng._both:  # scoring the targets is one more (blocking) request per sample
+            comps = await asyncio.to_thread(eng._parse_call, req, call, params, data)
+        else:
+            comps = eng._parse_call(req, call, params, data)
+        self._events.put((t, k, "comps", comps))
+
+    async def _stream(self, t: int, k: int, tk: _Ticket) -> None:
+        eng, params, rt = self.engine, self.params, self._rt
+        assert rt is not None
+        tr = tk.traces[k]
+
+        async def read(resp: Any) -> dict:
+            started = False
+            try:
+                async for line in resp.aiter_lines():
+                    choices = _sse_choices(line)
+                    if choices is None:
+                        break
+                    for choice in choices:
+                        tk.received[k] += len(_chunk_tokens(choice) or ())
+                        self._events.put((t, k, "chunk", choice))
+                        started = True
+            except Exception as e:
+                if started:  # its events were used: not retried
+                    raise _Started(str(e)) from e
+                raise
+            return {}
+
+        async with rt.slots:
+            path, body = await asyncio.to_thread(
+                eng._body, tk.request, params, 1, tr.seed, tokens=True
+            )
+            body["stream"] = True
+            await eng._apost(rt.client, path, body, stream=read)
+        self._events.put((t, k, "end", None))
+
+    # -- on the caller's thread ---------------------------------------------------------------
+    def poll(self, on_result: LoopResult, max_steps: int | None = None) -> None:
+        """Wait until a request finished (``max_steps=K``: or ``K`` x 5 ms passed), then hand
+        every finished request to ``on_result``; streamed tokens go to ``on_token`` here."""
+        deadline = None if max_steps is None else time.monotonic() + max_steps * _STEP_SECONDS
+        while self._live and not self._finished and self._failure is None:
+            wait_s = 1.0 if deadline is None else deadline - time.monotonic()
+            if wait_s <= 0:
+                break
+            try:
+                event = self._events.get(timeout=wait_s)
+            except queue.Empty:
+                rt = self._rt
+                if rt is not None and not rt.thread.is_alive():
+                    self._failure = (-1, EngineError("the openai engine loop thread died"))
+                continue
+            self._take(event)
+            while self._failure is None:  # and whatever else has arrived
+                try:
+                    self._take(self._events.get_nowait())
+                except queue.Empty:
+                    break
+        done, self._finished = self._finished, []
+        for t, comps in done:
+            if self._live.pop(t, None) is not None:
+                on_result(t, comps)
+        if self._failure is not None:
+            _, error = self._failure
+            partial = {
+                t: [c for c in tk.collector._slots[0] if c is not None]
+                for t, tk in self._live.items()
+            }
+            self.close()
+            raise LoopFailure(f"openai generation failed: {error}", partial) from error
+
+    def _take(self, event: tuple[int, int, str, Any]) -> None:
+        t, k, kind, payload = event
+        tk = self._live.get(t)
+        if tk is None or self._failure is not None:
+            return  # aborted (or the loop failed): dropped
+        if kind == "comps":
+            tk.collector.put_many(0, tk.calls[k].start, payload)
+            return
+        if kind == "error" and not tk.traces:
+            self._failure = (t, payload)
+            return
+        tr = tk.traces[k]
+        if kind == "end" or kind == "error":
+            if not tr.done:
+                self._failure = (
+                    t,
+                    payload if kind == "error" else EngineError("the stream ended without a finish reason"),
+                )
+            return
+        if tr.done:  # events that were on their way when the trace was aborted
+            tr.discarded += len(_chunk_tokens(payload) or ())
+            return
+        assert tk.on_token is not None
+        try:
+            done = self.engine._absorb(tk.request, tr, payload, self.params, tk.on_token, self._mode)
+            if done:
+                assert tr.completion is not None
+                if tr.completion.finish_reason == "abort":
+                    self._cancel(tk, k)  # closes its connection: the server aborts it
+                tk.collector.put(0, tr.slot, self.engine._with_target(tr.completion, self.params))
+        except EngineError as e:  # a malformed event
+            self._failure = (t, e)
+
+    def abort(self, ticket: int) -> int:
+        tk = self._live.pop(ticket, None)
+        if tk is None:
+            return 0
+        self._cancel(tk)
+        # finished samples, and what the streams received of unfinished ones; a plain call in
+        # flight reports nothing before it answers, so its tokens are not known (not counted)
+        tokens = sum(
+            c.num_tokens + c.discarded_tokens for c in tk.collector._slots[0] if c is not None
+        )
+        tokens += sum(n for tr, n in zip(tk.traces, tk.received, strict=True) if not tr.done)
+        return tokens
+
+    def close(self) -> None:
+        """Cancel every call of this loop and wait until they have ended (connections closed)."""
+        rt, self._rt = self._rt, None
+        running = [h for h in self._handles if h.future is not None and not h.future.done()]
+        if rt is not None:
+            for h in running:
+                rt.loop.call_soon_threadsafe(h.cancel)
+            wait([h.future for h in running if h.future is not None], timeout=30)
+            self.engine._release_runtime()
+        self._handles.clear()
+        self._live.clear()
+        self._finished.clear()
+        self._events = queue.Queue()
+        self._failure = None

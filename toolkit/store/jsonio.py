@@ -27,12 +27,14 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
+
 from ttscale.errors import ConfigError, DataError
-from ttscale.store.samplestore import SampleStore
+from ttscale.store.samplestore import SCORE_SCHEMA, SampleStore, check_score_record
 from ttscale.types import Sample
 
 __all__ = [
@@ -65,6 +67,8 @@ _KNOWN = {
     "log_weight",
     "fate",
     "pruned_at",
+    # per-sample score sets (RUN/scores/<set>/, e.g. exact self-certainty): name -> value
+    "score_sets",
 }
 
 _CHUNK = 50_000  # samples per shard on import
@@ -223,11 +227,41 @@ def _parse(obj: Any, lineno: int, auto_index: int) -> Sample:
         raise DataError(f"line {lineno}: {e}") from e
 
 
+#: one sample's score-set values: set name -> (score or None, meta or None)
+ScoreSetValues = dict[str, tuple[float | None, dict[str, Any] | None]]
+
+
+def _parse_score_sets(obj: Mapping[str, Any], lineno: int) -> ScoreSetValues:
+    raw = obj.get("score_sets")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DataError(f"line {lineno}: 'score_sets' must be an object of set name -> value")
+    out: ScoreSetValues = {}
+    for name, v in raw.items():
+        if not name or "/" in name or name.startswith(".") or not name.isprintable():
+            raise DataError(f"line {lineno}: invalid score set name {name!r} in 'score_sets'")
+        meta = None
+        if isinstance(v, dict):  # {"score": x, "meta": {...}}
+            meta = v.get("meta")
+            if meta is not None and not isinstance(meta, dict):
+                raise DataError(f"line {lineno}: 'score_sets.{name}.meta' must be an object")
+            v = v.get("score")
+        out[name] = (_num(v, f"score_sets.{name}", lineno), meta)
+    return out
+
+
 def read_samples_jsonl(path: str | os.PathLike[str]) -> Iterator[Sample]:
     """Parse a samples JSONL file (``.gz`` accepted), yielding :class:`Sample` objects.
 
     Raises :class:`DataError` naming the line number of the first malformed line.
     """
+    for s, _ in _read_lines(path):
+        yield s
+
+
+def _read_lines(path: str | os.PathLike[str]) -> Iterator[tuple[Sample, ScoreSetValues]]:
+    """:func:`read_samples_jsonl` with each sample's score-set values (``score_sets``)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such file: {p}")
@@ -245,6 +279,7 @@ def read_samples_jsonl(path: str | os.PathLike[str]) -> Iterator[Sample]:
             auto = positions.get(pid, 0) if isinstance(pid, str) else 0
             try:
                 s = _parse(obj, lineno, auto)
+                sets = _parse_score_sets(obj, lineno)
             except DataError as e:
                 raise DataError(f"{p}: {e}") from None
             positions[s.problem_id] = auto + 1
@@ -254,7 +289,7 @@ def read_samples_jsonl(path: str | os.PathLike[str]) -> Iterator[Sample]:
                     f"(first on line {seen[s.key]})"
                 )
             seen[s.key] = lineno
-            yield s
+            yield s, sets
 
 
 def import_jsonl(
@@ -275,8 +310,12 @@ def import_jsonl(
     """
     from ttscale.types import Problem
 
-    # pass 1: validate everything (cheap; nothing is kept in memory but keys)
-    count = sum(1 for _ in read_samples_jsonl(path))
+    # pass 1: validate everything (cheap; nothing is kept in memory but keys and set names)
+    count = 0
+    set_names: set[str] = set()
+    for _, sets in _read_lines(path):
+        count += 1
+        set_names.update(sets)
     side_file = sidecar_path(path) if sidecar is True else (Path(sidecar) if sidecar else None)
     side: dict[str, Any] = {}
     if side_file is not None and (sidecar is not True or side_file.is_file()):
@@ -305,10 +344,22 @@ def import_jsonl(
         problems.append(
             Problem(p["id"], str(p.get("prompt") or ""), p.get("reference"), p.get("meta") or {})
         )
+    # the score sets the file's lines carry, with the source run's records of them (what
+    # computed them); a set the sidecar does not describe comes in unrecorded
+    recorded = (side.get("manifest") or {}).get("score_sets")
+    set_recs = {n: recorded[n] for n in set_names
+                if isinstance(recorded, dict) and isinstance(recorded.get(n), dict)}  # fmt: skip
+    for n, rec in set_recs.items():
+        check_score_record(n, rec, side_file)
     existed = (Path(out) / "manifest.json").exists()
+    if existed:  # checked before anything is written
+        old = SampleStore.open(out)
+        old.check_compatible(m)  # the file's model/benchmark/sampling must match the run's
+        for n in sorted(set_names):
+            _check_import_set(old, n, set_recs.get(n), Path(path))
     store = SampleStore.create(out, m, exist_ok=True)
     if existed:
-        store.check_compatible(m)  # the file's model/benchmark/sampling must match the run's
+        store.check_compatible(m)
     absent = {k: v for k, v in m.items() if k not in store.manifest}
     if absent:  # an existing run keeps what it records; the file fills in what it lacks
         store.update_manifest(**absent)
@@ -325,16 +376,79 @@ def import_jsonl(
                 tmp = dest.with_name(f".{dest.name}.tmp")
                 tmp.write_text("".join(json.dumps(d, sort_keys=True) + "\n" for d in decisions), encoding="utf-8")
                 tmp.replace(dest)
+    log_lines = side.get("pruning_log")
+    if isinstance(log_lines, list) and log_lines and not (store.path / "pruning.jsonl").exists():
+        # as the run's session log too, so a resumed pruning run rebuilds pruning.jsonl with them
+        import hashlib
+
+        text = "".join(json.dumps(r) + "\n" for r in log_lines if isinstance(r, dict))
+        tag = hashlib.blake2b(str(side_file).encode(), digest_size=6).hexdigest()
+        (store.path / "pruning").mkdir(exist_ok=True)
+        for dest in (store.path / "pruning" / f"imported-{tag}.jsonl", store.path / "pruning.jsonl"):
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(dest)
+    for n, rec in sorted(set_recs.items()):
+        store.adopt_score_set(n, rec, source=str(side_file))
     new = 0
-    batch: list[Sample] = []
-    for s in read_samples_jsonl(path):
-        batch.append(s)
+    batch: list[tuple[Sample, ScoreSetValues]] = []
+
+    def flush() -> int:
+        added = store.append([s for s, _ in batch])
+        for n in sorted(set_names):
+            rows = pa.table(
+                {"problem_id": [s.problem_id for s, v in batch if n in v],
+                 "index": [s.index for s, v in batch if n in v],
+                 # null is how export writes NaN (strict JSON has none): NaN again here, as
+                 # `ttscale certainty` stores it, so the round trip keeps every value's bits
+                 "score": [math.nan if v[n][0] is None else v[n][0] for _, v in batch if n in v],
+                 "meta": [_dump_meta(v[n][1]) for _, v in batch if n in v]},
+                schema=SCORE_SCHEMA,
+            )  # fmt: skip
+            store.copy_scores(n, rows)
+        batch.clear()
+        return added
+
+    for item in _read_lines(path):
+        batch.append(item)
         if len(batch) >= _CHUNK:
-            new += store.append(batch)
-            batch = []
+            new += flush()
     if batch:
-        new += store.append(batch)
+        new += flush()
     return store, new
+
+
+def _finite(entry: dict[str, Any]) -> dict[str, Any]:
+    v = entry.get("score")
+    if isinstance(v, float) and math.isnan(v):
+        return {**entry, "score": None}  # strict JSON has no NaN (a sample without tokens)
+    return entry
+
+
+def _dump_meta(meta: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(dict(meta), sort_keys=True, ensure_ascii=False) if meta else None
+
+
+def _check_import_set(store: SampleStore, name: str, rec: Mapping[str, Any] | None, path: Path) -> None:
+    """Refuse, before anything is written, score-set values that would mix with another
+    configuration's in the run imported into (or land on a verdict set's name)."""
+    if name in store.verifiers():
+        raise DataError(
+            f"{path} carries score set {name!r}, a verdict set of {store.path}; import into a new run"
+        )
+    have = store.score_set_record(name)
+    if name in store.score_sets() and (rec is None or (have or {}).get("fingerprint") != rec.get("fingerprint")):
+        what = _dumps_cfg(rec)
+        raise DataError(
+            f"{path} carries score set {name!r} made by {what}, but {store.path} holds it from "
+            f"{_dumps_cfg(have)}; import into a new run"
+        )
+
+
+def _dumps_cfg(rec: Mapping[str, Any] | None) -> str:
+    if not rec:
+        return "an unrecorded configuration"
+    return json.dumps(rec.get("config"), sort_keys=True, default=str)
 
 
 def sample_to_json(s: Sample) -> dict[str, Any]:
@@ -405,10 +519,24 @@ def export_jsonl(
 
         if (st.path / SHORTMK_FILE).is_file():  # a short-m@k run's choices and aborted tokens
             side["shortmk_decisions"] = read_short_decisions(st.path)
+        if (st.path / "pruning.jsonl").is_file():  # a pruning run's trace log: what was cut, why
+            from ttscale.store.samplestore import read_trace_log
+
+            side["pruning_log"] = read_trace_log(st.path / "pruning.jsonl")
         mp = Path(manifest_out)
         tmp = mp.with_name(f".{mp.name}.tmp")
         tmp.write_text(json.dumps(side, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
         tmp.replace(mp)
+    # every score set's values go with their samples (a float's JSON form reads back to the same
+    # bits; null where the set holds NaN or no value); the sidecar's manifest records each set
+    score_sets: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    for name in st.score_sets():
+        t = st.score_table(name)
+        score_sets[name] = {
+            (pid, i): ({"score": v, "meta": json.loads(mt)} if mt else {"score": v})
+            for pid, i, v, mt in zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(),
+                                     t.column("score").to_pylist(), t.column("meta").to_pylist(), strict=True)
+        }  # fmt: skip
     n = 0
     for s in st.samples():
         d = sample_to_json(s)
@@ -417,6 +545,9 @@ def export_jsonl(
             d["answer"], d["correct"] = v.answer, v.correct
             if v.score is not None:
                 d.setdefault("scores", {})[verifier] = v.score
+        sets = {name: _finite(vals[s.key]) for name, vals in score_sets.items() if s.key in vals}
+        if sets:
+            d["score_sets"] = sets
         out.write(json.dumps(d, ensure_ascii=False) + "\n")
         n += 1
     return n

@@ -826,6 +826,7 @@ class SampleStore:
         o = other if isinstance(other, SampleStore) else SampleStore(other)
         self.check_compatible(o.manifest)
         self.check_verdict_sets(o)  # before anything is written
+        self.check_score_sets(o)
         self.write_problems(o.problems())
         n = self.append(o.samples())
         for verifier in o.verifiers():
@@ -838,6 +839,16 @@ class SampleStore:
                     self.update_manifest(verifiers=recs)
                 fp = rec["fingerprint"]
             self.add_verdicts(o.verdicts(verifier), verifier=verifier, fingerprint=fp)
+        for name in o.score_sets():
+            # exact self-certainty and the like: the rows are copied as stored (bit for bit)
+            rec = o.score_set_record(name)
+            if rec is not None:
+                self.adopt_score_set(name, rec, source=str(o.path))
+            elif not self._shards(f"scores/{name}"):
+                # rows of an unrecorded configuration: a record left here (a claim whose pass
+                # wrote nothing) would describe them wrongly
+                self._forget_score_set(name)
+            self.copy_scores(name, o.score_table(name))
         self._merge_accounting(o)
         return n
 
@@ -859,6 +870,94 @@ class SampleStore:
                     f"but in {self.path} by {(mine or {}).get('spec', 'an unrecorded configuration')}; "
                     "re-verify one of them under another --name before merging"
                 )
+
+    def check_score_sets(self, other: SampleStore) -> None:
+        """Refuse (``StoreError``) to merge a score set that means another configuration here,
+        or whose name is a verdict set's here (or the other way round); like
+        :meth:`check_verdict_sets`, before anything is written."""
+        for name in other.score_sets():
+            if name in self.verifiers():
+                raise StoreError(
+                    f"{name!r} is a score set of {other.path} but a verdict set of {self.path}; "
+                    "re-score one of them under another --name before merging"
+                )
+            rec = other.score_set_record(name)
+            if rec is not None:
+                check_score_record(name, rec, other.path)
+            if other._shards(f"scores/{name}"):
+                self._check_adopt(name, rec, other.path)
+        for name in other.verifiers():
+            if name in self.score_sets():
+                raise StoreError(
+                    f"{name!r} is a verdict set of {other.path} but a score set of {self.path}; "
+                    "re-verify one of them under another --name before merging"
+                )
+
+    def _check_adopt(self, name: str, rec: Mapping[str, Any] | None, source: object) -> None:
+        if not self._shards(f"scores/{name}"):  # nothing here to contradict it
+            return
+        mine = self.score_set_record(name)
+        fp, have = (rec or {}).get("fingerprint"), (mine or {}).get("fingerprint")
+        if fp is None or fp != have:
+            def what(r: Mapping[str, Any] | None) -> str:
+                return _dumps(r.get("config")) if r else "a configuration that was never recorded"
+
+            raise StoreError(
+                f"score set {name!r} of {source} was made by {what(rec)}, but in {self.path} by "
+                f"{what(mine)}; score one of them under another --name before merging"
+            )
+
+    def adopt_score_set(self, name: str, rec: Mapping[str, Any], *, source: str = "the source") -> None:
+        """Record score set ``name`` as another run recorded it (``rec``: its ``config``,
+        ``fingerprint``, ``created``), before copying its rows here (merge, import). A set this
+        run holds already must have the same fingerprint (:class:`StoreError` otherwise)."""
+        self._check_score_name(name)
+        cfg = check_score_record(name, rec, source)
+        self._check_adopt(name, rec, source)
+        entry = {"config": json.loads(_dumps(dict(cfg))), "fingerprint": rec["fingerprint"],
+                 "created": rec.get("created") or _now()}  # fmt: skip
+
+        def record(m: dict[str, Any]) -> None:
+            recs = dict(m.get("score_sets") or {})
+            if (recs.get(name) or {}).get("fingerprint") == entry["fingerprint"] and self._shards(f"scores/{name}"):
+                return  # the same set: keep this run's record (its created time)
+            recs[name] = entry
+            m["score_sets"] = recs
+
+        self.modify_manifest(record)
+
+    def _forget_score_set(self, name: str) -> None:
+        def forget(m: dict[str, Any]) -> None:
+            recs = dict(m.get("score_sets") or {})
+            if recs.pop(name, None) is not None:
+                m["score_sets"] = recs
+
+        self.modify_manifest(forget)
+
+    def copy_scores(self, name: str, table: pa.Table) -> int:
+        """Store the rows of a score table (:meth:`score_table` of another run) in set ``name``
+        as they are: values, nulls and metadata unchanged. Returns how many were written."""
+        self._check_score_name(name)
+        table = table.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA)
+        if table.num_rows and self._shards(f"scores/{name}"):
+            # rows stored here already, bit for bit, are not written again (merging or importing
+            # again adds no shard)
+            def rows(t: pa.Table) -> list[tuple[Any, ...]]:
+                sc = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64).view(np.int64)
+                valid = t.column("score").is_valid().to_numpy(zero_copy_only=False)
+                return list(zip(t.column("problem_id").to_pylist(), t.column("index").to_pylist(),
+                                np.where(valid, sc, 0).tolist(), valid.tolist(),
+                                t.column("meta").to_pylist(), strict=True))  # fmt: skip
+
+            have = set(rows(self.score_table(name)))
+            keep = [r not in have for r in rows(table)]
+            table = table.filter(pa.array(keep, type=pa.bool_()))
+        if table.num_rows == 0:
+            return 0
+        d = self.path / "scores" / name
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write_table(d / _shard_name(), table)
+        return table.num_rows
 
     def _merge_accounting(self, o: SampleStore) -> None:
         have = set(self.sessions())
@@ -1099,7 +1198,7 @@ class SampleStore:
         """
         self._check_score_name(name)
         cfg = json.loads(_dumps(dict(config)))
-        fp = hashlib.sha256(_dumps(cfg).encode()).hexdigest()[:16]
+        fp = _score_fingerprint(cfg)
         rec = self.score_set_record(name)
         has = bool(self._shards(f"scores/{name}"))
         same = rec is not None and rec.get("fingerprint") == fp
@@ -1400,6 +1499,24 @@ class SampleStore:
         }
 
 
+def check_score_record(name: str, rec: Mapping[str, Any], where: object) -> Mapping[str, Any]:
+    """The ``config`` of score set ``name``'s record ``rec`` (from run or file ``where``); a
+    record whose fingerprint is not its configuration's (edited, damaged) is a
+    :class:`StoreError`, raised before a copy of the set writes anything."""
+    cfg = rec.get("config")
+    if not isinstance(cfg, Mapping) or rec.get("fingerprint") != _score_fingerprint(cfg):
+        raise StoreError(
+            f"the record of score set {name!r} in {where} does not match its configuration (edited "
+            "or damaged); score that run again with `ttscale certainty RUN --model PATH --force`"
+        )
+    return cfg
+
+
+def _score_fingerprint(config: Mapping[str, Any]) -> str:
+    """A score set's fingerprint: 16 hex digits of SHA-256 over its configuration's JSON."""
+    return hashlib.sha256(_dumps(json.loads(_dumps(dict(config)))).encode()).hexdigest()[:16]
+
+
 def _requested_n(manifest: Mapping[str, Any]) -> int | None:
     """Samples per problem the run asked for (``sampling.n``), if recorded."""
     n = (manifest.get("sampling") or {}).get("n") if isinstance(manifest.get("sampling"), dict) else None
@@ -1484,6 +1601,31 @@ def merge_runs(
                     f"{rec.get('spec')} in {st.path}; re-verify one of them under another --name; "
                     "nothing was merged"
                 )
+    # score sets (exact self-certainty, ...): as verdict sets, one name means one configuration
+    # in every run, and never a verdict set's name; a set some runs lack is still carried
+    scored_by: dict[str, tuple[str | None, str, Path]] = {}  # score set -> (fingerprint, config, run)
+    everyone = ([target] if target is not None else []) + srcs
+    verdict_names = {n: st.path for st in everyone for n in st.verifiers()}
+    for st in everyone:
+        for name in st.score_sets():
+            if name in verdict_names:
+                raise StoreError(
+                    f"{name!r} is a score set in {st.path} but a verdict set in "
+                    f"{verdict_names[name]}; rename one (another --name); nothing was merged"
+                )
+            if not st._shards(f"scores/{name}"):
+                continue
+            srec = st.score_set_record(name)
+            if srec is not None:
+                check_score_record(name, srec, st.path)
+            sfp = (srec or {}).get("fingerprint")
+            scfg = _dumps(srec.get("config")) if srec else "an unrecorded configuration"
+            sprev_fp, sprev_cfg, sprev_path = scored_by.setdefault(name, (sfp, scfg, st.path))
+            if sprev_path != st.path and (sprev_fp != sfp or sfp is None):
+                raise StoreError(
+                    f"score set {name!r} was made by {sprev_cfg} in {sprev_path} but by {scfg} in "
+                    f"{st.path}; score one of them under another --name; nothing was merged"
+                )
     if target is None:
         skip = ("format", "format_version", "created", "ttscale_version", "git_sha", "accounting")
         m = {k: v for k, v in srcs[0].manifest.items() if k not in skip}
@@ -1514,4 +1656,86 @@ def merge_runs(
             )
 
     target.modify_manifest(widen)
+    _merge_pruning_logs(target, srcs)
+    total = len(target)
+    for name in target.score_sets():
+        have = len(target.scored_keys(name))
+        if have < total:  # curve then uses the approximation, and says why
+            log.warning(
+                "score set %r of %s covers %d of %d samples (the runs without it had none); "
+                "complete it with `ttscale certainty %s --model PATH`", name, outp, have, total, outp,
+            )
     return target, added
+
+
+def read_trace_log(path: Path) -> list[dict[str, Any]]:
+    """The lines of a pruning trace log (``pruning.jsonl`` or ``pruning/<session>.jsonl``); a
+    line cut by a kill is skipped (its trace was never stored: the sampler redoes it)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and "problem_id" in r and "index" in r:
+            out.append(r)
+    return out
+
+
+def _merge_pruning_logs(target: SampleStore, srcs: Sequence[SampleStore]) -> None:
+    """Copy the pruning runs' trace logs (``pruning/<session>.jsonl``, one per sampling session)
+    into the merged run and rebuild its ``pruning.jsonl`` and manifest ``pruning`` entry from
+    them, as a pruning run's last worker does (what was pruned, when and why, for every trace).
+
+    A source with only ``pruning.jsonl`` (no session logs) contributes that file's lines as one
+    log named after the source. Merging again adds nothing."""
+    dest = target.path / "pruning"
+    copied = False
+    for st in srcs:
+        logs = sorted((st.path / "pruning").glob("*.jsonl")) if (st.path / "pruning").is_dir() else []
+        if not logs and (st.path / "pruning.jsonl").is_file():
+            logs = [st.path / "pruning.jsonl"]
+        for f in logs:
+            lines = [json.dumps(r) for r in read_trace_log(f)]
+            if f.parent == st.path:  # the run's whole record, under a name of its own here
+                tag = hashlib.blake2b(str(st.path.resolve()).encode(), digest_size=6).hexdigest()
+                out = dest / f"merged-{tag}.jsonl"
+            else:
+                out = dest / f.name
+            old = read_trace_log(out) if out.is_file() else []
+            have = {json.dumps(r) for r in old}
+            new = [x for x in lines if x not in have]
+            if not new:
+                continue
+            dest.mkdir(exist_ok=True)
+            text = "".join(json.dumps(r) + "\n" for r in old) + "".join(x + "\n" for x in new)
+            _atomic_write_bytes(out, text.encode())
+            copied = True
+    if not copied:
+        return
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for f in sorted(dest.glob("*.jsonl")):
+        for r in read_trace_log(f):
+            records[(str(r["problem_id"]), int(r["index"]))] = r
+    target.refresh()
+    stored = target.keys()
+    kept = [r for k, r in sorted(records.items()) if k in stored]
+    _atomic_write_bytes(target.path / "pruning.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+    thresholds: dict[str, Any] = {}
+    for st in [target, *srcs]:
+        info = st.manifest.get("pruning")
+        if isinstance(info, Mapping):
+            thresholds.update({k: v for k, v in dict(info.get("thresholds") or {}).items() if v is not None})
+
+    def put(m: dict[str, Any]) -> None:
+        info = dict(m.get("pruning") or {})
+        info.update(
+            traces=len(kept),
+            pruned=sum(r.get("pruned_at") is not None for r in kept),
+            generated_tokens=sum(int(r.get("tokens") or 0) for r in kept),
+            thresholds=thresholds,
+            log="pruning.jsonl",
+        )
+        m["pruning"] = info
+
+    target.modify_manifest(put)
