@@ -345,16 +345,18 @@ def test_batch_size_reaches_the_hf_engine(
     extra: list[str],
     decode_batches: list[int],
 ) -> None:
-    from ttscale.engines.hf import HFEngine
+    from ttscale.engines.hf import _Batch
 
+    # the rows that join hf's running batch together (generate's batches and the engine loop's
+    # admissions both go through _Batch.admit)
     seen: list[int] = []
-    real = HFEngine._decode_batch
+    real = _Batch.admit
 
-    def spy(self, batch, *a, **kw):  # type: ignore[no-untyped-def]
-        seen.append(len(batch))
-        return real(self, batch, *a, **kw)
+    def spy(self, rows, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(len(rows))
+        return real(self, rows, *a, **kw)
 
-    monkeypatch.setattr(HFEngine, "_decode_batch", spy)
+    monkeypatch.setattr(_Batch, "admit", spy)
     r = invoke("sample", "--engine", "hf", "--model", str(tiny_model_dir), "--benchmark",
                "arith", "--n", "8", "--limit", "5", "--max-tokens", "3", "--no-progress",
                "--out", str(tmp_path / "run"), *extra)  # fmt: skip

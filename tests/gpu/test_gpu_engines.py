@@ -35,6 +35,43 @@ def test_hf_engine_on_cuda_matches_cpu_logprobs(tiny_model_dir: Path) -> None:
             assert abs(c.token_logprobs[t] - float(lp[n - 1 + t, tok])) < 1e-3
 
 
+def test_hf_engine_loop_on_cuda(tiny_model_dir: Path) -> None:
+    """The hf engine loop on the GPU: requests join the running batch at different times and
+    come back with generate's seeds (and, in float32, its tokens); an abort counts the tokens
+    generated so far and empties the batch; a continued step reuses the stored prefix."""
+    from ttscale.engines.hf import HFEngine
+
+    eng = HFEngine(tiny_model_dir, device="cuda", dtype="float32")
+    params = SamplingParams(max_tokens=16, seed=5)
+    reqs = [GenerationRequest(f"p{k}", prompt=f"Q{k}", indices=(0, 1, 2, 3)) for k in range(8)]
+    want = eng.generate(reqs, params)
+    loop = eng.open_loop(params)
+    got: dict[int, list] = {}  # type: ignore[type-arg]
+    tickets = [loop.submit(reqs[0])]
+    loop.poll(lambda t, comps: got.__setitem__(t, comps), max_steps=3)
+    tickets += [loop.submit(r) for r in reqs[1:]]
+    while loop.in_flight:
+        loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    for t, w in zip(tickets, want, strict=True):
+        assert [(c.index, c.seed) for c in got[t]] == [(c.index, c.seed) for c in w]
+        assert [c.token_ids for c in got[t]] == [c.token_ids for c in w]
+    step = GenerationRequest("p0", prompt="Q0", prefix_token_ids=got[tickets[0]][0].token_ids or (),
+                             step=1)  # fmt: skip
+    loop.submit(step)
+    while loop.in_flight:
+        loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    # a row that ended at its token cap left its cache: the continuation extends it
+    assert loop.prefixes is not None and (
+        loop.prefixes.hits == 1 or got[tickets[0]][0].finish_reason != "length"
+    )
+    loop = eng.open_loop(SamplingParams(max_tokens=64, min_tokens=64, seed=5))
+    one = loop.submit(GenerationRequest("a", prompt="Abc"))
+    fan = loop.submit(GenerationRequest("b", prompt="Xyz", indices=(0, 1, 2)))
+    loop.poll(lambda t, comps: None, max_steps=5)
+    assert loop.abort(one) == 5 and loop.abort(fan) == 15 and loop.in_flight == 0
+    assert loop._batch.cache is None
+
+
 def test_vllm_engine_on_cuda(tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
     from ttscale.engines.vllm import VLLMEngine

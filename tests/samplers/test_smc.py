@@ -867,7 +867,10 @@ def test_per_request_caps_on_a_real_model(tiny_model_dir) -> None:  # type: igno
     pytest.importorskip("torch")
     from ttscale.engines.hf import HFEngine
 
-    eng = HFEngine(tiny_model_dir, batch_size=8)
+    class _BatchOnlyHF(HFEngine):  # its generate calls are counted (its own loop has none)
+        open_loop = None  # type: ignore[assignment]
+
+    eng = _BatchOnlyHF(tiny_model_dir, batch_size=8)
     calls: list[list[GenerationRequest]] = []
     inner = eng.generate
 
@@ -891,6 +894,14 @@ def test_per_request_caps_on_a_real_model(tiny_model_dir) -> None:  # type: igno
                 break
             node = by[node.parent]
         assert len(ids) <= 7 and c.text == eng.decode(ids)
+    # the hf engine loop caps each request alike: the same particles
+    s2 = SMCSampler(HFEngine(tiny_model_dir, batch_size=8), lambda p, t, f: [0.0] * len(t),
+                    SamplingParams(max_tokens=7, seed=2), step_stop=(), tokens_per_step=3,
+                    progress=False)  # fmt: skip
+    (res2,) = list(s2.sample([Problem("p", "1 + 2 =")], 4, seed=2))
+    assert [(c.index, c.text, c.parent) for c in res2.candidates] == [
+        (c.index, c.text, c.parent) for c in res.candidates
+    ]
 
 
 @pytest.mark.parametrize("ess_threshold", [0.5, 1.0])

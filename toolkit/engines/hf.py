@@ -7,6 +7,10 @@ CDF of the processed distribution. The forward pass is batched with a KV cache (
 once per distinct prompt, then the cache rows are repeated for its samples), and log-probabilities
 come from the same logits that were sampled from, in float64.
 
+:meth:`HFEngine.open_loop` runs the same decoding step on one running batch that requests join
+and leave between steps (:mod:`ttscale.engines.loop`), with the prefix caches of finished steps
+kept for the requests that continue them.
+
 Capabilities: exact token prefixes (``prompt_token_ids``/``prefix_token_ids`` are fed as ids),
 ``score`` (one forward pass over prompt + continuation per batch), both log-probability modes on
 every completion (``target_logprobs`` raw, ``proposal_logprobs`` processed), and streaming with
@@ -19,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,18 +65,27 @@ def _import_torch() -> Any:
 
 
 def process_logprobs_torch(
-    logprobs: Any, params: SamplingParams, suppress: Sequence[int] = ()
+    logprobs: Any,
+    params: SamplingParams,
+    suppress: Sequence[int] = (),
+    rows: Sequence[bool] | None = None,
 ) -> Any:
     """Batched sampling distribution in log space: ``(B, V)`` float64 -> ``(B, V)``, ``-inf`` removed.
 
     Same maths and order as :func:`ttscale.engines.scripted.process_logprobs` (vLLM's order):
     suppress -> temperature -> min-p -> top-k -> top-p, renormalising after each filter;
-    ``temperature == 0`` is a one-hot on the argmax.
+    ``temperature == 0`` is a one-hot on the argmax. ``rows``: suppress only in the rows marked
+    ``True`` (rows of one batch at different steps of ``min_tokens``); every operation is per
+    row, so a row's result does not depend on the others.
     """
     torch = _import_torch()
     lp = logprobs.clone()
     if len(suppress):
-        lp[:, list(suppress)] = -math.inf
+        if rows is None:
+            lp[:, list(suppress)] = -math.inf
+        elif any(rows):
+            which = torch.tensor([b for b, r in enumerate(rows) if r], device=lp.device)
+            lp[which.unsqueeze(1), torch.tensor(list(suppress), device=lp.device)] = -math.inf
     if params.temperature == 0.0:
         out = torch.full_like(lp, -math.inf)
         out.scatter_(1, lp.argmax(dim=1, keepdim=True), 0.0)
@@ -121,12 +135,16 @@ def _cpu_threads(torch: Any, model: Any, threads: int | None) -> int:
 class _Row:
     """One sample being generated."""
 
-    request: int
+    request: int  # generate: its request's position; the loop: its ticket
     slot: int
     index: int
     seed: int
     prompt: list[int]
     generator: Any
+    req: GenerationRequest
+    cap: int  # the request's own max_tokens
+    on_token: TokenCallback | None = None
+    event_request: int = 0  # TokenEvent.request of its events
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     target: list[float] = field(default_factory=list)
@@ -138,6 +156,367 @@ class _Row:
     text: str | None = None
     finish: str = FinishReason.LENGTH.value
     stop_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """A finished row's KV cache: ``tokens`` real tokens in ``mask.shape[0]`` columns (masked
+    columns may sit between them), one ``(heads, columns, dim)`` tensor per layer."""
+
+    tokens: int
+    mask: Any
+    keys: list[Any]  # per layer ``(rows, heads, columns, dim)``: row ``row`` from column ``first``
+    values: list[Any]
+    row: int = 0
+    first: int = 0
+
+    def kv(self, name: str, layer: int) -> Any:
+        return getattr(self, name)[layer][self.row, :, self.first :]
+
+
+class _PrefixStore:
+    """KV caches of rows that ended at a stop string or a token cap, by their token sequence
+    (prompt and generated tokens fed so far), so a request that continues one (a step-wise
+    sampler's next step: the same prompt and prefix plus the step's last token) prefills only
+    what follows. The oldest are dropped once they hold more columns than the running batch
+    (at least ``minimum``)."""
+
+    def __init__(self, minimum: int = 4096) -> None:
+        self.minimum = minimum
+        self._items: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
+        self._columns = 0
+        #: prompts that extended a stored prefix, and the prompt tokens they did not prefill
+        self.hits = 0
+        self.saved_tokens = 0
+
+    def put(self, key: tuple[int, ...], prefix: _Prefix, budget: int) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._columns -= old.mask.shape[0]
+        self._items[key] = prefix
+        self._columns += prefix.mask.shape[0]
+        while self._columns > max(self.minimum, budget) and len(self._items) > 1:
+            _, gone = self._items.popitem(last=False)
+            self._columns -= gone.mask.shape[0]
+
+    def find(self, prompt: tuple[int, ...], longest_tail: int = 4) -> _Prefix | None:
+        """The stored prefix that ``prompt`` extends by 1 to ``longest_tail`` tokens."""
+        for cut in range(1, min(longest_tail, len(prompt) - 1) + 1):
+            hit = self._items.get(prompt[:-cut])
+            if hit is not None:
+                self._items.move_to_end(prompt[:-cut])
+                self.hits += 1
+                self.saved_tokens += hit.tokens
+                return hit
+        return None
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._columns = 0
+
+
+class _Batch:
+    """Rows decoded together, for ``generate`` (one batch at a time) and the engine loop (one
+    batch that rows join and leave between steps).
+
+    State: the rows (``None`` where a row finished or was aborted: it stays, its outputs
+    ignored, until compacted), their KV cache (``DynamicCache``; each row's tokens right-aligned,
+    left-padded with masked zeros), the attention mask, each row's next position id, and the
+    logits of each row's next token (sampled by the next :meth:`step`).
+    """
+
+    def __init__(self, engine: HFEngine, prefixes: _PrefixStore | None = None) -> None:
+        self.engine = engine
+        #: where rows that end at a stop string or a cap leave their KV cache (the loop's)
+        self.prefixes = prefixes
+        self.rows: list[_Row | None] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.next_pos: Any = None
+        self.logits: Any = None
+
+    @property
+    def live(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.next_pos, self.logits = [], None, None, None, None
+
+    def admit(self, rows: Sequence[_Row]) -> None:
+        """Prefill ``rows``' prompts (each distinct prompt once; its cache rows are repeated for
+        its samples) and add the rows to the batch. With :attr:`prefixes`, a prompt that extends
+        a stored prefix prefills only the tokens after it."""
+        fresh: list[_Row] = []
+        reused: list[_Row] = []
+        past: dict[tuple[int, ...], _Prefix] = {}
+        for r in rows:
+            key = tuple(r.prompt)
+            hit = past.get(key) or (self.prefixes.find(key) if self.prefixes else None)
+            if hit is None:
+                fresh.append(r)
+            else:
+                past[key] = hit
+                reused.append(r)
+        for group in (fresh, reused):
+            if group:
+                cache, mask, logits = self._prefill(group, past)
+                if self.cache is None or not self.live:
+                    self.rows, self.cache, self.mask = list(group), cache, mask
+                    self.next_pos, self.logits = mask.sum(dim=1), logits
+                else:
+                    self._merge(list(group), cache, mask, logits)
+
+    def _prefill(
+        self, rows: Sequence[_Row], past: dict[tuple[int, ...], _Prefix]
+    ) -> tuple[Any, Any, Any]:
+        """One forward over the distinct prompts of ``rows`` (after their stored prefix, where
+        ``past`` has one): their cache, attention mask and next-token logits, one per row."""
+        torch = _import_torch()
+        from transformers import DynamicCache
+
+        eng, dev = self.engine, self.engine.device
+        distinct: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            distinct.setdefault(tuple(r.prompt), len(distinct))
+        uniq = list(distinct)
+        if any(not p for p in uniq):
+            raise ConfigError("empty prompt: the tokenizer produced no tokens")
+        pre = [past.get(p) for p in uniq]
+        tails = [p[x.tokens :] if x is not None else p for p, x in zip(uniq, pre, strict=True)]
+        done = [x.tokens if x is not None else 0 for x in pre]
+        width = max(len(t) for t in tails)
+        pw = max((x.mask.shape[0] for x in pre if x is not None), default=0)
+        ids = torch.full((len(uniq), width), eng._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(uniq), pw + width), dtype=torch.long)
+        positions = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, t in enumerate(tails):
+            ids[i, width - len(t) :] = torch.tensor(t)
+            mask[i, pw + width - len(t) :] = 1
+            positions[i, width - len(t) :] = torch.arange(done[i], done[i] + len(t))
+        cache = DynamicCache()
+        if pw:
+            # the stored prefixes, right-aligned (left-padded with masked zeros), then the rest
+            layers = []
+            for layer in range(len(next(x for x in pre if x is not None).keys)):
+                kv = []
+                for name in ("keys", "values"):
+                    ref = getattr(next(x for x in pre if x is not None), name)[layer]
+                    out = ref.new_zeros((len(uniq), ref.shape[1], pw, ref.shape[3]))
+                    for i, x in enumerate(pre):
+                        if x is not None:
+                            n = x.mask.shape[0]
+                            out[i, :, pw - n :] = x.kv(name, layer)
+                    kv.append(out)
+                layers.append((kv[0], kv[1]))
+            cache = DynamicCache(ddp_cache_data=layers)
+            for i, x in enumerate(pre):
+                if x is not None:
+                    mask[i, pw - x.mask.shape[0] : pw] = x.mask
+        ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
+        prefill = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "past_key_values": cache,
+            "use_cache": True,
+        }
+        try:  # only the last position's logits are needed: skip the (L, V) prompt logits
+            out = eng.model(**prefill, logits_to_keep=1)
+        except TypeError:  # models whose forward has no logits_to_keep
+            out = eng.model(**prefill)
+        cache = out.past_key_values
+        expand = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=dev)
+        cache.batch_select_indices(expand)
+        return cache, mask.index_select(0, expand), out.logits[:, -1, :].index_select(0, expand)
+
+    def _keep(self) -> tuple[Any, int]:
+        """Indices of the live rows and the first column any of them uses."""
+        torch = _import_torch()
+        keep = torch.tensor(
+            [b for b, r in enumerate(self.rows) if r is not None], device=self.mask.device
+        )
+        # a row's tokens start at its first unmasked column (a row that extended a stored
+        # prefix may have masked columns between the prefix and the rest of its prompt)
+        first = self.mask.index_select(0, keep).argmax(dim=1)
+        return keep, int(first.min())
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
+        """Add prefilled ``rows`` to the running batch in one copy of the cache: finished rows
+        and padding columns no live row uses are dropped, then the shorter side is left-padded
+        along the sequence axis and the two are stacked on the batch axis."""
+        torch = _import_torch()
+        from transformers.cache_utils import DynamicLayer
+
+        keep, start = self._keep()
+        n_old, n_new = len(keep), len(rows)
+        w_old, w_new = self.mask.shape[1] - start, mask.shape[1]
+        width = max(w_old, w_new)
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            if type(old) is not DynamicLayer or type(new) is not DynamicLayer:
+                raise EngineError(
+                    f"the hf engine loop needs a plain KV cache; {type(old).__name__} layers "
+                    "cannot join a running batch (use generate, or another engine)"
+                )
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)
+                out = a.new_zeros((n_old + n_new, *a.shape[1:2], width, *a.shape[3:]))
+                out[:n_old, :, width - w_old :] = a.index_select(0, keep)[:, :, start:]
+                out[n_old:, :, width - w_new :] = b
+                setattr(old, name, out)
+        m = self.mask.new_zeros((n_old + n_new, width))
+        m[:n_old, width - w_old :] = self.mask.index_select(0, keep)[:, start:]
+        m[n_old:, width - w_new :] = mask
+        self.mask = m
+        self.next_pos = torch.cat([self.next_pos.index_select(0, keep), mask.sum(dim=1)])
+        self.logits = torch.cat([self.logits.index_select(0, keep), logits])
+        self.rows = [r for r in self.rows if r is not None]
+        self.rows.extend(rows)
+
+    def _compact(self, tokens: Any) -> Any:
+        """Drop finished rows and the padding columns no live row uses; ``tokens`` (one per row)
+        is selected alike and returned."""
+        keep, start = self._keep()
+        self.cache.batch_select_indices(keep)
+        if start:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+        self.mask = self.mask.index_select(0, keep)[:, start:]
+        self.next_pos = self.next_pos.index_select(0, keep)
+        self.rows = [r for r in self.rows if r is not None]
+        return tokens.index_select(0, keep)
+
+    def drop(self, which: Callable[[_Row], bool]) -> None:
+        """Remove the rows ``which`` selects (aborted by the caller) before the next step."""
+        for b, r in enumerate(self.rows):
+            if r is not None and which(r):
+                self.rows[b] = None
+        if not self.live:
+            self.clear()
+
+    def _store(self, ended: list[tuple[int, _Row]]) -> None:
+        """Keep the caches of ``ended`` rows (what was fed: the prompt and every generated token
+        but the last) in :attr:`prefixes`."""
+        torch = _import_torch()
+        assert self.prefixes is not None
+        idx = torch.tensor([b for b, _ in ended], device=self.mask.device)
+        masks = self.mask.index_select(0, idx)
+        first = masks.argmax(dim=1).tolist()
+        keys = [layer.keys.index_select(0, idx) for layer in self.cache.layers]
+        values = [layer.values.index_select(0, idx) for layer in self.cache.layers]
+        budget = int(self.mask.numel())
+        for i, (_, row) in enumerate(ended):
+            f = first[i]
+            fed = tuple(row.prompt) + tuple(row.token_ids[:-1])
+            prefix = _Prefix(len(fed), masks[i, f:], keys, values, i, f)
+            self.prefixes.put(fed, prefix, budget)
+
+    def step(self, params: SamplingParams, finished: Callable[[_Row], None]) -> None:
+        """Sample one token for every row from its pending logits, then run the model on them.
+
+        Each row draws one uniform from its own generator and inverts the CDF of its processed
+        distribution, so its tokens depend only on its seed and its logits; a row at step ``t``
+        (its tokens so far) follows ``min_tokens``, stop strings and its request's cap as
+        ``generate`` does. Rows that end are handed to ``finished`` and leave the batch.
+        """
+        torch = _import_torch()
+        eng, dev, rows = self.engine, self.engine.device, self.rows
+        raw = torch.log_softmax(self.logits.to(torch.float64), dim=1)
+        # exact self-certainty needs the whole distribution, which only this loop has:
+        # KL(U || p) = -log V - mean_j log p_j over the logits' V entries (raw, untempered)
+        cert = (-math.log(raw.shape[1]) - raw.mean(dim=1)).tolist() if eng.self_certainty else None
+        early = None
+        if params.min_tokens:
+            early = [r is not None and len(r.token_ids) < params.min_tokens for r in rows]
+        proc = process_logprobs_torch(raw, params, eng.eos_token_ids if early else (), early)
+        u = torch.cat(
+            [
+                torch.rand(1, generator=r.generator, dtype=torch.float64)
+                if r is not None
+                else torch.zeros(1, dtype=torch.float64)
+                for r in rows
+            ]
+        )
+        cdf = proc.exp().cumsum(dim=1)
+        target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+        reported = raw if eng.logprob_mode == "raw_logprobs" else proc
+        raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        proc_lp = proc.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        chosen_lp = raw_lp if eng.logprob_mode == "raw_logprobs" else proc_lp
+        k = min(params.logprobs or 0, raw.shape[-1])
+        if k:
+            top_v, top_i = torch.topk(reported, k, dim=1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+        eos = eng.eos_token_ids
+        tok_list = tokens.tolist()
+        ended: list[tuple[int, _Row]] = []  # rows that may be continued: their caches are kept
+        for b, row in enumerate(rows):
+            if row is None:
+                continue
+            t = len(row.token_ids)
+            tok = int(tok_list[b])
+            row.token_ids.append(tok)
+            row.logprobs.append(float(chosen_lp[b]))
+            row.target.append(float(raw_lp[b]))
+            row.proposal.append(float(proc_lp[b]))
+            if cert is not None:
+                row.certainty.append(float(cert[b]))
+            if k:
+                top = dict(zip(top_i[b], top_v[b], strict=True))
+                top[tok] = float(chosen_lp[b])
+                row.tops.append(top)
+            if tok in eos and t >= params.min_tokens:
+                row.finish = FinishReason.STOP.value
+                row.done = True
+            elif params.stop and t + 1 > params.min_tokens:
+                eng._check_stop(row, row.req, params)
+            if not row.done and t + 1 == row.cap:  # the request's own cap
+                row.finish, row.done = FinishReason.LENGTH.value, True
+            if row.on_token is not None:
+                event = TokenEvent(
+                    request=row.event_request,
+                    slot=row.slot,
+                    index=row.index,
+                    token_id=tok,
+                    num_tokens=t + 1,
+                    logprob=float(chosen_lp[b]) if params.logprobs is not None else None,
+                    top=row.tops[-1] if k else None,
+                    finished=row.done,
+                )
+                if row.on_token(event) and not row.done:
+                    row.finish, row.done = FinishReason.ABORT.value, True
+            if row.done:
+                rows[b] = None
+                if self.prefixes is not None and row.finish != FinishReason.ABORT.value and (
+                    row.stop_reason is not None or tok not in eos
+                ):
+                    ended.append((b, row))
+                finished(row)
+        if ended:
+            self._store(ended)
+        live = self.live
+        if not live:
+            self.clear()
+            return
+        # a finished row stays (its outputs ignored) until a quarter of the rows are finished:
+        # compacting the cache copies every live row's keys and values, which at every step
+        # would cost more than the dead rows
+        if 4 * (len(rows) - live) >= len(rows):
+            tokens = self._compact(tokens)
+        self.mask = torch.cat(
+            [self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=dev)], 1
+        )
+        out = eng.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=self.next_pos.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :]
+        self.next_pos = self.next_pos + 1
 
 
 class HFEngine:
@@ -310,6 +689,7 @@ class HFEngine:
         torch = _import_torch()
         collector = ResultCollector(requests, on_result)
         prompts = [self.prompt_token_ids(r) for r in requests]
+        caps = [r.params_for(params).max_tokens for r in requests]
         rows = [
             (pos, j, idx, req.seed_for(j, params))
             for pos, req in enumerate(requests)
@@ -335,10 +715,14 @@ class HFEngine:
                             seed,
                             prompts[pos],
                             torch.Generator().manual_seed(seed),
+                            requests[pos],
+                            caps[pos],
+                            on_token,
+                            pos,
                         )
                         for pos, j, idx, seed in rows[start : start + step]
                     ]
-                    self._decode_batch(batch, requests, prompts, params, finished, on_token)
+                    self._decode_batch(batch, params, finished)
         except GenerationError:
             raise
         except Exception as e:
@@ -346,143 +730,29 @@ class HFEngine:
         return collector.results()
 
     def _decode_batch(
-        self,
-        batch: list[_Row],
-        requests: Sequence[GenerationRequest],
-        prompts: list[list[int]],
-        params: SamplingParams,
-        finished: Callable[[_Row], None],
-        on_token: TokenCallback | None,
+        self, rows: list[_Row], params: SamplingParams, finished: Callable[[_Row], None]
     ) -> None:
-        torch = _import_torch()
-        from transformers import DynamicCache
+        """Decode ``rows`` together until every one has ended."""
+        batch = _Batch(self)
+        batch.admit(rows)
+        while batch.live:
+            batch.step(params, finished)
 
-        dev = self.device
-        # prefill each distinct prompt once, then repeat its cache rows for its samples
-        distinct: dict[int, int] = {}
-        for first in batch:
-            distinct.setdefault(first.request, len(distinct))
-        uniq = list(distinct)
-        width = max(len(prompts[p]) for p in uniq)
-        ids = torch.full((len(uniq), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(uniq), width), dtype=torch.long)
-        for i, p in enumerate(uniq):
-            n = len(prompts[p])
-            if n == 0:
-                raise ConfigError("empty prompt: the tokenizer produced no tokens")
-            ids[i, width - n :] = torch.tensor(prompts[p])
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        prefill = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "past_key_values": cache,
-            "use_cache": True,
-        }
-        try:  # only the last position's logits are needed: skip the (L, V) prompt logits
-            out = self.model(**prefill, logits_to_keep=1)
-        except TypeError:  # models whose forward has no logits_to_keep
-            out = self.model(**prefill)
-        cache = out.past_key_values
-        expand = torch.tensor([distinct[r.request] for r in batch], device=dev)
-        cache.batch_select_indices(expand)
-        logits = out.logits[:, -1, :].index_select(0, expand)
-        mask = mask.index_select(0, expand)
-        next_pos = mask.sum(dim=1)
-        # rows aligned with the cache; a finished row becomes None and stays (its outputs are
-        # ignored) until a quarter of the rows are finished: compacting the cache copies every
-        # live row's keys and values, which at every step would cost more than the dead rows
-        active: list[_Row | None] = list(batch)
-        eos = set(self.eos_token_ids)
-        k = min(params.logprobs or 0, logits.shape[-1])
-        caps = {r.request: requests[r.request].params_for(params).max_tokens for r in batch}
-        for t in range(max(caps.values())):
-            raw = torch.log_softmax(logits.to(torch.float64), dim=1)
-            # exact self-certainty needs the whole distribution, which only this loop has:
-            # KL(U || p) = -log V - mean_j log p_j over the logits' V entries (raw, untempered)
-            cert = (-math.log(raw.shape[1]) - raw.mean(dim=1)).tolist() if self.self_certainty else None
-            suppress = self.eos_token_ids if t < params.min_tokens else ()
-            proc = process_logprobs_torch(raw, params, suppress)
-            u = torch.cat(
-                [
-                    torch.rand(1, generator=r.generator, dtype=torch.float64)
-                    if r is not None
-                    else torch.zeros(1, dtype=torch.float64)
-                    for r in active
-                ]
-            )
-            cdf = proc.exp().cumsum(dim=1)
-            target = (u.to(dev) * cdf[:, -1]).unsqueeze(1)
-            tokens = (
-                torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-            )
-            reported = raw if self.logprob_mode == "raw_logprobs" else proc
-            raw_lp = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-            proc_lp = proc.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-            chosen_lp = raw_lp if self.logprob_mode == "raw_logprobs" else proc_lp
-            if k:
-                top_v, top_i = torch.topk(reported, k, dim=1)
-                top_v, top_i = top_v.tolist(), top_i.tolist()
-            tok_list = tokens.tolist()
-            for b, row in enumerate(active):
-                if row is None:
-                    continue
-                tok = int(tok_list[b])
-                row.token_ids.append(tok)
-                row.logprobs.append(float(chosen_lp[b]))
-                row.target.append(float(raw_lp[b]))
-                row.proposal.append(float(proc_lp[b]))
-                if cert is not None:
-                    row.certainty.append(float(cert[b]))
-                if k:
-                    top = dict(zip(top_i[b], top_v[b], strict=True))
-                    top[tok] = float(chosen_lp[b])
-                    row.tops.append(top)
-                if tok in eos and t >= params.min_tokens:
-                    row.finish = FinishReason.STOP.value
-                    row.done = True
-                elif params.stop and t + 1 > params.min_tokens:
-                    self._check_stop(row, requests[row.request], params)
-                if not row.done and t + 1 == caps[row.request]:  # the request's own cap
-                    row.finish, row.done = FinishReason.LENGTH.value, True
-                if on_token is not None:
-                    event = TokenEvent(
-                        request=row.request,
-                        slot=row.slot,
-                        index=row.index,
-                        token_id=tok,
-                        num_tokens=t + 1,
-                        logprob=float(chosen_lp[b]) if params.logprobs is not None else None,
-                        top=row.tops[-1] if k else None,
-                        finished=row.done,
-                    )
-                    if on_token(event) and not row.done:
-                        row.finish, row.done = FinishReason.ABORT.value, True
-                if row.done:
-                    finished(row)
-                    active[b] = None
-            keep = [b for b, r in enumerate(active) if r is not None]
-            if not keep:
-                return
-            if 4 * (len(active) - len(keep)) >= len(active):
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
-                active = [active[b] for b in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], 1)
-            out = self.model(
-                input_ids=tokens.unsqueeze(1),
-                attention_mask=mask,
-                position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            next_pos = next_pos + 1
+    def open_loop(self, params: SamplingParams, *, prefix_reuse: bool = True) -> _HFLoop:
+        """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
+        request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
+        prefilled together, each distinct prompt once, and merged into the running cache), rows
+        leave it as they end, and a request comes back as soon as its last sample ended. A
+        sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
+        the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
+        together; further samples wait in a queue.
+
+        ``prefix_reuse``: a row that ends at a stop string or a token cap leaves its KV cache
+        behind (the oldest dropped once they hold more tokens than the running batch), and a
+        request whose prompt continues one by up to 4 tokens (a step-wise sampler's next step)
+        prefills only those tokens. Its logits then come from the cache built step by step
+        rather than from one prefill: the same float32 effects as batch composition."""
+        return _HFLoop(self, params, prefix_reuse)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
@@ -640,3 +910,140 @@ class HFEngine:
 
     def __repr__(self) -> str:
         return f"HFEngine({self.model_name!r}, device={self.device!r}, dtype={self.dtype!r})"
+
+
+@dataclass
+class _Ticket:
+    """A request submitted to the loop: its rows (queued, running or ended) and its results."""
+
+    request: GenerationRequest
+    rows: list[_Row]
+    collector: ResultCollector
+
+
+class _HFLoop:
+    """:meth:`HFEngine.open_loop`: the :class:`~ttscale.engines.loop.EngineLoop` contract on one
+    running :class:`_Batch`. ``poll`` admits the queued samples (as many as ``batch_size``
+    allows), then decodes steps until a request has finished (or ``max_steps`` steps);
+    ``abort`` takes a request's rows out of the batch at once."""
+
+    def __init__(self, engine: HFEngine, params: SamplingParams, prefix_reuse: bool = True) -> None:
+        self.engine = engine
+        self.params = params
+        #: finished rows' caches that later requests may extend (``None``: no reuse)
+        self.prefixes = _PrefixStore() if prefix_reuse else None
+        self._batch = _Batch(engine, self.prefixes)
+        self._next = 0
+        self._live: dict[int, _Ticket] = {}
+        self._queue: list[_Row] = []  # samples not yet in the batch, in submission order
+        self._done: list[tuple[int, list[Completion]]] = []
+        #: decoding steps and prefill groups so far (tests and benchmarks read them)
+        self.steps = 0
+        self.admissions = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(tk.request.indices) for tk in self._live.values())
+
+    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+        torch = _import_torch()
+        eng, params = self.engine, self.params
+        prompt = eng.prompt_token_ids(request)
+        if not prompt:
+            raise ConfigError("empty prompt: the tokenizer produced no tokens")
+        t = self._next
+        self._next += 1
+
+        def finished(pos: int, comps: list[Completion], t: int = t) -> None:
+            self._done.append((t, comps))
+
+        # the request's own cap (checked as params_for checks it, without a SamplingParams
+        # per request: step-wise samplers submit thousands)
+        cap = request.max_tokens or params.max_tokens
+        if cap < params.min_tokens:
+            raise ConfigError(f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({cap})")
+        rows = [
+            _Row(
+                t,
+                j,
+                idx,
+                seed,
+                prompt,
+                torch.Generator().manual_seed(seed),
+                request,
+                cap,
+                on_token,
+                0,
+            )
+            for j, idx in enumerate(request.indices)
+            for seed in (request.seed_for(j, params),)
+        ]
+        self._live[t] = _Ticket(request, rows, ResultCollector([request], finished))
+        self._queue.extend(rows)
+        return t
+
+    def _finished(self, row: _Row) -> None:
+        tk = self._live.get(row.request)
+        if tk is not None:
+            tk.collector.put(0, row.slot, self.engine._completion(row.req, row, self.params))
+
+    def _admit(self) -> None:
+        room = len(self._queue)
+        if self.engine.batch_size is not None:
+            room = min(room, self.engine.batch_size - self._batch.live)
+        if room <= 0:
+            return
+        rows, self._queue = self._queue[:room], self._queue[room:]
+        self._batch.admit(rows)
+        self.admissions += 1
+
+    def poll(
+        self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
+    ) -> None:
+        from ttscale.engines.loop import LoopFailure
+
+        torch = _import_torch()
+        steps = 0
+        try:
+            with torch.inference_mode():
+                # max_steps: return after that many steps even if nothing finished, so a caller
+                # (ttscale.serve) can act on cancels while long requests run
+                while not self._done and self._live and (max_steps is None or steps < max_steps):
+                    self._admit()
+                    self._batch.step(self.params, self._finished)
+                    steps += 1
+                    self.steps += 1
+        except Exception as e:
+            partial = {
+                t: [c for c in tk.collector._slots[0] if c is not None]
+                for t, tk in self._live.items()
+                if t not in {d for d, _ in self._done}
+            }
+            self._hand_over(on_result)
+            self.close()
+            raise LoopFailure(f"hf generation failed: {e}".splitlines()[0], partial) from e
+        self._hand_over(on_result)
+
+    def _hand_over(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+        done, self._done = self._done, []
+        for t, comps in done:
+            if self._live.pop(t, None) is not None:
+                on_result(t, comps)
+
+    def abort(self, ticket: int) -> int:
+        tk = self._live.pop(ticket, None)
+        if tk is None:
+            return 0
+        self._queue = [r for r in self._queue if r.request != ticket]
+        self._batch.drop(lambda r: r.request == ticket)
+        self._done = [(t, c) for t, c in self._done if t != ticket]
+        # every token generated for it, samples that had already ended included
+        return sum(len(r.token_ids) for r in tk.rows)
+
+    def close(self) -> None:
+        self._batch.clear()
+        if self.prefixes is not None:
+            self.prefixes.clear()
+        self._queue.clear()
+        self._live.clear()
+        self._done.clear()

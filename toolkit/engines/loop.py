@@ -3,11 +3,12 @@
 
 :func:`open_loop` gives every engine this interface. An engine with a loop of its own has
 ``open_loop(params) -> EngineLoop`` (vLLM: requests go into the running ``LLMEngine`` as they
-arrive and come back as they finish; OpenAI: each request's HTTP calls go out as it arrives,
-within ``max_concurrency``, and it comes back when they have answered; Scripted: the same
-contract, simulated token by token for tests); any other engine gets :class:`BatchLoop`, which
-coalesces the requests submitted since the last poll into one ``generate`` call (HF decodes
-them as one batch). The scheduler (:mod:`ttscale.samplers.loop`) drives one loop for
+arrive and come back as they finish; HF: samples join one running batch between decoding steps
+and leave it as they end; OpenAI: each request's HTTP calls go out as it arrives, within
+``max_concurrency``, and it comes back when they have answered; Scripted: the same contract,
+simulated token by token for tests); any other engine gets :class:`BatchLoop`, which coalesces
+the requests submitted since the last poll into one ``generate`` call. The scheduler
+(:mod:`ttscale.samplers.loop`) drives one loop for
 all problems in flight.
 
 Contract, checked for every bundled engine by the tests:
