@@ -252,7 +252,15 @@ class AdaptiveSampler:
         aborted = 0
         hit = None
         while hit is None and decided < limit:
-            ahead = self.ahead if self.ahead is not None else (yield Spare())
+            if self.ahead is not None:
+                ahead = self.ahead
+            else:
+                # what the problem drew ahead so far plus its share of the engine's room now:
+                # the window grows while the engine has room and shrinks as the rule reads, so
+                # the problems in flight fill ``batch_size`` (the share alone, as the window,
+                # held them at about half of it, and the engine ran below its batch)
+                drawn_ahead = max(0, submitted - decided - self.round_size)
+                ahead = drawn_ahead + (yield Spare())
             end = min(limit, decided + self.round_size + ahead)
             if end > submitted and submitted - decided < self.round_size + ahead:
                 for i in range(submitted, end):
