@@ -393,6 +393,25 @@ def test_smc_particles_share_requests_and_a_prompt_is_tokenised_once(vllm_engine
     assert any(len(set(anc)) < len(anc) for _, _, ancs, _ in grouped for anc in ancs)  # type: ignore[misc]
 
 
+def test_remembered_chat_prompt_ids_follow_the_chat_template(vllm_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a chat prompt is rendered once and remembered, keyed by the tokenizer's template too: a
+    # template set later renders the prompt again instead of reusing the old ids
+    rendered: list[object] = []
+    render = vllm_engine.tokenizer.apply_chat_template
+
+    def counting(*a: object, **kw: object) -> object:
+        rendered.append(vllm_engine.tokenizer.chat_template)
+        return render(*a, **kw)
+
+    monkeypatch.setattr(vllm_engine.tokenizer, "apply_chat_template", counting)
+    req = GenerationRequest("p", messages=({"role": "user", "content": "Hi there, again"},))
+    first = vllm_engine.prompt_token_ids(req)
+    assert vllm_engine.prompt_token_ids(req) == first and len(rendered) == 1
+    monkeypatch.setattr(vllm_engine.tokenizer, "chat_template", "{{ messages[0]['content'] }}")
+    vllm_engine.prompt_token_ids(req)
+    assert len(rendered) == 2 and rendered[1] == "{{ messages[0]['content'] }}"
+
+
 # (runs after every other test: a second engine in one process breaks the first; tests/conftest.py)
 @pytest.mark.own_vllm_engine
 def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> None:

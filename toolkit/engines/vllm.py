@@ -298,8 +298,9 @@ class VLLMEngine:
         The prompt (``prompt`` text with special tokens, the chat-templated ``messages``, or
         ``prompt_token_ids`` as given), then the text ``prefix`` (re-tokenised with the prompt
         text; tokenised alone after ``prompt_token_ids``), then ``prefix_token_ids`` as given.
-        The tokenisation of a text prompt is remembered (a step-wise sampler sends the same
-        prompt with every particle-step; the tokenizer is fixed for the engine's life).
+        The tokenisation of a text or chat prompt is remembered (a step-wise sampler sends the
+        same prompt with every particle-step), keyed by the text, or the messages and the chat
+        template.
         """
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
@@ -308,7 +309,11 @@ class VLLMEngine:
         elif request.prompt is not None:
             ids = list(self._encoded(("prompt", request.prompt + request.prefix)))
         else:
-            ids = list(self._encoded(("chat", _messages_key(request.messages), request.prefix)))
+            # the template is part of the key: one set on the tokenizer later is never missed
+            template = getattr(self.tokenizer, "chat_template", None)
+            tkey = template if template is None or isinstance(template, str) else repr(template)
+            key = ("chat", _messages_key(request.messages), request.prefix, tkey)
+            ids = list(self._encoded(key))
         ids += request.prefix_token_ids
         if request.has_token_ids:
             self._check_ids(ids, "the prompt", request.problem_id)
