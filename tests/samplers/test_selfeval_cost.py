@@ -167,3 +167,25 @@ def test_non_scoring_rules_record_zero_scored_tokens(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (store.path / "pruning.jsonl").read_text().splitlines()]
     assert rows and all(r["scored_tokens"] == 0 for r in rows)
     assert SampleStore.open(store.path).manifest["pruning"]["scored_tokens"] == 0
+
+
+def test_scored_tokens_survive_a_resume_and_a_merge_of_shards(tmp_path: Path) -> None:
+    from ttscale.store.samplestore import merge_runs
+
+    rule = SelfEval(checkpoint=6, threshold=0.5, every=4, prompt="Q", yes="y", no="n")
+    whole = list(PruningSampler(ScriptedEngine(), PARAMS, rule).sample(PROBLEMS, 6, seed=4))
+    total = sum(r.info["scored_tokens"] for r in whole)
+    assert total > 0
+    # two workers in run directories of their own, merged
+    parts = []
+    for i in range(2):
+        st = SampleStore.create(tmp_path / f"s{i}", {"model": "toy"})
+        list(PruningSampler(ScriptedEngine(), PARAMS, rule).sample(PROBLEMS, 6, seed=4, sink=st, shard=(i, 2)))
+        parts.append(st.path)
+    merged, _ = merge_runs(tmp_path / "merged", parts)
+    assert SampleStore.open(merged.path).manifest["pruning"]["scored_tokens"] == total
+    # a resumed run reads the stored traces' counts back from their log lines
+    st = SampleStore.open(tmp_path / "s0")
+    again = list(PruningSampler(ScriptedEngine(), PARAMS, rule).sample(PROBLEMS, 6, seed=4, sink=st))
+    assert sum(r.info["scored_tokens"] for r in again) == total
+    assert SampleStore.open(st.path).manifest["pruning"]["scored_tokens"] == total
