@@ -189,3 +189,19 @@ def test_scored_tokens_survive_a_resume_and_a_merge_of_shards(tmp_path: Path) ->
     again = list(PruningSampler(ScriptedEngine(), PARAMS, rule).sample(PROBLEMS, 6, seed=4, sink=st))
     assert sum(r.info["scored_tokens"] for r in again) == total
     assert SampleStore.open(st.path).manifest["pruning"]["scored_tokens"] == total
+
+
+def test_check_engine_holds_score_next_to_score() -> None:
+    from ttscale.engines.base import NextTokenScores
+    from ttscale.testing import EngineContractError
+    from ttscale.testing import check_engine
+
+    assert check_engine(ScriptedEngine(), only=("scoring",)) == ["scoring"]
+
+    class Off(ScriptedEngine):
+        def score_next(self, requests: Any, token_ids: Any) -> list[NextTokenScores]:
+            good = super().score_next(requests, token_ids)
+            return [NextTokenScores(tuple(v + 1e-3 for v in g.logprobs), g.context_tokens) for g in good]
+
+    with pytest.raises(EngineContractError, match="score_next differs"):
+        check_engine(Off(), only=("scoring",))
