@@ -193,8 +193,7 @@ def test_scored_tokens_survive_a_resume_and_a_merge_of_shards(tmp_path: Path) ->
 
 def test_check_engine_holds_score_next_to_score() -> None:
     from ttscale.engines.base import NextTokenScores
-    from ttscale.testing import EngineContractError
-    from ttscale.testing import check_engine
+    from ttscale.testing import EngineContractError, check_engine
 
     assert check_engine(ScriptedEngine(), only=("scoring",)) == ["scoring"]
 
