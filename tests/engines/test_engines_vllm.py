@@ -455,3 +455,56 @@ def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> Non
     assert greedy.proposal_logprobs == (0.0,) * greedy.num_tokens
     assert all(v < 0 for v in greedy.target_logprobs)
 
+
+
+def _libgomp():  # type: ignore[no-untyped-def]
+    import ctypes
+
+    import torch
+
+    lib = str(Path(torch.__file__).parent / "lib")
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libgomp" in line and line.split()[-1].startswith(lib):
+                return ctypes.CDLL(line.split()[-1])
+    pytest.skip("torch here does not use its own libgomp")
+
+
+def test_a_thread_that_did_not_build_the_engine_steps_it_with_the_engine_thread_count(  # type: ignore[no-untyped-def]
+    vllm_engine, monkeypatch
+) -> None:
+    """``ttscale serve`` steps the engine from its own thread, whose OpenMP count starts at the
+    process default; the CPU attention kernel aborts the process when its plan and its run see
+    different counts, so the engine's count is set in the thread before its first step."""
+    import threading
+
+    gomp = _libgomp()
+    core = vllm_engine.llm.llm_engine
+    seen: list[int] = []
+    real_step = core.step
+
+    def step():  # type: ignore[no-untyped-def]
+        seen.append(gomp.omp_get_max_threads())  # OpenMP's own count (torch's would set it)
+        return real_step()
+
+    monkeypatch.setattr(core, "step", step)
+    params = SamplingParams(max_tokens=8, seed=5)
+    reqs = [GenerationRequest(prompt=f"abc {k}", indices=(0, 1), problem_id=f"p{k}") for k in range(2)]
+    want = vllm_engine.generate(reqs, params)
+    n = gomp.omp_get_max_threads()  # this thread built the session engine
+    got: dict[str, object] = {}
+
+    def run() -> None:
+        gomp.omp_set_num_threads(n + 1)  # a count other than the engine's, as a fresh thread may have
+        try:
+            got["r"] = vllm_engine.generate(reqs, params)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            got["e"] = e
+
+    seen.clear()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert "e" not in got, got.get("e")
+    assert seen and set(seen) == {n}, (seen, n)
+    assert [[c.token_ids for c in r] for r in got["r"]] == [[c.token_ids for c in r] for r in want]  # type: ignore[union-attr]

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -275,7 +276,30 @@ class VLLMEngine:
         if chat_template is not None:
             self.tokenizer.chat_template = chat_template
         self._options = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
+        self._omp: tuple[Any, int] = _omp_threads() if self.device == "cpu" else (None, 0)
+        self._pinned = threading.local()
         log.info("VLLMEngine started %s in %.1fs", self.model_name, time.perf_counter() - t0)
+
+    def _pin_threads(self) -> None:
+        """Give the calling thread the OpenMP thread count of the thread that built the engine,
+        once per thread (CPU build only).
+
+        The CPU build's attention plans each step for ``omp_get_max_threads()`` threads and
+        checks the count again in its kernel, aborting the process when they differ ("Check
+        failed: ... thread_num"). OpenMP keeps the count per thread: a thread other than the one
+        that built the engine (``ttscale serve``'s engine thread, a user's worker thread) starts
+        from the process default, and torch resets it at its first parallel op in that thread,
+        which can fall between the plan and the kernel. So torch's one-time reset is triggered
+        first, then the count set to the engine's (vLLM's ``torch.set_num_threads`` is a no-op
+        after it binds its threads, so OpenMP is called directly)."""
+        gomp, n = self._omp
+        if gomp is None or getattr(self._pinned, "done", False):
+            return
+        self._pinned.done = True
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.get_num_threads()  # torch's per-thread initialisation, before ours
+        gomp.omp_set_num_threads(n)
 
     # -- prompts ---------------------------------------------------------------------------------
     def _vocab_size(self) -> int:
@@ -694,6 +718,7 @@ class _StepLoop:
 
     def step(self) -> None:
         """One ``LLMEngine.step``: hand every output of our requests to its handler."""
+        self.engine._pin_threads()
         if not self.core.has_unfinished_requests():
             raise EngineError(f"vLLM finished without returning {len(self.live)} requests")
         for out in self.core.step():
@@ -846,6 +871,29 @@ class _VLLMLoop:
 
 
 # -- conversions to plain Python values ----------------------------------------------------------
+
+
+def _omp_threads() -> tuple[Any, int]:
+    """The OpenMP runtime torch loaded (libgomp, found in this process's mappings; ``None``
+    where there is none, e.g. not on Linux) and the calling thread's OpenMP thread count."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return None, 0
+    torch = sys.modules.get("torch")
+    if torch is not None and len(paths) > 1:  # other packages bring their own: torch's is used
+        lib = str(Path(torch.__file__).parent / "lib")
+        paths = {p for p in paths if p.startswith(lib)}
+    if len(paths) != 1:
+        return None, 0
+    import ctypes
+
+    try:
+        gomp = ctypes.CDLL(paths.pop())
+        return gomp, int(gomp.omp_get_max_threads())
+    except (OSError, AttributeError):
+        return None, 0
 
 
 def _own(sp: Any) -> None:
