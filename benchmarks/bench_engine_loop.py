@@ -63,13 +63,18 @@ def _answers() -> Any:
     return verifier_answers(MathVerifier(extractor="arith"))
 
 
-def _timed(sampler: Any, problems: list[Any], budget: int, seed: int) -> tuple[float, int, int, list[Any]]:
-    t = time.perf_counter()
+def _timed(
+    sampler: Any, problems: list[Any], budget: int, seed: int
+) -> tuple[float, int, int, list[Any], float]:
+    # the CPU time of this process (all its threads) beside wall time: the engine core runs in
+    # this process, so on a machine shared with other jobs the CPU seconds a sampler needed
+    # are a steadier measure of its work than wall time, which other jobs' load stretches
+    t, c = time.perf_counter(), time.process_time()
     results = list(sampler.sample(problems, budget, seed=seed))
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     tokens = sum(r.generated_tokens for r in results)
     samples = sum(len(r.candidates) for r in results)
-    return wall, tokens, samples, results
+    return wall, tokens, samples, results, cpu
 
 
 def part_a(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -99,20 +104,22 @@ def part_a(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for r in range(args.repeats):
         names = list(make) if r % 2 == 0 else list(reversed(make))
-        got: dict[str, tuple[float, int]] = {}
+        got: dict[str, tuple[float, int, float]] = {}
         for name in names:
-            wall, tokens, _, _ = _timed(make[name](), problems, args.n, args.seed)
-            got[name] = (wall, tokens)
-        base_wall, base_tokens = got["repeated"]
+            wall, tokens, _, _, cpu = _timed(make[name](), problems, args.n, args.seed)
+            got[name] = (wall, tokens, cpu)
+        base_wall, base_tokens, base_cpu = got["repeated"]
         row: dict[str, Any] = {"repeat": r}
-        for name, (wall, tokens) in got.items():
+        for name, (wall, tokens, cpu) in got.items():
             if tokens != base_tokens:
                 raise SystemExit(f"{name} generated {tokens} tokens, repeated {base_tokens}")
             row[name] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall,
-                         "ratio": (tokens / wall) / (base_tokens / base_wall)}  # fmt: skip
+                         "ratio": (tokens / wall) / (base_tokens / base_wall), "cpu_s": cpu,
+                         "cpu_ratio": (tokens / cpu) / (base_tokens / base_cpu)}  # fmt: skip
         rows.append(row)
         print(f"  {kind} repeat {r}: " + ", ".join(
-            f"{n.split(' (')[0]} {row[n]['tps']:,.0f} tok/s ({row[n]['ratio']:.2f})" for n in make
+            f"{n.split(' (')[0]} {row[n]['tps']:,.0f} tok/s ({row[n]['ratio']:.2f}; "
+            f"cpu {row[n]['cpu_ratio']:.2f})" for n in make
         ), flush=True)  # fmt: skip
     return {
         "engine": kind,
@@ -121,6 +128,7 @@ def part_a(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         "tokens": rows[0]["repeated"]["tokens"],
         "median_ratio": {n: statistics.median(row[n]["ratio"] for row in rows) for n in make},
         "median_tps": {n: statistics.median(row[n]["tps"] for row in rows) for n in make},
+        "median_cpu_ratio": {n: statistics.median(row[n]["cpu_ratio"] for row in rows) for n in make},
         "repeats": rows,
     }
 
@@ -159,19 +167,20 @@ def part_s(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for r in range(args.repeats):
         names = list(make) if r % 2 == 0 else list(reversed(make))
-        got: dict[str, tuple[float, int]] = {}
+        got: dict[str, tuple[float, int, float]] = {}
         for name in names:
-            wall, tokens, _, _ = _timed(make[name](), problems, args.n, args.seed)
-            got[name] = (wall, tokens)
-        base_wall, base_tokens = got["repeated"]
+            wall, tokens, _, _, cpu = _timed(make[name](), problems, args.n, args.seed)
+            got[name] = (wall, tokens, cpu)
+        base_wall, base_tokens, base_cpu = got["repeated"]
         row: dict[str, Any] = {"repeat": r}
-        for name, (wall, tokens) in got.items():
+        for name, (wall, tokens, cpu) in got.items():
             row[name] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall,
-                         "ratio": (tokens / wall) / (base_tokens / base_wall)}  # fmt: skip
+                         "ratio": (tokens / wall) / (base_tokens / base_wall), "cpu_s": cpu,
+                         "cpu_ratio": (tokens / cpu) / (base_tokens / base_cpu)}  # fmt: skip
         rows.append(row)
         print(f"  {kind} step-wise repeat {r}: " + ", ".join(
             f"{n.split(' (')[0]} {row[n]['tps']:,.0f} tok/s ({row[n]['ratio']:.2f}, "
-            f"{row[n]['wall_s']:.1f}s)" for n in make
+            f"{row[n]['wall_s']:.1f}s; cpu {row[n]['cpu_ratio']:.2f})" for n in make
         ), flush=True)  # fmt: skip
     return {
         "engine": kind,
@@ -180,69 +189,112 @@ def part_s(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         "tokens": {n: rows[0][n]["tokens"] for n in make},
         "median_ratio": {n: statistics.median(row[n]["ratio"] for row in rows) for n in make},
         "median_tps": {n: statistics.median(row[n]["tps"] for row in rows) for n in make},
+        "median_cpu_ratio": {n: statistics.median(row[n]["cpu_ratio"] for row in rows) for n in make},
         "repeats": rows,
     }
 
 
 def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Live adaptive (``--rule``) and, with ``--prune``, a pruning rule against SC@``--live-n``
+    on the same problems: wall time next to tokens, each as a ratio to its SC arm in the same
+    repeat (the pruning rule against SC with the same log-probs, which the rule reads); the arms'
+    order alternates between repeats."""
     from ttscale.evals import load_problems
-    from ttscale.samplers import AdaptiveSampler, RepeatedSampler
+    from ttscale.samplers import AdaptiveSampler, PruningSampler, RepeatedSampler
+    from ttscale.samplers.pruning import parse_prune_rule, replay_pruning
     from ttscale.select.adaptive import parse_rule, run_stream
     from ttscale.types import SamplingParams
 
     problems = load_problems("arith", limit=args.live_problems)
-    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature)
     answers = _answers()
     has_ahead = "ahead" in inspect.signature(AdaptiveSampler).parameters
     arms: dict[str, Any] = {"sc": lambda: RepeatedSampler(engine, params, progress=False)}
-    arms["adaptive ahead=0"] = lambda: AdaptiveSampler(
-        engine, params, args.rule, answers, **({"ahead": 0} if has_ahead else {})
-    )
-    if has_ahead:
-        arms["adaptive ahead=auto"] = lambda: AdaptiveSampler(
-            engine, params, args.rule, answers, ahead=None
-        )
+    base: dict[str, str] = {"sc": "sc"}  # the SC arm each arm is compared with
+    if args.rule:
+        if not args.skip_ahead0 or not has_ahead:
+            arms["adaptive ahead=0"] = lambda: AdaptiveSampler(
+                engine, params, args.rule, answers, **({"ahead": 0} if has_ahead else {})
+            )
+            base["adaptive ahead=0"] = "sc"
+        if has_ahead:
+            arms["adaptive ahead=auto"] = lambda: AdaptiveSampler(
+                engine, params, args.rule, answers, ahead=None
+            )
+            base["adaptive ahead=auto"] = "sc"
+    prune_name = ""
+    if args.prune:
+        rule = parse_prune_rule(args.prune)
+        # the pruning rule reads log-probs: its SC arm samples the same way
+        lp_params = params.replace(logprobs=20 if rule.needs == "top_logprobs" else 0)
+        arms["sc+logprobs"] = lambda: RepeatedSampler(engine, lp_params, progress=False)
+        base["sc+logprobs"] = "sc+logprobs"
+        prune_name = f"prune {args.prune}"
+        arms[prune_name] = lambda: PruningSampler(engine, lp_params, args.prune, progress=False)
+        base[prune_name] = "sc+logprobs"
+    # warm-up (kernels, caches), another seed
+    list(RepeatedSampler(engine, params, progress=False).sample(problems[:2], 2, seed=args.seed + 1))
     rows: list[dict[str, Any]] = []
-    sc_results: list[Any] = []
+    full: dict[str, list[Any]] = {}
+    pruned_live: list[tuple[str, int, int | None]] = []
     for r in range(args.live_repeats):
         names = list(arms) if r % 2 == 0 else list(reversed(arms))
         row: dict[str, Any] = {"repeat": r}
         for name in names:
             s = arms[name]()
-            wall, tokens, samples, results = _timed(s, problems, args.live_n, args.seed)
-            row[name] = {"wall_s": wall, "tokens": tokens, "samples": samples}
-            if name == "sc":
-                sc_results = results
-            else:
+            wall, tokens, samples, results, cpu = _timed(s, problems, args.live_n, args.seed)
+            row[name] = {"wall_s": wall, "tokens": tokens, "samples": samples, "cpu_s": cpu}
+            if name.startswith("sc"):
+                full[name] = results
+            elif name.startswith("adaptive"):
                 row[name]["decisions"] = [(d.used, str(d.answer)) for d in s.decisions]
+            else:
+                pruned_live = sorted(
+                    (res.problem_id, c.index, c.pruned_at)
+                    for res in results for c in res.candidates
+                )  # fmt: skip
+                row[name]["pruned"] = sum(c.pruned_at is not None for res in results
+                                          for c in res.candidates)  # fmt: skip
         for name in arms:
-            row[name]["wall_ratio"] = row[name]["wall_s"] / row["sc"]["wall_s"]
-            row[name]["token_ratio"] = row[name]["tokens"] / row["sc"]["tokens"]
-            row[name]["sample_ratio"] = row[name]["samples"] / row["sc"]["samples"]
+            b = row[base[name]]
+            row[name]["wall_ratio"] = row[name]["wall_s"] / b["wall_s"]
+            row[name]["cpu_ratio"] = row[name]["cpu_s"] / b["cpu_s"]
+            row[name]["token_ratio"] = row[name]["tokens"] / b["tokens"]
+            row[name]["sample_ratio"] = row[name]["samples"] / b["samples"]
         rows.append(row)
         print(f"  {kind} live repeat {r}: " + ", ".join(
             f"{n} {row[n]['wall_s']:.1f}s ({row[n]['wall_ratio']:.2f}x wall, "
-            f"{row[n]['token_ratio']:.2f}x tokens)" for n in arms
+            f"{row[n]['cpu_ratio']:.2f}x cpu, {row[n]['token_ratio']:.3f}x tokens)" for n in arms
         ), flush=True)  # fmt: skip
-    # live = replay: the index-order replay of the SC run decides every problem the same way
-    rule = parse_rule(args.rule)
-    replayed = []
-    for res in sc_results:
-        ans = answers(res.problem, res.completions)
-        out = run_stream(rule, ans)
-        replayed.append((out.used, str(out.answer)))
-    agree = {
-        n: all(row[n]["decisions"] == replayed for row in rows) for n in arms if n != "sc"
-    }
+    agree: dict[str, bool] = {}
+    if args.rule:
+        # live = replay: the index-order replay of the SC run decides every problem the same way
+        stop = parse_rule(args.rule)
+        replayed = []
+        for res in full["sc"]:
+            out = run_stream(stop, answers(res.problem, res.completions))
+            replayed.append((out.used, str(out.answer)))
+        agree |= {n: all(row[n]["decisions"] == replayed for row in rows)
+                  for n in arms if n.startswith("adaptive")}  # fmt: skip
+    if args.prune:
+        # live = replay: the pruning rule replayed on the full SC run stops the same traces at
+        # the same token
+        rep = replay_pruning([c for res in full["sc+logprobs"] for c in res.completions], args.prune)
+        replayed_p = sorted((t.problem_id, t.index, t.pruned_at) for p in rep.problems for t in p.traces)
+        agree[prune_name] = replayed_p == pruned_live
     return {
         "engine": kind,
         "rule": args.rule,
+        "prune": args.prune,
+        "temperature": args.temperature,
         "problems": len(problems),
         "n": args.live_n,
+        "baseline": base,
         "live_equals_replay": agree,
         "median_wall_ratio": {n: statistics.median(row[n]["wall_ratio"] for row in rows) for n in arms},
+        "median_cpu_ratio": {n: statistics.median(row[n]["cpu_ratio"] for row in rows) for n in arms},
+        "median_token_ratio": {n: statistics.median(row[n]["token_ratio"] for row in rows) for n in arms},
         "median_wall_s": {n: statistics.median(row[n]["wall_s"] for row in rows) for n in arms},
-        "token_ratio": {n: rows[0][n]["token_ratio"] for n in arms},
         "sample_ratio": {n: rows[0][n]["sample_ratio"] for n in arms},
         "repeats": [{k: {kk: vv for kk, vv in v.items() if kk != "decisions"} if isinstance(v, dict) else v
                      for k, v in row.items()} for row in rows],
@@ -261,7 +313,13 @@ def main() -> None:
     ap.add_argument("--live-problems", type=int, default=50)
     ap.add_argument("--live-n", type=int, default=64)
     ap.add_argument("--live-repeats", type=int, default=1)
-    ap.add_argument("--rule", default="beta:0.92")
+    ap.add_argument("--rule", default="beta:0.92", help="adaptive rule of part B ('' for none)")
+    ap.add_argument("--prune", default=None,
+                    help="part B: also a pruning rule (e.g. lowprob:threshold=-0.3,min_tokens=8) "
+                    "against SC with the log-probs it reads")  # fmt: skip
+    ap.add_argument("--skip-ahead0", action="store_true",
+                    help="part B: leave out adaptive with ahead=0 (one round in flight)")  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=1.0, help="part B sampling temperature")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--stepwise", action="store_true",
                     help="part S: SMC, beam and DVTS against RepeatedSampler")  # fmt: skip

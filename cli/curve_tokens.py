@@ -24,6 +24,14 @@ def _fmt_ci(d: dict[str, float], fmt: str = ".3f") -> str:
     return f"{d['mean']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]"
 
 
+def _scored_part(ci: dict[str, Any] | None) -> str:
+    """A selfeval pruning run's scoring cost: a column of its own, never in its tokens."""
+    if not ci:
+        return ""
+    what = "an unknown number of" if ci.get("mean") is None else _fmt_ci(ci, ",.1f")
+    return f"; self-evaluation scored {what} context tokens per problem besides its tokens"
+
+
 def curve_mixed(
     runs: Sequence[Path],
     stores: Sequence[Any],
@@ -187,7 +195,8 @@ def curve_mixed(
         console.print(Text(f"{label}: {describe_verdicts(d.get('verdicts'))}" if multi else describe_verdicts(d.get("verdicts"))))
         console.print(Text(f"{label}: {d.get('run_kind')}"
                            + (f"; samples used {_fmt_ci(d['samples_used'], '.2f')}"
-                              if "samples_used" in d else "")))  # fmt: skip
+                              if "samples_used" in d else "")
+                           + _scored_part(d.get("scored_tokens"))))  # fmt: skip
     for run, (label, _) in zip(runs, names, strict=True):
         if multi and label != run.name:
             console.print(Text(f"{label}: {run}"))

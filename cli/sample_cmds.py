@@ -887,8 +887,18 @@ def _print_pruning(console: Any, store: Any) -> None:
     console.print(
         f"pruned [bold]{info.get('pruned', 0):,}[/bold] of {info.get('traces', 0):,} traces with "
         f"{info.get('rule')} ({info.get('generated_tokens', 0):,} generated tokens, pruned "
-        f"traces included); what was pruned, when and why: {store.path / 'pruning.jsonl'}"
+        f"traces included{_scored_note(info)}); what was pruned, when and why: "
+        f"{store.path / 'pruning.jsonl'}"
     )
+
+
+def _scored_note(info: Any) -> str:
+    """The self-evaluation's scoring cost, kept apart from the generated tokens."""
+    if not str(info.get("rule") or "").startswith("selfeval") or "scored_tokens" not in info:
+        return ""
+    n = info["scored_tokens"]
+    count = "an unknown number of" if n is None else f"{n:,}"
+    return f"; self-evaluation scored {count} context tokens besides"
 
 
 def check_rule_name(spec: str, option: str) -> None:

@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
                     f"accuracy {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] at "
                     f"{sm['mean']:.2f} [{sm['low']:.2f}, {sm['high']:.2f}] samples and "
                     f"{tk['mean']:,.1f} [{tk['low']:,.1f}, {tk['high']:,.1f}] tokens per problem "
-                    f"({round(p['confidence'] * 100)}% CIs)",
+                    f"({round(p['confidence'] * 100)}% CIs)" + _scored_ci(p.get("scored_tokens")),
                 )
         elif own["why"]:
             t.add_row("result", own["why"])
@@ -195,6 +195,15 @@ def register(app: typer.Typer) -> None:
         t.add_row("analyses use", describe_verdicts(store.choose_verdicts(strict=False)).removeprefix("verdicts: "))
         if isinstance(m.get("accounting"), dict):
             t.add_row("accounting", ", ".join(f"{k}={v}" for k, v in m["accounting"].items()))
+        if isinstance(m.get("pruning"), dict):
+            from ttscale.cli.sample_cmds import _scored_note
+
+            pr = m["pruning"]
+            t.add_row(
+                "pruning",
+                f"pruned {pr.get('pruned', 0):,} of {pr.get('traces', 0):,} traces with {pr.get('rule')}, "
+                f"{pr.get('generated_tokens', 0):,} generated tokens{_scored_note(pr)}",
+            )
         Console().print(t)
 
     @app.command("check")
@@ -283,6 +292,18 @@ def register(app: typer.Typer) -> None:
             f"run [bold]{merged.path}[/bold]: {len(merged):,} samples, "
             f"{len(merged.counts())} problems with samples, {len(merged.problems())} recorded"
         )
+
+
+def _scored_ci(ci: dict | None) -> str:
+    """A pruning run's self-evaluation scoring cost (a separate column: not generated tokens)."""
+    if not ci:
+        return ""
+    if ci.get("mean") is None:
+        return "; self-evaluation scored an unknown number of context tokens besides"
+    return (
+        f"; self-evaluation scored {ci['mean']:,.1f} [{ci['low']:,.1f}, {ci['high']:,.1f}] context "
+        "tokens per problem besides"
+    )
 
 
 def _own_result(store: object) -> dict:

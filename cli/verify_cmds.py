@@ -146,6 +146,8 @@ def register(app: typer.Typer) -> None:
                 f"replaced the verdict set [bold]{summary['verifier']}[/bold] "
                 "(its old verdicts are kept under verdicts/.replaced)"
             )
+        if summary.get("chose"):
+            console.print(summary["chose"], markup=False)
         console.print(
             f"verified [bold]{summary['new']}[/bold] new samples with [bold]{summary['verifier']}"
             f"[/bold] = {summary['spec']} (config {summary['fingerprint']}"

@@ -127,9 +127,10 @@ class AdaptiveSampler:
     ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``:
     samples in the engine at once (all problems together); ``round_size``: samples a problem
     keeps in flight beyond those the rule has read (default the rule's step); ``ahead``: more
-    samples it draws ahead of that (default ``None``: its share of the engine's spare room, so a
-    few undecided problems still keep the engine busy, at the price of samples drawn beyond the
-    stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
+    samples it draws ahead of that (default ``None``: what it already drew ahead plus its share
+    of the engine's spare room, so the problems in flight keep ``batch_size`` samples queued and
+    a few undecided problems still keep the engine busy, at the price of samples drawn beyond
+    the stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
     timing, but a problem's samples come one round at a time; the kept samples and the
     decisions are the same either way). Implements the
     :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
@@ -252,7 +253,15 @@ class AdaptiveSampler:
         aborted = 0
         hit = None
         while hit is None and decided < limit:
-            ahead = self.ahead if self.ahead is not None else (yield Spare())
+            if self.ahead is not None:
+                ahead = self.ahead
+            else:
+                # what the problem drew ahead so far plus its share of the engine's room now:
+                # the window grows while the engine has room and shrinks as the rule reads, so
+                # the problems in flight fill ``batch_size`` (the share alone, as the window,
+                # held them at about half of it, and the engine ran below its batch)
+                drawn_ahead = max(0, submitted - decided - self.round_size)
+                ahead = drawn_ahead + (yield Spare())
             end = min(limit, decided + self.round_size + ahead)
             if end > submitted and submitted - decided < self.round_size + ahead:
                 for i in range(submitted, end):

@@ -488,6 +488,7 @@ def _at(on_token: TokenCallback | None, k: int) -> TokenCallback | None:
     f = on_token
 
     def cb(ev: TokenEvent) -> bool | None:
-        return f(replace(ev, request=k))
+        # an engine loop's events say request=0 (one request per ticket): no copy per token then
+        return f(ev if ev.request == k else replace(ev, request=k))
 
     return cb

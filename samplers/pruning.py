@@ -34,6 +34,7 @@ by trace.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ from ttscale.engines.base import (
     TokenPrefixEngine,
     capabilities_of,
     require_capabilities,
+    score_next,
 )
 from ttscale.engines.loop import BatchLoop, EngineLoop
 from ttscale.errors import ConfigError
@@ -896,7 +898,10 @@ class PruningSampler:
             kw = {"prompt": p.prompt}
         return [GenerationRequest(problem_id=p.id, indices=tuple(indices), **kw)]
 
-    def _scorer(self, req: GenerationRequest) -> Scorer:
+    def _scorer(self, req: GenerationRequest, spent: Callable[[int | None], None]) -> Scorer:
+        """One trace's self-evaluation: ``P(no)`` of its partial tokens, from one next-token
+        distribution of the self-evaluation prompt (:func:`score_next`); ``spent`` gets the
+        context tokens each evaluation ran through (None where the engine cannot say)."""
         rule = self.rule
         assert isinstance(rule, SelfEval) and self._answer_ids is not None
         engine = self.engine
@@ -915,7 +920,9 @@ class PruningSampler:
             else:
                 text = (req.prompt or "") + req.prefix + partial + rule.prompt
                 q = GenerationRequest(problem_id=req.problem_id, prompt=text)
-            (lp_no,), (lp_yes,) = engine.score([q, q], [[no_id], [yes_id]])
+            (got,) = score_next(engine, [q], [no_id, yes_id])
+            spent(got.context_tokens)
+            lp_no, lp_yes = got.logprobs
             return rule.p_no(lp_no, lp_yes)
 
         return score
@@ -970,12 +977,19 @@ class PruningSampler:
         have = {c.index: c for c in stored}
         prior = journal.records if journal is not None else {}
         reasons: dict[int, tuple[int, str]] = {}
+        # context tokens each trace's self-evaluations ran through (None: the engine cannot say);
+        # kept apart from generated tokens, as the trace log and manifest keep them
+        scored: dict[int, int | None] = {}
+
+        def spend(index: int, n: int | None) -> None:
+            old = scored.get(index, 0)
+            scored[index] = None if old is None or n is None else old + n
 
         def store(c: Completion) -> Candidate:
             cand = _candidate(c, reasons.get(c.index))
             if journal is not None:  # the log line first: a stored trace always has its reason
                 hit = reasons.get(c.index)
-                journal.add(cand, warm_n, hit[1] if hit is not None else None)
+                journal.add(cand, warm_n, hit[1] if hit is not None else None, scored.get(c.index, 0))
             return cand
 
         def missing(indices: Iterable[int]) -> list[int]:
@@ -1004,7 +1018,11 @@ class PruningSampler:
                 mon = monitors.get(key)
                 if mon is None:
                     req = reqs[ev.request]
-                    scorer = self._scorer(req) if isinstance(self.rule, SelfEval) else None
+                    scorer = (
+                        self._scorer(req, functools.partial(spend, ev.index))
+                        if isinstance(self.rule, SelfEval)
+                        else None
+                    )
                     if group is not None:
                         assert scorer is not None
                         mon = _TopMonitor(group, ev.index, scorer)
@@ -1036,6 +1054,7 @@ class PruningSampler:
         cands = []
         why: dict[int, str] = {}
         spent = resumed = resumed_tokens = 0
+        scored_total: int | None = 0
         for i in range(budget):
             if i in have:
                 cand = have[i]
@@ -1043,13 +1062,17 @@ class PruningSampler:
                 resumed += 1
                 # discarded tokens are not a sample column: the trace log has them
                 resumed_tokens += int(rec.get("tokens", cand.completion.num_tokens))
+                # a log line from before the count was kept: unknown for a scoring rule
+                n_scored = rec.get("scored_tokens", None if isinstance(self.rule, SelfEval) else 0)
                 if rec.get("reason"):
                     why[i] = rec["reason"]
             else:
                 cand = _candidate(got[i], reasons.get(i))
                 spent += cand.completion.num_tokens + cand.completion.discarded_tokens
+                n_scored = scored.get(i, 0)
                 if cand.pruned_at is not None:
                     why[i] = reasons[i][1]
+            scored_total = _add_scored(scored_total, n_scored)
             cands.append(cand)
         res = SampleResult(
             problem=p,
@@ -1059,7 +1082,11 @@ class PruningSampler:
             iid=False,
             resumed=resumed,
             # stored traces read back: their tokens were spent by an earlier call
-            info={"resumed_tokens": resumed_tokens} if resumed else {},
+            info={
+                **({"resumed_tokens": resumed_tokens} if resumed else {}),
+                # self-evaluation context tokens: scoring compute, not generated tokens
+                **({"scored_tokens": scored_total} if isinstance(self.rule, SelfEval) else {}),
+            },
         )
         return res, threshold, why
 
@@ -1086,6 +1113,12 @@ class PruningSampler:
                 "traces": len(records),
                 "pruned": sum(r["pruned_at"] is not None for r in records),
                 "generated_tokens": sum(int(r["tokens"]) for r in records),
+                # self-evaluation context tokens (selfeval rules), never in generated_tokens;
+                # None when an engine could not say how many it scored
+                "scored_tokens": _sum_scored(
+                    r.get("scored_tokens", None if isinstance(self.rule, SelfEval) else 0)
+                    for r in records
+                ),
                 "thresholds": old,
                 "log": "pruning.jsonl",
             }
@@ -1135,7 +1168,7 @@ class _TraceLog:
                 out[(str(r["problem_id"]), int(r["index"]))] = r
         return out
 
-    def add(self, cand: Candidate, warm_n: int, reason: str | None) -> None:
+    def add(self, cand: Candidate, warm_n: int, reason: str | None, scored: int | None = 0) -> None:
         c = cand.completion
         line = json.dumps(
             {
@@ -1145,12 +1178,25 @@ class _TraceLog:
                 "pruned_at": cand.pruned_at,
                 "reason": reason if cand.pruned_at is not None else None,
                 "tokens": c.num_tokens + c.discarded_tokens,
+                "scored_tokens": scored,
             }
         )
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _add_scored(total: int | None, n: Any) -> int | None:
+    """A running count of scored tokens that stays None once any part is unknown."""
+    return None if total is None or n is None else total + int(n)
+
+
+def _sum_scored(counts: Iterable[Any]) -> int | None:
+    total: int | None = 0
+    for n in counts:
+        total = _add_scored(total, n)
+    return total
 
 
 def _candidate(c: Completion, hit: tuple[int, str] | None) -> Candidate:

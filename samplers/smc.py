@@ -353,6 +353,21 @@ def reweight(
     return new, info
 
 
+def same_prefix_runs(live: NDArray[np.int64], tokens: NDArray[np.object_]) -> list[list[int]]:
+    """``live`` (ascending slots) cut into runs of consecutive slots whose particles hold the
+    same token prefix; the runs, concatenated, are ``live``."""
+    runs: list[list[int]] = []
+    for j in live.tolist():
+        if runs and runs[-1][-1] == j - 1:
+            prev = tokens[j - 1]
+            # copies made by resampling share one tuple, so ``is`` decides most cases at once
+            if prev is tokens[j] or prev == tokens[j]:
+                runs[-1].append(j)
+                continue
+        runs.append([j])
+    return runs
+
+
 def _draw(
     scheme: str | Resampler, g: np.random.Generator, weights: NDArray[np.float64], num: int
 ) -> NDArray[np.int64]:
@@ -687,25 +702,30 @@ class SMCSampler:
             live = np.flatnonzero(~state.finished & (state.log_weights > -math.inf))
             if live.size == 0:
                 break
+            # particles in consecutive slots with the same prefix (all of them at step 0, the
+            # copies of one ancestor after resampling) go as one request: the same samples
+            # (seeds are per problem, candidate and step), one fan-out on the engine
+            runs = same_prefix_runs(live, state.tokens)
             reqs = [
                 step_request(
                     problem,
                     chat=self.chat,
-                    indices=(t * n + int(j),),
+                    indices=tuple(t * n + int(j) for j in run),
                     step=t,
-                    prefix_ids=state.tokens[j],
+                    prefix_ids=state.tokens[run[0]],
                 )
-                for j in live
+                for run in runs
             ]
             # a step's token cap: tokens_per_step, less near the particle's length limit
             caps = [
-                min(step_params.max_tokens, params.max_tokens - len(state.tokens[j])) for j in live
+                min(step_params.max_tokens, params.max_tokens - len(state.tokens[run[0]]))
+                for run in runs
             ]
             steps = yield from extend(
                 reqs, step_params, caps, replay=replay, seen=seen,
                 engine=self.engine_info.get("engine"),
             )  # fmt: skip
-            outs = [g[0] for g in steps]
+            outs = [c for g in steps for c in g]  # in the order of ``live``
             for comp in outs:
                 if (problem.id, comp.index) in replay:
                     replayed += 1

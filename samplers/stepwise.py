@@ -138,9 +138,13 @@ def extend(
                 out[k][i] = hit
         if missing:
             cap = caps[k]
-            r = replace(req, indices=tuple(missing))
             # a request below the step's cap carries its own max_tokens
-            todo.append(r if cap >= params.max_tokens else replace(r, max_tokens=cap))
+            if len(missing) < len(req.indices) or (cap < params.max_tokens and req.max_tokens != cap):
+                req = replace(
+                    req, indices=tuple(missing),
+                    max_tokens=cap if cap < params.max_tokens else req.max_tokens,
+                )  # fmt: skip
+            todo.append(req)
             where.append(k)
 
     def record(comps: Iterable[Completion]) -> None:

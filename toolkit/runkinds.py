@@ -30,7 +30,7 @@ A problem the run lists without samples counts unsolved at zero cost (as ``curve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,6 +260,30 @@ def _shortmk_point(
     return c, samples, toks
 
 
+def _scored_tokens(store: Any, ids: Sequence[str]) -> NDArray[np.float64] | None:
+    """Per problem (in ``ids`` order), the context tokens a pruning run's self-evaluation scored
+    (``pruning.jsonl``'s ``scored_tokens``, never part of the generated tokens); NaN where a
+    trace's count is unknown; None for runs whose rule scores nothing (or logs that predate the
+    count)."""
+    import json
+
+    entry = store.manifest.get("pruning") or {}
+    if "scored_tokens" not in entry or not str(entry.get("rule") or "").startswith("selfeval"):
+        return None  # a rule that scores nothing, or a run made before the count was kept
+    path = store.path / "pruning.jsonl"
+    if not path.is_file():
+        return None
+    pos = {p: i for i, p in enumerate(ids)}
+    out = np.zeros(len(ids))
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        i = pos.get(str(r["problem_id"]))
+        if i is not None:
+            n = r.get("scored_tokens")  # missing: a line from before the count was kept
+            out[i] += np.nan if n is None else float(n)
+    return out
+
+
 def run_points(
     store: Any,
     pool: Pool,
@@ -320,6 +344,13 @@ def run_points(
         correct["majority"] = c
         detail["rule"] = (store.manifest.get("pruning") or {}).get("rule")
         detail["tie"] = tie
+        scored = _scored_tokens(store, ids)
+        if scored is not None:  # self-evaluation's scoring cost: a cost column beside tokens
+            s_ci = bootstrap_ci(scored, confidence=confidence, n_boot=n_boot, seed=seed)
+            detail["scored_tokens"] = {
+                k: (float(v) if np.isfinite(v) else None)
+                for k, v in zip(("mean", "low", "high"), (s_ci.mean, s_ci.low, s_ci.high), strict=True)
+            }
     elif kind == "shortmk":
         c, samples, toks = _shortmk_point(store, pool, ids, toks, detail)
         correct["majority"] = c

@@ -473,6 +473,13 @@ def _check_scoring(ctx: _Ctx) -> None:
         (tail, empty) = engine.score([split_req, req], [ids[h:], ()])
         if _maxdiff(tail, whole[h:]) > 1e-4 or tuple(empty) != ():
             raise _fail("scoring", "scoring after a token prefix differs from scoring it whole")
+        if ids and callable(getattr(engine, "score_next", None)):
+            # one next-token distribution: the values of one-token continuations (score)
+            cands = list(dict.fromkeys(ids[:3]))
+            (nxt,) = engine.score_next([req], cands)
+            ones = [v[0] for v in engine.score([req] * len(cands), [[t] for t in cands])]
+            if len(nxt.logprobs) != len(cands) or _maxdiff(nxt.logprobs, ones) > 1e-4:
+                raise _fail("scoring", "score_next differs from scoring one-token continuations")
     try:
         engine.score([req], [])
     except ConfigError:

@@ -22,7 +22,13 @@ from ttscale.errors import ConfigError, StoreError
 from ttscale.store import SampleStore
 from ttscale.types import Sample
 
-__all__ = ["VerifyInterrupted", "default_verifier_spec", "model_lines", "verify_store"]
+__all__ = [
+    "VerifyInterrupted",
+    "default_verifier_spec",
+    "extractor_choice",
+    "model_lines",
+    "verify_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +150,7 @@ def verify_store(
             "to check against; re-import the samples with their problems"
         )
     owned = not (spec is not None and not isinstance(spec, str))
+    chose: str | None = None
     if owned:
         if spec is None:
             spec = default_verifier_spec(store.manifest.get("benchmark"))
@@ -154,6 +161,9 @@ def verify_store(
             from ttscale.verifiers.math import default_extractor
 
             kw["extractor"] = extractor or default_extractor(store.manifest.get("benchmark"))
+            if extractor is None:  # chosen for the user: say so, and how to choose otherwise
+                chose = extractor_choice(kw["extractor"], store.manifest.get("benchmark"))
+                log.info("%s", chose)
         elif extractor is not None:
             if head != "math":
                 raise ConfigError("--extractor applies to the math verifier only")
@@ -281,4 +291,24 @@ def verify_store(
         # accuracy only for verifiers that judge correctness (not for score-only ones)
         "accuracy": (n_correct / len(correct)) if any(c is not None for c in correct) else None,
         "default": default,
+        # the extractor chosen for a bare `math` (from the benchmark), in one line; else None
+        "chose": chose,
     }
+
+
+def extractor_choice(chosen: str, benchmark: str | None) -> str:
+    """One line: the extractor a bare ``math`` verifier got from the run's benchmark, and the
+    exact spec that asks for the other choice."""
+    from ttscale.verifiers.math import EXTRACTORS
+
+    if chosen == "arith":
+        return (
+            f"verifier math with the arith extractor (the default for benchmark {benchmark}); "
+            "--verifier math:auto for math's general extractor (\\boxed{}, ####, Minerva, "
+            "'The answer is')"
+        )
+    first, *rest = [f"math:{e}" for e in EXTRACTORS if e != chosen]
+    return (
+        f"verifier math with the {chosen} extractor (the default for benchmark "
+        f"{benchmark or 'unknown'}); another extractor: --verifier {first} (or {', '.join(rest)})"
+    )

@@ -134,3 +134,33 @@ def test_sample_prune_selfeval_top_on_the_bundled_model(tmp_path: Path) -> None:
         cut = [t for t in trs if t["pruned_at"] is not None]
         assert len(cut) <= 2 and all(t["pruned_at"] == 7 and "ranked" in str(t["reason"]) for t in cut)
     assert sum(t["pruned_at"] is not None for t in rows) > 0
+
+
+def test_selfeval_scoring_cost_is_shown_apart_by_sample_info_and_curve(tmp_path: Path) -> None:
+    """The self-evaluation's scored context tokens: in the summary, `info` and the curve point,
+    never in the generated tokens."""
+    out = tmp_path / "se"
+    r = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--out", str(out),
+                            "--prune", "selfeval:checkpoint=6,every=4,threshold=0.5,prompt=Q,yes=y,no=n"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "pruning.jsonl").read_text().splitlines()]
+    scored = sum(int(x["scored_tokens"]) for x in rows)
+    made = sum(int(x["tokens"]) for x in rows)
+    assert scored > 0
+    flat = " ".join(r.output.split())
+    assert f"({made:,} generated tokens, pruned traces included; self-evaluation scored {scored:,} context tokens besides)" in flat
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["info", str(out)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert f"{made:,} generated tokens; self-evaluation scored {scored:,} context tokens besides" in flat
+    per_problem = scored / 4  # --limit 4
+    assert f"self-evaluation scored {per_problem:,.1f} [" in flat
+    r = runner.invoke(app, ["info", str(out), "--json"])
+    point = json.loads(r.output)["own_result"][0]
+    assert point["scored_tokens"]["mean"] == per_problem
+    # tokens per problem stay the generated ones
+    assert abs(point["tokens"]["mean"] - made / 4) < 1e-9
+    r = runner.invoke(app, ["curve", str(out)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"self-evaluation scored {per_problem:,.1f} [" in " ".join(r.output.split())

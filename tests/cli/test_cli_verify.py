@@ -254,3 +254,33 @@ def test_curve_info_export_name_the_verdict_set(tmp_path):
     assert d["analysis_verdicts"]["name"] == "math"
     r = runner.invoke(app, ["export", run, "--out", str(tmp_path / "e.jsonl")])
     assert r.exit_code == 0 and "verdicts: math = math:last_number" in r.output
+
+
+def test_bare_math_says_which_extractor_it_chose_and_the_spec_for_the_other(tmp_path):
+    store = SampleStore.create(tmp_path / "run", {"model": "m", "benchmark": "arith"})
+    store.write_problems([Problem("a", "1+2=?", reference="3")])
+    store.append([Sample("a", 0, "1+2=3\n#### 3"), Sample("a", 1, "The answer is 3")])
+    run = str(store.path)
+    r = runner.invoke(app, ["verify", run, "--verifier", "math"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("verifier math with"))
+    assert line == (
+        "verifier math with the arith extractor (the default for benchmark arith); --verifier "
+        "math:auto for math's general extractor (\\boxed{}, ####, Minerva, 'The answer is')"
+    )
+    # the spec it names gives the other choice: auto reads "The answer is 3" too
+    r = runner.invoke(app, ["verify", run, "--verifier", "math:auto", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["spec"] == "math:auto" and s["by_status"] == {"pass": 2} and s["chose"] is None
+    # an extractor given explicitly: nothing was chosen for the user, no line
+    r = runner.invoke(app, ["verify", run, "--verifier", "math", "--extractor", "last_number", "--name", "ln"])
+    assert r.exit_code == 0, r.output
+    assert "verifier math with" not in r.output
+    # another benchmark: auto, and the specs of the other extractors
+    g = _make_run(tmp_path / "g", benchmark="gsm8k")
+    r = runner.invoke(app, ["verify", str(g.path), "--verifier", "math", "--json"])
+    assert json.loads(r.output)["chose"] == (
+        "verifier math with the auto extractor (the default for benchmark gsm8k); another "
+        "extractor: --verifier math:boxed (or math:gsm8k, math:minerva, math:last_number, math:arith)"
+    )

@@ -352,6 +352,66 @@ def test_repeated_sampler_on_the_loop_does_not_depend_on_concurrency(vllm_engine
     assert run(1) == run(5) == run(512)
 
 
+def test_smc_particles_share_requests_and_a_prompt_is_tokenised_once(vllm_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # SMC sends the particles of one prefix (all at step 0, an ancestor's copies after
+    # resampling) as one request, which vLLM fans out: the same particles as one vLLM request
+    # per particle (n_fanout=False); every particle-step carries the prompt text, tokenised once
+    from ttscale.samplers.smc import SMCSampler
+    from ttscale.types import Problem
+
+    problems = [Problem(id=f"p{k}", prompt=f"Question {k}:") for k in range(3)]
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=4)
+
+    def run() -> list[object]:
+        s = SMCSampler(
+            vllm_engine, lambda p, t, f: [0.1 * len(x) for x in t], params, step_stop=(" ",),
+            tokens_per_step=4, ess_threshold=1.0, progress=False,
+        )  # fmt: skip
+        return [
+            (r.problem_id, r.info["log_ml"], r.info["ancestors"],
+             [(c.index, c.parent, c.log_weight, c.completion.token_ids) for c in r.candidates])
+            for r in s.sample(problems, 4)
+        ]  # fmt: skip
+
+    calls: list[str] = []
+    encode = vllm_engine.tokenizer.encode
+
+    def counting(text: str, *a: object, **kw: object) -> object:
+        calls.append(text)
+        return encode(text, *a, **kw)
+
+    monkeypatch.setattr(vllm_engine.tokenizer, "encode", counting)
+    vllm_engine._prompt_ids.clear()
+    grouped = run()
+    assert sorted(calls) == sorted(p.prompt for p in problems)
+    vllm_engine.n_fanout = False
+    try:
+        single = run()
+    finally:
+        vllm_engine.n_fanout = True
+    assert grouped == single
+    assert any(len(set(anc)) < len(anc) for _, _, ancs, _ in grouped for anc in ancs)  # type: ignore[misc]
+
+
+def test_remembered_chat_prompt_ids_follow_the_chat_template(vllm_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a chat prompt is rendered once and remembered, keyed by the tokenizer's template too: a
+    # template set later renders the prompt again instead of reusing the old ids
+    rendered: list[object] = []
+    render = vllm_engine.tokenizer.apply_chat_template
+
+    def counting(*a: object, **kw: object) -> object:
+        rendered.append(vllm_engine.tokenizer.chat_template)
+        return render(*a, **kw)
+
+    monkeypatch.setattr(vllm_engine.tokenizer, "apply_chat_template", counting)
+    req = GenerationRequest("p", messages=({"role": "user", "content": "Hi there, again"},))
+    first = vllm_engine.prompt_token_ids(req)
+    assert vllm_engine.prompt_token_ids(req) == first and len(rendered) == 1
+    monkeypatch.setattr(vllm_engine.tokenizer, "chat_template", "{{ messages[0]['content'] }}")
+    vllm_engine.prompt_token_ids(req)
+    assert len(rendered) == 2 and rendered[1] == "{{ messages[0]['content'] }}"
+
+
 # (runs after every other test: a second engine in one process breaks the first; tests/conftest.py)
 @pytest.mark.own_vllm_engine
 def test_processed_mode_carries_target_and_proposal(tiny_model_dir: Path) -> None:

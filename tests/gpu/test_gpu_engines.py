@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ def test_vllm_engine_on_cuda(tiny_model_dir: Path) -> None:
     try:
         assert check_engine(eng) == list(ENGINE_CHECKS)  # capability checks included
         _engine_loop_on_cuda(eng)
+        _samplers_on_cuda(eng)
     finally:
         eng.close()
 
@@ -108,3 +110,28 @@ def _engine_loop_on_cuda(eng: object) -> None:
             (r.problem_id, i, r.seed_for(j, SamplingParams(max_tokens=16, seed=5)))
             for j, i in enumerate(r.indices)
         ]
+
+
+def _samplers_on_cuda(eng: object) -> None:
+    """The samplers on the GPU engine's loop (issue 16): SMC (one request per prefix, fanned
+    out by vLLM, continuing from token ids through the prefix cache) and live adaptive sampling
+    drawing ahead and aborting; every generated token accounted."""
+    from ttscale.samplers import AdaptiveSampler
+    from ttscale.samplers.smc import SMCSampler
+    from ttscale.types import Problem
+
+    problems = [Problem(id=f"p{k}", prompt=f"Question {k}:") for k in range(4)]
+    params = SamplingParams(max_tokens=16, seed=2)
+    smc = SMCSampler(
+        eng, lambda p, t, f: [0.1 * len(x) for x in t], params, step_stop=(" ",),  # type: ignore[arg-type]
+        tokens_per_step=4, ess_threshold=1.0, progress=False,
+    )  # fmt: skip
+    for r in smc.sample(problems, 4):
+        assert r.generated_tokens == sum(c.completion.num_tokens for c in r.candidates)
+        assert math.isfinite(r.info["log_ml"]) and len(r.kept) >= 1
+    ada = AdaptiveSampler(
+        eng, params, "beta:0.9", lambda p, comps: [c.text[-1:] or None for c in comps], ahead=None  # type: ignore[arg-type]
+    )
+    results = list(ada.sample(problems, 16))
+    for r, d in zip(results, ada.decisions, strict=True):
+        assert r.generated_tokens == d.generated_tokens and d.used <= d.drawn <= 16

@@ -211,6 +211,38 @@ def test_adaptive_drawing_ahead_aborts_and_accounts_every_token(tmp_path: Path) 
     assert acct["generated_tokens"] == sum(r.generated_tokens for r in results)
 
 
+class _Watched(ScriptedEngine):
+    """The scripted engine whose loop records how many samples are in it at every poll."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.busy: list[int] = []
+
+    def open_loop(self, params: SamplingParams, *, tokens_per_poll: int = 4):  # type: ignore[no-untyped-def]
+        loop = super().open_loop(params, tokens_per_poll=tokens_per_poll)
+        inner, busy = loop.poll, self.busy
+
+        def poll(on_result, max_steps=None):  # type: ignore[no-untyped-def]
+            busy.append(loop.in_flight)
+            return inner(on_result, max_steps)
+
+        loop.poll = poll  # type: ignore[method-assign]
+        return loop
+
+
+def test_adaptive_drawing_ahead_keeps_the_engine_full() -> None:
+    # ahead=None: each problem draws its share of the engine's room on top of what it already
+    # drew, so the problems in flight keep nearly batch_size samples in the engine (a window of the
+    # share alone settled at about (batch_size + problems) / 2: 23 of 40 here)
+    engine = _Watched(_skewed)
+    s = AdaptiveSampler(engine, PARAMS, "fixed", _last_char, batch_size=40, ahead=None)
+    results = list(s.sample(PROBLEMS, 48, seed=1))
+    assert [d.used for d in s.decisions] == [48] * len(PROBLEMS)  # a rule that never stops
+    assert all(r.generated_tokens == sum(c.num_tokens for c in r.completions) for r in results)
+    early = engine.busy[: len(engine.busy) // 2]  # before the last samples drain the engine
+    assert max(engine.busy) <= 40 and sorted(early)[len(early) // 2] >= 30
+
+
 def test_an_engine_failure_keeps_finished_samples(tmp_path: Path) -> None:
     # 2 samples per request: p0 and p1 are made, p2's first sample is the last before the failure
     engine = ScriptedEngine(fail_after=5)

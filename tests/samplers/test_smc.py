@@ -607,13 +607,13 @@ def test_particle_text_is_the_text_of_its_tokens() -> None:
 
         def generate(self, requests, params, on_result=None):  # type: ignore[no-untyped-def]
             out = []
-            for r in requests:
+            for r in requests:  # one completion per requested index (the engine contract)
                 if not r.prefix_token_ids:
-                    c = Completion(r.problem_id, r.indices[0], "x\n", token_ids=(1,),
-                                   finish_reason="stop", stop_reason="\n")  # fmt: skip
+                    cs = [Completion(r.problem_id, i, "x\n", token_ids=(1,), finish_reason="stop",
+                                     stop_reason="\n") for i in r.indices]  # fmt: skip
                 else:
-                    c = Completion(r.problem_id, r.indices[0], "z", token_ids=(2,))
-                out.append([c])
+                    cs = [Completion(r.problem_id, i, "z", token_ids=(2,)) for i in r.indices]
+                out.append(cs)
             return out
 
     s = SMCSampler(Words(), lambda p, t, f: [0.0] * len(t), SamplingParams(max_tokens=4),  # type: ignore[arg-type]
@@ -930,3 +930,69 @@ def test_results_do_not_depend_on_problems_in_flight(ess_threshold: float) -> No
             assert a.info["ancestors"] == b.info["ancestors"]
             assert a.generated_tokens == b.generated_tokens
             assert a.info["log_ml"] == b.info["log_ml"]
+
+
+class _OnePerIndex(_BatchOnly):
+    """An engine that answers a request of several indices as that many one-index requests
+    (what SMC sent before particles with one prefix were grouped): the reference."""
+
+    def generate(self, requests, params, on_result=None, **kw):  # type: ignore[no-untyped-def]
+        single = [replace(r, indices=(i,)) for r in requests for i in r.indices]
+        got = iter(super().generate(single, params, **kw))
+        out = [[next(got)[0] for _ in r.indices] for r in requests]
+        for k, comps in enumerate(out):
+            if on_result is not None:
+                on_result(k, comps)
+        return out
+
+
+@pytest.mark.parametrize("ess_threshold", [0.0, 1.0])
+def test_particles_with_one_prefix_share_a_request_and_the_results_are_the_same(
+    ess_threshold: float,
+) -> None:
+    # step 0 is one request of N indices per problem, and after resampling the copies of an
+    # ancestor (consecutive slots, one prefix) are one request: the same particles, weights and
+    # log_ml as one request per particle, since seeds are per (problem, candidate, step)
+    probs = [Problem(f"q{k}", f"{k}:") for k in range(3)]
+    seen: list[GenerationRequest] = []
+
+    def run(eng: ScriptedEngine) -> list:  # type: ignore[type-arg]
+        s = SMCSampler(
+            eng, log_potential, SamplingParams(temperature=TEMP, max_tokens=6),
+            ess_threshold=ess_threshold, step_stop=(), tokens_per_step=2, progress=False,
+        )  # fmt: skip
+        return list(s.sample(probs, 6, seed=11))
+
+    grouped_eng = _BatchOnly(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3))
+    inner = grouped_eng.generate
+
+    def recording(requests, params, **kw):  # type: ignore[no-untyped-def]
+        seen.extend(requests)
+        return inner(requests, params, **kw)
+
+    grouped_eng.generate = recording  # type: ignore[method-assign]
+    grouped = run(grouped_eng)
+    reference = run(_OnePerIndex(alphabet=ALPHA, order=2, eos_logprob=math.log(0.3)))
+    for a, b in zip(reference, grouped, strict=True):
+        assert [(c.index, c.text, c.fate, c.parent, c.log_weight) for c in a.candidates] == [
+            (c.index, c.text, c.fate, c.parent, c.log_weight) for c in b.candidates
+        ]
+        assert a.info["ancestors"] == b.info["ancestors"]
+        assert a.info["log_ml"] == b.info["log_ml"]
+        assert a.generated_tokens == b.generated_tokens
+    first = [r for r in seen if r.step == 0]
+    assert sorted((r.problem_id, r.indices) for r in first) == [(p.id, tuple(range(6))) for p in probs]
+    later = [r for r in seen if r.step > 0]
+    for r in later:  # a request's indices are consecutive slots of one step
+        assert list(r.indices) == list(range(r.indices[0], r.indices[0] + len(r.indices)))
+    if ess_threshold == 1.0:  # resampled every step: copies of one ancestor went together
+        assert any(len(r.indices) > 1 for r in later)
+    # and each request holds every particle of its step with that prefix in adjacent slots
+    by_step: dict[tuple[str, int], list[GenerationRequest]] = {}
+    for r in later:
+        by_step.setdefault((r.problem_id, r.step), []).append(r)
+    for reqs in by_step.values():
+        reqs.sort(key=lambda r: r.indices[0])
+        for x, y in itertools.pairwise(reqs):
+            if x.indices[-1] + 1 == y.indices[0]:
+                assert x.prefix_token_ids != y.prefix_token_ids

@@ -24,6 +24,7 @@ __all__ = [
     "GenerationRequest",
     "ResultCallback",
     "ResultCollector",
+    "NextTokenScores",
     "ScoringEngine",
     "StreamingEngine",
     "TokenCallback",
@@ -34,6 +35,7 @@ __all__ = [
     "continuation_text",
     "generate_chunked",
     "require_capabilities",
+    "score_next",
     "seed_runs",
 ]
 
@@ -529,6 +531,51 @@ def seed_runs(seeds: Sequence[int]) -> list[tuple[int, int]]:
             runs.append((start, i - start))
             start = i
     return runs
+
+
+# -- next-token scoring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NextTokenScores:
+    """Log-probabilities of candidate next tokens after one request's context.
+
+    ``logprobs[j]`` is ``log p(token_ids[j] | context)`` (raw, as :meth:`ScoringEngine.score`);
+    ``context_tokens`` is how many context tokens the engine ran through to score them (the
+    context's length once per scoring pass: once where the engine gives the whole next-token
+    distribution in one pass, once per candidate where it scores one continuation at a time), so a
+    caller can account for the compute scoring took; ``None`` where the engine cannot say.
+    """
+
+    logprobs: tuple[float, ...]
+    context_tokens: int | None  # None: the engine cannot say how it tokenised the context
+
+
+def score_next(
+    engine: Any, requests: Sequence[GenerationRequest], token_ids: Sequence[int]
+) -> list[NextTokenScores]:
+    """The log-probabilities of each of ``token_ids`` as the next token after each request's
+    context (self-evaluation "Yes"/"No", judges), one result per request.
+
+    An engine with a ``score_next(requests, token_ids)`` method (the same signature, one pass per
+    context: the scripted and hf engines) answers in one pass per request; any other scoring
+    engine is asked ``score`` once, batched, with one single-token continuation per (request,
+    candidate) -- the same values, at one context pass per candidate."""
+    cands = [int(t) for t in token_ids]
+    native = getattr(engine, "score_next", None)
+    if callable(native):
+        return list(native(requests, cands))
+    if not isinstance(engine, ScoringEngine):
+        raise ConfigError(f"engine {getattr(engine, 'name', '?')!r} cannot score tokens")
+    flat = [r for r in requests for _ in cands]
+    values = engine.score(flat, [[t] for _ in requests for t in cands]) if cands else []
+    counter = getattr(engine, "prompt_token_ids", None)
+    out = []
+    for i, req in enumerate(requests):
+        lps = tuple(v[0] for v in values[i * len(cands) : (i + 1) * len(cands)])
+        n_ctx = len(counter(req)) * len(cands) if callable(counter) else None
+        out.append(NextTokenScores(lps, n_ctx))
+    return out
 
 
 # -- text of token continuations -----------------------------------------------------------------

@@ -903,6 +903,54 @@ class HFEngine:
             results.append(tuple(lps))
         return results
 
+    def score_next(self, requests: Sequence[GenerationRequest], token_ids: Sequence[int]) -> Any:
+        """Log-probabilities of each of ``token_ids`` as the next token after each request's
+        context (:func:`~ttscale.engines.base.score_next`): one distribution per request, from
+        the very pass :meth:`score` makes for the one-token continuation ``token_ids[0]`` (its
+        row at the context's end), so the values are those of :meth:`score`, one pass per
+        context instead of one per token. ``context_tokens``: the context's length."""
+        from ttscale.engines.base import NextTokenScores
+
+        torch = _import_torch()
+        cands = [int(t) for t in token_ids]
+        bad = [t for t in cands if not 0 <= t < self._vocab]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary ({self._vocab} ids)")
+        contexts = [self.prompt_token_ids(r) for r in requests]
+        if not cands:
+            return [NextTokenScores((), 0) for _ in requests]
+        conts = [cands[:1] for _ in requests]
+        out: list[Any] = [None] * len(requests)
+        try:
+            with torch.inference_mode():
+                for part in self._score_batches(conts):
+                    full = [contexts[i] + conts[i] for i in part]
+                    width = max(len(f) for f in full)
+                    ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(part), width), dtype=torch.long)
+                    for b, f in enumerate(full):
+                        ids[b, width - len(f) :] = torch.tensor(f)
+                        mask[b, width - len(f) :] = 1
+                    ids, mask = ids.to(self.device), mask.to(self.device)
+                    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+                    try:
+                        logits = self.model(**inputs, logits_to_keep=2).logits
+                    except TypeError:  # models whose forward has no logits_to_keep
+                        logits = self.model(**inputs).logits
+                    # the row at the context's end predicts the next token (left padding)
+                    lp = torch.log_softmax(logits[:, -2].to(torch.float64), dim=-1)
+                    picked = lp[:, torch.tensor(cands, device=lp.device)].tolist()
+                    for b, i in enumerate(part):
+                        out[i] = NextTokenScores(
+                            tuple(float(x) for x in picked[b]), len(contexts[i])
+                        )
+        except (ConfigError, EngineError):
+            raise
+        except Exception as e:
+            raise EngineError(f"hf scoring failed: {e}".splitlines()[0]) from e
+        return out
+
     # -- provenance ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {

@@ -37,6 +37,7 @@ from ttscale.engines._text import find_stop, render_plain_chat
 from ttscale.engines.base import (
     EngineCapabilities,
     GenerationRequest,
+    NextTokenScores,
     ResultCallback,
     ResultCollector,
     TokenCallback,
@@ -259,6 +260,30 @@ class ScriptedEngine:
                 if tok != EOS_TOKEN_ID:
                     text += chr(tok)
             out.append(tuple(lps))
+        return out
+
+    def score_next(
+        self, requests: Sequence[GenerationRequest], token_ids: Sequence[int]
+    ) -> list[NextTokenScores]:
+        """Log-probabilities of each of ``token_ids`` as the next token after each request's
+        context, from one next-token distribution per request (the values :meth:`score` gives
+        for one-token continuations); ``context_tokens`` is the context's length (one token per
+        character)."""
+        if self.responses is not None:
+            raise ConfigError(
+                "a ScriptedEngine with scripted responses cannot score: it has no model; "
+                "use ScriptedEngine() (the toy model)"
+            )
+        index = {int(t): i for i, t in enumerate(self._vocab_ids)}
+        cands = _check_ids(token_ids)
+        for tok in cands:
+            if tok not in index:
+                raise ConfigError(f"token id {tok} is not in the toy model's vocabulary")
+        out = []
+        for req in requests:
+            text = self.context(req)
+            lp = self._next_logprobs(text[-self.order :])
+            out.append(NextTokenScores(tuple(float(lp[index[t]]) for t in cands), len(text)))
         return out
 
     def info(self) -> dict[str, Any]:

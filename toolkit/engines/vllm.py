@@ -67,6 +67,9 @@ __all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
+#: text prompts whose token ids an engine remembers (:meth:`VLLMEngine.prompt_token_ids`)
+_PROMPT_CACHE = 4096
+
 # vLLM's *_logits modes return logits, not log-probabilities: not valid Completion logprobs
 _LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")
 
@@ -258,6 +261,7 @@ class VLLMEngine:
         )
         self._vllm: Any = vllm
         self._vocab: int | None = None
+        self._prompt_ids: dict[tuple[Any, ...], tuple[int, ...]] = {}
         make_input = getattr(importlib.import_module("vllm.inputs"), "tokens_input", None)
         self._tokens_input: Callable[[list[int]], Any] | None = make_input
         t0 = time.perf_counter()
@@ -294,13 +298,35 @@ class VLLMEngine:
         The prompt (``prompt`` text with special tokens, the chat-templated ``messages``, or
         ``prompt_token_ids`` as given), then the text ``prefix`` (re-tokenised with the prompt
         text; tokenised alone after ``prompt_token_ids``), then ``prefix_token_ids`` as given.
+        The tokenisation of a text or chat prompt is remembered (a step-wise sampler sends the
+        same prompt with every particle-step), keyed by the text, or the messages and the chat
+        template.
         """
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
             if request.prefix:
                 ids += self.tokenizer.encode(request.prefix, add_special_tokens=False)
         elif request.prompt is not None:
-            ids = list(self.tokenizer.encode(request.prompt + request.prefix))
+            ids = list(self._encoded(("prompt", request.prompt + request.prefix)))
+        else:
+            # the template is part of the key: one set on the tokenizer later is never missed
+            template = getattr(self.tokenizer, "chat_template", None)
+            tkey = template if template is None or isinstance(template, str) else repr(template)
+            key = ("chat", _messages_key(request.messages), request.prefix, tkey)
+            ids = list(self._encoded(key))
+        ids += request.prefix_token_ids
+        if request.has_token_ids:
+            self._check_ids(ids, "the prompt", request.problem_id)
+        return ids
+
+    def _encoded(self, key: tuple[Any, ...]) -> tuple[int, ...]:
+        """The token ids of a text or chat prompt (:meth:`prompt_token_ids`), memoised."""
+        cache = self._prompt_ids
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        if key[0] == "prompt":
+            ids = tuple(self.tokenizer.encode(key[1]))
         else:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ConfigError(
@@ -308,14 +334,12 @@ class VLLMEngine:
                     "prompt="
                 )
             text = self.tokenizer.apply_chat_template(
-                [dict(m) for m in request.messages or ()],
-                tokenize=False,
-                add_generation_prompt=True,
+                [dict(m) for m in key[1]], tokenize=False, add_generation_prompt=True
             )
-            ids = list(self.tokenizer.encode(text + request.prefix, add_special_tokens=False))
-        ids += request.prefix_token_ids
-        if request.has_token_ids:
-            self._check_ids(ids, "the prompt", request.problem_id)
+            ids = tuple(self.tokenizer.encode(text + key[2], add_special_tokens=False))
+        if len(cache) >= _PROMPT_CACHE:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[key] = ids
         return ids
 
     def _input(self, ids: list[int]) -> Any:
@@ -345,6 +369,7 @@ class VLLMEngine:
             logprobs=params.logprobs,
         )
         sp.output_kind = self._output_kind("DELTA" if stream else "FINAL_ONLY")
+        _own(sp)
         return sp
 
     def _output_kind(self, name: str) -> Any:
@@ -357,6 +382,7 @@ class VLLMEngine:
             max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
         )
         sp.output_kind = self._output_kind("FINAL_ONLY")
+        _own(sp)
         return sp
 
     # -- generation ------------------------------------------------------------------------------
@@ -820,6 +846,18 @@ class _VLLMLoop:
 
 
 # -- conversions to plain Python values ----------------------------------------------------------
+
+
+def _own(sp: Any) -> None:
+    """Tell vLLM that ``sp`` belongs to one request (every call builds its own), so
+    ``add_request`` need not deep-copy it (vLLM's ``skip_clone``; a shallow copy instead)."""
+    if hasattr(sp, "skip_clone"):
+        sp.skip_clone = True
+
+
+def _messages_key(messages: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """A hashable form of chat ``messages`` (each message's items, in order)."""
+    return tuple(tuple((str(k), str(v)) for k, v in m.items()) for m in messages or ())
 
 
 def _logprob_rows(

@@ -1736,6 +1736,12 @@ def _merge_pruning_logs(target: SampleStore, srcs: Sequence[SampleStore]) -> Non
             thresholds=thresholds,
             log="pruning.jsonl",
         )
+        # self-evaluation's scored context tokens, summed as a pruning run's last worker does
+        # (unknown once a selfeval trace's count is missing or null)
+        missing = None if str(info.get("rule") or "").startswith("selfeval") else 0
+        counts: list[Any] = [r.get("scored_tokens", missing) for r in kept]
+        known = all(n is not None for n in counts)
+        info["scored_tokens"] = sum(int(n) for n in counts) if known else None
         m["pruning"] = info
 
     target.modify_manifest(put)
