@@ -743,8 +743,8 @@ class HFEngine:
         params: SamplingParams,
         *,
         prefix_reuse: bool = True,
-        admit_share: float = 0.25,
-        admit_wait: int = 4,
+        admit_share: float = 0.5,
+        admit_wait: int = 8,
     ) -> _HFLoop:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
@@ -995,8 +995,8 @@ class _HFLoop:
         engine: HFEngine,
         params: SamplingParams,
         prefix_reuse: bool = True,
-        admit_share: float = 0.25,
-        admit_wait: int = 4,
+        admit_share: float = 0.5,
+        admit_wait: int = 8,
     ) -> None:
         if admit_share < 0 or admit_wait < 0:
             raise ConfigError(
