@@ -18,6 +18,7 @@ import pytest
 
 from ttscale.engines import GenerationRequest, TokenEvent
 from ttscale.engines.loop import BatchLoop, LoopFailure, open_loop
+from ttscale.errors import ConfigError
 from ttscale.types import Completion, Problem, SamplingParams
 
 torch = pytest.importorskip("torch")
@@ -98,7 +99,8 @@ def test_loop_returns_what_generate_returns(hf: HFEngine, mode: str, kw: dict[st
     hf.self_certainty = mode == "processed_logprobs"  # the loop's completions carry it too
     try:
         want = hf.generate(REQS, params)
-        loop = hf.open_loop(params)
+        # no gathering: each poll admits what is queued, so they join at different steps
+        loop = hf.open_loop(params, admit_share=0, admit_wait=0)
         assert isinstance(open_loop(hf, params), _HFLoop)
         got: dict[int, list[Completion]] = {}
         t0 = loop.submit(REQS[0])
@@ -405,3 +407,51 @@ def test_the_prefix_store_keeps_at_most_the_batchs_worth() -> None:
     assert store.find((3, 1, 2, 3)) is None  # the prefix itself: nothing left to prefill
     store.put((7,) * 12, item(12), budget=30)  # a larger batch allows more
     assert store.find((2, 1, 2, 3, 0)) is not None and store.hits == 2
+
+
+def test_rows_queued_while_a_batch_runs_join_together_and_a_lone_one_within_admit_wait(
+    hf: HFEngine,
+) -> None:
+    """Admission policy: rows submitted while the batch runs wait until they are admit_share of
+    its live rows (then join in one prefill) or the oldest waited admit_wait steps; with an
+    empty batch they join at once. When they join changes nothing in what they draw."""
+    params = SamplingParams(temperature=1.0, max_tokens=30, min_tokens=30, seed=3)
+    run = GenerationRequest("r", prompt="Abc", indices=(0, 1, 2, 3))
+    one, two = GenerationRequest("o", prompt="One"), GenerationRequest("t", prompt="Two two")
+    lone = GenerationRequest("l", prompt="Alone", indices=(5,))
+    got: dict[int, list[Completion]] = {}
+
+    def put(t: int, comps: list[Completion]) -> None:
+        got[t] = comps
+
+    loop = hf.open_loop(params, admit_share=0.5, admit_wait=8)
+    tickets = [loop.submit(run)]
+    loop.poll(put, max_steps=1)
+    assert (loop.admissions, loop._batch.live) == (1, 4)  # an empty batch admits at once
+    tickets.append(loop.submit(one))
+    loop.poll(put, max_steps=2)
+    assert (loop.admissions, loop._batch.live) == (1, 4)  # 1 queued < 0.5 x 4 live: waits
+    tickets.append(loop.submit(two))
+    loop.poll(put, max_steps=1)
+    assert (loop.admissions, loop._batch.live) == (2, 6)  # 2 queued: both join, one prefill
+    tickets.append(loop.submit(lone))  # 1 < 0.5 x 6: only the wait admits it
+    live = []
+    for _ in range(9):
+        loop.poll(put, max_steps=1)
+        live.append(loop._batch.live)
+    assert live == [6] * 8 + [7] and loop.admissions == 3  # joined after 8 steps' wait
+    _drain(loop, got)
+    want = hf.generate([run, one, two, lone], params)
+    for t, w in zip(tickets, want, strict=True):
+        for g, c in zip(got[t], w, strict=True):
+            _same(g, c)
+    # admit_share=0 and admit_wait=0: every poll admits what is queued (no gathering)
+    eager = hf.open_loop(params, admit_share=0, admit_wait=0)
+    eager.submit(run)
+    eager.poll(put, max_steps=1)
+    eager.submit(lone)
+    eager.poll(put, max_steps=1)
+    assert (eager.admissions, eager._batch.live) == (2, 5)
+    eager.close()
+    with pytest.raises(ConfigError, match="admit_wait"):
+        hf.open_loop(params, admit_wait=-1)

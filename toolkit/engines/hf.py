@@ -738,7 +738,14 @@ class HFEngine:
         while batch.live:
             batch.step(params, finished)
 
-    def open_loop(self, params: SamplingParams, *, prefix_reuse: bool = True) -> _HFLoop:
+    def open_loop(
+        self,
+        params: SamplingParams,
+        *,
+        prefix_reuse: bool = True,
+        admit_share: float = 0.5,
+        admit_wait: int = 8,
+    ) -> _HFLoop:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
         prefilled together, each distinct prompt once, and merged into the running cache), rows
@@ -751,8 +758,14 @@ class HFEngine:
         behind (the oldest dropped once they hold more tokens than the running batch), and a
         request whose prompt continues one by up to 4 tokens (a step-wise sampler's next step)
         prefills only those tokens. Its logits then come from the cache built step by step
-        rather than from one prefill: the same float32 effects as batch composition."""
-        return _HFLoop(self, params, prefix_reuse)
+        rather than from one prefill: the same float32 effects as batch composition.
+
+        Admission: samples submitted while the batch runs join it together, before the step at
+        which they are at least ``admit_share`` of its live rows or the oldest has waited
+        ``admit_wait`` steps (at once when the batch is empty): each admission costs a prefill
+        forward and a copy of the cache, so one per group rather than one per poll. Which step
+        a sample joins at does not change what it draws."""
+        return _HFLoop(self, params, prefix_reuse, admit_share, admit_wait)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
@@ -971,13 +984,33 @@ class _Ticket:
 
 class _HFLoop:
     """:meth:`HFEngine.open_loop`: the :class:`~ttscale.engines.loop.EngineLoop` contract on one
-    running :class:`_Batch`. ``poll`` admits the queued samples (as many as ``batch_size``
-    allows), then decodes steps until a request has finished (or ``max_steps`` steps);
-    ``abort`` takes a request's rows out of the batch at once."""
+    running :class:`_Batch`. ``poll`` decodes steps until a request has finished (or
+    ``max_steps`` steps), admitting queued samples before a step (as many as ``batch_size``
+    allows) when the batch is empty, when they are at least ``admit_share`` of its live rows,
+    or when the oldest has waited ``admit_wait`` steps; ``abort`` takes a request's rows out of
+    the batch at once."""
 
-    def __init__(self, engine: HFEngine, params: SamplingParams, prefix_reuse: bool = True) -> None:
+    def __init__(
+        self,
+        engine: HFEngine,
+        params: SamplingParams,
+        prefix_reuse: bool = True,
+        admit_share: float = 0.5,
+        admit_wait: int = 8,
+    ) -> None:
+        if admit_share < 0 or admit_wait < 0:
+            raise ConfigError(
+                f"admit_share ({admit_share}) and admit_wait ({admit_wait}) must be >= 0"
+            )
         self.engine = engine
         self.params = params
+        # Admitting rows costs a prefill forward and a copy of the running cache, about as much
+        # as a decoding step of the whole batch on a small model; step-wise samplers submit a
+        # few rows at almost every poll, so rows that arrive while a batch runs are gathered
+        # and join together (a row waits at most admit_wait steps: never starved)
+        self.admit_share = admit_share
+        self.admit_wait = admit_wait
+        self._waiting_since: int | None = None  # self.steps when the queue last became non-empty
         #: finished rows' caches that later requests may extend (``None``: no reuse)
         self.prefixes = _PrefixStore() if prefix_reuse else None
         self._batch = _Batch(engine, self.prefixes)
@@ -1027,6 +1060,8 @@ class _HFLoop:
             for seed in (request.seed_for(j, params),)
         ]
         self._live[t] = _Ticket(request, rows, ResultCollector([request], finished))
+        if not self._queue:
+            self._waiting_since = self.steps
         self._queue.extend(rows)
         return t
 
@@ -1036,14 +1071,22 @@ class _HFLoop:
             tk.collector.put(0, row.slot, self.engine._completion(row.req, row, self.params))
 
     def _admit(self) -> None:
+        if not self._queue:
+            return
+        live = self._batch.live
+        waited = self.steps - (self._waiting_since or 0)
+        if live and len(self._queue) < self.admit_share * live and waited < self.admit_wait:
+            return  # gather more (see __init__)
         room = len(self._queue)
         if self.engine.batch_size is not None:
-            room = min(room, self.engine.batch_size - self._batch.live)
+            room = min(room, self.engine.batch_size - live)
         if room <= 0:
             return
         rows, self._queue = self._queue[:room], self._queue[room:]
         self._batch.admit(rows)
         self.admissions += 1
+        if not self._queue:
+            self._waiting_since = None
 
     def poll(
         self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
@@ -1083,6 +1126,8 @@ class _HFLoop:
         if tk is None:
             return 0
         self._queue = [r for r in self._queue if r.request != ticket]
+        if not self._queue:
+            self._waiting_since = None
         self._batch.drop(lambda r: r.request == ticket)
         self._done = [(t, c) for t, c in self._done if t != ticket]
         # every token generated for it, samples that had already ended included
@@ -1093,5 +1138,6 @@ class _HFLoop:
         if self.prefixes is not None:
             self.prefixes.clear()
         self._queue.clear()
+        self._waiting_since = None
         self._live.clear()
         self._done.clear()
