@@ -339,6 +339,12 @@ def _replay_trace_rule(
         own = "the run's own model" if path == store.manifest.get("model") else "--model"
         scorer_line = f"self-evaluation scored by {path} ({own}, hf engine)"
         typer.echo(scorer_line, err=True)
+        if getattr(parsed, "every", 0):
+            typer.echo(
+                "note: a live run draws each chunk after the first checkpoint from its own seed "
+                "substream, so past it a fixed run's traces (and decisions) are not the live run's",
+                err=True,
+            )
         engine = make_engine("hf", path)
     try:
         d = replay_trace_rule(

@@ -206,6 +206,9 @@ def test_cli_replay_selfeval_top_equals_the_live_run(tmp_path: Path) -> None:
     r = runner.invoke(app, ["replay", str(tmp_path / "fixed"), "--rule", spec, "--model", str(model)])
     assert r.exit_code == 0, r.output
     assert "self-evaluation scored tokens" in r.output and f"{live['scored_tokens']}" in r.output
+    # the threshold rule with every=: replayed, with a note on the later chunks' seeds
+    r = runner.invoke(app, ["replay", str(tmp_path / "fixed"), "--rule", "selfeval:checkpoint=8,every=8,yes=Y,no=N"])
+    assert r.exit_code == 0 and "seed substream" in r.output and "scored tokens" in r.output, r.output
     # refusals, one line each: --model for another rule, a pruned run, a run with no local model
     r = runner.invoke(app, ["replay", str(tmp_path / "fixed"), "--rule", "lowprob:threshold=-2", "--model", str(model)])
     assert r.exit_code == 1 and "--model is for the self-evaluation rules" in r.output
@@ -221,3 +224,53 @@ def test_cli_replay_selfeval_top_equals_the_live_run(tmp_path: Path) -> None:
     SampleStore.open(toy).modify_manifest(lambda m: m.update(model="someone/remote-model"))
     r = runner.invoke(app, ["replay", str(toy), "--rule", spec])
     assert r.exit_code == 1 and "pass --model PATH" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_replay_decisions_match_a_hand_computed_reference_on_the_toy_model() -> None:
+    """Independent of the live sampler: P(no) from the toy model's own next-token table on each
+    stored trace's first `checkpoint` characters, ranked by hand."""
+    import math
+
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.types import Problem
+
+    eng = ScriptedEngine()
+    problems = [Problem(id=f"p{i}", prompt=f"q{i} ", reference="1") for i in range(3)]
+    params = SamplingParams(max_tokens=30, logprobs=0, seed=4)
+    full = list(RepeatedSampler(eng, params, progress=False).sample(problems, 6, seed=4))
+    comps = [c.completion for r in full for c in r.candidates]
+    rule = SelfEvalTop(checkpoint=8, keep=0.5, prompt="", yes="y", no="n")
+    rep = replay_pruning(comps, rule, engine=eng, problems=problems)
+    idx = {ch: 1 + eng.alphabet.index(ch) for ch in "ny"}
+    pruned = 0
+    for p, r in zip(rep.problems, full, strict=True):
+        scores = {}
+        for c in r.candidates:
+            comp = c.completion
+            if comp.num_tokens > 8:
+                ctx = r.problem.prompt + eng.decode((comp.token_ids or ())[:8])
+                lp = eng._next_logprobs(ctx[-eng.order:])
+                scores[c.index] = 1 / (1 + math.exp(lp[idx["y"]] - lp[idx["n"]]))
+        ranked = sorted(scores, key=lambda i: (-scores[i], i))
+        losers = set(ranked[max(1, math.ceil(0.5 * len(ranked))):])
+        long = {c.index for c in r.candidates if c.completion.num_tokens > 9}
+        assert {t.index for t in p.pruned} == losers & long
+        assert all(t.pruned_at == 9 and t.tokens == 9 for t in p.pruned)
+        # every scored trace ran one prompt: question + 8 characters (the toy engine's tokens)
+        assert p.scored_tokens == len(scores) * (len(r.problem.prompt) + 8)
+        pruned += len(p.pruned)
+    assert pruned > 0
+    # the threshold rule with every=: stopped at the first checkpoint where P(no) < threshold
+    thr = SelfEval(checkpoint=5, every=5, threshold=0.5, prompt="", yes="y", no="n")
+    rep = replay_pruning(comps, thr, engine=eng, problems=problems)
+    for p, r in zip(rep.problems, full, strict=True):
+        for t, c in zip(p.traces, r.candidates, strict=True):
+            ids = c.completion.token_ids or ()
+            want = None
+            for k in range(5, c.completion.num_tokens, 5):  # the last token never prunes
+                lp = eng._next_logprobs((r.problem.prompt + eng.decode(ids[:k]))[-eng.order:])
+                if 1 / (1 + math.exp(lp[idx["y"]] - lp[idx["n"]])) < 0.5:
+                    want = k
+                    break
+            assert t.pruned_at == want
+    assert rep.pruned > 0
