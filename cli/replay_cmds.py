@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
                 help="Stopping rule: fixed, esc:window=5, beta:0.95, dirichlet:0.95, entropy:0.75, "
                 "majority:0.8, deepconf:0.95, sprt:p1=0.8, msprt:alpha=0.05 (any with ,min=K); or a "
                 "trace-pruning rule replayed from stored log-probs: deepconf-online:eta=10, "
-                "lowprob:threshold=-1.5; or short-m@k (short-1@k, short-3@k, short-M@K): stop "
+                "lowprob:threshold=-1.5, or self-evaluation scored by --model: "
+                "selfeval:checkpoint=64,threshold=0.5, selfeval-top:checkpoint=64,keep=0.5; or short-m@k (short-1@k, short-3@k, short-M@K): stop "
                 "at the first m of k traces to finish (by length), majority among them.",
             ),
         ] = None,
@@ -85,6 +86,11 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--per-problem", help="With --json: add each problem's outcome.")
         ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+        model: Annotated[
+            Optional[str],
+            typer.Option("--model", "-m", help="selfeval rules: the model that scores the stored token "
+                         "prefixes (hf engine) [the run's own, when a local folder]."),
+        ] = None,
     ) -> None:
         """Replay an adaptive stopping rule on a stored pool: accuracy, samples and tokens
         against self-consistency at the same budget, with 95% CIs. With --allocate POLICY
@@ -131,6 +137,8 @@ def register(app: typer.Typer) -> None:
             return
         check_rule_name(rule, "--rule")  # an unknown rule: one line naming both kinds
         trace_rule = rule.strip().partition(":")[0].strip() in _TRACE_RULES
+        if model is not None and rule.strip().partition(":")[0].strip() not in _SCORED_RULES:
+            raise ConfigError(f"--model is for the self-evaluation rules ({', '.join(_SCORED_RULES)}); drop it")
         store = SampleStore.open(run)
         if kind == "adaptive":
             if trace_rule:
@@ -143,7 +151,7 @@ def register(app: typer.Typer) -> None:
                                  deepconf_window, json_out)  # fmt: skip
             return
         if trace_rule:
-            _replay_trace_rule(run, rule, orders, max_samples, verifier, seed, json_out)
+            _replay_trace_rule(run, rule, orders, max_samples, verifier, seed, json_out, model)
             return
         parsed = parse_rule(rule)  # before reading the run
         pool = store.pool(verifier)
@@ -288,27 +296,65 @@ def _replay_short(
 
 
 # level-2 rules (trace pruning); replayed from per-token log-probs, in stored index order
-_TRACE_RULES = ("deepconf-online", "lowprob", "selfeval")
+_TRACE_RULES = ("deepconf-online", "lowprob", "selfeval", "selfeval-top")
+# trace-pruning rules that ask the model (a scoring engine from --model)
+_SCORED_RULES = ("selfeval", "selfeval-top")
+
+
+def _scoring_model(run: Path, manifest: dict[str, Any], model: str | None) -> str:
+    """--model, else the run's own model when the manifest records a local folder."""
+    if model is not None:
+        return model
+    own = manifest.get("model")
+    if isinstance(own, str) and Path(own).is_dir():
+        return own
+    raise ConfigError(
+        f"{run} records no local model folder ({own!r}) to score self-evaluations with; pass "
+        "--model PATH (a model with the run's tokenizer)"
+    )
 
 
 def _replay_trace_rule(
     run: Path, rule: str, orders: int | None, max_samples: int | None, verifier: str | None,
-    seed: int, json_out: bool,
+    seed: int, json_out: bool, model: str | None = None,
 ) -> None:
     from ttscale.cli.analysis_cmds import describe_verdicts
     from ttscale.replay import replay_trace_rule
     from ttscale.samplers.pruning import parse_prune_rule
     from ttscale.store import SampleStore
 
-    parse_prune_rule(rule)  # before reading the run
+    parsed = parse_prune_rule(rule)  # before reading the run
     if orders is not None:
         raise ConfigError(
             f"{rule.split(':')[0]} is a trace-pruning rule: its warm-up traces are the first ones "
             "in index order, so it replays in stored order only; drop --orders"
         )
-    d = replay_trace_rule(
-        SampleStore.open(run), rule, max_samples=max_samples, verifier=verifier, seed=seed
-    )
+    store = SampleStore.open(run)
+    engine = None
+    scorer_line = None
+    if parsed.name in _SCORED_RULES:
+        from ttscale.engines import make_engine
+
+        path = _scoring_model(run, dict(store.manifest), model)
+        own = "the run's own model" if path == store.manifest.get("model") else "--model"
+        scorer_line = f"self-evaluation scored by {path} ({own}, hf engine)"
+        typer.echo(scorer_line, err=True)
+        if getattr(parsed, "every", 0):
+            typer.echo(
+                "note: a live run draws each chunk after the first checkpoint from its own seed "
+                "substream, so past it a fixed run's traces (and decisions) are not the live run's",
+                err=True,
+            )
+        engine = make_engine("hf", path)
+    try:
+        d = replay_trace_rule(
+            store, rule, max_samples=max_samples, verifier=verifier, seed=seed, engine=engine
+        )
+    finally:
+        if engine is not None:
+            engine.close()
+    if scorer_line is not None:
+        d["scoring_model"] = scorer_line
     if json_out:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -317,6 +363,12 @@ def _replay_trace_rule(
         f"{run}: {d['problems']} problems, trace-pruning rule {d['rule']} replayed in index order: "
         f"{d['pruned']} traces pruned, {d['saved_fraction']:.1%} of the tokens saved"
     )
+    if parsed.name in _SCORED_RULES:
+        sc = d["scored_tokens"]
+        typer.echo(
+            "  self-evaluation scored tokens (context, not in tokens/problem): "
+            + (f"{sc} ({sc / max(d['problems'], 1):.1f}/problem)" if sc is not None else "unknown")
+        )
     for name, block in (("rule", d), ("fixed", d["fixed"])):
         acc, t = block["accuracy"], block["tokens"]
         typer.echo(

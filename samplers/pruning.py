@@ -26,7 +26,9 @@ counted, pruned traces included; a pruned trace is kept in the result (and the r
 ``pruning.jsonl`` says what was pruned, when and why.
 
 :func:`replay_pruning` runs the same monitors over stored traces (a run with per-token
-log-probabilities): what a live run would have pruned, at which token, and the tokens saved.
+log-probabilities): what a live run would have pruned, at which token, and the tokens saved. The
+self-evaluation rules replay from the stored token ids with a scoring engine (the live sampler's
+own scorer on each trace's prefix), their scored tokens counted apart as a live run counts them.
 Because seeds are per (problem, index) and aborting a trace does not change its earlier tokens,
 a live run on a streaming engine and the replay of the full run with the same seed agree trace
 by trace.
@@ -84,6 +86,7 @@ __all__ = [
     "PruningSampler",
     "ProblemPruning",
     "SelfEval",
+    "SelfEvalTop",
     "TraceMonitor",
     "TracePruning",
     "parse_prune_rule",
@@ -554,6 +557,9 @@ class TracePruning:
     tokens: int
     full_tokens: int | None = None
     warmup: bool = False
+    #: self-evaluation context tokens scored for this trace (selfeval rules; 0 for the others),
+    #: as a live run records them apart from generated tokens; None: the engine cannot say
+    scored_tokens: int | None = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -564,6 +570,7 @@ class TracePruning:
             "tokens": self.tokens,
             "full_tokens": self.full_tokens,
             "warmup": self.warmup,
+            "scored_tokens": self.scored_tokens,
         }
 
 
@@ -590,6 +597,10 @@ class ProblemPruning:
     @property
     def kept_indices(self) -> tuple[int, ...]:
         return tuple(t.index for t in self.traces if t.pruned_at is None)
+
+    @property
+    def scored_tokens(self) -> int | None:
+        return _sum_scored(t.scored_tokens for t in self.traces)
 
 
 @dataclass(frozen=True)
@@ -620,6 +631,11 @@ class PruningReplay:
     def pruned(self) -> int:
         return sum(len(p.pruned) for p in self.problems)
 
+    @property
+    def scored_tokens(self) -> int | None:
+        """Self-evaluation context tokens (selfeval rules; 0 otherwise), not in ``tokens``."""
+        return _sum_scored(p.scored_tokens for p in self.problems)
+
     def tokens_per_problem(self) -> np.ndarray:
         return np.asarray([p.tokens for p in self.problems], dtype=np.int64)
 
@@ -630,12 +646,14 @@ class PruningReplay:
             "full_tokens": self.full_tokens,
             "saved_fraction": self.saved_fraction,
             "pruned": self.pruned,
+            "scored_tokens": self.scored_tokens,
             "problems": [
                 {
                     "problem_id": p.problem_id,
                     "threshold": p.threshold,
                     "tokens": p.tokens,
                     "full_tokens": p.full_tokens,
+                    "scored_tokens": p.scored_tokens,
                     "traces": [t.to_dict() for t in p.traces],
                 }
                 for p in self.problems
@@ -673,6 +691,10 @@ def replay_pruning(
     rule: PruneRule | str,
     *,
     max_samples: int | None = None,
+    engine: Engine | None = None,
+    problems: Iterable[Problem] | None = None,
+    chat: bool | None = None,
+    system_prompt: str | None = None,
 ) -> PruningReplay:
     """What ``rule`` would have pruned in a stored run, trace by trace, and the tokens saved.
 
@@ -680,14 +702,24 @@ def replay_pruning(
     log-probabilities (``token_logprobs`` for ``lowprob``, ``top_logprobs`` for
     ``deepconf-online``). Traces are replayed in index order per problem (indices
     ``0..max_samples-1`` when given): as in a live run, the first ``rule.warmup`` traces run in
-    full and set the threshold. ``selfeval`` needs the model and cannot be replayed.
+    full and set the threshold.
+
+    ``selfeval`` and ``selfeval-top`` ask the model: they replay from the stored token ids with
+    ``engine`` (a scoring engine with the run's tokenizer; the same scorer a live run uses, one
+    self-evaluation prompt per call), on ``problems`` (a run's own recorded problems by
+    default) sent as a live run would (``chat``/``system_prompt``: the run's manifest's by
+    default). ``selfeval`` stops a trace at the checkpoint where ``P(no)`` falls below the
+    threshold; ``selfeval-top`` ranks every trace longer than the checkpoint and cuts the losers
+    at ``checkpoint + 1`` tokens, where a live run stops them (a loser of exactly that length
+    ended there: kept). Each trace's ``scored_tokens`` is the context its evaluations ran
+    through, as a live run records it.
     """
     if isinstance(rule, str):
         rule = parse_prune_rule(rule)
-    if rule.needs == "scoring":
+    if rule.needs == "scoring" and engine is None:
         raise ConfigError(
-            f"{rule.name} asks the model mid-generation and cannot be replayed from a stored run; "
-            "replay deepconf-online or lowprob"
+            f"{rule.name} asks the model at its checkpoints: replay it with the scoring engine "
+            "(engine=...; CLI: --model PATH)"
         )
     check_int("max_samples", max_samples, min=1, allow_none=True)
     if isinstance(source, (str, os.PathLike)):
@@ -701,6 +733,7 @@ def replay_pruning(
             f"{source.path} was pruned live (its pruned traces are cut); replay a full run "
             "made without --prune"
         )
+    store = source if isinstance(source, SampleStore) else None
     items = source.samples() if isinstance(source, SampleStore) else source
     by_problem: dict[str, list[Completion]] = {}
     for it in items:
@@ -708,11 +741,18 @@ def replay_pruning(
         if max_samples is not None and c.index >= max_samples:
             continue
         by_problem.setdefault(c.problem_id, []).append(c)
-    problems = []
+    judge: _SelfEvalReplay | None = None
+    if isinstance(rule, SelfEval):
+        assert engine is not None
+        judge = _SelfEvalReplay(engine, rule, store, problems, chat, system_prompt, by_problem)
+    problems_out = []
     for pid, comps in by_problem.items():
         comps.sort(key=lambda c: c.index)
         for c in comps:
             _check_trace(rule, c)
+        if judge is not None:
+            problems_out.append(judge.problem(pid, comps))
+            continue
         warm = comps[: rule.warmup]
         threshold = rule.warmup_threshold(warm) if rule.warmup else None
         traces = [
@@ -729,8 +769,129 @@ def replay_pruning(
             )
             used = c.num_tokens if at is None else at
             traces.append(TracePruning(pid, c.index, at, reason, used, c.num_tokens))
-        problems.append(ProblemPruning(pid, threshold, tuple(traces)))
-    return PruningReplay(rule.spec(), tuple(problems))
+        problems_out.append(ProblemPruning(pid, threshold, tuple(traces)))
+    return PruningReplay(rule.spec(), tuple(problems_out))
+
+
+class _SelfEvalReplay:
+    """Self-evaluation rules on stored traces: the live sampler's own scorer
+    (:meth:`PruningSampler._scorer`, one :func:`score_next` call per evaluation) on each trace's
+    stored token prefix, with the problem's prompt built as the live run builds it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        rule: SelfEval,
+        store: SampleStore | None,
+        problems: Iterable[Problem] | None,
+        chat: bool | None,
+        system_prompt: str | None,
+        traces: Mapping[str, Sequence[Completion]],
+    ) -> None:
+        manifest = store.manifest if store is not None else {}
+        if chat is None:
+            chat = bool(manifest.get("chat", False))
+        if system_prompt is None:
+            system_prompt = manifest.get("system_prompt")
+        # the live sampler checks the engine (scoring + token prefixes) and the answer tokens
+        self.sampler = PruningSampler(
+            engine, SamplingParams(), rule, chat=chat, system_prompt=system_prompt, progress=False
+        )
+        self.rule = rule
+        given = list(problems) if problems is not None else (store.problems() if store else [])
+        self.problems = {p.id: p for p in given}
+        missing = sorted(set(traces) - set(self.problems))
+        if missing:
+            raise ConfigError(
+                f"{rule.name} replay needs each problem's prompt; none for {missing[0]!r} "
+                "(pass problems=, or a run that recorded its problems)"
+            )
+        _check_token_ids(engine, rule, traces)
+
+    def _scorer(self, pid: str, index: int, spent: Callable[[int | None], None]) -> Scorer:
+        (req,) = self.sampler._requests(self.problems[pid], [index])
+        return self.sampler._scorer(req, spent)
+
+    def problem(self, pid: str, comps: Sequence[Completion]) -> ProblemPruning:
+        rule = self.rule
+        traces = []
+        if isinstance(rule, SelfEvalTop):
+            # live: a trace longer than the checkpoint reports P(no) at it (one that ends on the
+            # checkpoint token never does); once all have, the losers stop at their next token
+            scores: dict[int, float] = {}
+            scored: dict[int, int | None] = {}
+            for c in comps:
+                if c.num_tokens > rule.checkpoint:
+                    spent: list[int | None] = []
+                    score = self._scorer(pid, c.index, spent.append)
+                    scores[c.index] = score(list((c.token_ids or ())[: rule.checkpoint]))
+                    scored[c.index] = _sum_scored(spent)
+            losers = rule.losers(scores)
+            cut = rule.checkpoint + 1
+            for c in comps:
+                hit = c.index in losers and c.num_tokens > cut
+                traces.append(
+                    TracePruning(
+                        pid,
+                        c.index,
+                        cut if hit else None,
+                        losers[c.index] if hit else None,
+                        cut if hit else c.num_tokens,
+                        c.num_tokens,
+                        scored_tokens=scored.get(c.index, 0),
+                    )
+                )
+            return ProblemPruning(pid, None, tuple(traces))
+        for c in comps:
+            spent = []
+            mon = rule.monitor(None, self._scorer(pid, c.index, spent.append))
+            at, reason = _run_monitor(mon, c.token_ids, None, None, c.num_tokens)
+            used = c.num_tokens if at is None else at
+            traces.append(
+                TracePruning(
+                    pid, c.index, at, reason, used, c.num_tokens, scored_tokens=_sum_scored(spent)
+                )
+            )
+        return ProblemPruning(pid, None, tuple(traces))
+
+
+def _check_token_ids(
+    engine: Engine, rule: SelfEval, traces: Mapping[str, Sequence[Completion]]
+) -> None:
+    """Refuse traces without token ids, and an engine whose tokenizer does not turn the stored
+    ids back into the stored text (another model's ids would be scored as other words)."""
+    decode = getattr(engine, "decode", None)
+    assert callable(decode)  # the sampler required token prefixes (decode)
+    vocab = None
+    tok = getattr(engine, "tokenizer", None)
+    if tok is not None:
+        try:
+            vocab = len(tok)
+        except TypeError:
+            vocab = None
+    for comps in traces.values():
+        for c in comps:
+            if c.num_tokens == 0:
+                continue
+            if c.token_ids is None:
+                raise ConfigError(
+                    f"{rule.name} replays the stored token ids; sample {c.problem_id!r}/{c.index} "
+                    "has none (sample again with an engine that returns token ids: hf or vllm)"
+                )
+            if vocab is not None and max(c.token_ids) >= vocab:
+                raise ConfigError(
+                    f"the scoring model's tokenizer ({vocab} tokens) does not match the run's token "
+                    f"ids (sample {c.problem_id!r}/{c.index} has id {max(c.token_ids)}); pass the "
+                    "run's own model"
+                )
+            # the stored text is the decoded ids (cut at a stop string); whitespace is compared
+            # loosely, since engines clean up tokenisation spaces differently
+            text = "".join(str(decode(list(c.token_ids))).split())
+            if not text.startswith("".join(c.text.split())):
+                raise ConfigError(
+                    f"the scoring model's tokenizer does not turn the run's token ids back into "
+                    f"its text (sample {c.problem_id!r}/{c.index}); pass the run's own model"
+                )
 
 
 def _check_trace(rule: PruneRule, c: Completion) -> None:

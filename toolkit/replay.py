@@ -323,9 +323,12 @@ def replay_trace_rule(
     max_samples: int | None = None,
     verifier: str | None = None,
     seed: int = 0,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Replay a level-2 (trace pruning) rule on a stored run, in stored index order, against
-    self-consistency over the same traces.
+    self-consistency over the same traces. ``engine``: the scoring engine the self-evaluation
+    rules (``selfeval``, ``selfeval-top``) ask at their checkpoints; their ``scored_tokens``
+    (self-evaluation context, not generated tokens) is reported apart, as a live run records it.
 
     :func:`ttscale.samplers.pruning.replay_pruning` decides which traces the rule would have
     stopped and when (the first warm-up traces run in full); a pruned trace has no answer, so
@@ -338,7 +341,7 @@ def replay_trace_rule(
     from ttscale.samplers.pruning import replay_pruning
     from ttscale.select.adaptive import final_vote
 
-    rep = replay_pruning(store, rule, max_samples=max_samples)
+    rep = replay_pruning(store, rule, max_samples=max_samples, engine=engine)
     pool = store.pool(verifier)
     rows = {str(pid): i for i, pid in enumerate(pool.problem_ids)}
     acc_rule, acc_fixed, tok_rule, tok_fixed = [], [], [], []
@@ -377,6 +380,7 @@ def replay_trace_rule(
     out["fixed"] = block(acc_fixed, tok_fixed)
     out["pruned"] = rep.pruned
     out["saved_fraction"] = rep.saved_fraction
+    out["scored_tokens"] = rep.scored_tokens
     out["verdicts"] = pool.meta.get("verdicts")  # which verdict set gave correctness, and why
     return out
 

@@ -295,10 +295,10 @@ def test_selfeval_prunes_at_the_checkpoint_by_p_no() -> None:
     assert checked > 0
 
 
-def test_selfeval_needs_a_scoring_engine_and_cannot_be_replayed() -> None:
+def test_selfeval_needs_a_scoring_engine_live_and_in_replay() -> None:
     with pytest.raises(ConfigError, match="capability 'scoring'"):
         PruningSampler(ScriptedEngine({"p": "abc"}), SamplingParams(), "selfeval:yes=y,no=n")
-    with pytest.raises(ConfigError, match="cannot be replayed"):
+    with pytest.raises(ConfigError, match="replay it with the scoring engine"):
         replay_pruning([], "selfeval")
 
 
