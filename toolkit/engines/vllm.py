@@ -883,7 +883,7 @@ def _omp_threads() -> tuple[Any, int]:
         return None, 0
     torch = sys.modules.get("torch")
     if torch is not None and len(paths) > 1:  # other packages bring their own: torch's is used
-        lib = str(Path(torch.__file__).parent / "lib")
+        lib = str(Path(str(torch.__file__)).parent / "lib")
         paths = {p for p in paths if p.startswith(lib)}
     if len(paths) != 1:
         return None, 0
