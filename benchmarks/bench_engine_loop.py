@@ -222,6 +222,12 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
                 engine, params, args.rule, answers, ahead=None
             )
             base["adaptive ahead=auto"] = "sc"
+        if "priority" in inspect.signature(AdaptiveSampler).parameters:
+            # the spare-room window without priorities (the default before them), same process
+            arms["adaptive ahead=auto fifo"] = lambda: AdaptiveSampler(
+                engine, params, args.rule, answers, ahead=None, priority=False
+            )
+            base["adaptive ahead=auto fifo"] = "sc"
     prune_name = ""
     if args.prune:
         rule = parse_prune_rule(args.prune)

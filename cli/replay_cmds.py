@@ -409,8 +409,8 @@ def sample_adaptive(
         )
         typer.echo(
             f"adaptive: rule {sampler.rule.spec}, budget {budget} per problem, answers from the "
-            f"{bench.verifier} verifier, ties to the first-seen answer; problems draw ahead into "
-            "the engine's spare room (samples beyond a stop are kept in the run, not used)",
+            f"{bench.verifier} verifier, ties to the first-seen answer; problems queue their budget, "
+            "lower sample indices first (samples beyond a stop are kept in the run, not used)",
             err=True,
         )
         t0 = time.perf_counter()

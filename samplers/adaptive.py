@@ -18,11 +18,11 @@ with the same answer.
 
 Every generated token is counted: ``SampleResult.generated_tokens`` includes samples that
 finished beyond the stopping point (only when ``round_size`` exceeds the rule's step or
-``ahead`` is set), which are stored in the sink but are not candidates of the result, and the
+``ahead`` is not 0), which are stored in the sink but are not candidates of the result, and the
 tokens of samples aborted in flight (``AdaptiveDecision.aborted_tokens``; they have no sample to
 store). Kept samples and decisions never depend on timing; with ``ahead=0`` and ``round_size`` the
-rule's step, neither do the tokens spent (the default draws ahead into the engine's spare room:
-on vLLM that is what makes live adaptive faster than SC, ``benchmarks/RESULTS.md``). With a sink, the run directory gets
+rule's step, neither do the tokens spent (the default queues the whole budget, lower indices
+first, and keeps the engine full: on vLLM that is what makes live adaptive faster than SC, ``benchmarks/RESULTS.md``). With a sink, the run directory gets
 ``adaptive.jsonl`` (one line per problem: samples used and drawn, answer, stopped or not,
 why, tokens) and the manifest an ``adaptive`` entry with the rule and budget.
 """
@@ -127,10 +127,12 @@ class AdaptiveSampler:
     ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``:
     samples in the engine at once (all problems together); ``round_size``: samples a problem
     keeps in flight beyond those the rule has read (default the rule's step); ``ahead``: more
-    samples it draws ahead of that (default ``None``: what it already drew ahead plus its share
-    of the engine's spare room, so the problems in flight keep ``batch_size`` samples queued and
-    a few undecided problems still keep the engine busy, at the price of samples drawn beyond
-    the stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
+    samples it draws ahead of that (default ``None``: with ``priority`` (the default) the
+    whole budget, each sample queued with its index as priority, so the engine runs every
+    problem's samples of lower index first and a problem's queued samples are aborted at no cost
+    when it stops; without ``priority``, what it already drew ahead plus its share of the
+    engine's spare room; either way the engine stays busy while few problems are undecided, at
+    the price of samples drawn beyond the stop, which are counted; ``0``: none, so ``drawn`` and the tokens spent do not depend on
     timing, but a problem's samples come one round at a time; the kept samples and the
     decisions are the same either way). Implements the
     :class:`~ttscale.samplers.base.Sampler` protocol; :attr:`decisions` holds the last call's
@@ -149,6 +151,7 @@ class AdaptiveSampler:
         batch_size: int = 512,
         round_size: int | None = None,
         ahead: int | None = None,
+        priority: bool = True,
         chat: bool | None = None,
         system_prompt: str | None = None,
         progress: bool | None = False,
@@ -161,6 +164,7 @@ class AdaptiveSampler:
         check_int("round_size", round_size, min=1, allow_none=True)
         check_int("ahead", ahead, min=0, allow_none=True)
         self.ahead = ahead
+        self.priority = priority
         self.round_size = round_size or self.rule.step
         self.answer_fn = answer_fn
         self.confidence_fn = confidence_fn or (
@@ -253,30 +257,50 @@ class AdaptiveSampler:
         aborted = 0
         hit = None
         while hit is None and decided < limit:
-            if self.ahead is not None:
-                ahead = self.ahead
+            if self.ahead is None and self.priority:
+                # the whole budget at once, each sample queued behind every problem's samples
+                # of lower index: the engine stays full, and runs first what the rules read next
+                if submitted < limit:
+                    for i in range(limit):
+                        if (p.id, i) in stored:
+                            comps[i] = stored[(p.id, i)]
+                    need = min(limit, self.round_size)
+                    first = self._plan(p, 0, need, stored)
+                    rest = [(i, r) for i in range(need, limit) for r in self._plan(p, i, i + 1, stored)]
+                    if first:
+                        live.update((yield Submit(tuple(first), priority=0)))
+                    if rest:
+                        live.update((yield Submit(
+                            tuple(r for _, r in rest), priority=tuple(i for i, _ in rest), ahead=True
+                        )))  # fmt: skip
+                    rounds += 1 if first or rest else 0
+                    submitted = limit
             else:
-                # what the problem drew ahead so far plus its share of the engine's room now:
-                # the window grows while the engine has room and shrinks as the rule reads, so
-                # the problems in flight fill ``batch_size`` (the share alone, as the window,
-                # held them at about half of it, and the engine ran below its batch)
-                drawn_ahead = max(0, submitted - decided - self.round_size)
-                ahead = drawn_ahead + (yield Spare())
-            end = min(limit, decided + self.round_size + ahead)
-            if end > submitted and submitted - decided < self.round_size + ahead:
-                for i in range(submitted, end):
-                    if (p.id, i) in stored:
-                        comps[i] = stored[(p.id, i)]
-                # the samples the rule reads next go as one request; those drawn ahead one by
-                # one, so each comes back (or is aborted) on its own
-                need = min(end, max(submitted, decided + self.round_size))
-                reqs = self._plan(p, submitted, need, stored) + [
-                    r for i in range(need, end) for r in self._plan(p, i, i + 1, stored)
-                ]
-                if reqs:
-                    live.update((yield Submit(tuple(reqs))))
-                    rounds += 1
-                submitted = end
+                if self.ahead is not None:
+                    ahead = self.ahead
+                else:
+                    # what the problem drew ahead so far plus its share of the engine's room
+                    # now: the window grows while the engine has room and shrinks as the rule
+                    # reads, so the problems in flight fill ``batch_size`` (the share alone, as
+                    # the window, held them at about half of it, and the engine ran below its
+                    # batch)
+                    drawn_ahead = max(0, submitted - decided - self.round_size)
+                    ahead = drawn_ahead + (yield Spare())
+                end = min(limit, decided + self.round_size + ahead)
+                if end > submitted and submitted - decided < self.round_size + ahead:
+                    for i in range(submitted, end):
+                        if (p.id, i) in stored:
+                            comps[i] = stored[(p.id, i)]
+                    # the samples the rule reads next go as one request; those drawn ahead one
+                    # by one, so each comes back (or is aborted) on its own
+                    need = min(end, max(submitted, decided + self.round_size))
+                    reqs = self._plan(p, submitted, need, stored) + [
+                        r for i in range(need, end) for r in self._plan(p, i, i + 1, stored)
+                    ]
+                    if reqs:
+                        live.update((yield Submit(tuple(reqs))))
+                        rounds += 1
+                    submitted = end
             if decided not in comps:
                 got = yield Wait(tuple(sorted(live)))
                 for t, cs in got.items():

@@ -10,8 +10,13 @@ arrive; engines with only batch ``generate``: what is pending is coalesced into 
 
 What a program may ask for (``answer = yield Command``):
 
-* :class:`Submit` ``(requests, store=True)`` -> a tuple of tickets, one per request, at once
-  (the requests are queued; the program keeps running);
+* :class:`Submit` ``(requests, store=True, priority=0, ahead=False)`` -> a tuple of tickets, one
+  per request, at once (the requests are queued; the program keeps running). Queued requests go
+  into the engine lowest ``priority`` first, in submission order among equal ones, and an engine
+  loop that can order its own queue (``priorities = True``: vLLM's) gets the priority too;
+  ``ahead``: the requests are drawn ahead of need, so they do not count as queued work when the
+  scheduler decides whether to admit another program or answers :class:`Spare` (a program may
+  queue its whole budget behind everyone's next samples; aborting a queued one costs nothing);
 * :class:`Wait` ``(tickets=None, all=False)`` -> ``{ticket: completions}``: blocks until one
   (``all=True``: every one) of ``tickets`` (default: all of the program's outstanding tickets)
   has finished, and hands over every finished one of them; each ticket is handed over once;
@@ -39,6 +44,7 @@ it; tokens of aborted traces are counted too.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
@@ -83,7 +89,8 @@ class Submit:
     is the position in ``requests``); ``observe(completions)``: called with every completion of
     these requests the engine hands over, as it arrives, before the program gets it -- also for
     the samples an engine that fails had finished, which no Wait hands over (a step-wise
-    sampler journals them for resume).
+    sampler journals them for resume); ``priority``: one for all requests or one per request
+    (lower goes into the engine first); ``ahead``: drawn ahead of need (see the module docstring).
     """
 
     requests: tuple[GenerationRequest, ...]
@@ -91,9 +98,18 @@ class Submit:
     stored_as: Callable[[Completion], Completion | Candidate] | None = None
     on_token: TokenCallback | None = None
     observe: Callable[[list[Completion]], None] | None = None
+    priority: int | tuple[int, ...] = 0
+    ahead: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", tuple(self.requests))
+        if not isinstance(self.priority, int):
+            object.__setattr__(self, "priority", tuple(int(x) for x in self.priority))
+            if len(self.priority) != len(self.requests):
+                raise ConfigError(
+                    f"Submit has {len(self.requests)} requests but {len(self.priority)} "
+                    "priorities; give one priority, or one per request"
+                )
         for r in self.requests:
             if not isinstance(r, GenerationRequest):
                 raise ConfigError(f"Submit takes GenerationRequests, got {type(r).__name__}")
@@ -178,6 +194,8 @@ class _Ticket:
     stored_as: Callable[[Completion], Completion | Candidate] | None = None
     on_token: TokenCallback | None = None
     observe: Callable[[list[Completion]], None] | None = None
+    priority: int = 0
+    ahead: bool = False
     engine: int | None = None  # the engine loop's ticket once submitted
 
     def keep(self, session: SamplingSession, comps: list[Completion], *, check: bool = True) -> None:
@@ -228,8 +246,13 @@ class Scheduler(Generic[R]):
         self._next_ticket = 0
         self._tickets: dict[int, _Ticket] = {}
         self._by_engine: dict[int, int] = {}
-        self._pending: deque[int] = deque()  # tickets not yet in the engine, in order
-        self._pending_size = 0
+        # tickets not yet in the engine: a heap of (priority, ticket), so the lowest priority
+        # goes first and equal ones in submission order; an aborted one stays in the heap until
+        # it comes up (lazy deletion) but leaves ``_queued``
+        self._pending: list[tuple[int, int]] = []
+        self._queued: set[int] = set()
+        self._pending_size = 0  # samples queued, those drawn ahead not included
+        self._ahead_size = 0  # samples queued that were drawn ahead
         self._in_flight = 0
         self._active: list[_Prog] = []
         self._expected: int | None = None
@@ -360,7 +383,7 @@ class Scheduler(Generic[R]):
                 return
             if isinstance(cmd, Submit):
                 value = tuple(
-                    self._submit(p, r, cmd, _at(cmd.on_token, k))
+                    self._submit(p, r, cmd, _at(cmd.on_token, k), _at_priority(cmd.priority, k))
                     for k, r in enumerate(cmd.requests)
                 )
             elif isinstance(cmd, Wait):
@@ -407,15 +430,29 @@ class Scheduler(Generic[R]):
         return got
 
     def _submit(
-        self, p: _Prog, request: GenerationRequest, cmd: Submit, on_token: TokenCallback | None
+        self,
+        p: _Prog,
+        request: GenerationRequest,
+        cmd: Submit,
+        on_token: TokenCallback | None,
+        priority: int,
     ) -> int:
         t = self._next_ticket
         self._next_ticket += 1
-        self._tickets[t] = _Ticket(p, request, cmd.store, cmd.stored_as, on_token, cmd.observe)
+        self._tickets[t] = _Ticket(
+            p, request, cmd.store, cmd.stored_as, on_token, cmd.observe, priority, cmd.ahead
+        )
         p.outstanding.add(t)
-        self._pending.append(t)
-        self._pending_size += len(request.indices)
+        heapq.heappush(self._pending, (priority, t))
+        self._queued.add(t)
+        self._count_queued(len(request.indices), cmd.ahead)
         return t
+
+    def _count_queued(self, n: int, ahead: bool) -> None:
+        if ahead:
+            self._ahead_size += n
+        else:
+            self._pending_size += n
 
     def _abort(self, p: _Prog, tickets: Sequence[int], loop: EngineLoop) -> Aborted:
         finished: dict[int, list[Completion]] = {}
@@ -430,8 +467,8 @@ class Scheduler(Generic[R]):
             tk = self._tickets.pop(t)
             n = len(tk.request.indices)
             if tk.engine is None:
-                self._pending.remove(t)
-                self._pending_size -= n
+                self._queued.discard(t)
+                self._count_queued(-n, tk.ahead)
             else:
                 self._by_engine.pop(tk.engine, None)
                 tokens += loop.abort(tk.engine)
@@ -444,19 +481,25 @@ class Scheduler(Generic[R]):
 
     def _dispatch(self, loop: EngineLoop) -> None:
         """Move pending requests into the engine while it has room (at least one when empty)."""
+        ordered = bool(getattr(loop, "priorities", False))
         while self._pending:
-            t = self._pending[0]
-            n = len(self._tickets[t].request.indices)
+            t = self._pending[0][1]
+            if t not in self._queued:  # aborted while queued
+                heapq.heappop(self._pending)
+                continue
+            tk = self._tickets[t]
+            n = len(tk.request.indices)
             if self._in_flight and self._in_flight + n > self.max_sequences:
                 return
-            self._pending.popleft()
-            self._pending_size -= n
-            tk = self._tickets[t]
-            tk.engine = (
-                loop.submit(tk.request)
-                if tk.on_token is None
-                else loop.submit(tk.request, on_token=tk.on_token)
-            )
+            heapq.heappop(self._pending)
+            self._queued.discard(t)
+            self._count_queued(-n, tk.ahead)
+            kw: dict[str, Any] = {}
+            if tk.on_token is not None:
+                kw["on_token"] = tk.on_token
+            if ordered:
+                kw["priority"] = tk.priority
+            tk.engine = loop.submit(tk.request, **kw)
             self._by_engine[tk.engine] = t
             self._in_flight += n
 
@@ -479,6 +522,10 @@ class Scheduler(Generic[R]):
         if got and (not cmd.all or len(got) == len(want)):
             p.waiting = None
             ready.append((p, self._hand_over(p, got)))
+
+
+def _at_priority(priority: int | tuple[int, ...], k: int) -> int:
+    return priority if isinstance(priority, int) else priority[k]
 
 
 def _at(on_token: TokenCallback | None, k: int) -> TokenCallback | None:

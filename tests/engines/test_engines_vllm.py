@@ -161,6 +161,10 @@ def test_cpu_defaults_reach_vllm_and_explicit_options_win(
                block_size=128)  # fmt: skip
     assert (seen[1]["dtype"], seen[1]["enforce_eager"], seen[1]["kv_cache_memory_bytes"],
             seen[1]["block_size"]) == ("bfloat16", False, 5, 128)  # fmt: skip
+    # vLLM's priority policy by default (an engine loop's caller orders the queue), FCFS on request
+    assert seen[0]["scheduling_policy"] == "priority" and eng.scheduling_policy == "priority"
+    fcfs = VLLMEngine(tiny_model_dir, scheduling_policy="fcfs")
+    assert seen[2]["scheduling_policy"] == "fcfs" and fcfs.scheduling_policy == "fcfs"
 
 
 # -- step-wise capabilities (issue 9) -------------------------------------------------------------
@@ -313,6 +317,32 @@ def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type
     full, capped = got[tickets[0]], got[tickets[3]]
     assert any(c.num_tokens > 3 for c in full)
     assert [c.token_ids for c in capped] == [c.token_ids[:3] for c in full]  # type: ignore[index]
+    loop.close()
+
+
+def test_engine_loop_priorities_order_the_queue_not_the_samples(vllm_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Priorities reach vLLM (which runs its priority policy), and samples stay generate's."""
+    core = vllm_engine.llm.llm_engine
+    assert core.vllm_config.scheduler_config.policy == "priority"
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=9)
+    reqs = [GenerationRequest("a", prompt="Abc", indices=(i,)) for i in range(4)]
+    want = vllm_engine.generate(reqs, params)
+    sent: list[int] = []
+    add = core.add_request
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        sent.append(kw.get("priority", 0))
+        return add(*a, **kw)
+
+    monkeypatch.setattr(core, "add_request", spy)
+    loop = vllm_engine.open_loop(params)
+    assert loop.priorities
+    tickets = [loop.submit(r, priority=p) for r, p in zip(reqs, (3, 0, 2, 1), strict=True)]
+    assert sent == [3, 0, 2, 1]
+    got: dict[int, list] = {}  # type: ignore[type-arg]
+    while loop.in_flight:
+        loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    assert [[c.token_ids for c in got[t]] for t in tickets] == [[c.token_ids for c in w] for w in want]
     loop.close()
 
 

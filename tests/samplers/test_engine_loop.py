@@ -11,6 +11,7 @@ import pytest
 
 from ttscale.engines import GenerationError, GenerationRequest, ScriptedEngine
 from ttscale.engines.loop import BatchLoop, EngineLoop, LoopFailure, open_loop
+from ttscale.errors import ConfigError
 from ttscale.samplers import AdaptiveSampler, RepeatedSampler, SamplingSession
 from ttscale.samplers.loop import Abort, Scheduler, Submit, Wait
 from ttscale.store import SampleStore
@@ -317,3 +318,42 @@ def test_pruning_results_do_not_depend_on_concurrency() -> None:
         batch_only = _BatchOnly(ScriptedEngine())
         batch_only.capabilities = batch_only.inner.capabilities  # type: ignore[attr-defined]
         assert run(batch_only, batch) == ref
+
+
+def test_queued_requests_go_lowest_priority_first_and_ahead_ones_do_not_block_admission() -> None:
+    engine = ScriptedEngine()
+    loop = engine.open_loop(PARAMS)
+    session = SamplingSession(engine, None)
+
+    def prog(p: Problem, ahead: int):  # type: ignore[no-untyped-def]
+        # the next sample at priority 0; ``ahead`` more drawn ahead at priority = index
+        first = yield Submit((GenerationRequest(p.id, prompt=p.prompt, indices=(0,)),))
+        rest = yield Submit(
+            tuple(GenerationRequest(p.id, prompt=p.prompt, indices=(i,)) for i in range(1, ahead + 1)),
+            priority=tuple(range(1, ahead + 1)),
+            ahead=True,
+        )
+        got = yield Wait(first)
+        # the drawn-ahead samples still queued are dropped at no cost
+        dropped = yield Abort(rest)
+        return got[first[0]][0].index, dropped.tokens
+
+    with session:
+        # room for 2 samples at a time, while every program queues 5 ahead of need: the ahead
+        # ones do not hold the later programs out, and every program's sample 0 starts first
+        sched = Scheduler(session, PARAMS, max_sequences=2, loop=loop)
+        out = list(sched.run([prog(p, 5) for p in PROBLEMS[:4]]))
+    assert [o[0] for o in out] == [0, 0, 0, 0]
+    prios = [s[2] for s in loop.started]
+    assert prios[:4] == [0, 0, 0, 0] and prios == sorted(prios)
+    assert [s[0] for s in loop.started[:4]] == [p.id for p in PROBLEMS[:4]]  # FCFS among equals
+    # aborted queued samples never started and cost nothing; those that did start are counted
+    assert len(loop.started) < 4 * 6
+    def full(pid: str, idx: tuple[int, ...]) -> int:
+        req = GenerationRequest(pid, prompt="q" + pid[1:], indices=idx)
+        return sum(c.num_tokens for c in engine.generate([req], PARAMS)[0])
+
+    spent = session.generated["generated_tokens"]
+    assert sum(full(p.id, (0,)) for p in PROBLEMS[:4]) <= spent <= sum(full(s[0], s[1]) for s in loop.started)
+    with pytest.raises(ConfigError, match="2 requests but 1 priorities"):
+        Submit((GenerationRequest("a", prompt="x"), GenerationRequest("b", prompt="y")), priority=(0,))

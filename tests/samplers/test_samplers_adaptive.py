@@ -303,3 +303,59 @@ def test_dirichlet_closed_form_matches_quadrature() -> None:
         assert dirichlet_top_probability_exact(counts) == pytest.approx(
             dirichlet_top_probability(counts), abs=1e-9
         )
+
+
+class _Recording(ScriptedEngine):
+    """A scripted engine that keeps its engine loops, whose ``started`` says what entered the
+    engine in which order."""
+
+    def __init__(self) -> None:
+        super().__init__(responder)
+        self.loops: list = []  # type: ignore[type-arg]
+
+    def open_loop(self, params, *, tokens_per_poll=4):  # type: ignore[no-untyped-def]
+        loop = super().open_loop(params, tokens_per_poll=tokens_per_poll)
+        self.loops.append(loop)
+        return loop
+
+
+def test_priority_runs_every_problems_low_indices_first_with_the_same_results() -> None:
+    runs = {}
+    for name, kw in (("priority", {}), ("spare", {"priority": False}), ("ahead0", {"ahead": 0})):
+        engine = _Recording()
+        sampler = AdaptiveSampler(engine, PARAMS, "beta:0.95", last_char, batch_size=8, **kw)
+        results = list(sampler.sample(PROBLEMS, 16, seed=3))
+        started = [s for loop in engine.loops for s in loop.started]
+        runs[name] = (results, sampler.decisions, started)
+    res, decisions, started = runs["priority"]
+    # the whole budget was queued, yet samples entered the engine in index order across
+    # problems: no problem's sample i started before another's sample j < i (priority = index)
+    firsts = [s[1][0] for s in started]
+    assert firsts == sorted(firsts) and [s[2] for s in started] == firsts
+    # ... and a problem's queued samples past its stop never started (aborted at no cost)
+    for d in decisions:
+        mine = [i for pid, idx, _ in started if pid == d.problem_id for i in idx]
+        assert mine == list(range(len(mine))) and len(mine) <= 16
+        assert len(mine) >= d.used
+    # the spare-room window, by contrast, starts some problem's later samples before another's
+    # earlier ones (so the check above can fail)
+    spare_firsts = [s[1][0] for s in runs["spare"][2]]
+    assert spare_firsts != sorted(spare_firsts)
+    # results never depend on the order: the same decisions and kept samples in every mode,
+    # and every drawn token counted (the replay's tokens with ahead=0, at least those with more)
+    sig = {
+        n: ([(d.used, d.answer, d.stopped, d.reason) for d in ds],
+            [[(c.completion.index, c.completion.text) for c in r.candidates] for r in rs])
+        for n, (rs, ds, _) in runs.items()
+    }  # fmt: skip
+    assert sig["priority"] == sig["spare"] == sig["ahead0"]
+    pool, toks = full_pool()
+    rep = replay(pool, "beta:0.95", orders=None, max_samples=16)
+    for r, d, pr in zip(res, decisions, rep.problems, strict=True):
+        assert (d.used, d.answer) == (pr.used[0], pr.answers[0])
+        # every token of a started sample counted up to where it stopped (finished ones whole,
+        # aborted ones in part), none of a queued sample that never started
+        begun = sum(toks[r.problem_id][i] for pid, idx, _ in started if pid == r.problem_id for i in idx)
+        assert pr.tokens <= r.generated_tokens == d.generated_tokens <= begun
+        assert d.generated_tokens - d.aborted_tokens >= sum(toks[r.problem_id][: d.used])
+    assert sum(d.drawn for d in decisions) < 16 * len(PROBLEMS)

@@ -28,7 +28,12 @@ Contract, checked for every bundled engine by the tests:
 * ``abort(ticket) -> tokens``: forget a request at once (its engine slots are freed; it is never
   handed to ``on_result``) and return the tokens the engine generated for it so far, finished
   samples of it included, so a caller accounts for them (``0`` when it had not started);
-* ``in_flight``: samples submitted and not yet finished or aborted; ``close()`` aborts them.
+* ``in_flight``: samples submitted and not yet finished or aborted; ``close()`` aborts them;
+* optional: a loop that queues requests itself and can order that queue has ``priorities =
+  True`` and takes ``submit(..., priority=int)`` (lower runs first, arrival order among equal
+  ones; vLLM's ``priority`` scheduling policy; Scripted records it in ``started``); the
+  scheduler passes it only to such loops (it orders its own queue the same way for all). A
+  priority changes when a request runs, never its samples.
 """
 
 from __future__ import annotations

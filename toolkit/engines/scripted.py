@@ -509,14 +509,22 @@ class _ScriptedLoop:
         self._failed: tuple[int, list[Completion], EngineError] | None = None
         #: how many polls advanced the engine (tests read it)
         self.polls = 0
+        #: ``(problem_id, indices, priority)`` of every request, in the order it entered the
+        #: engine (requests run at once here, so the caller's priorities show in this order)
+        self.started: list[tuple[str, tuple[int, ...], int]] = []
+        #: a caller may order its queue by priority (tests check that it does)
+        self.priorities = True
 
     @property
     def in_flight(self) -> int:
         return sum(len(r.indices) for r, _, _ in self._live.values())
 
-    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+    def submit(
+        self, request: GenerationRequest, on_token: TokenCallback | None = None, priority: int = 0
+    ) -> int:
         t = self._next
         self._next += 1
+        self.started.append((request.problem_id, tuple(request.indices), priority))
         eng = self.engine
         params = request.params_for(self.params)  # the request's own max_tokens, if any
         eng.calls.append((request, params))

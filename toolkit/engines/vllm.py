@@ -191,6 +191,9 @@ class VLLMEngine:
     vLLM's ``"auto"`` and ``False`` on a GPU, to ``"float32"`` and ``True`` on CPU); anything else in ``llm_kwargs`` goes to
     ``vllm.LLM`` unchanged (``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
     ``n_fanout=False`` sends one ``n=1`` request per sample instead of one per run of seeds.
+    vLLM runs its ``priority`` scheduling policy (``scheduling_policy="fcfs"`` turns it off):
+    ``generate``'s requests all have priority 0, so they run in arrival order as under FCFS, and
+    an engine loop's caller (live adaptive sampling) may let the samples it needs next go first.
     """
 
     name = "vllm"
@@ -234,6 +237,9 @@ class VLLMEngine:
             "enable_prefix_caching": enable_prefix_caching,
             "enforce_eager": False,
             "logprobs_mode": logprobs_mode,
+            # lower priority first, arrival order among equal ones (so FCFS when every request
+            # has priority 0, as in ``generate``); an engine loop's caller may order the queue
+            "scheduling_policy": "priority",
         }
         if tokenizer is not None:
             kwargs["tokenizer"] = str(tokenizer)
@@ -255,6 +261,7 @@ class VLLMEngine:
         self.device = _platform()
         self.logprob_mode = logprobs_mode
         self.n_fanout = n_fanout
+        self.scheduling_policy = str(kwargs.get("scheduling_policy", "fcfs"))
         self._raw = logprobs_mode == "raw_logprobs"
         modes = {"raw_logprobs", logprobs_mode}
         self.capabilities = EngineCapabilities(
@@ -706,9 +713,12 @@ class _StepLoop:
         self.core: Any = engine.llm.llm_engine
         self.live: dict[str, Any] = {}
 
-    def add(self, ids: list[int], sp: Any, handler: Any) -> str:
+    def add(self, ids: list[int], sp: Any, handler: Any, priority: int = 0) -> str:
         rid = f"ttscale-{next(_REQUEST_IDS)}"
-        self.core.add_request(rid, self.engine._input(ids), sp)
+        if priority:
+            self.core.add_request(rid, self.engine._input(ids), sp, priority=priority)
+        else:
+            self.core.add_request(rid, self.engine._input(ids), sp)
         self.live[rid] = handler
         return rid
 
@@ -790,11 +800,15 @@ def _aggregated_tokens(parent: Any) -> int:
 class _VLLMLoop:
     """:meth:`VLLMEngine.open_loop`: requests join the running engine as they are submitted, each
     :meth:`poll` runs engine steps until one of them has finished, and :meth:`abort` removes a
-    request from the engine between two steps."""
+    request from the engine between two steps. ``submit(..., priority=)`` orders vLLM's waiting
+    queue (lower first) when the engine runs vLLM's ``priority`` policy (the default), and
+    :attr:`priorities` says so; samples are seeded per request either way, so a priority changes
+    when a sample runs, never what it is."""
 
     def __init__(self, engine: VLLMEngine, params: SamplingParams) -> None:
         self.engine = engine
         self.params = params
+        self.priorities = engine.scheduling_policy == "priority"
         self.steps = _StepLoop(engine)
         self._next = 0
         self._live: dict[int, tuple[GenerationRequest, list[str], ResultCollector]] = {}
@@ -804,7 +818,9 @@ class _VLLMLoop:
     def in_flight(self) -> int:
         return sum(len(r.indices) for r, _, _ in self._live.values())
 
-    def submit(self, request: GenerationRequest, on_token: TokenCallback | None = None) -> int:
+    def submit(
+        self, request: GenerationRequest, on_token: TokenCallback | None = None, priority: int = 0
+    ) -> int:
         eng, params = self.engine, self.params
         t = self._next
         self._next += 1
@@ -828,7 +844,7 @@ class _VLLMLoop:
                 sp = eng._sampling_params(rp, 1, seeds[start], stream=True)
                 stream = _Stream(0, start, request.indices[start])
                 handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
-            rids.append(self.steps.add(ids, sp, handler))
+            rids.append(self.steps.add(ids, sp, handler, priority if self.priorities else 0))
         self._live[t] = (request, rids, collector)
         return t
 
