@@ -326,3 +326,32 @@ def test_sample_budget_forcing_cli_resume(tmp_path: Path) -> None:
     r = runner.invoke(app, [*base, spec.replace("min=8", "min=9"), "--limit", "3", "--resume"])
     assert r.exit_code == 1 and "budget forcing settings" in r.output and "same settings" in r.output
     assert len(SampleStore.open(out)) == 6
+
+
+def test_sample_budget_forcing_cli_chat(tmp_path: Path) -> None:
+    """``--chat --system-prompt`` with a template given to the hf engine: recorded in the manifest;
+    a resume without chat, or with another system prompt, refused in one line."""
+    from typer.testing import CliRunner
+
+    from ttscale.cli.app import app
+    from ttscale.evals import default_model_path
+
+    if not (Path(default_model_path()) / "config.json").is_file():
+        pytest.skip("the bundled model is not built")
+    runner = CliRunner()
+    out = tmp_path / "bf"
+    template = "chat_template={{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    base = ["sample", "--engine", "hf", "--benchmark", "arith", "--limit", "1", "--n", "2", "--seed", "1",
+            "--no-progress", "--out", str(out), "--engine-opt", template, "--budget-forcing",
+            r"think_end=\n####,min=8,max=16,max_waits=1,answer_prefix= ,answer_tokens=4"]  # fmt: skip
+    r = runner.invoke(app, [*base, "--chat", "--system-prompt", "S: "])
+    assert r.exit_code == 0, r.output
+    assert "chat messages" in r.output
+    m = SampleStore.open(out).manifest
+    assert m["chat"] is True and m["system_prompt"] == "S: " and len(SampleStore.open(out)) == 2
+    for extra, what in ((["--no-chat", "--system-prompt", "S: "], "chat"), (["--chat", "--system-prompt", "T: "], "system")):
+        r = runner.invoke(app, [*base, *extra, "--resume"])
+        assert r.exit_code == 1 and what in r.output and "same settings" in r.output, r.output
+    r = runner.invoke(app, [*base, "--chat", "--system-prompt", "S: ", "--resume"])
+    assert r.exit_code == 0 and len(SampleStore.open(out)) == 2
+    assert len((out / "budget_forcing.jsonl").read_text().splitlines()) == 2
