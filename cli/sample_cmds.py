@@ -777,10 +777,10 @@ def _check_budget_forcing(spec: SampleSpec) -> Any:
     from ttscale.samplers.budget import parse_budget_forcing
 
     forcing = parse_budget_forcing(spec.budget_forcing)
-    clash = [o for o, v in (("--adaptive", spec.adaptive), ("--prune", spec.prune), ("--shard", spec.shard),
-                            ("--resume", spec.resume or None), ("--chat", spec.chat or None)) if v]  # fmt: skip
+    clash = [o for o, v in (("--adaptive", spec.adaptive), ("--prune", spec.prune), ("--shard", spec.shard))
+             if v]  # fmt: skip
     if clash:
-        raise ConfigError(f"--budget-forcing runs alone on plain prompts into a new run: drop {', '.join(clash)}")
+        raise ConfigError(f"--budget-forcing runs alone: drop {', '.join(clash)}")
     return forcing
 
 
@@ -789,15 +789,24 @@ def _run_budget_forcing(
 ) -> Any:
     """``sample --budget-forcing``: a :class:`BudgetForcingSampler` run into ``store``."""
     from ttscale.samplers.budget import BUDGET_FILE, BudgetForcingSampler
-    from ttscale.samplers.repeated import SamplingSummary
+    from ttscale.samplers.repeated import RepeatedSampler, SamplingSummary
 
-    sampler = BudgetForcingSampler(engine, params, forcing, batch_size=spec.batch_size)
+    chat = RepeatedSampler(engine, params, chat=spec.chat).chat  # the engine's template, if any
+    sampler = BudgetForcingSampler(
+        engine, params, forcing, batch_size=spec.batch_size, chat=chat, system_prompt=spec.system_prompt
+    )
+    typer.echo(
+        "budget forcing: chat messages (the model's template), the thinking as the reply's prefix"
+        if chat else "budget forcing: plain prompts, the thinking appended",
+        err=True,
+    )
     typer.echo(
         f"budget forcing: think_end={forcing.think_end!r}, thinking {forcing.min_thinking}.."
         f"{forcing.max_thinking} tokens (cue {forcing.wait!r}, at most {forcing.max_waits}), answer "
         f"{forcing.answer_tokens} tokens after {forcing.answer_prefix!r}",
         err=True,
     )
+    before = len(store)  # a resume skips what is stored
     t0 = time.perf_counter()
     results = list(sampler.sample(problems, n, seed=params.seed, sink=store))
     wall = time.perf_counter() - t0
@@ -809,8 +818,8 @@ def _run_budget_forcing(
         err=True,
     )
     return SamplingSummary(
-        path=store.path, problems=len(problems), n=n, requested=len(tr), skipped=0, generated=len(tr),
-        stored=len(store), generated_tokens=sum(r.generated_tokens for r in results),
+        path=store.path, problems=len(problems), n=n, requested=len(problems) * n, skipped=before,
+        generated=len(store) - before, stored=len(store), generated_tokens=sum(r.generated_tokens for r in results),
         prompt_tokens=sum(r.prompt_tokens for r in results), wall_seconds=wall,
         accounting=store.accounting(),
     )  # fmt: skip

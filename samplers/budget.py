@@ -134,15 +134,21 @@ class BudgetForcingSampler:
         forcing: BudgetForcing | None = None,
         *,
         batch_size: int = 512,
+        chat: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         check_int("batch_size", batch_size, min=1)
         self.engine = engine
+        self.chat = bool(chat)
+        self.system_prompt = system_prompt
         self.forcing = forcing or BudgetForcing()
         f = self.forcing
         stops = tuple(dict.fromkeys((*params.stop, f.think_end)))
         self.params = params.replace(stop=stops, include_stop_str_in_output=False)
         self.batch_size = batch_size
         self.traces: list[ForcedTrace] = []
+        self._have: set[tuple[str, int]] = set()  # the sink's stored (problem, index) keys
+        self._recorded: set[tuple[str, int]] = set()  # and those in its budget file
 
     def sample(
         self,
@@ -157,14 +163,53 @@ class BudgetForcingSampler:
         params = self.params if seed is None else self.params.replace(seed=seed)
         unique = unique_problems(problems)
         info = self.engine.info()
+        self._have, self._recorded = set(), set()
+        todo = list(unique)
         if sink is not None:
             if len(sink):
-                raise ConfigError(f"{sink.path} already holds samples; budget forcing needs a new run directory")
+                self._check_resume(sink, budget)
             open_sink(
-                sink, unique, engine_info=info, params=params, n=budget, chat=False, iid=True,
-                extra={"budget_forcing": asdict(self.forcing)},
+                sink, unique, engine_info=info, params=params, n=budget, chat=self.chat, iid=True,
+                extra={"budget_forcing": asdict(self.forcing), "system_prompt": self.system_prompt},
             )  # fmt: skip
-        return self._sample(list(unique), budget, params, sink, info)
+            self._have = {(s.problem_id, s.index) for s in sink.samples()}
+            self._recorded = _keep_records(sink, self._have)
+            # a problem is done when every trace is stored and recorded; any other is generated
+            # again from its seeds (the same traces), storing and recording only what is missing
+            done = self._have & self._recorded
+            todo = [p for p in unique if any((p.id, i) not in done for i in range(budget))]
+            if len(todo) < len(unique):
+                log.info("budget forcing: %d of %d problems already stored", len(unique) - len(todo), len(unique))
+        return self._sample(todo, budget, params, sink, info)
+
+    def _check_resume(self, sink: SampleStore, budget: int) -> None:
+        """A run resumed with other settings is refused (one line), so no run mixes them."""
+        m = sink.manifest
+        if "budget_forcing" not in m:
+            raise ConfigError(f"{sink.path} is not a budget-forcing run; sample into a new --out")
+        old_n = int((m.get("sampling") or {}).get("n") or 0)
+        for what, old, new in (
+            ("budget forcing settings", m.get("budget_forcing"), asdict(self.forcing)),
+            ("chat", bool(m.get("chat", False)), self.chat),
+            ("system prompt", m.get("system_prompt"), self.system_prompt),
+            ("traces per problem (--n)", old_n, budget),
+        ):
+            if old != new:
+                raise ConfigError(
+                    f"{sink.path} was sampled with {what} {old!r}, not {new!r}; resume with the same "
+                    "settings or use a new --out"
+                )
+
+    def _request(self, p: Problem, **kw: Any) -> GenerationRequest:
+        """A segment's request: the raw prompt, or (chat) the user message after the system
+        prompt, the engine applying the model's template; ``prefix`` continues the reply."""
+        if self.chat:
+            msgs: list[dict[str, str]] = []
+            if self.system_prompt:
+                msgs.append({"role": "system", "content": self.system_prompt})
+            msgs.append({"role": "user", "content": p.prompt})
+            return GenerationRequest(problem_id=p.id, messages=msgs, **kw)
+        return GenerationRequest(problem_id=p.id, prompt=p.prompt, **kw)
 
     def _sample(
         self, problems: list[Problem], budget: int, params: SamplingParams, sink: SampleStore | None,
@@ -176,14 +221,17 @@ class BudgetForcingSampler:
             sched: Scheduler[tuple[SampleResult, list[ForcedTrace]]] = Scheduler(
                 session, params, max_sequences=self.batch_size
             )
-            for res, recs in sched.run([self.program(p, budget) for p in problems]):
+            for res, recs in sched.run([self.program(p, budget, sink) for p in problems]):
                 self.traces.extend(recs)
                 yield res
-        if sink is not None:
-            _write(sink, self.traces)
 
-    def program(self, p: Problem, budget: int) -> Program[tuple[SampleResult, list[ForcedTrace]]]:
-        """Problem ``p``'s program: its ``budget`` traces advance segment by segment together."""
+    def program(
+        self, p: Problem, budget: int, sink: SampleStore | None = None
+    ) -> Program[tuple[SampleResult, list[ForcedTrace]]]:
+        """Problem ``p``'s program: its ``budget`` traces advance segment by segment together.
+        With a sink, its records are appended to the budget file before its samples are stored,
+        and only the traces not yet stored (recorded) are stored (recorded): a resume after a kill
+        between the two neither loses nor duplicates one."""
         f = self.forcing
         thinking = [""] * budget
         tokens = [0] * budget
@@ -194,8 +242,8 @@ class BudgetForcingSampler:
         forced: set[int] = set()
         while open_:
             reqs = [
-                GenerationRequest(
-                    problem_id=p.id, prompt=p.prompt, prefix=thinking[i], indices=(i,), step=segs[i],
+                self._request(
+                    p, prefix=thinking[i], indices=(i,), step=segs[i],
                     max_tokens=f.max_thinking - tokens[i], meta={"phase": "thinking"},
                 )
                 for i in open_
@@ -218,9 +266,9 @@ class BudgetForcingSampler:
             open_ = still
         head = [thinking[i] + f.think_end + f.answer_prefix for i in range(budget)]
         reqs = [
-            GenerationRequest(
-                problem_id=p.id, prompt=p.prompt, prefix=head[i], indices=(i,), step=segs[i],
-                max_tokens=f.answer_tokens, meta={"phase": "answer"},
+            self._request(
+                p, prefix=head[i], indices=(i,), step=segs[i], max_tokens=f.answer_tokens,
+                meta={"phase": "answer"},
             )
             for i in range(budget)
         ]
@@ -239,7 +287,14 @@ class BudgetForcingSampler:
             cands.append(Candidate(comp))
             recs.append(ForcedTrace(p.id, i, tokens[i], a.num_tokens, waits[i], i in forced,
                                     segs[i] + 1, thinking[i], a.text))  # fmt: skip
-        yield Keep(tuple(cands))  # the merged traces (their segments were counted, not stored)
+        if sink is not None:
+            new = [r for r in recs if (p.id, r.index) not in self._recorded]
+            _append(sink, new)
+            self._recorded.update((p.id, r.index) for r in new)
+        # the merged traces (their segments were counted, not stored); stored ones are not again
+        keep = tuple(c for c in cands if (p.id, c.completion.index) not in self._have)
+        if keep:
+            yield Keep(keep)
         res = SampleResult(
             problem=p, candidates=tuple(cands), generated_tokens=sum(c.completion.num_tokens for c in cands),
             prompt_tokens=sum(c.completion.prompt_tokens or 0 for c in cands), iid=True,
@@ -247,14 +302,55 @@ class BudgetForcingSampler:
         return res, recs
 
 
-def _write(sink: SampleStore, traces: Sequence[ForcedTrace]) -> None:
-    """``RUN/budget_forcing.jsonl``: one line per trace (written atomically)."""
+def _read_records(sink: SampleStore) -> list[dict[str, Any]]:
+    """The budget file's records; a line cut short by a kill is dropped (it is written again)."""
+    path = sink.path / BUDGET_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "problem_id" in row and "index" in row:
+            out.append(row)
+    return out
+
+
+def _keep_records(sink: SampleStore, have: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Rewrite the budget file (atomically) with one record per stored trace, dropping records
+    of traces whose samples were never stored (a kill after the record, before the samples: the
+    trace is generated and recorded again) and duplicates; the keys kept."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in _read_records(sink):
+        key = (str(row["problem_id"]), int(row["index"]))
+        if key in have:
+            rows.setdefault(key, row)
+    path = sink.path / BUDGET_FILE
+    if rows or path.exists():
+        _write_lines(sink, [json.dumps(r, sort_keys=True) for r in rows.values()])
+    return set(rows)
+
+
+def _append(sink: SampleStore, traces: Sequence[ForcedTrace]) -> None:
+    """Append one problem's records to ``RUN/budget_forcing.jsonl`` and make them durable."""
+    if not traces:
+        return
+    with open(sink.path / BUDGET_FILE, "a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(asdict(t), sort_keys=True) + "\n" for t in traces))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_lines(sink: SampleStore, lines: Sequence[str]) -> None:
+    """``RUN/budget_forcing.jsonl`` replaced atomically by ``lines``."""
     path = sink.path / BUDGET_FILE
     fd, tmp = tempfile.mkstemp(dir=sink.path, prefix=".budget-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for t in traces:
-                fh.write(json.dumps(asdict(t), sort_keys=True) + "\n")
+            for line in lines:
+                fh.write(line + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
