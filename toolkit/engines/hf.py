@@ -869,27 +869,33 @@ class HFEngine:
             batches.append(part)
         return batches
 
-    def _score_batch(
-        self, contexts: list[list[int]], conts: list[list[int]], part: list[int]
-    ) -> list[tuple[float, ...]]:
+    def _padded_logits(self, full: list[list[int]], keep: int) -> Any:
+        """One forward pass over the token sequences ``full``, left-padded into one batch; the
+        logits of the last ``keep`` positions (all of them for models without
+        ``logits_to_keep``)."""
         torch = _import_torch()
-        full = [contexts[i] + conts[i] for i in part]
         width = max(len(f) for f in full)
-        ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(part), width), dtype=torch.long)
+        ids = torch.full((len(full), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(full), width), dtype=torch.long)
         for b, f in enumerate(full):
             ids[b, width - len(f) :] = torch.tensor(f)
             mask[b, width - len(f) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        try:
+            return self.model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # models whose forward has no logits_to_keep
+            return self.model(**inputs).logits
+
+    def _score_batch(
+        self, contexts: list[list[int]], conts: list[list[int]], part: list[int]
+    ) -> list[tuple[float, ...]]:
+        torch = _import_torch()
         # left padding: every row ends at the last position, so the logits that predict the
         # continuations are among the last (longest continuation + 1)
         keep = max(len(conts[i]) for i in part) + 1
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        try:
-            logits = self.model(**inputs, logits_to_keep=keep).logits
-        except TypeError:  # models whose forward has no logits_to_keep
-            logits = self.model(**inputs).logits
+        logits = self._padded_logits([contexts[i] + conts[i] for i in part], keep)
         kept = logits.shape[1]
         results = []
         for b, i in enumerate(part):
@@ -924,20 +930,7 @@ class HFEngine:
         try:
             with torch.inference_mode():
                 for part in self._score_batches(conts):
-                    full = [contexts[i] + conts[i] for i in part]
-                    width = max(len(f) for f in full)
-                    ids = torch.full((len(part), width), self._pad_id, dtype=torch.long)
-                    mask = torch.zeros((len(part), width), dtype=torch.long)
-                    for b, f in enumerate(full):
-                        ids[b, width - len(f) :] = torch.tensor(f)
-                        mask[b, width - len(f) :] = 1
-                    ids, mask = ids.to(self.device), mask.to(self.device)
-                    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-                    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-                    try:
-                        logits = self.model(**inputs, logits_to_keep=2).logits
-                    except TypeError:  # models whose forward has no logits_to_keep
-                        logits = self.model(**inputs).logits
+                    logits = self._padded_logits([contexts[i] + conts[i] for i in part], 2)
                     # the row at the context's end predicts the next token (left padding)
                     lp = torch.log_softmax(logits[:, -2].to(torch.float64), dim=-1)
                     picked = lp[:, torch.tensor(cands, device=lp.device)].tolist()
