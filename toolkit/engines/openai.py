@@ -706,10 +706,24 @@ class OpenAIEngine:
         if not calls:
             return []
         error: BaseException | None = None
+        # Set by the worker whose call failed, before its thread takes the next queued call:
+        # cancelling the futures from this thread alone would race a worker that is already
+        # free (it could start, even finish, new calls before this thread wakes up).
+        stop = threading.Event()
+
+        def run(call: _Call) -> list[Completion] | None:
+            if stop.is_set():
+                return None  # the batch already failed: no new work
+            try:
+                return self._call(requests[call.pos], call, params)
+            except BaseException:
+                stop.set()
+                raise
+
         # callbacks run on this thread, in completion order
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(calls))) as pool:
-            pending: dict[Future[list[Completion]], _Call] = {
-                pool.submit(self._call, requests[c.pos], c, params): c for c in calls
+            pending: dict[Future[list[Completion] | None], _Call] = {
+                pool.submit(run, c): c for c in calls
             }
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -719,12 +733,16 @@ class OpenAIEngine:
                         continue
                     exc = fut.exception()
                     if exc is None:
+                        comps = fut.result()
+                        if comps is None:
+                            continue
                         try:
-                            collector.put_many(call.pos, call.start, fut.result())
+                            collector.put_many(call.pos, call.start, comps)
                         except BaseException as cb_error:  # on_result raised
                             exc = cb_error
                     if exc is not None and error is None:
                         error = exc
+                        stop.set()
                         for other in pending:  # stop new work; in-flight calls finish
                             other.cancel()
         if error is not None:
