@@ -1,5 +1,6 @@
 """``ttscale serve`` with the issue-19 methods: the selection rules ``self_certainty``,
-``self_certainty_borda`` and ``cisc`` (strategy ``repeated``) and short-m@k (strategy
+``self_certainty_borda`` and ``cisc`` (strategy ``repeated``; also the log-prob rules ``rpc``,
+``pc`` and ``max_probability``, which read what ``cisc`` reads) and short-m@k (strategy
 ``shortmk``), through the official ``openai`` client (scripted engine; see conftest). Each
 expected answer comes from the library run directly on the same engine with the same seed."""
 
@@ -41,18 +42,28 @@ def library_repeated(served: Served, rule: str, seed: int, budget: int) -> tuple
     import numpy as np
 
     from ttscale.samplers import RepeatedSampler
-    from ttscale.select import certainty, cisc
+    from ttscale.select import aggregate, certainty, cisc
     from ttscale.types import SamplingParams
 
-    logprobs = 0 if rule == "cisc" else 20
+    mean_lp_rules = ("cisc", "rpc", "pc", "max_probability")
+    logprobs = 0 if rule in mean_lp_rules else 20
     sampler = RepeatedSampler(served.engine, SamplingParams(max_tokens=8192, seed=seed, logprobs=logprobs), chat=False,
                               progress=False)  # fmt: skip
     (res,) = list(sampler.sample([Problem(id=problem_id_of({"prompt": PROMPT}), prompt=PROMPT)], budget))
     comps = [c.completion for c in res.candidates]
     ans = answers(comps)
-    if rule == "cisc":
+    if rule in mean_lp_rules:
         assert all(c.mean_logprob is not None for c in comps)
-        out = cisc.cisc_sequence_vote(ans, np.array([c.mean_logprob for c in comps]), tie="first")
+        mlp = np.array([c.mean_logprob for c in comps])
+        texts = [c.text for c in comps]
+        if rule == "cisc":
+            out = cisc.cisc_sequence_vote(ans, mlp, tie="first")
+        elif rule == "rpc":
+            out = aggregate.rpc(ans, mlp, texts=texts, tie="first")
+        elif rule == "pc":
+            out = aggregate.perplexity_consistency(ans, mlp, texts=texts, tie="first")
+        else:
+            out = aggregate.max_probability(ans, mlp, tie="first")
     else:
         cert = [certainty.self_certainty_topk([dict(p) for p in c.top_logprobs or ()], VOCAB) for c in comps]
         fn = certainty.self_certainty_best if rule == "self_certainty" else certainty.self_certainty_borda
@@ -60,7 +71,7 @@ def library_repeated(served: Served, rule: str, seed: int, budget: int) -> tuple
     return comps, out.answer
 
 
-@pytest.mark.parametrize("rule", ["self_certainty", "self_certainty_borda", "cisc"])
+@pytest.mark.parametrize("rule", ["self_certainty", "self_certainty_borda", "cisc", "rpc", "pc", "max_probability"])
 def test_selection_rules_match_the_library(served: Served, client: openai.OpenAI, rule: str) -> None:
     for seed in (3, 11):
         r = client.completions.create(
@@ -131,3 +142,21 @@ def test_short_m_at_k_matches_the_library(served: Served, client: openai.OpenAI)
 def test_bad_short_requests_are_400(client: openai.OpenAI, ttscale: dict[str, Any], needle: str) -> None:
     with pytest.raises(openai.BadRequestError, match=needle):
         client.completions.create(model="sc8", prompt=PROMPT, extra_body={"ttscale": ttscale})
+
+
+@pytest.mark.parametrize(
+    ("rule", "want"),
+    [("majority", None), ("rpc", 0), ("pc", 0), ("max_probability", 0), ("cisc", 0),
+     ("deepconf", 20), ("self_certainty", 20), ("self_certainty_borda", 20)],
+)  # fmt: skip
+def test_a_rule_is_served_with_the_log_probs_it_reads(rule: str, want: int | None) -> None:
+    """A server configured without log-probs (``logprobs=None``) still samples with what the
+    requested rule reads: the mean log-prob (``0``) or the top-20 (``20``)."""
+    from ttscale.engines.scripted import ScriptedEngine
+    from ttscale.serve.app import ServeConfig, _Service
+    from ttscale.serve.strategy import StrategySpec
+    from ttscale.types import SamplingParams
+
+    config = ServeConfig(model="m", presets={}, params=SamplingParams(max_tokens=64, logprobs=None), chat=False)
+    service = _Service(config, ScriptedEngine())
+    assert service.sampling({}, StrategySpec(strategy="repeated", rule=rule), chat=False).logprobs == want

@@ -139,11 +139,17 @@ class _Service:
                 raise RequestError(f"seed must be an integer >= 0, got {seed!r}", param="seed")
             kw["seed"] = seed
         head = spec.rule.partition(":")[0].strip()
-        if spec.strategy == "repeated" and head in ("deepconf", *_CERTAINTY_RULES):
-            # DeepConf's trace confidence and self-certainty read the top-20 log-probs
-            kw["logprobs"] = max(base.logprobs or 0, 20)
-        if spec.strategy == "repeated" and head == "cisc" and base.logprobs is None:
-            kw["logprobs"] = 0  # CISC's confidence is the response probability (mean log-prob)
+        if spec.strategy == "repeated":
+            # sample with what the rule reads: DeepConf's trace confidence and self-certainty the
+            # top-20 log-probs; max_probability, pc, rpc and cisc the mean log-prob of a response
+            from ttscale.select.rules import RULES
+
+            rule = RULES.get(head)
+            needs = rule.inputs if rule is not None else ()
+            if "top_logprobs" in needs:
+                kw["logprobs"] = max(base.logprobs or 0, 20)
+            elif "mean_logprobs" in needs and base.logprobs is None:
+                kw["logprobs"] = 0
         if spec.strategy == "adaptive" and spec.rule.partition(":")[0].strip().lower() == "deepconf":
             kw["logprobs"] = max(base.logprobs or 0, 20)
         if spec.strategy == "pruning":
