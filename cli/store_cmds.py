@@ -284,7 +284,6 @@ def register(app: typer.Typer) -> None:
 
         check_writable_dir(out, "merge target")  # before reading and checking every run
         merged, added = merge_runs(out, runs)
-        _merge_adaptive_decisions(merged.path, runs)
         c = Console(highlight=False, soft_wrap=True)
         for src, n in added.items():
             c.print(f"merged {src}: {n:,} new samples")
@@ -323,23 +322,3 @@ def _own_result(store: object) -> dict:
         return out
     out["points"] = [p.to_dict() for p in pts]
     return out
-
-
-def _merge_adaptive_decisions(out: Path, runs: list[Path]) -> None:
-    """The merged run of adaptive shards keeps each problem's stopping record (``adaptive.jsonl``:
-    the samples its rule used; a short-m@k run's ``shortmk.jsonl``), one line per problem; an
-    existing record wins for its problems."""
-    import json
-
-    from ttscale.samplers.adaptive import ADAPTIVE_FILE, read_decisions
-    from ttscale.samplers.shortmk import SHORTMK_FILE, read_short_decisions
-
-    for name, read in ((ADAPTIVE_FILE, read_decisions), (SHORTMK_FILE, read_short_decisions)):
-        rows = {d["problem_id"]: d for d in read(out)}
-        new = {d["problem_id"]: d for r in runs for d in read(r) if d["problem_id"] not in rows}
-        if not new:
-            continue
-        rows.update(new)
-        tmp = out / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(rows[p], sort_keys=True) + "\n" for p in sorted(rows)), encoding="utf-8")
-        tmp.replace(out / name)

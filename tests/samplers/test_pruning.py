@@ -477,6 +477,27 @@ def test_pruning_shards_merge_into_the_whole_run(tmp_path: Any) -> None:
     assert {a["shard"] for a in run.sessions().values()} == {"0/2", "1/2"}
 
 
+def test_merge_from_carries_the_pruning_logs(tmp_path: Any) -> None:
+    """The Python API's merge (``SampleStore.merge_from``) carries what was pruned, when and
+    why, as ``ttscale merge`` does: shard 1's run merged into shard 0's is the whole run."""
+    params = SamplingParams(max_tokens=40, logprobs=3, seed=1)
+    spec = "lowprob:threshold=-3.2,min_tokens=5"
+    full = list(PruningSampler(ScriptedEngine(), params, spec).sample(PROBLEMS, 8, seed=1))
+    runs = [SampleStore.create(tmp_path / f"shard{i}", {"model": "toy"}) for i in range(2)]
+    for i, run in enumerate(runs):
+        list(PruningSampler(ScriptedEngine(), params, spec).sample(PROBLEMS, 8, seed=1, sink=run, shard=(i, 2)))
+    runs[0].merge_from(runs[1])
+    run = SampleStore.open(runs[0].path)
+    total = sum(r.generated_tokens for r in full)
+    want = {(r.problem_id, c.index): c.pruned_at for r in full for c in r.candidates}
+    lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
+    assert {(x["problem_id"], x["index"]): x["pruned_at"] for x in lines} == want
+    assert run.manifest["pruning"]["traces"] == 24 and run.manifest["pruning"]["generated_tokens"] == total
+    assert run.manifest["pruning"]["pruned"] == sum(p is not None for p in want.values()) > 0
+    runs[0].merge_from(runs[1])  # merging again adds nothing
+    assert len((run.path / "pruning.jsonl").read_text().splitlines()) == 24
+
+
 def test_selfeval_top_keeps_the_top_fraction_by_p_no() -> None:
     from ttscale.samplers.pruning import SelfEvalTop
 

@@ -124,6 +124,35 @@ def test_sink_records_decisions_and_resumes(tmp_path: Path) -> None:
     assert all(r.resumed == len(r.candidates) for r in res2)
 
 
+def test_merge_from_carries_the_decisions(tmp_path: Path) -> None:
+    """``SampleStore.merge_from`` (the Python API) carries the stopping record with the samples,
+    as ``ttscale merge`` does, for every file a run kind writes beside its samples."""
+    from ttscale.samplers.budget import BUDGET_FILE
+    from ttscale.samplers.shortmk import SHORTMK_FILE
+    from ttscale.store.samplestore import DECISION_FILES
+
+    assert set(DECISION_FILES) == {"adaptive.jsonl", SHORTMK_FILE, BUDGET_FILE}
+    whole = SampleStore.create(tmp_path / "whole", {"benchmark": "toy"})
+    list(AdaptiveSampler(ScriptedEngine(responder), PARAMS, "beta:0.95", last_char).sample(PROBLEMS, 16, seed=3, sink=whole))
+    runs = [SampleStore.create(tmp_path / f"s{i}", {"benchmark": "toy"}) for i in range(2)]
+    for run, part in zip(runs, (PROBLEMS[::2], PROBLEMS[1::2]), strict=True):  # two workers' shares
+        s = AdaptiveSampler(ScriptedEngine(responder), PARAMS, "beta:0.95", last_char)
+        list(s.sample(part, 16, seed=3, sink=run))
+    assert 0 < len(read_decisions(runs[0].path)) < len(PROBLEMS)
+    shards = {r["problem_id"]: r for run in runs for r in read_decisions(run.path)}
+    runs[0].merge_from(runs[1])
+    merged = {r["problem_id"]: r for r in read_decisions(runs[0].path)}
+    assert merged == shards and len(merged) == len(PROBLEMS)  # every row, as its shard wrote it
+    # the decisions are the whole run's (what was drawn ahead depends on who else was in flight)
+    fields = ("used", "answer", "stopped", "reason")
+    assert {p: [r[f] for f in fields] for p, r in merged.items()} == {
+        r["problem_id"]: [r[f] for f in fields] for r in read_decisions(whole.path)
+    }
+    text = (runs[0].path / "adaptive.jsonl").read_text()
+    runs[0].merge_from(runs[1])  # again: nothing added
+    assert (runs[0].path / "adaptive.jsonl").read_text() == text
+
+
 def test_replay_hand_computed_pool() -> None:
     # p0: a a a a b ... (beta stops at 4, "a" correct); p1: a b a b a b (never settles; tie a/b
     # at 6 -> first seen "a", wrong)

@@ -48,6 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -850,6 +851,9 @@ class SampleStore:
                 self._forget_score_set(name)
             self.copy_scores(name, o.score_table(name))
         self._merge_accounting(o)
+        # what a run kind records beside its samples: pruning trace logs, stopping decisions
+        _merge_pruning_logs(self, [o])
+        _merge_decision_rows(self, [o])
         return n
 
     def check_verdict_sets(self, other: SampleStore) -> None:
@@ -1656,7 +1660,6 @@ def merge_runs(
             )
 
     target.modify_manifest(widen)
-    _merge_pruning_logs(target, srcs)
     total = len(target)
     for name in target.score_sets():
         have = len(target.scored_keys(name))
@@ -1680,6 +1683,44 @@ def read_trace_log(path: Path) -> list[dict[str, Any]]:
         if isinstance(r, dict) and "problem_id" in r and "index" in r:
             out.append(r)
     return out
+
+
+#: the rows a run kind writes beside its samples, and the fields that key a row: the decisions
+#: of adaptive (``adaptive.jsonl``: the samples its rule used) and short-m@k runs
+#: (``shortmk.jsonl``), one per problem, and budget forcing's records, one per trace
+#: (``budget_forcing.jsonl``); ttscale.samplers names the files (a test checks them)
+DECISION_FILES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "adaptive.jsonl": ("problem_id",),
+    "shortmk.jsonl": ("problem_id",),
+    "budget_forcing.jsonl": ("problem_id", "index"),
+})
+
+
+def _decision_rows(path: Path, key: tuple[str, ...]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # cut short by a kill: that problem is decided again on resume
+            continue
+        if isinstance(r, dict) and all(k in r for k in key):
+            rows[tuple(r[k] for k in key)] = r  # the last written wins, as the samplers read them
+    return rows
+
+
+def _merge_decision_rows(target: SampleStore, srcs: Sequence[SampleStore]) -> None:
+    """Carry the rows of :data:`DECISION_FILES` into ``target``; a row already there wins for
+    its key (merging again adds nothing)."""
+    for name, key in DECISION_FILES.items():
+        rows = _decision_rows(target.path / name, key)
+        new = {k: r for st in srcs for k, r in _decision_rows(st.path / name, key).items() if k not in rows}
+        if not new:
+            continue
+        rows.update(new)
+        text = "".join(json.dumps(rows[k], sort_keys=True) + "\n" for k in sorted(rows))
+        _atomic_write_bytes(target.path / name, text.encode())
 
 
 def _merge_pruning_logs(target: SampleStore, srcs: Sequence[SampleStore]) -> None:
