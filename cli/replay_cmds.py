@@ -377,6 +377,34 @@ def _replay_trace_rule(
         )
 
 
+def _run_live(
+    bench: Any,
+    make: Any,
+    announce: Any,
+    problems: Sequence[Any],
+    budget: int,
+    seed: int | None,
+    store: Any,
+) -> tuple[Any, list[Any], float]:
+    """Run a live sampler made by ``make(answer_fn)`` (answers from the benchmark's verifier,
+    closed afterwards) into ``store``; ``announce(sampler)`` says what it chose first. Returns
+    the sampler, its results and the wall time."""
+    from ttscale.samplers.adaptive import verifier_answers
+    from ttscale.verifiers.base import close_verifier, make_verifier
+
+    verifier = make_verifier(bench.verifier)
+    try:
+        sampler = make(verifier_answers(verifier))
+        typer.echo(announce(sampler), err=True)
+        t0 = time.perf_counter()
+        results = list(sampler.sample(problems, budget, seed=seed, sink=store))
+        wall = time.perf_counter() - t0
+    finally:
+        close_verifier(verifier)
+    store.refresh()
+    return sampler, results, wall
+
+
 def sample_adaptive(
     engine: Any,
     params: Any,
@@ -390,35 +418,30 @@ def sample_adaptive(
 ) -> Any:
     """``ttscale sample --adaptive RULE``: the adaptive sampler into ``store``, answers from the
     benchmark's verifier; returns a :class:`~ttscale.samplers.repeated.SamplingSummary`."""
-    from ttscale.samplers.adaptive import AdaptiveSampler, verifier_answers
+    from ttscale.samplers.adaptive import AdaptiveSampler
     from ttscale.samplers.repeated import SamplingSummary
-    from ttscale.verifiers.base import close_verifier, make_verifier
 
-    verifier = make_verifier(bench.verifier)
-    try:
-        sampler = AdaptiveSampler(
+    def make(answer_fn: Any) -> Any:
+        return AdaptiveSampler(
             engine,
             params,
             rule,
-            verifier_answers(verifier),
+            answer_fn,
             batch_size=spec.batch_size,
             chat=spec.chat,
             system_prompt=spec.system_prompt,
             progress=None if spec.progress else False,
             manifest=manifest,
         )
-        typer.echo(
+
+    def announce(sampler: Any) -> str:
+        return (
             f"adaptive: rule {sampler.rule.spec}, budget {budget} per problem, answers from the "
             f"{bench.verifier} verifier, ties to the first-seen answer; problems queue their budget, "
-            "lower sample indices first (samples beyond a stop are kept in the run, not used)",
-            err=True,
+            "lower sample indices first (samples beyond a stop are kept in the run, not used)"
         )
-        t0 = time.perf_counter()
-        results = list(sampler.sample(problems, budget, seed=params.seed, sink=store))
-        wall = time.perf_counter() - t0
-    finally:
-        close_verifier(verifier)
-    store.refresh()
+
+    sampler, results, wall = _run_live(bench, make, announce, problems, budget, params.seed, store)
     decisions = sampler.decisions
     resumed = sum(r.resumed for r in results)
     drawn = sum(d.drawn for d in decisions)
@@ -459,31 +482,26 @@ def sample_shortmk(
     """``ttscale sample --adaptive short-3@k``: short-m@k live into ``store`` (a run of kind
     ``shortmk``), answers from the benchmark's verifier; returns a
     :class:`~ttscale.samplers.repeated.SamplingSummary`."""
-    from ttscale.samplers.adaptive import verifier_answers
     from ttscale.samplers.repeated import SamplingSummary
     from ttscale.samplers.shortmk import SHORTMK_FILE, ShortMKSampler
-    from ttscale.verifiers.base import close_verifier, make_verifier
 
-    verifier = make_verifier(bench.verifier)
-    try:
-        sampler = ShortMKSampler(
-            engine, params, rule, verifier_answers(verifier), batch_size=spec.batch_size,
+    def make(answer_fn: Any) -> Any:
+        return ShortMKSampler(
+            engine, params, rule, answer_fn, batch_size=spec.batch_size,
             flush_every=spec.flush_every, chat=spec.chat, system_prompt=spec.system_prompt,
             progress=None if spec.progress else False, manifest=manifest,
         )  # fmt: skip
-        k = sampler.rule.size(budget)
-        typer.echo(
-            f"short-m@k: {sampler.rule.spec}, {k} traces per problem side by side, stopped when the "
-            f"first {sampler.rule.m} finish (the others aborted, their tokens counted); majority "
-            f"among them, ties to the shortest; answers from the {bench.verifier} verifier",
-            err=True,
+
+    def announce(sampler: Any) -> str:
+        return (
+            f"short-m@k: {sampler.rule.spec}, {sampler.rule.size(budget)} traces per problem side by "
+            f"side, stopped when the first {sampler.rule.m} finish (the others aborted, their tokens "
+            "counted); majority among them, ties to the shortest; answers from the "
+            f"{bench.verifier} verifier"
         )
-        t0 = time.perf_counter()
-        results = list(sampler.sample(problems, budget, seed=params.seed, sink=store))
-        wall = time.perf_counter() - t0
-    finally:
-        close_verifier(verifier)
-    store.refresh()
+
+    sampler, results, wall = _run_live(bench, make, announce, problems, budget, params.seed, store)
+    k = sampler.rule.size(budget)
     ds = sampler.decisions
     finished = sum(d.finished for d in ds)
     resumed = sum(d.resumed for d in ds)
