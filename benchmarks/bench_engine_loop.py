@@ -14,7 +14,11 @@ reported).
 Part B (``--live-problems`` > 0, first engine): live adaptive ``beta:0.92`` (``ahead=0`` and,
 where the sampler has it, ``ahead=None``) against SC@``--live-n`` (RepeatedSampler) on the same
 problems: wall time, samples and tokens, and whether the adaptive answers equal the index-order
-replay of the SC run (live = replay).
+replay of the SC run (live = replay), and the token ratio of the samples the rule reads (no
+live arm can draw fewer). ``--adaptive-batch 64,128`` adds adaptive arms with that bound on the
+samples in the engine at once, ``--sc-batch`` SC arms likewise (checked to draw the same
+samples), ``--vllm-max-num-seqs`` sets vLLM's running batch; every arm is also compared with
+the fastest SC arm of its repeat.
 
     OMP_NUM_THREADS=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/bench_engine_loop.py \\
         --engines vllm,hf --problems 32 --n 8 --repeats 3 --live-problems 50 --live-n 64
@@ -49,11 +53,18 @@ def _engine(kind: str, model: str, args: argparse.Namespace) -> Any:
             enforce_eager=True,
             enable_chunked_prefill=False,
         )
+        if args.vllm_max_num_seqs:
+            # vLLM's bound on running sequences (CPU default 256): the engine's own batch
+            opts["max_num_seqs"] = args.vllm_max_num_seqs
         if args.vllm_block_size:
             # vLLM CPU's default KV block is 128 tokens: a step-wise sampler's prefix (prompt +
             # steps so far) shorter than a block never hits the prefix cache
             opts["block_size"] = args.vllm_block_size
     return make_engine(kind, model, **opts)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def _answers() -> Any:
@@ -211,6 +222,12 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     has_ahead = "ahead" in inspect.signature(AdaptiveSampler).parameters
     arms: dict[str, Any] = {"sc": lambda: RepeatedSampler(engine, params, progress=False)}
     base: dict[str, str] = {"sc": "sc"}  # the SC arm each arm is compared with
+    # SC with another bound on the samples in the engine at once (the scheduler's
+    # ``max_sequences``), to find where the engine saturates: the adaptive arms are also
+    # compared with the fastest SC arm of their repeat
+    for b in _ints(args.sc_batch):
+        arms[f"sc b={b}"] = lambda b=b: RepeatedSampler(engine, params, batch_size=b, progress=False)
+        base[f"sc b={b}"] = "sc"
     if args.rule:
         if not args.skip_ahead0 or not has_ahead:
             arms["adaptive ahead=0"] = lambda: AdaptiveSampler(
@@ -222,7 +239,13 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
                 engine, params, args.rule, answers, ahead=None
             )
             base["adaptive ahead=auto"] = "sc"
-        if "priority" in inspect.signature(AdaptiveSampler).parameters:
+        for b in _ints(args.adaptive_batch):
+            # a smaller running batch: fewer samples drawn beyond a problem's stop
+            arms[f"adaptive b={b}"] = lambda b=b: AdaptiveSampler(
+                engine, params, args.rule, answers, ahead=None, batch_size=b
+            )
+            base[f"adaptive b={b}"] = "sc"
+        if not args.skip_fifo and "priority" in inspect.signature(AdaptiveSampler).parameters:
             # the spare-room window without priorities (the default before them), same process
             arms["adaptive ahead=auto fifo"] = lambda: AdaptiveSampler(
                 engine, params, args.rule, answers, ahead=None, priority=False
@@ -261,25 +284,39 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
                 row[name]["pruned"] = sum(c.pruned_at is not None for res in results
                                           for c in res.candidates)  # fmt: skip
+        fastest = min((n for n in arms if n == "sc" or n.startswith("sc b=")),
+                      key=lambda n: row[n]["wall_s"])  # fmt: skip
+        row["fastest_sc"] = fastest
         for name in arms:
             b = row[base[name]]
             row[name]["wall_ratio"] = row[name]["wall_s"] / b["wall_s"]
             row[name]["cpu_ratio"] = row[name]["cpu_s"] / b["cpu_s"]
+            row[name]["wall_ratio_fastest_sc"] = row[name]["wall_s"] / row[fastest]["wall_s"]
+            row[name]["cpu_ratio_fastest_sc"] = row[name]["cpu_s"] / row[fastest]["cpu_s"]
+            row[name]["tokens_per_s"] = row[name]["tokens"] / row[name]["wall_s"]
+            row[name]["tokens_per_cpu_s"] = row[name]["tokens"] / row[name]["cpu_s"]
             row[name]["token_ratio"] = row[name]["tokens"] / b["tokens"]
             row[name]["sample_ratio"] = row[name]["samples"] / b["samples"]
         rows.append(row)
         print(f"  {kind} live repeat {r}: " + ", ".join(
             f"{n} {row[n]['wall_s']:.1f}s ({row[n]['wall_ratio']:.2f}x wall, "
             f"{row[n]['cpu_ratio']:.2f}x cpu, {row[n]['token_ratio']:.3f}x tokens)" for n in arms
-        ), flush=True)  # fmt: skip
+        ) + f"; fastest SC: {fastest}", flush=True)  # fmt: skip
     agree: dict[str, bool] = {}
+    floor = 0.0
+    # the bound on samples in flight changes no sample: every SC arm drew the same texts
+    texts = {n: [[c.text for c in res.completions] for res in full[n]] for n in full}
+    agree |= {n: texts[n] == texts["sc"] for n in texts if n.startswith("sc b=")}
     if args.rule:
         # live = replay: the index-order replay of the SC run decides every problem the same way
         stop = parse_rule(args.rule)
         replayed = []
+        needed = 0  # the tokens of the samples the rule reads: no live run can draw fewer
         for res in full["sc"]:
             out = run_stream(stop, answers(res.problem, res.completions))
             replayed.append((out.used, str(out.answer)))
+            needed += sum(c.num_tokens for c in res.completions[: out.used])
+        floor = needed / rows[0]["sc"]["tokens"]
         agree |= {n: all(row[n]["decisions"] == replayed for row in rows)
                   for n in arms if n.startswith("adaptive")}  # fmt: skip
     if args.prune:
@@ -296,10 +333,16 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         "problems": len(problems),
         "n": args.live_n,
         "baseline": base,
+        # the token ratio of the samples the rule reads (the replay's): the live arms' floor
+        "rule_token_ratio": floor if args.rule else None,
         "live_equals_replay": agree,
         "median_wall_ratio": {n: statistics.median(row[n]["wall_ratio"] for row in rows) for n in arms},
         "median_cpu_ratio": {n: statistics.median(row[n]["cpu_ratio"] for row in rows) for n in arms},
         "median_token_ratio": {n: statistics.median(row[n]["token_ratio"] for row in rows) for n in arms},
+        "median_wall_ratio_fastest_sc": {
+            n: statistics.median(row[n]["wall_ratio_fastest_sc"] for row in rows) for n in arms
+        },
+        "median_tokens_per_s": {n: statistics.median(row[n]["tokens_per_s"] for row in rows) for n in arms},
         "median_wall_s": {n: statistics.median(row[n]["wall_s"] for row in rows) for n in arms},
         "sample_ratio": {n: rows[0][n]["sample_ratio"] for n in arms},
         "repeats": [{k: {kk: vv for kk, vv in v.items() if kk != "decisions"} if isinstance(v, dict) else v
@@ -325,6 +368,15 @@ def main() -> None:
                     "against SC with the log-probs it reads")  # fmt: skip
     ap.add_argument("--skip-ahead0", action="store_true",
                     help="part B: leave out adaptive with ahead=0 (one round in flight)")  # fmt: skip
+    ap.add_argument("--adaptive-batch", default="",
+                    help="part B: also adaptive arms with these bounds on samples in the engine "
+                    "at once (AdaptiveSampler batch_size), e.g. 64,32")  # fmt: skip
+    ap.add_argument("--sc-batch", default="",
+                    help="part B: also SC arms with these bounds (RepeatedSampler batch_size)")  # fmt: skip
+    ap.add_argument("--skip-fifo", action="store_true",
+                    help="part B: leave out adaptive without priorities (priority=False)")  # fmt: skip
+    ap.add_argument("--vllm-max-num-seqs", type=int, default=None,
+                    help="vLLM's max_num_seqs (running sequences; CPU default 256)")  # fmt: skip
     ap.add_argument("--temperature", type=float, default=1.0, help="part B sampling temperature")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--stepwise", action="store_true",

@@ -438,7 +438,8 @@ def sample_adaptive(
         return (
             f"adaptive: rule {sampler.rule.spec}, budget {budget} per problem, answers from the "
             f"{bench.verifier} verifier, ties to the first-seen answer; problems queue their budget, "
-            "lower sample indices first (samples beyond a stop are kept in the run, not used)"
+            f"lower sample indices first, at most {sampler.batch_size} samples in the engine at once "
+            "(--batch-size; samples beyond a stop are kept in the run, not used)"
         )
 
     sampler, results, wall = _run_live(bench, make, announce, problems, budget, params.seed, store)

@@ -125,7 +125,10 @@ class AdaptiveSampler:
     trace confidences of the ``deepconf`` rule (default :func:`deepconf_confidences`, which
     needs top log-probs). ``tie``: the final vote's tie rule at the budget (``first`` or
     ``random``, seeded as the index-order replay with ``seed`` = the run seed). ``batch_size``:
-    samples in the engine at once (all problems together); ``round_size``: samples a problem
+    samples in the engine at once (all problems together; lowest indices first), which changes
+    no result: a smaller bound draws fewer samples beyond a stop (with 1, none), but runs the
+    engine below its batch (on vLLM CPU, 128 took about the time of 512 and 64 more:
+    benchmarks/RESULTS.md); ``round_size``: samples a problem
     keeps in flight beyond those the rule has read (default the rule's step); ``ahead``: more
     samples it draws ahead of that (default ``None``: with ``priority`` (the default) the
     whole budget, each sample queued with its index as priority, so the engine runs every
@@ -206,7 +209,11 @@ class AdaptiveSampler:
             open_sink(
                 sink, unique, engine_info=rep.engine_info, params=params, n=budget, chat=rep.chat,
                 iid=True, compatible=rep.extra_manifest,
-                extra={**rep.extra_manifest, "adaptive": {"rule": self.rule.spec, "budget": budget, "tie": self.tie}},
+                extra={**rep.extra_manifest, "adaptive": {
+                    "rule": self.rule.spec, "budget": budget, "tie": self.tie,
+                    # how many samples were in the engine at once (results never depend on it)
+                    "batch_size": self.batch_size,
+                }},
             )
         return self._sample(unique, budget, params, sink)
 

@@ -111,7 +111,9 @@ def test_sink_records_decisions_and_resumes(tmp_path: Path) -> None:
     for row, r in zip(rows, results, strict=True):
         assert row["rule"] == "esc:window=4" and row["used"] == len(r.candidates)
         assert row["reason"] == "budget" or row["reason"].startswith(f"window {row['used'] // 4} ")
-    assert store.manifest["adaptive"] == {"rule": "esc:window=4", "budget": 16, "tie": "first"}
+    assert store.manifest["adaptive"] == {
+        "rule": "esc:window=4", "budget": 16, "tie": "first", "batch_size": sampler.batch_size
+    }
     store.refresh()
     assert len(store) == sum(r["drawn"] for r in rows)
     assert store.accounting()["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
@@ -388,3 +390,50 @@ def test_priority_runs_every_problems_low_indices_first_with_the_same_results() 
         assert pr.tokens <= r.generated_tokens == d.generated_tokens <= begun
         assert d.generated_tokens - d.aborted_tokens >= sum(toks[r.problem_id][: d.used])
     assert sum(d.drawn for d in decisions) < 16 * len(PROBLEMS)
+
+
+class _Peak(ScriptedEngine):
+    """A scripted engine whose loops record the most samples they ever held at once."""
+
+    def __init__(self) -> None:
+        super().__init__(responder)
+        self.peak = 0
+
+    def open_loop(self, params, *, tokens_per_poll=4):  # type: ignore[no-untyped-def]
+        loop = super().open_loop(params, tokens_per_poll=tokens_per_poll)
+        submit = loop.submit
+
+        def counted(request, on_token=None, priority=0):  # type: ignore[no-untyped-def]
+            t = submit(request, on_token, priority)
+            self.peak = max(self.peak, loop.in_flight)
+            return t
+
+        loop.submit = counted  # type: ignore[method-assign]
+        return loop
+
+
+def test_bound_on_samples_in_flight_changes_no_result_and_cuts_the_overdraw() -> None:
+    runs = {}
+    for bound in (1, 5, 1000):
+        engine = _Peak()
+        sampler = AdaptiveSampler(engine, PARAMS, "beta:0.95", last_char, batch_size=bound)
+        results = list(sampler.sample(PROBLEMS, 16, seed=3))
+        runs[bound] = (results, sampler.decisions, engine.peak)
+    # the engine never held more samples than the bound (with 1000, the whole budget at once)
+    assert runs[1][2] == 1 and runs[5][2] == 5 and runs[1000][2] == 16 * len(PROBLEMS)
+    sig = {
+        b: ([(d.used, d.answer, d.stopped, d.reason) for d in ds],
+            [[(c.completion.index, c.completion.text) for c in r.candidates] for r in rs])
+        for b, (rs, ds, _) in runs.items()
+    }  # fmt: skip
+    assert sig[1] == sig[5] == sig[1000]
+    pool, toks = full_pool()
+    rep = replay(pool, "beta:0.95", orders=None, max_samples=16)
+    # one sample in flight: a problem's next sample starts only after the rule read the last,
+    # so nothing is drawn beyond a stop and the tokens are exactly the replay's
+    for r, d, pr in zip(runs[1][0], runs[1][1], rep.problems, strict=True):
+        assert d.drawn == d.used == pr.used[0] and d.aborted_tokens == 0
+        assert r.generated_tokens == pr.tokens == sum(toks[r.problem_id][: d.used])
+    drawn = {b: sum(d.drawn for d in ds) for b, (_, ds, _) in runs.items()}
+    tokens = {b: sum(r.generated_tokens for r in rs) for b, (rs, _, _) in runs.items()}
+    assert drawn[1] < drawn[5] <= drawn[1000] and tokens[1] < tokens[5] <= tokens[1000]
