@@ -99,7 +99,8 @@ log = logging.getLogger(__name__)
 #: engine hands tokens over every this many (one output and one callback per chunk, not per
 #: token); the monitor still reads them one by one and cuts the trace at the token it names, and
 #: the chunk's tokens past that point, generated anyway, are counted (``discarded_tokens``).
-#: Chosen by measurement (benchmarks/RESULTS.md, issue 16, pruning on vLLM).
+#: Chosen by measurement on vLLM CPU (benchmarks/RESULTS.md, issue 16: 8 and 16 saved no more time
+#: than 4 and generate more tokens past the cuts).
 DEFAULT_STREAM_INTERVAL = 4
 
 #: ``scorer(token_ids) -> P(no)``: the self-evaluation score of a partial trace.
