@@ -390,6 +390,42 @@ def test_pruning_in_streamed_chunks_equals_replay_and_counts_every_token(vllm_en
         assert (discarded > 0) is (k > 1)
 
 
+def test_pruning_in_chunks_shards_into_one_run_and_accounts_every_token(vllm_engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two shards of a chunk-streamed pruning run on vLLM, one run directory: the same traces,
+    fates and tokens as the whole run in memory; the run's accounting, trace log and manifest
+    hold every generated token (discarded chunk tails included) and say how traces streamed."""
+    import json
+
+    from ttscale.samplers.pruning import PruningSampler
+    from ttscale.store import SampleStore
+    from ttscale.types import Problem
+
+    problems = [Problem(id=f"s{i}", prompt=f"{i} * 3 =") for i in range(4)]
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=4, logprobs=0)
+    spec = "lowprob:threshold=-3.6,min_tokens=3"
+
+    def sampler() -> PruningSampler:
+        return PruningSampler(vllm_engine, params, spec, stream_interval=4, progress=False)
+
+    whole = list(sampler().sample(problems, 8, seed=4))
+    store = SampleStore.create(tmp_path / "run", {"model": "tiny"})
+    for i in range(2):
+        list(sampler().sample(problems, 8, seed=4, sink=SampleStore.open(store.path), shard=(i, 2)))
+    run = SampleStore.open(store.path)
+    got = {(s.problem_id, s.index): (s.text, s.fate, s.pruned_at) for s in run.samples()}
+    want = {(r.problem_id, c.index): (c.completion.text, c.fate.value, c.pruned_at)
+            for r in whole for c in r.candidates}  # fmt: skip
+    assert got == want
+    total = sum(r.generated_tokens for r in whole)
+    discarded = sum(c.completion.discarded_tokens for r in whole for c in r.candidates)
+    assert discarded > 0 and any(c.pruned_at is None for r in whole for c in r.candidates)
+    assert run.accounting()["generated_tokens"] == total
+    lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
+    assert sum(x["tokens"] for x in lines) == total == run.manifest["pruning"]["generated_tokens"]
+    info = run.manifest["pruning"]
+    assert (info["mode"], info["stream_interval"]) == ("streaming (every 4 tokens)", 4)
+
+
 def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type: ignore[no-untyped-def]
     """Requests join the running engine at different times and come back as generate's."""
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=5, logprobs=0)
