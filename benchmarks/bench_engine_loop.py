@@ -220,14 +220,17 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, temperature=args.temperature)
     answers = _answers()
     has_ahead = "ahead" in inspect.signature(AdaptiveSampler).parameters
-    arms: dict[str, Any] = {"sc": lambda: RepeatedSampler(engine, params, progress=False)}
-    base: dict[str, str] = {"sc": "sc"}  # the SC arm each arm is compared with
-    # SC with another bound on the samples in the engine at once (the scheduler's
-    # ``max_sequences``), to find where the engine saturates: the adaptive arms are also
-    # compared with the fastest SC arm of their repeat
-    for b in _ints(args.sc_batch):
-        arms[f"sc b={b}"] = lambda b=b: RepeatedSampler(engine, params, batch_size=b, progress=False)
-        base[f"sc b={b}"] = "sc"
+    arms: dict[str, Any] = {}
+    base: dict[str, str] = {}  # the SC arm each arm is compared with
+    if args.rule or not args.prune:  # plain SC is the adaptive arms' baseline only
+        arms["sc"] = lambda: RepeatedSampler(engine, params, progress=False)
+        base["sc"] = "sc"
+        # SC with another bound on the samples in the engine at once (the scheduler's
+        # ``max_sequences``), to find where the engine saturates: the adaptive arms are also
+        # compared with the fastest SC arm of their repeat
+        for b in _ints(args.sc_batch):
+            arms[f"sc b={b}"] = lambda b=b: RepeatedSampler(engine, params, batch_size=b, progress=False)
+            base[f"sc b={b}"] = "sc"
     if args.rule:
         if not args.skip_ahead0 or not has_ahead:
             arms["adaptive ahead=0"] = lambda: AdaptiveSampler(
@@ -251,21 +254,24 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
                 engine, params, args.rule, answers, ahead=None, priority=False
             )
             base["adaptive ahead=auto fifo"] = "sc"
-    prune_name = ""
     if args.prune:
         rule = parse_prune_rule(args.prune)
         # the pruning rule reads log-probs: its SC arm samples the same way
         lp_params = params.replace(logprobs=20 if rule.needs == "top_logprobs" else 0)
         arms["sc+logprobs"] = lambda: RepeatedSampler(engine, lp_params, progress=False)
         base["sc+logprobs"] = "sc+logprobs"
-        prune_name = f"prune {args.prune}"
-        arms[prune_name] = lambda: PruningSampler(engine, lp_params, args.prune, progress=False)
-        base[prune_name] = "sc+logprobs"
+        intervals = [int(k) for k in args.prune_intervals.split(",")] if args.prune_intervals else [None]
+        for k in intervals:
+            # one arm per streamed chunk size (PruningSampler's stream_interval; None: its default)
+            name = f"prune {args.prune}" + (f" every {k}" if k is not None else "")
+            kw = {"stream_interval": k} if k is not None else {}
+            arms[name] = lambda kw=kw: PruningSampler(engine, lp_params, args.prune, progress=False, **kw)
+            base[name] = "sc+logprobs"
     # warm-up (kernels, caches), another seed
     list(RepeatedSampler(engine, params, progress=False).sample(problems[:2], 2, seed=args.seed + 1))
     rows: list[dict[str, Any]] = []
     full: dict[str, list[Any]] = {}
-    pruned_live: list[tuple[str, int, int | None]] = []
+    pruned_live: dict[str, list[tuple[str, int, int | None]]] = {}
     for r in range(args.live_repeats):
         names = list(arms) if r % 2 == 0 else list(reversed(arms))
         row: dict[str, Any] = {"repeat": r}
@@ -278,14 +284,18 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
             elif name.startswith("adaptive"):
                 row[name]["decisions"] = [(d.used, str(d.answer)) for d in s.decisions]
             else:
-                pruned_live = sorted(
+                # every repeat's cuts must equal the replay: a later repeat overwrites only if equal
+                cut = sorted(
                     (res.problem_id, c.index, c.pruned_at)
                     for res in results for c in res.candidates
                 )  # fmt: skip
+                if pruned_live.setdefault(name, cut) != cut:
+                    pruned_live[name] = []  # repeats disagree: never equal to the replay
                 row[name]["pruned"] = sum(c.pruned_at is not None for res in results
                                           for c in res.candidates)  # fmt: skip
-        fastest = min((n for n in arms if n == "sc" or n.startswith("sc b=")),
-                      key=lambda n: row[n]["wall_s"])  # fmt: skip
+        # (without the adaptive arms' plain SC: the pruning arms' SC with log-probs)
+        sc_arms = [n for n in arms if n == "sc" or n.startswith("sc b=")] or sorted(set(base.values()))
+        fastest = min(sc_arms, key=lambda n: row[n]["wall_s"])
         row["fastest_sc"] = fastest
         for name in arms:
             b = row[base[name]]
@@ -324,7 +334,7 @@ def part_b(kind: str, engine: Any, args: argparse.Namespace) -> dict[str, Any]:
         # the same token
         rep = replay_pruning([c for res in full["sc+logprobs"] for c in res.completions], args.prune)
         replayed_p = sorted((t.problem_id, t.index, t.pruned_at) for p in rep.problems for t in p.traces)
-        agree[prune_name] = replayed_p == pruned_live
+        agree |= {n: replayed_p == cut for n, cut in pruned_live.items()}
     return {
         "engine": kind,
         "rule": args.rule,
@@ -366,6 +376,9 @@ def main() -> None:
     ap.add_argument("--prune", default=None,
                     help="part B: also a pruning rule (e.g. lowprob:threshold=-0.3,min_tokens=8) "
                     "against SC with the log-probs it reads")  # fmt: skip
+    ap.add_argument("--prune-intervals", default=None,
+                    help="part B: comma-separated stream_interval values, one pruning arm each "
+                    "(default: one arm at PruningSampler's default)")  # fmt: skip
     ap.add_argument("--skip-ahead0", action="store_true",
                     help="part B: leave out adaptive with ahead=0 (one round in flight)")  # fmt: skip
     ap.add_argument("--adaptive-batch", default="",

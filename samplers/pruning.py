@@ -95,6 +95,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Tokens per streamed chunk (vLLM's ``stream_interval``) of a watched trace, by default: the
+#: engine hands tokens over every this many (one output and one callback per chunk, not per
+#: token); the monitor still reads them one by one and cuts the trace at the token it names, and
+#: the chunk's tokens past that point, generated anyway, are counted (``discarded_tokens``).
+#: Chosen by measurement on vLLM CPU (benchmarks/RESULTS.md, issue 16: 8 and 16 saved no more time
+#: than 4 and generate more tokens past the cuts).
+DEFAULT_STREAM_INTERVAL = 4
+
 #: ``scorer(token_ids) -> P(no)``: the self-evaluation score of a partial trace.
 Scorer = Callable[[Sequence[int]], float]
 
@@ -933,8 +941,11 @@ class PruningSampler:
 
     The :class:`~ttscale.samplers.base.Sampler` protocol (``budget`` = traces started per
     problem). Traces ``0..warmup-1`` (DeepConf online) run in full first; the rest are watched
-    token by token: through the engine's ``on_token`` where it declares ``streaming``, in chunks
-    of ``chunk_tokens`` on token prefixes otherwise (``selfeval`` always uses chunks ending at its
+    token by token: through the engine's ``on_token`` where it declares ``streaming`` (handed
+    over every ``stream_interval`` tokens where the engine can, as vLLM does: the monitor still
+    reads every token in order and the trace is cut where the rule fires; the chunk's tokens past
+    that point are generated anyway and counted), in chunks of ``chunk_tokens`` on token
+    prefixes otherwise (``selfeval`` always uses chunks ending at its
     checkpoints, so it never calls the engine from inside a generation). Seeds are per (problem,
     index), so trace ``i`` is the same trace (cut where pruned) as in a fixed-n run with the same
     seed on a streaming engine. Every trace is in the result: pruned ones with fate ``pruned``
@@ -954,6 +965,7 @@ class PruningSampler:
         *,
         batch_size: int = 512,
         chunk_tokens: int | None = None,
+        stream_interval: int = DEFAULT_STREAM_INTERVAL,
         chat: bool = False,
         system_prompt: str | None = None,
         progress: bool | None = None,
@@ -964,6 +976,7 @@ class PruningSampler:
         self.rule: PruneRule = parse_prune_rule(rule) if isinstance(rule, str) else rule
         check_int("batch_size", batch_size, min=1)
         check_int("chunk_tokens", chunk_tokens, min=1, allow_none=True)
+        check_int("stream_interval", stream_interval, min=1)
         by = f"pruning rule {self.rule.name}"
         caps = capabilities_of(engine)
         if self.rule.needs == "scoring":
@@ -984,6 +997,7 @@ class PruningSampler:
             step = self.rule.every or self.rule.checkpoint
             chunk_tokens = math.gcd(self.rule.checkpoint, step)
         self.chunk_tokens = chunk_tokens
+        self.stream_interval = stream_interval
         self.chat = chat
         self.system_prompt = system_prompt
         self.progress = progress
@@ -999,10 +1013,18 @@ class PruningSampler:
                 )
 
     @property
+    def streams(self) -> bool:
+        """Whether traces are watched through the engine's token stream (else in chunks on token
+        prefixes)."""
+        return self.chunk_tokens is None and capabilities_of(self.engine).streaming
+
+    @property
     def mode(self) -> str:
-        """``"streaming"`` or ``"chunked (N tokens)"``: how traces are watched."""
-        if self.chunk_tokens is None and capabilities_of(self.engine).streaming:
-            return "streaming"
+        """``"streaming"``, ``"streaming (every N tokens)"`` (``stream_interval``) or ``"chunked
+        (N tokens)"``: how traces are watched."""
+        if self.streams:
+            k = self.stream_interval
+            return "streaming" if k == 1 else f"streaming (every {k} tokens)"
         return f"chunked ({self.chunk_tokens or 64} tokens)"
 
     def sample(
@@ -1045,7 +1067,9 @@ class PruningSampler:
         log.info("pruning with %s (%s), %d traces per problem", self.rule.spec(), self.mode, budget)
         return self._sample(mine, budget, params, sink, shard)
 
-    def _requests(self, p: Problem, indices: Sequence[int]) -> list[GenerationRequest]:
+    def _requests(
+        self, p: Problem, indices: Sequence[int], stream_interval: int = 1
+    ) -> list[GenerationRequest]:
         if not indices:
             return []
         kw: dict[str, Any]
@@ -1057,6 +1081,8 @@ class PruningSampler:
             kw = {"messages": msgs}
         else:
             kw = {"prompt": p.prompt}
+        if stream_interval > 1:
+            kw["stream_interval"] = stream_interval
         return [GenerationRequest(problem_id=p.id, indices=tuple(indices), **kw)]
 
     def _scorer(self, req: GenerationRequest, spent: Callable[[int | None], None]) -> Scorer:
@@ -1107,7 +1133,7 @@ class PruningSampler:
         # streaming engines watch tokens in their own loop; the others (and selfeval, which
         # scores between chunks) go through the batch loop in chunks on token prefixes
         loop: EngineLoop | None = None
-        if self.mode != "streaming":
+        if not self.streams:
             loop = BatchLoop(self.engine, params, chunk_tokens=self.chunk_tokens or 64)
         with session:
             sched: Scheduler[tuple[SampleResult, float | None, dict[int, str]]] = Scheduler(
@@ -1163,7 +1189,10 @@ class PruningSampler:
                     got[c.index] = c
         warm = [got[i] if i in got else have[i].completion for i in range(warm_n)]
         threshold = self.rule.warmup_threshold(warm) if warm_n else None
-        reqs = self._requests(p, missing(range(warm_n, budget)))
+        # watched traces may stream in chunks: the monitor still sees every token, in order
+        reqs = self._requests(
+            p, missing(range(warm_n, budget)), self.stream_interval if self.streams else 1
+        )
         if reqs:
             monitors: dict[tuple[int, int], TraceMonitor] = {}
             tokens: dict[tuple[int, int], list[int]] = {}
@@ -1271,6 +1300,7 @@ class PruningSampler:
             m["pruning"] = {
                 "rule": self.rule.spec(),
                 "mode": self.mode,
+                "stream_interval": self.stream_interval if self.streams else None,
                 "traces": len(records),
                 "pruned": sum(r["pruned_at"] is not None for r in records),
                 "generated_tokens": sum(int(r["tokens"]) for r in records),

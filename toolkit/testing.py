@@ -491,6 +491,14 @@ def _check_scoring(ctx: _Ctx) -> None:
 def _check_streaming(ctx: _Ctx) -> None:
     reqs = [_req(ctx, "p0", [0, 1, 2]), _req(ctx, "p1", [4])]
     base = _run(ctx, "streaming", reqs, ctx.params)
+    # token by token, then with tokens handed over in chunks (a request's stream_interval): the
+    # caller sees the same events, and an abort ends the trace at the token it was asked on
+    for k in (1, 3):
+        _check_stream(ctx, [_req(ctx, "p0", [0, 1, 2], stream_interval=k),
+                            _req(ctx, "p1", [4], stream_interval=k)], base)  # fmt: skip
+
+
+def _check_stream(ctx: _Ctx, reqs: list[GenerationRequest], base: Any) -> None:
     seen: dict[tuple[int, int], list[TokenEvent]] = {}
 
     def record(ev: TokenEvent) -> bool:

@@ -291,6 +291,141 @@ def test_streaming_and_abort(vllm_engine) -> None:  # type: ignore[no-untyped-de
                 assert got[pos][slot] == c
 
 
+def test_streaming_in_chunks_shows_every_token_and_counts_the_rest_of_an_aborted_chunk(vllm_engine) -> None:  # type: ignore[no-untyped-def]
+    """``stream_interval=4``: vLLM hands tokens over at token 1, 5, 9, ... (and the last); every
+    token still gets its event, in order; a trace aborted at token 3 ends there as with
+    token-by-token streaming, and the tokens 4-5 of its chunk are counted as discarded."""
+    from dataclasses import replace
+
+    params = SamplingParams(temperature=1.0, max_tokens=20, seed=3, logprobs=0)
+    reqs = [GenerationRequest("a", prompt="The cat", indices=(0, 1, 2, 5)),
+            GenerationRequest("b", prompt="Xy", indices=(4,))]  # fmt: skip
+    chunked = [replace(r, stream_interval=4) for r in reqs]
+    plain = vllm_engine.generate(reqs, params)
+    events: list = []
+    calls: list = []
+    got = vllm_engine.generate(chunked, params, on_token=lambda e: events.append(e) or False)
+    assert got == plain
+    for pos, comps in enumerate(plain):
+        for slot, c in enumerate(comps):
+            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
+            assert [e.token_id for e in evs] == list(c.token_ids)
+            assert [e.num_tokens for e in evs] == list(range(1, c.num_tokens + 1))
+            assert [e.logprob for e in evs] == list(c.token_logprobs)
+            assert [e.finished for e in evs] == [False] * (c.num_tokens - 1) + [True]
+            assert all(e.top is None for e in evs)  # logprobs=0: the sampled token's alone
+
+    # the handler is called once per chunk: count the outputs vLLM hands over per trace
+    core = vllm_engine.llm.llm_engine
+    step = core.step
+
+    def counting_step():  # type: ignore[no-untyped-def]
+        outs = step()
+        calls.extend(str(o.request_id) for o in outs)
+        return outs
+
+    core.step = counting_step
+    try:
+        cut = vllm_engine.generate(chunked, params, on_token=lambda e: e.num_tokens == 3)
+    finally:
+        del core.step
+    for pos, comps in enumerate(plain):
+        for slot, c in enumerate(comps):
+            k = cut[pos][slot]
+            if c.num_tokens <= 3:  # ended by vLLM at or before the abort: unchanged
+                assert k == c
+                continue
+            assert k.finish_reason == "abort" and k.token_ids == c.token_ids[:3]
+            assert k.token_logprobs == c.token_logprobs[:3]
+            assert k.text == vllm_engine.decode(c.token_ids[:3])
+            # chunks end at tokens 1 and 5 (or the trace's end): 5 - 3 generated past the abort
+            assert k.discarded_tokens == min(5, c.num_tokens) - 3
+    assert sum(c.num_tokens > 3 for cs in plain for c in cs) >= 3
+    # two outputs per trace (token 1, then the chunk 2-5 or up to the trace's end), not one per token
+    assert len(calls) == sum(1 if c.num_tokens == 1 else 2 for cs in plain for c in cs)
+
+
+@pytest.mark.parametrize("rule", ["lowprob", "deepconf-online:eta=50,warmup=4,window=6"])
+def test_pruning_in_streamed_chunks_equals_replay_and_counts_every_token(vllm_engine, rule) -> None:  # type: ignore[no-untyped-def]
+    """PruningSampler on vLLM, its traces streamed token by token and in chunks of 4 and 7: the
+    same traces are pruned at the same token as the replay of the full run, kept traces are the
+    full run's, and a pruned trace's chunk is counted up to its end (token 1 + k * j)."""
+    import math
+
+    from ttscale.samplers import RepeatedSampler
+    from ttscale.samplers.pruning import PruningSampler, replay_pruning
+    from ttscale.types import Problem
+
+    problems = [Problem(id=f"q{i}", prompt=f"{i} + {i} =") for i in range(3)]
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=2,
+                            logprobs=5 if rule.startswith("deepconf") else 0)  # fmt: skip
+    full = [c.completion for r in RepeatedSampler(vllm_engine, params, chat=False, progress=False)
+            .sample(problems, 12, seed=2) for c in r.candidates]  # fmt: skip
+    if rule == "lowprob":  # a threshold that prunes some traces: the median 6-token mean
+        means = sorted(float(np.mean(c.token_logprobs[:6])) for c in full if c.num_tokens > 6)
+        rule = f"lowprob:threshold={means[len(means) // 2]!r},min_tokens=6"
+    rep = replay_pruning(full, rule)
+    assert 0 < rep.pruned < len(full)
+    length = {(c.problem_id, c.index): c for c in full}
+    for k in (1, 4, 7):
+        sampler = PruningSampler(vllm_engine, params, rule, stream_interval=k, progress=False)
+        assert sampler.mode == ("streaming" if k == 1 else f"streaming (every {k} tokens)")
+        live = list(sampler.sample(problems, 12, seed=2))
+        got = [(r.problem_id, c.index, c.pruned_at) for r in live for c in r.candidates]
+        assert got == [(p.problem_id, t.index, t.pruned_at) for p in rep.problems for t in p.traces]
+        discarded = 0
+        for r in live:
+            for c in r.candidates:
+                whole = length[(r.problem_id, c.index)]
+                if c.pruned_at is None:
+                    assert c.completion == whole
+                    continue
+                t = c.pruned_at
+                assert c.completion.token_ids == whole.token_ids[:t]
+                # the chunk holding token t ends at 1 + k * ceil((t - 1) / k), or the trace's end
+                end = min(1 + k * math.ceil((t - 1) / k), whole.num_tokens)
+                assert c.completion.discarded_tokens == end - t
+                discarded += end - t
+        assert sum(r.generated_tokens for r in live) == rep.tokens + discarded
+        assert (discarded > 0) is (k > 1)
+
+
+def test_pruning_in_chunks_shards_into_one_run_and_accounts_every_token(vllm_engine, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two shards of a chunk-streamed pruning run on vLLM, one run directory: the same traces,
+    fates and tokens as the whole run in memory; the run's accounting, trace log and manifest
+    hold every generated token (discarded chunk tails included) and say how traces streamed."""
+    import json
+
+    from ttscale.samplers.pruning import PruningSampler
+    from ttscale.store import SampleStore
+    from ttscale.types import Problem
+
+    problems = [Problem(id=f"s{i}", prompt=f"{i} * 3 =") for i in range(4)]
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=4, logprobs=0)
+    spec = "lowprob:threshold=-3.6,min_tokens=3"
+
+    def sampler() -> PruningSampler:
+        return PruningSampler(vllm_engine, params, spec, stream_interval=4, progress=False)
+
+    whole = list(sampler().sample(problems, 8, seed=4))
+    store = SampleStore.create(tmp_path / "run", {"model": "tiny"})
+    for i in range(2):
+        list(sampler().sample(problems, 8, seed=4, sink=SampleStore.open(store.path), shard=(i, 2)))
+    run = SampleStore.open(store.path)
+    got = {(s.problem_id, s.index): (s.text, s.fate, s.pruned_at) for s in run.samples()}
+    want = {(r.problem_id, c.index): (c.completion.text, c.fate.value, c.pruned_at)
+            for r in whole for c in r.candidates}  # fmt: skip
+    assert got == want
+    total = sum(r.generated_tokens for r in whole)
+    discarded = sum(c.completion.discarded_tokens for r in whole for c in r.candidates)
+    assert discarded > 0 and any(c.pruned_at is None for r in whole for c in r.candidates)
+    assert run.accounting()["generated_tokens"] == total
+    lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
+    assert sum(x["tokens"] for x in lines) == total == run.manifest["pruning"]["generated_tokens"]
+    info = run.manifest["pruning"]
+    assert (info["mode"], info["stream_interval"]) == ("streaming (every 4 tokens)", 4)
+
+
 def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type: ignore[no-untyped-def]
     """Requests join the running engine at different times and come back as generate's."""
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=5, logprobs=0)

@@ -193,6 +193,12 @@ class GenerationRequest:
     ``step_seed(params.seed, problem_id, index, step)`` (step 0 is today's ``sample_seed``).
     ``max_tokens``: this request's token cap in place of ``params.max_tokens`` (a step-wise
     sampler's particles near their length limit share one call with the others).
+    ``stream_interval``: with ``on_token``, the engine may hand this request's tokens over in
+    chunks of up to this many (vLLM's per-request ``stream_interval``: fewer outputs and
+    callbacks per token). Every token still gets its own event, in order; a trace aborted inside
+    a chunk ends at the aborting token as always, and the rest of the chunk (generated, never
+    seen by the caller) is counted in its :attr:`Completion.discarded_tokens`. Engines that
+    stream token by token ignore it.
     """
 
     problem_id: str
@@ -206,6 +212,7 @@ class GenerationRequest:
     prefix_token_ids: tuple[int, ...] = ()
     step: int = 0
     max_tokens: int | None = None
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_token_ids))
@@ -231,6 +238,12 @@ class GenerationRequest:
             or self.max_tokens < 1
         ):
             raise ConfigError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        if (
+            isinstance(self.stream_interval, bool)
+            or not isinstance(self.stream_interval, int)
+            or self.stream_interval < 1
+        ):
+            raise ConfigError(f"stream_interval must be an int >= 1, got {self.stream_interval!r}")
         object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
         if not self.indices:
             raise ConfigError("a GenerationRequest needs at least one sample index")
@@ -292,7 +305,9 @@ class TokenEvent:
 #: Returning ``True`` aborts *that trace only*: its completion ends with this token (kept in
 #: ``token_ids``, text and log-probabilities), ``finish_reason == "abort"``, and no further
 #: callback is made for it; every other trace of the batch continues exactly as if nothing had
-#: happened (same tokens, same seeds). ``None``/``False`` continues.
+#: happened (same tokens, same seeds). ``None``/``False`` continues. A request with
+#: ``stream_interval`` > 1 may arrive in chunks: the events of a chunk come one by one as before,
+#: and the tokens of the chunk after an aborting one were generated anyway (``discarded_tokens``).
 TokenCallback = Callable[[TokenEvent], bool | None]
 
 

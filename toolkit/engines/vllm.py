@@ -20,7 +20,10 @@ Capabilities (``engine.capabilities``): all of them.
 * ``streaming``: the calls drive ``LLMEngine.step`` themselves (the engine core runs in this
   process or behind vLLM's client); with ``on_token`` each sample is its own ``n=1`` request with
   ``DELTA`` outputs, and an abort is ``LLMEngine.abort_request`` of that request between two
-  steps, which leaves the other requests of the batch untouched.
+  steps, which leaves the other requests of the batch untouched. A request's
+  ``stream_interval`` becomes vLLM's per-request ``stream_interval`` (tokens handed over in
+  chunks; each still gets its event, and the tokens of a chunk past an abort are counted as
+  discarded).
 * log-probability modes: vLLM's ``logprobs_mode`` is an engine-wide setting (one request cannot
   return both). ``raw_logprobs`` (the default): completions carry the raw log-probabilities as
   ``token_logprobs`` and ``target_logprobs``; only ``raw_logprobs`` is declared.
@@ -384,7 +387,7 @@ class VLLMEngine:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def _sampling_params(
-        self, params: SamplingParams, n: int, seed: int, *, stream: bool = False
+        self, params: SamplingParams, n: int, seed: int, *, stream: bool = False, interval: int = 1
     ) -> Any:
         sp = self._vllm.SamplingParams(
             n=n,
@@ -400,6 +403,10 @@ class VLLMEngine:
             logprobs=params.logprobs,
         )
         sp.output_kind = self._output_kind("DELTA" if stream else "FINAL_ONLY")
+        if stream and interval > 1 and hasattr(sp, "stream_interval"):
+            # vLLM then hands a streamed request's tokens over every ``interval`` tokens (and at
+            # its first and last): one output and one handler call per chunk, not per token
+            sp.stream_interval = interval
         _own(sp)
         return sp
 
@@ -450,7 +457,9 @@ class VLLMEngine:
                             self._final_handler(loop, collector, pos, start, n, ids, params),
                         )
                     else:
-                        sp = self._sampling_params(rp, 1, seeds[start], stream=True)
+                        sp = self._sampling_params(
+                            rp, 1, seeds[start], stream=True, interval=req.stream_interval
+                        )
                         stream = _Stream(pos, start, req.indices[start])
                         loop.add(
                             ids,
@@ -514,21 +523,27 @@ class VLLMEngine:
     ) -> Any:
         req = collector.requests[st.pos]
         want_lp = params.logprobs is not None
+        want_top = bool(params.logprobs)  # logprobs=0: the sampled token's alone, no top map
         onehot = self._onehot(params)
 
         def handle(output: Any) -> str | None:
             (o,) = output.outputs
-            if output.prompt_token_ids:
+            if st.prompt is None and output.prompt_token_ids:
                 st.prompt = list(output.prompt_token_ids)
             new = [int(t) for t in o.token_ids]
-            lps, tops = _logprob_rows(o.logprobs, new, onehot) if want_lp else (None, None)
+            lps, tops = (
+                _logprob_rows(o.logprobs, new, onehot, tops=want_top) if want_lp else (None, None)
+            )
             st.text += o.text or ""
+            # a chunk (the request's stream_interval) is watched token by token, as one token
+            end = len(new) - 1 if output.finished else -1
             for k, tok in enumerate(new):
                 st.tokens.append(tok)
-                if lps is not None and tops is not None:
+                if lps is not None:
                     st.lps.append(lps[k])
+                if tops is not None:
                     st.tops.append(tops[k])
-                last = bool(output.finished) and k == len(new) - 1
+                last = k == end
                 event = TokenEvent(
                     request=st.pos,
                     slot=st.slot,
@@ -536,10 +551,11 @@ class VLLMEngine:
                     token_id=tok,
                     num_tokens=len(st.tokens),
                     logprob=lps[k] if lps is not None else None,
-                    top=tops[k] if tops is not None and params.logprobs else None,
+                    top=tops[k] if tops is not None else None,
                     finished=last,
                 )
                 if on_token(event) and not last:
+                    # the rest of the chunk was generated, never shown: counted, not kept
                     st.discarded = len(new) - k - 1
                     return "abort"
             return None
@@ -562,7 +578,7 @@ class VLLMEngine:
                 text=text,
                 token_ids=st.tokens,
                 token_lps=lps,
-                tops=st.tops if lps is not None else None,
+                tops=st.tops if want_top else None,
                 finish_reason=finish,
                 stop_reason=stop_reason,
                 prompt_ids=prompt,
@@ -841,7 +857,9 @@ class _VLLMLoop:
                 sp = eng._sampling_params(rp, n, seeds[start])
                 handler = eng._final_handler(self.steps, collector, 0, start, n, ids, params)
             else:
-                sp = eng._sampling_params(rp, 1, seeds[start], stream=True)
+                sp = eng._sampling_params(
+                    rp, 1, seeds[start], stream=True, interval=request.stream_interval
+                )
                 stream = _Stream(0, start, request.indices[start])
                 handler = eng._delta_handler(self.steps, collector, stream, ids, params, on_token)
             rids.append(self.steps.add(ids, sp, handler, priority if self.priorities else 0))
@@ -925,9 +943,10 @@ def _messages_key(messages: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
 
 
 def _logprob_rows(
-    rows: Any, token_ids: Sequence[int], onehot: bool = False
-) -> tuple[list[float], list[dict[int, float]]] | tuple[None, None]:
-    """vLLM's per-position ``{token: Logprob}`` -> sampled-token log-probs and top maps.
+    rows: Any, token_ids: Sequence[int], onehot: bool = False, *, tops: bool = True
+) -> tuple[list[float] | None, list[dict[int, float]] | None]:
+    """vLLM's per-position ``{token: Logprob}`` -> sampled-token log-probs and top maps
+    (``tops=False``: no top maps, ``None``; a streamed trace with ``logprobs=0`` reads none).
 
     ``onehot``: the distribution is a point mass on the sampled token (greedy decoding in
     ``processed_logprobs`` mode, where vLLM reports the untempered values instead).
@@ -935,17 +954,19 @@ def _logprob_rows(
     if rows is None:
         return None, None
     lps: list[float] = []
-    tops: list[dict[int, float]] = []
+    maps: list[dict[int, float]] = []
     for t, tok in enumerate(token_ids):
         pos = rows[t] or {}
         if onehot:
             lps.append(0.0)
-            tops.append({int(k): 0.0 if int(k) == tok else -math.inf for k in pos} | {tok: 0.0})
+            if tops:
+                maps.append({int(k): 0.0 if int(k) == tok else -math.inf for k in pos} | {tok: 0.0})
             continue
         entry = pos.get(tok)
         lps.append(float(entry.logprob) if entry is not None else -math.inf)
-        tops.append({int(k): float(v.logprob) for k, v in pos.items()})
-    return lps, tops
+        if tops:
+            maps.append({int(k): float(v.logprob) for k, v in pos.items()})
+    return lps, (maps if tops else None)
 
 
 def _prompt_logprobs(output: Any, n_ctx: int, tokens: Sequence[int]) -> tuple[float, ...]:
@@ -1011,7 +1032,7 @@ def _to_completion(
     """One finished vLLM ``CompletionOutput`` -> :class:`Completion` (plain Python values only)."""
     token_ids = [int(t) for t in o.token_ids]
     lps, tops = (
-        _logprob_rows(o.logprobs, token_ids, onehot)
+        _logprob_rows(o.logprobs, token_ids, onehot, tops=bool(params.logprobs))
         if params.logprobs is not None
         else (None, None)
     )
