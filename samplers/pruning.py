@@ -1020,11 +1020,12 @@ class PruningSampler:
 
     @property
     def mode(self) -> str:
-        """``"streaming"``, ``"streaming (every N tokens)"`` (``stream_interval``) or ``"chunked
-        (N tokens)"``: how traces are watched."""
+        """``"streaming"``, ``"streaming, in chunks of up to N tokens"`` (``stream_interval``;
+        an engine that streams token by token hands over one at a time) or ``"chunked (N
+        tokens)"``: how traces are watched."""
         if self.streams:
             k = self.stream_interval
-            return "streaming" if k == 1 else f"streaming (every {k} tokens)"
+            return "streaming" if k == 1 else f"streaming, in chunks of up to {k} tokens"
         return f"chunked ({self.chunk_tokens or 64} tokens)"
 
     def sample(

@@ -20,7 +20,7 @@ RULE = "lowprob:threshold=-3.2,min_tokens=4"
 def test_sample_prune_records_and_equals_replay_of_the_unpruned_run(tmp_path: Path) -> None:
     r = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--prune", RULE, "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
-    assert "pruning traces with lowprob:threshold=-3.2,min_tokens=4 (streaming)" in r.output
+    assert "pruning traces with lowprob:threshold=-3.2,min_tokens=4 (streaming, in chunks of up to 4 tokens)" in r.output
     r2 = runner.invoke(app, ["sample", *SCRIPTED, *SMALL, "--out", str(tmp_path / "full")])
     assert r2.exit_code == 0, r2.output
     live = SampleStore.open(tmp_path / "p")

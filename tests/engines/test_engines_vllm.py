@@ -369,7 +369,7 @@ def test_pruning_in_streamed_chunks_equals_replay_and_counts_every_token(vllm_en
     length = {(c.problem_id, c.index): c for c in full}
     for k in (1, 4, 7):
         sampler = PruningSampler(vllm_engine, params, rule, stream_interval=k, progress=False)
-        assert sampler.mode == ("streaming" if k == 1 else f"streaming (every {k} tokens)")
+        assert sampler.mode == ("streaming" if k == 1 else f"streaming, in chunks of up to {k} tokens")
         live = list(sampler.sample(problems, 12, seed=2))
         got = [(r.problem_id, c.index, c.pruned_at) for r in live for c in r.candidates]
         assert got == [(p.problem_id, t.index, t.pruned_at) for p in rep.problems for t in p.traces]
@@ -423,7 +423,7 @@ def test_pruning_in_chunks_shards_into_one_run_and_accounts_every_token(vllm_eng
     lines = [json.loads(x) for x in (run.path / "pruning.jsonl").read_text().splitlines()]
     assert sum(x["tokens"] for x in lines) == total == run.manifest["pruning"]["generated_tokens"]
     info = run.manifest["pruning"]
-    assert (info["mode"], info["stream_interval"]) == ("streaming (every 4 tokens)", 4)
+    assert (info["mode"], info["stream_interval"]) == ("streaming, in chunks of up to 4 tokens", 4)
 
 
 def test_engine_loop_returns_what_generate_returns(vllm_engine) -> None:  # type: ignore[no-untyped-def]
