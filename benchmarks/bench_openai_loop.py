@@ -95,7 +95,7 @@ def part(engines: dict[str, Any], args: argparse.Namespace, stepwise: bool) -> d
         order = list(arms) if r % 2 == 0 else list(reversed(arms))
         got = {}
         for key in order:
-            wall, tokens, _, _ = _timed(arms[key](), problems, args.n, args.seed)
+            wall, tokens, _, _, _ = _timed(arms[key](), problems, args.n, args.seed)
             got[key] = {"wall_s": wall, "tokens": tokens, "tps": tokens / wall}
         for (mode, name), x in got.items():
             base = got[(mode, "repeated")]
