@@ -14,6 +14,7 @@ from fakeopenai import FakeServer
 from ttscale.engines import GenerationRequest
 from ttscale.engines.loop import BatchLoop, EngineLoop, LoopFailure, open_loop
 from ttscale.engines.openai import OpenAIEngine
+from ttscale.errors import ConfigError
 from ttscale.samplers import AdaptiveSampler, PruningSampler, RepeatedSampler
 from ttscale.seeding import sample_seed
 from ttscale.testing import check_engine
@@ -81,6 +82,28 @@ def test_the_loop_passes_the_engine_contract(fake) -> None:  # type: ignore[no-u
         assert check_engine(eng, only=("loop",)) == ["loop"]
         eng.close()
         assert eng._runtime is None
+
+
+def test_loop_batch_chooses_the_batch_fallback(fake) -> None:  # type: ignore[no-untyped-def]
+    """``loop="batch"``: each poll one blocking ``generate`` of what is pending; the same
+    samples as the asyncio loop, said in the engine's info; a wrong value is refused."""
+    s = fake()
+    reqs = [GenerationRequest("a", prompt="A", indices=(0, 1, 2)), GenerationRequest("b", prompt="B", indices=(4,))]
+    outs = []
+    for mode in ("async", "batch"):
+        eng = _engine(s.url, loop=mode)
+        assert eng.info()["loop"] == mode
+        loop = eng.open_loop(P)
+        assert isinstance(loop, BatchLoop) == (mode == "batch")
+        tickets = [loop.submit(r) for r in reqs]
+        got: dict[int, list[Completion]] = {}
+        _drain(loop, got)
+        outs.append([[c.text for c in got[t]] for t in tickets])
+        loop.close()
+        eng.close()
+    assert outs[0] == outs[1] == [[_text("a", i) for i in (0, 1, 2)], [_text("b", 4)]]
+    with pytest.raises(ConfigError, match="loop must be 'async' or 'batch'"):
+        _engine(s.url, loop="threads")
 
 
 def test_the_loop_returns_what_generate_returns(fake) -> None:  # type: ignore[no-untyped-def]

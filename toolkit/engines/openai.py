@@ -269,7 +269,12 @@ class OpenAIEngine:
     ``token_ids=True`` asks vLLM for token ids; ``vllm_extras=True`` sends vLLM's sampling fields
     (``top_k``, ``min_p``, ``min_tokens``, ``include_stop_str_in_output``) where they are not
     defaults. ``logprob_mode`` records what the server reports (vLLM's default is raw).
-    ``transport`` is an ``httpx`` transport for tests.
+    ``transport`` is an ``httpx`` transport for tests. ``loop``: how :meth:`open_loop` drives
+    the server: ``"async"`` (default) sends each request's calls as it is submitted, from one
+    asyncio thread; ``"batch"`` gathers what is pending at each poll into one blocking
+    :meth:`generate` (a thread per call). Samples are the same either way; on a server that
+    shares its CPUs with the client, step-wise samplers (SMC, beam, DVTS) ran faster with
+    ``"batch"`` (benchmarks/RESULTS.md, issue 16).
     """
 
     name = "openai"
@@ -295,6 +300,7 @@ class OpenAIEngine:
         transport: Any = None,
         token_prompts: bool | Literal["auto"] = False,
         tokenizer: Any = None,
+        loop: Literal["async", "batch"] = "async",
     ) -> None:
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls or not all(
@@ -355,6 +361,9 @@ class OpenAIEngine:
         elif not isinstance(token_prompts, bool):
             raise ConfigError(f"token_prompts must be True, False or 'auto', got {token_prompts!r}")
         self.token_prompts = token_prompts
+        if loop not in ("async", "batch"):
+            raise ConfigError(f"loop must be 'async' or 'batch', got {loop!r}")
+        self.loop = loop
         # processed mode + scoring: the raw (target) log-probs come from scoring the tokens
         self._both = token_prompts and logprob_mode == "processed_logprobs"
         modes = {logprob_mode, "raw_logprobs"} if self._both else {logprob_mode}
@@ -1003,6 +1012,7 @@ class OpenAIEngine:
             "base_urls": list(self.base_urls),
             "logprob_mode": self.logprob_mode,
             "chat": self.chat,
+            "loop": self.loop,
         }
 
     # -- the engine loop --------------------------------------------------------------------------
@@ -1016,9 +1026,11 @@ class OpenAIEngine:
         call never starts, a call in flight closes its connection (a vLLM server aborts the
         request) and its retries stop. The calls run on one asyncio thread with one
         ``httpx.AsyncClient`` (one connection pool) shared by the engine's loops. An engine
-        built with a test ``transport=`` that is not async gets the batch fallback."""
-        if self._transport is not None and not isinstance(
-            self._transport, self._httpx.AsyncBaseTransport
+        built with a test ``transport=`` that is not async, or with ``loop="batch"``, gets the
+        batch fallback (:class:`~ttscale.engines.loop.BatchLoop`)."""
+        if self.loop == "batch" or (
+            self._transport is not None
+            and not isinstance(self._transport, self._httpx.AsyncBaseTransport)
         ):
             return BatchLoop(self, params)
         return _OpenAILoop(self, params)
