@@ -474,7 +474,9 @@ class _Batch:
         used = 0 if s is None else s.end - s.start
         end = max(used, left)
         n_rows = rows if s is None else max(rows, s.rows if rows <= s.rows else 2 * s.rows)
-        n_cols = end + right if s is None else max(s.columns, end + right)
+        # once it must change, room for twice ``right``: joining rows reserve their whole cap,
+        # so an exact fit would be copied again at almost every admission
+        n_cols = end + right if s is None else max(s.columns, end + 2 * right)
         if s is None or n_rows > s.rows or n_cols > s.columns:
             refs = [layer.keys for layer in like.layers] if s is None else s.keys
             shapes = [(n_rows, r.shape[1], n_cols, r.shape[3]) for r in refs]
