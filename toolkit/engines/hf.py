@@ -906,7 +906,8 @@ class HFEngine:
     ) -> _HFLoop:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
-        prefilled together, each distinct prompt once, and merged into the running cache), rows
+        prefilled together, each distinct prompt once, and written into free slots of the
+        running cache, :class:`_Slots`), rows
         leave it as they end, and a request comes back as soon as its last sample ended. A
         sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
         the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
@@ -921,7 +922,7 @@ class HFEngine:
         Admission: samples submitted while the batch runs join it together, before the step at
         which they are at least ``admit_share`` of its live rows or the oldest has waited
         ``admit_wait`` steps (at once when the batch is empty): each admission costs a prefill
-        forward and a copy of the cache, so one per group rather than one per poll. Which step
+        forward and a copy of the new rows into the cache, so one per group rather than one per poll. Which step
         a sample joins at does not change what it draws."""
         return _HFLoop(self, params, prefix_reuse, admit_share, admit_wait)
 
@@ -1155,7 +1156,7 @@ class _HFLoop:
             )
         self.engine = engine
         self.params = params
-        # Admitting rows costs a prefill forward and a copy of the running cache, about as much
+        # Admitting rows costs a prefill forward and writing the rows into the cache, about as much
         # as a decoding step of the whole batch on a small model; step-wise samplers submit a
         # few rows at almost every poll, so rows that arrive while a batch runs are gathered
         # and join together (a row waits at most admit_wait steps: never starved)
