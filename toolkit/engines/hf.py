@@ -907,8 +907,8 @@ class HFEngine:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
         prefilled together, each distinct prompt once, and written into free slots of the
-        running cache, :class:`_Slots`), rows
-        leave it as they end, and a request comes back as soon as its last sample ended. A
+        running cache, :class:`_Slots`), rows leave it as they end, and a request comes back as
+        soon as its last sample ended. A
         sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
         the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
         together; further samples wait in a queue.
@@ -922,8 +922,8 @@ class HFEngine:
         Admission: samples submitted while the batch runs join it together, before the step at
         which they are at least ``admit_share`` of its live rows or the oldest has waited
         ``admit_wait`` steps (at once when the batch is empty): each admission costs a prefill
-        forward and a copy of the new rows into the cache, so one per group rather than one per poll. Which step
-        a sample joins at does not change what it draws."""
+        forward and a copy of the new rows into the cache, so one per group rather than one per
+        poll. Which step a sample joins at does not change what it draws."""
         return _HFLoop(self, params, prefix_reuse, admit_share, admit_wait)
 
     def decode(self, token_ids: Sequence[int]) -> str:
