@@ -455,3 +455,27 @@ def test_rows_queued_while_a_batch_runs_join_together_and_a_lone_one_within_admi
     eager.close()
     with pytest.raises(ConfigError, match="admit_wait"):
         hf.open_loop(params, admit_wait=-1)
+
+
+def test_a_joining_row_takes_a_freed_slot_and_the_cache_moves_when_full(hf: HFEngine) -> None:
+    """Rows leave and later rows are written into their slots (no merge copy); a long run
+    reaches the cache's right edge and moves its columns; samples stay generate's."""
+    params = SamplingParams(temperature=1.0, max_tokens=40, seed=11, logprobs=1)
+    short = GenerationRequest("s", prompt="Ab", indices=(0, 1), max_tokens=3)
+    long = GenerationRequest("l", prompt="Hello there", indices=(0,), max_tokens=40, step=1)
+    later = [GenerationRequest(f"j{k}", prompt="Xy" * (k + 1), indices=(k,)) for k in range(2)]
+    want = hf.generate([short, long, *later], params)
+    loop = hf.open_loop(params, admit_share=0, admit_wait=0)
+    got: dict[int, list[Completion]] = {}
+    tickets = [loop.submit(short), loop.submit(long)]
+    # the short rows end after 3 tokens: their two slots free up
+    loop.poll(lambda t, comps: got.__setitem__(t, comps))
+    assert tickets[0] in got and loop._batch.live == 1 and len(loop._batch.rows) == 3
+    tickets += [loop.submit(r) for r in later]
+    loop.poll(lambda t, comps: got.__setitem__(t, comps), max_steps=1)
+    assert len(loop._batch.rows) == 3 and loop._batch.live == 3  # the freed slots, reused
+    _drain(loop, got)
+    assert loop._batch.relayouts >= 1  # the joining rows' headroom: the cache moved or grew
+    for t, w in zip(tickets, want, strict=True):
+        for g, c in zip(got[t], w, strict=True):
+            _same(g, c)

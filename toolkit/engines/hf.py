@@ -19,6 +19,7 @@ per-trace abort (``on_token`` is checked per row at every decoding step).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -215,14 +216,82 @@ class _PrefixStore:
         self._columns = 0
 
 
+class _Slots:
+    """Our own KV cache for a running batch: per layer one preallocated ``(rows, heads, columns,
+    dim)`` tensor of keys and one of values, and the ``(rows, columns)`` attention mask.
+
+    Every row's tokens end at column :attr:`end` (right-aligned; masked columns before and
+    between them), and a decoding step writes each row's new keys and values in place at that
+    column: a step copies nothing (``DynamicCache`` concatenates the whole cache at every step),
+    a row that joins is written into a free slot (one a row left) instead of a merged copy of
+    the batch, and the model attends only to the columns from :attr:`start`, the first one a
+    live row uses. The tensors are copied only to grow, or to move the used columns back to
+    the left when the right edge is reached (:meth:`_Batch._fit`). Allocated zeroed: a slot's
+    stale columns are masked, and masked finite values weigh exactly zero."""
+
+    def __init__(self, keys: list[Any], values: list[Any], mask: Any) -> None:
+        self.keys, self.values, self.mask = keys, values, mask
+        self.start = 0  # the first column a live row uses
+        self.end = 0  # the column the next decoding step writes
+
+    @property
+    def rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.mask.shape[1])
+
+    def write(self, layer: int, keys: Any, values: Any) -> tuple[Any, Any]:
+        """A forward's new keys and values of ``layer``, at :attr:`end`; what it attends to."""
+        q, b = keys.shape[2], keys.shape[0]
+        k, v = self.keys[layer], self.values[layer]
+        k[:b, :, self.end : self.end + q] = keys
+        v[:b, :, self.end : self.end + q] = values
+        return k[:b, :, self.start : self.end + q], v[:b, :, self.start : self.end + q]
+
+
+@functools.cache
+def _slot_layer_class() -> Any:
+    from transformers.cache_utils import DynamicLayer
+
+    class _SlotLayer(DynamicLayer):  # type: ignore[misc]
+        """One attention layer's view of :class:`_Slots` for the model's forward: ``update``
+        writes in place, and the past length the mask builder reads is ``end - start``."""
+
+        def __init__(self, slots: _Slots, layer: int) -> None:
+            super().__init__()
+            self.slots, self.layer = slots, layer
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+            self.keys, self.values = self.slots.write(self.layer, key_states, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.slots.end - self.slots.start
+
+    return _SlotLayer
+
+
+def _plain_cache(cache: Any) -> bool:
+    """Whether every layer of a model's cache is a plain full-attention ``DynamicLayer`` (what
+    :class:`_Slots` stands in for; sliding-window or other layers keep the model's own)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers: list[Any] = list(getattr(cache, "layers", None) or ())
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class _Batch:
     """Rows decoded together, for ``generate`` (one batch at a time) and the engine loop (one
     batch that rows join and leave between steps).
 
-    State: the rows (``None`` where a row finished or was aborted: it stays, its outputs
-    ignored, until compacted), their KV cache (``DynamicCache``; each row's tokens right-aligned,
-    left-padded with masked zeros), the attention mask, each row's next position id, and the
-    logits of each row's next token (sampled by the next :meth:`step`).
+    State: the rows, one per slot of the KV cache (``None`` where a row finished or was aborted:
+    the slot is free, its outputs ignored, until a joining row takes it or the batch is
+    compacted), the cache (:class:`_Slots`; for a model whose cache layers are not plain, the
+    model's own ``DynamicCache``, with which rows cannot join a running batch), each row's next
+    position id, and the logits of each row's next token (sampled by the next :meth:`step`).
     """
 
     def __init__(self, engine: HFEngine, prefixes: _PrefixStore | None = None) -> None:
@@ -230,22 +299,37 @@ class _Batch:
         #: where rows that end at a stop string or a cap leave their KV cache (the loop's)
         self.prefixes = prefixes
         self.rows: list[_Row | None] = []
-        self.cache: Any = None
-        self.mask: Any = None
+        self.slots: _Slots | None = None
+        self.cache: Any = None  # what the model's forward gets as past_key_values
+        self.first: list[int] = []  # per slot: the first column its row uses
+        self.own_mask: Any = None  # the attention mask, with the model's own cache
         self.next_pos: Any = None
         self.logits: Any = None
+        #: cache copies made to grow or move the columns, and row compactions (tests read them)
+        self.relayouts = 0
+        self.compactions = 0
 
     @property
     def live(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    @property
+    def mask(self) -> Any:
+        """The attention mask of the rows in use, from the first column a live row uses."""
+        if self.slots is None:
+            return self.own_mask
+        s = self.slots
+        return s.mask[: len(self.rows), s.start : s.end]
+
     def clear(self) -> None:
-        self.rows, self.cache, self.mask, self.next_pos, self.logits = [], None, None, None, None
+        self.rows, self.slots, self.cache, self.first = [], None, None, []
+        self.own_mask, self.next_pos, self.logits = None, None, None
 
     def admit(self, rows: Sequence[_Row]) -> None:
         """Prefill ``rows``' prompts (each distinct prompt once; its cache rows are repeated for
-        its samples) and add the rows to the batch. With :attr:`prefixes`, a prompt that extends
-        a stored prefix prefills only the tokens after it."""
+        its samples) and add the rows to the batch, in free slots first. With
+        :attr:`prefixes`, a prompt that extends a stored prefix prefills only the tokens after
+        it."""
         fresh: list[_Row] = []
         reused: list[_Row] = []
         past: dict[tuple[int, ...], _Prefix] = {}
@@ -259,18 +343,30 @@ class _Batch:
                 reused.append(r)
         for group in (fresh, reused):
             if group:
-                cache, mask, logits = self._prefill(group, past)
-                if self.cache is None or not self.live:
-                    self.rows, self.cache, self.mask = list(group), cache, mask
-                    self.next_pos, self.logits = mask.sum(dim=1), logits
+                cache, mask, logits, expand = self._prefill(group, past)
+                if self.cache is not None and not self.live:
+                    self.clear()
+                if self.cache is None and not _plain_cache(cache):
+                    cache.batch_select_indices(expand)
+                    self.rows, self.cache = list(group), cache
+                    self.own_mask = mask.index_select(0, expand)
+                    self.next_pos = self.own_mask.sum(dim=1)
+                    self.logits = logits.index_select(0, expand)
+                elif self.slots is None and self.cache is not None:
+                    raise EngineError(
+                        "the hf engine loop needs a plain KV cache; "
+                        f"{type(self.cache.layers[0]).__name__} layers cannot join a running "
+                        "batch (use generate, or another engine)"
+                    )
                 else:
-                    self._merge(list(group), cache, mask, logits)
+                    self._place(group, cache, mask, logits, expand)
 
     def _prefill(
         self, rows: Sequence[_Row], past: dict[tuple[int, ...], _Prefix]
-    ) -> tuple[Any, Any, Any]:
+    ) -> tuple[Any, Any, Any, Any]:
         """One forward over the distinct prompts of ``rows`` (after their stored prefix, where
-        ``past`` has one): their cache, attention mask and next-token logits, one per row."""
+        ``past`` has one): their cache, attention mask and next-token logits, one per distinct
+        prompt, and for each row the index of its prompt."""
         torch = _import_torch()
         from transformers import DynamicCache
 
@@ -324,66 +420,119 @@ class _Batch:
             out = eng.model(**prefill, logits_to_keep=1)
         except TypeError:  # models whose forward has no logits_to_keep
             out = eng.model(**prefill)
-        cache = out.past_key_values
         expand = torch.tensor([distinct[tuple(r.prompt)] for r in rows], device=dev)
-        cache.batch_select_indices(expand)
-        return cache, mask.index_select(0, expand), out.logits[:, -1, :].index_select(0, expand)
+        return out.past_key_values, mask, out.logits[:, -1, :], expand
 
-    def _keep(self) -> tuple[Any, int]:
-        """Indices of the live rows and the first column any of them uses."""
+    def _place(self, rows: list[_Row], cache: Any, mask: Any, logits: Any, expand: Any) -> None:
+        """Write prefilled ``rows`` (their distinct prompts' ``cache``, ``mask`` and ``logits``,
+        ``expand`` picking each row's) into free slots, then new ones: each ends at the
+        running rows' last column. Copies only the new rows, unless the cache must grow."""
         torch = _import_torch()
-        keep = torch.tensor(
-            [b for b, r in enumerate(self.rows) if r is not None], device=self.mask.device
-        )
-        # a row's tokens start at its first unmasked column (a row that extended a stored
-        # prefix may have masked columns between the prefix and the rest of its prompt)
-        first = self.mask.index_select(0, keep).argmax(dim=1)
-        return keep, int(first.min())
+        n, width = len(rows), int(mask.shape[1])
+        free = [b for b, r in enumerate(self.rows) if r is None][:n]
+        used = len(self.rows)
+        at = free + list(range(used, used + n - len(free)))
+        # room: rows up to the last slot taken, ``width`` columns left of the end, and as many
+        # right of it as the longest of the new rows may still generate
+        self._fit(max(at) + 1, width, max(r.cap for r in rows) + 1, cache)
+        s = self.slots
+        assert s is not None
+        dev = s.mask.device
+        idx = torch.tensor(at, device=dev)
+        left = s.end - width
+        for layer, (k, v) in enumerate(zip(s.keys, s.values, strict=True)):
+            src = cache.layers[layer]
+            k[idx, :, left : s.end] = src.keys.index_select(0, expand)
+            v[idx, :, left : s.end] = src.values.index_select(0, expand)
+        rm = mask.index_select(0, expand)
+        s.mask[idx] = 0
+        s.mask[idx, left : s.end] = rm
+        starts = (left + rm.argmax(dim=1)).tolist()
+        grow = len(at) - len(free)
+        self.rows.extend([None] * grow)
+        self.first.extend([0] * grow)
+        if grow:
+            pad = torch.zeros(grow, dtype=torch.long, device=dev)
+            self.next_pos = pad if self.next_pos is None else torch.cat([self.next_pos, pad])
+            room = logits.new_zeros((grow, logits.shape[1]))
+            self.logits = room if self.logits is None else torch.cat([self.logits, room])
+        self.next_pos[idx] = rm.sum(dim=1)
+        self.logits[idx] = logits.index_select(0, expand)
+        for b, row, f in zip(at, rows, starts, strict=True):
+            self.rows[b], self.first[b] = row, f
+        s.start = min(self.first[b] for b, r in enumerate(self.rows) if r is not None)
 
-    def _merge(self, rows: list[_Row], cache: Any, mask: Any, logits: Any) -> None:
-        """Add prefilled ``rows`` to the running batch in one copy of the cache: finished rows
-        and padding columns no live row uses are dropped, then the shorter side is left-padded
-        along the sequence axis and the two are stacked on the batch axis."""
+    def _fit(self, rows: int, left: int, right: int, like: Any = None) -> None:
+        """Make the cache hold ``rows`` slots, ``left`` columns up to :attr:`_Slots.end` and
+        ``right`` from it: nothing if it does, else one copy of the used columns into new
+        tensors (to grow) or to the left of the same ones. ``like``: a prefill's cache, for
+        the shapes of the first allocation."""
         torch = _import_torch()
-        from transformers.cache_utils import DynamicLayer
+        s = self.slots
+        if s is not None and rows <= s.rows and left <= s.end and s.end + right <= s.columns:
+            return
+        used = 0 if s is None else s.end - s.start
+        end = max(used, left)
+        n_rows = rows if s is None else max(rows, s.rows if rows <= s.rows else 2 * s.rows)
+        # once it must change, room for twice ``right``: joining rows reserve their whole cap,
+        # so an exact fit would be copied again at almost every admission
+        n_cols = end + right if s is None else max(s.columns, end + 2 * right)
+        if s is None or n_rows > s.rows or n_cols > s.columns:
+            refs = [layer.keys for layer in like.layers] if s is None else s.keys
+            shapes = [(n_rows, r.shape[1], n_cols, r.shape[3]) for r in refs]
+            new = _Slots(
+                [r.new_zeros(shape) for r, shape in zip(refs, shapes, strict=True)],
+                [r.new_zeros(shape) for r, shape in zip(refs, shapes, strict=True)],
+                torch.zeros((n_rows, n_cols), dtype=torch.long, device=refs[0].device),
+            )
+        else:
+            new = s  # move the used columns left, within the same tensors
+        if s is not None:
+            b = len(self.rows)
+            self.relayouts += 1
+            for old_t, new_t in zip(s.keys + s.values, new.keys + new.values, strict=True):
+                new_t[:b, :, end - used : end] = old_t[:b, :, s.start : s.end].clone()
+            kept = s.mask[:b, s.start : s.end].clone()
+            if new is s:  # no stale mask outside the moved columns
+                new.mask[:b] = 0
+            new.mask[:b, end - used : end] = kept
+            shift = end - s.end
+            self.first = [f + shift for f in self.first]
+        new.start, new.end = end - used, end
+        self.slots = new
+        self.cache = self._forward_cache(new)
 
-        keep, start = self._keep()
-        n_old, n_new = len(keep), len(rows)
-        w_old, w_new = self.mask.shape[1] - start, mask.shape[1]
-        width = max(w_old, w_new)
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            if type(old) is not DynamicLayer or type(new) is not DynamicLayer:
-                raise EngineError(
-                    f"the hf engine loop needs a plain KV cache; {type(old).__name__} layers "
-                    "cannot join a running batch (use generate, or another engine)"
-                )
-            for name in ("keys", "values"):
-                a, b = getattr(old, name), getattr(new, name)
-                out = a.new_zeros((n_old + n_new, *a.shape[1:2], width, *a.shape[3:]))
-                out[:n_old, :, width - w_old :] = a.index_select(0, keep)[:, :, start:]
-                out[n_old:, :, width - w_new :] = b
-                setattr(old, name, out)
-        m = self.mask.new_zeros((n_old + n_new, width))
-        m[:n_old, width - w_old :] = self.mask.index_select(0, keep)[:, start:]
-        m[n_old:, width - w_new :] = mask
-        self.mask = m
-        self.next_pos = torch.cat([self.next_pos.index_select(0, keep), mask.sum(dim=1)])
-        self.logits = torch.cat([self.logits.index_select(0, keep), logits])
-        self.rows = [r for r in self.rows if r is not None]
-        self.rows.extend(rows)
+    @staticmethod
+    def _forward_cache(slots: _Slots) -> Any:
+        from transformers.cache_utils import Cache
+
+        layer = _slot_layer_class()
+        return Cache(layers=[layer(slots, i) for i in range(len(slots.keys))])
 
     def _compact(self, tokens: Any) -> Any:
-        """Drop finished rows and the padding columns no live row uses; ``tokens`` (one per row)
-        is selected alike and returned."""
-        keep, start = self._keep()
-        self.cache.batch_select_indices(keep)
-        if start:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-        self.mask = self.mask.index_select(0, keep)[:, start:]
-        self.next_pos = self.next_pos.index_select(0, keep)
+        """Move the live rows to the first slots (one copy of their used columns), when at
+        least half the slots are free; ``tokens`` (one per slot) is selected alike and
+        returned. Free slots at the end are dropped without a copy."""
+        torch = _import_torch()
+        while self.rows and self.rows[-1] is None:
+            self.rows.pop()
+            self.first.pop()
+        b = len(self.rows)
+        live = self.live
+        tokens, self.next_pos, self.logits = tokens[:b], self.next_pos[:b], self.logits[:b]
+        if self.slots is None or 2 * live > b or b < 8:
+            return tokens
+        s = self.slots
+        live_slots = [i for i, r in enumerate(self.rows) if r is not None]
+        keep = torch.tensor(live_slots, device=s.mask.device)
+        for t in s.keys + s.values:
+            t[:live, :, s.start : s.end] = t[:b, :, s.start : s.end].index_select(0, keep)
+        s.mask[:live] = s.mask[:b].index_select(0, keep)
+        self.first = [self.first[i] for i in keep.tolist()]
         self.rows = [r for r in self.rows if r is not None]
+        self.next_pos = self.next_pos.index_select(0, keep)
+        self.logits = self.logits.index_select(0, keep)
+        self.compactions += 1
         return tokens.index_select(0, keep)
 
     def drop(self, which: Callable[[_Row], bool]) -> None:
@@ -393,23 +542,27 @@ class _Batch:
                 self.rows[b] = None
         if not self.live:
             self.clear()
+        elif self.slots is not None:
+            self.slots.start = min(self.first[b] for b, r in enumerate(self.rows) if r is not None)
 
     def _store(self, ended: list[tuple[int, _Row]]) -> None:
         """Keep the caches of ``ended`` rows (what was fed: the prompt and every generated token
-        but the last) in :attr:`prefixes`."""
+        but the last) in :attr:`prefixes`: a copy of their used columns."""
         torch = _import_torch()
         assert self.prefixes is not None
-        idx = torch.tensor([b for b, _ in ended], device=self.mask.device)
-        masks = self.mask.index_select(0, idx)
-        first = masks.argmax(dim=1).tolist()
-        keys = [layer.keys.index_select(0, idx) for layer in self.cache.layers]
-        values = [layer.values.index_select(0, idx) for layer in self.cache.layers]
-        budget = int(self.mask.numel())
-        for i, (_, row) in enumerate(ended):
-            f = first[i]
+        s = self.slots
+        if s is None:
+            return  # the model's own cache: no reuse
+        idx = torch.tensor([b for b, _ in ended], device=s.mask.device)
+        lo = min(self.first[b] for b, _ in ended)
+        masks = s.mask[:, lo : s.end].index_select(0, idx)
+        keys = [t[:, :, lo : s.end].index_select(0, idx) for t in s.keys]
+        values = [t[:, :, lo : s.end].index_select(0, idx) for t in s.values]
+        budget = len(self.rows) * (s.end - s.start)
+        for i, (b, row) in enumerate(ended):
+            f = self.first[b] - lo
             fed = tuple(row.prompt) + tuple(row.token_ids[:-1])
-            prefix = _Prefix(len(fed), masks[i, f:], keys, values, i, f)
-            self.prefixes.put(fed, prefix, budget)
+            self.prefixes.put(fed, _Prefix(len(fed), masks[i, f:], keys, values, i, f), budget)
 
     def step(self, params: SamplingParams, finished: Callable[[_Row], None]) -> None:
         """Sample one token for every row from its pending logits, then run the model on them.
@@ -495,26 +648,31 @@ class _Batch:
                 finished(row)
         if ended:
             self._store(ended)
-        live = self.live
-        if not live:
+        if not self.live:
             self.clear()
             return
-        # a finished row stays (its outputs ignored) until a quarter of the rows are finished:
-        # compacting the cache copies every live row's keys and values, which at every step
-        # would cost more than the dead rows
-        if 4 * (len(rows) - live) >= len(rows):
-            tokens = self._compact(tokens)
-        self.mask = torch.cat(
-            [self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=dev)], 1
-        )
+        tokens = self._compact(tokens)
+        b = len(self.rows)
+        if self.slots is not None:
+            self.slots.start = min(f for f, r in zip(self.first, self.rows, strict=True) if r)
+            self._fit(b, 0, 1)
+            s = self.slots
+            s.mask[:b, s.end] = 1
+            mask = s.mask[:b, s.start : s.end + 1]
+        else:
+            ones = torch.ones((b, 1), dtype=self.own_mask.dtype, device=dev)
+            mask = self.own_mask = torch.cat([self.own_mask, ones], 1)
         out = eng.model(
             input_ids=tokens.unsqueeze(1),
-            attention_mask=self.mask,
+            attention_mask=mask,
             position_ids=self.next_pos.unsqueeze(1),
             past_key_values=self.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
+        if self.slots is not None:
+            self.slots.end += 1  # every layer wrote its column in place
+        else:
+            self.cache = out.past_key_values
         self.logits = out.logits[:, -1, :]
         self.next_pos = self.next_pos + 1
 
@@ -748,8 +906,9 @@ class HFEngine:
     ) -> _HFLoop:
         """Continuous generation (:mod:`ttscale.engines.loop`) on one running batch: a submitted
         request's samples join the batch at the next :meth:`~_HFLoop.poll` (their prompts
-        prefilled together, each distinct prompt once, and merged into the running cache), rows
-        leave it as they end, and a request comes back as soon as its last sample ended. A
+        prefilled together, each distinct prompt once, and written into free slots of the
+        running cache, :class:`_Slots`), rows leave it as they end, and a request comes back as
+        soon as its last sample ended. A
         sample draws from its own seeded generator, so it is the one ``generate`` returns (up to
         the ~1e-6 float32 effects of batch composition). ``batch_size`` caps the rows decoded
         together; further samples wait in a queue.
@@ -763,8 +922,8 @@ class HFEngine:
         Admission: samples submitted while the batch runs join it together, before the step at
         which they are at least ``admit_share`` of its live rows or the oldest has waited
         ``admit_wait`` steps (at once when the batch is empty): each admission costs a prefill
-        forward and a copy of the cache, so one per group rather than one per poll. Which step
-        a sample joins at does not change what it draws."""
+        forward and a copy of the new rows into the cache, so one per group rather than one per
+        poll. Which step a sample joins at does not change what it draws."""
         return _HFLoop(self, params, prefix_reuse, admit_share, admit_wait)
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -997,7 +1156,7 @@ class _HFLoop:
             )
         self.engine = engine
         self.params = params
-        # Admitting rows costs a prefill forward and a copy of the running cache, about as much
+        # Admitting rows costs a prefill forward and writing the rows into the cache, about as much
         # as a decoding step of the whole batch on a small model; step-wise samplers submit a
         # few rows at almost every poll, so rows that arrive while a batch runs are gathered
         # and join together (a row waits at most admit_wait steps: never starved)
