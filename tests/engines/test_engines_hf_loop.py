@@ -463,7 +463,8 @@ def test_a_joining_row_takes_a_freed_slot_and_the_cache_moves_when_full(hf: HFEn
     params = SamplingParams(temperature=1.0, max_tokens=40, seed=11, logprobs=1)
     short = GenerationRequest("s", prompt="Ab", indices=(0, 1), max_tokens=3)
     long = GenerationRequest("l", prompt="Hello there", indices=(0,), max_tokens=40, step=1)
-    later = [GenerationRequest(f"j{k}", prompt="Xy" * (k + 1), indices=(k,)) for k in range(2)]
+    # the later prompts are longer than the running row's columns: the cache must make room
+    later = [GenerationRequest(f"j{k}", prompt="Xy" * (12 * (k + 1)), indices=(k,)) for k in range(2)]
     want = hf.generate([short, long, *later], params)
     loop = hf.open_loop(params, admit_share=0, admit_wait=0)
     got: dict[int, list[Completion]] = {}
@@ -475,7 +476,7 @@ def test_a_joining_row_takes_a_freed_slot_and_the_cache_moves_when_full(hf: HFEn
     loop.poll(lambda t, comps: got.__setitem__(t, comps), max_steps=1)
     assert len(loop._batch.rows) == 3 and loop._batch.live == 3  # the freed slots, reused
     _drain(loop, got)
-    assert loop._batch.relayouts >= 1  # the joining rows' headroom: the cache moved or grew
+    assert loop._batch.relayouts >= 1  # the joining rows' prompts: the cache moved or grew
     for t, w in zip(tickets, want, strict=True):
         for g, c in zip(got[t], w, strict=True):
             _same(g, c)

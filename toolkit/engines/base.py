@@ -602,6 +602,7 @@ def continuation_text(
     new_ids: Sequence[int],
     *,
     window: int = 16,
+    head: str | None = None,
 ) -> str:
     """The text ``new_ids`` add after ``prefix_ids``: ``decode(tail + new)`` minus
     ``decode(tail)``, ``tail`` being the last ``window`` prefix tokens (a decoder looks only a
@@ -609,14 +610,16 @@ def continuation_text(
     of successive continuations concatenate to the text of the whole trace. If ``decode(tail)``
     ends in an unfinished character (``\ufffd``) that ``new_ids`` complete, the completed
     character belongs to the new text. Falls back to ``decode(new)`` when the decoded tail is not
-    a prefix of the whole.
+    a prefix of the whole. ``head``: ``decode(tail)`` if the caller has it already (a decoding
+    loop asks again at every token of a row, with the same prefix).
     """
     if not prefix_ids:
         return decode(new_ids)
     if not new_ids:
         return ""
     tail = list(prefix_ids[-window:])
-    head = decode(tail)
+    if head is None:
+        head = decode(tail)
     full = decode([*tail, *new_ids])
     if full.startswith(head):
         return full[len(head) :]

@@ -153,6 +153,7 @@ class _Row:
     tops: list[dict[int, float]] = field(default_factory=list)
     certainty: list[float] = field(default_factory=list)  # per-position KL(U || p), if asked
     checked: int = 0  # characters of decoded text already searched for stop strings
+    head: str | None = None  # the decoded tail of its token prefix (see continuation_text)
     done: bool = False
     text: str | None = None
     finish: str = FinishReason.LENGTH.value
@@ -476,7 +477,10 @@ class _Batch:
         n_rows = rows if s is None else max(rows, s.rows if rows <= s.rows else 2 * s.rows)
         # once it must change, room for twice ``right``: joining rows reserve their whole cap,
         # so an exact fit would be copied again at almost every admission
-        n_cols = end + right if s is None else max(s.columns, end + 2 * right)
+        # (a first allocation too in the engine loop, whose rows join later; generate's one
+        # batch never grows, so it allocates what it needs)
+        first_room = 2 * right if self.prefixes is not None else right
+        n_cols = end + first_room if s is None else max(s.columns, end + 2 * right)
         if s is None or n_rows > s.rows or n_cols > s.columns:
             refs = [layer.keys for layer in like.layers] if s is None else s.keys
             shapes = [(n_rows, r.shape[1], n_cols, r.shape[3]) for r in refs]
@@ -790,6 +794,8 @@ class HFEngine:
         self.eos_token_ids = tuple(sorted(eos))
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
+        #: tokenised prompts (:meth:`_encode`)
+        self._encoded: dict[tuple[str, bool], tuple[int, ...]] = {}
         head = self.model.get_output_embeddings()
         self._vocab = int(
             head.weight.shape[0] if head is not None else self.model.config.vocab_size
@@ -818,14 +824,25 @@ class HFEngine:
             raise ConfigError(f"token id {bad[0]} is outside the vocabulary ({self._vocab} ids)")
         return ids + list(request.prefix_token_ids)
 
+    def _encode(self, text: str, special: bool = True) -> list[int]:
+        """The tokenizer's ids of ``text``, remembered (a step-wise sampler submits the same
+        prompt for every particle and step); at most 4,096 texts are kept."""
+        memo = self._encoded
+        ids = memo.get((text, special))
+        if ids is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            ids = memo[(text, special)] = tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return list(ids)
+
     def _context_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
-            extra = []
+            extra: list[int] = []
             if request.prefix:
-                extra = self.tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
-            return list(request.prompt_token_ids) + list(extra)
+                extra = self._encode(request.prefix, special=False)
+            return list(request.prompt_token_ids) + extra
         if request.prompt is not None:
-            return list(self.tokenizer(request.prompt + request.prefix)["input_ids"])
+            return self._encode(request.prompt + request.prefix)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(
                 f"model {self.model_name} has no chat template; pass chat_template= or use prompt="
@@ -833,7 +850,7 @@ class HFEngine:
         text = self.tokenizer.apply_chat_template(
             [dict(m) for m in request.messages or ()], tokenize=False, add_generation_prompt=True
         )
-        return list(self.tokenizer(text + request.prefix, add_special_tokens=False)["input_ids"])
+        return self._encode(text + request.prefix, special=False)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(
@@ -934,11 +951,17 @@ class HFEngine:
         """Text of generated tokens, after the request's token prefix if it has one."""
         return continuation_text(self.decode, req.prefix_token_ids, token_ids)
 
+    def _row_text(self, row: _Row, req: GenerationRequest, token_ids: Sequence[int]) -> str:
+        """:meth:`_text` for a row being decoded: its prefix's decoded tail is decoded once."""
+        if req.prefix_token_ids and row.head is None:
+            row.head = self.decode(list(req.prefix_token_ids[-16:]))
+        return continuation_text(self.decode, req.prefix_token_ids, token_ids, window=16, head=row.head)
+
     def _check_stop(self, row: _Row, req: GenerationRequest, params: SamplingParams) -> None:
         if params.min_tokens and len(row.token_ids) == params.min_tokens + 1:
             # first check: a stop string must end after the text of the first min_tokens tokens
-            row.checked = len(self._text(req, row.token_ids[: params.min_tokens]))
-        text = self._text(req, row.token_ids)
+            row.checked = len(self._row_text(row, req, row.token_ids[: params.min_tokens]))
+        text = self._row_text(row, req, row.token_ids)
         hit = find_stop(text, params.stop, start=row.checked)
         row.checked = len(text)
         if hit is None:
@@ -950,7 +973,7 @@ class HFEngine:
     def _completion(self, req: GenerationRequest, row: _Row, params: SamplingParams) -> Completion:
         text = row.text
         if text is None:
-            text = self._text(req, row.token_ids)
+            text = self._row_text(row, req, row.token_ids)
         want = params.logprobs is not None
         return Completion(
             problem_id=req.problem_id,
