@@ -257,14 +257,7 @@ def test_streaming_and_abort(vllm_engine) -> None:  # type: ignore[no-untyped-de
     events: list = []
     streamed = vllm_engine.generate(reqs, params, on_token=lambda e: events.append(e) or False)
     assert streamed == plain
-    for pos, comps in enumerate(plain):
-        for slot, c in enumerate(comps):
-            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
-            assert [e.token_id for e in evs] == list(c.token_ids)
-            assert [e.num_tokens for e in evs] == list(range(1, c.num_tokens + 1))
-            assert [e.logprob for e in evs] == list(c.token_logprobs)
-            assert [e.finished for e in evs] == [False] * (c.num_tokens - 1) + [True]
-            assert all(e.index == c.index and len(e.top) >= 2 for e in evs)
+    _events_are_the_samples(plain, events, lambda e: len(e.top) >= 2)
 
     victim = next(
         (p, s) for p, cs in enumerate(plain) for s, c in enumerate(cs) if c.num_tokens > 4
@@ -291,6 +284,18 @@ def test_streaming_and_abort(vllm_engine) -> None:  # type: ignore[no-untyped-de
                 assert got[pos][slot] == c
 
 
+def _events_are_the_samples(plain, events, top_ok) -> None:  # type: ignore[no-untyped-def]
+    """Every sample's token events, in order: its tokens, counts, log-probs, one final event."""
+    for pos, comps in enumerate(plain):
+        for slot, c in enumerate(comps):
+            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
+            assert [e.token_id for e in evs] == list(c.token_ids)
+            assert [e.num_tokens for e in evs] == list(range(1, c.num_tokens + 1))
+            assert [e.logprob for e in evs] == list(c.token_logprobs)
+            assert [e.finished for e in evs] == [False] * (c.num_tokens - 1) + [True]
+            assert all(e.index == c.index and top_ok(e) for e in evs)
+
+
 def test_streaming_in_chunks_shows_every_token_and_counts_the_rest_of_an_aborted_chunk(vllm_engine) -> None:  # type: ignore[no-untyped-def]
     """``stream_interval=4``: vLLM hands tokens over at token 1, 5, 9, ... (and the last); every
     token still gets its event, in order; a trace aborted at token 3 ends there as with
@@ -306,14 +311,7 @@ def test_streaming_in_chunks_shows_every_token_and_counts_the_rest_of_an_aborted
     calls: list = []
     got = vllm_engine.generate(chunked, params, on_token=lambda e: events.append(e) or False)
     assert got == plain
-    for pos, comps in enumerate(plain):
-        for slot, c in enumerate(comps):
-            evs = [e for e in events if (e.request, e.slot) == (pos, slot)]
-            assert [e.token_id for e in evs] == list(c.token_ids)
-            assert [e.num_tokens for e in evs] == list(range(1, c.num_tokens + 1))
-            assert [e.logprob for e in evs] == list(c.token_logprobs)
-            assert [e.finished for e in evs] == [False] * (c.num_tokens - 1) + [True]
-            assert all(e.top is None for e in evs)  # logprobs=0: the sampled token's alone
+    _events_are_the_samples(plain, events, lambda e: e.top is None)  # logprobs=0: no top maps
 
     # the handler is called once per chunk: count the outputs vLLM hands over per trace
     core = vllm_engine.llm.llm_engine
