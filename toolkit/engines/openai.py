@@ -1250,6 +1250,9 @@ class _OpenAILoop:
         self._failure: tuple[int, BaseException] | None = None
         self._mode = engine._mode()
         self._handles: list[_Handle] = []  # every call not known to have ended (for close)
+        # set on the loop thread by the first call that fails: calls still waiting for a slot
+        # do not start (the caller's poll, which then fails the loop, may come later)
+        self._stopped = False
 
     @property
     def in_flight(self) -> int:
@@ -1318,12 +1321,23 @@ class _OpenAILoop:
         eng, params, rt = self.engine, self.params, self._rt
         assert rt is not None
         async with rt.slots:
-            # a token-id request is tokenised by the server (a blocking call): off the loop
-            if req.has_token_ids:
-                path, body = await asyncio.to_thread(eng._body, req, params, call.n, call.seed)
-            else:
-                path, body = eng._body(req, params, call.n, call.seed)
-            data = await eng._apost(rt.client, path, body)
+            if self._stopped:  # an earlier call failed: the loop fails, nothing new goes out
+                return
+            try:
+                # a token-id request is tokenised by the server (a blocking call): off the loop
+                if req.has_token_ids:
+                    path, body = await asyncio.to_thread(eng._body, req, params, call.n, call.seed)
+                else:
+                    path, body = eng._body(req, params, call.n, call.seed)
+                data = await eng._apost(rt.client, path, body)
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                # a live request's failed plain call fails the loop (streams' errors may not:
+                # one after its trace was aborted is dropped), so stop the calls still queued
+                if t in self._live:
+                    self._stopped = True
+                raise
         if eng._both:  # scoring the targets is one more (blocking) request per sample
             comps = await asyncio.to_thread(eng._parse_call, req, call, params, data)
         else:
@@ -1353,6 +1367,8 @@ class _OpenAILoop:
             return {}
 
         async with rt.slots:
+            if self._stopped:  # an earlier plain call failed
+                return
             path, body = await asyncio.to_thread(
                 eng._body, tk.request, params, 1, tr.seed, tokens=True
             )
