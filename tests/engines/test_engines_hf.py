@@ -232,3 +232,24 @@ def test_smollm2_gguf_chat() -> None:
     assert "Paris" in c.text
     assert c.finish_reason == "stop" and c.token_ids[-1] in eng.eos_token_ids
     assert -30 < c.cumulative_logprob < 0
+
+
+def test_fast_decode_equals_the_tokenizers_decode(hf: HFEngine) -> None:
+    """HFEngine.decode skips transformers' input conversion where the tokenizer keeps its
+    ``decode``: the same texts, on the tiny model's tokenizer and the bundled model's BPE one
+    (special tokens, ids that end inside a multi-byte character, empty)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    from ttscale.engines.hf import _fast_decode
+    from ttscale.evals import default_model_path
+
+    rng = np.random.default_rng(0)
+    for tok in (hf.tokenizer, AutoTokenizer.from_pretrained(default_model_path())):
+        assert type(tok).decode is PreTrainedTokenizerBase.decode  # the fast path is taken
+        fast = _fast_decode(tok)
+        n = len(tok)
+        seqs = [[], list(tok.all_special_ids)] + [
+            [int(t) for t in rng.integers(0, n, size=int(rng.integers(1, 40)))] for _ in range(300)
+        ]
+        for ids in seqs:
+            assert fast(ids) == tok.decode(ids, skip_special_tokens=True), ids

@@ -217,6 +217,20 @@ class _PrefixStore:
         self._columns = 0
 
 
+def _fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` for a list of Python ints. Where the
+    tokenizer keeps transformers' own ``decode``, which converts its input (``to_py_obj``, a
+    Python-level walk over every id) and then calls ``_decode``, call ``_decode`` directly: the
+    same text, without the walk (the stop-string check decodes each row at every token)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    if getattr(type(tokenizer), "decode", None) is PreTrainedTokenizerBase.decode and callable(
+        getattr(tokenizer, "_decode", None)
+    ):
+        return lambda ids: tokenizer._decode(token_ids=ids, skip_special_tokens=True)  # type: ignore[no-any-return]
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[no-any-return]
+
+
 class _Slots:
     """Our own KV cache for a running batch: per layer one preallocated ``(rows, heads, columns,
     dim)`` tensor of keys and one of values, and the ``(rows, columns)`` attention mask.
@@ -796,6 +810,7 @@ class HFEngine:
         self._pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         #: tokenised prompts (:meth:`_encode`)
         self._encoded: dict[tuple[str, bool], tuple[int, ...]] = {}
+        self._decode_ids = _fast_decode(tok)
         head = self.model.get_output_embeddings()
         self._vocab = int(
             head.weight.shape[0] if head is not None else self.model.config.vocab_size
@@ -945,7 +960,7 @@ class HFEngine:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated token ids, special tokens skipped (as :attr:`Completion.text`)."""
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+        return str(self._decode_ids([int(t) for t in token_ids]))
 
     def _text(self, req: GenerationRequest, token_ids: Sequence[int]) -> str:
         """Text of generated tokens, after the request's token prefix if it has one."""
