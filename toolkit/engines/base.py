@@ -596,12 +596,16 @@ def score_next(
 # -- text of token continuations -----------------------------------------------------------------
 
 
+#: how many prefix tokens :func:`continuation_text` decodes before the new ones
+CONTINUATION_WINDOW = 16
+
+
 def continuation_text(
     decode: Callable[[Sequence[int]], str],
     prefix_ids: Sequence[int],
     new_ids: Sequence[int],
     *,
-    window: int = 16,
+    window: int = CONTINUATION_WINDOW,
     head: str | None = None,
 ) -> str:
     """The text ``new_ids`` add after ``prefix_ids``: ``decode(tail + new)`` minus

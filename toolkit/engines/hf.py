@@ -32,6 +32,7 @@ from typing import Any
 
 from ttscale.engines._text import find_stop
 from ttscale.engines.base import (
+    CONTINUATION_WINDOW,
     LOGPROB_MODES,
     EngineCapabilities,
     GenerationError,
@@ -969,8 +970,8 @@ class HFEngine:
     def _row_text(self, row: _Row, req: GenerationRequest, token_ids: Sequence[int]) -> str:
         """:meth:`_text` for a row being decoded: its prefix's decoded tail is decoded once."""
         if req.prefix_token_ids and row.head is None:
-            row.head = self.decode(list(req.prefix_token_ids[-16:]))
-        return continuation_text(self.decode, req.prefix_token_ids, token_ids, window=16, head=row.head)
+            row.head = self.decode(list(req.prefix_token_ids[-CONTINUATION_WINDOW:]))
+        return continuation_text(self.decode, req.prefix_token_ids, token_ids, head=row.head)
 
     def _check_stop(self, row: _Row, req: GenerationRequest, params: SamplingParams) -> None:
         if params.min_tokens and len(row.token_ids) == params.min_tokens + 1:
@@ -1306,10 +1307,10 @@ class _HFLoop:
         self._hand_over(on_result)
 
     def _hand_over(self, on_result: Callable[[int, list[Completion]], None]) -> None:
+        from ttscale.engines.loop import hand_over
+
         done, self._done = self._done, []
-        for t, comps in done:
-            if self._live.pop(t, None) is not None:
-                on_result(t, comps)
+        hand_over(done, self._live, on_result)
 
     def abort(self, ticket: int) -> int:
         tk = self._live.pop(ticket, None)

@@ -42,7 +42,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ttscale.engines.base import (
     Engine,
@@ -101,6 +101,19 @@ def open_loop(engine: Engine, params: SamplingParams) -> EngineLoop:
             raise TypeError(f"{type(engine).__name__}.open_loop returned {type(loop).__name__}")
         return loop
     return BatchLoop(engine, params)
+
+
+def hand_over(
+    done: Sequence[tuple[int, list[Completion]]],
+    live: dict[int, Any],
+    on_result: LoopResult,
+) -> None:
+    """Give each finished request (``(ticket, completions)``) to ``on_result`` and forget it,
+    unless it was aborted meanwhile (no longer in ``live``): what every loop's ``poll`` ends
+    with."""
+    for t, comps in done:
+        if live.pop(t, None) is not None:
+            on_result(t, comps)
 
 
 def completion_tokens(comps: Sequence[Completion]) -> int:

@@ -60,7 +60,7 @@ from ttscale.engines.base import (
     continuation_text,
     seed_runs,
 )
-from ttscale.engines.loop import BatchLoop, EngineLoop, LoopFailure, LoopResult
+from ttscale.engines.loop import BatchLoop, EngineLoop, LoopFailure, LoopResult, hand_over
 from ttscale.errors import ConfigError, EngineError
 from ttscale.types import Completion, SamplingParams
 from ttscale.validation import check_int, check_number
@@ -1399,9 +1399,7 @@ class _OpenAILoop:
                 except queue.Empty:
                     break
         done, self._finished = self._finished, []
-        for t, comps in done:
-            if self._live.pop(t, None) is not None:
-                on_result(t, comps)
+        hand_over(done, self._live, on_result)
         if self._failure is not None:
             _, error = self._failure
             partial = {

@@ -869,7 +869,7 @@ class _VLLMLoop:
     def poll(
         self, on_result: Callable[[int, list[Completion]], None], max_steps: int | None = None
     ) -> None:
-        from ttscale.engines.loop import LoopFailure
+        from ttscale.engines.loop import LoopFailure, hand_over
 
         steps = 0
         try:
@@ -885,9 +885,7 @@ class _VLLMLoop:
             self.close()
             raise LoopFailure(f"vllm generation failed: {e}", partial) from e
         done, self._done = self._done, []
-        for t, comps in done:
-            if self._live.pop(t, None) is not None:
-                on_result(t, comps)
+        hand_over(done, self._live, on_result)
 
     def abort(self, ticket: int) -> int:
         entry = self._live.pop(ticket, None)
