@@ -821,10 +821,20 @@ class SampleStore:
     def merge_from(self, other: SampleStore | str | os.PathLike[str]) -> int:
         """Copy another run's samples (e.g. another worker's) into this one; returns new rows.
 
-        Verdicts and the other run's session accounting come along (each session once, so
-        merging again adds nothing).
+        Verdicts, score sets, the other run's session accounting (each session once, so merging
+        again adds nothing), pruning trace logs and adaptive / short-m@k / budget-forcing
+        decision rows come along.
         """
         o = other if isinstance(other, SampleStore) else SampleStore(other)
+        n = self._merge_rows(o)
+        # what a run kind records beside its samples: pruning trace logs, stopping decisions
+        _merge_pruning_logs(self, [o])
+        _merge_decision_rows(self, [o])
+        return n
+
+    def _merge_rows(self, o: SampleStore) -> int:
+        """:meth:`merge_from` but for the run kinds' logs (``merge_runs`` merges those once, for
+        every run at the end)."""
         self.check_compatible(o.manifest)
         self.check_verdict_sets(o)  # before anything is written
         self.check_score_sets(o)
@@ -851,9 +861,6 @@ class SampleStore:
                 self._forget_score_set(name)
             self.copy_scores(name, o.score_table(name))
         self._merge_accounting(o)
-        # what a run kind records beside its samples: pruning trace logs, stopping decisions
-        _merge_pruning_logs(self, [o])
-        _merge_decision_rows(self, [o])
         return n
 
     def check_verdict_sets(self, other: SampleStore) -> None:
@@ -1641,7 +1648,7 @@ def merge_runs(
         for st in ([target] if target is not None else []) + srcs
         if (d := st.default_verdicts()) is not None
     }
-    added = {str(st.path): target.merge_from(st) for st in srcs}
+    added = {str(st.path): target._merge_rows(st) for st in srcs}
     ns = [int((st.manifest.get("sampling") or {}).get("n") or 0) for st in srcs]
 
     def widen(m: dict[str, Any]) -> None:
@@ -1660,6 +1667,8 @@ def merge_runs(
             )
 
     target.modify_manifest(widen)
+    _merge_pruning_logs(target, srcs)
+    _merge_decision_rows(target, srcs)
     total = len(target)
     for name in target.score_sets():
         have = len(target.scored_keys(name))
